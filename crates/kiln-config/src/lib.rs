@@ -1,0 +1,315 @@
+//! kiln-config: typed, validated loading of kiln's named presets and resolution of stream requests into plans.
+//!
+//! Presets are the ladders in `pipelines/*.toml` (renditions, timing, encoder settings). They are compiled into
+//! the binary so a daemon works with no files around it, and can be replaced by a directory at start-up. Every
+//! preset is validated once, when loaded, by building a [`kiln_model::StreamPlan`] from it; all errors are
+//! collected, not just the first.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use kiln_model::{
+    AudioRendition, EncoderSettings, PlanError, StreamPlan, StreamRequest, Timing, VideoRendition,
+};
+use serde::Deserialize;
+
+/// The preset used when a request names none.
+pub const DEFAULT_PRESET: &str = "live-720p-abr";
+
+/// Presets shipped with kiln (`pipelines/`), embedded at compile time.
+const BUILTIN: &[(&str, &str)] = &[
+    (
+        "live-720p-abr.toml",
+        include_str!("../../../pipelines/live-720p-abr.toml"),
+    ),
+    (
+        "live-1080p-abr.toml",
+        include_str!("../../../pipelines/live-1080p-abr.toml"),
+    ),
+    (
+        "live-360p-abr.toml",
+        include_str!("../../../pipelines/live-360p-abr.toml"),
+    ),
+];
+
+/// A named ladder.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preset {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default = "default_segment_ms")]
+    pub segment_ms: u32,
+    #[serde(default = "default_part_ms")]
+    pub part_target_ms: u32,
+    #[serde(default)]
+    pub encoder: EncoderSettings,
+    pub video: Vec<VideoRendition>,
+    #[serde(default)]
+    pub audio: Option<AudioRendition>,
+}
+
+fn default_segment_ms() -> u32 {
+    Timing::default().segment_ms
+}
+fn default_part_ms() -> u32 {
+    Timing::default().part_target_ms
+}
+
+impl Preset {
+    pub fn timing(&self) -> Timing {
+        Timing {
+            segment_ms: self.segment_ms,
+            part_target_ms: self.part_target_ms,
+        }
+    }
+}
+
+/// Why presets could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {msg}")]
+    Parse { file: String, msg: String },
+    #[error("{file}: preset `{name}` is invalid: {err}")]
+    Invalid {
+        file: String,
+        name: String,
+        err: PlanError,
+    },
+    #[error("preset `{0}` is defined twice")]
+    Duplicate(String),
+    #[error("reading {path}: {err}")]
+    Io { path: String, err: std::io::Error },
+    #[error("the default preset `{0}` is not defined")]
+    NoDefault(String),
+    #[error("{} preset errors:\n  {}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n  "))]
+    Many(Vec<ConfigError>),
+}
+
+/// The presets a daemon knows.
+#[derive(Debug, Clone)]
+pub struct Presets {
+    map: BTreeMap<String, Preset>,
+    default: String,
+}
+
+impl Presets {
+    /// The presets compiled into kiln.
+    pub fn builtin() -> Self {
+        Self::from_sources(
+            BUILTIN.iter().map(|(f, s)| (f.to_string(), s.to_string())),
+            DEFAULT_PRESET,
+        )
+        .expect("built-in presets are valid (tested)")
+    }
+
+    /// Loads every `*.toml` in `dir`.
+    pub fn load_dir(dir: &Path, default: &str) -> Result<Self, ConfigError> {
+        let io = |err| ConfigError::Io {
+            path: dir.display().to_string(),
+            err,
+        };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).map_err(|err| ConfigError::Io {
+                    path: path.display().to_string(),
+                    err,
+                })?;
+                files.push((path.display().to_string(), text));
+            }
+        }
+        files.sort();
+        Self::from_sources(files, default)
+    }
+
+    /// Parses and validates presets from `(file name, TOML text)` pairs, collecting every error.
+    pub fn from_sources(
+        files: impl IntoIterator<Item = (String, String)>,
+        default: &str,
+    ) -> Result<Self, ConfigError> {
+        let mut map = BTreeMap::new();
+        let mut errors = Vec::new();
+        for (file, text) in files {
+            let preset: Preset = match toml::from_str(&text) {
+                Ok(p) => p,
+                Err(e) => {
+                    errors.push(ConfigError::Parse {
+                        file,
+                        msg: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            if let Err(err) = StreamPlan::new(
+                "preset-check",
+                "test:",
+                preset.video.clone(),
+                preset.audio.clone(),
+                preset.timing(),
+                preset.encoder,
+            ) {
+                errors.push(ConfigError::Invalid {
+                    file,
+                    name: preset.name.clone(),
+                    err,
+                });
+                continue;
+            }
+            if map.contains_key(&preset.name) {
+                errors.push(ConfigError::Duplicate(preset.name.clone()));
+                continue;
+            }
+            map.insert(preset.name.clone(), preset);
+        }
+        if !map.contains_key(default) {
+            errors.push(ConfigError::NoDefault(default.to_string()));
+        }
+        match errors.len() {
+            0 => Ok(Self {
+                map,
+                default: default.to_string(),
+            }),
+            1 => Err(errors.remove(0)),
+            _ => Err(ConfigError::Many(errors)),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Preset> {
+        self.map.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(String::as_str)
+    }
+
+    pub fn default_name(&self) -> &str {
+        &self.default
+    }
+
+    /// Resolves a request into a validated plan: the named (or default) preset, overridden by whatever the
+    /// request sets explicitly.
+    pub fn resolve(&self, id: &str, req: &StreamRequest) -> Result<StreamPlan, PlanError> {
+        let name = req.preset.as_deref().unwrap_or(&self.default);
+        let preset = self
+            .get(name)
+            .ok_or_else(|| PlanError::UnknownPreset(name.chars().take(64).collect()))?;
+        let video = req
+            .renditions
+            .clone()
+            .unwrap_or_else(|| preset.video.clone());
+        let audio = match &req.audio {
+            None => preset.audio.clone(),
+            Some(a) if !a.enabled => None,
+            Some(a) => {
+                let mut base = preset.audio.clone().unwrap_or_default();
+                if let Some(b) = a.bitrate_kbps {
+                    base.bitrate_kbps = b;
+                }
+                Some(base)
+            }
+        };
+        let timing = Timing {
+            segment_ms: req.segment_ms.unwrap_or(preset.segment_ms),
+            part_target_ms: req.part_target_ms.unwrap_or(preset.part_target_ms),
+        };
+        StreamPlan::new(id, &req.source, video, audio, timing, preset.encoder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_model::{AudioRequest, Fraction};
+
+    #[test]
+    fn builtin_presets_load_and_resolve() {
+        let p = Presets::builtin();
+        assert_eq!(
+            p.names().collect::<Vec<_>>(),
+            ["live-1080p-abr", "live-360p-abr", "live-720p-abr"]
+        );
+        let plan = p
+            .resolve(
+                "demo",
+                &StreamRequest {
+                    source: "test:".into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(plan.video.len(), 2);
+        assert_eq!(plan.video[0].width, 1280);
+        assert!(plan.audio.is_some());
+        assert_eq!(plan.timing, Timing::default());
+    }
+
+    #[test]
+    fn request_overrides_preset() {
+        let p = Presets::builtin();
+        let req = StreamRequest {
+            source: "test:pattern=ball".into(),
+            preset: Some("live-360p-abr".into()),
+            renditions: Some(vec![VideoRendition {
+                name: "tiny".into(),
+                width: 160,
+                height: 90,
+                fps: Fraction::new(25, 1),
+                bitrate_kbps: 100,
+                codec: Default::default(),
+            }]),
+            audio: Some(AudioRequest {
+                enabled: false,
+                bitrate_kbps: None,
+            }),
+            segment_ms: Some(1000),
+            part_target_ms: Some(200),
+        };
+        let plan = p.resolve("x", &req).unwrap();
+        assert_eq!(plan.video[0].name, "tiny");
+        assert!(plan.audio.is_none());
+        assert_eq!(plan.timing.segment_ms, 1000);
+        assert!(matches!(
+            p.resolve(
+                "x",
+                &StreamRequest {
+                    preset: Some("nope".into()),
+                    source: "test:".into(),
+                    ..Default::default()
+                }
+            ),
+            Err(PlanError::UnknownPreset(_))
+        ));
+    }
+
+    #[test]
+    fn all_errors_are_collected() {
+        let files = vec![
+            ("a.toml".to_string(), "name = 1".to_string()),
+            (
+                "b.toml".to_string(),
+                "name = \"b\"\n[[video]]\nname=\"v\"\nwidth=3\nheight=2\nbitrate_kbps=100\n"
+                    .to_string(),
+            ),
+        ];
+        let err = Presets::from_sources(files, "b").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, ConfigError::Many(ref v) if v.len() == 3),
+            "{text}"
+        );
+        assert!(text.contains("a.toml") && text.contains("b.toml"), "{text}");
+    }
+
+    #[test]
+    fn shipped_pipeline_files_match_builtin() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines");
+        let loaded = Presets::load_dir(&dir, DEFAULT_PRESET).unwrap();
+        assert_eq!(
+            loaded.names().collect::<Vec<_>>(),
+            Presets::builtin().names().collect::<Vec<_>>()
+        );
+    }
+}

@@ -1,0 +1,99 @@
+//! kiln-media: the only crate that links GStreamer.
+//!
+//! It turns a validated [`kiln_model::StreamPlan`] into a live GStreamer pipeline, built element by element with
+//! typed properties (never `parse::launch` on user data), and reports what comes out as typed [`MediaEvent`]s:
+//! init segments, CMAF parts (one per LL-HLS part) and bus errors. Everything downstream (packaging, HTTP) is
+//! plain Rust that never sees a GStreamer type.
+//!
+//! Topology of a `test:` stream (decode-once/scale-many; a decoded source would join at the tee):
+//! ```text
+//! videotestsrc(live) → caps(max size) → clockoverlay → tee
+//!   tee → queue → videoconvertscale → videorate → caps(WxH@fps I420) → [keyframe clock] → x264enc → h264parse → caps(avc/au)
+//!       → [splitter] → cmafmux(manual-split) → appsink            (one branch per video rendition)
+//! audiotestsrc(live) → audioconvert → audioresample → caps → AAC encoder → aacparse → [splitter]
+//!       → cmafmux(manual-split) → appsink
+//! ```
+//! Keyframes are forced on the first frame at/after each segment grid point by a force-key-unit event sent just
+//! ahead of that frame into each encoder; the grid is the pipeline's running time, shared by every branch, so
+//! every encoder cuts its GOP on the same frame. Each branch's splitter (a pad probe in front of the muxer) sends
+//! `FMP4MuxSplitNow` before the first frame of each part and segment, using [`kiln_llhls::plan`] — the same rules
+//! for every rendition, so parts align across renditions (DESIGN.md §3; automatic chunking cannot do this).
+//!
+//! Layout: [`elements`] (finding and configuring elements), [`pipeline`] (building and running a live stream),
+//! [`chunks`] (turning muxer output into events).
+
+pub mod chunks;
+pub mod elements;
+pub mod pipeline;
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+pub use kiln_llhls::PartIn;
+pub use pipeline::LivePipeline;
+
+/// Something the pipeline reports.
+#[derive(Debug, Clone)]
+pub enum MediaEvent {
+    /// The init segment (ftyp+moov) of a rendition, with its RFC 6381 codec string.
+    Init {
+        rendition: usize,
+        bytes: Bytes,
+        codec: Option<String>,
+    },
+    /// The next CMAF chunk (= LL-HLS part) of a rendition.
+    Part { rendition: usize, part: PartIn },
+    /// The pipeline failed; it will produce nothing more.
+    Error {
+        element: Option<String>,
+        message: String,
+        debug: Option<String>,
+    },
+    /// A recoverable problem worth showing in the stream's status.
+    Warning {
+        element: Option<String>,
+        message: String,
+    },
+    /// Every branch has drained after an EOS.
+    Eos,
+}
+
+/// Where a pipeline delivers its events. Called from GStreamer streaming threads: it must not block for long.
+pub type EventSink = Arc<dyn Fn(MediaEvent) + Send + Sync>;
+
+/// Why a pipeline could not be built or started.
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    #[error("GStreamer could not be initialised: {0}")]
+    Init(String),
+    #[error("GStreamer element `{0}` is not installed ({1})")]
+    MissingElement(&'static str, &'static str),
+    #[error("building the pipeline failed: {0}")]
+    Build(String),
+    #[error("the pipeline refused to start: {0}")]
+    Start(String),
+}
+
+impl From<gst::glib::BoolError> for MediaError {
+    fn from(e: gst::glib::BoolError) -> Self {
+        MediaError::Build(e.to_string())
+    }
+}
+
+/// Initialises GStreamer and registers the statically linked `cmafmux`. Idempotent.
+pub fn init() -> Result<(), MediaError> {
+    static INIT: OnceLock<Result<(), String>> = OnceLock::new();
+    INIT.get_or_init(|| {
+        gst::init().map_err(|e| e.to_string())?;
+        gstfmp4::plugin_register_static().map_err(|e| e.to_string())?;
+        Ok(())
+    })
+    .clone()
+    .map_err(MediaError::Init)
+}
+
+/// The GStreamer runtime version, e.g. `1.22.0`.
+pub fn gstreamer_version() -> String {
+    let (a, b, c, _) = gst::version();
+    format!("{a}.{b}.{c}")
+}

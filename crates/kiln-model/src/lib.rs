@@ -1,0 +1,22 @@
+//! kiln-model: the pure vocabulary every kiln crate shares.
+//!
+//! It holds what a stream *is* (its source, its renditions, its timing) and the JSON wire types of the control
+//! API, with no I/O, no GStreamer and no async runtime, so that the daemon, the scheduler, the CLI and the tests
+//! agree on one definition.
+//!
+//! Layout:
+//! - [`source`]: typed stream sources parsed from URIs (`test:` today), with the refusal reasons.
+//! - [`stream`]: the request a client sends (`StreamRequest`), the resolved plan a pipeline is built from
+//!   (`StreamPlan`), timing rules (`Timing`) and validation.
+//! - [`api`]: the status documents the daemon returns.
+
+pub mod api;
+pub mod source;
+pub mod stream;
+
+pub use api::{RenditionStatus, StreamState, StreamStatus};
+pub use source::{Source, SourceError, TestPattern};
+pub use stream::{
+    AudioCodec, AudioRendition, AudioRequest, EncoderSettings, Fraction, PlanError, StreamPlan,
+    StreamRequest, Timing, VideoCodec, VideoRendition, X264Speed,
+};

@@ -1,0 +1,653 @@
+//! Stream requests, resolved plans, and the timing rules that make LL-HLS parts legal.
+//!
+//! A client sends a [`StreamRequest`] (a preset name and/or explicit renditions, optional timing). The config crate
+//! fills in the preset and calls [`StreamPlan::new`], which validates everything once: after that a plan is known
+//! to be buildable and its part grid is known to satisfy the LL-HLS duration rules (every part ≤ PART-TARGET and
+//! ≥ 85 % of it).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::source::{Source, SourceError};
+
+/// A rational number, used for frame rates (`30`, `"30000/1001"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fraction {
+    pub num: u32,
+    pub den: u32,
+}
+
+impl Fraction {
+    pub const fn new(num: u32, den: u32) -> Self {
+        Self { num, den }
+    }
+
+    pub fn as_f64(self) -> f64 {
+        f64::from(self.num) / f64::from(self.den)
+    }
+}
+
+impl fmt::Display for Fraction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.den == 1 {
+            write!(f, "{}", self.num)
+        } else {
+            write!(f, "{}/{}", self.num, self.den)
+        }
+    }
+}
+
+impl Serialize for Fraction {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.den == 1 {
+            s.serialize_u32(self.num)
+        } else {
+            s.serialize_str(&self.to_string())
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Int(u32),
+            Str(String),
+        }
+        match Repr::deserialize(d)? {
+            Repr::Int(n) => Ok(Fraction::new(n, 1)),
+            Repr::Str(s) => {
+                let (n, dd) = s.split_once('/').unwrap_or((s.as_str(), "1"));
+                let num = n.trim().parse().map_err(serde::de::Error::custom)?;
+                let den = dd.trim().parse().map_err(serde::de::Error::custom)?;
+                Ok(Fraction::new(num, den))
+            }
+        }
+    }
+}
+
+/// Video codecs kiln can encode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VideoCodec {
+    #[default]
+    H264,
+}
+
+/// Audio codecs kiln can encode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AudioCodec {
+    /// AAC-LC (`mp4a.40.2`).
+    #[default]
+    Aac,
+}
+
+/// One video rendition of a ladder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VideoRendition {
+    /// Short name, used in URLs (`/live/{stream}/{name}/index.m3u8`).
+    pub name: String,
+    pub width: u32,
+    pub height: u32,
+    #[serde(default = "default_fps")]
+    pub fps: Fraction,
+    pub bitrate_kbps: u32,
+    #[serde(default)]
+    pub codec: VideoCodec,
+}
+
+fn default_fps() -> Fraction {
+    Fraction::new(30, 1)
+}
+
+/// The audio rendition of a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AudioRendition {
+    #[serde(default = "default_audio_name")]
+    pub name: String,
+    #[serde(default = "default_audio_bitrate")]
+    pub bitrate_kbps: u32,
+    #[serde(default = "default_channels")]
+    pub channels: u32,
+    #[serde(default = "default_rate")]
+    pub sample_rate: u32,
+    #[serde(default)]
+    pub codec: AudioCodec,
+}
+
+fn default_audio_name() -> String {
+    "audio".into()
+}
+fn default_audio_bitrate() -> u32 {
+    128
+}
+fn default_channels() -> u32 {
+    2
+}
+fn default_rate() -> u32 {
+    48_000
+}
+
+impl Default for AudioRendition {
+    fn default() -> Self {
+        Self {
+            name: default_audio_name(),
+            bitrate_kbps: default_audio_bitrate(),
+            channels: default_channels(),
+            sample_rate: default_rate(),
+            codec: AudioCodec::Aac,
+        }
+    }
+}
+
+/// Samples per AAC-LC frame.
+pub const AAC_FRAME_SAMPLES: u32 = 1024;
+
+/// Segment and part timing of a stream. Fixed for the stream's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timing {
+    /// Segment (and GOP) duration in milliseconds.
+    pub segment_ms: u32,
+    /// The advertised PART-TARGET in milliseconds. Real parts are never longer.
+    pub part_target_ms: u32,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            segment_ms: 2000,
+            part_target_ms: 334,
+        }
+    }
+}
+
+impl Timing {
+    pub fn segment_ns(&self) -> u64 {
+        u64::from(self.segment_ms) * 1_000_000
+    }
+
+    pub fn part_target_ns(&self) -> u64 {
+        u64::from(self.part_target_ms) * 1_000_000
+    }
+
+    /// EXT-X-TARGETDURATION: an integer ≥ 1 that every rounded EXTINF stays under. Segments follow the forced
+    /// keyframes (video) or the first AAC frame at/after the grid point (audio, < 1 frame late), so `ceil` of the
+    /// nominal duration bounds `round(EXTINF)`.
+    pub fn target_duration_s(&self) -> u32 {
+        self.segment_ms.div_ceil(1000).max(1)
+    }
+
+    /// PART-HOLD-BACK in seconds: 3 × PART-TARGET (the spec's SHOULD; the MUST is 2×).
+    pub fn part_hold_back_s(&self) -> f64 {
+        3.0 * f64::from(self.part_target_ms) / 1000.0
+    }
+
+    /// Frames per video part at `fps`: the most whole frames that fit in PART-TARGET.
+    pub fn video_frames_per_part(&self, fps: Fraction) -> u64 {
+        // frames = floor(PT_ms * num / (1000 * den))
+        (u64::from(self.part_target_ms) * u64::from(fps.num)) / (1000 * u64::from(fps.den))
+    }
+
+    /// Duration of a full video part in nanoseconds at `fps`.
+    pub fn video_part_ns(&self, fps: Fraction) -> u64 {
+        frames_to_ns(self.video_frames_per_part(fps), fps)
+    }
+
+    /// AAC frames per audio part at `sample_rate`.
+    pub fn audio_frames_per_part(&self, sample_rate: u32) -> u64 {
+        (u64::from(self.part_target_ms) * u64::from(sample_rate))
+            / (1000 * u64::from(AAC_FRAME_SAMPLES))
+    }
+
+    /// Duration of a full audio part in nanoseconds.
+    pub fn audio_part_ns(&self, sample_rate: u32) -> u64 {
+        self.audio_frames_per_part(sample_rate) * u64::from(AAC_FRAME_SAMPLES) * 1_000_000_000
+            / u64::from(sample_rate)
+    }
+}
+
+/// Duration of `frames` frames at `fps`, in nanoseconds.
+pub fn frames_to_ns(frames: u64, fps: Fraction) -> u64 {
+    frames * 1_000_000_000 * u64::from(fps.den) / u64::from(fps.num)
+}
+
+/// What a client asks for in `PUT /v1/streams/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StreamRequest {
+    /// Source URI, e.g. `test:` or `test:pattern=ball`.
+    pub source: String,
+    /// A named ladder from `pipelines/` (default: the daemon's default preset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    /// Explicit video renditions; replace the preset's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renditions: Option<Vec<VideoRendition>>,
+    /// Audio rendition; replaces the preset's. `"audio": {"enabled": false}` removes audio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio: Option<AudioRequest>,
+    /// Segment duration in ms (default from the preset, else 2000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment_ms: Option<u32>,
+    /// PART-TARGET in ms (default from the preset, else 334).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_target_ms: Option<u32>,
+}
+
+/// The audio part of a stream request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AudioRequest {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitrate_kbps: Option<u32>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// x264 speed presets kiln allows (slower ones cannot keep up with live on a CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum X264Speed {
+    Ultrafast,
+    Superfast,
+    #[default]
+    Veryfast,
+    Faster,
+    Fast,
+    Medium,
+}
+
+impl X264Speed {
+    /// The x264enc `speed-preset` nick.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ultrafast => "ultrafast",
+            Self::Superfast => "superfast",
+            Self::Veryfast => "veryfast",
+            Self::Faster => "faster",
+            Self::Fast => "fast",
+            Self::Medium => "medium",
+        }
+    }
+}
+
+/// Encoder settings that are not per rendition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderSettings {
+    /// Speed preset for the x264 (CPU) backend.
+    #[serde(default)]
+    pub x264_speed: X264Speed,
+}
+
+/// A validated, fully resolved stream: everything a pipeline is built from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StreamPlan {
+    pub id: String,
+    #[serde(serialize_with = "ser_display")]
+    pub source: Source,
+    pub video: Vec<VideoRendition>,
+    pub audio: Option<AudioRendition>,
+    pub timing: Timing,
+    pub encoder: EncoderSettings,
+}
+
+fn ser_display<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+/// Why a stream request cannot become a plan.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("invalid stream id `{0}`: use 1-64 characters from [A-Za-z0-9_-]")]
+    BadId(String),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("unknown preset `{0}`")]
+    UnknownPreset(String),
+    #[error("a stream needs at least one video rendition")]
+    NoVideo,
+    #[error("too many renditions ({0}, at most {max})", max = StreamPlan::MAX_RENDITIONS)]
+    TooManyRenditions(usize),
+    #[error("rendition name `{0}` is invalid: use 1-32 characters from [a-z0-9_-]")]
+    BadRenditionName(String),
+    #[error("rendition name `{0}` is used twice")]
+    DuplicateRendition(String),
+    #[error("rendition `{name}`: {what}")]
+    BadRendition { name: String, what: String },
+    #[error("timing: {0}")]
+    BadTiming(String),
+}
+
+fn valid_token(s: &str, max: usize, upper_ok: bool) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || b == b'_'
+                || b == b'-'
+                || (upper_ok && b.is_ascii_uppercase())
+        })
+}
+
+/// Whether `id` is a legal stream id (it becomes a URL path segment).
+pub fn valid_stream_id(id: &str) -> bool {
+    valid_token(id, 64, true)
+}
+
+impl StreamPlan {
+    pub const MAX_RENDITIONS: usize = 8;
+
+    /// Validates and builds a plan.
+    pub fn new(
+        id: &str,
+        source: &str,
+        video: Vec<VideoRendition>,
+        audio: Option<AudioRendition>,
+        timing: Timing,
+        encoder: EncoderSettings,
+    ) -> Result<Self, PlanError> {
+        if !valid_stream_id(id) {
+            return Err(PlanError::BadId(id.chars().take(80).collect()));
+        }
+        let source = Source::parse(source)?;
+        if video.is_empty() {
+            return Err(PlanError::NoVideo);
+        }
+        let total = video.len() + usize::from(audio.is_some());
+        if total > Self::MAX_RENDITIONS {
+            return Err(PlanError::TooManyRenditions(total));
+        }
+        validate_timing(&timing)?;
+        let mut names: Vec<&str> = Vec::new();
+        for v in &video {
+            check_name(&v.name, &mut names)?;
+            validate_video(v, &timing)?;
+        }
+        if let Some(a) = &audio {
+            check_name(&a.name, &mut names)?;
+            validate_audio(a, &timing)?;
+        }
+        Ok(Self {
+            id: id.to_string(),
+            source,
+            video,
+            audio,
+            timing,
+            encoder,
+        })
+    }
+
+    /// The largest video frame size, which the source produces before scaling down per rendition.
+    pub fn source_size(&self) -> (u32, u32) {
+        let w = self.video.iter().map(|v| v.width).max().unwrap_or(0);
+        let h = self.video.iter().map(|v| v.height).max().unwrap_or(0);
+        (w, h)
+    }
+
+    /// The highest frame rate among the renditions (the source's rate).
+    pub fn source_fps(&self) -> Fraction {
+        self.video
+            .iter()
+            .map(|v| v.fps)
+            .max_by(|a, b| a.as_f64().total_cmp(&b.as_f64()))
+            .unwrap_or(Fraction::new(30, 1))
+    }
+}
+
+fn check_name<'a>(name: &'a str, seen: &mut Vec<&'a str>) -> Result<(), PlanError> {
+    if !valid_token(name, 32, false) {
+        return Err(PlanError::BadRenditionName(name.chars().take(40).collect()));
+    }
+    if seen.contains(&name) {
+        return Err(PlanError::DuplicateRendition(name.to_string()));
+    }
+    seen.push(name);
+    Ok(())
+}
+
+fn validate_timing(t: &Timing) -> Result<(), PlanError> {
+    let bad = |s: String| Err(PlanError::BadTiming(s));
+    if !(500..=10_000).contains(&t.segment_ms) {
+        return bad(format!(
+            "segment_ms {} is outside 500..=10000",
+            t.segment_ms
+        ));
+    }
+    if !(100..=5_000).contains(&t.part_target_ms) {
+        return bad(format!(
+            "part_target_ms {} is outside 100..=5000",
+            t.part_target_ms
+        ));
+    }
+    if t.part_target_ms > t.segment_ms {
+        return bad("part_target_ms is longer than segment_ms".into());
+    }
+    Ok(())
+}
+
+fn validate_video(v: &VideoRendition, t: &Timing) -> Result<(), PlanError> {
+    let bad = |what: String| {
+        Err(PlanError::BadRendition {
+            name: v.name.clone(),
+            what,
+        })
+    };
+    if !(16..=7680).contains(&v.width) || !(16..=4320).contains(&v.height) {
+        return bad(format!(
+            "size {}x{} is outside 16x16..=7680x4320",
+            v.width, v.height
+        ));
+    }
+    if v.width % 2 != 0 || v.height % 2 != 0 {
+        return bad(format!(
+            "size {}x{} must be even (4:2:0 chroma)",
+            v.width, v.height
+        ));
+    }
+    if v.fps.den == 0 || v.fps.num == 0 || !(1.0..=120.0).contains(&v.fps.as_f64()) {
+        return bad(format!("frame rate {} is outside 1..=120", v.fps));
+    }
+    if !(16..=100_000).contains(&v.bitrate_kbps) {
+        return bad(format!(
+            "bitrate {} kb/s is outside 16..=100000",
+            v.bitrate_kbps
+        ));
+    }
+    let frames = t.video_frames_per_part(v.fps);
+    let part_ns = t.video_part_ns(v.fps);
+    if frames == 0 || part_ns * 100 < t.part_target_ns() * 85 {
+        return bad(format!(
+            "at {} fps no whole number of frames fills 85-100 % of PART-TARGET {} ms",
+            v.fps, t.part_target_ms
+        ));
+    }
+    Ok(())
+}
+
+fn validate_audio(a: &AudioRendition, t: &Timing) -> Result<(), PlanError> {
+    let bad = |what: String| {
+        Err(PlanError::BadRendition {
+            name: a.name.clone(),
+            what,
+        })
+    };
+    if ![44_100, 48_000].contains(&a.sample_rate) {
+        return bad(format!(
+            "sample rate {} is not 44100 or 48000",
+            a.sample_rate
+        ));
+    }
+    if !(1..=2).contains(&a.channels) {
+        return bad(format!("{} channels (1 or 2 supported)", a.channels));
+    }
+    if !(16..=512).contains(&a.bitrate_kbps) {
+        return bad(format!(
+            "bitrate {} kb/s is outside 16..=512",
+            a.bitrate_kbps
+        ));
+    }
+    let part_ns = t.audio_part_ns(a.sample_rate);
+    if part_ns == 0 || part_ns * 100 < t.part_target_ns() * 85 {
+        return bad(format!(
+            "no whole number of AAC frames fills 85-100 % of PART-TARGET {} ms",
+            t.part_target_ms
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(name: &str, w: u32, h: u32) -> VideoRendition {
+        VideoRendition {
+            name: name.into(),
+            width: w,
+            height: h,
+            fps: Fraction::new(30, 1),
+            bitrate_kbps: 1000,
+            codec: VideoCodec::H264,
+        }
+    }
+
+    #[test]
+    fn default_timing_gives_ten_frame_parts() {
+        let t = Timing::default();
+        assert_eq!(t.video_frames_per_part(Fraction::new(30, 1)), 10);
+        assert_eq!(t.video_frames_per_part(Fraction::new(30000, 1001)), 10);
+        assert_eq!(t.video_frames_per_part(Fraction::new(60, 1)), 20);
+        assert_eq!(t.video_frames_per_part(Fraction::new(25, 1)), 8);
+        assert_eq!(t.video_frames_per_part(Fraction::new(24, 1)), 8);
+        assert_eq!(t.audio_frames_per_part(48_000), 15);
+        assert_eq!(t.target_duration_s(), 2);
+        assert!(t.part_hold_back_s() >= 3.0 * 0.334 - 1e-9);
+        // every part fits under PART-TARGET with no rounding
+        assert!(t.video_part_ns(Fraction::new(30000, 1001)) <= t.part_target_ns());
+        assert!(t.audio_part_ns(48_000) <= t.part_target_ns());
+    }
+
+    #[test]
+    fn fractions_parse_from_numbers_and_strings() {
+        let f: Fraction = serde_json::from_str("25").unwrap();
+        assert_eq!(f, Fraction::new(25, 1));
+        let f: Fraction = serde_json::from_str("\"30000/1001\"").unwrap();
+        assert_eq!(f, Fraction::new(30000, 1001));
+        assert!(serde_json::from_str::<Fraction>("\"x/1\"").is_err());
+    }
+
+    #[test]
+    fn plan_validation_names_the_problem() {
+        let t = Timing::default();
+        let ok = StreamPlan::new(
+            "a",
+            "test:",
+            vec![v("hi", 640, 360)],
+            None,
+            t,
+            EncoderSettings::default(),
+        )
+        .unwrap();
+        assert_eq!(ok.source_size(), (640, 360));
+        assert!(matches!(
+            StreamPlan::new(
+                "../x",
+                "test:",
+                vec![v("hi", 640, 360)],
+                None,
+                t,
+                EncoderSettings::default()
+            ),
+            Err(PlanError::BadId(_))
+        ));
+        assert!(matches!(
+            StreamPlan::new("a", "test:", vec![], None, t, EncoderSettings::default()),
+            Err(PlanError::NoVideo)
+        ));
+        assert!(matches!(
+            StreamPlan::new(
+                "a",
+                "test:",
+                vec![v("x", 641, 360)],
+                None,
+                t,
+                EncoderSettings::default()
+            ),
+            Err(PlanError::BadRendition { .. })
+        ));
+        assert!(matches!(
+            StreamPlan::new(
+                "a",
+                "test:",
+                vec![v("x", 100_000, 360)],
+                None,
+                t,
+                EncoderSettings::default()
+            ),
+            Err(PlanError::BadRendition { .. })
+        ));
+        assert!(matches!(
+            StreamPlan::new(
+                "a",
+                "test:",
+                vec![v("x", 64, 64), v("x", 32, 32)],
+                None,
+                t,
+                EncoderSettings::default()
+            ),
+            Err(PlanError::DuplicateRendition(_))
+        ));
+        assert!(matches!(
+            StreamPlan::new(
+                "a",
+                "test:",
+                vec![v("A/B", 64, 64)],
+                None,
+                t,
+                EncoderSettings::default()
+            ),
+            Err(PlanError::BadRenditionName(_))
+        ));
+        let bad_t = Timing {
+            segment_ms: 2000,
+            part_target_ms: 50,
+        };
+        assert!(matches!(
+            StreamPlan::new(
+                "a",
+                "test:",
+                vec![v("x", 64, 64)],
+                None,
+                bad_t,
+                EncoderSettings::default()
+            ),
+            Err(PlanError::BadTiming(_))
+        ));
+        // 7 fps with a 334 ms part target: two frames = 286 ms ≥ 85 % (283.9) → fine; 5 fps: one frame = 200 ms → refused
+        let mut slow = v("x", 64, 64);
+        slow.fps = Fraction::new(5, 1);
+        assert!(matches!(
+            StreamPlan::new(
+                "a",
+                "test:",
+                vec![slow],
+                None,
+                t,
+                EncoderSettings::default()
+            ),
+            Err(PlanError::BadRendition { .. })
+        ));
+    }
+}
