@@ -1,1 +1,84 @@
-fn main() {}
+//! `kilnd` binary: flags → [`kilnd::Config`] → [`kilnd::serve`].
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use kiln_config::Presets;
+
+/// kiln daemon: live encoding to LL-HLS with GPU or CPU pipelines.
+#[derive(Debug, Parser)]
+#[command(name = "kilnd", version)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Also start a live test stream with id `demo`.
+    #[arg(long)]
+    demo: bool,
+    /// Preset for the demo stream.
+    #[arg(long)]
+    demo_preset: Option<String>,
+    /// Load presets from this directory instead of the built-in ones.
+    #[arg(long)]
+    pipelines_dir: Option<PathBuf>,
+    /// Complete segments listed per media playlist.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u16).range(3..=1000))]
+    window_segments: u16,
+    /// Directory of static assets for the web page (e.g. hls.min.js).
+    #[arg(long)]
+    assets_dir: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kilnd=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let presets = match &args.pipelines_dir {
+        Some(dir) => Presets::load_dir(dir, kiln_config::DEFAULT_PRESET)?,
+        None => Presets::builtin(),
+    };
+    if let Some(p) = &args.demo_preset {
+        anyhow::ensure!(presets.get(p).is_some(), "unknown --demo-preset `{p}`");
+    }
+    let config = kilnd::Config {
+        presets,
+        demo: args.demo,
+        demo_preset: args.demo_preset,
+        window_segments: args.window_segments.into(),
+        assets_dir: args.assets_dir,
+        ..Default::default()
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    // The contract for scripts and tests: one line on stdout with the bound address.
+    println!("kilnd listening on http://{}", listener.local_addr()?);
+    kilnd::serve(config, listener, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    // a second signal during the grace period exits at once
+    tokio::spawn(async {
+        let _ = tokio::signal::ctrl_c().await;
+        std::process::exit(130);
+    });
+}

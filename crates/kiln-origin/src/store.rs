@@ -1,0 +1,246 @@
+//! The in-memory store: streams → renditions → packager + published snapshot.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use kiln_llhls::multivariant::{self, AudioMedia, VideoVariant};
+use kiln_llhls::packager::PartPos;
+use kiln_llhls::{PackError, Packager, PackagerConfig, PartIn, Snapshot};
+use tokio::sync::watch;
+
+/// Video or audio.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RenditionKind {
+    Video { width: u32, height: u32, fps: f64 },
+    Audio { channels: u32 },
+}
+
+/// What the multivariant playlist needs to know about a rendition besides its codec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenditionInfo {
+    pub name: String,
+    pub kind: RenditionKind,
+    /// Configured bitrate in bits per second.
+    pub bitrate: u64,
+}
+
+/// One rendition: its packager and the last published snapshot.
+#[derive(Debug)]
+pub struct Rendition {
+    pub info: RenditionInfo,
+    packager: Mutex<Packager>,
+    codec: Mutex<Option<String>>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+}
+
+impl Rendition {
+    /// The current published snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// A receiver that is notified on every publish.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    /// Requests currently parked on this rendition (blocking playlist reloads and held part requests).
+    pub fn parked(&self) -> usize {
+        self.snapshot.receiver_count()
+    }
+
+    pub fn codec(&self) -> Option<String> {
+        self.codec.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn packager(&self) -> std::sync::MutexGuard<'_, Packager> {
+        self.packager.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn init(&self) -> Option<Bytes> {
+        self.packager().init()
+    }
+
+    pub fn part(&self, pos: PartPos) -> Option<Bytes> {
+        self.packager().part(pos)
+    }
+
+    pub fn segment(&self, msn: u64) -> Option<Bytes> {
+        self.packager().segment(msn)
+    }
+
+    /// Publishes the packager's current state. Called with no lock held by callers.
+    fn publish(&self, snap: Snapshot) {
+        self.snapshot.send_replace(Arc::new(snap));
+    }
+}
+
+/// One live stream in the origin.
+#[derive(Debug)]
+pub struct StreamOrigin {
+    pub id: String,
+    pub renditions: Vec<Arc<Rendition>>,
+    /// Bumped on every publish of any rendition (the multivariant playlist waits on it).
+    changed: watch::Sender<u64>,
+    pub config: PackagerConfig,
+}
+
+impl StreamOrigin {
+    pub fn new(id: &str, renditions: Vec<RenditionInfo>, config: PackagerConfig) -> Arc<Self> {
+        let renditions = renditions
+            .into_iter()
+            .map(|info| {
+                let packager = Packager::new(config.clone());
+                let snap = packager.snapshot();
+                Arc::new(Rendition {
+                    info,
+                    packager: Mutex::new(packager),
+                    codec: Mutex::new(None),
+                    snapshot: watch::channel(Arc::new(snap)).0,
+                })
+            })
+            .collect();
+        Arc::new(Self {
+            id: id.to_string(),
+            renditions,
+            changed: watch::channel(0).0,
+            config,
+        })
+    }
+
+    pub fn rendition(&self, name: &str) -> Option<&Arc<Rendition>> {
+        self.renditions.iter().find(|r| r.info.name == name)
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// A receiver notified whenever any rendition publishes.
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Stores a rendition's init segment.
+    pub fn on_init(&self, index: usize, bytes: Bytes, codec: Option<String>) {
+        let Some(r) = self.renditions.get(index) else {
+            return;
+        };
+        *r.codec.lock().unwrap_or_else(|e| e.into_inner()) = codec;
+        let snap = {
+            let mut p = r.packager();
+            p.set_init(bytes);
+            p.snapshot()
+        };
+        r.publish(snap);
+        self.bump();
+    }
+
+    /// Adds a part and publishes the rendition's new playlist.
+    pub fn on_part(&self, index: usize, part: PartIn) -> Result<PartPos, PackError> {
+        let Some(r) = self.renditions.get(index) else {
+            return Err(PackError::Empty);
+        };
+        let (pos, snap) = {
+            let mut p = r.packager();
+            let pos = p.push_part(part)?;
+            (pos, p.snapshot())
+        };
+        r.publish(snap);
+        self.bump();
+        Ok(pos)
+    }
+
+    /// Closes every rendition (ENDLIST) and publishes, waking every parked request.
+    pub fn end(&self) {
+        for r in &self.renditions {
+            let snap = {
+                let mut p = r.packager();
+                p.end();
+                p.snapshot()
+            };
+            r.publish(snap);
+        }
+        self.bump();
+    }
+
+    /// The multivariant playlist, once every rendition's codec is known.
+    pub fn master(&self) -> Option<String> {
+        let mut video = Vec::new();
+        let mut audio = None;
+        for r in &self.renditions {
+            let codec = r.codec()?;
+            let uri = format!("{}/index.m3u8", r.info.name);
+            match r.info.kind {
+                RenditionKind::Video { width, height, fps } => video.push(VideoVariant {
+                    uri,
+                    // Peak allowance over the configured average: x264 rate control overshoots per segment.
+                    bandwidth: r.info.bitrate * 6 / 5,
+                    average_bandwidth: Some(r.info.bitrate),
+                    codec,
+                    width,
+                    height,
+                    frame_rate: fps,
+                }),
+                RenditionKind::Audio { channels } => {
+                    audio = Some(AudioMedia {
+                        uri,
+                        name: r.info.name.clone(),
+                        bandwidth: r.info.bitrate,
+                        codec,
+                        channels,
+                    })
+                }
+            }
+        }
+        Some(multivariant::render(&video, audio.as_ref()))
+    }
+}
+
+/// All streams the origin serves.
+#[derive(Debug, Default, Clone)]
+pub struct Origin {
+    streams: Arc<RwLock<HashMap<String, Arc<StreamOrigin>>>>,
+}
+
+impl Origin {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert(&self, s: Arc<StreamOrigin>) {
+        self.streams
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(s.id.clone(), s);
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<StreamOrigin>> {
+        self.streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Removes a stream if it is still the given instance (a newer stream under the same id is kept).
+    pub fn remove_if_same(&self, s: &Arc<StreamOrigin>) {
+        let mut map = self.streams.write().unwrap_or_else(|e| e.into_inner());
+        if map.get(&s.id).is_some_and(|cur| Arc::ptr_eq(cur, s)) {
+            map.remove(&s.id);
+        }
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+}

@@ -1,0 +1,121 @@
+//! Control API (`/v1/streams`, `/healthz`, `/readyz`) with JSON errors.
+//!
+//! Errors are mapped to HTTP in one place ([`ApiError`]): the body is `{"error": {"code", "message"}}`, the
+//! message says what to fix, and nothing internal leaks.
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use kiln_model::{StreamRequest, StreamStatus};
+use serde_json::json;
+
+use crate::supervisor::SupervisorError;
+use crate::AppState;
+
+/// Largest accepted request body.
+const MAX_BODY: usize = 64 * 1024;
+
+/// An API failure.
+#[derive(Debug)]
+pub enum ApiError {
+    BadRequest(String),
+    NotFound(String),
+    Conflict(String),
+    Unavailable(String),
+    PayloadTooLarge,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, message) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+            ApiError::PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("request body is larger than {MAX_BODY} bytes"),
+            ),
+        };
+        (
+            status,
+            Json(json!({"error": {"code": code, "message": message}})),
+        )
+            .into_response()
+    }
+}
+
+impl From<SupervisorError> for ApiError {
+    fn from(e: SupervisorError) -> Self {
+        match e {
+            SupervisorError::Invalid(e) => ApiError::BadRequest(e.to_string()),
+            SupervisorError::Conflict(_) => ApiError::Conflict(e.to_string()),
+            SupervisorError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            SupervisorError::Media(_) | SupervisorError::ShuttingDown => {
+                ApiError::Unavailable(e.to_string())
+            }
+        }
+    }
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/streams", get(list))
+        .route("/v1/streams/{id}", get(status).put(create).delete(remove))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+async fn list(State(st): State<AppState>) -> Json<Vec<StreamStatus>> {
+    Json(st.supervisor.list().iter().map(|h| h.status()).collect())
+}
+
+async fn status(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<StreamStatus>, ApiError> {
+    st.supervisor
+        .get(&id)
+        .map(|h| Json(h.status()))
+        .ok_or_else(|| ApiError::NotFound(format!("stream `{id}` does not exist")))
+}
+
+/// `PUT /v1/streams/{id}`: 201 when created, 200 when the same stream already runs, 400 for an invalid spec,
+/// 409 for a different spec under the same id, 503 when the pipeline cannot start.
+async fn create(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) => ApiError::PayloadTooLarge,
+        other => ApiError::BadRequest(other.body_text()),
+    })?;
+    let req: StreamRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid stream spec: {e}")))?;
+    let (h, created) = st.supervisor.create(&id, req).await?;
+    let code = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((code, Json(h.status())).into_response())
+}
+
+async fn remove(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    st.supervisor.stop(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn ready() -> &'static str {
+    "ready\n"
+}

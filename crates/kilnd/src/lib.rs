@@ -1,0 +1,134 @@
+//! kilnd: the per-host daemon.
+//!
+//! It runs live streams as GStreamer pipelines ([`kiln_media`]), feeds their CMAF parts into the LL-HLS origin
+//! ([`kiln_origin`]), and serves the control API, the playback routes and a small web page from one HTTP server
+//! (HTTP/1.1 and h2c). The binary is thin: `main` parses flags into a [`Config`] and calls [`serve`].
+//!
+//! Layout: [`supervisor`] (stream life cycle: build, start, feed the origin, stop with EOS), [`api`] (control
+//! routes, JSON errors), [`page`] (the `/` page with an hls.js player).
+
+pub mod api;
+pub mod page;
+pub mod supervisor;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use kiln_config::Presets;
+use kiln_origin::Origin;
+use tokio::net::TcpListener;
+use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::CorsLayer;
+
+pub use supervisor::Supervisor;
+
+/// Daemon settings (validated by construction: presets are already loaded).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub presets: Presets,
+    /// Start a live test stream with id `demo`.
+    pub demo: bool,
+    /// Preset for the demo stream (default: the presets' default).
+    pub demo_preset: Option<String>,
+    /// Complete segments listed per media playlist.
+    pub window_segments: usize,
+    /// Complete segments kept downloadable after leaving the playlist.
+    pub retain_segments: usize,
+    /// How long a stopped stream stays servable (ENDLIST playlists) before it is dropped.
+    pub linger: Duration,
+    /// How long a stop waits for the pipeline to drain after EOS.
+    pub grace: Duration,
+    /// Directory with static assets for the page (e.g. `hls.min.js`).
+    pub assets_dir: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            presets: Presets::builtin(),
+            demo: false,
+            demo_preset: None,
+            window_segments: 6,
+            retain_segments: 6,
+            linger: Duration::from_secs(30),
+            grace: Duration::from_secs(5),
+            assets_dir: None,
+        }
+    }
+}
+
+/// Shared state of the HTTP handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub supervisor: Arc<Supervisor>,
+    pub origin: Origin,
+    pub config: Arc<Config>,
+}
+
+/// The whole HTTP surface. Layers, outermost first:
+/// 1. CORS — browser players on other origins may GET playback and read the API;
+/// 2. compression — gzip playlists, JSON and HTML when the client asks; never media (already compressed, and
+///    parts must go out whole and fast).
+pub fn app(state: AppState) -> Router {
+    let compress = SizeAbove::new(256)
+        .and(NotForContentType::new("video/mp4"))
+        .and(NotForContentType::new("audio/mp4"));
+    Router::new()
+        .merge(api::router())
+        .merge(page::router())
+        .merge(kiln_origin::router().with_state(state.origin.clone()))
+        .with_state(state)
+        .layer(CompressionLayer::new().gzip(true).compress_when(compress))
+        .layer(CorsLayer::permissive())
+}
+
+/// Runs the daemon on `listener` until `shutdown` resolves; then stops every stream (EOS, ENDLIST) and drains
+/// connections.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    kiln_media::init()?;
+    let config = Arc::new(config);
+    let origin = Origin::new();
+    let supervisor = Arc::new(Supervisor::new(config.clone(), origin.clone()));
+    let state = AppState {
+        supervisor: supervisor.clone(),
+        origin,
+        config: config.clone(),
+    };
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, gstreamer = %kiln_media::gstreamer_version(), "kilnd listening");
+    if config.demo {
+        let req = kiln_model::StreamRequest {
+            source: "test:".into(),
+            preset: config.demo_preset.clone(),
+            ..Default::default()
+        };
+        supervisor
+            .create("demo", req)
+            .await
+            .map_err(|e| anyhow::anyhow!("starting the demo stream: {e}"))?;
+        tracing::info!(url = %format!("http://{addr}/"), "demo stream running: open the page, or play http://{addr}/live/demo/master.m3u8");
+    }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let sup = supervisor.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: stopping streams");
+        sup.shutdown().await;
+        let _ = stop_tx.send(());
+    });
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(async {
+            let _ = stop_rx.await;
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! The page at `/`: the node's streams and a low-latency hls.js player.
+//!
+//! hls.js comes from `--assets-dir` (`/assets/hls.min.js`) when given — the demo command installs it there —
+//! and otherwise from the jsDelivr CDN. Safari plays natively.
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+use crate::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/", get(|| async { Html(PAGE) }))
+        .route("/assets/{file}", get(asset))
+}
+
+/// Serves a file from the assets directory; names are restricted to a flat allowlist of characters, so no path
+/// can leave the directory.
+async fn asset(State(st): State<AppState>, Path(file): Path<String>) -> Response {
+    let ok_name = !file.is_empty()
+        && !file.starts_with('.')
+        && file
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    let (Some(dir), true) = (st.config.assets_dir.as_ref(), ok_name) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let ctype = match file.rsplit('.').next() {
+        Some("js") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        _ => "application/octet-stream",
+    };
+    match tokio::fs::read(dir.join(&file)).await {
+        Ok(bytes) => (
+            [
+                (header::CONTENT_TYPE, ctype),
+                (header::CACHE_CONTROL, "public, max-age=3600"),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Err(_) => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+const PAGE: &str = r##"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>kiln</title>
+<style>
+  body { font-family: system-ui, sans-serif; margin: 2rem; background: #111; color: #eee; }
+  video { width: min(960px, 100%); background: #000; display: block; margin: 1rem 0; }
+  table { border-collapse: collapse; } td, th { padding: .25rem .75rem; border-bottom: 1px solid #333; text-align: left; }
+  a { color: #8cf; } #stats { font-family: monospace; }
+</style>
+</head>
+<body>
+<h1>kiln</h1>
+<p>Live streams on this node. Click one to play it in low-latency mode.</p>
+<table id="streams"><thead><tr><th>stream</th><th>state</th><th>renditions</th><th>playlist</th></tr></thead><tbody></tbody></table>
+<video id="video" controls muted playsinline></video>
+<div id="stats">no stream selected</div>
+<script>
+function loadScript(src) {
+  return new Promise((ok, fail) => { const s = document.createElement('script'); s.src = src; s.onload = ok; s.onerror = fail; document.head.appendChild(s); });
+}
+const hlsReady = loadScript('/assets/hls.min.js').catch(() => loadScript('https://cdn.jsdelivr.net/npm/hls.js@1/dist/hls.min.js'));
+let hls = null, current = null;
+async function refresh() {
+  const res = await fetch('/v1/streams'); const streams = await res.json();
+  const body = document.querySelector('#streams tbody'); body.innerHTML = '';
+  for (const s of streams) {
+    const tr = document.createElement('tr');
+    const r = s.renditions.map(r => r.kind === 'video' ? `${r.name} ${r.width}x${r.height}` : r.name).join(', ');
+    tr.innerHTML = `<td><a href="#${s.id}">${s.id}</a></td><td>${s.state}</td><td>${r}</td><td><code>${s.playback}</code></td>`;
+    tr.querySelector('a').onclick = () => play(s.id);
+    body.appendChild(tr);
+  }
+  if (!current && streams.length) play((location.hash || '#' + streams[0].id).slice(1));
+}
+async function play(id) {
+  current = id; const url = `/live/${id}/master.m3u8`; const video = document.getElementById('video');
+  await hlsReady.catch(() => {});
+  if (hls) { hls.destroy(); hls = null; }
+  if (window.Hls && Hls.isSupported()) {
+    hls = new Hls({ lowLatencyMode: true, backBufferLength: 30 });
+    hls.loadSource(url); hls.attachMedia(video);
+    hls.on(Hls.Events.MANIFEST_PARSED, () => video.play().catch(() => {}));
+    window.kilnHls = hls;
+  } else if (video.canPlayType('application/vnd.apple.mpegurl')) {
+    video.src = url; video.play().catch(() => {});
+  }
+}
+setInterval(() => {
+  const v = document.getElementById('video');
+  const lat = hls && hls.latency ? hls.latency.toFixed(2) + ' s' : 'n/a';
+  document.getElementById('stats').textContent = current ? `${current}: time ${v.currentTime.toFixed(1)} s, live latency ${lat}` : 'no stream selected';
+}, 500);
+refresh(); setInterval(refresh, 5000);
+</script>
+</body>
+</html>
+"##;

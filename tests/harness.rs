@@ -1,0 +1,282 @@
+//! kiln-integration: the test sandbox.
+//!
+//! Starts real daemons (`kilnd::serve` on a 127.0.0.1:0 listener, real GStreamer pipelines) and gives tests an
+//! HTTP client, stream helpers, external-tool runners (ffmpeg) and the LL-HLS playlist checks the suites share.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kiln_llhls::cmaf;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A daemon running in this process on a free port.
+#[derive(Debug)]
+pub struct Daemon {
+    pub base: String,
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<()>>>,
+}
+
+impl Daemon {
+    /// Starts kilnd with `config` on 127.0.0.1:0.
+    pub async fn start(config: kilnd::Config) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(kilnd::serve(config, listener, async {
+            let _ = rx.await;
+        }));
+        Ok(Self {
+            base,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            stop: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// A daemon with default settings.
+    pub async fn start_default() -> Result<Self> {
+        Self::start(kilnd::Config::default()).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Graceful shutdown; returns serve()'s result.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.task.take() {
+            Some(t) => t.await?,
+            None => Ok(()),
+        }
+    }
+
+    /// `PUT /v1/streams/{id}` with a JSON body; returns (status, body).
+    pub async fn put_stream(&self, id: &str, body: &str) -> Result<(u16, serde_json::Value)> {
+        let res = self
+            .http
+            .put(self.url(&format!("/v1/streams/{id}")))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await?;
+        let status = res.status().as_u16();
+        let text = res.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&text).with_context(|| format!("body: {text}"))?,
+        ))
+    }
+
+    pub async fn get_text(&self, path: &str) -> Result<(u16, String)> {
+        let res = self.http.get(self.url(path)).send().await?;
+        Ok((res.status().as_u16(), res.text().await?))
+    }
+
+    pub async fn get_bytes(&self, path: &str) -> Result<bytes::Bytes> {
+        let res = self.http.get(self.url(path)).send().await?;
+        if !res.status().is_success() {
+            bail!("GET {path}: {}", res.status());
+        }
+        Ok(res.bytes().await?)
+    }
+}
+
+/// A small stream spec (two tiny video renditions + audio) that any 2-core machine runs in real time.
+pub fn small_stream_spec() -> &'static str {
+    r#"{"source": "test:pattern=ball",
+        "renditions": [
+          {"name": "hi", "width": 320, "height": 180, "fps": 30, "bitrate_kbps": 300},
+          {"name": "lo", "width": 160, "height": 90, "fps": 30, "bitrate_kbps": 120}],
+        "audio": {"bitrate_kbps": 64}}"#
+}
+
+/// Runs ffmpeg on `url` for `seconds` of output and returns the frame count per output stream index, decoding
+/// everything (framecrc). Fails on any ffmpeg error.
+pub async fn ffmpeg_frames(url: &str, seconds: u32, map_all: bool) -> Result<Vec<usize>> {
+    let mut cmd = tokio::process::Command::new("ffmpeg");
+    cmd.args([
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-xerror",
+        "-i",
+        url,
+    ]);
+    if map_all {
+        cmd.args(["-map", "0"]);
+    }
+    cmd.args(["-t", &seconds.to_string(), "-f", "framecrc", "-"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(u64::from(seconds) + 40), cmd.output())
+        .await
+        .context("ffmpeg timed out")??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || !stderr.trim().is_empty() {
+        bail!("ffmpeg failed ({}): {stderr}", out.status);
+    }
+    let mut counts: Vec<usize> = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let idx: usize = line.split(',').next().unwrap_or("").trim().parse()?;
+        if counts.len() <= idx {
+            counts.resize(idx + 1, 0);
+        }
+        counts[idx] += 1;
+    }
+    Ok(counts)
+}
+
+/// One `EXT-X-PART` line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartTag {
+    pub uri: String,
+    pub duration: f64,
+    pub independent: bool,
+}
+
+/// A segment of a media playlist with its parts (parts are listed only near the live edge).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentEntry {
+    pub msn: u64,
+    /// `None` for the open segment (parts only).
+    pub uri: Option<String>,
+    pub duration: Option<f64>,
+    pub parts: Vec<PartTag>,
+}
+
+/// The LL-HLS facts of a media playlist, parsed by hand (m3u8-rs 6 drops LL-HLS tags).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlPlaylist {
+    pub version: u32,
+    pub target_duration: u64,
+    pub part_target: f64,
+    pub server_control: String,
+    pub part_hold_back: f64,
+    pub media_sequence: u64,
+    pub map_uri: String,
+    pub segments: Vec<SegmentEntry>,
+    pub preload_hint: Option<String>,
+    pub endlist: bool,
+    pub pdt_count: usize,
+}
+
+fn attr<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split(',').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        let k = k.rsplit(':').next().unwrap_or(k);
+        (k == key).then(|| v.trim_matches('"'))
+    })
+}
+
+/// Parses a live media playlist; also runs it through m3u8-rs to be sure a standard parser accepts it.
+pub fn parse_ll(text: &str) -> Result<LlPlaylist> {
+    m3u8_rs::parse_media_playlist_res(text.as_bytes())
+        .map_err(|e| anyhow::anyhow!("m3u8-rs rejects the playlist: {e:?}"))?;
+    if !text.starts_with("#EXTM3U\n") {
+        bail!("playlist does not start with #EXTM3U");
+    }
+    if text.chars().any(|c| c.is_control() && c != '\n') {
+        bail!("control characters in playlist");
+    }
+    let mut p = LlPlaylist {
+        version: 0,
+        target_duration: 0,
+        part_target: 0.0,
+        server_control: String::new(),
+        part_hold_back: 0.0,
+        media_sequence: 0,
+        map_uri: String::new(),
+        segments: Vec::new(),
+        preload_hint: None,
+        endlist: false,
+        pdt_count: 0,
+    };
+    let mut versions = 0;
+    let mut open: Option<SegmentEntry> = None;
+    let mut pending_dur: Option<f64> = None;
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("#EXT-X-VERSION:") {
+            p.version = v.parse()?;
+            versions += 1;
+        } else if let Some(v) = line.strip_prefix("#EXT-X-TARGETDURATION:") {
+            p.target_duration = v.parse()?;
+        } else if let Some(v) = line.strip_prefix("#EXT-X-PART-INF:") {
+            p.part_target = attr(v, "PART-TARGET").context("PART-TARGET")?.parse()?;
+        } else if let Some(v) = line.strip_prefix("#EXT-X-SERVER-CONTROL:") {
+            p.server_control = v.to_string();
+            p.part_hold_back = attr(v, "PART-HOLD-BACK")
+                .context("PART-HOLD-BACK")?
+                .parse()?;
+        } else if let Some(v) = line.strip_prefix("#EXT-X-MEDIA-SEQUENCE:") {
+            p.media_sequence = v.parse()?;
+        } else if let Some(v) = line.strip_prefix("#EXT-X-MAP:") {
+            p.map_uri = attr(v, "URI").context("MAP URI")?.to_string();
+        } else if line.starts_with("#EXT-X-PROGRAM-DATE-TIME:") {
+            p.pdt_count += 1;
+        } else if let Some(v) = line.strip_prefix("#EXT-X-PART:") {
+            let msn = p.media_sequence + p.segments.len() as u64;
+            let seg = open.get_or_insert_with(|| SegmentEntry {
+                msn,
+                uri: None,
+                duration: None,
+                parts: Vec::new(),
+            });
+            seg.parts.push(PartTag {
+                uri: attr(v, "URI").context("PART URI")?.to_string(),
+                duration: attr(v, "DURATION").context("PART DURATION")?.parse()?,
+                independent: attr(v, "INDEPENDENT") == Some("YES"),
+            });
+        } else if let Some(v) = line.strip_prefix("#EXTINF:") {
+            pending_dur = Some(
+                v.trim_end_matches(',')
+                    .split(',')
+                    .next()
+                    .unwrap_or("")
+                    .parse()?,
+            );
+        } else if let Some(v) = line.strip_prefix("#EXT-X-PRELOAD-HINT:") {
+            p.preload_hint = Some(attr(v, "URI").context("hint URI")?.to_string());
+        } else if line == "#EXT-X-ENDLIST" {
+            p.endlist = true;
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let msn = p.media_sequence + p.segments.len() as u64;
+            let mut seg = open.take().unwrap_or(SegmentEntry {
+                msn,
+                uri: None,
+                duration: None,
+                parts: Vec::new(),
+            });
+            seg.uri = Some(line.to_string());
+            seg.duration = pending_dur.take();
+            p.segments.push(seg);
+        }
+    }
+    if let Some(seg) = open {
+        p.segments.push(seg);
+    }
+    if versions != 1 {
+        bail!("{versions} EXT-X-VERSION tags");
+    }
+    Ok(p)
+}
+
+/// The sync-sample/duration facts of a fragment, read with the init segment.
+pub fn fragment(init: &[u8], bytes: &[u8]) -> Result<cmaf::FragmentInfo> {
+    let i = cmaf::parse_init(init)?;
+    Ok(cmaf::parse_fragment(bytes, &i)?)
+}

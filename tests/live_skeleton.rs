@@ -1,0 +1,354 @@
+//! The walking skeleton, end to end: a real daemon on port 0 runs a real live pipeline; ffmpeg decodes it; the
+//! playlists and the bytes behind them obey the LL-HLS rules; blocking reload blocks; bad input is refused without
+//! harming the running stream. Streams are tiny (320x180 + 160x90 + audio) so a loaded 2-core host keeps up.
+
+use std::collections::BTreeMap;
+
+use anyhow::{ensure, Context, Result};
+use kiln_integration::{ffmpeg_frames, fragment, parse_ll, small_stream_spec, Daemon, LlPlaylist};
+use kiln_llhls::cmaf;
+
+const RENDITIONS: [&str; 3] = ["hi", "lo", "audio"];
+
+async fn start_stream(d: &Daemon, id: &str) -> Result<()> {
+    let (status, body) = d.put_stream(id, small_stream_spec()).await?;
+    ensure!(status == 201, "PUT returned {status}: {body}");
+    Ok(())
+}
+
+/// Waits (with blocking playlist requests, no sleeps) until `rendition` lists segment `msn` or later.
+async fn wait_for_msn(d: &Daemon, id: &str, rendition: &str, msn: u64) -> Result<LlPlaylist> {
+    let path = format!("/live/{id}/{rendition}/index.m3u8");
+    let (st, text) = d.get_text(&path).await?;
+    ensure!(st == 200, "GET {path}: {st} {text}");
+    let mut pl = parse_ll(&text)?;
+    loop {
+        let last = pl.segments.last().context("no segments")?.msn;
+        if last >= msn {
+            return Ok(pl);
+        }
+        let (st, text) = d.get_text(&format!("{path}?_HLS_msn={}", last + 1)).await?;
+        ensure!(st == 200, "blocking GET: {st} {text}");
+        pl = parse_ll(&text)?;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_decodes_master_and_each_rendition() -> Result<()> {
+    let d = Daemon::start_default().await?;
+    start_stream(&d, "ff").await?;
+    // master: every stream (2 video + audio), 6 s
+    let counts = ffmpeg_frames(&d.url("/live/ff/master.m3u8"), 6, true).await?;
+    ensure!(
+        counts.len() == 3,
+        "expected 3 decoded streams, got {counts:?}"
+    );
+    for (i, c) in counts.iter().enumerate() {
+        // ffmpeg lists the variants' video streams and the audio; each must carry ~6 s of frames
+        ensure!(*c > 0, "stream {i} decoded no frames: {counts:?}");
+    }
+    let video: Vec<usize> = counts
+        .iter()
+        .copied()
+        .filter(|c| (170..=181).contains(c))
+        .collect();
+    ensure!(
+        video.len() >= 2,
+        "6 s at 30 fps should give ~180 video frames per variant: {counts:?}"
+    );
+    // each rendition playlist alone, 4 s
+    for r in ["hi", "lo"] {
+        let c = ffmpeg_frames(&d.url(&format!("/live/ff/{r}/index.m3u8")), 4, false).await?;
+        ensure!(
+            c.len() == 1 && (115..=121).contains(&c[0]),
+            "{r}: frames {c:?}"
+        );
+    }
+    let c = ffmpeg_frames(&d.url("/live/ff/audio/index.m3u8"), 4, false).await?;
+    // 4 s of 48 kHz AAC = 187.5 frames of 1024 samples
+    ensure!(
+        c.len() == 1 && (180..=190).contains(&c[0]),
+        "audio frames {c:?}"
+    );
+    d.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn playlists_and_parts_obey_ll_hls_rules() -> Result<()> {
+    let d = Daemon::start_default().await?;
+    start_stream(&d, "pl").await?;
+    let mut playlists = BTreeMap::new();
+    for r in RENDITIONS {
+        playlists.insert(r, wait_for_msn(&d, "pl", r, 4).await?);
+    }
+    // every rendition: the same TARGETDURATION and SERVER-CONTROL
+    let first = &playlists["hi"];
+    let mut seg_starts: BTreeMap<&str, BTreeMap<u64, u64>> = BTreeMap::new();
+    for (r, pl) in &playlists {
+        ensure!(pl.version >= 6, "{r}: version {}", pl.version);
+        ensure!(pl.target_duration >= 1 && pl.target_duration == first.target_duration);
+        ensure!(
+            pl.server_control == first.server_control,
+            "{r}: SERVER-CONTROL differs"
+        );
+        ensure!(pl.server_control.contains("CAN-BLOCK-RELOAD=YES"));
+        ensure!(
+            pl.part_hold_back >= 3.0 * pl.part_target - 1e-9,
+            "{r}: PART-HOLD-BACK {} < 3 × {}",
+            pl.part_hold_back,
+            pl.part_target
+        );
+        ensure!(
+            !pl.endlist && pl.preload_hint.is_some(),
+            "{r}: live playlists end with a hint"
+        );
+        ensure!(
+            pl.pdt_count == pl.segments.len(),
+            "{r}: PROGRAM-DATE-TIME per segment"
+        );
+
+        let init = d.get_bytes(&format!("/live/pl/{r}/{}", pl.map_uri)).await?;
+        let info = cmaf::parse_init(&init)?;
+        ensure!(
+            cmaf::top_level_kinds(&init)? == ["ftyp", "moov"],
+            "{r}: init is not ftyp+moov"
+        );
+        ensure!(
+            info.has_mvex && !info.has_mdat,
+            "{r}: init needs mvex and no mdat"
+        );
+        ensure!(info.tracks.iter().all(|t| t.stbl_sample_count == 0));
+        ensure!(
+            info.compatible_brands.iter().any(|b| b == "iso6"),
+            "{r}: brands {:?}",
+            info.compatible_brands
+        );
+
+        let open_msn = pl.segments.last().unwrap().msn;
+        let mut prev_end: Option<u64> = None;
+        for seg in pl.segments.iter().filter(|s| !s.parts.is_empty()) {
+            if let Some(dur) = seg.duration {
+                ensure!(
+                    dur.round() as u64 <= pl.target_duration,
+                    "{r}: EXTINF {dur} > TD"
+                );
+                let sum: f64 = seg.parts.iter().map(|p| p.duration).sum();
+                ensure!(
+                    (sum - dur).abs() < 0.001,
+                    "{r} seg {}: parts sum {sum} != EXTINF {dur}",
+                    seg.msn
+                );
+            }
+            let mut concat = Vec::new();
+            for (i, part) in seg.parts.iter().enumerate() {
+                ensure!(
+                    part.duration <= pl.part_target,
+                    "{r}: part {} {} > PART-TARGET",
+                    part.uri,
+                    part.duration
+                );
+                let last_of_parent = i + 1 == seg.parts.len();
+                if !part.independent && !last_of_parent {
+                    ensure!(
+                        part.duration >= 0.85 * pl.part_target,
+                        "{r}: part {} {} < 85 % of PART-TARGET",
+                        part.uri,
+                        part.duration
+                    );
+                }
+                let bytes = d.get_bytes(&format!("/live/pl/{r}/{}", part.uri)).await?;
+                let f = fragment(&init, &bytes)?;
+                ensure!(
+                    part.independent == f.starts_with_sync,
+                    "{r}: {} INDEPENDENT={} but first sample sync={}",
+                    part.uri,
+                    part.independent,
+                    f.starts_with_sync
+                );
+                if let Some(end) = prev_end {
+                    ensure!(
+                        f.base_decode_time == end,
+                        "{r}: {} tfdt {} != previous end {end}",
+                        part.uri,
+                        f.base_decode_time
+                    );
+                }
+                prev_end = Some(f.base_decode_time + f.duration);
+                if i == 0 {
+                    seg_starts
+                        .entry(r)
+                        .or_default()
+                        .insert(seg.msn, f.start_ns());
+                }
+                concat.extend_from_slice(&bytes);
+            }
+            if let (Some(uri), true) = (&seg.uri, seg.msn < open_msn) {
+                let whole = d.get_bytes(&format!("/live/pl/{r}/{uri}")).await?;
+                ensure!(
+                    whole.as_ref() == concat.as_slice(),
+                    "{r}: {uri} != its parts concatenated"
+                );
+            }
+        }
+        // video parts start with a sync sample exactly at segment starts
+        if *r != "audio" {
+            for seg in &pl.segments {
+                for (i, p) in seg.parts.iter().enumerate() {
+                    ensure!(
+                        p.independent == (i == 0),
+                        "{r}: {} INDEPENDENT placement",
+                        p.uri
+                    );
+                }
+            }
+        }
+    }
+    // segment N starts at the same timestamp in every video rendition
+    let (hi, lo) = (&seg_starts["hi"], &seg_starts["lo"]);
+    let common: Vec<_> = hi.keys().filter(|k| lo.contains_key(k)).collect();
+    ensure!(common.len() >= 2, "too few common segments: {hi:?} {lo:?}");
+    for msn in common {
+        ensure!(
+            hi[msn] == lo[msn],
+            "segment {msn}: hi starts {} lo starts {}",
+            hi[msn],
+            lo[msn]
+        );
+    }
+    d.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_reload_waits_for_the_part_and_refuses_bad_requests() -> Result<()> {
+    let d = Daemon::start_default().await?;
+    start_stream(&d, "bl").await?;
+    let path = "/live/bl/hi/index.m3u8";
+    let pl = wait_for_msn(&d, "bl", "hi", 1).await?;
+    let last = pl.segments.last().unwrap();
+    let (m, p) = (last.msn, last.parts.len() as u64 - 1);
+
+    // the hinted part, requested before it exists, arrives whole once published
+    let hint = pl.preload_hint.clone().context("hint")?;
+    let hinted = {
+        let http = d.http.clone();
+        let url = d.url(&format!("/live/bl/hi/{hint}"));
+        tokio::spawn(async move { http.get(url).send().await?.bytes().await })
+    };
+    let (st, text) = d
+        .get_text(&format!("{path}?_HLS_msn={m}&_HLS_part={}", p + 1))
+        .await?;
+    ensure!(st == 200, "blocking request: {st}");
+    let next = parse_ll(&text)?;
+    let want_same = format!("part-{m}-{}.m4s", p + 1);
+    let want_next = format!("part-{}-0.m4s", m + 1);
+    let uris: Vec<&str> = next
+        .segments
+        .iter()
+        .flat_map(|s| s.parts.iter().map(|p| p.uri.as_str()))
+        .collect();
+    ensure!(
+        uris.contains(&want_same.as_str()) || uris.contains(&want_next.as_str()),
+        "the answer lacks the requested part: {uris:?}"
+    );
+    // it was not answered from the old state: the newest part moved on
+    let new_last = next.segments.last().unwrap();
+    ensure!(
+        (new_last.msn, new_last.parts.len() as u64 - 1) > (m, p),
+        "stale playlist returned"
+    );
+    let hinted = hinted.await??;
+    let listed = d.get_bytes(&format!("/live/bl/hi/{hint}")).await?;
+    ensure!(
+        !hinted.is_empty() && hinted == listed,
+        "hinted part differs from the published part"
+    );
+
+    // 400s, and old MSNs answered at once
+    let (st, _) = d.get_text(&format!("{path}?_HLS_part=0")).await?;
+    ensure!(st == 400, "_HLS_part alone: {st}");
+    let last_msn = new_last.msn;
+    let (st, _) = d
+        .get_text(&format!("{path}?_HLS_msn={}", last_msn + 3))
+        .await?;
+    ensure!(st == 400, "_HLS_msn too far ahead: {st}");
+    let (st, text) = d
+        .get_text(&format!("{path}?_HLS_msn=0&_HLS_part=0"))
+        .await?;
+    ensure!(st == 200 && text.contains("#EXT-X-PART"), "old msn: {st}");
+
+    // bad input is refused with a clear JSON error; the running stream is untouched
+    let before = parts_published(&d, "bl").await?;
+    for (id, body, want) in [
+        ("x1", "{not json", 400),
+        ("x2", r#"{"source": "rtmp://10.0.0.1/live"}"#, 400),
+        ("x3", r#"{"source": "test:", "preset": "nope"}"#, 400),
+        (
+            "x4",
+            r#"{"source": "test:", "renditions": [{"name": "v", "width": 100000, "height": 10, "bitrate_kbps": 1}]}"#,
+            400,
+        ),
+        ("x5", r#"{"source": "test:", "colour": "red"}"#, 400),
+        ("bad%20id", r#"{"source": "test:"}"#, 400),
+        ("bl", r#"{"source": "test:"}"#, 409),
+    ] {
+        let (st, body) = d.put_stream(id, body).await?;
+        ensure!(st == want, "{id}: {st} {body}");
+        ensure!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{id}: {body}"
+        );
+    }
+    let huge = format!(r#"{{"source": "test:", "pad": "{}"}}"#, "x".repeat(100_000));
+    let res = d
+        .http
+        .put(d.url("/v1/streams/x6"))
+        .body(huge)
+        .send()
+        .await?;
+    ensure!(res.status() == 413, "oversized body: {}", res.status());
+    let (st, _) = d.put_stream("bl", small_stream_spec()).await?;
+    ensure!(st == 200, "idempotent PUT: {st}");
+    // still running and still publishing
+    wait_for_msn(&d, "bl", "hi", last_msn + 1).await?;
+    ensure!(
+        parts_published(&d, "bl").await? > before,
+        "the stream stalled"
+    );
+    let (_, status) = d.get_text("/v1/streams/bl").await?;
+    let status: serde_json::Value = serde_json::from_str(&status)?;
+    ensure!(status["state"] == "running", "{status}");
+
+    // DELETE: EOS → final playlists carry ENDLIST and no hint
+    let res = d.http.delete(d.url("/v1/streams/bl")).send().await?;
+    ensure!(res.status() == 204, "DELETE: {}", res.status());
+    let (st, text) = d.get_text(path).await?;
+    ensure!(st == 200, "playlist after stop: {st}");
+    let fin = parse_ll(&text)?;
+    ensure!(
+        fin.endlist && fin.preload_hint.is_none(),
+        "final playlist: {text}"
+    );
+    let (st, _) = d
+        .get_text(&format!("{path}?_HLS_msn=99999&_HLS_part=7"))
+        .await?;
+    ensure!(
+        st == 200,
+        "ENDLIST playlists ignore blocking parameters: {st}"
+    );
+    let (st, _) = d.get_text("/v1/streams/bl").await?;
+    ensure!(st == 404);
+    d.shutdown().await
+}
+
+async fn parts_published(d: &Daemon, id: &str) -> Result<u64> {
+    let (_, text) = d.get_text(&format!("/v1/streams/{id}")).await?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    Ok(v["renditions"]
+        .as_array()
+        .context("renditions")?
+        .iter()
+        .map(|r| r["parts_published"].as_u64().unwrap_or(0))
+        .sum())
+}
