@@ -43,7 +43,7 @@ pub fn render(video: &[VideoVariant], audio: Option<&AudioMedia>) -> String {
         );
     }
     let mut order: Vec<&VideoVariant> = video.iter().collect();
-    order.sort_by(|a, b| b.bandwidth.cmp(&a.bandwidth));
+    order.sort_by_key(|v| std::cmp::Reverse(v.bandwidth));
     for v in order {
         let (bw, avg, codecs) = match audio {
             Some(a) => (

@@ -213,11 +213,11 @@ fn build_mux_sink(
 }
 
 /// Sends `FMP4MuxSplitNow` into the muxer ahead of the frames the splitter picks.
-fn add_split_probe<F>(pad: &gst::Pad, mut decide: F)
+fn add_split_probe<F>(pad: &gst::Pad, decide: F)
 where
     F: FnMut(u64, bool) -> Option<Split> + Send + 'static,
 {
-    let decide = Mutex::new(move |rt, key| decide(rt, key));
+    let decide = Mutex::new(decide);
     pad.add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
         let Some(buf) = info.buffer() else {
             return gst::PadProbeReturn::Ok;
