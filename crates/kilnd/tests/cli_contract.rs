@@ -10,7 +10,13 @@ use std::time::Duration;
 async fn demo_flag_serves_a_live_stream_and_sigterm_exits_cleanly() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
         // the small preset keeps this test light; the default ladder is exercised by the demo command
-        .args(["--listen", "127.0.0.1:0", "--demo", "--demo-preset", "live-360p-abr"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--demo",
+            "--demo-preset",
+            "live-360p-abr",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -64,12 +70,23 @@ async fn demo_flag_serves_a_live_stream_and_sigterm_exits_cleanly() {
         .map(|s| s["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["demo", "extra"]);
-    let page = http.get(format!("{base}/")).send().await.unwrap().text().await.unwrap();
+    let page = http
+        .get(format!("{base}/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(page.contains("lowLatencyMode: true"));
 
     // SIGTERM: streams get EOS, the server drains and the process exits 0
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()

@@ -1,0 +1,31 @@
+// Plays a kilnd page in headless Chromium (hls.js, low-latency mode) and reports what a viewer would see:
+// playback time advancing, stalls, hls.js live latency, and a screenshot.
+//   node tests/browser/watch.mjs http://127.0.0.1:8080/ 30 /tmp/kiln.png
+// Needs: Debian's chromium, and playwright-core installed next to this script (npm install playwright-core).
+import { chromium } from 'playwright-core';
+
+const [url = 'http://127.0.0.1:8080/', seconds = '30', shot = '/tmp/kiln-page.png'] = process.argv.slice(2);
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--no-sandbox', '--disable-gpu', '--autoplay-policy=no-user-gesture-required',
+         '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
+});
+const page = await browser.newPage();
+page.on('console', m => { if (m.type() === 'error') console.error('page:', m.text()); });
+await page.goto(url);
+await page.waitForFunction(() => window.kilnHls && document.querySelector('video').currentTime > 0, null, { timeout: 30000 });
+let stalls = 0, last = -1, samples = [];
+for (let i = 0; i < Number(seconds); i++) {
+  await page.waitForTimeout(1000);
+  const s = await page.evaluate(() => ({ t: document.querySelector('video').currentTime, lat: window.kilnHls.latency,
+    level: window.kilnHls.currentLevel, waiting: document.querySelector('video').readyState < 3 }));
+  if (s.t <= last) stalls++;
+  last = s.t; samples.push(s);
+}
+await page.screenshot({ path: shot });
+const lats = samples.map(s => s.lat).filter(x => x > 0);
+const result = { seconds: Number(seconds), playedTo: last, stalls, latencyLast: lats.at(-1),
+  latencyMedian: lats.sort((a, b) => a - b)[Math.floor(lats.length / 2)] };
+console.log(JSON.stringify(result));
+await browser.close();
+process.exit(stalls === 0 && last > Number(seconds) - 5 ? 0 : 1);
