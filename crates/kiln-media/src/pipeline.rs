@@ -164,7 +164,7 @@ fn build_test_video_source(
     overlay.set_property("time-format", "%H:%M:%S");
     overlay.set_property("text", format!("kiln {}", plan.id));
     overlay.set_property("shaded-background", true);
-    overlay.set_property("font-desc", format!("Sans Bold {}", (h / 24).clamp(6, 72)));
+    overlay.set_property("font-desc", format!("Sans Bold {}", (h / 36).clamp(6, 48)));
     set_nick(&overlay, "halignment", "left");
     set_nick(&overlay, "valignment", "top");
     let tee = make("tee", "vtee")?;

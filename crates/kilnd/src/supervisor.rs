@@ -67,13 +67,6 @@ impl StreamHandle {
         });
     }
 
-    /// Waits until the stream leaves `Starting` (first part published, or failure).
-    pub async fn wait_started(&self) -> StreamState {
-        let mut rx = self.state.subscribe();
-        let res = rx.wait_for(|s| *s != StreamState::Starting).await;
-        res.map(|s| *s).unwrap_or(StreamState::Failed)
-    }
-
     fn push_error(&self, e: String) {
         let mut v = self.errors.lock().unwrap_or_else(|e| e.into_inner());
         if v.len() >= MAX_ERRORS {
