@@ -280,3 +280,66 @@ pub fn fragment(init: &[u8], bytes: &[u8]) -> Result<cmaf::FragmentInfo> {
     let i = cmaf::parse_init(init)?;
     Ok(cmaf::parse_fragment(bytes, &i)?)
 }
+
+/// Plays `url` with GStreamer's `playbin3` (adaptivedemux2: hlsdemux2) into fake sinks until it has decoded
+/// `video_frames` video frames and `audio_buffers` audio buffers, or fails on an error or after `timeout`.
+/// Returns (video frames, audio buffers, names of the demuxers seen).
+pub async fn gst_play(
+    url: &str,
+    video_frames: usize,
+    audio_buffers: usize,
+    timeout: Duration,
+) -> Result<(usize, usize, Vec<String>)> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new("gst-launch-1.0")
+        .args([
+            "-v",
+            "playbin3",
+            &format!("uri={url}"),
+            "video-sink=fakesink name=kv silent=false sync=true",
+            "audio-sink=fakesink name=ka silent=false sync=true",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("gst-launch-1.0 not found (gstreamer1.0-tools)")?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let mut errs = BufReader::new(child.stderr.take().context("stderr")?).lines();
+    let (mut v, mut a, mut demuxers) = (0usize, 0usize, Vec::<String>::new());
+    let run = async {
+        loop {
+            tokio::select! {
+                line = lines.next_line() => {
+                    let Some(line) = line? else { bail!("gst-launch exited early (v={v}, a={a})") };
+                    if line.contains("ERROR") {
+                        bail!("gst-launch: {line}");
+                    }
+                    if line.contains("kv:sink") && line.contains("chain") {
+                        v += 1;
+                    } else if line.contains("ka:sink") && line.contains("chain") {
+                        a += 1;
+                    }
+                    for (class, name) in [("/GstHLSDemux2:", "hlsdemux2"), ("/GstHLSDemux:", "hlsdemux")] {
+                        if line.contains(class) && !demuxers.iter().any(|x| x == name) {
+                            demuxers.push(name.to_string());
+                        }
+                    }
+                    if v >= video_frames && a >= audio_buffers {
+                        return Ok(());
+                    }
+                }
+                line = errs.next_line() => {
+                    if let Some(line) = line? {
+                        if line.contains("ERROR") { bail!("gst-launch: {line}"); }
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .with_context(|| format!("playbin3 did not decode enough in {timeout:?}"))??;
+    let _ = child.kill().await;
+    Ok((v, a, demuxers))
+}

@@ -352,3 +352,23 @@ async fn parts_published(d: &Daemon, id: &str) -> Result<u64> {
         .map(|r| r["parts_published"].as_u64().unwrap_or(0))
         .sum())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gstreamer_playbin3_plays_through_hlsdemux2() -> Result<()> {
+    let d = Daemon::start_default().await?;
+    start_stream(&d, "gp").await?;
+    // 3 s of video at 30 fps and of AAC audio (48000/1024 ≈ 47 buffers/s), played in real time
+    let (v, a, demuxers) = kiln_integration::gst_play(
+        &d.url("/live/gp/master.m3u8"),
+        90,
+        140,
+        std::time::Duration::from_secs(40),
+    )
+    .await?;
+    ensure!(
+        v >= 90 && a >= 140,
+        "decoded {v} video frames, {a} audio buffers"
+    );
+    ensure!(demuxers == ["hlsdemux2"], "demuxers seen: {demuxers:?}");
+    d.shutdown().await
+}
