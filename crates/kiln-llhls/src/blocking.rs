@@ -62,8 +62,9 @@ impl Snapshot {
             (Some(m), _) => m,
         };
         let part = req.part.unwrap_or(0);
-        let last = self.last.unwrap_or(PartPos::new(0, 0));
-        let last_msn = if self.last.is_some() { last.msn } else { 0 };
+        // Before the first part, the stream's first MSN stands in for the last one.
+        let last = self.last.unwrap_or(PartPos::new(self.media_sequence, 0));
+        let last_msn = last.msn;
         if msn > last_msn + 2 {
             return Decision::Reject("_HLS_msn is more than two segments ahead of the playlist");
         }
@@ -124,6 +125,8 @@ mod tests {
             window_segments: 4,
             retain_segments: 2,
             wallclock_origin_unix_ms: 0,
+            can_skip_until_s: None,
+            first_msn: 0,
         });
         let mut push = |s: u64, i: u64| {
             p.push_part(PartIn {
@@ -132,6 +135,7 @@ mod tests {
                 start_ns: s * 2_000_000_000 + i * 333_333_333,
                 duration_ns: 333_333_333,
                 bytes: Bytes::from_static(b"x"),
+                discontinuity: false,
             })
             .unwrap();
         };

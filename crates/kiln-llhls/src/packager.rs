@@ -12,8 +12,17 @@ use bytes::{Bytes, BytesMut};
 use crate::plan::next_part_opens_segment;
 use crate::time::format_unix_ms;
 
-/// URI of the init segment, relative to the media playlist.
+/// URI of the first init segment, relative to the media playlist.
 pub const INIT_URI: &str = "init.mp4";
+
+/// URI of init segment generation `gen` (a new generation follows a change of codec parameters).
+pub fn init_uri(gen: u32) -> String {
+    if gen == 0 {
+        INIT_URI.to_string()
+    } else {
+        format!("init-{gen}.mp4")
+    }
+}
 
 /// URI of segment `msn`, relative to the media playlist.
 pub fn segment_uri(msn: u64) -> String {
@@ -28,23 +37,38 @@ pub fn part_uri(msn: u64, part: u64) -> String {
 /// Parses a resource name produced by [`segment_uri`] or [`part_uri`].
 pub fn parse_resource(name: &str) -> Option<Resource> {
     if name == INIT_URI {
-        return Some(Resource::Init);
+        return Some(Resource::Init(0));
+    }
+    if let Some(g) = name
+        .strip_prefix("init-")
+        .and_then(|n| n.strip_suffix(".mp4"))
+    {
+        let gen = canonical(g)?;
+        return (gen > 0 && gen <= u64::from(u32::MAX)).then_some(Resource::Init(gen as u32));
     }
     let stem = name.strip_suffix(".m4s")?;
     if let Some(n) = stem.strip_prefix("seg-") {
-        return n.parse().ok().map(Resource::Segment);
+        return canonical(n).map(Resource::Segment);
     }
     let (m, p) = stem.strip_prefix("part-")?.split_once('-')?;
     Some(Resource::Part(PartPos {
-        msn: m.parse().ok()?,
-        part: p.parse().ok()?,
+        msn: canonical(m)?,
+        part: canonical(p)?,
     }))
+}
+
+/// A decimal number written the one way kiln writes it (no sign, no leading zeros), so each resource has exactly
+/// one URL (one CDN cache key).
+fn canonical(s: &str) -> Option<u64> {
+    let n: u64 = s.parse().ok()?;
+    (n.to_string() == s).then_some(n)
 }
 
 /// A media resource of a rendition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resource {
-    Init,
+    /// Init segment of a generation.
+    Init(u32),
     Segment(u64),
     Part(PartPos),
 }
@@ -78,6 +102,12 @@ pub struct PackagerConfig {
     pub retain_segments: usize,
     /// Unix time (ms) of running time 0: PROGRAM-DATE-TIME = origin + part start.
     pub wallclock_origin_unix_ms: i64,
+    /// CAN-SKIP-UNTIL in seconds (the Skip Boundary, ≥ 6 × TD); `None` disables delta updates.
+    pub can_skip_until_s: Option<u32>,
+    /// Media sequence number of the first segment. Deriving it from the wall clock (start time / segment
+    /// duration) keeps segment and part URLs unique across restarts of a stream id, so a CDN never serves an old
+    /// instance's bytes under a new instance's URL.
+    pub first_msn: u64,
 }
 
 impl PackagerConfig {
@@ -93,8 +123,12 @@ impl PackagerConfig {
 
     /// The EXT-X-SERVER-CONTROL line (without the tag name), identical for every rendition of a stream.
     pub fn server_control(&self) -> String {
+        let skip = self
+            .can_skip_until_s
+            .map(|s| format!(",CAN-SKIP-UNTIL={s}"))
+            .unwrap_or_default();
         format!(
-            "CAN-BLOCK-RELOAD=YES,PART-HOLD-BACK={},HOLD-BACK={}",
+            "CAN-BLOCK-RELOAD=YES{skip},PART-HOLD-BACK={},HOLD-BACK={}",
             ms_decimal(self.part_hold_back_ms()),
             self.hold_back_s()
         )
@@ -119,6 +153,9 @@ pub struct PartIn {
     /// Sum of the sample durations, in ns.
     pub duration_ns: u64,
     pub bytes: Bytes,
+    /// The timeline breaks before this part (only honoured on a part that starts a segment): the segment gets
+    /// EXT-X-DISCONTINUITY.
+    pub discontinuity: bool,
 }
 
 /// Why a chunk was refused.
@@ -140,6 +177,8 @@ struct StoredPart {
 #[derive(Debug, Clone)]
 struct Segment {
     msn: u64,
+    init_gen: u32,
+    discontinuity: bool,
     start_ns: u64,
     duration_ns: u64,
     parts: Vec<StoredPart>,
@@ -168,11 +207,33 @@ impl Segment {
 #[derive(Debug)]
 pub struct Packager {
     cfg: PackagerConfig,
-    init: Option<Bytes>,
+    /// Init segments still referenced (or current), by generation.
+    inits: VecDeque<(u32, Bytes)>,
     segs: VecDeque<Segment>,
     next_msn: u64,
     ended: bool,
     parts_published: u64,
+    /// Discontinuities in segments trimmed away entirely.
+    dropped_discontinuities: u64,
+}
+
+/// Which playlist a request asked for (`_HLS_skip`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// The full playlist.
+    No,
+    /// `_HLS_skip=YES`: a delta update (EXT-X-VERSION 9).
+    Yes,
+    /// `_HLS_skip=v2`: a delta update that also drops old date ranges (EXT-X-VERSION 10).
+    V2,
+}
+
+/// Another rendition's live edge, for EXT-X-RENDITION-REPORT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenditionReport {
+    /// URI of its media playlist, relative to this one (e.g. `../lo/index.m3u8`).
+    pub uri: String,
+    pub last: PartPos,
 }
 
 /// An immutable published view of a rendition: what blocking playlist requests and preload-hinted part requests
@@ -181,6 +242,10 @@ pub struct Packager {
 pub struct Snapshot {
     /// The rendered media playlist.
     pub playlist: Bytes,
+    /// The delta update for `_HLS_skip=YES` (when CAN-SKIP-UNTIL is advertised and the playlist is live).
+    pub delta: Option<Bytes>,
+    /// The delta update for `_HLS_skip=v2`.
+    pub delta_v2: Option<Bytes>,
     /// The newest published part.
     pub last: Option<PartPos>,
     /// The part the playlist's PRELOAD-HINT names.
@@ -201,12 +266,13 @@ pub struct Snapshot {
 impl Packager {
     pub fn new(cfg: PackagerConfig) -> Self {
         Self {
+            next_msn: cfg.first_msn,
             cfg,
-            init: None,
+            inits: VecDeque::new(),
             segs: VecDeque::new(),
-            next_msn: 0,
             ended: false,
             parts_published: 0,
+            dropped_discontinuities: 0,
         }
     }
 
@@ -214,13 +280,38 @@ impl Packager {
         &self.cfg
     }
 
-    /// Sets (or replaces) the init segment.
-    pub fn set_init(&mut self, bytes: Bytes) {
-        self.init = Some(bytes);
+    /// Sets the init segment. Identical bytes change nothing; different bytes start a new generation, used by
+    /// the segments that start from now on (each gets an EXT-X-MAP when the generation changes).
+    pub fn set_init(&mut self, bytes: Bytes) -> u32 {
+        match self.inits.back() {
+            Some((g, b)) if *b == bytes => *g,
+            Some((g, _)) => {
+                let g = g + 1;
+                self.inits.push_back((g, bytes));
+                g
+            }
+            None => {
+                self.inits.push_back((0, bytes));
+                0
+            }
+        }
     }
 
+    /// The current init segment.
     pub fn init(&self) -> Option<Bytes> {
-        self.init.clone()
+        self.inits.back().map(|(_, b)| b.clone())
+    }
+
+    /// Init segment of generation `gen`, while retained.
+    pub fn init_gen(&self, gen: u32) -> Option<Bytes> {
+        self.inits
+            .iter()
+            .find(|(g, _)| *g == gen)
+            .map(|(_, b)| b.clone())
+    }
+
+    fn current_gen(&self) -> u32 {
+        self.inits.back().map_or(0, |(g, _)| *g)
     }
 
     /// Adds the next part.
@@ -238,6 +329,8 @@ impl Packager {
             }
             self.segs.push_back(Segment {
                 msn: self.next_msn,
+                init_gen: self.current_gen(),
+                discontinuity: part.discontinuity && !self.segs.is_empty(),
                 start_ns: part.start_ns,
                 duration_ns: 0,
                 parts: Vec::new(),
@@ -273,7 +366,14 @@ impl Packager {
     fn trim(&mut self) {
         let keep = self.cfg.window_segments + self.cfg.retain_segments;
         while self.segs.iter().filter(|s| s.complete()).count() > keep {
-            self.segs.pop_front();
+            if let Some(s) = self.segs.pop_front() {
+                self.dropped_discontinuities += u64::from(s.discontinuity);
+            }
+        }
+        // Drop init generations no retained segment uses (the current one always stays).
+        let oldest = self.segs.front().map_or(self.current_gen(), |s| s.init_gen);
+        while self.inits.len() > 1 && self.inits.front().is_some_and(|(g, _)| *g < oldest) {
+            self.inits.pop_front();
         }
     }
 
@@ -323,26 +423,78 @@ impl Packager {
         self.segs.iter().skip(skip)
     }
 
-    /// Renders the media playlist.
+    /// Renders the full media playlist without rendition reports.
     pub fn render(&self) -> String {
+        self.render_with(Skip::No, &[])
+    }
+
+    /// Renders the media playlist: full or as a delta update, with reports on the other renditions.
+    pub fn render_with(&self, skip: Skip, reports: &[RenditionReport]) -> String {
         let c = &self.cfg;
         let mut out = String::with_capacity(4096);
         let listed: Vec<&Segment> = self.listed().collect();
+        let unlisted = self.segs.len() - listed.len();
         let media_sequence = listed.first().map_or(self.next_msn, |s| s.msn);
+        let version = match skip {
+            Skip::No => 6,
+            Skip::Yes => 9,
+            Skip::V2 => 10,
+        };
         let _ = write!(
             out,
-            "#EXTM3U\n#EXT-X-VERSION:6\n#EXT-X-TARGETDURATION:{}\n#EXT-X-PART-INF:PART-TARGET={}\n\
-             #EXT-X-SERVER-CONTROL:{}\n#EXT-X-MEDIA-SEQUENCE:{}\n#EXT-X-MAP:URI=\"{}\"\n",
+            "#EXTM3U\n#EXT-X-VERSION:{version}\n#EXT-X-TARGETDURATION:{}\n#EXT-X-PART-INF:PART-TARGET={}\n\
+             #EXT-X-SERVER-CONTROL:{}\n#EXT-X-MEDIA-SEQUENCE:{}\n",
             c.target_duration_s,
             ms_decimal(c.part_target_ms),
             c.server_control(),
             media_sequence,
-            INIT_URI
         );
+        let dseq = self.dropped_discontinuities
+            + self
+                .segs
+                .iter()
+                .take(unlisted)
+                .filter(|s| s.discontinuity)
+                .count() as u64;
+        if dseq > 0 || listed.iter().any(|s| s.discontinuity) {
+            let _ = writeln!(out, "#EXT-X-DISCONTINUITY-SEQUENCE:{dseq}");
+        }
+        // Delta update: skip the leading segments that end more than the Skip Boundary before the end of the last
+        // complete segment (§6.2.5.1). Measuring from the last *complete* segment skips less, never more.
+        let mut skipped = 0;
+        if skip != Skip::No {
+            let boundary_ns = u64::from(c.can_skip_until_s.unwrap_or(u32::MAX)) * 1_000_000_000;
+            let end_ns = listed
+                .iter()
+                .rev()
+                .find(|s| s.complete())
+                .map_or(0, |s| s.start_ns + s.duration_ns);
+            skipped = listed
+                .iter()
+                .take_while(|s| {
+                    s.complete() && end_ns.saturating_sub(s.start_ns + s.duration_ns) > boundary_ns
+                })
+                .count();
+            let _ = write!(out, "#EXT-X-SKIP:SKIPPED-SEGMENTS={skipped}");
+            out.push_str(if skip == Skip::V2 {
+                ",RECENTLY-REMOVED-DATERANGES=\"\"\n"
+            } else {
+                "\n"
+            });
+        }
         // Part tags are listed only for segments that start within 3 × TD of the playlist's end (§6.2.2).
         let end_ns = listed.last().map_or(0, |s| s.start_ns + s.duration_ns);
         let part_window_ns = 3 * u64::from(c.target_duration_s) * 1_000_000_000;
-        for s in &listed {
+        let mut map: Option<u32> = None;
+        for s in listed.iter().skip(skipped) {
+            // DISCONTINUITY, MAP and PDT precede the segment's first EXT-X-PART (§4.4.4.9).
+            if s.discontinuity {
+                out.push_str("#EXT-X-DISCONTINUITY\n");
+            }
+            if map != Some(s.init_gen) {
+                let _ = writeln!(out, "#EXT-X-MAP:URI=\"{}\"", init_uri(s.init_gen));
+                map = Some(s.init_gen);
+            }
             let pdt_ms = c.wallclock_origin_unix_ms + (s.start_ns / 1_000_000) as i64;
             let _ = writeln!(out, "#EXT-X-PROGRAM-DATE-TIME:{}", format_unix_ms(pdt_ms));
             if end_ns.saturating_sub(s.start_ns) <= part_window_ns || !s.complete() {
@@ -378,14 +530,31 @@ impl Packager {
                 part_uri(h.msn, h.part)
             );
         }
+        for r in reports {
+            let _ = writeln!(
+                out,
+                "#EXT-X-RENDITION-REPORT:URI=\"{}\",LAST-MSN={},LAST-PART={}",
+                r.uri, r.last.msn, r.last.part
+            );
+        }
         out
     }
 
-    /// Publishes the current state as an immutable view.
+    /// Publishes the current state as an immutable view (no rendition reports).
     pub fn snapshot(&self) -> Snapshot {
+        self.snapshot_with(&[])
+    }
+
+    /// Publishes the current state with reports on the other renditions. Delta updates are rendered only while
+    /// live and when CAN-SKIP-UNTIL is configured (otherwise `_HLS_skip` is ignored).
+    pub fn snapshot_with(&self, reports: &[RenditionReport]) -> Snapshot {
         let listed_first = self.listed().next().map_or(self.next_msn, |s| s.msn);
+        let deltas = !self.ended && self.cfg.can_skip_until_s.is_some();
+        let delta = |k| deltas.then(|| Bytes::from(self.render_with(k, reports)));
         Snapshot {
-            playlist: Bytes::from(self.render()),
+            playlist: Bytes::from(self.render_with(Skip::No, reports)),
+            delta: delta(Skip::Yes),
+            delta_v2: delta(Skip::V2),
             last: self.last(),
             hint: self.hint(),
             first_retained_msn: self.segs.front().map_or(self.next_msn, |s| s.msn),
@@ -422,6 +591,8 @@ mod tests {
             window_segments: 4,
             retain_segments: 2,
             wallclock_origin_unix_ms: 1_795_880_805_000,
+            can_skip_until_s: None,
+            first_msn: 0,
         }
     }
 
@@ -436,6 +607,7 @@ mod tests {
                     start_ns: start,
                     duration_ns: 333_333_333,
                     bytes: Bytes::from(format!("[{s}.{i}]")),
+                    discontinuity: false,
                 })
                 .unwrap();
             }
@@ -481,6 +653,7 @@ mod tests {
             start_ns: 2_000_000_000,
             duration_ns: 333_333_333,
             bytes: Bytes::from_static(b"x"),
+            discontinuity: false,
         })
         .unwrap();
         assert_eq!(p.hint(), Some(PartPos::new(1, 1)));
@@ -537,7 +710,8 @@ mod tests {
                 independent: true,
                 start_ns: 0,
                 duration_ns: 1,
-                bytes: Bytes::from_static(b"x")
+                bytes: Bytes::from_static(b"x"),
+                discontinuity: false,
             }),
             Err(PackError::Ended)
         );
@@ -545,7 +719,8 @@ mod tests {
 
     #[test]
     fn resources_round_trip() {
-        assert_eq!(parse_resource("init.mp4"), Some(Resource::Init));
+        assert_eq!(parse_resource("init.mp4"), Some(Resource::Init(0)));
+        assert_eq!(parse_resource(&init_uri(3)), Some(Resource::Init(3)));
         assert_eq!(
             parse_resource(&segment_uri(42)),
             Some(Resource::Segment(42))
@@ -561,9 +736,119 @@ mod tests {
             "part-a-b.m4s",
             "../etc/passwd",
             "seg-1.mp4",
+            "seg-01.m4s",
+            "seg-+1.m4s",
+            "part-1-01.m4s",
+            "init-0.mp4",
+            "init-x.mp4",
         ] {
             assert_eq!(parse_resource(bad), None, "{bad}");
         }
+    }
+
+    fn part_at(seg: u64, i: u64, discontinuity: bool) -> PartIn {
+        PartIn {
+            starts_segment: i == 0,
+            independent: i == 0,
+            start_ns: seg * 2_000_000_000 + i * 333_333_333,
+            duration_ns: 333_333_333,
+            bytes: Bytes::from(format!("[{seg}.{i}]")),
+            discontinuity,
+        }
+    }
+
+    #[test]
+    fn delta_updates_skip_only_segments_beyond_the_skip_boundary() {
+        let mut c = cfg();
+        c.window_segments = 12;
+        c.can_skip_until_s = Some(12);
+        let mut p = Packager::new(c);
+        feed(&mut p, 12); // 11 complete (0..=10), 11 open
+        let full = p.render();
+        assert!(full.contains("CAN-SKIP-UNTIL=12,"));
+        let delta = p.render_with(Skip::Yes, &[]);
+        // last complete segment 10 ends at 22 s; segments ending before 10 s (0..=3, ending at 2..8 s) are skipped;
+        // segment 4 ends at 10 s: exactly 12 s before, not more, so it stays
+        assert!(delta.contains("#EXT-X-VERSION:9\n"));
+        assert!(
+            delta.contains("#EXT-X-SKIP:SKIPPED-SEGMENTS=4\n"),
+            "{delta}"
+        );
+        assert!(delta.contains("#EXT-X-MEDIA-SEQUENCE:0\n"));
+        assert!(!delta.contains("seg-3.m4s") && delta.contains("seg-4.m4s"));
+        // merging: the delta's segment lines equal the full playlist's from segment 4 on
+        let tail = |t: &str| t[t.find("#EXT-X-MAP").unwrap()..].to_string();
+        let full_tail = &full[full
+            .find("#EXT-X-PROGRAM-DATE-TIME:2026-11-28T15:46:53")
+            .unwrap()..];
+        assert!(tail(&delta).ends_with(full_tail));
+        let v2 = p.render_with(Skip::V2, &[]);
+        assert!(v2.contains("#EXT-X-VERSION:10\n"));
+        assert!(v2.contains("#EXT-X-SKIP:SKIPPED-SEGMENTS=4,RECENTLY-REMOVED-DATERANGES=\"\"\n"));
+        // snapshots carry deltas while live, not once ended
+        assert!(p.snapshot().delta.is_some());
+        p.end();
+        assert!(p.snapshot().delta.is_none());
+    }
+
+    #[test]
+    fn rendition_reports_follow_the_hint() {
+        let mut p = Packager::new(cfg());
+        feed(&mut p, 1);
+        let text = p.render_with(
+            Skip::No,
+            &[RenditionReport {
+                uri: "../lo/index.m3u8".into(),
+                last: PartPos::new(0, 5),
+            }],
+        );
+        assert!(text.ends_with(
+            "#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part-1-0.m4s\"\n\
+             #EXT-X-RENDITION-REPORT:URI=\"../lo/index.m3u8\",LAST-MSN=0,LAST-PART=5\n"
+        ));
+    }
+
+    #[test]
+    fn discontinuities_and_new_inits_are_signalled_and_counted() {
+        let mut c = cfg();
+        c.window_segments = 2;
+        c.retain_segments = 1;
+        let mut p = Packager::new(c);
+        p.set_init(Bytes::from_static(b"init-a"));
+        assert_eq!(
+            p.set_init(Bytes::from_static(b"init-a")),
+            0,
+            "same bytes, same generation"
+        );
+        feed(&mut p, 2);
+        assert_eq!(p.set_init(Bytes::from_static(b"init-b")), 1);
+        for i in 0..6 {
+            p.push_part(part_at(2, i, i == 0)).unwrap();
+        }
+        p.push_part(part_at(3, 0, false)).unwrap();
+        let text = p.render();
+        // segments 1 (gen 0) and 2 (gen 1, discontinuity) listed, 3 open
+        let seg2 = text
+            .find("#EXT-X-DISCONTINUITY\n#EXT-X-MAP:URI=\"init-1.mp4\"\n#EXT-X-PROGRAM-DATE-TIME")
+            .unwrap();
+        assert!(text.find("#EXT-X-MAP:URI=\"init.mp4\"").unwrap() < seg2);
+        assert!(text.contains("#EXT-X-DISCONTINUITY-SEQUENCE:0\n"));
+        assert_eq!(p.init_gen(1).as_deref(), Some(&b"init-b"[..]));
+        // slide the discontinuity out of the playlist: the sequence counts it
+        for s in 3..6 {
+            for i in 0..6 {
+                if (s, i) != (3, 0) {
+                    p.push_part(part_at(s, i, false)).unwrap();
+                }
+            }
+        }
+        let text = p.render();
+        assert!(text.contains("#EXT-X-DISCONTINUITY-SEQUENCE:1\n"), "{text}");
+        assert!(!text.contains("#EXT-X-DISCONTINUITY\n"));
+        assert!(
+            p.init_gen(0).is_none(),
+            "generation 0 is no longer referenced"
+        );
     }
 
     #[test]

@@ -80,6 +80,7 @@ impl ChunkAssembler {
                 start_ns,
                 duration_ns: info.duration_ns(),
                 bytes: body.freeze(),
+                discontinuity: false,
             },
         });
         Ok(())

@@ -2,25 +2,30 @@
 //!
 //! Cache-Control follows draft-pantos-hls-rfc8216bis App. B.1 for a CDN in front: blocking playlist answers live
 //! 6 × TD (the URL names the state it waited for), plain playlist answers ½ TD, blocking failures 4 × TD, other
-//! failures 1 × TD; media (immutable once published) 6 × TD. The origin never sends `Age`.
+//! failures 1 × TD; parts and init segments 6 × TD; complete segments a day (their URLs never repeat: media
+//! sequence numbers start from the wall clock). The origin never sends `Age`. Media carries a strong `ETag`
+//! (answered with 304 on `If-None-Match`) and honours single `Range` requests with 206.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
-use kiln_llhls::packager::{parse_resource, PartPos, Resource};
-use kiln_llhls::{BlockRequest, Decision};
+use kiln_llhls::packager::{parse_resource, PartPos, Resource, Skip};
+use kiln_llhls::{BlockRequest, Decision, Snapshot};
 use tokio::time::Instant;
 
 use crate::store::{Origin, Rendition, RenditionKind, StreamOrigin};
 
 /// Content type of playlists.
 pub const M3U8: &str = "application/vnd.apple.mpegurl";
+
+/// Cache lifetime of complete segments.
+const SEGMENT_MAX_AGE: u64 = 86_400;
 
 /// The playback router (`/live/...`), with the [`Origin`] as state.
 pub fn router() -> Router<Origin> {
@@ -29,16 +34,19 @@ pub fn router() -> Router<Origin> {
         .route("/live/{stream}/{rendition}/{file}", get(media))
 }
 
+fn cache_control(max_age: u64) -> HeaderValue {
+    if max_age == 0 {
+        HeaderValue::from_static("no-cache")
+    } else {
+        HeaderValue::from_str(&format!("public, max-age={max_age}")).expect("ascii")
+    }
+}
+
 fn reply(status: StatusCode, content_type: &'static str, max_age: u64, body: Bytes) -> Response {
     let mut r = (status, body).into_response();
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    let cc = if max_age == 0 {
-        HeaderValue::from_static("no-cache")
-    } else {
-        HeaderValue::from_str(&format!("public, max-age={max_age}")).expect("ascii")
-    };
-    h.insert(header::CACHE_CONTROL, cc);
+    h.insert(header::CACHE_CONTROL, cache_control(max_age));
     r
 }
 
@@ -51,9 +59,27 @@ fn error(status: StatusCode, max_age: u64, msg: &str) -> Response {
     )
 }
 
-/// Parses `_HLS_msn` / `_HLS_part` (other parameters, e.g. tokens, are ignored).
-fn parse_block(query: Option<&str>) -> Result<BlockRequest, &'static str> {
-    let mut req = BlockRequest::default();
+fn too_many_parked() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        0,
+        "too many requests are waiting for new parts; retry",
+    )
+}
+
+/// What a playlist request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlaylistQuery {
+    pub block: BlockRequest,
+    pub skip: Skip,
+}
+
+/// Parses `_HLS_msn`, `_HLS_part` and `_HLS_skip`; other parameters (e.g. tokens) are ignored.
+pub fn parse_query(query: Option<&str>) -> Result<PlaylistQuery, &'static str> {
+    let mut q = PlaylistQuery {
+        block: BlockRequest::default(),
+        skip: Skip::No,
+    };
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let num = || {
@@ -61,12 +87,19 @@ fn parse_block(query: Option<&str>) -> Result<BlockRequest, &'static str> {
                 .map_err(|_| "_HLS_msn and _HLS_part must be non-negative integers")
         };
         match k {
-            "_HLS_msn" => req.msn = Some(num()?),
-            "_HLS_part" => req.part = Some(num()?),
+            "_HLS_msn" => q.block.msn = Some(num()?),
+            "_HLS_part" => q.block.part = Some(num()?),
+            "_HLS_skip" => {
+                q.skip = match v {
+                    "YES" => Skip::Yes,
+                    "v2" => Skip::V2,
+                    _ => return Err("_HLS_skip must be YES or v2"),
+                }
+            }
             _ => {}
         }
     }
-    Ok(req)
+    Ok(q)
 }
 
 async fn master(State(origin): State<Origin>, Path(stream): Path<String>) -> Response {
@@ -76,10 +109,17 @@ async fn master(State(origin): State<Origin>, Path(stream): Path<String>) -> Res
     let td = u64::from(s.config.target_duration_s);
     let mut rx = s.subscribe_changes();
     let deadline = Instant::now() + Duration::from_secs(3 * td);
+    let mut guard = None;
     loop {
         rx.borrow_and_update();
         if let Some(text) = s.master() {
             return reply(StatusCode::OK, M3U8, 6 * td, Bytes::from(text));
+        }
+        if guard.is_none() {
+            guard = match origin.park() {
+                Some(g) => Some(g),
+                None => return too_many_parked(),
+            };
         }
         match tokio::time::timeout_at(deadline, rx.changed()).await {
             Ok(Ok(())) => continue,
@@ -98,6 +138,7 @@ async fn media(
     State(origin): State<Origin>,
     Path((stream, rendition, file)): Path<(String, String, String)>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Response {
     let Some(s) = origin.get(&stream) else {
         return error(StatusCode::NOT_FOUND, 2, "no such stream");
@@ -105,63 +146,164 @@ async fn media(
     let Some(r) = s.rendition(&rendition).cloned() else {
         return error(StatusCode::NOT_FOUND, 2, "no such rendition");
     };
+    let td = u64::from(s.config.target_duration_s);
     if file == "index.m3u8" {
-        return match parse_block(query.as_deref()) {
-            Ok(q) => playlist(&s, &r, q).await,
-            Err(msg) => error(
-                StatusCode::BAD_REQUEST,
-                4 * u64::from(s.config.target_duration_s),
-                msg,
-            ),
+        return match parse_query(query.as_deref()) {
+            Ok(q) => playlist(&origin, &s, &r, q).await,
+            Err(msg) => error(StatusCode::BAD_REQUEST, 4 * td, msg),
         };
     }
-    match parse_resource(&file) {
-        Some(res) => resource(&s, &r, res).await,
-        None => error(StatusCode::NOT_FOUND, 2, "no such resource"),
-    }
+    let Some(res) = parse_resource(&file) else {
+        return error(StatusCode::NOT_FOUND, td, "no such resource");
+    };
+    // Strong validator: the stream instance (its wall-clock start) plus the resource name, which never changes
+    // its bytes once published.
+    let etag = format!("\"{:x}-{file}\"", s.config.wallclock_origin_unix_ms);
+    let (body, max_age) = match resource(&origin, &s, &r, res).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    media_reply(&headers, media_type(&r), &etag, max_age, body)
 }
 
-async fn playlist(s: &StreamOrigin, r: &Rendition, q: BlockRequest) -> Response {
+/// 200/206/304/416 for a complete media resource.
+fn media_reply(
+    headers: &HeaderMap,
+    content_type: &'static str,
+    etag: &str,
+    max_age: u64,
+    body: Bytes,
+) -> Response {
+    let etag_value = HeaderValue::from_str(etag).expect("ascii etag");
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let mut resp = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+            None => reply(StatusCode::OK, content_type, max_age, body),
+            Some(range) => match parse_range(range, body.len() as u64) {
+                Some((start, end)) => {
+                    let mut r = reply(
+                        StatusCode::PARTIAL_CONTENT,
+                        content_type,
+                        max_age,
+                        body.slice(start as usize..=end as usize),
+                    );
+                    let cr = format!("bytes {start}-{end}/{}", body.len());
+                    r.headers_mut().insert(
+                        header::CONTENT_RANGE,
+                        HeaderValue::from_str(&cr).expect("ascii"),
+                    );
+                    r
+                }
+                None => {
+                    let mut r = error(
+                        StatusCode::RANGE_NOT_SATISFIABLE,
+                        0,
+                        "range not satisfiable",
+                    );
+                    let cr = format!("bytes */{}", body.len());
+                    r.headers_mut().insert(
+                        header::CONTENT_RANGE,
+                        HeaderValue::from_str(&cr).expect("ascii"),
+                    );
+                    r
+                }
+            },
+        }
+    };
+    let h = resp.headers_mut();
+    h.insert(header::ETAG, etag_value);
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CACHE_CONTROL, cache_control(max_age));
+    resp
+}
+
+/// Parses a single `bytes=` range against a resource of `len` bytes: `a-b`, `a-` (to the end; an end past the
+/// resource, like the 2^53−1 of open-ended hint ranges, is clamped) or `-n` (the last n bytes). Multiple ranges
+/// and unsatisfiable ones give `None`.
+pub fn parse_range(spec: &str, len: u64) -> Option<(u64, u64)> {
+    let spec = spec.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') || len == 0 {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    let (start, end) = if a.is_empty() {
+        let n: u64 = b.parse().ok()?;
+        if n == 0 {
+            return None;
+        }
+        (len.saturating_sub(n), len - 1)
+    } else {
+        let start: u64 = a.parse().ok()?;
+        let end = if b.is_empty() {
+            len - 1
+        } else {
+            b.parse::<u64>().ok()?.min(len - 1)
+        };
+        (start, end)
+    };
+    (start <= end && start < len).then_some((start, end))
+}
+
+async fn playlist(origin: &Origin, s: &StreamOrigin, r: &Rendition, q: PlaylistQuery) -> Response {
     let td = u64::from(s.config.target_duration_s);
+    let blocking = q.block.is_blocking();
     let mut rx = r.subscribe();
     // A request that cannot be answered within 3 × TD gets 503 (§6.2.5.2).
     let deadline = Instant::now() + Duration::from_secs(3 * td);
+    let mut guard = None;
     loop {
         let snap = rx.borrow_and_update().clone();
         // Until the first segment is complete a playlist holds parts only, which players that read whole segments
         // (ffmpeg, non-LL clients) take for an empty stream: hold plain requests until then (≤ 1 segment + 1 part).
-        let decision = if snap.closed.is_empty() && !snap.ended {
-            if q.is_blocking() {
-                snap.decide(q)
-            } else {
-                Decision::Wait
-            }
+        let decision = if snap.closed.is_empty() && !snap.ended && !blocking {
+            Decision::Wait
         } else {
-            snap.decide(q)
+            snap.decide(q.block)
         };
         match decision {
             Decision::Ready => {
-                let max_age = if q.is_blocking() {
-                    6 * td
-                } else {
-                    (td / 2).max(1)
-                };
-                return reply(StatusCode::OK, M3U8, max_age, snap.playlist.clone());
+                let max_age = if blocking { 6 * td } else { (td / 2).max(1) };
+                return reply(StatusCode::OK, M3U8, max_age, pick(&snap, q.skip));
             }
             Decision::Reject(msg) => return error(StatusCode::BAD_REQUEST, 4 * td, msg),
-            Decision::Wait => match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(_)) => return error(StatusCode::NOT_FOUND, td, "stream ended"),
-                Err(_) => {
-                    return error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        0,
-                        "the requested part did not appear within 3 target durations",
-                    )
+            Decision::Wait => {
+                if guard.is_none() {
+                    guard = match origin.park() {
+                        Some(g) => Some(g),
+                        None => return too_many_parked(),
+                    };
                 }
-            },
+                match tokio::time::timeout_at(deadline, rx.changed()).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(_)) => return error(StatusCode::NOT_FOUND, td, "stream ended"),
+                    Err(_) => {
+                        return error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            0,
+                            "the requested part did not appear within 3 target durations",
+                        )
+                    }
+                }
+            }
         }
     }
+}
+
+/// The playlist body for a skip request: the delta update when one is offered, else the full playlist
+/// (`_HLS_skip` is ignored without CAN-SKIP-UNTIL or once ENDLIST is present).
+fn pick(snap: &Snapshot, skip: Skip) -> Bytes {
+    let delta = match skip {
+        Skip::No => None,
+        Skip::Yes => snap.delta.as_ref(),
+        Skip::V2 => snap.delta_v2.as_ref(),
+    };
+    delta.unwrap_or(&snap.playlist).clone()
 }
 
 fn media_type(r: &Rendition) -> &'static str {
@@ -171,34 +313,36 @@ fn media_type(r: &Rendition) -> &'static str {
     }
 }
 
-async fn resource(s: &StreamOrigin, r: &Arc<Rendition>, res: Resource) -> Response {
+/// The bytes of a media resource and their cache lifetime, holding hinted parts until complete.
+async fn resource(
+    origin: &Origin,
+    s: &StreamOrigin,
+    r: &Arc<Rendition>,
+    res: Resource,
+) -> Result<(Bytes, u64), Response> {
     let td = u64::from(s.config.target_duration_s);
-    let ok = |b: Bytes| reply(StatusCode::OK, media_type(r), 6 * td, b);
     match res {
-        Resource::Segment(msn) => match r.segment(msn) {
-            Some(b) => ok(b),
-            None => error(StatusCode::NOT_FOUND, td, "no such segment"),
-        },
-        Resource::Init => wait_for(r, td, |r, snap| match r.init() {
+        Resource::Segment(msn) => r
+            .segment(msn)
+            .map(|b| (b, SEGMENT_MAX_AGE))
+            .ok_or_else(|| error(StatusCode::NOT_FOUND, td, "no such segment")),
+        Resource::Init(gen) => wait_for(origin, r, td, |r, snap| match r.init_gen(gen) {
             Some(b) => Some(Ok(b)),
-            None if snap.ended => Some(Err(())),
-            None => None,
+            // generation 0 is coming while the stream starts; others exist only once announced
+            None if gen == 0 && !snap.ended && snap.last.is_none() => None,
+            None => Some(Err(())),
         })
         .await
-        .map_or_else(|e| e, ok),
-        Resource::Part(pos) => wait_for(r, td, |r, snap| part_state(r, snap, pos))
+        .map(|b| (b, 6 * td)),
+        Resource::Part(pos) => wait_for(origin, r, td, |r, snap| part_state(r, snap, pos))
             .await
-            .map_or_else(|e| e, ok),
+            .map(|b| (b, 6 * td)),
     }
 }
 
 /// `Some(Ok)`: the part is there; `Some(Err)`: it never will be; `None`: it is the hinted (or an earlier
 /// unpublished) part — hold the request.
-fn part_state(
-    r: &Rendition,
-    snap: &kiln_llhls::Snapshot,
-    pos: PartPos,
-) -> Option<Result<Bytes, ()>> {
+fn part_state(r: &Rendition, snap: &Snapshot, pos: PartPos) -> Option<Result<Bytes, ()>> {
     match r.part(pos) {
         Some(b) => Some(Ok(b)),
         None if snap.part_may_appear(pos) => None,
@@ -208,28 +352,39 @@ fn part_state(
 
 /// Holds a request until `check` gives an answer, a publish at a time, for at most 3 × TD. A resource is sent
 /// only once complete (never trickled).
-async fn wait_for<F>(r: &Arc<Rendition>, td: u64, check: F) -> Result<Bytes, Response>
+async fn wait_for<F>(
+    origin: &Origin,
+    r: &Arc<Rendition>,
+    td: u64,
+    check: F,
+) -> Result<Bytes, Response>
 where
-    F: Fn(&Rendition, &kiln_llhls::Snapshot) -> Option<Result<Bytes, ()>>,
+    F: Fn(&Rendition, &Snapshot) -> Option<Result<Bytes, ()>>,
 {
     let mut rx = r.subscribe();
     let deadline = Instant::now() + Duration::from_secs(3 * td);
+    let mut guard = None;
     loop {
         let snap = rx.borrow_and_update().clone();
         match check(r, &snap) {
             Some(Ok(b)) => return Ok(b),
             Some(Err(())) => return Err(error(StatusCode::NOT_FOUND, td, "no such resource")),
-            None => match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(_)) => return Err(error(StatusCode::NOT_FOUND, td, "stream ended")),
-                Err(_) => {
-                    return Err(error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        0,
-                        "the resource did not appear within 3 target durations",
-                    ))
+            None => {
+                if guard.is_none() {
+                    guard = Some(origin.park().ok_or_else(too_many_parked)?);
                 }
-            },
+                match tokio::time::timeout_at(deadline, rx.changed()).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(_)) => return Err(error(StatusCode::NOT_FOUND, td, "stream ended")),
+                    Err(_) => {
+                        return Err(error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            0,
+                            "the resource did not appear within 3 target durations",
+                        ))
+                    }
+                }
+            }
         }
     }
 }
@@ -264,6 +419,8 @@ mod tests {
                 window_segments: 4,
                 retain_segments: 2,
                 wallclock_origin_unix_ms: 0,
+                can_skip_until_s: Some(12),
+                first_msn: 0,
             },
         );
         o.insert(s.clone());
@@ -279,6 +436,7 @@ mod tests {
                 start_ns: seg * 2_000_000_000 + i * 333_333_333,
                 duration_ns: 333_333_333,
                 bytes: Bytes::from(format!("p{seg}.{i}")),
+                discontinuity: false,
             },
         )
         .unwrap();
@@ -392,6 +550,107 @@ mod tests {
         let (st, body, _) = pl.await.unwrap();
         assert_eq!(st, StatusCode::OK);
         assert!(body.contains("#EXTINF:2.00000,\nseg-0.m4s"));
+    }
+
+    async fn get_with(o: &Origin, uri: &str, hdr: (&str, &str)) -> Response {
+        router()
+            .with_state(o.clone())
+            .oneshot(
+                Request::get(uri)
+                    .header(hdr.0, hdr.1)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn media_has_etags_and_ranges() {
+        let (o, s) = origin();
+        for i in 0..6 {
+            part(&s, 0, i);
+        }
+        part(&s, 1, 0);
+        let r = get_with(&o, "/live/s/v/seg-0.m4s", ("x-none", "")).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()[header::CACHE_CONTROL], "public, max-age=86400");
+        let etag = r.headers()[header::ETAG].to_str().unwrap().to_string();
+        let r = get_with(&o, "/live/s/v/seg-0.m4s", ("if-none-match", &etag)).await;
+        assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+        let r = get_with(&o, "/live/s/v/part-0-1.m4s", ("range", "bytes=1-2")).await;
+        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(r.headers()[header::CONTENT_RANGE], "bytes 1-2/4");
+        assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "0.");
+        // an open-ended hint range (2^53 - 1) is clamped to the part
+        let r = get_with(
+            &o,
+            "/live/s/v/part-0-1.m4s",
+            ("range", "bytes=0-9007199254740991"),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "p0.1");
+        let r = get_with(&o, "/live/s/v/part-0-1.m4s", ("range", "bytes=9-")).await;
+        assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(parse_range("bytes=-2", 4), Some((2, 3)));
+        assert_eq!(parse_range("bytes=0-1,2-3", 4), None);
+        assert_eq!(parse_range("items=0-1", 4), None);
+    }
+
+    #[tokio::test]
+    async fn skip_requests_get_delta_updates() {
+        let (o, s) = origin();
+        for seg in 0..8 {
+            for i in 0..6 {
+                part(&s, seg, i);
+            }
+        }
+        let (st, full, _) = get(&o, "/live/s/v/index.m3u8").await;
+        assert_eq!(st, StatusCode::OK);
+        assert!(full.contains("CAN-SKIP-UNTIL=12"));
+        let (_, delta, _) = get(&o, "/live/s/v/index.m3u8?_HLS_skip=YES").await;
+        assert!(
+            delta.contains("#EXT-X-VERSION:9") && delta.contains("#EXT-X-SKIP:SKIPPED-SEGMENTS=")
+        );
+        let (_, v2, _) = get(&o, "/live/s/v/index.m3u8?_HLS_skip=v2").await;
+        assert!(v2.contains("RECENTLY-REMOVED-DATERANGES"));
+        let (st, _, _) = get(&o, "/live/s/v/index.m3u8?_HLS_skip=maybe").await;
+        assert_eq!(st, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn parking_is_bounded() {
+        let o = Origin::with_parking_limit(1);
+        let s = StreamOrigin::new(
+            "s",
+            origin()
+                .1
+                .renditions
+                .iter()
+                .map(|r| r.info.clone())
+                .collect(),
+            origin().1.config.clone(),
+        );
+        o.insert(s.clone());
+        part(&s, 0, 0);
+        let o2 = o.clone();
+        let first =
+            tokio::spawn(
+                async move { get(&o2, "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1").await },
+            );
+        while o.parked() < 1 {
+            tokio::task::yield_now().await;
+        }
+        let (st, _, _) = get(&o, "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1").await;
+        assert_eq!(
+            st,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the second waiter finds no place"
+        );
+        part(&s, 0, 1);
+        assert_eq!(first.await.unwrap().0, StatusCode::OK);
+        assert_eq!(o.parked(), 0, "places are given back");
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,11 +1,12 @@
 //! The in-memory store: streams → renditions → packager + published snapshot.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use kiln_llhls::multivariant::{self, AudioMedia, VideoVariant};
-use kiln_llhls::packager::PartPos;
+use kiln_llhls::packager::{PartPos, RenditionReport};
 use kiln_llhls::{PackError, Packager, PackagerConfig, PartIn, Snapshot};
 use tokio::sync::watch;
 
@@ -62,6 +63,11 @@ impl Rendition {
         self.packager().init()
     }
 
+    /// Init segment of generation `gen`.
+    pub fn init_gen(&self, gen: u32) -> Option<Bytes> {
+        self.packager().init_gen(gen)
+    }
+
     pub fn part(&self, pos: PartPos) -> Option<Bytes> {
         self.packager().part(pos)
     }
@@ -113,6 +119,22 @@ impl StreamOrigin {
         self.renditions.iter().find(|r| r.info.name == name)
     }
 
+    /// EXT-X-RENDITION-REPORTs for every rendition but `index`, from their last published state (so a report is
+    /// at most one part behind: every rendition publishes each part).
+    fn reports_for(&self, index: usize) -> Vec<RenditionReport> {
+        self.renditions
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != index)
+            .filter_map(|(_, r)| {
+                Some(RenditionReport {
+                    uri: format!("../{}/index.m3u8", r.info.name),
+                    last: r.snapshot.borrow().last?,
+                })
+            })
+            .collect()
+    }
+
     fn bump(&self) {
         self.changed.send_modify(|v| *v += 1);
     }
@@ -128,10 +150,11 @@ impl StreamOrigin {
             return;
         };
         *r.codec.lock().unwrap_or_else(|e| e.into_inner()) = codec;
+        let reports = self.reports_for(index);
         let snap = {
             let mut p = r.packager();
             p.set_init(bytes);
-            p.snapshot()
+            p.snapshot_with(&reports)
         };
         r.publish(snap);
         self.bump();
@@ -142,10 +165,11 @@ impl StreamOrigin {
         let Some(r) = self.renditions.get(index) else {
             return Err(PackError::Empty);
         };
+        let reports = self.reports_for(index);
         let (pos, snap) = {
             let mut p = r.packager();
             let pos = p.push_part(part)?;
-            (pos, p.snapshot())
+            (pos, p.snapshot_with(&reports))
         };
         r.publish(snap);
         self.bump();
@@ -154,11 +178,12 @@ impl StreamOrigin {
 
     /// Closes every rendition (ENDLIST) and publishes, waking every parked request.
     pub fn end(&self) {
-        for r in &self.renditions {
+        for (i, r) in self.renditions.iter().enumerate() {
+            let reports = self.reports_for(i);
             let snap = {
                 let mut p = r.packager();
                 p.end();
-                p.snapshot()
+                p.snapshot_with(&reports)
             };
             r.publish(snap);
         }
@@ -199,14 +224,56 @@ impl StreamOrigin {
 }
 
 /// All streams the origin serves.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Origin {
     streams: Arc<RwLock<HashMap<String, Arc<StreamOrigin>>>>,
+    parked: Arc<AtomicUsize>,
+    max_parked: usize,
+}
+
+impl Default for Origin {
+    fn default() -> Self {
+        Self::with_parking_limit(Self::DEFAULT_MAX_PARKED)
+    }
+}
+
+/// A parked request's place; dropping it frees the place.
+#[derive(Debug)]
+pub struct ParkGuard(Arc<AtomicUsize>);
+
+impl Drop for ParkGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Origin {
+    /// Requests that may wait for a publish at once, over all streams. Each costs a few KiB; past this a request
+    /// that would wait gets 503 at once instead of growing memory without bound.
+    pub const DEFAULT_MAX_PARKED: usize = 100_000;
+
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn with_parking_limit(max_parked: usize) -> Self {
+        Self {
+            streams: Arc::default(),
+            parked: Arc::default(),
+            max_parked,
+        }
+    }
+
+    /// Takes a place for a request about to wait, if one is free.
+    pub fn park(&self) -> Option<ParkGuard> {
+        let prev = self.parked.fetch_add(1, Ordering::SeqCst);
+        let guard = ParkGuard(self.parked.clone());
+        (prev < self.max_parked).then_some(guard)
+    }
+
+    /// Requests waiting now.
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::SeqCst)
     }
 
     pub fn insert(&self, s: Arc<StreamOrigin>) {

@@ -53,7 +53,8 @@ impl Default for Config {
             presets: Presets::builtin(),
             demo: false,
             demo_preset: None,
-            window_segments: 6,
+            // 20 s: above the 12 s Skip Boundary, so delta updates have something to skip.
+            window_segments: 10,
             retain_segments: 6,
             linger: Duration::from_secs(30),
             grace: Duration::from_secs(5),

@@ -23,7 +23,7 @@ struct Args {
     #[arg(long)]
     pipelines_dir: Option<PathBuf>,
     /// Complete segments listed per media playlist.
-    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u16).range(3..=1000))]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(3..=1000))]
     window_segments: u16,
     /// Directory of static assets for the web page (e.g. hls.min.js).
     #[arg(long)]

@@ -205,6 +205,9 @@ impl Supervisor {
             window_segments: self.config.window_segments,
             retain_segments: self.config.retain_segments,
             wallclock_origin_unix_ms: origin_ms,
+            // The Skip Boundary: the spec's minimum, 6 × TD.
+            can_skip_until_s: Some(6 * plan.timing.target_duration_s()),
+            first_msn: (origin_ms.max(0) as u64) / u64::from(plan.timing.segment_ms),
         };
         let mut infos: Vec<RenditionInfo> = plan
             .video
