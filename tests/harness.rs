@@ -17,6 +17,8 @@ use tokio::task::JoinHandle;
 pub struct Daemon {
     pub base: String,
     pub http: reqwest::Client,
+    /// The daemon's state: supervisor and origin, for tests that reach behind the HTTP API.
+    pub state: kilnd::AppState,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<()>>>,
 }
@@ -27,11 +29,13 @@ impl Daemon {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(kilnd::serve(config, listener, async {
+        let state = kilnd::AppState::new(config)?;
+        let task = tokio::spawn(kilnd::serve_state(state.clone(), listener, async {
             let _ = rx.await;
         }));
         Ok(Self {
             base,
+            state,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()?,
@@ -80,6 +84,36 @@ impl Daemon {
     pub async fn get_text(&self, path: &str) -> Result<(u16, String)> {
         let res = self.http.get(self.url(path)).send().await?;
         Ok((res.status().as_u16(), res.text().await?))
+    }
+
+    /// Waits, with blocking playlist requests (no sleeps), until `rendition` of stream `id` lists segment `msn`
+    /// (MSNs relative to the first one the playlist showed) or later. Returns the playlist.
+    pub async fn wait_for_segments(
+        &self,
+        id: &str,
+        rendition: &str,
+        count: u64,
+    ) -> Result<LlPlaylist> {
+        let path = format!("/live/{id}/{rendition}/index.m3u8");
+        let (st, text) = self.get_text(&path).await?;
+        if st != 200 {
+            bail!("GET {path}: {st} {text}");
+        }
+        let mut pl = parse_ll(&text)?;
+        let first = pl.segments.first().context("no segments")?.msn;
+        loop {
+            let last = pl.segments.last().context("no segments")?.msn;
+            if last >= first + count {
+                return Ok(pl);
+            }
+            let (st, text) = self
+                .get_text(&format!("{path}?_HLS_msn={}", last + 1))
+                .await?;
+            if st != 200 {
+                bail!("blocking GET: {st} {text}");
+            }
+            pl = parse_ll(&text)?;
+        }
     }
 
     pub async fn get_bytes(&self, path: &str) -> Result<bytes::Bytes> {
@@ -173,6 +207,32 @@ pub struct LlPlaylist {
     pub preload_hint: Option<String>,
     pub endlist: bool,
     pub pdt_count: usize,
+    /// PROGRAM-DATE-TIME values by MSN.
+    pub pdt: Vec<(u64, String)>,
+    /// `(URI, LAST-MSN, LAST-PART)` of each EXT-X-RENDITION-REPORT.
+    pub reports: Vec<(String, u64, u64)>,
+    /// SKIPPED-SEGMENTS of an EXT-X-SKIP, and how many EXT-X-SKIP tags there were.
+    pub skipped: Option<u64>,
+    pub skip_tags: usize,
+    pub playlist_type: bool,
+    pub hold_back: Option<f64>,
+    pub can_skip_until: Option<f64>,
+}
+
+impl LlPlaylist {
+    /// The newest listed part: (MSN, index).
+    pub fn last_part(&self) -> Option<(u64, u64)> {
+        let s = self.segments.iter().rev().find(|s| !s.parts.is_empty())?;
+        Some((s.msn, s.parts.len() as u64 - 1))
+    }
+
+    /// Every part URI listed.
+    pub fn part_uris(&self) -> Vec<String> {
+        self.segments
+            .iter()
+            .flat_map(|s| s.parts.iter().map(|p| p.uri.clone()))
+            .collect()
+    }
 }
 
 fn attr<'a>(line: &'a str, key: &str) -> Option<&'a str> {
@@ -205,6 +265,13 @@ pub fn parse_ll(text: &str) -> Result<LlPlaylist> {
         preload_hint: None,
         endlist: false,
         pdt_count: 0,
+        pdt: Vec::new(),
+        reports: Vec::new(),
+        skipped: None,
+        skip_tags: 0,
+        playlist_type: false,
+        hold_back: None,
+        can_skip_until: None,
     };
     let mut versions = 0;
     let mut open: Option<SegmentEntry> = None;
@@ -222,14 +289,33 @@ pub fn parse_ll(text: &str) -> Result<LlPlaylist> {
             p.part_hold_back = attr(v, "PART-HOLD-BACK")
                 .context("PART-HOLD-BACK")?
                 .parse()?;
+            p.hold_back = attr(v, "HOLD-BACK").map(str::parse).transpose()?;
+            p.can_skip_until = attr(v, "CAN-SKIP-UNTIL").map(str::parse).transpose()?;
         } else if let Some(v) = line.strip_prefix("#EXT-X-MEDIA-SEQUENCE:") {
             p.media_sequence = v.parse()?;
         } else if let Some(v) = line.strip_prefix("#EXT-X-MAP:") {
             p.map_uri = attr(v, "URI").context("MAP URI")?.to_string();
-        } else if line.starts_with("#EXT-X-PROGRAM-DATE-TIME:") {
+        } else if let Some(v) = line.strip_prefix("#EXT-X-PROGRAM-DATE-TIME:") {
             p.pdt_count += 1;
+            let msn = p.media_sequence + p.skipped.unwrap_or(0) + p.segments.len() as u64;
+            p.pdt.push((msn, v.to_string()));
+        } else if let Some(v) = line.strip_prefix("#EXT-X-SKIP:") {
+            p.skip_tags += 1;
+            p.skipped = Some(
+                attr(v, "SKIPPED-SEGMENTS")
+                    .context("SKIPPED-SEGMENTS")?
+                    .parse()?,
+            );
+        } else if let Some(v) = line.strip_prefix("#EXT-X-RENDITION-REPORT:") {
+            p.reports.push((
+                attr(v, "URI").context("report URI")?.to_string(),
+                attr(v, "LAST-MSN").context("LAST-MSN")?.parse()?,
+                attr(v, "LAST-PART").context("LAST-PART")?.parse()?,
+            ));
+        } else if line.starts_with("#EXT-X-PLAYLIST-TYPE") {
+            p.playlist_type = true;
         } else if let Some(v) = line.strip_prefix("#EXT-X-PART:") {
-            let msn = p.media_sequence + p.segments.len() as u64;
+            let msn = p.media_sequence + p.skipped.unwrap_or(0) + p.segments.len() as u64;
             let seg = open.get_or_insert_with(|| SegmentEntry {
                 msn,
                 uri: None,
@@ -254,7 +340,7 @@ pub fn parse_ll(text: &str) -> Result<LlPlaylist> {
         } else if line == "#EXT-X-ENDLIST" {
             p.endlist = true;
         } else if !line.starts_with('#') && !line.is_empty() {
-            let msn = p.media_sequence + p.segments.len() as u64;
+            let msn = p.media_sequence + p.skipped.unwrap_or(0) + p.segments.len() as u64;
             let mut seg = open.take().unwrap_or(SegmentEntry {
                 msn,
                 uri: None,

@@ -16,21 +16,8 @@ async fn start_stream(d: &Daemon, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Waits (with blocking playlist requests, no sleeps) until `rendition` lists segment `msn` or later.
-async fn wait_for_msn(d: &Daemon, id: &str, rendition: &str, msn: u64) -> Result<LlPlaylist> {
-    let path = format!("/live/{id}/{rendition}/index.m3u8");
-    let (st, text) = d.get_text(&path).await?;
-    ensure!(st == 200, "GET {path}: {st} {text}");
-    let mut pl = parse_ll(&text)?;
-    loop {
-        let last = pl.segments.last().context("no segments")?.msn;
-        if last >= msn {
-            return Ok(pl);
-        }
-        let (st, text) = d.get_text(&format!("{path}?_HLS_msn={}", last + 1)).await?;
-        ensure!(st == 200, "blocking GET: {st} {text}");
-        pl = parse_ll(&text)?;
-    }
+async fn wait_for_msn(d: &Daemon, id: &str, rendition: &str, n: u64) -> Result<LlPlaylist> {
+    d.wait_for_segments(id, rendition, n).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -175,6 +175,8 @@ pub struct TrackInfo {
     pub default_sample_flags: u32,
     /// Sample count of the init's sample tables (CMAF requires 0).
     pub stbl_sample_count: u32,
+    /// `tkhd` duration (CMAF requires 0).
+    pub tkhd_duration: u64,
 }
 
 /// The parts of an init segment (ftyp + moov) that matter here.
@@ -185,6 +187,10 @@ pub struct InitInfo {
     pub tracks: Vec<TrackInfo>,
     pub has_mvex: bool,
     pub has_mdat: bool,
+    /// `mvhd` duration (CMAF requires 0).
+    pub movie_duration: u64,
+    /// Track ids with a `trex` in `mvex`.
+    pub trex_tracks: Vec<u32>,
 }
 
 impl InitInfo {
@@ -244,6 +250,12 @@ pub fn parse_init(data: &[u8]) -> Result<InitInfo, CmafError> {
         c.take(3)?;
         c.take(if v == 1 { 16 } else { 8 })?;
         let track_id = c.u32()?;
+        c.u32()?;
+        let tkhd_duration = if v == 1 {
+            c.u64()?
+        } else {
+            u64::from(c.u32()?)
+        };
         let mdia = find(b.body, b"mdia")?.ok_or(CmafError::Missing("mdia"))?;
         let mdhd = find(mdia.body, b"mdhd")?.ok_or(CmafError::Missing("mdhd"))?;
         let mut c = Cursor::new(mdhd.body, "mdhd");
@@ -288,17 +300,31 @@ pub fn parse_init(data: &[u8]) -> Result<InitInfo, CmafError> {
             default_sample_duration: dd,
             default_sample_flags: df,
             stbl_sample_count,
+            tkhd_duration,
         });
     }
     if tracks.is_empty() {
         return Err(CmafError::Missing("trak"));
     }
+    let mvhd = find(moov.body, b"mvhd")?.ok_or(CmafError::Missing("mvhd"))?;
+    let mut c = Cursor::new(mvhd.body, "mvhd");
+    let v = c.u8()?;
+    c.take(3)?;
+    c.take(if v == 1 { 16 } else { 8 })?;
+    c.u32()?;
+    let movie_duration = if v == 1 {
+        c.u64()?
+    } else {
+        u64::from(c.u32()?)
+    };
     Ok(InitInfo {
         major_brand,
         compatible_brands,
         tracks,
         has_mvex: mvex.is_some(),
         has_mdat,
+        movie_duration,
+        trex_tracks: trex.iter().map(|t| t.0).collect(),
     })
 }
 
@@ -582,12 +608,13 @@ pub(crate) mod testutil {
         let minf = mkbox(b"minf", &stbl);
         let mdia = mkbox(b"mdia", &[full(b"mdhd", 0, 0, &mdhd), hdlr, minf].concat());
         let trak = mkbox(b"trak", &[full(b"tkhd", 0, 0, &tkhd), mdia].concat());
+        let mvhd = full(b"mvhd", 0, 0, &[0u8; 96]);
         let mut trex = Vec::new();
         for v in [1u32, 1, 3000, 0, 0x0001_0000] {
             trex.extend_from_slice(&v.to_be_bytes());
         }
         let mvex = mkbox(b"mvex", &full(b"trex", 0, 0, &trex));
-        let moov = mkbox(b"moov", &[trak, mvex].concat());
+        let moov = mkbox(b"moov", &[mvhd, trak, mvex].concat());
         [ftyp, moov].concat()
     }
 

@@ -96,6 +96,23 @@ impl LivePipeline {
         self.pipeline.send_event(gst::event::Eos::new())
     }
 
+    /// Pauses a live pipeline: sources stop producing and no part is published until [`Self::resume`]. Used
+    /// to stall a stream on purpose (tests of the origin's timeouts; an operator hold).
+    pub fn pause(&self) -> Result<(), MediaError> {
+        self.pipeline
+            .set_state(gst::State::Paused)
+            .map(|_| ())
+            .map_err(|e| MediaError::Start(e.to_string()))
+    }
+
+    /// Resumes after [`Self::pause`].
+    pub fn resume(&self) -> Result<(), MediaError> {
+        self.pipeline
+            .set_state(gst::State::Playing)
+            .map(|_| ())
+            .map_err(|e| MediaError::Start(e.to_string()))
+    }
+
     /// Stops at once (no more events).
     pub fn stop(&self) {
         let _ = self.pipeline.set_state(gst::State::Null);

@@ -95,15 +95,32 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    kiln_media::init()?;
-    let config = Arc::new(config);
-    let origin = Origin::new();
-    let supervisor = Arc::new(Supervisor::new(config.clone(), origin.clone()));
-    let state = AppState {
-        supervisor: supervisor.clone(),
-        origin,
-        config: config.clone(),
-    };
+    serve_state(AppState::new(config)?, listener, shutdown).await
+}
+
+impl AppState {
+    /// The daemon's state before it serves: initialises GStreamer, creates the origin and the supervisor.
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        kiln_media::init()?;
+        let config = Arc::new(config);
+        let origin = Origin::new();
+        let supervisor = Arc::new(Supervisor::new(config.clone(), origin.clone()));
+        Ok(Self {
+            supervisor,
+            origin,
+            config,
+        })
+    }
+}
+
+/// [`serve`] with a state the caller built (and may keep a handle to, e.g. a test harness).
+pub async fn serve_state(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let supervisor = state.supervisor.clone();
+    let config = state.config.clone();
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, gstreamer = %kiln_media::gstreamer_version(), "kilnd listening");
     if config.demo {

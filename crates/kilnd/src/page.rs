@@ -89,7 +89,8 @@ async function play(id) {
   await hlsReady.catch(() => {});
   if (hls) { hls.destroy(); hls = null; }
   if (window.Hls && Hls.isSupported()) {
-    hls = new Hls({ lowLatencyMode: true, backBufferLength: 30 });
+    // maxLiveSyncPlaybackRate lets hls.js catch up to its target latency (PART-HOLD-BACK) after start-up or a stall.
+    hls = new Hls({ lowLatencyMode: true, backBufferLength: 30, maxLiveSyncPlaybackRate: 1.5 });
     hls.loadSource(url); hls.attachMedia(video);
     hls.on(Hls.Events.MANIFEST_PARSED, () => video.play().catch(() => {}));
     window.kilnHls = hls;

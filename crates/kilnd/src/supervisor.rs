@@ -67,6 +67,12 @@ impl StreamHandle {
         });
     }
 
+    /// Pauses the stream's pipeline (no new parts until it resumes). Not reachable from the HTTP API.
+    pub fn pause(&self) -> bool {
+        let p = self.pipeline.lock().unwrap_or_else(|e| e.into_inner());
+        p.as_ref().is_some_and(|p| p.pause().is_ok())
+    }
+
     fn push_error(&self, e: String) {
         let mut v = self.errors.lock().unwrap_or_else(|e| e.into_inner());
         if v.len() >= MAX_ERRORS {

@@ -1,0 +1,1158 @@
+//! LL-HLS conformance: one test per item of the checklist in LLHLS.md §5 (named `item_NN_…`), each against a real
+//! daemon (port 0) running a real pipeline. Streams are tiny (320x180 + 160x90 + AAC) so a 2-core host keeps up.
+//! Section numbers refer to draft-pantos-hls-rfc8216bis-22.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use kiln_integration::{fragment, parse_ll, small_stream_spec, Daemon, LlPlaylist};
+use kiln_llhls::cmaf;
+
+const RENDITIONS: [&str; 3] = ["hi", "lo", "audio"];
+const ID: &str = "c";
+
+/// A daemon with one small live stream `c`.
+struct Fx {
+    d: Daemon,
+}
+
+impl Fx {
+    async fn start() -> Result<Self> {
+        Self::start_with(kilnd::Config::default(), small_stream_spec()).await
+    }
+
+    async fn start_with(config: kilnd::Config, spec: &str) -> Result<Self> {
+        let d = Daemon::start(config).await?;
+        let (st, body) = d.put_stream(ID, spec).await?;
+        ensure!(st == 201, "PUT: {st} {body}");
+        Ok(Self { d })
+    }
+
+    fn path(r: &str) -> String {
+        format!("/live/{ID}/{r}/index.m3u8")
+    }
+
+    async fn get(&self, r: &str, query: &str) -> Result<(u16, String)> {
+        let q = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
+        self.d.get_text(&format!("{}{q}", Self::path(r))).await
+    }
+
+    async fn playlist(&self, r: &str) -> Result<(String, LlPlaylist)> {
+        let (st, text) = self.get(r, "").await?;
+        ensure!(st == 200, "GET {r}: {st} {text}");
+        let pl = parse_ll(&text)?;
+        Ok((text, pl))
+    }
+
+    /// Blocks until the part after `pl`'s newest part is published; returns the new playlist.
+    async fn next(&self, r: &str, pl: &LlPlaylist) -> Result<(String, LlPlaylist)> {
+        let (m, p) = pl.last_part().context("no parts")?;
+        let (st, text) = self
+            .get(r, &format!("_HLS_msn={m}&_HLS_part={}", p + 1))
+            .await?;
+        ensure!(st == 200, "blocking GET {r}: {st} {text}");
+        let pl = parse_ll(&text)?;
+        Ok((text, pl))
+    }
+
+    async fn segments(&self, r: &str, n: u64) -> Result<LlPlaylist> {
+        self.d.wait_for_segments(ID, r, n).await
+    }
+
+    async fn bytes(&self, r: &str, uri: &str) -> Result<bytes::Bytes> {
+        self.d.get_bytes(&format!("/live/{ID}/{r}/{uri}")).await
+    }
+
+    async fn all_playlists(&self, n: u64) -> Result<BTreeMap<&'static str, LlPlaylist>> {
+        let mut m = BTreeMap::new();
+        for r in RENDITIONS {
+            m.insert(r, self.segments(r, n).await?);
+        }
+        Ok(m)
+    }
+
+    async fn done(self) -> Result<()> {
+        self.d.shutdown().await
+    }
+}
+
+/// Parsed PROGRAM-DATE-TIME (`YYYY-MM-DDTHH:MM:SS.mmmZ`) as milliseconds of the day (enough for comparisons).
+fn pdt_ms(s: &str) -> Result<i64> {
+    ensure!(
+        s.len() == 24 && s.ends_with('Z') && &s[19..20] == ".",
+        "PDT needs ms and a zone: {s}"
+    );
+    let h: i64 = s[11..13].parse()?;
+    let m: i64 = s[14..16].parse()?;
+    let sec: i64 = s[17..19].parse()?;
+    let ms: i64 = s[20..23].parse()?;
+    Ok(((h * 60 + m) * 60 + sec) * 1000 + ms)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_01_playlist_syntax() -> Result<()> {
+    let fx = Fx::start().await?;
+    for r in RENDITIONS {
+        let (text, pl) = fx.playlist(r).await?; // parse_ll checks #EXTM3U, one VERSION, no control characters
+        ensure!(pl.version >= 6, "{r}: version {}", pl.version);
+        ensure!(!text.starts_with('\u{feff}'), "BOM");
+    }
+    let (_, master) = fx.d.get_text(&format!("/live/{ID}/master.m3u8")).await?;
+    ensure!(master.starts_with("#EXTM3U\n") && master.matches("#EXT-X-VERSION:").count() == 1);
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_02_content_type() -> Result<()> {
+    let fx = Fx::start().await?;
+    for path in [
+        format!("/live/{ID}/master.m3u8"),
+        Fx::path("hi"),
+        Fx::path("audio"),
+    ] {
+        let res = fx.d.http.get(fx.d.url(&path)).send().await?;
+        ensure!(res.status() == 200);
+        ensure!(
+            res.headers()["content-type"] == "application/vnd.apple.mpegurl",
+            "{path}"
+        );
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_03_target_duration_fixed_and_shared() -> Result<()> {
+    let fx = Fx::start().await?;
+    let mut seen = Vec::new();
+    for r in RENDITIONS {
+        let (_, mut pl) = fx.playlist(r).await?;
+        for _ in 0..8 {
+            ensure!(pl.target_duration >= 1);
+            seen.push(pl.target_duration);
+            pl = fx.next(r, &pl).await?.1;
+        }
+    }
+    ensure!(
+        seen.iter().all(|t| *t == seen[0]),
+        "TARGETDURATION varies: {seen:?}"
+    );
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_04_extinf_rounds_within_target_duration() -> Result<()> {
+    let fx = Fx::start().await?;
+    for (r, pl) in fx.all_playlists(3).await? {
+        for s in &pl.segments {
+            if let Some(d) = s.duration {
+                ensure!(
+                    d.round() as u64 <= pl.target_duration,
+                    "{r}: EXTINF {d} > TD {}",
+                    pl.target_duration
+                );
+            }
+        }
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_05_part_inf_and_part_hold_back() -> Result<()> {
+    let fx = Fx::start().await?;
+    for r in RENDITIONS {
+        let (text, pl) = fx.playlist(r).await?;
+        ensure!(text.contains("#EXT-X-PART-INF:PART-TARGET="));
+        ensure!(pl.part_target > 0.0);
+        ensure!(
+            pl.part_hold_back >= 3.0 * pl.part_target - 1e-9,
+            "{r}: PHB {} < 3 × {}",
+            pl.part_hold_back,
+            pl.part_target
+        );
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_06_server_control_identical_and_stable() -> Result<()> {
+    let fx = Fx::start().await?;
+    let mut seen = Vec::new();
+    for r in RENDITIONS {
+        let (_, mut pl) = fx.playlist(r).await?;
+        for _ in 0..6 {
+            seen.push((pl.server_control.clone(), pl.part_target.to_bits()));
+            pl = fx.next(r, &pl).await?.1;
+        }
+    }
+    ensure!(
+        seen.iter().all(|s| *s == seen[0]),
+        "SERVER-CONTROL/PART-TARGET differ: {seen:?}"
+    );
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_07_hold_back_and_skip_boundary() -> Result<()> {
+    let fx = Fx::start().await?;
+    for r in RENDITIONS {
+        let (_, pl) = fx.playlist(r).await?;
+        let td = pl.target_duration as f64;
+        ensure!(pl.hold_back.context("HOLD-BACK")? >= 3.0 * td);
+        ensure!(pl.can_skip_until.context("CAN-SKIP-UNTIL")? >= 6.0 * td);
+        ensure!(!pl.server_control.contains("CAN-SKIP-DATERANGES") || pl.can_skip_until.is_some());
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_08_parts_have_uri_duration_within_target() -> Result<()> {
+    let fx = Fx::start().await?;
+    for (r, pl) in fx.all_playlists(2).await? {
+        let parts: Vec<_> = pl.segments.iter().flat_map(|s| &s.parts).collect();
+        ensure!(!parts.is_empty());
+        for p in parts {
+            ensure!(!p.uri.is_empty());
+            ensure!(
+                p.duration > 0.0 && p.duration <= pl.part_target,
+                "{r}: {} lasts {}",
+                p.uri,
+                p.duration
+            );
+        }
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_09_parts_at_least_85_percent_unless_exempt() -> Result<()> {
+    let fx = Fx::start().await?;
+    for (r, pl) in fx.all_playlists(3).await? {
+        let open = pl.segments.last().unwrap().msn;
+        for s in &pl.segments {
+            for (i, p) in s.parts.iter().enumerate() {
+                // exempt: INDEPENDENT, and the last part of a parent (the newest part of the open segment may be)
+                let last_of_parent = i + 1 == s.parts.len();
+                if p.independent || last_of_parent || (s.msn == open && i + 1 == s.parts.len()) {
+                    continue;
+                }
+                ensure!(
+                    p.duration >= 0.85 * pl.part_target,
+                    "{r}: {} lasts {}",
+                    p.uri,
+                    p.duration
+                );
+            }
+        }
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_10_independent_exactly_on_sync_parts() -> Result<()> {
+    let fx = Fx::start().await?;
+    for (r, pl) in fx.all_playlists(2).await? {
+        let init = fx.bytes(r, &pl.map_uri).await?;
+        for s in &pl.segments {
+            for p in &s.parts {
+                let f = fragment(&init, &fx.bytes(r, &p.uri).await?)?;
+                ensure!(
+                    p.independent == f.starts_with_sync,
+                    "{r}: {} INDEPENDENT={} first sync={}",
+                    p.uri,
+                    p.independent,
+                    f.starts_with_sync
+                );
+                ensure!(
+                    p.independent != f.sync_samples.is_empty(),
+                    "{r}: {} has sync samples {:?}",
+                    p.uri,
+                    f.sync_samples
+                );
+            }
+        }
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_11_parts_sum_to_parent_and_concatenate_to_it() -> Result<()> {
+    let fx = Fx::start().await?;
+    for (r, pl) in fx.all_playlists(3).await? {
+        let init = fx.bytes(r, &pl.map_uri).await?;
+        let mut checked = 0;
+        for s in pl
+            .segments
+            .iter()
+            .filter(|s| s.uri.is_some() && !s.parts.is_empty())
+        {
+            let sum: f64 = s.parts.iter().map(|p| p.duration).sum();
+            let dur = s.duration.unwrap();
+            ensure!(
+                (sum - dur).abs() < 0.0005,
+                "{r}: parts {sum} vs EXTINF {dur}"
+            );
+            let mut cat = Vec::new();
+            for p in &s.parts {
+                cat.extend_from_slice(&fx.bytes(r, &p.uri).await?);
+            }
+            let seg = fx.bytes(r, s.uri.as_ref().unwrap()).await?;
+            ensure!(
+                seg.as_ref() == cat.as_slice(),
+                "{r}: segment {} differs from its parts",
+                s.msn
+            );
+            let f = fragment(&init, &seg)?;
+            ensure!(
+                (f.duration_ns() as f64 / 1e9 - dur).abs() < 0.0005,
+                "{r}: samples {} vs EXTINF {dur}",
+                f.duration_ns()
+            );
+            checked += 1;
+        }
+        ensure!(checked >= 1, "{r}: no complete segment with parts");
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_12_segment_tags_precede_first_part() -> Result<()> {
+    let fx = Fx::start().await?;
+    for r in RENDITIONS {
+        fx.segments(r, 2).await?;
+        let (text, _) = fx.playlist(r).await?;
+        let mut in_parts = false;
+        for line in text.lines() {
+            if line.starts_with("#EXT-X-PART:") {
+                in_parts = true;
+            } else if line.starts_with("#EXTINF") {
+                in_parts = false;
+            } else if [
+                "#EXT-X-DISCONTINUITY",
+                "#EXT-X-MAP",
+                "#EXT-X-KEY",
+                "#EXT-X-PROGRAM-DATE-TIME",
+            ]
+            .iter()
+            .any(|t| line.starts_with(t))
+            {
+                ensure!(!in_parts, "{r}: `{line}` after a part of the same parent");
+            }
+        }
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_13_program_date_time_everywhere_and_consistent() -> Result<()> {
+    let fx = Fx::start().await?;
+    let all = fx.all_playlists(2).await?;
+    let mut by_msn: BTreeMap<u64, Vec<(&str, i64)>> = BTreeMap::new();
+    for (r, pl) in &all {
+        ensure!(
+            pl.pdt_count == pl.segments.len(),
+            "{r}: one PDT per segment"
+        );
+        for (msn, v) in &pl.pdt {
+            by_msn.entry(*msn).or_default().push((r, pdt_ms(v)?));
+        }
+    }
+    for (msn, v) in by_msn.iter().filter(|(_, v)| v.len() == 3) {
+        let video: Vec<i64> = v
+            .iter()
+            .filter(|(r, _)| *r != "audio")
+            .map(|x| x.1)
+            .collect();
+        ensure!(
+            video.iter().all(|t| *t == video[0]),
+            "segment {msn}: video PDTs differ {v:?}"
+        );
+        let audio = v.iter().find(|(r, _)| *r == "audio").unwrap().1;
+        // audio segments start at the first AAC frame at/after the same grid point (< 21.4 ms later)
+        ensure!(
+            (audio - video[0]).abs() <= 25,
+            "segment {msn}: audio PDT {audio} vs video {}",
+            video[0]
+        );
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_14_no_playlist_type_and_no_hint_after_endlist() -> Result<()> {
+    let fx = Fx::start().await?;
+    for r in RENDITIONS {
+        let (_, pl) = fx.playlist(r).await?;
+        ensure!(!pl.playlist_type && !pl.endlist && pl.preload_hint.is_some());
+    }
+    let res =
+        fx.d.http
+            .delete(fx.d.url(&format!("/v1/streams/{ID}")))
+            .send()
+            .await?;
+    ensure!(res.status() == 204);
+    for r in RENDITIONS {
+        let (_, pl) = fx.playlist(r).await?;
+        ensure!(
+            pl.endlist && pl.preload_hint.is_none(),
+            "{r}: ENDLIST without hint"
+        );
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_15_hint_names_the_next_part() -> Result<()> {
+    let fx = Fx::start().await?;
+    for r in RENDITIONS {
+        let (text, mut pl) = fx.playlist(r).await?;
+        ensure!(text.matches("#EXT-X-PRELOAD-HINT:TYPE=PART").count() == 1);
+        for _ in 0..10 {
+            let hint = pl.preload_hint.clone().context("hint")?;
+            let before = pl.part_uris();
+            let (_, next) = fx.next(r, &pl).await?;
+            let new: Vec<String> = next
+                .part_uris()
+                .into_iter()
+                .filter(|u| !before.contains(u))
+                .collect();
+            ensure!(
+                new.first() == Some(&hint),
+                "{r}: hinted {hint}, published {new:?}"
+            );
+            pl = next;
+        }
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_16_rendition_reports_for_every_other_rendition() -> Result<()> {
+    let fx = Fx::start().await?;
+    fx.all_playlists(1).await?;
+    // fetch all three at the same moment
+    let (a, b, c) = tokio::join!(fx.playlist("hi"), fx.playlist("lo"), fx.playlist("audio"));
+    let now: BTreeMap<&str, LlPlaylist> = [("hi", a?.1), ("lo", b?.1), ("audio", c?.1)].into();
+    for (r, pl) in &now {
+        let mut uris: Vec<&str> = pl.reports.iter().map(|x| x.0.as_str()).collect();
+        uris.sort();
+        let mut want: Vec<String> = RENDITIONS
+            .iter()
+            .filter(|o| *o != r)
+            .map(|o| format!("../{o}/index.m3u8"))
+            .collect();
+        want.sort();
+        ensure!(uris == want, "{r}: reports {uris:?}");
+        for (uri, msn, part) in &pl.reports {
+            let other = uri
+                .trim_start_matches("../")
+                .trim_end_matches("/index.m3u8");
+            let (om, op) = now[other].last_part().unwrap();
+            // within one part of that rendition's own playlist
+            let diff = if *msn == om {
+                op.abs_diff(*part)
+            } else if om == msn + 1 {
+                op + 1
+            } else if *msn == om + 1 {
+                part + 1
+            } else {
+                99
+            };
+            ensure!(
+                diff <= 1,
+                "{r} reports {other} at {msn}.{part}; it is at {om}.{op}"
+            );
+        }
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_17_codecs_are_rfc6381() -> Result<()> {
+    let fx = Fx::start().await?;
+    let (_, master) = fx.d.get_text(&format!("/live/{ID}/master.m3u8")).await?;
+    let parsed = m3u8_rs::parse_master_playlist_res(master.as_bytes())
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    ensure!(parsed.variants.len() == 2);
+    for v in &parsed.variants {
+        let codecs = v.codecs.as_deref().context("CODECS")?;
+        let list: Vec<&str> = codecs.split(',').collect();
+        ensure!(list.len() == 2, "{codecs}");
+        let avc = list[0];
+        ensure!(
+            avc.len() == 11
+                && avc.starts_with("avc1.")
+                && u32::from_str_radix(&avc[5..], 16).is_ok(),
+            "{avc}"
+        );
+        ensure!(list[1] == "mp4a.40.2", "{codecs}");
+        // the string matches the init segment's avcC
+        let uri = v.uri.trim_end_matches("/index.m3u8");
+        let init = fx.bytes(uri, "init.mp4").await?;
+        ensure!(cmaf::parse_init(&init)?.codecs().as_deref() == Some(avc));
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_18_parts_and_segments_arrive_on_time() -> Result<()> {
+    let fx = Fx::start().await?;
+    let (_, mut pl) = fx.playlist("hi").await?;
+    let mut part_times = Vec::new();
+    let mut seg_times = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        let (m, _) = pl.last_part().unwrap();
+        pl = fx.next("hi", &pl).await?.1;
+        let now = Instant::now();
+        part_times.push(now);
+        if pl.last_part().unwrap().0 != m {
+            seg_times.push(now);
+        }
+    }
+    let gaps =
+        |t: &[Instant]| -> Vec<f64> { t.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect() };
+    let mut pg = gaps(&part_times);
+    pg.sort_by(f64::total_cmp);
+    let median = pg[pg.len() / 2];
+    let p99 = pg[pg.len() * 99 / 100];
+    let max = *pg.last().unwrap();
+    let sg = gaps(&seg_times);
+    let seg_max = sg.iter().copied().fold(0.0, f64::max);
+    eprintln!("part gaps over 60 s: median {median:.3} s, p99 {p99:.3} s, max {max:.3} s; segment gap max {seg_max:.3} s");
+    ensure!(median <= pl.part_target, "median part gap {median}");
+    // Observed at the client, the gap includes scheduling jitter of this loaded 2-core host; the muxer's cadence
+    // is exactly 10 frames. Hold p99 to the target plus 50 ms and the worst case to 1.5 × PART-TARGET.
+    ensure!(p99 <= pl.part_target + 0.05, "p99 part gap {p99}");
+    ensure!(max <= 1.5 * pl.part_target, "max part gap {max}");
+    ensure!(
+        seg_max <= 1.5 * pl.target_duration as f64,
+        "segment gap {seg_max}"
+    );
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_19_media_sequence_counts_removed_segments() -> Result<()> {
+    // a 3-segment window (6 s = 3 × TD) so segments leave the playlist quickly
+    let config = kilnd::Config {
+        window_segments: 3,
+        ..Default::default()
+    };
+    let fx = Fx::start_with(config, small_stream_spec()).await?;
+    let mut prev = fx.segments("hi", 4).await?;
+    for _ in 0..3 {
+        let (m, _) = prev.last_part().unwrap();
+        let (st, text) = fx.get("hi", &format!("_HLS_msn={}", m + 1)).await?;
+        ensure!(st == 200);
+        let pl = parse_ll(&text)?;
+        let removed = prev
+            .segments
+            .iter()
+            .filter(|s| s.msn < pl.media_sequence)
+            .count() as u64;
+        ensure!(
+            pl.media_sequence == prev.media_sequence + removed,
+            "MEDIA-SEQUENCE {} -> {} with {removed} removed",
+            prev.media_sequence,
+            pl.media_sequence
+        );
+        let dur: f64 = pl.segments.iter().filter_map(|s| s.duration).sum();
+        ensure!(
+            dur >= 3.0 * pl.target_duration as f64 - 1e-6,
+            "playlist lasts {dur} s"
+        );
+        prev = pl;
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_20_part_tags_near_the_edge_and_removed_parts_stay() -> Result<()> {
+    let fx = Fx::start().await?;
+    let pl = fx.segments("hi", 5).await?;
+    let td = pl.target_duration as f64;
+    // distance of each part's start from the end of the playlist
+    let total: f64 = pl
+        .segments
+        .iter()
+        .map(|s| {
+            s.duration
+                .unwrap_or_else(|| s.parts.iter().map(|p| p.duration).sum())
+        })
+        .sum();
+    let mut t = 0.0;
+    for s in &pl.segments {
+        for p in &s.parts {
+            ensure!(
+                total - t <= 3.0 * td + 1e-6,
+                "{} sits {} s from the end",
+                p.uri,
+                total - t
+            );
+            t += p.duration;
+        }
+        if s.parts.is_empty() {
+            t += s.duration.unwrap();
+        }
+    }
+    // wait until the oldest listed part's tag is gone, then it must stay downloadable for 3 × TD
+    let oldest = pl
+        .segments
+        .iter()
+        .find(|s| !s.parts.is_empty())
+        .unwrap()
+        .parts[0]
+        .uri
+        .clone();
+    let mut cur = pl;
+    while cur.part_uris().contains(&oldest) {
+        cur = fx.next("hi", &cur).await?.1;
+    }
+    let removed_at = Instant::now();
+    let until = removed_at + Duration::from_secs_f64(3.0 * td);
+    loop {
+        let res =
+            fx.d.http
+                .get(fx.d.url(&format!("/live/{ID}/hi/{oldest}")))
+                .send()
+                .await?;
+        ensure!(
+            res.status() == 200,
+            "{oldest} gone {:?} after its tag",
+            removed_at.elapsed()
+        );
+        if Instant::now() >= until {
+            break;
+        }
+        cur = fx.next("hi", &cur).await?.1; // one check per published part
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_21_listed_uris_are_complete_immediately() -> Result<()> {
+    let fx = Fx::start().await?;
+    let (_, mut pl) = fx.playlist("lo").await?;
+    let mut seen: Vec<String> = Vec::new();
+    for _ in 0..12 {
+        pl = fx.next("lo", &pl).await?.1;
+        let mut uris = pl.part_uris();
+        uris.extend(pl.segments.iter().filter_map(|s| s.uri.clone()));
+        uris.push(pl.map_uri.clone());
+        let fresh: Vec<String> = uris.into_iter().filter(|u| !seen.contains(u)).collect();
+        for u in fresh {
+            let t = Instant::now();
+            let res =
+                fx.d.http
+                    .get(fx.d.url(&format!("/live/{ID}/lo/{u}")))
+                    .send()
+                    .await?;
+            ensure!(res.status() == 200, "{u}: {}", res.status());
+            let len: usize = res.headers()["content-length"].to_str()?.parse()?;
+            let body = res.bytes().await?;
+            ensure!(body.len() == len && len > 0);
+            ensure!(
+                t.elapsed() < Duration::from_millis(250),
+                "{u} took {:?}",
+                t.elapsed()
+            );
+            seen.push(u);
+        }
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_22_renditions_stay_in_step() -> Result<()> {
+    let fx = Fx::start().await?;
+    fx.all_playlists(1).await?;
+    for _ in 0..10 {
+        let (a, b, c) = tokio::join!(fx.playlist("hi"), fx.playlist("lo"), fx.playlist("audio"));
+        let edge = |pl: &LlPlaylist| -> f64 {
+            // media time of the live edge, from PDT of the last segment plus its parts
+            let s = pl.segments.last().unwrap();
+            let pdt = pdt_ms(&pl.pdt.last().unwrap().1).unwrap() as f64 / 1000.0;
+            pdt + s.parts.iter().map(|p| p.duration).sum::<f64>()
+        };
+        let (a, b, c) = (a?.1, b?.1, c?.1);
+        let e = [edge(&a), edge(&b), edge(&c)];
+        let spread =
+            e.iter().copied().fold(f64::MIN, f64::max) - e.iter().copied().fold(f64::MAX, f64::min);
+        ensure!(
+            spread <= a.part_target + 0.05,
+            "live edges {e:?} spread {spread}"
+        );
+        fx.next("hi", &a).await?;
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_23_blocking_part_request() -> Result<()> {
+    let fx = Fx::start().await?;
+    let (_, pl) = fx.playlist("hi").await?;
+    let (m, p) = pl.last_part().unwrap();
+    let t = Instant::now();
+    let (st, text) = fx
+        .get("hi", &format!("_HLS_msn={m}&_HLS_part={}", p + 1))
+        .await?;
+    let waited = t.elapsed();
+    ensure!(st == 200);
+    let next = parse_ll(&text)?;
+    let uris = next.part_uris();
+    ensure!(
+        uris.contains(&format!("part-{m}-{}.m4s", p + 1))
+            || uris.contains(&format!("part-{}-0.m4s", m + 1)),
+        "{uris:?}"
+    );
+    ensure!(
+        next.last_part().unwrap() > (m, p),
+        "answered with the old playlist"
+    );
+    ensure!(
+        waited <= Duration::from_secs_f64(pl.part_target + 0.25),
+        "took {waited:?}"
+    );
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_24_msn_only_blocks_until_the_next_segment() -> Result<()> {
+    let fx = Fx::start().await?;
+    let (_, pl) = fx.playlist("hi").await?;
+    let (m, _) = pl.last_part().unwrap();
+    let (st, text) = fx.get("hi", &format!("_HLS_msn={}", m + 1)).await?;
+    ensure!(st == 200);
+    let next = parse_ll(&text)?;
+    // kiln answers msn-only at part 0 of that segment (OME/MistServer behaviour; see blocking.rs)
+    ensure!(
+        next.part_uris().contains(&format!("part-{}-0.m4s", m + 1)),
+        "never unchanged"
+    );
+    ensure!(next.last_part().unwrap().0 == m + 1);
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_25_part_past_a_closed_segment_means_next_segment() -> Result<()> {
+    let fx = Fx::start().await?;
+    let pl = fx.segments("hi", 2).await?;
+    let closed = pl
+        .segments
+        .iter()
+        .rev()
+        .find(|s| s.uri.is_some() && !s.parts.is_empty())
+        .unwrap();
+    let n = closed.parts.len();
+    let (st, text) = fx
+        .get("hi", &format!("_HLS_msn={}&_HLS_part={n}", closed.msn))
+        .await?;
+    ensure!(st == 200);
+    ensure!(parse_ll(&text)?
+        .part_uris()
+        .contains(&format!("part-{}-0.m4s", closed.msn + 1)));
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_26_old_msn_gets_full_playlist_at_once() -> Result<()> {
+    let fx = Fx::start().await?;
+    let (_, pl) = fx.playlist("hi").await?;
+    let t = Instant::now();
+    let (st, text) = fx
+        .get(
+            "hi",
+            &format!("_HLS_msn={}", pl.media_sequence.saturating_sub(5)),
+        )
+        .await?;
+    ensure!(st == 200 && t.elapsed() < Duration::from_millis(200));
+    let got = parse_ll(&text)?;
+    ensure!(got.segments.len() >= pl.segments.len() && got.media_sequence >= pl.media_sequence);
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_27_part_without_msn_is_400() -> Result<()> {
+    let fx = Fx::start().await?;
+    fx.playlist("hi").await?;
+    let (st, _) = fx.get("hi", "_HLS_part=0").await?;
+    ensure!(st == 400, "{st}");
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_28_too_far_ahead_is_400_at_once() -> Result<()> {
+    let fx = Fx::start().await?;
+    let (_, pl) = fx.playlist("hi").await?;
+    let (m, p) = pl.last_part().unwrap();
+    let t = Instant::now();
+    let (st, _) = fx.get("hi", &format!("_HLS_msn={}", m + 3)).await?;
+    ensure!(st == 400, "msn + 3: {st}");
+    let apl = (3.0 / pl.part_target).ceil() as u64;
+    let (st, _) = fx
+        .get("hi", &format!("_HLS_msn={m}&_HLS_part={}", p + apl + 1))
+        .await?;
+    ensure!(st == 400, "beyond the advance part limit: {st}");
+    ensure!(t.elapsed() < Duration::from_millis(500), "not immediate");
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_29_stalled_stream_gives_503_after_3_td() -> Result<()> {
+    let fx = Fx::start().await?;
+    let (_, pl) = fx.playlist("hi").await?;
+    let h = fx.d.state.supervisor.get(ID).context("stream")?;
+    ensure!(h.pause(), "pausing the pipeline");
+    // wait until nothing new is published any more (a part may have been in flight)
+    let mut last = fx.playlist("hi").await?.1.last_part();
+    loop {
+        let (_, again) = fx.playlist("hi").await?;
+        if again.last_part() == last {
+            break;
+        }
+        last = again.last_part();
+    }
+    let (m, p) = last.unwrap();
+    let td = pl.target_duration as f64;
+    let t = Instant::now();
+    let (st, _) = fx
+        .get("hi", &format!("_HLS_msn={m}&_HLS_part={}", p + 1))
+        .await?;
+    let waited = t.elapsed().as_secs_f64();
+    ensure!(st == 503, "{st}");
+    ensure!(
+        waited >= 3.0 * td - 0.05 && waited <= 3.0 * td + 1.0,
+        "503 after {waited} s"
+    );
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_30_endlist_ignores_blocking_parameters() -> Result<()> {
+    let fx = Fx::start().await?;
+    fx.playlist("hi").await?;
+    fx.d.http
+        .delete(fx.d.url(&format!("/v1/streams/{ID}")))
+        .send()
+        .await?;
+    let t = Instant::now();
+    for q in [
+        "_HLS_msn=999999999999&_HLS_part=99",
+        "_HLS_part=3",
+        "_HLS_skip=YES",
+    ] {
+        let (st, text) = fx.get("hi", q).await?;
+        ensure!(
+            st == 200 && text.contains("#EXT-X-ENDLIST") && !text.contains("EXT-X-SKIP"),
+            "{q}: {st}"
+        );
+    }
+    ensure!(t.elapsed() < Duration::from_millis(500));
+    fx.done().await
+}
+
+/// 1 s segments so the 6 s Skip Boundary is passed after ~8 s.
+const SHORT_SEGMENTS: &str = r#"{"source": "test:pattern=ball", "segment_ms": 1000,
+    "renditions": [{"name": "hi", "width": 320, "height": 180, "fps": 30, "bitrate_kbps": 300},
+                   {"name": "lo", "width": 160, "height": 90, "fps": 30, "bitrate_kbps": 120}],
+    "audio": {"bitrate_kbps": 64}}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_31_delta_update_merges_into_the_full_playlist() -> Result<()> {
+    let fx = Fx::start_with(kilnd::Config::default(), SHORT_SEGMENTS).await?;
+    fx.segments("hi", 9).await?;
+    let (_, full_before) = fx.playlist("hi").await?;
+    let (m, p) = full_before.last_part().unwrap();
+    let q = format!("_HLS_msn={m}&_HLS_part={}", p + 1);
+    let (st, delta_text) = fx.get("hi", &format!("{q}&_HLS_skip=YES")).await?;
+    ensure!(st == 200);
+    let (_, full_text) = fx.get("hi", &q).await?; // the same state, in full
+    let delta = parse_ll(&delta_text)?;
+    let full = parse_ll(&full_text)?;
+    ensure!(delta.skip_tags == 1 && delta.version >= 9, "{delta_text}");
+    ensure!(delta.media_sequence == full.media_sequence);
+    let skipped = delta.skipped.unwrap();
+    ensure!(skipped > 0, "nothing skipped: {delta_text}");
+    // merge: the previous full playlist's first `skipped` segments + the delta's = the current full list
+    let mut merged: Vec<_> = full_before
+        .segments
+        .iter()
+        .filter(|s| s.msn >= delta.media_sequence)
+        .take(skipped as usize)
+        .map(|s| (s.msn, s.uri.clone()))
+        .collect();
+    merged.extend(delta.segments.iter().map(|s| (s.msn, s.uri.clone())));
+    let want: Vec<_> = full
+        .segments
+        .iter()
+        .map(|s| (s.msn, s.uri.clone()))
+        .collect();
+    ensure!(merged == want, "merged {merged:?}\nfull {want:?}");
+    ensure!(
+        delta.segments == full.segments[skipped as usize..],
+        "delta segments differ from the full playlist's"
+    );
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_32_only_segments_beyond_the_skip_boundary_are_skipped() -> Result<()> {
+    let fx = Fx::start_with(kilnd::Config::default(), SHORT_SEGMENTS).await?;
+    fx.segments("hi", 9).await?;
+    let (_, text) = fx.get("hi", "_HLS_skip=YES").await?;
+    let delta = parse_ll(&text)?;
+    let (_, full) = fx.playlist("hi").await?;
+    let skipped = delta.skipped.unwrap() as usize;
+    let boundary = full.can_skip_until.unwrap();
+    // end of the last complete segment, from the full playlist
+    let last_complete = full.segments.iter().rposition(|s| s.uri.is_some()).unwrap();
+    let end_of = |i: usize| -> f64 {
+        full.segments[..=i]
+            .iter()
+            .map(|s| s.duration.unwrap_or(0.0))
+            .sum()
+    };
+    let end = end_of(last_complete);
+    for i in 0..skipped {
+        ensure!(
+            end - end_of(i) > boundary - 0.0005,
+            "skipped segment {i} ends only {} s before the end",
+            end - end_of(i)
+        );
+    }
+    let (_, v2) = fx.get("hi", "_HLS_skip=v2").await?;
+    ensure!(
+        v2.contains("#EXT-X-VERSION:10") && v2.contains("RECENTLY-REMOVED-DATERANGES=\"\""),
+        "{v2}"
+    );
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_33_hinted_part_is_held_then_sent_whole() -> Result<()> {
+    let fx = Fx::start().await?;
+    let (_, pl) = fx.playlist("hi").await?;
+    let hint = pl.preload_hint.clone().unwrap();
+    let http = fx.d.http.clone();
+    let url = fx.d.url(&format!("/live/{ID}/hi/{hint}"));
+    let part = tokio::spawn(async move {
+        let res = http.get(url).send().await?;
+        let len: usize = res.headers()["content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let body = res.bytes().await?;
+        anyhow::Ok((len, body))
+    });
+    // the request is parked on the rendition (no response, not even headers) until the part is complete
+    while fx.d.state.origin.parked() == 0 {
+        ensure!(
+            !part.is_finished(),
+            "the hinted part was answered before it existed"
+        );
+        tokio::task::yield_now().await;
+    }
+    let (_, next) = fx.next("hi", &pl).await?;
+    let (len, body) = part.await??;
+    ensure!(next.part_uris().contains(&hint));
+    ensure!(
+        body.len() == len && !body.is_empty(),
+        "whole part with its length up front"
+    );
+    ensure!(body == fx.bytes("hi", &hint).await?);
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_34_open_ended_range_on_hint() -> Result<()> {
+    let fx = Fx::start().await?;
+    let (_, pl) = fx.playlist("hi").await?;
+    let hint = pl.preload_hint.clone().unwrap();
+    let res =
+        fx.d.http
+            .get(fx.d.url(&format!("/live/{ID}/hi/{hint}")))
+            .header("range", "bytes=0-9007199254740991")
+            .send()
+            .await?;
+    ensure!(res.status() == 206, "{}", res.status());
+    let cr = res.headers()["content-range"].to_str()?.to_string();
+    let body = res.bytes().await?;
+    ensure!(
+        cr == format!("bytes 0-{}/{}", body.len() - 1, body.len()),
+        "{cr}"
+    );
+    ensure!(body == fx.bytes("hi", &hint).await?);
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_35_unknown_resources_are_404_at_once() -> Result<()> {
+    let fx = Fx::start().await?;
+    let pl = fx.segments("hi", 2).await?;
+    let (m, _) = pl.last_part().unwrap();
+    let closed = pl.segments.iter().rev().find(|s| s.uri.is_some()).unwrap();
+    let t = Instant::now();
+    for u in [
+        format!("part-{}-0.m4s", m + 50),
+        format!("part-{}-{}.m4s", closed.msn, closed.parts.len()),
+        "seg-0.m4s".into(),
+        "nope.txt".into(),
+        format!("seg-{m}.m4s"),
+    ] {
+        let res =
+            fx.d.http
+                .get(fx.d.url(&format!("/live/{ID}/hi/{u}")))
+                .send()
+                .await?;
+        ensure!(res.status() == 404, "{u}: {}", res.status());
+    }
+    ensure!(
+        t.elapsed() < Duration::from_millis(500),
+        "404s must not wait"
+    );
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_36_http2_ranges_and_gzip() -> Result<()> {
+    let fx = Fx::start().await?;
+    let (_, pl) = fx.playlist("hi").await?;
+    // h2c with prior knowledge (TLS with ALPN is not built yet; see the README)
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build()?;
+    let res = h2.get(fx.d.url(&Fx::path("hi"))).send().await?;
+    ensure!(res.version() == reqwest::Version::HTTP_2 && res.status() == 200);
+    let part = pl.part_uris()[0].clone();
+    let res = h2
+        .get(fx.d.url(&format!("/live/{ID}/hi/{part}")))
+        .header("range", "bytes=0-99")
+        .send()
+        .await?;
+    ensure!(res.status() == 206 && res.bytes().await?.len() == 100);
+    let res =
+        fx.d.http
+            .get(fx.d.url(&Fx::path("hi")))
+            .header("accept-encoding", "gzip")
+            .send()
+            .await?;
+    ensure!(
+        res.headers()
+            .get("content-encoding")
+            .is_some_and(|v| v == "gzip"),
+        "playlists are gzipped on request"
+    );
+    let res =
+        fx.d.http
+            .get(fx.d.url(&format!("/live/{ID}/hi/{part}")))
+            .header("accept-encoding", "gzip")
+            .send()
+            .await?;
+    ensure!(
+        res.headers().get("content-encoding").is_none(),
+        "media is never gzipped"
+    );
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_37_cache_control_and_no_age() -> Result<()> {
+    let fx = Fx::start().await?;
+    let (_, pl) = fx.playlist("hi").await?;
+    let td = pl.target_duration;
+    let (m, p) = pl.last_part().unwrap();
+    let part = pl.part_uris()[0].clone();
+    let seg = pl.segments.iter().find_map(|s| s.uri.clone()).unwrap();
+    let cases = [
+        (Fx::path("hi"), 200, td / 2),
+        (
+            format!("{}?_HLS_msn={m}&_HLS_part={}", Fx::path("hi"), p + 1),
+            200,
+            6 * td,
+        ),
+        (format!("{}?_HLS_part=1", Fx::path("hi")), 400, 4 * td),
+        (format!("/live/{ID}/hi/{part}"), 200, 6 * td),
+        (format!("/live/{ID}/hi/{seg}"), 200, 86_400),
+        (format!("/live/{ID}/hi/part-{}-0.m4s", m + 50), 404, td),
+    ];
+    for (path, status, max_age) in cases {
+        let res = fx.d.http.get(fx.d.url(&path)).send().await?;
+        ensure!(res.status() == status, "{path}: {}", res.status());
+        ensure!(
+            res.headers()["cache-control"] == format!("public, max-age={max_age}").as_str(),
+            "{path}: {:?}",
+            res.headers()["cache-control"]
+        );
+        ensure!(res.headers().get("age").is_none(), "{path}: Age sent");
+    }
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_38_identical_blocked_requests_share_one_publish() -> Result<()> {
+    let fx = Fx::start().await?;
+    let (_, pl) = fx.playlist("hi").await?;
+    let (m, p) = pl.last_part().unwrap();
+    let q = format!("_HLS_msn={m}&_HLS_part={}", p + 1);
+    let (a, b) = tokio::join!(fx.get("hi", &q), fx.get("hi", &q));
+    let ((sa, ta), (sb, tb)) = (a?, b?);
+    ensure!(sa == 200 && sb == 200);
+    // both were answered from the same published snapshot (the next publish would add a part)
+    let (la, lb) = (parse_ll(&ta)?.last_part(), parse_ll(&tb)?.last_part());
+    ensure!(
+        la == lb,
+        "answers from different publishes: {la:?} vs {lb:?}"
+    );
+    fx.done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_39_init_and_fragments_are_cmaf() -> Result<()> {
+    let fx = Fx::start().await?;
+    for (r, pl) in fx.all_playlists(2).await? {
+        let init = fx.bytes(r, &pl.map_uri).await?;
+        let info = cmaf::parse_init(&init)?;
+        ensure!(cmaf::top_level_kinds(&init)? == ["ftyp", "moov"], "{r}");
+        ensure!(
+            info.compatible_brands.iter().any(|b| b == "iso6")
+                && info.compatible_brands.iter().any(|b| b == "cmfc"),
+            "{r}: {:?}",
+            info.compatible_brands
+        );
+        ensure!(
+            info.movie_duration == 0
+                && info
+                    .tracks
+                    .iter()
+                    .all(|t| t.tkhd_duration == 0 && t.stbl_sample_count == 0)
+        );
+        ensure!(info.has_mvex && !info.has_mdat);
+        ensure!(
+            info.tracks
+                .iter()
+                .all(|t| info.trex_tracks.contains(&t.track_id)),
+            "a trex per track"
+        );
+        let mut prev: Option<u64> = None;
+        for s in pl.segments.iter().filter(|s| !s.parts.is_empty()) {
+            for p in &s.parts {
+                let f = fragment(&init, &fx.bytes(r, &p.uri).await?)?;
+                ensure!(f.moofs.len() == 1, "{r}: one moof per part");
+                if let Some(end) = prev {
+                    ensure!(
+                        f.base_decode_time == end,
+                        "{r}: {} tfdt {} != {end}",
+                        p.uri,
+                        f.base_decode_time
+                    );
+                }
+                prev = Some(f.base_decode_time + f.duration);
+            }
+        }
+    }
+    fx.done().await
+}
