@@ -16,7 +16,9 @@ fn missing_tools(dir: &Path) -> Option<String> {
     if !Path::new("/usr/bin/chromium").exists() && std::env::var_os("CHROMIUM").is_none() {
         return Some("chromium is not installed".into());
     }
-    if !dir.join("node_modules/playwright-core").exists() || !dir.join("node_modules/hls.js").exists() {
+    if !dir.join("node_modules/playwright-core").exists()
+        || !dir.join("node_modules/hls.js").exists()
+    {
         return Some(format!("run `npm ci --prefix {}`", dir.display()));
     }
     None
@@ -55,16 +57,28 @@ async fn hlsjs_in_chromium_plays_the_demo_at_low_latency() -> Result<()> {
     .context("the browser run timed out")??;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stdout.lines().last().with_context(|| format!("no result; stderr: {stderr}"))?;
-    let r: serde_json::Value = serde_json::from_str(line).with_context(|| format!("bad result {line:?}; stderr: {stderr}"))?;
+    let line = stdout
+        .lines()
+        .last()
+        .with_context(|| format!("no result; stderr: {stderr}"))?;
+    let r: serde_json::Value = serde_json::from_str(line)
+        .with_context(|| format!("bad result {line:?}; stderr: {stderr}"))?;
     eprintln!("hls.js result: {r}");
     let stalls = r["stalls"].as_u64().context("stalls")?;
     let played = r["playedTo"].as_f64().context("playedTo")?;
     let latency = r["latencyMedian"].as_f64().context("latency")?;
     ensure!(stalls == 0, "{stalls} stalls: {r}");
     ensure!(played >= 25.0, "played only to {played} s: {r}");
-    ensure!(latency > 0.0 && latency <= 2.0, "live latency {latency} s > 2.0 s: {r}");
-    ensure!(std::fs::metadata(&shot).map(|m| m.len() > 10_000).unwrap_or(false), "no screenshot");
+    ensure!(
+        latency > 0.0 && latency <= 2.0,
+        "live latency {latency} s > 2.0 s: {r}"
+    );
+    ensure!(
+        std::fs::metadata(&shot)
+            .map(|m| m.len() > 10_000)
+            .unwrap_or(false),
+        "no screenshot"
+    );
     let _ = std::fs::remove_file(&shot);
     d.shutdown().await
 }

@@ -67,6 +67,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/streams", get(list))
         .route("/v1/streams/{id}", get(status).put(create).delete(remove))
+        .route("/v1/stats", get(stats))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -114,6 +115,14 @@ async fn remove(
 ) -> Result<StatusCode, ApiError> {
     st.supervisor.stop(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Live counters of this node (the Prometheus metrics issue extends this into `/metrics`).
+async fn stats(State(st): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "streams": st.supervisor.list().len(),
+        "parked_requests": st.origin.parked(),
+    }))
 }
 
 async fn ready() -> &'static str {

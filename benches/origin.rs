@@ -1,0 +1,294 @@
+//! Origin benchmarks against anchors measured in the same run.
+//!
+//! 1. Throughput: wrk (one load generator for both) fetches a media playlist and a 333 ms part, alternately, from
+//!    a real kilnd (release build, one tiny live stream running) and from nginx serving the same bytes from disk.
+//!    Prints requests/s for each and the ratio kiln / nginx.
+//! 2. Fan-out: 10,000 concurrent blocking playlist requests (HTTP/1.1, one connection each) park on the next
+//!    segment's first part; once all are parked (the daemon's `/v1/stats` says so) the daemon's RSS is read, and
+//!    when the part is published the time from the first to the last response is measured.
+//!
+//! Run with `benches/run` (installs nginx and wrk, builds kilnd --release, then `cargo bench -p kiln-benches`).
+//! Everything runs on this host: client, daemon and nginx share its cores, so the numbers are ratios first.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+const SPEC: &str = r#"{"source": "test:pattern=ball",
+  "renditions": [{"name": "v", "width": 160, "height": 90, "fps": 30, "bitrate_kbps": 2400}],
+  "audio": {"enabled": false}}"#;
+
+struct Kilnd {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Kilnd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn start_kilnd() -> Result<Kilnd> {
+    let bin = std::env::var_os("KILND")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/release/kilnd"));
+    ensure!(
+        bin.exists(),
+        "{} missing: cargo build --release -p kilnd",
+        bin.display()
+    );
+    let mut child = Command::new(bin)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let base = line
+        .trim()
+        .strip_prefix("kilnd listening on ")
+        .context("kilnd did not print its address")?
+        .to_string();
+    Ok(Kilnd { child, base })
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmRSS value")?
+        .parse()?)
+}
+
+fn last_part(playlist: &str) -> Result<(u64, u64)> {
+    let uri = playlist
+        .lines()
+        .filter_map(|l| l.strip_prefix("#EXT-X-PART:"))
+        .next_back()
+        .and_then(|l| l.split("URI=\"part-").nth(1))
+        .context("no part in playlist")?;
+    let stem = uri.split(".m4s").next().context("uri")?;
+    let (m, p) = stem.split_once('-').context("uri")?;
+    Ok((m.parse()?, p.parse()?))
+}
+
+/// wrk against `base` for `secs`, alternating between the two paths; returns requests/s.
+fn wrk(base: &str, paths: [&str; 2], secs: u32, dir: &Path) -> Result<f64> {
+    let script = dir.join("mix.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "local paths = {{\"{}\", \"{}\"}}\nlocal i = 0\nrequest = function()\n  i = i + 1\n  return wrk.format(\"GET\", paths[(i % 2) + 1])\nend\n",
+            paths[0], paths[1]
+        ),
+    )?;
+    let out = Command::new("wrk")
+        .args(["-t2", "-c64", &format!("-d{secs}s"), "-s"])
+        .arg(&script)
+        .arg(base)
+        .output()
+        .context("wrk not found (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .with_context(|| format!("wrk output: {text}"))?
+        .trim()
+        .parse()?;
+    if text.contains("Non-2xx") {
+        bail!("wrk saw errors: {text}");
+    }
+    Ok(rps)
+}
+
+fn start_nginx(root: &Path, dir: &Path) -> Result<(Child, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
+             events {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  \
+             keepalive_requests 100000;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n  \
+             fastcgi_temp_path {dir}/fcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n  \
+             types {{ application/vnd.apple.mpegurl m3u8; video/mp4 m4s; }}\n  \
+             server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
+            dir = dir.display(),
+            root = root.display()
+        ),
+    )?;
+    let nginx = if Path::new("/usr/sbin/nginx").exists() {
+        "/usr/sbin/nginx"
+    } else {
+        "nginx"
+    };
+    let child = Command::new(nginx)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("nginx not found (apt-get install nginx-light)")?;
+    // wait until it accepts
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        ensure!(Instant::now() < deadline, "nginx did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((child, format!("http://127.0.0.1:{port}")))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let k = start_kilnd()?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let res = http
+        .put(format!("{}/v1/streams/bench", k.base))
+        .body(SPEC)
+        .send()
+        .await?;
+    ensure!(res.status().is_success(), "PUT: {}", res.status());
+    let pl_path = "/live/bench/v/index.m3u8";
+    // two complete segments, then the newest complete part
+    let mut text = http
+        .get(format!("{}{pl_path}", k.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    for _ in 0..10 {
+        let (m, _) = last_part(&text)?;
+        text = http
+            .get(format!("{}{pl_path}?_HLS_msn={}", k.base, m + 1))
+            .send()
+            .await?
+            .text()
+            .await?;
+    }
+    let (m, _) = last_part(&text)?;
+    let part_path = format!("/live/bench/v/part-{}-2.m4s", m - 1);
+    let part = http
+        .get(format!("{}{part_path}", k.base))
+        .send()
+        .await?
+        .bytes()
+        .await?;
+
+    // --- 1. throughput vs nginx, same bytes
+    let dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
+    let root = dir.join("www");
+    std::fs::create_dir_all(root.join("live/bench/v"))?;
+    std::fs::write(root.join(pl_path.trim_start_matches('/')), &text)?;
+    std::fs::write(root.join(part_path.trim_start_matches('/')), &part)?;
+    let (mut nginx, nginx_base) = start_nginx(&root, &dir)?;
+    let secs = std::env::var("KILN_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let paths = [pl_path, part_path.as_str()];
+    let kiln_rps = wrk(&k.base, paths, secs, &dir)?;
+    let nginx_rps = wrk(&nginx_base, paths, secs, &dir)?;
+    // SIGTERM (not SIGKILL) so the master takes its workers down with it
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(nginx.id().to_string())
+        .status();
+    let _ = nginx.wait();
+    println!(
+        "throughput (wrk -t2 -c64 {secs}s, playlist {} B + part {} B alternating):",
+        text.len(),
+        part.len()
+    );
+    println!("  kiln  {kiln_rps:>10.0} req/s   (live stream encoding meanwhile)");
+    println!("  nginx {nginx_rps:>10.0} req/s   (same bytes from disk)");
+    println!("  ratio kiln/nginx = {:.2}", kiln_rps / nginx_rps);
+
+    // --- 2. 10,000 parked blocking requests
+    let n: usize = std::env::var("KILN_BENCH_PARKED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000);
+    rlimit::increase_nofile_limit(4 * n as u64 + 1024)?;
+    let pid = k.child.id();
+    let rss_before = rss_kib(pid)?;
+    let text = http
+        .get(format!("{}{pl_path}", k.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let (m, _) = last_part(&text)?;
+    // part 0 of segment m+2: 2-4 s away, time enough to park every request first
+    let url = format!("{}{pl_path}?_HLS_msn={}&_HLS_part=0", k.base, m + 2);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(0)
+        .build()?;
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (c, u) = (client.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = c.get(u).send().await?;
+            let status = r.status();
+            let _ = r.bytes().await?;
+            anyhow::Ok((status, Instant::now()))
+        }));
+    }
+    let stats_url = format!("{}/v1/stats", k.base);
+    let parked_at = loop {
+        let s: serde_json::Value =
+            serde_json::from_str(&http.get(&stats_url).send().await?.text().await?)?;
+        let parked = s["parked_requests"].as_u64().unwrap_or(0) as usize;
+        if parked >= n {
+            break Some(parked);
+        }
+        if tasks.iter().any(|t| t.is_finished()) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let rss_parked = rss_kib(pid)?;
+    let mut done = Vec::with_capacity(n);
+    let mut failed = 0;
+    for t in tasks {
+        match t.await? {
+            Ok((s, at)) if s.is_success() => done.push(at),
+            _ => failed += 1,
+        }
+    }
+    done.sort();
+    let first = *done.first().context("no response")?;
+    let spread =
+        |q: f64| (done[((done.len() - 1) as f64 * q) as usize] - first).as_secs_f64() * 1000.0;
+    println!("fan-out: {n} blocking playlist requests, one HTTP/1.1 connection each:");
+    match parked_at {
+        Some(p) => println!("  all parked before the publish ({p} waiting)"),
+        None => println!("  WARNING: the part was published before all requests were parked"),
+    }
+    println!("  kilnd RSS {:.1} MiB idle -> {:.1} MiB with {n} parked ({:.1} KiB per parked request incl. its connection)",
+        rss_before as f64 / 1024.0, rss_parked as f64 / 1024.0, (rss_parked.saturating_sub(rss_before)) as f64 / n as f64);
+    println!("  publish -> responses: p50 {:.0} ms, p99 {:.0} ms, last {:.0} ms after the first; {failed} failed",
+        spread(0.5), spread(0.99), spread(1.0));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
