@@ -1003,7 +1003,7 @@ async fn item_35_unknown_resources_are_404_at_once() -> Result<()> {
         format!("part-{}-{}.m4s", closed.msn, closed.parts.len()),
         "seg-0.m4s".into(),
         "nope.txt".into(),
-        format!("seg-{m}.m4s"),
+        format!("seg-{}.m4s", m + 2),
     ] {
         let res =
             fx.d.http

@@ -137,6 +137,11 @@ pub fn small_stream_spec() -> &'static str {
 /// Runs ffmpeg on `url` for `seconds` of output and returns the frame count per output stream index, decoding
 /// everything (framecrc). Fails on any ffmpeg error.
 pub async fn ffmpeg_frames(url: &str, seconds: u32, map_all: bool) -> Result<Vec<usize>> {
+    ffmpeg_frames_with(url, seconds, if map_all { &["-map", "0"] } else { &[] }).await
+}
+
+/// [`ffmpeg_frames`] with extra output options.
+pub async fn ffmpeg_frames_with(url: &str, seconds: u32, out_opts: &[&str]) -> Result<Vec<usize>> {
     let mut cmd = tokio::process::Command::new("ffmpeg");
     cmd.args([
         "-hide_banner",
@@ -147,9 +152,7 @@ pub async fn ffmpeg_frames(url: &str, seconds: u32, map_all: bool) -> Result<Vec
         "-i",
         url,
     ]);
-    if map_all {
-        cmd.args(["-map", "0"]);
-    }
+    cmd.args(out_opts);
     cmd.args(["-t", &seconds.to_string(), "-f", "framecrc", "-"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

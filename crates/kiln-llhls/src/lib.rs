@@ -12,10 +12,12 @@
 //! - [`packager`]: the per-rendition index and media playlist, the sliding window, [`packager::Snapshot`]s.
 //! - [`blocking`]: `_HLS_msn`/`_HLS_part` decisions (ready / wait / 400) per draft-pantos-hls-rfc8216bis §6.2.5.2.
 //! - [`multivariant`]: the multivariant playlist.
+//! - [`dash`]: the LL-DASH MPD over the same segments.
 //! - [`time`]: PROGRAM-DATE-TIME formatting without a date library.
 
 pub mod blocking;
 pub mod cmaf;
+pub mod dash;
 pub mod multivariant;
 pub mod packager;
 pub mod plan;

@@ -31,7 +31,114 @@ const SEGMENT_MAX_AGE: u64 = 86_400;
 pub fn router() -> Router<Origin> {
     Router::new()
         .route("/live/{stream}/master.m3u8", get(master))
+        .route("/live/{stream}/manifest.mpd", get(mpd))
         .route("/live/{stream}/{rendition}/{file}", get(media))
+        .route("/time", get(utc_time))
+}
+
+/// `urn:mpeg:dash:utc:http-iso:2014` clock for DASH players.
+async fn utc_time() -> Response {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    reply(
+        StatusCode::OK,
+        "text/plain; charset=utf-8",
+        0,
+        Bytes::from(kiln_llhls::time::format_unix_ms(now)),
+    )
+}
+
+/// The LL-DASH MPD (held, like the multivariant playlist, until every rendition has published a part).
+async fn mpd(State(origin): State<Origin>, Path(stream): Path<String>) -> Response {
+    let Some(s) = origin.get(&stream) else {
+        return error(StatusCode::NOT_FOUND, 2, "no such stream");
+    };
+    let td = u64::from(s.config.target_duration_s);
+    let mut rx = s.subscribe_changes();
+    let deadline = Instant::now() + Duration::from_secs(3 * td);
+    let mut guard = None;
+    loop {
+        rx.borrow_and_update();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        if let Some(text) = s.mpd(now, "/time") {
+            return reply(
+                StatusCode::OK,
+                "application/dash+xml",
+                (td / 2).max(1),
+                Bytes::from(text),
+            );
+        }
+        if guard.is_none() {
+            guard = match origin.park() {
+                Some(g) => Some(g),
+                None => return too_many_parked(),
+            };
+        }
+        if !matches!(
+            tokio::time::timeout_at(deadline, rx.changed()).await,
+            Ok(Ok(()))
+        ) {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                0,
+                "stream is starting: renditions not ready yet",
+            );
+        }
+    }
+}
+
+/// Whether segment `msn` is being produced (or is the next one): LL-DASH asks for it early
+/// (`availabilityTimeOffset`) and gets it chunk by chunk.
+fn segment_in_progress(snap: &Snapshot, msn: u64) -> bool {
+    !snap.ended
+        && snap
+            .last
+            .is_some_and(|last| msn == last.msn || msn == last.msn + 1)
+        && !snap.closed.iter().any(|(m, _)| *m == msn)
+}
+
+/// Streams segment `msn` part by part as each is published (chunked transfer), ending when the segment closes.
+/// Each part goes out whole, so the bytes are exactly the segment's once it is complete.
+fn stream_segment(origin: &Origin, r: Arc<Rendition>, msn: u64, td: u64) -> Response {
+    use futures_util::stream;
+    let Some(guard) = origin.park() else {
+        return too_many_parked();
+    };
+    let content_type = media_type(&r);
+    let rx = r.subscribe();
+    let state = (r, rx, 0u64, guard);
+    let body = stream::unfold(state, move |(r, mut rx, next, guard)| async move {
+        loop {
+            let snap = rx.borrow_and_update().clone();
+            if let Some(b) = r.part(PartPos::new(msn, next)) {
+                return Some((
+                    Ok::<_, std::convert::Infallible>(b),
+                    (r, rx, next + 1, guard),
+                ));
+            }
+            let closed = snap.closed.iter().any(|(m, n)| *m == msn && next >= *n);
+            if closed || snap.ended || msn < snap.first_retained_msn {
+                return None;
+            }
+            let deadline = Instant::now() + Duration::from_secs(3 * td);
+            if !matches!(
+                tokio::time::timeout_at(deadline, rx.changed()).await,
+                Ok(Ok(()))
+            ) {
+                return None;
+            }
+        }
+    });
+    let mut resp = axum::body::Body::from_stream(body).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, cache_control(6 * td));
+    resp
 }
 
 fn cache_control(max_age: u64) -> HeaderValue {
@@ -156,6 +263,11 @@ async fn media(
     let Some(res) = parse_resource(&file) else {
         return error(StatusCode::NOT_FOUND, td, "no such resource");
     };
+    if let Resource::Segment(msn) = res {
+        if r.segment(msn).is_none() && segment_in_progress(&r.snapshot(), msn) {
+            return stream_segment(&origin, r, msn, td);
+        }
+    }
     // Strong validator: the stream instance (its wall-clock start) plus the resource name, which never changes
     // its bytes once published.
     let etag = format!("\"{:x}-{file}\"", s.config.wallclock_origin_unix_ms);
@@ -476,7 +588,7 @@ mod tests {
         );
         assert_eq!(get(&o, "/live/s/v/init.mp4").await.1, "init");
         assert_eq!(
-            get(&o, "/live/s/v/seg-1.m4s").await.0,
+            get(&o, "/live/s/v/seg-9.m4s").await.0,
             StatusCode::NOT_FOUND
         );
         assert_eq!(
@@ -563,6 +675,35 @@ mod tests {
             )
             .await
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn open_segment_streams_part_by_part_until_it_closes() {
+        let (o, s) = origin();
+        s.on_init(0, Bytes::from_static(b"init"), Some("avc1.64001f".into()));
+        part(&s, 0, 0);
+        let o2 = o.clone();
+        let seg = tokio::spawn(async move { get(&o2, "/live/s/v/seg-0.m4s").await });
+        while s.renditions[0].parked() < 1 {
+            tokio::task::yield_now().await;
+        }
+        for i in 1..6 {
+            part(&s, 0, i);
+        }
+        assert!(
+            !seg.is_finished(),
+            "the segment is open until the next one starts"
+        );
+        part(&s, 1, 0);
+        let (st, body, cc) = seg.await.unwrap();
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(body, "p0.0p0.1p0.2p0.3p0.4p0.5");
+        assert_eq!(cc.as_deref(), Some("public, max-age=12"));
+        // a segment two ahead of the live edge is not in progress
+        assert_eq!(
+            get(&o, "/live/s/v/seg-3.m4s").await.0,
+            StatusCode::NOT_FOUND
+        );
     }
 
     #[tokio::test]

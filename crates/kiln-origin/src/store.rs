@@ -32,6 +32,8 @@ pub struct Rendition {
     pub info: RenditionInfo,
     packager: Mutex<Packager>,
     codec: Mutex<Option<String>>,
+    /// (track timescale, `tfdt` at running time 0), learnt from the first part: the DASH timeline mapping.
+    dash_base: Mutex<Option<(u32, u64)>>,
     snapshot: watch::Sender<Arc<Snapshot>>,
 }
 
@@ -76,6 +78,30 @@ impl Rendition {
         self.packager().segment(msn)
     }
 
+    pub fn dash_base(&self) -> Option<(u32, u64)> {
+        *self.dash_base.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// On the first part: reads its `tfdt` and the track timescale to map the track's decode timeline to running
+    /// time 0 (DASH `presentationTimeOffset`).
+    fn learn_dash_base(&self, part: &PartIn) {
+        let mut base = self.dash_base.lock().unwrap_or_else(|e| e.into_inner());
+        if base.is_some() {
+            return;
+        }
+        let Some(init) = self.init() else { return };
+        let Ok(init) = kiln_llhls::cmaf::parse_init(&init) else {
+            return;
+        };
+        if let Ok(f) = kiln_llhls::cmaf::parse_fragment(&part.bytes, &init) {
+            let offset = u128::from(part.start_ns) * u128::from(f.timescale) / 1_000_000_000;
+            *base = Some((
+                f.timescale,
+                f.base_decode_time.saturating_sub(offset as u64),
+            ));
+        }
+    }
+
     /// Publishes the packager's current state. Called with no lock held by callers.
     fn publish(&self, snap: Snapshot) {
         self.snapshot.send_replace(Arc::new(snap));
@@ -103,6 +129,7 @@ impl StreamOrigin {
                     info,
                     packager: Mutex::new(packager),
                     codec: Mutex::new(None),
+                    dash_base: Mutex::new(None),
                     snapshot: watch::channel(Arc::new(snap)).0,
                 })
             })
@@ -166,6 +193,7 @@ impl StreamOrigin {
             return Err(PackError::Empty);
         };
         let reports = self.reports_for(index);
+        r.learn_dash_base(&part);
         let (pos, snap) = {
             let mut p = r.packager();
             let pos = p.push_part(part)?;
@@ -188,6 +216,45 @@ impl StreamOrigin {
             r.publish(snap);
         }
         self.bump();
+    }
+
+    /// The LL-DASH MPD, once every rendition's codec and timeline are known.
+    pub fn mpd(&self, publish_unix_ms: i64, utc_timing_url: &str) -> Option<String> {
+        use kiln_llhls::dash::{self, DashKind, DashManifest, DashRepresentation};
+        let mut reps = Vec::new();
+        for r in &self.renditions {
+            let (timescale, pto) = r.dash_base()?;
+            reps.push(DashRepresentation {
+                id: r.info.name.clone(),
+                codecs: r.codec()?,
+                bandwidth: r.info.bitrate,
+                kind: match r.info.kind {
+                    RenditionKind::Video { width, height, fps } => {
+                        DashKind::Video { width, height, fps }
+                    }
+                    RenditionKind::Audio { channels } => DashKind::Audio {
+                        sample_rate: timescale,
+                        channels,
+                    },
+                },
+                timescale,
+                presentation_time_offset: pto,
+            });
+        }
+        let c = &self.config;
+        let segment_ms = (c.segment_ns / 1_000_000) as u32;
+        Some(dash::render(&DashManifest {
+            availability_start_unix_ms: c.wallclock_origin_unix_ms,
+            publish_unix_ms,
+            segment_ms,
+            part_ms: c.part_target_ms,
+            start_number: c.first_msn,
+            time_shift_buffer_s: (c.window_segments as u32) * segment_ms / 1000,
+            target_latency_ms: 3 * c.part_target_ms + c.part_target_ms / 2,
+            utc_timing_url: utc_timing_url.to_string(),
+            representations: reps,
+            ended: self.renditions.iter().all(|r| r.snapshot().ended),
+        }))
     }
 
     /// The multivariant playlist, once every rendition's codec is known.
