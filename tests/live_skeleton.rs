@@ -359,3 +359,40 @@ async fn gstreamer_playbin3_plays_through_hlsdemux2() -> Result<()> {
     ensure!(demuxers == ["hlsdemux2"], "demuxers seen: {demuxers:?}");
     d.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_playback_urls_gate_the_origin_and_ffmpeg_follows_them() -> Result<()> {
+    let key = b"kiln-test-signing-key-0123456789".to_vec();
+    let config = kilnd::Config {
+        playback_key: Some(key.clone()),
+        ..Default::default()
+    };
+    let d = Daemon::start(config).await?;
+    start_stream(&d, "sg").await?;
+    let signer = kiln_origin::signing::UrlSigner::new(&key).context("signer")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let token = signer.sign("sg", now + 600);
+    // without a token, or with an expired one: 403 at once, even for a request that would block
+    let t = std::time::Instant::now();
+    for q in [
+        "",
+        "?_HLS_msn=999999999999&_HLS_part=0",
+        &format!("?{}", signer.sign("sg", now - 1)),
+    ] {
+        let (st, _) = d.get_text(&format!("/live/sg/hi/index.m3u8{q}")).await?;
+        ensure!(st == 403, "{q}: {st}");
+    }
+    ensure!(
+        t.elapsed() < std::time::Duration::from_millis(500),
+        "403s must not wait"
+    );
+    // a signed master URL plays: every relative URI inside carries the token
+    let counts = ffmpeg_frames(&d.url(&format!("/live/sg/master.m3u8?{token}")), 3, true).await?;
+    ensure!(
+        counts.len() == 3 && counts.iter().all(|c| *c > 0),
+        "{counts:?}"
+    );
+    d.shutdown().await
+}

@@ -11,9 +11,10 @@
 //! - `GET /live/{stream}/{rendition}/{init.mp4|seg-M.m4s|part-M-P.m4s}` — media; a preload-hinted part is held
 //!   until it is complete and then sent whole.
 //!
-//! Layout: [`store`] (streams, renditions, publication), [`routes`] (HTTP).
+//! Layout: [`store`] (streams, renditions, publication), [`routes`] (HTTP), [`signing`] (signed playback URLs).
 
 pub mod routes;
+pub mod signing;
 pub mod store;
 
 pub use routes::router;

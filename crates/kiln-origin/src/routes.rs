@@ -36,12 +36,51 @@ pub fn router() -> Router<Origin> {
         .route("/time", get(utc_time))
 }
 
-/// `urn:mpeg:dash:utc:http-iso:2014` clock for DASH players.
-async fn utc_time() -> Response {
-    let now = std::time::SystemTime::now()
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+/// With signing configured: the caller's valid token (to append to the URIs we return), or 403 at once.
+#[allow(clippy::result_large_err)]
+fn check_token(
+    origin: &Origin,
+    stream: &str,
+    query: Option<&str>,
+) -> Result<Option<String>, Response> {
+    let Some(signer) = &origin.signer else {
+        return Ok(None);
+    };
+    signer
+        .verify(stream, query, (unix_now_ms() / 1000) as u64)
+        .map(Some)
+        .map_err(|e| {
+            let mut r = error(StatusCode::FORBIDDEN, 0, &e.to_string());
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        })
+}
+
+fn with_token(body: Bytes, token: &Option<String>, mpd: bool) -> Bytes {
+    match token {
+        None => body,
+        Some(t) => {
+            let text = String::from_utf8_lossy(&body);
+            Bytes::from(if mpd {
+                crate::signing::propagate_mpd(&text, t)
+            } else {
+                crate::signing::propagate_m3u8(&text, t)
+            })
+        }
+    }
+}
+
+/// `urn:mpeg:dash:utc:http-iso:2014` clock for DASH players.
+async fn utc_time() -> Response {
+    let now = unix_now_ms();
     reply(
         StatusCode::OK,
         "text/plain; charset=utf-8",
@@ -51,7 +90,15 @@ async fn utc_time() -> Response {
 }
 
 /// The LL-DASH MPD (held, like the multivariant playlist, until every rendition has published a part).
-async fn mpd(State(origin): State<Origin>, Path(stream): Path<String>) -> Response {
+async fn mpd(
+    State(origin): State<Origin>,
+    Path(stream): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let token = match check_token(&origin, &stream, query.as_deref()) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
     let Some(s) = origin.get(&stream) else {
         return error(StatusCode::NOT_FOUND, 2, "no such stream");
     };
@@ -61,16 +108,13 @@ async fn mpd(State(origin): State<Origin>, Path(stream): Path<String>) -> Respon
     let mut guard = None;
     loop {
         rx.borrow_and_update();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        if let Some(text) = s.mpd(now, "/time") {
+        if let Some(text) = s.mpd(unix_now_ms(), "/time") {
+            let body = with_token(Bytes::from(text), &token, true);
             return reply(
                 StatusCode::OK,
                 "application/dash+xml",
                 (td / 2).max(1),
-                Bytes::from(text),
+                body,
             );
         }
         if guard.is_none() {
@@ -209,7 +253,15 @@ pub fn parse_query(query: Option<&str>) -> Result<PlaylistQuery, &'static str> {
     Ok(q)
 }
 
-async fn master(State(origin): State<Origin>, Path(stream): Path<String>) -> Response {
+async fn master(
+    State(origin): State<Origin>,
+    Path(stream): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let token = match check_token(&origin, &stream, query.as_deref()) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
     let Some(s) = origin.get(&stream) else {
         return error(StatusCode::NOT_FOUND, 2, "no such stream");
     };
@@ -220,7 +272,12 @@ async fn master(State(origin): State<Origin>, Path(stream): Path<String>) -> Res
     loop {
         rx.borrow_and_update();
         if let Some(text) = s.master() {
-            return reply(StatusCode::OK, M3U8, 6 * td, Bytes::from(text));
+            return reply(
+                StatusCode::OK,
+                M3U8,
+                6 * td,
+                with_token(Bytes::from(text), &token, false),
+            );
         }
         if guard.is_none() {
             guard = match origin.park() {
@@ -247,6 +304,10 @@ async fn media(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
+    let token = match check_token(&origin, &stream, query.as_deref()) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
     let Some(s) = origin.get(&stream) else {
         return error(StatusCode::NOT_FOUND, 2, "no such stream");
     };
@@ -256,7 +317,7 @@ async fn media(
     let td = u64::from(s.config.target_duration_s);
     if file == "index.m3u8" {
         return match parse_query(query.as_deref()) {
-            Ok(q) => playlist(&origin, &s, &r, q).await,
+            Ok(q) => playlist(&origin, &s, &r, q, &token).await,
             Err(msg) => error(StatusCode::BAD_REQUEST, 4 * td, msg),
         };
     }
@@ -362,7 +423,13 @@ pub fn parse_range(spec: &str, len: u64) -> Option<(u64, u64)> {
     (start <= end && start < len).then_some((start, end))
 }
 
-async fn playlist(origin: &Origin, s: &StreamOrigin, r: &Rendition, q: PlaylistQuery) -> Response {
+async fn playlist(
+    origin: &Origin,
+    s: &StreamOrigin,
+    r: &Rendition,
+    q: PlaylistQuery,
+    token: &Option<String>,
+) -> Response {
     let td = u64::from(s.config.target_duration_s);
     let blocking = q.block.is_blocking();
     let mut rx = r.subscribe();
@@ -381,7 +448,8 @@ async fn playlist(origin: &Origin, s: &StreamOrigin, r: &Rendition, q: PlaylistQ
         match decision {
             Decision::Ready => {
                 let max_age = if blocking { 6 * td } else { (td / 2).max(1) };
-                return reply(StatusCode::OK, M3U8, max_age, pick(&snap, q.skip));
+                let body = with_token(pick(&snap, q.skip), token, false);
+                return reply(StatusCode::OK, M3U8, max_age, body);
             }
             Decision::Reject(msg) => return error(StatusCode::BAD_REQUEST, 4 * td, msg),
             Decision::Wait => {
@@ -792,6 +860,42 @@ mod tests {
         part(&s, 0, 1);
         assert_eq!(first.await.unwrap().0, StatusCode::OK);
         assert_eq!(o.parked(), 0, "places are given back");
+    }
+
+    #[tokio::test]
+    async fn signed_urls_are_checked_before_waiting_and_propagated() {
+        let (mut o, s) = origin();
+        let signer = crate::signing::UrlSigner::new(b"0123456789abcdef!").unwrap();
+        let token = signer.sign("s", u64::MAX / 2);
+        o.signer = Some(Arc::new(signer));
+        for i in 0..6 {
+            part(&s, 0, i);
+        }
+        part(&s, 1, 0);
+        // no token, bad token, expired token: 403 at once, even for a request that would block
+        for q in [
+            "_HLS_msn=9&_HLS_part=0",
+            "exp=99999999999&sig=00",
+            "exp=1&sig=ab",
+        ] {
+            let (st, _, cc) = get(&o, &format!("/live/s/v/index.m3u8?{q}")).await;
+            assert_eq!(st, StatusCode::FORBIDDEN, "{q}");
+            assert_eq!(cc.as_deref(), Some("no-store"));
+        }
+        assert_eq!(
+            get(&o, "/live/s/v/part-0-0.m4s").await.0,
+            StatusCode::FORBIDDEN
+        );
+        let (st, body, _) = get(&o, &format!("/live/s/v/index.m3u8?{token}")).await;
+        assert_eq!(st, StatusCode::OK);
+        assert!(
+            body.contains(&format!("URI=\"part-0-0.m4s?{token}\"")),
+            "{body}"
+        );
+        assert_eq!(
+            get(&o, &format!("/live/s/v/part-0-0.m4s?{token}")).await.1,
+            "p0.0"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -296,6 +296,8 @@ pub struct Origin {
     streams: Arc<RwLock<HashMap<String, Arc<StreamOrigin>>>>,
     parked: Arc<AtomicUsize>,
     max_parked: usize,
+    /// When set, playback requests need a signed token.
+    pub signer: Option<Arc<crate::signing::UrlSigner>>,
 }
 
 impl Default for Origin {
@@ -328,6 +330,7 @@ impl Origin {
             streams: Arc::default(),
             parked: Arc::default(),
             max_parked,
+            signer: None,
         }
     }
 

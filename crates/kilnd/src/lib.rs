@@ -45,6 +45,8 @@ pub struct Config {
     pub grace: Duration,
     /// Directory with static assets for the page (e.g. `hls.min.js`).
     pub assets_dir: Option<PathBuf>,
+    /// Key for signed playback URLs (≥ 16 bytes); when set, `/live/…` needs a valid `exp`/`sig` token.
+    pub playback_key: Option<Vec<u8>>,
 }
 
 impl Default for Config {
@@ -59,6 +61,7 @@ impl Default for Config {
             linger: Duration::from_secs(30),
             grace: Duration::from_secs(5),
             assets_dir: None,
+            playback_key: None,
         }
     }
 }
@@ -102,8 +105,13 @@ impl AppState {
     /// The daemon's state before it serves: initialises GStreamer, creates the origin and the supervisor.
     pub fn new(config: Config) -> anyhow::Result<Self> {
         kiln_media::init()?;
+        let mut origin = Origin::new();
+        if let Some(key) = &config.playback_key {
+            let signer = kiln_origin::signing::UrlSigner::new(key)
+                .ok_or_else(|| anyhow::anyhow!("the playback key must be at least 16 bytes"))?;
+            origin.signer = Some(Arc::new(signer));
+        }
         let config = Arc::new(config);
-        let origin = Origin::new();
         let supervisor = Arc::new(Supervisor::new(config.clone(), origin.clone()));
         Ok(Self {
             supervisor,

@@ -28,6 +28,15 @@ struct Args {
     /// Directory of static assets for the web page (e.g. hls.min.js).
     #[arg(long)]
     assets_dir: Option<PathBuf>,
+    /// Require signed playback URLs, with the key read from this environment variable (≥ 16 bytes).
+    #[arg(long, value_name = "ENV_VAR")]
+    playback_key_env: Option<String>,
+    /// Print a signed multivariant URL path for this stream (valid for --ttl seconds) and exit.
+    #[arg(long, value_name = "STREAM", requires = "playback_key_env")]
+    print_signed_url: Option<String>,
+    /// Lifetime of a printed signed URL, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
 }
 
 #[tokio::main]
@@ -47,7 +56,26 @@ async fn main() -> anyhow::Result<()> {
     if let Some(p) = &args.demo_preset {
         anyhow::ensure!(presets.get(p).is_some(), "unknown --demo-preset `{p}`");
     }
+    let playback_key = match &args.playback_key_env {
+        Some(var) => Some(
+            std::env::var(var)
+                .with_context(|| format!("environment variable {var} (playback key) is not set"))?
+                .into_bytes(),
+        ),
+        None => None,
+    };
+    if let (Some(stream), Some(key)) = (&args.print_signed_url, &playback_key) {
+        let signer = kiln_origin::signing::UrlSigner::new(key)
+            .context("the playback key must be at least 16 bytes")?;
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            + args.ttl;
+        println!("/live/{stream}/master.m3u8?{}", signer.sign(stream, exp));
+        return Ok(());
+    }
     let config = kilnd::Config {
+        playback_key,
         presets,
         demo: args.demo,
         demo_preset: args.demo_preset,
