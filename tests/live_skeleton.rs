@@ -396,3 +396,65 @@ async fn signed_playback_urls_gate_the_origin_and_ffmpeg_follows_them() -> Resul
     );
     d.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_negotiates_h2_with_alpn() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("kiln-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let ca = dir.join("ca.pem");
+    // a throwaway CA and a leaf for 127.0.0.1 signed by it
+    let script = format!(
+        "set -e; cd {d}; \
+         openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=kiln-test-ca -keyout ca.key -out ca.pem; \
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost -keyout key.pem -out leaf.csr; \
+         printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext.cnf; \
+         openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile ext.cnf -out cert.pem",
+        d = dir.display()
+    );
+    let st = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("openssl")?;
+    ensure!(st.success(), "openssl could not make a certificate");
+    let config = kilnd::Config {
+        tls: Some(kilnd::TlsFiles {
+            cert: cert.clone(),
+            key,
+        }),
+        ..Default::default()
+    };
+    let d = Daemon::start(config).await?;
+    let base = d.base.replace("http://", "https://");
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca)?)?)
+        .timeout(std::time::Duration::from_secs(20))
+        .build()?;
+    let res = client
+        .put(format!("{base}/v1/streams/tls"))
+        .body(small_stream_spec())
+        .send()
+        .await?;
+    ensure!(res.status() == 201, "{}", res.status());
+    let res = client
+        .get(format!("{base}/live/tls/hi/index.m3u8"))
+        .send()
+        .await?;
+    ensure!(res.status() == 200, "{}", res.status());
+    ensure!(
+        res.version() == reqwest::Version::HTTP_2,
+        "ALPN gave {:?}",
+        res.version()
+    );
+    let text = res.text().await?;
+    ensure!(text.contains("#EXT-X-PART:"), "{text}");
+    let plain = reqwest::Client::new().get(d.url("/healthz")).send().await;
+    ensure!(
+        plain.is_err() || !plain?.status().is_success(),
+        "plain HTTP must not be served on the TLS port"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    d.shutdown().await
+}

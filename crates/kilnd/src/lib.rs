@@ -10,6 +10,7 @@
 pub mod api;
 pub mod page;
 pub mod supervisor;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -47,6 +48,15 @@ pub struct Config {
     pub assets_dir: Option<PathBuf>,
     /// Key for signed playback URLs (≥ 16 bytes); when set, `/live/…` needs a valid `exp`/`sig` token.
     pub playback_key: Option<Vec<u8>>,
+    /// Serve HTTPS (ALPN `h2`, then `http/1.1`) with this PEM certificate chain and key instead of plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for HTTPS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Default for Config {
@@ -62,6 +72,7 @@ impl Default for Config {
             grace: Duration::from_secs(5),
             assets_dir: None,
             playback_key: None,
+            tls: None,
         }
     }
 }
@@ -151,10 +162,17 @@ pub async fn serve_state(
         sup.shutdown().await;
         let _ = stop_tx.send(());
     });
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async {
-            let _ = stop_rx.await;
-        })
-        .await?;
+    let stopped = async {
+        let _ = stop_rx.await;
+    };
+    match &config.tls {
+        // HTTP/1.1 and h2c (prior knowledge) on one port
+        None => {
+            axum::serve(listener, app(state))
+                .with_graceful_shutdown(stopped)
+                .await?
+        }
+        Some(files) => tls::serve(listener, tls::acceptor(files)?, app(state), stopped).await?,
+    }
     Ok(())
 }

@@ -37,6 +37,12 @@ struct Args {
     /// Lifetime of a printed signed URL, in seconds.
     #[arg(long, default_value_t = 3600)]
     ttl: u64,
+    /// Serve HTTPS (ALPN h2, http/1.1) with this PEM certificate chain.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -74,7 +80,13 @@ async fn main() -> anyhow::Result<()> {
         println!("/live/{stream}/master.m3u8?{}", signer.sign(stream, exp));
         return Ok(());
     }
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(kilnd::TlsFiles { cert, key }),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let config = kilnd::Config {
+        tls,
         playback_key,
         presets,
         demo: args.demo,
@@ -87,7 +99,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     // The contract for scripts and tests: one line on stdout with the bound address.
-    println!("kilnd listening on http://{}", listener.local_addr()?);
+    println!("kilnd listening on {scheme}://{}", listener.local_addr()?);
     kilnd::serve(config, listener, shutdown_signal()).await
 }
 
