@@ -1023,7 +1023,7 @@ async fn item_35_unknown_resources_are_404_at_once() -> Result<()> {
 async fn item_36_http2_ranges_and_gzip() -> Result<()> {
     let fx = Fx::start().await?;
     let (_, pl) = fx.playlist("hi").await?;
-    // h2c with prior knowledge (TLS with ALPN is not built yet; see the README)
+    // h2c with prior knowledge here; HTTPS with ALPN h2 is covered by live_skeleton::https_negotiates_h2_with_alpn
     let h2 = reqwest::Client::builder().http2_prior_knowledge().build()?;
     let res = h2.get(fx.d.url(&Fx::path("hi"))).send().await?;
     ensure!(res.version() == reqwest::Version::HTTP_2 && res.status() == 200);

@@ -172,6 +172,8 @@ struct StoredPart {
     duration_ns: u64,
     independent: bool,
     bytes: Bytes,
+    /// A hole in the timeline (the source or encoder skipped): listed with GAP=YES, never downloadable.
+    gap: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -322,6 +324,7 @@ impl Packager {
         if part.bytes.is_empty() {
             return Err(PackError::Empty);
         }
+        self.fill_gap(part.start_ns);
         let open = self.segs.back().is_some_and(|s| !s.complete());
         if part.starts_segment || !open {
             if let Some(s) = self.segs.back_mut() {
@@ -344,11 +347,38 @@ impl Packager {
             duration_ns: part.duration_ns,
             independent: part.independent,
             bytes: part.bytes,
+            gap: false,
         });
         let pos = PartPos::new(seg.msn, seg.parts.len() as u64 - 1);
         self.parts_published += 1;
         self.trim();
         Ok(pos)
+    }
+
+    /// When the next part starts more than half a PART-TARGET after the open segment's end, the source or
+    /// encoder skipped: the hole becomes GAP=YES parts (each ≤ PART-TARGET) at the end of the open segment, so
+    /// the playlist timeline stays continuous and players skip the hole instead of stalling on it (§4.4.4.9).
+    fn fill_gap(&mut self, next_start_ns: u64) {
+        let pt = u64::from(self.cfg.part_target_ms) * 1_000_000;
+        let Some(seg) = self.segs.back_mut().filter(|s| !s.complete()) else {
+            return;
+        };
+        let expected = seg.start_ns + seg.duration_ns;
+        if next_start_ns <= expected + pt / 2 {
+            return;
+        }
+        let hole = next_start_ns - expected;
+        let n = hole.div_ceil(pt);
+        for i in 0..n {
+            let d = hole / n + u64::from(i < hole % n);
+            seg.parts.push(StoredPart {
+                duration_ns: d,
+                independent: false,
+                bytes: Bytes::new(),
+                gap: true,
+            });
+            seg.duration_ns += d;
+        }
     }
 
     /// Closes the open segment and marks the playlist ended (ENDLIST, no hint).
@@ -380,7 +410,10 @@ impl Packager {
     /// The bytes of part `pos`, if retained.
     pub fn part(&self, pos: PartPos) -> Option<Bytes> {
         let seg = self.segment_entry(pos.msn)?;
-        seg.parts.get(pos.part as usize).map(|p| p.bytes.clone())
+        seg.parts
+            .get(pos.part as usize)
+            .filter(|p| !p.gap)
+            .map(|p| p.bytes.clone())
     }
 
     /// The bytes of a closed segment, if retained.
@@ -505,10 +538,10 @@ impl Packager {
                         secs(p.duration_ns),
                         part_uri(s.msn, i as u64)
                     );
-                    out.push_str(if p.independent {
-                        ",INDEPENDENT=YES\n"
-                    } else {
-                        "\n"
+                    out.push_str(match (p.independent, p.gap) {
+                        (_, true) => ",GAP=YES\n",
+                        (true, false) => ",INDEPENDENT=YES\n",
+                        (false, false) => "\n",
                     });
                 }
             }
@@ -849,6 +882,35 @@ mod tests {
             p.init_gen(0).is_none(),
             "generation 0 is no longer referenced"
         );
+    }
+
+    #[test]
+    fn holes_in_the_timeline_become_gap_parts() {
+        let mut p = Packager::new(cfg());
+        p.push_part(part_at(0, 0, false)).unwrap();
+        p.push_part(part_at(0, 1, false)).unwrap();
+        // parts 2 and 3 never came (the source stalled): the next part starts at 4 × 333 ms
+        p.push_part(part_at(0, 4, false)).unwrap();
+        let text = p.render();
+        assert!(text.contains("URI=\"part-0-2.m4s\",GAP=YES\n"), "{text}");
+        assert!(text.contains("URI=\"part-0-3.m4s\",GAP=YES\n"));
+        assert!(text.contains("#EXT-X-PART:DURATION=0.33333,URI=\"part-0-4.m4s\"\n"));
+        assert_eq!(p.part(PartPos::new(0, 2)), None, "gap parts have no bytes");
+        assert_eq!(p.part(PartPos::new(0, 4)).as_deref(), Some(&b"[0.4]"[..]));
+        // the timeline stays continuous: the hint follows the real part
+        assert_eq!(p.hint(), Some(PartPos::new(0, 5)));
+        // a hole before a new segment is filled at the end of the old one; the segment keeps its full duration
+        p.push_part(part_at(1, 0, false)).unwrap();
+        let text = p.render();
+        assert!(text.contains("#EXTINF:2.00000,\nseg-0.m4s"), "{text}");
+        assert_eq!(p.segment(0).unwrap().as_ref(), b"[0.0][0.1][0.4]");
+        // small timestamp jitter is not a gap
+        let mut q = Packager::new(cfg());
+        q.push_part(part_at(0, 0, false)).unwrap();
+        let mut late = part_at(0, 1, false);
+        late.start_ns += 100_000_000;
+        q.push_part(late).unwrap();
+        assert!(!q.render().contains("GAP"));
     }
 
     #[test]
