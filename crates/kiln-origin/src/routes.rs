@@ -95,11 +95,34 @@ async fn mpd(
     Path(stream): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let token = match check_token(&origin, &stream, query.as_deref()) {
+    stream_document(&origin, &stream, query.as_deref(), |s, token| {
+        let text = s.mpd(unix_now_ms(), "/time")?;
+        let max_age = (u64::from(s.config.target_duration_s) / 2).max(1);
+        Some((
+            with_token(Bytes::from(text), token, true),
+            "application/dash+xml",
+            max_age,
+        ))
+    })
+    .await
+}
+
+/// A stream-level document (multivariant playlist, MPD): checks the token, then holds the request (at most
+/// 3 × TD, bounded parking) until `render` can produce it, i.e. until every rendition has published.
+async fn stream_document<F>(
+    origin: &Origin,
+    stream: &str,
+    query: Option<&str>,
+    render: F,
+) -> Response
+where
+    F: Fn(&StreamOrigin, &Option<String>) -> Option<(Bytes, &'static str, u64)>,
+{
+    let token = match check_token(origin, stream, query) {
         Ok(t) => t,
         Err(r) => return r,
     };
-    let Some(s) = origin.get(&stream) else {
+    let Some(s) = origin.get(stream) else {
         return error(StatusCode::NOT_FOUND, 2, "no such stream");
     };
     let td = u64::from(s.config.target_duration_s);
@@ -108,14 +131,8 @@ async fn mpd(
     let mut guard = None;
     loop {
         rx.borrow_and_update();
-        if let Some(text) = s.mpd(unix_now_ms(), "/time") {
-            let body = with_token(Bytes::from(text), &token, true);
-            return reply(
-                StatusCode::OK,
-                "application/dash+xml",
-                (td / 2).max(1),
-                body,
-            );
+        if let Some((body, content_type, max_age)) = render(&s, &token) {
+            return reply(StatusCode::OK, content_type, max_age, body);
         }
         if guard.is_none() {
             guard = match origin.park() {
@@ -258,44 +275,12 @@ async fn master(
     Path(stream): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let token = match check_token(&origin, &stream, query.as_deref()) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    let Some(s) = origin.get(&stream) else {
-        return error(StatusCode::NOT_FOUND, 2, "no such stream");
-    };
-    let td = u64::from(s.config.target_duration_s);
-    let mut rx = s.subscribe_changes();
-    let deadline = Instant::now() + Duration::from_secs(3 * td);
-    let mut guard = None;
-    loop {
-        rx.borrow_and_update();
-        if let Some(text) = s.master() {
-            return reply(
-                StatusCode::OK,
-                M3U8,
-                6 * td,
-                with_token(Bytes::from(text), &token, false),
-            );
-        }
-        if guard.is_none() {
-            guard = match origin.park() {
-                Some(g) => Some(g),
-                None => return too_many_parked(),
-            };
-        }
-        match tokio::time::timeout_at(deadline, rx.changed()).await {
-            Ok(Ok(())) => continue,
-            _ => {
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    0,
-                    "stream is starting: renditions not ready yet",
-                )
-            }
-        }
-    }
+    stream_document(&origin, &stream, query.as_deref(), |s, token| {
+        let text = s.master()?;
+        let max_age = 6 * u64::from(s.config.target_duration_s);
+        Some((with_token(Bytes::from(text), token, false), M3U8, max_age))
+    })
+    .await
 }
 
 async fn media(
