@@ -73,6 +73,7 @@ impl ChunkAssembler {
             .map(|t| t.nseconds())
             .unwrap_or_else(|| info.start_ns());
         (self.sink)(MediaEvent::Part {
+            at: std::time::Instant::now(),
             rendition: self.rendition,
             part: PartIn {
                 starts_segment: !flags.contains(gst::BufferFlags::DELTA_UNIT),

@@ -41,8 +41,12 @@ pub enum MediaEvent {
         bytes: Bytes,
         codec: Option<String>,
     },
-    /// The next CMAF chunk (= LL-HLS part) of a rendition.
-    Part { rendition: usize, part: PartIn },
+    /// The next CMAF chunk (= LL-HLS part) of a rendition, with the instant the muxer handed it over.
+    Part {
+        rendition: usize,
+        part: PartIn,
+        at: std::time::Instant,
+    },
     /// The pipeline failed; it will produce nothing more.
     Error {
         element: Option<String>,

@@ -58,9 +58,9 @@ fn parts_are_legal_and_aligned() {
             }) => {
                 inits.insert(rendition, (bytes, codec));
             }
-            Ok(MediaEvent::Part { rendition, part }) => {
-                parts.entry(rendition).or_default().push(part)
-            }
+            Ok(MediaEvent::Part {
+                rendition, part, ..
+            }) => parts.entry(rendition).or_default().push(part),
             Ok(MediaEvent::Error { message, debug, .. }) => {
                 panic!("pipeline error: {message} {debug:?}")
             }

@@ -68,6 +68,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/streams", get(list))
         .route("/v1/streams/{id}", get(status).put(create).delete(remove))
         .route("/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -98,9 +99,20 @@ async fn create(
         BytesRejection::FailedToBufferBody(_) => ApiError::PayloadTooLarge,
         other => ApiError::BadRequest(other.body_text()),
     })?;
-    let req: StreamRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid stream spec: {e}")))?;
-    let (h, created) = st.supervisor.create(&id, req).await?;
+    let req: StreamRequest = serde_json::from_slice(&body).map_err(|e| {
+        st.metrics.refusals.with_label_values(&["invalid"]).inc();
+        ApiError::BadRequest(format!("invalid stream spec: {e}"))
+    })?;
+    let (h, created) = st.supervisor.create(&id, req).await.inspect_err(|e| {
+        let reason = match e {
+            SupervisorError::Invalid(_) => "invalid",
+            SupervisorError::Conflict(_) => "conflict",
+            SupervisorError::NotFound(_) => "not_found",
+            SupervisorError::Media(_) => "pipeline",
+            SupervisorError::ShuttingDown => "shutting_down",
+        };
+        st.metrics.refusals.with_label_values(&[reason]).inc();
+    })?;
     let code = if created {
         StatusCode::CREATED
     } else {
@@ -115,6 +127,26 @@ async fn remove(
 ) -> Result<StatusCode, ApiError> {
     st.supervisor.stop(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Prometheus text exposition. Gauges that mirror live state are refreshed at scrape time.
+async fn metrics(State(st): State<AppState>) -> Response {
+    let m = &st.metrics;
+    m.streams.reset();
+    for h in st.supervisor.list() {
+        let state = serde_json::to_value(h.state()).ok();
+        let state = state.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown");
+        m.streams.with_label_values(&[state]).inc();
+    }
+    m.parked_requests.set(st.origin.parked() as i64);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        m.render(),
+    )
+        .into_response()
 }
 
 /// Live counters of this node (the Prometheus metrics issue extends this into `/metrics`).

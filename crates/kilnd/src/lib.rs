@@ -8,6 +8,7 @@
 //! routes, JSON errors), [`page`] (the `/` page with an hls.js player).
 
 pub mod api;
+pub mod metrics;
 pub mod page;
 pub mod supervisor;
 pub mod tls;
@@ -83,22 +84,44 @@ pub struct AppState {
     pub supervisor: Arc<Supervisor>,
     pub origin: Origin,
     pub config: Arc<Config>,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// The whole HTTP surface. Layers, outermost first:
 /// 1. CORS — browser players on other origins may GET playback and read the API;
-/// 2. compression — gzip playlists, JSON and HTML when the client asks; never media (already compressed, and
+/// 2. metrics — every request counted by kind and status, timed (blocking requests include their wait);
+/// 3. compression — gzip playlists, JSON and HTML when the client asks; never media (already compressed, and
 ///    parts must go out whole and fast).
 pub fn app(state: AppState) -> Router {
     let compress = SizeAbove::new(256)
         .and(NotForContentType::new("video/mp4"))
         .and(NotForContentType::new("audio/mp4"));
+    let metrics = state.metrics.clone();
     Router::new()
         .merge(api::router())
         .merge(page::router())
         .merge(kiln_origin::router().with_state(state.origin.clone()))
         .with_state(state)
         .layer(CompressionLayer::new().gzip(true).compress_when(compress))
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let metrics = metrics.clone();
+                async move {
+                    let kind = metrics::request_kind(req.uri().path(), req.uri().query());
+                    let start = std::time::Instant::now();
+                    let res = next.run(req).await;
+                    metrics
+                        .requests
+                        .with_label_values(&[kind, res.status().as_str()])
+                        .inc();
+                    metrics
+                        .request_duration
+                        .with_label_values(&[kind])
+                        .observe(start.elapsed().as_secs_f64());
+                    res
+                }
+            },
+        ))
         .layer(CorsLayer::permissive())
 }
 
@@ -123,9 +146,15 @@ impl AppState {
             origin.signer = Some(Arc::new(signer));
         }
         let config = Arc::new(config);
-        let supervisor = Arc::new(Supervisor::new(config.clone(), origin.clone()));
+        let metrics = Arc::new(metrics::Metrics::new());
+        let supervisor = Arc::new(Supervisor::new(
+            config.clone(),
+            origin.clone(),
+            metrics.clone(),
+        ));
         Ok(Self {
             supervisor,
+            metrics,
             origin,
             config,
         })

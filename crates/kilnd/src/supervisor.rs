@@ -129,6 +129,7 @@ impl StreamHandle {
 pub struct Supervisor {
     config: Arc<Config>,
     origin: Origin,
+    metrics: Arc<crate::metrics::Metrics>,
     streams: Mutex<HashMap<String, Arc<StreamHandle>>>,
     shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -141,10 +142,11 @@ fn unix_ms() -> u64 {
 }
 
 impl Supervisor {
-    pub fn new(config: Arc<Config>, origin: Origin) -> Self {
+    pub fn new(config: Arc<Config>, origin: Origin, metrics: Arc<crate::metrics::Metrics>) -> Self {
         Self {
             config,
             origin,
+            metrics,
             streams: Mutex::new(HashMap::new()),
             shutting_down: false.into(),
         }
@@ -261,7 +263,8 @@ impl Supervisor {
             map.insert(id.to_string(), handle.clone());
         }
         self.origin.insert(stream_origin);
-        tokio::spawn(consume(handle.clone(), rx));
+        self.metrics.init_stream(id);
+        tokio::spawn(consume(handle.clone(), rx, self.metrics.clone()));
         tracing::info!(
             stream = id,
             renditions = handle.origin.renditions.len(),
@@ -311,9 +314,12 @@ impl Supervisor {
         let origin = self.origin.clone();
         let linger = self.config.linger;
         let so = h.origin.clone();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             tokio::time::sleep(linger).await;
             origin.remove_if_same(&so);
+            let names: Vec<String> = so.renditions.iter().map(|r| r.info.name.clone()).collect();
+            metrics.forget_stream(&so.id, &names);
         });
     }
 
@@ -336,8 +342,20 @@ impl Supervisor {
     }
 }
 
-/// Feeds one stream's events into the origin.
-async fn consume(h: Arc<StreamHandle>, mut rx: mpsc::Receiver<MediaEvent>) {
+/// Feeds one stream's events into the origin, and records them in the metrics.
+async fn consume(
+    h: Arc<StreamHandle>,
+    mut rx: mpsc::Receiver<MediaEvent>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    let names: Vec<String> = h
+        .origin
+        .renditions
+        .iter()
+        .map(|r| r.info.name.clone())
+        .collect();
+    let mut media_ns = vec![0u64; names.len()];
+    let mut first_part: Option<std::time::Instant> = None;
     while let Some(ev) = rx.recv().await {
         match ev {
             MediaEvent::Init {
@@ -345,8 +363,33 @@ async fn consume(h: Arc<StreamHandle>, mut rx: mpsc::Receiver<MediaEvent>) {
                 bytes,
                 codec,
             } => h.origin.on_init(rendition, bytes, codec),
-            MediaEvent::Part { rendition, part } => {
-                if let Err(e) = h.origin.on_part(rendition, part) {
+            MediaEvent::Part {
+                rendition,
+                part,
+                at,
+            } => {
+                let (bytes, dur) = (part.bytes.len(), part.duration_ns);
+                let published = h.origin.on_part(rendition, part);
+                if let (Ok(_), Some(name)) = (&published, names.get(rendition)) {
+                    let first = *first_part.get_or_insert(at);
+                    media_ns[rendition] += dur;
+                    metrics.part(
+                        &h.plan.id,
+                        name,
+                        bytes,
+                        std::time::Duration::from_nanos(dur),
+                        at.elapsed(),
+                    );
+                    let wall = first.elapsed().as_secs_f64();
+                    if wall >= 1.0 {
+                        let slowest = media_ns.iter().copied().min().unwrap_or(0) as f64 / 1e9;
+                        metrics
+                            .realtime_ratio
+                            .with_label_values(&[h.plan.id.as_str()])
+                            .set(slowest / wall);
+                    }
+                }
+                if let Err(e) = published {
                     tracing::debug!(stream = %h.plan.id, error = %e, "part dropped");
                 } else if h.state() == StreamState::Starting
                     && h.origin
@@ -366,6 +409,10 @@ async fn consume(h: Arc<StreamHandle>, mut rx: mpsc::Receiver<MediaEvent>) {
                 debug: details,
             } => {
                 tracing::error!(stream = %h.plan.id, ?element, %message, ?details, "pipeline error");
+                metrics
+                    .stream_errors
+                    .with_label_values(&[h.plan.id.as_str()])
+                    .inc();
                 h.push_error(match element {
                     Some(e) => format!("{e}: {message}"),
                     None => message,

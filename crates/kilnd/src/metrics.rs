@@ -1,0 +1,273 @@
+//! Prometheus metrics of the daemon. Every series is listed, with unit and labels, in `docs/metrics.md`, and a
+//! compliance test scrapes `/metrics` during a live stream to check that each documented series is there.
+//!
+//! Names follow `kiln_<name>_<unit>[_total]`. Per-stream series are removed when the stream is dropped.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// `reason` values of `kiln_stream_refusals_total`.
+pub const REFUSAL_REASONS: [&str; 5] = [
+    "invalid",
+    "conflict",
+    "not_found",
+    "pipeline",
+    "shutting_down",
+];
+/// `reason` values of `kiln_fallbacks_total`.
+pub const FALLBACK_REASONS: [&str; 1] = ["encoder_error"];
+
+/// The daemon's metric handles (one set per process, passed in the app state).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub parts_published: IntCounterVec,
+    pub output_bytes: IntCounterVec,
+    pub media_seconds: GaugeVec,
+    pub part_publish_latency: HistogramVec,
+    pub realtime_ratio: GaugeVec,
+    pub streams: IntGaugeVec,
+    pub stream_errors: IntCounterVec,
+    pub fallbacks: IntCounterVec,
+    pub refusals: IntCounterVec,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub parked_requests: IntGauge,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    r.expect("metric definitions are static and valid")
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = must(IntCounterVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
+        let parts_published = counter(
+            "kiln_parts_published_total",
+            "LL-HLS parts published, per rendition",
+            &["stream", "rendition"],
+        );
+        let output_bytes = counter(
+            "kiln_output_bytes_total",
+            "Encoded CMAF bytes published (rate() gives the output bitrate)",
+            &["stream", "rendition"],
+        );
+        let stream_errors = counter(
+            "kiln_stream_errors_total",
+            "Pipeline errors, per stream",
+            &["stream"],
+        );
+        let fallbacks = counter(
+            "kiln_fallbacks_total",
+            "Encoder branches rebuilt on another backend at run time",
+            &["stream", "reason"],
+        );
+        let refusals = counter(
+            "kiln_stream_refusals_total",
+            "Stream requests refused, by reason",
+            &["reason"],
+        );
+        let requests = counter(
+            "kiln_http_requests_total",
+            "HTTP requests by kind and status code",
+            &["kind", "status"],
+        );
+        let media_seconds = must(GaugeVec::new(
+            Opts::new(
+                "kiln_media_seconds_total",
+                "Seconds of media published (rate() ≥ 1 means real time)",
+            ),
+            &["stream", "rendition"],
+        ));
+        must(registry.register(Box::new(media_seconds.clone())));
+        let realtime_ratio = must(GaugeVec::new(
+            Opts::new(
+                "kiln_stream_realtime_ratio",
+                "Media seconds published per wall-clock second since the stream's first part (slowest rendition)",
+            ),
+            &["stream"],
+        ));
+        must(registry.register(Box::new(realtime_ratio.clone())));
+        let part_publish_latency = must(HistogramVec::new(
+            HistogramOpts::new(
+                "kiln_part_publish_latency_seconds",
+                "Time from the muxer handing over a part to its playlist being published",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25,
+            ]),
+            &["stream", "rendition"],
+        ));
+        must(registry.register(Box::new(part_publish_latency.clone())));
+        let request_duration = must(HistogramVec::new(
+            HistogramOpts::new(
+                "kiln_http_request_duration_seconds",
+                "HTTP request duration by kind (blocking requests include their wait)",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0,
+            ]),
+            &["kind"],
+        ));
+        must(registry.register(Box::new(request_duration.clone())));
+        let streams = must(IntGaugeVec::new(
+            Opts::new("kiln_streams", "Live streams by state"),
+            &["state"],
+        ));
+        must(registry.register(Box::new(streams.clone())));
+        let parked_requests = must(IntGauge::new(
+            "kiln_origin_parked_requests",
+            "Requests waiting for a publish (blocking reloads, hinted parts, streamed segments)",
+        ));
+        must(registry.register(Box::new(parked_requests.clone())));
+        must(registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )));
+        // Known label values start at 0, so rate() and alerts work before the first event.
+        for reason in REFUSAL_REASONS {
+            refusals.with_label_values(&[reason]);
+        }
+        Self {
+            registry,
+            parts_published,
+            output_bytes,
+            media_seconds,
+            part_publish_latency,
+            realtime_ratio,
+            streams,
+            stream_errors,
+            fallbacks,
+            refusals,
+            requests,
+            request_duration,
+            parked_requests,
+        }
+    }
+
+    /// Records one published part.
+    pub fn part(
+        &self,
+        stream: &str,
+        rendition: &str,
+        bytes: usize,
+        media: Duration,
+        latency: Duration,
+    ) {
+        let l = [stream, rendition];
+        self.parts_published.with_label_values(&l).inc();
+        self.output_bytes.with_label_values(&l).inc_by(bytes as u64);
+        self.media_seconds
+            .with_label_values(&l)
+            .add(media.as_secs_f64());
+        self.part_publish_latency
+            .with_label_values(&l)
+            .observe(latency.as_secs_f64());
+    }
+
+    /// Creates a new stream's counters at 0.
+    pub fn init_stream(&self, stream: &str) {
+        self.stream_errors.with_label_values(&[stream]);
+        for reason in FALLBACK_REASONS {
+            self.fallbacks.with_label_values(&[stream, reason]);
+        }
+    }
+
+    /// Drops a stream's series.
+    pub fn forget_stream(&self, stream: &str, renditions: &[String]) {
+        for r in renditions {
+            let l = [stream, r.as_str()];
+            let _ = self.parts_published.remove_label_values(&l);
+            let _ = self.output_bytes.remove_label_values(&l);
+            let _ = self.media_seconds.remove_label_values(&l);
+            let _ = self.part_publish_latency.remove_label_values(&l);
+        }
+        let _ = self.realtime_ratio.remove_label_values(&[stream]);
+        let _ = self.stream_errors.remove_label_values(&[stream]);
+        for reason in FALLBACK_REASONS {
+            let _ = self.fallbacks.remove_label_values(&[stream, reason]);
+        }
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The kind label of a request path, bounded to a fixed set (never the raw path).
+pub fn request_kind(path: &str, query: Option<&str>) -> &'static str {
+    let blocking = query.is_some_and(|q| q.contains("_HLS_msn") || q.contains("_HLS_part"));
+    if let Some(rest) = path.strip_prefix("/live/") {
+        let file = rest.rsplit('/').next().unwrap_or("");
+        return match file {
+            "master.m3u8" => "master",
+            "manifest.mpd" => "mpd",
+            "index.m3u8" if blocking => "playlist_blocking",
+            "index.m3u8" => "playlist",
+            f if f.starts_with("part-") => "part",
+            f if f.starts_with("seg-") => "segment",
+            f if f.starts_with("init") => "init",
+            _ => "other_media",
+        };
+    }
+    match path {
+        "/metrics" => "metrics",
+        p if p.starts_with("/v1/") => "api",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_are_bounded() {
+        assert_eq!(
+            request_kind("/live/a/hi/index.m3u8", Some("_HLS_msn=1")),
+            "playlist_blocking"
+        );
+        assert_eq!(request_kind("/live/a/hi/index.m3u8", None), "playlist");
+        assert_eq!(request_kind("/live/a/hi/part-1-2.m4s", None), "part");
+        assert_eq!(request_kind("/live/a/master.m3u8", None), "master");
+        assert_eq!(request_kind("/v1/streams/x", None), "api");
+        assert_eq!(request_kind("/../../etc/passwd", None), "other");
+    }
+
+    #[test]
+    fn parts_are_counted_and_forgotten() {
+        let m = Metrics::new();
+        m.part(
+            "s",
+            "hi",
+            1000,
+            Duration::from_millis(333),
+            Duration::from_micros(300),
+        );
+        let text = m.render();
+        assert!(
+            text.contains(r#"kiln_parts_published_total{rendition="hi",stream="s"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"kiln_output_bytes_total{rendition="hi",stream="s"} 1000"#));
+        m.forget_stream("s", &["hi".into()]);
+        assert!(!m.render().contains(r#"stream="s""#));
+    }
+}

@@ -1,0 +1,58 @@
+//! Metrics compliance: during a live stream, `/metrics` carries every series `docs/metrics.md` documents, and
+//! the stream's counters move.
+
+use anyhow::{ensure, Context, Result};
+use kiln_integration::{small_stream_spec, Daemon};
+
+fn documented() -> Result<Vec<String>> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))?;
+    Ok(doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_string)
+        .collect())
+}
+
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_series_is_exported() -> Result<()> {
+    let d = Daemon::start_default().await?;
+    let (st, _) = d.put_stream("m", small_stream_spec()).await?;
+    ensure!(st == 201);
+    let (st, _) = d.put_stream("bad", "{nope").await?;
+    ensure!(st == 400);
+    d.wait_for_segments("m", "hi", 2).await?;
+    let (st, text) = d.get_text("/metrics").await?;
+    ensure!(st == 200);
+    let names = documented()?;
+    ensure!(
+        names.len() >= 15,
+        "parsed {} names from docs/metrics.md",
+        names.len()
+    );
+    for n in &names {
+        ensure!(
+            text.contains(&format!("# TYPE {n} ")),
+            "{n} is documented but not exported"
+        );
+    }
+    let parts = value(
+        &text,
+        r#"kiln_parts_published_total{rendition="hi",stream="m"}"#,
+    )
+    .context("parts")?;
+    ensure!(parts >= 12.0, "parts {parts}");
+    let ratio = value(&text, r#"kiln_stream_realtime_ratio{stream="m"}"#).context("ratio")?;
+    ensure!((0.9..=1.2).contains(&ratio), "real-time ratio {ratio}");
+    ensure!(value(&text, r#"kiln_stream_refusals_total{reason="invalid"}"#) == Some(1.0));
+    ensure!(value(&text, r#"kiln_streams{state="running"}"#) == Some(1.0));
+    ensure!(text.contains(r#"kiln_http_requests_total{kind="playlist_blocking",status="200"}"#));
+    d.shutdown().await
+}
