@@ -32,6 +32,53 @@ const BUILTIN: &[(&str, &str)] = &[
     ),
 ];
 
+/// The CPU cost model shipped in `hw-profiles/cpu-x86_64.toml`.
+const CPU_PROFILE: &str = include_str!("../../../hw-profiles/cpu-x86_64.toml");
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CpuProfileFile {
+    #[allow(dead_code)]
+    name: String,
+    #[serde(flatten)]
+    model: kiln_model::capacity::CpuCostModel,
+}
+
+/// Parses and validates a CPU cost profile: every figure positive, x264 costs non-decreasing from ultrafast to
+/// medium.
+pub fn parse_cpu_profile(text: &str) -> Result<kiln_model::capacity::CpuCostModel, ConfigError> {
+    let file: CpuProfileFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        file: "cpu profile".into(),
+        msg: e.to_string(),
+    })?;
+    let m = file.model;
+    let bad = |msg: &str| {
+        Err(ConfigError::Parse {
+            file: "cpu profile".into(),
+            msg: msg.into(),
+        })
+    };
+    if m.stream_base_millicores == 0
+        || m.source_millicores_per_mpx <= 0.0
+        || m.memory_mib_per_mpx <= 0.0
+    {
+        return bad("every cost must be positive");
+    }
+    if m.x264_millicores_per_mpx
+        .iter()
+        .any(|c| !(*c > 0.0 && c.is_finite()))
+        || m.x264_millicores_per_mpx.windows(2).any(|w| w[1] < w[0])
+    {
+        return bad("x264 costs must be positive and non-decreasing from ultrafast to medium");
+    }
+    Ok(m)
+}
+
+/// The built-in CPU cost model.
+pub fn builtin_cpu_profile() -> kiln_model::capacity::CpuCostModel {
+    parse_cpu_profile(CPU_PROFILE).expect("the shipped CPU profile is valid (tested)")
+}
+
 /// A named ladder.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -282,6 +329,15 @@ mod tests {
             ),
             Err(PlanError::UnknownPreset(_))
         ));
+    }
+
+    #[test]
+    fn cpu_profile_loads_and_is_checked() {
+        let m = builtin_cpu_profile();
+        assert_eq!(m.stream_base_millicores, 40);
+        let broken = CPU_PROFILE.replace("[4.0, 6.0, 11.0", "[4.0, 16.0, 11.0");
+        assert!(parse_cpu_profile(&broken).is_err());
+        assert!(parse_cpu_profile("name = 1").is_err());
     }
 
     #[test]

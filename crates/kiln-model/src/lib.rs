@@ -9,8 +9,10 @@
 //! - [`stream`]: the request a client sends (`StreamRequest`), the resolved plan a pipeline is built from
 //!   (`StreamPlan`), timing rules (`Timing`) and validation.
 //! - [`api`]: the status documents the daemon returns.
+//! - [`capacity`]: resource vectors (CPU, memory, NVENC/NVDEC, sessions, VRAM) and the CPU cost model.
 
 pub mod api;
+pub mod capacity;
 pub mod source;
 pub mod stream;
 

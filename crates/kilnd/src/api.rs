@@ -27,10 +27,33 @@ pub enum ApiError {
     Conflict(String),
     Unavailable(String),
     PayloadTooLarge,
+    /// 429: the node lacks `dimension`.
+    Capacity {
+        message: String,
+        dimension: &'static str,
+        requested: u64,
+        free: u64,
+    },
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if let ApiError::Capacity {
+            message,
+            dimension,
+            requested,
+            free,
+        } = self
+        {
+            let body = json!({"error": {
+                "code": "insufficient_capacity",
+                "message": message,
+                "dimension": dimension,
+                "requested": requested,
+                "free": free,
+            }});
+            return (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+        }
         let (status, code, message) = match self {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m),
@@ -41,6 +64,7 @@ impl IntoResponse for ApiError {
                 "payload_too_large",
                 format!("request body is larger than {MAX_BODY} bytes"),
             ),
+            ApiError::Capacity { .. } => unreachable!("handled above"),
         };
         (
             status,
@@ -59,6 +83,16 @@ impl From<SupervisorError> for ApiError {
             SupervisorError::Media(_) | SupervisorError::ShuttingDown => {
                 ApiError::Unavailable(e.to_string())
             }
+            SupervisorError::Capacity {
+                dimension,
+                requested,
+                free,
+            } => ApiError::Capacity {
+                message: e.to_string(),
+                dimension,
+                requested,
+                free,
+            },
         }
     }
 }
@@ -68,6 +102,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/streams", get(list))
         .route("/v1/streams/{id}", get(status).put(create).delete(remove))
         .route("/v1/stats", get(stats))
+        .route("/v1/capacity", get(capacity))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -110,6 +145,7 @@ async fn create(
             SupervisorError::NotFound(_) => "not_found",
             SupervisorError::Media(_) => "pipeline",
             SupervisorError::ShuttingDown => "shutting_down",
+            SupervisorError::Capacity { dimension, .. } => dimension,
         };
         st.metrics.refusals.with_label_values(&[reason]).inc();
     })?;
@@ -139,6 +175,25 @@ async fn metrics(State(st): State<AppState>) -> Response {
         m.streams.with_label_values(&[state]).inc();
     }
     m.parked_requests.set(st.origin.parked() as i64);
+    let sup = &st.supervisor;
+    let (cap, alloc) = (sup.capacity(), sup.allocated());
+    let measured = kiln_model::capacity::Resources {
+        cpu_millicores: crate::metrics::process_cpu_millicores(),
+        memory_mib: crate::metrics::process_rss_mib(),
+        ..Default::default()
+    };
+    for (kind, r) in [
+        ("capacity", cap),
+        ("allocated", alloc),
+        ("free", cap.minus(&alloc)),
+        ("measured", measured),
+    ] {
+        for dim in kiln_model::capacity::DIMENSIONS {
+            m.capacity
+                .with_label_values(&[dim, kind])
+                .set(r.dimension(dim) as i64);
+        }
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -147,6 +202,56 @@ async fn metrics(State(st): State<AppState>) -> Response {
         m.render(),
     )
         .into_response()
+}
+
+/// `GET /v1/capacity`: what this node has, has booked and has free, per dimension, with the streams' demands
+/// and the headroom in units of each preset.
+async fn capacity(State(st): State<AppState>) -> Json<serde_json::Value> {
+    let sup = &st.supervisor;
+    let cap = sup.capacity();
+    let alloc = sup.allocated();
+    let free = cap.minus(&alloc);
+    let measured = kiln_model::capacity::Resources {
+        cpu_millicores: crate::metrics::process_cpu_millicores(),
+        memory_mib: crate::metrics::process_rss_mib(),
+        ..Default::default()
+    };
+    let effective = kiln_model::capacity::Resources {
+        cpu_millicores: alloc.cpu_millicores.max(measured.cpu_millicores),
+        memory_mib: alloc.memory_mib.max(measured.memory_mib),
+        ..alloc
+    };
+    let streams: Vec<_> = sup
+        .list()
+        .iter()
+        .map(|h| json!({"id": h.plan.id, "state": h.state(), "backend": "cpu", "demand": h.demand}))
+        .collect();
+    let mut headroom = serde_json::Map::new();
+    for name in st.config.presets.names() {
+        let req = StreamRequest {
+            source: "test:".into(),
+            preset: Some(name.to_string()),
+            ..Default::default()
+        };
+        if let Ok(plan) = st.config.presets.resolve("headroom", &req) {
+            let d = st.config.cpu_model.demand(&plan);
+            headroom.insert(name.to_string(), json!(free.how_many(&d)));
+        }
+    }
+    Json(json!({
+        "node_id": st.config.node_id,
+        "epoch": sup.epoch(),
+        "gpus": [],
+        "host": {
+            "capacity": cap,
+            "allocated": alloc,
+            "free": free,
+            "measured": measured,
+            "effective": effective,
+        },
+        "streams": streams,
+        "headroom": headroom,
+    }))
 }
 
 /// Live counters of this node (the Prometheus metrics issue extends this into `/metrics`).

@@ -51,6 +51,40 @@ pub struct Config {
     pub playback_key: Option<Vec<u8>>,
     /// Serve HTTPS (ALPN `h2`, then `http/1.1`) with this PEM certificate chain and key instead of plain HTTP.
     pub tls: Option<TlsFiles>,
+    /// This node's id in capacity reports (default: the host name).
+    pub node_id: String,
+    /// Software encoding costs (`hw-profiles/cpu-*.toml`).
+    pub cpu_model: kiln_model::capacity::CpuCostModel,
+    /// What admission may book: this node's resources (default: all cores and 80 % of memory, less headroom).
+    pub capacity: kiln_model::capacity::Resources,
+}
+
+/// This host's schedulable resources: 85 % of its cores (the rest is for the daemon, the origin and the OS) and
+/// 80 % of its memory. No GPU dimensions until the hardware path exists.
+pub fn host_capacity() -> kiln_model::capacity::Resources {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let mem_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(1024, |kib| kib / 1024);
+    kiln_model::capacity::Resources {
+        cpu_millicores: cores * 850,
+        memory_mib: mem_mib * 8 / 10,
+        ..Default::default()
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "kilnd".into())
 }
 
 /// PEM files for HTTPS.
@@ -74,6 +108,9 @@ impl Default for Config {
             assets_dir: None,
             playback_key: None,
             tls: None,
+            node_id: host_name(),
+            cpu_model: kiln_config::builtin_cpu_profile(),
+            capacity: host_capacity(),
         }
     }
 }

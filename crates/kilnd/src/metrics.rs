@@ -11,12 +11,18 @@ use prometheus::{
 };
 
 /// `reason` values of `kiln_stream_refusals_total`.
-pub const REFUSAL_REASONS: [&str; 5] = [
+pub const REFUSAL_REASONS: [&str; 11] = [
     "invalid",
     "conflict",
     "not_found",
     "pipeline",
     "shutting_down",
+    "cpu_millicores",
+    "memory_mib",
+    "nvenc_fps",
+    "nvdec_fps",
+    "encoder_sessions",
+    "vram_mib",
 ];
 /// `reason` values of `kiln_fallbacks_total`.
 pub const FALLBACK_REASONS: [&str; 1] = ["encoder_error"];
@@ -37,6 +43,7 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub parked_requests: IntGauge,
+    pub capacity: IntGaugeVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -135,6 +142,14 @@ impl Metrics {
             "Requests waiting for a publish (blocking reloads, hinted parts, streamed segments)",
         ));
         must(registry.register(Box::new(parked_requests.clone())));
+        let capacity = must(IntGaugeVec::new(
+            Opts::new(
+                "kiln_node_resources",
+                "Node resources per dimension (units in the dimension name): capacity, allocated (booked by admission), free, measured",
+            ),
+            &["dimension", "kind"],
+        ));
+        must(registry.register(Box::new(capacity.clone())));
         must(registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         )));
@@ -156,6 +171,7 @@ impl Metrics {
             requests,
             request_duration,
             parked_requests,
+            capacity,
         }
     }
 
@@ -209,6 +225,43 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// CPU used by this process over the last sampling window (millicores), from /proc/self/stat; 0 elsewhere.
+/// The window is the time since the previous call (first call: since process start).
+pub fn process_cpu_millicores() -> u64 {
+    use std::sync::Mutex;
+    static LAST: Mutex<Option<(std::time::Instant, u64)>> = Mutex::new(None);
+    let Some(ticks) = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit(')').next()?.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // fields after the command: state(0) … utime(11) stime(12), in clock ticks (100 Hz on Linux)
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+    else {
+        return 0;
+    };
+    let now = std::time::Instant::now();
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let (t0, k0) = last.unwrap_or((now - std::time::Duration::from_secs(1), 0));
+    *last = Some((now, ticks));
+    let secs = now.duration_since(t0).as_secs_f64().max(0.001);
+    ((ticks.saturating_sub(k0)) as f64 * 10.0 / secs) as u64
+}
+
+/// Resident memory of this process in MiB.
+pub fn process_rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
 }
 
 /// The kind label of a request path, bounded to a fixed set (never the raw path).

@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use kiln_llhls::PackagerConfig;
 use kiln_media::{LivePipeline, MediaEvent};
+use kiln_model::capacity::Resources;
 use kiln_model::{
     PlanError, RenditionStatus, StreamPlan, StreamRequest, StreamState, StreamStatus,
 };
@@ -36,12 +37,20 @@ pub enum SupervisorError {
     Media(String),
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    #[error("not enough {dimension} on this node: the stream needs {requested}, {free} is free")]
+    Capacity {
+        dimension: &'static str,
+        requested: u64,
+        free: u64,
+    },
 }
 
 /// A live stream under supervision.
 #[derive(Debug)]
 pub struct StreamHandle {
     pub plan: StreamPlan,
+    /// What admission booked for this stream.
+    pub demand: Resources,
     pub request: StreamRequest,
     pub origin: Arc<StreamOrigin>,
     pipeline: Mutex<Option<LivePipeline>>,
@@ -132,6 +141,9 @@ pub struct Supervisor {
     metrics: Arc<crate::metrics::Metrics>,
     streams: Mutex<HashMap<String, Arc<StreamHandle>>>,
     shutting_down: std::sync::atomic::AtomicBool,
+    /// Resources booked by admitted streams (and by streams being started).
+    allocated: Mutex<Resources>,
+    epoch: u64,
 }
 
 fn unix_ms() -> u64 {
@@ -149,11 +161,48 @@ impl Supervisor {
             metrics,
             streams: Mutex::new(HashMap::new()),
             shutting_down: false.into(),
+            allocated: Mutex::new(Resources::default()),
+            epoch: unix_ms(),
         }
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<StreamHandle>>> {
         self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Unix ms when this supervisor started: changes on every daemon restart.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Resources booked now.
+    pub fn allocated(&self) -> Resources {
+        *self.allocated.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The node's schedulable capacity.
+    pub fn capacity(&self) -> Resources {
+        self.config.capacity
+    }
+
+    /// Books `demand` if it fits; never over-commits (check and add under one lock).
+    fn reserve(&self, demand: &Resources) -> Result<(), SupervisorError> {
+        let mut alloc = self.allocated.lock().unwrap_or_else(|e| e.into_inner());
+        let free = self.config.capacity.minus(&alloc);
+        if let Some(dimension) = free.short_dimension(demand) {
+            return Err(SupervisorError::Capacity {
+                dimension,
+                requested: demand.dimension(dimension),
+                free: free.dimension(dimension),
+            });
+        }
+        *alloc = alloc.plus(demand);
+        Ok(())
+    }
+
+    fn release(&self, demand: &Resources) {
+        let mut alloc = self.allocated.lock().unwrap_or_else(|e| e.into_inner());
+        *alloc = alloc.minus(demand);
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<StreamHandle>> {
@@ -185,6 +234,24 @@ impl Supervisor {
             };
         }
 
+        let demand = self.config.cpu_model.demand(&plan);
+        self.reserve(&demand)?;
+        match self.start(id, request, plan, demand).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                self.release(&demand);
+                Err(e)
+            }
+        }
+    }
+
+    async fn start(
+        &self,
+        id: &str,
+        request: StreamRequest,
+        plan: StreamPlan,
+        demand: Resources,
+    ) -> Result<(Arc<StreamHandle>, bool), SupervisorError> {
         let (tx, rx) = mpsc::channel::<MediaEvent>(EVENT_QUEUE);
         let sink: kiln_media::EventSink = Arc::new(move |ev| {
             // Streaming threads may block briefly (backpressure); a message posted from inside the runtime (a
@@ -242,6 +309,7 @@ impl Supervisor {
         let stream_origin = StreamOrigin::new(id, infos, pcfg);
         let handle = Arc::new(StreamHandle {
             plan,
+            demand,
             request,
             origin: stream_origin.clone(),
             pipeline: Mutex::new(Some(pipeline)),
@@ -253,8 +321,9 @@ impl Supervisor {
         {
             let mut map = self.map();
             if let Some(h) = map.get(id) {
-                // Lost a race with an identical PUT: keep the first one (ours drops and stops).
+                // Lost a race with an identical PUT: keep the first one (ours drops, stops and is released).
                 return if h.plan == handle.plan {
+                    self.release(&handle.demand);
                     Ok((h.clone(), false))
                 } else {
                     Err(SupervisorError::Conflict(id.to_string()))
@@ -310,6 +379,7 @@ impl Supervisor {
         }
         h.origin.end();
         h.set_state(StreamState::Ended);
+        self.release(&h.demand);
         tracing::info!(stream = %h.plan.id, "stream stopped");
         let origin = self.origin.clone();
         let linger = self.config.linger;
