@@ -56,3 +56,55 @@ async fn every_documented_series_is_exported() -> Result<()> {
     ensure!(text.contains(r#"kiln_http_requests_total{kind="playlist_blocking",status="200"}"#));
     d.shutdown().await
 }
+
+/// `kiln_*` names used in a text, with histogram suffixes folded to the family name.
+fn kiln_names(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("kiln_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = tail[..end]
+            .trim_end_matches("_bucket")
+            .trim_end_matches("_sum")
+            .trim_end_matches("_count");
+        out.push(name.to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[test]
+fn dashboard_and_alerts_use_only_documented_series() -> Result<()> {
+    let docs = documented()?;
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+    let dashboard = std::fs::read_to_string(format!("{root}/grafana/kiln-dashboard.json"))?;
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard)?;
+    ensure!(
+        parsed["panels"].as_array().is_some_and(|p| p.len() >= 10),
+        "dashboard panels"
+    );
+    let alerts = std::fs::read_to_string(format!("{root}/prometheus/kiln-alerts.yml"))?;
+    for alert in [
+        "KilnNodeNearCapacity",
+        "KilnStreamBehindRealTime",
+        "KilnFallbackStorm",
+        "KilnOrigin5xx",
+    ] {
+        ensure!(
+            alerts.contains(&format!("alert: {alert}")),
+            "{alert} missing"
+        );
+    }
+    for (file, text) in [("dashboard", &dashboard), ("alerts", &alerts)] {
+        for n in kiln_names(text) {
+            ensure!(
+                docs.contains(&n),
+                "{file} uses {n}, which docs/metrics.md does not document"
+            );
+        }
+    }
+    Ok(())
+}
