@@ -126,3 +126,63 @@ async fn admits_until_full_refuses_with_the_dimension_and_keeps_real_time() -> R
     ensure!(st == 201, "after a release: {st} {body}");
     d.shutdown().await
 }
+
+/// `kilnd calibrate` ramps the default ladder until it falls behind, writes a profile, and a daemon using that
+/// profile advertises — and admits — exactly the sustainable number of streams, which then keep real time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calibration_matches_what_admission_then_allows() -> Result<()> {
+    let preset = "live-720p-abr";
+    let cal = kilnd::calibrate::run(
+        kilnd::Config::default(),
+        preset,
+        Duration::from_secs(3),
+        Duration::from_secs(4),
+    )
+    .await?;
+    let text = cal.to_toml();
+    eprintln!("{text}");
+    let model = kiln_config::parse_cpu_profile(&text)?;
+    let n = cal.sustainable;
+    let d = Daemon::start(kilnd::Config {
+        cpu_model: model,
+        ..Default::default()
+    })
+    .await?;
+    let (_, cap) = d.get_text("/v1/capacity").await?;
+    let cap: serde_json::Value = serde_json::from_str(&cap)?;
+    ensure!(
+        cap["headroom"][preset] == n as u64,
+        "advertised {} vs calibrated {n}",
+        cap["headroom"][preset]
+    );
+    let body = format!(r#"{{"source": "test:", "preset": "{preset}"}}"#);
+    let mut admitted = Vec::new();
+    loop {
+        let id = format!("c{}", admitted.len());
+        let (st, b) = d.put_stream(&id, &body).await?;
+        if st == 429 {
+            break;
+        }
+        ensure!(st == 201, "{st} {b}");
+        admitted.push(id);
+    }
+    ensure!(
+        admitted.len() == n,
+        "admitted {} of {n} calibrated",
+        admitted.len()
+    );
+    for id in &admitted {
+        d.wait_for_segments(id, "360p", 1).await?;
+    }
+    let (_, before) = d.get_text("/metrics").await?;
+    let t0 = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(15)).await; // the measurement window
+    let (_, after) = d.get_text("/metrics").await?;
+    let wall = t0.elapsed().as_secs_f64();
+    let (b, a) = (media_seconds(&before), media_seconds(&after));
+    for id in &admitted {
+        let ratio = (a[id] - b[id]) / wall;
+        ensure!(ratio >= 0.97, "{id}: ratio {ratio:.3}");
+    }
+    d.shutdown().await
+}

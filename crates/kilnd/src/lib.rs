@@ -8,6 +8,7 @@
 //! routes, JSON errors), [`page`] (the `/` page with an hls.js player).
 
 pub mod api;
+pub mod calibrate;
 pub mod metrics;
 pub mod page;
 pub mod supervisor;

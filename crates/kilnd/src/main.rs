@@ -10,6 +10,11 @@ use kiln_config::Presets;
 #[derive(Debug, Parser)]
 #[command(name = "kilnd", version)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// CPU cost profile (hw-profiles/*.toml, or one written by `kilnd calibrate`).
+    #[arg(long, global = true)]
+    cpu_profile: Option<PathBuf>,
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
@@ -45,6 +50,22 @@ struct Args {
     tls_key: Option<PathBuf>,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Ramp concurrent streams of a preset until they fall behind real time (or past 80 % CPU) and write a CPU
+    /// cost profile that advertises the sustainable count.
+    Calibrate {
+        #[arg(long, default_value = kiln_config::DEFAULT_PRESET)]
+        preset: String,
+        /// Where to write the profile.
+        #[arg(long, default_value = "host-calibrated.toml")]
+        out: PathBuf,
+        /// Measurement window per step, in seconds.
+        #[arg(long, default_value_t = 10)]
+        window_secs: u64,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -55,6 +76,12 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let cpu_model = match &args.cpu_profile {
+        Some(p) => kiln_config::parse_cpu_profile(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )?,
+        None => kiln_config::builtin_cpu_profile(),
+    };
     let presets = match &args.pipelines_dir {
         Some(dir) => Presets::load_dir(dir, kiln_config::DEFAULT_PRESET)?,
         None => Presets::builtin(),
@@ -85,7 +112,36 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
+    if let Some(Cmd::Calibrate {
+        preset,
+        out,
+        window_secs,
+    }) = &args.command
+    {
+        let config = kilnd::Config {
+            presets,
+            cpu_model,
+            ..Default::default()
+        };
+        let cal = kilnd::calibrate::run(
+            config,
+            preset,
+            std::time::Duration::from_secs(3),
+            std::time::Duration::from_secs(*window_secs),
+        )
+        .await?;
+        let text = cal.to_toml();
+        std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
+        println!("{text}");
+        println!(
+            "# written to {}: run kilnd with --cpu-profile {}",
+            out.display(),
+            out.display()
+        );
+        return Ok(());
+    }
     let config = kilnd::Config {
+        cpu_model,
         tls,
         playback_key,
         presets,
