@@ -426,9 +426,13 @@ pub async fn gst_play(
             }
         }
     };
-    tokio::time::timeout(timeout, run)
-        .await
-        .with_context(|| format!("playbin3 did not decode enough in {timeout:?}"))??;
+    let res = tokio::time::timeout(timeout, run).await;
+    match res {
+        Ok(r) => r?,
+        Err(_) => bail!(
+            "playbin3 decoded only {v} video frames and {a} audio buffers in {timeout:?} (demuxers {demuxers:?})"
+        ),
+    }
     let _ = child.kill().await;
     Ok((v, a, demuxers))
 }
