@@ -1,5 +1,12 @@
-//! Admission on this host: admit live streams until kilnd refuses one; the refusal names the short dimension; the
-//! node never books more than it has; every admitted stream keeps real time for 60 s (measured from /metrics).
+//! Admission on this host, against a cost profile calibrated on this host: `kilnd calibrate` ramps the small
+//! ladder (`live-360p-abr`) until it falls behind and writes a profile; a daemon using that profile advertises — and
+//! admits — exactly the sustainable number of streams; the refusal names the short dimension; the node never books
+//! more than it has; every admitted stream keeps real time for 60 s (measured from /metrics); releasing one stream
+//! makes room again.
+//!
+//! The shipped `hw-profiles/cpu-x86_64.toml` was measured on one development host; a CI host with slower cores
+//! over-commits with it (seen: 9 small streams admitted at 0.82 × real time). Admission is only as true as its
+//! profile, which is why the test calibrates first — the same thing an operator does on new hardware.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -7,10 +14,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use kiln_integration::Daemon;
 
-const MEDIUM: &str = r#"{"source": "test:pattern=ball",
-  "renditions": [{"name": "hi", "width": 640, "height": 360, "fps": 30, "bitrate_kbps": 800},
-                 {"name": "lo", "width": 320, "height": 180, "fps": 30, "bitrate_kbps": 300}],
-  "audio": {"bitrate_kbps": 64}}"#;
+const PRESET: &str = "live-360p-abr";
 
 fn media_seconds(metrics: &str) -> BTreeMap<String, f64> {
     // slowest rendition per stream
@@ -37,12 +41,35 @@ fn media_seconds(metrics: &str) -> BTreeMap<String, f64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admits_until_full_refuses_with_the_dimension_and_keeps_real_time() -> Result<()> {
-    let d = Daemon::start_default().await?;
+async fn calibrated_admission_refuses_when_full_and_admitted_streams_keep_real_time() -> Result<()>
+{
+    let cal = kilnd::calibrate::run(
+        kilnd::Config::default(),
+        PRESET,
+        Duration::from_secs(3),
+        Duration::from_secs(4),
+    )
+    .await?;
+    let text = cal.to_toml();
+    eprintln!("{text}");
+    let n = cal.sustainable;
+    let d = Daemon::start(kilnd::Config {
+        cpu_model: kiln_config::parse_cpu_profile(&text)?,
+        ..Default::default()
+    })
+    .await?;
+    let (_, cap) = d.get_text("/v1/capacity").await?;
+    let cap: serde_json::Value = serde_json::from_str(&cap)?;
+    ensure!(
+        cap["headroom"][PRESET] == n as u64,
+        "advertised {} vs calibrated {n}",
+        cap["headroom"][PRESET]
+    );
+    let spec = format!(r#"{{"source": "test:pattern=ball", "preset": "{PRESET}"}}"#);
     let mut admitted = Vec::new();
     let refusal = loop {
         let id = format!("s{}", admitted.len());
-        let (st, body) = d.put_stream(&id, MEDIUM).await?;
+        let (st, body) = d.put_stream(&id, &spec).await?;
         match st {
             201 => admitted.push(id),
             429 => break body,
@@ -50,7 +77,11 @@ async fn admits_until_full_refuses_with_the_dimension_and_keeps_real_time() -> R
         }
         ensure!(admitted.len() < 64, "never refused");
     };
-    ensure!(!admitted.is_empty(), "nothing admitted");
+    ensure!(
+        admitted.len() == n,
+        "admitted {} of {n} calibrated",
+        admitted.len()
+    );
     let e = &refusal["error"];
     ensure!(
         e["code"] == "insufficient_capacity" && e["dimension"] == "cpu_millicores",
@@ -91,7 +122,7 @@ async fn admits_until_full_refuses_with_the_dimension_and_keeps_real_time() -> R
 
     // every admitted stream keeps real time over 60 s
     for id in &admitted {
-        d.wait_for_segments(id, "lo", 1).await?;
+        d.wait_for_segments(id, "180p", 1).await?;
     }
     let (_, before) = d.get_text("/metrics").await?;
     let t0 = std::time::Instant::now();
@@ -122,67 +153,7 @@ async fn admits_until_full_refuses_with_the_dimension_and_keeps_real_time() -> R
         .send()
         .await?;
     ensure!(res.status() == 204);
-    let (st, body) = d.put_stream("late", MEDIUM).await?;
+    let (st, body) = d.put_stream("late", &spec).await?;
     ensure!(st == 201, "after a release: {st} {body}");
-    d.shutdown().await
-}
-
-/// `kilnd calibrate` ramps the default ladder until it falls behind, writes a profile, and a daemon using that
-/// profile advertises — and admits — exactly the sustainable number of streams, which then keep real time.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calibration_matches_what_admission_then_allows() -> Result<()> {
-    let preset = "live-720p-abr";
-    let cal = kilnd::calibrate::run(
-        kilnd::Config::default(),
-        preset,
-        Duration::from_secs(3),
-        Duration::from_secs(4),
-    )
-    .await?;
-    let text = cal.to_toml();
-    eprintln!("{text}");
-    let model = kiln_config::parse_cpu_profile(&text)?;
-    let n = cal.sustainable;
-    let d = Daemon::start(kilnd::Config {
-        cpu_model: model,
-        ..Default::default()
-    })
-    .await?;
-    let (_, cap) = d.get_text("/v1/capacity").await?;
-    let cap: serde_json::Value = serde_json::from_str(&cap)?;
-    ensure!(
-        cap["headroom"][preset] == n as u64,
-        "advertised {} vs calibrated {n}",
-        cap["headroom"][preset]
-    );
-    let body = format!(r#"{{"source": "test:", "preset": "{preset}"}}"#);
-    let mut admitted = Vec::new();
-    loop {
-        let id = format!("c{}", admitted.len());
-        let (st, b) = d.put_stream(&id, &body).await?;
-        if st == 429 {
-            break;
-        }
-        ensure!(st == 201, "{st} {b}");
-        admitted.push(id);
-    }
-    ensure!(
-        admitted.len() == n,
-        "admitted {} of {n} calibrated",
-        admitted.len()
-    );
-    for id in &admitted {
-        d.wait_for_segments(id, "360p", 1).await?;
-    }
-    let (_, before) = d.get_text("/metrics").await?;
-    let t0 = std::time::Instant::now();
-    tokio::time::sleep(Duration::from_secs(15)).await; // the measurement window
-    let (_, after) = d.get_text("/metrics").await?;
-    let wall = t0.elapsed().as_secs_f64();
-    let (b, a) = (media_seconds(&before), media_seconds(&after));
-    for id in &admitted {
-        let ratio = (a[id] - b[id]) / wall;
-        ensure!(ratio >= 0.97, "{id}: ratio {ratio:.3}");
-    }
     d.shutdown().await
 }
