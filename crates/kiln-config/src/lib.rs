@@ -79,6 +79,61 @@ pub fn builtin_cpu_profile() -> kiln_model::capacity::CpuCostModel {
     parse_cpu_profile(CPU_PROFILE).expect("the shipped CPU profile is valid (tested)")
 }
 
+/// The GPU profiles kiln ships (`hw-profiles/<name>.toml`), embedded so a bare binary knows them.
+const GPU_PROFILES: [(&str, &str); 11] = [
+    ("t4", include_str!("../../../hw-profiles/t4.toml")),
+    ("a10", include_str!("../../../hw-profiles/a10.toml")),
+    ("a16", include_str!("../../../hw-profiles/a16.toml")),
+    ("l4", include_str!("../../../hw-profiles/l4.toml")),
+    ("l40s", include_str!("../../../hw-profiles/l40s.toml")),
+    ("a100", include_str!("../../../hw-profiles/a100.toml")),
+    ("h100", include_str!("../../../hw-profiles/h100.toml")),
+    ("h200", include_str!("../../../hw-profiles/h200.toml")),
+    ("b200", include_str!("../../../hw-profiles/b200.toml")),
+    (
+        "rtx-4090",
+        include_str!("../../../hw-profiles/rtx-4090.toml"),
+    ),
+    (
+        "rtx-4000-ada",
+        include_str!("../../../hw-profiles/rtx-4000-ada.toml"),
+    ),
+];
+
+/// Parses and validates a GPU profile (`file` names it in errors): known fields only, every figure sourced,
+/// engine counts consistent with codecs and throughput.
+pub fn parse_gpu_profile(
+    file: &str,
+    text: &str,
+) -> Result<kiln_model::capacity::GpuProfile, ConfigError> {
+    let p: kiln_model::capacity::GpuProfile =
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.into(),
+            msg: e.to_string(),
+        })?;
+    let problems = p.problems();
+    if !problems.is_empty() {
+        return Err(ConfigError::Parse {
+            file: file.into(),
+            msg: problems.join("; "),
+        });
+    }
+    Ok(p)
+}
+
+/// The shipped GPU profile named `name` (a `hw-profiles/` file stem).
+pub fn builtin_gpu_profile(name: &str) -> Option<kiln_model::capacity::GpuProfile> {
+    GPU_PROFILES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(n, t)| parse_gpu_profile(n, t).expect("shipped GPU profiles are valid (tested)"))
+}
+
+/// Names of the shipped GPU profiles.
+pub fn builtin_gpu_profile_names() -> impl Iterator<Item = &'static str> {
+    GPU_PROFILES.iter().map(|(n, _)| *n)
+}
+
 /// A named ladder.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -367,5 +422,41 @@ mod tests {
             loaded.names().collect::<Vec<_>>(),
             Presets::builtin().names().collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn shipped_gpu_profiles_are_valid_and_complete() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hw-profiles");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".toml") && !n.starts_with("cpu-"))
+            .map(|n| n.trim_end_matches(".toml").to_string())
+            .collect();
+        on_disk.sort();
+        let mut builtin: Vec<&str> = builtin_gpu_profile_names().collect();
+        builtin.sort();
+        assert_eq!(on_disk, builtin, "every hw-profiles/*.toml is embedded");
+        for n in builtin_gpu_profile_names() {
+            let p = builtin_gpu_profile(n).unwrap();
+            assert_eq!(p.name, n);
+            let text = std::fs::read_to_string(dir.join(format!("{n}.toml"))).unwrap();
+            assert_eq!(parse_gpu_profile(n, &text).unwrap(), p);
+        }
+        // the chips without NVENC say so
+        for n in ["a100", "h100", "h200", "b200"] {
+            assert!(!builtin_gpu_profile(n).unwrap().has_nvenc(), "{n}");
+        }
+        assert_eq!(
+            builtin_gpu_profile("rtx-4090").unwrap().max_sessions,
+            Some(8)
+        );
+        // a broken profile names its problem
+        let h200 = std::fs::read_to_string(dir.join("h200.toml")).unwrap();
+        let err = parse_gpu_profile("x", &h200.replace("nvenc_engines = 0", "nvenc_engines = 2"))
+            .unwrap_err();
+        assert!(err.to_string().contains("encode_codecs"), "{err}");
+        assert!(parse_gpu_profile("x", &format!("{h200}\nbogus = 1")).is_err());
     }
 }
