@@ -317,7 +317,11 @@ impl Presets {
             segment_ms: req.segment_ms.unwrap_or(preset.segment_ms),
             part_target_ms: req.part_target_ms.unwrap_or(preset.part_target_ms),
         };
-        StreamPlan::new(id, &req.source, video, audio, timing, preset.encoder)
+        let mut encoder = preset.encoder;
+        if let Some(p) = req.policy {
+            encoder.policy = p;
+        }
+        StreamPlan::new(id, &req.source, video, audio, timing, encoder)
     }
 }
 
@@ -368,8 +372,10 @@ mod tests {
             }),
             segment_ms: Some(1000),
             part_target_ms: Some(200),
+            policy: Some(kiln_model::Policy::CpuOnly),
         };
         let plan = p.resolve("x", &req).unwrap();
+        assert_eq!(plan.encoder.policy, kiln_model::Policy::CpuOnly);
         assert_eq!(plan.video[0].name, "tiny");
         assert!(plan.audio.is_none());
         assert_eq!(plan.timing.segment_ms, 1000);

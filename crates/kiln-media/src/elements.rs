@@ -13,6 +13,14 @@ pub fn make(factory: &'static str, name: &str) -> Result<gst::Element, MediaErro
         .map_err(|_| MediaError::MissingElement(factory, package_of(factory)))
 }
 
+/// Makes an element whose factory name was chosen at run time (the selection table).
+pub fn make_dyn(factory: &str, name: &str) -> Result<gst::Element, MediaError> {
+    gst::ElementFactory::make(factory)
+        .name(name)
+        .build()
+        .map_err(|_| MediaError::MissingDynamic(factory.to_string()))
+}
+
 /// Whether an element factory is installed.
 pub fn exists(factory: &str) -> bool {
     gst::ElementFactory::find(factory).is_some()

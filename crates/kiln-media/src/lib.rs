@@ -25,12 +25,13 @@
 pub mod chunks;
 pub mod elements;
 pub mod pipeline;
+pub mod select;
 
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 pub use kiln_llhls::PartIn;
-pub use pipeline::LivePipeline;
+pub use pipeline::{BuildOptions, LivePipeline};
 
 /// Something the pipeline reports.
 #[derive(Debug, Clone)]
@@ -72,6 +73,8 @@ pub enum MediaError {
     Init(String),
     #[error("GStreamer element `{0}` is not installed ({1})")]
     MissingElement(&'static str, &'static str),
+    #[error("GStreamer element `{0}` chosen for this host could not be made")]
+    MissingDynamic(String),
     #[error("building the pipeline failed: {0}")]
     Build(String),
     #[error("the pipeline refused to start: {0}")]

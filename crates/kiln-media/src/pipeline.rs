@@ -1,20 +1,222 @@
 //! Building and running a live stream pipeline.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use gst::prelude::*;
 use kiln_llhls::plan::{AudioSplitter, KeyframeClock, Split, VideoSplitter};
-use kiln_model::{AudioRendition, Source, StreamPlan, TestPattern, VideoRendition};
+use kiln_model::{AudioRendition, Backend, Source, StreamPlan, TestPattern, VideoRendition};
 
 use crate::chunks::ChunkAssembler;
-use crate::elements::{aac_encoder, capsfilter, make, set_nick};
+use crate::elements::{aac_encoder, capsfilter, make, make_dyn, set_nick};
+use crate::select::{InputCodec, Registry, Selection};
 use crate::{EventSink, MediaError, MediaEvent};
+
+/// How to build a stream's pipeline beyond its plan: the elements chosen for this host, where an encoded source
+/// may decode, and where its media file is.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub registry: Arc<Registry>,
+    /// Scaler and encoder for every video rendition.
+    pub selection: Selection,
+    /// Decode an encoded source on NVDEC of this GPU when the registry has the decoder.
+    pub decode_gpu: Option<u32>,
+    /// For `file://` sources: the resolved path (the daemon checks it is inside its media directory).
+    pub file: Option<PathBuf>,
+    /// Test-only: make the encoder of video rendition 0 fail after this many frames.
+    #[cfg(feature = "fault-injection")]
+    pub fail_encoder_after_frames: Option<u64>,
+}
+
+impl BuildOptions {
+    /// x264 on the CPU with whatever the registry has (tests, tools).
+    pub fn cpu(registry: Arc<Registry>) -> Result<Self, MediaError> {
+        let selection = registry
+            .select(kiln_model::VideoCodec::H264, Backend::Cpu, None)
+            .map_err(|e| MediaError::Build(e.to_string()))?;
+        Ok(Self {
+            registry,
+            selection,
+            decode_gpu: None,
+            file: None,
+            #[cfg(feature = "fault-injection")]
+            fail_encoder_after_frames: None,
+        })
+    }
+}
 
 /// A running (or ready) live pipeline. Dropping it stops the pipeline.
 #[derive(Debug)]
 pub struct LivePipeline {
     pipeline: gst::Pipeline,
     clock: gst::Clock,
+    /// Timeline of an encoded source (offset, looping).
+    looper: Arc<Looper>,
+}
+
+/// Puts an encoded source on the stream's live timeline. Its decoded frames are shifted by `offset_ns` at the
+/// pacers (clocksync) in open-ended segments, so they are paced against the stream's clock even when the
+/// pipeline continues an older timeline. For a looping file, EOS never leaves the pacers: when every stream of the file has ended, the
+/// offset grows by the loop's length and the file is seeked back to 0; the seek's flush is stopped at the
+/// pacers together with the seek's new segment, so encoders and muxers see one segment and one continuous
+/// timeline.
+#[derive(Debug, Default)]
+struct Looper {
+    looping: bool,
+    state: Mutex<LoopState>,
+}
+
+#[derive(Debug, Default)]
+struct LoopState {
+    offset_ns: u64,
+    /// End (running time before the offset) of the current loop, over all streams.
+    loop_end_ns: u64,
+    streams: u32,
+    at_eos: u32,
+}
+
+/// What a loop's EOS (serialized) or flush (out of band) becomes downstream of the pacers: a custom event nobody
+/// acts on.
+fn loop_marker(serialized: bool) -> gst::Event {
+    let s = gst::Structure::builder("kiln-file-loop").build();
+    if serialized {
+        gst::event::CustomDownstream::new(s)
+    } else {
+        gst::event::CustomDownstreamOob::new(s)
+    }
+}
+
+impl Looper {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LoopState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Probes on a pacer (clocksync): timestamps shifted and loop ends tracked on its sink pad; flushes from the
+    /// loop seeks stopped at its src pad.
+    fn attach(self: &Arc<Self>, pace: &gst::Element) {
+        self.lock().streams += 1;
+        let me = self.clone();
+        let weak = pace.downgrade();
+        let sinkpad = pace.static_pad("sink").expect("clocksync has a sink pad");
+        // this pad's segment as the source sent it (before the offset)
+        let segment: Mutex<Option<gst::FormattedSegment<gst::ClockTime>>> = Mutex::new(None);
+        sinkpad.add_probe(
+            gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM,
+            move |_, info| {
+                let ev = match &info.data {
+                    Some(gst::PadProbeData::Event(ev)) => ev.clone(),
+                    Some(gst::PadProbeData::Buffer(b)) => {
+                        let seg = segment.lock().unwrap_or_else(|e| e.into_inner());
+                        let end = b.pts().and_then(|p| {
+                            let rt = seg.as_ref()?.to_running_time(p)?;
+                            Some(rt + b.duration().unwrap_or(gst::ClockTime::ZERO))
+                        });
+                        drop(seg);
+                        let offset = {
+                            let mut st = me.lock();
+                            if let Some(end) = end {
+                                st.loop_end_ns = st.loop_end_ns.max(end.nseconds());
+                            }
+                            st.offset_ns
+                        };
+                        if offset > 0 {
+                            if let Some(gst::PadProbeData::Buffer(ref mut buffer)) = info.data {
+                                let b = buffer.make_mut();
+                                let off = gst::ClockTime::from_nseconds(offset);
+                                if let Some(p) = b.pts() {
+                                    b.set_pts(p + off);
+                                }
+                                if let Some(d) = b.dts() {
+                                    b.set_dts(d + off);
+                                }
+                            }
+                        }
+                        return gst::PadProbeReturn::Ok;
+                    }
+                    _ => return gst::PadProbeReturn::Ok,
+                };
+                match ev.view() {
+                    gst::EventView::Segment(s) => {
+                        let Some(seg) = s.segment().downcast_ref::<gst::ClockTime>().cloned()
+                        else {
+                            return gst::PadProbeReturn::Ok;
+                        };
+                        *segment.lock().unwrap_or_else(|e| e.into_inner()) = Some(seg.clone());
+                        // open-ended: shifted frames lie past the file's own stop
+                        let mut open = seg;
+                        open.set_stop(gst::ClockTime::NONE);
+                        let new = gst::event::Segment::builder(&open)
+                            .seqnum(ev.seqnum())
+                            .build();
+                        info.data = Some(gst::PadProbeData::Event(new));
+                        gst::PadProbeReturn::Ok
+                    }
+                    gst::EventView::Eos(_) if me.looping => {
+                        let mut st = me.lock();
+                        st.at_eos += 1;
+                        if st.at_eos >= st.streams {
+                            st.offset_ns += st.loop_end_ns;
+                            st.loop_end_ns = 0;
+                            st.at_eos = 0;
+                            if let Some(pace) = weak.upgrade() {
+                                pace.call_async(|pace| {
+                                    let seek = gst::event::Seek::new(
+                                        1.0,
+                                        gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT,
+                                        gst::SeekType::Set,
+                                        gst::ClockTime::ZERO,
+                                        gst::SeekType::None,
+                                        gst::ClockTime::NONE,
+                                    );
+                                    if !pace.send_event(seek) {
+                                        tracing::warn!(
+                                            "looping the file source: the seek to 0 was refused"
+                                        );
+                                    }
+                                });
+                            }
+                        }
+                        // Replaced rather than dropped: gstreamer-rs and GStreamer 1.22 disagree on who releases a
+                        // dropped event (a GLib CRITICAL per drop).
+                        info.data = Some(gst::PadProbeData::Event(loop_marker(true)));
+                        gst::PadProbeReturn::Ok
+                    }
+                    _ => gst::PadProbeReturn::Ok,
+                }
+            },
+        );
+        if self.looping && std::env::var("KILN_X").is_err() {
+            // Downstream sees one segment and never a flush: the loops' seeks stop here.
+            let srcpad = pace.static_pad("src").expect("clocksync has a src pad");
+            // The first segment, replayed in place of later ones (a dropped sticky event would stay pending and be
+            // re-sent before every buffer).
+            let first: Mutex<Option<gst::Event>> = Mutex::new(None);
+            srcpad.add_probe(
+                gst::PadProbeType::EVENT_FLUSH | gst::PadProbeType::EVENT_DOWNSTREAM,
+                move |_, info| {
+                    let Some(gst::PadProbeData::Event(ev)) = &info.data else {
+                        return gst::PadProbeReturn::Ok;
+                    };
+                    match ev.type_() {
+                        gst::EventType::FlushStart | gst::EventType::FlushStop => {
+                            gst::PadProbeReturn::Drop
+                        }
+                        gst::EventType::Segment => {
+                            let mut f = first.lock().unwrap_or_else(|e| e.into_inner());
+                            match &*f {
+                                Some(orig) => {
+                                    info.data = Some(gst::PadProbeData::Event(orig.clone()));
+                                }
+                                None => *f = Some(ev.clone()),
+                            }
+                            gst::PadProbeReturn::Ok
+                        }
+                        _ => gst::PadProbeReturn::Ok,
+                    }
+                },
+            );
+        }
+    }
 }
 
 /// The custom event that makes cmafmux (manual-split) start a new chunk (`chunk=true`) or fragment before the
@@ -37,9 +239,19 @@ fn running_time(pad: &gst::Pad, buf: &gst::BufferRef) -> Option<u64> {
 }
 
 impl LivePipeline {
-    /// Builds the pipeline for `plan`; events go to `sink`. Rendition indices: video renditions in plan order,
-    /// then audio.
+    /// Builds the pipeline for `plan` with x264 and the host's registry (see [`Self::build_with`]).
     pub fn build(plan: &StreamPlan, sink: EventSink) -> Result<Self, MediaError> {
+        let opts = BuildOptions::cpu(Arc::new(Registry::probe()?))?;
+        Self::build_with(plan, &opts, sink)
+    }
+
+    /// Builds the pipeline for `plan` with the chosen elements; events go to `sink`. Rendition indices: video
+    /// renditions in plan order, then audio.
+    pub fn build_with(
+        plan: &StreamPlan,
+        opts: &BuildOptions,
+        sink: EventSink,
+    ) -> Result<Self, MediaError> {
         crate::init()?;
         let pipeline = gst::Pipeline::with_name(&format!("kiln-{}", plan.id));
         // Running time 0 maps to a wall-clock instant, so PROGRAM-DATE-TIME = base time + running time.
@@ -49,13 +261,43 @@ impl LivePipeline {
             .upcast();
         pipeline.use_clock(Some(&clock));
 
-        let Source::Test { pattern } = &plan.source;
-        let tee = build_test_video_source(&pipeline, plan, *pattern)?;
+        let tee = make("tee", "vtee")?;
+        pipeline.add(&tee)?;
         for (i, v) in plan.video.iter().enumerate() {
-            build_video_branch(&pipeline, &tee, plan, i, v, sink.clone())?;
+            build_video_branch(&pipeline, &tee, plan, opts, i, v, sink.clone())?;
         }
-        if let Some(a) = &plan.audio {
-            build_test_audio(&pipeline, plan, plan.video.len(), a, sink.clone())?;
+        let audio_in = match &plan.audio {
+            Some(a) => Some(build_audio_branch(
+                &pipeline,
+                plan,
+                plan.video.len(),
+                a,
+                sink.clone(),
+            )?),
+            None => None,
+        };
+        let looper = Arc::new(Looper {
+            looping: matches!(plan.source, Source::File { .. }),
+            ..Default::default()
+        });
+        match &plan.source {
+            Source::Test { pattern } => {
+                build_test_video_source(&pipeline, plan, opts, *pattern, &tee)?;
+                if let Some(ain) = &audio_in {
+                    build_test_audio_source(&pipeline, ain)?;
+                }
+            }
+            Source::File { .. } | Source::Url { .. } => {
+                build_encoded_source(
+                    &pipeline,
+                    plan,
+                    opts,
+                    &tee,
+                    audio_in,
+                    looper.clone(),
+                    sink.clone(),
+                )?;
+            }
         }
 
         let bus = pipeline.bus().expect("a pipeline has a bus");
@@ -77,14 +319,32 @@ impl LivePipeline {
             }
             gst::BusSyncReply::Drop
         });
-        Ok(Self { pipeline, clock })
+        Ok(Self {
+            pipeline,
+            clock,
+            looper,
+        })
     }
 
     /// Starts the pipeline. Returns the wall-clock time (Unix ms) of running time 0.
     pub fn start(&self) -> Result<i64, MediaError> {
-        let base = self.clock.time();
+        self.start_at(None)
+    }
+
+    /// Starts the pipeline on the timeline of an earlier pipeline whose running time 0 was at `origin_unix_ms`
+    /// (a rebuild after an encoder failure): running times continue where the old pipeline's would be now, so
+    /// the segment grid, keyframe clock and PROGRAM-DATE-TIME stay those of the stream.
+    pub fn start_at(&self, origin_unix_ms: Option<i64>) -> Result<i64, MediaError> {
+        // The clock is the realtime clock: its time is Unix time in ns.
+        let base = match origin_unix_ms {
+            Some(ms) => gst::ClockTime::from_mseconds(ms.max(0) as u64),
+            None => self.clock.time(),
+        };
         self.pipeline.set_start_time(gst::ClockTime::NONE);
         self.pipeline.set_base_time(base);
+        // An encoded file starts at position 0: on a continued timeline its frames are shifted to "now" so the
+        // pacing (clocksync) neither bursts nor stalls.
+        self.looper.lock().offset_ns = self.clock.time().saturating_sub(base).nseconds();
         self.pipeline
             .set_state(gst::State::Playing)
             .map_err(|e| MediaError::Start(e.to_string()))?;
@@ -158,12 +418,14 @@ fn video_caps(w: u32, h: u32, fps: kiln_model::Fraction) -> gst::Caps {
         .build()
 }
 
-/// videotestsrc → caps → clockoverlay → tee.
+/// videotestsrc → caps → clockoverlay → [cudaupload] → tee.
 fn build_test_video_source(
     pipeline: &gst::Pipeline,
     plan: &StreamPlan,
+    opts: &BuildOptions,
     pattern: TestPattern,
-) -> Result<gst::Element, MediaError> {
+    tee: &gst::Element,
+) -> Result<(), MediaError> {
     let (w, h) = plan.source_size();
     let src = make("videotestsrc", "vsrc")?;
     src.set_property("is-live", true);
@@ -184,10 +446,219 @@ fn build_test_video_source(
     overlay.set_property("font-desc", format!("Sans Bold {}", (h / 36).clamp(6, 48)));
     set_nick(&overlay, "halignment", "left");
     set_nick(&overlay, "valignment", "top");
-    let tee = make("tee", "vtee")?;
-    add_link(pipeline, &[&src, &caps, &overlay, &tee])?;
+    let mut chain = vec![src, caps, overlay];
+    if opts.selection.upload {
+        chain.push(make("cudaupload", "vupload")?);
+    }
+    let refs: Vec<&gst::Element> = chain.iter().collect();
+    add_link(pipeline, &refs)?;
+    chain
+        .last()
+        .expect("non-empty")
+        .link(tee)
+        .map_err(|e| MediaError::Build(format!("linking the source to the tee: {e}")))?;
+    Ok(())
+}
 
-    Ok(tee)
+/// An encoded source: filesrc (or urisourcebin) → parsebin; each parsed stream found is decoded — video by the
+/// decoder the selection table picks (NVDEC or CPU), audio by decodebin — then paced at real time by clocksync
+/// and linked to the video tee / audio branch.
+fn build_encoded_source(
+    pipeline: &gst::Pipeline,
+    plan: &StreamPlan,
+    opts: &BuildOptions,
+    tee: &gst::Element,
+    audio_in: Option<gst::Element>,
+    looper: Arc<Looper>,
+    sink: EventSink,
+) -> Result<(), MediaError> {
+    let src = match &plan.source {
+        Source::File { .. } => {
+            let path = opts
+                .file
+                .as_ref()
+                .ok_or_else(|| MediaError::Build("a file source needs its resolved path".into()))?;
+            let f = make("filesrc", "fsrc")?;
+            f.set_property("location", path.to_string_lossy().to_string());
+            f
+        }
+        Source::Url { url, .. } => {
+            let u = make("urisourcebin", "usrc")?;
+            u.set_property("uri", url);
+            u
+        }
+        Source::Test { .. } => unreachable!("test sources are built elsewhere"),
+    };
+    let parse = make("parsebin", "parse")?;
+    pipeline.add_many([&src, &parse])?;
+    let parse_weak = parse.downgrade();
+    let link_to_parse = move |pad: &gst::Pad| {
+        if let Some(p) = parse_weak.upgrade() {
+            if let Some(sinkpad) = p.static_pad("sink") {
+                if !sinkpad.is_linked() {
+                    let _ = pad.link(&sinkpad);
+                }
+            }
+        }
+    };
+    if src.static_pad("src").is_some() {
+        src.link(&parse)
+            .map_err(|e| MediaError::Build(format!("linking the source: {e}")))?;
+    } else {
+        src.connect_pad_added(move |_, pad| link_to_parse(pad));
+    }
+
+    let pipeline_weak = pipeline.downgrade();
+    let tee = tee.clone();
+    let registry = opts.registry.clone();
+    let decode_gpu = opts.decode_gpu;
+    let state = Arc::new(Mutex::new((false, false))); // (video linked, audio linked)
+    let st = state.clone();
+    let err_sink = sink.clone();
+    let audio_in_c = audio_in.clone();
+    parse.connect_pad_added(move |_, pad| {
+        let Some(pipeline) = pipeline_weak.upgrade() else {
+            return;
+        };
+        let caps = pad.current_caps().or_else(|| Some(pad.query_caps(None)));
+        let name = caps
+            .as_ref()
+            .and_then(|c| c.structure(0))
+            .map(|s| s.name().to_string())
+            .unwrap_or_default();
+        let result = if name.starts_with("video/") {
+            let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
+            if g.0 {
+                return; // a second video stream is ignored
+            }
+            g.0 = true;
+            drop(g);
+            link_video_decoder(&pipeline, pad, &name, &registry, decode_gpu, &tee, &looper)
+        } else if name.starts_with("audio/") {
+            let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
+            match (&audio_in_c, g.1) {
+                (Some(ain), false) => {
+                    g.1 = true;
+                    drop(g);
+                    link_audio_decoder(&pipeline, pad, ain, &looper)
+                }
+                _ => Ok(()), // no audio wanted, or already linked
+            }
+        } else {
+            Ok(())
+        };
+        if let Err(e) = result {
+            err_sink(MediaEvent::Error {
+                element: Some(pad.path_string().to_string()),
+                message: e.to_string(),
+                debug: None,
+            });
+        }
+    });
+    let wants_audio = audio_in.is_some();
+    parse.connect_no_more_pads(move |p| {
+        let g = state.lock().unwrap_or_else(|e| e.into_inner());
+        let missing = match (g.0, wants_audio && !g.1) {
+            (false, _) => Some("the source has no video stream kiln can decode"),
+            (true, true) => Some(
+                "the source has no audio stream: request `\"audio\": {\"enabled\": false}` for a video-only stream",
+            ),
+            _ => None,
+        };
+        if let Some(m) = missing {
+            sink(MediaEvent::Error {
+                element: Some(p.path_string().to_string()),
+                message: m.to_string(),
+                debug: None,
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Adds `chain` to the running pipeline, links it, links `pad` to its head and starts it.
+fn add_running_chain(
+    pipeline: &gst::Pipeline,
+    pad: &gst::Pad,
+    chain: &[gst::Element],
+    next: &gst::Element,
+) -> Result<(), MediaError> {
+    let refs: Vec<&gst::Element> = chain.iter().collect();
+    pipeline.add_many(refs.iter().copied())?;
+    gst::Element::link_many(refs.iter().copied())
+        .map_err(|e| MediaError::Build(format!("linking {}: {e}", names(&refs))))?;
+    chain
+        .last()
+        .expect("non-empty")
+        .link(next)
+        .map_err(|e| MediaError::Build(format!("linking to {}: {e}", next.name())))?;
+    for e in chain.iter().rev() {
+        e.sync_state_with_parent()?;
+    }
+    let head = chain[0]
+        .static_pad("sink")
+        .expect("the chain head has a sink pad");
+    pad.link(&head)
+        .map_err(|e| MediaError::Build(format!("linking the parsed stream: {e:?}")))?;
+    Ok(())
+}
+
+fn link_video_decoder(
+    pipeline: &gst::Pipeline,
+    pad: &gst::Pad,
+    caps_name: &str,
+    registry: &Registry,
+    decode_gpu: Option<u32>,
+    tee: &gst::Element,
+    looper: &Arc<Looper>,
+) -> Result<(), MediaError> {
+    let codec = InputCodec::from_caps_name(caps_name).ok_or_else(|| {
+        MediaError::Build(format!(
+            "the source's video codec `{caps_name}` is not supported"
+        ))
+    })?;
+    let dec = registry
+        .decoder(codec, decode_gpu)
+        .map_err(|e| MediaError::Build(e.to_string()))?;
+    tracing::info!(decoder = %dec.factory, gpu = dec.gpu, "video decoder chosen");
+    let decoder = make_dyn(&dec.factory, "vdec")?;
+    let conv = make("videoconvert", "vdec-convert")?;
+    let pace = make("clocksync", "vpace")?;
+    let chain = vec![make("queue", "vdec-q")?, decoder, conv, pace.clone()];
+    looper.attach(&pace);
+    add_running_chain(pipeline, pad, &chain, tee)
+}
+
+fn link_audio_decoder(
+    pipeline: &gst::Pipeline,
+    pad: &gst::Pad,
+    audio_in: &gst::Element,
+    looper: &Arc<Looper>,
+) -> Result<(), MediaError> {
+    let dec = make("decodebin", "adec")?;
+    let pace = make("clocksync", "apace")?;
+    let q = make("queue", "adec-q")?;
+    pipeline.add_many([&q, &dec])?;
+    q.link(&dec)
+        .map_err(|e| MediaError::Build(format!("linking the audio decoder: {e}")))?;
+    pipeline.add(&pace)?;
+    looper.attach(&pace);
+    pace.link(audio_in)
+        .map_err(|e| MediaError::Build(format!("linking the audio pacing: {e}")))?;
+    let pace_c = pace.clone();
+    dec.connect_pad_added(move |_, p| {
+        if let Some(sinkpad) = pace_c.static_pad("sink") {
+            if !sinkpad.is_linked() {
+                let _ = p.link(&sinkpad);
+            }
+        }
+    });
+    pace.sync_state_with_parent()?;
+    dec.sync_state_with_parent()?;
+    q.sync_state_with_parent()?;
+    pad.link(&q.static_pad("sink").expect("queue has a sink pad"))
+        .map_err(|e| MediaError::Build(format!("linking the parsed audio: {e:?}")))?;
+    Ok(())
 }
 
 /// cmafmux (manual-split) → appsink for rendition `index`, returning the muxer.
@@ -309,32 +780,49 @@ fn build_video_branch(
     pipeline: &gst::Pipeline,
     tee: &gst::Element,
     plan: &StreamPlan,
+    opts: &BuildOptions,
     index: usize,
     v: &VideoRendition,
     sink: EventSink,
 ) -> Result<(), MediaError> {
     let n = &v.name;
+    let sel = &opts.selection;
     let queue = make("queue", &format!("q-{n}"))?;
     queue.set_property("max-size-buffers", 0u32);
     queue.set_property("max-size-bytes", 0u32);
     queue.set_property("max-size-time", 1_000_000_000u64);
-    let scale = make("videoconvertscale", &format!("scale-{n}"))?;
+    let scale = make_dyn(&sel.scaler.factory, &format!("scale-{n}"))?;
     let rate = make("videorate", &format!("rate-{n}"))?;
     // Keep the source's timestamps: by default videorate restarts its output at the segment start, which would
     // shift this branch's running time against the keyframe clock (measured: by the source's start-up latency).
     rate.set_property("skip-to-first", true);
-    let caps = capsfilter(&format!("caps-{n}"), video_caps(v.width, v.height, v.fps))?;
-    let enc = make("x264enc", &format!("enc-{n}"))?;
-    enc.set_property("bitrate", v.bitrate_kbps);
-    set_nick(&enc, "tune", "zerolatency");
-    set_nick(&enc, "speed-preset", plan.encoder.x264_speed.as_str());
-    // Keyframes come from the keyframe clock; x264's own GOP limit is only a safety net, and scene cuts would
-    // give renditions different keyframes.
+    let mut raw_caps = video_caps(v.width, v.height, v.fps);
+    if sel.scaler.gpu {
+        raw_caps
+            .make_mut()
+            .set_features_simple(Some(gst::CapsFeatures::new(["memory:CUDAMemory"])));
+    }
+    let caps = capsfilter(&format!("caps-{n}"), raw_caps)?;
+    let mut chain = vec![queue, scale, rate, caps.clone()];
+    if sel.download {
+        chain.push(make("cudadownload", &format!("down-{n}"))?);
+    }
+    let enc = make_dyn(&sel.encoder.factory, &format!("enc-{n}"))?;
     let seg_frames = (plan.timing.segment_ms as u64 * v.fps.num as u64)
         .div_ceil(1000 * v.fps.den as u64)
         .max(1);
-    enc.set_property("key-int-max", (2 * seg_frames) as u32);
-    enc.set_property("option-string", "scenecut=0");
+    match sel.backend {
+        Backend::Cpu => configure_x264(&enc, plan, v, seg_frames),
+        Backend::Nvenc { .. } => {
+            configure_nvenc(&enc, plan, v, seg_frames, sel.encoder.cuda_device_id)?
+        }
+    }
+    #[cfg(feature = "fault-injection")]
+    if index == 0 {
+        if let Some(after) = opts.fail_encoder_after_frames {
+            inject_encoder_fault(&enc, after);
+        }
+    }
     let parse = make("h264parse", &format!("parse-{n}"))?;
     let pcaps = capsfilter(
         &format!("pcaps-{n}"),
@@ -345,16 +833,15 @@ fn build_video_branch(
     )?;
     let part_ns = plan.timing.video_part_ns(v.fps);
     let (mux, appsink) = build_mux_sink(plan, index, n, part_ns, sink)?;
-    add_link(
-        pipeline,
-        &[
-            &queue, &scale, &rate, &caps, &enc, &parse, &pcaps, &mux, &appsink,
-        ],
-    )?;
-    tee.link(&queue)
+    // the keyframe probe sits on the pad that feeds the encoder
+    let before_enc = chain.last().expect("non-empty").clone();
+    chain.extend([enc, parse, pcaps.clone(), mux, appsink]);
+    let refs: Vec<&gst::Element> = chain.iter().collect();
+    add_link(pipeline, &refs)?;
+    tee.link(&chain[0])
         .map_err(|e| MediaError::Build(format!("linking tee → {n}: {e}")))?;
     add_keyframe_probe(
-        &caps.static_pad("src").expect("capsfilter has a src pad"),
+        &before_enc.static_pad("src").expect("has a src pad"),
         plan.timing.segment_ns(),
     );
     let mut splitter = VideoSplitter::new(plan.timing.segment_ns(), part_ns);
@@ -365,19 +852,96 @@ fn build_video_branch(
     Ok(())
 }
 
-fn build_test_audio(
+fn configure_x264(enc: &gst::Element, plan: &StreamPlan, v: &VideoRendition, seg_frames: u64) {
+    enc.set_property("bitrate", v.bitrate_kbps);
+    set_nick(enc, "tune", "zerolatency");
+    set_nick(enc, "speed-preset", plan.encoder.x264_speed.as_str());
+    // Keyframes come from the keyframe clock; x264's own GOP limit is only a safety net, and scene cuts would
+    // give renditions different keyframes.
+    enc.set_property("key-int-max", (2 * seg_frames) as u32);
+    enc.set_property("option-string", "scenecut=0");
+}
+
+/// Sets an NVENC property only when this element has it (the old `nvh264enc` and the newer `nvcudah264enc` /
+/// `nvautogpuh264enc` differ), from a string so the value is parsed against the property's own type.
+fn set_if_present(enc: &gst::Element, prop: &str, value: &str) -> bool {
+    if enc.find_property(prop).is_none() {
+        return false;
+    }
+    enc.set_property_from_str(prop, value);
+    true
+}
+
+/// NVENC for live: CBR at the rendition's bitrate, no B-frames, low-latency, keyframes only from kiln's clock.
+/// Untested on hardware here: no lent GPU has NVENC (README).
+fn configure_nvenc(
+    enc: &gst::Element,
+    plan: &StreamPlan,
+    v: &VideoRendition,
+    seg_frames: u64,
+    cuda_device_id: Option<u32>,
+) -> Result<(), MediaError> {
+    if let Some(id) = cuda_device_id {
+        if !set_if_present(enc, "cuda-device-id", &id.to_string()) {
+            return Err(MediaError::Build(format!(
+                "{} has no cuda-device-id property to pin GPU {id}",
+                enc.name()
+            )));
+        }
+    }
+    set_if_present(enc, "bitrate", &v.bitrate_kbps.to_string());
+    set_if_present(enc, "rc-mode", "cbr");
+    set_if_present(enc, "bframes", "0");
+    set_if_present(enc, "zerolatency", "true");
+    set_if_present(enc, "gop-size", &(2 * seg_frames).to_string());
+    let preset = format!("p{}", plan.encoder.nvenc_preset);
+    let has_p = enc.find_property("preset").is_some_and(|p| {
+        p.downcast_ref::<gst::glib::ParamSpecEnum>()
+            .is_some_and(|e| e.enum_class().value_by_nick(&preset).is_some())
+    });
+    if has_p {
+        enc.set_property_from_str("preset", &preset);
+    } else {
+        set_if_present(enc, "preset", "low-latency-hq");
+    }
+    Ok(())
+}
+
+/// Test-only fault: after `after` frames the encoder posts an error and stops passing data, like an NVENC
+/// session that dies mid-stream.
+#[cfg(feature = "fault-injection")]
+fn inject_encoder_fault(enc: &gst::Element, after: u64) {
+    let count = std::sync::atomic::AtomicU64::new(0);
+    let weak = enc.downgrade();
+    if let Some(pad) = enc.static_pad("src") {
+        pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+            let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n < after {
+                return gst::PadProbeReturn::Ok;
+            }
+            if n == after {
+                if let Some(e) = weak.upgrade() {
+                    gst::element_error!(
+                        e,
+                        gst::StreamError::Encode,
+                        ["injected encoder fault after {} frames", after]
+                    );
+                }
+            }
+            gst::PadProbeReturn::Drop
+        });
+    }
+}
+
+/// audioconvert → audioresample → caps → AAC → aacparse → [splitter] → cmafmux → appsink; returns the head.
+fn build_audio_branch(
     pipeline: &gst::Pipeline,
     plan: &StreamPlan,
     index: usize,
     a: &AudioRendition,
     sink: EventSink,
-) -> Result<(), MediaError> {
+) -> Result<gst::Element, MediaError> {
     let n = &a.name;
-    let src = make("audiotestsrc", "asrc")?;
-    src.set_property("is-live", true);
-    src.set_property("volume", 0.1f64);
-    src.set_property("freq", 440.0f64);
-    src.set_property("samplesperbuffer", 1024i32);
     let conv = make("audioconvert", &format!("aconv-{n}"))?;
     let res = make("audioresample", &format!("ares-{n}"))?;
     let caps = capsfilter(
@@ -395,7 +959,7 @@ fn build_test_audio(
     let (mux, appsink) = build_mux_sink(plan, index, n, part_ns, sink)?;
     add_link(
         pipeline,
-        &[&src, &conv, &res, &caps, &enc, &parse, &mux, &appsink],
+        &[&conv, &res, &caps, &enc, &parse, &mux, &appsink],
     )?;
     let mut splitter = AudioSplitter::new(
         plan.timing.segment_ns(),
@@ -405,6 +969,22 @@ fn build_test_audio(
         &parse.static_pad("src").expect("aacparse has a src pad"),
         move |rt, _| splitter.on_frame(rt),
     );
+    Ok(conv)
+}
+
+/// A live sine tone into the audio branch.
+fn build_test_audio_source(
+    pipeline: &gst::Pipeline,
+    audio_in: &gst::Element,
+) -> Result<(), MediaError> {
+    let src = make("audiotestsrc", "asrc")?;
+    src.set_property("is-live", true);
+    src.set_property("volume", 0.1f64);
+    src.set_property("freq", 440.0f64);
+    src.set_property("samplesperbuffer", 1024i32);
+    pipeline.add(&src)?;
+    src.link(audio_in)
+        .map_err(|e| MediaError::Build(format!("linking the test tone: {e}")))?;
     Ok(())
 }
 

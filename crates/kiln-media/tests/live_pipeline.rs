@@ -27,6 +27,7 @@ fn plan() -> StreamPlan {
         Timing::default(),
         EncoderSettings {
             x264_speed: X264Speed::Ultrafast,
+            ..Default::default()
         },
     )
     .unwrap()
@@ -170,4 +171,86 @@ fn parts_are_legal_and_aligned() {
             w[1] - w[0]
         );
     }
+}
+
+/// A `file://` source: demuxed, decoded by the decoder the selection table picks (the CPU here), paced at real
+/// time, looped without a break in the timeline. A 2.5 s clip runs for three loops.
+#[test]
+fn file_source_loops_on_one_paced_timeline() {
+    kiln_media::init().expect("GStreamer");
+    let dir = std::env::temp_dir().join(format!("kiln-media-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let clip = dir.join("clip.mp4");
+    let st = std::process::Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x180:rate=30",
+            "-f",
+            "lavfi",
+        ])
+        .args([
+            "-i",
+            "sine=frequency=300:sample_rate=48000",
+            "-t",
+            "2.5",
+            "-c:v",
+            "libx264",
+            "-g",
+            "15",
+        ])
+        .args(["-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest"])
+        .arg(&clip)
+        .status()
+        .expect("ffmpeg runs");
+    assert!(st.success());
+    let mut plan = plan();
+    plan.source = kiln_model::Source::parse("file:///clip.mp4").unwrap();
+    let registry = std::sync::Arc::new(kiln_media::select::Registry::probe().unwrap());
+    let mut opts = kiln_media::BuildOptions::cpu(registry).unwrap();
+    opts.file = Some(clip);
+    let (sink, rx) = channel_sink();
+    let p = LivePipeline::build_with(&plan, &opts, sink).expect("pipeline builds");
+    let t0 = Instant::now();
+    p.start().expect("pipeline starts");
+    let mut video: Vec<PartIn> = Vec::new();
+    let mut audio = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let media = |v: &Vec<PartIn>| v.iter().map(|p| p.duration_ns).sum::<u64>();
+    while media(&video) < 8_000_000_000 {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(MediaEvent::Part {
+                rendition: 0, part, ..
+            }) => video.push(part),
+            Ok(MediaEvent::Part { rendition: 2, .. }) => audio += 1,
+            Ok(MediaEvent::Error {
+                element, message, ..
+            }) => panic!("{element:?}: {message}"),
+            Ok(_) => {}
+            Err(e) => panic!("no 8 s of media in 30 s ({} parts): {e}", video.len()),
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let produced = media(&video) as f64 / 1e9;
+    // paced: never faster than real time (a burst would reach 8 s in well under a second)
+    assert!(
+        produced <= wall + 0.5,
+        "{produced:.2} s of media in {wall:.2} s: not paced"
+    );
+    for w in video.windows(2) {
+        let end = w[0].start_ns + w[0].duration_ns;
+        assert!(
+            w[1].start_ns.abs_diff(end) < 2_000_000,
+            "timeline break: part ends {end}, next starts {}",
+            w[1].start_ns
+        );
+    }
+    assert!(video.iter().filter(|p| p.starts_segment).count() >= 4);
+    assert!(audio > 10, "audio parts: {audio}");
+    drop(p);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -17,8 +17,8 @@ pub mod source;
 pub mod stream;
 
 pub use api::{RenditionStatus, StreamState, StreamStatus};
-pub use source::{Source, SourceError, TestPattern};
+pub use source::{Source, SourceError, TestPattern, UrlScheme};
 pub use stream::{
-    AudioCodec, AudioRendition, AudioRequest, EncoderSettings, Fraction, PlanError, StreamPlan,
-    StreamRequest, Timing, VideoCodec, VideoRendition, X264Speed,
+    AudioCodec, AudioRendition, AudioRequest, Backend, EncoderSettings, Fraction, PlanError,
+    Policy, StreamPlan, StreamRequest, Timing, VideoCodec, VideoRendition, X264Speed,
 };

@@ -46,6 +46,36 @@ impl TestPattern {
 pub enum Source {
     /// A synthetic live source: test picture with a wall-clock overlay, plus a sine tone.
     Test { pattern: TestPattern },
+    /// A media file under the daemon's media directory, looped and paced at real time: `file:///clips/a.mp4`
+    /// names `<media dir>/clips/a.mp4`. `path` is relative, with only safe characters and no `.`/`..` parts; the
+    /// daemon still resolves symlinks and checks the result stays inside its directory.
+    File { path: String },
+    /// A network source (`srt://`, `rtsp://`, `rtsps://`, `http://`, `https://`).
+    Url { scheme: UrlScheme, url: String },
+}
+
+/// Network schemes kiln ingests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UrlScheme {
+    Srt,
+    Rtsp,
+    Rtsps,
+    Http,
+    Https,
+}
+
+impl UrlScheme {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "srt" => Self::Srt,
+            "rtsp" => Self::Rtsp,
+            "rtsps" => Self::Rtsps,
+            "http" => Self::Http,
+            "https" => Self::Https,
+            _ => return None,
+        })
+    }
 }
 
 /// Why a source string was refused.
@@ -55,12 +85,16 @@ pub enum SourceError {
     Empty,
     #[error("source is too long ({0} bytes, at most {max})", max = Source::MAX_LEN)]
     TooLong(usize),
-    #[error("source scheme `{0}` is not supported (supported: test:)")]
+    #[error("source scheme `{0}` is not supported (supported: test:, file://, srt://, rtsp://, rtsps://, http://, https://)")]
     UnsupportedScheme(String),
     #[error("source has no scheme (expected e.g. `test:`)")]
     NoScheme,
     #[error("test source option `{0}` is not understood (supported: pattern=smpte|ball|bars)")]
     BadTestOption(String),
+    #[error("file source `{0}`: use file:///relative/path.ext under the media directory (letters, digits, `._-/`; no `..`, no host)")]
+    BadFilePath(String),
+    #[error("URL source is malformed: {0}")]
+    BadUrl(String),
 }
 
 impl Source {
@@ -93,6 +127,15 @@ impl Source {
                 }
                 Ok(Source::Test { pattern })
             }
+            "file" => parse_file(rest),
+            sch if UrlScheme::parse(sch).is_some() => {
+                let scheme = UrlScheme::parse(sch).expect("checked");
+                check_url(rest)?;
+                Ok(Source::Url {
+                    scheme,
+                    url: format!("{sch}:{rest}"),
+                })
+            }
             other => Err(SourceError::UnsupportedScheme(
                 other.chars().take(32).collect(),
             )),
@@ -100,10 +143,78 @@ impl Source {
     }
 }
 
+fn shorten(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+fn parse_file(rest: &str) -> Result<Source, SourceError> {
+    let bad = || SourceError::BadFilePath(shorten(rest));
+    // file:///a/b.mp4 (empty host) only: a host would mean another machine
+    let path = rest.strip_prefix("///").ok_or_else(bad)?;
+    let ok_chars = path
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+    let parts: Vec<&str> = path.split('/').collect();
+    if path.is_empty()
+        || !ok_chars
+        || parts
+            .iter()
+            .any(|p| p.is_empty() || *p == "." || *p == ".." || p.starts_with('.'))
+    {
+        return Err(bad());
+    }
+    Ok(Source::File {
+        path: path.to_string(),
+    })
+}
+
+fn check_url(rest: &str) -> Result<(), SourceError> {
+    let bad = |why: &str| SourceError::BadUrl(format!("{why} in `{}`", shorten(rest)));
+    let authority_and_path = rest.strip_prefix("//").ok_or_else(|| bad("no `//`"))?;
+    if rest
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || c == '\\')
+    {
+        return Err(bad("whitespace, control characters or backslashes"));
+    }
+    let authority = authority_and_path
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or("");
+    let host_port = authority.rsplit('@').next().unwrap_or("");
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host_port.split(':').next().unwrap_or("")
+    };
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    if let Some(port) = host_port.rsplit_once("]:").map(|(_, p)| p).or_else(|| {
+        (!host_port.starts_with('['))
+            .then(|| host_port.split_once(':').map(|(_, p)| p))
+            .flatten()
+    }) {
+        if port.parse::<u16>().is_err() {
+            return Err(bad("a bad port"));
+        }
+    }
+    Ok(())
+}
+
+impl Source {
+    /// Whether the source delivers encoded media that kiln must decode (everything but `test:`).
+    pub fn is_encoded(&self) -> bool {
+        !matches!(self, Source::Test { .. })
+    }
+}
+
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Source::Test { pattern } => write!(f, "test:pattern={}", pattern.as_str()),
+            Source::File { path } => write!(f, "file:///{path}"),
+            Source::Url { url, .. } => f.write_str(url),
         }
     }
 }
@@ -128,6 +239,61 @@ mod tests {
         );
         let s = Source::parse("test:pattern=bars").unwrap();
         assert_eq!(Source::parse(&s.to_string()).unwrap(), s);
+    }
+
+    #[test]
+    fn parses_files_and_urls_and_refuses_hostile_ones() {
+        assert_eq!(
+            Source::parse("file:///clips/a-1.mp4").unwrap(),
+            Source::File {
+                path: "clips/a-1.mp4".into()
+            }
+        );
+        for bad in [
+            "file:///../etc/passwd",
+            "file:///clips/../../x.mp4",
+            "file://host/a.mp4",
+            "file:/a.mp4",
+            "file:///",
+            "file:///a//b.mp4",
+            "file:///.hidden.mp4",
+            "file:///a b.mp4",
+            "file:///a%2e%2e/b.mp4",
+            "file:///a;rm.mp4",
+        ] {
+            assert!(
+                matches!(Source::parse(bad), Err(SourceError::BadFilePath(_))),
+                "{bad}: {:?}",
+                Source::parse(bad)
+            );
+        }
+        let u = Source::parse("srt://203.0.113.5:9000?streamid=abc").unwrap();
+        assert!(matches!(
+            u,
+            Source::Url {
+                scheme: UrlScheme::Srt,
+                ..
+            }
+        ));
+        assert_eq!(u.to_string(), "srt://203.0.113.5:9000?streamid=abc");
+        assert!(Source::parse("rtsp://user:pw@cam.example/live").is_ok());
+        assert!(Source::parse("https://[2001:db8::1]:8443/a.m3u8").is_ok());
+        for bad in [
+            "http://",
+            "http:/x",
+            "rtsp://cam:99999/x",
+            "http://a b/",
+            "http://x/\u{7}",
+            "srt://:9000",
+        ] {
+            assert!(
+                matches!(Source::parse(bad), Err(SourceError::BadUrl(_))),
+                "{bad}: {:?}",
+                Source::parse(bad)
+            );
+        }
+        assert!(!Source::parse("test:").unwrap().is_encoded());
+        assert!(Source::parse("file:///a.mp4").unwrap().is_encoded());
     }
 
     #[test]

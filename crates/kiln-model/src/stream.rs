@@ -238,6 +238,9 @@ pub struct StreamRequest {
     /// PART-TARGET in ms (default from the preset, else 334).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub part_target_ms: Option<u32>,
+    /// `gpu-only`, `prefer-gpu` (default) or `cpu-only`; replaces the preset's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
 }
 
 /// The audio part of a stream request.
@@ -281,13 +284,75 @@ impl X264Speed {
     }
 }
 
-/// Encoder settings that are not per rendition.
+/// Where a stream may encode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// NVENC or nothing: refused where no GPU with NVENC has room.
+    GpuOnly,
+    /// NVENC when a GPU has room, else the CPU when it has room; an encoder failure falls back to the CPU.
+    #[default]
+    PreferGpu,
+    /// x264 on the CPU (decoding may still use NVDEC when the source is encoded and a GPU decoder exists).
+    CpuOnly,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::GpuOnly => "gpu-only",
+            Policy::PreferGpu => "prefer-gpu",
+            Policy::CpuOnly => "cpu-only",
+        }
+    }
+}
+
+/// Where a stream encodes now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Backend {
+    /// NVENC on GPU `gpu` (NVML index).
+    Nvenc { gpu: u32 },
+    /// x264 on the host CPU.
+    Cpu,
+}
+
+impl Backend {
+    pub fn label(self) -> &'static str {
+        match self {
+            Backend::Nvenc { .. } => "nvenc",
+            Backend::Cpu => "cpu",
+        }
+    }
+}
+
+fn default_nvenc_preset() -> u8 {
+    4
+}
+
+/// Encoder settings that are not per rendition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncoderSettings {
     /// Speed preset for the x264 (CPU) backend.
     #[serde(default)]
     pub x264_speed: X264Speed,
+    /// NVENC preset p1 (fastest) … p7 (best quality) for the NVENC backend.
+    #[serde(default = "default_nvenc_preset")]
+    pub nvenc_preset: u8,
+    /// Where the stream may encode (default prefer-gpu).
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+impl Default for EncoderSettings {
+    fn default() -> Self {
+        Self {
+            x264_speed: X264Speed::default(),
+            nvenc_preset: default_nvenc_preset(),
+            policy: Policy::default(),
+        }
+    }
 }
 
 /// A validated, fully resolved stream: everything a pipeline is built from.
@@ -317,6 +382,8 @@ pub enum PlanError {
     UnknownPreset(String),
     #[error("a stream needs at least one video rendition")]
     NoVideo,
+    #[error("nvenc_preset {0} is out of range (1 = p1 fastest … 7 = p7 best)")]
+    BadNvencPreset(u8),
     #[error("too many renditions ({0}, at most {max})", max = StreamPlan::MAX_RENDITIONS)]
     TooManyRenditions(usize),
     #[error("rendition name `{0}` is invalid: use 1-32 characters from [a-z0-9_-]")]
@@ -370,6 +437,9 @@ impl StreamPlan {
             return Err(PlanError::TooManyRenditions(total));
         }
         validate_timing(&timing)?;
+        if !(1..=7).contains(&encoder.nvenc_preset) {
+            return Err(PlanError::BadNvencPreset(encoder.nvenc_preset));
+        }
         let mut names: Vec<&str> = Vec::new();
         for v in &video {
             check_name(&v.name, &mut names)?;
