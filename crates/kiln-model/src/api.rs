@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::stream::{Backend, Policy};
+
 /// Life cycle of a live stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -53,9 +55,31 @@ pub struct StreamStatus {
     /// Multivariant playlist path.
     pub playback: String,
     pub renditions: Vec<RenditionStatus>,
+    /// Where the stream may encode.
+    pub policy: Policy,
+    /// Where it encodes now (changes on a fallback).
+    pub backend: Backend,
+    /// GPU whose NVDEC decodes an encoded source, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_gpu: Option<u32>,
+    /// Pipeline rebuilds after encoder failures, oldest first.
+    #[serde(default)]
+    pub fallbacks: Vec<Fallback>,
     /// Errors seen by the pipeline, newest last.
     #[serde(default)]
     pub errors: Vec<String>,
     /// Unix milliseconds when the stream was created.
     pub created_unix_ms: u64,
+}
+
+/// One rebuild of a stream's pipeline after its encoder failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fallback {
+    pub at_unix_ms: u64,
+    pub from: Backend,
+    pub to: Backend,
+    /// `encoder_error` (the encoder failed) — the label of `kiln_fallbacks_total`.
+    pub reason: String,
+    /// The error that caused it.
+    pub error: String,
 }

@@ -16,7 +16,7 @@ pub mod capacity;
 pub mod source;
 pub mod stream;
 
-pub use api::{RenditionStatus, StreamState, StreamStatus};
+pub use api::{Fallback, RenditionStatus, StreamState, StreamStatus};
 pub use source::{Source, SourceError, TestPattern, UrlScheme};
 pub use stream::{
     AudioCodec, AudioRendition, AudioRequest, Backend, EncoderSettings, Fraction, PlanError,

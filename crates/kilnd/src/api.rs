@@ -25,6 +25,8 @@ pub enum ApiError {
     BadRequest(String),
     NotFound(String),
     Conflict(String),
+    /// 422: well-formed, but this node cannot run it (policy, source file).
+    Unprocessable(String),
     Unavailable(String),
     PayloadTooLarge,
     /// 429: the node lacks `dimension`.
@@ -58,6 +60,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m),
+            ApiError::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, "cannot_run_here", m),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
             ApiError::PayloadTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -78,6 +81,9 @@ impl From<SupervisorError> for ApiError {
     fn from(e: SupervisorError) -> Self {
         match e {
             SupervisorError::Invalid(e) => ApiError::BadRequest(e.to_string()),
+            SupervisorError::Policy(_) | SupervisorError::SourceFile(_) => {
+                ApiError::Unprocessable(e.to_string())
+            }
             SupervisorError::Conflict(_) => ApiError::Conflict(e.to_string()),
             SupervisorError::NotFound(_) => ApiError::NotFound(e.to_string()),
             SupervisorError::Media(_) | SupervisorError::ShuttingDown => {
@@ -145,6 +151,8 @@ async fn create(
             SupervisorError::NotFound(_) => "not_found",
             SupervisorError::Media(_) => "pipeline",
             SupervisorError::ShuttingDown => "shutting_down",
+            SupervisorError::Policy(_) => "policy",
+            SupervisorError::SourceFile(_) => "source_file",
             SupervisorError::Capacity { dimension, .. } => dimension,
         };
         st.metrics.refusals.with_label_values(&[reason]).inc();
@@ -224,7 +232,11 @@ async fn capacity(State(st): State<AppState>) -> Json<serde_json::Value> {
     let streams: Vec<_> = sup
         .list()
         .iter()
-        .map(|h| json!({"id": h.plan.id, "state": h.state(), "backend": "cpu", "demand": h.demand}))
+        .map(|h| {
+            let p = h.placement();
+            json!({"id": h.plan.id, "state": h.state(), "backend": p.backend, "decode_gpu": p.decode_gpu,
+                   "demand": p.host, "gpu_demand": p.gpu.map(|(_, d)| d)})
+        })
         .collect();
     let mut headroom = serde_json::Map::new();
     for name in st.config.presets.names() {
@@ -238,10 +250,46 @@ async fn capacity(State(st): State<AppState>) -> Json<serde_json::Value> {
             headroom.insert(name.to_string(), json!(free.how_many(&d)));
         }
     }
+    let inventory = st.telemetry.snapshot();
+    let gpus: Vec<_> = sup
+        .gpus
+        .slots
+        .iter()
+        .map(|slot| {
+            let nvml = inventory.gpus.iter().find(|g| g.index == slot.index);
+            let alloc = sup.gpus.allocated(slot.index);
+            let measured = nvml.map(|g| {
+                json!({
+                    "vram_mib": g.memory_used_mib,
+                    "nvenc_utilization_pct": g.nvenc_utilization_pct,
+                    "nvdec_utilization_pct": g.nvdec_utilization_pct,
+                    "encoder_sessions": g.encoder_sessions,
+                })
+            });
+            json!({
+                "index": slot.index,
+                "model": slot.name,
+                "uuid": slot.uuid,
+                "pci_bus_id": nvml.map(|g| g.pci_bus_id.clone()),
+                "profile": slot.profile,
+                "nvenc": slot.nvenc,
+                "nvdec": slot.nvdec,
+                "capacity": slot.capacity,
+                "allocated": alloc,
+                "free": slot.capacity.minus(&alloc),
+                "measured": measured,
+            })
+        })
+        .collect();
     Json(json!({
         "node_id": st.config.node_id,
         "epoch": sup.epoch(),
-        "gpus": [],
+        "gpus": gpus,
+        "gpu_inventory": {
+            "driver_version": inventory.driver_version,
+            "cuda_devices": inventory.cuda_devices,
+            "note": inventory.note,
+        },
         "host": {
             "capacity": cap,
             "allocated": alloc,

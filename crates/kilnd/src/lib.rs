@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod calibrate;
+pub mod gpus;
 pub mod metrics;
 pub mod page;
 pub mod supervisor;
@@ -56,12 +57,18 @@ pub struct Config {
     pub node_id: String,
     /// Software encoding costs (`hw-profiles/cpu-*.toml`).
     pub cpu_model: kiln_model::capacity::CpuCostModel,
-    /// What admission may book: this node's resources (default: all cores and 80 % of memory, less headroom).
+    /// What admission may book on the host: CPU and memory (default: 85 % of the cores, 80 % of memory).
     pub capacity: kiln_model::capacity::Resources,
+    /// NVENC/NVDEC stream costs (VRAM per session, host share of a GPU stream).
+    pub gpu_model: kiln_model::capacity::GpuCostModel,
+    /// The GPUs admission may book; `None` = detect them (NVML inventory + GStreamer registry) at start.
+    pub gpus: Option<Vec<gpus::GpuSlot>>,
+    /// Directory that `file://` sources are resolved in; `None` refuses file sources.
+    pub media_dir: Option<PathBuf>,
 }
 
 /// This host's schedulable resources: 85 % of its cores (the rest is for the daemon, the origin and the OS) and
-/// 80 % of its memory. No GPU dimensions until the hardware path exists.
+/// 80 % of its memory. GPU dimensions are per GPU ([`gpus`]).
 pub fn host_capacity() -> kiln_model::capacity::Resources {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let mem_mib = std::fs::read_to_string("/proc/meminfo")
@@ -112,6 +119,9 @@ impl Default for Config {
             node_id: host_name(),
             cpu_model: kiln_config::builtin_cpu_profile(),
             capacity: host_capacity(),
+            gpu_model: Default::default(),
+            gpus: None,
+            media_dir: None,
         }
     }
 }
@@ -123,6 +133,8 @@ pub struct AppState {
     pub origin: Origin,
     pub config: Arc<Config>,
     pub metrics: Arc<metrics::Metrics>,
+    /// NVML telemetry (an empty inventory without a driver).
+    pub telemetry: Arc<kiln_gpu::Telemetry>,
 }
 
 /// The whole HTTP surface. Layers, outermost first:
@@ -183,18 +195,38 @@ impl AppState {
                 .ok_or_else(|| anyhow::anyhow!("the playback key must be at least 16 bytes"))?;
             origin.signer = Some(Arc::new(signer));
         }
+        let registry = Arc::new(kiln_media::select::Registry::probe()?);
+        let telemetry = Arc::new(kiln_gpu::Telemetry::open());
+        let slots = match &config.gpus {
+            Some(s) => s.clone(),
+            None => telemetry
+                .snapshot()
+                .gpus
+                .iter()
+                .map(|g| gpus::GpuSlot::new(g, &registry))
+                .collect(),
+        };
+        for s in &slots {
+            tracing::info!(gpu = s.index, name = %s.name, profile = ?s.profile, nvenc = s.nvenc, nvdec = s.nvdec, "GPU");
+        }
+        if slots.is_empty() {
+            tracing::info!("no GPU: every stream encodes on the CPU");
+        }
         let config = Arc::new(config);
         let metrics = Arc::new(metrics::Metrics::new());
         let supervisor = Arc::new(Supervisor::new(
             config.clone(),
             origin.clone(),
             metrics.clone(),
+            registry,
+            gpus::GpuPool::new(slots),
         ));
         Ok(Self {
             supervisor,
             metrics,
             origin,
             config,
+            telemetry,
         })
     }
 }

@@ -48,6 +48,12 @@ struct Args {
     /// PEM private key for --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Directory that `file:///…` sources are resolved in (file sources are refused without it).
+    #[arg(long)]
+    media_dir: Option<PathBuf>,
+    /// Ignore the GPUs: every stream encodes on the CPU (NVML telemetry is still reported).
+    #[arg(long)]
+    no_gpu: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -149,6 +155,8 @@ async fn main() -> anyhow::Result<()> {
         demo_preset: args.demo_preset,
         window_segments: args.window_segments.into(),
         assets_dir: args.assets_dir,
+        media_dir: args.media_dir,
+        gpus: args.no_gpu.then(Vec::new),
         ..Default::default()
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)

@@ -11,8 +11,10 @@ use prometheus::{
 };
 
 /// `reason` values of `kiln_stream_refusals_total`.
-pub const REFUSAL_REASONS: [&str; 11] = [
+pub const REFUSAL_REASONS: [&str; 13] = [
     "invalid",
+    "policy",
+    "source_file",
     "conflict",
     "not_found",
     "pipeline",

@@ -5,19 +5,46 @@
 //! nothing it does reaches another stream.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use kiln_llhls::PackagerConfig;
-use kiln_media::{LivePipeline, MediaEvent};
+use kiln_media::select::{Registry, SelectError};
+use kiln_media::{BuildOptions, LivePipeline, MediaEvent};
 use kiln_model::capacity::Resources;
 use kiln_model::{
-    PlanError, RenditionStatus, StreamPlan, StreamRequest, StreamState, StreamStatus,
+    Backend, Fallback, PlanError, Policy, RenditionStatus, Source, StreamPlan, StreamRequest,
+    StreamState, StreamStatus, VideoCodec,
 };
 use kiln_origin::{Origin, RenditionInfo, RenditionKind, StreamOrigin};
 use tokio::sync::{mpsc, watch};
 
+use crate::gpus::GpuPool;
 use crate::Config;
+
+/// Encoder failures a stream may recover from by rebuilding, per [`RESTART_WINDOW_MS`]; more and it fails.
+const MAX_RESTARTS: usize = 3;
+const RESTART_WINDOW_MS: u64 = 300_000;
+
+/// Where a stream runs and what it books there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub backend: Backend,
+    /// NVDEC decodes an encoded source on this GPU.
+    pub decode_gpu: Option<u32>,
+    /// Booked on the host (CPU, memory).
+    pub host: Resources,
+    /// Booked on a GPU (NVENC/NVDEC throughput, sessions, VRAM).
+    pub gpu: Option<(u32, Resources)>,
+}
+
+impl Placement {
+    /// Everything booked, on one vector.
+    pub fn total(&self) -> Resources {
+        self.gpu.map_or(self.host, |(_, g)| self.host.plus(&g))
+    }
+}
 
 /// Events buffered between a pipeline and its consumer task.
 const EVENT_QUEUE: usize = 1024;
@@ -37,6 +64,10 @@ pub enum SupervisorError {
     Media(String),
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    #[error("{0}")]
+    Policy(String),
+    #[error("source file: {0}")]
+    SourceFile(String),
     #[error("not enough {dimension} on this node: the stream needs {requested}, {free} is free")]
     Capacity {
         dimension: &'static str,
@@ -49,9 +80,12 @@ pub enum SupervisorError {
 #[derive(Debug)]
 pub struct StreamHandle {
     pub plan: StreamPlan,
-    /// What admission booked for this stream.
-    pub demand: Resources,
+    /// Where the stream runs and what admission booked for it (changes on a fallback).
+    placement: Mutex<Placement>,
     pub request: StreamRequest,
+    /// The resolved media file of a `file://` source.
+    file: Option<PathBuf>,
+    fallbacks: Mutex<Vec<Fallback>>,
     pub origin: Arc<StreamOrigin>,
     pipeline: Mutex<Option<LivePipeline>>,
     state: watch::Sender<StreamState>,
@@ -61,6 +95,15 @@ pub struct StreamHandle {
 }
 
 impl StreamHandle {
+    pub fn placement(&self) -> Placement {
+        *self.placement.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Everything booked for this stream.
+    pub fn demand(&self) -> Resources {
+        self.placement().total()
+    }
+
     pub fn state(&self) -> StreamState {
         *self.state.borrow()
     }
@@ -123,6 +166,14 @@ impl StreamHandle {
             source: self.plan.source.to_string(),
             playback: format!("/live/{}/master.m3u8", self.plan.id),
             renditions,
+            policy: self.plan.encoder.policy,
+            backend: self.placement().backend,
+            decode_gpu: self.placement().decode_gpu,
+            fallbacks: self
+                .fallbacks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             errors: self
                 .errors
                 .lock()
@@ -141,9 +192,13 @@ pub struct Supervisor {
     metrics: Arc<crate::metrics::Metrics>,
     streams: Mutex<HashMap<String, Arc<StreamHandle>>>,
     shutting_down: std::sync::atomic::AtomicBool,
-    /// Resources booked by admitted streams (and by streams being started).
+    /// Resources booked on the host by admitted streams (and by streams being started).
     allocated: Mutex<Resources>,
     epoch: u64,
+    /// What this host's GStreamer can build.
+    pub registry: Arc<Registry>,
+    /// GPUs and their bookings.
+    pub gpus: GpuPool,
 }
 
 fn unix_ms() -> u64 {
@@ -154,7 +209,13 @@ fn unix_ms() -> u64 {
 }
 
 impl Supervisor {
-    pub fn new(config: Arc<Config>, origin: Origin, metrics: Arc<crate::metrics::Metrics>) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        origin: Origin,
+        metrics: Arc<crate::metrics::Metrics>,
+        registry: Arc<Registry>,
+        gpus: GpuPool,
+    ) -> Self {
         Self {
             config,
             origin,
@@ -163,6 +224,8 @@ impl Supervisor {
             shutting_down: false.into(),
             allocated: Mutex::new(Resources::default()),
             epoch: unix_ms(),
+            registry,
+            gpus,
         }
     }
 
@@ -185,7 +248,7 @@ impl Supervisor {
         self.config.capacity
     }
 
-    /// Books `demand` if it fits; never over-commits (check and add under one lock).
+    /// Books `demand` on the host if it fits; never over-commits (check and add under one lock).
     fn reserve(&self, demand: &Resources) -> Result<(), SupervisorError> {
         let mut alloc = self.allocated.lock().unwrap_or_else(|e| e.into_inner());
         let free = self.config.capacity.minus(&alloc);
@@ -205,6 +268,173 @@ impl Supervisor {
         *alloc = alloc.minus(demand);
     }
 
+    /// Releases everything a placement booked.
+    fn release_placement(&self, p: &Placement) {
+        self.release(&p.host);
+        if let Some((g, d)) = &p.gpu {
+            self.gpus.release(*g, d);
+        }
+    }
+
+    /// Chooses where `plan` runs under its policy and books it: NVENC on the first GPU with an encoder and room
+    /// (`prefer-gpu`, `gpu-only`), else x264 on the CPU (`prefer-gpu`, `cpu-only`); an encoded source decodes on
+    /// NVDEC where a GPU has a decoder and room. `force_cpu` is the fallback after an encoder failure.
+    fn place(&self, plan: &StreamPlan, force_cpu: bool) -> Result<Placement, SupervisorError> {
+        let policy = if force_cpu {
+            Policy::CpuOnly
+        } else {
+            plan.encoder.policy
+        };
+        let gm = &self.config.gpu_model;
+        let encoded = plan.source.is_encoded();
+        let with_nvenc: Vec<u32> = self
+            .gpus
+            .slots
+            .iter()
+            .filter(|s| s.nvenc)
+            .map(|s| s.index)
+            .collect();
+        let gpu_demand = |g: u32| {
+            let nvdec = encoded && self.gpus.slots.iter().any(|s| s.index == g && s.nvdec);
+            let d = gm.demand(plan, nvdec);
+            (
+                Resources {
+                    cpu_millicores: 0,
+                    memory_mib: 0,
+                    ..d
+                },
+                Resources {
+                    cpu_millicores: d.cpu_millicores,
+                    memory_mib: d.memory_mib,
+                    ..Default::default()
+                },
+                nvdec,
+            )
+        };
+        let with_room: Vec<u32> = with_nvenc
+            .iter()
+            .copied()
+            .filter(|g| {
+                self.gpus
+                    .free(*g)
+                    .short_dimension(&gpu_demand(*g).0)
+                    .is_none()
+            })
+            .collect();
+        let backend = match self
+            .registry
+            .backend_for(policy, VideoCodec::H264, &with_room)
+        {
+            Ok(b) => b,
+            Err(SelectError::GpuOnlyImpossible(_)) if !with_nvenc.is_empty() => {
+                // GPUs with NVENC exist but are full: name the short dimension on the emptiest one
+                let g = with_nvenc[0];
+                let d = gpu_demand(g).0;
+                let free = self.gpus.free(g);
+                let dim = free.short_dimension(&d).unwrap_or("nvenc_fps");
+                return Err(SupervisorError::Capacity {
+                    dimension: dim,
+                    requested: d.dimension(dim),
+                    free: free.dimension(dim),
+                });
+            }
+            Err(e) => return Err(SupervisorError::Policy(e.to_string())),
+        };
+        let placement = match backend {
+            Backend::Nvenc { gpu } => {
+                let (g, host, nvdec) = gpu_demand(gpu);
+                Placement {
+                    backend,
+                    decode_gpu: nvdec.then_some(gpu),
+                    host,
+                    gpu: Some((gpu, g)),
+                }
+            }
+            Backend::Cpu => {
+                let host = self.config.cpu_model.demand(plan);
+                // decode on NVDEC where a GPU has a decoder and room for it
+                let decode = encoded
+                    .then(|| {
+                        self.gpus.slots.iter().filter(|s| s.nvdec).find_map(|s| {
+                            let d = gm.demand(plan, true);
+                            let dec = Resources {
+                                nvdec_fps: d.nvdec_fps,
+                                vram_mib: gm.vram_per_decoder_mib,
+                                ..Default::default()
+                            };
+                            self.gpus
+                                .free(s.index)
+                                .short_dimension(&dec)
+                                .is_none()
+                                .then_some((s.index, dec))
+                        })
+                    })
+                    .flatten();
+                Placement {
+                    backend,
+                    decode_gpu: decode.map(|(g, _)| g),
+                    host,
+                    gpu: decode,
+                }
+            }
+        };
+        self.reserve(&placement.host)?;
+        if let Some((g, d)) = &placement.gpu {
+            if let Err((dimension, requested, free)) = self.gpus.reserve(*g, d) {
+                self.release(&placement.host);
+                return Err(SupervisorError::Capacity {
+                    dimension,
+                    requested,
+                    free,
+                });
+            }
+        }
+        Ok(placement)
+    }
+
+    /// The media file of a `file://` source, inside the media directory (symlinks resolved).
+    fn resolve_file(&self, plan: &StreamPlan) -> Result<Option<PathBuf>, SupervisorError> {
+        let Source::File { path } = &plan.source else {
+            return Ok(None);
+        };
+        let dir = self.config.media_dir.as_ref().ok_or_else(|| {
+            SupervisorError::SourceFile(
+                "file sources are disabled: start kilnd with --media-dir".into(),
+            )
+        })?;
+        let root = dir
+            .canonicalize()
+            .map_err(|e| SupervisorError::SourceFile(format!("media directory: {e}")))?;
+        let full = root.join(path).canonicalize().map_err(|_| {
+            SupervisorError::SourceFile(format!("`{path}` does not exist in the media directory"))
+        })?;
+        if !full.starts_with(&root) || !full.is_file() {
+            return Err(SupervisorError::SourceFile(format!(
+                "`{path}` is not a file inside the media directory"
+            )));
+        }
+        Ok(Some(full))
+    }
+
+    fn build_options(
+        &self,
+        placement: &Placement,
+        file: Option<PathBuf>,
+    ) -> Result<BuildOptions, SupervisorError> {
+        let selection = self
+            .registry
+            .select(VideoCodec::H264, placement.backend, placement.decode_gpu)
+            .map_err(|e| SupervisorError::Policy(e.to_string()))?;
+        Ok(BuildOptions {
+            registry: self.registry.clone(),
+            selection,
+            decode_gpu: placement.decode_gpu,
+            file,
+            #[cfg(feature = "fault-injection")]
+            fail_encoder_after_frames: None,
+        })
+    }
+
     pub fn get(&self, id: &str) -> Option<Arc<StreamHandle>> {
         self.map().get(id).cloned()
     }
@@ -218,9 +448,31 @@ impl Supervisor {
     /// Creates and starts a stream. Idempotent: the same request for an existing id returns the existing stream
     /// (`Ok((handle, false))`); a different one is a conflict.
     pub async fn create(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         request: StreamRequest,
+    ) -> Result<(Arc<StreamHandle>, bool), SupervisorError> {
+        self.create_inner(id, request, None).await
+    }
+
+    /// Test-only: creates a stream whose first pipeline's encoder (video rendition 0) fails after `frames`
+    /// frames, to exercise the fallback. Not reachable from the HTTP API; compiled only with the
+    /// `fault-injection` feature.
+    #[cfg(feature = "fault-injection")]
+    pub async fn create_with_encoder_fault(
+        self: &Arc<Self>,
+        id: &str,
+        request: StreamRequest,
+        frames: u64,
+    ) -> Result<(Arc<StreamHandle>, bool), SupervisorError> {
+        self.create_inner(id, request, Some(frames)).await
+    }
+
+    async fn create_inner(
+        self: &Arc<Self>,
+        id: &str,
+        request: StreamRequest,
+        fault: Option<u64>,
     ) -> Result<(Arc<StreamHandle>, bool), SupervisorError> {
         if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(SupervisorError::ShuttingDown);
@@ -234,44 +486,35 @@ impl Supervisor {
             };
         }
 
-        let demand = self.config.cpu_model.demand(&plan);
-        self.reserve(&demand)?;
-        match self.start(id, request, plan, demand).await {
+        let file = self.resolve_file(&plan)?;
+        let placement = self.place(&plan, false)?;
+        match self.start(id, request, plan, placement, file, fault).await {
             Ok(r) => Ok(r),
             Err(e) => {
-                self.release(&demand);
+                self.release_placement(&placement);
                 Err(e)
             }
         }
     }
 
     async fn start(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         request: StreamRequest,
         plan: StreamPlan,
-        demand: Resources,
+        placement: Placement,
+        file: Option<PathBuf>,
+        fault: Option<u64>,
     ) -> Result<(Arc<StreamHandle>, bool), SupervisorError> {
-        let (tx, rx) = mpsc::channel::<MediaEvent>(EVENT_QUEUE);
-        let sink: kiln_media::EventSink = Arc::new(move |ev| {
-            // Streaming threads may block briefly (backpressure); a message posted from inside the runtime (a
-            // state change called from async code) must not.
-            if tokio::runtime::Handle::try_current().is_ok() {
-                let _ = tx.try_send(ev);
-            } else {
-                let _ = tx.blocking_send(ev);
-            }
-        });
-        let build_plan = plan.clone();
-        let started = tokio::task::spawn_blocking(move || {
-            let p = LivePipeline::build(&build_plan, sink)?;
-            let origin_ms = p.start()?;
-            Ok::<_, kiln_media::MediaError>((p, origin_ms))
-        })
-        .await
-        .map_err(|e| SupervisorError::Media(e.to_string()))?
-        .map_err(|e| SupervisorError::Media(e.to_string()))?;
-        let (pipeline, origin_ms) = started;
+        #[allow(unused_mut)]
+        let mut opts = self.build_options(&placement, file.clone())?;
+        #[cfg(feature = "fault-injection")]
+        {
+            opts.fail_encoder_after_frames = fault;
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        let _ = fault;
+        let (pipeline, origin_ms, rx) = launch(&plan, opts, None).await?;
 
         let pcfg = PackagerConfig {
             segment_ns: plan.timing.segment_ns(),
@@ -309,8 +552,10 @@ impl Supervisor {
         let stream_origin = StreamOrigin::new(id, infos, pcfg);
         let handle = Arc::new(StreamHandle {
             plan,
-            demand,
+            placement: Mutex::new(placement),
             request,
+            file,
+            fallbacks: Mutex::new(Vec::new()),
             origin: stream_origin.clone(),
             pipeline: Mutex::new(Some(pipeline)),
             state: watch::channel(StreamState::Starting).0,
@@ -323,7 +568,7 @@ impl Supervisor {
             if let Some(h) = map.get(id) {
                 // Lost a race with an identical PUT: keep the first one (ours drops, stops and is released).
                 return if h.plan == handle.plan {
-                    self.release(&handle.demand);
+                    self.release_placement(&handle.placement());
                     Ok((h.clone(), false))
                 } else {
                     Err(SupervisorError::Conflict(id.to_string()))
@@ -333,10 +578,18 @@ impl Supervisor {
         }
         self.origin.insert(stream_origin);
         self.metrics.init_stream(id);
-        tokio::spawn(consume(handle.clone(), rx, self.metrics.clone()));
+        tokio::spawn(consume(
+            handle.clone(),
+            rx,
+            self.metrics.clone(),
+            Arc::downgrade(self),
+            origin_ms,
+        ));
         tracing::info!(
             stream = id,
             renditions = handle.origin.renditions.len(),
+            backend = placement.backend.label(),
+            decode_gpu = placement.decode_gpu,
             "stream started"
         );
         Ok((handle, true))
@@ -379,7 +632,7 @@ impl Supervisor {
         }
         h.origin.end();
         h.set_state(StreamState::Ended);
-        self.release(&h.demand);
+        self.release_placement(&h.placement());
         tracing::info!(stream = %h.plan.id, "stream stopped");
         let origin = self.origin.clone();
         let linger = self.config.linger;
@@ -412,11 +665,128 @@ impl Supervisor {
     }
 }
 
+/// Builds and starts a pipeline on a blocking thread. Returns it, the wall-clock ms of its running time 0 and its
+/// events. `continue_from` continues an earlier pipeline's timeline (a rebuild).
+async fn launch(
+    plan: &StreamPlan,
+    opts: BuildOptions,
+    continue_from: Option<i64>,
+) -> Result<(LivePipeline, i64, mpsc::Receiver<MediaEvent>), SupervisorError> {
+    let (tx, rx) = mpsc::channel::<MediaEvent>(EVENT_QUEUE);
+    let sink: kiln_media::EventSink = Arc::new(move |ev| {
+        // Streaming threads may block briefly (backpressure); a message posted from inside the runtime (a
+        // state change called from async code) must not.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = tx.try_send(ev);
+        } else {
+            let _ = tx.blocking_send(ev);
+        }
+    });
+    let plan = plan.clone();
+    let (p, origin_ms) = tokio::task::spawn_blocking(move || {
+        let p = LivePipeline::build_with(&plan, &opts, sink)?;
+        let origin_ms = p.start_at(continue_from)?;
+        Ok::<_, kiln_media::MediaError>((p, origin_ms))
+    })
+    .await
+    .map_err(|e| SupervisorError::Media(e.to_string()))?
+    .map_err(|e| SupervisorError::Media(e.to_string()))?;
+    Ok((p, origin_ms, rx))
+}
+
+impl Supervisor {
+    /// Rebuilds a running stream's pipeline on the CPU after its encoder failed: the old pipeline is torn down
+    /// (freeing its NVENC session), its bookings released, the CPU placement booked (never over-committing: no
+    /// room means the stream fails), and the new pipeline continues the stream's timeline. Bounded: a `gpu-only`
+    /// stream never falls back, and more than [`MAX_RESTARTS`] rebuilds in [`RESTART_WINDOW_MS`] fail it.
+    async fn fallback(
+        &self,
+        h: &Arc<StreamHandle>,
+        error: &str,
+        origin_ms: i64,
+    ) -> Result<mpsc::Receiver<MediaEvent>, SupervisorError> {
+        let now = unix_ms();
+        let old = h.placement();
+        if h.plan.encoder.policy == Policy::GpuOnly {
+            return Err(SupervisorError::Policy(
+                "the encoder failed and policy gpu-only forbids a CPU fallback".into(),
+            ));
+        }
+        let recent = h
+            .fallbacks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|f| now.saturating_sub(f.at_unix_ms) < RESTART_WINDOW_MS)
+            .count();
+        if recent >= MAX_RESTARTS {
+            return Err(SupervisorError::Policy(format!(
+                "the encoder failed {} times within {} s; not rebuilding again",
+                recent + 1,
+                RESTART_WINDOW_MS / 1000
+            )));
+        }
+        let p = h.pipeline.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(p) = p {
+            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+        }
+        self.release_placement(&old);
+        let nothing = Placement {
+            host: Resources::default(),
+            gpu: None,
+            decode_gpu: None,
+            ..old
+        };
+        *h.placement.lock().unwrap_or_else(|e| e.into_inner()) = nothing;
+        let new = self.place(&h.plan, true)?;
+        let started = async {
+            let opts = self.build_options(&new, h.file.clone())?;
+            launch(&h.plan, opts, Some(origin_ms)).await
+        }
+        .await;
+        let (pipeline, _, rx) = match started {
+            Ok(r) => r,
+            Err(e) => {
+                self.release_placement(&new);
+                return Err(e);
+            }
+        };
+        *h.pipeline.lock().unwrap_or_else(|e| e.into_inner()) = Some(pipeline);
+        *h.placement.lock().unwrap_or_else(|e| e.into_inner()) = new;
+        h.fallbacks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Fallback {
+                at_unix_ms: now,
+                from: old.backend,
+                to: new.backend,
+                reason: "encoder_error".into(),
+                error: error.chars().take(300).collect(),
+            });
+        self.metrics
+            .fallbacks
+            .with_label_values(&[h.plan.id.as_str(), "encoder_error"])
+            .inc();
+        tracing::warn!(stream = %h.plan.id, from = old.backend.label(), to = new.backend.label(), %error, "encoder failed: pipeline rebuilt");
+        Ok(rx)
+    }
+}
+
+/// Whether a bus message came from an encoder element (`…/GstX264Enc:enc-720p`).
+fn from_encoder(element: Option<&str>) -> bool {
+    element
+        .and_then(|e| e.rsplit('/').next())
+        .and_then(|e| e.rsplit(':').next())
+        .is_some_and(|n| n.starts_with("enc-"))
+}
+
 /// Feeds one stream's events into the origin, and records them in the metrics.
 async fn consume(
     h: Arc<StreamHandle>,
     mut rx: mpsc::Receiver<MediaEvent>,
     metrics: Arc<crate::metrics::Metrics>,
+    supervisor: std::sync::Weak<Supervisor>,
+    origin_ms: i64,
 ) {
     let names: Vec<String> = h
         .origin
@@ -425,6 +795,8 @@ async fn consume(
         .map(|r| r.info.name.clone())
         .collect();
     let mut media_ns = vec![0u64; names.len()];
+    // after a rebuild, the first part of each rendition opens a discontinuity
+    let mut discontinuity = vec![false; names.len()];
     let mut first_part: Option<std::time::Instant> = None;
     while let Some(ev) = rx.recv().await {
         match ev {
@@ -435,9 +807,12 @@ async fn consume(
             } => h.origin.on_init(rendition, bytes, codec),
             MediaEvent::Part {
                 rendition,
-                part,
+                mut part,
                 at,
             } => {
+                if let Some(d) = discontinuity.get_mut(rendition) {
+                    part.discontinuity |= std::mem::take(d);
+                }
                 let (bytes, dur) = (part.bytes.len(), part.duration_ns);
                 let published = h.origin.on_part(rendition, part);
                 if let (Ok(_), Some(name)) = (&published, names.get(rendition)) {
@@ -483,10 +858,27 @@ async fn consume(
                     .stream_errors
                     .with_label_values(&[h.plan.id.as_str()])
                     .inc();
-                h.push_error(match element {
+                h.push_error(match &element {
                     Some(e) => format!("{e}: {message}"),
-                    None => message,
+                    None => message.clone(),
                 });
+                let live = matches!(h.state(), StreamState::Starting | StreamState::Running);
+                if live && from_encoder(element.as_deref()) {
+                    if let Some(sup) = supervisor.upgrade() {
+                        let why = match &details {
+                            Some(d) => format!("{message} ({d})"),
+                            None => message.clone(),
+                        };
+                        match sup.fallback(&h, &why, origin_ms).await {
+                            Ok(new_rx) => {
+                                rx = new_rx;
+                                discontinuity.iter_mut().for_each(|d| *d = true);
+                                continue;
+                            }
+                            Err(e) => h.push_error(format!("no fallback: {e}")),
+                        }
+                    }
+                }
                 h.set_state(StreamState::Failed);
                 let p = h.pipeline.lock().unwrap_or_else(|e| e.into_inner()).take();
                 if let Some(p) = p {

@@ -1,0 +1,213 @@
+//! The hardware path as far as a GPU-less host can prove it: the daemon starts and reports an empty GPU inventory;
+//! the policy matrix (gpu-only refused with a clear error, prefer-gpu and cpu-only run on x264); an encoder that
+//! fails mid-stream (test-only fault injection, `fault-injection` feature — the seam a test cannot reach is the
+//! NVENC hardware) makes kilnd rebuild the pipeline on the CPU, the playlist continues after
+//! EXT-X-DISCONTINUITY and ffmpeg decodes straight across it; `file://` sources decode, loop and refuse paths
+//! outside the media directory.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use kiln_integration::{ffmpeg_frames_with, small_stream_spec, Daemon};
+
+fn spec_with(policy: &str) -> String {
+    small_stream_spec().replacen('{', &format!(r#"{{"policy": "{policy}", "#), 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_less_node_reports_no_gpus_and_applies_the_policy_matrix() -> Result<()> {
+    let d = Daemon::start_default().await?;
+    let (_, cap) = d.get_text("/v1/capacity").await?;
+    let cap: serde_json::Value = serde_json::from_str(&cap)?;
+    ensure!(cap["gpus"] == serde_json::json!([]), "{}", cap["gpus"]);
+    ensure!(
+        cap["gpu_inventory"]["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("NVML")),
+        "the empty inventory says why: {}",
+        cap["gpu_inventory"]
+    );
+
+    // gpu-only: refused, saying why, and counted
+    let (st, body) = d.put_stream("g", &spec_with("gpu-only")).await?;
+    ensure!(st == 422, "{st} {body}");
+    ensure!(body["error"]["code"] == "cannot_run_here", "{body}");
+    let msg = body["error"]["message"].as_str().unwrap_or("");
+    ensure!(msg.contains("gpu-only") && msg.contains("NVENC"), "{msg}");
+    let (_, m) = d.get_text("/metrics").await?;
+    ensure!(
+        m.lines()
+            .any(|l| l.starts_with("kiln_stream_refusals_total{reason=\"policy\"} 1")),
+        "policy refusal not counted"
+    );
+    let (st, _) = d.get_text("/v1/streams/g").await?;
+    ensure!(st == 404, "a refused stream leaves nothing behind");
+
+    // prefer-gpu (the default) and cpu-only run on x264, and say so
+    for (id, policy) in [("p", "prefer-gpu"), ("c", "cpu-only")] {
+        let (st, body) = d.put_stream(id, &spec_with(policy)).await?;
+        ensure!(st == 201, "{policy}: {st} {body}");
+        ensure!(
+            body["policy"] == policy && body["backend"]["kind"] == "cpu",
+            "{body}"
+        );
+    }
+    let (st, body) = d.put_stream("x", &spec_with("gpu-first")).await?;
+    ensure!(st == 400, "unknown policy: {st} {body}");
+    d.wait_for_segments("p", "lo", 1).await?;
+    d.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encoder_failure_mid_stream_falls_back_and_playback_continues() -> Result<()> {
+    let d = Daemon::start_default().await?;
+    let req: kiln_model::StreamRequest = serde_json::from_str(small_stream_spec())?;
+    // rendition 0's encoder dies after 2.5 s of frames
+    d.state
+        .supervisor
+        .create_with_encoder_fault("f", req, 75)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // wait (blocking reloads) until the playlist shows a discontinuity and two segments after it
+    let path = "/live/f/hi/index.m3u8";
+    let mut msn = 0u64;
+    let text = loop {
+        let q = if msn == 0 {
+            path.to_string()
+        } else {
+            format!("{path}?_HLS_msn={msn}")
+        };
+        let (st, text) = d.get_text(&q).await?;
+        ensure!(st == 200, "{q}: {st} {text}");
+        let pl = kiln_integration::parse_ll(&text)?;
+        let last = pl.segments.last().context("segments")?.msn;
+        if let Some(i) = text.find("#EXT-X-DISCONTINUITY\n") {
+            let after = text[i..].matches("#EXTINF").count();
+            if after >= 2 {
+                break text;
+            }
+        }
+        ensure!(
+            msn < 1_000_000_000_000 && pl.segments.len() < 40,
+            "no discontinuity:\n{text}"
+        );
+        msn = last + 1;
+    };
+    ensure!(
+        text.contains("#EXT-X-DISCONTINUITY-SEQUENCE") || text.contains("#EXT-X-DISCONTINUITY")
+    );
+    let (_, status) = d.get_text("/v1/streams/f").await?;
+    let status: serde_json::Value = serde_json::from_str(&status)?;
+    ensure!(status["state"] == "running", "{status}");
+    let fb = status["fallbacks"].as_array().context("fallbacks")?;
+    ensure!(fb.len() == 1, "{status}");
+    ensure!(
+        fb[0]["reason"] == "encoder_error"
+            && fb[0]["to"]["kind"] == "cpu"
+            && fb[0]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("injected")),
+        "{}",
+        fb[0]
+    );
+    let (_, m) = d.get_text("/metrics").await?;
+    ensure!(
+        m.lines().any(|l| l.starts_with("kiln_fallbacks_total{")
+            && l.contains("stream=\"f\"")
+            && l.contains("reason=\"encoder_error\"")
+            && l.ends_with(" 1")),
+        "kiln_fallbacks_total not incremented"
+    );
+
+    // end the stream (ENDLIST), then ffmpeg decodes the whole window, across the discontinuity, without an error
+    let res = d.http.delete(d.url("/v1/streams/f")).send().await?;
+    ensure!(res.status() == 204);
+    let (_, ended) = d.get_text(path).await?;
+    ensure!(ended.contains("#EXT-X-ENDLIST"), "{ended}");
+    let media_s: f64 = kiln_integration::parse_ll(&ended)?
+        .segments
+        .iter()
+        .filter_map(|s| s.duration)
+        .sum();
+    let frames = ffmpeg_frames_with(&d.url(path), 60, &[]).await?;
+    let video = frames.first().copied().unwrap_or(0) as f64;
+    // the hole while the pipeline was rebuilt is GAP parts (nothing to decode), so allow a second of missing
+    // frames, never more frames than the media holds
+    ensure!(
+        video >= (media_s - 1.5) * 30.0 && video <= media_s * 30.0 + 2.0,
+        "{video} frames decoded from {media_s:.2} s of playlist"
+    );
+    tokio::time::timeout(Duration::from_secs(5), d.shutdown()).await?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_sources_loop_and_stay_inside_the_media_directory() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("kiln-media-dir-{}", std::process::id()));
+    let media = dir.join("media");
+    std::fs::create_dir_all(media.join("clips"))?;
+    let st = tokio::process::Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x180:rate=30",
+        ])
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=300:sample_rate=48000",
+            "-t",
+            "2.5",
+        ])
+        .args([
+            "-c:v",
+            "libx264",
+            "-g",
+            "15",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-shortest",
+        ])
+        .arg(media.join("clips/loop.mp4"))
+        .status()
+        .await?;
+    ensure!(st.success());
+    std::fs::write(dir.join("secret.mp4"), b"outside")?;
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(dir.join("secret.mp4"), media.join("escape.mp4"))?;
+    let d = Daemon::start(kilnd::Config {
+        media_dir: Some(media.clone()),
+        ..Default::default()
+    })
+    .await?;
+    let spec = |src: &str| small_stream_spec().replace("test:pattern=ball", src);
+    for (src, want) in [
+        ("file:///../secret.mp4", 400),
+        ("file:///clips/missing.mp4", 422),
+        ("file:///escape.mp4", 422),
+        ("file:///clips", 422),
+    ] {
+        let (st, body) = d.put_stream("bad", &spec(src)).await?;
+        ensure!(st == want, "{src}: {st} {body}");
+    }
+    let (st, body) = d
+        .put_stream("file", &spec("file:///clips/loop.mp4"))
+        .await?;
+    ensure!(st == 201, "{st} {body}");
+    // a 2.5 s clip gives 4 complete 2 s segments only by looping
+    let pl = d.wait_for_segments("file", "hi", 4).await?;
+    ensure!(!pl.endlist);
+    let (_, status) = d.get_text("/v1/streams/file").await?;
+    ensure!(status.contains("\"state\":\"running\""), "{status}");
+    let frames = ffmpeg_frames_with(&d.url("/live/file/hi/index.m3u8"), 4, &[]).await?;
+    ensure!(frames.first().copied().unwrap_or(0) >= 100, "{frames:?}");
+    d.shutdown().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
