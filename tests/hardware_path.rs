@@ -207,6 +207,62 @@ async fn file_sources_loop_and_stay_inside_the_media_directory() -> Result<()> {
     ensure!(status.contains("\"state\":\"running\""), "{status}");
     let frames = ffmpeg_frames_with(&d.url("/live/file/hi/index.m3u8"), 4, &[]).await?;
     ensure!(frames.first().copied().unwrap_or(0) >= 100, "{frames:?}");
+
+    // the same clip over HTTP (urisourcebin): it plays once, then the stream ends with ENDLIST on its own
+    let clip = std::fs::read(media.join("clips/loop.mp4"))?;
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/loop.mp4", server.local_addr()?);
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut sock, _)) = server.accept().await {
+            let clip = clip.clone();
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    clip.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&clip).await;
+            });
+        }
+    });
+    let (st, body) = d.put_stream("url", &spec(&url)).await?;
+    ensure!(st == 201, "{st} {body}");
+    let path = "/live/url/hi/index.m3u8";
+    let mut next = 0u64;
+    let ended = loop {
+        let q = if next == 0 {
+            path.to_string()
+        } else {
+            format!("{path}?_HLS_msn={next}")
+        };
+        let (st, text) = d.get_text(&q).await?;
+        ensure!(st == 200, "{q}: {st} {text}");
+        let pl = kiln_integration::parse_ll(&text)?;
+        if pl.endlist {
+            break pl;
+        }
+        ensure!(
+            pl.segments.len() < 10,
+            "a 2.5 s source never ended:\n{text}"
+        );
+        next = pl.segments.last().context("segments")?.msn + 1;
+    };
+    let media_s: f64 = ended.segments.iter().filter_map(|s| s.duration).sum();
+    ensure!(
+        (2.0..=3.2).contains(&media_s),
+        "{media_s} s of a 2.5 s clip"
+    );
+    let (_, status) = d.get_text("/v1/streams/url").await?;
+    ensure!(status.contains("\"state\":\"ended\""), "{status}");
     d.shutdown().await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

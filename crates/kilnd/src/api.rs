@@ -202,6 +202,50 @@ async fn metrics(State(st): State<AppState>) -> Response {
                 .set(r.dimension(dim) as i64);
         }
     }
+    // per GPU: NVML telemetry and bookings
+    for g in [&m.gpu_nvenc_utilization, &m.gpu_nvdec_utilization] {
+        g.reset();
+    }
+    m.gpu_encoder_sessions.reset();
+    m.gpu_vram_used_bytes.reset();
+    m.gpu_resources.reset();
+    for g in st.telemetry.snapshot().gpus {
+        let labels = [g.index.to_string(), g.name.clone()];
+        let l = [labels[0].as_str(), labels[1].as_str()];
+        if let Some(u) = g.nvenc_utilization_pct {
+            m.gpu_nvenc_utilization
+                .with_label_values(&l)
+                .set(f64::from(u) / 100.0);
+        }
+        if let Some(u) = g.nvdec_utilization_pct {
+            m.gpu_nvdec_utilization
+                .with_label_values(&l)
+                .set(f64::from(u) / 100.0);
+        }
+        if let Some(n) = g.encoder_sessions {
+            m.gpu_encoder_sessions
+                .with_label_values(&l)
+                .set(i64::from(n));
+        }
+        m.gpu_vram_used_bytes
+            .with_label_values(&l)
+            .set((g.memory_used_mib << 20) as i64);
+    }
+    for slot in &sup.gpus.slots {
+        let alloc = sup.gpus.allocated(slot.index);
+        let gpu = slot.index.to_string();
+        for (kind, r) in [
+            ("capacity", slot.capacity),
+            ("allocated", alloc),
+            ("free", slot.capacity.minus(&alloc)),
+        ] {
+            for dim in ["nvenc_fps", "nvdec_fps", "encoder_sessions", "vram_mib"] {
+                m.gpu_resources
+                    .with_label_values(&[gpu.as_str(), dim, kind])
+                    .set(r.dimension(dim) as i64);
+            }
+        }
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

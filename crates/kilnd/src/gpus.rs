@@ -130,3 +130,110 @@ impl GpuPool {
         }
     }
 }
+
+/// Runs `kiln-nvenc-probe` (next to this executable, or on PATH) with a 10 s limit and returns its JSON. `None`
+/// when it is not installed, fails or says nothing useful: the GStreamer registry is then the only source. It runs
+/// as a subprocess because it links the NVIDIA driver libraries: a crash there cannot take the daemon down.
+pub fn run_nvenc_probe() -> Option<serde_json::Value> {
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("kiln-nvenc-probe")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| "kiln-nvenc-probe".into());
+    let mut child = std::process::Command::new(&exe)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50)); // polling a child: no event to wait on
+            }
+            _ => {
+                let _ = child.kill();
+                tracing::warn!(probe = %exe.display(), "kiln-nvenc-probe did not answer within 10 s");
+                return None;
+            }
+        }
+    }
+    let out = child.wait_with_output().ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    (v["probe"] == "nvenc").then_some(v)
+}
+
+/// Applies the probe's verdict: a GPU the driver says cannot open an NVENC session books no NVENC, whatever the
+/// registry lists.
+pub fn apply_nvenc_probe(slots: &mut [GpuSlot], probe: &serde_json::Value) {
+    for d in probe["devices"].as_array().into_iter().flatten() {
+        let (Some(i), Some(false)) = (d["index"].as_u64(), d["nvenc"].as_bool()) else {
+            continue;
+        };
+        if let Some(s) = slots.iter_mut().find(|s| u64::from(s.index) == i) {
+            if s.nvenc {
+                tracing::warn!(gpu = s.index, error = %d["error"], "the registry lists an NVENC encoder but the driver opens no session: not booking NVENC");
+            }
+            s.nvenc = false;
+            s.capacity.nvenc_fps = 0;
+            s.capacity.encoder_sessions = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(index: u32, nvenc: bool) -> GpuSlot {
+        GpuSlot {
+            index,
+            name: "NVIDIA L4".into(),
+            uuid: String::new(),
+            profile: Some("l4".into()),
+            nvenc,
+            nvdec: true,
+            capacity: Resources {
+                nvenc_fps: 1400,
+                nvdec_fps: 2800,
+                encoder_sessions: 1024,
+                vram_mib: 20000,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn bookings_never_exceed_a_gpu_and_name_the_short_dimension() {
+        let pool = GpuPool::new(vec![slot(0, true)]);
+        let d = Resources {
+            nvenc_fps: 600,
+            encoder_sessions: 2,
+            vram_mib: 400,
+            ..Default::default()
+        };
+        assert!(pool.reserve(0, &d).is_ok());
+        assert!(pool.reserve(0, &d).is_ok());
+        assert_eq!(pool.reserve(0, &d), Err(("nvenc_fps", 600, 200)));
+        assert_eq!(pool.allocated(0).nvenc_fps, 1200);
+        pool.release(0, &d);
+        assert!(pool.reserve(0, &d).is_ok());
+        assert!(pool.reserve(7, &d).is_err(), "unknown GPU");
+    }
+
+    #[test]
+    fn the_probe_overrules_the_registry() {
+        let mut slots = vec![slot(0, true), slot(1, true)];
+        let probe = serde_json::json!({"probe": "nvenc", "devices": [
+            {"index": 0, "nvenc": true, "codecs": ["h264"]},
+            {"index": 1, "nvenc": false, "error_code": 2, "error": "UnsupportedDevice"}]});
+        apply_nvenc_probe(&mut slots, &probe);
+        assert!(slots[0].nvenc && slots[0].capacity.nvenc_fps > 0);
+        assert!(
+            !slots[1].nvenc
+                && slots[1].capacity.nvenc_fps == 0
+                && slots[1].capacity.encoder_sessions == 0
+        );
+    }
+}

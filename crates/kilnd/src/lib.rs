@@ -199,12 +199,21 @@ impl AppState {
         let telemetry = Arc::new(kiln_gpu::Telemetry::open());
         let slots = match &config.gpus {
             Some(s) => s.clone(),
-            None => telemetry
-                .snapshot()
-                .gpus
-                .iter()
-                .map(|g| gpus::GpuSlot::new(g, &registry))
-                .collect(),
+            None => {
+                let mut slots: Vec<gpus::GpuSlot> = telemetry
+                    .snapshot()
+                    .gpus
+                    .iter()
+                    .map(|g| gpus::GpuSlot::new(g, &registry))
+                    .collect();
+                if !slots.is_empty() {
+                    match gpus::run_nvenc_probe() {
+                        Some(p) => gpus::apply_nvenc_probe(&mut slots, &p),
+                        None => tracing::info!("kiln-nvenc-probe not installed: NVENC presence from the GStreamer registry only"),
+                    }
+                }
+                slots
+            }
         };
         for s in &slots {
             tracing::info!(gpu = s.index, name = %s.name, profile = ?s.profile, nvenc = s.nvenc, nvdec = s.nvdec, "GPU");

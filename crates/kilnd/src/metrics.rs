@@ -46,6 +46,13 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub parked_requests: IntGauge,
     pub capacity: IntGaugeVec,
+    /// Per GPU (labels gpu, model): NVML telemetry, set at scrape time.
+    pub gpu_nvenc_utilization: GaugeVec,
+    pub gpu_nvdec_utilization: GaugeVec,
+    pub gpu_encoder_sessions: IntGaugeVec,
+    pub gpu_vram_used_bytes: IntGaugeVec,
+    /// Per GPU, per dimension: capacity, allocated, free.
+    pub gpu_resources: IntGaugeVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -152,6 +159,40 @@ impl Metrics {
             &["dimension", "kind"],
         ));
         must(registry.register(Box::new(capacity.clone())));
+        let gpu_gauge = |name: &str, help: &str| {
+            let g = must(GaugeVec::new(Opts::new(name, help), &["gpu", "model"]));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let gpu_int_gauge = |name: &str, help: &str| {
+            let g = must(IntGaugeVec::new(Opts::new(name, help), &["gpu", "model"]));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let gpu_nvenc_utilization = gpu_gauge(
+            "kiln_gpu_nvenc_utilization_ratio",
+            "NVENC utilisation over NVML's sampling period (0-1)",
+        );
+        let gpu_nvdec_utilization = gpu_gauge(
+            "kiln_gpu_nvdec_utilization_ratio",
+            "NVDEC utilisation over NVML's sampling period (0-1)",
+        );
+        let gpu_encoder_sessions = gpu_int_gauge(
+            "kiln_gpu_encoder_sessions",
+            "Active NVENC sessions on the GPU (all processes)",
+        );
+        let gpu_vram_used_bytes = gpu_int_gauge(
+            "kiln_gpu_vram_used_bytes",
+            "GPU memory in use (all processes)",
+        );
+        let gpu_resources = must(IntGaugeVec::new(
+            Opts::new(
+                "kiln_gpu_resources",
+                "Per-GPU resources per dimension (nvenc_fps, nvdec_fps, encoder_sessions, vram_mib): capacity, allocated, free",
+            ),
+            &["gpu", "dimension", "kind"],
+        ));
+        must(registry.register(Box::new(gpu_resources.clone())));
         must(registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         )));
@@ -173,6 +214,11 @@ impl Metrics {
             requests,
             request_duration,
             parked_requests,
+            gpu_nvenc_utilization,
+            gpu_nvdec_utilization,
+            gpu_encoder_sessions,
+            gpu_vram_used_bytes,
+            gpu_resources,
             capacity,
         }
     }

@@ -889,6 +889,26 @@ async fn consume(
             }
             MediaEvent::Eos => {
                 h.eos.send_replace(true);
+                // The source itself ended (a URL source's EOS), not a stop: end the playlists and free the
+                // bookings now; the stream stays listed as `ended` until it is deleted.
+                if matches!(h.state(), StreamState::Starting | StreamState::Running) {
+                    tracing::info!(stream = %h.plan.id, "the source ended: ending the stream");
+                    h.origin.end();
+                    h.set_state(StreamState::Ended);
+                    if let Some(sup) = supervisor.upgrade() {
+                        let booked = h.placement();
+                        sup.release_placement(&booked);
+                        *h.placement.lock().unwrap_or_else(|e| e.into_inner()) = Placement {
+                            host: Resources::default(),
+                            gpu: None,
+                            ..booked
+                        };
+                    }
+                    let p = h.pipeline.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    if let Some(p) = p {
+                        let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+                    }
+                }
             }
         }
     }
