@@ -14,8 +14,12 @@ for l in cuda:libcuda.so.1 nvidia-encode:libnvidia-encode.so.1 nvcuvid:libnvcuvi
 done
 mkdir -p "$STUBS/include"
 export NVIDIA_VIDEO_CODEC_SDK_PATH=$PWD/$STUBS CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-12020}
-export RUSTFLAGS="${RUSTFLAGS:-} -L $PWD/$STUBS/lib -C link-arg=-Wl,--unresolved-symbols=ignore-all -C link-arg=-Wl,-z,lazy"
-cargo build --release -p kiln-nvenc-probe --features nvenc --target-dir target/nvenc-probe
+# The link flags go to the final binary only (`cargo rustc -- …`), not to build scripts. --as-needed would drop the
+# stand-ins (they define nothing): they are re-listed after --no-as-needed so the binary records libcuda.so.1,
+# libnvidia-encode.so.1 and libnvcuvid.so.1 as NEEDED and its symbols bind to them on the GPU host.
+cargo rustc --release -p kiln-nvenc-probe --features nvenc --bin kiln-nvenc-probe --target-dir target/nvenc-probe -- \
+  -L "$PWD/$STUBS/lib" -C link-arg=-Wl,--unresolved-symbols=ignore-all -C link-arg=-Wl,-z,lazy \
+  -C link-arg=-Wl,--no-as-needed -C link-arg=-lnvidia-encode -C link-arg=-lnvcuvid -C link-arg=-lcuda
 cp target/nvenc-probe/release/kiln-nvenc-probe target/release/kiln-nvenc-probe
 strip target/release/kiln-nvenc-probe
 echo "built target/release/kiln-nvenc-probe (needs the NVIDIA driver at run time)"
