@@ -466,3 +466,43 @@ async fn https_negotiates_h2_with_alpn() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     d.shutdown().await
 }
+
+/// `live-audio-only`: no video branch at all; the multivariant playlist's one variant is the audio playlist
+/// (CODECS lists only mp4a), the parts are AAC, and ffmpeg decodes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_only_preset_streams_and_plays() -> Result<()> {
+    let d = Daemon::start_default().await?;
+    let (st, body) = d
+        .put_stream(
+            "radio",
+            r#"{"source": "test:", "preset": "live-audio-only"}"#,
+        )
+        .await?;
+    ensure!(st == 201, "{st} {body}");
+    ensure!(
+        body["renditions"].as_array().map(|r| r.len()) == Some(1)
+            && body["renditions"][0]["kind"] == "audio",
+        "{body}"
+    );
+    let pl = wait_for_msn(&d, "radio", "audio", 2).await?;
+    ensure!(pl.part_target > 0.0 && !pl.segments.is_empty());
+    let (st, master) = d.get_text("/live/radio/master.m3u8").await?;
+    ensure!(st == 200, "{st}");
+    let parsed = m3u8_rs::parse_master_playlist_res(master.as_bytes())
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    ensure!(parsed.variants.len() == 1, "{master}");
+    ensure!(
+        parsed.variants[0].uri == "audio/index.m3u8"
+            && parsed.variants[0]
+                .codecs
+                .as_deref()
+                .is_some_and(|c| c.starts_with("mp4a.40.2") && !c.contains("avc1")),
+        "{master}"
+    );
+    let frames = ffmpeg_frames(&d.url("/live/radio/master.m3u8"), 3, false).await?;
+    ensure!(
+        frames.len() == 1 && frames[0] >= 100,
+        "AAC frames decoded: {frames:?}"
+    );
+    d.shutdown().await
+}

@@ -30,6 +30,14 @@ const BUILTIN: &[(&str, &str)] = &[
         "live-360p-abr.toml",
         include_str!("../../../pipelines/live-360p-abr.toml"),
     ),
+    (
+        "live-audio-only.toml",
+        include_str!("../../../pipelines/live-audio-only.toml"),
+    ),
+    (
+        "vod-1080p-abr.toml",
+        include_str!("../../../pipelines/vod-1080p-abr.toml"),
+    ),
 ];
 
 /// The CPU cost model shipped in `hw-profiles/cpu-x86_64.toml`.
@@ -147,6 +155,7 @@ pub struct Preset {
     pub part_target_ms: u32,
     #[serde(default)]
     pub encoder: EncoderSettings,
+    #[serde(default)]
     pub video: Vec<VideoRendition>,
     #[serde(default)]
     pub audio: Option<AudioRendition>,
@@ -335,7 +344,29 @@ mod tests {
         let p = Presets::builtin();
         assert_eq!(
             p.names().collect::<Vec<_>>(),
-            ["live-1080p-abr", "live-360p-abr", "live-720p-abr"]
+            [
+                "live-1080p-abr",
+                "live-360p-abr",
+                "live-720p-abr",
+                "live-audio-only",
+                "vod-1080p-abr"
+            ]
+        );
+        let radio = p
+            .resolve(
+                "radio",
+                &StreamRequest {
+                    source: "test:".into(),
+                    preset: Some("live-audio-only".into()),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert!(radio.video.is_empty() && radio.audio.is_some());
+        let vod = p.get("vod-1080p-abr").unwrap();
+        assert_eq!(
+            (vod.video.len(), vod.segment_ms, vod.encoder.nvenc_preset),
+            (4, 4000, 6)
         );
         let plan = p
             .resolve(

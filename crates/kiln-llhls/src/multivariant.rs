@@ -32,7 +32,7 @@ pub struct AudioMedia {
 pub const AUDIO_GROUP: &str = "aud";
 
 /// Renders the multivariant playlist: one EXT-X-STREAM-INF per video variant, highest bandwidth first, each
-/// naming the audio group, with CODECS listing video and audio.
+/// naming the audio group, with CODECS listing video and audio. Without video, the audio playlist is the variant.
 pub fn render(video: &[VideoVariant], audio: Option<&AudioMedia>) -> String {
     let mut out = String::from("#EXTM3U\n#EXT-X-VERSION:6\n#EXT-X-INDEPENDENT-SEGMENTS\n");
     if let Some(a) = audio {
@@ -66,6 +66,16 @@ pub fn render(video: &[VideoVariant], audio: Option<&AudioMedia>) -> String {
             let _ = write!(out, ",AUDIO=\"{AUDIO_GROUP}\"");
         }
         let _ = write!(out, "\n{}\n", v.uri);
+    }
+    // Audio only: the audio playlist is the one variant (RFC 8216 §4.3.4.2: CODECS lists only audio).
+    if video.is_empty() {
+        if let Some(a) = audio {
+            let _ = write!(
+                out,
+                "#EXT-X-STREAM-INF:BANDWIDTH={},CODECS=\"{}\"\n{}\n",
+                a.bandwidth, a.codec, a.uri
+            );
+        }
     }
     out
 }
@@ -110,5 +120,22 @@ mod tests {
         assert_eq!(parsed.variants[1].audio.as_deref(), Some("aud"));
         assert_eq!(parsed.alternatives.len(), 1);
         assert!(text.contains("FRAME-RATE=30.000"));
+    }
+
+    #[test]
+    fn audio_only_is_one_audio_variant() {
+        let a = AudioMedia {
+            uri: "audio/index.m3u8".into(),
+            name: "audio".into(),
+            bandwidth: 96_000,
+            codec: "mp4a.40.2".into(),
+            channels: 2,
+        };
+        let text = render(&[], Some(&a));
+        let parsed = m3u8_rs::parse_master_playlist_res(text.as_bytes()).unwrap();
+        assert_eq!(parsed.variants.len(), 1);
+        assert_eq!(parsed.variants[0].uri, "audio/index.m3u8");
+        assert_eq!(parsed.variants[0].codecs.as_deref(), Some("mp4a.40.2"));
+        assert_eq!(parsed.variants[0].bandwidth, 96_000);
     }
 }

@@ -261,11 +261,17 @@ impl LivePipeline {
             .upcast();
         pipeline.use_clock(Some(&clock));
 
-        let tee = make("tee", "vtee")?;
-        pipeline.add(&tee)?;
-        for (i, v) in plan.video.iter().enumerate() {
-            build_video_branch(&pipeline, &tee, plan, opts, i, v, sink.clone())?;
-        }
+        // no tee at all for an audio-only stream
+        let tee = if plan.video.is_empty() {
+            None
+        } else {
+            let tee = make("tee", "vtee")?;
+            pipeline.add(&tee)?;
+            for (i, v) in plan.video.iter().enumerate() {
+                build_video_branch(&pipeline, &tee, plan, opts, i, v, sink.clone())?;
+            }
+            Some(tee)
+        };
         let audio_in = match &plan.audio {
             Some(a) => Some(build_audio_branch(
                 &pipeline,
@@ -282,7 +288,9 @@ impl LivePipeline {
         });
         match &plan.source {
             Source::Test { pattern } => {
-                build_test_video_source(&pipeline, plan, opts, *pattern, &tee)?;
+                if let Some(tee) = &tee {
+                    build_test_video_source(&pipeline, plan, opts, *pattern, tee)?;
+                }
                 if let Some(ain) = &audio_in {
                     build_test_audio_source(&pipeline, ain)?;
                 }
@@ -292,7 +300,7 @@ impl LivePipeline {
                     &pipeline,
                     plan,
                     opts,
-                    &tee,
+                    tee.as_ref(),
                     audio_in,
                     looper.clone(),
                     sink.clone(),
@@ -467,7 +475,7 @@ fn build_encoded_source(
     pipeline: &gst::Pipeline,
     plan: &StreamPlan,
     opts: &BuildOptions,
-    tee: &gst::Element,
+    tee: Option<&gst::Element>,
     audio_in: Option<gst::Element>,
     looper: Arc<Looper>,
     sink: EventSink,
@@ -509,7 +517,7 @@ fn build_encoded_source(
     }
 
     let pipeline_weak = pipeline.downgrade();
-    let tee = tee.clone();
+    let tee = tee.cloned();
     let registry = opts.registry.clone();
     let decode_gpu = opts.decode_gpu;
     let state = Arc::new(Mutex::new((false, false))); // (video linked, audio linked)
@@ -527,13 +535,16 @@ fn build_encoded_source(
             .map(|s| s.name().to_string())
             .unwrap_or_default();
         let result = if name.starts_with("video/") {
+            let Some(tee) = &tee else {
+                return; // audio-only stream: the source's video is not used
+            };
             let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
             if g.0 {
                 return; // a second video stream is ignored
             }
             g.0 = true;
             drop(g);
-            link_video_decoder(&pipeline, pad, &name, &registry, decode_gpu, &tee, &looper)
+            link_video_decoder(&pipeline, pad, &name, &registry, decode_gpu, tee, &looper)
         } else if name.starts_with("audio/") {
             let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
             match (&audio_in_c, g.1) {
@@ -556,11 +567,12 @@ fn build_encoded_source(
         }
     });
     let wants_audio = audio_in.is_some();
+    let wants_video = !plan.video.is_empty();
     parse.connect_no_more_pads(move |p| {
         let g = state.lock().unwrap_or_else(|e| e.into_inner());
-        let missing = match (g.0, wants_audio && !g.1) {
-            (false, _) => Some("the source has no video stream kiln can decode"),
-            (true, true) => Some(
+        let missing = match (wants_video && !g.0, wants_audio && !g.1) {
+            (true, _) => Some("the source has no video stream kiln can decode"),
+            (false, true) => Some(
                 "the source has no audio stream: request `\"audio\": {\"enabled\": false}` for a video-only stream",
             ),
             _ => None,

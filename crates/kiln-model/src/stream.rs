@@ -380,7 +380,7 @@ pub enum PlanError {
     Source(#[from] SourceError),
     #[error("unknown preset `{0}`")]
     UnknownPreset(String),
-    #[error("a stream needs at least one video rendition")]
+    #[error("a stream needs at least one rendition (video, or audio for an audio-only stream)")]
     NoVideo,
     #[error("nvenc_preset {0} is out of range (1 = p1 fastest … 7 = p7 best)")]
     BadNvencPreset(u8),
@@ -429,7 +429,7 @@ impl StreamPlan {
             return Err(PlanError::BadId(id.chars().take(80).collect()));
         }
         let source = Source::parse(source)?;
-        if video.is_empty() {
+        if video.is_empty() && audio.is_none() {
             return Err(PlanError::NoVideo);
         }
         let total = video.len() + usize::from(audio.is_some());
@@ -646,6 +646,16 @@ mod tests {
             StreamPlan::new("a", "test:", vec![], None, t, EncoderSettings::default()),
             Err(PlanError::NoVideo)
         ));
+        let audio_only = StreamPlan::new(
+            "a",
+            "test:",
+            vec![],
+            Some(AudioRendition::default()),
+            t,
+            EncoderSettings::default(),
+        )
+        .expect("audio-only streams are allowed");
+        assert_eq!(audio_only.source_size(), (0, 0));
         assert!(matches!(
             StreamPlan::new(
                 "a",

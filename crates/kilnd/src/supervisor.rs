@@ -280,7 +280,8 @@ impl Supervisor {
     /// (`prefer-gpu`, `gpu-only`), else x264 on the CPU (`prefer-gpu`, `cpu-only`); an encoded source decodes on
     /// NVDEC where a GPU has a decoder and room. `force_cpu` is the fallback after an encoder failure.
     fn place(&self, plan: &StreamPlan, force_cpu: bool) -> Result<Placement, SupervisorError> {
-        let policy = if force_cpu {
+        // an audio-only stream has nothing for NVENC: the CPU encodes its AAC whatever the policy
+        let policy = if force_cpu || plan.video.is_empty() {
             Policy::CpuOnly
         } else {
             plan.encoder.policy
