@@ -4,7 +4,7 @@
 //! 2. An independent ramp: a separate daemon whose profile books almost nothing (so admission never stops the
 //!    ramp) gets one more stream of P over HTTP at each step; after a warm-up, a 15 s window measures every
 //!    stream's media seconds from `/metrics` and the daemon's CPU from `/proc`. Reported: the largest count that
-//!    keeps every stream at ≥ 0.98 × real time, and the largest that also stays within the 80 % CPU budget
+//!    keeps every stream at ≥ 0.98 × real time (one part of slack for the part in flight), and the largest that also stays within the 80 % CPU budget
 //!    calibration uses. Goal: advertised within ±10 % of the latter.
 //! 3. Anchor: the same ladder as bare `gst-launch-1.0` pipelines (test source → x264 per rendition → fakesink),
 //!    unpaced, 4 at once: their aggregate throughput in "real-time streams" is what this host's x264 can do
@@ -180,7 +180,8 @@ async fn main() -> Result<()> {
             .zip(&m1)
             .map(|(a, b)| (b - a) / wall)
             .fold(f64::MAX, f64::min);
-        let rt = ratio >= 0.98;
+        // media advances a part (334 ms) at a time: allow the one part a window can cut in flight
+        let rt = ratio + 0.334 / wall >= 0.98;
         let budget = cpu <= 0.8 * cores * 1000.0;
         println!("  {n:2} streams: slowest {ratio:.3} x real time, kilnd {cpu:.0} millicores");
         if rt && at_realtime == n - 1 {

@@ -178,6 +178,24 @@ async fn file_sources_loop_and_stay_inside_the_media_directory() -> Result<()> {
         .status()
         .await?;
     ensure!(st.success());
+    let st = tokio::process::Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x180:rate=30",
+            "-t",
+            "2",
+        ])
+        .args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-an"])
+        .arg(media.join("clips/silent.mp4"))
+        .status()
+        .await?;
+    ensure!(st.success());
+    std::fs::write(media.join("clips/garbage.mp4"), vec![0x42u8; 4096])?;
     std::fs::write(dir.join("secret.mp4"), b"outside")?;
     #[cfg(unix)]
     std::os::unix::fs::symlink(dir.join("secret.mp4"), media.join("escape.mp4"))?;

@@ -56,6 +56,27 @@ async fn every_documented_series_is_exported() -> Result<()> {
     )
     .context("parts")?;
     ensure!(parts >= 12.0, "parts {parts}");
+    // frame counters: about 30 fps in and out over the ≥ 4 s the stream has run, nothing dropped at equal rates
+    let input = value(&text, r#"kiln_input_frames_total{stream="m"}"#).context("input frames")?;
+    let encoded = value(
+        &text,
+        r#"kiln_encoded_frames_total{rendition="hi",stream="m"}"#,
+    )
+    .context("encoded frames")?;
+    ensure!(
+        input >= 100.0 && encoded >= 100.0,
+        "input {input}, encoded {encoded}"
+    );
+    ensure!(
+        (encoded - input).abs() <= 10.0,
+        "30 fps in, 30 fps out: {input} vs {encoded}"
+    );
+    let dropped = value(
+        &text,
+        r#"kiln_dropped_frames_total{rendition="hi",stream="m"}"#,
+    )
+    .context("dropped frames")?;
+    ensure!(dropped <= 2.0, "dropped {dropped}");
     let ratio = value(&text, r#"kiln_stream_realtime_ratio{stream="m"}"#).context("ratio")?;
     ensure!((0.9..=1.2).contains(&ratio), "real-time ratio {ratio}");
     ensure!(value(&text, r#"kiln_stream_refusals_total{reason="invalid"}"#) == Some(1.0));

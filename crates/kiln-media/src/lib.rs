@@ -31,7 +31,7 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 pub use kiln_llhls::PartIn;
-pub use pipeline::{BuildOptions, LivePipeline};
+pub use pipeline::{BuildOptions, FrameStats, LivePipeline, RenditionFrames};
 
 /// Something the pipeline reports.
 #[derive(Debug, Clone)]

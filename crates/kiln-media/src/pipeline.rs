@@ -52,6 +52,29 @@ pub struct LivePipeline {
     clock: gst::Clock,
     /// Timeline of an encoded source (offset, looping).
     looper: Arc<Looper>,
+    /// Frames that entered the video tee (the source's frame rate, after decoding).
+    input_frames: Arc<std::sync::atomic::AtomicU64>,
+    video_names: Vec<String>,
+}
+
+/// Frame counters of one video rendition since the pipeline started (from its videorate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenditionFrames {
+    pub name: String,
+    /// Frames handed to the encoder.
+    pub encoded: u64,
+    /// Source frames dropped to reach the rendition's rate (or because they came late).
+    pub dropped: u64,
+    /// Frames repeated to fill gaps in the source.
+    pub duplicated: u64,
+}
+
+/// Frame counters of a pipeline since it started.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FrameStats {
+    /// Source frames in (after decoding).
+    pub input: u64,
+    pub renditions: Vec<RenditionFrames>,
 }
 
 /// Puts an encoded source on the stream's live timeline. Its decoded frames are shifted by `offset_ns` at the
@@ -327,10 +350,20 @@ impl LivePipeline {
             }
             gst::BusSyncReply::Drop
         });
+        let input_frames = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        if let Some(pad) = tee.as_ref().and_then(|t| t.static_pad("sink")) {
+            let n = input_frames.clone();
+            pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+                n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                gst::PadProbeReturn::Ok
+            });
+        }
         Ok(Self {
             pipeline,
             clock,
             looper,
+            input_frames,
+            video_names: plan.video.iter().map(|v| v.name.clone()).collect(),
         })
     }
 
@@ -384,6 +417,29 @@ impl LivePipeline {
     /// Stops at once (no more events).
     pub fn stop(&self) {
         let _ = self.pipeline.set_state(gst::State::Null);
+    }
+
+    /// Frame counters since start: source frames in, and per video rendition what videorate passed on, dropped
+    /// and duplicated.
+    pub fn frame_stats(&self) -> FrameStats {
+        let renditions = self
+            .video_names
+            .iter()
+            .map(|name| {
+                let rate = self.pipeline.by_name(&format!("rate-{name}"));
+                let get = |p: &str| rate.as_ref().map_or(0, |r| r.property::<u64>(p));
+                RenditionFrames {
+                    name: name.clone(),
+                    encoded: get("out"),
+                    dropped: get("drop"),
+                    duplicated: get("duplicate"),
+                }
+            })
+            .collect();
+        FrameStats {
+            input: self.input_frames.load(std::sync::atomic::Ordering::Relaxed),
+            renditions,
+        }
     }
 
     /// The pipeline's name (`kiln-<stream id>`).

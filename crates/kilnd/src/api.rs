@@ -178,6 +178,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
     let m = &st.metrics;
     m.streams.reset();
     for h in st.supervisor.list() {
+        m.frames(&h.plan.id, &h.frame_delta());
         let state = serde_json::to_value(h.state()).ok();
         let state = state.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown");
         m.streams.with_label_values(&[state]).inc();

@@ -41,6 +41,12 @@ pub struct Metrics {
     pub streams: IntGaugeVec,
     pub stream_errors: IntCounterVec,
     pub fallbacks: IntCounterVec,
+    /// Source frames into the video tee (rate() = input fps).
+    pub input_frames: IntCounterVec,
+    /// Per rendition: frames handed to the encoder (rate() = output fps), dropped and duplicated by videorate.
+    pub encoded_frames: IntCounterVec,
+    pub dropped_frames: IntCounterVec,
+    pub duplicated_frames: IntCounterVec,
     pub refusals: IntCounterVec,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
@@ -90,8 +96,28 @@ impl Metrics {
         );
         let fallbacks = counter(
             "kiln_fallbacks_total",
-            "Encoder branches rebuilt on another backend at run time",
+            "Pipelines rebuilt after an encoder failed mid-stream",
             &["stream", "reason"],
+        );
+        let input_frames = counter(
+            "kiln_input_frames_total",
+            "Source frames into the video tee (after decoding); rate() is the input fps",
+            &["stream"],
+        );
+        let encoded_frames = counter(
+            "kiln_encoded_frames_total",
+            "Frames handed to the rendition's encoder; rate() is the output fps",
+            &["stream", "rendition"],
+        );
+        let dropped_frames = counter(
+            "kiln_dropped_frames_total",
+            "Source frames dropped for the rendition (rate conversion or late frames)",
+            &["stream", "rendition"],
+        );
+        let duplicated_frames = counter(
+            "kiln_duplicated_frames_total",
+            "Frames repeated for the rendition to fill gaps in the source",
+            &["stream", "rendition"],
         );
         let refusals = counter(
             "kiln_stream_refusals_total",
@@ -210,6 +236,10 @@ impl Metrics {
             streams,
             stream_errors,
             fallbacks,
+            input_frames,
+            encoded_frames,
+            dropped_frames,
+            duplicated_frames,
             refusals,
             requests,
             request_duration,
@@ -259,11 +289,30 @@ impl Metrics {
             let _ = self.output_bytes.remove_label_values(&l);
             let _ = self.media_seconds.remove_label_values(&l);
             let _ = self.part_publish_latency.remove_label_values(&l);
+            let _ = self.encoded_frames.remove_label_values(&l);
+            let _ = self.dropped_frames.remove_label_values(&l);
+            let _ = self.duplicated_frames.remove_label_values(&l);
         }
+        let _ = self.input_frames.remove_label_values(&[stream]);
         let _ = self.realtime_ratio.remove_label_values(&[stream]);
         let _ = self.stream_errors.remove_label_values(&[stream]);
         for reason in FALLBACK_REASONS {
             let _ = self.fallbacks.remove_label_values(&[stream, reason]);
+        }
+    }
+
+    /// Adds a stream's frame counters since the last scrape (`delta`).
+    pub fn frames(&self, stream: &str, delta: &kiln_media::FrameStats) {
+        self.input_frames
+            .with_label_values(&[stream])
+            .inc_by(delta.input);
+        for r in &delta.renditions {
+            let l = [stream, r.name.as_str()];
+            self.encoded_frames.with_label_values(&l).inc_by(r.encoded);
+            self.dropped_frames.with_label_values(&l).inc_by(r.dropped);
+            self.duplicated_frames
+                .with_label_values(&l)
+                .inc_by(r.duplicated);
         }
     }
 

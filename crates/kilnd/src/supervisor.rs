@@ -86,6 +86,8 @@ pub struct StreamHandle {
     /// The resolved media file of a `file://` source.
     file: Option<PathBuf>,
     fallbacks: Mutex<Vec<Fallback>>,
+    /// Frame counters seen at the last scrape (of the current pipeline).
+    frames_seen: Mutex<kiln_media::FrameStats>,
     pub origin: Arc<StreamOrigin>,
     pipeline: Mutex<Option<LivePipeline>>,
     state: watch::Sender<StreamState>,
@@ -97,6 +99,38 @@ pub struct StreamHandle {
 impl StreamHandle {
     pub fn placement(&self) -> Placement {
         *self.placement.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Frame counters since the previous call (for Prometheus counters). A rebuilt pipeline starts from 0, so a
+    /// counter that went down counts from 0.
+    pub fn frame_delta(&self) -> kiln_media::FrameStats {
+        let now = {
+            let p = self.pipeline.lock().unwrap_or_else(|e| e.into_inner());
+            match p.as_ref() {
+                Some(p) => p.frame_stats(),
+                None => return Default::default(),
+            }
+        };
+        let mut seen = self.frames_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let d = |now: u64, then: u64| if now >= then { now - then } else { now };
+        let delta = kiln_media::FrameStats {
+            input: d(now.input, seen.input),
+            renditions: now
+                .renditions
+                .iter()
+                .map(|r| {
+                    let then = seen.renditions.iter().find(|s| s.name == r.name);
+                    kiln_media::RenditionFrames {
+                        name: r.name.clone(),
+                        encoded: d(r.encoded, then.map_or(0, |t| t.encoded)),
+                        dropped: d(r.dropped, then.map_or(0, |t| t.dropped)),
+                        duplicated: d(r.duplicated, then.map_or(0, |t| t.duplicated)),
+                    }
+                })
+                .collect(),
+        };
+        *seen = now;
+        delta
     }
 
     /// Everything booked for this stream.
@@ -266,6 +300,14 @@ impl Supervisor {
     fn release(&self, demand: &Resources) {
         let mut alloc = self.allocated.lock().unwrap_or_else(|e| e.into_inner());
         *alloc = alloc.minus(demand);
+    }
+
+    /// Releases what a stream has booked, once: its placement keeps the backend but books nothing afterwards.
+    fn release_all(&self, h: &StreamHandle) {
+        let mut p = h.placement.lock().unwrap_or_else(|e| e.into_inner());
+        self.release_placement(&p);
+        p.host = Resources::default();
+        p.gpu = None;
     }
 
     /// Releases everything a placement booked.
@@ -557,6 +599,7 @@ impl Supervisor {
             request,
             file,
             fallbacks: Mutex::new(Vec::new()),
+            frames_seen: Mutex::new(Default::default()),
             origin: stream_origin.clone(),
             pipeline: Mutex::new(Some(pipeline)),
             state: watch::channel(StreamState::Starting).0,
@@ -633,7 +676,7 @@ impl Supervisor {
         }
         h.origin.end();
         h.set_state(StreamState::Ended);
-        self.release_placement(&h.placement());
+        self.release_all(&h);
         tracing::info!(stream = %h.plan.id, "stream stopped");
         let origin = self.origin.clone();
         let linger = self.config.linger;
@@ -887,6 +930,10 @@ async fn consume(
                 }
                 h.origin.end();
                 h.eos.send_replace(true);
+                // a failed stream runs nothing: its bookings go back to the node at once
+                if let Some(sup) = supervisor.upgrade() {
+                    sup.release_all(&h);
+                }
             }
             MediaEvent::Eos => {
                 h.eos.send_replace(true);
@@ -897,13 +944,7 @@ async fn consume(
                     h.origin.end();
                     h.set_state(StreamState::Ended);
                     if let Some(sup) = supervisor.upgrade() {
-                        let booked = h.placement();
-                        sup.release_placement(&booked);
-                        *h.placement.lock().unwrap_or_else(|e| e.into_inner()) = Placement {
-                            host: Resources::default(),
-                            gpu: None,
-                            ..booked
-                        };
+                        sup.release_all(&h);
                     }
                     let p = h.pipeline.lock().unwrap_or_else(|e| e.into_inner()).take();
                     if let Some(p) = p {
