@@ -108,7 +108,7 @@ async fn main() -> Result<()> {
             "--preset",
             PRESET,
             "--window-secs",
-            "5",
+            "10",
             "--out",
         ])
         .arg(&profile)

@@ -46,6 +46,7 @@ async fn calibrated_admission_refuses_when_full_and_admitted_streams_keep_real_t
     let cal = kilnd::calibrate::run(
         kilnd::Config::default(),
         PRESET,
+        kilnd::calibrate::DEFAULT_SOURCE,
         Duration::from_secs(3),
         Duration::from_secs(4),
     )

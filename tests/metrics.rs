@@ -81,6 +81,13 @@ async fn every_documented_series_is_exported() -> Result<()> {
     ensure!((0.9..=1.2).contains(&ratio), "real-time ratio {ratio}");
     ensure!(value(&text, r#"kiln_stream_refusals_total{reason="invalid"}"#) == Some(1.0));
     ensure!(value(&text, r#"kiln_streams{state="running"}"#) == Some(1.0));
+    ensure!(
+        value(
+            &text,
+            r#"kiln_stream_backend{backend="cpu",gpu="",policy="prefer-gpu",stream="m"}"#
+        ) == Some(1.0),
+        "backend series"
+    );
     ensure!(text.contains(r#"kiln_http_requests_total{kind="playlist_blocking",status="200"}"#));
     d.shutdown().await
 }

@@ -177,8 +177,22 @@ async fn remove(
 async fn metrics(State(st): State<AppState>) -> Response {
     let m = &st.metrics;
     m.streams.reset();
+    m.stream_backend.reset();
     for h in st.supervisor.list() {
         m.frames(&h.plan.id, &h.frame_delta());
+        let p = h.placement();
+        let gpu = match p.backend {
+            kiln_model::Backend::Nvenc { gpu } => gpu.to_string(),
+            kiln_model::Backend::Cpu => String::new(),
+        };
+        m.stream_backend
+            .with_label_values(&[
+                h.plan.id.as_str(),
+                p.backend.label(),
+                gpu.as_str(),
+                h.plan.encoder.policy.as_str(),
+            ])
+            .set(1);
         let state = serde_json::to_value(h.state()).ok();
         let state = state.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown");
         m.streams.with_label_values(&[state]).inc();

@@ -47,9 +47,16 @@ fn cpu_ticks() -> u64 {
 }
 
 /// Runs the ramp for `preset`, measuring each step over `window` after `warmup`.
+/// The default calibration source: a moving picture, so x264 has motion to code (the static SMPTE bars of
+/// `test:` encode several times cheaper than real content and would make the profile over-promise).
+pub const DEFAULT_SOURCE: &str = "test:pattern=ball";
+
+/// Runs the ramp for `preset` with streams from `source` (a test pattern, or a `file://` clip of the real
+/// workload under the config's media directory), measuring each step over `window` after `warmup`.
 pub async fn run(
     mut config: Config,
     preset: &str,
+    source: &str,
     warmup: Duration,
     window: Duration,
 ) -> anyhow::Result<Calibration> {
@@ -74,7 +81,7 @@ pub async fn run(
     for n in 1..=64usize {
         let id = format!("calibrate-{n}");
         let req = StreamRequest {
-            source: "test:".into(),
+            source: source.into(),
             preset: Some(preset.to_string()),
             ..Default::default()
         };

@@ -69,6 +69,10 @@ enum Cmd {
         /// Measurement window per step, in seconds.
         #[arg(long, default_value_t = 10)]
         window_secs: u64,
+        /// Stream source for the ramp: a moving test pattern by default; better, a `file:///…` clip of the real
+        /// workload (with --media-dir).
+        #[arg(long, default_value = kilnd::calibrate::DEFAULT_SOURCE)]
+        source: String,
     },
 }
 
@@ -122,16 +126,19 @@ async fn main() -> anyhow::Result<()> {
         preset,
         out,
         window_secs,
+        source,
     }) = &args.command
     {
         let config = kilnd::Config {
             presets,
             cpu_model,
+            media_dir: args.media_dir.clone(),
             ..Default::default()
         };
         let cal = kilnd::calibrate::run(
             config,
             preset,
+            source,
             std::time::Duration::from_secs(3),
             std::time::Duration::from_secs(*window_secs),
         )

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub part_publish_latency: HistogramVec,
     pub realtime_ratio: GaugeVec,
     pub streams: IntGaugeVec,
+    /// 1 per live stream, labelled with where it encodes now (set at scrape time).
+    pub stream_backend: IntGaugeVec,
     pub stream_errors: IntCounterVec,
     pub fallbacks: IntCounterVec,
     /// Source frames into the video tee (rate() = input fps).
@@ -172,6 +174,14 @@ impl Metrics {
             &["state"],
         ));
         must(registry.register(Box::new(streams.clone())));
+        let stream_backend = must(IntGaugeVec::new(
+            Opts::new(
+                "kiln_stream_backend",
+                "1 per stream, labelled with the encoder backend in use (cpu, nvenc), its GPU and its policy",
+            ),
+            &["stream", "backend", "gpu", "policy"],
+        ));
+        must(registry.register(Box::new(stream_backend.clone())));
         let parked_requests = must(IntGauge::new(
             "kiln_origin_parked_requests",
             "Requests waiting for a publish (blocking reloads, hinted parts, streamed segments)",
@@ -234,6 +244,7 @@ impl Metrics {
             part_publish_latency,
             realtime_ratio,
             streams,
+            stream_backend,
             stream_errors,
             fallbacks,
             input_frames,
