@@ -1,0 +1,458 @@
+//! kiln-binpack: where a stream should run, as a pure function of the fleet's state (no I/O, no clock).
+//!
+//! A stream's demand has two parts (DESIGN.md §5–6): a *GPU part* (NVENC/NVDEC throughput, encoder sessions,
+//! VRAM) that must fit on **one** GPU, and a *host part* (CPU, memory) that must fit on the node. Feasibility is
+//! checked at both levels; nothing here can over-commit either.
+//!
+//! Among feasible (node, GPU) pairs, [`Strategy::Kiln`] scores with the scarcity-weighted L2 norm of the bin's
+//! remaining capacity after placement (the norm-based greedy of Panigrahy et al. 2011, "Heuristics for Vector
+//! Bin Packing"): dimensions are normalised by capacity and weighted by how scarce they are fleet-wide, so a
+//! stream goes where it leaves the least, and least of what is scarce. A stranded-resource penalty discourages
+//! placements that exhaust one dimension of a bin while leaving capacity on others that no stream could use.
+//! Ties break on node order, so results are deterministic.
+//!
+//! The anchors the benchmarks compare against: First-Fit, Best-Fit (least remaining after placement, summed over
+//! normalised dimensions), Kubernetes `MostAllocated` (highest mean utilisation after placement) and Livepeer's
+//! least-loaded (fewest Σ w·h·fps already running).
+//!
+//! Status: the solver, the anchors and the lower bound exist with property tests; the trace simulator, the
+//! scheduler service and Redis state (the rest of the scheduler issue) do not yet.
+
+use kiln_model::capacity::{Resources, DIMENSIONS};
+use serde::{Deserialize, Serialize};
+
+/// What one stream needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Demand {
+    /// CPU and memory on the node.
+    pub host: Resources,
+    /// NVENC/NVDEC/sessions/VRAM on one GPU; `None` for a CPU-only stream.
+    pub gpu: Option<Resources>,
+    /// Σ width·height·fps of its renditions (Livepeer's load unit).
+    pub pixel_rate: u64,
+}
+
+/// One GPU of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Gpu {
+    pub capacity: Resources,
+    pub used: Resources,
+}
+
+/// One node as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Node {
+    pub id: String,
+    pub host_capacity: Resources,
+    pub host_used: Resources,
+    pub gpus: Vec<Gpu>,
+    /// Σ pixel rate of what runs there (for the least-loaded anchor).
+    pub pixel_rate: u64,
+    /// Dead or draining nodes take nothing.
+    pub accepting: bool,
+}
+
+/// Where a stream goes: node index and, for a GPU demand, the GPU index on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    pub node: usize,
+    pub gpu: Option<usize>,
+}
+
+/// Placement policies: kiln's and the anchors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    Kiln,
+    FirstFit,
+    BestFit,
+    MostAllocated,
+    LeastLoaded,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 5] = [
+        Strategy::Kiln,
+        Strategy::FirstFit,
+        Strategy::BestFit,
+        Strategy::MostAllocated,
+        Strategy::LeastLoaded,
+    ];
+}
+
+fn get(r: &Resources, d: usize) -> u64 {
+    r.dimension(DIMENSIONS[d])
+}
+
+fn fits(cap: &Resources, used: &Resources, add: &Resources) -> bool {
+    cap.minus(used).short_dimension(add).is_none()
+        && (0..DIMENSIONS.len()).all(|d| {
+            // a dimension the bin lacks (capacity 0) only takes demands of 0
+            get(cap, d) > 0 || get(add, d) == 0
+        })
+}
+
+/// Fleet-wide scarcity weight per dimension: demanded (used + this demand) over capacity, so dimensions that run
+/// out first weigh most. Dimensions nobody has weigh 0.
+fn scarcity(nodes: &[Node], demand: &Demand) -> [f64; 6] {
+    let mut cap = Resources::default();
+    let mut used = Resources::default();
+    for n in nodes.iter().filter(|n| n.accepting) {
+        cap = cap.plus(&n.host_capacity);
+        used = used.plus(&n.host_used);
+        for g in &n.gpus {
+            cap = cap.plus(&g.capacity);
+            used = used.plus(&g.used);
+        }
+    }
+    let want = used
+        .plus(&demand.host)
+        .plus(&demand.gpu.unwrap_or_default());
+    let mut w = [0.0; 6];
+    for (d, wd) in w.iter_mut().enumerate() {
+        let c = get(&cap, d);
+        if c > 0 {
+            *wd = (get(&want, d) as f64 / c as f64).max(1e-3);
+        }
+    }
+    w
+}
+
+/// The bin a candidate lands in: the node's host vector joined with the chosen GPU's vector.
+fn bin(node: &Node, gpu: Option<usize>) -> (Resources, Resources) {
+    let (gc, gu) = gpu
+        .and_then(|g| node.gpus.get(g))
+        .map_or((Resources::default(), Resources::default()), |g| {
+            (g.capacity, g.used)
+        });
+    (node.host_capacity.plus(&gc), node.host_used.plus(&gu))
+}
+
+fn norm(v: &Resources, cap: &Resources, d: usize) -> f64 {
+    let c = get(cap, d);
+    if c == 0 {
+        0.0
+    } else {
+        get(v, d) as f64 / c as f64
+    }
+}
+
+fn score(
+    strategy: Strategy,
+    w: &[f64; 6],
+    node: &Node,
+    gpu: Option<usize>,
+    demand: &Demand,
+) -> f64 {
+    let (cap, used) = bin(node, gpu);
+    let add = demand.host.plus(&demand.gpu.unwrap_or_default());
+    let after = used.plus(&add);
+    let dims = 0..DIMENSIONS.len();
+    match strategy {
+        Strategy::Kiln => {
+            // scarcity-weighted L2 norm of what the bin would have left: small = a tight fit, weighted so that
+            // leftovers on the fleet's scarce dimensions count most (Panigrahy et al.'s norm-based greedy)
+            let left: Vec<(usize, f64)> = dims
+                .filter(|&d| get(&cap, d) > 0)
+                .map(|d| (d, 1.0 - norm(&after, &cap, d)))
+                .collect();
+            let l2 = left.iter().map(|&(d, r)| w[d] * r * r).sum::<f64>().sqrt();
+            // stranded resources: once a dimension is (nearly) exhausted, what is left on the others cannot be
+            // sold; penalise placements that strand much
+            let exhausted = left.iter().any(|&(_, r)| r < 0.05);
+            let stranded: f64 = if exhausted {
+                left.iter()
+                    .filter(|&&(_, r)| r >= 0.05)
+                    .map(|&(d, r)| w[d] * r)
+                    .sum()
+            } else {
+                0.0
+            };
+            -l2 - 0.5 * stranded
+        }
+        Strategy::FirstFit => 0.0,
+        Strategy::BestFit => -dims
+            .map(|d| 1.0 - norm(&after, &cap, d))
+            .filter(|r| *r > 0.0)
+            .sum::<f64>(),
+        Strategy::MostAllocated => {
+            let used_dims: Vec<f64> = dims
+                .filter(|&d| get(&cap, d) > 0)
+                .map(|d| norm(&after, &cap, d))
+                .collect();
+            used_dims.iter().sum::<f64>() / used_dims.len().max(1) as f64
+        }
+        Strategy::LeastLoaded => -(node.pixel_rate as f64),
+    }
+}
+
+/// The best slot for `demand` under `strategy`, or `None` when nothing fits anywhere. Deterministic: ties go
+/// to the lower node index, then the lower GPU index.
+pub fn place(nodes: &[Node], demand: &Demand, strategy: Strategy) -> Option<Slot> {
+    let w = scarcity(nodes, demand);
+    let mut best: Option<(f64, Slot)> = None;
+    for (i, n) in nodes.iter().enumerate() {
+        if !n.accepting || !fits(&n.host_capacity, &n.host_used, &demand.host) {
+            continue;
+        }
+        let gpus: Vec<Option<usize>> = match &demand.gpu {
+            None => vec![None],
+            Some(g) => n
+                .gpus
+                .iter()
+                .enumerate()
+                .filter(|(_, x)| fits(&x.capacity, &x.used, g))
+                .map(|(j, _)| Some(j))
+                .collect(),
+        };
+        for gpu in gpus {
+            let s = score(strategy, &w, n, gpu, demand);
+            if best.is_none_or(|(b, _)| s > b + 1e-12) {
+                best = Some((s, Slot { node: i, gpu }));
+            }
+            if strategy == Strategy::FirstFit {
+                return best.map(|(_, s)| s);
+            }
+        }
+    }
+    best.map(|(_, s)| s)
+}
+
+/// Books `demand` into `slot` (the caller has a slot from [`place`]).
+pub fn commit(nodes: &mut [Node], slot: Slot, demand: &Demand) {
+    let n = &mut nodes[slot.node];
+    n.host_used = n.host_used.plus(&demand.host);
+    n.pixel_rate += demand.pixel_rate;
+    if let (Some(g), Some(d)) = (slot.gpu, demand.gpu) {
+        n.gpus[g].used = n.gpus[g].used.plus(&d);
+    }
+}
+
+/// Places a batch (failover, a VOD burst): largest demands first (by their scarcity-weighted size), each with
+/// [`place`]. Returns one slot (or `None`, refused) per demand, in the input order.
+pub fn place_batch(
+    nodes: &mut [Node],
+    demands: &[Demand],
+    strategy: Strategy,
+) -> Vec<Option<Slot>> {
+    let w = scarcity(nodes, &Demand::default());
+    let mut cap = Resources::default();
+    for n in nodes.iter() {
+        cap = cap.plus(&n.host_capacity);
+        for g in &n.gpus {
+            cap = cap.plus(&g.capacity);
+        }
+    }
+    let size = |d: &Demand| -> f64 {
+        let v = d.host.plus(&d.gpu.unwrap_or_default());
+        (0..DIMENSIONS.len())
+            .map(|k| w[k] * norm(&v, &cap, k))
+            .sum()
+    };
+    let mut order: Vec<usize> = (0..demands.len()).collect();
+    order.sort_by(|&a, &b| {
+        size(&demands[b])
+            .total_cmp(&size(&demands[a]))
+            .then(a.cmp(&b))
+    });
+    let mut out = vec![None; demands.len()];
+    for i in order {
+        if let Some(s) = place(nodes, &demands[i], strategy) {
+            commit(nodes, s, &demands[i]);
+            out[i] = Some(s);
+        }
+    }
+    out
+}
+
+/// Lower bound on the nodes a set of demands needs, for identical nodes shaped like `node`: the maximum over
+/// dimensions of ⌈Σ demand / per-node capacity⌉ (GPU dimensions summed over the node's GPUs).
+pub fn lower_bound(node: &Node, demands: &[Demand]) -> u64 {
+    let mut per_node = node.host_capacity;
+    for g in &node.gpus {
+        per_node = per_node.plus(&g.capacity);
+    }
+    let total = demands.iter().fold(Resources::default(), |acc, d| {
+        acc.plus(&d.host).plus(&d.gpu.unwrap_or_default())
+    });
+    (0..DIMENSIONS.len())
+        .filter(|&d| get(&total, d) > 0)
+        .map(|d| {
+            let c = get(&per_node, d);
+            if c == 0 {
+                u64::MAX
+            } else {
+                get(&total, d).div_ceil(c)
+            }
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::{prop_assert, prop_assert_eq, proptest};
+
+    fn gpu_node(id: &str, gpus: usize) -> Node {
+        Node {
+            id: id.into(),
+            host_capacity: Resources {
+                cpu_millicores: 16_000,
+                memory_mib: 64_000,
+                ..Default::default()
+            },
+            gpus: (0..gpus)
+                .map(|_| Gpu {
+                    capacity: Resources {
+                        nvenc_fps: 1400,
+                        nvdec_fps: 2800,
+                        encoder_sessions: 1024,
+                        vram_mib: 20_000,
+                        ..Default::default()
+                    },
+                    used: Resources::default(),
+                })
+                .collect(),
+            accepting: true,
+            ..Default::default()
+        }
+    }
+
+    fn stream(nvenc: u64, cpu: u64) -> Demand {
+        Demand {
+            host: Resources {
+                cpu_millicores: cpu,
+                memory_mib: 100,
+                ..Default::default()
+            },
+            gpu: (nvenc > 0).then_some(Resources {
+                nvenc_fps: nvenc,
+                nvdec_fps: 30,
+                encoder_sessions: 3,
+                vram_mib: 600,
+                ..Default::default()
+            }),
+            pixel_rate: nvenc * 2_073_600,
+        }
+    }
+
+    fn over_committed(nodes: &[Node]) -> bool {
+        nodes.iter().any(|n| {
+            n.host_capacity.short_dimension(&n.host_used).is_some()
+                || n.gpus
+                    .iter()
+                    .any(|g| g.capacity.short_dimension(&g.used).is_some())
+        })
+    }
+
+    #[test]
+    fn gpu_part_must_fit_on_one_gpu() {
+        // two half-full GPUs: 800 free in total but 400 on each, so a 500-fps stream does not fit
+        let mut n = gpu_node("a", 2);
+        n.gpus[0].used.nvenc_fps = 1000;
+        n.gpus[1].used.nvenc_fps = 1000;
+        for s in Strategy::ALL {
+            assert_eq!(
+                place(std::slice::from_ref(&n), &stream(500, 100), s),
+                None,
+                "{s:?}"
+            );
+        }
+        assert!(place(&[n], &stream(300, 100), Strategy::Kiln).is_some());
+    }
+
+    #[test]
+    fn cpu_streams_never_land_on_a_gpu_and_dead_nodes_take_nothing() {
+        let mut nodes = vec![gpu_node("a", 1), gpu_node("b", 1)];
+        nodes[0].accepting = false;
+        let s = place(&nodes, &stream(0, 500), Strategy::Kiln).unwrap();
+        assert_eq!(s, Slot { node: 1, gpu: None });
+    }
+
+    #[test]
+    fn lower_bound_is_the_tightest_dimension() {
+        let n = gpu_node("a", 1);
+        let demands = vec![stream(700, 100); 5]; // 3500 fps of NVENC over 1400-fps nodes
+        assert_eq!(lower_bound(&n, &demands), 3);
+    }
+
+    #[test]
+    fn kiln_packs_at_least_as_tight_as_first_fit_on_a_mixed_batch() {
+        // big GPU ladders and CPU-heavy streams: complementary packing matters
+        let demands: Vec<Demand> = (0..60)
+            .map(|i| {
+                if i % 3 == 0 {
+                    stream(0, 3000)
+                } else {
+                    stream(350, 300)
+                }
+            })
+            .collect();
+        let used = |s: Strategy| {
+            let mut nodes: Vec<Node> = (0..40).map(|i| gpu_node(&format!("n{i}"), 1)).collect();
+            let r = place_batch(&mut nodes, &demands, s);
+            assert!(r.iter().all(Option::is_some), "{s:?} refused something");
+            assert!(!over_committed(&nodes));
+            nodes
+                .iter()
+                .filter(|n| n.host_used != Resources::default())
+                .count()
+        };
+        let kiln = used(Strategy::Kiln);
+        let lb = lower_bound(&gpu_node("x", 1), &demands) as usize;
+        assert!(kiln >= lb);
+        assert!(kiln <= used(Strategy::FirstFit), "kiln {kiln}");
+        assert!(
+            kiln <= used(Strategy::LeastLoaded),
+            "kiln {kiln} vs least-loaded"
+        );
+    }
+
+    proptest! {
+        /// No strategy ever over-commits a GPU or a node, whatever arrives; identical input gives identical
+        /// output; everything refused really fits nowhere.
+        #[test]
+        fn never_over_commits_and_is_deterministic(
+            seeds in proptest::collection::vec((0u64..900, 0u64..6000), 1..120),
+            nodes_n in 1usize..12,
+            gpus in 0usize..4,
+            si in 0usize..5,
+        ) {
+            let strategy = Strategy::ALL[si];
+            let demands: Vec<Demand> = seeds.iter().map(|&(g, c)| stream(g, c)).collect();
+            let fleet: Vec<Node> = (0..nodes_n).map(|i| gpu_node(&format!("n{i}"), gpus)).collect();
+            let mut a = fleet.clone();
+            let ra = place_batch(&mut a, &demands, strategy);
+            prop_assert!(!over_committed(&a));
+            for (d, r) in demands.iter().zip(&ra) {
+                if r.is_none() {
+                    prop_assert!(place(&a, d, strategy).is_none(), "refused but fits");
+                }
+            }
+            let mut b = fleet;
+            prop_assert_eq!(ra, place_batch(&mut b, &demands, strategy));
+            prop_assert_eq!(a, b);
+        }
+
+        /// Failover: the streams of a dead node are re-placed on the others whenever they fit.
+        #[test]
+        fn failover_replaces_what_fits(seeds in proptest::collection::vec((0u64..500, 100u64..2000), 1..40)) {
+            let demands: Vec<Demand> = seeds.iter().map(|&(g, c)| stream(g, c)).collect();
+            let mut nodes: Vec<Node> = (0..4).map(|i| gpu_node(&format!("n{i}"), 1)).collect();
+            let first = place_batch(&mut nodes, &demands, Strategy::Kiln);
+            // node 0 dies: its streams go back into the pool
+            let lost: Vec<Demand> = demands.iter().zip(&first)
+                .filter(|(_, s)| s.is_some_and(|s| s.node == 0)).map(|(d, _)| *d).collect();
+            nodes[0] = Node { accepting: false, ..gpu_node("n0", 1) };
+            let again = place_batch(&mut nodes, &lost, Strategy::Kiln);
+            prop_assert!(!over_committed(&nodes));
+            for (d, s) in lost.iter().zip(&again) {
+                prop_assert!(s.is_none_or(|s| s.node != 0));
+                if s.is_none() {
+                    prop_assert!(place(&nodes, d, Strategy::Kiln).is_none());
+                }
+            }
+        }
+    }
+}
