@@ -562,6 +562,15 @@ impl Packager {
                 "#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"{}\"",
                 part_uri(h.msn, h.part)
             );
+            // A new init segment is waiting for the next part (an encoder rebuild): hint it too (App. B.1).
+            let gen = self.current_gen();
+            if self.segs.back().is_some_and(|s| s.init_gen != gen) {
+                let _ = writeln!(
+                    out,
+                    "#EXT-X-PRELOAD-HINT:TYPE=MAP,URI=\"{}\"",
+                    init_uri(gen)
+                );
+            }
         }
         for r in reports {
             let _ = writeln!(
@@ -854,12 +863,23 @@ mod tests {
             "same bytes, same generation"
         );
         feed(&mut p, 2);
+        assert!(!p.render().contains("TYPE=MAP"));
         assert_eq!(p.set_init(Bytes::from_static(b"init-b")), 1);
+        // the new init is hinted until the first part that uses it arrives
+        let hinted = p.render();
+        assert!(
+            hinted.contains("#EXT-X-PRELOAD-HINT:TYPE=MAP,URI=\"init-1.mp4\"\n"),
+            "{hinted}"
+        );
         for i in 0..6 {
             p.push_part(part_at(2, i, i == 0)).unwrap();
         }
         p.push_part(part_at(3, 0, false)).unwrap();
         let text = p.render();
+        assert!(
+            !text.contains("TYPE=MAP"),
+            "the hint goes once the init is in use"
+        );
         // segments 1 (gen 0) and 2 (gen 1, discontinuity) listed, 3 open
         let seg2 = text
             .find("#EXT-X-DISCONTINUITY\n#EXT-X-MAP:URI=\"init-1.mp4\"\n#EXT-X-PROGRAM-DATE-TIME")
