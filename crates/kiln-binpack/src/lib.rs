@@ -18,6 +18,8 @@
 //! Status: the solver, the anchors and the lower bound exist with property tests; the trace simulator, the
 //! scheduler service and Redis state (the rest of the scheduler issue) do not yet.
 
+pub mod sim;
+
 use kiln_model::capacity::{Resources, DIMENSIONS};
 use serde::{Deserialize, Serialize};
 
