@@ -230,9 +230,122 @@ pub fn commit(nodes: &mut [Node], slot: Slot, demand: &Demand) {
     }
 }
 
-/// Places a batch (failover, a VOD burst): largest demands first (by their scarcity-weighted size), each with
-/// [`place`]. Returns one slot (or `None`, refused) per demand, in the input order.
+/// Places a batch (failover, a VOD burst). Returns one slot (or `None`, refused) per demand, in the input order.
+///
+/// [`Strategy::Kiln`] packs bin-centrically (after Panigrahy et al.'s bin-centric dot-product heuristics, lifted
+/// to two levels): it fills one node at a time, each time taking the waiting demand whose (scarcity-weighted,
+/// capacity-normalised) vector is most aligned (cosine) with what the node — and the GPU it would use — has
+/// left, plus the share of that hole it fills, so shapes mix (an NVENC-heavy VOD next to VRAM-heavy 720p
+/// ladders) instead of one kind filling a GPU and stranding the rest. Measured on the simulator's mix (seed 1,
+/// 6,000 streams, LB 113 nodes): plain dot product 121 nodes (= first-fit-decreasing), cosine alone 124, this
+/// 118.
+/// Kiln also runs its scoring item by item, largest first, and keeps whichever plan opens fewer nodes (so a batch
+/// never packs worse than decreasing order). The anchors place item by item, largest first.
 pub fn place_batch(
+    nodes: &mut [Node],
+    demands: &[Demand],
+    strategy: Strategy,
+) -> Vec<Option<Slot>> {
+    if strategy != Strategy::Kiln {
+        return place_batch_decreasing(nodes, demands, strategy);
+    }
+    // A small portfolio, each run on a copy: the bin-centric packer and first-fit-decreasing with kiln's
+    // scoring. The plan that places the most and opens the fewest nodes wins (ties: the bin-centric one).
+    let busy = |ns: &[Node]| {
+        ns.iter()
+            .filter(|n| n.host_used != Resources::default())
+            .count()
+    };
+    let mut a = nodes.to_vec();
+    let ra = place_batch_bin_centric(&mut a, demands);
+    let mut b = nodes.to_vec();
+    let rb = place_batch_decreasing(&mut b, demands, Strategy::Kiln);
+    let placed = |r: &[Option<Slot>]| r.iter().filter(|s| s.is_some()).count();
+    let a_key = (std::cmp::Reverse(placed(&ra)), busy(&a));
+    let b_key = (std::cmp::Reverse(placed(&rb)), busy(&b));
+    if b_key < a_key {
+        nodes.clone_from_slice(&b);
+        rb
+    } else {
+        nodes.clone_from_slice(&a);
+        ra
+    }
+}
+
+fn place_batch_bin_centric(nodes: &mut [Node], demands: &[Demand]) -> Vec<Option<Slot>> {
+    let w = scarcity(nodes, &Demand::default());
+    // identical demands form one group (first appearance order: deterministic)
+    let mut groups: Vec<(Demand, Vec<usize>)> = Vec::new();
+    for (i, d) in demands.iter().enumerate() {
+        match groups.iter_mut().find(|(g, _)| g == d) {
+            Some((_, v)) => v.push(i),
+            None => groups.push((*d, vec![i])),
+        }
+    }
+    for (_, v) in &mut groups {
+        v.reverse(); // pop() hands out the lowest index first
+    }
+    let mut out = vec![None; demands.len()];
+    for n in 0..nodes.len() {
+        if !nodes[n].accepting {
+            continue;
+        }
+        loop {
+            let mut best: Option<(f64, usize, Option<usize>)> = None;
+            for (gi, (d, waiting)) in groups.iter().enumerate() {
+                if waiting.is_empty()
+                    || !fits(&nodes[n].host_capacity, &nodes[n].host_used, &d.host)
+                {
+                    continue;
+                }
+                let gpus: Vec<Option<usize>> = match &d.gpu {
+                    None => vec![None],
+                    Some(g) => nodes[n]
+                        .gpus
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, x)| fits(&x.capacity, &x.used, g))
+                        .map(|(j, _)| Some(j))
+                        .collect(),
+                };
+                for gpu in gpus {
+                    let (cap, used) = bin(&nodes[n], gpu);
+                    let add = d.host.plus(&d.gpu.unwrap_or_default());
+                    let left = cap.minus(&used);
+                    // cosine between the demand and what is left (weighted, normalised): the demand whose shape
+                    // best matches the hole, whatever its size, so kinds mix
+                    let (mut dot, mut a2, mut l2) = (0.0, 0.0, 0.0);
+                    for (k, wk) in w.iter().enumerate() {
+                        let (a, l) = (norm(&add, &cap, k), norm(&left, &cap, k));
+                        dot += wk * a * l;
+                        a2 += wk * a * a;
+                        l2 += wk * l * l;
+                    }
+                    // plus how much of the hole it fills: big demands plug what small ones would leave
+                    let dot = if a2 > 0.0 && l2 > 0.0 {
+                        dot / (a2.sqrt() * l2.sqrt()) + a2.sqrt() / l2.sqrt()
+                    } else {
+                        0.0
+                    };
+                    if best.is_none_or(|(b, _, _)| dot > b + 1e-12) {
+                        best = Some((dot, gi, gpu));
+                    }
+                }
+            }
+            let Some((_, gi, gpu)) = best else {
+                break;
+            };
+            let d = groups[gi].0;
+            let i = groups[gi].1.pop().expect("non-empty group");
+            let slot = Slot { node: n, gpu };
+            commit(nodes, slot, &d);
+            out[i] = Some(slot);
+        }
+    }
+    out
+}
+
+fn place_batch_decreasing(
     nodes: &mut [Node],
     demands: &[Demand],
     strategy: Strategy,
