@@ -26,6 +26,7 @@ pub mod chunks;
 pub mod elements;
 pub mod pipeline;
 pub mod select;
+mod source;
 
 use std::sync::{Arc, OnceLock};
 

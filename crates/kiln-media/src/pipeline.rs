@@ -9,7 +9,7 @@ use kiln_model::{AudioRendition, Backend, Source, StreamPlan, TestPattern, Video
 
 use crate::chunks::ChunkAssembler;
 use crate::elements::{aac_encoder, capsfilter, make, make_dyn, set_nick};
-use crate::select::{InputCodec, Registry, Selection};
+use crate::select::{Registry, Selection};
 use crate::{EventSink, MediaError, MediaEvent};
 
 /// How to build a stream's pipeline beyond its plan: the elements chosen for this host, where an encoded source
@@ -50,8 +50,8 @@ impl BuildOptions {
 pub struct LivePipeline {
     pipeline: gst::Pipeline,
     clock: gst::Clock,
-    /// Timeline of an encoded source (offset, looping).
-    looper: Arc<Looper>,
+    /// The decoupled pipeline of an encoded source (files, URLs).
+    source: Option<crate::source::EncodedSource>,
     /// Frames that entered the video tee (the source's frame rate, after decoding).
     input_frames: Arc<std::sync::atomic::AtomicU64>,
     video_names: Vec<String>,
@@ -75,171 +75,6 @@ pub struct FrameStats {
     /// Source frames in (after decoding).
     pub input: u64,
     pub renditions: Vec<RenditionFrames>,
-}
-
-/// Puts an encoded source on the stream's live timeline. Its decoded frames are shifted by `offset_ns` at the
-/// pacers (clocksync) in open-ended segments, so they are paced against the stream's clock even when the
-/// pipeline continues an older timeline. For a looping file, EOS never leaves the pacers: when every stream of the file has ended, the
-/// offset grows by the loop's length and the file is seeked back to 0; the seek's flush is stopped at the
-/// pacers together with the seek's new segment, so encoders and muxers see one segment and one continuous
-/// timeline.
-#[derive(Debug, Default)]
-struct Looper {
-    looping: bool,
-    state: Mutex<LoopState>,
-}
-
-#[derive(Debug, Default)]
-struct LoopState {
-    offset_ns: u64,
-    /// End (running time before the offset) of the current loop, over all streams.
-    loop_end_ns: u64,
-    streams: u32,
-    at_eos: u32,
-}
-
-/// What a loop's EOS (serialized) or flush (out of band) becomes downstream of the pacers: a custom event nobody
-/// acts on.
-fn loop_marker(serialized: bool) -> gst::Event {
-    let s = gst::Structure::builder("kiln-file-loop").build();
-    if serialized {
-        gst::event::CustomDownstream::new(s)
-    } else {
-        gst::event::CustomDownstreamOob::new(s)
-    }
-}
-
-impl Looper {
-    fn lock(&self) -> std::sync::MutexGuard<'_, LoopState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Probes on a pacer (clocksync): timestamps shifted and loop ends tracked on its sink pad; flushes from the
-    /// loop seeks stopped at its src pad.
-    fn attach(self: &Arc<Self>, pace: &gst::Element) {
-        self.lock().streams += 1;
-        let me = self.clone();
-        let weak = pace.downgrade();
-        let sinkpad = pace.static_pad("sink").expect("clocksync has a sink pad");
-        // this pad's segment as the source sent it (before the offset)
-        let segment: Mutex<Option<gst::FormattedSegment<gst::ClockTime>>> = Mutex::new(None);
-        sinkpad.add_probe(
-            gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM,
-            move |_, info| {
-                let ev = match &info.data {
-                    Some(gst::PadProbeData::Event(ev)) => ev.clone(),
-                    Some(gst::PadProbeData::Buffer(b)) => {
-                        let seg = segment.lock().unwrap_or_else(|e| e.into_inner());
-                        let end = b.pts().and_then(|p| {
-                            let rt = seg.as_ref()?.to_running_time(p)?;
-                            Some(rt + b.duration().unwrap_or(gst::ClockTime::ZERO))
-                        });
-                        drop(seg);
-                        let offset = {
-                            let mut st = me.lock();
-                            if let Some(end) = end {
-                                st.loop_end_ns = st.loop_end_ns.max(end.nseconds());
-                            }
-                            st.offset_ns
-                        };
-                        if offset > 0 {
-                            if let Some(gst::PadProbeData::Buffer(ref mut buffer)) = info.data {
-                                let b = buffer.make_mut();
-                                let off = gst::ClockTime::from_nseconds(offset);
-                                if let Some(p) = b.pts() {
-                                    b.set_pts(p + off);
-                                }
-                                if let Some(d) = b.dts() {
-                                    b.set_dts(d + off);
-                                }
-                            }
-                        }
-                        return gst::PadProbeReturn::Ok;
-                    }
-                    _ => return gst::PadProbeReturn::Ok,
-                };
-                match ev.view() {
-                    gst::EventView::Segment(s) => {
-                        let Some(seg) = s.segment().downcast_ref::<gst::ClockTime>().cloned()
-                        else {
-                            return gst::PadProbeReturn::Ok;
-                        };
-                        *segment.lock().unwrap_or_else(|e| e.into_inner()) = Some(seg.clone());
-                        // open-ended: shifted frames lie past the file's own stop
-                        let mut open = seg;
-                        open.set_stop(gst::ClockTime::NONE);
-                        let new = gst::event::Segment::builder(&open)
-                            .seqnum(ev.seqnum())
-                            .build();
-                        info.data = Some(gst::PadProbeData::Event(new));
-                        gst::PadProbeReturn::Ok
-                    }
-                    gst::EventView::Eos(_) if me.looping => {
-                        let mut st = me.lock();
-                        st.at_eos += 1;
-                        if st.at_eos >= st.streams {
-                            st.offset_ns += st.loop_end_ns;
-                            st.loop_end_ns = 0;
-                            st.at_eos = 0;
-                            if let Some(pace) = weak.upgrade() {
-                                pace.call_async(|pace| {
-                                    let seek = gst::event::Seek::new(
-                                        1.0,
-                                        gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT,
-                                        gst::SeekType::Set,
-                                        gst::ClockTime::ZERO,
-                                        gst::SeekType::None,
-                                        gst::ClockTime::NONE,
-                                    );
-                                    if !pace.send_event(seek) {
-                                        tracing::warn!(
-                                            "looping the file source: the seek to 0 was refused"
-                                        );
-                                    }
-                                });
-                            }
-                        }
-                        // Replaced rather than dropped: gstreamer-rs and GStreamer 1.22 disagree on who releases a
-                        // dropped event (a GLib CRITICAL per drop).
-                        info.data = Some(gst::PadProbeData::Event(loop_marker(true)));
-                        gst::PadProbeReturn::Ok
-                    }
-                    _ => gst::PadProbeReturn::Ok,
-                }
-            },
-        );
-        if self.looping && std::env::var("KILN_X").is_err() {
-            // Downstream sees one segment and never a flush: the loops' seeks stop here.
-            let srcpad = pace.static_pad("src").expect("clocksync has a src pad");
-            // The first segment, replayed in place of later ones (a dropped sticky event would stay pending and be
-            // re-sent before every buffer).
-            let first: Mutex<Option<gst::Event>> = Mutex::new(None);
-            srcpad.add_probe(
-                gst::PadProbeType::EVENT_FLUSH | gst::PadProbeType::EVENT_DOWNSTREAM,
-                move |_, info| {
-                    let Some(gst::PadProbeData::Event(ev)) = &info.data else {
-                        return gst::PadProbeReturn::Ok;
-                    };
-                    match ev.type_() {
-                        gst::EventType::FlushStart | gst::EventType::FlushStop => {
-                            gst::PadProbeReturn::Drop
-                        }
-                        gst::EventType::Segment => {
-                            let mut f = first.lock().unwrap_or_else(|e| e.into_inner());
-                            match &*f {
-                                Some(orig) => {
-                                    info.data = Some(gst::PadProbeData::Event(orig.clone()));
-                                }
-                                None => *f = Some(ev.clone()),
-                            }
-                            gst::PadProbeReturn::Ok
-                        }
-                        _ => gst::PadProbeReturn::Ok,
-                    }
-                },
-            );
-        }
-    }
 }
 
 /// The custom event that makes cmafmux (manual-split) start a new chunk (`chunk=true`) or fragment before the
@@ -305,10 +140,7 @@ impl LivePipeline {
             )?),
             None => None,
         };
-        let looper = Arc::new(Looper {
-            looping: matches!(plan.source, Source::File { .. }),
-            ..Default::default()
-        });
+        let mut source = None;
         match &plan.source {
             Source::Test { pattern } => {
                 if let Some(tee) = &tee {
@@ -319,15 +151,14 @@ impl LivePipeline {
                 }
             }
             Source::File { .. } | Source::Url { .. } => {
-                build_encoded_source(
+                source = Some(crate::source::EncodedSource::build(
                     &pipeline,
                     plan,
                     opts,
                     tee.as_ref(),
-                    audio_in,
-                    looper.clone(),
+                    audio_in.as_ref(),
                     sink.clone(),
-                )?;
+                )?);
             }
         }
 
@@ -361,7 +192,7 @@ impl LivePipeline {
         Ok(Self {
             pipeline,
             clock,
-            looper,
+            source,
             input_frames,
             video_names: plan.video.iter().map(|v| v.name.clone()).collect(),
         })
@@ -383,12 +214,14 @@ impl LivePipeline {
         };
         self.pipeline.set_start_time(gst::ClockTime::NONE);
         self.pipeline.set_base_time(base);
-        // An encoded file starts at position 0: on a continued timeline its frames are shifted to "now" so the
-        // pacing (clocksync) neither bursts nor stalls.
-        self.looper.lock().offset_ns = self.clock.time().saturating_sub(base).nseconds();
         self.pipeline
             .set_state(gst::State::Playing)
             .map_err(|e| MediaError::Start(e.to_string()))?;
+        // An encoded source starts at position 0: on a continued timeline its frames are moved to "now" so the
+        // pacing (clocksync) neither bursts nor stalls.
+        if let Some(src) = &self.source {
+            src.start(self.clock.time().saturating_sub(base).nseconds())?;
+        }
         Ok(base.mseconds() as i64)
     }
 
@@ -416,7 +249,12 @@ impl LivePipeline {
 
     /// Stops at once (no more events).
     pub fn stop(&self) {
+        // The stream pipeline first: its appsrcs go flushing, which releases a source thread blocked on a full
+        // appsrc (stopping the source first could wait on it forever).
         let _ = self.pipeline.set_state(gst::State::Null);
+        if let Some(src) = &self.source {
+            src.stop();
+        }
     }
 
     /// Frame counters since start: source frames in, and per video rendition what videorate passed on, dropped
@@ -521,211 +359,6 @@ fn build_test_video_source(
         .expect("non-empty")
         .link(tee)
         .map_err(|e| MediaError::Build(format!("linking the source to the tee: {e}")))?;
-    Ok(())
-}
-
-/// An encoded source: filesrc (or urisourcebin) → parsebin; each parsed stream found is decoded — video by the
-/// decoder the selection table picks (NVDEC or CPU), audio by decodebin — then paced at real time by clocksync
-/// and linked to the video tee / audio branch.
-fn build_encoded_source(
-    pipeline: &gst::Pipeline,
-    plan: &StreamPlan,
-    opts: &BuildOptions,
-    tee: Option<&gst::Element>,
-    audio_in: Option<gst::Element>,
-    looper: Arc<Looper>,
-    sink: EventSink,
-) -> Result<(), MediaError> {
-    let src = match &plan.source {
-        Source::File { .. } => {
-            let path = opts
-                .file
-                .as_ref()
-                .ok_or_else(|| MediaError::Build("a file source needs its resolved path".into()))?;
-            let f = make("filesrc", "fsrc")?;
-            f.set_property("location", path.to_string_lossy().to_string());
-            f
-        }
-        Source::Url { url, .. } => {
-            let u = make("urisourcebin", "usrc")?;
-            u.set_property("uri", url);
-            u
-        }
-        Source::Test { .. } => unreachable!("test sources are built elsewhere"),
-    };
-    let parse = make("parsebin", "parse")?;
-    pipeline.add_many([&src, &parse])?;
-    let parse_weak = parse.downgrade();
-    let link_to_parse = move |pad: &gst::Pad| {
-        if let Some(p) = parse_weak.upgrade() {
-            if let Some(sinkpad) = p.static_pad("sink") {
-                if !sinkpad.is_linked() {
-                    let _ = pad.link(&sinkpad);
-                }
-            }
-        }
-    };
-    if src.static_pad("src").is_some() {
-        src.link(&parse)
-            .map_err(|e| MediaError::Build(format!("linking the source: {e}")))?;
-    } else {
-        src.connect_pad_added(move |_, pad| link_to_parse(pad));
-    }
-
-    let pipeline_weak = pipeline.downgrade();
-    let tee = tee.cloned();
-    let registry = opts.registry.clone();
-    let decode_gpu = opts.decode_gpu;
-    let state = Arc::new(Mutex::new((false, false))); // (video linked, audio linked)
-    let st = state.clone();
-    let err_sink = sink.clone();
-    let audio_in_c = audio_in.clone();
-    parse.connect_pad_added(move |_, pad| {
-        let Some(pipeline) = pipeline_weak.upgrade() else {
-            return;
-        };
-        let caps = pad.current_caps().or_else(|| Some(pad.query_caps(None)));
-        let name = caps
-            .as_ref()
-            .and_then(|c| c.structure(0))
-            .map(|s| s.name().to_string())
-            .unwrap_or_default();
-        let result = if name.starts_with("video/") {
-            let Some(tee) = &tee else {
-                return; // audio-only stream: the source's video is not used
-            };
-            let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
-            if g.0 {
-                return; // a second video stream is ignored
-            }
-            g.0 = true;
-            drop(g);
-            link_video_decoder(&pipeline, pad, &name, &registry, decode_gpu, tee, &looper)
-        } else if name.starts_with("audio/") {
-            let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
-            match (&audio_in_c, g.1) {
-                (Some(ain), false) => {
-                    g.1 = true;
-                    drop(g);
-                    link_audio_decoder(&pipeline, pad, ain, &looper)
-                }
-                _ => Ok(()), // no audio wanted, or already linked
-            }
-        } else {
-            Ok(())
-        };
-        if let Err(e) = result {
-            err_sink(MediaEvent::Error {
-                element: Some(pad.path_string().to_string()),
-                message: e.to_string(),
-                debug: None,
-            });
-        }
-    });
-    let wants_audio = audio_in.is_some();
-    let wants_video = !plan.video.is_empty();
-    parse.connect_no_more_pads(move |p| {
-        let g = state.lock().unwrap_or_else(|e| e.into_inner());
-        let missing = match (wants_video && !g.0, wants_audio && !g.1) {
-            (true, _) => Some("the source has no video stream kiln can decode"),
-            (false, true) => Some(
-                "the source has no audio stream: request `\"audio\": {\"enabled\": false}` for a video-only stream",
-            ),
-            _ => None,
-        };
-        if let Some(m) = missing {
-            sink(MediaEvent::Error {
-                element: Some(p.path_string().to_string()),
-                message: m.to_string(),
-                debug: None,
-            });
-        }
-    });
-    Ok(())
-}
-
-/// Adds `chain` to the running pipeline, links it, links `pad` to its head and starts it.
-fn add_running_chain(
-    pipeline: &gst::Pipeline,
-    pad: &gst::Pad,
-    chain: &[gst::Element],
-    next: &gst::Element,
-) -> Result<(), MediaError> {
-    let refs: Vec<&gst::Element> = chain.iter().collect();
-    pipeline.add_many(refs.iter().copied())?;
-    gst::Element::link_many(refs.iter().copied())
-        .map_err(|e| MediaError::Build(format!("linking {}: {e}", names(&refs))))?;
-    chain
-        .last()
-        .expect("non-empty")
-        .link(next)
-        .map_err(|e| MediaError::Build(format!("linking to {}: {e}", next.name())))?;
-    for e in chain.iter().rev() {
-        e.sync_state_with_parent()?;
-    }
-    let head = chain[0]
-        .static_pad("sink")
-        .expect("the chain head has a sink pad");
-    pad.link(&head)
-        .map_err(|e| MediaError::Build(format!("linking the parsed stream: {e:?}")))?;
-    Ok(())
-}
-
-fn link_video_decoder(
-    pipeline: &gst::Pipeline,
-    pad: &gst::Pad,
-    caps_name: &str,
-    registry: &Registry,
-    decode_gpu: Option<u32>,
-    tee: &gst::Element,
-    looper: &Arc<Looper>,
-) -> Result<(), MediaError> {
-    let codec = InputCodec::from_caps_name(caps_name).ok_or_else(|| {
-        MediaError::Build(format!(
-            "the source's video codec `{caps_name}` is not supported"
-        ))
-    })?;
-    let dec = registry
-        .decoder(codec, decode_gpu)
-        .map_err(|e| MediaError::Build(e.to_string()))?;
-    tracing::info!(decoder = %dec.factory, gpu = dec.gpu, "video decoder chosen");
-    let decoder = make_dyn(&dec.factory, "vdec")?;
-    let conv = make("videoconvert", "vdec-convert")?;
-    let pace = make("clocksync", "vpace")?;
-    let chain = vec![make("queue", "vdec-q")?, decoder, conv, pace.clone()];
-    looper.attach(&pace);
-    add_running_chain(pipeline, pad, &chain, tee)
-}
-
-fn link_audio_decoder(
-    pipeline: &gst::Pipeline,
-    pad: &gst::Pad,
-    audio_in: &gst::Element,
-    looper: &Arc<Looper>,
-) -> Result<(), MediaError> {
-    let dec = make("decodebin", "adec")?;
-    let pace = make("clocksync", "apace")?;
-    let q = make("queue", "adec-q")?;
-    pipeline.add_many([&q, &dec])?;
-    q.link(&dec)
-        .map_err(|e| MediaError::Build(format!("linking the audio decoder: {e}")))?;
-    pipeline.add(&pace)?;
-    looper.attach(&pace);
-    pace.link(audio_in)
-        .map_err(|e| MediaError::Build(format!("linking the audio pacing: {e}")))?;
-    let pace_c = pace.clone();
-    dec.connect_pad_added(move |_, p| {
-        if let Some(sinkpad) = pace_c.static_pad("sink") {
-            if !sinkpad.is_linked() {
-                let _ = p.link(&sinkpad);
-            }
-        }
-    });
-    pace.sync_state_with_parent()?;
-    dec.sync_state_with_parent()?;
-    q.sync_state_with_parent()?;
-    pad.link(&q.static_pad("sink").expect("queue has a sink pad"))
-        .map_err(|e| MediaError::Build(format!("linking the parsed audio: {e:?}")))?;
     Ok(())
 }
 
