@@ -15,8 +15,10 @@
 //! normalised dimensions), Kubernetes `MostAllocated` (highest mean utilisation after placement) and Livepeer's
 //! least-loaded (fewest Σ w·h·fps already running).
 //!
-//! Status: the solver, the anchors and the lower bound exist with property tests; the trace simulator, the
-//! scheduler service and Redis state (the rest of the scheduler issue) do not yet.
+//! [`solve`] is the entry point the scheduler service uses: a [`Problem`] (nodes with what they already run,
+//! items with their demand alternatives) and the previous assignments (kept where they still fit) give
+//! [`Solution`]. [`place`], [`place_batch`] and [`commit`] are its parts; [`sim`] drives them with seeded traces
+//! for the placement report (`benches/placement.rs`).
 
 pub mod sim;
 
@@ -380,6 +382,128 @@ fn place_batch_decreasing(
     out
 }
 
+/// One stream to place: what it needs, in order of preference (`prefer-gpu`: the NVENC demand, then the x264
+/// one; `gpu-only` or `cpu-only`: one alternative).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    pub id: String,
+    pub alternatives: Vec<Demand>,
+}
+
+/// A placement problem: the fleet (with what already runs booked in `used`) and the items to place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    pub nodes: Vec<Node>,
+    pub items: Vec<Item>,
+    pub strategy: Strategy,
+}
+
+/// Where one item runs: node id, GPU index on it (for a GPU demand) and which alternative was booked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub id: String,
+    pub node: String,
+    pub gpu: Option<usize>,
+    pub alternative: usize,
+}
+
+/// The answer: assignments in item order, the ids that fit nowhere, and the fleet with everything booked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Solution {
+    pub assignments: Vec<Assignment>,
+    pub refused: Vec<String>,
+    pub nodes: Vec<Node>,
+}
+
+/// Places `problem.items`. An item with a previous assignment stays where it is when that node still accepts
+/// and the booked alternative still fits there (streams are not moved to pack tighter); the others are placed as
+/// one batch per alternative rank (all first choices together, largest first or bin-centric as
+/// [`place_batch`] does, then the second choices of those refused, …). Deterministic; never over-commits.
+pub fn solve(problem: &Problem, previous: &[Assignment]) -> Solution {
+    let mut nodes = problem.nodes.clone();
+    let mut out: Vec<Option<Assignment>> = vec![None; problem.items.len()];
+    for (i, item) in problem.items.iter().enumerate() {
+        let Some(prev) = previous.iter().find(|a| a.id == item.id) else {
+            continue;
+        };
+        let Some(n) = nodes.iter().position(|n| n.id == prev.node && n.accepting) else {
+            continue;
+        };
+        let Some(d) = item.alternatives.get(prev.alternative) else {
+            continue;
+        };
+        let host_ok = fits(&nodes[n].host_capacity, &nodes[n].host_used, &d.host);
+        let gpu_ok = match (&d.gpu, prev.gpu) {
+            (None, None) => true,
+            (Some(g), Some(j)) => nodes[n]
+                .gpus
+                .get(j)
+                .is_some_and(|x| fits(&x.capacity, &x.used, g)),
+            _ => false,
+        };
+        if host_ok && gpu_ok {
+            commit(
+                &mut nodes,
+                Slot {
+                    node: n,
+                    gpu: prev.gpu,
+                },
+                d,
+            );
+            out[i] = Some(prev.clone());
+        }
+    }
+    let ranks = problem
+        .items
+        .iter()
+        .map(|it| it.alternatives.len())
+        .max()
+        .unwrap_or(0);
+    for rank in 0..ranks {
+        let waiting: Vec<usize> = (0..problem.items.len())
+            .filter(|&i| out[i].is_none() && problem.items[i].alternatives.len() > rank)
+            .collect();
+        if waiting.is_empty() {
+            continue;
+        }
+        let demands: Vec<Demand> = waiting
+            .iter()
+            .map(|&i| problem.items[i].alternatives[rank])
+            .collect();
+        let slots = if demands.len() == 1 {
+            let s = place(&nodes, &demands[0], problem.strategy);
+            if let Some(s) = s {
+                commit(&mut nodes, s, &demands[0]);
+            }
+            vec![s]
+        } else {
+            place_batch(&mut nodes, &demands, problem.strategy)
+        };
+        for (&i, slot) in waiting.iter().zip(slots) {
+            if let Some(s) = slot {
+                out[i] = Some(Assignment {
+                    id: problem.items[i].id.clone(),
+                    node: nodes[s.node].id.clone(),
+                    gpu: s.gpu,
+                    alternative: rank,
+                });
+            }
+        }
+    }
+    let refused = problem
+        .items
+        .iter()
+        .zip(&out)
+        .filter(|(_, a)| a.is_none())
+        .map(|(it, _)| it.id.clone())
+        .collect();
+    Solution {
+        assignments: out.into_iter().flatten().collect(),
+        refused,
+        nodes,
+    }
+}
+
 /// Lower bound on the nodes a set of demands needs, for identical nodes shaped like `node`: the maximum over
 /// dimensions of ⌈Σ demand / per-node capacity⌉ (GPU dimensions summed over the node's GPUs).
 pub fn lower_bound(node: &Node, demands: &[Demand]) -> u64 {
@@ -522,6 +646,43 @@ mod tests {
             kiln <= used(Strategy::LeastLoaded),
             "kiln {kiln} vs least-loaded"
         );
+    }
+
+    #[test]
+    fn solve_keeps_what_still_fits_and_falls_back_to_the_second_choice() {
+        let mut nodes = vec![gpu_node("a", 1), gpu_node("b", 0)];
+        nodes[0].gpus[0].capacity.nvenc_fps = 500;
+        let item = |id: &str, alts: Vec<Demand>| Item {
+            id: id.into(),
+            alternatives: alts,
+        };
+        let problem = Problem {
+            nodes,
+            items: vec![
+                item("gpu", vec![stream(400, 100)]),
+                item("prefers-gpu", vec![stream(400, 100), stream(0, 3000)]),
+                item("cpu", vec![stream(0, 1000)]),
+            ],
+            strategy: Strategy::Kiln,
+        };
+        let s = solve(&problem, &[]);
+        assert!(s.refused.is_empty(), "{:?}", s.refused);
+        let by_id =
+            |s: &Solution, id: &str| s.assignments.iter().find(|a| a.id == id).cloned().unwrap();
+        // one 400-fps stream fits the 500-fps GPU; the other takes its x264 alternative
+        let g = by_id(&s, "gpu");
+        let p = by_id(&s, "prefers-gpu");
+        assert_eq!((g.node.as_str(), g.gpu, g.alternative), ("a", Some(0), 0));
+        assert_eq!((p.gpu, p.alternative), (None, 1));
+        // the same problem with the answer as previous keeps every assignment
+        let again = solve(&problem, &s.assignments);
+        assert_eq!(again.assignments, s.assignments);
+        // node a stops accepting: its items move, nothing lands on a
+        let mut p2 = problem.clone();
+        p2.nodes[0].accepting = false;
+        let moved = solve(&p2, &s.assignments);
+        assert!(moved.assignments.iter().all(|a| a.node == "b"));
+        assert_eq!(moved.refused, vec!["gpu".to_string()]);
     }
 
     proptest! {

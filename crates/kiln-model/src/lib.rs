@@ -10,9 +10,11 @@
 //!   (`StreamPlan`), timing rules (`Timing`) and validation.
 //! - [`api`]: the status documents the daemon returns.
 //! - [`capacity`]: resource vectors (CPU, memory, NVENC/NVDEC, sessions, VRAM) and the CPU cost model.
+//! - [`node`]: the capacity report (`GET /v1/capacity`, heartbeats) and the scheduler's fencing header.
 
 pub mod api;
 pub mod capacity;
+pub mod node;
 pub mod source;
 pub mod stream;
 

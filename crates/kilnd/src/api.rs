@@ -5,11 +5,18 @@
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
+use std::collections::BTreeMap;
+
+use kiln_model::capacity::Resources;
+use kiln_model::node::{
+    CapacityReport, GpuDemand, GpuInventoryNote, GpuMeasured, GpuReport, HostReport, NodeStream,
+    PresetDemand, EPOCH_HEADER,
+};
 use kiln_model::{StreamRequest, StreamStatus};
 use serde_json::json;
 
@@ -25,6 +32,8 @@ pub enum ApiError {
     BadRequest(String),
     NotFound(String),
     Conflict(String),
+    /// 409: a scheduler command carrying an epoch older than one this daemon has accepted (fencing).
+    StaleEpoch(String),
     /// 422: well-formed, but this node cannot run it (policy, source file).
     Unprocessable(String),
     Unavailable(String),
@@ -60,6 +69,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m),
+            ApiError::StaleEpoch(m) => (StatusCode::CONFLICT, "stale_epoch", m),
             ApiError::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, "cannot_run_here", m),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
             ApiError::PayloadTooLarge => (
@@ -134,8 +144,10 @@ async fn status(
 async fn create(
     State(st): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    fence(&st, &headers)?;
     let body = body.map_err(|e| match e {
         BytesRejection::FailedToBufferBody(_) => ApiError::PayloadTooLarge,
         other => ApiError::BadRequest(other.body_text()),
@@ -168,9 +180,31 @@ async fn create(
 async fn remove(
     State(st): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
+    fence(&st, &headers)?;
     st.supervisor.stop(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Fencing: a command that carries a scheduler epoch ([`EPOCH_HEADER`]) older than the highest this daemon has
+/// accepted comes from a deposed leader and is refused; a newer one raises the fence. Commands without the
+/// header (an operator's own) are not fenced.
+fn fence(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(v) = headers.get(EPOCH_HEADER) else {
+        return Ok(());
+    };
+    let epoch: u64 = v
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| ApiError::BadRequest(format!("{EPOCH_HEADER} must be an integer")))?;
+    st.supervisor.raise_fence(epoch).map_err(|current| {
+        st.metrics.refusals.with_label_values(&["stale_epoch"]).inc();
+        ApiError::StaleEpoch(format!(
+            "scheduler epoch {epoch} is older than {current}, which this daemon already follows: the sender is no longer the leader"
+        ))
+    })
 }
 
 /// Prometheus text exposition. Gauges that mirror live state are refreshed at scrape time.
@@ -271,33 +305,46 @@ async fn metrics(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
-/// `GET /v1/capacity`: what this node has, has booked and has free, per dimension, with the streams' demands
-/// and the headroom in units of each preset.
-async fn capacity(State(st): State<AppState>) -> Json<serde_json::Value> {
+/// `GET /v1/capacity`: what this node has, has booked and has free, per dimension, with the streams' demands,
+/// the headroom in units of each preset and what a stream of each preset costs here ([`report`]).
+async fn capacity(State(st): State<AppState>) -> Json<CapacityReport> {
+    Json(report(&st))
+}
+
+/// The node's capacity report: the body of `GET /v1/capacity` and of every heartbeat to the scheduler.
+pub fn report(st: &AppState) -> CapacityReport {
     let sup = &st.supervisor;
     let cap = sup.capacity();
     let alloc = sup.allocated();
     let free = cap.minus(&alloc);
-    let measured = kiln_model::capacity::Resources {
+    let measured = Resources {
         cpu_millicores: crate::metrics::process_cpu_millicores(),
         memory_mib: crate::metrics::process_rss_mib(),
         ..Default::default()
     };
-    let effective = kiln_model::capacity::Resources {
+    let effective = Resources {
         cpu_millicores: alloc.cpu_millicores.max(measured.cpu_millicores),
         memory_mib: alloc.memory_mib.max(measured.memory_mib),
         ..alloc
     };
-    let streams: Vec<_> = sup
+    let streams = sup
         .list()
         .iter()
         .map(|h| {
             let p = h.placement();
-            json!({"id": h.plan.id, "state": h.state(), "backend": p.backend, "decode_gpu": p.decode_gpu,
-                   "demand": p.host, "gpu_demand": p.gpu.map(|(_, d)| d)})
+            NodeStream {
+                id: h.plan.id.clone(),
+                state: h.state(),
+                backend: p.backend,
+                decode_gpu: p.decode_gpu,
+                demand: p.host,
+                gpu_demand: p.gpu.map(|(_, d)| d),
+            }
         })
         .collect();
-    let mut headroom = serde_json::Map::new();
+    let has_nvenc = sup.gpus.slots.iter().any(|s| s.nvenc);
+    let mut headroom = BTreeMap::new();
+    let mut demands = BTreeMap::new();
     for name in st.config.presets.names() {
         let req = StreamRequest {
             source: "test:".into(),
@@ -306,59 +353,87 @@ async fn capacity(State(st): State<AppState>) -> Json<serde_json::Value> {
         };
         if let Ok(plan) = st.config.presets.resolve("headroom", &req) {
             let d = st.config.cpu_model.demand(&plan);
-            headroom.insert(name.to_string(), json!(free.how_many(&d)));
+            headroom.insert(name.to_string(), free.how_many(&d));
+            let g = st.config.gpu_model.demand(&plan, false);
+            let gpu = (has_nvenc && !plan.video.is_empty()).then(|| GpuDemand {
+                host: Resources {
+                    cpu_millicores: g.cpu_millicores,
+                    memory_mib: g.memory_mib,
+                    ..Default::default()
+                },
+                gpu: Resources {
+                    cpu_millicores: 0,
+                    memory_mib: 0,
+                    ..g
+                },
+            });
+            let pixel_rate = plan
+                .video
+                .iter()
+                .map(|v| {
+                    u64::from(v.width) * u64::from(v.height) * u64::from(v.fps.num)
+                        / u64::from(v.fps.den.max(1))
+                })
+                .sum();
+            demands.insert(
+                name.to_string(),
+                PresetDemand {
+                    cpu: d,
+                    gpu,
+                    pixel_rate,
+                },
+            );
         }
     }
     let inventory = st.telemetry.snapshot();
-    let gpus: Vec<_> = sup
+    let gpus = sup
         .gpus
         .slots
         .iter()
         .map(|slot| {
             let nvml = inventory.gpus.iter().find(|g| g.index == slot.index);
             let alloc = sup.gpus.allocated(slot.index);
-            let measured = nvml.map(|g| {
-                json!({
-                    "vram_mib": g.memory_used_mib,
-                    "nvenc_utilization_pct": g.nvenc_utilization_pct,
-                    "nvdec_utilization_pct": g.nvdec_utilization_pct,
-                    "encoder_sessions": g.encoder_sessions,
-                })
-            });
-            json!({
-                "index": slot.index,
-                "model": slot.name,
-                "uuid": slot.uuid,
-                "pci_bus_id": nvml.map(|g| g.pci_bus_id.clone()),
-                "profile": slot.profile,
-                "nvenc": slot.nvenc,
-                "nvdec": slot.nvdec,
-                "capacity": slot.capacity,
-                "allocated": alloc,
-                "free": slot.capacity.minus(&alloc),
-                "measured": measured,
-            })
+            GpuReport {
+                index: slot.index,
+                model: slot.name.clone(),
+                uuid: slot.uuid.clone(),
+                pci_bus_id: nvml.map(|g| g.pci_bus_id.clone()),
+                profile: slot.profile.clone(),
+                nvenc: slot.nvenc,
+                nvdec: slot.nvdec,
+                capacity: slot.capacity,
+                allocated: alloc,
+                free: slot.capacity.minus(&alloc),
+                measured: nvml.map(|g| GpuMeasured {
+                    vram_mib: g.memory_used_mib,
+                    nvenc_utilization_pct: g.nvenc_utilization_pct,
+                    nvdec_utilization_pct: g.nvdec_utilization_pct,
+                    encoder_sessions: g.encoder_sessions,
+                }),
+            }
         })
         .collect();
-    Json(json!({
-        "node_id": st.config.node_id,
-        "epoch": sup.epoch(),
-        "gpus": gpus,
-        "gpu_inventory": {
-            "driver_version": inventory.driver_version,
-            "cuda_devices": inventory.cuda_devices,
-            "note": inventory.note,
+    CapacityReport {
+        node_id: st.config.node_id.clone(),
+        epoch: sup.epoch(),
+        fence_epoch: sup.fence_epoch(),
+        host: HostReport {
+            capacity: cap,
+            allocated: alloc,
+            free,
+            measured,
+            effective,
         },
-        "host": {
-            "capacity": cap,
-            "allocated": alloc,
-            "free": free,
-            "measured": measured,
-            "effective": effective,
+        gpus,
+        gpu_inventory: GpuInventoryNote {
+            driver_version: inventory.driver_version.clone(),
+            cuda_devices: inventory.cuda_devices,
+            note: inventory.note.clone(),
         },
-        "streams": streams,
-        "headroom": headroom,
-    }))
+        streams,
+        headroom,
+        demands,
+    }
 }
 
 /// Live counters of this node (the Prometheus metrics issue extends this into `/metrics`).

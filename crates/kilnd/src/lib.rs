@@ -7,6 +7,7 @@
 //! Layout: [`supervisor`] (stream life cycle: build, start, feed the origin, stop with EOS), [`api`] (control
 //! routes, JSON errors), [`page`] (the `/` page with an hls.js player).
 
+pub mod agent;
 pub mod api;
 pub mod calibrate;
 pub mod gpus;
@@ -65,6 +66,8 @@ pub struct Config {
     pub gpus: Option<Vec<gpus::GpuSlot>>,
     /// Directory that `file://` sources are resolved in; `None` refuses file sources.
     pub media_dir: Option<PathBuf>,
+    /// Report to a scheduler (heartbeats); `None` runs stand-alone.
+    pub scheduler: Option<agent::AgentConfig>,
 }
 
 /// This host's schedulable resources: 85 % of its cores (the rest is for the daemon, the origin and the OS) and
@@ -122,6 +125,7 @@ impl Default for Config {
             gpu_model: Default::default(),
             gpus: None,
             media_dir: None,
+            scheduler: None,
         }
     }
 }
@@ -262,10 +266,17 @@ pub async fn serve_state(
             .map_err(|e| anyhow::anyhow!("starting the demo stream: {e}"))?;
         tracing::info!(url = %format!("http://{addr}/"), "demo stream running: open the page, or play http://{addr}/live/demo/master.m3u8");
     }
+    let agent = config
+        .scheduler
+        .clone()
+        .map(|cfg| tokio::spawn(agent::run(state.clone(), cfg)));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let sup = supervisor.clone();
     tokio::spawn(async move {
         shutdown.await;
+        if let Some(a) = agent {
+            a.abort();
+        }
         tracing::info!("shutting down: stopping streams");
         sup.shutdown().await;
         let _ = stop_tx.send(());

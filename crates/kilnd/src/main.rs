@@ -54,6 +54,18 @@ struct Args {
     /// Ignore the GPUs: every stream encodes on the CPU (NVML telemetry is still reported).
     #[arg(long)]
     no_gpu: bool,
+    /// Report to the scheduler at this URL (heartbeats); a comma-separated list for several schedulers.
+    #[arg(long, value_delimiter = ',', requires = "node_id")]
+    scheduler: Vec<String>,
+    /// This node's id in the fleet (default: the host name).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// URL the scheduler and viewers reach this daemon at (default: from the bound address).
+    #[arg(long)]
+    advertise_url: Option<String>,
+    /// Heartbeat interval in milliseconds (the scheduler may change it).
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -153,7 +165,26 @@ async fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let bound = listener.local_addr()?;
+    let scheduler = (!args.scheduler.is_empty()).then(|| kilnd::agent::AgentConfig {
+        schedulers: args
+            .scheduler
+            .iter()
+            .map(|s| s.trim_end_matches('/').to_string())
+            .collect(),
+        advertise_url: args
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{bound}")),
+        interval: std::time::Duration::from_millis(args.heartbeat_ms.max(100)),
+    });
+    let defaults = kilnd::Config::default();
     let config = kilnd::Config {
+        node_id: args.node_id.unwrap_or(defaults.node_id.clone()),
+        scheduler,
         cpu_model,
         tls,
         playback_key,
@@ -164,13 +195,10 @@ async fn main() -> anyhow::Result<()> {
         assets_dir: args.assets_dir,
         media_dir: args.media_dir,
         gpus: args.no_gpu.then(Vec::new),
-        ..Default::default()
+        ..defaults
     };
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
     // The contract for scripts and tests: one line on stdout with the bound address.
-    println!("kilnd listening on {scheme}://{}", listener.local_addr()?);
+    println!("kilnd listening on {scheme}://{bound}");
     kilnd::serve(config, listener, shutdown_signal()).await
 }
 

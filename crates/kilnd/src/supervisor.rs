@@ -229,6 +229,8 @@ pub struct Supervisor {
     /// Resources booked on the host by admitted streams (and by streams being started).
     allocated: Mutex<Resources>,
     epoch: u64,
+    /// Highest scheduler epoch accepted (fencing token; 0 = none).
+    fence: std::sync::atomic::AtomicU64,
     /// What this host's GStreamer can build.
     pub registry: Arc<Registry>,
     /// GPUs and their bookings.
@@ -258,6 +260,7 @@ impl Supervisor {
             shutting_down: false.into(),
             allocated: Mutex::new(Resources::default()),
             epoch: unix_ms(),
+            fence: 0.into(),
             registry,
             gpus,
         }
@@ -270,6 +273,23 @@ impl Supervisor {
     /// Unix ms when this supervisor started: changes on every daemon restart.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Highest scheduler epoch this daemon has accepted.
+    pub fn fence_epoch(&self) -> u64 {
+        self.fence.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Accepts `epoch` if it is not older than the fence (raising the fence to it); otherwise returns the fence.
+    pub fn raise_fence(&self, epoch: u64) -> Result<(), u64> {
+        let prev = self
+            .fence
+            .fetch_max(epoch, std::sync::atomic::Ordering::SeqCst);
+        if epoch < prev {
+            Err(prev)
+        } else {
+            Ok(())
+        }
     }
 
     /// Resources booked now.

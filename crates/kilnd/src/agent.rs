@@ -1,0 +1,74 @@
+//! The node agent: tells the scheduler what this node has and runs, every heartbeat interval.
+//!
+//! Each heartbeat is `POST {scheduler}/v1/nodes/{node_id}/heartbeat` with a [`Heartbeat`] (the node's advertised
+//! URL and its [`kiln_model::node::CapacityReport`], the same document as `GET /v1/capacity`). The answer carries
+//! the current leader's epoch, which raises this daemon's fence (so a deposed leader's commands are refused even
+//! before the new leader has sent one), and the interval the scheduler wants. With several scheduler URLs the
+//! agent sticks to the one that answers and moves to the next on a failure: any scheduler accepts heartbeats.
+
+use std::time::Duration;
+
+use kiln_model::node::{Heartbeat, HeartbeatAck};
+
+use crate::AppState;
+
+/// Where and how to report.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Scheduler base URLs (`http://host:port`), tried in order.
+    pub schedulers: Vec<String>,
+    /// This daemon's base URL as the scheduler and viewers reach it.
+    pub advertise_url: String,
+    /// Heartbeat interval until the scheduler says otherwise.
+    pub interval: Duration,
+}
+
+/// Sends heartbeats until the task is dropped.
+pub async fn run(st: AppState, cfg: AgentConfig) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("building the heartbeat client");
+    let mut interval = cfg.interval;
+    let mut current = 0usize;
+    let mut failures = 0u32;
+    loop {
+        let hb = Heartbeat {
+            url: cfg.advertise_url.clone(),
+            capacity: crate::api::report(&st),
+        };
+        let base = &cfg.schedulers[current % cfg.schedulers.len()];
+        let url = format!("{base}/v1/nodes/{}/heartbeat", st.config.node_id);
+        let sent = client
+            .post(&url)
+            .json(&hb)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status());
+        match sent {
+            Ok(r) => match r.json::<HeartbeatAck>().await {
+                Ok(ack) => {
+                    if failures > 0 {
+                        tracing::info!(scheduler = %base, "heartbeats accepted again");
+                    }
+                    failures = 0;
+                    let _ = st.supervisor.raise_fence(ack.epoch);
+                    interval = Duration::from_millis(ack.interval_ms.clamp(100, 60_000));
+                }
+                Err(e) => tracing::warn!(scheduler = %base, error = %e, "bad heartbeat answer"),
+            },
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::warn!(scheduler = %base, error = %e, failures, "heartbeat failed; trying the next scheduler");
+                }
+                current = current.wrapping_add(1);
+                // with more than one scheduler, try the next one at once
+                if cfg.schedulers.len() > 1 && failures % cfg.schedulers.len() as u32 != 0 {
+                    continue;
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
