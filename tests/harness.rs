@@ -436,3 +436,106 @@ pub async fn gst_play(
     let _ = child.kill().await;
     Ok((v, a, demuxers))
 }
+
+/// A child process (a daemon, a scheduler, redis-server) killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    /// Base URL it printed (`… listening on URL`), or `redis://…` for Redis.
+    pub url: String,
+    child: tokio::process::Child,
+}
+
+impl Proc {
+    /// Runs `bin args…` and waits (≤ 30 s) for a stdout line containing `ready`; the URL is the line's last word.
+    /// Stderr goes to the test's stderr when `KILN_IT_LOGS=1`.
+    pub async fn spawn(name: &str, bin: &str, args: &[&str], ready: &str) -> Result<Self> {
+        use tokio::io::AsyncBufReadExt;
+        let logs = std::env::var("KILN_IT_LOGS").is_ok_and(|v| v == "1");
+        let mut child = tokio::process::Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(if logs {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        let out = child.stdout.take().context("stdout")?;
+        let mut lines = tokio::io::BufReader::new(out).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(l) = lines.next_line().await? {
+                if l.contains(ready) {
+                    return Ok::<_, anyhow::Error>(l);
+                }
+            }
+            bail!("{name} exited before printing `{ready}`")
+        })
+        .await
+        .with_context(|| format!("{name} did not get ready"))??;
+        // keep draining stdout so the child never blocks on a full pipe
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let url = line
+            .split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        Ok(Self {
+            name: name.to_string(),
+            url,
+            child,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// SIGKILL, and wait for it to be gone.
+    pub async fn kill(&mut self) -> Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    /// Sends a signal by name (`STOP`, `CONT`, `TERM`).
+    pub async fn signal(&self, sig: &str) -> Result<()> {
+        let st = tokio::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .await?;
+        anyhow::ensure!(st.success(), "kill -{sig} {} failed", self.pid());
+        Ok(())
+    }
+}
+
+/// A private redis-server on a free loopback port, without persistence.
+pub async fn redis_server() -> Result<Proc> {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let p = port.to_string();
+    let mut r = Proc::spawn(
+        "redis",
+        "redis-server",
+        &[
+            "--port",
+            &p,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        "Ready to accept connections",
+    )
+    .await?;
+    r.url = format!("redis://127.0.0.1:{port}");
+    Ok(r)
+}

@@ -26,7 +26,6 @@ pub struct AgentConfig {
 /// Sends heartbeats until the task is dropped.
 pub async fn run(st: AppState, cfg: AgentConfig) {
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
         .build()
         .expect("building the heartbeat client");
     let mut interval = cfg.interval;
@@ -42,6 +41,9 @@ pub async fn run(st: AppState, cfg: AgentConfig) {
         let sent = client
             .post(&url)
             .json(&hb)
+            // a scheduler slower than one interval (frozen, overloaded) is skipped before the node's heartbeat
+            // can expire (three intervals)
+            .timeout(interval.clamp(Duration::from_millis(250), Duration::from_secs(2)))
             .send()
             .await
             .and_then(|r| r.error_for_status());

@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod api;
 pub mod calibrate;
+pub mod cli;
 pub mod gpus;
 pub mod metrics;
 pub mod page;

@@ -1,0 +1,409 @@
+//! The scheduler's HTTP API. Errors are `{"error": {"code", "message"}}` like kilnd's.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use kiln_binpack::{commit, place};
+use kiln_model::node::{Heartbeat, HeartbeatAck};
+use kiln_model::stream::valid_stream_id;
+use kiln_model::StreamRequest;
+use serde_json::{json, Value};
+
+use crate::store::{Phase, StreamRecord};
+use crate::{fleet, PlaceError, Scheduler};
+
+const MAX_BODY: usize = 256 * 1024;
+
+type S = State<Arc<Scheduler>>;
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message.into()}})),
+    )
+        .into_response()
+}
+
+pub fn router(s: Arc<Scheduler>) -> Router {
+    Router::new()
+        .route("/v1/streams", get(list_streams).post(create_stream))
+        .route("/v1/streams/{id}", get(get_stream).delete(delete_stream))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{id}/heartbeat", post(heartbeat))
+        .route("/v1/nodes/{id}/drain", post(drain).delete(undrain))
+        .route("/v1/fleet/headroom", get(headroom))
+        .route("/v1/leader", get(leader))
+        .route("/play/{stream}/{*path}", get(play))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(s)
+}
+
+/// A write reached a follower: 307 to the leader (method and body are kept), or 503 while nobody leads.
+async fn not_leader(s: &Scheduler, path: &str) -> Response {
+    s.metrics.refusals.with_label_values(&["not_leader"]).inc();
+    match s.leader().await {
+        Some(l) if l.id != s.config.instance_id => (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(header::LOCATION, format!("{}{path}", l.url))],
+            Json(json!({"error": {"code": "not_leader", "message": format!("{} leads (epoch {})", l.id, l.epoch), "leader": l.url}})),
+        )
+            .into_response(),
+        _ => {
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_leader",
+                "no scheduler holds the leader lease right now; retry shortly",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            r
+        }
+    }
+}
+
+fn view(r: &StreamRecord) -> Value {
+    json!({
+        "id": r.id,
+        "phase": r.phase,
+        "node": r.node,
+        "gpu": r.gpu,
+        "request": r.request,
+        "booked": r.demand,
+        "epoch": r.epoch,
+        "moves": r.moves,
+        "created_unix_ms": r.created_unix_ms,
+        "placed_unix_ms": r.placed_unix_ms,
+        "playback": format!("/play/{}/master.m3u8", r.id),
+    })
+}
+
+fn place_error(s: &Scheduler, e: PlaceError) -> Response {
+    let (status, code, reason) = match &e {
+        PlaceError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request", "invalid"),
+        PlaceError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "conflict"),
+        PlaceError::NoRoom(_) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_capacity",
+            "capacity",
+        ),
+        PlaceError::NotLeader => (StatusCode::SERVICE_UNAVAILABLE, "not_leader", "not_leader"),
+        PlaceError::Store(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "store",
+        ),
+    };
+    s.metrics.refusals.with_label_values(&[reason]).inc();
+    error(status, code, e.to_string())
+}
+
+/// `POST /v1/streams` `{"id": "x", "source": "test:", "preset": "live-720p-abr", …}`: 201 placed and started,
+/// 200 when the same stream already exists, 400 invalid, 409 same id with another spec, 429 no room.
+async fn create_stream(State(s): S, body: Result<Bytes, BytesRejection>) -> Response {
+    let Some(_) = s.leading() else {
+        return not_leader(&s, "/v1/streams").await;
+    };
+    let Ok(body) = body else {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body is larger than {MAX_BODY} bytes"),
+        );
+    };
+    let mut v: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => {
+            return place_error(
+                &s,
+                PlaceError::Invalid("the body must be a JSON object".into()),
+            )
+        }
+        Err(e) => return place_error(&s, PlaceError::Invalid(format!("invalid JSON: {e}"))),
+    };
+    let id = match v.as_object_mut().and_then(|o| o.remove("id")) {
+        Some(Value::String(id)) if valid_stream_id(&id) => id,
+        Some(_) => {
+            return place_error(
+                &s,
+                PlaceError::Invalid(
+                    "`id` must be 1–64 characters of letters, digits, `-` and `_`".into(),
+                ),
+            )
+        }
+        None => return place_error(&s, PlaceError::Invalid("`id` is required".into())),
+    };
+    let req: StreamRequest = match serde_json::from_value(v) {
+        Ok(r) => r,
+        Err(e) => return place_error(&s, PlaceError::Invalid(format!("invalid stream spec: {e}"))),
+    };
+    match s.create(&id, req).await {
+        Ok((r, created)) => {
+            let code = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (code, Json(view(&r))).into_response()
+        }
+        Err(PlaceError::NotLeader) => not_leader(&s, "/v1/streams").await,
+        Err(e) => place_error(&s, e),
+    }
+}
+
+async fn list_streams(State(s): S) -> Response {
+    match s.store.streams().await {
+        Ok(rs) => Json(rs.iter().map(view).collect::<Vec<_>>()).into_response(),
+        Err(e) => place_error(&s, PlaceError::Store(e.to_string())),
+    }
+}
+
+async fn get_stream(State(s): S, Path(id): Path<String>) -> Response {
+    match s.store.stream(&id).await {
+        Ok(Some(r)) => Json(view(&r)).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("stream `{id}` does not exist"),
+        ),
+        Err(e) => place_error(&s, PlaceError::Store(e.to_string())),
+    }
+}
+
+async fn delete_stream(State(s): S, Path(id): Path<String>) -> Response {
+    match s.delete(&id).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("stream `{id}` does not exist"),
+        ),
+        Err(PlaceError::NotLeader) => not_leader(&s, &format!("/v1/streams/{id}")).await,
+        Err(e) => place_error(&s, e),
+    }
+}
+
+/// `GET /v1/nodes`: every known node with its state, capacity, what the scheduler booked there and what it runs.
+async fn list_nodes(State(s): S) -> Response {
+    let (nodes, records) = match (s.store.nodes().await, s.store.streams().await) {
+        (Ok(n), Ok(r)) => (n, r),
+        (Err(e), _) | (_, Err(e)) => return place_error(&s, PlaceError::Store(e.to_string())),
+    };
+    let view = fleet::view(&nodes, &records, &HashSet::new());
+    let out: Vec<Value> = nodes
+        .iter()
+        .map(|n| {
+            let v = view.iter().find(|v| v.id == n.id);
+            let placed: Vec<&str> = records
+                .iter()
+                .filter(|r| r.phase == Phase::Placed && r.node.as_deref() == Some(n.id.as_str()))
+                .map(|r| r.id.as_str())
+                .collect();
+            json!({
+                "id": n.id,
+                "state": fleet::node_state(n),
+                "url": n.heartbeat.as_ref().map(|h| &h.url),
+                "host": n.heartbeat.as_ref().map(|h| h.capacity.host),
+                "gpus": n.heartbeat.as_ref().map(|h| &h.capacity.gpus),
+                "booked": v.map(|v| v.host_used),
+                "placed": placed,
+                "running": n.heartbeat.as_ref().map(|h| h.capacity.streams.iter().map(|s| &s.id).collect::<Vec<_>>()),
+            })
+        })
+        .collect();
+    Json(out).into_response()
+}
+
+/// `POST /v1/nodes/{id}/heartbeat` (from kilnd's agent). Any scheduler accepts it.
+async fn heartbeat(
+    State(s): S,
+    Path(id): Path<String>,
+    body: Result<Json<Heartbeat>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let hb = match body {
+        Ok(Json(hb)) => hb,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    };
+    if !valid_stream_id(&id) || hb.capacity.node_id != id {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the node id must be a token and match the report's node_id",
+        );
+    }
+    if !(hb.url.starts_with("http://") || hb.url.starts_with("https://")) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "url must be http(s)://host:port",
+        );
+    }
+    if let Err(e) = s.store.heartbeat(&id, &hb, s.config.heartbeat_ttl()).await {
+        return place_error(&s, PlaceError::Store(e.to_string()));
+    }
+    s.metrics.heartbeats.inc();
+    let epoch = match s.leading() {
+        Some(e) => e,
+        None => s.leader().await.map_or(0, |l| l.epoch),
+    };
+    Json(HeartbeatAck {
+        epoch,
+        interval_ms: s.config.interval.as_millis() as u64,
+    })
+    .into_response()
+}
+
+async fn set_drain(s: &Scheduler, id: &str, on: bool) -> Response {
+    match s.store.set_draining(id, on).await {
+        Ok(true) => Json(json!({"id": id, "draining": on})).into_response(),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("node `{id}` is not known"),
+        ),
+        Err(e) => place_error(s, PlaceError::Store(e.to_string())),
+    }
+}
+
+/// `POST /v1/nodes/{id}/drain`: the node keeps what it runs and gets nothing new.
+async fn drain(State(s): S, Path(id): Path<String>) -> Response {
+    set_drain(&s, &id, true).await
+}
+
+/// `DELETE /v1/nodes/{id}/drain`: the node takes streams again.
+async fn undrain(State(s): S, Path(id): Path<String>) -> Response {
+    set_drain(&s, &id, false).await
+}
+
+/// `GET /v1/fleet/headroom`: per preset, how many more streams of it (alone) the live, accepting nodes can take
+/// now, placed the way the scheduler would place them.
+async fn headroom(State(s): S) -> Response {
+    let (nodes, records) = match (s.store.nodes().await, s.store.streams().await) {
+        (Ok(n), Ok(r)) => (n, r),
+        (Err(e), _) | (_, Err(e)) => return place_error(&s, PlaceError::Store(e.to_string())),
+    };
+    let live: Vec<_> = nodes.iter().filter_map(|n| n.heartbeat.as_ref()).collect();
+    let base = fleet::view(&nodes, &records, &HashSet::new());
+    let mut presets = BTreeMap::new();
+    for name in s.config.presets.names() {
+        let req = StreamRequest {
+            source: "test:".into(),
+            preset: Some(name.to_string()),
+            ..Default::default()
+        };
+        let Ok(alts) = fleet::alternatives(&s.config.presets, "headroom", &req, &live) else {
+            presets.insert(name.to_string(), json!({"streams": 0}));
+            continue;
+        };
+        let mut fleet_nodes = base.clone();
+        let mut n = 0u64;
+        let mut on_gpu = 0u64;
+        'fill: while n < 100_000 {
+            for (k, d) in alts.iter().enumerate() {
+                if let Some(slot) = place(&fleet_nodes, d, s.config.strategy) {
+                    commit(&mut fleet_nodes, slot, d);
+                    n += 1;
+                    if k == 0 && d.gpu.is_some() {
+                        on_gpu += 1;
+                    }
+                    continue 'fill;
+                }
+            }
+            break;
+        }
+        presets.insert(name.to_string(), json!({"streams": n, "on_gpu": on_gpu}));
+    }
+    Json(json!({
+        "nodes": {"alive": nodes.iter().filter(|n| fleet::node_state(n) == "alive").count(),
+                  "draining": nodes.iter().filter(|n| fleet::node_state(n) == "draining").count(),
+                  "dead": nodes.iter().filter(|n| fleet::node_state(n) == "dead").count()},
+        "presets": presets,
+    }))
+    .into_response()
+}
+
+/// `GET /v1/leader`: who leads, and whether this scheduler does.
+async fn leader(State(s): S) -> Response {
+    let l = s.leader().await;
+    Json(json!({
+        "instance": s.config.instance_id,
+        "leading": s.leading().is_some(),
+        "epoch": s.leading(),
+        "leader": l,
+    }))
+    .into_response()
+}
+
+/// `GET /play/{stream}/{path…}`: 302 to the node serving the stream now (query kept, e.g. LL-HLS directives).
+async fn play(
+    State(s): S,
+    Path((stream, path)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    if !valid_stream_id(&stream)
+        || path
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+    {
+        return error(StatusCode::NOT_FOUND, "not_found", "no such playback path");
+    }
+    let rec = match s.store.stream(&stream).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("stream `{stream}` does not exist"),
+            )
+        }
+        Err(e) => return place_error(&s, PlaceError::Store(e.to_string())),
+    };
+    let url = match (rec.phase, &rec.node) {
+        (Phase::Placed, Some(node)) => match s.store.nodes().await {
+            Ok(nodes) => nodes
+                .into_iter()
+                .find(|n| &n.id == node)
+                .and_then(|n| n.heartbeat)
+                .map(|h| h.url),
+            Err(e) => return place_error(&s, PlaceError::Store(e.to_string())),
+        },
+        _ => None,
+    };
+    let Some(url) = url else {
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_placed",
+            format!("stream `{stream}` is being placed; retry shortly"),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return r;
+    };
+    let q = q.map(|q| format!("?{q}")).unwrap_or_default();
+    (
+        StatusCode::FOUND,
+        [
+            (header::LOCATION, format!("{url}/live/{stream}/{path}{q}")),
+            // the node can change on failover: caches must not keep the redirect
+            (header::CACHE_CONTROL, "no-store".to_string()),
+        ],
+    )
+        .into_response()
+}
+
+async fn metrics(State(s): S) -> Response {
+    s.refresh_gauges().await;
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,81 @@
+//! The `kiln-scheduler` command line: flags → [`crate::Config`] → serve.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::store::Store;
+use anyhow::Context;
+use clap::Parser;
+
+/// kiln scheduler: places live streams on kilnd nodes.
+#[derive(Debug, Parser)]
+#[command(name = "kiln-scheduler", version)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    listen: String,
+    /// Keep state in Redis (`redis://host:port`) so several schedulers can run, one leading.
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// URL other schedulers redirect writes to while this one leads (default: from the bound address).
+    #[arg(long)]
+    advertise_url: Option<String>,
+    /// This instance's id for the leader lease (default: advertise URL).
+    #[arg(long)]
+    instance_id: Option<String>,
+    /// Heartbeat interval asked of nodes, in ms: a node is dead after three missed ones; the lease lasts three.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
+    /// Load presets from this directory instead of the built-in ones (they must match the daemons').
+    #[arg(long)]
+    pipelines_dir: Option<std::path::PathBuf>,
+}
+
+/// The binary's whole `main`: parses the process arguments and runs. Test harnesses build their own binaries
+/// from it, so integration tests run the same code as the shipped binary.
+pub fn main() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let presets = match &args.pipelines_dir {
+        Some(dir) => kiln_config::Presets::load_dir(dir, kiln_config::DEFAULT_PRESET)?,
+        None => kiln_config::Presets::builtin(),
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let bound = listener.local_addr()?;
+    let url = args
+        .advertise_url
+        .unwrap_or_else(|| format!("http://{bound}"));
+    let store = match &args.redis_url {
+        Some(u) => Store::redis(u)
+            .await
+            .with_context(|| format!("connecting to {u}"))?,
+        None => Store::memory(crate::unix_ms()),
+    };
+    let config = crate::Config {
+        instance_id: args.instance_id.unwrap_or_else(|| url.clone()),
+        advertise_url: url,
+        interval: Duration::from_millis(args.heartbeat_ms.clamp(100, 60_000)),
+        presets,
+        strategy: kiln_binpack::Strategy::Kiln,
+    };
+    println!("kiln-scheduler listening on http://{bound}");
+    let s = Arc::new(crate::Scheduler::new(config, store));
+    crate::serve(s, listener, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+}

@@ -1,0 +1,231 @@
+//! The `kilnd` command line: flags → [`crate::Config`] → serve.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use kiln_config::Presets;
+
+/// kiln daemon: live encoding to LL-HLS with GPU or CPU pipelines.
+#[derive(Debug, Parser)]
+#[command(name = "kilnd", version)]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// CPU cost profile (hw-profiles/*.toml, or one written by `kilnd calibrate`).
+    #[arg(long, global = true)]
+    cpu_profile: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Also start a live test stream with id `demo`.
+    #[arg(long)]
+    demo: bool,
+    /// Preset for the demo stream.
+    #[arg(long)]
+    demo_preset: Option<String>,
+    /// Load presets from this directory instead of the built-in ones.
+    #[arg(long)]
+    pipelines_dir: Option<PathBuf>,
+    /// Complete segments listed per media playlist.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(3..=1000))]
+    window_segments: u16,
+    /// Directory of static assets for the web page (e.g. hls.min.js).
+    #[arg(long)]
+    assets_dir: Option<PathBuf>,
+    /// Require signed playback URLs, with the key read from this environment variable (≥ 16 bytes).
+    #[arg(long, value_name = "ENV_VAR")]
+    playback_key_env: Option<String>,
+    /// Print a signed multivariant URL path for this stream (valid for --ttl seconds) and exit.
+    #[arg(long, value_name = "STREAM", requires = "playback_key_env")]
+    print_signed_url: Option<String>,
+    /// Lifetime of a printed signed URL, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
+    /// Serve HTTPS (ALPN h2, http/1.1) with this PEM certificate chain.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Directory that `file:///…` sources are resolved in (file sources are refused without it).
+    #[arg(long)]
+    media_dir: Option<PathBuf>,
+    /// Ignore the GPUs: every stream encodes on the CPU (NVML telemetry is still reported).
+    #[arg(long)]
+    no_gpu: bool,
+    /// Report to the scheduler at this URL (heartbeats); a comma-separated list for several schedulers.
+    #[arg(long, value_delimiter = ',', requires = "node_id")]
+    scheduler: Vec<String>,
+    /// This node's id in the fleet (default: the host name).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// URL the scheduler and viewers reach this daemon at (default: from the bound address).
+    #[arg(long)]
+    advertise_url: Option<String>,
+    /// Heartbeat interval in milliseconds (the scheduler may change it).
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Ramp concurrent streams of a preset until they fall behind real time (or past 80 % CPU) and write a CPU
+    /// cost profile that advertises the sustainable count.
+    Calibrate {
+        #[arg(long, default_value = kiln_config::DEFAULT_PRESET)]
+        preset: String,
+        /// Where to write the profile.
+        #[arg(long, default_value = "host-calibrated.toml")]
+        out: PathBuf,
+        /// Measurement window per step, in seconds.
+        #[arg(long, default_value_t = 10)]
+        window_secs: u64,
+        /// Stream source for the ramp: a moving test pattern by default; better, a `file:///…` clip of the real
+        /// workload (with --media-dir).
+        #[arg(long, default_value = crate::calibrate::DEFAULT_SOURCE)]
+        source: String,
+    },
+}
+
+/// The binary's whole `main`: parses the process arguments and runs. Test harnesses build their own binaries
+/// from it, so integration tests run the same code as the shipped binary.
+pub fn main() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kilnd=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let cpu_model = match &args.cpu_profile {
+        Some(p) => kiln_config::parse_cpu_profile(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )?,
+        None => kiln_config::builtin_cpu_profile(),
+    };
+    let presets = match &args.pipelines_dir {
+        Some(dir) => Presets::load_dir(dir, kiln_config::DEFAULT_PRESET)?,
+        None => Presets::builtin(),
+    };
+    if let Some(p) = &args.demo_preset {
+        anyhow::ensure!(presets.get(p).is_some(), "unknown --demo-preset `{p}`");
+    }
+    let playback_key = match &args.playback_key_env {
+        Some(var) => Some(
+            std::env::var(var)
+                .with_context(|| format!("environment variable {var} (playback key) is not set"))?
+                .into_bytes(),
+        ),
+        None => None,
+    };
+    if let (Some(stream), Some(key)) = (&args.print_signed_url, &playback_key) {
+        let signer = kiln_origin::signing::UrlSigner::new(key)
+            .context("the playback key must be at least 16 bytes")?;
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            + args.ttl;
+        println!("/live/{stream}/master.m3u8?{}", signer.sign(stream, exp));
+        return Ok(());
+    }
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::TlsFiles { cert, key }),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if let Some(Cmd::Calibrate {
+        preset,
+        out,
+        window_secs,
+        source,
+    }) = &args.command
+    {
+        let config = crate::Config {
+            presets,
+            cpu_model,
+            media_dir: args.media_dir.clone(),
+            ..Default::default()
+        };
+        let cal = crate::calibrate::run(
+            config,
+            preset,
+            source,
+            std::time::Duration::from_secs(3),
+            std::time::Duration::from_secs(*window_secs),
+        )
+        .await?;
+        let text = cal.to_toml();
+        std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
+        println!("{text}");
+        println!(
+            "# written to {}: run kilnd with --cpu-profile {}",
+            out.display(),
+            out.display()
+        );
+        return Ok(());
+    }
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let bound = listener.local_addr()?;
+    let scheduler = (!args.scheduler.is_empty()).then(|| crate::agent::AgentConfig {
+        schedulers: args
+            .scheduler
+            .iter()
+            .map(|s| s.trim_end_matches('/').to_string())
+            .collect(),
+        advertise_url: args
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{bound}")),
+        interval: std::time::Duration::from_millis(args.heartbeat_ms.max(100)),
+    });
+    let defaults = crate::Config::default();
+    let config = crate::Config {
+        node_id: args.node_id.unwrap_or(defaults.node_id.clone()),
+        scheduler,
+        cpu_model,
+        tls,
+        playback_key,
+        presets,
+        demo: args.demo,
+        demo_preset: args.demo_preset,
+        window_segments: args.window_segments.into(),
+        assets_dir: args.assets_dir,
+        media_dir: args.media_dir,
+        gpus: args.no_gpu.then(Vec::new),
+        ..defaults
+    };
+    // The contract for scripts and tests: one line on stdout with the bound address.
+    println!("kilnd listening on {scheme}://{bound}");
+    crate::serve(config, listener, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    // a second signal during the grace period exits at once
+    tokio::spawn(async {
+        let _ = tokio::signal::ctrl_c().await;
+        std::process::exit(130);
+    });
+}

@@ -1,0 +1,616 @@
+//! The scheduler as processes on loopback: a real `redis-server`, two `kiln-scheduler`s sharing it, three `kilnd`s
+//! sending heartbeats, real pipelines. What must hold:
+//! - streams are placed and run on exactly one daemon each (asserted from the daemons' own `GET /v1/streams`
+//!   after every step), `/play/…` redirects to the daemon serving the stream, headroom shrinks as streams land;
+//! - a drained node keeps its streams and gets no new ones;
+//! - `kill -9` of a daemon: within 10 s its streams run on other daemons and `/play/…` follows;
+//! - the leader frozen (SIGSTOP): the other scheduler takes the lease with a higher epoch and places streams; a
+//!   command carrying the old epoch is refused by the daemons (fencing, 409 `stale_epoch`); the old leader,
+//!   resumed, knows it no longer leads and redirects writes; no stream ever runs twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use kiln_integration::{redis_server, Proc};
+use serde_json::{json, Value};
+
+const KILND: &str = env!("CARGO_BIN_EXE_kiln-it-kilnd");
+const SCHEDULER: &str = env!("CARGO_BIN_EXE_kiln-it-scheduler");
+const HEARTBEAT_MS: &str = "400";
+
+struct Fleet {
+    http: reqwest::Client,
+    /// Does not follow redirects: for 302/307 checks.
+    raw: reqwest::Client,
+    daemons: BTreeMap<String, Proc>,
+}
+
+impl Fleet {
+    async fn json(&self, url: &str) -> Result<Value> {
+        let r = self.http.get(url).send().await?;
+        ensure!(r.status().is_success(), "GET {url}: {}", r.status());
+        Ok(r.json().await?)
+    }
+
+    /// Stream id → the live daemons that run it (state not ended), from the daemons themselves. Fails if any
+    /// stream runs on two daemons.
+    async fn running(&self) -> Result<BTreeMap<String, String>> {
+        let mut out: BTreeMap<String, String> = BTreeMap::new();
+        for (node, d) in &self.daemons {
+            let list = self.json(&format!("{}/v1/streams", d.url)).await?;
+            for s in list.as_array().context("list")? {
+                if s["state"] == "ended" {
+                    continue;
+                }
+                let id = s["id"].as_str().context("id")?.to_string();
+                if let Some(other) = out.insert(id.clone(), node.clone()) {
+                    bail!("stream {id} runs twice: on {other} and on {node}");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn place(&self, sched: &str, id: &str, preset: &str) -> Result<Value> {
+        let r = self
+            .http
+            .post(format!("{sched}/v1/streams"))
+            .json(&json!({"id": id, "source": "test:", "preset": preset}))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let body: Value = r.json().await?;
+        ensure!(status == 201, "placing {id}: {status} {body}");
+        Ok(body)
+    }
+
+    /// Waits until `cond` holds on the running map (checked every 100 ms; the map itself asserts no duplicates).
+    async fn until(
+        &self,
+        what: &str,
+        limit: Duration,
+        cond: impl Fn(&BTreeMap<String, String>) -> bool,
+    ) -> Result<(BTreeMap<String, String>, Duration)> {
+        let t = Instant::now();
+        loop {
+            let m = self.running().await?;
+            if cond(&m) {
+                return Ok((m, t.elapsed()));
+            }
+            if t.elapsed() > limit {
+                bail!("{what}: not within {limit:?}; running: {m:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `/play/{id}/master.m3u8` on `sched` redirects (302) to a daemon, which serves the playlist.
+    async fn play(&self, sched: &str, id: &str) -> Result<String> {
+        let r = self
+            .raw
+            .get(format!("{sched}/play/{id}/master.m3u8"))
+            .send()
+            .await?;
+        ensure!(r.status() == 302, "play {id}: {}", r.status());
+        let loc = r.headers()["location"].to_str()?.to_string();
+        let body = self.http.get(&loc).send().await?.text().await?;
+        ensure!(body.starts_with("#EXTM3U"), "{loc}: {body}");
+        Ok(loc)
+    }
+}
+
+async fn wait_json(
+    http: &reqwest::Client,
+    url: &str,
+    limit: Duration,
+    what: &str,
+    cond: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let t = Instant::now();
+    loop {
+        if let Ok(r) = http.get(url).send().await {
+            if let Ok(v) = r.json::<Value>().await {
+                if cond(&v) {
+                    return Ok(v);
+                }
+                if t.elapsed() > limit {
+                    bail!("{what}: not within {limit:?}: {v}");
+                }
+            }
+        }
+        if t.elapsed() > limit {
+            bail!("{what}: not within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_daemons_two_schedulers_survive_node_and_leader_failure() -> Result<()> {
+    let redis = redis_server().await?;
+    let mut scheds = Vec::new();
+    for name in ["sched-a", "sched-b"] {
+        scheds.push(
+            Proc::spawn(
+                name,
+                SCHEDULER,
+                &[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--redis-url",
+                    &redis.url,
+                    "--instance-id",
+                    name,
+                    "--heartbeat-ms",
+                    HEARTBEAT_MS,
+                ],
+                "listening on",
+            )
+            .await?,
+        );
+    }
+    let all_scheds = format!("{},{}", scheds[0].url, scheds[1].url);
+    let mut daemons = BTreeMap::new();
+    for n in ["n1", "n2", "n3"] {
+        let p = Proc::spawn(
+            n,
+            KILND,
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--no-gpu",
+                "--node-id",
+                n,
+                "--scheduler",
+                &all_scheds,
+                "--heartbeat-ms",
+                HEARTBEAT_MS,
+            ],
+            "listening on",
+        )
+        .await?;
+        daemons.insert(n.to_string(), p);
+    }
+    let f = Fleet {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()?,
+        raw: reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?,
+        daemons,
+    };
+    let http = f.http.clone();
+
+    // one leader; three live nodes seen by both schedulers (heartbeats go to whichever answers, state is shared)
+    let lead = wait_json(
+        &http,
+        &format!("{}/v1/leader", scheds[0].url),
+        Duration::from_secs(10),
+        "a leader",
+        |v| v["leader"]["epoch"].as_u64().is_some(),
+    )
+    .await?;
+    let epoch1 = lead["leader"]["epoch"].as_u64().unwrap();
+    let leader_ix = if lead["leader"]["id"] == "sched-a" {
+        0
+    } else {
+        1
+    };
+    let (leader, follower) = (leader_ix, 1 - leader_ix);
+    for s in &scheds {
+        wait_json(
+            &http,
+            &format!("{}/v1/nodes", s.url),
+            Duration::from_secs(10),
+            "three live nodes",
+            |v| {
+                v.as_array()
+                    .is_some_and(|a| a.iter().filter(|n| n["state"] == "alive").count() == 3)
+            },
+        )
+        .await?;
+    }
+    let headroom0 = f
+        .json(&format!("{}/v1/fleet/headroom", scheds[follower].url))
+        .await?;
+    let audio0 = headroom0["presets"]["live-audio-only"]["streams"]
+        .as_u64()
+        .context("headroom")?;
+    ensure!(audio0 >= 6, "fleet headroom for audio-only: {headroom0}");
+
+    // placement, through the follower: its 307 leads to the leader, which places and starts the streams
+    let mut placed = BTreeMap::new();
+    for i in 1..=4 {
+        let id = format!("s{i}");
+        let preset = if i == 1 {
+            "live-360p-abr"
+        } else {
+            "live-audio-only"
+        };
+        let body = f.place(&scheds[follower].url, &id, preset).await?;
+        ensure!(body["phase"] == "placed", "{body}");
+        placed.insert(id, body["node"].as_str().context("node")?.to_string());
+    }
+    let (running, _) = f
+        .until("the four streams run", Duration::from_secs(10), |m| {
+            placed.keys().all(|k| m.contains_key(k))
+        })
+        .await?;
+    for (id, node) in &placed {
+        ensure!(
+            running[id] == *node,
+            "{id} runs on {} but was placed on {node}",
+            running[id]
+        );
+    }
+    // the same request again is idempotent; another spec under the same id is a conflict
+    let again = http
+        .post(format!("{}/v1/streams", scheds[leader].url))
+        .json(&json!({"id": "s2", "source": "test:", "preset": "live-audio-only"}))
+        .send()
+        .await?;
+    ensure!(again.status() == 200, "repeat: {}", again.status());
+    let clash = http
+        .post(format!("{}/v1/streams", scheds[leader].url))
+        .json(&json!({"id": "s2", "source": "test:", "preset": "live-360p-abr"}))
+        .send()
+        .await?;
+    ensure!(clash.status() == 409, "conflict: {}", clash.status());
+    let bad = http
+        .post(format!("{}/v1/streams", scheds[leader].url))
+        .body("{\"id\": \"x\", \"source\": \"nope:\"")
+        .header("content-type", "application/json")
+        .send()
+        .await?;
+    ensure!(bad.status() == 400, "malformed: {}", bad.status());
+    let loc = f.play(&scheds[follower].url, "s1").await?;
+    ensure!(
+        loc.starts_with(&f.daemons[&placed["s1"]].url),
+        "{loc} is not {}'s",
+        placed["s1"]
+    );
+    let headroom1 = f
+        .json(&format!("{}/v1/fleet/headroom", scheds[leader].url))
+        .await?;
+    let audio1 = headroom1["presets"]["live-audio-only"]["streams"]
+        .as_u64()
+        .context("headroom")?;
+    ensure!(
+        audio1 < audio0,
+        "headroom did not shrink: {audio0} → {audio1}"
+    );
+
+    // drain the node with the fewest streams: it keeps them, and new streams go elsewhere
+    let drained = ["n1", "n2", "n3"]
+        .into_iter()
+        .min_by_key(|n| placed.values().filter(|v| v.as_str() == *n).count())
+        .unwrap()
+        .to_string();
+    let before: BTreeSet<String> = running
+        .iter()
+        .filter(|(_, n)| **n == drained)
+        .map(|(k, _)| k.clone())
+        .collect();
+    let r = http
+        .post(format!("{}/v1/nodes/{drained}/drain", scheds[leader].url))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "drain: {}", r.status());
+    for i in 5..=7 {
+        let id = format!("s{i}");
+        let body = f.place(&scheds[leader].url, &id, "live-audio-only").await?;
+        let node = body["node"].as_str().context("node")?.to_string();
+        ensure!(node != drained, "{id} was placed on draining {drained}");
+        placed.insert(id, node);
+    }
+    let (running, _) = f
+        .until("the new streams run", Duration::from_secs(10), |m| {
+            placed.keys().all(|k| m.contains_key(k))
+        })
+        .await?;
+    let after: BTreeSet<String> = running
+        .iter()
+        .filter(|(_, n)| **n == drained)
+        .map(|(k, _)| k.clone())
+        .collect();
+    ensure!(
+        before == after,
+        "drain changed what {drained} runs: {before:?} → {after:?}"
+    );
+    let nodes = f
+        .json(&format!("{}/v1/nodes", scheds[follower].url))
+        .await?;
+    ensure!(
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["id"] == drained.as_str() && n["state"] == "draining"),
+        "{nodes}"
+    );
+
+    // kill -9 a daemon that runs streams (not the drained one): its streams must run elsewhere within 10 s
+    let victim = placed
+        .values()
+        .filter(|n| **n != drained)
+        .max_by_key(|n| placed.values().filter(|v| v == n).count())
+        .unwrap()
+        .clone();
+    let lost: Vec<String> = running
+        .iter()
+        .filter(|(_, n)| **n == victim)
+        .map(|(k, _)| k.clone())
+        .collect();
+    ensure!(!lost.is_empty(), "the victim runs nothing");
+    let mut daemons = f.daemons;
+    daemons.get_mut(&victim).unwrap().kill().await?;
+    let dead = daemons.remove(&victim).unwrap();
+    let f = Fleet { daemons, ..f };
+    let (running, took) = f
+        .until(
+            "the dead node's streams run elsewhere",
+            Duration::from_secs(10),
+            |m| {
+                lost.iter()
+                    .all(|id| m.get(id).is_some_and(|n| *n != victim))
+            },
+        )
+        .await?;
+    eprintln!("failover of {} streams from {victim}: {took:?}", lost.len());
+    for id in &lost {
+        ensure!(
+            running[id] != drained,
+            "{id} failed over onto draining {drained}"
+        );
+        let loc = f.play(&scheds[follower].url, id).await?;
+        ensure!(
+            !loc.starts_with(&dead.url),
+            "/play/{id} still points at the dead node: {loc}"
+        );
+    }
+    let m = http
+        .get(format!("{}/metrics", scheds[leader].url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(m.contains("kiln_scheduler_node_deaths_total 1"), "{m}");
+    ensure!(
+        m.lines().any(
+            |l| l.starts_with("kiln_scheduler_placements_total{reason=\"failover\"}")
+                && !l.ends_with(" 0")
+        ),
+        "{m}"
+    );
+
+    // freeze the leader: the follower takes the lease with a newer epoch and places streams
+    scheds[leader].signal("STOP").await?;
+    let v = wait_json(
+        &http,
+        &format!("{}/v1/leader", scheds[follower].url),
+        Duration::from_secs(10),
+        "the follower leads",
+        |v| v["leading"] == true,
+    )
+    .await?;
+    let epoch2 = v["epoch"].as_u64().context("epoch")?;
+    ensure!(epoch2 > epoch1, "epoch {epoch1} → {epoch2}");
+    let body = f
+        .place(&scheds[follower].url, "s8", "live-audio-only")
+        .await?;
+    let s8_node = body["node"].as_str().context("node")?.to_string();
+    f.until("s8 runs", Duration::from_secs(10), |m| m.contains_key("s8"))
+        .await?;
+    // every daemon learns the new epoch from its heartbeat answers (or a command)
+    for d in f.daemons.values() {
+        wait_json(
+            &http,
+            &format!("{}/v1/capacity", d.url),
+            Duration::from_secs(10),
+            "the daemon follows the new epoch",
+            |v| v["fence_epoch"].as_u64().is_some_and(|e| e >= epoch2),
+        )
+        .await?;
+    }
+    // what a deposed leader would send: the daemons follow epoch2 now and refuse epoch1
+    for (node, d) in &f.daemons {
+        let r = http
+            .put(format!("{}/v1/streams/zombie", d.url))
+            .header(kiln_model::node::EPOCH_HEADER, epoch1.to_string())
+            .json(&json!({"source": "test:", "preset": "live-audio-only"}))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let body = r.text().await?;
+        ensure!(
+            status == 409 && body.contains("stale_epoch"),
+            "{node} took a stale command: {status} {body}"
+        );
+        let r = http
+            .delete(format!("{}/v1/streams/s8", d.url))
+            .header(kiln_model::node::EPOCH_HEADER, epoch1.to_string())
+            .send()
+            .await?;
+        ensure!(
+            r.status() == 409,
+            "{node}: stale DELETE answered {}",
+            r.status()
+        );
+    }
+    // the old leader wakes up: it must know it no longer leads, and send writes to the new one
+    scheds[leader].signal("CONT").await?;
+    wait_json(
+        &http,
+        &format!("{}/v1/leader", scheds[leader].url),
+        Duration::from_secs(10),
+        "the old leader steps down",
+        |v| v["leading"] == false && v["leader"]["id"] == scheds[follower].name.as_str(),
+    )
+    .await?;
+    let r = f
+        .raw
+        .post(format!("{}/v1/streams", scheds[leader].url))
+        .json(&json!({"id": "s9", "source": "test:", "preset": "live-audio-only"}))
+        .send()
+        .await?;
+    ensure!(r.status() == 307, "old leader answered {}", r.status());
+    ensure!(r.headers()["location"]
+        .to_str()?
+        .starts_with(&scheds[follower].url));
+    // settle for a few heartbeats, then: every record runs exactly where it is placed, once
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let running = f.running().await?;
+    let records = f
+        .json(&format!("{}/v1/streams", scheds[leader].url))
+        .await?;
+    for r in records.as_array().unwrap() {
+        let id = r["id"].as_str().unwrap();
+        ensure!(r["phase"] == "placed", "{r}");
+        ensure!(
+            running.get(id).map(String::as_str) == r["node"].as_str(),
+            "{id}: record {} vs running {:?}",
+            r["node"],
+            running.get(id)
+        );
+    }
+    ensure!(running.contains_key("s8") && running["s8"] == s8_node);
+    ensure!(!running.contains_key("zombie"));
+    drop(redis);
+    Ok(())
+}
+
+/// The store's contract, on the in-memory store and on a real Redis (Lua scripts): one lease holder at a time
+/// with a new epoch per lease; writes under a stale epoch are refused; a booking that would over-commit a node or
+/// one of its GPUs is refused atomically and leaves the counters as they were; removal gives the booking back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Result<()> {
+    use kiln_binpack::Demand;
+    use kiln_model::capacity::Resources;
+    use kiln_scheduler::store::{BinCaps, Phase, Store, StoreError, StreamRecord};
+
+    let redis = redis_server().await?;
+    let ttl = Duration::from_millis(600);
+    let cpu = |mc: u64| Resources {
+        cpu_millicores: mc,
+        memory_mib: 10,
+        ..Default::default()
+    };
+    let caps = BinCaps {
+        host: Resources {
+            memory_mib: 1000,
+            ..cpu(1000)
+        },
+        gpu: Some(Resources {
+            nvenc_fps: 100,
+            vram_mib: 1000,
+            ..Default::default()
+        }),
+    };
+    let rec = |id: &str, mc: u64, nvenc: u64| StreamRecord {
+        id: id.into(),
+        request: kiln_model::StreamRequest {
+            source: "test:".into(),
+            ..Default::default()
+        },
+        phase: Phase::Placed,
+        node: Some("n1".into()),
+        gpu: (nvenc > 0).then_some(0),
+        demand: Some(Demand {
+            host: cpu(mc),
+            gpu: (nvenc > 0).then_some(Resources {
+                nvenc_fps: nvenc,
+                vram_mib: 100,
+                ..Default::default()
+            }),
+            pixel_rate: 0,
+        }),
+        alternatives: vec![],
+        epoch: 0,
+        created_unix_ms: 0,
+        placed_unix_ms: 0,
+        moves: 0,
+    };
+    for (name, a, b) in [
+        ("memory", Store::memory(7), None),
+        (
+            "redis",
+            Store::redis(&redis.url).await?,
+            Some(Store::redis(&redis.url).await?),
+        ),
+    ] {
+        let e1 = a.lead("a", "http://a", ttl).await?.context("a leads")?;
+        if let Some(b) = &b {
+            ensure!(
+                b.lead("b", "http://b", ttl).await?.is_none(),
+                "{name}: two leaders"
+            );
+            ensure!(
+                a.lead("a", "http://a", ttl).await? == Some(e1),
+                "{name}: renewal changed the epoch"
+            );
+        }
+        a.save(e1, &rec("s1", 600, 60), Some(caps)).await?;
+        // 600 + 500 mc > 1000: refused, nothing booked
+        match a.save(e1, &rec("s2", 500, 10), Some(caps)).await {
+            Err(StoreError::Full(why)) => ensure!(why.contains("cpu_millicores"), "{name}: {why}"),
+            other => bail!("{name}: over-commit accepted: {other:?}"),
+        }
+        // fits the node but not the GPU (60 + 50 > 100 fps)
+        match a.save(e1, &rec("s3", 100, 50), Some(caps)).await {
+            Err(StoreError::Full(why)) => ensure!(why.contains("nvenc_fps"), "{name}: {why}"),
+            other => bail!("{name}: GPU over-commit accepted: {other:?}"),
+        }
+        ensure!(
+            a.booked("n1").await?.cpu_millicores == 600,
+            "{name}: {:?}",
+            a.booked("n1").await?
+        );
+        // re-saving the same stream replaces its booking instead of adding to it
+        a.save(e1, &rec("s1", 700, 60), Some(caps)).await?;
+        ensure!(
+            a.booked("n1").await?.cpu_millicores == 700,
+            "{name}: re-save double-booked"
+        );
+        ensure!(
+            a.stream("s2").await?.is_none(),
+            "{name}: refused record stored"
+        );
+        if let Some(b) = &b {
+            // the lease expires; b takes it with a newer epoch, and a's writes are fenced
+            tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+            let e2 = b.lead("b", "http://b", ttl).await?.context("b leads")?;
+            ensure!(e2 > e1, "{name}: epoch {e1} → {e2}");
+            ensure!(
+                a.lead("a", "http://a", ttl).await?.is_none(),
+                "{name}: a still leads"
+            );
+            match a.save(e1, &rec("s4", 10, 0), Some(caps)).await {
+                Err(StoreError::Fenced(_)) => {}
+                other => bail!("{name}: stale write accepted: {other:?}"),
+            }
+            ensure!(
+                matches!(a.remove(e1, "s1").await, Err(StoreError::Fenced(_))),
+                "{name}: stale remove"
+            );
+            b.remove(e2, "s1").await?;
+        } else {
+            ensure!(
+                matches!(
+                    a.save(e1 - 1, &rec("s4", 10, 0), None).await,
+                    Err(StoreError::Fenced(_))
+                ),
+                "{name}"
+            );
+            a.remove(e1, "s1").await?;
+        }
+        ensure!(
+            a.booked("n1").await? == Resources::default(),
+            "{name}: booking not given back"
+        );
+        ensure!(a.streams().await?.is_empty(), "{name}");
+    }
+    Ok(())
+}
