@@ -7,11 +7,13 @@
 //! - online: daily cycle, a node failure every 4 h — 3 seeds × 24 h on 100 nodes, 1 seed × 6 h on 1,000 nodes
 //!   (the simulation is single-threaded) → node-hours / LB node-hours, peak nodes used / LB, refusals, failover
 //!   losses;
+//! - online, kiln again with hourly consolidation (`kiln_binpack::consolidate`: empty the least-loaded nodes onto
+//!   nodes in use, ≤ 1 % of the mean stream count moved per pass), with moves per placed stream;
 //! - decision latency of one `place` call at 1,000 nodes, p50/p99.
 //!
 //! Run: `cargo bench -p kiln-benches --bench placement`.
 
-use kiln_binpack::sim::{online, static_snapshot};
+use kiln_binpack::sim::{online, online_with, static_snapshot};
 use kiln_binpack::Strategy;
 
 fn pct(v: &mut [u64], p: f64) -> u64 {
@@ -56,13 +58,20 @@ fn main() {
     }
 
     println!("\n## online, node failure every 4 h (100 nodes: 24 h, 3 seeds; 1,000 nodes: 6 h, 1 seed)\n");
-    println!("| fleet | strategy | node-hours / LB | peak used / LB | refusals | failover lost |");
-    println!("|---|---|---|---|---|---|");
+    println!("| fleet | strategy | node-hours / LB | peak used / LB | refusals | failover lost | moves / placed |");
+    println!("|---|---|---|---|---|---|---|");
     for (fleet, mean, hours, nseeds) in [(100usize, 5_000.0, 24, 3usize), (1_000, 50_000.0, 6, 1)] {
-        for st in Strategy::ALL {
+        // kiln twice: placing only, and with hourly consolidation (≤ 1 % of the fleet's mean streams moved per pass)
+        let budget = (mean / 50.0) as usize;
+        let plans: Vec<(Strategy, Option<(u64, usize)>)> = Strategy::ALL
+            .iter()
+            .map(|&s| (s, None))
+            .chain(std::iter::once((Strategy::Kiln, Some((60, budget)))))
+            .collect();
+        for (st, consolidate) in plans {
             let runs: Vec<_> = seeds[..nseeds]
                 .iter()
-                .map(|&s| online(s, fleet, mean, hours, 4, st, false))
+                .map(|&s| online_with(s, fleet, mean, hours, 4, st, false, consolidate))
                 .collect();
             let k = runs.len() as f64;
             let nh: f64 = runs
@@ -73,7 +82,18 @@ fn main() {
             let peak: f64 = runs.iter().map(|r| r.peak_ratio).sum::<f64>() / k;
             let refusals: usize = runs.iter().map(|r| r.refusals).sum();
             let lost: usize = runs.iter().map(|r| r.failover_lost).sum();
-            println!("| {fleet} | {st:?} | {nh:.3} | {peak:.3} | {refusals} | {lost} |");
+            let moves: usize = runs.iter().map(|r| r.moves).sum();
+            let placed: usize = runs.iter().map(|r| r.placed).sum();
+            let name = match consolidate {
+                Some((every, budget)) => {
+                    format!("{st:?} + consolidation every {every} min (≤ {budget} moves)")
+                }
+                None => format!("{st:?}"),
+            };
+            println!(
+                "| {fleet} | {name} | {nh:.3} | {peak:.3} | {refusals} | {lost} | {:.4} |",
+                moves as f64 / placed.max(1) as f64
+            );
         }
     }
 

@@ -378,6 +378,29 @@ async fn three_daemons_two_schedulers_survive_node_and_leader_failure() -> Resul
         .text()
         .await?;
     ensure!(m.contains("kiln_scheduler_node_deaths_total 1"), "{m}");
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))?;
+    let names: Vec<&str> = doc
+        .lines()
+        .skip_while(|l| !l.starts_with("## Scheduler"))
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .collect();
+    ensure!(
+        names.len() >= 10,
+        "parsed {} scheduler series from docs/metrics.md",
+        names.len()
+    );
+    for n in names {
+        ensure!(
+            m.contains(&format!("# TYPE {n} ")),
+            "{n} is documented but the scheduler does not export it"
+        );
+    }
+    ensure!(
+        m.contains("kiln_scheduler_leader 1")
+            && m.contains("kiln_scheduler_nodes{state=\"dead\"} 1"),
+        "{m}"
+    );
     ensure!(
         m.lines().any(
             |l| l.starts_with("kiln_scheduler_placements_total{reason=\"failover\"}")

@@ -504,6 +504,81 @@ pub fn solve(problem: &Problem, previous: &[Assignment]) -> Solution {
     }
 }
 
+/// Plans moves that empty lightly loaded nodes: for each node in use, least loaded first (by its fullest
+/// normalised dimension), if **everything** on it fits on other nodes already in use (never on an empty node),
+/// those streams are re-placed there and the node is empty afterwards. `running` is what runs: (demand, slot).
+/// Returns the moves as (index into `running`, new slot), at most `max_moves`, and books them in `nodes`.
+///
+/// Live streams cannot be packed better one arrival at a time once departures have left holes (arrivals and
+/// lifetimes are independent of the packing); moving a few streams in the quiet hours is what brings nodes used
+/// back to the lower bound. A move costs viewers a discontinuity (the new node starts its own timeline), so the
+/// caller rations it.
+pub fn consolidate(
+    nodes: &mut [Node],
+    running: &[(Demand, Slot)],
+    max_moves: usize,
+) -> Vec<(usize, Slot)> {
+    let load = |n: &Node| -> f64 {
+        let (cap, used) = (n.host_capacity, n.host_used);
+        let mut m: f64 = (0..DIMENSIONS.len())
+            .map(|d| norm(&used, &cap, d))
+            .fold(0.0, f64::max);
+        for g in &n.gpus {
+            m = m.max(
+                (0..DIMENSIONS.len())
+                    .map(|d| norm(&g.used, &g.capacity, d))
+                    .fold(0.0, f64::max),
+            );
+        }
+        m
+    };
+    let in_use = |n: &Node| n.host_used != Resources::default();
+    let mut order: Vec<usize> = (0..nodes.len())
+        .filter(|&i| nodes[i].accepting && in_use(&nodes[i]))
+        .collect();
+    order.sort_by(|&a, &b| load(&nodes[a]).total_cmp(&load(&nodes[b])).then(a.cmp(&b)));
+    let mut moves: Vec<(usize, Slot)> = Vec::new();
+    let mut moved: Vec<bool> = vec![false; running.len()];
+    let mut emptied: Vec<bool> = vec![false; nodes.len()];
+    for &c in &order {
+        if emptied[c] {
+            continue;
+        }
+        let items: Vec<usize> = (0..running.len())
+            .filter(|&i| !moved[i] && running[i].1.node == c)
+            .collect();
+        if items.is_empty() || moves.len() + items.len() > max_moves {
+            continue;
+        }
+        // targets: other nodes in use (not emptied, not this one)
+        let mut trial = nodes.to_vec();
+        for (i, n) in trial.iter_mut().enumerate() {
+            n.accepting = n.accepting && i != c && !emptied[i] && in_use(n);
+        }
+        let demands: Vec<Demand> = items.iter().map(|&i| running[i].0).collect();
+        let slots = place_batch_decreasing(&mut trial, &demands, Strategy::Kiln);
+        if slots.iter().any(Option::is_none) {
+            continue;
+        }
+        // apply: release from c, book on the targets
+        for (&i, s) in items.iter().zip(&slots) {
+            let s = s.expect("all placed");
+            let (d, old) = running[i];
+            let n = &mut nodes[old.node];
+            n.host_used = n.host_used.minus(&d.host);
+            n.pixel_rate = n.pixel_rate.saturating_sub(d.pixel_rate);
+            if let (Some(g), Some(gd)) = (old.gpu, d.gpu) {
+                n.gpus[g].used = n.gpus[g].used.minus(&gd);
+            }
+            commit(nodes, s, &d);
+            moved[i] = true;
+            moves.push((i, s));
+        }
+        emptied[c] = true;
+    }
+    moves
+}
+
 /// Lower bound on the nodes a set of demands needs, for identical nodes shaped like `node`: the maximum over
 /// dimensions of ⌈Σ demand / per-node capacity⌉ (GPU dimensions summed over the node's GPUs).
 pub fn lower_bound(node: &Node, demands: &[Demand]) -> u64 {
@@ -709,6 +784,44 @@ mod tests {
             let mut b = fleet;
             prop_assert_eq!(ra, place_batch(&mut b, &demands, strategy));
             prop_assert_eq!(a, b);
+        }
+
+        /// Consolidation never over-commits, only moves streams onto nodes already in use, and empties every
+        /// node it takes streams from; nodes in use never increase.
+        #[test]
+        fn consolidation_empties_nodes_without_over_commit(
+            seeds in proptest::collection::vec((0u64..500, 100u64..3000), 1..60),
+            departures in proptest::collection::vec(proptest::bool::ANY, 60),
+        ) {
+            let demands: Vec<Demand> = seeds.iter().map(|&(g, c)| stream(g, c)).collect();
+            let mut nodes: Vec<Node> = (0..8).map(|i| gpu_node(&format!("n{i}"), 1)).collect();
+            let slots = place_batch(&mut nodes, &demands, Strategy::FirstFit);
+            // some streams leave, leaving holes
+            let mut running = Vec::new();
+            for (i, (d, s)) in demands.iter().zip(&slots).enumerate() {
+                let Some(s) = s else { continue };
+                if departures[i % departures.len()] {
+                    let n = &mut nodes[s.node];
+                    n.host_used = n.host_used.minus(&d.host);
+                    if let (Some(g), Some(gd)) = (s.gpu, d.gpu) {
+                        n.gpus[g].used = n.gpus[g].used.minus(&gd);
+                    }
+                } else {
+                    running.push((*d, *s));
+                }
+            }
+            let in_use = |ns: &[Node]| ns.iter().filter(|n| n.host_used != Resources::default()).count();
+            let before_nodes = nodes.clone();
+            let before = in_use(&nodes);
+            let moves = consolidate(&mut nodes, &running, 1000);
+            prop_assert!(!over_committed(&nodes));
+            prop_assert!(in_use(&nodes) <= before);
+            for &(i, s) in &moves {
+                prop_assert!(before_nodes[s.node].host_used != Resources::default(), "moved onto an empty node");
+                prop_assert!(s.node != running[i].1.node);
+                let from = running[i].1.node;
+                prop_assert!(nodes[from].host_used == Resources::default(), "a source node was not emptied");
+            }
         }
 
         /// Failover: the streams of a dead node are re-placed on the others whenever they fit.

@@ -161,6 +161,8 @@ pub struct Online {
     /// Streams moved after node failures, and those that found no room.
     pub failover_moved: usize,
     pub failover_lost: usize,
+    /// Streams moved by consolidation.
+    pub moves: usize,
     /// Decision times in ns (only when `time_decisions`).
     pub decision_ns: Vec<u64>,
 }
@@ -175,6 +177,31 @@ pub fn online(
     fail_every_h: u32,
     strategy: Strategy,
     time_decisions: bool,
+) -> Online {
+    online_with(
+        seed,
+        fleet,
+        mean_streams,
+        hours,
+        fail_every_h,
+        strategy,
+        time_decisions,
+        None,
+    )
+}
+
+/// [`online`] with consolidation every `consolidate` = (minutes, max moves per pass): [`crate::consolidate`]
+/// empties lightly loaded nodes by moving their streams onto nodes in use. `Online::moves` counts the moves.
+#[allow(clippy::too_many_arguments)]
+pub fn online_with(
+    seed: u64,
+    fleet: usize,
+    mean_streams: f64,
+    hours: u32,
+    fail_every_h: u32,
+    strategy: Strategy,
+    time_decisions: bool,
+    consolidate: Option<(u64, usize)>,
 ) -> Online {
     let mut rng = Rng::new(seed);
     let mut nodes: Vec<Node> = (0..fleet).map(l4_node).collect();
@@ -250,6 +277,16 @@ pub fn online(
                 None => out.refusals += 1,
             }
             t += rng.exp(1.0 / rate.max(1e-9));
+        }
+        if let Some((every, budget)) = consolidate {
+            if minute > 0 && minute % every == 0 {
+                let now: Vec<(Demand, crate::Slot)> =
+                    running.iter().map(|(_, d, s)| (*d, *s)).collect();
+                for (i, s) in crate::consolidate(&mut nodes, &now, budget) {
+                    running[i].2 = s;
+                    out.moves += 1;
+                }
+            }
         }
         // measures
         let used = nodes

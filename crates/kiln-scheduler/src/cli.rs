@@ -75,6 +75,17 @@ async fn run() -> anyhow::Result<()> {
     println!("kiln-scheduler listening on http://{bound}");
     let s = Arc::new(crate::Scheduler::new(config, store));
     crate::serve(s, listener, async {
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        }
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
     })
     .await
