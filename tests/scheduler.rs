@@ -501,6 +501,70 @@ async fn three_daemons_two_schedulers_survive_node_and_leader_failure() -> Resul
     }
     ensure!(running.contains_key("s8") && running["s8"] == s8_node);
     ensure!(!running.contains_key("zombie"));
+
+    // consolidation: spread two streams onto the other live node (drain flips), then let the leader empty it
+    let new_leader = &scheds[follower].url;
+    let other = f.daemons.keys().find(|n| **n != drained).unwrap().clone();
+    for (node, on) in [(&drained, false), (&other, true)] {
+        let r = if on {
+            http.post(format!("{new_leader}/v1/nodes/{node}/drain"))
+                .send()
+                .await?
+        } else {
+            http.delete(format!("{new_leader}/v1/nodes/{node}/drain"))
+                .send()
+                .await?
+        };
+        ensure!(r.status() == 200, "drain flip {node}: {}", r.status());
+    }
+    for id in ["c1", "c2"] {
+        let body = f.place(new_leader, id, "live-audio-only").await?;
+        ensure!(
+            body["node"] == drained.as_str(),
+            "{id} went to {}",
+            body["node"]
+        );
+    }
+    let r = http
+        .delete(format!("{new_leader}/v1/nodes/{other}/drain"))
+        .send()
+        .await?;
+    ensure!(r.status() == 200);
+    f.until("c1 and c2 run", Duration::from_secs(10), |m| {
+        m.contains_key("c1") && m.contains_key("c2")
+    })
+    .await?;
+    let moves: Value = http
+        .post(format!("{new_leader}/v1/fleet/consolidate?max_moves=10"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let moved: BTreeSet<&str> = moves["moves"]
+        .as_array()
+        .context("moves")?
+        .iter()
+        .filter_map(|m| m["stream"].as_str())
+        .collect();
+    ensure!(
+        moved == BTreeSet::from(["c1", "c2"]),
+        "consolidation moved {moves}"
+    );
+    let (running, _) = f
+        .until(
+            "the drained-then-filled node is empty",
+            Duration::from_secs(10),
+            |m| {
+                m.get("c1") == Some(&other)
+                    && m.get("c2") == Some(&other)
+                    && !m.values().any(|n| *n == drained)
+            },
+        )
+        .await?;
+    ensure!(
+        running.len() == records.as_array().unwrap().len() + 2,
+        "{running:?}"
+    );
     drop(redis);
     Ok(())
 }

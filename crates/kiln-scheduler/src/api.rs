@@ -39,6 +39,7 @@ pub fn router(s: Arc<Scheduler>) -> Router {
         .route("/v1/nodes/{id}/heartbeat", post(heartbeat))
         .route("/v1/nodes/{id}/drain", post(drain).delete(undrain))
         .route("/v1/fleet/headroom", get(headroom))
+        .route("/v1/fleet/consolidate", post(consolidate))
         .route("/v1/leader", get(leader))
         .route("/play/{stream}/{*path}", get(play))
         .route("/metrics", get(metrics))
@@ -328,6 +329,27 @@ async fn headroom(State(s): S) -> Response {
         "presets": presets,
     }))
     .into_response()
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ConsolidateQuery {
+    max_moves: Option<usize>,
+}
+
+/// `POST /v1/fleet/consolidate[?max_moves=N]` (leader): empties lightly loaded nodes onto nodes in use, moving at
+/// most N streams (default 10). Answers the moves.
+async fn consolidate(
+    State(s): S,
+    axum::extract::Query(q): axum::extract::Query<ConsolidateQuery>,
+) -> Response {
+    match s.consolidate(q.max_moves.unwrap_or(10).min(10_000)).await {
+        Ok(moves) => Json(json!({
+            "moves": moves.iter().map(|(id, from, to)| json!({"stream": id, "from": from, "to": to})).collect::<Vec<_>>()
+        }))
+        .into_response(),
+        Err(PlaceError::NotLeader) => not_leader(&s, "/v1/fleet/consolidate").await,
+        Err(e) => place_error(&s, e),
+    }
 }
 
 /// `GET /v1/leader`: who leads, and whether this scheduler does.

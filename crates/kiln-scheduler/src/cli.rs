@@ -26,6 +26,13 @@ struct Args {
     /// Heartbeat interval asked of nodes, in ms: a node is dead after three missed ones; the lease lasts three.
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
+    /// Consolidate every this many seconds (0: never): move at most --consolidate-moves streams off lightly loaded
+    /// nodes onto nodes in use. Each move ends the stream on its old node (viewers come back through /play).
+    #[arg(long, default_value_t = 0)]
+    consolidate_every_s: u64,
+    /// Most streams moved per consolidation pass.
+    #[arg(long, default_value_t = 10)]
+    consolidate_moves: usize,
     /// Load presets from this directory instead of the built-in ones (they must match the daemons').
     #[arg(long)]
     pipelines_dir: Option<std::path::PathBuf>,
@@ -74,6 +81,29 @@ async fn run() -> anyhow::Result<()> {
     };
     println!("kiln-scheduler listening on http://{bound}");
     let s = Arc::new(crate::Scheduler::new(config, store));
+    if args.consolidate_every_s > 0 {
+        let (s, every, moves) = (
+            s.clone(),
+            Duration::from_secs(args.consolidate_every_s),
+            args.consolidate_moves,
+        );
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            t.tick().await;
+            loop {
+                t.tick().await;
+                if s.leading().is_some() {
+                    match s.consolidate(moves).await {
+                        Ok(m) if !m.is_empty() => {
+                            tracing::info!(moves = m.len(), "consolidation pass")
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "consolidation failed"),
+                    }
+                }
+            }
+        });
+    }
     crate::serve(s, listener, async {
         #[cfg(unix)]
         {

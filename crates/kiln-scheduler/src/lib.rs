@@ -457,6 +457,109 @@ impl Scheduler {
         }
     }
 
+    /// Empties lightly loaded nodes by moving their streams onto nodes already in use
+    /// ([`kiln_binpack::consolidate`]), at most `max_moves` streams. Draining nodes are neither emptied nor filled.
+    /// A move stops the stream on its node, then starts it on the new one (never two copies at once): viewers
+    /// see the stream end there and come back through `/play`. Returns the moves as (stream, from, to).
+    pub async fn consolidate(
+        &self,
+        max_moves: usize,
+    ) -> Result<Vec<(String, String, String)>, PlaceError> {
+        let _g = self.decide.lock().await;
+        let epoch = self.leading().ok_or(PlaceError::NotLeader)?;
+        let st = |e: StoreError| PlaceError::Store(e.to_string());
+        let nodes = self.store.nodes().await.map_err(st)?;
+        let records = self.store.streams().await.map_err(st)?;
+        let mut view = fleet::view(&nodes, &records, &HashSet::new());
+        let running: Vec<(StreamRecord, kiln_binpack::Demand, kiln_binpack::Slot)> = records
+            .iter()
+            .filter(|r| r.phase == Phase::Placed)
+            .filter_map(|r| {
+                let node = view
+                    .iter()
+                    .position(|n| Some(n.id.as_str()) == r.node.as_deref())?;
+                Some((
+                    r.clone(),
+                    r.demand?,
+                    kiln_binpack::Slot { node, gpu: r.gpu },
+                ))
+            })
+            .collect();
+        let pairs: Vec<_> = running.iter().map(|(_, d, s)| (*d, *s)).collect();
+        let plan = kiln_binpack::consolidate(&mut view, &pairs, max_moves);
+        let mut done = Vec::new();
+        for (i, slot) in plan {
+            let (rec, demand, from) = &running[i];
+            let (from, to) = (view[from.node].id.clone(), view[slot.node].id.clone());
+            let (Some(from_url), Some(to_url)) =
+                (Self::url_of(&nodes, &from), Self::url_of(&nodes, &to))
+            else {
+                continue;
+            };
+            match self.command_delete(epoch, &from_url, &rec.id).await {
+                Command::Done => {}
+                Command::Fenced => {
+                    self.step_down("a daemon follows a newer epoch");
+                    return Err(PlaceError::NotLeader);
+                }
+                Command::Rejected(m) | Command::Refused(m) => {
+                    tracing::warn!(stream = %rec.id, node = %from, error = %m, "could not stop it for a move; left in place");
+                    continue;
+                }
+            }
+            let moved = StreamRecord {
+                node: Some(to.clone()),
+                gpu: slot.gpu,
+                epoch,
+                placed_unix_ms: unix_ms(),
+                ..rec.clone()
+            };
+            match self
+                .store
+                .save(epoch, &moved, Self::caps(&nodes, &to, slot.gpu))
+                .await
+            {
+                Ok(()) => {}
+                Err(StoreError::Fenced(_)) => {
+                    self.step_down("the store fenced a write");
+                    return Err(PlaceError::NotLeader);
+                }
+                Err(e) => {
+                    // not booked on the target: the leader loop restarts it where it was or re-places it
+                    tracing::warn!(stream = %rec.id, error = %e, "move not booked");
+                    continue;
+                }
+            }
+            match self
+                .command_put(
+                    epoch,
+                    &to_url,
+                    &rec.id,
+                    &fleet::pinned(&rec.request, demand),
+                )
+                .await
+            {
+                Command::Done => {
+                    tracing::info!(stream = %rec.id, from = %from, to = %to, "moved (consolidation)");
+                    self.metrics
+                        .placements
+                        .with_label_values(&["consolidate"])
+                        .inc();
+                    done.push((rec.id.clone(), from, to));
+                }
+                Command::Fenced => {
+                    self.step_down("a daemon follows a newer epoch");
+                    return Err(PlaceError::NotLeader);
+                }
+                Command::Rejected(m) | Command::Refused(m) => {
+                    // the record says `to`, which does not run it: the leader loop restarts or re-places it
+                    tracing::warn!(stream = %rec.id, node = %to, error = %m, "the target refused a moved stream");
+                }
+            }
+        }
+        Ok(done)
+    }
+
     /// One pass of the leader loop: campaign, then (when leading) failover, reconciliation and retries.
     pub async fn tick(&self) {
         self.campaign().await;

@@ -35,7 +35,7 @@ impl Metrics {
         let placements = IntCounterVec::new(
             Opts::new(
                 "kiln_scheduler_placements_total",
-                "Streams placed and started on a node, by reason (new, failover, restart).",
+                "Streams placed and started on a node, by reason (new, failover, restart, consolidate).",
             ),
             &["reason"],
         )
@@ -125,7 +125,7 @@ impl Metrics {
         ] {
             registry.register(c).expect("registering a metric");
         }
-        for r in ["new", "failover", "restart"] {
+        for r in ["new", "failover", "restart", "consolidate"] {
             placements.with_label_values(&[r]);
         }
         for r in ["capacity", "invalid", "conflict", "not_leader", "store"] {
