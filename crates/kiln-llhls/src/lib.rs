@@ -13,6 +13,7 @@
 //! - [`blocking`]: `_HLS_msn`/`_HLS_part` decisions (ready / wait / 400) per draft-pantos-hls-rfc8216bis §6.2.5.2.
 //! - [`multivariant`]: the multivariant playlist.
 //! - [`dash`]: the LL-DASH MPD over the same segments.
+//! - [`vod`]: VOD playlists, the static MPD and the thumbnail WebVTT over finished CMAF tracks.
 //! - [`time`]: PROGRAM-DATE-TIME formatting without a date library.
 
 pub mod blocking;
@@ -22,6 +23,7 @@ pub mod multivariant;
 pub mod packager;
 pub mod plan;
 pub mod time;
+pub mod vod;
 
 pub use blocking::{BlockRequest, Decision};
 pub use packager::{PackError, Packager, PackagerConfig, PartIn, PartPos, Snapshot};

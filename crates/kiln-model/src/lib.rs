@@ -10,6 +10,7 @@
 //!   (`StreamPlan`), timing rules (`Timing`) and validation.
 //! - [`api`]: the status documents the daemon returns.
 //! - [`capacity`]: resource vectors (CPU, memory, NVENC/NVDEC, sessions, VRAM) and the CPU cost model.
+//! - [`vod`]: VOD job requests and status, input rules, the no-upscale ladder.
 //! - [`node`]: the capacity report (`GET /v1/capacity`, heartbeats) and the scheduler's fencing header.
 
 pub mod api;
@@ -17,6 +18,7 @@ pub mod capacity;
 pub mod node;
 pub mod source;
 pub mod stream;
+pub mod vod;
 
 pub use api::{Fallback, RenditionStatus, StreamState, StreamStatus};
 pub use source::{Source, SourceError, TestPattern, UrlScheme};
