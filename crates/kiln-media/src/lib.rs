@@ -20,13 +20,14 @@
 //! for every rendition, so parts align across renditions (DESIGN.md §3; automatic chunking cannot do this).
 //!
 //! Layout: [`elements`] (finding and configuring elements), [`pipeline`] (building and running a live stream),
-//! [`chunks`] (turning muxer output into events).
+//! [`chunks`] (turning muxer output into events), [`vod`] (probing files and transcoding them to a CMAF ladder).
 
 pub mod chunks;
 pub mod elements;
 pub mod pipeline;
 pub mod select;
 mod source;
+pub mod vod;
 
 use std::sync::{Arc, OnceLock};
 

@@ -117,6 +117,9 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/streams", get(list))
         .route("/v1/streams/{id}", get(status).put(create).delete(remove))
+        .route("/v1/jobs", get(list_jobs).post(submit_job))
+        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
+        .route("/vod/{id}/{*path}", get(vod_file))
         .route("/v1/stats", get(stats))
         .route("/v1/capacity", get(capacity))
         .route("/metrics", get(metrics))
@@ -185,6 +188,103 @@ async fn remove(
     fence(&st, &headers)?;
     st.supervisor.stop(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+fn jobs(st: &AppState) -> Result<&std::sync::Arc<crate::jobs::Jobs>, ApiError> {
+    st.jobs.as_ref().ok_or_else(|| {
+        ApiError::Unavailable(
+            "VOD jobs are disabled on this daemon: start kilnd with --data-dir".into(),
+        )
+    })
+}
+
+impl From<crate::jobs::JobError> for ApiError {
+    fn from(e: crate::jobs::JobError) -> Self {
+        use crate::jobs::JobError;
+        match e {
+            JobError::Invalid(_) => ApiError::BadRequest(e.to_string()),
+            JobError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            JobError::Finished(..) => ApiError::Conflict(e.to_string()),
+            JobError::Io(_) => ApiError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+/// `POST /v1/jobs`: 201 with the queued job (its `id`), 400 for a malformed request. A well-formed request whose
+/// input turns out bad is accepted and the job ends `failed` with the reason.
+async fn submit_job(
+    State(st): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let jobs = jobs(&st)?;
+    let body = body.map_err(|_| ApiError::PayloadTooLarge)?;
+    let req: kiln_model::vod::JobRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid job request: {e}")))?;
+    let status = jobs.submit(req)?;
+    Ok((StatusCode::CREATED, Json(status)).into_response())
+}
+
+async fn list_jobs(State(st): State<AppState>) -> Result<Response, ApiError> {
+    Ok(Json(jobs(&st)?.list()).into_response())
+}
+
+async fn get_job(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    jobs(&st)?
+        .get(&id)
+        .map(|s| Json(s).into_response())
+        .ok_or_else(|| ApiError::NotFound(format!("job `{id}` does not exist")))
+}
+
+/// `DELETE /v1/jobs/{id}`: cancels a queued or running job (200 with its status); 409 once it has finished.
+async fn cancel_job(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(jobs(&st)?.cancel(&id)?).into_response())
+}
+
+/// `GET /vod/{job}/{path}`: a finished job's outputs. Paths are checked part by part (letters, digits, `.-_`,
+/// no dot-only parts), so nothing outside the job's directory can be named.
+async fn vod_file(
+    State(st): State<AppState>,
+    Path((id, path)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::NotFound("no such VOD file".into());
+    let ok_part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 128
+            && !p.chars().all(|c| c == '.')
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    };
+    if !ok_part(&id) || !path.split('/').all(ok_part) || path.split('/').count() > 2 {
+        return Err(not_found());
+    }
+    let dir = jobs(&st)?.output_dir(&id).ok_or_else(not_found)?;
+    let file = dir.join(&path);
+    let bytes = tokio::fs::read(&file).await.map_err(|_| not_found())?;
+    let ext = file.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let ctype = match ext {
+        "m3u8" => "application/vnd.apple.mpegurl",
+        "mpd" => "application/dash+xml",
+        "mp4" | "m4s" if path.starts_with("audio/") => "audio/mp4",
+        "mp4" | "m4s" => "video/mp4",
+        "jpg" => "image/jpeg",
+        "vtt" => "text/vtt",
+        _ => "application/octet-stream",
+    };
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, ctype),
+            // finished outputs never change
+            (
+                axum::http::header::CACHE_CONTROL,
+                "public, max-age=31536000, immutable",
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
 }
 
 /// Fencing: a command that carries a scheduler epoch ([`EPOCH_HEADER`]) older than the highest this daemon has

@@ -63,6 +63,15 @@ struct Args {
     /// URL the scheduler and viewers reach this daemon at (default: from the bound address).
     #[arg(long)]
     advertise_url: Option<String>,
+    /// Directory for VOD job state and outputs (jobs survive restarts).
+    #[arg(long, default_value = "kiln-data")]
+    data_dir: PathBuf,
+    /// `file://` VOD inputs must be under this directory.
+    #[arg(long)]
+    vod_input_dir: Option<PathBuf>,
+    /// VOD jobs running at once (each also books its CPU cost).
+    #[arg(long, default_value_t = 2)]
+    vod_concurrency: usize,
     /// Heartbeat interval in milliseconds (the scheduler may change it).
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
@@ -192,6 +201,11 @@ async fn run() -> anyhow::Result<()> {
     let defaults = crate::Config::default();
     let config = crate::Config {
         node_id: args.node_id.unwrap_or(defaults.node_id.clone()),
+        jobs: Some(crate::jobs::JobsConfig {
+            data_dir: args.data_dir.clone(),
+            input_dir: args.vod_input_dir.clone(),
+            max_concurrent: args.vod_concurrency.max(1),
+        }),
         scheduler,
         cpu_model,
         tls,

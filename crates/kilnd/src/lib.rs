@@ -12,6 +12,7 @@ pub mod api;
 pub mod calibrate;
 pub mod cli;
 pub mod gpus;
+pub mod jobs;
 pub mod metrics;
 pub mod page;
 pub mod supervisor;
@@ -69,6 +70,8 @@ pub struct Config {
     pub media_dir: Option<PathBuf>,
     /// Report to a scheduler (heartbeats); `None` runs stand-alone.
     pub scheduler: Option<agent::AgentConfig>,
+    /// VOD jobs (queue on disk, outputs); `None` disables `/v1/jobs`.
+    pub jobs: Option<jobs::JobsConfig>,
 }
 
 /// This host's schedulable resources: 85 % of its cores (the rest is for the daemon, the origin and the OS) and
@@ -127,6 +130,7 @@ impl Default for Config {
             gpus: None,
             media_dir: None,
             scheduler: None,
+            jobs: None,
         }
     }
 }
@@ -140,6 +144,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// NVML telemetry (an empty inventory without a driver).
     pub telemetry: Arc<kiln_gpu::Telemetry>,
+    /// The VOD job queue, when enabled.
+    pub jobs: Option<Arc<jobs::Jobs>>,
 }
 
 /// The whole HTTP surface. Layers, outermost first:
@@ -235,12 +241,22 @@ impl AppState {
             registry,
             gpus::GpuPool::new(slots),
         ));
+        let jobs = match &config.jobs {
+            Some(j) => Some(Arc::new(
+                jobs::Jobs::open(j.clone(), config.presets.clone(), config.cpu_model.clone())
+                    .map_err(|e| {
+                        anyhow::anyhow!("opening the job store in {}: {e}", j.data_dir.display())
+                    })?,
+            )),
+            None => None,
+        };
         Ok(Self {
             supervisor,
             metrics,
             origin,
             config,
             telemetry,
+            jobs,
         })
     }
 }
@@ -271,12 +287,19 @@ pub async fn serve_state(
         .scheduler
         .clone()
         .map(|cfg| tokio::spawn(agent::run(state.clone(), cfg)));
+    let dispatcher = state
+        .jobs
+        .clone()
+        .map(|j| tokio::spawn(j.dispatch(supervisor.clone())));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let sup = supervisor.clone();
     tokio::spawn(async move {
         shutdown.await;
         if let Some(a) = agent {
             a.abort();
+        }
+        if let Some(d) = dispatcher {
+            d.abort();
         }
         tracing::info!("shutting down: stopping streams");
         sup.shutdown().await;

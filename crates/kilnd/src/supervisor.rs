@@ -317,6 +317,16 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Books host resources for work that is not a stream (a VOD job); `false` when they do not fit.
+    pub fn try_book(&self, demand: &Resources) -> bool {
+        self.reserve(demand).is_ok()
+    }
+
+    /// Gives back what [`Self::try_book`] booked.
+    pub fn unbook(&self, demand: &Resources) {
+        self.release(demand);
+    }
+
     fn release(&self, demand: &Resources) {
         let mut alloc = self.allocated.lock().unwrap_or_else(|e| e.into_inner());
         *alloc = alloc.minus(demand);

@@ -1,0 +1,564 @@
+//! VOD transcoding: [`probe`] a file or URL, then [`VodPipeline`] decodes it once and encodes a ladder as fast as
+//! the CPU allows (no pacing, no live clock), cutting CMAF segments that line up across renditions.
+//!
+//! ```text
+//! uridecodebin3 ─video→ videoflip(the probed rotation) → [videorate → caps(fps)] → tee
+//!     tee → queue → videoscale → videoconvert → caps(WxH I420, PAR 1:1) → x264enc(fixed GOP, no scene cuts)
+//!         → h264parse → cmafmux(fragment = segment) → appsink          (one branch per rendition)
+//!     tee → queue → [keep one frame per interval] → videoscale → videoconvert → caps(RGB) → appsink (thumbnails)
+//!               ─audio→ audioconvert → audioresample → caps(48 kHz, ≤ 2 ch) → AAC → aacparse → cmafmux → appsink
+//! ```
+//! Every rendition encodes the same frames with the same fixed GOP (`key-int-max` = fps × segment, scene cuts
+//! off), so every fragment boundary falls on the same frame in every rendition. uridecodebin3 exposes one video
+//! and one audio stream (the default selection), so a file with several audio tracks gets its first one.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use gst::prelude::*;
+use gst_pbutils::prelude::*;
+use kiln_llhls::cmaf::{self, InitInfo};
+use kiln_model::vod::{MAX_SOURCE_PIXELS, MAX_SOURCE_SIDE};
+use kiln_model::{VideoRendition, X264Speed};
+
+use crate::elements::{aac_encoder, capsfilter, make, set_nick};
+use crate::MediaError;
+
+/// What a probe found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeInfo {
+    pub duration_s: f64,
+    pub video: Option<VideoProbe>,
+    /// Every audio stream (the job encodes the first).
+    pub audio: Vec<AudioProbe>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VideoProbe {
+    /// Caps name, e.g. `video/x-h264`.
+    pub codec: String,
+    /// Display size (after rotation).
+    pub width: u32,
+    pub height: u32,
+    pub fps: (u32, u32),
+    /// Degrees clockwise from the rotation tag (0, 90, 180, 270).
+    pub rotation: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AudioProbe {
+    pub codec: String,
+    pub channels: u32,
+    pub sample_rate: u32,
+}
+
+const VIDEO_CODECS: &[&str] = &[
+    "video/x-h264",
+    "video/x-h265",
+    "video/x-vp8",
+    "video/x-vp9",
+    "video/x-av1",
+    "video/mpeg",
+    "video/x-theora",
+    "image/jpeg",
+    "video/x-raw",
+];
+const AUDIO_CODECS: &[&str] = &[
+    "audio/mpeg",
+    "audio/x-opus",
+    "audio/x-vorbis",
+    "audio/x-ac3",
+    "audio/x-eac3",
+    "audio/x-flac",
+    "audio/x-raw",
+    "audio/x-alaw",
+    "audio/x-mulaw",
+];
+
+fn caps_name(caps: Option<gst::Caps>) -> String {
+    caps.and_then(|c| c.structure(0).map(|s| s.name().to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn rotation(tags: Option<gst::TagList>) -> u32 {
+    let Some(tags) = tags else { return 0 };
+    let Some(o) = tags.get::<gst::tags::ImageOrientation>() else {
+        return 0;
+    };
+    match o.get() {
+        "rotate-90" | "flip-rotate-90" => 90,
+        "rotate-180" | "flip-rotate-180" => 180,
+        "rotate-270" | "flip-rotate-270" => 270,
+        _ => 0,
+    }
+}
+
+/// Probes `uri` (`file:///…` or `http(s)://…`) within `timeout`: container, streams, codecs, size, rotation,
+/// duration. Refuses what kiln does not transcode: no video and no audio, a codec outside the allowlist, a size
+/// beyond 8K, no duration.
+pub fn probe(uri: &str, timeout: Duration) -> Result<ProbeInfo, String> {
+    crate::init().map_err(|e| e.to_string())?;
+    let d = gst_pbutils::Discoverer::new(gst::ClockTime::from_nseconds(timeout.as_nanos() as u64))
+        .map_err(|e| format!("probe: {e}"))?;
+    let info = d
+        .discover_uri(uri)
+        .map_err(|e| format!("cannot read the input: {e}"))?;
+    let video = info.video_streams();
+    let audio = info.audio_streams();
+    for v in &video {
+        let c = caps_name(v.caps());
+        if !VIDEO_CODECS.contains(&c.as_str()) {
+            return Err(format!("video codec `{c}` is not supported (supported: H.264, H.265, VP8, VP9, AV1, MPEG-1/2/4, Theora, MJPEG, raw)"));
+        }
+    }
+    for a in &audio {
+        let c = caps_name(a.caps());
+        if !AUDIO_CODECS.contains(&c.as_str()) {
+            return Err(format!("audio codec `{c}` is not supported (supported: AAC, MP3, Opus, Vorbis, AC-3, E-AC-3, FLAC, PCM)"));
+        }
+    }
+    match info.result() {
+        gst_pbutils::DiscovererResult::Ok => {}
+        gst_pbutils::DiscovererResult::MissingPlugins => {
+            return Err(format!(
+                "no decoder on this host for the input: {}",
+                info.missing_elements_installer_details().join(", ")
+            ))
+        }
+        gst_pbutils::DiscovererResult::Timeout => {
+            return Err(format!("probing the input took longer than {timeout:?}"))
+        }
+        r => return Err(format!("the input is not a readable media file ({r:?})")),
+    }
+    if video.is_empty() && audio.is_empty() {
+        return Err("the input has neither video nor audio".into());
+    }
+    let duration_s = info.duration().map_or(0.0, |d| d.nseconds() as f64 / 1e9);
+    if duration_s <= 0.0 {
+        return Err("the input has no duration (not a finished file?)".into());
+    }
+    let video = video.first().map(|v| {
+        let rot = rotation(v.tags());
+        let (w, h) = (v.width(), v.height());
+        let (w, h) = if rot == 90 || rot == 270 {
+            (h, w)
+        } else {
+            (w, h)
+        };
+        let f = v.framerate();
+        VideoProbe {
+            codec: caps_name(v.caps()),
+            width: w,
+            height: h,
+            fps: (f.numer().max(0) as u32, f.denom().max(1) as u32),
+            rotation: rot,
+        }
+    });
+    if let Some(v) = &video {
+        if v.width == 0 || v.height == 0 {
+            return Err("the video stream has no size".into());
+        }
+        if v.width > MAX_SOURCE_SIDE
+            || v.height > MAX_SOURCE_SIDE
+            || u64::from(v.width) * u64::from(v.height) > MAX_SOURCE_PIXELS
+        {
+            return Err(format!(
+                "the video is {}x{}: larger than kiln accepts ({MAX_SOURCE_SIDE} a side, {MAX_SOURCE_PIXELS} pixels)",
+                v.width, v.height
+            ));
+        }
+    }
+    Ok(ProbeInfo {
+        duration_s,
+        video,
+        audio: audio
+            .iter()
+            .map(|a| AudioProbe {
+                codec: caps_name(a.caps()),
+                channels: a.channels(),
+                sample_rate: a.sample_rate(),
+            })
+            .collect(),
+    })
+}
+
+/// What a VOD pipeline makes.
+#[derive(Debug, Clone)]
+pub struct VodPlan {
+    pub uri: String,
+    /// Already laddered for the source (never above it).
+    pub video: Vec<VideoRendition>,
+    /// Output frame rate (≤ the source's).
+    pub fps: (u32, u32),
+    /// The source is faster than `fps`: drop frames down to it (otherwise frames pass with their own timestamps,
+    /// so a source with jittery timestamps keeps exactly its frames).
+    pub convert_rate: bool,
+    /// Clockwise rotation to apply (the probe's: 0, 90, 180, 270).
+    pub rotation: u32,
+    /// AAC bitrate, when the input has audio and the job wants it.
+    pub audio_kbps: Option<u32>,
+    pub segment_ms: u32,
+    pub x264_speed: X264Speed,
+    /// One thumbnail every this many seconds, this wide (height follows the aspect ratio).
+    pub thumbnails: Option<(u32, u32)>,
+}
+
+/// Something a VOD pipeline reports. Tracks: video renditions in plan order, then audio.
+#[derive(Debug, Clone)]
+pub enum VodEvent {
+    Init {
+        track: usize,
+        bytes: Bytes,
+        codec: Option<String>,
+        timescale: u32,
+    },
+    Segment {
+        track: usize,
+        bytes: Bytes,
+        /// In the track's timescale.
+        start: u64,
+        duration: u64,
+    },
+    Thumbnail {
+        pts_ns: u64,
+        width: u32,
+        height: u32,
+        rgb: Vec<u8>,
+    },
+    Error(String),
+    Eos,
+}
+
+pub type VodSink = Arc<dyn Fn(VodEvent) + Send + Sync>;
+
+/// A running VOD transcode; stops when dropped.
+#[derive(Debug)]
+pub struct VodPipeline {
+    pipeline: gst::Pipeline,
+}
+
+impl VodPipeline {
+    /// Builds the pipeline; nothing runs until [`Self::start`].
+    pub fn build(plan: &VodPlan, sink: VodSink) -> Result<Self, MediaError> {
+        crate::init()?;
+        let pipeline = gst::Pipeline::with_name("kiln-vod");
+        let src = make("uridecodebin3", "src")?;
+        src.set_property("uri", &plan.uri);
+        pipeline.add(&src)?;
+        let seg_ns = u64::from(plan.segment_ms) * 1_000_000;
+        let (fn_, fd) = (plan.fps.0.max(1), plan.fps.1.max(1));
+        let gop =
+            ((u64::from(fn_) * u64::from(plan.segment_ms)) / (u64::from(fd) * 1000)).max(1) as u32;
+
+        let video_in = if plan.video.is_empty() {
+            None
+        } else {
+            // the rotation is set from the probe rather than `auto`: a method known before the first caps means no
+            // renegotiation mid-stream (with `auto`, the tag arrives after caps and the frames came out unrotated)
+            let flip = make("videoflip", "flip")?;
+            let method = match plan.rotation {
+                90 => "90r",
+                180 => "180",
+                270 => "90l",
+                _ => "identity",
+            };
+            set_nick(&flip, "video-direction", method);
+            // the frames are upright now: the orientation tag must not reach the muxers, which would write it into
+            // the output's track matrix and make players rotate the picture a second time
+            flip.static_pad("src").expect("videoflip src").add_probe(
+                gst::PadProbeType::EVENT_DOWNSTREAM,
+                |_, info| match info.event() {
+                    Some(e) if e.type_() == gst::EventType::Tag => gst::PadProbeReturn::Drop,
+                    _ => gst::PadProbeReturn::Ok,
+                },
+            );
+            let tee = make("tee", "vtee")?;
+            pipeline.add_many([&flip, &tee])?;
+            if plan.convert_rate {
+                let rate = make("videorate", "rate")?;
+                let fcaps = capsfilter(
+                    "fps",
+                    gst::Caps::builder("video/x-raw")
+                        .field("framerate", gst::Fraction::new(fn_ as i32, fd as i32))
+                        .build(),
+                )?;
+                pipeline.add_many([&rate, &fcaps])?;
+                gst::Element::link_many([&flip, &rate, &fcaps, &tee])?;
+            } else {
+                flip.link(&tee)?;
+            }
+            for (i, v) in plan.video.iter().enumerate() {
+                let n = &v.name;
+                let q = make("queue", &format!("q-{n}"))?;
+                let scale = make("videoscale", &format!("scale-{n}"))?;
+                let conv = make("videoconvert", &format!("conv-{n}"))?;
+                let caps = capsfilter(
+                    &format!("caps-{n}"),
+                    gst::Caps::builder("video/x-raw")
+                        .field("format", "I420")
+                        .field("width", v.width as i32)
+                        .field("height", v.height as i32)
+                        .field("pixel-aspect-ratio", gst::Fraction::new(1, 1))
+                        .build(),
+                )?;
+                let enc = make("x264enc", &format!("enc-{n}"))?;
+                enc.set_property("bitrate", v.bitrate_kbps);
+                set_nick(&enc, "speed-preset", plan.x264_speed.as_str());
+                enc.set_property("key-int-max", gop);
+                enc.set_property("bframes", 0u32);
+                // a fixed GOP in every rendition: fragments line up across the ladder
+                enc.set_property("option-string", "scenecut=0:open-gop=0");
+                let parse = make("h264parse", &format!("parse-{n}"))?;
+                let (mux, appsink) = mux_sink(n, i, seg_ns, sink.clone())?;
+                pipeline.add_many([&q, &scale, &conv, &caps, &enc, &parse, &mux, &appsink])?;
+                gst::Element::link_many([
+                    &tee, &q, &scale, &conv, &caps, &enc, &parse, &mux, &appsink,
+                ])?;
+            }
+            if let Some((interval, width)) = plan.thumbnails {
+                let top = &plan.video[0];
+                let tw = (width.min(top.width) / 2 * 2).max(2);
+                let th = ((u64::from(top.height) * u64::from(tw) / u64::from(top.width.max(1)))
+                    as u32
+                    / 2
+                    * 2)
+                .max(2);
+                let q = make("queue", "q-thumbs")?;
+                let scale = make("videoscale", "scale-thumbs")?;
+                let conv = make("videoconvert", "conv-thumbs")?;
+                let caps = capsfilter(
+                    "caps-thumbs",
+                    gst::Caps::builder("video/x-raw")
+                        .field("format", "RGB")
+                        .field("width", tw as i32)
+                        .field("height", th as i32)
+                        .field("pixel-aspect-ratio", gst::Fraction::new(1, 1))
+                        .build(),
+                )?;
+                let appsink = gst_app::AppSink::builder()
+                    .name("sink-thumbs")
+                    .sync(false)
+                    .build();
+                // no preroll: a sink that prerolls early would block the tee while the muxers still wait for a
+                // whole segment
+                appsink.set_property("async", false);
+                pipeline.add_many([&q, &scale, &conv, &caps, appsink.upcast_ref()])?;
+                gst::Element::link_many([&tee, &q, &scale, &conv, &caps, appsink.upcast_ref()])?;
+                // keep the first frame at/after each multiple of the interval (running time from 0)
+                let next = Mutex::new(0u64);
+                let step = u64::from(interval) * 1_000_000_000;
+                q.static_pad("sink").expect("queue sink").add_probe(
+                    gst::PadProbeType::BUFFER,
+                    move |_, info| {
+                        let Some(pts) = info.buffer().and_then(|b| b.pts()) else {
+                            return gst::PadProbeReturn::Drop;
+                        };
+                        let mut n = next.lock().unwrap_or_else(|e| e.into_inner());
+                        if pts.nseconds() + 1_000_000 >= *n {
+                            while *n <= pts.nseconds() + 1_000_000 {
+                                *n += step;
+                            }
+                            gst::PadProbeReturn::Ok
+                        } else {
+                            gst::PadProbeReturn::Drop
+                        }
+                    },
+                );
+                let tsink = sink.clone();
+                appsink.set_callbacks(
+                    gst_app::AppSinkCallbacks::builder()
+                        .new_sample(move |s| {
+                            let sample = s.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                            if let Some(b) = sample.buffer() {
+                                let map = b.map_readable().map_err(|_| gst::FlowError::Error)?;
+                                tsink(VodEvent::Thumbnail {
+                                    pts_ns: b.pts().map_or(0, |p| p.nseconds()),
+                                    width: tw,
+                                    height: th,
+                                    rgb: map.as_slice().to_vec(),
+                                });
+                            }
+                            Ok(gst::FlowSuccess::Ok)
+                        })
+                        .build(),
+                );
+            }
+            Some(flip)
+        };
+        let audio_in = match plan.audio_kbps {
+            Some(kbps) => {
+                let conv = make("audioconvert", "aconv")?;
+                let res = make("audioresample", "ares")?;
+                let caps = capsfilter(
+                    "acaps",
+                    gst::Caps::builder("audio/x-raw")
+                        .field("rate", 48_000i32)
+                        .field("channels", gst::IntRange::new(1, 2))
+                        .build(),
+                )?;
+                let enc = make(aac_encoder()?, "aenc")?;
+                enc.set_property("bitrate", (kbps * 1000) as i32);
+                let parse = make("aacparse", "aparse")?;
+                let (mux, appsink) = mux_sink("audio", plan.video.len(), seg_ns, sink.clone())?;
+                pipeline.add_many([&conv, &res, &caps, &enc, &parse, &mux, &appsink])?;
+                gst::Element::link_many([&conv, &res, &caps, &enc, &parse, &mux, &appsink])?;
+                Some(conv)
+            }
+            None => None,
+        };
+        // decoded pads → the branches (a stream nobody wants goes to a fakesink so it cannot stall the rest)
+        let weak = pipeline.downgrade();
+        src.connect_pad_added(move |_, pad| {
+            let Some(pipeline) = weak.upgrade() else {
+                return;
+            };
+            let name = pad
+                .current_caps()
+                .or_else(|| Some(pad.query_caps(None)))
+                .and_then(|c| c.structure(0).map(|s| s.name().to_string()))
+                .unwrap_or_default();
+            let target = if name.starts_with("video/") {
+                video_in.clone()
+            } else if name.starts_with("audio/") {
+                audio_in.clone()
+            } else {
+                None
+            };
+            let target = match target
+                .and_then(|t| t.static_pad("sink"))
+                .filter(|p| !p.is_linked())
+            {
+                Some(p) => p,
+                None => {
+                    let Ok(fake) = make("fakesink", &format!("discard-{}", pad.name())) else {
+                        return;
+                    };
+                    fake.set_property("sync", false);
+                    fake.set_property("async", false);
+                    let _ = pipeline.add(&fake);
+                    let _ = fake.sync_state_with_parent();
+                    fake.static_pad("sink").expect("fakesink sink")
+                }
+            };
+            let _ = pad.link(&target);
+        });
+        let bus = pipeline.bus().expect("a pipeline has a bus");
+        bus.set_sync_handler(move |_, msg| {
+            use gst::MessageView;
+            match msg.view() {
+                MessageView::Error(e) => {
+                    let from = msg.src().map(|s| s.name().to_string()).unwrap_or_default();
+                    sink(VodEvent::Error(format!("{from}: {}", e.error())))
+                }
+                MessageView::Eos(_) => sink(VodEvent::Eos),
+                _ => {}
+            }
+            gst::BusSyncReply::Drop
+        });
+        Ok(Self { pipeline })
+    }
+
+    pub fn start(&self) -> Result<(), MediaError> {
+        self.pipeline
+            .set_state(gst::State::Playing)
+            .map(|_| ())
+            .map_err(|e| MediaError::Start(e.to_string()))
+    }
+
+    /// Media position of the pipeline, in ns, when known.
+    pub fn position_ns(&self) -> Option<u64> {
+        self.pipeline
+            .query_position::<gst::ClockTime>()
+            .map(|t| t.nseconds())
+    }
+
+    pub fn stop(&self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+impl Drop for VodPipeline {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// cmafmux cutting one fragment per segment, into an appsink that reports init and segments.
+fn mux_sink(
+    name: &str,
+    track: usize,
+    seg_ns: u64,
+    sink: VodSink,
+) -> Result<(gst::Element, gst::Element), MediaError> {
+    let mux = make("cmafmux", &format!("mux-{name}"))?;
+    mux.set_property("fragment-duration", seg_ns);
+    let appsink = gst_app::AppSink::builder()
+        .name(format!("sink-{name}"))
+        .sync(false)
+        .build();
+    appsink.set_property("buffer-list", true);
+    appsink.set_property("async", false);
+    let init: Mutex<Option<InitInfo>> = Mutex::new(None);
+    appsink.set_callbacks(
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |s| {
+                let sample = s.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                let buffers: Vec<gst::Buffer> = match (sample.buffer_list(), sample.buffer()) {
+                    (Some(list), _) => list.iter_owned().collect(),
+                    (None, Some(b)) => vec![b.to_owned()],
+                    (None, None) => return Ok(gst::FlowSuccess::Ok),
+                };
+                let mut body = BytesMut::new();
+                let mut init = init.lock().unwrap_or_else(|e| e.into_inner());
+                for b in &buffers {
+                    let map = b.map_readable().map_err(|_| gst::FlowError::Error)?;
+                    let data = map.as_slice();
+                    if data.len() >= 8 && &data[4..8] == b"ftyp" {
+                        match cmaf::parse_init(data) {
+                            Ok(info) => {
+                                let timescale = info.tracks.first().map_or(90_000, |t| t.timescale);
+                                sink(VodEvent::Init {
+                                    track,
+                                    bytes: Bytes::copy_from_slice(data),
+                                    codec: info.codecs(),
+                                    timescale,
+                                });
+                                *init = Some(info);
+                            }
+                            Err(e) => {
+                                sink(VodEvent::Error(format!("init segment: {e}")));
+                                return Err(gst::FlowError::Error);
+                            }
+                        }
+                        continue;
+                    }
+                    body.extend_from_slice(data);
+                }
+                if body.is_empty() {
+                    return Ok(gst::FlowSuccess::Ok);
+                }
+                let Some(info) = init.as_ref() else {
+                    sink(VodEvent::Error(
+                        "a segment arrived before the init segment".into(),
+                    ));
+                    return Err(gst::FlowError::Error);
+                };
+                match cmaf::parse_fragment(&body, info) {
+                    Ok(f) => sink(VodEvent::Segment {
+                        track,
+                        bytes: body.freeze(),
+                        start: f.base_decode_time,
+                        duration: f.duration,
+                    }),
+                    Err(e) => {
+                        sink(VodEvent::Error(format!("segment: {e}")));
+                        return Err(gst::FlowError::Error);
+                    }
+                }
+                Ok(gst::FlowSuccess::Ok)
+            })
+            .build(),
+    );
+    Ok((mux, appsink.upcast()))
+}

@@ -1,0 +1,684 @@
+//! VOD jobs end to end: inputs made by ffmpeg at test time, a real daemon, real pipelines, outputs checked by
+//! ffprobe and decoded by ffmpeg (HLS and DASH). Bad inputs fail with a reason and leave other jobs alone; a
+//! daemon killed with -9 finishes every job after a restart.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use kiln_integration::{Daemon, Proc};
+use serde_json::{json, Value};
+
+const KILND: &str = env!("CARGO_BIN_EXE_kiln-it-kilnd");
+
+fn scratch(name: &str) -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("kiln-vod-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(d.join("in"))?;
+    Ok(d)
+}
+
+/// Runs ffmpeg to make a test input: `video` and `audio` are lavfi graphs (or none), then output options.
+async fn make(
+    path: &Path,
+    seconds: f64,
+    video: Option<&str>,
+    audio: &[&str],
+    out: &[&str],
+) -> Result<()> {
+    let mut cmd = tokio::process::Command::new("ffmpeg");
+    cmd.args(["-v", "error", "-y"]);
+    if let Some(v) = video {
+        cmd.args(["-f", "lavfi", "-i", v]);
+    }
+    for a in audio {
+        cmd.args(["-f", "lavfi", "-i", a]);
+    }
+    let n = usize::from(video.is_some()) + audio.len();
+    for i in 0..n {
+        cmd.args(["-map", &i.to_string()]);
+    }
+    cmd.args(["-t", &seconds.to_string()]).args(out).arg(path);
+    let o = cmd.output().await?;
+    ensure!(
+        o.status.success(),
+        "ffmpeg making {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(())
+}
+
+/// Sets the first track header's (the video track's) transformation matrix to a 90° clockwise rotation.
+fn rotate_90(path: &Path) -> Result<()> {
+    let mut d = std::fs::read(path)?;
+    let at = d.windows(4).position(|w| w == b"tkhd").context("no tkhd")?;
+    let version = d[at + 4];
+    // after the type: version+flags (4), times and ids (20 or 32), reserved (8), layer..reserved (8)
+    let matrix = at + 4 + 4 + if version == 1 { 32 } else { 20 } + 8 + 8;
+    let m: [u32; 9] = [0, 0x0001_0000, 0, 0xFFFF_0000, 0, 0, 0, 0, 0x4000_0000];
+    for (i, v) in m.iter().enumerate() {
+        d[matrix + 4 * i..matrix + 4 * i + 4].copy_from_slice(&v.to_be_bytes());
+    }
+    std::fs::write(path, d)?;
+    Ok(())
+}
+
+/// The first frame, as ffmpeg displays it, in 90×160 gray.
+async fn gray_frame(input: &str) -> Result<Vec<u8>> {
+    let o = tokio::process::Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-i",
+            input,
+            "-frames:v",
+            "1",
+            "-vf",
+            "scale=90:160,format=gray",
+            "-f",
+            "rawvideo",
+            "-",
+        ])
+        .output()
+        .await?;
+    ensure!(
+        o.status.success() && o.stdout.len() == 90 * 160,
+        "ffmpeg frame of {input}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(o.stdout)
+}
+
+async fn ffprobe(args: &[&str]) -> Result<Value> {
+    let o = tokio::process::Command::new("ffprobe")
+        .args(["-v", "error", "-of", "json"])
+        .args(args)
+        .output()
+        .await?;
+    ensure!(
+        o.status.success(),
+        "ffprobe {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(serde_json::from_slice(&o.stdout)?)
+}
+
+/// Decodes every stream of `url` to the end; fails on any decode error.
+async fn ffmpeg_decodes(url: &str) -> Result<()> {
+    let o = tokio::process::Command::new("ffmpeg")
+        .args([
+            "-v", "error", "-xerror", "-i", url, "-map", "0", "-f", "null", "-",
+        ])
+        .output()
+        .await?;
+    ensure!(
+        o.status.success(),
+        "ffmpeg could not decode {url}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(())
+}
+
+async fn submit(http: &reqwest::Client, base: &str, body: Value) -> Result<String> {
+    let r = http
+        .post(format!("{base}/v1/jobs"))
+        .json(&body)
+        .send()
+        .await?;
+    let status = r.status();
+    let v: Value = r.json().await?;
+    ensure!(status == 201, "submit {body}: {status} {v}");
+    Ok(v["id"].as_str().context("id")?.to_string())
+}
+
+/// Waits until the job is final; returns its status.
+async fn wait_final(
+    http: &reqwest::Client,
+    base: &str,
+    id: &str,
+    limit: Duration,
+) -> Result<Value> {
+    let t = Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("{base}/v1/jobs/{id}")).send().await {
+            if let Ok(v) = r.json::<Value>().await {
+                if matches!(v["state"].as_str(), Some("done" | "failed" | "cancelled")) {
+                    return Ok(v);
+                }
+                if t.elapsed() > limit {
+                    bail!("job {id} not final after {limit:?}: {v}");
+                }
+            }
+        }
+        if t.elapsed() > limit {
+            bail!("job {id} not final after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+struct Expect {
+    file: &'static str,
+    /// (width, height) per rendition, in ladder order.
+    sizes: Vec<(u64, u64)>,
+    frames: u64,
+    audio: bool,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_common_input_becomes_a_checked_ladder() -> Result<()> {
+    let dir = scratch("ladder")?;
+    let inp = dir.join("in");
+    let tone = "sine=frequency=440:sample_rate=48000";
+    // h264/aac mp4, 480p: two rungs of vod-1080p-abr (480p, 360p)
+    make(
+        &inp.join("h264.mp4"),
+        4.0,
+        Some("testsrc2=size=854x480:rate=30"),
+        &[tone],
+        &["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"],
+    )
+    .await?;
+    // vp9/opus webm at 25 fps: output keeps 25 fps (never more frames than the source)
+    make(
+        &inp.join("vp9.webm"),
+        3.0,
+        Some("testsrc2=size=640x360:rate=25"),
+        &[tone],
+        &[
+            "-c:v",
+            "libvpx-vp9",
+            "-deadline",
+            "realtime",
+            "-cpu-used",
+            "8",
+            "-c:a",
+            "libopus",
+        ],
+    )
+    .await?;
+    // hevc in mkv, with two audio tracks (the first is encoded)
+    make(
+        &inp.join("hevc.mkv"),
+        3.0,
+        Some("testsrc2=size=640x360:rate=30"),
+        &[tone, "sine=frequency=880:sample_rate=44100"],
+        &[
+            "-c:v",
+            "libx265",
+            "-preset",
+            "ultrafast",
+            "-x265-params",
+            "log-level=error",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+        ],
+    )
+    .await?;
+    // no audio
+    make(
+        &inp.join("silent.mp4"),
+        3.0,
+        Some("testsrc2=size=640x360:rate=30"),
+        &[],
+        &["-c:v", "libx264", "-pix_fmt", "yuv420p"],
+    )
+    .await?;
+    // portrait by rotation: coded 640x360, displayed 360x640 (a phone's way). ffmpeg 5.1 cannot write a display
+    // matrix, so the track header's matrix is set to a 90° rotation after the fact.
+    make(
+        &inp.join("rotated.mp4"),
+        3.0,
+        Some("testsrc2=size=640x360:rate=30"),
+        &[tone],
+        &["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"],
+    )
+    .await?;
+    rotate_90(&inp.join("rotated.mp4"))?;
+    // odd resolution (VP9 allows it): rounded down to even, never up
+    make(
+        &inp.join("odd.webm"),
+        3.0,
+        Some("testsrc2=size=641x359:rate=30"),
+        &[],
+        &[
+            "-c:v",
+            "libvpx-vp9",
+            "-deadline",
+            "realtime",
+            "-cpu-used",
+            "8",
+        ],
+    )
+    .await?;
+    let cases = [
+        Expect {
+            file: "h264.mp4",
+            sizes: vec![(854, 480), (640, 360)],
+            frames: 120,
+            audio: true,
+        },
+        Expect {
+            file: "vp9.webm",
+            sizes: vec![(640, 360)],
+            frames: 75,
+            audio: true,
+        },
+        Expect {
+            file: "hevc.mkv",
+            sizes: vec![(640, 360)],
+            frames: 90,
+            audio: true,
+        },
+        Expect {
+            file: "silent.mp4",
+            sizes: vec![(640, 360)],
+            frames: 90,
+            audio: false,
+        },
+        Expect {
+            file: "rotated.mp4",
+            sizes: vec![(360, 640)],
+            frames: 90,
+            audio: true,
+        },
+        Expect {
+            file: "odd.webm",
+            sizes: vec![(640, 358)],
+            frames: 90,
+            audio: false,
+        },
+    ];
+    let d = Daemon::start(kilnd::Config {
+        jobs: Some(kilnd::jobs::JobsConfig {
+            data_dir: dir.join("data"),
+            input_dir: Some(inp.clone()),
+            max_concurrent: 2,
+        }),
+        ..Default::default()
+    })
+    .await?;
+    let mut ids = Vec::new();
+    for c in &cases {
+        let input = format!("file://{}", inp.join(c.file).display());
+        ids.push(
+            submit(
+                &d.http,
+                &d.base,
+                json!({"input": input, "x264_speed": "veryfast", "thumbnail_interval_s": 1}),
+            )
+            .await?,
+        );
+    }
+    for (c, id) in cases.iter().zip(&ids) {
+        let st = wait_final(&d.http, &d.base, id, Duration::from_secs(180)).await?;
+        ensure!(st["state"] == "done", "{}: {st}", c.file);
+        ensure!(
+            st["progress"] == 1.0 && st["speed"].as_f64().unwrap_or(0.0) > 0.0,
+            "{}: {st}",
+            c.file
+        );
+        let renditions = st["renditions"].as_array().context("renditions")?;
+        let sizes: Vec<(u64, u64)> = renditions
+            .iter()
+            .map(|r| (r["width"].as_u64().unwrap(), r["height"].as_u64().unwrap()))
+            .collect();
+        ensure!(
+            sizes == c.sizes,
+            "{}: ladder {sizes:?}, expected {:?}",
+            c.file,
+            c.sizes
+        );
+        for r in renditions {
+            let url = d.url(r["playlist"].as_str().unwrap());
+            let p = ffprobe(&[
+                "-count_frames",
+                "-select_streams",
+                "v:0",
+                "-show_entries",
+                "stream=codec_name,width,height,nb_read_frames",
+                &url,
+            ])
+            .await?;
+            let s = &p["streams"][0];
+            ensure!(s["codec_name"] == "h264", "{}: {p}", c.file);
+            ensure!(
+                (s["width"].as_u64(), s["height"].as_u64())
+                    == (r["width"].as_u64(), r["height"].as_u64()),
+                "{}: {p}",
+                c.file
+            );
+            let frames: u64 = s["nb_read_frames"].as_str().unwrap_or("0").parse()?;
+            ensure!(
+                frames.abs_diff(c.frames) <= 1,
+                "{} {}: {frames} frames, source has {}",
+                c.file,
+                r["name"],
+                c.frames
+            );
+        }
+        // upright frames, and no rotation left in the output for players to apply again
+        let top = d.url(renditions[0]["playlist"].as_str().unwrap());
+        let side = ffprobe(&[
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream_side_data=rotation",
+            &top,
+        ])
+        .await?;
+        ensure!(
+            !side.to_string().contains("rotation"),
+            "{}: output still carries a rotation: {side}",
+            c.file
+        );
+        if c.file == "rotated.mp4" {
+            // the first frame as ffmpeg displays the source (it applies the matrix) against ours
+            let src = gray_frame(&inp.join(c.file).display().to_string()).await?;
+            let ours = gray_frame(&top).await?;
+            let mad = src
+                .iter()
+                .zip(&ours)
+                .map(|(a, b)| u64::from(a.abs_diff(*b)))
+                .sum::<u64>() as f64
+                / src.len() as f64;
+            ensure!(mad < 20.0, "rotated.mp4: the output's first frame differs from the upright source by {mad:.1} per pixel");
+        }
+        let master = d.url(st["links"]["master"].as_str().context("master")?);
+        let text = d.http.get(&master).send().await?.text().await?;
+        ensure!(
+            text.contains("mp4a.40.2") == c.audio,
+            "{}: audio in master: {text}",
+            c.file
+        );
+        let media = d
+            .http
+            .get(d.url(renditions[0]["playlist"].as_str().unwrap()))
+            .send()
+            .await?
+            .text()
+            .await?;
+        ensure!(
+            media.contains("#EXT-X-PLAYLIST-TYPE:VOD")
+                && media.trim_end().ends_with("#EXT-X-ENDLIST"),
+            "{media}"
+        );
+        ffmpeg_decodes(&master).await?;
+        ffmpeg_decodes(&d.url(st["links"]["mpd"].as_str().context("mpd")?)).await?;
+        // thumbnails: one per second of video, in the sprite and the WebVTT index
+        let expected = kiln_model::vod::thumbnail_count(
+            c.frames as f64 / if c.file == "vp9.webm" { 25.0 } else { 30.0 },
+            1,
+        );
+        ensure!(
+            st["thumbnails"].as_u64() == Some(u64::from(expected)),
+            "{}: {} thumbnails, expected {expected}",
+            c.file,
+            st["thumbnails"]
+        );
+        let vtt = d
+            .http
+            .get(d.url(st["links"]["thumbnails_vtt"].as_str().context("vtt")?))
+            .send()
+            .await?
+            .text()
+            .await?;
+        ensure!(
+            vtt.matches("sprite.jpg#xywh=").count() == expected as usize,
+            "{}: {vtt}",
+            c.file
+        );
+        for l in ["poster", "sprite"] {
+            let b = d
+                .http
+                .get(d.url(st["links"][l].as_str().context("image")?))
+                .send()
+                .await?
+                .bytes()
+                .await?;
+            ensure!(
+                b.starts_with(&[0xFF, 0xD8]),
+                "{}: {l} is not a JPEG",
+                c.file
+            );
+        }
+    }
+    // no path outside a job's directory can be named
+    for bad in [
+        "/vod/../jobs/x",
+        "/vod/x/..%2F..%2Fetc",
+        &format!("/vod/{}/..", ids[0]),
+    ] {
+        let r = d.http.get(d.url(bad)).send().await?;
+        ensure!(r.status() == 404, "{bad}: {}", r.status());
+    }
+    d.shutdown().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
+    let dir = scratch("bad")?;
+    let inp = dir.join("in");
+    make(
+        &inp.join("good.mp4"),
+        3.0,
+        Some("testsrc2=size=640x360:rate=30"),
+        &["sine=sample_rate=48000"],
+        &["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"],
+    )
+    .await?;
+    std::fs::write(inp.join("empty.mp4"), b"")?;
+    let good = std::fs::read(inp.join("good.mp4"))?;
+    // no faststart: the moov is at the end, so the first half has none
+    std::fs::write(inp.join("truncated.mp4"), &good[..good.len() / 2])?;
+    let mut x: u64 = 0x2545F4914F6CDD1D;
+    let garbage: Vec<u8> = (0..200_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(inp.join("garbage.mp4"), garbage)?;
+    make(
+        &inp.join("ffv1.mkv"),
+        1.0,
+        Some("testsrc2=size=320x240:rate=30"),
+        &[],
+        &["-c:v", "ffv1"],
+    )
+    .await?;
+    make(
+        &inp.join("huge.mp4"),
+        0.2,
+        Some("color=c=gray:size=8400x64:rate=10"),
+        &[],
+        &["-c:v", "libx264", "-pix_fmt", "yuv420p"],
+    )
+    .await?;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let d = Daemon::start(kilnd::Config {
+        jobs: Some(kilnd::jobs::JobsConfig {
+            data_dir: dir.join("data"),
+            input_dir: Some(inp.clone()),
+            max_concurrent: 2,
+        }),
+        ..Default::default()
+    })
+    .await?;
+    let f = |n: &str| format!("file://{}", inp.join(n).display());
+    let bad = [
+        (f("empty.mp4"), "empty"),
+        (f("truncated.mp4"), ""),
+        (f("garbage.mp4"), ""),
+        (f("ffv1.mkv"), "not supported"),
+        (f("huge.mp4"), "larger than kiln accepts"),
+        (format!("http://127.0.0.1:{closed}/a.mp4"), ""),
+        (f("missing.mp4"), "No such file"),
+        (
+            "file:///etc/hostname".to_string(),
+            "outside the input directory",
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (input, _) in &bad {
+        ids.push(
+            submit(
+                &d.http,
+                &d.base,
+                json!({"input": input, "x264_speed": "veryfast"}),
+            )
+            .await?,
+        );
+    }
+    let good_id = submit(
+        &d.http,
+        &d.base,
+        json!({"input": f("good.mp4"), "x264_speed": "veryfast", "priority": -1}),
+    )
+    .await?;
+    // malformed requests are refused at submit time
+    for body in [
+        json!({"input": "ftp://x/y"}),
+        json!({"input": "file://relative"}),
+        json!({"input": f("good.mp4"), "preset": "nope"}),
+        json!({"inputt": "x"}),
+    ] {
+        let r = d.http.post(d.url("/v1/jobs")).json(&body).send().await?;
+        ensure!(r.status() == 400, "{body}: {}", r.status());
+    }
+    for ((input, reason), id) in bad.iter().zip(&ids) {
+        let st = wait_final(&d.http, &d.base, id, Duration::from_secs(60)).await?;
+        ensure!(st["state"] == "failed", "{input}: {st}");
+        let err = st["error"].as_str().unwrap_or("");
+        ensure!(
+            !err.is_empty() && err.contains(reason),
+            "{input}: error `{err}` should say `{reason}`"
+        );
+        eprintln!("{input}: {err}");
+    }
+    let st = wait_final(&d.http, &d.base, &good_id, Duration::from_secs(120)).await?;
+    ensure!(st["state"] == "done", "the good job: {st}");
+    ffmpeg_decodes(&d.url(st["links"]["master"].as_str().unwrap())).await?;
+    // cancel: a queued job is cancelled; a finished one cannot be
+    let r = d
+        .http
+        .delete(d.url(&format!("/v1/jobs/{good_id}")))
+        .send()
+        .await?;
+    ensure!(r.status() == 409, "cancel after done: {}", r.status());
+    d.shutdown().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// kill -9 with jobs queued and running; the restarted daemon (same data directory) finishes all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_survive_kill_9() -> Result<()> {
+    let dir = scratch("restart")?;
+    let inp = dir.join("in");
+    make(
+        &inp.join("clip.mp4"),
+        8.0,
+        Some("testsrc2=size=854x480:rate=30"),
+        &["sine=sample_rate=48000"],
+        &["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"],
+    )
+    .await?;
+    let data = dir.join("data");
+    let args = |data: &Path| -> Vec<String> {
+        vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--vod-input-dir".into(),
+            inp.display().to_string(),
+            "--vod-concurrency".into(),
+            "1".into(),
+        ]
+    };
+    let a = args(&data);
+    let argv: Vec<&str> = a.iter().map(String::as_str).collect();
+    let mut p = Proc::spawn("kilnd", KILND, &argv, "listening on").await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()?;
+    let input = format!("file://{}", inp.join("clip.mp4").display());
+    // the first job starts at once; the next two wait, and the higher priority must start first
+    let first = submit(&http, &p.url, json!({"input": input})).await?;
+    let low = submit(&http, &p.url, json!({"input": input, "priority": 1})).await?;
+    let high = submit(&http, &p.url, json!({"input": input, "priority": 5})).await?;
+    let ids = [first.clone(), low.clone(), high.clone()];
+    // kill while the first one runs (medium, the preset's speed, is slow enough to catch)
+    let t = Instant::now();
+    loop {
+        let st: Value = http
+            .get(format!("{}/v1/jobs/{first}", p.url))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if st["state"] == "running" && st["progress"].as_f64().unwrap_or(0.0) > 0.0 {
+            break;
+        }
+        ensure!(st["state"] != "done", "finished before the kill: {st}");
+        ensure!(t.elapsed() < Duration::from_secs(60), "never ran: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for id in [&low, &high] {
+        let queued: Value = http
+            .get(format!("{}/v1/jobs/{id}", p.url))
+            .send()
+            .await?
+            .json()
+            .await?;
+        ensure!(queued["state"] == "queued", "{queued}");
+    }
+    p.kill().await?;
+    let mut p = Proc::spawn("kilnd", KILND, &argv, "listening on").await?;
+    for id in &ids {
+        let st = wait_final(&http, &p.url, id, Duration::from_secs(300)).await?;
+        ensure!(st["state"] == "done", "{id} after restart: {st}");
+        ffmpeg_decodes(&format!(
+            "{}{}",
+            p.url,
+            st["links"]["master"].as_str().unwrap()
+        ))
+        .await?;
+    }
+    let get = |id: String| {
+        let (http, url) = (http.clone(), p.url.clone());
+        async move {
+            anyhow::Ok(
+                http.get(format!("{url}/v1/jobs/{id}"))
+                    .send()
+                    .await?
+                    .json::<Value>()
+                    .await?,
+            )
+        }
+    };
+    let st = get(first).await?;
+    ensure!(
+        st["attempts"] == 2,
+        "the interrupted job restarted once: {st}"
+    );
+    let (l, h) = (get(low).await?, get(high).await?);
+    ensure!(
+        h["started_unix_ms"].as_u64() < l["started_unix_ms"].as_u64(),
+        "priority 5 started after priority 1: {h} {l}"
+    );
+    p.kill().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
