@@ -153,6 +153,8 @@ async fn three_daemons_two_schedulers_survive_node_and_leader_failure() -> Resul
     let all_scheds = format!("{},{}", scheds[0].url, scheds[1].url);
     let mut daemons = BTreeMap::new();
     for n in ["n1", "n2", "n3"] {
+        let data = std::env::temp_dir().join(format!("kiln-sched-{}-{n}", std::process::id()));
+        let data = data.display().to_string();
         let p = Proc::spawn(
             n,
             KILND,
@@ -160,6 +162,8 @@ async fn three_daemons_two_schedulers_survive_node_and_leader_failure() -> Resul
                 "--listen",
                 "127.0.0.1:0",
                 "--no-gpu",
+                "--data-dir",
+                &data,
                 "--node-id",
                 n,
                 "--scheduler",

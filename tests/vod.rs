@@ -682,3 +682,89 @@ async fn jobs_survive_kill_9() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// kilnctl against a daemon: submit, list, cancel a queued job, watch one to the end (exit status follows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kilnctl_submits_lists_cancels_and_watches() -> Result<()> {
+    const KILNCTL: &str = env!("CARGO_BIN_EXE_kiln-it-kilnctl");
+    let dir = scratch("kilnctl")?;
+    let inp = dir.join("in");
+    make(
+        &inp.join("clip.mp4"),
+        4.0,
+        Some("testsrc2=size=640x360:rate=30"),
+        &["sine=sample_rate=48000"],
+        &["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"],
+    )
+    .await?;
+    let d = Daemon::start(kilnd::Config {
+        jobs: Some(kilnd::jobs::JobsConfig {
+            data_dir: dir.join("data"),
+            input_dir: Some(inp.clone()),
+            max_concurrent: 1,
+        }),
+        ..Default::default()
+    })
+    .await?;
+    let ctl = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(KILNCTL);
+        c.arg("--server").arg(&d.base).args(args);
+        c
+    };
+    let clip = inp.join("clip.mp4").display().to_string();
+    let first = ctl(&["jobs", "submit", &clip]).output().await?;
+    ensure!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let first_id = String::from_utf8(first.stdout)?.trim().to_string();
+    // one runs at a time: the second waits in the queue and can be cancelled there
+    let second = ctl(&["jobs", "submit", &clip, "--priority", "-3"])
+        .output()
+        .await?;
+    let second_id = String::from_utf8(second.stdout)?.trim().to_string();
+    let cancel = ctl(&["jobs", "cancel", &second_id]).output().await?;
+    let said = String::from_utf8(cancel.stdout)?;
+    ensure!(
+        cancel.status.success() && said.contains("cancelled"),
+        "cancel: {said}"
+    );
+    let list = String::from_utf8(ctl(&["jobs", "list"]).output().await?.stdout)?;
+    ensure!(
+        list.contains(&first_id) && list.contains(&second_id) && list.contains("cancelled"),
+        "{list}"
+    );
+    let watch = ctl(&["jobs", "watch", &first_id]).output().await?;
+    let out = String::from_utf8(watch.stdout)?;
+    let bar = String::from_utf8(watch.stderr)?;
+    ensure!(watch.status.success(), "watch: {out} {bar}");
+    ensure!(
+        out.contains(&format!("{first_id}: done")) && out.contains("/master.m3u8"),
+        "{out}"
+    );
+    ensure!(bar.contains("100.0%"), "no progress bar: {bar}");
+    // a job that fails makes `watch` exit non-zero
+    let bad = ctl(&[
+        "jobs",
+        "submit",
+        &inp.join("nope.mp4").display().to_string(),
+        "--watch",
+    ])
+    .output()
+    .await?;
+    ensure!(!bad.status.success(), "watching a failed job exited 0");
+    ensure!(
+        String::from_utf8(bad.stdout)?.contains("failed"),
+        "bad job output"
+    );
+    // a malformed request: the daemon's message, non-zero exit
+    let malformed = ctl(&["jobs", "submit", "ftp://x/y"]).output().await?;
+    ensure!(
+        !malformed.status.success() && String::from_utf8(malformed.stderr)?.contains("400"),
+        "malformed"
+    );
+    d.shutdown().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! `kilnctl` binary: see [`kilnctl::main`].
+
+fn main() -> std::process::ExitCode {
+    kilnctl::main()
+}
