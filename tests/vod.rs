@@ -446,6 +446,18 @@ async fn every_common_input_becomes_a_checked_ladder() -> Result<()> {
             );
         }
     }
+    // the capacity planner's view: jobs by state, media transcoded
+    let m = d.http.get(d.url("/metrics")).send().await?.text().await?;
+    ensure!(m.contains("kiln_vod_jobs{state=\"done\"} 6"), "{m}");
+    let media: f64 = m
+        .lines()
+        .find(|l| l.starts_with("kiln_vod_media_seconds_total "))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .context("kiln_vod_media_seconds_total")?;
+    ensure!(
+        (media - 19.0).abs() < 0.5,
+        "media seconds {media}, expected 4 + 5 × 3"
+    );
     // no path outside a job's directory can be named
     for bad in [
         "/vod/../jobs/x",

@@ -310,6 +310,20 @@ fn fence(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 /// Prometheus text exposition. Gauges that mirror live state are refreshed at scrape time.
 async fn metrics(State(st): State<AppState>) -> Response {
     let m = &st.metrics;
+    if let Some(jobs) = &st.jobs {
+        let all = jobs.list();
+        for (state, name) in [
+            (kiln_model::vod::JobState::Queued, "queued"),
+            (kiln_model::vod::JobState::Running, "running"),
+            (kiln_model::vod::JobState::Done, "done"),
+            (kiln_model::vod::JobState::Failed, "failed"),
+            (kiln_model::vod::JobState::Cancelled, "cancelled"),
+        ] {
+            m.vod_jobs
+                .with_label_values(&[name])
+                .set(all.iter().filter(|j| j.state == state).count() as i64);
+        }
+    }
     m.streams.reset();
     m.stream_backend.reset();
     for h in st.supervisor.list() {

@@ -283,7 +283,11 @@ impl Jobs {
     }
 
     /// Starts queued jobs while there is room; runs until the task is dropped.
-    pub async fn dispatch(self: Arc<Self>, sup: Arc<Supervisor>) {
+    pub async fn dispatch(
+        self: Arc<Self>,
+        sup: Arc<Supervisor>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) {
         loop {
             loop {
                 let next = {
@@ -341,10 +345,10 @@ impl Jobs {
                 }
                 let _ = self.persist(&status);
                 tracing::info!(job = %id, priority = status.priority, attempt = status.attempts, "job started");
-                let (me, sup2) = (self.clone(), sup.clone());
+                let (me, sup2, m) = (self.clone(), sup.clone(), metrics.clone());
                 tokio::task::spawn_blocking(move || {
                     let outcome = me.run(&id);
-                    me.finish(&id, outcome, &sup2);
+                    me.finish(&id, outcome, &sup2, &m);
                 });
             }
             tokio::select! {
@@ -354,7 +358,13 @@ impl Jobs {
         }
     }
 
-    fn finish(&self, id: &str, outcome: Result<(), String>, sup: &Supervisor) {
+    fn finish(
+        &self,
+        id: &str,
+        outcome: Result<(), String>,
+        sup: &Supervisor,
+        metrics: &crate::metrics::Metrics,
+    ) {
         let booked = self
             .lock()
             .get_mut(id)
@@ -387,6 +397,16 @@ impl Jobs {
                 );
             }
             tracing::info!(job = %id, state = ?s.state, error = ?s.error, "job finished");
+            if s.state == JobState::Done {
+                metrics
+                    .vod_media_seconds
+                    .inc_by(s.duration_s.unwrap_or(0.0));
+            }
+            if let (Some(a), Some(b)) = (s.started_unix_ms, s.finished_unix_ms) {
+                metrics
+                    .vod_busy_seconds
+                    .inc_by(b.saturating_sub(a) as f64 / 1000.0);
+            }
             let _ = self.persist(&s);
         }
         self.wake.notify_one();

@@ -290,7 +290,7 @@ pub async fn serve_state(
     let dispatcher = state
         .jobs
         .clone()
-        .map(|j| tokio::spawn(j.dispatch(supervisor.clone())));
+        .map(|j| tokio::spawn(j.dispatch(supervisor.clone(), state.metrics.clone())));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let sup = supervisor.clone();
     tokio::spawn(async move {

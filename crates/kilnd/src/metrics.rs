@@ -61,6 +61,12 @@ pub struct Metrics {
     pub gpu_vram_used_bytes: IntGaugeVec,
     /// Per GPU, per dimension: capacity, allocated, free.
     pub gpu_resources: IntGaugeVec,
+    /// VOD jobs by state (set at scrape time).
+    pub vod_jobs: IntGaugeVec,
+    /// Media seconds of input transcoded by finished VOD jobs.
+    pub vod_media_seconds: prometheus::Counter,
+    /// Wall-clock seconds finished VOD jobs ran.
+    pub vod_busy_seconds: prometheus::Counter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -229,6 +235,27 @@ impl Metrics {
             &["gpu", "dimension", "kind"],
         ));
         must(registry.register(Box::new(gpu_resources.clone())));
+        let vod_jobs = must(IntGaugeVec::new(
+            Opts::new(
+                "kiln_vod_jobs",
+                "VOD jobs by state (queued, running, done, failed, cancelled)",
+            ),
+            &["state"],
+        ));
+        must(registry.register(Box::new(vod_jobs.clone())));
+        for s in ["queued", "running", "done", "failed", "cancelled"] {
+            vod_jobs.with_label_values(&[s]);
+        }
+        let vod_media_seconds = must(prometheus::Counter::new(
+            "kiln_vod_media_seconds_total",
+            "Input media seconds transcoded by finished VOD jobs (rate() over busy seconds = speed)",
+        ));
+        must(registry.register(Box::new(vod_media_seconds.clone())));
+        let vod_busy_seconds = must(prometheus::Counter::new(
+            "kiln_vod_busy_seconds_total",
+            "Wall-clock seconds spent by finished VOD jobs",
+        ));
+        must(registry.register(Box::new(vod_busy_seconds.clone())));
         must(registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         )));
@@ -255,6 +282,9 @@ impl Metrics {
             requests,
             request_duration,
             parked_requests,
+            vod_jobs,
+            vod_media_seconds,
+            vod_busy_seconds,
             gpu_nvenc_utilization,
             gpu_nvdec_utilization,
             gpu_encoder_sessions,
