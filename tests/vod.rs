@@ -254,6 +254,17 @@ async fn every_common_input_becomes_a_checked_ladder() -> Result<()> {
         ],
     )
     .await?;
+    // MPEG-TS and QuickTime containers
+    for f in ["h264.ts", "h264.mov"] {
+        make(
+            &inp.join(f),
+            2.0,
+            Some("testsrc2=size=640x360:rate=30"),
+            &[tone],
+            &["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"],
+        )
+        .await?;
+    }
     let cases = [
         Expect {
             file: "h264.mp4",
@@ -283,6 +294,18 @@ async fn every_common_input_becomes_a_checked_ladder() -> Result<()> {
             file: "rotated.mp4",
             sizes: vec![(360, 640)],
             frames: 90,
+            audio: true,
+        },
+        Expect {
+            file: "h264.ts",
+            sizes: vec![(640, 360)],
+            frames: 60,
+            audio: true,
+        },
+        Expect {
+            file: "h264.mov",
+            sizes: vec![(640, 360)],
+            frames: 60,
             audio: true,
         },
         Expect {
@@ -448,15 +471,15 @@ async fn every_common_input_becomes_a_checked_ladder() -> Result<()> {
     }
     // the capacity planner's view: jobs by state, media transcoded
     let m = d.http.get(d.url("/metrics")).send().await?.text().await?;
-    ensure!(m.contains("kiln_vod_jobs{state=\"done\"} 6"), "{m}");
+    ensure!(m.contains("kiln_vod_jobs{state=\"done\"} 8"), "{m}");
     let media: f64 = m
         .lines()
         .find(|l| l.starts_with("kiln_vod_media_seconds_total "))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .context("kiln_vod_media_seconds_total")?;
     ensure!(
-        (media - 19.0).abs() < 0.5,
-        "media seconds {media}, expected 4 + 5 × 3"
+        (media - 23.0).abs() < 0.5,
+        "media seconds {media}, expected 4 + 5 × 3 + 2 × 2"
     );
     // no path outside a job's directory can be named
     for bad in [

@@ -55,9 +55,10 @@ struct Args {
     #[arg(long)]
     no_gpu: bool,
     /// Report to the scheduler at this URL (heartbeats); a comma-separated list for several schedulers.
-    #[arg(long, value_delimiter = ',', requires = "node_id")]
+    #[arg(long, value_delimiter = ',')]
     scheduler: Vec<String>,
-    /// This node's id in the fleet (default: the host name).
+    /// This node's id in the fleet (default: the host name, with the port when reporting to a scheduler, so that
+    /// several daemons on one host stay distinct).
     #[arg(long)]
     node_id: Option<String>,
     /// URL the scheduler and viewers reach this daemon at (default: from the bound address).
@@ -200,7 +201,25 @@ async fn run() -> anyhow::Result<()> {
     });
     let defaults = crate::Config::default();
     let config = crate::Config {
-        node_id: args.node_id.unwrap_or(defaults.node_id.clone()),
+        node_id: args.node_id.clone().unwrap_or_else(|| {
+            if args.scheduler.is_empty() {
+                defaults.node_id.clone()
+            } else {
+                let host: String = defaults
+                    .node_id
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' {
+                            c
+                        } else {
+                            '-'
+                        }
+                    })
+                    .take(48)
+                    .collect();
+                format!("{host}-{}", bound.port())
+            }
+        }),
         jobs: Some(crate::jobs::JobsConfig {
             data_dir: args.data_dir.clone(),
             input_dir: args.vod_input_dir.clone(),
