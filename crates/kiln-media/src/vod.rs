@@ -2,15 +2,15 @@
 //! the CPU allows (no pacing, no live clock), cutting CMAF segments that line up across renditions.
 //!
 //! ```text
-//! uridecodebin3 ─video→ videoflip(the probed rotation) → [videorate → caps(fps)] → tee
+//! uridecodebin ─video→ videoflip(the probed rotation) → [videorate → caps(fps)] → tee
 //!     tee → queue → videoscale → videoconvert → caps(WxH I420, PAR 1:1) → x264enc(fixed GOP, no scene cuts)
 //!         → h264parse → cmafmux(fragment = segment) → appsink          (one branch per rendition)
 //!     tee → queue → [keep one frame per interval] → videoscale → videoconvert → caps(RGB) → appsink (thumbnails)
 //!               ─audio→ audioconvert → audioresample → caps(48 kHz, ≤ 2 ch) → AAC → aacparse → cmafmux → appsink
 //! ```
 //! Every rendition encodes the same frames with the same fixed GOP (`key-int-max` = fps × segment, scene cuts
-//! off), so every fragment boundary falls on the same frame in every rendition. uridecodebin3 exposes one video
-//! and one audio stream (the default selection), so a file with several audio tracks gets its first one.
+//! off), so every fragment boundary falls on the same frame in every rendition. The first video and the first
+//! audio stream are used; further streams (a second audio track, subtitles) go to fakesinks.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -243,7 +243,9 @@ impl VodPipeline {
     pub fn build(plan: &VodPlan, sink: VodSink) -> Result<Self, MediaError> {
         crate::init()?;
         let pipeline = gst::Pipeline::with_name("kiln-vod");
-        let src = make("uridecodebin3", "src")?;
+        // uridecodebin, not uridecodebin3: with 1.22's uridecodebin3, about one job in four started with two
+        // pipelines at once never produced a buffer (found by tests/vod.rs)
+        let src = make("uridecodebin", "src")?;
         src.set_property("uri", &plan.uri);
         pipeline.add(&src)?;
         let seg_ns = u64::from(plan.segment_ms) * 1_000_000;

@@ -570,14 +570,28 @@ impl Jobs {
             })
             .collect();
         let mut thumbnails: Vec<(u64, u32, u32, Vec<u8>)> = Vec::new();
+        let mut last_event = Instant::now();
         loop {
             if cancel.load(Ordering::SeqCst) {
                 pipeline.stop();
                 return Err("cancelled".into());
             }
             let ev = match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(ev) => ev,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                Ok(ev) => {
+                    last_event = Instant::now();
+                    ev
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    // a pipeline that produces nothing for this long is stuck: fail the job rather than hold a slot
+                    if last_event.elapsed() > STALL_LIMIT {
+                        pipeline.stop();
+                        return Err(format!(
+                            "the pipeline stalled: no output for {} s",
+                            STALL_LIMIT.as_secs()
+                        ));
+                    }
+                    continue;
+                }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     return Err("the pipeline went away".into())
                 }
@@ -698,6 +712,9 @@ impl Jobs {
         Ok(())
     }
 }
+
+/// A running job that produces nothing (no segment, no thumbnail) for this long fails.
+const STALL_LIMIT: Duration = Duration::from_secs(120);
 
 /// Tile width in the sprite sheet, and tiles per row.
 const TILE_WIDTH: u32 = 160;
