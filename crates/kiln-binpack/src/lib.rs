@@ -540,8 +540,10 @@ pub fn consolidate(
     let mut moves: Vec<(usize, Slot)> = Vec::new();
     let mut moved: Vec<bool> = vec![false; running.len()];
     let mut emptied: Vec<bool> = vec![false; nodes.len()];
+    // a node that took moved streams is not emptied afterwards (no stream moves twice in one pass)
+    let mut received: Vec<bool> = vec![false; nodes.len()];
     for &c in &order {
-        if emptied[c] {
+        if emptied[c] || received[c] {
             continue;
         }
         let items: Vec<usize> = (0..running.len())
@@ -572,6 +574,7 @@ pub fn consolidate(
             }
             commit(nodes, s, &d);
             moved[i] = true;
+            received[s.node] = true;
             moves.push((i, s));
         }
         emptied[c] = true;

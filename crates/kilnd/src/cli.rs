@@ -64,9 +64,10 @@ struct Args {
     /// URL the scheduler and viewers reach this daemon at (default: from the bound address).
     #[arg(long)]
     advertise_url: Option<String>,
-    /// Directory for VOD job state and outputs (jobs survive restarts).
-    #[arg(long, default_value = "kiln-data")]
-    data_dir: PathBuf,
+    /// Directory for VOD job state and outputs (jobs survive restarts). Default: `kiln-data` in the working
+    /// directory, or in the temporary directory when that cannot be created.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// `file://` VOD inputs must be under this directory.
     #[arg(long)]
     vod_input_dir: Option<PathBuf>,
@@ -221,7 +222,19 @@ async fn run() -> anyhow::Result<()> {
             }
         }),
         jobs: Some(crate::jobs::JobsConfig {
-            data_dir: args.data_dir.clone(),
+            data_dir: match &args.data_dir {
+                Some(d) => d.clone(),
+                None => {
+                    let here = PathBuf::from("kiln-data");
+                    if std::fs::create_dir_all(&here).is_ok() {
+                        here
+                    } else {
+                        let tmp = std::env::temp_dir().join("kiln-data");
+                        tracing::warn!(dir = %tmp.display(), "cannot create ./kiln-data: VOD state goes to the temporary directory (pass --data-dir)");
+                        tmp
+                    }
+                }
+            },
             input_dir: args.vod_input_dir.clone(),
             max_concurrent: args.vod_concurrency.max(1),
         }),
