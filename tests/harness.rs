@@ -501,6 +501,14 @@ impl Proc {
         Ok(())
     }
 
+    /// Waits for the process to exit by itself, at most `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .with_context(|| format!("{} did not exit within {limit:?}", self.name))?
+            .map_err(Into::into)
+    }
+
     /// Sends a signal by name (`STOP`, `CONT`, `TERM`).
     pub async fn signal(&self, sig: &str) -> Result<()> {
         let st = tokio::process::Command::new("kill")

@@ -681,6 +681,43 @@ async fn jobs_survive_kill_9() -> Result<()> {
     }
     p.kill().await?;
     let mut p = Proc::spawn("kilnd", KILND, &argv, "listening on").await?;
+    // a clean stop (SIGTERM) while a job runs: the daemon exits promptly and the job goes back to the queue
+    let t = Instant::now();
+    let running = loop {
+        let list: Value = http
+            .get(format!("{}/v1/jobs", p.url))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if let Some(j) = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["state"] == "running")
+        {
+            break j["id"].as_str().unwrap().to_string();
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "nothing runs after the restart: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    p.signal("TERM").await?;
+    let st = p.wait_exit(Duration::from_secs(15)).await?;
+    ensure!(st.success(), "kilnd exited with {st} on SIGTERM");
+    let mut p = Proc::spawn("kilnd", KILND, &argv, "listening on").await?;
+    let st: Value = http
+        .get(format!("{}/v1/jobs/{running}", p.url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        matches!(st["state"].as_str(), Some("queued" | "running")),
+        "interrupted job after SIGTERM: {st}"
+    );
     for id in &ids {
         let st = wait_final(&http, &p.url, id, Duration::from_secs(300)).await?;
         ensure!(st["state"] == "done", "{id} after restart: {st}");

@@ -5,7 +5,7 @@
 //! uridecodebin ─video→ videoflip(the probed rotation) → [videorate → caps(fps)] → tee
 //!     tee → queue → videoscale → videoconvert → caps(WxH I420, PAR 1:1) → x264enc(fixed GOP, no scene cuts)
 //!         → h264parse → cmafmux(fragment = segment) → appsink          (one branch per rendition)
-//!     tee → queue → [keep one frame per interval] → videoscale → videoconvert → caps(RGB) → appsink (thumbnails)
+//!     tee → queue → videorate(1/interval, drop only) → videoscale → videoconvert → caps(RGB) → appsink (thumbnails)
 //!               ─audio→ audioconvert → audioresample → caps(48 kHz, ≤ 2 ch) → AAC → aacparse → cmafmux → appsink
 //! ```
 //! Every rendition encodes the same frames with the same fixed GOP (`key-int-max` = fps × segment, scene cuts
@@ -270,9 +270,17 @@ impl VodPipeline {
             // the output's track matrix and make players rotate the picture a second time
             flip.static_pad("src").expect("videoflip src").add_probe(
                 gst::PadProbeType::EVENT_DOWNSTREAM,
-                |_, info| match info.event() {
-                    Some(e) if e.type_() == gst::EventType::Tag => gst::PadProbeReturn::Drop,
-                    _ => gst::PadProbeReturn::Ok,
+                |_, info| {
+                    // replaced, not dropped: dropping a serialized event here made GStreamer print a CRITICAL
+                    // (unref of NULL) for every later event
+                    if let Some(gst::PadProbeData::Event(ev)) = &mut info.data {
+                        if let gst::EventView::Tag(t) = ev.view() {
+                            let mut tags = t.tag_owned();
+                            tags.make_mut().remove::<gst::tags::ImageOrientation>();
+                            *ev = gst::event::Tag::new(tags);
+                        }
+                    }
+                    gst::PadProbeReturn::Ok
                 },
             );
             let tee = make("tee", "vtee")?;
@@ -327,6 +335,16 @@ impl VodPipeline {
                     * 2)
                 .max(2);
                 let q = make("queue", "q-thumbs")?;
+                // one frame per interval, chosen by videorate before anything is scaled (a pad probe that dropped
+                // buffers made GStreamer 1.22 print a CRITICAL per dropped frame)
+                let rate = make("videorate", "rate-thumbs")?;
+                rate.set_property("drop-only", true);
+                let fcaps = capsfilter(
+                    "fps-thumbs",
+                    gst::Caps::builder("video/x-raw")
+                        .field("framerate", gst::Fraction::new(1, interval.max(1) as i32))
+                        .build(),
+                )?;
                 let scale = make("videoscale", "scale-thumbs")?;
                 let conv = make("videoconvert", "conv-thumbs")?;
                 let caps = capsfilter(
@@ -345,28 +363,25 @@ impl VodPipeline {
                 // no preroll: a sink that prerolls early would block the tee while the muxers still wait for a
                 // whole segment
                 appsink.set_property("async", false);
-                pipeline.add_many([&q, &scale, &conv, &caps, appsink.upcast_ref()])?;
-                gst::Element::link_many([&tee, &q, &scale, &conv, &caps, appsink.upcast_ref()])?;
-                // keep the first frame at/after each multiple of the interval (running time from 0)
-                let next = Mutex::new(0u64);
-                let step = u64::from(interval) * 1_000_000_000;
-                q.static_pad("sink").expect("queue sink").add_probe(
-                    gst::PadProbeType::BUFFER,
-                    move |_, info| {
-                        let Some(pts) = info.buffer().and_then(|b| b.pts()) else {
-                            return gst::PadProbeReturn::Drop;
-                        };
-                        let mut n = next.lock().unwrap_or_else(|e| e.into_inner());
-                        if pts.nseconds() + 1_000_000 >= *n {
-                            while *n <= pts.nseconds() + 1_000_000 {
-                                *n += step;
-                            }
-                            gst::PadProbeReturn::Ok
-                        } else {
-                            gst::PadProbeReturn::Drop
-                        }
-                    },
-                );
+                pipeline.add_many([
+                    &q,
+                    &rate,
+                    &fcaps,
+                    &scale,
+                    &conv,
+                    &caps,
+                    appsink.upcast_ref(),
+                ])?;
+                gst::Element::link_many([
+                    &tee,
+                    &q,
+                    &rate,
+                    &fcaps,
+                    &scale,
+                    &conv,
+                    &caps,
+                    appsink.upcast_ref(),
+                ])?;
                 let tsink = sink.clone();
                 appsink.set_callbacks(
                     gst_app::AppSinkCallbacks::builder()

@@ -66,6 +66,8 @@ pub struct Jobs {
     cpu_model: kiln_model::capacity::CpuCostModel,
     entries: Mutex<BTreeMap<String, Entry>>,
     wake: tokio::sync::Notify,
+    /// The daemon is stopping: running jobs are interrupted and go back to the queue.
+    stopping: AtomicBool,
 }
 
 fn unix_ms() -> u64 {
@@ -149,6 +151,7 @@ impl Jobs {
             cpu_model,
             entries: Mutex::new(entries),
             wake: tokio::sync::Notify::new(),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -257,6 +260,18 @@ impl Jobs {
         }
     }
 
+    /// The daemon is stopping: running jobs stop within a moment and are queued again (they restart at the next
+    /// start); nothing new starts.
+    pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for e in self.lock().values() {
+            if e.status.state == JobState::Running {
+                e.cancel.store(true, Ordering::SeqCst);
+            }
+        }
+        self.wake.notify_one();
+    }
+
     fn update(&self, id: &str, f: impl FnOnce(&mut JobStatus)) -> Option<JobStatus> {
         let mut map = self.lock();
         let e = map.get_mut(id)?;
@@ -290,6 +305,9 @@ impl Jobs {
     ) {
         loop {
             loop {
+                if self.stopping.load(Ordering::SeqCst) {
+                    break;
+                }
                 let next = {
                     let map = self.lock();
                     let running = map
@@ -379,6 +397,13 @@ impl Jobs {
             s.finished_unix_ms = Some(unix_ms());
             s.eta_s = None;
             match (&outcome, cancelled) {
+                // interrupted by a daemon stop, not by a user: back to the queue
+                (_, true) if self.stopping.load(Ordering::SeqCst) => {
+                    s.state = JobState::Queued;
+                    s.progress = 0.0;
+                    s.speed = None;
+                    s.finished_unix_ms = None;
+                }
                 (_, true) => s.state = JobState::Cancelled,
                 (Ok(()), false) => {
                     s.state = JobState::Done;

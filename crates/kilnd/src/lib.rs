@@ -287,6 +287,7 @@ pub async fn serve_state(
         .scheduler
         .clone()
         .map(|cfg| tokio::spawn(agent::run(state.clone(), cfg)));
+    let jobs = state.jobs.clone();
     let dispatcher = state
         .jobs
         .clone()
@@ -300,6 +301,9 @@ pub async fn serve_state(
         }
         if let Some(d) = dispatcher {
             d.abort();
+        }
+        if let Some(j) = &jobs {
+            j.shutdown();
         }
         tracing::info!("shutting down: stopping streams");
         sup.shutdown().await;
