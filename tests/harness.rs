@@ -443,7 +443,15 @@ pub struct Proc {
     pub name: String,
     /// Base URL it printed (`… listening on URL`), or `redis://…` for Redis.
     pub url: String,
+    /// Where its stderr goes (unless `KILN_IT_LOGS=1`).
+    pub log: std::path::PathBuf,
     child: tokio::process::Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
 }
 
 impl Proc {
@@ -452,15 +460,22 @@ impl Proc {
     pub async fn spawn(name: &str, bin: &str, args: &[&str], ready: &str) -> Result<Self> {
         use tokio::io::AsyncBufReadExt;
         let logs = std::env::var("KILN_IT_LOGS").is_ok_and(|v| v == "1");
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let log = std::env::temp_dir().join(format!(
+            "kiln-it-{name}-{}-{}.log",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let stderr = if logs {
+            Stdio::inherit()
+        } else {
+            Stdio::from(std::fs::File::create(&log)?)
+        };
         let mut child = tokio::process::Command::new(bin)
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(if logs {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {bin}"))?;
@@ -486,8 +501,14 @@ impl Proc {
         Ok(Self {
             name: name.to_string(),
             url,
+            log,
             child,
         })
+    }
+
+    /// What it wrote to stderr so far (empty with `KILN_IT_LOGS=1`).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {

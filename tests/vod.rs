@@ -680,6 +680,7 @@ async fn jobs_survive_kill_9() -> Result<()> {
         ensure!(queued["state"] == "queued", "{queued}");
     }
     p.kill().await?;
+    let mut logs = vec![p.log_text()];
     let mut p = Proc::spawn("kilnd", KILND, &argv, "listening on").await?;
     // a clean stop (SIGTERM) while a job runs: the daemon exits promptly and the job goes back to the queue
     let t = Instant::now();
@@ -707,6 +708,7 @@ async fn jobs_survive_kill_9() -> Result<()> {
     p.signal("TERM").await?;
     let st = p.wait_exit(Duration::from_secs(15)).await?;
     ensure!(st.success(), "kilnd exited with {st} on SIGTERM");
+    logs.push(p.log_text());
     let mut p = Proc::spawn("kilnd", KILND, &argv, "listening on").await?;
     let st: Value = http
         .get(format!("{}/v1/jobs/{running}", p.url))
@@ -750,6 +752,16 @@ async fn jobs_survive_kill_9() -> Result<()> {
         h["started_unix_ms"].as_u64() < l["started_unix_ms"].as_u64(),
         "priority 5 started after priority 1: {h} {l}"
     );
+    logs.push(p.log_text());
+    // GStreamer's CRITICALs are bugs (a wrong unref, a bad probe): none in any of the three daemons' logs
+    for (i, l) in logs.iter().enumerate() {
+        let first = l.lines().find(|l| l.contains("CRITICAL")).unwrap_or("");
+        ensure!(
+            !l.contains("CRITICAL"),
+            "daemon {i} logged CRITICALs: {first}"
+        );
+        ensure!(l.contains("job started"), "daemon {i}'s log is empty: {l}");
+    }
     p.kill().await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
