@@ -623,7 +623,7 @@ async fn jobs_survive_kill_9() -> Result<()> {
     let inp = dir.join("in");
     make(
         &inp.join("clip.mp4"),
-        8.0,
+        10.0,
         Some("testsrc2=size=854x480:rate=30"),
         &["sine=sample_rate=48000"],
         &["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"],

@@ -279,6 +279,24 @@ impl Jobs {
         Some(e.status.clone())
     }
 
+    /// Moves a running job's progress forward to `done_s` of `total_s` media seconds (never back: the position
+    /// query and the segments disagree by the encoder's lookahead), with speed and ETA from the wall time so far.
+    fn advance(&self, id: &str, done_s: f64, total_s: f64, wall: Duration) {
+        if !(done_s.is_finite() && done_s > 0.0 && total_s > 0.0) {
+            return;
+        }
+        let done_s = done_s.min(total_s);
+        let progress = (done_s / total_s).clamp(0.0, 0.99);
+        let speed = done_s / wall.as_secs_f64().max(1e-3);
+        self.update(id, |s| {
+            if progress > s.progress {
+                s.progress = progress;
+                s.speed = Some(speed);
+                s.eta_s = Some((total_s - done_s).max(0.0) / speed.max(1e-6));
+            }
+        });
+    }
+
     /// What one job of this request books: its ladder's real-time CPU cost on this host.
     fn demand(&self, req: &JobRequest) -> Resources {
         let sreq = StreamRequest {
@@ -596,10 +614,19 @@ impl Jobs {
             .collect();
         let mut thumbnails: Vec<(u64, u32, u32, Vec<u8>)> = Vec::new();
         let mut last_event = Instant::now();
+        let mut last_poll = Instant::now();
         loop {
             if cancel.load(Ordering::SeqCst) {
                 pipeline.stop();
                 return Err("cancelled".into());
+            }
+            // between segments (seconds apart), progress follows the pipeline's position
+            if last_poll.elapsed() >= PROGRESS_POLL {
+                last_poll = Instant::now();
+                if let Some(pos) = pipeline.position_ns() {
+                    let done_s = pos as f64 / 1e9;
+                    self.advance(id, done_s, probe.duration_s, started.elapsed());
+                }
             }
             let ev = match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(ev) => {
@@ -651,15 +678,7 @@ impl Jobs {
                     });
                     if track == 0 {
                         let done_s = (start + duration) as f64 / f64::from(t.timescale.max(1));
-                        let wall = started.elapsed().as_secs_f64().max(1e-3);
-                        let speed = done_s / wall;
-                        let progress = (done_s / probe.duration_s).clamp(0.0, 0.99);
-                        self.update(id, |s| {
-                            s.progress = progress;
-                            s.speed = Some(speed);
-                            s.eta_s =
-                                Some(((probe.duration_s - done_s).max(0.0)) / speed.max(1e-6));
-                        });
+                        self.advance(id, done_s, probe.duration_s, started.elapsed());
                     }
                 }
                 VodEvent::Thumbnail {
@@ -740,6 +759,9 @@ impl Jobs {
 
 /// A running job that produces nothing (no segment, no thumbnail) for this long fails.
 const STALL_LIMIT: Duration = Duration::from_secs(120);
+
+/// How often a running job's progress is read from the pipeline's position between segments.
+const PROGRESS_POLL: Duration = Duration::from_millis(500);
 
 /// Tile width in the sprite sheet, and tiles per row.
 const TILE_WIDTH: u32 = 160;
