@@ -120,6 +120,43 @@ async fn ffmpeg_decodes(url: &str) -> Result<()> {
     Ok(())
 }
 
+/// An HTTP server on 127.0.0.1:0 serving the files of `dir` by name, and `/redirect?to=URL` (302 to URL).
+async fn serve_dir(dir: &Path) -> Result<String> {
+    use axum::extract::{Path as UrlPath, Query};
+    use axum::http::{header, StatusCode};
+    use axum::response::{IntoResponse, Redirect, Response};
+    let dir = dir.to_path_buf();
+    let app = axum::Router::new()
+        .route(
+            "/redirect",
+            axum::routing::get(
+                |Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                    Redirect::to(q.get("to").map_or("/", String::as_str)).into_response()
+                },
+            ),
+        )
+        .route(
+            "/{name}",
+            axum::routing::get(move |UrlPath(name): UrlPath<String>| {
+                let dir = dir.clone();
+                async move {
+                    let ok = !name.contains(['/', '\\']) && !name.starts_with('.');
+                    match std::fs::read(dir.join(&name)) {
+                        Ok(b) if ok => ([(header::CONTENT_TYPE, "video/mp4")], b).into_response(),
+                        _ => StatusCode::NOT_FOUND.into_response(),
+                    }
+                    .into_response() as Response
+                }
+            }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", l.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    Ok(url)
+}
+
 async fn submit(http: &reqwest::Client, base: &str, body: Value) -> Result<String> {
     let r = http
         .post(format!("{base}/v1/jobs"))
@@ -317,9 +354,9 @@ async fn every_common_input_becomes_a_checked_ladder() -> Result<()> {
     ];
     let d = Daemon::start(kilnd::Config {
         jobs: Some(kilnd::jobs::JobsConfig {
-            data_dir: dir.join("data"),
             input_dir: Some(inp.clone()),
             max_concurrent: 2,
+            ..kilnd::jobs::JobsConfig::new(dir.join("data"))
         }),
         ..Default::default()
     })
@@ -541,11 +578,14 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
     };
+    // http(s) inputs: a server on loopback, which this daemon allows (127.0.0.1 only; the default is none)
+    let web = serve_dir(&inp).await?;
     let d = Daemon::start(kilnd::Config {
         jobs: Some(kilnd::jobs::JobsConfig {
-            data_dir: dir.join("data"),
             input_dir: Some(inp.clone()),
             max_concurrent: 2,
+            url_policy: kiln_model::net::UrlPolicy::parse("127.0.0.1/32")?,
+            ..kilnd::jobs::JobsConfig::new(dir.join("data"))
         }),
         ..Default::default()
     })
@@ -557,7 +597,22 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
         (f("garbage.mp4"), ""),
         (f("ffv1.mkv"), "not supported"),
         (f("huge.mp4"), "larger than kiln accepts"),
-        (format!("http://127.0.0.1:{closed}/a.mp4"), ""),
+        (format!("http://127.0.0.1:{closed}/a.mp4"), "refused"),
+        (format!("{web}/nothing-here.mp4"), "404"),
+        (format!("{web}/garbage.mp4"), ""),
+        // server-side request forgery: internal addresses, directly, by name, or through a redirect
+        (
+            "http://169.254.169.254/latest/meta-data/".to_string(),
+            "169.254.169.254 is a link-local address",
+        ),
+        (
+            format!("http://[::1]:{closed}/a.mp4"),
+            "::1 is a loopback address",
+        ),
+        (
+            format!("{web}/redirect?to=http://10.1.2.3/a.mp4"),
+            "10.1.2.3 is a private address",
+        ),
         (f("missing.mp4"), "No such file"),
         (
             "file:///etc/hostname".to_string(),
@@ -579,6 +634,13 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
         &d.http,
         &d.base,
         json!({"input": f("good.mp4"), "x264_speed": "veryfast", "priority": -1}),
+    )
+    .await?;
+    // the same file over http, through a redirect
+    let good_http = submit(
+        &d.http,
+        &d.base,
+        json!({"input": format!("{web}/redirect?to=/good.mp4"), "x264_speed": "veryfast", "priority": -1}),
     )
     .await?;
     // malformed requests are refused at submit time
@@ -604,6 +666,25 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
     let st = wait_final(&d.http, &d.base, &good_id, Duration::from_secs(120)).await?;
     ensure!(st["state"] == "done", "the good job: {st}");
     ffmpeg_decodes(&d.url(st["links"]["master"].as_str().unwrap())).await?;
+    let st = wait_final(&d.http, &d.base, &good_http, Duration::from_secs(120)).await?;
+    let size = std::fs::metadata(inp.join("good.mp4"))?.len();
+    ensure!(
+        st["state"] == "done" && st["input_bytes"] == size && st["input_total_bytes"] == size,
+        "the good job over http: {st}"
+    );
+    ffmpeg_decodes(&d.url(st["links"]["master"].as_str().unwrap())).await?;
+    ensure!(
+        std::fs::read_dir(dir.join("data").join("inputs"))?.count() == 0,
+        "downloads are deleted when their jobs end"
+    );
+    let (_, metrics) = d.get_text("/metrics").await?;
+    ensure!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("kiln_vod_input_bytes_total ")
+                && l.split(' ').nth(1).and_then(|v| v.parse::<f64>().ok()) >= Some(size as f64)),
+        "kiln_vod_input_bytes_total counts the download"
+    );
     // cancel: a queued job is cancelled; a finished one cannot be
     let r = d
         .http
@@ -783,9 +864,9 @@ async fn kilnctl_submits_lists_cancels_and_watches() -> Result<()> {
     .await?;
     let d = Daemon::start(kilnd::Config {
         jobs: Some(kilnd::jobs::JobsConfig {
-            data_dir: dir.join("data"),
             input_dir: Some(inp.clone()),
             max_concurrent: 1,
+            ..kilnd::jobs::JobsConfig::new(dir.join("data"))
         }),
         ..Default::default()
     })

@@ -12,9 +12,11 @@
 //! - [`capacity`]: resource vectors (CPU, memory, NVENC/NVDEC, sessions, VRAM) and the CPU cost model.
 //! - [`vod`]: VOD job requests and status, input rules, the no-upscale ladder.
 //! - [`node`]: the capacity report (`GET /v1/capacity`, heartbeats) and the scheduler's fencing header.
+//! - [`net`]: which addresses a URL fetched for a user (a VOD job's input) may reach.
 
 pub mod api;
 pub mod capacity;
+pub mod net;
 pub mod node;
 pub mod source;
 pub mod stream;

@@ -192,6 +192,12 @@ pub struct JobStatus {
     pub finished_unix_ms: Option<u64>,
     /// Times the job was started (more than 1: a restart resumed it).
     pub attempts: u32,
+    /// Bytes of an `http(s)` input downloaded so far (the transcode starts once it is whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_bytes: Option<u64>,
+    /// The input's size, when the server declared it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_total_bytes: Option<u64>,
     /// Input duration in seconds, once probed.
     pub duration_s: Option<f64>,
     pub renditions: Vec<JobRendition>,

@@ -186,15 +186,29 @@ async fn follow(http: &reqwest::Client, base: &str, id: &str) -> Result<ExitCode
         let j: JobStatus = serde_json::from_value(v)?;
         let width = 30;
         let filled = ((j.progress.clamp(0.0, 1.0)) * width as f64).round() as usize;
-        let line = format!(
-            "[{}{}] {:>5.1}% {:<9} {} {}",
-            "#".repeat(filled),
-            " ".repeat(width - filled),
-            j.progress * 100.0,
-            format!("{:?}", j.state).to_lowercase(),
-            j.speed.map_or(String::new(), |s| format!("{s:.2}x")),
-            j.eta_s.map_or(String::new(), |e| format!("eta {e:.0}s")),
-        );
+        // an http(s) input still arriving: the download, not the (not yet started) transcode
+        let downloading =
+            j.state == JobState::Running && j.duration_s.is_none() && j.input_bytes.is_some();
+        let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+        let line = if downloading {
+            let got = j.input_bytes.unwrap_or(0);
+            format!(
+                "downloading {:.1} MiB{}",
+                mib(got),
+                j.input_total_bytes
+                    .map_or(String::new(), |t| format!(" of {:.1} MiB", mib(t))),
+            )
+        } else {
+            format!(
+                "[{}{}] {:>5.1}% {:<9} {} {}",
+                "#".repeat(filled),
+                " ".repeat(width - filled),
+                j.progress * 100.0,
+                format!("{:?}", j.state).to_lowercase(),
+                j.speed.map_or(String::new(), |s| format!("{s:.2}x")),
+                j.eta_s.map_or(String::new(), |e| format!("eta {e:.0}s")),
+            )
+        };
         if line != last_line {
             if tty {
                 eprint!("\r{line}\x1b[K");

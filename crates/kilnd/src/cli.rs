@@ -71,6 +71,15 @@ struct Args {
     /// `file://` VOD inputs must be under this directory.
     #[arg(long)]
     vod_input_dir: Option<PathBuf>,
+    /// Networks that `http(s)` VOD inputs may reach besides public addresses, comma-separated CIDRs
+    /// (e.g. `10.20.0.0/16,fd00::/8`; `any` turns the check off). By default loopback, private, link-local (cloud
+    /// metadata) and every other special-purpose range are refused, so a job cannot make the daemon fetch from
+    /// inside the network.
+    #[arg(long, value_parser = parse_url_policy, default_value = "")]
+    vod_url_allow: kiln_model::net::UrlPolicy,
+    /// Largest `http(s)` VOD input downloaded, in bytes.
+    #[arg(long, default_value_t = crate::jobs::DEFAULT_MAX_INPUT_BYTES)]
+    vod_max_input_bytes: u64,
     /// VOD jobs running at once (each also books its CPU cost).
     #[arg(long, default_value_t = 2)]
     vod_concurrency: usize,
@@ -237,6 +246,8 @@ async fn run() -> anyhow::Result<()> {
             },
             input_dir: args.vod_input_dir.clone(),
             max_concurrent: args.vod_concurrency.max(1),
+            url_policy: args.vod_url_allow.clone(),
+            max_input_bytes: args.vod_max_input_bytes,
         }),
         scheduler,
         cpu_model,
@@ -274,4 +285,8 @@ async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
         std::process::exit(130);
     });
+}
+
+fn parse_url_policy(s: &str) -> Result<kiln_model::net::UrlPolicy, String> {
+    kiln_model::net::UrlPolicy::parse(s).map_err(|e| e.to_string())
 }

@@ -36,6 +36,26 @@ pub struct JobsConfig {
     /// `file://` inputs must resolve under it; without it, only http(s) inputs work.
     pub input_dir: Option<PathBuf>,
     pub max_concurrent: usize,
+    /// Networks `http(s)` inputs may reach beyond public addresses (`--vod-url-allow`).
+    pub url_policy: kiln_model::net::UrlPolicy,
+    /// The largest `http(s)` input downloaded, in bytes.
+    pub max_input_bytes: u64,
+}
+
+/// Default `--vod-max-input-bytes`: 64 GiB (a 4K mezzanine file of a few hours).
+pub const DEFAULT_MAX_INPUT_BYTES: u64 = 64 << 30;
+
+impl JobsConfig {
+    /// State in `data_dir`, no file inputs, 2 jobs at once, public URLs only, [`DEFAULT_MAX_INPUT_BYTES`].
+    pub fn new(data_dir: PathBuf) -> JobsConfig {
+        JobsConfig {
+            data_dir,
+            input_dir: None,
+            max_concurrent: 2,
+            url_policy: kiln_model::net::UrlPolicy::default(),
+            max_input_bytes: DEFAULT_MAX_INPUT_BYTES,
+        }
+    }
 }
 
 /// Why a job call failed.
@@ -62,6 +82,7 @@ struct Entry {
 #[derive(Debug)]
 pub struct Jobs {
     cfg: JobsConfig,
+    fetcher: crate::fetch::Fetcher,
     presets: kiln_config::Presets,
     cpu_model: kiln_model::capacity::CpuCostModel,
     entries: Mutex<BTreeMap<String, Entry>>,
@@ -107,6 +128,11 @@ impl Jobs {
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(cfg.data_dir.join("jobs"))?;
         std::fs::create_dir_all(cfg.data_dir.join("vod"))?;
+        // downloads of jobs that were running when the daemon stopped: those jobs start again from the fetch
+        let _ = std::fs::remove_dir_all(cfg.data_dir.join("inputs"));
+        std::fs::create_dir_all(cfg.data_dir.join("inputs"))?;
+        let fetcher = crate::fetch::Fetcher::new(cfg.url_policy.clone(), cfg.max_input_bytes)
+            .map_err(std::io::Error::other)?;
         let mut entries = BTreeMap::new();
         for e in std::fs::read_dir(cfg.data_dir.join("jobs"))? {
             let path = e?.path();
@@ -147,6 +173,7 @@ impl Jobs {
         }
         Ok(Self {
             cfg,
+            fetcher,
             presets,
             cpu_model,
             entries: Mutex::new(entries),
@@ -203,6 +230,8 @@ impl Jobs {
             started_unix_ms: None,
             finished_unix_ms: None,
             attempts: 0,
+            input_bytes: None,
+            input_total_bytes: None,
             duration_s: None,
             renditions: Vec::new(),
             thumbnails: 0,
@@ -371,6 +400,9 @@ impl Jobs {
                     s.started_unix_ms = Some(unix_ms());
                     s.progress = 0.0;
                     s.error = None;
+                    s.input_bytes = None;
+                    s.input_total_bytes = None;
+                    s.duration_s = None;
                 }) else {
                     sup.unbook(&booked);
                     continue;
@@ -433,6 +465,7 @@ impl Jobs {
                 }
             }
         });
+        let _ = std::fs::remove_file(self.download_path(id));
         if let Some(s) = status {
             if s.state != JobState::Done {
                 let _ = std::fs::remove_dir_all(
@@ -445,6 +478,7 @@ impl Jobs {
                     .vod_media_seconds
                     .inc_by(s.duration_s.unwrap_or(0.0));
             }
+            metrics.vod_input_bytes.inc_by(s.input_bytes.unwrap_or(0));
             if let (Some(a), Some(b)) = (s.started_unix_ms, s.finished_unix_ms) {
                 metrics
                     .vod_busy_seconds
@@ -455,10 +489,37 @@ impl Jobs {
         self.wake.notify_one();
     }
 
-    /// Resolves the input to a URI GStreamer can open, enforcing the input directory for files.
-    fn input_uri(&self, req: &JobRequest) -> Result<String, String> {
+    /// Where an `http(s)` input is downloaded to (deleted when the job ends).
+    fn download_path(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("inputs").join(id)
+    }
+
+    /// Resolves the input to a local file URI GStreamer can open: files must be under the input directory;
+    /// URLs are downloaded first ([`crate::fetch`]: address policy, size limit, stall timeout).
+    fn input_uri(&self, id: &str, req: &JobRequest, cancel: &AtomicBool) -> Result<String, String> {
         match req.parse_input().map_err(|e| e.to_string())? {
-            JobInput::Url(u) => Ok(u),
+            JobInput::Url(u) => {
+                let dest = self.download_path(id);
+                let mut last = Instant::now();
+                let mut progress = |got: u64, total: Option<u64>| {
+                    if last.elapsed() >= PROGRESS_POLL || total == Some(got) {
+                        last = Instant::now();
+                        self.update(id, |s| {
+                            s.input_bytes = Some(got);
+                            s.input_total_bytes = total;
+                        });
+                    }
+                };
+                let got = tokio::runtime::Handle::current().block_on(self.fetcher.fetch(
+                    &u,
+                    &dest,
+                    cancel,
+                    &mut progress,
+                ))?;
+                self.update(id, |s| s.input_bytes = Some(got));
+                tracing::info!(job = %id, bytes = got, "input downloaded");
+                Ok(file_uri(&dest))
+            }
             JobInput::File(p) => {
                 let dir = self
                     .cfg
@@ -481,17 +542,8 @@ impl Jobs {
                 if meta.len() == 0 {
                     return Err(format!("input file {p} is empty"));
                 }
-                let s = path.to_str().ok_or("the input path is not UTF-8")?;
-                // percent-encode what a URI cannot carry raw
-                let mut uri = String::from("file://");
-                for b in s.bytes() {
-                    if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
-                        uri.push(b as char);
-                    } else {
-                        uri.push_str(&format!("%{b:02X}"));
-                    }
-                }
-                Ok(uri)
+                path.to_str().ok_or("the input path is not UTF-8")?;
+                Ok(file_uri(&path))
             }
         }
     }
@@ -503,7 +555,7 @@ impl Jobs {
             let e = map.get(id).ok_or("job vanished")?;
             (e.status.request.clone(), e.cancel.clone())
         };
-        let uri = self.input_uri(&req)?;
+        let uri = self.input_uri(id, &req, &cancel)?;
         let probe = kiln_media::vod::probe(&uri, Duration::from_secs(20))?;
         let preset = self
             .presets
@@ -755,6 +807,19 @@ impl Jobs {
         });
         Ok(())
     }
+}
+
+/// `file://` URI of a local path, percent-encoding what a URI cannot carry raw.
+fn file_uri(path: &Path) -> String {
+    let mut uri = String::from("file://");
+    for b in path.to_string_lossy().bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            uri.push(b as char);
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
+        }
+    }
+    uri
 }
 
 /// A running job that produces nothing (no segment, no thumbnail) for this long fails.

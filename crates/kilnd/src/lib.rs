@@ -11,6 +11,7 @@ pub mod agent;
 pub mod api;
 pub mod calibrate;
 pub mod cli;
+pub mod fetch;
 pub mod gpus;
 pub mod jobs;
 pub mod metrics;

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub vod_media_seconds: prometheus::Counter,
     /// Wall-clock seconds finished VOD jobs ran.
     pub vod_busy_seconds: prometheus::Counter,
+    /// Bytes of `http(s)` VOD inputs downloaded (counted when the job ends).
+    pub vod_input_bytes: prometheus::IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -256,6 +258,11 @@ impl Metrics {
             "Wall-clock seconds spent by finished VOD jobs",
         ));
         must(registry.register(Box::new(vod_busy_seconds.clone())));
+        let vod_input_bytes = must(prometheus::IntCounter::new(
+            "kiln_vod_input_bytes_total",
+            "Bytes of http(s) VOD inputs downloaded (network ingress of VOD), counted when each job ends",
+        ));
+        must(registry.register(Box::new(vod_input_bytes.clone())));
         must(registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         )));
@@ -285,6 +292,7 @@ impl Metrics {
             vod_jobs,
             vod_media_seconds,
             vod_busy_seconds,
+            vod_input_bytes,
             gpu_nvenc_utilization,
             gpu_nvdec_utilization,
             gpu_encoder_sessions,

@@ -1,0 +1,367 @@
+//! Downloads a VOD job's `http(s)` input to local disk before the transcode, under the address policy.
+//!
+//! The job's URL is chosen by whoever submits jobs, and the daemon fetches it from inside the platform's network,
+//! so every connection is checked against [`kiln_model::net::UrlPolicy`] (public addresses only unless the
+//! operator allowed networks with `--vod-url-allow`):
+//! - host names are resolved here, and only the allowed addresses are handed to the connector, so the address
+//!   checked is the address connected to (no second lookup a rebinding DNS server could answer differently);
+//! - literal addresses (which skip resolution) are checked before the first request and on every redirect hop;
+//! - redirects: at most [`MAX_REDIRECTS`], `http`/`https` only; proxies from the environment are ignored (they
+//!   would connect on our behalf to anything).
+//!
+//! Downloading first (rather than letting GStreamer stream the URL) also gives the job a size limit, a stall
+//! timeout, byte-level progress, and a decoder that reads a seekable local file.
+
+use std::error::Error as StdError;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_model::net::UrlPolicy;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use reqwest::Url;
+
+/// Redirect hops a fetch follows.
+pub const MAX_REDIRECTS: usize = 5;
+/// A connection must be up within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// No byte for this long (headers or body) fails the fetch.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The hint every refusal carries.
+fn hint(ip: IpAddr) -> String {
+    let net = match ip {
+        IpAddr::V4(_) => format!("{ip}/32"),
+        IpAddr::V6(_) => format!("{ip}/128"),
+    };
+    format!("job inputs may only reach public addresses unless kilnd runs with --vod-url-allow (e.g. {net})")
+}
+
+/// Resolves names with the system resolver and keeps only the addresses the policy allows.
+struct PolicyResolver {
+    policy: Arc<UrlPolicy>,
+}
+
+impl Resolve for PolicyResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let policy = self.policy.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await
+                .map_err(|e| format!("cannot resolve {host}: {e}"))?
+                .collect();
+            let (ok, denied): (Vec<SocketAddr>, Vec<SocketAddr>) =
+                all.into_iter().partition(|a| policy.check(a.ip()).is_ok());
+            if ok.is_empty() {
+                let Some(first) = denied.first() else {
+                    return Err(format!("{host} resolves to no address").into());
+                };
+                let why = policy
+                    .check(first.ip())
+                    .err()
+                    .map(|d| d.to_string())
+                    .unwrap_or_default();
+                return Err(format!("{host} resolves to {why}; {}", hint(first.ip())).into());
+            }
+            let addrs: Addrs = Box::new(ok.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
+/// Checks a URL's scheme and, for a literal address, the address itself.
+fn check_url(policy: &UrlPolicy, url: &Url) -> Result<(), String> {
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "only http and https inputs are fetched, not {}",
+            url.scheme()
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("input URLs may not carry credentials".into());
+    }
+    let ip = match url.host() {
+        Some(url::Host::Ipv4(a)) => IpAddr::V4(a),
+        Some(url::Host::Ipv6(a)) => IpAddr::V6(a),
+        Some(url::Host::Domain(_)) => return Ok(()),
+        None => return Err("the input URL has no host".into()),
+    };
+    policy
+        .check(ip)
+        .map_err(|d| format!("input host {d}; {}", hint(ip)))
+}
+
+/// The fetcher of one daemon (one connection pool).
+#[derive(Clone)]
+pub struct Fetcher {
+    client: reqwest::Client,
+    policy: Arc<UrlPolicy>,
+    max_bytes: u64,
+}
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher")
+            .field("policy", &self.policy)
+            .field("max_bytes", &self.max_bytes)
+            .finish()
+    }
+}
+
+/// Every cause in an error chain, outermost first (reqwest's own message hides "connection refused").
+fn chain(e: &dyn StdError) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+impl Fetcher {
+    pub fn new(policy: UrlPolicy, max_bytes: u64) -> Result<Fetcher, String> {
+        let policy = Arc::new(policy);
+        let redirect_policy = policy.clone();
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(STALL_TIMEOUT)
+            .dns_resolver(Arc::new(PolicyResolver {
+                policy: policy.clone(),
+            }))
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= MAX_REDIRECTS {
+                    let n = attempt.previous().len();
+                    return attempt.error(format!("more than {n} redirects"));
+                }
+                match check_url(&redirect_policy, attempt.url()) {
+                    Ok(()) => attempt.follow(),
+                    Err(e) => {
+                        let e = format!("redirected to {}: {e}", attempt.url());
+                        attempt.error(e)
+                    }
+                }
+            }))
+            .user_agent(concat!("kilnd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("the HTTP client: {e}"))?;
+        Ok(Fetcher {
+            client,
+            policy,
+            max_bytes,
+        })
+    }
+
+    /// Downloads `url` to `dest` (created or truncated), calling `progress(bytes, total)` as it goes. Fails on a
+    /// refused address, a non-2xx answer, more than the size limit, an empty body, a stall, or `cancel`.
+    pub async fn fetch(
+        &self,
+        url: &str,
+        dest: &Path,
+        cancel: &AtomicBool,
+        progress: &mut (dyn FnMut(u64, Option<u64>) + Send),
+    ) -> Result<u64, String> {
+        let parsed = Url::parse(url).map_err(|e| format!("input URL: {e}"))?;
+        check_url(&self.policy, &parsed)?;
+        let mut resp = tokio::time::timeout(
+            STALL_TIMEOUT + CONNECT_TIMEOUT,
+            self.client.get(parsed).send(),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "fetching the input: no answer in {} s",
+                (STALL_TIMEOUT + CONNECT_TIMEOUT).as_secs()
+            )
+        })?
+        .map_err(|e| format!("fetching the input: {}", chain(&e)))?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(format!("fetching the input: the server answered {status}"));
+        }
+        let total = resp.content_length();
+        if let Some(n) = total.filter(|n| *n > self.max_bytes) {
+            return Err(format!(
+                "the input is {n} bytes, more than the {} this daemon accepts (--vod-max-input-bytes)",
+                self.max_bytes
+            ));
+        }
+        let mut file = std::fs::File::create(dest).map_err(|e| format!("input download: {e}"))?;
+        let mut got: u64 = 0;
+        progress(0, total);
+        loop {
+            if cancel.load(Ordering::SeqCst) {
+                return Err("cancelled".into());
+            }
+            let chunk = tokio::time::timeout(STALL_TIMEOUT, resp.chunk())
+                .await
+                .map_err(|_| {
+                    format!(
+                        "fetching the input: no data for {} s",
+                        STALL_TIMEOUT.as_secs()
+                    )
+                })?
+                .map_err(|e| format!("fetching the input: {}", chain(&e)))?;
+            let Some(chunk) = chunk else { break };
+            got += chunk.len() as u64;
+            if got > self.max_bytes {
+                return Err(format!(
+                    "the input is more than the {} bytes this daemon accepts (--vod-max-input-bytes)",
+                    self.max_bytes
+                ));
+            }
+            file.write_all(&chunk)
+                .map_err(|e| format!("input download: {e}"))?;
+            progress(got, total);
+        }
+        if let Some(n) = total.filter(|n| *n != got) {
+            return Err(format!("fetching the input: {got} of {n} bytes arrived"));
+        }
+        if got == 0 {
+            return Err("fetching the input: the server sent an empty body".into());
+        }
+        file.sync_all()
+            .map_err(|e| format!("input download: {e}"))?;
+        Ok(got)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::response::{IntoResponse, Redirect};
+    use axum::routing::get;
+
+    async fn server() -> (String, tokio::task::JoinHandle<()>) {
+        let app = axum::Router::new()
+            .route("/ok", get(|| async { vec![7u8; 1000] }))
+            .route("/empty", get(|| async { Vec::<u8>::new() }))
+            .route(
+                "/missing",
+                get(|| async { axum::http::StatusCode::NOT_FOUND }),
+            )
+            .route("/loop", get(|| async { Redirect::temporary("/loop") }))
+            .route(
+                "/to-metadata",
+                get(|| async { Redirect::temporary("http://169.254.169.254/latest/meta-data/") }),
+            )
+            .route(
+                "/to-ok",
+                get(|| async { Redirect::temporary("/ok").into_response() }),
+            );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let h = tokio::spawn(async move {
+            axum::serve(l, app).await.unwrap();
+        });
+        (url, h)
+    }
+
+    async fn get_to(
+        f: &Fetcher,
+        url: &str,
+    ) -> (Result<u64, String>, Vec<u8>, Vec<(u64, Option<u64>)>) {
+        let dir = std::env::temp_dir().join(format!("kiln-fetch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dest = dir.join(url.replace(['/', ':', '[', ']'], "_"));
+        let mut seen = Vec::new();
+        let r = f
+            .fetch(url, &dest, &AtomicBool::new(false), &mut |a, b| {
+                seen.push((a, b))
+            })
+            .await;
+        let bytes = std::fs::read(&dest).unwrap_or_default();
+        let _ = std::fs::remove_file(&dest);
+        (r, bytes, seen)
+    }
+
+    #[tokio::test]
+    async fn internal_addresses_are_refused_before_any_connection() {
+        // a listener that must never see a connection
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let f = Fetcher::new(UrlPolicy::default(), 1 << 20).unwrap();
+        for (url, want) in [
+            (
+                format!("http://127.0.0.1:{port}/a.mp4"),
+                "127.0.0.1 is a loopback address",
+            ),
+            (
+                format!("http://localhost:{port}/a.mp4"),
+                "localhost resolves to",
+            ),
+            (format!("http://[::ffff:127.0.0.1]:{port}/"), "loopback"),
+            (
+                "http://169.254.169.254/latest/meta-data/".into(),
+                "link-local",
+            ),
+            ("http://10.0.0.1/".into(), "private"),
+            ("http://[fe80::1]/".into(), "link-local"),
+        ] {
+            let (r, _, _) = get_to(&f, &url).await;
+            let e = r.expect_err(&url);
+            assert!(e.contains(want), "{url}: {e}");
+            assert!(
+                e.contains("--vod-url-allow"),
+                "{url}: the error names the flag: {e}"
+            );
+        }
+        let accepted = tokio::time::timeout(Duration::from_millis(200), l.accept())
+            .await
+            .is_ok();
+        assert!(!accepted, "a refused URL reached the listener");
+    }
+
+    #[tokio::test]
+    async fn allowed_fetches_check_status_size_redirects_and_bodies() {
+        let (base, h) = server().await;
+        let policy = UrlPolicy::parse("127.0.0.1/32").unwrap();
+        let f = Fetcher::new(policy.clone(), 1 << 20).unwrap();
+        let (r, bytes, seen) = get_to(&f, &format!("{base}/ok")).await;
+        assert_eq!(r, Ok(1000));
+        assert_eq!(bytes, vec![7u8; 1000]);
+        assert_eq!(seen.last(), Some(&(1000, Some(1000))));
+        let (r, bytes, _) = get_to(&f, &format!("{base}/to-ok")).await;
+        assert_eq!(
+            (r, bytes.len()),
+            (Ok(1000), 1000),
+            "a redirect within the policy is followed"
+        );
+        for (path, want) in [
+            ("/missing", "404"),
+            ("/empty", "empty body"),
+            ("/loop", "more than 5 redirects"),
+            (
+                "/to-metadata",
+                "redirected to http://169.254.169.254/latest/meta-data/",
+            ),
+        ] {
+            let (r, _, _) = get_to(&f, &format!("{base}{path}")).await;
+            let e = r.expect_err(path);
+            assert!(e.contains(want), "{path}: {e}");
+        }
+        let small = Fetcher::new(policy, 999).unwrap();
+        let e = get_to(&small, &format!("{base}/ok")).await.0.unwrap_err();
+        assert!(e.contains("1000 bytes, more than the 999"), "{e}");
+        // a closed port is a clear connection error
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let e = get_to(&f, &format!("http://127.0.0.1:{closed}/x"))
+            .await
+            .0
+            .unwrap_err();
+        assert!(e.to_lowercase().contains("refused"), "{e}");
+        h.abort();
+    }
+}
