@@ -2,8 +2,11 @@
 //! playwright-core, plays the daemon's demo stream (the default 720p + 360p ladder) from the page at `/` in
 //! low-latency mode for 30 s. It must not stall, and its live-edge latency (hls.js `latency`) must stay ≤ 2 s.
 //!
+//! A second run plays a finished VOD job from the same page: every rendition must show at its own size, and the
+//! video must play to `ended` without an hls.js error.
+//!
 //! Needs `chromium`, `node` and `npm ci --prefix tests/browser` (scripts/test installs all three). Without them the
-//! test fails under CI and is skipped, with a message, elsewhere.
+//! tests fail under CI and are skipped, with a message, elsewhere.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -81,4 +84,158 @@ async fn hlsjs_in_chromium_plays_the_demo_at_low_latency() -> Result<()> {
     );
     let _ = std::fs::remove_file(&shot);
     d.shutdown().await
+}
+
+/// ffmpeg makes a 10 s 1280x720 H.264/AAC file; kilnd turns it into the `vod-1080p-abr` ladder (720p, 480p, 360p:
+/// never above the source); hls.js plays each rendition and the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hlsjs_in_chromium_plays_every_rendition_of_a_vod_job_to_the_end() -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+    if let Some(why) = missing_tools(&dir) {
+        if std::env::var_os("CI").is_some() {
+            bail!("browser test cannot run: {why}");
+        }
+        eprintln!("skipping the browser test: {why}");
+        return Ok(());
+    }
+    let scratch = std::env::temp_dir().join(format!("kiln-browser-vod-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let inp = scratch.join("in");
+    std::fs::create_dir_all(&inp)?;
+    let clip = inp.join("clip.mp4");
+    let st = tokio::process::Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=1280x720:rate=30:duration=10",
+        ])
+        .args(["-f", "lavfi", "-i", "sine=sample_rate=48000:duration=10"])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-shortest",
+        ])
+        .arg(&clip)
+        .status()
+        .await?;
+    ensure!(st.success(), "ffmpeg: {st}");
+    let d = Daemon::start(kilnd::Config {
+        assets_dir: Some(dir.join("node_modules/hls.js/dist")),
+        jobs: Some(kilnd::jobs::JobsConfig {
+            input_dir: Some(inp.clone()),
+            ..kilnd::jobs::JobsConfig::new(scratch.join("data"))
+        }),
+        ..Default::default()
+    })
+    .await?;
+    let r: serde_json::Value = d
+        .http
+        .post(d.url("/v1/jobs"))
+        .json(&serde_json::json!({"input": format!("file://{}", clip.display()), "x264_speed": "veryfast"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = r["id"].as_str().context("job id")?.to_string();
+    let job = loop {
+        let j: serde_json::Value = d
+            .http
+            .get(d.url(&format!("/v1/jobs/{id}")))
+            .send()
+            .await?
+            .json()
+            .await?;
+        match j["state"].as_str() {
+            Some("done") => break j,
+            Some("failed" | "cancelled") => bail!("the job did not finish: {j}"),
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    };
+    let sizes: Vec<(u64, u64)> = job["renditions"]
+        .as_array()
+        .context("renditions")?
+        .iter()
+        .map(|r| {
+            (
+                r["width"].as_u64().unwrap_or(0),
+                r["height"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    ensure!(
+        sizes == [(1280, 720), (852, 480), (640, 360)],
+        "ladder {sizes:?}"
+    );
+    let shot = scratch.join("vod.png");
+    let out = tokio::time::timeout(
+        Duration::from_secs(150),
+        tokio::process::Command::new("node")
+            .arg(dir.join("watch-vod.mjs"))
+            .arg(format!("{}/#vod:{id}", d.base))
+            .arg(&shot)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("the browser run timed out")??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stdout
+        .lines()
+        .last()
+        .with_context(|| format!("no result; stderr: {stderr}"))?;
+    let r: serde_json::Value = serde_json::from_str(line)
+        .with_context(|| format!("bad result {line:?}; stderr: {stderr}"))?;
+    eprintln!("hls.js VOD result: {r}");
+    let mut levels: Vec<(u64, u64)> = r["levels"]
+        .as_array()
+        .context("levels")?
+        .iter()
+        .map(|l| {
+            (
+                l["width"].as_u64().unwrap_or(0),
+                l["height"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    levels.sort_unstable_by(|a, b| b.cmp(a));
+    ensure!(
+        levels == sizes,
+        "hls.js levels {levels:?} != the job's ladder {sizes:?}"
+    );
+    for s in r["shown"].as_array().context("shown")? {
+        ensure!(
+            s.get("failed").is_none(),
+            "a rendition never showed: {s}; {r}"
+        );
+    }
+    let duration = r["duration"].as_f64().context("duration")?;
+    ensure!((duration - 10.0).abs() < 0.5, "duration {duration} s: {r}");
+    ensure!(r["ended"] == true, "never reached the end: {r}");
+    let errors = r["errors"].as_array().context("errors")?;
+    ensure!(
+        errors.iter().all(|e| e["fatal"] != true),
+        "fatal hls.js errors: {r}"
+    );
+    ensure!(
+        std::fs::metadata(&shot)
+            .map(|m| m.len() > 10_000)
+            .unwrap_or(false),
+        "no screenshot"
+    );
+    d.shutdown().await?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
 }

@@ -64,6 +64,8 @@ const PAGE: &str = r##"<!doctype html>
 <h1>kiln</h1>
 <p>Live streams on this node. Click one to play it in low-latency mode.</p>
 <table id="streams"><thead><tr><th>stream</th><th>state</th><th>renditions</th><th>playlist</th></tr></thead><tbody></tbody></table>
+<p>VOD jobs on this node. A finished one plays from the start.</p>
+<table id="jobs"><thead><tr><th>job</th><th>state</th><th>progress</th><th>renditions</th></tr></thead><tbody></tbody></table>
 <video id="video" controls muted playsinline></video>
 <div id="stats">no stream selected</div>
 <script>
@@ -82,17 +84,35 @@ async function refresh() {
     tr.querySelector('a').onclick = () => play(s.id);
     body.appendChild(tr);
   }
-  if (!current && streams.length) play((location.hash || '#' + streams[0].id).slice(1));
+  const jr = await fetch('/v1/jobs');
+  if (jr.ok) {
+    const jbody = document.querySelector('#jobs tbody'); jbody.innerHTML = '';
+    for (const j of (await jr.json()).slice(0, 20)) {
+      const tr = document.createElement('tr');
+      const r = (j.renditions || []).map(r => `${r.width}x${r.height}`).join(', ');
+      const name = j.state === 'done' ? `<a href="#vod:${j.id}">${j.id}</a>` : j.id;
+      tr.innerHTML = `<td>${name}</td><td>${j.state}</td><td>${(j.progress * 100).toFixed(0)} %</td><td>${r}</td>`;
+      const a = tr.querySelector('a'); if (a) a.onclick = () => play('vod:' + j.id);
+      jbody.appendChild(tr);
+    }
+  }
+  if (!current && location.hash) play(location.hash.slice(1));
+  else if (!current && streams.length) play(streams[0].id);
 }
+// hls.js errors, for whoever drives this page (the browser tests read them)
+window.kilnErrors = [];
 async function play(id) {
-  current = id; const url = `/live/${id}/master.m3u8`; const video = document.getElementById('video');
+  current = id; const video = document.getElementById('video');
+  const vod = id.startsWith('vod:');
+  const url = vod ? `/vod/${id.slice(4)}/master.m3u8` : `/live/${id}/master.m3u8`;
   await hlsReady.catch(() => {});
   if (hls) { hls.destroy(); hls = null; }
   if (window.Hls && Hls.isSupported()) {
     // maxLiveSyncPlaybackRate lets hls.js catch up to its target latency (PART-HOLD-BACK) after start-up or a stall.
-    hls = new Hls({ lowLatencyMode: true, backBufferLength: 30, maxLiveSyncPlaybackRate: 1.5 });
+    hls = vod ? new Hls() : new Hls({ lowLatencyMode: true, backBufferLength: 30, maxLiveSyncPlaybackRate: 1.5 });
     hls.loadSource(url); hls.attachMedia(video);
     hls.on(Hls.Events.MANIFEST_PARSED, () => video.play().catch(() => {}));
+    hls.on(Hls.Events.ERROR, (_, d) => window.kilnErrors.push({ type: d.type, details: d.details, fatal: d.fatal }));
     window.kilnHls = hls;
   } else if (video.canPlayType('application/vnd.apple.mpegurl')) {
     video.src = url; video.play().catch(() => {});
@@ -100,7 +120,7 @@ async function play(id) {
 }
 setInterval(() => {
   const v = document.getElementById('video');
-  const lat = hls && hls.latency ? hls.latency.toFixed(2) + ' s' : 'n/a';
+  const lat = hls && hls.latency ? hls.latency.toFixed(2) + ' s' : 'n/a (VOD or not started)';
   document.getElementById('stats').textContent = current ? `${current}: time ${v.currentTime.toFixed(1)} s, live latency ${lat}` : 'no stream selected';
 }, 500);
 refresh(); setInterval(refresh, 5000);
