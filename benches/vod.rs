@@ -5,9 +5,11 @@
 //!   (1080p 4.5 Mb/s, 720p 2.5, 480p 1.2, 360p 0.7, x264 `medium`, 4 s GOP without scene cuts or B-frames, AAC
 //!   128 kb/s), plus HLS/DASH manifests and thumbnails;
 //! - anchor: one ffmpeg process decodes once, splits, scales and encodes the same four renditions with libx264 at the
-//!   same settings (`medium`, bitrate, GOP, no scene cut, no B-frames) plus AAC, into fragmented MP4 files.
+//!   same settings (`medium`, bitrate, GOP, no scene cut, no B-frames) plus AAC, into fragmented MP4 files;
+//! - second anchor: one bare `gst-launch-1.0` with the elements kiln links, into fakesinks (splits kiln's overhead
+//!   into GStreamer's and kiln's own).
 //!
-//! Printed: wall time and CPU time (user + system, the whole process) of each, and kiln / ffmpeg ratios.
+//! Printed: wall time and CPU time (user + system, the whole process) of each, and the ratios.
 //! Run: `cargo build --release -p kilnd && cargo bench -p kiln-benches --bench vod`.
 
 use std::path::{Path, PathBuf};
@@ -103,7 +105,7 @@ fn main() -> Result<()> {
     let ladder = [
         (1920, 1080, 4500),
         (1280, 720, 2500),
-        (854, 480, 1200),
+        (852, 480, 1200),
         (640, 360, 700),
     ];
     let mut args: Vec<String> = vec![
@@ -167,6 +169,83 @@ fn main() -> Result<()> {
     // the child has been waited for: its times are in our children's counters
     let ff_cpu = (cpu_ticks(std::process::id(), true) - before) as f64 / TICKS;
 
+    // second anchor: the same elements kiln links (avdec_h264 → tee → videoscale → videoconvert → x264enc with
+    // kiln's properties, AAC), as one bare gst-launch-1.0 with fakesinks: no muxing, no files, no thumbnails.
+    // kiln / this = kiln's own overhead; this / ffmpeg = GStreamer's.
+    let mut gst: Vec<String> = vec![
+        "-q".into(),
+        "filesrc".into(),
+        format!("location={}", input.display()),
+        "!".into(),
+        "qtdemux".into(),
+        "name=d".into(),
+        "d.video_0".into(),
+        "!".into(),
+        "queue".into(),
+        "!".into(),
+        "h264parse".into(),
+        "!".into(),
+        "avdec_h264".into(),
+        "!".into(),
+        "tee".into(),
+        "name=t".into(),
+    ];
+    for (w, h, kbps) in &ladder {
+        for a in [
+            "t.".to_string(),
+            "!".into(),
+            "queue".into(),
+            "!".into(),
+            "videoscale".into(),
+            "!".into(),
+            "videoconvert".into(),
+            "!".into(),
+            format!("video/x-raw,format=I420,width={w},height={h},pixel-aspect-ratio=1/1"),
+            "!".into(),
+            "x264enc".into(),
+            format!("bitrate={kbps}"),
+            "speed-preset=medium".into(),
+            "key-int-max=120".into(),
+            "bframes=0".into(),
+            "option-string=scenecut=0:open-gop=0".into(),
+            "!".into(),
+            "h264parse".into(),
+            "!".into(),
+            "fakesink".into(),
+            // no preroll wait: x264's lookahead holds frames while the audio sink would block the demuxer
+            "async=false".into(),
+        ] {
+            gst.push(a);
+        }
+    }
+    for a in [
+        "d.audio_0",
+        "!",
+        "queue",
+        "!",
+        "aacparse",
+        "!",
+        "avdec_aac",
+        "!",
+        "audioconvert",
+        "!",
+        "audioresample",
+        "!",
+        "avenc_aac",
+        "bitrate=128000",
+        "!",
+        "fakesink",
+        "async=false",
+    ] {
+        gst.push(a.into());
+    }
+    let before = cpu_ticks(std::process::id(), true);
+    let t = Instant::now();
+    let st = Command::new("gst-launch-1.0").args(&gst).status()?;
+    let gst_wall = t.elapsed().as_secs_f64();
+    ensure!(st.success(), "gst-launch anchor failed");
+    let gst_cpu = (cpu_ticks(std::process::id(), true) - before) as f64 / TICKS;
+
     // kiln: a release daemon, the job over HTTP, polled until done
     let mut child = Command::new(kilnd_bin()?)
         .args([
@@ -229,6 +308,10 @@ fn main() -> Result<()> {
         f64::from(seconds) / ff_wall
     );
     println!(
+        "| bare gst-launch, same elements (anchor) | {gst_wall:.1} | {gst_cpu:.1} | {:.2} |",
+        f64::from(seconds) / gst_wall
+    );
+    println!(
         "| kiln | {kiln_wall:.1} | {kiln_cpu:.1} | {:.2} |",
         f64::from(seconds) / kiln_wall
     );
@@ -236,6 +319,13 @@ fn main() -> Result<()> {
         "\nkiln / ffmpeg: wall {:.2}, CPU {:.2}",
         kiln_wall / ff_wall,
         kiln_cpu / ff_cpu
+    );
+    println!(
+        "kiln / bare gst-launch: wall {:.2}, CPU {:.2}; bare gst-launch / ffmpeg: wall {:.2}, CPU {:.2}",
+        kiln_wall / gst_wall,
+        kiln_cpu / gst_cpu,
+        gst_wall / ff_wall,
+        gst_cpu / ff_cpu
     );
     println!("(kiln's figures include HLS/DASH manifests and thumbnails; CPU is the whole daemon process)");
     let _ = std::fs::remove_dir_all(&dir);
