@@ -28,6 +28,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::StreamExt;
+
 use kiln_binpack::{solve, Item, Problem, Strategy};
 use kiln_model::node::EPOCH_HEADER;
 use kiln_model::{StreamRequest, StreamState};
@@ -104,6 +106,9 @@ pub struct Scheduler {
     /// Nodes seen dead, so a death is counted once.
     dead: Mutex<HashSet<String>>,
 }
+
+/// Daemon commands a batch decision sends at once.
+const PUT_CONCURRENCY: usize = 32;
 
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -295,6 +300,10 @@ impl Scheduler {
                 .decision
                 .observe(t.elapsed().as_secs_f64() / recs.len().max(1) as f64);
             let mut retry = Vec::new();
+            // book every assignment first (the store serialises them), then start the booked streams on their
+            // daemons concurrently: a failover of a node's hundred streams costs one daemon round trip, not a
+            // hundred in a row
+            let mut booked = Vec::new();
             for rec in recs.drain(..) {
                 let Some(a) = solution.assignments.iter().find(|a| a.id == rec.id) else {
                     let why = last_error
@@ -321,6 +330,8 @@ impl Scheduler {
                 {
                     Ok(()) => {}
                     Err(StoreError::Fenced(_)) => {
+                        // what this pass booked but has not started stays booked: the next leader's
+                        // reconcile finds no copy on its node and starts it there
                         self.step_down("the store fenced a write");
                         return Err(PlaceError::NotLeader);
                     }
@@ -337,33 +348,48 @@ impl Scheduler {
                 }
                 let url = Self::url_of(nodes, &a.node).unwrap_or_default();
                 let spec = fleet::pinned(&rec.request, &demand);
-                match self.command_put(epoch, &url, &rec.id, &spec).await {
+                booked.push((rec, placed, a.node.clone(), a.gpu, demand, url, spec));
+            }
+            let commands: Vec<(String, String, StreamRequest)> = booked
+                .iter()
+                .map(|(rec, _, _, _, _, url, spec)| (url.clone(), rec.id.clone(), spec.clone()))
+                .collect();
+            let answers: Vec<Command> = futures_util::stream::iter(commands.into_iter().map(
+                |(url, id, spec)| async move { self.command_put(epoch, &url, &id, &spec).await },
+            ))
+            .buffered(PUT_CONCURRENCY)
+            .collect()
+            .await;
+            let mut fenced = false;
+            for ((rec, placed, node, gpu, demand, _, _), answer) in booked.into_iter().zip(answers)
+            {
+                match answer {
                     Command::Done => {
-                        tracing::info!(stream = %rec.id, node = %a.node, gpu = ?a.gpu, booked = %fleet::describe(&demand.host.plus(&demand.gpu.unwrap_or_default())), reason, "placed");
+                        tracing::info!(stream = %rec.id, node = %node, gpu = ?gpu, booked = %fleet::describe(&demand.host.plus(&demand.gpu.unwrap_or_default())), reason, "placed");
                         self.metrics.placements.with_label_values(&[reason]).inc();
                         done.push(Ok(placed));
                     }
                     Command::Fenced => {
                         let _ = self.store.save(epoch, &rec, None).await;
-                        self.step_down("a daemon follows a newer epoch");
-                        return Err(PlaceError::NotLeader);
+                        fenced = true;
                     }
                     Command::Rejected(m) => {
                         let _ = self.store.save(epoch, &rec, None).await;
                         done.push(Err((rec, format!("the daemon rejected the spec: {m}"))));
                     }
                     Command::Refused(m) => {
-                        tracing::warn!(stream = %rec.id, node = %a.node, error = %m, "daemon refused; trying another node");
+                        tracing::warn!(stream = %rec.id, node = %node, error = %m, "daemon refused; trying another node");
                         // undo the booking, keep the record as it was
                         let _ = self.store.save(epoch, &rec, None).await;
-                        excluded
-                            .entry(rec.id.clone())
-                            .or_default()
-                            .insert(a.node.clone());
-                        last_error.insert(rec.id.clone(), format!("{}: {m}", a.node));
+                        last_error.insert(rec.id.clone(), format!("{node}: {m}"));
+                        excluded.entry(rec.id.clone()).or_default().insert(node);
                         retry.push(rec);
                     }
                 }
+            }
+            if fenced {
+                self.step_down("a daemon follows a newer epoch");
+                return Err(PlaceError::NotLeader);
             }
             recs = retry;
         }
