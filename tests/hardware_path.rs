@@ -201,6 +201,8 @@ async fn file_sources_loop_and_stay_inside_the_media_directory() -> Result<()> {
     std::os::unix::fs::symlink(dir.join("secret.mp4"), media.join("escape.mp4"))?;
     let d = Daemon::start(kilnd::Config {
         media_dir: Some(media.clone()),
+        // the HTTP source below is on loopback; only that address is opened
+        source_networks: kiln_model::net::UrlPolicy::parse("127.0.0.1/32")?,
         ..Default::default()
     })
     .await?;
@@ -210,9 +212,20 @@ async fn file_sources_loop_and_stay_inside_the_media_directory() -> Result<()> {
         ("file:///clips/missing.mp4", 422),
         ("file:///escape.mp4", 422),
         ("file:///clips", 422),
+        // URL sources on networks this daemon does not allow: refused before any pipeline exists
+        ("rtsp://169.254.169.254/live", 422),
+        ("srt://10.0.0.1:9000", 422),
+        ("http://[::1]:1/a.mp4", 422),
+        ("rtsp://127.0.0.2:8554/cam", 422),
     ] {
         let (st, body) = d.put_stream("bad", &spec(src)).await?;
         ensure!(st == want, "{src}: {st} {body}");
+        if !src.starts_with("file:") {
+            ensure!(
+                body.to_string().contains("--allow-networks"),
+                "{src}: the refusal names the flag: {body}"
+            );
+        }
     }
     let (st, body) = d
         .put_stream("file", &spec("file:///clips/loop.mp4"))

@@ -91,9 +91,9 @@ impl From<SupervisorError> for ApiError {
     fn from(e: SupervisorError) -> Self {
         match e {
             SupervisorError::Invalid(e) => ApiError::BadRequest(e.to_string()),
-            SupervisorError::Policy(_) | SupervisorError::SourceFile(_) => {
-                ApiError::Unprocessable(e.to_string())
-            }
+            SupervisorError::Policy(_)
+            | SupervisorError::SourceFile(_)
+            | SupervisorError::SourceAddress(_) => ApiError::Unprocessable(e.to_string()),
             SupervisorError::Conflict(_) => ApiError::Conflict(e.to_string()),
             SupervisorError::NotFound(_) => ApiError::NotFound(e.to_string()),
             SupervisorError::Media(_) | SupervisorError::ShuttingDown => {
@@ -168,6 +168,7 @@ async fn create(
             SupervisorError::ShuttingDown => "shutting_down",
             SupervisorError::Policy(_) => "policy",
             SupervisorError::SourceFile(_) => "source_file",
+            SupervisorError::SourceAddress(_) => "source_address",
             SupervisorError::Capacity { dimension, .. } => dimension,
         };
         st.metrics.refusals.with_label_values(&[reason]).inc();

@@ -71,12 +71,12 @@ struct Args {
     /// `file://` VOD inputs must be under this directory.
     #[arg(long)]
     vod_input_dir: Option<PathBuf>,
-    /// Networks that `http(s)` VOD inputs may reach besides public addresses, comma-separated CIDRs
-    /// (e.g. `10.20.0.0/16,fd00::/8`; `any` turns the check off). By default loopback, private, link-local (cloud
-    /// metadata) and every other special-purpose range are refused, so a job cannot make the daemon fetch from
-    /// inside the network.
+    /// Networks that sources may reach besides public addresses: live `srt`/`rtsp`/`http(s)` sources and `http(s)`
+    /// VOD inputs. Comma-separated CIDRs (e.g. `192.168.10.0/24,fd00::/8` for cameras on a private network; `any`
+    /// turns the check off). By default loopback, private, link-local (cloud metadata) and every other
+    /// special-purpose range are refused, so a client cannot make the daemon connect into the network.
     #[arg(long, value_parser = parse_url_policy, default_value = "")]
-    vod_url_allow: kiln_model::net::UrlPolicy,
+    allow_networks: kiln_model::net::UrlPolicy,
     /// Largest `http(s)` VOD input downloaded, in bytes.
     #[arg(long, default_value_t = crate::jobs::DEFAULT_MAX_INPUT_BYTES)]
     vod_max_input_bytes: u64,
@@ -173,6 +173,7 @@ async fn run() -> anyhow::Result<()> {
             presets,
             cpu_model,
             media_dir: args.media_dir.clone(),
+            source_networks: args.allow_networks.clone(),
             ..Default::default()
         };
         let cal = crate::calibrate::run(
@@ -246,7 +247,7 @@ async fn run() -> anyhow::Result<()> {
             },
             input_dir: args.vod_input_dir.clone(),
             max_concurrent: args.vod_concurrency.max(1),
-            url_policy: args.vod_url_allow.clone(),
+            url_policy: args.allow_networks.clone(),
             max_input_bytes: args.vod_max_input_bytes,
         }),
         scheduler,
@@ -259,6 +260,7 @@ async fn run() -> anyhow::Result<()> {
         window_segments: args.window_segments.into(),
         assets_dir: args.assets_dir,
         media_dir: args.media_dir,
+        source_networks: args.allow_networks.clone(),
         gpus: args.no_gpu.then(Vec::new),
         ..defaults
     };

@@ -2,7 +2,7 @@
 //!
 //! The job's URL is chosen by whoever submits jobs, and the daemon fetches it from inside the platform's network,
 //! so every connection is checked against [`kiln_model::net::UrlPolicy`] (public addresses only unless the
-//! operator allowed networks with `--vod-url-allow`):
+//! operator allowed networks with `--allow-networks`):
 //! - host names are resolved here, and only the allowed addresses are handed to the connector, so the address
 //!   checked is the address connected to (no second lookup a rebinding DNS server could answer differently);
 //! - literal addresses (which skip resolution) are checked before the first request and on every redirect hop;
@@ -37,7 +37,7 @@ fn hint(ip: IpAddr) -> String {
         IpAddr::V4(_) => format!("{ip}/32"),
         IpAddr::V6(_) => format!("{ip}/128"),
     };
-    format!("job inputs may only reach public addresses unless kilnd runs with --vod-url-allow (e.g. {net})")
+    format!("sources may only reach public addresses unless kilnd runs with --allow-networks (e.g. {net})")
 }
 
 /// Resolves names with the system resolver and keeps only the addresses the policy allows.
@@ -93,6 +93,48 @@ fn check_url(policy: &UrlPolicy, url: &Url) -> Result<(), String> {
     policy
         .check(ip)
         .map_err(|d| format!("input host {d}; {}", hint(ip)))
+}
+
+/// Checks a live URL source (`srt://`, `rtsp(s)://`, `http(s)://`) before its pipeline is built: a literal address
+/// must be allowed, and a name must resolve only to allowed addresses (GStreamer resolves it again when it
+/// connects, so unlike a VOD download this is a check at admission, not a pinned connection). An SRT listener
+/// (`mode=listener`) binds locally and connects nowhere: not checked.
+pub async fn check_source(policy: &UrlPolicy, source: &str) -> Result<(), String> {
+    let url = Url::parse(source).map_err(|e| format!("`{source}`: {e}"))?;
+    let listener = url.scheme() == "srt"
+        && url
+            .query_pairs()
+            .any(|(k, v)| k == "mode" && (v == "listener" || v == "server"));
+    if listener {
+        return Ok(());
+    }
+    let port = url.port_or_known_default().unwrap_or(0);
+    let ip = match url.host() {
+        Some(url::Host::Ipv4(a)) => IpAddr::V4(a),
+        Some(url::Host::Ipv6(a)) => IpAddr::V6(a),
+        Some(url::Host::Domain(name)) => {
+            let addrs: Vec<SocketAddr> =
+                tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((name, port)))
+                    .await
+                    .map_err(|_| format!("resolving {name} timed out"))?
+                    .map_err(|e| format!("cannot resolve {name}: {e}"))?
+                    .collect();
+            for a in &addrs {
+                if let Err(d) = policy.check(a.ip()) {
+                    return Err(format!("{name} resolves to {d}; {}", hint(a.ip())));
+                }
+            }
+            return if addrs.is_empty() {
+                Err(format!("{name} resolves to no address"))
+            } else {
+                Ok(())
+            };
+        }
+        None => return Err(format!("`{source}` has no host")),
+    };
+    policy
+        .check(ip)
+        .map_err(|d| format!("source host {d}; {}", hint(ip)))
 }
 
 /// The fetcher of one daemon (one connection pool).
@@ -311,7 +353,7 @@ mod tests {
             let e = r.expect_err(&url);
             assert!(e.contains(want), "{url}: {e}");
             assert!(
-                e.contains("--vod-url-allow"),
+                e.contains("--allow-networks"),
                 "{url}: the error names the flag: {e}"
             );
         }
@@ -319,6 +361,33 @@ mod tests {
             .await
             .is_ok();
         assert!(!accepted, "a refused URL reached the listener");
+    }
+
+    #[tokio::test]
+    async fn live_sources_are_checked_by_address_and_listeners_are_not() {
+        let p = UrlPolicy::default();
+        for (src, want) in [
+            ("rtsp://10.0.0.1/cam", "private"),
+            ("rtsp://[fe80::1]:554/cam", "link-local"),
+            ("srt://127.0.0.1:9000?streamid=x", "loopback"),
+            ("srt://localhost:9000", "localhost resolves to"),
+            ("http://169.254.169.254/latest", "link-local"),
+        ] {
+            let e = check_source(&p, src).await.expect_err(src);
+            assert!(
+                e.contains(want) && e.contains("--allow-networks"),
+                "{src}: {e}"
+            );
+        }
+        // public literal addresses need no lookup; a listener binds locally
+        assert_eq!(check_source(&p, "rtsp://8.8.8.8/cam").await, Ok(()));
+        assert_eq!(
+            check_source(&p, "srt://0.0.0.0:9000?mode=listener").await,
+            Ok(())
+        );
+        let lan = UrlPolicy::parse("10.0.0.0/8,127.0.0.1").unwrap();
+        assert_eq!(check_source(&lan, "rtsp://10.2.3.4/cam").await, Ok(()));
+        assert_eq!(check_source(&lan, "srt://127.0.0.1:9000").await, Ok(()));
     }
 
     #[tokio::test]

@@ -36,7 +36,7 @@ pub struct JobsConfig {
     /// `file://` inputs must resolve under it; without it, only http(s) inputs work.
     pub input_dir: Option<PathBuf>,
     pub max_concurrent: usize,
-    /// Networks `http(s)` inputs may reach beyond public addresses (`--vod-url-allow`).
+    /// Networks `http(s)` inputs may reach beyond public addresses (`--allow-networks`).
     pub url_policy: kiln_model::net::UrlPolicy,
     /// The largest `http(s)` input downloaded, in bytes.
     pub max_input_bytes: u64,

@@ -69,6 +69,9 @@ pub struct Config {
     pub gpus: Option<Vec<gpus::GpuSlot>>,
     /// Directory that `file://` sources are resolved in; `None` refuses file sources.
     pub media_dir: Option<PathBuf>,
+    /// Networks live URL sources may reach besides public addresses (`--allow-networks`; VOD inputs use
+    /// [`jobs::JobsConfig::url_policy`], filled from the same flag).
+    pub source_networks: kiln_model::net::UrlPolicy,
     /// Report to a scheduler (heartbeats); `None` runs stand-alone.
     pub scheduler: Option<agent::AgentConfig>,
     /// VOD jobs (queue on disk, outputs); `None` disables `/v1/jobs`.
@@ -130,6 +133,7 @@ impl Default for Config {
             gpu_model: Default::default(),
             gpus: None,
             media_dir: None,
+            source_networks: Default::default(),
             scheduler: None,
             jobs: None,
         }

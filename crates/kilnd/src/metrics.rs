@@ -11,10 +11,11 @@ use prometheus::{
 };
 
 /// `reason` values of `kiln_stream_refusals_total`.
-pub const REFUSAL_REASONS: [&str; 13] = [
+pub const REFUSAL_REASONS: [&str; 14] = [
     "invalid",
     "policy",
     "source_file",
+    "source_address",
     "conflict",
     "not_found",
     "pipeline",

@@ -68,6 +68,8 @@ pub enum SupervisorError {
     Policy(String),
     #[error("source file: {0}")]
     SourceFile(String),
+    #[error("source address: {0}")]
+    SourceAddress(String),
     #[error("not enough {dimension} on this node: the stream needs {requested}, {free} is free")]
     Capacity {
         dimension: &'static str,
@@ -560,6 +562,11 @@ impl Supervisor {
         }
 
         let file = self.resolve_file(&plan)?;
+        if let Source::Url { url, .. } = &plan.source {
+            crate::fetch::check_source(&self.config.source_networks, url)
+                .await
+                .map_err(SupervisorError::SourceAddress)?;
+        }
         let placement = self.place(&plan, false)?;
         match self.start(id, request, plan, placement, file, fault).await {
             Ok(r) => Ok(r),
