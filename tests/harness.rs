@@ -458,6 +458,17 @@ impl Proc {
     /// Runs `bin args…` and waits (≤ 30 s) for a stdout line containing `ready`; the URL is the line's last word.
     /// Stderr goes to the test's stderr when `KILN_IT_LOGS=1`.
     pub async fn spawn(name: &str, bin: &str, args: &[&str], ready: &str) -> Result<Self> {
+        Self::spawn_env(name, bin, args, &[], ready).await
+    }
+
+    /// [`Proc::spawn`] with extra environment variables (secrets the child reads by name).
+    pub async fn spawn_env(
+        name: &str,
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        ready: &str,
+    ) -> Result<Self> {
         use tokio::io::AsyncBufReadExt;
         let logs = std::env::var("KILN_IT_LOGS").is_ok_and(|v| v == "1");
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -474,6 +485,7 @@ impl Proc {
         let mut child = tokio::process::Command::new(bin)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true)

@@ -576,6 +576,154 @@ async fn three_daemons_two_schedulers_survive_node_and_leader_failure() -> Resul
 /// The store's contract, on the in-memory store and on a real Redis (Lua scripts): one lease holder at a time
 /// with a new epoch per lease; writes under a stale epoch are refused; a booking that would over-commit a node or
 /// one of its GPUs is refused atomically and leaves the counters as they were; removal gives the booking back.
+/// With a fleet token (`--api-token-env` on both): heartbeats and the scheduler's commands carry it, and every
+/// control route of either process refuses a request without it (401 with a Bearer challenge), while `/play`,
+/// `/metrics` and `/healthz` stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_token_guards_every_control_route_and_the_fleet_still_works() -> Result<()> {
+    const TOKEN: &str = "fleet-token-0123456789abcdef";
+    let env = [("KILN_IT_FLEET_TOKEN", TOKEN)];
+    let sched = Proc::spawn_env(
+        "sched",
+        SCHEDULER,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--heartbeat-ms",
+            HEARTBEAT_MS,
+            "--api-token-env",
+            "KILN_IT_FLEET_TOKEN",
+        ],
+        &env,
+        "listening on",
+    )
+    .await?;
+    let data = std::env::temp_dir().join(format!("kiln-sched-token-{}", std::process::id()));
+    let data = data.display().to_string();
+    let node = Proc::spawn_env(
+        "n1",
+        KILND,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--no-gpu",
+            "--data-dir",
+            &data,
+            "--node-id",
+            "n1",
+            "--scheduler",
+            &sched.url,
+            "--heartbeat-ms",
+            HEARTBEAT_MS,
+            "--api-token-env",
+            "KILN_IT_FLEET_TOKEN",
+        ],
+        &env,
+        "listening on",
+    )
+    .await?;
+    let open = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {TOKEN}").parse()?,
+    );
+    let authed = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .redirect(reqwest::redirect::Policy::none())
+        .default_headers(auth)
+        .build()?;
+    // the node's heartbeats get through: it is listed
+    let t = Instant::now();
+    loop {
+        let nodes: Value = authed
+            .get(format!("{}/v1/nodes", sched.url))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if nodes.to_string().contains("\"n1\"") {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "n1 never registered: {nodes}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // without the token (or with a wrong one) every control route of both processes answers 401
+    let body = json!({"id": "t1", "source": "test:", "preset": "live-audio-only"});
+    let refused = [
+        open.get(format!("{}/v1/streams", sched.url)),
+        open.post(format!("{}/v1/streams", sched.url)).json(&body),
+        open.get(format!("{}/v1/nodes", sched.url)),
+        open.post(format!("{}/v1/nodes/n1/drain", sched.url)),
+        open.get(format!("{}/v1/fleet/headroom", sched.url)),
+        open.post(format!("{}/v1/nodes/n9/heartbeat", sched.url))
+            .json(&json!({})),
+        open.get(format!("{}/v1/streams", node.url)),
+        open.put(format!("{}/v1/streams/t9", node.url))
+            .json(&json!({"source": "test:"})),
+        open.get(format!("{}/v1/capacity", node.url)),
+        open.get(format!("{}/v1/jobs", node.url)),
+        open.get(format!("{}/v1/streams", node.url))
+            .bearer_auth("fleet-token-0123456789abcdeX"),
+    ];
+    for rb in refused {
+        let r = rb.build()?;
+        let what = format!("{} {}", r.method(), r.url());
+        let res = open.execute(r).await?;
+        ensure!(res.status() == 401, "{what}: {}", res.status());
+        ensure!(
+            res.headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("Bearer")),
+            "{what}: no Bearer challenge"
+        );
+    }
+    // with it, a placement reaches the daemon (the scheduler's PUT carried the token)
+    let r = authed
+        .post(format!("{}/v1/streams", sched.url))
+        .json(&body)
+        .send()
+        .await?;
+    ensure!(r.status() == 201, "POST with the token: {}", r.status());
+    let running: Value = authed
+        .get(format!("{}/v1/streams", node.url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        running
+            .as_array()
+            .is_some_and(|a| a.iter().any(|s| s["id"] == "t1")),
+        "t1 is not on the daemon: {running}"
+    );
+    // viewers, Prometheus and health checks need no token
+    for url in [
+        format!("{}/metrics", sched.url),
+        format!("{}/healthz", sched.url),
+        format!("{}/metrics", node.url),
+        format!("{}/healthz", node.url),
+    ] {
+        let st = open.get(&url).send().await?.status();
+        ensure!(st == 200, "{url}: {st}");
+    }
+    let st = open
+        .get(format!("{}/play/t1/master.m3u8", sched.url))
+        .send()
+        .await?
+        .status();
+    ensure!(st == 302, "/play without a token: {st}");
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Result<()> {
     use kiln_binpack::Demand;

@@ -933,3 +933,48 @@ async fn kilnctl_submits_lists_cancels_and_watches() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// A daemon with an API token: kilnctl without `KILN_TOKEN` gets the daemon's 401 and exits non-zero; with it, the
+/// same command works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kilnctl_sends_the_api_token() -> Result<()> {
+    const KILNCTL: &str = env!("CARGO_BIN_EXE_kiln-it-kilnctl");
+    const TOKEN: &str = "kilnctl-token-0123456789";
+    let dir = scratch("kilnctl-token")?;
+    let d = Daemon::start(kilnd::Config {
+        api_token: Some(TOKEN.into()),
+        jobs: Some(kilnd::jobs::JobsConfig::new(dir.join("data"))),
+        ..Default::default()
+    })
+    .await?;
+    let list = |token: Option<&str>| {
+        let mut c = tokio::process::Command::new(KILNCTL);
+        c.arg("--server").arg(&d.base).args(["jobs", "list"]);
+        c.env_remove("KILN_TOKEN");
+        if let Some(t) = token {
+            c.env("KILN_TOKEN", t);
+        }
+        c.output()
+    };
+    let out = list(None).await?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        !out.status.success() && text.contains("401"),
+        "without the token: {} {text}",
+        out.status
+    );
+    let out = list(Some(TOKEN)).await?;
+    ensure!(
+        out.status.success(),
+        "with the token: {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.shutdown().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -83,3 +83,49 @@ pub struct Fallback {
     /// The error that caused it.
     pub error: String,
 }
+
+/// Whether an `Authorization` header value carries `token` as a bearer token (RFC 6750). The comparison takes the
+/// same time wherever the first difference is, so response timing does not reveal a token prefix.
+pub fn bearer_ok(header: Option<&str>, token: &str) -> bool {
+    let Some(h) = header else { return false };
+    let Some((scheme, given)) = h.trim().split_once(' ') else {
+        return false;
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return false;
+    }
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    !token.is_empty() && diff == 0
+}
+
+#[cfg(test)]
+mod bearer_tests {
+    use super::bearer_ok;
+
+    #[test]
+    fn only_the_exact_bearer_token_passes() {
+        assert!(bearer_ok(Some("Bearer s3cret-token"), "s3cret-token"));
+        assert!(bearer_ok(Some("bearer s3cret-token"), "s3cret-token"));
+        for bad in [
+            None,
+            Some(""),
+            Some("Bearer"),
+            Some("Bearer s3cret-toke"),
+            Some("Bearer s3cret-token2"),
+            Some("Basic s3cret-token"),
+            Some("s3cret-token"),
+        ] {
+            assert!(!bearer_ok(bad, "s3cret-token"), "{bad:?}");
+        }
+        assert!(
+            !bearer_ok(Some("Bearer "), ""),
+            "an empty token never matches"
+        );
+    }
+}

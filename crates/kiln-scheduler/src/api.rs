@@ -31,15 +31,46 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
         .into_response()
 }
 
+/// Control routes (`/v1/…` but `/v1/leader`) need the fleet's bearer token when one is configured; `/play`,
+/// `/metrics`, `/healthz` and `/v1/leader` never do.
 pub fn router(s: Arc<Scheduler>) -> Router {
-    Router::new()
+    let control = Router::new()
         .route("/v1/streams", get(list_streams).post(create_stream))
         .route("/v1/streams/{id}", get(get_stream).delete(delete_stream))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}/heartbeat", post(heartbeat))
         .route("/v1/nodes/{id}/drain", post(drain).delete(undrain))
         .route("/v1/fleet/headroom", get(headroom))
-        .route("/v1/fleet/consolidate", post(consolidate))
+        .route("/v1/fleet/consolidate", post(consolidate));
+    let control = match s.config.api_token.clone() {
+        Some(t) => {
+            let t: Arc<str> = t.into();
+            control.route_layer(axum::middleware::from_fn(
+                move |req: axum::extract::Request, next: axum::middleware::Next| {
+                    let t = t.clone();
+                    async move {
+                        let h = req
+                            .headers()
+                            .get(header::AUTHORIZATION)
+                            .and_then(|v| v.to_str().ok());
+                        if kiln_model::api::bearer_ok(h, &t) {
+                            next.run(req).await
+                        } else {
+                            (
+                                StatusCode::UNAUTHORIZED,
+                                [(header::WWW_AUTHENTICATE, "Bearer realm=\"kiln\"")],
+                                Json(json!({"error": {"code": "unauthorized", "message": "the scheduler's API needs `Authorization: Bearer <token>` (the fleet token: --api-token-env)"}})),
+                            )
+                                .into_response()
+                        }
+                    }
+                },
+            ))
+        }
+        None => control,
+    };
+    Router::new()
+        .merge(control)
         .route("/v1/leader", get(leader))
         .route("/play/{stream}/{*path}", get(play))
         .route("/metrics", get(metrics))

@@ -33,6 +33,10 @@ struct Args {
     /// Most streams moved per consolidation pass.
     #[arg(long, default_value_t = 10)]
     consolidate_moves: usize,
+    /// The fleet's bearer token, read from this environment variable (≥ 16 bytes): required on this scheduler's
+    /// control routes and heartbeats, and sent to the daemons (start them with the same token).
+    #[arg(long, value_name = "ENV_VAR")]
+    api_token_env: Option<String>,
     /// Load presets from this directory instead of the built-in ones (they must match the daemons').
     #[arg(long)]
     pipelines_dir: Option<std::path::PathBuf>,
@@ -59,6 +63,18 @@ async fn run() -> anyhow::Result<()> {
         Some(dir) => kiln_config::Presets::load_dir(dir, kiln_config::DEFAULT_PRESET)?,
         None => kiln_config::Presets::builtin(),
     };
+    let api_token = match &args.api_token_env {
+        Some(var) => {
+            let t = std::env::var(var)
+                .with_context(|| format!("environment variable {var} (API token) is not set"))?;
+            anyhow::ensure!(
+                t.len() >= 16 && !t.chars().any(char::is_whitespace),
+                "the API token in {var} must be at least 16 bytes, without spaces"
+            );
+            Some(t)
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -78,6 +94,7 @@ async fn run() -> anyhow::Result<()> {
         interval: Duration::from_millis(args.heartbeat_ms.clamp(100, 60_000)),
         presets,
         strategy: kiln_binpack::Strategy::Kiln,
+        api_token,
     };
     println!("kiln-scheduler listening on http://{bound}");
     let s = Arc::new(crate::Scheduler::new(config, store));

@@ -48,6 +48,9 @@ pub struct Config {
     pub interval: Duration,
     pub presets: kiln_config::Presets,
     pub strategy: Strategy,
+    /// The fleet's bearer token: required on this scheduler's control routes and heartbeats, and sent with every
+    /// command to a daemon (which requires the same token); `None` leaves them open.
+    pub api_token: Option<String>,
 }
 
 impl Config {
@@ -194,10 +197,17 @@ impl Scheduler {
         self.store.leader(&self.me()).await.ok().flatten()
     }
 
+    /// The fleet token on a command to a daemon, when one is configured.
+    fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.config.api_token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
     async fn command_put(&self, epoch: u64, url: &str, id: &str, req: &StreamRequest) -> Command {
         let r = self
-            .http
-            .put(format!("{url}/v1/streams/{id}"))
+            .authed(self.http.put(format!("{url}/v1/streams/{id}")))
             .header(EPOCH_HEADER, epoch.to_string())
             .json(req)
             .send()
@@ -207,8 +217,7 @@ impl Scheduler {
 
     async fn command_delete(&self, epoch: u64, url: &str, id: &str) -> Command {
         let r = self
-            .http
-            .delete(format!("{url}/v1/streams/{id}"))
+            .authed(self.http.delete(format!("{url}/v1/streams/{id}")))
             .header(EPOCH_HEADER, epoch.to_string())
             .send()
             .await;

@@ -23,6 +23,9 @@ struct Args {
     /// The daemon's base URL.
     #[arg(long, env = "KILN_SERVER", default_value = "http://127.0.0.1:8080")]
     server: String,
+    /// The daemon's API token (kilnd --api-token-env), sent as `Authorization: Bearer`.
+    #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -97,8 +100,16 @@ async fn answer(r: reqwest::Response) -> Result<serde_json::Value> {
 }
 
 async fn run(args: Args) -> Result<ExitCode> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = &args.token {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+            .context("the token is not a valid header value")?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
+        .default_headers(headers)
         .build()?;
     let base = args.server.trim_end_matches('/').to_string();
     let Cmd::Jobs { cmd } = args.cmd;

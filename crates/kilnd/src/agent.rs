@@ -38,9 +38,11 @@ pub async fn run(st: AppState, cfg: AgentConfig) {
         };
         let base = &cfg.schedulers[current % cfg.schedulers.len()];
         let url = format!("{base}/v1/nodes/{}/heartbeat", st.config.node_id);
-        let sent = client
-            .post(&url)
-            .json(&hb)
+        let mut req = client.post(&url).json(&hb);
+        if let Some(t) = &st.config.api_token {
+            req = req.bearer_auth(t);
+        }
+        let sent = req
             // a scheduler slower than one interval (frozen, overloaded) is skipped before the node's heartbeat
             // can expire (three intervals)
             .timeout(interval.clamp(Duration::from_millis(250), Duration::from_secs(2)))

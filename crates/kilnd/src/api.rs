@@ -113,19 +113,56 @@ impl From<SupervisorError> for ApiError {
     }
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
+/// The control routes (`/v1/…`, behind the bearer token when one is configured), VOD file serving, metrics and
+/// health.
+pub fn router(token: Option<String>) -> Router<AppState> {
+    let control = Router::new()
         .route("/v1/streams", get(list))
         .route("/v1/streams/{id}", get(status).put(create).delete(remove))
         .route("/v1/jobs", get(list_jobs).post(submit_job))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
-        .route("/vod/{id}/{*path}", get(vod_file))
         .route("/v1/stats", get(stats))
-        .route("/v1/capacity", get(capacity))
+        .route("/v1/capacity", get(capacity));
+    let control = match token {
+        Some(t) => {
+            let t: std::sync::Arc<str> = t.into();
+            control.route_layer(axum::middleware::from_fn(
+                move |req: axum::extract::Request, next: axum::middleware::Next| {
+                    let t = t.clone();
+                    async move {
+                        let h = req
+                            .headers()
+                            .get(axum::http::header::AUTHORIZATION)
+                            .and_then(|v| v.to_str().ok());
+                        if kiln_model::api::bearer_ok(h, &t) {
+                            next.run(req).await
+                        } else {
+                            unauthorized()
+                        }
+                    }
+                },
+            ))
+        }
+        None => control,
+    };
+    Router::new()
+        .merge(control)
+        .route("/vod/{id}/{*path}", get(vod_file))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+/// 401 with a `WWW-Authenticate` challenge (RFC 6750).
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(axum::http::header::WWW_AUTHENTICATE, "Bearer realm=\"kiln\"")],
+        Json(json!({"error": {"code": "unauthorized",
+            "message": "the control API needs `Authorization: Bearer <token>` (the token kilnd was started with: --api-token-env)"}})),
+    )
+        .into_response()
 }
 
 async fn list(State(st): State<AppState>) -> Json<Vec<StreamStatus>> {

@@ -33,6 +33,10 @@ struct Args {
     /// Directory of static assets for the web page (e.g. hls.min.js).
     #[arg(long)]
     assets_dir: Option<PathBuf>,
+    /// Require `Authorization: Bearer <token>` on the control API (`/v1/…`), with the token read from this
+    /// environment variable (≥ 16 bytes); heartbeats to the scheduler carry it too.
+    #[arg(long, value_name = "ENV_VAR")]
+    api_token_env: Option<String>,
     /// Require signed playback URLs, with the key read from this environment variable (≥ 16 bytes).
     #[arg(long, value_name = "ENV_VAR")]
     playback_key_env: Option<String>,
@@ -139,6 +143,18 @@ async fn run() -> anyhow::Result<()> {
     if let Some(p) = &args.demo_preset {
         anyhow::ensure!(presets.get(p).is_some(), "unknown --demo-preset `{p}`");
     }
+    let api_token = match &args.api_token_env {
+        Some(var) => {
+            let t = std::env::var(var)
+                .with_context(|| format!("environment variable {var} (API token) is not set"))?;
+            anyhow::ensure!(
+                t.len() >= 16 && !t.chars().any(char::is_whitespace),
+                "the API token in {var} must be at least 16 bytes, without spaces"
+            );
+            Some(t)
+        }
+        None => None,
+    };
     let playback_key = match &args.playback_key_env {
         Some(var) => Some(
             std::env::var(var)
@@ -261,6 +277,7 @@ async fn run() -> anyhow::Result<()> {
         assets_dir: args.assets_dir,
         media_dir: args.media_dir,
         source_networks: args.allow_networks.clone(),
+        api_token,
         gpus: args.no_gpu.then(Vec::new),
         ..defaults
     };

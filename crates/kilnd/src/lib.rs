@@ -69,6 +69,9 @@ pub struct Config {
     pub gpus: Option<Vec<gpus::GpuSlot>>,
     /// Directory that `file://` sources are resolved in; `None` refuses file sources.
     pub media_dir: Option<PathBuf>,
+    /// Bearer token the control API (`/v1/…`) requires, and that heartbeats to the scheduler carry; `None` leaves
+    /// the API open (a trusted network). Playback, `/metrics`, `/healthz` and `/readyz` never need it.
+    pub api_token: Option<String>,
     /// Networks live URL sources may reach besides public addresses (`--allow-networks`; VOD inputs use
     /// [`jobs::JobsConfig::url_policy`], filled from the same flag).
     pub source_networks: kiln_model::net::UrlPolicy,
@@ -134,6 +137,7 @@ impl Default for Config {
             gpus: None,
             media_dir: None,
             source_networks: Default::default(),
+            api_token: None,
             scheduler: None,
             jobs: None,
         }
@@ -164,7 +168,7 @@ pub fn app(state: AppState) -> Router {
         .and(NotForContentType::new("audio/mp4"));
     let metrics = state.metrics.clone();
     Router::new()
-        .merge(api::router())
+        .merge(api::router(state.config.api_token.clone()))
         .merge(page::router())
         .merge(kiln_origin::router().with_state(state.origin.clone()))
         .with_state(state)
