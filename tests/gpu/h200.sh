@@ -62,6 +62,8 @@ awk -v m0="$m0" -v m1="$m1" -v a="$t0" -v b="$t1" -v n="$STREAMS" -v bare="$anch
     n, (m1 - m0) * 30 / (b - a), bare }' | tee -a "$OUT/summary.txt"
 curl -s "$BASE/v1/streams" >"$OUT/streams.json"
 kill -TERM $KPID; wait $KPID
+# autoplugging (VOD jobs, the VOD probe) must never pick nvcodec's decoders (PRIMARY+1 on 1.22) unbooked
+echo "   demoted: $(grep -o 'decoders=[^ ]*.*hardware decoders are chosen explicitly' "$OUT/kilnd.log" | head -c 300)" | tee -a "$OUT/summary.txt"
 
 log "kiln-nvenc-probe"
 if [ -x "$BIN/kiln-nvenc-probe" ]; then

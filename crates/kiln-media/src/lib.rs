@@ -31,6 +31,8 @@ pub mod vod;
 
 use std::sync::{Arc, OnceLock};
 
+use gst::prelude::*;
+
 use bytes::Bytes;
 pub use kiln_llhls::PartIn;
 pub use pipeline::{BuildOptions, FrameStats, LivePipeline, RenditionFrames};
@@ -95,14 +97,73 @@ pub fn init() -> Result<(), MediaError> {
     INIT.get_or_init(|| {
         gst::init().map_err(|e| e.to_string())?;
         gstfmp4::plugin_register_static().map_err(|e| e.to_string())?;
+        let demoted = keep_hardware_decoders_out_of_autoplugging();
+        if !demoted.is_empty() {
+            tracing::info!(decoders = %demoted.join(", "), "hardware decoders are chosen explicitly, never autoplugged");
+        }
         Ok(())
     })
     .clone()
     .map_err(MediaError::Init)
 }
 
+/// Whether an element klass (`Codec/Decoder/Video/Hardware`) is a hardware decoder.
+pub fn is_hardware_decoder(klass: &str) -> bool {
+    let parts: Vec<&str> = klass.split('/').collect();
+    parts.contains(&"Decoder") && parts.contains(&"Hardware")
+}
+
+/// Sets every hardware decoder's rank to NONE in this process, so that autoplugging (`uridecodebin` in VOD jobs,
+/// the VOD probe's `Discoverer`) never picks one. From GStreamer 1.22 nvcodec registers `nvh264dec`/`nvh265dec`
+/// at PRIMARY + 1, above `avdec_*`: on a GPU node a VOD job would otherwise decode on NVDEC without admission
+/// having booked any. Live streams choose their decoder by name ([`select`]) and book it, which a rank does not
+/// affect. Returns the demoted factory names.
+fn keep_hardware_decoders_out_of_autoplugging() -> Vec<String> {
+    let mut demoted = Vec::new();
+    for f in gst::Registry::get().features(gst::ElementFactory::static_type()) {
+        let Ok(ef) = f.downcast::<gst::ElementFactory>() else {
+            continue;
+        };
+        let hw = ef
+            .metadata(gst::ELEMENT_METADATA_KLASS)
+            .is_some_and(is_hardware_decoder);
+        if hw && ef.rank() > gst::Rank::NONE {
+            ef.set_rank(gst::Rank::NONE);
+            demoted.push(ef.name().to_string());
+        }
+    }
+    demoted
+}
+
 /// The GStreamer runtime version, e.g. `1.22.0`.
 pub fn gstreamer_version() -> String {
     let (a, b, c, _) = gst::version();
     format!("{a}.{b}.{c}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hardware_decoders_are_recognised_by_klass_and_never_autoplugged() {
+        assert!(is_hardware_decoder("Codec/Decoder/Video/Hardware"));
+        assert!(!is_hardware_decoder("Codec/Decoder/Video"));
+        assert!(!is_hardware_decoder("Codec/Encoder/Video/Hardware"));
+        assert!(!is_hardware_decoder("Codec/Decoder/Hardwareish"));
+        init().unwrap();
+        // on a GPU host this covers nvh264dec & co; on a host without one there may be nothing to check
+        for f in gst::Registry::get().features(gst::ElementFactory::static_type()) {
+            let ef = f.downcast::<gst::ElementFactory>().unwrap();
+            if ef
+                .metadata(gst::ELEMENT_METADATA_KLASS)
+                .is_some_and(is_hardware_decoder)
+            {
+                assert_eq!(ef.rank(), gst::Rank::NONE, "{}", ef.name());
+            }
+        }
+        // software decoders keep their rank
+        let avdec = gst::ElementFactory::find("avdec_h264").expect("avdec_h264");
+        assert!(avdec.rank() >= gst::Rank::PRIMARY);
+    }
 }
