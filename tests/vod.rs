@@ -666,6 +666,37 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
     let st = wait_final(&d.http, &d.base, &good_id, Duration::from_secs(120)).await?;
     ensure!(st["state"] == "done", "the good job: {st}");
     ffmpeg_decodes(&d.url(st["links"]["master"].as_str().unwrap())).await?;
+    // the list filters by state and limits
+    let failed: Value = d
+        .http
+        .get(d.url("/v1/jobs?state=failed"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let failed = failed.as_array().context("list")?;
+    ensure!(
+        failed.len() == bad.len() && failed.iter().all(|j| j["state"] == "failed"),
+        "?state=failed: {} jobs",
+        failed.len()
+    );
+    let one: Value = d
+        .http
+        .get(d.url("/v1/jobs?state=failed&limit=1"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(one.as_array().map(Vec::len) == Some(1), "limit=1: {one}");
+    for q in ["state=bogus", "limit=0", "limit=x"] {
+        let st = d
+            .http
+            .get(d.url(&format!("/v1/jobs?{q}")))
+            .send()
+            .await?
+            .status();
+        ensure!(st == 400, "?{q}: {st}");
+    }
     let st = wait_final(&d.http, &d.base, &good_http, Duration::from_secs(120)).await?;
     let size = std::fs::metadata(inp.join("good.mp4"))?.len();
     ensure!(
@@ -900,6 +931,29 @@ async fn kilnctl_submits_lists_cancels_and_watches() -> Result<()> {
         list.contains(&first_id) && list.contains(&second_id) && list.contains("cancelled"),
         "{list}"
     );
+    // delete: refused while a job has not finished (the first is queued or running), done for the cancelled one
+    let early = ctl(&["jobs", "delete", &first_id]).output().await?;
+    ensure!(
+        !early.status.success() && String::from_utf8(early.stderr)?.contains("409"),
+        "deleting an unfinished job"
+    );
+    let del = ctl(&["jobs", "delete", &second_id]).output().await?;
+    ensure!(
+        del.status.success() && String::from_utf8(del.stdout)?.contains("deleted"),
+        "delete"
+    );
+    let gone = d
+        .http
+        .get(d.url(&format!("/v1/jobs/{second_id}")))
+        .send()
+        .await?;
+    ensure!(gone.status() == 404, "a deleted job: {}", gone.status());
+    ensure!(
+        !dir.join("data/jobs")
+            .join(format!("{second_id}.json"))
+            .exists(),
+        "the deleted job's record is still on disk"
+    );
     let watch = ctl(&["jobs", "watch", &first_id]).output().await?;
     let out = String::from_utf8(watch.stdout)?;
     let bar = String::from_utf8(watch.stderr)?;
@@ -975,6 +1029,99 @@ async fn kilnctl_sends_the_api_token() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     d.shutdown().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// `--vod-retention-hours` (here 1 s): a finished job's record and outputs are deleted after the retention; a
+/// purge by hand (`DELETE …?purge=true`) deletes a done job's outputs at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_are_deleted_after_the_retention_or_on_request() -> Result<()> {
+    let dir = scratch("retention")?;
+    let inp = dir.join("in");
+    make(
+        &inp.join("clip.mp4"),
+        2.0,
+        Some("testsrc2=size=320x240:rate=30"),
+        &[],
+        &["-c:v", "libx264", "-pix_fmt", "yuv420p"],
+    )
+    .await?;
+    std::fs::write(inp.join("empty.mp4"), b"")?;
+    let d = Daemon::start(kilnd::Config {
+        jobs: Some(kilnd::jobs::JobsConfig {
+            input_dir: Some(inp.clone()),
+            retention: Some(Duration::from_secs(1)),
+            ..kilnd::jobs::JobsConfig::new(dir.join("data"))
+        }),
+        ..Default::default()
+    })
+    .await?;
+    let f = |n: &str| format!("file://{}", inp.join(n).display());
+    let failing = submit(&d.http, &d.base, json!({"input": f("empty.mp4")})).await?;
+    let st = wait_final(&d.http, &d.base, &failing, Duration::from_secs(30)).await?;
+    ensure!(st["state"] == "failed", "{st}");
+    let t = Instant::now();
+    loop {
+        let r = d
+            .http
+            .get(d.url(&format!("/v1/jobs/{failing}")))
+            .send()
+            .await?;
+        if r.status() == 404 {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(15),
+            "still there after the retention"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ensure!(!dir
+        .join("data/jobs")
+        .join(format!("{failing}.json"))
+        .exists());
+    // by hand, right after it is done (before the sweep can): outputs gone, playback 404
+    let d2 = Daemon::start(kilnd::Config {
+        jobs: Some(kilnd::jobs::JobsConfig {
+            input_dir: Some(inp.clone()),
+            ..kilnd::jobs::JobsConfig::new(dir.join("data2"))
+        }),
+        ..Default::default()
+    })
+    .await?;
+    let good = submit(
+        &d2.http,
+        &d2.base,
+        json!({"input": f("clip.mp4"), "x264_speed": "veryfast"}),
+    )
+    .await?;
+    let st = wait_final(&d2.http, &d2.base, &good, Duration::from_secs(60)).await?;
+    ensure!(st["state"] == "done", "{st}");
+    let master = st["links"]["master"]
+        .as_str()
+        .context("master")?
+        .to_string();
+    ensure!(d2.http.get(d2.url(&master)).send().await?.status() == 200);
+    let r = d2
+        .http
+        .delete(d2.url(&format!("/v1/jobs/{good}?purge=true")))
+        .send()
+        .await?;
+    ensure!(r.status() == 204, "purge: {}", r.status());
+    ensure!(d2.http.get(d2.url(&master)).send().await?.status() == 404);
+    ensure!(
+        !dir.join("data2/vod").join(&good).exists(),
+        "outputs remain"
+    );
+    let r = d2
+        .http
+        .delete(d2.url(&format!("/v1/jobs/{good}?purge=true")))
+        .send()
+        .await?;
+    ensure!(r.status() == 404, "purging twice: {}", r.status());
+    d.shutdown().await?;
+    d2.shutdown().await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

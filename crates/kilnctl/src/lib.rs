@@ -5,7 +5,9 @@
 //! kilnctl [--server URL] jobs list
 //! kilnctl [--server URL] jobs watch ID        # progress bar until the job ends; exit 1 unless done
 //! kilnctl [--server URL] jobs cancel ID
+//! kilnctl [--server URL] jobs delete ID       # a finished job: its record and outputs
 //! ```
+//! `--token` / `KILN_TOKEN`: the daemon's API token (`kilnd --api-token-env`).
 //! `INPUT` is a path (made absolute, sent as `file://…`; it must be under the daemon's `--vod-input-dir`) or an
 //! http(s) URL. Errors print the daemon's message and exit non-zero.
 
@@ -65,6 +67,8 @@ enum JobsCmd {
     Watch { id: String },
     /// Cancel a queued or running job.
     Cancel { id: String },
+    /// Delete a finished job and its outputs.
+    Delete { id: String },
 }
 
 /// Runs the command line; the process's exit code.
@@ -183,6 +187,15 @@ async fn run(args: Args) -> Result<ExitCode> {
         JobsCmd::Cancel { id } => {
             let v = answer(http.delete(format!("{base}/v1/jobs/{id}")).send().await?).await?;
             println!("{id}: {}", v["state"].as_str().unwrap_or("?"));
+        }
+        JobsCmd::Delete { id } => {
+            answer(
+                http.delete(format!("{base}/v1/jobs/{id}?purge=true"))
+                    .send()
+                    .await?,
+            )
+            .await?;
+            println!("{id}: deleted");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -4,7 +4,7 @@
 //! message says what to fix, and nothing internal leaks.
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -242,7 +242,7 @@ impl From<crate::jobs::JobError> for ApiError {
         match e {
             JobError::Invalid(_) => ApiError::BadRequest(e.to_string()),
             JobError::NotFound(_) => ApiError::NotFound(e.to_string()),
-            JobError::Finished(..) => ApiError::Conflict(e.to_string()),
+            JobError::Finished(..) | JobError::NotFinished(..) => ApiError::Conflict(e.to_string()),
             JobError::Io(_) => ApiError::Unavailable(e.to_string()),
         }
     }
@@ -262,8 +262,37 @@ async fn submit_job(
     Ok((StatusCode::CREATED, Json(status)).into_response())
 }
 
-async fn list_jobs(State(st): State<AppState>) -> Result<Response, ApiError> {
-    Ok(Json(jobs(&st)?.list()).into_response())
+/// `GET /v1/jobs[?state=S][&limit=N]`: jobs newest first, optionally of one state, at most `limit`.
+async fn list_jobs(
+    State(st): State<AppState>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let state = match q.get("state") {
+        Some(s) => Some(
+            serde_json::from_value::<kiln_model::vod::JobState>(json!(s)).map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "unknown state `{}` (queued, running, done, failed, cancelled)",
+                    s.chars().take(32).collect::<String>()
+                ))
+            })?,
+        ),
+        None => None,
+    };
+    let limit = match q.get("limit") {
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=100_000).contains(n))
+            .ok_or_else(|| ApiError::BadRequest("limit must be 1..=100000".into()))?,
+        None => usize::MAX,
+    };
+    let list: Vec<_> = jobs(&st)?
+        .list()
+        .into_iter()
+        .filter(|j| state.is_none_or(|s| j.state == s))
+        .take(limit)
+        .collect();
+    Ok(Json(list).into_response())
 }
 
 async fn get_job(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
@@ -274,10 +303,16 @@ async fn get_job(State(st): State<AppState>, Path(id): Path<String>) -> Result<R
 }
 
 /// `DELETE /v1/jobs/{id}`: cancels a queued or running job (200 with its status); 409 once it has finished.
+/// `?purge=true` instead deletes a finished job and its outputs (204; 409 while it is queued or running).
 async fn cancel_job(
     State(st): State<AppState>,
     Path(id): Path<String>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
+    if q.get("purge").is_some_and(|v| v == "true" || v == "1") {
+        jobs(&st)?.purge(&id)?;
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     Ok(Json(jobs(&st)?.cancel(&id)?).into_response())
 }
 

@@ -84,6 +84,9 @@ struct Args {
     /// Largest `http(s)` VOD input downloaded, in bytes.
     #[arg(long, default_value_t = crate::jobs::DEFAULT_MAX_INPUT_BYTES)]
     vod_max_input_bytes: u64,
+    /// Delete finished VOD jobs (record and outputs) this many hours after they end (0: keep them).
+    #[arg(long, default_value_t = 0)]
+    vod_retention_hours: u64,
     /// VOD jobs running at once (each also books its CPU cost).
     #[arg(long, default_value_t = 2)]
     vod_concurrency: usize,
@@ -265,6 +268,8 @@ async fn run() -> anyhow::Result<()> {
             max_concurrent: args.vod_concurrency.max(1),
             url_policy: args.allow_networks.clone(),
             max_input_bytes: args.vod_max_input_bytes,
+            retention: (args.vod_retention_hours > 0)
+                .then(|| std::time::Duration::from_secs(args.vod_retention_hours * 3600)),
         }),
         scheduler,
         cpu_model,

@@ -40,6 +40,8 @@ pub struct JobsConfig {
     pub url_policy: kiln_model::net::UrlPolicy,
     /// The largest `http(s)` input downloaded, in bytes.
     pub max_input_bytes: u64,
+    /// Finished jobs (record and outputs) are deleted this long after they end; `None` keeps them.
+    pub retention: Option<Duration>,
 }
 
 /// Default `--vod-max-input-bytes`: 64 GiB (a 4K mezzanine file of a few hours).
@@ -54,6 +56,7 @@ impl JobsConfig {
             max_concurrent: 2,
             url_policy: kiln_model::net::UrlPolicy::default(),
             max_input_bytes: DEFAULT_MAX_INPUT_BYTES,
+            retention: None,
         }
     }
 }
@@ -67,6 +70,8 @@ pub enum JobError {
     NotFound(String),
     #[error("job `{0}` has already finished ({1:?})")]
     Finished(String, JobState),
+    #[error("job `{0}` is {1:?}: cancel it first, then delete it")]
+    NotFinished(String, JobState),
     #[error("storing the job failed: {0}")]
     Io(String),
 }
@@ -265,6 +270,49 @@ impl Jobs {
         v
     }
 
+    /// `DELETE /v1/jobs/{id}?purge=true`: forgets a finished job and deletes its outputs. A queued or running job
+    /// must be cancelled first.
+    pub fn purge(&self, id: &str) -> Result<(), JobError> {
+        {
+            let mut map = self.lock();
+            let e = map
+                .get(id)
+                .ok_or_else(|| JobError::NotFound(id.to_string()))?;
+            if !e.status.state.is_final() {
+                return Err(JobError::NotFinished(id.to_string(), e.status.state));
+            }
+            map.remove(id);
+        }
+        let _ = std::fs::remove_file(self.cfg.data_dir.join("jobs").join(format!("{id}.json")));
+        let vod = self.cfg.data_dir.join("vod");
+        for dir in [vod.join(id), vod.join(format!("{id}.partial"))] {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(JobError::Io(format!("{}: {e}", dir.display()))),
+            }
+        }
+        tracing::info!(job = %id, "job deleted with its outputs");
+        Ok(())
+    }
+
+    /// Deletes finished jobs older than the retention (by their end time). Returns how many.
+    fn sweep(&self) -> usize {
+        let Some(keep) = self.cfg.retention else {
+            return 0;
+        };
+        let cutoff = unix_ms().saturating_sub(keep.as_millis() as u64);
+        let old: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|e| {
+                e.status.state.is_final() && e.status.finished_unix_ms.is_some_and(|t| t <= cutoff)
+            })
+            .map(|e| e.status.id.clone())
+            .collect();
+        old.iter().filter(|id| self.purge(id).is_ok()).count()
+    }
+
     /// `DELETE /v1/jobs/{id}`: a queued job is cancelled at once, a running one stops within a moment.
     pub fn cancel(&self, id: &str) -> Result<JobStatus, JobError> {
         let mut map = self.lock();
@@ -418,6 +466,10 @@ impl Jobs {
                     let outcome = me.run(&id);
                     me.finish(&id, outcome, &sup2, &m);
                 });
+            }
+            let swept = self.sweep();
+            if swept > 0 {
+                tracing::info!(jobs = swept, "finished jobs past their retention deleted");
             }
             tokio::select! {
                 _ = self.wake.notified() => {}
