@@ -724,6 +724,174 @@ async fn a_fleet_token_guards_every_control_route_and_the_fleet_still_works() ->
     Ok(())
 }
 
+/// VOD jobs through the scheduler: two daemons with one job slot each; two jobs go to different nodes (the first
+/// one's queue counts before its next heartbeat), each is followed to `done` through the scheduler, `/vod/…`
+/// redirects to the node holding the outputs, and a purge through the scheduler forgets the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vod_jobs_are_routed_to_the_shortest_queue_and_followed() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("kiln-sched-vod-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("in"))?;
+    let clip = dir.join("in/clip.mp4");
+    let st = tokio::process::Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=640x360:rate=30:duration=3",
+        ])
+        .args([
+            "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
+        ])
+        .arg(&clip)
+        .status()
+        .await?;
+    ensure!(st.success(), "ffmpeg: {st}");
+    let sched = Proc::spawn(
+        "sched",
+        SCHEDULER,
+        &["--listen", "127.0.0.1:0", "--heartbeat-ms", HEARTBEAT_MS],
+        "listening on",
+    )
+    .await?;
+    let input_dir = dir.join("in").display().to_string();
+    let mut nodes = Vec::new();
+    for n in ["v1", "v2"] {
+        let data = dir.join(n).display().to_string();
+        nodes.push(
+            Proc::spawn(
+                n,
+                KILND,
+                &[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--no-gpu",
+                    "--data-dir",
+                    &data,
+                    "--vod-input-dir",
+                    &input_dir,
+                    "--vod-concurrency",
+                    "1",
+                    "--node-id",
+                    n,
+                    "--scheduler",
+                    &sched.url,
+                    "--heartbeat-ms",
+                    HEARTBEAT_MS,
+                ],
+                "listening on",
+            )
+            .await?,
+        );
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let t = Instant::now();
+    loop {
+        let listed = http
+            .get(format!("{}/v1/nodes", sched.url))
+            .send()
+            .await?
+            .text()
+            .await?;
+        if listed.contains("\"v1\"") && listed.contains("\"v2\"") {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "nodes never registered: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = json!({"input": format!("file://{}", clip.display()), "x264_speed": "veryfast"});
+    let mut jobs = Vec::new();
+    for _ in 0..2 {
+        let r = http
+            .post(format!("{}/v1/jobs", sched.url))
+            .json(&body)
+            .send()
+            .await?;
+        ensure!(r.status() == 201, "submit: {}", r.status());
+        let v: Value = r.json().await?;
+        jobs.push((
+            v["id"].as_str().context("id")?.to_string(),
+            v["node"].as_str().context("node")?.to_string(),
+        ));
+    }
+    ensure!(
+        jobs[0].1 != jobs[1].1,
+        "both jobs went to one node: {jobs:?}"
+    );
+    let r = http
+        .post(format!("{}/v1/jobs", sched.url))
+        .json(&json!({"inputt": "x"}))
+        .send()
+        .await?;
+    ensure!(r.status() == 400, "malformed: {}", r.status());
+    let r = http
+        .get(format!("{}/v1/jobs/jnope", sched.url))
+        .send()
+        .await?;
+    ensure!(r.status() == 404, "unknown job: {}", r.status());
+    for (id, node) in &jobs {
+        let t = Instant::now();
+        let st = loop {
+            let v: Value = http
+                .get(format!("{}/v1/jobs/{id}", sched.url))
+                .send()
+                .await?
+                .json()
+                .await?;
+            if v["state"] == "done" || v["state"] == "failed" {
+                break v;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(90),
+                "job {id} never ended: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        ensure!(st["state"] == "done" && st["node"] == node.as_str(), "{st}");
+        let node_url = &nodes[if node == "v1" { 0 } else { 1 }].url;
+        let r = http
+            .get(format!("{}/vod/{id}/master.m3u8", sched.url))
+            .send()
+            .await?;
+        let loc = r
+            .headers()
+            .get("location")
+            .and_then(|l| l.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        ensure!(
+            r.status() == 302 && loc == format!("{node_url}/vod/{id}/master.m3u8"),
+            "/vod redirect: {} {loc}",
+            r.status()
+        );
+        let text = http.get(&loc).send().await?.text().await?;
+        ensure!(text.starts_with("#EXTM3U"), "{text}");
+    }
+    let (id, _) = &jobs[0];
+    let r = http
+        .delete(format!("{}/v1/jobs/{id}?purge=true", sched.url))
+        .send()
+        .await?;
+    ensure!(r.status() == 204, "purge: {}", r.status());
+    let r = http
+        .get(format!("{}/v1/jobs/{id}", sched.url))
+        .send()
+        .await?;
+    ensure!(r.status() == 404, "a purged job: {}", r.status());
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Result<()> {
     use kiln_binpack::Demand;
@@ -780,6 +948,18 @@ async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Re
             Some(Store::redis(&redis.url).await?),
         ),
     ] {
+        // VOD job routes: stored, read back (by another connection on Redis), forgotten
+        a.put_job("j1", "n2").await?;
+        let reader = b.as_ref().unwrap_or(&a);
+        ensure!(
+            reader.job_node("j1").await? == Some("n2".into()),
+            "{name}: job route"
+        );
+        a.remove_job("j1").await?;
+        ensure!(
+            reader.job_node("j1").await?.is_none(),
+            "{name}: job route kept"
+        );
         let e1 = a.lead("a", "http://a", ttl).await?.context("a leads")?;
         if let Some(b) = &b {
             ensure!(

@@ -36,6 +36,25 @@ pub struct CapacityReport {
     /// What one stream of each preset costs here (a `test:` source).
     #[serde(default)]
     pub demands: BTreeMap<String, PresetDemand>,
+    /// The node's VOD queue; absent when VOD is off there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vod: Option<VodLoad>,
+}
+
+/// A node's VOD queue, for routing jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct VodLoad {
+    pub queued: u32,
+    pub running: u32,
+    /// Jobs it runs at once (`--vod-concurrency`).
+    pub slots: u32,
+}
+
+impl VodLoad {
+    /// Jobs waiting or running per slot: the lower, the sooner a new job starts there.
+    pub fn backlog(&self) -> f64 {
+        f64::from(self.queued + self.running) / f64::from(self.slots.max(1))
+    }
 }
 
 /// Host-level CPU and memory.
@@ -163,6 +182,7 @@ mod tests {
             gpu_inventory: Default::default(),
             streams: vec![],
             headroom: [("live-720p-abr".to_string(), 2)].into(),
+            vod: None,
             demands: BTreeMap::new(),
         };
         let v = serde_json::to_value(&r).unwrap();

@@ -41,7 +41,12 @@ pub fn router(s: Arc<Scheduler>) -> Router {
         .route("/v1/nodes/{id}/heartbeat", post(heartbeat))
         .route("/v1/nodes/{id}/drain", post(drain).delete(undrain))
         .route("/v1/fleet/headroom", get(headroom))
-        .route("/v1/fleet/consolidate", post(consolidate));
+        .route("/v1/fleet/consolidate", post(consolidate))
+        .route("/v1/jobs", post(crate::vod::submit))
+        .route(
+            "/v1/jobs/{id}",
+            get(crate::vod::get_job).delete(crate::vod::delete_job),
+        );
     let control = match s.config.api_token.clone() {
         Some(t) => {
             let t: Arc<str> = t.into();
@@ -73,6 +78,7 @@ pub fn router(s: Arc<Scheduler>) -> Router {
         .merge(control)
         .route("/v1/leader", get(leader))
         .route("/play/{stream}/{*path}", get(play))
+        .route("/vod/{id}/{*path}", get(crate::vod::redirect))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(MAX_BODY))

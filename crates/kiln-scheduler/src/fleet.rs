@@ -239,6 +239,7 @@ mod tests {
                 streams: vec![],
                 headroom: Default::default(),
                 demands,
+                vod: None,
             },
         }
     }

@@ -23,6 +23,7 @@ pub mod cli;
 pub mod fleet;
 pub mod metrics;
 pub mod store;
+pub mod vod;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
@@ -108,6 +109,8 @@ pub struct Scheduler {
     decide: tokio::sync::Mutex<()>,
     /// Nodes seen dead, so a death is counted once.
     dead: Mutex<HashSet<String>>,
+    /// VOD jobs this process routed, until the nodes' reports include them.
+    routed: vod::Routed,
 }
 
 /// Daemon commands a batch decision sends at once.
@@ -137,6 +140,7 @@ impl Scheduler {
             }),
             decide: tokio::sync::Mutex::new(()),
             dead: Mutex::new(HashSet::new()),
+            routed: vod::Routed::default(),
         }
     }
 
@@ -198,7 +202,7 @@ impl Scheduler {
     }
 
     /// The fleet token on a command to a daemon, when one is configured.
-    fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    pub(crate) fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.config.api_token {
             Some(t) => rb.bearer_auth(t),
             None => rb,

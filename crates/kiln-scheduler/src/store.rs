@@ -110,6 +110,8 @@ pub struct Mem {
     streams: BTreeMap<String, StreamRecord>,
     used: HashMap<String, Resources>,
     epoch: u64,
+    /// VOD job id → the node it was submitted to.
+    jobs: HashMap<String, String>,
 }
 
 /// Redis-backed state (keys under `kiln:`).
@@ -128,6 +130,7 @@ impl std::fmt::Debug for RedisStore {
 }
 
 const K_STREAMS: &str = "kiln:streams";
+const K_JOBS: &str = "kiln:jobs";
 const K_EPOCH: &str = "kiln:epoch";
 const K_LEADER: &str = "kiln:leader";
 const K_LEADER_INFO: &str = "kiln:leader:info";
@@ -383,6 +386,39 @@ impl Store {
                 }
                 Ok(true)
             }
+        }
+    }
+
+    /// Remembers which node runs a VOD job (jobs live on their node; this is only the route to it).
+    pub async fn put_job(&self, id: &str, node: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => {
+                self.mem()
+                    .expect("memory")
+                    .jobs
+                    .insert(id.to_string(), node.to_string());
+                Ok(())
+            }
+            Store::Redis(r) => Ok(r.conn.clone().hset::<_, _, _, ()>(K_JOBS, id, node).await?),
+        }
+    }
+
+    /// The node a VOD job was submitted to.
+    pub async fn job_node(&self, id: &str) -> Result<Option<String>, StoreError> {
+        match self {
+            Store::Memory(_) => Ok(self.mem().expect("memory").jobs.get(id).cloned()),
+            Store::Redis(r) => Ok(r.conn.clone().hget(K_JOBS, id).await?),
+        }
+    }
+
+    /// Forgets a VOD job's route (the job was deleted on its node).
+    pub async fn remove_job(&self, id: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => {
+                self.mem().expect("memory").jobs.remove(id);
+                Ok(())
+            }
+            Store::Redis(r) => Ok(r.conn.clone().hdel::<_, _, ()>(K_JOBS, id).await?),
         }
     }
 

@@ -620,6 +620,7 @@ pub fn report(st: &AppState) -> CapacityReport {
         streams,
         headroom,
         demands,
+        vod: st.jobs.as_ref().map(|j| j.load()),
     }
 }
 

@@ -270,6 +270,17 @@ impl Jobs {
         v
     }
 
+    /// Queued and running jobs, and the slots, for the capacity report (the scheduler routes jobs by it).
+    pub fn load(&self) -> kiln_model::node::VodLoad {
+        let map = self.lock();
+        let count = |st: JobState| map.values().filter(|e| e.status.state == st).count() as u32;
+        kiln_model::node::VodLoad {
+            queued: count(JobState::Queued),
+            running: count(JobState::Running),
+            slots: self.cfg.max_concurrent as u32,
+        }
+    }
+
     /// `DELETE /v1/jobs/{id}?purge=true`: forgets a finished job and deletes its outputs. A queued or running job
     /// must be cancelled first.
     pub fn purge(&self, id: &str) -> Result<(), JobError> {

@@ -1,0 +1,283 @@
+//! VOD job routing. Jobs live on the node they are submitted to (its queue is on its disk and survives its
+//! restarts); the scheduler only chooses that node and remembers the route (`job id → node`, in the store, so any
+//! scheduler instance can answer).
+//!
+//! - `POST /v1/jobs`: the body is checked as a [`JobRequest`] (400 if malformed), then sent to the live,
+//!   non-draining node with VOD whose queue is shortest per slot ([`VodLoad::backlog`]), counting the jobs this
+//!   process routed there since its last heartbeat; ties go to the most free CPU, then the node id. A node that does
+//!   not answer is skipped (3 tries); the node's own answer (201, or 400 for a request it refuses) is passed on
+//!   with `"node"` added.
+//! - `GET|DELETE /v1/jobs/{id}` are passed to the job's node (`?purge=true` too; a purge forgets the route).
+//! - `GET /vod/{id}/{path}` redirects (302) to the job's node, like `/play` for streams.
+//!
+//! Any instance serves these, leader or not: routing books nothing (each node's admission books its own jobs).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use kiln_model::node::VodLoad;
+use kiln_model::vod::JobRequest;
+use serde_json::{json, Value};
+
+use crate::Scheduler;
+
+type S = State<Arc<Scheduler>>;
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": {"code": code, "message": message.into()}})),
+    )
+        .into_response()
+}
+
+/// Jobs this process routed recently, per node: they are not in the node's report until its next heartbeat.
+#[derive(Debug, Default)]
+pub struct Routed(std::sync::Mutex<HashMap<String, Vec<Instant>>>);
+
+impl Routed {
+    fn note(&self, node: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(node.to_string()).or_default().push(Instant::now());
+    }
+
+    /// How many were routed to `node` within `window`.
+    fn recent(&self, node: &str, window: Duration) -> u32 {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let v = m.entry(node.to_string()).or_default();
+        v.retain(|t| t.elapsed() < window);
+        v.len() as u32
+    }
+}
+
+/// A job id as kilnd makes them (letters and digits): anything else cannot be a job.
+fn valid_job_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+/// The base URL of a live node.
+async fn node_url(s: &Scheduler, node: &str) -> Result<Option<String>, Response> {
+    let nodes = s
+        .store
+        .nodes()
+        .await
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()))?;
+    Ok(nodes
+        .into_iter()
+        .find(|n| n.id == node)
+        .and_then(|n| n.heartbeat)
+        .map(|h| h.url))
+}
+
+/// A node's answer, passed on (JSON bodies get `"node"` added).
+async fn pass_on(node: &str, r: reqwest::Response) -> Response {
+    let status = StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let bytes = r.bytes().await.unwrap_or_default();
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(mut m)) => {
+            m.insert("node".into(), json!(node));
+            (status, axum::Json(Value::Object(m))).into_response()
+        }
+        Ok(v) => (status, axum::Json(v)).into_response(),
+        Err(_) => status.into_response(),
+    }
+}
+
+pub async fn submit(State(s): S, body: Bytes) -> Response {
+    if let Err(e) = serde_json::from_slice::<JobRequest>(&body) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("invalid job: {e}"),
+        );
+    }
+    let nodes = match s.store.nodes().await {
+        Ok(n) => n,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()),
+    };
+    let window = s.config.interval * 2;
+    let mut candidates: Vec<(f64, i64, String, String)> = nodes
+        .iter()
+        .filter(|n| !n.draining)
+        .filter_map(|n| {
+            let hb = n.heartbeat.as_ref()?;
+            let load = hb.capacity.vod?;
+            let load = VodLoad {
+                queued: load.queued + s.routed.recent(&n.id, window),
+                ..load
+            };
+            Some((
+                load.backlog(),
+                -(hb.capacity.host.free.cpu_millicores as i64),
+                n.id.clone(),
+                hb.url.clone(),
+            ))
+        })
+        .collect();
+    candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    if candidates.is_empty() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_vod_node",
+            "no live, accepting node runs VOD jobs (kilnd with a data directory)",
+        );
+    }
+    let mut last = String::new();
+    for (_, _, node, url) in candidates.into_iter().take(3) {
+        let sent = s
+            .authed(s.http.post(format!("{url}/v1/jobs")))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.clone())
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {
+                s.routed.note(&node);
+                let status = r.status().as_u16();
+                let bytes = r.bytes().await.unwrap_or_default();
+                let mut v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let Some(id) = v["id"].as_str().map(str::to_string) else {
+                    return error(
+                        StatusCode::BAD_GATEWAY,
+                        "bad_node_answer",
+                        format!("{node} answered without a job id"),
+                    );
+                };
+                if let Err(e) = s.store.put_job(&id, &node).await {
+                    return error(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string());
+                }
+                tracing::info!(job = %id, node = %node, "VOD job routed");
+                v["node"] = json!(node);
+                let code = StatusCode::from_u16(status).unwrap_or(StatusCode::CREATED);
+                return (code, axum::Json(v)).into_response();
+            }
+            // the node judged the request itself: its answer stands
+            Ok(r)
+                if r.status().is_client_error()
+                    && r.status() != reqwest::StatusCode::UNAUTHORIZED =>
+            {
+                return pass_on(&node, r).await;
+            }
+            Ok(r) => last = format!("{node}: {}", r.status()),
+            Err(e) => last = format!("{node}: {e}"),
+        }
+        tracing::warn!(node = %node, error = %last, "VOD job not accepted; trying the next node");
+    }
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_vod_node",
+        format!("no node took the job (last: {last})"),
+    )
+}
+
+/// The node of a routed job and its URL, or the error to answer.
+async fn route(s: &Scheduler, id: &str) -> Result<(String, String), Response> {
+    let not_found = || {
+        error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("job `{id}` is not known here"),
+        )
+    };
+    if !valid_job_id(id) {
+        return Err(not_found());
+    }
+    let node = match s.store.job_node(id).await {
+        Ok(Some(n)) => n,
+        Ok(None) => return Err(not_found()),
+        Err(e) => {
+            return Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store",
+                e.to_string(),
+            ))
+        }
+    };
+    match node_url(s, &node).await? {
+        Some(url) => Ok((node, url)),
+        None => {
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "node_unavailable",
+                format!("job `{id}` is on node {node}, which is not reporting; its queue survives on its disk"),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            Err(r)
+        }
+    }
+}
+
+pub async fn get_job(State(s): S, Path(id): Path<String>) -> Response {
+    let (node, url) = match route(&s, &id).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match s
+        .authed(s.http.get(format!("{url}/v1/jobs/{id}")))
+        .send()
+        .await
+    {
+        Ok(r) => pass_on(&node, r).await,
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            "node_unreachable",
+            format!("{node}: {e}"),
+        ),
+    }
+}
+
+pub async fn delete_job(State(s): S, Path(id): Path<String>, RawQuery(q): RawQuery) -> Response {
+    let (node, url) = match route(&s, &id).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let purge = q
+        .as_deref()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "purge=true" || kv == "purge=1"));
+    let target = if purge {
+        format!("{url}/v1/jobs/{id}?purge=true")
+    } else {
+        format!("{url}/v1/jobs/{id}")
+    };
+    match s.authed(s.http.delete(target)).send().await {
+        Ok(r) => {
+            if purge && (r.status().is_success() || r.status() == reqwest::StatusCode::NOT_FOUND) {
+                let _ = s.store.remove_job(&id).await;
+            }
+            pass_on(&node, r).await
+        }
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            "node_unreachable",
+            format!("{node}: {e}"),
+        ),
+    }
+}
+
+/// `GET /vod/{id}/{path}`: 302 to the node holding the job's outputs.
+pub async fn redirect(State(s): S, Path((id, path)): Path<(String, String)>) -> Response {
+    if path
+        .split('/')
+        .any(|p| p.is_empty() || p == "." || p == "..")
+    {
+        return error(StatusCode::NOT_FOUND, "not_found", "no such VOD path");
+    }
+    let (_, url) = match route(&s, &id).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    (
+        StatusCode::FOUND,
+        [
+            (header::LOCATION, format!("{url}/vod/{id}/{path}")),
+            (header::CACHE_CONTROL, "no-store".to_string()),
+        ],
+    )
+        .into_response()
+}
