@@ -192,6 +192,7 @@ pub fn online(
 
 /// [`online`] with consolidation every `consolidate` = (minutes, max moves per pass): [`crate::consolidate`]
 /// empties lightly loaded nodes by moving their streams onto nodes in use. `Online::moves` counts the moves.
+// Long by design: the simulator's event loop (arrivals, departures, failures, consolidation) in time order.
 #[allow(clippy::too_many_arguments)]
 pub fn online_with(
     seed: u64,

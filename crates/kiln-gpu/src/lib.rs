@@ -8,7 +8,7 @@
 //! chip has no NVENC (DESIGN.md §5). Whether a GPU can encode is decided from the GStreamer registry and the NVENC
 //! probe, never from this crate.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 use nvml_wrapper::Nvml;
 use serde::Serialize;
@@ -59,7 +59,7 @@ pub struct Telemetry {
 /// call: cudarc panics when asked to call into a library it could not load).
 pub fn cuda_device_count() -> Option<u32> {
     // SAFETY: `is_culib_present` only tries to dlopen the candidate library names; it calls no CUDA function and
-    // touches no device. This is the one unsafe call in kiln (the crate's lints allow exactly this).
+    // touches no device. This is the one unsafe call in kiln (the workspace denies unsafe code; this allow is the only one).
     #[allow(unsafe_code)]
     let present = unsafe { cudarc::driver::sys::is_culib_present() };
     if !present {
@@ -127,7 +127,7 @@ impl Telemetry {
                 ..Default::default()
             };
         };
-        let nvml = nvml.lock().unwrap_or_else(|e| e.into_inner());
+        let nvml = nvml.lock();
         let mut inv = Inventory {
             driver_version: nvml.sys_driver_version().ok(),
             cuda_devices: self.cuda_devices,

@@ -58,6 +58,7 @@ fn iso_duration_ms(ms: u64) -> String {
 }
 
 /// Renders the MPD.
+// Long by design: a renderer: the MPD elements in document order.
 pub fn render(m: &DashManifest) -> String {
     let mut out = String::with_capacity(2048);
     let ato = f64::from(m.segment_ms.saturating_sub(m.part_ms)) / 1000.0;

@@ -166,6 +166,7 @@ fn xml_escape(s: &str) -> String {
 
 /// `manifest.mpd`: a static (on-demand) MPD, one adaptation set for video and one for audio, each representation
 /// a `SegmentTemplate` with a `SegmentTimeline` read from the segments themselves.
+// Long by design: a renderer: the MPD elements in document order.
 pub fn mpd(tracks: &[VodTrack]) -> String {
     let duration = tracks.iter().map(VodTrack::duration_s).fold(0.0, f64::max);
     let max_seg = tracks

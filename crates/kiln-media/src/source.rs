@@ -13,7 +13,9 @@
 //! runs only as fast as the pacers let frames through.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use gst::prelude::*;
 use kiln_model::{Source, StreamPlan};
@@ -55,6 +57,7 @@ fn appsrc(name: &str) -> gst_app::AppSrc {
 impl EncodedSource {
     /// Builds the source pipeline and, in the stream pipeline, appsrc → clocksync into `tee` (video) and
     /// `audio_in` (audio) where the plan has them.
+    // Long by design: one linear element graph per source kind (test, file, URL) with its pad-linking callbacks.
     pub(crate) fn build(
         stream: &gst::Pipeline,
         plan: &StreamPlan,
@@ -138,7 +141,7 @@ impl EncodedSource {
                     return; // audio-only stream: the source's video is not used
                 };
                 {
-                    let mut l = st.linked.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut l = st.linked.lock();
                     if l.0 {
                         return; // a second video stream is ignored
                     }
@@ -158,7 +161,7 @@ impl EncodedSource {
                     return;
                 };
                 {
-                    let mut l = st.linked.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut l = st.linked.lock();
                     if l.1 {
                         return;
                     }
@@ -179,7 +182,7 @@ impl EncodedSource {
         let st = state.clone();
         let no_more_sink = sink.clone();
         parse.connect_no_more_pads(move |p| {
-            let l = st.linked.lock().unwrap_or_else(|e| e.into_inner());
+            let l = st.linked.lock();
             let missing = match (st.video_out.is_some() && !l.0, st.audio_out.is_some() && !l.1) {
                 (true, _) => Some("the source has no video stream kiln can decode"),
                 (false, true) => Some(

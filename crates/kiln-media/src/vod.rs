@@ -12,7 +12,9 @@
 //! off), so every fragment boundary falls on the same frame in every rendition. The first video and the first
 //! audio stream are used; further streams (a second audio track, subtitles) go to fakesinks.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -97,6 +99,7 @@ fn rotation(tags: Option<gst::TagList>) -> u32 {
 /// Probes `uri` (`file:///…` or `http(s)://…`) within `timeout`: container, streams, codecs, size, rotation,
 /// duration. Refuses what kiln does not transcode: no video and no audio, a codec outside the allowlist, a size
 /// beyond 8K, no duration.
+// Long by design: the Discoverer result read field by field into the typed probe, with a refusal per limit.
 pub fn probe(uri: &str, timeout: Duration) -> Result<ProbeInfo, String> {
     crate::init().map_err(|e| e.to_string())?;
     let d = gst_pbutils::Discoverer::new(gst::ClockTime::from_nseconds(timeout.as_nanos() as u64))
@@ -240,6 +243,7 @@ pub struct VodPipeline {
 
 impl VodPipeline {
     /// Builds the pipeline; nothing runs until [`Self::start`].
+    // Long by design: one linear element graph (decode → rotate → tee → rungs, audio, thumbnails); splitting it would scatter the links.
     pub fn build(plan: &VodPlan, sink: VodSink) -> Result<Self, MediaError> {
         crate::init()?;
         let pipeline = gst::Pipeline::with_name("kiln-vod");
@@ -527,7 +531,7 @@ fn mux_sink(
                     (None, None) => return Ok(gst::FlowSuccess::Ok),
                 };
                 let mut body = BytesMut::new();
-                let mut init = init.lock().unwrap_or_else(|e| e.into_inner());
+                let mut init = init.lock();
                 for b in &buffers {
                     let map = b.map_readable().map_err(|_| gst::FlowError::Error)?;
                     let data = map.as_slice();

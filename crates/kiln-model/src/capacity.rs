@@ -20,26 +20,119 @@ pub struct Resources {
     pub vram_mib: u64,
 }
 
-/// The dimensions, in the order admission reports the first one that is short.
-pub const DIMENSIONS: [&str; 6] = [
-    "cpu_millicores",
-    "memory_mib",
-    "nvenc_fps",
-    "nvdec_fps",
-    "encoder_sessions",
-    "vram_mib",
-];
+/// One dimension of a [`Resources`] vector. The order of [`Dimension::ALL`] is the order admission reports the
+/// first one that is short; [`Dimension::as_str`] is the field's name in JSON, in error bodies and in metric
+/// labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dimension {
+    CpuMillicores,
+    MemoryMib,
+    NvencFps,
+    NvdecFps,
+    EncoderSessions,
+    VramMib,
+}
+
+impl Dimension {
+    /// Every dimension, host ones first.
+    pub const ALL: [Dimension; 6] = [
+        Dimension::CpuMillicores,
+        Dimension::MemoryMib,
+        Dimension::NvencFps,
+        Dimension::NvdecFps,
+        Dimension::EncoderSessions,
+        Dimension::VramMib,
+    ];
+
+    /// The dimensions a GPU has (the rest belong to the host).
+    pub const GPU: [Dimension; 4] = [
+        Dimension::NvencFps,
+        Dimension::NvdecFps,
+        Dimension::EncoderSessions,
+        Dimension::VramMib,
+    ];
+
+    /// The field name (`cpu_millicores`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dimension::CpuMillicores => "cpu_millicores",
+            Dimension::MemoryMib => "memory_mib",
+            Dimension::NvencFps => "nvenc_fps",
+            Dimension::NvdecFps => "nvdec_fps",
+            Dimension::EncoderSessions => "encoder_sessions",
+            Dimension::VramMib => "vram_mib",
+        }
+    }
+
+    /// The dimension named `name` (its field name).
+    pub fn parse(name: &str) -> Option<Dimension> {
+        Dimension::ALL.into_iter().find(|d| d.as_str() == name)
+    }
+
+    /// CPU and memory belong to the host; the others to one GPU.
+    pub fn is_host(self) -> bool {
+        matches!(self, Dimension::CpuMillicores | Dimension::MemoryMib)
+    }
+}
+
+impl std::fmt::Display for Dimension {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 impl Resources {
-    fn get(&self, dim: usize) -> u64 {
-        [
-            self.cpu_millicores,
-            self.memory_mib,
-            self.nvenc_fps,
-            self.nvdec_fps,
-            self.encoder_sessions,
-            self.vram_mib,
-        ][dim]
+    /// The value of one dimension.
+    pub fn get(&self, d: Dimension) -> u64 {
+        match d {
+            Dimension::CpuMillicores => self.cpu_millicores,
+            Dimension::MemoryMib => self.memory_mib,
+            Dimension::NvencFps => self.nvenc_fps,
+            Dimension::NvdecFps => self.nvdec_fps,
+            Dimension::EncoderSessions => self.encoder_sessions,
+            Dimension::VramMib => self.vram_mib,
+        }
+    }
+
+    /// Sets one dimension.
+    pub fn set(&mut self, d: Dimension, v: u64) {
+        match d {
+            Dimension::CpuMillicores => self.cpu_millicores = v,
+            Dimension::MemoryMib => self.memory_mib = v,
+            Dimension::NvencFps => self.nvenc_fps = v,
+            Dimension::NvdecFps => self.nvdec_fps = v,
+            Dimension::EncoderSessions => self.encoder_sessions = v,
+            Dimension::VramMib => self.vram_mib = v,
+        }
+    }
+
+    /// The host's share of a demand: CPU and memory (the GPU dimensions 0).
+    pub fn host_part(&self) -> Resources {
+        Resources {
+            cpu_millicores: self.cpu_millicores,
+            memory_mib: self.memory_mib,
+            ..Default::default()
+        }
+    }
+
+    /// One GPU's share of a demand (the host dimensions 0).
+    pub fn gpu_part(&self) -> Resources {
+        Resources {
+            cpu_millicores: 0,
+            memory_mib: 0,
+            ..*self
+        }
+    }
+
+    /// `dimension=value` for every non-zero dimension, for logs (`cpu_millicores=1200 memory_mib=300`).
+    pub fn describe(&self) -> String {
+        Dimension::ALL
+            .into_iter()
+            .filter(|d| self.get(*d) > 0)
+            .map(|d| format!("{d}={}", self.get(d)))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// Component-wise sum (saturating).
@@ -67,27 +160,20 @@ impl Resources {
     }
 
     /// The first dimension on which `demand` does not fit in `self` (the free capacity), if any.
-    pub fn short_dimension(&self, demand: &Resources) -> Option<&'static str> {
-        (0..DIMENSIONS.len())
+    pub fn short_dimension(&self, demand: &Resources) -> Option<Dimension> {
+        Dimension::ALL
+            .into_iter()
             .find(|&d| demand.get(d) > self.get(d))
-            .map(|d| DIMENSIONS[d])
     }
 
     /// How many copies of `demand` fit in `self`.
     pub fn how_many(&self, demand: &Resources) -> u64 {
-        (0..DIMENSIONS.len())
+        Dimension::ALL
+            .into_iter()
             .filter(|&d| demand.get(d) > 0)
             .map(|d| self.get(d) / demand.get(d))
             .min()
             .unwrap_or(u64::MAX)
-    }
-
-    /// The demand dimension → (requested, free) for error messages.
-    pub fn dimension(&self, name: &str) -> u64 {
-        DIMENSIONS
-            .iter()
-            .position(|d| *d == name)
-            .map_or(0, |i| self.get(i))
     }
 }
 
@@ -343,150 +429,4 @@ impl GpuCostModel {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::stream::{AudioRendition, EncoderSettings, Fraction, Timing, VideoRendition};
-    use proptest::prelude::*;
-
-    fn model() -> CpuCostModel {
-        CpuCostModel {
-            stream_base_millicores: 40,
-            source_millicores_per_mpx: 3.0,
-            x264_millicores_per_mpx: [4.0, 6.0, 10.0, 14.0, 20.0, 28.0],
-            audio_millicores: 15,
-            stream_base_memory_mib: 20,
-            memory_mib_per_mpx: 2.0,
-        }
-    }
-
-    fn plan(renditions: &[(u32, u32, u32)], audio: bool) -> StreamPlan {
-        let video = renditions
-            .iter()
-            .enumerate()
-            .map(|(i, &(w, h, fps))| VideoRendition {
-                name: format!("v{i}"),
-                width: w,
-                height: h,
-                fps: Fraction::new(fps, 1),
-                bitrate_kbps: 500,
-                codec: Default::default(),
-            })
-            .collect();
-        StreamPlan::new(
-            "p",
-            "test:",
-            video,
-            audio.then(AudioRendition::default),
-            Timing::default(),
-            EncoderSettings::default(),
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn demo_ladder_costs_about_what_was_measured() {
-        // 720p30 + 360p30 veryfast + AAC measured 520 millicores here (release build)
-        let d = model().demand(&plan(&[(1280, 720, 30), (640, 360, 30)], true));
-        assert!((450..=560).contains(&d.cpu_millicores), "{d:?}");
-        assert_eq!(d.nvenc_fps, 0);
-    }
-
-    #[test]
-    fn fit_and_headroom() {
-        let cap = Resources {
-            cpu_millicores: 1000,
-            memory_mib: 100,
-            ..Default::default()
-        };
-        let d = Resources {
-            cpu_millicores: 300,
-            memory_mib: 10,
-            ..Default::default()
-        };
-        assert_eq!(cap.how_many(&d), 3);
-        assert_eq!(cap.short_dimension(&d), None);
-        let big = Resources {
-            cpu_millicores: 300,
-            memory_mib: 200,
-            ..Default::default()
-        };
-        assert_eq!(cap.short_dimension(&big), Some("memory_mib"));
-        assert_eq!(cap.minus(&big).memory_mib, 0);
-    }
-
-    proptest! {
-        /// Demand grows with resolution and frame rate, adds across renditions, and is never negative.
-        #[test]
-        fn demand_is_monotone_and_additive(w in 8u32..960, h in 8u32..540, fi in 0usize..3, extra in 8u32..480) {
-            const RATES: [u32; 4] = [24, 25, 30, 60];
-            let (w, h, extra, fps) = (w * 2, h * 2, extra * 2, RATES[fi]);
-            let m = model();
-            let a = m.demand(&plan(&[(w, h, fps)], false));
-            let bigger = m.demand(&plan(&[(w + 2, h + 2, fps)], false));
-            let faster = m.demand(&plan(&[(w, h, RATES[fi + 1])], false));
-            prop_assert!(bigger.cpu_millicores >= a.cpu_millicores && faster.cpu_millicores >= a.cpu_millicores);
-            prop_assert!(bigger.memory_mib >= a.memory_mib);
-            // a second (smaller) rendition costs its own encode, never less than nothing
-            let two = m.demand(&plan(&[(w, h, fps), (extra.min(w), extra.min(h), fps)], false));
-            prop_assert!(two.cpu_millicores >= a.cpu_millicores);
-            let with_audio = m.demand(&plan(&[(w, h, fps)], true));
-            prop_assert!(with_audio.cpu_millicores >= a.cpu_millicores + m.audio_millicores - 1);
-        }
-    }
-
-    fn l4() -> GpuProfile {
-        GpuProfile {
-            name: "l4".into(),
-            model: "NVIDIA L4".into(),
-            architecture: "Ada".into(),
-            vram_mib: 23034,
-            nvenc_engines: 2,
-            nvdec_engines: 4,
-            encode_codecs: vec!["h264".into(), "hevc".into(), "av1".into()],
-            decode_codecs: vec!["h264".into()],
-            nvenc_h264_fps_per_engine: [700, 600, 500, 400, 300, 250, 200],
-            nvdec_h264_fps_per_engine: 700,
-            session_scope: SessionScope::None,
-            max_sessions: None,
-            sources: GPU_PROFILE_FIGURES
-                .iter()
-                .map(|f| (f.to_string(), "test".to_string()))
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn gpu_profiles_are_checked_and_give_capacity() {
-        let p = l4();
-        assert!(p.problems().is_empty(), "{:?}", p.problems());
-        let c = p.capacity(4);
-        assert_eq!((c.nvenc_fps, c.nvdec_fps, c.vram_mib), (800, 2800, 23034));
-        assert_eq!(c.encoder_sessions, UNCAPPED_SESSIONS);
-        let mut no_enc = p.clone();
-        no_enc.nvenc_engines = 0;
-        assert!(!no_enc.problems().is_empty(), "codecs listed without NVENC");
-        no_enc.encode_codecs.clear();
-        no_enc.nvenc_h264_fps_per_engine = [0; 7];
-        assert!(no_enc.problems().is_empty());
-        assert_eq!(no_enc.capacity(4).encoder_sessions, 0);
-        let mut unsourced = p.clone();
-        unsourced.sources.remove("vram_mib");
-        assert!(unsourced.problems().iter().any(|e| e.contains("vram_mib")));
-        let mut geforce = p;
-        geforce.session_scope = SessionScope::Host;
-        assert!(!geforce.problems().is_empty());
-        geforce.max_sessions = Some(8);
-        assert_eq!(geforce.capacity(1).encoder_sessions, 8);
-    }
-
-    #[test]
-    fn gpu_demand_counts_sessions_and_1080p_equivalents() {
-        let d =
-            GpuCostModel::default().demand(&plan(&[(1920, 1080, 30), (1280, 720, 30)], true), true);
-        assert_eq!(d.encoder_sessions, 2);
-        assert_eq!(d.nvenc_fps, 44); // 30 + 13.33
-        assert!(d.nvdec_fps > 0 && d.vram_mib == 2 * 200 + 150);
-        let cpu_decode = GpuCostModel::default().demand(&plan(&[(1920, 1080, 30)], true), false);
-        assert_eq!(cpu_decode.nvdec_fps, 0);
-    }
-}
+mod tests;

@@ -5,7 +5,8 @@
 //! agree on one definition.
 //!
 //! Layout:
-//! - [`source`]: typed stream sources parsed from URIs (`test:` today), with the refusal reasons.
+//! - [`source`]: typed stream sources parsed from URIs (`test:`, `file://`, `srt://`, `rtsp://`, `http(s)://`), with
+//!   the refusal reasons.
 //! - [`stream`]: the request a client sends (`StreamRequest`), the resolved plan a pipeline is built from
 //!   (`StreamPlan`), timing rules (`Timing`) and validation.
 //! - [`api`]: the status documents the daemon returns.

@@ -459,6 +459,18 @@ impl StreamPlan {
         })
     }
 
+    /// Σ width × height × fps of the video renditions, in pixels per second (integer; what the scheduler's
+    /// least-loaded anchor weighs nodes by).
+    pub fn pixel_rate(&self) -> u64 {
+        self.video
+            .iter()
+            .map(|v| {
+                u64::from(v.width) * u64::from(v.height) * u64::from(v.fps.num)
+                    / u64::from(v.fps.den.max(1))
+            })
+            .sum()
+    }
+
     /// The largest video frame size, which the source produces before scaling down per rendition.
     pub fn source_size(&self) -> (u32, u32) {
         let w = self.video.iter().map(|v| v.width).max().unwrap_or(0);
@@ -579,155 +591,4 @@ fn validate_audio(a: &AudioRendition, t: &Timing) -> Result<(), PlanError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn v(name: &str, w: u32, h: u32) -> VideoRendition {
-        VideoRendition {
-            name: name.into(),
-            width: w,
-            height: h,
-            fps: Fraction::new(30, 1),
-            bitrate_kbps: 1000,
-            codec: VideoCodec::H264,
-        }
-    }
-
-    #[test]
-    fn default_timing_gives_ten_frame_parts() {
-        let t = Timing::default();
-        assert_eq!(t.video_frames_per_part(Fraction::new(30, 1)), 10);
-        assert_eq!(t.video_frames_per_part(Fraction::new(30000, 1001)), 10);
-        assert_eq!(t.video_frames_per_part(Fraction::new(60, 1)), 20);
-        assert_eq!(t.video_frames_per_part(Fraction::new(25, 1)), 8);
-        assert_eq!(t.video_frames_per_part(Fraction::new(24, 1)), 8);
-        assert_eq!(t.audio_frames_per_part(48_000), 15);
-        assert_eq!(t.target_duration_s(), 2);
-        assert!(t.part_hold_back_s() >= 3.0 * 0.334 - 1e-9);
-        // every part fits under PART-TARGET with no rounding
-        assert!(t.video_part_ns(Fraction::new(30000, 1001)) <= t.part_target_ns());
-        assert!(t.audio_part_ns(48_000) <= t.part_target_ns());
-    }
-
-    #[test]
-    fn fractions_parse_from_numbers_and_strings() {
-        let f: Fraction = serde_json::from_str("25").unwrap();
-        assert_eq!(f, Fraction::new(25, 1));
-        let f: Fraction = serde_json::from_str("\"30000/1001\"").unwrap();
-        assert_eq!(f, Fraction::new(30000, 1001));
-        assert!(serde_json::from_str::<Fraction>("\"x/1\"").is_err());
-    }
-
-    #[test]
-    fn plan_validation_names_the_problem() {
-        let t = Timing::default();
-        let ok = StreamPlan::new(
-            "a",
-            "test:",
-            vec![v("hi", 640, 360)],
-            None,
-            t,
-            EncoderSettings::default(),
-        )
-        .unwrap();
-        assert_eq!(ok.source_size(), (640, 360));
-        assert!(matches!(
-            StreamPlan::new(
-                "../x",
-                "test:",
-                vec![v("hi", 640, 360)],
-                None,
-                t,
-                EncoderSettings::default()
-            ),
-            Err(PlanError::BadId(_))
-        ));
-        assert!(matches!(
-            StreamPlan::new("a", "test:", vec![], None, t, EncoderSettings::default()),
-            Err(PlanError::NoVideo)
-        ));
-        let audio_only = StreamPlan::new(
-            "a",
-            "test:",
-            vec![],
-            Some(AudioRendition::default()),
-            t,
-            EncoderSettings::default(),
-        )
-        .expect("audio-only streams are allowed");
-        assert_eq!(audio_only.source_size(), (0, 0));
-        assert!(matches!(
-            StreamPlan::new(
-                "a",
-                "test:",
-                vec![v("x", 641, 360)],
-                None,
-                t,
-                EncoderSettings::default()
-            ),
-            Err(PlanError::BadRendition { .. })
-        ));
-        assert!(matches!(
-            StreamPlan::new(
-                "a",
-                "test:",
-                vec![v("x", 100_000, 360)],
-                None,
-                t,
-                EncoderSettings::default()
-            ),
-            Err(PlanError::BadRendition { .. })
-        ));
-        assert!(matches!(
-            StreamPlan::new(
-                "a",
-                "test:",
-                vec![v("x", 64, 64), v("x", 32, 32)],
-                None,
-                t,
-                EncoderSettings::default()
-            ),
-            Err(PlanError::DuplicateRendition(_))
-        ));
-        assert!(matches!(
-            StreamPlan::new(
-                "a",
-                "test:",
-                vec![v("A/B", 64, 64)],
-                None,
-                t,
-                EncoderSettings::default()
-            ),
-            Err(PlanError::BadRenditionName(_))
-        ));
-        let bad_t = Timing {
-            segment_ms: 2000,
-            part_target_ms: 50,
-        };
-        assert!(matches!(
-            StreamPlan::new(
-                "a",
-                "test:",
-                vec![v("x", 64, 64)],
-                None,
-                bad_t,
-                EncoderSettings::default()
-            ),
-            Err(PlanError::BadTiming(_))
-        ));
-        // 7 fps with a 334 ms part target: two frames = 286 ms ≥ 85 % (283.9) → fine; 5 fps: one frame = 200 ms → refused
-        let mut slow = v("x", 64, 64);
-        slow.fps = Fraction::new(5, 1);
-        assert!(matches!(
-            StreamPlan::new(
-                "a",
-                "test:",
-                vec![slow],
-                None,
-                t,
-                EncoderSettings::default()
-            ),
-            Err(PlanError::BadRendition { .. })
-        ));
-    }
-}
+mod tests;

@@ -1,9 +1,17 @@
 //! VOD jobs: what a client submits (`POST /v1/jobs`), what it reads back (`GET /v1/jobs/{id}`), and the pure rules
-//! a job follows (where its input may come from, which renditions a source gets).
+//! a job follows (where its input may come from, which renditions a source gets, and — in [`plan`] — everything a
+//! probed input, the request and the preset decide about the transcode).
 
 use serde::{Deserialize, Serialize};
 
 use crate::stream::{VideoRendition, X264Speed};
+
+pub mod plan;
+
+pub use plan::{
+    plan_job, AudioPlan, JobPlan, JobPlanError, PresetSummary, SourceSummary, SourceVideo,
+    ThumbnailPlan, THUMBNAIL_WIDTH,
+};
 
 /// `POST /v1/jobs`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,315 @@
+//! The elements of a live pipeline, branch by branch: the test sources, each video rendition (scale → encoder →
+//! parser → cmafmux → appsink) with its encoder settings (x264 or NVENC), and the audio rendition.
+
+use super::*;
+
+pub(super) fn video_caps(w: u32, h: u32, fps: kiln_model::Fraction) -> gst::Caps {
+    gst::Caps::builder("video/x-raw")
+        .field("format", "I420")
+        .field("width", w as i32)
+        .field("height", h as i32)
+        .field(
+            "framerate",
+            gst::Fraction::new(fps.num as i32, fps.den as i32),
+        )
+        .field("pixel-aspect-ratio", gst::Fraction::new(1, 1))
+        .build()
+}
+
+/// videotestsrc → caps → clockoverlay → [cudaupload] → tee.
+pub(super) fn build_test_video_source(
+    pipeline: &gst::Pipeline,
+    plan: &StreamPlan,
+    opts: &BuildOptions,
+    pattern: TestPattern,
+    tee: &gst::Element,
+) -> Result<(), MediaError> {
+    let (w, h) = plan.source_size();
+    let src = make("videotestsrc", "vsrc")?;
+    src.set_property("is-live", true);
+    set_nick(
+        &src,
+        "pattern",
+        match pattern {
+            TestPattern::Smpte => "smpte",
+            TestPattern::Ball => "ball",
+            TestPattern::Bars => "smpte75",
+        },
+    );
+    let caps = capsfilter("vsrc-caps", video_caps(w, h, plan.source_fps()))?;
+    let overlay = make("clockoverlay", "clock")?;
+    overlay.set_property("time-format", "%H:%M:%S");
+    overlay.set_property("text", format!("kiln {}", plan.id));
+    overlay.set_property("shaded-background", true);
+    overlay.set_property("font-desc", format!("Sans Bold {}", (h / 36).clamp(6, 48)));
+    set_nick(&overlay, "halignment", "left");
+    set_nick(&overlay, "valignment", "top");
+    let mut chain = vec![src, caps, overlay];
+    if opts.selection.upload {
+        chain.push(make("cudaupload", "vupload")?);
+    }
+    let refs: Vec<&gst::Element> = chain.iter().collect();
+    add_link(pipeline, &refs)?;
+    chain
+        .last()
+        .expect("non-empty")
+        .link(tee)
+        .map_err(|e| MediaError::Build(format!("linking the source to the tee: {e}")))?;
+    Ok(())
+}
+
+/// cmafmux (manual-split) → appsink for rendition `index`, returning the muxer.
+pub(super) fn build_mux_sink(
+    plan: &StreamPlan,
+    index: usize,
+    name: &str,
+    part_ns: u64,
+    sink: EventSink,
+) -> Result<(gst::Element, gst::Element), MediaError> {
+    let mux = make("cmafmux", &format!("mux-{name}"))?;
+    mux.set_property("manual-split", true);
+    mux.set_property("fragment-duration", plan.timing.segment_ns());
+    // In manual-split mode the durations only feed latency reporting.
+    mux.set_property("chunk-duration", part_ns);
+    let appsink = gst_app::AppSink::builder()
+        .name(format!("sink-{name}"))
+        .sync(false)
+        .build();
+    appsink.set_property("buffer-list", true);
+    let mut asm = ChunkAssembler::new(index, sink.clone());
+    appsink.set_callbacks(
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |s| {
+                let sample = s.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                if let Err(e) = asm.on_sample(&sample) {
+                    sink(MediaEvent::Error {
+                        element: Some(s.name().to_string()),
+                        message: e,
+                        debug: None,
+                    });
+                    return Err(gst::FlowError::Error);
+                }
+                Ok(gst::FlowSuccess::Ok)
+            })
+            .build(),
+    );
+    let appsink: gst::Element = appsink.upcast();
+    Ok((mux, appsink))
+}
+
+pub(super) fn build_video_branch(
+    pipeline: &gst::Pipeline,
+    tee: &gst::Element,
+    plan: &StreamPlan,
+    opts: &BuildOptions,
+    index: usize,
+    v: &VideoRendition,
+    sink: EventSink,
+) -> Result<(), MediaError> {
+    let n = &v.name;
+    let sel = &opts.selection;
+    let queue = make("queue", &format!("q-{n}"))?;
+    queue.set_property("max-size-buffers", 0u32);
+    queue.set_property("max-size-bytes", 0u32);
+    queue.set_property("max-size-time", 1_000_000_000u64);
+    let scale = make_dyn(&sel.scaler.factory, &format!("scale-{n}"))?;
+    let rate = make("videorate", &format!("rate-{n}"))?;
+    // Keep the source's timestamps: by default videorate restarts its output at the segment start, which would
+    // shift this branch's running time against the keyframe clock (measured: by the source's start-up latency).
+    rate.set_property("skip-to-first", true);
+    let mut raw_caps = video_caps(v.width, v.height, v.fps);
+    if sel.scaler.gpu {
+        raw_caps
+            .make_mut()
+            .set_features_simple(Some(gst::CapsFeatures::new(["memory:CUDAMemory"])));
+    }
+    let caps = capsfilter(&format!("caps-{n}"), raw_caps)?;
+    let mut chain = vec![queue, scale, rate, caps.clone()];
+    if sel.download {
+        chain.push(make("cudadownload", &format!("down-{n}"))?);
+    }
+    let enc = make_dyn(&sel.encoder.factory, &format!("enc-{n}"))?;
+    let seg_frames = (plan.timing.segment_ms as u64 * v.fps.num as u64)
+        .div_ceil(1000 * v.fps.den as u64)
+        .max(1);
+    match sel.backend {
+        Backend::Cpu => configure_x264(&enc, plan, v, seg_frames),
+        Backend::Nvenc { .. } => {
+            configure_nvenc(&enc, plan, v, seg_frames, sel.encoder.cuda_device_id)?
+        }
+    }
+    #[cfg(feature = "fault-injection")]
+    if index == 0 {
+        if let Some(after) = opts.fail_encoder_after_frames {
+            inject_encoder_fault(&enc, after);
+        }
+    }
+    let parse = make("h264parse", &format!("parse-{n}"))?;
+    let pcaps = capsfilter(
+        &format!("pcaps-{n}"),
+        gst::Caps::builder("video/x-h264")
+            .field("stream-format", "avc")
+            .field("alignment", "au")
+            .build(),
+    )?;
+    let part_ns = plan.timing.video_part_ns(v.fps);
+    let (mux, appsink) = build_mux_sink(plan, index, n, part_ns, sink)?;
+    // the keyframe probe sits on the pad that feeds the encoder
+    let before_enc = chain.last().expect("non-empty").clone();
+    chain.extend([enc, parse, pcaps.clone(), mux, appsink]);
+    let refs: Vec<&gst::Element> = chain.iter().collect();
+    add_link(pipeline, &refs)?;
+    tee.link(&chain[0])
+        .map_err(|e| MediaError::Build(format!("linking tee → {n}: {e}")))?;
+    add_keyframe_probe(
+        &before_enc.static_pad("src").expect("has a src pad"),
+        plan.timing.segment_ns(),
+    );
+    let mut splitter = VideoSplitter::new(plan.timing.segment_ns(), part_ns);
+    add_split_probe(
+        &pcaps.static_pad("src").expect("capsfilter has a src pad"),
+        move |rt, key| splitter.on_frame(rt, key),
+    );
+    Ok(())
+}
+
+pub(super) fn configure_x264(
+    enc: &gst::Element,
+    plan: &StreamPlan,
+    v: &VideoRendition,
+    seg_frames: u64,
+) {
+    enc.set_property("bitrate", v.bitrate_kbps);
+    set_nick(enc, "tune", "zerolatency");
+    set_nick(enc, "speed-preset", plan.encoder.x264_speed.as_str());
+    // Keyframes come from the keyframe clock; x264's own GOP limit is only a safety net, and scene cuts would
+    // give renditions different keyframes.
+    enc.set_property("key-int-max", (2 * seg_frames) as u32);
+    enc.set_property("option-string", "scenecut=0");
+}
+
+/// Sets an NVENC property only when this element has it (the old `nvh264enc` and the newer `nvcudah264enc` /
+/// `nvautogpuh264enc` differ), from a string so the value is parsed against the property's own type.
+pub(super) fn set_if_present(enc: &gst::Element, prop: &str, value: &str) -> bool {
+    if enc.find_property(prop).is_none() {
+        return false;
+    }
+    enc.set_property_from_str(prop, value);
+    true
+}
+
+/// NVENC for live: CBR at the rendition's bitrate, no B-frames, low-latency, keyframes only from kiln's clock.
+/// Untested on hardware here: no lent GPU has NVENC (README).
+pub(super) fn configure_nvenc(
+    enc: &gst::Element,
+    plan: &StreamPlan,
+    v: &VideoRendition,
+    seg_frames: u64,
+    cuda_device_id: Option<u32>,
+) -> Result<(), MediaError> {
+    if let Some(id) = cuda_device_id {
+        if !set_if_present(enc, "cuda-device-id", &id.to_string()) {
+            return Err(MediaError::Build(format!(
+                "{} has no cuda-device-id property to pin GPU {id}",
+                enc.name()
+            )));
+        }
+    }
+    set_if_present(enc, "bitrate", &v.bitrate_kbps.to_string());
+    set_if_present(enc, "rc-mode", "cbr");
+    set_if_present(enc, "bframes", "0");
+    set_if_present(enc, "zerolatency", "true");
+    set_if_present(enc, "gop-size", &(2 * seg_frames).to_string());
+    let preset = format!("p{}", plan.encoder.nvenc_preset);
+    let has_p = enc.find_property("preset").is_some_and(|p| {
+        p.downcast_ref::<gst::glib::ParamSpecEnum>()
+            .is_some_and(|e| e.enum_class().value_by_nick(&preset).is_some())
+    });
+    if has_p {
+        enc.set_property_from_str("preset", &preset);
+    } else {
+        set_if_present(enc, "preset", "low-latency-hq");
+    }
+    Ok(())
+}
+
+/// Test-only fault: after `after` frames the encoder posts an error and stops passing data, like an NVENC
+/// session that dies mid-stream.
+#[cfg(feature = "fault-injection")]
+pub(super) fn inject_encoder_fault(enc: &gst::Element, after: u64) {
+    let count = std::sync::atomic::AtomicU64::new(0);
+    let weak = enc.downgrade();
+    if let Some(pad) = enc.static_pad("src") {
+        pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+            let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n < after {
+                return gst::PadProbeReturn::Ok;
+            }
+            if n == after {
+                if let Some(e) = weak.upgrade() {
+                    gst::element_error!(
+                        e,
+                        gst::StreamError::Encode,
+                        ["injected encoder fault after {} frames", after]
+                    );
+                }
+            }
+            gst::PadProbeReturn::Drop
+        });
+    }
+}
+
+/// audioconvert → audioresample → caps → AAC → aacparse → [splitter] → cmafmux → appsink; returns the head.
+pub(super) fn build_audio_branch(
+    pipeline: &gst::Pipeline,
+    plan: &StreamPlan,
+    index: usize,
+    a: &AudioRendition,
+    sink: EventSink,
+) -> Result<gst::Element, MediaError> {
+    let n = &a.name;
+    let conv = make("audioconvert", &format!("aconv-{n}"))?;
+    let res = make("audioresample", &format!("ares-{n}"))?;
+    let caps = capsfilter(
+        &format!("acaps-{n}"),
+        gst::Caps::builder("audio/x-raw")
+            .field("rate", a.sample_rate as i32)
+            .field("channels", a.channels as i32)
+            .build(),
+    )?;
+    let enc_factory = aac_encoder()?;
+    let enc = make(enc_factory, &format!("aenc-{n}"))?;
+    enc.set_property("bitrate", (a.bitrate_kbps * 1000) as i32);
+    let parse = make("aacparse", &format!("aparse-{n}"))?;
+    let part_ns = plan.timing.audio_part_ns(a.sample_rate);
+    let (mux, appsink) = build_mux_sink(plan, index, n, part_ns, sink)?;
+    add_link(
+        pipeline,
+        &[&conv, &res, &caps, &enc, &parse, &mux, &appsink],
+    )?;
+    let mut splitter = AudioSplitter::new(
+        plan.timing.segment_ns(),
+        plan.timing.audio_frames_per_part(a.sample_rate),
+    );
+    add_split_probe(
+        &parse.static_pad("src").expect("aacparse has a src pad"),
+        move |rt, _| splitter.on_frame(rt),
+    );
+    Ok(conv)
+}
+
+/// A live sine tone into the audio branch.
+pub(super) fn build_test_audio_source(
+    pipeline: &gst::Pipeline,
+    audio_in: &gst::Element,
+) -> Result<(), MediaError> {
+    let src = make("audiotestsrc", "asrc")?;
+    src.set_property("is-live", true);
+    src.set_property("volume", 0.1f64);
+    src.set_property("freq", 440.0f64);
+    src.set_property("samplesperbuffer", 1024i32);
+    pipeline.add(&src)?;
+    src.link(audio_in)
+        .map_err(|e| MediaError::Build(format!("linking the test tone: {e}")))?;
+    Ok(())
+}
