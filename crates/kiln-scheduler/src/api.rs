@@ -23,13 +23,7 @@ const MAX_BODY: usize = 256 * 1024;
 
 type S = State<Arc<Scheduler>>;
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(json!({"error": {"code": code, "message": message.into()}})),
-    )
-        .into_response()
-}
+use kiln_http::json_error as error;
 
 /// Control routes (`/v1/…` but `/v1/leader`) need the fleet's bearer token when one is configured; `/play`,
 /// `/metrics`, `/healthz` and `/v1/leader` never do.
@@ -47,33 +41,11 @@ pub fn router(s: Arc<Scheduler>) -> Router {
             "/v1/jobs/{id}",
             get(crate::vod::get_job).delete(crate::vod::delete_job),
         );
-    let control = match s.config.api_token.clone() {
-        Some(t) => {
-            let t: Arc<str> = t.into();
-            control.route_layer(axum::middleware::from_fn(
-                move |req: axum::extract::Request, next: axum::middleware::Next| {
-                    let t = t.clone();
-                    async move {
-                        let h = req
-                            .headers()
-                            .get(header::AUTHORIZATION)
-                            .and_then(|v| v.to_str().ok());
-                        if kiln_model::api::bearer_ok(h, &t) {
-                            next.run(req).await
-                        } else {
-                            (
-                                StatusCode::UNAUTHORIZED,
-                                [(header::WWW_AUTHENTICATE, "Bearer realm=\"kiln\"")],
-                                Json(json!({"error": {"code": "unauthorized", "message": "the scheduler's API needs `Authorization: Bearer <token>` (the fleet token: --api-token-env)"}})),
-                            )
-                                .into_response()
-                        }
-                    }
-                },
-            ))
-        }
-        None => control,
-    };
+    let control = kiln_http::require_bearer(
+        control,
+        s.config.api_token.as_deref(),
+        "the fleet token: --api-token-env",
+    );
     Router::new()
         .merge(control)
         .route("/v1/leader", get(leader))
@@ -89,12 +61,18 @@ pub fn router(s: Arc<Scheduler>) -> Router {
 async fn not_leader(s: &Scheduler, path: &str) -> Response {
     s.metrics.refusals.with_label_values(&["not_leader"]).inc();
     match s.leader().await {
-        Some(l) if l.id != s.config.instance_id => (
-            StatusCode::TEMPORARY_REDIRECT,
-            [(header::LOCATION, format!("{}{path}", l.url))],
-            Json(json!({"error": {"code": "not_leader", "message": format!("{} leads (epoch {})", l.id, l.epoch), "leader": l.url}})),
-        )
-            .into_response(),
+        Some(l) if l.id != s.config.instance_id => {
+            let mut r = kiln_http::json_error_with(
+                StatusCode::TEMPORARY_REDIRECT,
+                "not_leader",
+                format!("{} leads (epoch {})", l.id, l.epoch),
+                [("leader", json!(l.url))],
+            );
+            if let Ok(v) = header::HeaderValue::from_str(&format!("{}{path}", l.url)) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            r
+        }
         _ => {
             let mut r = error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -200,7 +178,7 @@ async fn create_stream(State(s): S, body: Result<Bytes, BytesRejection>) -> Resp
 async fn list_streams(State(s): S) -> Response {
     match s.store.streams().await {
         Ok(rs) => Json(rs.iter().map(view).collect::<Vec<_>>()).into_response(),
-        Err(e) => place_error(&s, PlaceError::Store(e.to_string())),
+        Err(e) => place_error(&s, e.into()),
     }
 }
 
@@ -212,7 +190,7 @@ async fn get_stream(State(s): S, Path(id): Path<String>) -> Response {
             "not_found",
             format!("stream `{id}` does not exist"),
         ),
-        Err(e) => place_error(&s, PlaceError::Store(e.to_string())),
+        Err(e) => place_error(&s, e.into()),
     }
 }
 
@@ -233,7 +211,7 @@ async fn delete_stream(State(s): S, Path(id): Path<String>) -> Response {
 async fn list_nodes(State(s): S) -> Response {
     let (nodes, records) = match (s.store.nodes().await, s.store.streams().await) {
         (Ok(n), Ok(r)) => (n, r),
-        (Err(e), _) | (_, Err(e)) => return place_error(&s, PlaceError::Store(e.to_string())),
+        (Err(e), _) | (_, Err(e)) => return place_error(&s, e.into()),
     };
     let view = fleet::view(&nodes, &records, &HashSet::new());
     let out: Vec<Value> = nodes
@@ -285,7 +263,7 @@ async fn heartbeat(
         );
     }
     if let Err(e) = s.store.heartbeat(&id, &hb, s.config.heartbeat_ttl()).await {
-        return place_error(&s, PlaceError::Store(e.to_string()));
+        return place_error(&s, e.into());
     }
     s.metrics.heartbeats.inc();
     let epoch = match s.leading() {
@@ -307,7 +285,7 @@ async fn set_drain(s: &Scheduler, id: &str, on: bool) -> Response {
             "not_found",
             format!("node `{id}` is not known"),
         ),
-        Err(e) => place_error(s, PlaceError::Store(e.to_string())),
+        Err(e) => place_error(s, e.into()),
     }
 }
 
@@ -326,7 +304,7 @@ async fn undrain(State(s): S, Path(id): Path<String>) -> Response {
 async fn headroom(State(s): S) -> Response {
     let (nodes, records) = match (s.store.nodes().await, s.store.streams().await) {
         (Ok(n), Ok(r)) => (n, r),
-        (Err(e), _) | (_, Err(e)) => return place_error(&s, PlaceError::Store(e.to_string())),
+        (Err(e), _) | (_, Err(e)) => return place_error(&s, e.into()),
     };
     let live: Vec<_> = nodes.iter().filter_map(|n| n.heartbeat.as_ref()).collect();
     let base = fleet::view(&nodes, &records, &HashSet::new());
@@ -423,7 +401,7 @@ async fn play(
                 format!("stream `{stream}` does not exist"),
             )
         }
-        Err(e) => return place_error(&s, PlaceError::Store(e.to_string())),
+        Err(e) => return place_error(&s, e.into()),
     };
     let url = match (rec.phase, &rec.node) {
         (Phase::Placed, Some(node)) => match s.store.nodes().await {
@@ -432,7 +410,7 @@ async fn play(
                 .find(|n| &n.id == node)
                 .and_then(|n| n.heartbeat)
                 .map(|h| h.url),
-            Err(e) => return place_error(&s, PlaceError::Store(e.to_string())),
+            Err(e) => return place_error(&s, e.into()),
         },
         _ => None,
     };

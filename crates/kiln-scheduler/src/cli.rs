@@ -45,36 +45,20 @@ struct Args {
 /// The binary's whole `main`: parses the process arguments and runs. Test harnesses build their own binaries
 /// from it, so integration tests run the same code as the shipped binary.
 pub fn main() -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run())
+    kiln_http::process::run(run)
 }
 
 async fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
     let presets = match &args.pipelines_dir {
         Some(dir) => kiln_config::Presets::load_dir(dir, kiln_config::DEFAULT_PRESET)?,
         None => kiln_config::Presets::builtin(),
     };
-    let api_token = match &args.api_token_env {
-        Some(var) => {
-            let t = std::env::var(var)
-                .with_context(|| format!("environment variable {var} (API token) is not set"))?;
-            anyhow::ensure!(
-                t.len() >= 16 && !t.chars().any(char::is_whitespace),
-                "the API token in {var} must be at least 16 bytes, without spaces"
-            );
-            Some(t)
-        }
-        None => None,
-    };
+    let api_token = args
+        .api_token_env
+        .as_deref()
+        .map(kiln_http::token_from_env)
+        .transpose()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -121,19 +105,5 @@ async fn run() -> anyhow::Result<()> {
             }
         });
     }
-    crate::serve(s, listener, async {
-        #[cfg(unix)]
-        {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await
+    crate::serve(s, listener, kiln_http::shutdown_signal()).await
 }

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 
 use kiln_binpack::{Demand, Gpu, Node};
-use kiln_model::capacity::{GpuCostModel, Resources, DIMENSIONS};
+use kiln_model::capacity::{GpuCostModel, Resources};
 use kiln_model::node::Heartbeat;
 use kiln_model::{Policy, Source, StreamRequest};
 
@@ -121,14 +121,7 @@ pub fn alternatives(
     let any_nvenc = live
         .iter()
         .any(|hb| hb.capacity.gpus.iter().any(|g| g.nvenc));
-    let pixel_rate: u64 = plan
-        .video
-        .iter()
-        .map(|v| {
-            u64::from(v.width) * u64::from(v.height) * u64::from(v.fps.num)
-                / u64::from(v.fps.den.max(1))
-        })
-        .sum();
+    let pixel_rate = plan.pixel_rate();
     let (cpu, gpu) = if plain && !priced.is_empty() {
         let cpu = priced
             .iter()
@@ -144,17 +137,7 @@ pub fn alternatives(
     } else {
         let cpu = kiln_config::builtin_cpu_profile().demand(&plan);
         let g = GpuCostModel::default().demand(&plan, false);
-        let host = Resources {
-            cpu_millicores: g.cpu_millicores,
-            memory_mib: g.memory_mib,
-            ..Default::default()
-        };
-        let gpu = Resources {
-            cpu_millicores: 0,
-            memory_mib: 0,
-            ..g
-        };
-        (cpu, any_nvenc.then_some((host, gpu)))
+        (cpu, any_nvenc.then_some((g.host_part(), g.gpu_part())))
     };
     let cpu_alt = Demand {
         host: cpu,
@@ -187,16 +170,6 @@ pub fn pinned(req: &StreamRequest, booked: &Demand) -> StreamRequest {
         r.policy = Some(Policy::CpuOnly);
     }
     r
-}
-
-/// Σ of a dimension vector, for logs.
-pub fn describe(r: &Resources) -> String {
-    DIMENSIONS
-        .iter()
-        .filter(|d| r.dimension(d) > 0)
-        .map(|d| format!("{d}={}", r.dimension(d)))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 #[cfg(test)]

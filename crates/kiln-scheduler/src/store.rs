@@ -12,12 +12,12 @@
 //!
 //! The in-memory store implements the same contract with a mutex, so both run the same scheduler code.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kiln_binpack::Demand;
-use kiln_model::capacity::{Resources, DIMENSIONS};
+use kiln_model::capacity::{Dimension, Resources};
 use kiln_model::node::Heartbeat;
 use kiln_model::StreamRequest;
 use redis::aio::ConnectionManager;
@@ -274,9 +274,9 @@ impl Store {
         }))
     }
 
-    fn mem(&self) -> Option<std::sync::MutexGuard<'_, Mem>> {
+    fn mem(&self) -> Option<parking_lot::MutexGuard<'_, Mem>> {
         match self {
-            Store::Memory(m) => Some(m.lock().unwrap_or_else(|e| e.into_inner())),
+            Store::Memory(m) => Some(m.lock()),
             Store::Redis(_) => None,
         }
     }
@@ -612,16 +612,8 @@ impl Store {
                 let mut c = r.conn.clone();
                 let h: HashMap<String, i64> = c.hgetall(format!("kiln:used:{node}")).await?;
                 let mut out = Resources::default();
-                for d in DIMENSIONS {
-                    let v = h.get(d).copied().unwrap_or(0).max(0) as u64;
-                    match d {
-                        "cpu_millicores" => out.cpu_millicores = v,
-                        "memory_mib" => out.memory_mib = v,
-                        "nvenc_fps" => out.nvenc_fps = v,
-                        "nvdec_fps" => out.nvdec_fps = v,
-                        "encoder_sessions" => out.encoder_sessions = v,
-                        _ => out.vram_mib = v,
-                    }
+                for d in Dimension::ALL {
+                    out.set(d, h.get(d.as_str()).copied().unwrap_or(0).max(0) as u64);
                 }
                 Ok(out)
             }

@@ -22,33 +22,29 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use kiln_model::node::VodLoad;
 use kiln_model::vod::JobRequest;
+use reqwest::Method;
 use serde_json::{json, Value};
 
+use kiln_http::json_error as error;
+
+use crate::store::NodeEntry;
 use crate::Scheduler;
 
 type S = State<Arc<Scheduler>>;
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        axum::Json(json!({"error": {"code": code, "message": message.into()}})),
-    )
-        .into_response()
-}
-
 /// Jobs this process routed recently, per node: they are not in the node's report until its next heartbeat.
 #[derive(Debug, Default)]
-pub struct Routed(std::sync::Mutex<HashMap<String, Vec<Instant>>>);
+pub struct Routed(parking_lot::Mutex<HashMap<String, Vec<Instant>>>);
 
 impl Routed {
     fn note(&self, node: &str) {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.0.lock();
         m.entry(node.to_string()).or_default().push(Instant::now());
     }
 
     /// How many were routed to `node` within `window`.
     fn recent(&self, node: &str, window: Duration) -> u32 {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.0.lock();
         let v = m.entry(node.to_string()).or_default();
         v.retain(|t| t.elapsed() < window);
         v.len() as u32
@@ -88,18 +84,9 @@ async fn pass_on(node: &str, r: reqwest::Response) -> Response {
     }
 }
 
-pub async fn submit(State(s): S, body: Bytes) -> Response {
-    if let Err(e) = serde_json::from_slice::<JobRequest>(&body) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid",
-            format!("invalid job: {e}"),
-        );
-    }
-    let nodes = match s.store.nodes().await {
-        Ok(n) => n,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()),
-    };
+/// The live, non-draining VOD nodes as (id, URL), best first: the shortest queue per slot (counting the jobs this
+/// process routed there since its last heartbeat), then the most free CPU, then the id.
+fn ranked(s: &Scheduler, nodes: &[NodeEntry]) -> Vec<(String, String)> {
     let window = s.config.interval * 2;
     let mut candidates: Vec<(f64, i64, String, String)> = nodes
         .iter()
@@ -120,6 +107,25 @@ pub async fn submit(State(s): S, body: Bytes) -> Response {
         })
         .collect();
     candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    candidates
+        .into_iter()
+        .map(|(_, _, node, url)| (node, url))
+        .collect()
+}
+
+pub async fn submit(State(s): S, body: Bytes) -> Response {
+    if let Err(e) = serde_json::from_slice::<JobRequest>(&body) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("invalid job: {e}"),
+        );
+    }
+    let nodes = match s.store.nodes().await {
+        Ok(n) => n,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()),
+    };
+    let candidates = ranked(&s, &nodes);
     if candidates.is_empty() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -128,9 +134,10 @@ pub async fn submit(State(s): S, body: Bytes) -> Response {
         );
     }
     let mut last = String::new();
-    for (_, _, node, url) in candidates.into_iter().take(3) {
+    for (node, url) in candidates.into_iter().take(3) {
         let sent = s
-            .authed(s.http.post(format!("{url}/v1/jobs")))
+            .daemons
+            .request(Method::POST, &format!("{url}/v1/jobs"))
             .header(header::CONTENT_TYPE, "application/json")
             .body(body.clone())
             .send()
@@ -219,7 +226,8 @@ pub async fn get_job(State(s): S, Path(id): Path<String>) -> Response {
         Err(r) => return r,
     };
     match s
-        .authed(s.http.get(format!("{url}/v1/jobs/{id}")))
+        .daemons
+        .request(Method::GET, &format!("{url}/v1/jobs/{id}"))
         .send()
         .await
     {
@@ -245,10 +253,14 @@ pub async fn delete_job(State(s): S, Path(id): Path<String>, RawQuery(q): RawQue
     } else {
         format!("{url}/v1/jobs/{id}")
     };
-    match s.authed(s.http.delete(target)).send().await {
+    match s.daemons.request(Method::DELETE, &target).send().await {
         Ok(r) => {
             if purge && (r.status().is_success() || r.status() == reqwest::StatusCode::NOT_FOUND) {
-                let _ = s.store.remove_job(&id).await;
+                if let Err(e) = s.store.remove_job(&id).await {
+                    // the job is gone from its node either way (its answer is passed on); the stale route only
+                    // sends a later GET to the node, which answers 404
+                    tracing::warn!(job = %id, node = %node, error = %e, "could not forget the purged job's route");
+                }
             }
             pass_on(&node, r).await
         }

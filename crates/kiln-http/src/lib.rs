@@ -1,0 +1,21 @@
+//! kiln-http: the HTTP plumbing that kilnd and kiln-scheduler share, so their control APIs behave the same.
+//!
+//! - [`error`]: the one JSON error envelope, `{"error": {"code", "message", …}}`, with its status code.
+//! - [`auth`]: the fleet's bearer token: the constant-time check, the route layer that requires it (401 with an
+//!   RFC 6750 challenge otherwise) and the reader that takes it from an environment variable.
+//! - [`shutdown`]: the process signal handling both binaries use (SIGINT/SIGTERM start a graceful stop; a second
+//!   signal exits at once).
+//! - [`process`]: the runtime and logging set-up both binaries start with.
+//! - [`server`]: the accept loop with a connection cap, header/idle timeouts, h2c/TLS, and a graceful drain.
+//!
+//! Nothing here knows about streams, jobs or nodes: handlers build their own error codes and call [`error::json_error`].
+
+pub mod auth;
+pub mod error;
+pub mod process;
+pub mod server;
+pub mod shutdown;
+
+pub use auth::{bearer_ok, require_bearer, token_from_env, TokenError};
+pub use error::{json_error, json_error_with};
+pub use shutdown::shutdown_signal;

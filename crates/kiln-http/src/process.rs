@@ -1,0 +1,21 @@
+//! How both binaries start: a multi-threaded tokio runtime and `tracing` to stderr, filtered by `RUST_LOG`
+//! (default `info`). stdout stays free for the one line a binary prints with its bound address.
+
+use std::future::Future;
+
+/// Initialises logging, builds the runtime and runs `main` on it.
+pub fn run<F>(main: impl FnOnce() -> F) -> anyhow::Result<()>
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(main())
+}

@@ -1,0 +1,280 @@
+//! The HTTP server both services run: accepts TCP (or TLS) connections and serves an axum app over HTTP/1.1 or
+//! HTTP/2, with the limits that keep a flood of idle or slow clients from starving real ones.
+//!
+//! - **Connection cap** ([`Limits::max_connections`], further bounded by the process's file-descriptor limit): a
+//!   connection over the cap is closed at once, and the first refusal of each burst is logged.
+//! - **Header timeout** ([`Limits::header_timeout`]): a connection must send a whole request head within it — the
+//!   first request (idle connections that never send a byte are closed), and every next one on a keep-alive
+//!   connection (so it is also the keep-alive idle timeout). A slowloris client sending a byte a second is closed
+//!   when it runs out. A request that is being answered is never timed out here: an LL-HLS blocking playlist
+//!   request parks for up to 3 target durations and then gets its answer.
+//! - **Protocol**: on plain TCP the first bytes decide (the HTTP/2 connection preface means h2c prior knowledge,
+//!   anything else HTTP/1.1), read within the header timeout; over TLS, ALPN decides. HTTP/2 connections are
+//!   pinged ([`Limits::h2_keepalive`]) and closed when the peer stops answering.
+//! - **Graceful stop**: when `shutdown` resolves, no new connection is accepted and open ones get
+//!   [`Limits::drain`] to finish.
+//!
+//! Why not `axum::serve`: it has no header timeout, no connection cap and no TLS; this is hyper's own connection
+//! builders plus the accept loop, not an HTTP implementation.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+/// The server's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections at most (also bounded by the file-descriptor limit, see [`raise_nofile_limit`]).
+    pub max_connections: usize,
+    /// Time a client has to send a request head (and the keep-alive idle time between requests).
+    pub header_timeout: Duration,
+    /// HTTP/2 ping interval; a peer that does not answer a ping within the same time is dropped.
+    pub h2_keepalive: Duration,
+    /// How long open connections get to finish after shutdown starts.
+    pub drain: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 16_384,
+            header_timeout: Duration::from_secs(10),
+            h2_keepalive: Duration::from_secs(20),
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// File descriptors kept for everything that is not a client connection (pipelines, files, outgoing requests).
+pub const RESERVED_FDS: u64 = 512;
+
+/// Raises the soft limit on open files to the hard limit (a default soft limit of 1,024 would cap the server far
+/// below what it can serve) and returns the new soft limit.
+pub fn raise_nofile_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
+        }
+    }
+}
+
+/// The connection cap actually used: the configured one, but never more than the open-file limit allows.
+pub fn effective_max_connections(configured: usize, nofile: u64) -> usize {
+    let by_fds = nofile.saturating_sub(RESERVED_FDS).max(64);
+    configured
+        .min(usize::try_from(by_fds).unwrap_or(usize::MAX))
+        .max(1)
+}
+
+/// Serves `app` on `listener` (TLS when `tls` is given) until `shutdown` resolves, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let nofile = raise_nofile_limit();
+    let max = effective_max_connections(limits.max_connections, nofile);
+    tracing::info!(
+        max_connections = max,
+        nofile,
+        header_timeout_ms = limits.header_timeout.as_millis() as u64,
+        "serving"
+    );
+    let permits = Arc::new(Semaphore::new(max));
+    let refused = Arc::new(AtomicU64::new(0));
+    let graceful = GracefulShutdown::new();
+    // connections still choosing their protocol (no request yet) end at once when the stop begins
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off a moment instead of spinning
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            if refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    max_connections = max,
+                    "connection limit reached: closing new connections until some end"
+                );
+            }
+            drop(tcp);
+            continue;
+        };
+        if refused.swap(0, Ordering::Relaxed) > 0 {
+            tracing::info!("below the connection limit again");
+        }
+        let _ = tcp.set_nodelay(true);
+        let conn = Conn {
+            service: TowerToHyperService::new(app.clone()),
+            limits,
+            watcher: graceful.watcher(),
+            stopping: stopping.clone(),
+        };
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let result = match tls {
+                None => conn.plain(tcp).await,
+                Some(acceptor) => conn.tls(tcp, acceptor).await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+        });
+    }
+    drop(listener);
+    let _ = stopping_tx.send(true);
+    if tokio::time::timeout(limits.drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain period; closing");
+    }
+    Ok(())
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One accepted connection and what it is served with.
+struct Conn {
+    service: TowerToHyperService<Router>,
+    limits: Limits,
+    watcher: hyper_util::server::graceful::Watcher,
+    stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Conn {
+    /// Plain TCP: the first bytes (within the header timeout) choose h2c or HTTP/1.1.
+    async fn plain(mut self, tcp: TcpStream) -> Result<(), BoxError> {
+        let sniff = tokio::time::timeout(self.limits.header_timeout, sniff_h2(&tcp));
+        let decided = tokio::select! {
+            d = sniff => d,
+            _ = self.stopping.wait_for(|s| *s) => return Ok(()),
+        };
+        match decided {
+            Ok(Ok(Some(h2))) => self.http(tcp, h2).await,
+            Ok(Ok(None)) => Ok(()), // closed before sending anything
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err("no request within the header timeout".into()),
+        }
+    }
+
+    /// TLS: a handshake within the header timeout, then ALPN chooses.
+    async fn tls(mut self, tcp: TcpStream, acceptor: TlsAcceptor) -> Result<(), BoxError> {
+        let handshake = tokio::time::timeout(self.limits.header_timeout, acceptor.accept(tcp));
+        let tls = tokio::select! {
+            h = handshake => h.map_err(|_| "TLS handshake timed out")??,
+            _ = self.stopping.wait_for(|s| *s) => return Ok(()),
+        };
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        self.http(tls, h2).await
+    }
+
+    async fn http<I>(self, io: I, h2: bool) -> Result<(), BoxError>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(io);
+        if h2 {
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                .keep_alive_interval(Some(self.limits.h2_keepalive))
+                .keep_alive_timeout(self.limits.h2_keepalive);
+            let conn = b.serve_connection(io, self.service);
+            self.watcher.watch(conn).await?;
+        } else {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(self.limits.header_timeout)
+                .keep_alive(true);
+            let conn = b.serve_connection(io, self.service);
+            self.watcher.watch(conn).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits for the first bytes of a plain connection: `Some(true)` for the HTTP/2 preface, `Some(false)` for anything
+/// else, `None` when the peer closed without sending. Peeks, so the bytes stay for the HTTP parser.
+async fn sniff_h2(tcp: &TcpStream) -> std::io::Result<Option<bool>> {
+    let mut buf = [0u8; 24];
+    loop {
+        let n = tcp.peek(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        match preface_decision(&buf[..n]) {
+            Some(h2) => return Ok(Some(h2)),
+            // a strict prefix of the preface: more bytes are on their way (peek returns at once while bytes wait,
+            // so pause instead of spinning)
+            None => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// `Some(true)`: the whole HTTP/2 preface; `Some(false)`: bytes that cannot start it; `None`: a strict prefix of it.
+fn preface_decision(bytes: &[u8]) -> Option<bool> {
+    if bytes.len() >= H2_PREFACE.len() {
+        Some(bytes[..H2_PREFACE.len()] == H2_PREFACE[..])
+    } else if H2_PREFACE.starts_with(bytes) {
+        None
+    } else {
+        Some(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_preface_decides_and_its_prefixes_wait() {
+        assert_eq!(preface_decision(H2_PREFACE), Some(true));
+        assert_eq!(preface_decision(b"GET / HTTP/1.1\r\n"), Some(false));
+        assert_eq!(preface_decision(b"G"), Some(false));
+        assert_eq!(preface_decision(b"P"), None);
+        assert_eq!(preface_decision(b"PRI * HTTP/2"), None);
+        assert_eq!(preface_decision(b"PUT /v1/streams/x"), Some(false));
+        let mut almost = *H2_PREFACE;
+        almost[23] = b'x';
+        assert_eq!(preface_decision(&almost), Some(false));
+    }
+
+    #[test]
+    fn the_cap_never_exceeds_what_file_descriptors_allow() {
+        assert_eq!(effective_max_connections(16_384, 1024), 512);
+        assert_eq!(effective_max_connections(16_384, 1_048_576), 16_384);
+        assert_eq!(effective_max_connections(100, 1_048_576), 100);
+        assert_eq!(
+            effective_max_connections(16_384, 10),
+            64,
+            "a floor, never zero"
+        );
+    }
+}

@@ -1,0 +1,403 @@
+//! The leader loop's reconciliation: reads the nodes and records, asks the pure [`crate::plan::plan`] what to do,
+//! and does it ([`Scheduler::execute`]): daemon `DELETE`s and `PUT`s, store writes, and one batch placement for
+//! everything to re-place, with the metrics and logs of each step.
+//!
+//! A daemon or store answer that says this process is deposed stops the pass (stepping down); any other failure of
+//! one action is logged and the pass goes on, because the next pass (one interval later) plans from the new state.
+
+use kiln_model::StreamRequest;
+
+use crate::plan::{self, Action, Context, Fleet};
+use crate::store::{NodeEntry, StreamRecord};
+use crate::{unix_ms, PlaceError, Scheduler};
+
+impl Scheduler {
+    /// Brings the daemons in line with the records (the cases are in [`crate::plan`]).
+    pub(crate) async fn reconcile(&self, epoch: u64) -> Result<(), PlaceError> {
+        let nodes = self.stored(self.store.nodes().await)?;
+        let records = self.stored(self.store.streams().await)?;
+        let ctx = Context {
+            epoch,
+            now_ms: unix_ms(),
+            grace_ms: self.config.heartbeat_ttl().as_millis() as u64,
+            warming: self.warming(),
+        };
+        let known_dead = self.dead.lock().clone();
+        let actions = plan::plan(&records, &Fleet::from_nodes(&nodes), &known_dead, &ctx);
+        self.execute(epoch, actions, &nodes).await
+    }
+
+    /// Performs `actions` in order, then places the re-placement batch (the `Replace` actions and the restarts
+    /// the daemons refused, in action order) as one decision.
+    pub(crate) async fn execute(
+        &self,
+        epoch: u64,
+        actions: Vec<Action>,
+        nodes: &[NodeEntry],
+    ) -> Result<(), PlaceError> {
+        let mut batch = Vec::new();
+        let mut moved = 0;
+        for action in actions {
+            match action {
+                Action::NodeDied { node } => {
+                    if self.dead.lock().insert(node.clone()) {
+                        tracing::warn!(node = %node, "node missed three heartbeats: dead");
+                        self.metrics.node_deaths.inc();
+                    }
+                }
+                Action::NodeBack { node } => {
+                    self.dead.lock().remove(&node);
+                }
+                Action::StopStray { stream, node, url } => {
+                    self.stop_stray(epoch, &stream, &node, &url).await?
+                }
+                Action::Adopt { record } => self.adopt(epoch, &record).await?,
+                Action::Restart { record, url, spec } => {
+                    if let Some(r) = self.restart(epoch, record, &url, &spec).await? {
+                        batch.push(plan::released(r));
+                    }
+                }
+                Action::Replace { record, moved: m } => {
+                    moved += usize::from(m);
+                    batch.push(record);
+                }
+            }
+        }
+        self.replace(epoch, batch, moved, nodes).await
+    }
+
+    async fn stop_stray(
+        &self,
+        epoch: u64,
+        stream: &str,
+        node: &str,
+        url: &str,
+    ) -> Result<(), PlaceError> {
+        tracing::warn!(stream, node, "stray copy: stopping it");
+        if let Err(e) = self.unfenced(self.daemons.delete(epoch, url, stream).await)? {
+            // counted all the same: it was found and told to stop; the next pass sees whether it did
+            tracing::warn!(stream, node, error = %e, "could not stop a stray copy");
+        }
+        self.metrics.strays.inc();
+        Ok(())
+    }
+
+    async fn adopt(&self, epoch: u64, record: &StreamRecord) -> Result<(), PlaceError> {
+        tracing::info!(stream = %record.id, node = ?record.node, "adopted the running copy");
+        if let Err(e) = self.unfenced(self.store.save(epoch, record, None).await)? {
+            // the copy keeps running; the next pass finds it again and adopts it then
+            tracing::warn!(stream = %record.id, error = %e, "could not save the adopted copy");
+        }
+        Ok(())
+    }
+
+    /// Starts `record` again on its node. `Some(record)` when the daemon will not run it: it is re-placed.
+    async fn restart(
+        &self,
+        epoch: u64,
+        record: StreamRecord,
+        url: &str,
+        spec: &StreamRequest,
+    ) -> Result<Option<StreamRecord>, PlaceError> {
+        if let Err(e) = self.unfenced(self.daemons.put(epoch, url, &record.id, spec).await)? {
+            tracing::warn!(stream = %record.id, error = %e, "its node will not run it again: re-placing");
+            return Ok(Some(record));
+        }
+        tracing::info!(stream = %record.id, node = ?record.node, "restarted on its node");
+        self.metrics
+            .placements
+            .with_label_values(&["restart"])
+            .inc();
+        let restarted = StreamRecord {
+            placed_unix_ms: unix_ms(),
+            ..record
+        };
+        if let Err(e) = self.unfenced(self.store.save(epoch, &restarted, None).await)? {
+            // it runs where the record says; only the grace period restarts from the old placement time, so the
+            // next pass may send the (idempotent) PUT once more
+            tracing::warn!(stream = %restarted.id, error = %e, "could not record the restart time");
+        }
+        Ok(None)
+    }
+
+    /// Releases the batch's bookings, then places it as one decision.
+    async fn replace(
+        &self,
+        epoch: u64,
+        batch: Vec<StreamRecord>,
+        moved: usize,
+        nodes: &[NodeEntry],
+    ) -> Result<(), PlaceError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if moved > 0 {
+            tracing::warn!(streams = moved, "re-placing the streams of dead nodes");
+        }
+        for r in &batch {
+            self.stored(self.store.save(epoch, r, None).await)?;
+        }
+        for res in self.place(epoch, batch, nodes, "failover").await? {
+            if let Err((r, why)) = res {
+                self.metrics.refusals.with_label_values(&["capacity"]).inc();
+                tracing::warn!(stream = %r.id, why = %why, "pending: no room yet");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use kiln_binpack::Demand;
+    use kiln_model::capacity::Resources;
+    use kiln_model::node::{CapacityReport, Heartbeat, HostReport, NodeStream};
+    use kiln_model::{Backend, StreamState};
+
+    use super::*;
+    use crate::store::{Phase, Store};
+
+    type Log = Arc<parking_lot::Mutex<Vec<String>>>;
+
+    /// A loopback daemon: logs `METHOD path` of each command and answers `refuse` paths with `status` and an
+    /// envelope with `code`, everything else with 200.
+    async fn daemon(
+        refuse: &'static [&'static str],
+        status: u16,
+        code: &'static str,
+    ) -> (String, Log) {
+        use axum::http::{Method, StatusCode, Uri};
+        let log: Log = Arc::default();
+        let seen = log.clone();
+        let app = axum::Router::new().fallback(move |m: Method, u: Uri| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().push(format!("{m} {}", u.path()));
+                if refuse.contains(&u.path()) {
+                    let body = serde_json::json!({"error": {"code": code, "message": "no"}});
+                    (StatusCode::from_u16(status).unwrap(), body.to_string())
+                } else {
+                    (StatusCode::OK, "{}".to_string())
+                }
+            }
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await });
+        (url, log)
+    }
+
+    fn cpu(millicores: u64) -> Resources {
+        Resources {
+            cpu_millicores: millicores,
+            memory_mib: 100,
+            ..Default::default()
+        }
+    }
+
+    async fn leader(url: &str, streams: Vec<NodeStream>) -> Scheduler {
+        let config = crate::Config {
+            instance_id: "a".into(),
+            advertise_url: "http://sched".into(),
+            interval: Duration::from_secs(1),
+            presets: kiln_config::Presets::builtin(),
+            strategy: kiln_binpack::Strategy::Kiln,
+            api_token: None,
+        };
+        let s = Scheduler::new(config, Store::memory(5));
+        s.campaign().await;
+        let host = HostReport {
+            capacity: Resources {
+                memory_mib: 4000,
+                ..cpu(4000)
+            },
+            ..Default::default()
+        };
+        let capacity = CapacityReport {
+            node_id: "a".into(),
+            epoch: 1,
+            fence_epoch: 0,
+            host,
+            gpus: vec![],
+            gpu_inventory: Default::default(),
+            streams,
+            headroom: Default::default(),
+            demands: Default::default(),
+            vod: None,
+        };
+        let hb = Heartbeat {
+            url: url.into(),
+            capacity,
+        };
+        s.store
+            .heartbeat("a", &hb, Duration::from_secs(60))
+            .await
+            .unwrap();
+        s
+    }
+
+    fn record(id: &str, phase: Phase, node: Option<&str>) -> StreamRecord {
+        let x264 = Demand {
+            host: cpu(1000),
+            gpu: None,
+            pixel_rate: 1,
+        };
+        StreamRecord {
+            id: id.into(),
+            request: Default::default(),
+            phase,
+            node: node.map(str::to_string),
+            gpu: None,
+            demand: (phase == Phase::Placed).then_some(x264),
+            alternatives: vec![x264],
+            epoch: 5,
+            created_unix_ms: 1,
+            placed_unix_ms: 1,
+            moves: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_executor_commands_the_daemons_writes_the_store_and_counts() {
+        let (url, log) = daemon(&["/v1/streams/r1"], 422, "cannot_run_here").await;
+        let s = leader(&url, vec![]).await;
+        let nodes = s.store.nodes().await.unwrap();
+        let adopted = record("p1", Phase::Placed, Some("a"));
+        let actions = vec![
+            Action::NodeDied { node: "b".into() },
+            Action::NodeDied { node: "b".into() },
+            Action::StopStray {
+                stream: "s9".into(),
+                node: "a".into(),
+                url: url.clone(),
+            },
+            Action::Adopt {
+                record: adopted.clone(),
+            },
+            Action::Restart {
+                record: record("r1", Phase::Placed, Some("a")),
+                url: url.clone(),
+                spec: Default::default(),
+            },
+            Action::Restart {
+                record: record("r2", Phase::Placed, Some("a")),
+                url: url.clone(),
+                spec: Default::default(),
+            },
+            Action::Replace {
+                record: plan::released(record("m1", Phase::Pending, None)),
+                moved: true,
+            },
+        ];
+        s.execute(5, actions, &nodes).await.unwrap();
+        let mut sent = log.lock().clone();
+        // the batch's PUTs go out concurrently: their order is not fixed
+        sent[3..].sort();
+        assert_eq!(
+            sent,
+            [
+                "DELETE /v1/streams/s9",
+                "PUT /v1/streams/r1",
+                "PUT /v1/streams/r2",
+                // the batch: the moved stream and the refused restart, both placed on a (r1 refused again)
+                "PUT /v1/streams/m1",
+                "PUT /v1/streams/r1",
+            ]
+        );
+        assert_eq!(s.metrics.node_deaths.get(), 1, "a death counts once");
+        assert_eq!(s.metrics.strays.get(), 1);
+        let placements = |r: &str| s.metrics.placements.with_label_values(&[r]).get();
+        assert_eq!((placements("restart"), placements("failover")), (1, 1));
+        assert_eq!(s.metrics.refusals.with_label_values(&["capacity"]).get(), 1);
+        assert_eq!(s.store.stream("p1").await.unwrap(), Some(adopted));
+        let r2 = s.store.stream("r2").await.unwrap().unwrap();
+        assert!(r2.placed_unix_ms > 1, "the restart time is recorded");
+        let r1 = s.store.stream("r1").await.unwrap().unwrap();
+        assert_eq!(
+            (r1.phase, r1.node),
+            (Phase::Pending, None),
+            "refused everywhere: pending"
+        );
+        let m1 = s.store.stream("m1").await.unwrap().unwrap();
+        assert_eq!(m1.node.as_deref(), Some("a"));
+        assert!(s.dead.lock().contains("b"));
+    }
+
+    #[tokio::test]
+    async fn a_daemon_on_a_newer_epoch_stops_the_pass_and_the_leader_steps_down() {
+        let (url, log) = daemon(&["/v1/streams/s9"], 409, "stale_epoch").await;
+        let s = leader(&url, vec![]).await;
+        let nodes = s.store.nodes().await.unwrap();
+        let actions = vec![
+            Action::StopStray {
+                stream: "s9".into(),
+                node: "a".into(),
+                url: url.clone(),
+            },
+            Action::Adopt {
+                record: record("p1", Phase::Placed, Some("a")),
+            },
+        ];
+        assert!(matches!(
+            s.execute(5, actions, &nodes).await,
+            Err(PlaceError::NotLeader)
+        ));
+        assert_eq!(s.leading(), None);
+        assert_eq!(s.metrics.fenced.get(), 1);
+        assert_eq!(s.metrics.strays.get(), 0, "not counted: it was not stopped");
+        assert_eq!(
+            s.store.stream("p1").await.unwrap(),
+            None,
+            "nothing after it ran"
+        );
+        assert_eq!(log.lock().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_tick_reconciles_the_store_with_the_daemons_report() {
+        let copy = NodeStream {
+            id: "p1".into(),
+            state: StreamState::Running,
+            backend: Backend::Cpu,
+            decode_gpu: None,
+            demand: Resources::default(),
+            gpu_demand: None,
+        };
+        let (url, log) = daemon(&[], 200, "").await;
+        let s = leader(&url, vec![copy]).await;
+        // past the warming period, with a silent node known
+        s.role.lock().since = Instant::now() - Duration::from_secs(10);
+        s.store
+            .heartbeat(
+                "b",
+                &Heartbeat {
+                    url: "http://b".into(),
+                    ..s.store.nodes().await.unwrap()[0].heartbeat.clone().unwrap()
+                },
+                Duration::from_millis(1),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        for r in [
+            record("p1", Phase::Pending, None),
+            record("r1", Phase::Placed, Some("a")),
+        ] {
+            s.store.save(5, &r, None).await.unwrap();
+        }
+        s.tick().await;
+        let p1 = s.store.stream("p1").await.unwrap().unwrap();
+        assert_eq!(
+            (p1.phase, p1.node.as_deref()),
+            (Phase::Placed, Some("a")),
+            "adopted"
+        );
+        assert_eq!(*log.lock(), ["PUT /v1/streams/r1"], "r1 restarted on a");
+        assert_eq!(s.metrics.node_deaths.get(), 1, "b is dead");
+        s.tick().await;
+        assert_eq!(s.metrics.node_deaths.get(), 1, "and counted once");
+    }
+}

@@ -1,0 +1,192 @@
+//! Leadership as this process knows it: taking and renewing the lease ([`Scheduler::campaign`]), whether it
+//! certainly still holds it ([`Scheduler::leading`]), and stepping down.
+//!
+//! Deposition is handled in one place. A fenced store write ([`StoreError::Fenced`]) and a daemon that follows a
+//! newer epoch ([`CommandError::Fenced`]) both mean another scheduler leads now: [`Scheduler::unfenced`] steps down
+//! and turns either into [`PlaceError::NotLeader`], so callers write `?` and handle only the other errors.
+
+use std::time::Instant;
+
+use crate::client::CommandError;
+use crate::store::{LeaderInfo, StoreError};
+use crate::{PlaceError, Scheduler};
+
+/// Leadership as this process knows it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Role {
+    pub(crate) epoch: Option<u64>,
+    /// The lease is certainly still ours until then (one interval of margin before it can expire).
+    pub(crate) valid_until: Instant,
+    /// When this process last took the lease.
+    pub(crate) since: Instant,
+}
+
+impl Role {
+    pub(crate) fn new() -> Self {
+        Self {
+            epoch: None,
+            valid_until: Instant::now(),
+            since: Instant::now(),
+        }
+    }
+}
+
+/// An error that may say this process is deposed.
+pub(crate) trait Fencing {
+    /// Why this error deposes the leader, or `None` when it does not.
+    fn deposes(&self) -> Option<&'static str>;
+}
+
+impl Fencing for StoreError {
+    fn deposes(&self) -> Option<&'static str> {
+        matches!(self, StoreError::Fenced(_)).then_some("the store fenced a write")
+    }
+}
+
+impl Fencing for CommandError {
+    fn deposes(&self) -> Option<&'static str> {
+        self.is_fenced().then_some("a daemon follows a newer epoch")
+    }
+}
+
+impl Scheduler {
+    pub(crate) fn me(&self) -> LeaderInfo {
+        LeaderInfo {
+            id: self.config.instance_id.clone(),
+            url: self.config.advertise_url.clone(),
+            epoch: self.leading().unwrap_or(0),
+        }
+    }
+
+    /// Our epoch while we certainly hold the lease.
+    pub fn leading(&self) -> Option<u64> {
+        let r = *self.role.lock();
+        r.epoch.filter(|_| Instant::now() < r.valid_until)
+    }
+
+    /// Within one lease period of taking the lease: heartbeats that lapsed while nobody led (daemons moving to
+    /// this scheduler) must not look like a fleet-wide death.
+    pub(crate) fn warming(&self) -> bool {
+        self.role.lock().since.elapsed() < self.config.heartbeat_ttl()
+    }
+
+    pub(crate) fn step_down(&self, why: &str) {
+        let mut r = self.role.lock();
+        if r.epoch.is_some() {
+            tracing::warn!(epoch = ?r.epoch, why, "stepping down");
+        }
+        r.epoch = None;
+        self.metrics.leader.set(0);
+    }
+
+    /// Steps down because `why` says this process is deposed, and answers what the caller returns.
+    pub(crate) fn deposed(&self, why: &str) -> PlaceError {
+        self.step_down(why);
+        PlaceError::NotLeader
+    }
+
+    /// The one conversion of deposition: when `res` failed because this process is deposed, steps down and
+    /// answers `Err(NotLeader)`; otherwise hands `res` back for the caller to handle.
+    pub(crate) fn unfenced<T, E: Fencing>(
+        &self,
+        res: Result<T, E>,
+    ) -> Result<Result<T, E>, PlaceError> {
+        match res {
+            Err(e) => match e.deposes() {
+                Some(why) => Err(self.deposed(why)),
+                None => Ok(Err(e)),
+            },
+            ok => Ok(ok),
+        }
+    }
+
+    /// [`Self::unfenced`] for a store call whose every other error is the caller's error too.
+    pub(crate) fn stored<T>(&self, res: Result<T, StoreError>) -> Result<T, PlaceError> {
+        Ok(self.unfenced(res)??)
+    }
+
+    /// Takes or renews the lease.
+    pub async fn campaign(&self) {
+        let started = Instant::now();
+        let ttl = self.config.heartbeat_ttl();
+        match self
+            .store
+            .lead(&self.config.instance_id, &self.config.advertise_url, ttl)
+            .await
+        {
+            Ok(Some(epoch)) => {
+                let mut r = self.role.lock();
+                if r.epoch != Some(epoch) {
+                    tracing::info!(epoch, instance = %self.config.instance_id, "leading");
+                    r.since = started;
+                }
+                r.epoch = Some(epoch);
+                // the lease runs from before the call; keep one interval of margin
+                r.valid_until = started + ttl.saturating_sub(self.config.interval);
+                self.metrics.leader.set(1);
+                self.metrics.epoch.set(epoch as i64);
+            }
+            Ok(None) => self.step_down("another scheduler holds the lease"),
+            Err(e) => {
+                tracing::warn!(error = %e, "lease renewal failed");
+                // the lease may still be ours until valid_until; leading() checks the deadline
+            }
+        }
+    }
+
+    /// The leader as the store knows it.
+    pub async fn leader(&self) -> Option<LeaderInfo> {
+        self.store.leader(&self.me()).await.ok().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn scheduler() -> Scheduler {
+        let config = crate::Config {
+            instance_id: "a".into(),
+            advertise_url: "http://a".into(),
+            interval: std::time::Duration::from_secs(1),
+            presets: kiln_config::Presets::builtin(),
+            strategy: kiln_binpack::Strategy::Kiln,
+            api_token: None,
+        };
+        Scheduler::new(config, Store::memory(5))
+    }
+
+    #[tokio::test]
+    async fn fenced_errors_step_down_and_other_errors_pass_through() {
+        let s = scheduler();
+        s.campaign().await;
+        assert_eq!(s.leading(), Some(5));
+        assert!(s.warming(), "just took the lease");
+        // not deposing: handed back, still leading
+        let full: Result<(), StoreError> = Err(StoreError::Full("node cpu".into()));
+        assert!(matches!(s.unfenced(full), Ok(Err(StoreError::Full(_)))));
+        assert!(matches!(
+            s.stored::<()>(Err(StoreError::Full("node cpu".into()))),
+            Err(PlaceError::Store(m)) if m.contains("node cpu")
+        ));
+        let refused: Result<(), CommandError> = Err(CommandError::Unreachable("x".into()));
+        assert!(matches!(s.unfenced(refused), Ok(Err(_))));
+        assert_eq!(s.leading(), Some(5));
+        // a daemon on a newer epoch deposes
+        let fenced: Result<(), CommandError> = Err(CommandError::Fenced {
+            message: "epoch".into(),
+        });
+        assert!(matches!(s.unfenced(fenced), Err(PlaceError::NotLeader)));
+        assert_eq!(s.leading(), None);
+        assert_eq!(s.metrics.leader.get(), 0);
+        // so does a fenced store write
+        s.campaign().await;
+        assert_eq!(s.leading(), Some(5));
+        assert!(matches!(
+            s.stored::<()>(Err(StoreError::Fenced(4))),
+            Err(PlaceError::NotLeader)
+        ));
+        assert_eq!(s.leading(), None);
+    }
+}

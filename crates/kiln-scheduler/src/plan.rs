@@ -1,0 +1,260 @@
+//! Reconciliation as a pure decision: what the leader must do so that the daemons run what the records say
+//! ([`plan`]). No I/O, no clock, no tokio: the inputs are the stream records, the fleet as the daemons report it
+//! ([`Fleet`]), the nodes already declared dead, and the time ([`Context`]). `crate::exec` performs the actions.
+//!
+//! For each record (in record order):
+//! - the copy to keep is the one on the record's node when it is placed there and runs there, else the first
+//!   running copy (in node-id order); every other copy is a stray and is stopped ([`Action::StopStray`]);
+//! - placed on a live node that runs it: nothing more;
+//! - a kept copy elsewhere (the record is pending, or its node is dead or lost it): the copy is adopted where it
+//!   runs, with the GPU it runs on and the matching demand alternative ([`Action::Adopt`]);
+//! - no copy, placed on a live node: after the grace period (its node's report may lag a placement) it is started
+//!   there again ([`Action::Restart`]; the daemon restarted); within the grace period nothing is done;
+//! - no copy, placed on a dead node: re-placed with one more move ([`Action::Replace`] with `moved`); pending
+//!   records are re-placed too. All re-placements form one batch.
+//!
+//! Copies that are ended or stopping are on their way out and do not count. While the lease is new
+//! ([`Context::warming`]) no node is declared dead and records placed on silent nodes are left alone: their
+//! heartbeats may have lapsed only because nobody led.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use kiln_model::node::NodeStream;
+use kiln_model::{Backend, StreamRequest, StreamState};
+
+use crate::fleet;
+use crate::store::{NodeEntry, Phase, StreamRecord};
+
+/// One running copy of a stream, as a live node reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningCopy<'a> {
+    pub node: &'a str,
+    /// The node's base URL.
+    pub url: &'a str,
+    pub stream: &'a NodeStream,
+    /// The position of its NVENC GPU in the node's report (what records book); `None` on the CPU, or when the
+    /// report does not list that GPU.
+    pub gpu: Option<usize>,
+}
+
+impl RunningCopy<'_> {
+    fn on_gpu(&self) -> bool {
+        matches!(self.stream.backend, Backend::Nvenc { .. })
+    }
+}
+
+/// The fleet as the daemons report it.
+#[derive(Debug, Clone, Default)]
+pub struct Fleet<'a> {
+    /// Live nodes (a heartbeat within three intervals): id → base URL.
+    pub alive: BTreeMap<&'a str, &'a str>,
+    /// Known nodes without a live heartbeat, in id order.
+    pub silent: Vec<&'a str>,
+    /// Stream id → its running copies on live nodes (neither ended nor stopping), in node-id order.
+    pub copies: HashMap<&'a str, Vec<RunningCopy<'a>>>,
+}
+
+impl<'a> Fleet<'a> {
+    pub fn from_nodes(nodes: &'a [NodeEntry]) -> Self {
+        let mut f = Fleet::default();
+        let mut live = BTreeMap::new();
+        for n in nodes {
+            match &n.heartbeat {
+                Some(hb) => {
+                    f.alive.insert(n.id.as_str(), hb.url.as_str());
+                    live.insert(n.id.as_str(), hb);
+                }
+                None => f.silent.push(&n.id),
+            }
+        }
+        for (node, hb) in live {
+            for s in &hb.capacity.streams {
+                if matches!(s.state, StreamState::Ended | StreamState::Stopping) {
+                    continue;
+                }
+                let gpu = match s.backend {
+                    Backend::Nvenc { gpu } => hb.capacity.gpus.iter().position(|g| g.index == gpu),
+                    Backend::Cpu => None,
+                };
+                f.copies.entry(&s.id).or_default().push(RunningCopy {
+                    node,
+                    url: &hb.url,
+                    stream: s,
+                    gpu,
+                });
+            }
+        }
+        f
+    }
+}
+
+/// The leader's situation for one pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Context {
+    /// The leader's epoch, written into adopted records.
+    pub epoch: u64,
+    /// Unix ms now.
+    pub now_ms: u64,
+    /// How long after its placement a stream may be missing from its node's report.
+    pub grace_ms: u64,
+    /// Within one lease period of taking the lease.
+    pub warming: bool,
+}
+
+/// One thing the leader does to bring the daemons and the records in line.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// A node has no live heartbeat and was not declared dead before: count its death.
+    NodeDied { node: String },
+    /// A node declared dead reports again: forget its death (a later death counts again).
+    NodeBack { node: String },
+    /// Stop a copy that is not the kept one.
+    StopStray {
+        stream: String,
+        node: String,
+        url: String,
+    },
+    /// Save `record`: the running copy it describes is booked where it runs, nothing restarts.
+    Adopt { record: StreamRecord },
+    /// Its live node does not run it: start it there again (`spec` to `url`). If the daemon will not, the record
+    /// joins the re-placement batch ([`released`]).
+    Restart {
+        record: StreamRecord,
+        url: String,
+        spec: StreamRequest,
+    },
+    /// Re-place `record` (already released: pending, nothing booked) in the one batch that follows every other
+    /// action. `moved`: its node died (its `moves` was counted up).
+    Replace { record: StreamRecord, moved: bool },
+}
+
+/// The record as it waits for a new place: pending, with nothing booked.
+pub fn released(r: StreamRecord) -> StreamRecord {
+    StreamRecord {
+        phase: Phase::Pending,
+        node: None,
+        gpu: None,
+        demand: None,
+        ..r
+    }
+}
+
+/// What to do, in order: deaths first, then each record's strays and its adoption, restart or re-placement.
+/// `known_dead` are the nodes whose deaths were counted already.
+pub fn plan(
+    records: &[StreamRecord],
+    fleet: &Fleet<'_>,
+    known_dead: &HashSet<String>,
+    ctx: &Context,
+) -> Vec<Action> {
+    let mut out = if ctx.warming {
+        Vec::new()
+    } else {
+        deaths(fleet, known_dead)
+    };
+    for r in records {
+        plan_record(r, fleet, ctx, &mut out);
+    }
+    out
+}
+
+fn deaths(fleet: &Fleet<'_>, known_dead: &HashSet<String>) -> Vec<Action> {
+    let died = fleet
+        .silent
+        .iter()
+        .filter(|n| !known_dead.contains(**n))
+        .map(|n| Action::NodeDied {
+            node: n.to_string(),
+        });
+    let back = fleet
+        .alive
+        .keys()
+        .filter(|n| known_dead.contains(**n))
+        .map(|n| Action::NodeBack {
+            node: n.to_string(),
+        });
+    died.chain(back).collect()
+}
+
+fn plan_record(r: &StreamRecord, fleet: &Fleet<'_>, ctx: &Context, out: &mut Vec<Action>) {
+    let here = fleet
+        .copies
+        .get(r.id.as_str())
+        .map_or(&[][..], Vec::as_slice);
+    let placed_on = r.node.as_deref().filter(|_| r.phase == Phase::Placed);
+    let keep = match placed_on {
+        Some(n) if here.iter().any(|c| c.node == n) => Some(n),
+        _ => here.first().map(|c| c.node),
+    };
+    for c in here.iter().filter(|c| Some(c.node) != keep) {
+        out.push(Action::StopStray {
+            stream: r.id.clone(),
+            node: c.node.to_string(),
+            url: c.url.to_string(),
+        });
+    }
+    match keep {
+        Some(n) if placed_on == Some(n) => {}
+        Some(n) => {
+            let copy = here.iter().find(|c| c.node == n).expect("the kept copy");
+            out.push(Action::Adopt {
+                record: adopted(r, copy, ctx),
+            });
+        }
+        None => out.extend(lost(r, fleet, ctx)),
+    }
+}
+
+/// The record of an adopted copy: placed where it runs, on its GPU, booking the alternative that matches where
+/// it encodes (the first one if none does).
+fn adopted(r: &StreamRecord, copy: &RunningCopy<'_>, ctx: &Context) -> StreamRecord {
+    let alt = r
+        .alternatives
+        .iter()
+        .position(|d| d.gpu.is_some() == copy.on_gpu())
+        .unwrap_or(0);
+    StreamRecord {
+        phase: Phase::Placed,
+        node: Some(copy.node.to_string()),
+        gpu: copy.gpu,
+        demand: r.alternatives.get(alt).copied(),
+        epoch: ctx.epoch,
+        placed_unix_ms: ctx.now_ms,
+        ..r.clone()
+    }
+}
+
+/// A record no live node runs.
+fn lost(r: &StreamRecord, fleet: &Fleet<'_>, ctx: &Context) -> Option<Action> {
+    let live_url = r.node.as_deref().and_then(|n| fleet.alive.get(n));
+    match (r.phase, live_url) {
+        (Phase::Placed, Some(url)) => {
+            if ctx.now_ms.saturating_sub(r.placed_unix_ms) <= ctx.grace_ms {
+                return None; // just placed: the node's report may not show it yet
+            }
+            let spec = r
+                .demand
+                .map_or(r.request.clone(), |d| fleet::pinned(&r.request, &d));
+            Some(Action::Restart {
+                record: r.clone(),
+                url: url.to_string(),
+                spec,
+            })
+        }
+        (Phase::Placed, None) if ctx.warming => None,
+        (Phase::Placed, None) => Some(Action::Replace {
+            record: released(StreamRecord {
+                moves: r.moves + 1,
+                ..r.clone()
+            }),
+            moved: true,
+        }),
+        (Phase::Pending, _) => Some(Action::Replace {
+            record: released(r.clone()),
+            moved: false,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests;

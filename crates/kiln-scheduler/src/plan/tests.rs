@@ -1,0 +1,436 @@
+//! One test per case of [`super::plan`] (the same cases the process test drives through real daemons).
+
+use std::collections::HashSet;
+
+use kiln_binpack::Demand;
+use kiln_model::capacity::Resources;
+use kiln_model::node::{CapacityReport, GpuReport, Heartbeat, HostReport, NodeStream};
+use kiln_model::{Backend, Policy, StreamRequest, StreamState};
+
+use super::*;
+
+const NOW: u64 = 1_000_000;
+const GRACE: u64 = 3_000;
+
+fn ctx(warming: bool) -> Context {
+    Context {
+        epoch: 9,
+        now_ms: NOW,
+        grace_ms: GRACE,
+        warming,
+    }
+}
+
+fn gpu(index: u32) -> GpuReport {
+    GpuReport {
+        index,
+        model: "L4".into(),
+        uuid: format!("GPU-{index}"),
+        pci_bus_id: None,
+        profile: None,
+        nvenc: true,
+        nvdec: true,
+        capacity: Resources::default(),
+        allocated: Resources::default(),
+        free: Resources::default(),
+        measured: None,
+    }
+}
+
+fn copy(id: &str, state: StreamState, backend: Backend) -> NodeStream {
+    NodeStream {
+        id: id.into(),
+        state,
+        backend,
+        decode_gpu: None,
+        demand: Resources::default(),
+        gpu_demand: None,
+    }
+}
+
+fn running(id: &str) -> NodeStream {
+    copy(id, StreamState::Running, Backend::Cpu)
+}
+
+/// A live node with NVML indices `gpus` that reports `streams`.
+fn live(id: &str, gpus: &[u32], streams: Vec<NodeStream>) -> NodeEntry {
+    NodeEntry {
+        id: id.into(),
+        heartbeat: Some(Heartbeat {
+            url: format!("http://{id}"),
+            capacity: CapacityReport {
+                node_id: id.into(),
+                epoch: 1,
+                fence_epoch: 0,
+                host: HostReport::default(),
+                gpus: gpus.iter().copied().map(gpu).collect(),
+                gpu_inventory: Default::default(),
+                streams,
+                headroom: Default::default(),
+                demands: Default::default(),
+                vod: None,
+            },
+        }),
+        draining: false,
+    }
+}
+
+fn dead(id: &str) -> NodeEntry {
+    NodeEntry {
+        id: id.into(),
+        heartbeat: None,
+        draining: false,
+    }
+}
+
+fn nvenc_demand() -> Demand {
+    Demand {
+        host: Resources {
+            cpu_millicores: 100,
+            ..Default::default()
+        },
+        gpu: Some(Resources {
+            nvenc_fps: 60,
+            ..Default::default()
+        }),
+        pixel_rate: 1,
+    }
+}
+
+fn x264_demand() -> Demand {
+    Demand {
+        host: Resources {
+            cpu_millicores: 1200,
+            ..Default::default()
+        },
+        gpu: None,
+        pixel_rate: 1,
+    }
+}
+
+fn pending(id: &str) -> StreamRecord {
+    StreamRecord {
+        id: id.into(),
+        request: StreamRequest {
+            source: "test:".into(),
+            preset: Some("live-720p-abr".into()),
+            ..Default::default()
+        },
+        phase: Phase::Pending,
+        node: None,
+        gpu: None,
+        demand: None,
+        alternatives: vec![nvenc_demand(), x264_demand()],
+        epoch: 2,
+        created_unix_ms: 1,
+        placed_unix_ms: 0,
+        moves: 0,
+    }
+}
+
+/// Placed on `node` with the x264 alternative, long enough ago that a missing copy counts as lost.
+fn placed(id: &str, node: &str) -> StreamRecord {
+    StreamRecord {
+        phase: Phase::Placed,
+        node: Some(node.into()),
+        demand: Some(x264_demand()),
+        placed_unix_ms: NOW - GRACE - 1,
+        moves: 1,
+        ..pending(id)
+    }
+}
+
+fn plan_of(
+    records: &[StreamRecord],
+    nodes: &[NodeEntry],
+    known_dead: &[&str],
+    warming: bool,
+) -> Vec<Action> {
+    let known: HashSet<String> = known_dead.iter().map(|s| s.to_string()).collect();
+    plan(records, &Fleet::from_nodes(nodes), &known, &ctx(warming))
+}
+
+fn stray(stream: &str, node: &str) -> Action {
+    Action::StopStray {
+        stream: stream.into(),
+        node: node.into(),
+        url: format!("http://{node}"),
+    }
+}
+
+#[test]
+fn a_dead_nodes_streams_are_re_placed_as_one_batch_with_their_moves_counted() {
+    let nodes = [live("a", &[], vec![running("s0")]), dead("b")];
+    let records = [placed("s0", "a"), placed("s1", "b"), placed("s2", "b")];
+    let actions = plan_of(&records, &nodes, &[], false);
+    let expect = |id: &str| Action::Replace {
+        record: StreamRecord {
+            moves: 2,
+            ..released(placed(id, "b"))
+        },
+        moved: true,
+    };
+    assert_eq!(
+        actions,
+        vec![
+            Action::NodeDied { node: "b".into() },
+            expect("s1"),
+            expect("s2"),
+        ],
+        "s0 runs where it is placed: nothing to do"
+    );
+    let Action::Replace { record, .. } = &actions[1] else {
+        unreachable!()
+    };
+    assert_eq!(
+        (record.phase, &record.node, record.gpu, record.demand),
+        (Phase::Pending, &None, None, None),
+        "a re-placed record books nothing until the batch places it"
+    );
+}
+
+#[test]
+fn a_death_is_declared_once_and_a_node_that_reports_again_is_forgotten() {
+    let nodes = [live("a", &[], vec![]), dead("b")];
+    assert_eq!(
+        plan_of(&[], &nodes, &["a", "b"], false),
+        vec![Action::NodeBack { node: "a".into() }],
+        "b was counted already; a reports again"
+    );
+    assert_eq!(plan_of(&[], &nodes, &["b"], false), vec![]);
+}
+
+#[test]
+fn while_warming_no_node_dies_and_records_on_silent_nodes_stay_but_pending_ones_are_retried() {
+    let nodes = [live("a", &[], vec![]), dead("b")];
+    let records = [placed("s1", "b"), pending("s2")];
+    assert_eq!(
+        plan_of(&records, &nodes, &["a"], true),
+        vec![Action::Replace {
+            record: released(pending("s2")),
+            moved: false
+        }],
+        "no death, no revival, s1 left alone"
+    );
+    // once warm, the same situation declares b dead and moves s1
+    let warm = plan_of(&records, &nodes, &["a"], false);
+    assert_eq!(warm.len(), 4, "{warm:?}");
+    assert!(warm.contains(&Action::NodeDied { node: "b".into() }));
+    assert!(warm.contains(&Action::NodeBack { node: "a".into() }));
+    assert!(matches!(&warm[2], Action::Replace { record, moved: true } if record.id == "s1"));
+}
+
+#[test]
+fn a_running_copy_of_a_pending_record_is_adopted_on_its_gpu_with_the_nvenc_alternative() {
+    // NVML indices 3 and 7: records book the position in the report, so GPU 7 is position 1
+    let nodes = [live(
+        "a",
+        &[3, 7],
+        vec![copy("s1", StreamState::Starting, Backend::Nvenc { gpu: 7 })],
+    )];
+    assert_eq!(
+        plan_of(&[pending("s1")], &nodes, &[], false),
+        vec![Action::Adopt {
+            record: StreamRecord {
+                phase: Phase::Placed,
+                node: Some("a".into()),
+                gpu: Some(1),
+                demand: Some(nvenc_demand()),
+                epoch: 9,
+                placed_unix_ms: NOW,
+                ..pending("s1")
+            }
+        }]
+    );
+}
+
+#[test]
+fn an_nvenc_copy_on_a_gpu_the_report_does_not_list_is_adopted_without_a_gpu() {
+    let nodes = [live(
+        "a",
+        &[0],
+        vec![copy("s1", StreamState::Running, Backend::Nvenc { gpu: 5 })],
+    )];
+    let actions = plan_of(&[pending("s1")], &nodes, &[], false);
+    let [Action::Adopt { record }] = &actions[..] else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(record.gpu, None);
+    assert_eq!(record.demand, Some(nvenc_demand()), "it encodes on NVENC");
+}
+
+#[test]
+fn a_copy_of_a_record_whose_node_died_is_adopted_where_it_runs_instead_of_moving() {
+    let nodes = [live("a", &[0], vec![running("s1")]), dead("b")];
+    let actions = plan_of(&[placed("s1", "b")], &nodes, &["b"], false);
+    assert_eq!(
+        actions,
+        vec![Action::Adopt {
+            record: StreamRecord {
+                node: Some("a".into()),
+                gpu: None,
+                demand: Some(x264_demand()),
+                epoch: 9,
+                placed_unix_ms: NOW,
+                ..placed("s1", "b")
+            }
+        }],
+        "CPU copy: the x264 alternative, moves unchanged, nothing re-placed"
+    );
+}
+
+#[test]
+fn a_copy_elsewhere_is_adopted_when_the_records_live_node_lost_it() {
+    let nodes = [live("a", &[], vec![]), live("c", &[], vec![running("s1")])];
+    let actions = plan_of(&[placed("s1", "a")], &nodes, &[], false);
+    assert!(
+        matches!(&actions[..], [Action::Adopt { record }] if record.node.as_deref() == Some("c")),
+        "adopted on c, not restarted on a: {actions:?}"
+    );
+}
+
+#[test]
+fn copies_other_than_the_kept_one_are_stopped_before_the_kept_one_is_adopted() {
+    let nodes = [
+        live("a", &[], vec![running("s1"), running("s2")]),
+        live("b", &[], vec![running("s1"), running("s2")]),
+        live("c", &[], vec![running("s1")]),
+    ];
+    // placed on b, which runs it: b's copy is kept, a's and c's are strays
+    assert_eq!(
+        plan_of(&[placed("s1", "b")], &nodes, &[], false),
+        vec![stray("s1", "a"), stray("s1", "c")]
+    );
+    // pending: the first copy (node order) is kept and adopted, the other is stopped first
+    let actions = plan_of(&[pending("s2")], &nodes, &[], false);
+    assert_eq!(actions.len(), 2, "{actions:?}");
+    assert_eq!(actions[0], stray("s2", "b"));
+    assert!(matches!(&actions[1], Action::Adopt { record } if record.node.as_deref() == Some("a")));
+}
+
+#[test]
+fn a_stream_its_live_node_lost_is_started_there_again_after_the_grace_period_only() {
+    let nodes = [live("a", &[], vec![])];
+    let lost = placed("s1", "a");
+    assert_eq!(
+        plan_of(std::slice::from_ref(&lost), &nodes, &[], false),
+        vec![Action::Restart {
+            record: lost.clone(),
+            url: "http://a".into(),
+            spec: StreamRequest {
+                policy: Some(Policy::CpuOnly),
+                ..lost.request.clone()
+            },
+        }],
+        "an x264 booking is restarted pinned to the CPU"
+    );
+    // exactly at the end of the grace period: the report may still lag
+    let fresh = StreamRecord {
+        placed_unix_ms: NOW - GRACE,
+        ..lost.clone()
+    };
+    assert_eq!(plan_of(&[fresh], &nodes, &[], false), vec![]);
+    // the grace applies while warming too, and a lost stream is restarted while warming
+    assert_eq!(
+        plan_of(std::slice::from_ref(&lost), &nodes, &[], true).len(),
+        1
+    );
+    // with no booking recorded, the request goes as it was asked
+    let unbooked = StreamRecord {
+        demand: None,
+        ..lost
+    };
+    assert!(matches!(
+        &plan_of(std::slice::from_ref(&unbooked), &nodes, &[], false)[..],
+        [Action::Restart { spec, .. }] if *spec == unbooked.request
+    ));
+}
+
+#[test]
+fn pending_records_without_a_copy_are_retried_without_counting_a_move() {
+    let nodes = [live("a", &[], vec![])];
+    let pending_on_live = StreamRecord {
+        node: Some("a".into()),
+        ..pending("s2")
+    };
+    assert_eq!(
+        plan_of(
+            &[pending("s1"), pending_on_live.clone()],
+            &nodes,
+            &[],
+            false
+        ),
+        vec![
+            Action::Replace {
+                record: released(pending("s1")),
+                moved: false
+            },
+            Action::Replace {
+                record: released(pending_on_live),
+                moved: false
+            },
+        ]
+    );
+}
+
+#[test]
+fn ended_and_stopping_copies_are_ignored() {
+    let nodes = [
+        live(
+            "a",
+            &[],
+            vec![
+                copy("s1", StreamState::Ended, Backend::Cpu),
+                copy("s2", StreamState::Stopping, Backend::Cpu),
+            ],
+        ),
+        live(
+            "c",
+            &[],
+            vec![copy("s1", StreamState::Stopping, Backend::Cpu)],
+        ),
+        dead("b"),
+    ];
+    let actions = plan_of(
+        &[placed("s1", "b"), placed("s2", "a")],
+        &nodes,
+        &["b"],
+        false,
+    );
+    assert_eq!(actions.len(), 2, "{actions:?}");
+    assert!(
+        matches!(&actions[0], Action::Replace { record, moved: true } if record.id == "s1"),
+        "s1's copies are on their way out: neither adopted nor stopped, it is re-placed"
+    );
+    assert!(
+        matches!(&actions[1], Action::Restart { record, .. } if record.id == "s2"),
+        "a stopping copy on its own node does not count as running it"
+    );
+    // failed copies still count (the daemon keeps them until told otherwise)
+    let failed = [live(
+        "a",
+        &[],
+        vec![copy("s3", StreamState::Failed, Backend::Cpu)],
+    )];
+    assert!(plan_of(&[placed("s3", "a")], &failed, &[], false).is_empty());
+}
+
+#[test]
+fn the_fleet_lists_live_and_silent_nodes_and_copies_in_node_order() {
+    let nodes = [
+        live("a", &[], vec![running("s1")]),
+        dead("b"),
+        live(
+            "c",
+            &[],
+            vec![running("s1"), copy("s2", StreamState::Ended, Backend::Cpu)],
+        ),
+    ];
+    let f = Fleet::from_nodes(&nodes);
+    assert_eq!(f.alive.keys().copied().collect::<Vec<_>>(), ["a", "c"]);
+    assert_eq!(f.alive["c"], "http://c");
+    assert_eq!(f.silent, ["b"]);
+    let s1: Vec<_> = f.copies["s1"].iter().map(|c| (c.node, c.url)).collect();
+    assert_eq!(s1, [("a", "http://a"), ("c", "http://c")]);
+    assert!(!f.copies.contains_key("s2"), "an ended copy is not running");
+}
