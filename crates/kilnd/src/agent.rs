@@ -8,23 +8,24 @@
 
 use std::time::Duration;
 
-use kiln_model::node::{Heartbeat, HeartbeatAck};
+use kiln_model::node::{CapacityReport, Heartbeat, HeartbeatAck};
 
-use crate::AppState;
+pub use crate::config::AgentConfig;
 
-/// Where and how to report.
-#[derive(Debug, Clone)]
-pub struct AgentConfig {
-    /// Scheduler base URLs (`http://host:port`), tried in order.
-    pub schedulers: Vec<String>,
-    /// This daemon's base URL as the scheduler and viewers reach it.
-    pub advertise_url: String,
-    /// Heartbeat interval until the scheduler says otherwise.
-    pub interval: Duration,
+/// What the agent reports and whom it tells about the leader's epoch.
+pub trait Node: Send + Sync {
+    /// This node's id in the fleet.
+    fn node_id(&self) -> &str;
+    /// The fleet's bearer token, when one is configured.
+    fn api_token(&self) -> Option<&str>;
+    /// The report a heartbeat carries (the same document as `GET /v1/capacity`).
+    fn report(&self) -> CapacityReport;
+    /// The scheduler answered with its leader's `epoch`: raise the fence to it.
+    fn saw_epoch(&self, epoch: u64);
 }
 
 /// Sends heartbeats until the task is dropped.
-pub async fn run(st: AppState, cfg: AgentConfig) {
+pub async fn run(node: impl Node, cfg: AgentConfig) {
     let client = reqwest::Client::builder()
         .build()
         .expect("building the heartbeat client");
@@ -34,12 +35,12 @@ pub async fn run(st: AppState, cfg: AgentConfig) {
     loop {
         let hb = Heartbeat {
             url: cfg.advertise_url.clone(),
-            capacity: crate::api::report(&st),
+            capacity: node.report(),
         };
         let base = &cfg.schedulers[current % cfg.schedulers.len()];
-        let url = format!("{base}/v1/nodes/{}/heartbeat", st.config.node_id);
+        let url = format!("{base}/v1/nodes/{}/heartbeat", node.node_id());
         let mut req = client.post(&url).json(&hb);
-        if let Some(t) = &st.config.api_token {
+        if let Some(t) = node.api_token() {
             req = req.bearer_auth(t);
         }
         let sent = req
@@ -56,7 +57,7 @@ pub async fn run(st: AppState, cfg: AgentConfig) {
                         tracing::info!(scheduler = %base, "heartbeats accepted again");
                     }
                     failures = 0;
-                    let _ = st.supervisor.raise_fence(ack.epoch);
+                    node.saw_epoch(ack.epoch);
                     interval = Duration::from_millis(ack.interval_ms.clamp(100, 60_000));
                 }
                 Err(e) => tracing::warn!(scheduler = %base, error = %e, "bad heartbeat answer"),

@@ -1,7 +1,9 @@
-//! Control API (`/v1/streams`, `/healthz`, `/readyz`) with JSON errors.
+//! The control API (`/v1/streams`, `/v1/jobs`, `/v1/capacity`, `/v1/stats`, behind the fleet token when one is
+//! configured), VOD file serving (`/vod/{job}/…`), `/metrics`, `/healthz` and `/readyz`.
 //!
-//! Errors are mapped to HTTP in one place ([`ApiError`]): the body is `{"error": {"code", "message"}}`, the
-//! message says what to fix, and nothing internal leaks.
+//! Errors are mapped to HTTP in one place ([`ApiError`]) and written as the shared envelope
+//! ([`kiln_http::json_error`]): `{"error": {"code", "message"}}`; the message says what to fix, and nothing
+//! internal leaks.
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -10,17 +12,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
-use std::collections::BTreeMap;
 
-use kiln_model::capacity::Resources;
-use kiln_model::node::{
-    CapacityReport, GpuDemand, GpuInventoryNote, GpuMeasured, GpuReport, HostReport, NodeStream,
-    PresetDemand, EPOCH_HEADER,
-};
+use kiln_model::node::{CapacityReport, EPOCH_HEADER};
 use kiln_model::{StreamRequest, StreamStatus};
 use serde_json::json;
 
-use crate::supervisor::SupervisorError;
+use crate::supervisor::{FenceError, SupervisorError};
 use crate::AppState;
 
 /// Largest accepted request body.
@@ -41,7 +38,7 @@ pub enum ApiError {
     /// 429: the node lacks `dimension`.
     Capacity {
         message: String,
-        dimension: &'static str,
+        dimension: kiln_model::capacity::Dimension,
         requested: u64,
         free: u64,
     },
@@ -56,14 +53,16 @@ impl IntoResponse for ApiError {
             free,
         } = self
         {
-            let body = json!({"error": {
-                "code": "insufficient_capacity",
-                "message": message,
-                "dimension": dimension,
-                "requested": requested,
-                "free": free,
-            }});
-            return (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+            return kiln_http::json_error_with(
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_capacity",
+                message,
+                [
+                    ("dimension", json!(dimension)),
+                    ("requested", json!(requested)),
+                    ("free", json!(free)),
+                ],
+            );
         }
         let (status, code, message) = match self {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
@@ -79,11 +78,7 @@ impl IntoResponse for ApiError {
             ),
             ApiError::Capacity { .. } => unreachable!("handled above"),
         };
-        (
-            status,
-            Json(json!({"error": {"code": code, "message": message}})),
-        )
-            .into_response()
+        kiln_http::json_error(status, code, message)
     }
 }
 
@@ -113,9 +108,8 @@ impl From<SupervisorError> for ApiError {
     }
 }
 
-/// The control routes (`/v1/…`, behind the bearer token when one is configured), VOD file serving, metrics and
-/// health.
-pub fn router(token: Option<String>) -> Router<AppState> {
+/// The control routes (`/v1/…`), behind the bearer token when one is configured.
+pub fn control_router(token: Option<&str>) -> Router<AppState> {
     let control = Router::new()
         .route("/v1/streams", get(list))
         .route("/v1/streams/{id}", get(status).put(create).delete(remove))
@@ -123,46 +117,43 @@ pub fn router(token: Option<String>) -> Router<AppState> {
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/stats", get(stats))
         .route("/v1/capacity", get(capacity));
-    let control = match token {
-        Some(t) => {
-            let t: std::sync::Arc<str> = t.into();
-            control.route_layer(axum::middleware::from_fn(
-                move |req: axum::extract::Request, next: axum::middleware::Next| {
-                    let t = t.clone();
-                    async move {
-                        let h = req
-                            .headers()
-                            .get(axum::http::header::AUTHORIZATION)
-                            .and_then(|v| v.to_str().ok());
-                        if kiln_model::api::bearer_ok(h, &t) {
-                            next.run(req).await
-                        } else {
-                            unauthorized()
-                        }
-                    }
-                },
-            ))
-        }
-        None => control,
-    };
-    Router::new()
-        .merge(control)
-        .route("/vod/{id}/{*path}", get(vod_file))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+    kiln_http::require_bearer(
+        control,
+        token,
+        "the token kilnd was started with: --api-token-env",
+    )
+    .layer(DefaultBodyLimit::max(MAX_BODY))
 }
 
-/// 401 with a `WWW-Authenticate` challenge (RFC 6750).
-fn unauthorized() -> Response {
-    (
-        StatusCode::UNAUTHORIZED,
-        [(axum::http::header::WWW_AUTHENTICATE, "Bearer realm=\"kiln\"")],
-        Json(json!({"error": {"code": "unauthorized",
-            "message": "the control API needs `Authorization: Bearer <token>` (the token kilnd was started with: --api-token-env)"}})),
+/// VOD playback: the files of finished jobs (`/vod/{job}/…`).
+pub fn vod_router() -> Router<AppState> {
+    Router::new().route("/vod/{id}/{*path}", get(vod_file))
+}
+
+/// Operations: `/metrics` (behind the bearer token when `metrics_token` is given: its series name every stream),
+/// `/healthz`, `/readyz`.
+pub fn service_router(metrics_token: Option<&str>) -> Router<AppState> {
+    let metrics = kiln_http::require_bearer(
+        Router::new().route("/metrics", get(metrics)),
+        metrics_token,
+        "kilnd runs with --metrics-require-token: the fleet token of --api-token-env",
+    );
+    Router::new()
+        .merge(metrics)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+}
+
+/// Any path no route serves (an id with a `/` in it, a typo): 404 with the JSON envelope.
+pub async fn no_route(uri: axum::http::Uri) -> Response {
+    kiln_http::json_error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!(
+            "no route serves {}",
+            uri.path().chars().take(200).collect::<String>()
+        ),
     )
-        .into_response()
 }
 
 async fn list(State(st): State<AppState>) -> Json<Vec<StreamStatus>> {
@@ -187,7 +178,7 @@ async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    fence(&st, &headers)?;
+    let epoch = fence(&st, &headers)?;
     let body = body.map_err(|e| match e {
         BytesRejection::FailedToBufferBody(_) => ApiError::PayloadTooLarge,
         other => ApiError::BadRequest(other.body_text()),
@@ -206,10 +197,11 @@ async fn create(
             SupervisorError::Policy(_) => "policy",
             SupervisorError::SourceFile(_) => "source_file",
             SupervisorError::SourceAddress(_) => "source_address",
-            SupervisorError::Capacity { dimension, .. } => dimension,
+            SupervisorError::Capacity { dimension, .. } => dimension.as_str(),
         };
         st.metrics.refusals.with_label_values(&[reason]).inc();
     })?;
+    raise_fence(&st, epoch);
     let code = if created {
         StatusCode::CREATED
     } else {
@@ -223,8 +215,9 @@ async fn remove(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    fence(&st, &headers)?;
+    let epoch = fence(&st, &headers)?;
     st.supervisor.stop(&id).await?;
+    raise_fence(&st, epoch);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -321,7 +314,10 @@ async fn cancel_job(
 async fn vod_file(
     State(st): State<AppState>,
     Path((id, path)): Path<(String, String)>,
+    req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
+    use axum::http::{header, HeaderValue};
+    use tower::ServiceExt;
     let not_found = || ApiError::NotFound("no such VOD file".into());
     let ok_part = |p: &str| {
         !p.is_empty()
@@ -335,7 +331,6 @@ async fn vod_file(
     }
     let dir = jobs(&st)?.output_dir(&id).ok_or_else(not_found)?;
     let file = dir.join(&path);
-    let bytes = tokio::fs::read(&file).await.map_err(|_| not_found())?;
     let ext = file.extension().and_then(|e| e.to_str()).unwrap_or("");
     let ctype = match ext {
         "m3u8" => "application/vnd.apple.mpegurl",
@@ -346,282 +341,88 @@ async fn vod_file(
         "vtt" => "text/vtt",
         _ => "application/octet-stream",
     };
-    Ok((
-        [
-            (axum::http::header::CONTENT_TYPE, ctype),
-            // finished outputs never change
-            (
-                axum::http::header::CACHE_CONTROL,
-                "public, max-age=31536000, immutable",
-            ),
-        ],
-        bytes,
-    )
-        .into_response())
+    // ServeFile streams the file and answers Range, HEAD and conditional requests (ETag, Last-Modified)
+    let res = tower_http::services::ServeFile::new(&file)
+        .oneshot(req)
+        .await
+        .map_err(|_| not_found())?;
+    if res.status() == StatusCode::NOT_FOUND {
+        return Err(not_found());
+    }
+    let mut res = res.map(axum::body::Body::new);
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    // finished outputs never change
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
+    Ok(res)
 }
 
 /// Fencing: a command that carries a scheduler epoch ([`EPOCH_HEADER`]) older than the highest this daemon has
 /// accepted comes from a deposed leader and is refused; a newer one raises the fence. Commands without the
 /// header (an operator's own) are not fenced.
-fn fence(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+/// The scheduler epoch a command carries ([`EPOCH_HEADER`]), checked against the fence. The fence is raised only
+/// by [`raise_fence`] once the command has been accepted, so a malformed or refused command moves nothing.
+fn fence(st: &AppState, headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     let Some(v) = headers.get(EPOCH_HEADER) else {
-        return Ok(());
+        return Ok(None);
     };
     let epoch: u64 = v
         .to_str()
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .ok_or_else(|| ApiError::BadRequest(format!("{EPOCH_HEADER} must be an integer")))?;
-    st.supervisor.raise_fence(epoch).map_err(|current| {
-        st.metrics.refusals.with_label_values(&["stale_epoch"]).inc();
-        ApiError::StaleEpoch(format!(
-            "scheduler epoch {epoch} is older than {current}, which this daemon already follows: the sender is no longer the leader"
-        ))
-    })
+    st.supervisor
+        .check_fence(epoch)
+        .map_err(|e| fence_error(st, e))?;
+    Ok(Some(epoch))
+}
+
+/// After an accepted command: the daemon follows its epoch from now on.
+fn raise_fence(st: &AppState, epoch: Option<u64>) {
+    if let Some(e) = epoch {
+        if let Err(err) = st.supervisor.raise_fence(e) {
+            // a newer leader's command was accepted in between: this one ran, the fence stays higher
+            tracing::info!(error = %err, "fence not raised");
+        }
+    }
+}
+
+fn fence_error(st: &AppState, e: FenceError) -> ApiError {
+    match e {
+        FenceError::Stale { .. } => {
+            st.metrics
+                .refusals
+                .with_label_values(&["stale_epoch"])
+                .inc();
+            ApiError::StaleEpoch(e.to_string())
+        }
+        FenceError::Future { .. } => ApiError::BadRequest(e.to_string()),
+    }
 }
 
 /// Prometheus text exposition. Gauges that mirror live state are refreshed at scrape time.
 async fn metrics(State(st): State<AppState>) -> Response {
-    let m = &st.metrics;
     if let Some(jobs) = &st.jobs {
-        let all = jobs.list();
-        for (state, name) in [
-            (kiln_model::vod::JobState::Queued, "queued"),
-            (kiln_model::vod::JobState::Running, "running"),
-            (kiln_model::vod::JobState::Done, "done"),
-            (kiln_model::vod::JobState::Failed, "failed"),
-            (kiln_model::vod::JobState::Cancelled, "cancelled"),
-        ] {
-            m.vod_jobs
-                .with_label_values(&[name])
-                .set(all.iter().filter(|j| j.state == state).count() as i64);
-        }
+        st.metrics.set_vod_jobs(&jobs.list());
     }
-    m.streams.reset();
-    m.stream_backend.reset();
-    for h in st.supervisor.list() {
-        m.frames(&h.plan.id, &h.frame_delta());
-        let p = h.placement();
-        let gpu = match p.backend {
-            kiln_model::Backend::Nvenc { gpu } => gpu.to_string(),
-            kiln_model::Backend::Cpu => String::new(),
-        };
-        m.stream_backend
-            .with_label_values(&[
-                h.plan.id.as_str(),
-                p.backend.label(),
-                gpu.as_str(),
-                h.plan.encoder.policy.as_str(),
-            ])
-            .set(1);
-        let state = serde_json::to_value(h.state()).ok();
-        let state = state.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown");
-        m.streams.with_label_values(&[state]).inc();
-    }
-    m.parked_requests.set(st.origin.parked() as i64);
-    let sup = &st.supervisor;
-    let (cap, alloc) = (sup.capacity(), sup.allocated());
-    let measured = kiln_model::capacity::Resources {
-        cpu_millicores: crate::metrics::process_cpu_millicores(),
-        memory_mib: crate::metrics::process_rss_mib(),
-        ..Default::default()
-    };
-    for (kind, r) in [
-        ("capacity", cap),
-        ("allocated", alloc),
-        ("free", cap.minus(&alloc)),
-        ("measured", measured),
-    ] {
-        for dim in kiln_model::capacity::DIMENSIONS {
-            m.capacity
-                .with_label_values(&[dim, kind])
-                .set(r.dimension(dim) as i64);
-        }
-    }
-    // per GPU: NVML telemetry and bookings
-    for g in [&m.gpu_nvenc_utilization, &m.gpu_nvdec_utilization] {
-        g.reset();
-    }
-    m.gpu_encoder_sessions.reset();
-    m.gpu_vram_used_bytes.reset();
-    m.gpu_resources.reset();
-    for g in st.telemetry.snapshot().gpus {
-        let labels = [g.index.to_string(), g.name.clone()];
-        let l = [labels[0].as_str(), labels[1].as_str()];
-        if let Some(u) = g.nvenc_utilization_pct {
-            m.gpu_nvenc_utilization
-                .with_label_values(&l)
-                .set(f64::from(u) / 100.0);
-        }
-        if let Some(u) = g.nvdec_utilization_pct {
-            m.gpu_nvdec_utilization
-                .with_label_values(&l)
-                .set(f64::from(u) / 100.0);
-        }
-        if let Some(n) = g.encoder_sessions {
-            m.gpu_encoder_sessions
-                .with_label_values(&l)
-                .set(i64::from(n));
-        }
-        m.gpu_vram_used_bytes
-            .with_label_values(&l)
-            .set((g.memory_used_mib << 20) as i64);
-    }
-    for slot in &sup.gpus.slots {
-        let alloc = sup.gpus.allocated(slot.index);
-        let gpu = slot.index.to_string();
-        for (kind, r) in [
-            ("capacity", slot.capacity),
-            ("allocated", alloc),
-            ("free", slot.capacity.minus(&alloc)),
-        ] {
-            for dim in ["nvenc_fps", "nvdec_fps", "encoder_sessions", "vram_mib"] {
-                m.gpu_resources
-                    .with_label_values(&[gpu.as_str(), dim, kind])
-                    .set(r.dimension(dim) as i64);
-            }
-        }
-    }
+    st.supervisor.refresh_metrics(&st.telemetry);
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        m.render(),
+        st.metrics.render(),
     )
         .into_response()
 }
 
 /// `GET /v1/capacity`: what this node has, has booked and has free, per dimension, with the streams' demands,
-/// the headroom in units of each preset and what a stream of each preset costs here ([`report`]).
+/// the headroom in units of each preset and what a stream of each preset costs here.
 async fn capacity(State(st): State<AppState>) -> Json<CapacityReport> {
-    Json(report(&st))
-}
-
-/// The node's capacity report: the body of `GET /v1/capacity` and of every heartbeat to the scheduler.
-pub fn report(st: &AppState) -> CapacityReport {
-    let sup = &st.supervisor;
-    let cap = sup.capacity();
-    let alloc = sup.allocated();
-    let free = cap.minus(&alloc);
-    let measured = Resources {
-        cpu_millicores: crate::metrics::process_cpu_millicores(),
-        memory_mib: crate::metrics::process_rss_mib(),
-        ..Default::default()
-    };
-    let effective = Resources {
-        cpu_millicores: alloc.cpu_millicores.max(measured.cpu_millicores),
-        memory_mib: alloc.memory_mib.max(measured.memory_mib),
-        ..alloc
-    };
-    let streams = sup
-        .list()
-        .iter()
-        .map(|h| {
-            let p = h.placement();
-            NodeStream {
-                id: h.plan.id.clone(),
-                state: h.state(),
-                backend: p.backend,
-                decode_gpu: p.decode_gpu,
-                demand: p.host,
-                gpu_demand: p.gpu.map(|(_, d)| d),
-            }
-        })
-        .collect();
-    let has_nvenc = sup.gpus.slots.iter().any(|s| s.nvenc);
-    let mut headroom = BTreeMap::new();
-    let mut demands = BTreeMap::new();
-    for name in st.config.presets.names() {
-        let req = StreamRequest {
-            source: "test:".into(),
-            preset: Some(name.to_string()),
-            ..Default::default()
-        };
-        if let Ok(plan) = st.config.presets.resolve("headroom", &req) {
-            let d = st.config.cpu_model.demand(&plan);
-            headroom.insert(name.to_string(), free.how_many(&d));
-            let g = st.config.gpu_model.demand(&plan, false);
-            let gpu = (has_nvenc && !plan.video.is_empty()).then(|| GpuDemand {
-                host: Resources {
-                    cpu_millicores: g.cpu_millicores,
-                    memory_mib: g.memory_mib,
-                    ..Default::default()
-                },
-                gpu: Resources {
-                    cpu_millicores: 0,
-                    memory_mib: 0,
-                    ..g
-                },
-            });
-            let pixel_rate = plan
-                .video
-                .iter()
-                .map(|v| {
-                    u64::from(v.width) * u64::from(v.height) * u64::from(v.fps.num)
-                        / u64::from(v.fps.den.max(1))
-                })
-                .sum();
-            demands.insert(
-                name.to_string(),
-                PresetDemand {
-                    cpu: d,
-                    gpu,
-                    pixel_rate,
-                },
-            );
-        }
-    }
-    let inventory = st.telemetry.snapshot();
-    let gpus = sup
-        .gpus
-        .slots
-        .iter()
-        .map(|slot| {
-            let nvml = inventory.gpus.iter().find(|g| g.index == slot.index);
-            let alloc = sup.gpus.allocated(slot.index);
-            GpuReport {
-                index: slot.index,
-                model: slot.name.clone(),
-                uuid: slot.uuid.clone(),
-                pci_bus_id: nvml.map(|g| g.pci_bus_id.clone()),
-                profile: slot.profile.clone(),
-                nvenc: slot.nvenc,
-                nvdec: slot.nvdec,
-                capacity: slot.capacity,
-                allocated: alloc,
-                free: slot.capacity.minus(&alloc),
-                measured: nvml.map(|g| GpuMeasured {
-                    vram_mib: g.memory_used_mib,
-                    nvenc_utilization_pct: g.nvenc_utilization_pct,
-                    nvdec_utilization_pct: g.nvdec_utilization_pct,
-                    encoder_sessions: g.encoder_sessions,
-                }),
-            }
-        })
-        .collect();
-    CapacityReport {
-        node_id: st.config.node_id.clone(),
-        epoch: sup.epoch(),
-        fence_epoch: sup.fence_epoch(),
-        host: HostReport {
-            capacity: cap,
-            allocated: alloc,
-            free,
-            measured,
-            effective,
-        },
-        gpus,
-        gpu_inventory: GpuInventoryNote {
-            driver_version: inventory.driver_version.clone(),
-            cuda_devices: inventory.cuda_devices,
-            note: inventory.note.clone(),
-        },
-        streams,
-        headroom,
-        demands,
-        vod: st.jobs.as_ref().map(|j| j.load()),
-    }
+    Json(st.capacity_report())
 }
 
 /// Live counters of this node (the Prometheus metrics issue extends this into `/metrics`).

@@ -53,6 +53,7 @@ pub const DEFAULT_SOURCE: &str = "test:pattern=ball";
 
 /// Runs the ramp for `preset` with streams from `source` (a test pattern, or a `file://` clip of the real
 /// workload under the config's media directory), measuring each step over `window` after `warmup`.
+// Long by design: the ramp is one loop (add a stream, measure a window, decide) that reads top to bottom.
 pub async fn run(
     mut config: Config,
     preset: &str,

@@ -37,15 +37,22 @@ struct Args {
     /// environment variable (≥ 16 bytes); heartbeats to the scheduler carry it too.
     #[arg(long, value_name = "ENV_VAR")]
     api_token_env: Option<String>,
+    /// A web origin (`https://console.example`) allowed to call the control API from a browser; repeat for
+    /// several. Without it the control API sends no CORS headers (playback is readable from any origin).
+    #[arg(long, value_name = "ORIGIN", value_parser = parse_origin)]
+    cors_allow_origin: Vec<axum::http::HeaderValue>,
+    /// Open HTTP connections at most (also bounded by the open-file limit, which kilnd raises to its hard limit).
+    #[arg(long, default_value_t = kiln_http::server::Limits::default().max_connections)]
+    max_connections: usize,
+    /// Seconds a client has to send a request head; also the idle time after which a keep-alive connection closes.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    header_timeout_secs: u64,
+    /// `/metrics` needs the same bearer token as the control API (its series name every stream).
+    #[arg(long, requires = "api_token_env")]
+    metrics_require_token: bool,
     /// Require signed playback URLs, with the key read from this environment variable (≥ 16 bytes).
-    #[arg(long, value_name = "ENV_VAR")]
+    #[arg(long, value_name = "ENV_VAR", global = true)]
     playback_key_env: Option<String>,
-    /// Print a signed multivariant URL path for this stream (valid for --ttl seconds) and exit.
-    #[arg(long, value_name = "STREAM", requires = "playback_key_env")]
-    print_signed_url: Option<String>,
-    /// Lifetime of a printed signed URL, in seconds.
-    #[arg(long, default_value_t = 3600)]
-    ttl: u64,
     /// Serve HTTPS (ALPN h2, http/1.1) with this PEM certificate chain.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -113,25 +120,24 @@ enum Cmd {
         #[arg(long, default_value = crate::calibrate::DEFAULT_SOURCE)]
         source: String,
     },
+    /// Print a signed multivariant URL path for a stream (with the key of --playback-key-env) and exit.
+    SignUrl {
+        /// The stream id.
+        stream: String,
+        /// Lifetime of the URL, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
 }
 
 /// The binary's whole `main`: parses the process arguments and runs. Test harnesses build their own binaries
 /// from it, so integration tests run the same code as the shipped binary.
 pub fn main() -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run())
+    kiln_http::process::run(run)
 }
 
+// Long by design: flags into Config one after another, then the subcommands; each step is a few lines.
 async fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kilnd=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
     let cpu_model = match &args.cpu_profile {
         Some(p) => kiln_config::parse_cpu_profile(
@@ -146,18 +152,11 @@ async fn run() -> anyhow::Result<()> {
     if let Some(p) = &args.demo_preset {
         anyhow::ensure!(presets.get(p).is_some(), "unknown --demo-preset `{p}`");
     }
-    let api_token = match &args.api_token_env {
-        Some(var) => {
-            let t = std::env::var(var)
-                .with_context(|| format!("environment variable {var} (API token) is not set"))?;
-            anyhow::ensure!(
-                t.len() >= 16 && !t.chars().any(char::is_whitespace),
-                "the API token in {var} must be at least 16 bytes, without spaces"
-            );
-            Some(t)
-        }
-        None => None,
-    };
+    let api_token = args
+        .api_token_env
+        .as_deref()
+        .map(kiln_http::token_from_env)
+        .transpose()?;
     let playback_key = match &args.playback_key_env {
         Some(var) => Some(
             std::env::var(var)
@@ -166,13 +165,16 @@ async fn run() -> anyhow::Result<()> {
         ),
         None => None,
     };
-    if let (Some(stream), Some(key)) = (&args.print_signed_url, &playback_key) {
+    if let Some(Cmd::SignUrl { stream, ttl }) = &args.command {
+        let key = playback_key
+            .as_ref()
+            .context("sign-url needs the playback key: --playback-key-env VAR")?;
         let signer = kiln_origin::signing::UrlSigner::new(key)
             .context("the playback key must be at least 16 bytes")?;
         let exp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs()
-            + args.ttl;
+            + ttl;
         println!("/live/{stream}/master.m3u8?{}", signer.sign(stream, exp));
         return Ok(());
     }
@@ -283,32 +285,31 @@ async fn run() -> anyhow::Result<()> {
         media_dir: args.media_dir,
         source_networks: args.allow_networks.clone(),
         api_token,
+        control_cors_origins: args.cors_allow_origin.clone(),
+        metrics_require_token: args.metrics_require_token,
+        http_limits: kiln_http::server::Limits {
+            max_connections: args.max_connections,
+            header_timeout: std::time::Duration::from_secs(args.header_timeout_secs),
+            ..Default::default()
+        },
         gpus: args.no_gpu.then(Vec::new),
         ..defaults
     };
     // The contract for scripts and tests: one line on stdout with the bound address.
     println!("kilnd listening on {scheme}://{bound}");
-    crate::serve(config, listener, shutdown_signal()).await
+    crate::serve(config, listener, kiln_http::shutdown_signal()).await
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
+/// An origin as browsers send it: `scheme://host[:port]`, http or https, nothing after it.
+fn parse_origin(s: &str) -> Result<axum::http::HeaderValue, String> {
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .ok_or("an origin starts with http:// or https://")?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', ' ', '*']) {
+        return Err("an origin is scheme://host[:port], with no path, wildcard or space".into());
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    // a second signal during the grace period exits at once
-    tokio::spawn(async {
-        let _ = tokio::signal::ctrl_c().await;
-        std::process::exit(130);
-    });
+    axum::http::HeaderValue::from_str(s).map_err(|e| e.to_string())
 }
 
 fn parse_url_policy(s: &str) -> Result<kiln_model::net::UrlPolicy, String> {

@@ -2,10 +2,10 @@
 //! `hw-profiles/` model, with what the GStreamer registry says it can really do (NVENC/NVDEC elements present),
 //! its capacity vector and what streams have booked on it.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 use kiln_media::select::Registry;
-use kiln_model::capacity::{GpuProfile, Resources};
+use kiln_model::capacity::{Dimension, GpuProfile, Resources};
 use kiln_model::VideoCodec;
 use serde::Serialize;
 
@@ -89,8 +89,8 @@ impl GpuPool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Resources>> {
-        self.allocated.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Vec<Resources>> {
+        self.allocated.lock()
     }
 
     fn pos(&self, gpu: u32) -> Option<usize> {
@@ -110,14 +110,14 @@ impl GpuPool {
     }
 
     /// Books `demand` on `gpu` if it fits (check and add under one lock); else the first short dimension.
-    pub fn reserve(&self, gpu: u32, demand: &Resources) -> Result<(), (&'static str, u64, u64)> {
+    pub fn reserve(&self, gpu: u32, demand: &Resources) -> Result<(), (Dimension, u64, u64)> {
         let Some(i) = self.pos(gpu) else {
-            return Err(("nvenc_fps", demand.nvenc_fps, 0));
+            return Err((Dimension::NvencFps, demand.nvenc_fps, 0));
         };
         let mut alloc = self.lock();
         let free = self.slots[i].capacity.minus(&alloc[i]);
         if let Some(dim) = free.short_dimension(demand) {
-            return Err((dim, demand.dimension(dim), free.dimension(dim)));
+            return Err((dim, demand.get(dim), free.get(dim)));
         }
         alloc[i] = alloc[i].plus(demand);
         Ok(())
@@ -215,7 +215,7 @@ mod tests {
         };
         assert!(pool.reserve(0, &d).is_ok());
         assert!(pool.reserve(0, &d).is_ok());
-        assert_eq!(pool.reserve(0, &d), Err(("nvenc_fps", 600, 200)));
+        assert_eq!(pool.reserve(0, &d), Err((Dimension::NvencFps, 600, 200)));
         assert_eq!(pool.allocated(0).nvenc_fps, 1200);
         pool.release(0, &d);
         assert!(pool.reserve(0, &d).is_ok());

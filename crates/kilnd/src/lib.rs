@@ -1,16 +1,26 @@
 //! kilnd: the per-host daemon.
 //!
 //! It runs live streams as GStreamer pipelines ([`kiln_media`]), feeds their CMAF parts into the LL-HLS origin
-//! ([`kiln_origin`]), and serves the control API, the playback routes and a small web page from one HTTP server
-//! (HTTP/1.1 and h2c). The binary is thin: `main` parses flags into a [`Config`] and calls [`serve`].
+//! ([`kiln_origin`]), runs VOD jobs, and serves the control API, the playback routes and a small web page from one
+//! HTTP server (HTTP/1.1 and h2c, or TLS). The binary is thin: `main` parses flags into a [`Config`] and calls
+//! [`serve`].
 //!
-//! Layout: [`supervisor`] (stream life cycle: build, start, feed the origin, stop with EOS), [`api`] (control
-//! routes, JSON errors), [`page`] (the `/` page with an hls.js player).
+//! Layout, top to bottom (a module imports only from modules below it; this file holds [`AppState`], the router
+//! and [`serve`]):
+//! - [`cli`] (flags → [`Config`], the `calibrate` and `sign-url` commands), [`calibrate`] (the CPU ramp);
+//! - [`api`] (control routes and their JSON errors, VOD file serving, `/metrics`), [`page`] (the `/` page),
+//!   [`agent`] (heartbeats to the scheduler, through the [`agent::Node`] trait), [`tls`] (HTTPS with ALPN);
+//! - [`jobs`] (the VOD queue: store, dispatcher, runner, thumbnails);
+//! - [`supervisor`] (live stream life cycle, admission, the capacity report and the gauges behind `/metrics`);
+//! - [`config`] (settings);
+//! - leaves: [`fetch`] (source address checks and VOD downloads), [`gpus`] (GPU slots and their bookings),
+//!   [`metrics`] (the Prometheus registry).
 
 pub mod agent;
 pub mod api;
 pub mod calibrate;
 pub mod cli;
+pub mod config;
 pub mod fetch;
 pub mod gpus;
 pub mod jobs;
@@ -21,128 +31,17 @@ pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
-use kiln_config::Presets;
 use kiln_origin::Origin;
 use tokio::net::TcpListener;
 use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::CorsLayer;
 
+pub use config::{host_capacity, Config, TlsFiles};
 pub use supervisor::Supervisor;
-
-/// Daemon settings (validated by construction: presets are already loaded).
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub presets: Presets,
-    /// Start a live test stream with id `demo`.
-    pub demo: bool,
-    /// Preset for the demo stream (default: the presets' default).
-    pub demo_preset: Option<String>,
-    /// Complete segments listed per media playlist.
-    pub window_segments: usize,
-    /// Complete segments kept downloadable after leaving the playlist.
-    pub retain_segments: usize,
-    /// How long a stopped stream stays servable (ENDLIST playlists) before it is dropped.
-    pub linger: Duration,
-    /// How long a stop waits for the pipeline to drain after EOS.
-    pub grace: Duration,
-    /// Directory with static assets for the page (e.g. `hls.min.js`).
-    pub assets_dir: Option<PathBuf>,
-    /// Key for signed playback URLs (≥ 16 bytes); when set, `/live/…` needs a valid `exp`/`sig` token.
-    pub playback_key: Option<Vec<u8>>,
-    /// Serve HTTPS (ALPN `h2`, then `http/1.1`) with this PEM certificate chain and key instead of plain HTTP.
-    pub tls: Option<TlsFiles>,
-    /// This node's id in capacity reports (default: the host name).
-    pub node_id: String,
-    /// Software encoding costs (`hw-profiles/cpu-*.toml`).
-    pub cpu_model: kiln_model::capacity::CpuCostModel,
-    /// What admission may book on the host: CPU and memory (default: 85 % of the cores, 80 % of memory).
-    pub capacity: kiln_model::capacity::Resources,
-    /// NVENC/NVDEC stream costs (VRAM per session, host share of a GPU stream).
-    pub gpu_model: kiln_model::capacity::GpuCostModel,
-    /// The GPUs admission may book; `None` = detect them (NVML inventory + GStreamer registry) at start.
-    pub gpus: Option<Vec<gpus::GpuSlot>>,
-    /// Directory that `file://` sources are resolved in; `None` refuses file sources.
-    pub media_dir: Option<PathBuf>,
-    /// Bearer token the control API (`/v1/…`) requires, and that heartbeats to the scheduler carry; `None` leaves
-    /// the API open (a trusted network). Playback, `/metrics`, `/healthz` and `/readyz` never need it.
-    pub api_token: Option<String>,
-    /// Networks live URL sources may reach besides public addresses (`--allow-networks`; VOD inputs use
-    /// [`jobs::JobsConfig::url_policy`], filled from the same flag).
-    pub source_networks: kiln_model::net::UrlPolicy,
-    /// Report to a scheduler (heartbeats); `None` runs stand-alone.
-    pub scheduler: Option<agent::AgentConfig>,
-    /// VOD jobs (queue on disk, outputs); `None` disables `/v1/jobs`.
-    pub jobs: Option<jobs::JobsConfig>,
-}
-
-/// This host's schedulable resources: 85 % of its cores (the rest is for the daemon, the origin and the OS) and
-/// 80 % of its memory. GPU dimensions are per GPU ([`gpus`]).
-pub fn host_capacity() -> kiln_model::capacity::Resources {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-    let mem_mib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map_or(1024, |kib| kib / 1024);
-    kiln_model::capacity::Resources {
-        cpu_millicores: cores * 850,
-        memory_mib: mem_mib * 8 / 10,
-        ..Default::default()
-    }
-}
-
-fn host_name() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "kilnd".into())
-}
-
-/// PEM files for HTTPS.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            presets: Presets::builtin(),
-            demo: false,
-            demo_preset: None,
-            // 20 s: above the 12 s Skip Boundary, so delta updates have something to skip.
-            window_segments: 10,
-            retain_segments: 6,
-            linger: Duration::from_secs(30),
-            grace: Duration::from_secs(5),
-            assets_dir: None,
-            playback_key: None,
-            tls: None,
-            node_id: host_name(),
-            cpu_model: kiln_config::builtin_cpu_profile(),
-            capacity: host_capacity(),
-            gpu_model: Default::default(),
-            gpus: None,
-            media_dir: None,
-            source_networks: Default::default(),
-            api_token: None,
-            scheduler: None,
-            jobs: None,
-        }
-    }
-}
 
 /// Shared state of the HTTP handlers.
 #[derive(Debug, Clone)]
@@ -158,19 +57,37 @@ pub struct AppState {
 }
 
 /// The whole HTTP surface. Layers, outermost first:
-/// 1. CORS — browser players on other origins may GET playback and read the API;
-/// 2. metrics — every request counted by kind and status, timed (blocking requests include their wait);
-/// 3. compression — gzip playlists, JSON and HTML when the client asks; never media (already compressed, and
-///    parts must go out whole and fast).
+/// 1. metrics — every request counted by kind and status, timed (blocking requests include their wait);
+/// 2. compression — gzip playlists, JSON and HTML when the client asks; never media (already compressed, and
+///    parts must go out whole and fast);
+/// 3. CORS, per group of routes: playback (`/live`, `/vod`, `/time`) may be read by players on any origin
+///    (GET/HEAD); the control API sends no CORS headers at all unless `--cors-allow-origin` lists origins, so a web
+///    page an operator visits cannot drive it from the browser.
 pub fn app(state: AppState) -> Router {
     let compress = SizeAbove::new(256)
         .and(NotForContentType::new("video/mp4"))
         .and(NotForContentType::new("audio/mp4"));
     let metrics = state.metrics.clone();
-    Router::new()
-        .merge(api::router(state.config.api_token.clone()))
-        .merge(page::router())
+    let playback = Router::new()
+        .merge(api::vod_router())
         .merge(kiln_origin::router().with_state(state.origin.clone()))
+        .layer(playback_cors());
+    let mut control = api::control_router(state.config.api_token.as_deref());
+    if !state.config.control_cors_origins.is_empty() {
+        control = control.layer(control_cors(&state.config.control_cors_origins));
+    }
+    Router::new()
+        .merge(control)
+        .merge(api::service_router(
+            state
+                .config
+                .metrics_require_token
+                .then_some(state.config.api_token.as_deref())
+                .flatten(),
+        ))
+        .merge(playback)
+        .merge(page::router(state.config.assets_dir.clone()))
+        .fallback(api::no_route)
         .with_state(state)
         .layer(CompressionLayer::new().gzip(true).compress_when(compress))
         .layer(axum::middleware::from_fn(
@@ -192,7 +109,31 @@ pub fn app(state: AppState) -> Router {
                 }
             },
         ))
-        .layer(CorsLayer::permissive())
+}
+
+/// Players on any origin may GET/HEAD playback (and send `Range`); nothing else.
+fn playback_cors() -> CorsLayer {
+    use axum::http::Method;
+    use tower_http::cors::Any;
+    CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::HEAD])
+        .allow_headers(Any)
+        .expose_headers(Any)
+}
+
+/// The control API for the origins an operator listed (`--cors-allow-origin`), with the headers a control client
+/// sends (bearer token, JSON, the scheduler's epoch).
+fn control_cors(origins: &[axum::http::HeaderValue]) -> CorsLayer {
+    use axum::http::{header, HeaderName, Method};
+    CorsLayer::new()
+        .allow_origin(origins.to_vec())
+        .allow_methods([Method::GET, Method::PUT, Method::POST, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static(kiln_model::node::EPOCH_HEADER),
+        ])
 }
 
 /// Runs the daemon on `listener` until `shutdown` resolves; then stops every stream (EOS, ENDLIST) and drains
@@ -206,6 +147,12 @@ pub async fn serve(
 }
 
 impl AppState {
+    /// The node's capacity report: the body of `GET /v1/capacity` and of every heartbeat to the scheduler.
+    pub fn capacity_report(&self) -> kiln_model::node::CapacityReport {
+        self.supervisor
+            .capacity_report(&self.telemetry, self.jobs.as_ref().map(|j| j.load()))
+    }
+
     /// The daemon's state before it serves: initialises GStreamer, creates the origin and the supervisor.
     pub fn new(config: Config) -> anyhow::Result<Self> {
         kiln_media::init()?;
@@ -270,6 +217,26 @@ impl AppState {
     }
 }
 
+/// The node agent reports this daemon's state and raises its fence.
+impl agent::Node for AppState {
+    fn node_id(&self) -> &str {
+        &self.config.node_id
+    }
+
+    fn api_token(&self) -> Option<&str> {
+        self.config.api_token.as_deref()
+    }
+
+    fn report(&self) -> kiln_model::node::CapacityReport {
+        self.capacity_report()
+    }
+
+    fn saw_epoch(&self, epoch: u64) {
+        // an older epoch than the fence is simply not raised: the agent only informs
+        let _ = self.supervisor.raise_fence(epoch);
+    }
+}
+
 /// [`serve`] with a state the caller built (and may keep a handle to, e.g. a test harness).
 pub async fn serve_state(
     state: AppState,
@@ -321,14 +288,8 @@ pub async fn serve_state(
     let stopped = async {
         let _ = stop_rx.await;
     };
-    match &config.tls {
-        // HTTP/1.1 and h2c (prior knowledge) on one port
-        None => {
-            axum::serve(listener, app(state))
-                .with_graceful_shutdown(stopped)
-                .await?
-        }
-        Some(files) => tls::serve(listener, tls::acceptor(files)?, app(state), stopped).await?,
-    }
+    // HTTP/1.1 and h2c (prior knowledge) on one port, or TLS with ALPN
+    let acceptor = config.tls.as_ref().map(tls::acceptor).transpose()?;
+    kiln_http::server::serve(listener, acceptor, app(state), config.http_limits, stopped).await?;
     Ok(())
 }

@@ -83,6 +83,23 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Sets `kiln_vod_jobs{state}` from the job list.
+    pub fn set_vod_jobs(&self, jobs: &[kiln_model::vod::JobStatus]) {
+        use kiln_model::vod::JobState;
+        for (state, name) in [
+            (JobState::Queued, "queued"),
+            (JobState::Running, "running"),
+            (JobState::Done, "done"),
+            (JobState::Failed, "failed"),
+            (JobState::Cancelled, "cancelled"),
+        ] {
+            self.vod_jobs
+                .with_label_values(&[name])
+                .set(jobs.iter().filter(|j| j.state == state).count() as i64);
+        }
+    }
+
+    // Long by design: a declaration list: one registration per exported series, in the order docs/metrics.md lists them.
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
@@ -377,7 +394,7 @@ impl Metrics {
 /// CPU used by this process over the last sampling window (millicores), from /proc/self/stat; 0 elsewhere.
 /// The window is the time since the previous call (first call: since process start).
 pub fn process_cpu_millicores() -> u64 {
-    use std::sync::Mutex;
+    use parking_lot::Mutex;
     static LAST: Mutex<Option<(std::time::Instant, u64)>> = Mutex::new(None);
     let Some(ticks) = std::fs::read_to_string("/proc/self/stat")
         .ok()
@@ -391,7 +408,7 @@ pub fn process_cpu_millicores() -> u64 {
         return 0;
     };
     let now = std::time::Instant::now();
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let mut last = LAST.lock();
     let (t0, k0) = last.unwrap_or((now - std::time::Duration::from_secs(1), 0));
     *last = Some((now, ticks));
     let secs = now.duration_since(t0).as_secs_f64().max(0.001);
@@ -400,15 +417,17 @@ pub fn process_cpu_millicores() -> u64 {
 
 /// Resident memory of this process in MiB.
 pub fn process_rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib / 1024)
+    proc_kib("/proc/self/status", "VmRSS:").map_or(0, |kib| kib / 1024)
+}
+
+/// The number after `key` in a `/proc` file of `Key:   value kB` lines (`/proc/meminfo`, `/proc/self/status`).
+pub fn proc_kib(file: &str, key: &str) -> Option<u64> {
+    std::fs::read_to_string(file).ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+    })
 }
 
 /// The kind label of a request path, bounded to a fixed set (never the raw path).

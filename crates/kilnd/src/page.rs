@@ -3,30 +3,36 @@
 //! hls.js comes from `--assets-dir` (`/assets/hls.min.js`) when given — the demo command installs it there —
 //! and otherwise from the jsDelivr CDN. Safari plays natively.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use crate::AppState;
-
-pub fn router() -> Router<AppState> {
+/// The page and its assets (served from `assets_dir` when given).
+pub fn router<S>(assets_dir: Option<PathBuf>) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
     Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/assets/{file}", get(asset))
+        .with_state(Arc::new(assets_dir))
 }
 
 /// Serves a file from the assets directory; names are restricted to a flat allowlist of characters, so no path
 /// can leave the directory.
-async fn asset(State(st): State<AppState>, Path(file): Path<String>) -> Response {
+async fn asset(State(dir): State<Arc<Option<PathBuf>>>, Path(file): Path<String>) -> Response {
     let ok_name = !file.is_empty()
         && !file.starts_with('.')
         && file
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    let (Some(dir), true) = (st.config.assets_dir.as_ref(), ok_name) else {
+    let (Some(dir), true) = (dir.as_ref(), ok_name) else {
         return StatusCode::NOT_FOUND.into_response();
     };
     let ctype = match file.rsplit('.').next() {

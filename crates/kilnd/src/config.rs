@@ -1,0 +1,166 @@
+//! The daemon's settings: [`Config`] and the settings of its parts (TLS files, the node agent, VOD jobs), filled by
+//! `cli` from flags and by tests directly. Every module above it may read it; it imports only [`crate::gpus`] (the
+//! GPU slot type) and [`crate::metrics`] (its `/proc` reader).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kiln_config::Presets;
+
+use crate::gpus;
+
+/// Daemon settings (validated by construction: presets are already loaded).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub presets: Presets,
+    /// Start a live test stream with id `demo`.
+    pub demo: bool,
+    /// Preset for the demo stream (default: the presets' default).
+    pub demo_preset: Option<String>,
+    /// Complete segments listed per media playlist.
+    pub window_segments: usize,
+    /// Complete segments kept downloadable after leaving the playlist.
+    pub retain_segments: usize,
+    /// How long a stopped stream stays servable (ENDLIST playlists) before it is dropped.
+    pub linger: Duration,
+    /// How long a stop waits for the pipeline to drain after EOS.
+    pub grace: Duration,
+    /// Directory with static assets for the page (e.g. `hls.min.js`).
+    pub assets_dir: Option<PathBuf>,
+    /// Key for signed playback URLs (≥ 16 bytes); when set, `/live/…` needs a valid `exp`/`sig` token.
+    pub playback_key: Option<Vec<u8>>,
+    /// Serve HTTPS (ALPN `h2`, then `http/1.1`) with this PEM certificate chain and key instead of plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// This node's id in capacity reports (default: the host name).
+    pub node_id: String,
+    /// Software encoding costs (`hw-profiles/cpu-*.toml`).
+    pub cpu_model: kiln_model::capacity::CpuCostModel,
+    /// What admission may book on the host: CPU and memory (default: 85 % of the cores, 80 % of memory).
+    pub capacity: kiln_model::capacity::Resources,
+    /// NVENC/NVDEC stream costs (VRAM per session, host share of a GPU stream).
+    pub gpu_model: kiln_model::capacity::GpuCostModel,
+    /// The GPUs admission may book; `None` = detect them (NVML inventory + GStreamer registry) at start.
+    pub gpus: Option<Vec<gpus::GpuSlot>>,
+    /// Directory that `file://` sources are resolved in; `None` refuses file sources.
+    pub media_dir: Option<PathBuf>,
+    /// Bearer token the control API (`/v1/…`) requires, and that heartbeats to the scheduler carry; `None` leaves
+    /// the API open (a trusted network). Playback, `/metrics`, `/healthz` and `/readyz` never need it.
+    pub api_token: Option<String>,
+    /// Web origins (`https://console.example`) allowed to call the control API from a browser (CORS); empty: none,
+    /// and the control routes send no CORS headers.
+    pub control_cors_origins: Vec<axum::http::HeaderValue>,
+    /// `/metrics` needs the bearer token too (its series name every stream); otherwise it is open like `/healthz`.
+    pub metrics_require_token: bool,
+    /// Connection cap and timeouts of the HTTP server.
+    pub http_limits: kiln_http::server::Limits,
+    /// Networks live URL sources may reach besides public addresses (`--allow-networks`; VOD inputs use
+    /// [`JobsConfig::url_policy`], filled from the same flag).
+    pub source_networks: kiln_model::net::UrlPolicy,
+    /// Report to a scheduler (heartbeats); `None` runs stand-alone.
+    pub scheduler: Option<AgentConfig>,
+    /// VOD jobs (queue on disk, outputs); `None` disables `/v1/jobs`.
+    pub jobs: Option<JobsConfig>,
+}
+
+/// This host's schedulable resources: 85 % of its cores (the rest is for the daemon, the origin and the OS) and
+/// 80 % of its memory. GPU dimensions are per GPU ([`gpus`]).
+pub fn host_capacity() -> kiln_model::capacity::Resources {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let mem_mib =
+        crate::metrics::proc_kib("/proc/meminfo", "MemTotal:").map_or(1024, |kib| kib / 1024);
+    kiln_model::capacity::Resources {
+        cpu_millicores: cores * 850,
+        memory_mib: mem_mib * 8 / 10,
+        ..Default::default()
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "kilnd".into())
+}
+
+/// PEM files for HTTPS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            presets: Presets::builtin(),
+            demo: false,
+            demo_preset: None,
+            // 20 s: above the 12 s Skip Boundary, so delta updates have something to skip.
+            window_segments: 10,
+            retain_segments: 6,
+            linger: Duration::from_secs(30),
+            grace: Duration::from_secs(5),
+            assets_dir: None,
+            playback_key: None,
+            tls: None,
+            node_id: host_name(),
+            cpu_model: kiln_config::builtin_cpu_profile(),
+            capacity: host_capacity(),
+            gpu_model: Default::default(),
+            gpus: None,
+            media_dir: None,
+            source_networks: Default::default(),
+            api_token: None,
+            control_cors_origins: Vec::new(),
+            metrics_require_token: false,
+            http_limits: Default::default(),
+            scheduler: None,
+            jobs: None,
+        }
+    }
+}
+
+/// Where and how to report.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Scheduler base URLs (`http://host:port`), tried in order.
+    pub schedulers: Vec<String>,
+    /// This daemon's base URL as the scheduler and viewers reach it.
+    pub advertise_url: String,
+    /// Heartbeat interval until the scheduler says otherwise.
+    pub interval: Duration,
+}
+
+/// Where jobs live and how many run at once.
+#[derive(Debug, Clone)]
+pub struct JobsConfig {
+    /// State (`jobs/`) and outputs (`vod/`).
+    pub data_dir: PathBuf,
+    /// `file://` inputs must resolve under it; without it, only http(s) inputs work.
+    pub input_dir: Option<PathBuf>,
+    pub max_concurrent: usize,
+    /// Networks `http(s)` inputs may reach beyond public addresses (`--allow-networks`).
+    pub url_policy: kiln_model::net::UrlPolicy,
+    /// The largest `http(s)` input downloaded, in bytes.
+    pub max_input_bytes: u64,
+    /// Finished jobs (record and outputs) are deleted this long after they end; `None` keeps them.
+    pub retention: Option<Duration>,
+}
+
+/// Default `--vod-max-input-bytes`: 64 GiB (a 4K mezzanine file of a few hours).
+pub const DEFAULT_MAX_INPUT_BYTES: u64 = 64 << 30;
+
+impl JobsConfig {
+    /// State in `data_dir`, no file inputs, 2 jobs at once, public URLs only, [`DEFAULT_MAX_INPUT_BYTES`].
+    pub fn new(data_dir: PathBuf) -> JobsConfig {
+        JobsConfig {
+            data_dir,
+            input_dir: None,
+            max_concurrent: 2,
+            url_policy: kiln_model::net::UrlPolicy::default(),
+            max_input_bytes: DEFAULT_MAX_INPUT_BYTES,
+            retention: None,
+        }
+    }
+}

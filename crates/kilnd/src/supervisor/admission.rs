@@ -1,0 +1,226 @@
+//! Admission: what the host and its GPUs have booked, and where a stream runs (NVENC on a GPU with room, else
+//! x264 on the CPU, NVDEC for encoded sources where a GPU has a decoder). Bookings are checked and added under
+//! one lock, so admission never over-commits.
+
+use std::path::PathBuf;
+
+use kiln_media::select::SelectError;
+use kiln_media::BuildOptions;
+use kiln_model::capacity::{Dimension, Resources};
+use kiln_model::{Backend, Policy, Source, StreamPlan, VideoCodec};
+
+use super::{Placement, StreamHandle, Supervisor, SupervisorError};
+
+impl Supervisor {
+    /// Resources booked now.
+    pub fn allocated(&self) -> Resources {
+        *self.allocated.lock()
+    }
+
+    /// The node's schedulable capacity.
+    pub fn capacity(&self) -> Resources {
+        self.config.capacity
+    }
+
+    /// Books `demand` on the host if it fits; never over-commits (check and add under one lock).
+    pub(super) fn reserve(&self, demand: &Resources) -> Result<(), SupervisorError> {
+        let mut alloc = self.allocated.lock();
+        let free = self.config.capacity.minus(&alloc);
+        if let Some(dimension) = free.short_dimension(demand) {
+            return Err(SupervisorError::Capacity {
+                dimension,
+                requested: demand.get(dimension),
+                free: free.get(dimension),
+            });
+        }
+        *alloc = alloc.plus(demand);
+        Ok(())
+    }
+
+    /// Books host resources for work that is not a stream (a VOD job); `false` when they do not fit.
+    pub fn try_book(&self, demand: &Resources) -> bool {
+        self.reserve(demand).is_ok()
+    }
+
+    /// Gives back what [`Self::try_book`] booked.
+    pub fn unbook(&self, demand: &Resources) {
+        self.release(demand);
+    }
+
+    pub(super) fn release(&self, demand: &Resources) {
+        let mut alloc = self.allocated.lock();
+        *alloc = alloc.minus(demand);
+    }
+
+    /// Releases what a stream has booked, once: its placement keeps the backend but books nothing afterwards.
+    pub(super) fn release_all(&self, h: &StreamHandle) {
+        let mut p = h.placement.lock();
+        self.release_placement(&p);
+        p.host = Resources::default();
+        p.gpu = None;
+    }
+
+    /// Releases everything a placement booked.
+    pub(super) fn release_placement(&self, p: &Placement) {
+        self.release(&p.host);
+        if let Some((g, d)) = &p.gpu {
+            self.gpus.release(*g, d);
+        }
+    }
+
+    /// Chooses where `plan` runs under its policy and books it: NVENC on the first GPU with an encoder and room
+    /// (`prefer-gpu`, `gpu-only`), else x264 on the CPU (`prefer-gpu`, `cpu-only`); an encoded source decodes on
+    /// NVDEC where a GPU has a decoder and room. `force_cpu` is the fallback after an encoder failure.
+    // Long by design: the policy decision (NVENC with room, spill to x264, refuse naming the short dimension, NVDEC for encoded sources) reads as one table.
+    pub(super) fn place(
+        &self,
+        plan: &StreamPlan,
+        force_cpu: bool,
+    ) -> Result<Placement, SupervisorError> {
+        // an audio-only stream has nothing for NVENC: the CPU encodes its AAC whatever the policy
+        let policy = if force_cpu || plan.video.is_empty() {
+            Policy::CpuOnly
+        } else {
+            plan.encoder.policy
+        };
+        let gm = &self.config.gpu_model;
+        let encoded = plan.source.is_encoded();
+        let with_nvenc: Vec<u32> = self
+            .gpus
+            .slots
+            .iter()
+            .filter(|s| s.nvenc)
+            .map(|s| s.index)
+            .collect();
+        let gpu_demand = |g: u32| {
+            let nvdec = encoded && self.gpus.slots.iter().any(|s| s.index == g && s.nvdec);
+            let d = gm.demand(plan, nvdec);
+            (d.gpu_part(), d.host_part(), nvdec)
+        };
+        let with_room: Vec<u32> = with_nvenc
+            .iter()
+            .copied()
+            .filter(|g| {
+                self.gpus
+                    .free(*g)
+                    .short_dimension(&gpu_demand(*g).0)
+                    .is_none()
+            })
+            .collect();
+        let backend = match self
+            .registry
+            .backend_for(policy, VideoCodec::H264, &with_room)
+        {
+            Ok(b) => b,
+            Err(SelectError::GpuOnlyImpossible(_)) if !with_nvenc.is_empty() => {
+                // GPUs with NVENC exist but are full: name the short dimension on the emptiest one
+                let g = with_nvenc[0];
+                let d = gpu_demand(g).0;
+                let free = self.gpus.free(g);
+                let dim = free.short_dimension(&d).unwrap_or(Dimension::NvencFps);
+                return Err(SupervisorError::Capacity {
+                    dimension: dim,
+                    requested: d.get(dim),
+                    free: free.get(dim),
+                });
+            }
+            Err(e) => return Err(SupervisorError::Policy(e.to_string())),
+        };
+        let placement = match backend {
+            Backend::Nvenc { gpu } => {
+                let (g, host, nvdec) = gpu_demand(gpu);
+                Placement {
+                    backend,
+                    decode_gpu: nvdec.then_some(gpu),
+                    host,
+                    gpu: Some((gpu, g)),
+                }
+            }
+            Backend::Cpu => {
+                let host = self.config.cpu_model.demand(plan);
+                // decode on NVDEC where a GPU has a decoder and room for it
+                let decode = encoded
+                    .then(|| {
+                        self.gpus.slots.iter().filter(|s| s.nvdec).find_map(|s| {
+                            let d = gm.demand(plan, true);
+                            let dec = Resources {
+                                nvdec_fps: d.nvdec_fps,
+                                vram_mib: gm.vram_per_decoder_mib,
+                                ..Default::default()
+                            };
+                            self.gpus
+                                .free(s.index)
+                                .short_dimension(&dec)
+                                .is_none()
+                                .then_some((s.index, dec))
+                        })
+                    })
+                    .flatten();
+                Placement {
+                    backend,
+                    decode_gpu: decode.map(|(g, _)| g),
+                    host,
+                    gpu: decode,
+                }
+            }
+        };
+        self.reserve(&placement.host)?;
+        if let Some((g, d)) = &placement.gpu {
+            if let Err((dimension, requested, free)) = self.gpus.reserve(*g, d) {
+                self.release(&placement.host);
+                return Err(SupervisorError::Capacity {
+                    dimension,
+                    requested,
+                    free,
+                });
+            }
+        }
+        Ok(placement)
+    }
+
+    /// The media file of a `file://` source, inside the media directory (symlinks resolved).
+    pub(super) fn resolve_file(
+        &self,
+        plan: &StreamPlan,
+    ) -> Result<Option<PathBuf>, SupervisorError> {
+        let Source::File { path } = &plan.source else {
+            return Ok(None);
+        };
+        let dir = self.config.media_dir.as_ref().ok_or_else(|| {
+            SupervisorError::SourceFile(
+                "file sources are disabled: start kilnd with --media-dir".into(),
+            )
+        })?;
+        let root = dir
+            .canonicalize()
+            .map_err(|e| SupervisorError::SourceFile(format!("media directory: {e}")))?;
+        let full = root.join(path).canonicalize().map_err(|_| {
+            SupervisorError::SourceFile(format!("`{path}` does not exist in the media directory"))
+        })?;
+        if !full.starts_with(&root) || !full.is_file() {
+            return Err(SupervisorError::SourceFile(format!(
+                "`{path}` is not a file inside the media directory"
+            )));
+        }
+        Ok(Some(full))
+    }
+
+    pub(super) fn build_options(
+        &self,
+        placement: &Placement,
+        file: Option<PathBuf>,
+    ) -> Result<BuildOptions, SupervisorError> {
+        let selection = self
+            .registry
+            .select(VideoCodec::H264, placement.backend, placement.decode_gpu)
+            .map_err(|e| SupervisorError::Policy(e.to_string()))?;
+        Ok(BuildOptions {
+            registry: self.registry.clone(),
+            selection,
+            decode_gpu: placement.decode_gpu,
+            file,
+            #[cfg(feature = "fault-injection")]
+            fail_encoder_after_frames: None,
+        })
+    }
+}

@@ -1,0 +1,249 @@
+//! A running stream's consumer: media events from the pipeline feed the origin (parts, segments, init), errors
+//! are recorded, and an encoder failure rebuilds the stream on the CPU (the runtime fallback) within a restart
+//! budget.
+
+use super::*;
+
+/// Builds and starts a pipeline on a blocking thread. Returns it, the wall-clock ms of its running time 0 and its
+/// events. `continue_from` continues an earlier pipeline's timeline (a rebuild).
+pub(super) async fn launch(
+    plan: &StreamPlan,
+    opts: BuildOptions,
+    continue_from: Option<i64>,
+) -> Result<(LivePipeline, i64, mpsc::Receiver<MediaEvent>), SupervisorError> {
+    let (tx, rx) = mpsc::channel::<MediaEvent>(EVENT_QUEUE);
+    let sink: kiln_media::EventSink = Arc::new(move |ev| {
+        // Streaming threads may block briefly (backpressure); a message posted from inside the runtime (a
+        // state change called from async code) must not.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = tx.try_send(ev);
+        } else {
+            let _ = tx.blocking_send(ev);
+        }
+    });
+    let plan = plan.clone();
+    let (p, origin_ms) = tokio::task::spawn_blocking(move || {
+        let p = LivePipeline::build_with(&plan, &opts, sink)?;
+        let origin_ms = p.start_at(continue_from)?;
+        Ok::<_, kiln_media::MediaError>((p, origin_ms))
+    })
+    .await
+    .map_err(|e| SupervisorError::Media(e.to_string()))?
+    .map_err(|e| SupervisorError::Media(e.to_string()))?;
+    Ok((p, origin_ms, rx))
+}
+
+impl Supervisor {
+    /// Rebuilds a running stream's pipeline on the CPU after its encoder failed: the old pipeline is torn down
+    /// (freeing its NVENC session), its bookings released, the CPU placement booked (never over-committing: no
+    /// room means the stream fails), and the new pipeline continues the stream's timeline. Bounded: a `gpu-only`
+    /// stream never falls back, and more than [`MAX_RESTARTS`] rebuilds in [`RESTART_WINDOW_MS`] fail it.
+    pub(super) async fn fallback(
+        &self,
+        h: &Arc<StreamHandle>,
+        error: &str,
+        origin_ms: i64,
+    ) -> Result<mpsc::Receiver<MediaEvent>, SupervisorError> {
+        let now = unix_ms();
+        let old = h.placement();
+        if h.plan.encoder.policy == Policy::GpuOnly {
+            return Err(SupervisorError::Policy(
+                "the encoder failed and policy gpu-only forbids a CPU fallback".into(),
+            ));
+        }
+        let recent = h
+            .fallbacks
+            .lock()
+            .iter()
+            .filter(|f| now.saturating_sub(f.at_unix_ms) < RESTART_WINDOW_MS)
+            .count();
+        if recent >= MAX_RESTARTS {
+            return Err(SupervisorError::Policy(format!(
+                "the encoder failed {} times within {} s; not rebuilding again",
+                recent + 1,
+                RESTART_WINDOW_MS / 1000
+            )));
+        }
+        let p = h.pipeline.lock().take();
+        if let Some(p) = p {
+            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+        }
+        self.release_placement(&old);
+        let nothing = Placement {
+            host: Resources::default(),
+            gpu: None,
+            decode_gpu: None,
+            ..old
+        };
+        *h.placement.lock() = nothing;
+        let new = self.place(&h.plan, true)?;
+        let started = async {
+            let opts = self.build_options(&new, h.file.clone())?;
+            launch(&h.plan, opts, Some(origin_ms)).await
+        }
+        .await;
+        let (pipeline, _, rx) = match started {
+            Ok(r) => r,
+            Err(e) => {
+                self.release_placement(&new);
+                return Err(e);
+            }
+        };
+        *h.pipeline.lock() = Some(pipeline);
+        *h.placement.lock() = new;
+        h.fallbacks.lock().push(Fallback {
+            at_unix_ms: now,
+            from: old.backend,
+            to: new.backend,
+            reason: "encoder_error".into(),
+            error: error.chars().take(300).collect(),
+        });
+        self.metrics
+            .fallbacks
+            .with_label_values(&[h.plan.id.as_str(), "encoder_error"])
+            .inc();
+        tracing::warn!(from = old.backend.label(), to = new.backend.label(), %error, "encoder failed: pipeline rebuilt");
+        Ok(rx)
+    }
+}
+
+/// Whether a bus message came from an encoder element (`…/GstX264Enc:enc-720p`).
+pub(super) fn from_encoder(element: Option<&str>) -> bool {
+    element
+        .and_then(|e| e.rsplit('/').next())
+        .and_then(|e| e.rsplit(':').next())
+        .is_some_and(|n| n.starts_with("enc-"))
+}
+
+/// Feeds one stream's events into the origin, and records them in the metrics.
+// Long by design: one loop with one short arm per pipeline event type.
+pub(super) async fn consume(
+    h: Arc<StreamHandle>,
+    mut rx: mpsc::Receiver<MediaEvent>,
+    metrics: Arc<crate::metrics::Metrics>,
+    supervisor: std::sync::Weak<Supervisor>,
+    origin_ms: i64,
+) {
+    let names: Vec<String> = h
+        .origin
+        .renditions
+        .iter()
+        .map(|r| r.info.name.clone())
+        .collect();
+    let mut media_ns = vec![0u64; names.len()];
+    // after a rebuild, the first part of each rendition opens a discontinuity
+    let mut discontinuity = vec![false; names.len()];
+    let mut first_part: Option<std::time::Instant> = None;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            MediaEvent::Init {
+                rendition,
+                bytes,
+                codec,
+            } => h.origin.on_init(rendition, bytes, codec),
+            MediaEvent::Part {
+                rendition,
+                mut part,
+                at,
+            } => {
+                if let Some(d) = discontinuity.get_mut(rendition) {
+                    part.discontinuity |= std::mem::take(d);
+                }
+                let (bytes, dur) = (part.bytes.len(), part.duration_ns);
+                let published = h.origin.on_part(rendition, part);
+                if let (Ok(_), Some(name)) = (&published, names.get(rendition)) {
+                    let first = *first_part.get_or_insert(at);
+                    media_ns[rendition] += dur;
+                    metrics.part(
+                        &h.plan.id,
+                        name,
+                        bytes,
+                        std::time::Duration::from_nanos(dur),
+                        at.elapsed(),
+                    );
+                    let wall = first.elapsed().as_secs_f64();
+                    if wall >= 1.0 {
+                        let slowest = media_ns.iter().copied().min().unwrap_or(0) as f64 / 1e9;
+                        metrics
+                            .realtime_ratio
+                            .with_label_values(&[h.plan.id.as_str()])
+                            .set(slowest / wall);
+                    }
+                }
+                if let Err(e) = published {
+                    tracing::debug!(error = %e, "part dropped");
+                } else if h.state() == StreamState::Starting
+                    && h.origin
+                        .renditions
+                        .iter()
+                        .all(|r| r.snapshot().last.is_some())
+                {
+                    h.set_state(StreamState::Running);
+                }
+            }
+            MediaEvent::Warning { element, message } => {
+                tracing::warn!(?element, %message, "pipeline warning");
+            }
+            MediaEvent::Error {
+                element,
+                message,
+                debug: details,
+            } => {
+                tracing::error!(?element, %message, ?details, "pipeline error");
+                metrics
+                    .stream_errors
+                    .with_label_values(&[h.plan.id.as_str()])
+                    .inc();
+                h.push_error(match &element {
+                    Some(e) => format!("{e}: {message}"),
+                    None => message.clone(),
+                });
+                let live = matches!(h.state(), StreamState::Starting | StreamState::Running);
+                if live && from_encoder(element.as_deref()) {
+                    if let Some(sup) = supervisor.upgrade() {
+                        let why = match &details {
+                            Some(d) => format!("{message} ({d})"),
+                            None => message.clone(),
+                        };
+                        match sup.fallback(&h, &why, origin_ms).await {
+                            Ok(new_rx) => {
+                                rx = new_rx;
+                                discontinuity.iter_mut().for_each(|d| *d = true);
+                                continue;
+                            }
+                            Err(e) => h.push_error(format!("no fallback: {e}")),
+                        }
+                    }
+                }
+                h.set_state(StreamState::Failed);
+                let p = h.pipeline.lock().take();
+                if let Some(p) = p {
+                    let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+                }
+                h.origin.end();
+                h.eos.send_replace(true);
+                // a failed stream runs nothing: its bookings go back to the node at once
+                if let Some(sup) = supervisor.upgrade() {
+                    sup.release_all(&h);
+                }
+            }
+            MediaEvent::Eos => {
+                h.eos.send_replace(true);
+                // The source itself ended (a URL source's EOS), not a stop: end the playlists and free the
+                // bookings now; the stream stays listed as `ended` until it is deleted.
+                if matches!(h.state(), StreamState::Starting | StreamState::Running) {
+                    tracing::info!("the source ended: ending the stream");
+                    h.origin.end();
+                    h.set_state(StreamState::Ended);
+                    if let Some(sup) = supervisor.upgrade() {
+                        sup.release_all(&h);
+                    }
+                    let p = h.pipeline.lock().take();
+                    if let Some(p) = p {
+                        let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,578 @@
+//! Stream life cycle: resolve → build → start → feed the origin → stop (EOS → ENDLIST) → linger → drop.
+//!
+//! Each stream owns its pipeline and one consumer task. The pipeline's streaming threads hand typed events to that
+//! task over a bounded channel; the task feeds the origin. A failing stream records its error and stops alone:
+//! nothing it does reaches another stream.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use kiln_llhls::PackagerConfig;
+use kiln_media::select::Registry;
+use kiln_media::{BuildOptions, LivePipeline, MediaEvent};
+use kiln_model::capacity::{Dimension, Resources};
+use kiln_model::{
+    Backend, Fallback, PlanError, Policy, RenditionStatus, Source, StreamPlan, StreamRequest,
+    StreamState, StreamStatus,
+};
+use kiln_origin::{Origin, RenditionInfo, RenditionKind, StreamOrigin};
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+mod admission;
+mod consume;
+mod report;
+
+use consume::{consume, launch};
+
+use crate::config::Config;
+use crate::gpus::GpuPool;
+
+/// Encoder failures a stream may recover from by rebuilding, per [`RESTART_WINDOW_MS`]; more and it fails.
+const MAX_RESTARTS: usize = 3;
+const RESTART_WINDOW_MS: u64 = 300_000;
+
+/// Where a stream runs and what it books there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub backend: Backend,
+    /// NVDEC decodes an encoded source on this GPU.
+    pub decode_gpu: Option<u32>,
+    /// Booked on the host (CPU, memory).
+    pub host: Resources,
+    /// Booked on a GPU (NVENC/NVDEC throughput, sessions, VRAM).
+    pub gpu: Option<(u32, Resources)>,
+}
+
+impl Placement {
+    /// Everything booked, on one vector.
+    pub fn total(&self) -> Resources {
+        self.gpu.map_or(self.host, |(_, g)| self.host.plus(&g))
+    }
+}
+
+/// Events buffered between a pipeline and its consumer task.
+const EVENT_QUEUE: usize = 1024;
+/// Errors kept per stream.
+const MAX_ERRORS: usize = 20;
+
+/// Why a stream operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error(transparent)]
+    Invalid(#[from] PlanError),
+    #[error("stream `{0}` already exists with a different spec")]
+    Conflict(String),
+    #[error("stream `{0}` does not exist")]
+    NotFound(String),
+    #[error("the pipeline could not start: {0}")]
+    Media(String),
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error("{0}")]
+    Policy(String),
+    #[error("source file: {0}")]
+    SourceFile(String),
+    #[error("source address: {0}")]
+    SourceAddress(String),
+    #[error("not enough {dimension} on this node: the stream needs {requested}, {free} is free")]
+    Capacity {
+        dimension: Dimension,
+        requested: u64,
+        free: u64,
+    },
+}
+
+/// How far ahead of this host's clock an epoch may be. A scheduler's epoch is either a lease counter (Redis: 1, 2,
+/// 3, …) or its start time in unix milliseconds (the in-memory store), so no real epoch is a day in the future; a
+/// larger one is a bug or an attack, and accepting it would fence out every real scheduler until a restart.
+pub const MAX_EPOCH_LEAD_MS: u64 = 24 * 3600 * 1000;
+
+/// The largest epoch accepted at `now_ms`.
+pub fn max_epoch(now_ms: u64) -> u64 {
+    now_ms.saturating_add(MAX_EPOCH_LEAD_MS)
+}
+
+/// Why a scheduler command's epoch was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FenceError {
+    #[error("scheduler epoch {epoch} is older than {fence}, which this daemon already follows: the sender is no longer the leader")]
+    Stale { epoch: u64, fence: u64 },
+    #[error("scheduler epoch {epoch} is beyond any real scheduler's (at most {max}: a lease counter or a start time in unix ms)")]
+    Future { epoch: u64, max: u64 },
+}
+
+/// A live stream under supervision.
+#[derive(Debug)]
+pub struct StreamHandle {
+    pub plan: StreamPlan,
+    /// Where the stream runs and what admission booked for it (changes on a fallback).
+    placement: Mutex<Placement>,
+    pub request: StreamRequest,
+    /// The resolved media file of a `file://` source.
+    file: Option<PathBuf>,
+    fallbacks: Mutex<Vec<Fallback>>,
+    /// Frame counters seen at the last scrape (of the current pipeline).
+    frames_seen: Mutex<kiln_media::FrameStats>,
+    pub origin: Arc<StreamOrigin>,
+    pipeline: Mutex<Option<LivePipeline>>,
+    state: watch::Sender<StreamState>,
+    errors: Mutex<Vec<String>>,
+    eos: watch::Sender<bool>,
+    /// `stream{id=…}`: every event about this stream is logged inside it.
+    span: tracing::Span,
+    created_unix_ms: u64,
+}
+
+impl StreamHandle {
+    pub fn placement(&self) -> Placement {
+        *self.placement.lock()
+    }
+
+    /// Frame counters since the previous call (for Prometheus counters). A rebuilt pipeline starts from 0, so a
+    /// counter that went down counts from 0.
+    pub fn frame_delta(&self) -> kiln_media::FrameStats {
+        let now = {
+            let p = self.pipeline.lock();
+            match p.as_ref() {
+                Some(p) => p.frame_stats(),
+                None => return Default::default(),
+            }
+        };
+        let mut seen = self.frames_seen.lock();
+        let d = |now: u64, then: u64| if now >= then { now - then } else { now };
+        let delta = kiln_media::FrameStats {
+            input: d(now.input, seen.input),
+            renditions: now
+                .renditions
+                .iter()
+                .map(|r| {
+                    let then = seen.renditions.iter().find(|s| s.name == r.name);
+                    kiln_media::RenditionFrames {
+                        name: r.name.clone(),
+                        encoded: d(r.encoded, then.map_or(0, |t| t.encoded)),
+                        dropped: d(r.dropped, then.map_or(0, |t| t.dropped)),
+                        duplicated: d(r.duplicated, then.map_or(0, |t| t.duplicated)),
+                    }
+                })
+                .collect(),
+        };
+        *seen = now;
+        delta
+    }
+
+    /// Everything booked for this stream.
+    pub fn demand(&self) -> Resources {
+        self.placement().total()
+    }
+
+    pub fn state(&self) -> StreamState {
+        *self.state.borrow()
+    }
+
+    fn set_state(&self, s: StreamState) {
+        self.state.send_if_modified(|cur| {
+            // Failed and Ended are final.
+            let change = *cur != s && !matches!(*cur, StreamState::Failed | StreamState::Ended);
+            if change {
+                *cur = s;
+            }
+            change
+        });
+    }
+
+    /// Pauses the stream's pipeline (no new parts until it resumes). Not reachable from the HTTP API.
+    pub fn pause(&self) -> bool {
+        let p = self.pipeline.lock();
+        p.as_ref().is_some_and(|p| p.pause().is_ok())
+    }
+
+    fn push_error(&self, e: String) {
+        let mut v = self.errors.lock();
+        if v.len() >= MAX_ERRORS {
+            v.remove(0);
+        }
+        v.push(e);
+    }
+
+    pub fn status(&self) -> StreamStatus {
+        let renditions = self
+            .origin
+            .renditions
+            .iter()
+            .map(|r| {
+                let snap = r.snapshot();
+                let (kind, width, height) = match r.info.kind {
+                    RenditionKind::Video { width, height, .. } => {
+                        ("video", Some(width), Some(height))
+                    }
+                    RenditionKind::Audio { .. } => ("audio", None, None),
+                };
+                RenditionStatus {
+                    name: r.info.name.clone(),
+                    kind: kind.into(),
+                    width,
+                    height,
+                    bitrate_kbps: (r.info.bitrate / 1000) as u32,
+                    codecs: r.codec(),
+                    playlist: format!("/live/{}/{}/index.m3u8", self.plan.id, r.info.name),
+                    last_msn: snap.last.map(|p| p.msn),
+                    last_part: snap.last.map(|p| p.part),
+                    parts_published: snap.parts_published,
+                }
+            })
+            .collect();
+        StreamStatus {
+            id: self.plan.id.clone(),
+            state: self.state(),
+            source: self.plan.source.to_string(),
+            playback: format!("/live/{}/master.m3u8", self.plan.id),
+            renditions,
+            policy: self.plan.encoder.policy,
+            backend: self.placement().backend,
+            decode_gpu: self.placement().decode_gpu,
+            fallbacks: self.fallbacks.lock().clone(),
+            errors: self.errors.lock().clone(),
+            created_unix_ms: self.created_unix_ms,
+        }
+    }
+}
+
+/// All streams of this daemon.
+#[derive(Debug)]
+pub struct Supervisor {
+    config: Arc<Config>,
+    origin: Origin,
+    metrics: Arc<crate::metrics::Metrics>,
+    streams: Mutex<HashMap<String, Arc<StreamHandle>>>,
+    shutting_down: std::sync::atomic::AtomicBool,
+    /// Resources booked on the host by admitted streams (and by streams being started).
+    allocated: Mutex<Resources>,
+    epoch: u64,
+    /// Highest scheduler epoch accepted (fencing token; 0 = none).
+    fence: std::sync::atomic::AtomicU64,
+    /// What this host's GStreamer can build.
+    pub registry: Arc<Registry>,
+    /// GPUs and their bookings.
+    pub gpus: GpuPool,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Supervisor {
+    pub fn new(
+        config: Arc<Config>,
+        origin: Origin,
+        metrics: Arc<crate::metrics::Metrics>,
+        registry: Arc<Registry>,
+        gpus: GpuPool,
+    ) -> Self {
+        Self {
+            config,
+            origin,
+            metrics,
+            streams: Mutex::new(HashMap::new()),
+            shutting_down: false.into(),
+            allocated: Mutex::new(Resources::default()),
+            epoch: unix_ms(),
+            fence: 0.into(),
+            registry,
+            gpus,
+        }
+    }
+
+    fn map(&self) -> parking_lot::MutexGuard<'_, HashMap<String, Arc<StreamHandle>>> {
+        self.streams.lock()
+    }
+
+    /// Unix ms when this supervisor started: changes on every daemon restart.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Highest scheduler epoch this daemon has accepted.
+    pub fn fence_epoch(&self) -> u64 {
+        self.fence.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether a command carrying `epoch` may run: not older than the fence, and not beyond what any real scheduler
+    /// can send ([`max_epoch`]). Checking never moves the fence: only [`Self::raise_fence`] does, after the command
+    /// was accepted.
+    pub fn check_fence(&self, epoch: u64) -> Result<(), FenceError> {
+        let max = max_epoch(unix_ms());
+        if epoch > max {
+            return Err(FenceError::Future { epoch, max });
+        }
+        let fence = self.fence_epoch();
+        if epoch < fence {
+            return Err(FenceError::Stale { epoch, fence });
+        }
+        Ok(())
+    }
+
+    /// Raises the fence to `epoch` (never lowers it), within the same bound as [`Self::check_fence`]. Called for
+    /// a control command that was authenticated, valid and accepted, and for a scheduler's heartbeat answer.
+    pub fn raise_fence(&self, epoch: u64) -> Result<(), FenceError> {
+        let max = max_epoch(unix_ms());
+        if epoch > max {
+            return Err(FenceError::Future { epoch, max });
+        }
+        let prev = self
+            .fence
+            .fetch_max(epoch, std::sync::atomic::Ordering::SeqCst);
+        if epoch < prev {
+            Err(FenceError::Stale { epoch, fence: prev })
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<StreamHandle>> {
+        self.map().get(id).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<StreamHandle>> {
+        let mut v: Vec<_> = self.map().values().cloned().collect();
+        v.sort_by(|a, b| a.plan.id.cmp(&b.plan.id));
+        v
+    }
+
+    /// Creates and starts a stream. Idempotent: the same request for an existing id returns the existing stream
+    /// (`Ok((handle, false))`); a different one is a conflict.
+    pub async fn create(
+        self: &Arc<Self>,
+        id: &str,
+        request: StreamRequest,
+    ) -> Result<(Arc<StreamHandle>, bool), SupervisorError> {
+        self.create_inner(id, request, None).await
+    }
+
+    /// Test-only: creates a stream whose first pipeline's encoder (video rendition 0) fails after `frames`
+    /// frames, to exercise the fallback. Not reachable from the HTTP API; compiled only with the
+    /// `fault-injection` feature.
+    #[cfg(feature = "fault-injection")]
+    pub async fn create_with_encoder_fault(
+        self: &Arc<Self>,
+        id: &str,
+        request: StreamRequest,
+        frames: u64,
+    ) -> Result<(Arc<StreamHandle>, bool), SupervisorError> {
+        self.create_inner(id, request, Some(frames)).await
+    }
+
+    async fn create_inner(
+        self: &Arc<Self>,
+        id: &str,
+        request: StreamRequest,
+        fault: Option<u64>,
+    ) -> Result<(Arc<StreamHandle>, bool), SupervisorError> {
+        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(SupervisorError::ShuttingDown);
+        }
+        let plan = self.config.presets.resolve(id, &request)?;
+        if let Some(h) = self.get(id) {
+            return if h.plan == plan {
+                Ok((h, false))
+            } else {
+                Err(SupervisorError::Conflict(id.to_string()))
+            };
+        }
+
+        let file = self.resolve_file(&plan)?;
+        if let Source::Url { url, .. } = &plan.source {
+            crate::fetch::check_source(&self.config.source_networks, url)
+                .await
+                .map_err(SupervisorError::SourceAddress)?;
+        }
+        let placement = self.place(&plan, false)?;
+        match self.start(id, request, plan, placement, file, fault).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                self.release_placement(&placement);
+                Err(e)
+            }
+        }
+    }
+
+    // Long by design: build → register → spawn the consumer must happen in this order under one error path that releases the booking.
+    async fn start(
+        self: &Arc<Self>,
+        id: &str,
+        request: StreamRequest,
+        plan: StreamPlan,
+        placement: Placement,
+        file: Option<PathBuf>,
+        fault: Option<u64>,
+    ) -> Result<(Arc<StreamHandle>, bool), SupervisorError> {
+        #[allow(unused_mut)]
+        let mut opts = self.build_options(&placement, file.clone())?;
+        #[cfg(feature = "fault-injection")]
+        {
+            opts.fail_encoder_after_frames = fault;
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        let _ = fault;
+        let (pipeline, origin_ms, rx) = launch(&plan, opts, None).await?;
+
+        let pcfg = PackagerConfig {
+            segment_ns: plan.timing.segment_ns(),
+            target_duration_s: plan.timing.target_duration_s(),
+            part_target_ms: plan.timing.part_target_ms,
+            window_segments: self.config.window_segments,
+            retain_segments: self.config.retain_segments,
+            wallclock_origin_unix_ms: origin_ms,
+            // The Skip Boundary: the spec's minimum, 6 × TD.
+            can_skip_until_s: Some(6 * plan.timing.target_duration_s()),
+            first_msn: (origin_ms.max(0) as u64) / u64::from(plan.timing.segment_ms),
+        };
+        let mut infos: Vec<RenditionInfo> = plan
+            .video
+            .iter()
+            .map(|v| RenditionInfo {
+                name: v.name.clone(),
+                kind: RenditionKind::Video {
+                    width: v.width,
+                    height: v.height,
+                    fps: v.fps.as_f64(),
+                },
+                bitrate: u64::from(v.bitrate_kbps) * 1000,
+            })
+            .collect();
+        if let Some(a) = &plan.audio {
+            infos.push(RenditionInfo {
+                name: a.name.clone(),
+                kind: RenditionKind::Audio {
+                    channels: a.channels,
+                },
+                bitrate: u64::from(a.bitrate_kbps) * 1000,
+            });
+        }
+        let stream_origin = StreamOrigin::new(id, infos, pcfg);
+        let handle = Arc::new(StreamHandle {
+            plan,
+            placement: Mutex::new(placement),
+            request,
+            file,
+            fallbacks: Mutex::new(Vec::new()),
+            frames_seen: Mutex::new(Default::default()),
+            origin: stream_origin.clone(),
+            pipeline: Mutex::new(Some(pipeline)),
+            state: watch::channel(StreamState::Starting).0,
+            errors: Mutex::new(Vec::new()),
+            eos: watch::channel(false).0,
+            created_unix_ms: unix_ms(),
+            span: tracing::info_span!("stream", id = %id),
+        });
+        {
+            let mut map = self.map();
+            if let Some(h) = map.get(id) {
+                // Lost a race with an identical PUT: keep the first one (ours drops, stops and is released).
+                return if h.plan == handle.plan {
+                    self.release_placement(&handle.placement());
+                    Ok((h.clone(), false))
+                } else {
+                    Err(SupervisorError::Conflict(id.to_string()))
+                };
+            }
+            map.insert(id.to_string(), handle.clone());
+        }
+        self.origin.insert(stream_origin);
+        self.metrics.init_stream(id);
+        tokio::spawn(
+            consume(
+                handle.clone(),
+                rx,
+                self.metrics.clone(),
+                Arc::downgrade(self),
+                origin_ms,
+            )
+            .instrument(handle.span.clone()),
+        );
+        handle.span.in_scope(|| {
+            tracing::info!(
+                renditions = handle.origin.renditions.len(),
+                backend = placement.backend.label(),
+                decode_gpu = placement.decode_gpu,
+                "stream started"
+            )
+        });
+        Ok((handle, true))
+    }
+
+    /// Stops a stream: EOS, wait (bounded) for the last parts, ENDLIST, then drop it from the origin after the
+    /// linger time.
+    pub async fn stop(&self, id: &str) -> Result<(), SupervisorError> {
+        let h = self
+            .map()
+            .remove(id)
+            .ok_or_else(|| SupervisorError::NotFound(id.to_string()))?;
+        self.finish(h).await;
+        Ok(())
+    }
+
+    async fn finish(&self, h: Arc<StreamHandle>) {
+        let p = Self::begin_stop(&h);
+        self.complete_stop(h, p).await;
+    }
+
+    /// Marks the stream stopping and sends EOS into its pipeline.
+    fn begin_stop(h: &StreamHandle) -> Option<LivePipeline> {
+        h.set_state(StreamState::Stopping);
+        let p = h.pipeline.lock().take()?;
+        p.send_eos().then_some(p)
+    }
+
+    /// Waits (bounded by the grace period) for the drained EOS, tears the pipeline down, ends the playlists and
+    /// schedules the stream's removal from the origin.
+    async fn complete_stop(&self, h: Arc<StreamHandle>, pipeline: Option<LivePipeline>) {
+        if let Some(p) = pipeline {
+            let mut eos = h.eos.subscribe();
+            let _ = tokio::time::timeout(self.config.grace, eos.wait_for(|e| *e)).await;
+            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+        }
+        h.origin.end();
+        h.set_state(StreamState::Ended);
+        self.release_all(&h);
+        h.span.in_scope(|| tracing::info!("stream stopped"));
+        let origin = self.origin.clone();
+        let linger = self.config.linger;
+        let so = h.origin.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(linger).await;
+            origin.remove_if_same(&so);
+            let names: Vec<String> = so.renditions.iter().map(|r| r.info.name.clone()).collect();
+            metrics.forget_stream(&so.id, &names);
+        });
+    }
+
+    /// Stops every stream (daemon shutdown): EOS to all at once, then each drains within the grace period. New
+    /// streams are refused from now on.
+    pub async fn shutdown(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let all: Vec<_> = self.map().drain().map(|(_, h)| h).collect();
+        let begun: Vec<_> = all
+            .into_iter()
+            .map(|h| {
+                let p = Self::begin_stop(&h);
+                (h, p)
+            })
+            .collect();
+        for (h, p) in begun {
+            self.complete_stop(h, p).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
