@@ -12,69 +12,33 @@
 //!
 //! Run with `benches/run` (builds kilnd --release first) or `cargo bench -p kiln-benches --bench capacity`.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use kiln_integration::{cpu_ticks, kilnd_release_bin, spawn_kilnd, Proc};
 
 const PRESET: &str = "live-360p-abr";
 
-struct Kilnd {
-    child: Child,
-    base: String,
+/// A release kilnd booking with the CPU profile at `profile`.
+async fn start_kilnd(profile: &Path) -> Result<Proc> {
+    let profile = profile.display().to_string();
+    spawn_kilnd(
+        "kilnd",
+        kilnd_release_bin()?,
+        &["--no-gpu", "--cpu-profile", &profile],
+    )
+    .await
 }
 
-impl Drop for Kilnd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn kilnd_bin() -> Result<PathBuf> {
-    let bin = std::env::var_os("KILND")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/kilnd"));
-    ensure!(
-        bin.exists(),
-        "{} missing: cargo build --release -p kilnd",
-        bin.display()
-    );
-    Ok(bin)
-}
-
-fn start_kilnd(profile: &Path) -> Result<Kilnd> {
-    let mut child = Command::new(kilnd_bin()?)
-        .args(["--listen", "127.0.0.1:0", "--no-gpu", "--cpu-profile"])
-        .arg(profile)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let base = line
-        .trim()
-        .strip_prefix("kilnd listening on ")
-        .context("kilnd did not print its address")?
-        .to_string();
-    Ok(Kilnd { child, base })
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let f: Vec<String> = s
-                .rsplit(')')
-                .next()?
-                .split_whitespace()
-                .map(String::from)
-                .collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0)
+async fn metrics(http: &reqwest::Client, base: &str) -> Result<String> {
+    Ok(http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?)
 }
 
 /// Slowest rendition's media seconds per stream, from `/metrics`.
@@ -101,7 +65,7 @@ async fn main() -> Result<()> {
     // 1. calibrate, then ask a daemon using the profile what it advertises
     let profile = dir.join("calibrated.toml");
     let t = Instant::now();
-    let out = Command::new(kilnd_bin()?)
+    let out = Command::new(kilnd_release_bin()?)
         .args([
             "--no-gpu",
             "calibrate",
@@ -120,9 +84,9 @@ async fn main() -> Result<()> {
     );
     eprintln!("calibrate took {:.0} s", t.elapsed().as_secs_f64());
     let advertised = {
-        let k = start_kilnd(&profile)?;
+        let k = start_kilnd(&profile).await?;
         let text = http
-            .get(format!("{}/v1/capacity", k.base))
+            .get(format!("{}/v1/capacity", k.url))
             .send()
             .await?
             .text()
@@ -139,42 +103,26 @@ async fn main() -> Result<()> {
          x264_millicores_per_mpx = [0.0001, 0.0001, 0.0001, 0.0001, 0.0001, 0.0001]\naudio_millicores = 0\n\
          stream_base_memory_mib = 1\nmemory_mib_per_mpx = 0.0001\n",
     )?;
-    let k = start_kilnd(&free)?;
-    let pid = k.child.id();
+    let k = start_kilnd(&free).await?;
+    let pid = k.pid();
     let body = format!(r#"{{"source": "test:pattern=ball", "preset": "{PRESET}"}}"#);
     let (mut at_realtime, mut in_budget) = (0usize, 0usize);
     println!("ramp of {PRESET} on {cores} cores (15 s windows):");
     for n in 1..=32usize {
         let res = http
-            .put(format!("{}/v1/streams/r{}", k.base, n - 1))
+            .put(format!("{}/v1/streams/r{}", k.url, n - 1))
             .header("content-type", "application/json")
             .body(body.clone())
             .send()
             .await?;
         ensure!(res.status().is_success(), "PUT: {}", res.status());
         tokio::time::sleep(Duration::from_secs(5)).await; // warm-up of the new stream (part of the method)
-        let m0 = media_seconds(
-            &http
-                .get(format!("{}/metrics", k.base))
-                .send()
-                .await?
-                .text()
-                .await?,
-            n,
-        );
-        let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+        let m0 = media_seconds(&metrics(&http, &k.url).await?, n);
+        let (t0, c0) = (Instant::now(), cpu_ticks(pid, false));
         tokio::time::sleep(Duration::from_secs(15)).await; // the measurement window
-        let m1 = media_seconds(
-            &http
-                .get(format!("{}/metrics", k.base))
-                .send()
-                .await?
-                .text()
-                .await?,
-            n,
-        );
+        let m1 = media_seconds(&metrics(&http, &k.url).await?, n);
         let wall = t0.elapsed().as_secs_f64();
-        let cpu = (cpu_ticks(pid) - c0) as f64 * 10.0 / wall; // millicores (100 ticks/s)
+        let cpu = (cpu_ticks(pid, false) - c0) as f64 * 10.0 / wall; // millicores (100 ticks/s)
         let ratio = m0
             .iter()
             .zip(&m1)

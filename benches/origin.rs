@@ -10,56 +10,16 @@
 //! Run with `benches/run` (installs nginx and wrk, builds kilnd --release, then `cargo bench -p kiln-benches`).
 //! Everything runs on this host: client, daemon and nginx share its cores, so the numbers are ratios first.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use kiln_integration::{kilnd_release_bin, poll_until, spawn_kilnd, Polled};
 
 const SPEC: &str = r#"{"source": "test:pattern=ball",
   "renditions": [{"name": "v", "width": 160, "height": 90, "fps": 30, "bitrate_kbps": 2400}],
   "audio": {"enabled": false}}"#;
-
-struct Kilnd {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Kilnd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn start_kilnd() -> Result<Kilnd> {
-    let bin = std::env::var_os("KILND")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/release/kilnd"));
-    ensure!(
-        bin.exists(),
-        "{} missing: cargo build --release -p kilnd",
-        bin.display()
-    );
-    let mut child = Command::new(bin)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let base = line
-        .trim()
-        .strip_prefix("kilnd listening on ")
-        .context("kilnd did not print its address")?
-        .to_string();
-    Ok(Kilnd { child, base })
-}
 
 fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -158,12 +118,12 @@ fn start_nginx(root: &Path, dir: &Path) -> Result<(Child, String)> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let k = start_kilnd()?;
+    let k = spawn_kilnd("kilnd", kilnd_release_bin()?, &[]).await?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?;
     let res = http
-        .put(format!("{}/v1/streams/bench", k.base))
+        .put(format!("{}/v1/streams/bench", k.url))
         .body(SPEC)
         .send()
         .await?;
@@ -171,7 +131,7 @@ async fn main() -> Result<()> {
     let pl_path = "/live/bench/v/index.m3u8";
     // two complete segments, then the newest complete part
     let mut text = http
-        .get(format!("{}{pl_path}", k.base))
+        .get(format!("{}{pl_path}", k.url))
         .send()
         .await?
         .text()
@@ -179,7 +139,7 @@ async fn main() -> Result<()> {
     for _ in 0..10 {
         let (m, _) = last_part(&text)?;
         text = http
-            .get(format!("{}{pl_path}?_HLS_msn={}", k.base, m + 1))
+            .get(format!("{}{pl_path}?_HLS_msn={}", k.url, m + 1))
             .send()
             .await?
             .text()
@@ -188,7 +148,7 @@ async fn main() -> Result<()> {
     let (m, _) = last_part(&text)?;
     let part_path = format!("/live/bench/v/part-{}-2.m4s", m - 1);
     let part = http
-        .get(format!("{}{part_path}", k.base))
+        .get(format!("{}{part_path}", k.url))
         .send()
         .await?
         .bytes()
@@ -206,7 +166,7 @@ async fn main() -> Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     let paths = [pl_path, part_path.as_str()];
-    let kiln_rps = wrk(&k.base, paths, secs, &dir)?;
+    let kiln_rps = wrk(&k.url, paths, secs, &dir)?;
     let nginx_rps = wrk(&nginx_base, paths, secs, &dir)?;
     // SIGTERM (not SIGKILL) so the master takes its workers down with it
     let _ = Command::new("kill")
@@ -229,17 +189,17 @@ async fn main() -> Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10_000);
     rlimit::increase_nofile_limit(4 * n as u64 + 1024)?;
-    let pid = k.child.id();
+    let pid = k.pid();
     let rss_before = rss_kib(pid)?;
     let text = http
-        .get(format!("{}{pl_path}", k.base))
+        .get(format!("{}{pl_path}", k.url))
         .send()
         .await?
         .text()
         .await?;
     let (m, _) = last_part(&text)?;
     // part 0 of segment m+2: 2-4 s away, time enough to park every request first
-    let url = format!("{}{pl_path}?_HLS_msn={}&_HLS_part=0", k.base, m + 2);
+    let url = format!("{}{pl_path}?_HLS_msn={}&_HLS_part=0", k.url, m + 2);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(0)
@@ -254,19 +214,26 @@ async fn main() -> Result<()> {
             anyhow::Ok((status, Instant::now()))
         }));
     }
-    let stats_url = format!("{}/v1/stats", k.base);
-    let parked_at = loop {
-        let s: serde_json::Value =
-            serde_json::from_str(&http.get(&stats_url).send().await?.text().await?)?;
-        let parked = s["parked_requests"].as_u64().unwrap_or(0) as usize;
-        if parked >= n {
-            break Some(parked);
-        }
-        if tasks.iter().any(|t| t.is_finished()) {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let stats_url = format!("{}/v1/stats", k.url);
+    let tasks_ref = &tasks;
+    let parked_at = poll_until(
+        "every request parks (or one is answered)",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || async {
+            let s: serde_json::Value =
+                serde_json::from_str(&http.get(&stats_url).send().await?.text().await?)?;
+            let parked = s["parked_requests"].as_u64().unwrap_or(0) as usize;
+            Ok(if parked >= n {
+                Polled::Done(Some(parked))
+            } else if tasks_ref.iter().any(|t| t.is_finished()) {
+                Polled::Done(None)
+            } else {
+                Polled::NotYet(format!("{parked} parked"))
+            })
+        },
+    )
+    .await?;
     let rss_parked = rss_kib(pid)?;
     let mut done = Vec::with_capacity(n);
     let mut failed = 0;

@@ -12,54 +12,28 @@
 //! Printed: wall time and CPU time (user + system, the whole process) of each, and the ratios.
 //! Run: `cargo build --release -p kilnd && cargo bench -p kiln-benches --bench vod`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
-
-fn kilnd_bin() -> Result<PathBuf> {
-    let bin = std::env::var_os("KILND")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/kilnd"));
-    ensure!(
-        bin.exists(),
-        "{} missing: cargo build --release -p kilnd",
-        bin.display()
-    );
-    Ok(bin)
-}
-
-/// utime + stime of a process, in clock ticks (`/proc/{pid}/stat`), children included when `children`.
-fn cpu_ticks(pid: u32, children: bool) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // after "pid (comm)": state, ppid, pgrp, session, tty, tpgid, flags, 4 fault counters, utime, stime,
-            // cutime, cstime
-            let f: Vec<i64> = s
-                .rsplit(')')
-                .next()?
-                .split_whitespace()
-                .skip(1)
-                .map(|x| x.parse().unwrap_or(0))
-                .collect();
-            let base = f.get(10)? + f.get(11)?;
-            Some(
-                (if children {
-                    base + f.get(12)? + f.get(13)?
-                } else {
-                    base
-                })
-                .max(0) as u64,
-            )
-        })
-        .unwrap_or(0)
-}
+use anyhow::{ensure, Context, Result};
+use kiln_integration::{cpu_ticks, kilnd_release_bin, make_clip, spawn_kilnd, wait_job};
 
 const TICKS: f64 = 100.0;
 
+/// Runs an anchor to the end; returns its wall and CPU seconds (once waited for, a child's times are in our
+/// children's counters).
+fn run_measured(program: &str, args: &[String]) -> Result<(f64, f64)> {
+    let before = cpu_ticks(std::process::id(), true);
+    let t = Instant::now();
+    let st = Command::new(program).args(args).status()?;
+    let wall = t.elapsed().as_secs_f64();
+    ensure!(st.success(), "{program} (anchor) failed: {st}");
+    let cpu = (cpu_ticks(std::process::id(), true) - before) as f64 / TICKS;
+    Ok((wall, cpu))
+}
+
 fn main() -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
     let seconds: u32 = std::env::var("KILN_VOD_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -68,37 +42,17 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("in"))?;
     let input = dir.join("in/1080p.mp4");
-    let st = Command::new("ffmpeg")
-        .args([
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=1920x1080:rate=30",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440:sample_rate=48000",
-        ])
-        .args([
-            "-t",
-            &seconds.to_string(),
-            "-c:v",
-            "libx264",
-            "-preset",
-            "veryfast",
-            "-b:v",
-            "8M",
-            "-pix_fmt",
-            "yuv420p",
-            "-c:a",
+    rt.block_on(make_clip(
+        &input,
+        f64::from(seconds),
+        Some("testsrc2=size=1920x1080:rate=30"),
+        &["sine=frequency=440:sample_rate=48000"],
+        &[
+            "-c:v", "libx264", "-preset", "veryfast", "-b:v", "8M", "-pix_fmt", "yuv420p", "-c:a",
             "aac",
-        ])
-        .arg(&input)
-        .status()?;
-    ensure!(st.success(), "making the input");
+        ],
+    ))
+    .context("making the input")?;
     println!("## VOD ladder: {seconds} s of 1080p30 → 1080p/720p/480p/360p (x264 medium) + AAC\n");
 
     // anchor: ffmpeg, one decode, the same ladder and settings
@@ -161,13 +115,7 @@ fn main() -> Result<()> {
         args.push(a.into());
     }
     args.push(dir.join("ff-audio.mp4").display().to_string());
-    let before = cpu_ticks(std::process::id(), true);
-    let t = Instant::now();
-    let st = Command::new("ffmpeg").args(&args).status()?;
-    let ff_wall = t.elapsed().as_secs_f64();
-    ensure!(st.success(), "ffmpeg anchor failed");
-    // the child has been waited for: its times are in our children's counters
-    let ff_cpu = (cpu_ticks(std::process::id(), true) - before) as f64 / TICKS;
+    let (ff_wall, ff_cpu) = run_measured("ffmpeg", &args)?;
 
     // second anchor: the same elements kiln links (avdec_h264 → tee → videoscale → videoconvert → x264enc with
     // kiln's properties, AAC), as one bare gst-launch-1.0 with fakesinks: no muxing, no files, no thumbnails.
@@ -239,44 +187,23 @@ fn main() -> Result<()> {
     ] {
         gst.push(a.into());
     }
-    let before = cpu_ticks(std::process::id(), true);
-    let t = Instant::now();
-    let st = Command::new("gst-launch-1.0").args(&gst).status()?;
-    let gst_wall = t.elapsed().as_secs_f64();
-    ensure!(st.success(), "gst-launch anchor failed");
-    let gst_cpu = (cpu_ticks(std::process::id(), true) - before) as f64 / TICKS;
+    let (gst_wall, gst_cpu) = run_measured("gst-launch-1.0", &gst)?;
 
     // kiln: a release daemon, the job over HTTP, polled until done
-    let mut child = Command::new(kilnd_bin()?)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
+    let result = rt.block_on(async {
+        let (data, inp) = (dir.join("data"), dir.join("in"));
+        let (data, inp) = (data.display().to_string(), inp.display().to_string());
+        let args = [
             "--no-gpu",
             "--vod-concurrency",
             "1",
             "--data-dir",
-        ])
-        .arg(dir.join("data"))
-        .arg("--vod-input-dir")
-        .arg(dir.join("in"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().context("stdout")?),
-        &mut line,
-    )?;
-    let base = line
-        .trim()
-        .strip_prefix("kilnd listening on ")
-        .context("kilnd address")?
-        .to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let pid = child.id();
-    let result = rt.block_on(async {
+            &data,
+            "--vod-input-dir",
+            &inp,
+        ];
+        let kilnd = spawn_kilnd("kilnd", kilnd_release_bin()?, &args).await?;
+        let (base, pid) = (kilnd.url.clone(), kilnd.pid());
         let http = reqwest::Client::new();
         let idle = cpu_ticks(pid, false);
         let t = Instant::now();
@@ -288,18 +215,13 @@ fn main() -> Result<()> {
             .await?;
         let v: serde_json::Value = serde_json::from_str(&r.text().await?)?;
         let id = v["id"].as_str().context("job id")?.to_string();
-        loop {
-            let v: serde_json::Value = serde_json::from_str(&http.get(format!("{base}/v1/jobs/{id}")).send().await?.text().await?)?;
-            match v["state"].as_str() {
-                Some("done") => break,
-                Some("failed" | "cancelled") => bail!("kiln job: {v}"),
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-        Ok::<_, anyhow::Error>((t.elapsed().as_secs_f64(), (cpu_ticks(pid, false) - idle) as f64 / TICKS))
+        // x264 medium on four rungs: generously bounded at 30 × real time
+        let limit = Duration::from_secs(60 + 30 * u64::from(seconds));
+        let v = wait_job(&http, &base, &id, limit).await?;
+        ensure!(v["state"] == "done", "kiln job: {v}");
+        let cpu = (cpu_ticks(pid, false) - idle) as f64 / TICKS;
+        Ok::<_, anyhow::Error>((t.elapsed().as_secs_f64(), cpu))
     });
-    let _ = child.kill();
-    let _ = child.wait();
     let (kiln_wall, kiln_cpu) = result?;
     println!("| | wall s | CPU s | × real time |");
     println!("|---|---|---|---|");

@@ -8,49 +8,48 @@
 //! Needs `chromium`, `node` and `npm ci --prefix tests/browser` (scripts/test installs all three). Without them the
 //! tests fail under CI and are skipped, with a message, elsewhere.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use kiln_integration::Daemon;
+use kiln_integration::{make_clip, wait_job, Daemon};
 
-fn missing_tools(dir: &Path) -> Option<String> {
-    if !Path::new("/usr/bin/chromium").exists() && std::env::var_os("CHROMIUM").is_none() {
-        return Some("chromium is not installed".into());
+/// The scripts' directory, or `None` (after saying why) when the tools are missing outside CI; under CI a missing
+/// tool fails the test.
+fn browser_dir() -> Result<Option<PathBuf>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+    let missing =
+        if !Path::new("/usr/bin/chromium").exists() && std::env::var_os("CHROMIUM").is_none() {
+            Some("chromium is not installed".to_string())
+        } else if !dir.join("node_modules/playwright-core").exists()
+            || !dir.join("node_modules/hls.js").exists()
+        {
+            Some(format!("run `npm ci --prefix {}`", dir.display()))
+        } else {
+            None
+        };
+    match missing {
+        None => Ok(Some(dir)),
+        Some(why) if std::env::var_os("CI").is_some() => bail!("browser test cannot run: {why}"),
+        Some(why) => {
+            eprintln!("skipping the browser test: {why}");
+            Ok(None)
+        }
     }
-    if !dir.join("node_modules/playwright-core").exists()
-        || !dir.join("node_modules/hls.js").exists()
-    {
-        return Some(format!("run `npm ci --prefix {}`", dir.display()));
-    }
-    None
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hlsjs_in_chromium_plays_the_demo_at_low_latency() -> Result<()> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
-    if let Some(why) = missing_tools(&dir) {
-        if std::env::var_os("CI").is_some() {
-            bail!("browser test cannot run: {why}");
-        }
-        eprintln!("skipping the browser test: {why}");
-        return Ok(());
-    }
-    let config = kilnd::Config {
-        demo: true,
-        assets_dir: Some(dir.join("node_modules/hls.js/dist")),
-        ..Default::default()
-    };
-    let d = Daemon::start(config).await?;
-    let shot = std::env::temp_dir().join(format!("kiln-browser-{}.png", std::process::id()));
+/// Runs `node script args…` (at most `limit`) and parses the JSON line it prints last.
+async fn node(
+    script: &Path,
+    args: &[&std::ffi::OsStr],
+    limit: Duration,
+) -> Result<serde_json::Value> {
     let out = tokio::time::timeout(
-        Duration::from_secs(120),
+        limit,
         tokio::process::Command::new("node")
-            .arg(dir.join("watch.mjs"))
-            .arg(format!("{}/", d.base))
-            .arg("30")
-            .arg(&shot)
+            .arg(script)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -64,8 +63,40 @@ async fn hlsjs_in_chromium_plays_the_demo_at_low_latency() -> Result<()> {
         .lines()
         .last()
         .with_context(|| format!("no result; stderr: {stderr}"))?;
-    let r: serde_json::Value = serde_json::from_str(line)
-        .with_context(|| format!("bad result {line:?}; stderr: {stderr}"))?;
+    serde_json::from_str(line).with_context(|| format!("bad result {line:?}; stderr: {stderr}"))
+}
+
+/// `(width, height)` of each object in a JSON array (renditions of a job, hls.js levels).
+fn sizes_of(list: &serde_json::Value) -> Option<Vec<(u64, u64)>> {
+    let size = |v: &serde_json::Value| {
+        (
+            v["width"].as_u64().unwrap_or(0),
+            v["height"].as_u64().unwrap_or(0),
+        )
+    };
+    Some(list.as_array()?.iter().map(size).collect())
+}
+
+/// Whether the screenshot at `shot` has a picture in it.
+fn screenshot_taken(shot: &Path) -> bool {
+    std::fs::metadata(shot).is_ok_and(|m| m.len() > 10_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hlsjs_in_chromium_plays_the_demo_at_low_latency() -> Result<()> {
+    let Some(dir) = browser_dir()? else {
+        return Ok(());
+    };
+    let config = kilnd::Config {
+        demo: true,
+        assets_dir: Some(dir.join("node_modules/hls.js/dist")),
+        ..Default::default()
+    };
+    let d = Daemon::start(config).await?;
+    let shot = std::env::temp_dir().join(format!("kiln-browser-{}.png", std::process::id()));
+    let page = format!("{}/", d.base);
+    let args = [page.as_ref(), "30".as_ref(), shot.as_os_str()];
+    let r = node(&dir.join("watch.mjs"), &args, Duration::from_secs(120)).await?;
     eprintln!("hls.js result: {r}");
     let stalls = r["stalls"].as_u64().context("stalls")?;
     let played = r["playedTo"].as_f64().context("playedTo")?;
@@ -76,12 +107,7 @@ async fn hlsjs_in_chromium_plays_the_demo_at_low_latency() -> Result<()> {
         latency > 0.0 && latency <= 2.0,
         "live latency {latency} s > 2.0 s: {r}"
     );
-    ensure!(
-        std::fs::metadata(&shot)
-            .map(|m| m.len() > 10_000)
-            .unwrap_or(false),
-        "no screenshot"
-    );
+    ensure!(screenshot_taken(&shot), "no screenshot");
     let _ = std::fs::remove_file(&shot);
     d.shutdown().await
 }
@@ -90,45 +116,24 @@ async fn hlsjs_in_chromium_plays_the_demo_at_low_latency() -> Result<()> {
 /// never above the source); hls.js plays each rendition and the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hlsjs_in_chromium_plays_every_rendition_of_a_vod_job_to_the_end() -> Result<()> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
-    if let Some(why) = missing_tools(&dir) {
-        if std::env::var_os("CI").is_some() {
-            bail!("browser test cannot run: {why}");
-        }
-        eprintln!("skipping the browser test: {why}");
+    let Some(dir) = browser_dir()? else {
         return Ok(());
-    }
+    };
     let scratch = std::env::temp_dir().join(format!("kiln-browser-vod-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     let inp = scratch.join("in");
     std::fs::create_dir_all(&inp)?;
     let clip = inp.join("clip.mp4");
-    let st = tokio::process::Command::new("ffmpeg")
-        .args([
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=1280x720:rate=30:duration=10",
-        ])
-        .args(["-f", "lavfi", "-i", "sine=sample_rate=48000:duration=10"])
-        .args([
-            "-c:v",
-            "libx264",
-            "-preset",
-            "veryfast",
-            "-pix_fmt",
-            "yuv420p",
-            "-c:a",
-            "aac",
-            "-shortest",
-        ])
-        .arg(&clip)
-        .status()
-        .await?;
-    ensure!(st.success(), "ffmpeg: {st}");
+    make_clip(
+        &clip,
+        10.0,
+        Some("testsrc2=size=1280x720:rate=30"),
+        &["sine=sample_rate=48000"],
+        &[
+            "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac",
+        ],
+    )
+    .await?;
     let d = Daemon::start(kilnd::Config {
         assets_dir: Some(dir.join("node_modules/hls.js/dist")),
         jobs: Some(kilnd::jobs::JobsConfig {
@@ -147,69 +152,19 @@ async fn hlsjs_in_chromium_plays_every_rendition_of_a_vod_job_to_the_end() -> Re
         .json()
         .await?;
     let id = r["id"].as_str().context("job id")?.to_string();
-    let job = loop {
-        let j: serde_json::Value = d
-            .http
-            .get(d.url(&format!("/v1/jobs/{id}")))
-            .send()
-            .await?
-            .json()
-            .await?;
-        match j["state"].as_str() {
-            Some("done") => break j,
-            Some("failed" | "cancelled") => bail!("the job did not finish: {j}"),
-            _ => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    };
-    let sizes: Vec<(u64, u64)> = job["renditions"]
-        .as_array()
-        .context("renditions")?
-        .iter()
-        .map(|r| {
-            (
-                r["width"].as_u64().unwrap_or(0),
-                r["height"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
+    let job = wait_job(&d.http, &d.base, &id, Duration::from_secs(180)).await?;
+    ensure!(job["state"] == "done", "the job did not finish: {job}");
+    let sizes = sizes_of(&job["renditions"]).context("renditions")?;
     ensure!(
         sizes == [(1280, 720), (852, 480), (640, 360)],
         "ladder {sizes:?}"
     );
     let shot = scratch.join("vod.png");
-    let out = tokio::time::timeout(
-        Duration::from_secs(150),
-        tokio::process::Command::new("node")
-            .arg(dir.join("watch-vod.mjs"))
-            .arg(format!("{}/#vod:{id}", d.base))
-            .arg(&shot)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .context("the browser run timed out")??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stdout
-        .lines()
-        .last()
-        .with_context(|| format!("no result; stderr: {stderr}"))?;
-    let r: serde_json::Value = serde_json::from_str(line)
-        .with_context(|| format!("bad result {line:?}; stderr: {stderr}"))?;
+    let page = format!("{}/#vod:{id}", d.base);
+    let args = [page.as_ref(), shot.as_os_str()];
+    let r = node(&dir.join("watch-vod.mjs"), &args, Duration::from_secs(150)).await?;
     eprintln!("hls.js VOD result: {r}");
-    let mut levels: Vec<(u64, u64)> = r["levels"]
-        .as_array()
-        .context("levels")?
-        .iter()
-        .map(|l| {
-            (
-                l["width"].as_u64().unwrap_or(0),
-                l["height"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
+    let mut levels = sizes_of(&r["levels"]).context("levels")?;
     levels.sort_unstable_by(|a, b| b.cmp(a));
     ensure!(
         levels == sizes,
@@ -229,12 +184,7 @@ async fn hlsjs_in_chromium_plays_every_rendition_of_a_vod_job_to_the_end() -> Re
         errors.iter().all(|e| e["fatal"] != true),
         "fatal hls.js errors: {r}"
     );
-    ensure!(
-        std::fs::metadata(&shot)
-            .map(|m| m.len() > 10_000)
-            .unwrap_or(false),
-        "no screenshot"
-    );
+    ensure!(screenshot_taken(&shot), "no screenshot");
     d.shutdown().await?;
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())

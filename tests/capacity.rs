@@ -68,16 +68,20 @@ async fn calibrated_admission_refuses_when_full_and_admitted_streams_keep_real_t
     );
     let spec = format!(r#"{{"source": "test:pattern=ball", "preset": "{PRESET}"}}"#);
     let mut admitted = Vec::new();
-    let refusal = loop {
-        let id = format!("s{}", admitted.len());
+    let mut refusal = None;
+    for i in 0..64 {
+        let id = format!("s{i}");
         let (st, body) = d.put_stream(&id, &spec).await?;
         match st {
             201 => admitted.push(id),
-            429 => break body,
+            429 => {
+                refusal = Some(body);
+                break;
+            }
             other => anyhow::bail!("PUT {id}: {other} {body}"),
         }
-        ensure!(admitted.len() < 64, "never refused");
-    };
+    }
+    let refusal = refusal.context("64 streams admitted, never refused")?;
     ensure!(
         admitted.len() == n,
         "admitted {} of {n} calibrated",

@@ -1,36 +1,37 @@
-//! LL-HLS conformance: one test per item of the checklist in LLHLS.md §5 (named `item_NN_…`), each against a real
-//! daemon (port 0) running a real pipeline. Streams are tiny (320x180 + 160x90 + AAC) so a 2-core host keeps up.
-//! Section numbers refer to draft-pantos-hls-rfc8216bis-22.
+//! LL-HLS conformance: one check per item of the checklist in LLHLS.md §5 (an `async fn item_NN_…` each), against
+//! real daemons (port 0) running real pipelines. Streams are tiny (320x180 + 160x90 + AAC) so a 2-core host keeps
+//! up. Section numbers refer to draft-pantos-hls-rfc8216bis-22.
+//!
+//! Most items need nothing but a running stream, so they share one: a test function starts a daemon and its
+//! streams once, then runs its items in sequence (each under its own name and time limit; every item runs, and
+//! the test fails naming each item that failed). `KILN_ITEMS=03,38` runs only those items. The groups:
+//! - [`items_on_one_live_stream`]: every item that only reads a live stream (stream `c`), and the delta-update
+//!   items 31–32 on a stream with 1 s segments (`s`) started beside it;
+//! - [`items_that_end_stall_or_roll_a_stream`]: items that end a stream (14, 30), pause one (29) or need a
+//!   3-segment window (19), each on a stream of its own in a daemon with that window;
+//! - [`item_18_parts_and_segments_arrive_on_time`]: 60 s of part timing, alone, in nextest's `realtime` group.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-use kiln_integration::{fragment, parse_ll, small_stream_spec, Daemon, LlPlaylist};
+use anyhow::{bail, ensure, Context, Result};
+use kiln_integration::{
+    fragment, parse_ll, poll_until, small_stream_spec, Daemon, LlPlaylist, Polled,
+};
 use kiln_llhls::cmaf;
 
 const RENDITIONS: [&str; 3] = ["hi", "lo", "audio"];
-const ID: &str = "c";
 
-/// A daemon with one small live stream `c`.
-struct Fx {
-    d: Daemon,
+/// One live stream (`id`) on a shared daemon.
+struct Fx<'a> {
+    d: &'a Daemon,
+    id: &'static str,
 }
 
-impl Fx {
-    async fn start() -> Result<Self> {
-        Self::start_with(kilnd::Config::default(), small_stream_spec()).await
-    }
-
-    async fn start_with(config: kilnd::Config, spec: &str) -> Result<Self> {
-        let d = Daemon::start(config).await?;
-        let (st, body) = d.put_stream(ID, spec).await?;
-        ensure!(st == 201, "PUT: {st} {body}");
-        Ok(Self { d })
-    }
-
-    fn path(r: &str) -> String {
-        format!("/live/{ID}/{r}/index.m3u8")
+impl Fx<'_> {
+    fn path(&self, r: &str) -> String {
+        format!("/live/{}/{r}/index.m3u8", self.id)
     }
 
     async fn get(&self, r: &str, query: &str) -> Result<(u16, String)> {
@@ -39,7 +40,7 @@ impl Fx {
         } else {
             format!("?{query}")
         };
-        self.d.get_text(&format!("{}{q}", Self::path(r))).await
+        self.d.get_text(&format!("{}{q}", self.path(r))).await
     }
 
     async fn playlist(&self, r: &str) -> Result<(String, LlPlaylist)> {
@@ -61,11 +62,13 @@ impl Fx {
     }
 
     async fn segments(&self, r: &str, n: u64) -> Result<LlPlaylist> {
-        self.d.wait_for_segments(ID, r, n).await
+        self.d.wait_for_segments(self.id, r, n).await
     }
 
     async fn bytes(&self, r: &str, uri: &str) -> Result<bytes::Bytes> {
-        self.d.get_bytes(&format!("/live/{ID}/{r}/{uri}")).await
+        self.d
+            .get_bytes(&format!("/live/{}/{r}/{uri}", self.id))
+            .await
     }
 
     async fn all_playlists(&self, n: u64) -> Result<BTreeMap<&'static str, LlPlaylist>> {
@@ -75,10 +78,102 @@ impl Fx {
         }
         Ok(m)
     }
+}
 
-    async fn done(self) -> Result<()> {
-        self.d.shutdown().await
+/// Starts streams `ids` with `spec` on `d`.
+async fn start_streams(d: &Daemon, ids: &[&str], spec: &str) -> Result<()> {
+    for id in ids {
+        let (st, body) = d.put_stream(id, spec).await?;
+        ensure!(st == 201, "PUT {id}: {st} {body}");
     }
+    Ok(())
+}
+
+/// How one item went.
+struct Outcome {
+    name: &'static str,
+    result: Result<()>,
+    took: Duration,
+}
+
+/// Runs `item` (named `name`) within `limit`, unless `KILN_ITEMS` leaves it out (`None`).
+async fn attempt(
+    name: &'static str,
+    limit: Duration,
+    item: impl Future<Output = Result<()>>,
+) -> Option<Outcome> {
+    if let Ok(only) = std::env::var("KILN_ITEMS") {
+        let number = name.split('_').nth(1).unwrap_or_default();
+        if !only.split(',').any(|n| n.trim() == number) {
+            return None;
+        }
+    }
+    let t = Instant::now();
+    let result = match tokio::time::timeout(limit, item).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!("did not finish within {limit:?}")),
+    };
+    Some(Outcome {
+        name,
+        result,
+        took: t.elapsed(),
+    })
+}
+
+/// The items a test function ran, and their failures.
+#[derive(Default)]
+struct Items {
+    failed: Vec<String>,
+    ran: usize,
+}
+
+impl Items {
+    /// The longest an item may take (item 20 needs ~3 segments plus 3 × TD).
+    const LIMIT: Duration = Duration::from_secs(60);
+
+    fn record(&mut self, outcome: Option<Outcome>) {
+        let Some(Outcome { name, result, took }) = outcome else {
+            return;
+        };
+        self.ran += 1;
+        match result {
+            Ok(()) => eprintln!("{name}: ok ({:.1} s)", took.as_secs_f64()),
+            Err(e) => {
+                eprintln!("{name}: FAILED after {:.1} s: {e:#}", took.as_secs_f64());
+                self.failed.push(format!("{name}: {e:#}"));
+            }
+        }
+    }
+
+    fn finish(self) -> Result<()> {
+        if !self.failed.is_empty() {
+            bail!(
+                "{} of {} items failed:\n{}",
+                self.failed.len(),
+                self.ran,
+                self.failed.join("\n")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Runs each item fn with its fixture, one after the other.
+macro_rules! run_items {
+    ($items:expr, [$($item:ident => $fx:expr),+ $(,)?]) => {
+        $( $items.record(attempt(stringify!($item), Items::LIMIT, $item($fx)).await); )+
+    };
+}
+
+/// Runs the item fns at the same time (items that mostly wait for parts and time nothing), then records each
+/// under its own name.
+macro_rules! run_items_together {
+    ($items:expr, [$($item:ident => $fx:expr),+ $(,)?]) => {{
+        let ($($item,)+) = tokio::join!($( attempt(stringify!($item), Items::LIMIT, $item($fx)) ),+);
+        for outcome in [$($item),+] {
+            $items.record(outcome);
+        }
+    }};
 }
 
 /// Parsed PROGRAM-DATE-TIME (`YYYY-MM-DDTHH:MM:SS.mmmZ`) as milliseconds of the day (enough for comparisons).
@@ -95,25 +190,130 @@ fn pdt_ms(s: &str) -> Result<i64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_01_playlist_syntax() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn items_on_one_live_stream() -> Result<()> {
+    let d = Daemon::start_default().await?;
+    start_streams(&d, &["c"], small_stream_spec()).await?;
+    start_streams(&d, &["s"], SHORT_SEGMENTS).await?;
+    let mut items = Items::default();
+    let fx = &Fx { d: &d, id: "c" };
+    // items that wait for a few parts per rendition and time nothing: together
+    run_items_together!(
+        items,
+        [
+            item_03_target_duration_fixed_and_shared => fx,
+            item_06_server_control_identical_and_stable => fx,
+            item_15_hint_names_the_next_part => fx,
+            item_20_part_tags_near_the_edge_and_removed_parts_stay => fx,
+        ]
+    );
+    // the rest one at a time: several time their answers, and items 33 and 38 count the origin's parked requests
+    run_items!(
+        items,
+        [
+            item_01_playlist_syntax => fx,
+            item_02_content_type => fx,
+            item_04_extinf_rounds_within_target_duration => fx,
+            item_05_part_inf_and_part_hold_back => fx,
+            item_07_hold_back_and_skip_boundary => fx,
+            item_08_parts_have_uri_duration_within_target => fx,
+            item_09_parts_at_least_85_percent_unless_exempt => fx,
+            item_10_independent_exactly_on_sync_parts => fx,
+            item_11_parts_sum_to_parent_and_concatenate_to_it => fx,
+            item_12_segment_tags_precede_first_part => fx,
+            item_13_program_date_time_everywhere_and_consistent => fx,
+            item_16_rendition_reports_for_every_other_rendition => fx,
+            item_17_codecs_are_rfc6381 => fx,
+            item_21_listed_uris_are_complete_immediately => fx,
+            item_22_renditions_stay_in_step => fx,
+            item_23_blocking_part_request => fx,
+            item_24_msn_only_blocks_until_the_next_segment => fx,
+            item_25_part_past_a_closed_segment_means_next_segment => fx,
+            item_26_old_msn_gets_full_playlist_at_once => fx,
+            item_27_part_without_msn_is_400 => fx,
+            item_28_too_far_ahead_is_400_at_once => fx,
+            item_33_hinted_part_is_held_then_sent_whole => fx,
+            item_34_open_ended_range_on_hint => fx,
+            item_35_unknown_resources_are_404_at_once => fx,
+            item_36_http2_ranges_and_gzip => fx,
+            item_37_cache_control_and_no_age => fx,
+            item_38_identical_blocked_requests_share_one_publish => fx,
+            item_39_init_and_fragments_are_cmaf => fx,
+        ]
+    );
+    // delta updates, on the stream with 1 s segments that ran beside all of the above
+    let fx = &Fx { d: &d, id: "s" };
+    run_items!(
+        items,
+        [
+            item_31_delta_update_merges_into_the_full_playlist => fx,
+            item_32_only_segments_beyond_the_skip_boundary_are_skipped => fx,
+        ]
+    );
+    d.shutdown().await?;
+    items.finish()
+}
+
+/// Items that end a stream, stall one or need old segments to leave the playlist quickly: a daemon with a
+/// 3-segment window (6 s = 3 × TD), one stream per item, all started at once and checked at the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_that_end_stall_or_roll_a_stream() -> Result<()> {
+    let d = Daemon::start(kilnd::Config {
+        window_segments: 3,
+        ..Default::default()
+    })
+    .await?;
+    start_streams(&d, &["e14", "e30", "w19", "p29"], small_stream_spec()).await?;
+    let fixture = |id| Fx { d: &d, id };
+    let (e14, e30, w19, p29) = (
+        fixture("e14"),
+        fixture("e30"),
+        fixture("w19"),
+        fixture("p29"),
+    );
+    let mut items = Items::default();
+    run_items_together!(
+        items,
+        [
+            item_14_no_playlist_type_and_no_hint_after_endlist => &e14,
+            item_30_endlist_ignores_blocking_parameters => &e30,
+            item_19_media_sequence_counts_removed_segments => &w19,
+            item_29_stalled_stream_gives_503_after_3_td => &p29,
+        ]
+    );
+    d.shutdown().await?;
+    items.finish()
+}
+
+/// 60 s of part and segment timing; it measures real-time behaviour, so it runs in nextest's `realtime` group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_18_parts_and_segments_arrive_on_time() -> Result<()> {
+    let d = Daemon::start_default().await?;
+    start_streams(&d, &["c"], small_stream_spec()).await?;
+    let mut items = Items::default();
+    let fx = &Fx { d: &d, id: "c" };
+    items.record(attempt("item_18", Duration::from_secs(90), check_item_18(fx)).await);
+    d.shutdown().await?;
+    items.finish()
+}
+
+async fn item_01_playlist_syntax(fx: &Fx<'_>) -> Result<()> {
+    let id = fx.id;
     for r in RENDITIONS {
         let (text, pl) = fx.playlist(r).await?; // parse_ll checks #EXTM3U, one VERSION, no control characters
         ensure!(pl.version >= 6, "{r}: version {}", pl.version);
         ensure!(!text.starts_with('\u{feff}'), "BOM");
     }
-    let (_, master) = fx.d.get_text(&format!("/live/{ID}/master.m3u8")).await?;
+    let (_, master) = fx.d.get_text(&format!("/live/{id}/master.m3u8")).await?;
     ensure!(master.starts_with("#EXTM3U\n") && master.matches("#EXT-X-VERSION:").count() == 1);
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_02_content_type() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_02_content_type(fx: &Fx<'_>) -> Result<()> {
+    let id = fx.id;
     for path in [
-        format!("/live/{ID}/master.m3u8"),
-        Fx::path("hi"),
-        Fx::path("audio"),
+        format!("/live/{id}/master.m3u8"),
+        fx.path("hi"),
+        fx.path("audio"),
     ] {
         let res = fx.d.http.get(fx.d.url(&path)).send().await?;
         ensure!(res.status() == 200);
@@ -122,12 +322,10 @@ async fn item_02_content_type() -> Result<()> {
             "{path}"
         );
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_03_target_duration_fixed_and_shared() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_03_target_duration_fixed_and_shared(fx: &Fx<'_>) -> Result<()> {
     let mut seen = Vec::new();
     for r in RENDITIONS {
         let (_, mut pl) = fx.playlist(r).await?;
@@ -141,12 +339,10 @@ async fn item_03_target_duration_fixed_and_shared() -> Result<()> {
         seen.iter().all(|t| *t == seen[0]),
         "TARGETDURATION varies: {seen:?}"
     );
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_04_extinf_rounds_within_target_duration() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_04_extinf_rounds_within_target_duration(fx: &Fx<'_>) -> Result<()> {
     for (r, pl) in fx.all_playlists(3).await? {
         for s in &pl.segments {
             if let Some(d) = s.duration {
@@ -158,12 +354,10 @@ async fn item_04_extinf_rounds_within_target_duration() -> Result<()> {
             }
         }
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_05_part_inf_and_part_hold_back() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_05_part_inf_and_part_hold_back(fx: &Fx<'_>) -> Result<()> {
     for r in RENDITIONS {
         let (text, pl) = fx.playlist(r).await?;
         ensure!(text.contains("#EXT-X-PART-INF:PART-TARGET="));
@@ -175,12 +369,10 @@ async fn item_05_part_inf_and_part_hold_back() -> Result<()> {
             pl.part_target
         );
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_06_server_control_identical_and_stable() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_06_server_control_identical_and_stable(fx: &Fx<'_>) -> Result<()> {
     let mut seen = Vec::new();
     for r in RENDITIONS {
         let (_, mut pl) = fx.playlist(r).await?;
@@ -193,12 +385,10 @@ async fn item_06_server_control_identical_and_stable() -> Result<()> {
         seen.iter().all(|s| *s == seen[0]),
         "SERVER-CONTROL/PART-TARGET differ: {seen:?}"
     );
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_07_hold_back_and_skip_boundary() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_07_hold_back_and_skip_boundary(fx: &Fx<'_>) -> Result<()> {
     for r in RENDITIONS {
         let (_, pl) = fx.playlist(r).await?;
         let td = pl.target_duration as f64;
@@ -206,12 +396,10 @@ async fn item_07_hold_back_and_skip_boundary() -> Result<()> {
         ensure!(pl.can_skip_until.context("CAN-SKIP-UNTIL")? >= 6.0 * td);
         ensure!(!pl.server_control.contains("CAN-SKIP-DATERANGES") || pl.can_skip_until.is_some());
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_08_parts_have_uri_duration_within_target() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_08_parts_have_uri_duration_within_target(fx: &Fx<'_>) -> Result<()> {
     for (r, pl) in fx.all_playlists(2).await? {
         let parts: Vec<_> = pl.segments.iter().flat_map(|s| &s.parts).collect();
         ensure!(!parts.is_empty());
@@ -225,12 +413,10 @@ async fn item_08_parts_have_uri_duration_within_target() -> Result<()> {
             );
         }
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_09_parts_at_least_85_percent_unless_exempt() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_09_parts_at_least_85_percent_unless_exempt(fx: &Fx<'_>) -> Result<()> {
     for (r, pl) in fx.all_playlists(3).await? {
         let open = pl.segments.last().unwrap().msn;
         for s in &pl.segments {
@@ -249,12 +435,10 @@ async fn item_09_parts_at_least_85_percent_unless_exempt() -> Result<()> {
             }
         }
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_10_independent_exactly_on_sync_parts() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_10_independent_exactly_on_sync_parts(fx: &Fx<'_>) -> Result<()> {
     for (r, pl) in fx.all_playlists(2).await? {
         let init = fx.bytes(r, &pl.map_uri).await?;
         for s in &pl.segments {
@@ -276,12 +460,10 @@ async fn item_10_independent_exactly_on_sync_parts() -> Result<()> {
             }
         }
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_11_parts_sum_to_parent_and_concatenate_to_it() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_11_parts_sum_to_parent_and_concatenate_to_it(fx: &Fx<'_>) -> Result<()> {
     for (r, pl) in fx.all_playlists(3).await? {
         let init = fx.bytes(r, &pl.map_uri).await?;
         let mut checked = 0;
@@ -316,12 +498,10 @@ async fn item_11_parts_sum_to_parent_and_concatenate_to_it() -> Result<()> {
         }
         ensure!(checked >= 1, "{r}: no complete segment with parts");
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_12_segment_tags_precede_first_part() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_12_segment_tags_precede_first_part(fx: &Fx<'_>) -> Result<()> {
     for r in RENDITIONS {
         fx.segments(r, 2).await?;
         let (text, _) = fx.playlist(r).await?;
@@ -344,12 +524,10 @@ async fn item_12_segment_tags_precede_first_part() -> Result<()> {
             }
         }
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_13_program_date_time_everywhere_and_consistent() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_13_program_date_time_everywhere_and_consistent(fx: &Fx<'_>) -> Result<()> {
     let all = fx.all_playlists(2).await?;
     let mut by_msn: BTreeMap<u64, Vec<(&str, i64)>> = BTreeMap::new();
     for (r, pl) in &all {
@@ -372,26 +550,27 @@ async fn item_13_program_date_time_everywhere_and_consistent() -> Result<()> {
             "segment {msn}: video PDTs differ {v:?}"
         );
         let audio = v.iter().find(|(r, _)| *r == "audio").unwrap().1;
-        // audio segments start at the first AAC frame at/after the same grid point (< 21.4 ms later)
+        // audio segments start at the first AAC frame at/after the same grid point (< 21.4 ms later), video ones at
+        // the first frame at/after it (< 33.4 ms later: a live source's frames are not aligned to the grid; seen
+        // 28 ms); PDTs are whole milliseconds
         ensure!(
-            (audio - video[0]).abs() <= 25,
+            (-34..=22).contains(&(audio - video[0])),
             "segment {msn}: audio PDT {audio} vs video {}",
             video[0]
         );
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_14_no_playlist_type_and_no_hint_after_endlist() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_14_no_playlist_type_and_no_hint_after_endlist(fx: &Fx<'_>) -> Result<()> {
+    let id = fx.id;
     for r in RENDITIONS {
         let (_, pl) = fx.playlist(r).await?;
         ensure!(!pl.playlist_type && !pl.endlist && pl.preload_hint.is_some());
     }
     let res =
         fx.d.http
-            .delete(fx.d.url(&format!("/v1/streams/{ID}")))
+            .delete(fx.d.url(&format!("/v1/streams/{id}")))
             .send()
             .await?;
     ensure!(res.status() == 204);
@@ -402,12 +581,10 @@ async fn item_14_no_playlist_type_and_no_hint_after_endlist() -> Result<()> {
             "{r}: ENDLIST without hint"
         );
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_15_hint_names_the_next_part() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_15_hint_names_the_next_part(fx: &Fx<'_>) -> Result<()> {
     for r in RENDITIONS {
         let (text, mut pl) = fx.playlist(r).await?;
         ensure!(text.matches("#EXT-X-PRELOAD-HINT:TYPE=PART").count() == 1);
@@ -427,12 +604,10 @@ async fn item_15_hint_names_the_next_part() -> Result<()> {
             pl = next;
         }
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_16_rendition_reports_for_every_other_rendition() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_16_rendition_reports_for_every_other_rendition(fx: &Fx<'_>) -> Result<()> {
     fx.all_playlists(1).await?;
     // fetch all three at the same moment
     let (a, b, c) = tokio::join!(fx.playlist("hi"), fx.playlist("lo"), fx.playlist("audio"));
@@ -468,13 +643,12 @@ async fn item_16_rendition_reports_for_every_other_rendition() -> Result<()> {
             );
         }
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_17_codecs_are_rfc6381() -> Result<()> {
-    let fx = Fx::start().await?;
-    let (_, master) = fx.d.get_text(&format!("/live/{ID}/master.m3u8")).await?;
+async fn item_17_codecs_are_rfc6381(fx: &Fx<'_>) -> Result<()> {
+    let id = fx.id;
+    let (_, master) = fx.d.get_text(&format!("/live/{id}/master.m3u8")).await?;
     let parsed = m3u8_rs::parse_master_playlist_res(master.as_bytes())
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     ensure!(parsed.variants.len() == 2);
@@ -495,12 +669,10 @@ async fn item_17_codecs_are_rfc6381() -> Result<()> {
         let init = fx.bytes(uri, "init.mp4").await?;
         ensure!(cmaf::parse_init(&init)?.codecs().as_deref() == Some(avc));
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_18_parts_and_segments_arrive_on_time() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn check_item_18(fx: &Fx<'_>) -> Result<()> {
     let (_, mut pl) = fx.playlist("hi").await?;
     let mut part_times = Vec::new();
     let mut seg_times = Vec::new();
@@ -525,25 +697,20 @@ async fn item_18_parts_and_segments_arrive_on_time() -> Result<()> {
     let seg_max = sg.iter().copied().fold(0.0, f64::max);
     eprintln!("part gaps over 60 s: median {median:.3} s, p99 {p99:.3} s, max {max:.3} s; segment gap max {seg_max:.3} s");
     ensure!(median <= pl.part_target, "median part gap {median}");
-    // Observed at the client, the gap includes scheduling jitter of this loaded 2-core host; the muxer's cadence
-    // is exactly 10 frames. Hold p99 to the target plus 50 ms and the worst case to 1.5 × PART-TARGET.
-    ensure!(p99 <= pl.part_target + 0.05, "p99 part gap {p99}");
-    ensure!(max <= 1.5 * pl.part_target, "max part gap {max}");
+    // Observed at the client, a gap includes the scheduling jitter of a loaded 2-core host (other tests run beside
+    // this one; seen alone: p99 and max 0.376 s); the muxer's cadence is exactly 10 frames, and a late part makes
+    // the next gap short, so the median stays at the target. Hold p99 to the target + 150 ms and the worst case
+    // to 2 × PART-TARGET: a stream that falls behind or publishes in bursts still fails.
+    ensure!(p99 <= pl.part_target + 0.15, "p99 part gap {p99}");
+    ensure!(max <= 2.0 * pl.part_target, "max part gap {max}");
     ensure!(
         seg_max <= 1.5 * pl.target_duration as f64,
         "segment gap {seg_max}"
     );
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_19_media_sequence_counts_removed_segments() -> Result<()> {
-    // a 3-segment window (6 s = 3 × TD) so segments leave the playlist quickly
-    let config = kilnd::Config {
-        window_segments: 3,
-        ..Default::default()
-    };
-    let fx = Fx::start_with(config, small_stream_spec()).await?;
+async fn item_19_media_sequence_counts_removed_segments(fx: &Fx<'_>) -> Result<()> {
     let mut prev = fx.segments("hi", 4).await?;
     for _ in 0..3 {
         let (m, _) = prev.last_part().unwrap();
@@ -568,12 +735,11 @@ async fn item_19_media_sequence_counts_removed_segments() -> Result<()> {
         );
         prev = pl;
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_20_part_tags_near_the_edge_and_removed_parts_stay() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_20_part_tags_near_the_edge_and_removed_parts_stay(fx: &Fx<'_>) -> Result<()> {
+    let id = fx.id;
     let pl = fx.segments("hi", 5).await?;
     let td = pl.target_duration as f64;
     // distance of each part's start from the end of the playlist
@@ -615,10 +781,15 @@ async fn item_20_part_tags_near_the_edge_and_removed_parts_stay() -> Result<()> 
     }
     let removed_at = Instant::now();
     let until = removed_at + Duration::from_secs_f64(3.0 * td);
-    loop {
+    let mut checks = 0u32;
+    // one check per published part, the last one at or after `until`
+    while checks == 0 || Instant::now() < until {
+        if checks > 0 {
+            cur = fx.next("hi", &cur).await?.1;
+        }
         let res =
             fx.d.http
-                .get(fx.d.url(&format!("/live/{ID}/hi/{oldest}")))
+                .get(fx.d.url(&format!("/live/{id}/hi/{oldest}")))
                 .send()
                 .await?;
         ensure!(
@@ -626,17 +797,13 @@ async fn item_20_part_tags_near_the_edge_and_removed_parts_stay() -> Result<()> 
             "{oldest} gone {:?} after its tag",
             removed_at.elapsed()
         );
-        if Instant::now() >= until {
-            break;
-        }
-        cur = fx.next("hi", &cur).await?.1; // one check per published part
+        checks += 1;
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_21_listed_uris_are_complete_immediately() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_21_listed_uris_are_complete_immediately(fx: &Fx<'_>) -> Result<()> {
+    let id = fx.id;
     let (_, mut pl) = fx.playlist("lo").await?;
     let mut seen: Vec<String> = Vec::new();
     for _ in 0..12 {
@@ -649,7 +816,7 @@ async fn item_21_listed_uris_are_complete_immediately() -> Result<()> {
             let t = Instant::now();
             let res =
                 fx.d.http
-                    .get(fx.d.url(&format!("/live/{ID}/lo/{u}")))
+                    .get(fx.d.url(&format!("/live/{id}/lo/{u}")))
                     .send()
                     .await?;
             ensure!(res.status() == 200, "{u}: {}", res.status());
@@ -664,15 +831,22 @@ async fn item_21_listed_uris_are_complete_immediately() -> Result<()> {
             seen.push(u);
         }
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_22_renditions_stay_in_step() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_22_renditions_stay_in_step(fx: &Fx<'_>) -> Result<()> {
     fx.all_playlists(1).await?;
+    // Each answer is the rendition's state at some moment between sending the three requests and the last answer;
+    // on a loaded host that window is not zero, and each edge moves 1 s per second of it. The allowance is one
+    // part (renditions publish each part at slightly different moments) + 50 ms + that window, measured.
+    let timed = |r: &'static str| async move {
+        let res = fx.playlist(r).await;
+        (res, Instant::now())
+    };
     for _ in 0..10 {
-        let (a, b, c) = tokio::join!(fx.playlist("hi"), fx.playlist("lo"), fx.playlist("audio"));
+        let t0 = Instant::now();
+        let ((a, ta), (b, tb), (c, tc)) = tokio::join!(timed("hi"), timed("lo"), timed("audio"));
+        let window = (ta.max(tb).max(tc) - t0).as_secs_f64();
         let edge = |pl: &LlPlaylist| -> f64 {
             // media time of the live edge, from PDT of the last segment plus its parts
             let s = pl.segments.last().unwrap();
@@ -684,17 +858,15 @@ async fn item_22_renditions_stay_in_step() -> Result<()> {
         let spread =
             e.iter().copied().fold(f64::MIN, f64::max) - e.iter().copied().fold(f64::MAX, f64::min);
         ensure!(
-            spread <= a.part_target + 0.05,
-            "live edges {e:?} spread {spread}"
+            spread <= a.part_target + 0.05 + window,
+            "live edges {e:?} spread {spread} (answers took {window:.3} s)"
         );
         fx.next("hi", &a).await?;
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_23_blocking_part_request() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_23_blocking_part_request(fx: &Fx<'_>) -> Result<()> {
     let (_, pl) = fx.playlist("hi").await?;
     let (m, p) = pl.last_part().unwrap();
     let t = Instant::now();
@@ -718,12 +890,10 @@ async fn item_23_blocking_part_request() -> Result<()> {
         waited <= Duration::from_secs_f64(pl.part_target + 0.25),
         "took {waited:?}"
     );
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_24_msn_only_blocks_until_the_next_segment() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_24_msn_only_blocks_until_the_next_segment(fx: &Fx<'_>) -> Result<()> {
     let (_, pl) = fx.playlist("hi").await?;
     let (m, _) = pl.last_part().unwrap();
     let (st, text) = fx.get("hi", &format!("_HLS_msn={}", m + 1)).await?;
@@ -735,12 +905,10 @@ async fn item_24_msn_only_blocks_until_the_next_segment() -> Result<()> {
         "never unchanged"
     );
     ensure!(next.last_part().unwrap().0 == m + 1);
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_25_part_past_a_closed_segment_means_next_segment() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_25_part_past_a_closed_segment_means_next_segment(fx: &Fx<'_>) -> Result<()> {
     let pl = fx.segments("hi", 2).await?;
     let closed = pl
         .segments
@@ -756,12 +924,10 @@ async fn item_25_part_past_a_closed_segment_means_next_segment() -> Result<()> {
     ensure!(parse_ll(&text)?
         .part_uris()
         .contains(&format!("part-{}-0.m4s", closed.msn + 1)));
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_26_old_msn_gets_full_playlist_at_once() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_26_old_msn_gets_full_playlist_at_once(fx: &Fx<'_>) -> Result<()> {
     let (_, pl) = fx.playlist("hi").await?;
     let t = Instant::now();
     let (st, text) = fx
@@ -773,21 +939,17 @@ async fn item_26_old_msn_gets_full_playlist_at_once() -> Result<()> {
     ensure!(st == 200 && t.elapsed() < Duration::from_millis(200));
     let got = parse_ll(&text)?;
     ensure!(got.segments.len() >= pl.segments.len() && got.media_sequence >= pl.media_sequence);
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_27_part_without_msn_is_400() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_27_part_without_msn_is_400(fx: &Fx<'_>) -> Result<()> {
     fx.playlist("hi").await?;
     let (st, _) = fx.get("hi", "_HLS_part=0").await?;
     ensure!(st == 400, "{st}");
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_28_too_far_ahead_is_400_at_once() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_28_too_far_ahead_is_400_at_once(fx: &Fx<'_>) -> Result<()> {
     let (_, pl) = fx.playlist("hi").await?;
     let (m, p) = pl.last_part().unwrap();
     let t = Instant::now();
@@ -799,25 +961,34 @@ async fn item_28_too_far_ahead_is_400_at_once() -> Result<()> {
         .await?;
     ensure!(st == 400, "beyond the advance part limit: {st}");
     ensure!(t.elapsed() < Duration::from_millis(500), "not immediate");
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_29_stalled_stream_gives_503_after_3_td() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_29_stalled_stream_gives_503_after_3_td(fx: &Fx<'_>) -> Result<()> {
     let (_, pl) = fx.playlist("hi").await?;
-    let h = fx.d.state.supervisor.get(ID).context("stream")?;
+    let h = fx.d.state.supervisor.get(fx.id).context("stream")?;
     ensure!(h.pause(), "pausing the pipeline");
-    // wait until nothing new is published any more (a part may have been in flight)
-    let mut last = fx.playlist("hi").await?.1.last_part();
-    loop {
-        let (_, again) = fx.playlist("hi").await?;
-        if again.last_part() == last {
-            break;
-        }
-        last = again.last_part();
-    }
-    let (m, p) = last.unwrap();
+    // wait until nothing new is published any more (a part may have been in flight): the newest part stays the
+    // same for 1 s, three part targets
+    let seen = std::cell::Cell::new((fx.playlist("hi").await?.1.last_part(), Instant::now()));
+    let last = poll_until(
+        "the paused stream stops publishing",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let now = fx.playlist("hi").await?.1.last_part();
+            if now != seen.get().0 {
+                seen.set((now, Instant::now()));
+            }
+            Ok(if seen.get().1.elapsed() >= Duration::from_secs(1) {
+                Polled::Done(now)
+            } else {
+                Polled::NotYet(format!("newest part {now:?}"))
+            })
+        },
+    )
+    .await?;
+    let (m, p) = last.context("no parts")?;
     let td = pl.target_duration as f64;
     let t = Instant::now();
     let (st, _) = fx
@@ -829,15 +1000,14 @@ async fn item_29_stalled_stream_gives_503_after_3_td() -> Result<()> {
         waited >= 3.0 * td - 0.05 && waited <= 3.0 * td + 1.0,
         "503 after {waited} s"
     );
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_30_endlist_ignores_blocking_parameters() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_30_endlist_ignores_blocking_parameters(fx: &Fx<'_>) -> Result<()> {
+    let id = fx.id;
     fx.playlist("hi").await?;
     fx.d.http
-        .delete(fx.d.url(&format!("/v1/streams/{ID}")))
+        .delete(fx.d.url(&format!("/v1/streams/{id}")))
         .send()
         .await?;
     let t = Instant::now();
@@ -853,7 +1023,7 @@ async fn item_30_endlist_ignores_blocking_parameters() -> Result<()> {
         );
     }
     ensure!(t.elapsed() < Duration::from_millis(500));
-    fx.done().await
+    Ok(())
 }
 
 /// 1 s segments so the 6 s Skip Boundary is passed after ~8 s.
@@ -862,9 +1032,7 @@ const SHORT_SEGMENTS: &str = r#"{"source": "test:pattern=ball", "segment_ms": 10
                    {"name": "lo", "width": 160, "height": 90, "fps": 30, "bitrate_kbps": 120}],
     "audio": {"bitrate_kbps": 64}}"#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_31_delta_update_merges_into_the_full_playlist() -> Result<()> {
-    let fx = Fx::start_with(kilnd::Config::default(), SHORT_SEGMENTS).await?;
+async fn item_31_delta_update_merges_into_the_full_playlist(fx: &Fx<'_>) -> Result<()> {
     fx.segments("hi", 9).await?;
     let (_, full_before) = fx.playlist("hi").await?;
     let (m, p) = full_before.last_part().unwrap();
@@ -897,12 +1065,10 @@ async fn item_31_delta_update_merges_into_the_full_playlist() -> Result<()> {
         delta.segments == full.segments[skipped as usize..],
         "delta segments differ from the full playlist's"
     );
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_32_only_segments_beyond_the_skip_boundary_are_skipped() -> Result<()> {
-    let fx = Fx::start_with(kilnd::Config::default(), SHORT_SEGMENTS).await?;
+async fn item_32_only_segments_beyond_the_skip_boundary_are_skipped(fx: &Fx<'_>) -> Result<()> {
     fx.segments("hi", 9).await?;
     let (_, text) = fx.get("hi", "_HLS_skip=YES").await?;
     let delta = parse_ll(&text)?;
@@ -930,16 +1096,16 @@ async fn item_32_only_segments_beyond_the_skip_boundary_are_skipped() -> Result<
         v2.contains("#EXT-X-VERSION:10") && v2.contains("RECENTLY-REMOVED-DATERANGES=\"\""),
         "{v2}"
     );
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_33_hinted_part_is_held_then_sent_whole() -> Result<()> {
-    let fx = Fx::start().await?;
-    let (_, pl) = fx.playlist("hi").await?;
+async fn item_33_hinted_part_is_held_then_sent_whole(fx: &Fx<'_>) -> Result<()> {
+    let id = fx.id;
+    // right after a publish, so that the hinted part is a whole part target away
+    let (_, pl) = fx.next("hi", &fx.playlist("hi").await?.1).await?;
     let hint = pl.preload_hint.clone().unwrap();
     let http = fx.d.http.clone();
-    let url = fx.d.url(&format!("/live/{ID}/hi/{hint}"));
+    let url = fx.d.url(&format!("/live/{id}/hi/{hint}"));
     let part = tokio::spawn(async move {
         let res = http.get(url).send().await?;
         let len: usize = res.headers()["content-length"]
@@ -951,13 +1117,24 @@ async fn item_33_hinted_part_is_held_then_sent_whole() -> Result<()> {
         anyhow::Ok((len, body))
     });
     // the request is parked on the rendition (no response, not even headers) until the part is complete
-    while fx.d.state.origin.parked() == 0 {
-        ensure!(
-            !part.is_finished(),
-            "the hinted part was answered before it existed"
-        );
-        tokio::task::yield_now().await;
-    }
+    let origin = &fx.d.state.origin;
+    let held = &part;
+    poll_until(
+        "the hinted part request parks",
+        Duration::from_secs(5),
+        Duration::from_millis(1),
+        || async move {
+            ensure!(
+                !held.is_finished(),
+                "the hinted part was answered before it existed"
+            );
+            Ok(match origin.parked() {
+                0 => Polled::NotYet("nothing parked".into()),
+                _ => Polled::Done(()),
+            })
+        },
+    )
+    .await?;
     let (_, next) = fx.next("hi", &pl).await?;
     let (len, body) = part.await??;
     ensure!(next.part_uris().contains(&hint));
@@ -966,17 +1143,16 @@ async fn item_33_hinted_part_is_held_then_sent_whole() -> Result<()> {
         "whole part with its length up front"
     );
     ensure!(body == fx.bytes("hi", &hint).await?);
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_34_open_ended_range_on_hint() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_34_open_ended_range_on_hint(fx: &Fx<'_>) -> Result<()> {
+    let id = fx.id;
     let (_, pl) = fx.playlist("hi").await?;
     let hint = pl.preload_hint.clone().unwrap();
     let res =
         fx.d.http
-            .get(fx.d.url(&format!("/live/{ID}/hi/{hint}")))
+            .get(fx.d.url(&format!("/live/{id}/hi/{hint}")))
             .header("range", "bytes=0-9007199254740991")
             .send()
             .await?;
@@ -988,12 +1164,11 @@ async fn item_34_open_ended_range_on_hint() -> Result<()> {
         "{cr}"
     );
     ensure!(body == fx.bytes("hi", &hint).await?);
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_35_unknown_resources_are_404_at_once() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_35_unknown_resources_are_404_at_once(fx: &Fx<'_>) -> Result<()> {
+    let id = fx.id;
     let pl = fx.segments("hi", 2).await?;
     let (m, _) = pl.last_part().unwrap();
     let closed = pl.segments.iter().rev().find(|s| s.uri.is_some()).unwrap();
@@ -1007,7 +1182,7 @@ async fn item_35_unknown_resources_are_404_at_once() -> Result<()> {
     ] {
         let res =
             fx.d.http
-                .get(fx.d.url(&format!("/live/{ID}/hi/{u}")))
+                .get(fx.d.url(&format!("/live/{id}/hi/{u}")))
                 .send()
                 .await?;
         ensure!(res.status() == 404, "{u}: {}", res.status());
@@ -1016,27 +1191,26 @@ async fn item_35_unknown_resources_are_404_at_once() -> Result<()> {
         t.elapsed() < Duration::from_millis(500),
         "404s must not wait"
     );
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_36_http2_ranges_and_gzip() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_36_http2_ranges_and_gzip(fx: &Fx<'_>) -> Result<()> {
+    let id = fx.id;
     let (_, pl) = fx.playlist("hi").await?;
     // h2c with prior knowledge here; HTTPS with ALPN h2 is covered by live_skeleton::https_negotiates_h2_with_alpn
     let h2 = reqwest::Client::builder().http2_prior_knowledge().build()?;
-    let res = h2.get(fx.d.url(&Fx::path("hi"))).send().await?;
+    let res = h2.get(fx.d.url(&fx.path("hi"))).send().await?;
     ensure!(res.version() == reqwest::Version::HTTP_2 && res.status() == 200);
     let part = pl.part_uris()[0].clone();
     let res = h2
-        .get(fx.d.url(&format!("/live/{ID}/hi/{part}")))
+        .get(fx.d.url(&format!("/live/{id}/hi/{part}")))
         .header("range", "bytes=0-99")
         .send()
         .await?;
     ensure!(res.status() == 206 && res.bytes().await?.len() == 100);
     let res =
         fx.d.http
-            .get(fx.d.url(&Fx::path("hi")))
+            .get(fx.d.url(&fx.path("hi")))
             .header("accept-encoding", "gzip")
             .send()
             .await?;
@@ -1048,7 +1222,7 @@ async fn item_36_http2_ranges_and_gzip() -> Result<()> {
     );
     let res =
         fx.d.http
-            .get(fx.d.url(&format!("/live/{ID}/hi/{part}")))
+            .get(fx.d.url(&format!("/live/{id}/hi/{part}")))
             .header("accept-encoding", "gzip")
             .send()
             .await?;
@@ -1056,28 +1230,27 @@ async fn item_36_http2_ranges_and_gzip() -> Result<()> {
         res.headers().get("content-encoding").is_none(),
         "media is never gzipped"
     );
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_37_cache_control_and_no_age() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_37_cache_control_and_no_age(fx: &Fx<'_>) -> Result<()> {
+    let id = fx.id;
     let (_, pl) = fx.playlist("hi").await?;
     let td = pl.target_duration;
     let (m, p) = pl.last_part().unwrap();
     let part = pl.part_uris()[0].clone();
     let seg = pl.segments.iter().find_map(|s| s.uri.clone()).unwrap();
     let cases = [
-        (Fx::path("hi"), 200, td / 2),
+        (fx.path("hi"), 200, td / 2),
         (
-            format!("{}?_HLS_msn={m}&_HLS_part={}", Fx::path("hi"), p + 1),
+            format!("{}?_HLS_msn={m}&_HLS_part={}", fx.path("hi"), p + 1),
             200,
             6 * td,
         ),
-        (format!("{}?_HLS_part=1", Fx::path("hi")), 400, 4 * td),
-        (format!("/live/{ID}/hi/{part}"), 200, 6 * td),
-        (format!("/live/{ID}/hi/{seg}"), 200, 86_400),
-        (format!("/live/{ID}/hi/part-{}-0.m4s", m + 50), 404, td),
+        (format!("{}?_HLS_part=1", fx.path("hi")), 400, 4 * td),
+        (format!("/live/{id}/hi/{part}"), 200, 6 * td),
+        (format!("/live/{id}/hi/{seg}"), 200, 86_400),
+        (format!("/live/{id}/hi/part-{}-0.m4s", m + 50), 404, td),
     ];
     for (path, status, max_age) in cases {
         let res = fx.d.http.get(fx.d.url(&path)).send().await?;
@@ -1089,30 +1262,59 @@ async fn item_37_cache_control_and_no_age() -> Result<()> {
         );
         ensure!(res.headers().get("age").is_none(), "{path}: Age sent");
     }
-    fx.done().await
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_38_identical_blocked_requests_share_one_publish() -> Result<()> {
-    let fx = Fx::start().await?;
-    let (_, pl) = fx.playlist("hi").await?;
+async fn item_38_identical_blocked_requests_share_one_publish(fx: &Fx<'_>) -> Result<()> {
+    // right after a publish, so that both requests park well before the next one
+    let (_, pl) = fx.next("hi", &fx.playlist("hi").await?.1).await?;
     let (m, p) = pl.last_part().unwrap();
     let q = format!("_HLS_msn={m}&_HLS_part={}", p + 1);
-    let (a, b) = tokio::join!(fx.get("hi", &q), fx.get("hi", &q));
+    let stream = fx.d.state.origin.get(fx.id).context("stream")?;
+    let rendition = stream.rendition("hi").context("rendition")?;
+    let origin = &fx.d.state.origin;
+    // both requests are parked (the origin counts them) before the publish that answers them
+    let both_parked = poll_until(
+        "both requests park",
+        Duration::from_secs(5),
+        Duration::from_millis(1),
+        || async move {
+            Ok(match origin.parked() {
+                n if n >= 2 => Polled::Done(()),
+                n => Polled::NotYet(format!("{n} parked")),
+            })
+        },
+    );
+    let (a, b, parked) = tokio::join!(fx.get("hi", &q), fx.get("hi", &q), both_parked);
     let ((sa, ta), (sb, tb)) = (a?, b?);
+    parked?;
     ensure!(sa == 200 && sb == 200);
-    // both were answered from the same published snapshot (the next publish would add a part)
     let (la, lb) = (parse_ll(&ta)?.last_part(), parse_ll(&tb)?.last_part());
     ensure!(
         la == lb,
         "answers from different publishes: {la:?} vs {lb:?}"
     );
-    fx.done().await
+    // ONE publish: the origin's test hook saw both answers served from the very same snapshot `Arc` (pointer
+    // identity), and that snapshot's playlist, rendered once when it was published, is what both received
+    let (snap, answers) = rendition.served_from();
+    let snap = snap.context("the origin recorded no playlist answer")?;
+    ensure!(
+        answers == 2,
+        "{answers} answer(s) in a row from the last snapshot answered from: the two did not share one publish"
+    );
+    ensure!(
+        snap.playlist == ta && snap.playlist == tb,
+        "an answer differs from the shared snapshot's playlist"
+    );
+    ensure!(
+        snap.last.map(|l| (l.msn, l.part)) == la,
+        "the shared snapshot ends at {:?}, the answers at {la:?}",
+        snap.last
+    );
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_39_init_and_fragments_are_cmaf() -> Result<()> {
-    let fx = Fx::start().await?;
+async fn item_39_init_and_fragments_are_cmaf(fx: &Fx<'_>) -> Result<()> {
     for (r, pl) in fx.all_playlists(2).await? {
         let init = fx.bytes(r, &pl.map_uri).await?;
         let info = cmaf::parse_init(&init)?;
@@ -1154,5 +1356,5 @@ async fn item_39_init_and_fragments_are_cmaf() -> Result<()> {
             }
         }
     }
-    fx.done().await
+    Ok(())
 }

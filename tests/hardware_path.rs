@@ -1,17 +1,94 @@
 //! The hardware path as far as a GPU-less host can prove it: the daemon starts and reports an empty GPU inventory;
 //! the policy matrix (gpu-only refused with a clear error, prefer-gpu and cpu-only run on x264); an encoder that
 //! fails mid-stream (test-only fault injection, `fault-injection` feature — the seam a test cannot reach is the
-//! NVENC hardware) makes kilnd rebuild the pipeline on the CPU, the playlist continues after
-//! EXT-X-DISCONTINUITY and ffmpeg decodes straight across it; `file://` sources decode, loop and refuse paths
+//! NVENC hardware) makes kilnd rebuild the pipeline on the CPU, the playlist continues after one
+//! EXT-X-DISCONTINUITY at a segment boundary, on the same timeline, and ffmpeg decodes straight across it; `file://` sources decode, loop and refuse paths
 //! outside the media directory.
 
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use kiln_integration::{ffmpeg_frames_with, small_stream_spec, Daemon};
+use kiln_integration::{
+    ffmpeg_frames_with, make_clip, parse_ll, small_stream_spec, Daemon, LlPlaylist, H264,
+};
 
 fn spec_with(policy: &str) -> String {
     small_stream_spec().replacen('{', &format!(r#"{{"policy": "{policy}", "#), 1)
+}
+
+/// The one EXT-X-DISCONTINUITY of rendition `r`'s playlist after the fallback: it stands at a segment boundary
+/// (after a complete segment, before the new segment's MAP/PDT and first part, which for video is independent),
+/// with DISCONTINUITY-SEQUENCE 0; MSNs and URIs continue across it, and so does the timeline (the new segment's
+/// PDT is the previous segment's PDT + EXTINF, up to half a part of rebuild time not covered by GAP parts).
+/// Returns the MSN of the segment it opens.
+fn check_discontinuity(r: &str, text: &str, pl: &LlPlaylist) -> Result<u64> {
+    ensure!(
+        text.matches("#EXT-X-DISCONTINUITY\n").count() == 1,
+        "{r}: one fallback, one discontinuity:\n{text}"
+    );
+    ensure!(
+        text.contains("#EXT-X-DISCONTINUITY-SEQUENCE:0\n"),
+        "{r}: DISCONTINUITY-SEQUENCE 0 while the discontinuity is listed:\n{text}"
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    let i = lines
+        .iter()
+        .position(|l| *l == "#EXT-X-DISCONTINUITY")
+        .context("no discontinuity")?;
+    ensure!(
+        lines[i - 1].starts_with("seg-"),
+        "{r}: the discontinuity follows `{}`, not a complete segment:\n{text}",
+        lines[i - 1]
+    );
+    let first_part = lines[i + 1..]
+        .iter()
+        .find(|l| !l.starts_with("#EXT-X-MAP:") && !l.starts_with("#EXT-X-PROGRAM-DATE-TIME:"))
+        .context("nothing after the discontinuity")?;
+    ensure!(
+        first_part.starts_with("#EXT-X-PART:"),
+        "{r}: the discontinuity is followed by `{first_part}`, not the new segment's first part"
+    );
+    if r != "audio" {
+        ensure!(
+            first_part.ends_with(",INDEPENDENT=YES"),
+            "{r}: the new segment starts with a dependent part: {first_part}"
+        );
+    }
+    // which listed segment it opens: the number of complete segments before it
+    let k = lines[..i].iter().filter(|l| l.starts_with("seg-")).count();
+    ensure!(k >= 1, "{r}: no segment before the fallback:\n{text}");
+    let (prev, new) = (&pl.segments[k - 1], &pl.segments[k]);
+    for s in &pl.segments {
+        if let Some(uri) = &s.uri {
+            ensure!(
+                *uri == format!("seg-{}.m4s", s.msn),
+                "{r}: MEDIA-SEQUENCE and {uri} disagree"
+            );
+        }
+        for (j, p) in s.parts.iter().enumerate() {
+            ensure!(
+                p.uri == format!("part-{}-{j}.m4s", s.msn),
+                "{r}: MEDIA-SEQUENCE and {} disagree",
+                p.uri
+            );
+        }
+    }
+    let pdt = |msn: u64| -> Result<f64> {
+        let v = &pl.pdt.iter().find(|(m, _)| *m == msn).context("PDT")?.1;
+        let t = &v[11..23];
+        Ok(t[0..2].parse::<f64>()? * 3600.0
+            + t[3..5].parse::<f64>()? * 60.0
+            + t[6..].parse::<f64>()?)
+    };
+    let (p0, p1) = (pdt(prev.msn)?, pdt(new.msn)?);
+    let extinf = prev.duration.context("EXTINF")?;
+    ensure!(
+        (p1 - (p0 + extinf)).abs() <= pl.part_target / 2.0 + 0.002,
+        "{r}: segment {} starts at PDT {p1:.3}, the one before ends at {:.3}",
+        new.msn,
+        p0 + extinf
+    );
+    Ok(new.msn)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,34 +145,37 @@ async fn encoder_failure_mid_stream_falls_back_and_playback_continues() -> Resul
         .create_with_encoder_fault("f", req, 75)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    // wait (blocking reloads) until the playlist shows a discontinuity and two segments after it
+    // wait (blocking reloads) until the playlist shows a discontinuity and two segments after it: the fault comes
+    // after 2.5 s of frames and a rebuild takes about a second, so 30 s is far more than enough
     let path = "/live/f/hi/index.m3u8";
-    let mut msn = 0u64;
-    let text = loop {
-        let q = if msn == 0 {
-            path.to_string()
-        } else {
-            format!("{path}?_HLS_msn={msn}")
-        };
-        let (st, text) = d.get_text(&q).await?;
-        ensure!(st == 200, "{q}: {st} {text}");
-        let pl = kiln_integration::parse_ll(&text)?;
-        let last = pl.segments.last().context("segments")?.msn;
-        if let Some(i) = text.find("#EXT-X-DISCONTINUITY\n") {
-            let after = text[i..].matches("#EXTINF").count();
-            if after >= 2 {
-                break text;
-            }
-        }
+    let (text, pl) = d
+        .follow_playlist(
+            path,
+            "hi shows a discontinuity with two segments after it",
+            Duration::from_secs(30),
+            |text, _| {
+                text.find("#EXT-X-DISCONTINUITY\n")
+                    .is_some_and(|i| text[i..].matches("#EXTINF").count() >= 2)
+            },
+        )
+        .await?;
+    let at = check_discontinuity("hi", &text, &pl)?;
+    // the whole stream was rebuilt: every rendition has its one discontinuity at the same segment
+    for r in ["lo", "audio"] {
+        let (text, pl) = d
+            .follow_playlist(
+                &format!("/live/f/{r}/index.m3u8"),
+                &format!("{r} lists segment {at} complete"),
+                Duration::from_secs(10),
+                |_, pl| pl.segments.iter().any(|s| s.msn == at && s.uri.is_some()),
+            )
+            .await?;
+        let here = check_discontinuity(r, &text, &pl)?;
         ensure!(
-            msn < 1_000_000_000_000 && pl.segments.len() < 40,
-            "no discontinuity:\n{text}"
+            here == at,
+            "{r}: discontinuity before segment {here}, hi's before {at}"
         );
-        msn = last + 1;
-    };
-    ensure!(
-        text.contains("#EXT-X-DISCONTINUITY-SEQUENCE") || text.contains("#EXT-X-DISCONTINUITY")
-    );
+    }
     let (_, status) = d.get_text("/v1/streams/f").await?;
     let status: serde_json::Value = serde_json::from_str(&status)?;
     ensure!(status["state"] == "running", "{status}");
@@ -124,7 +204,7 @@ async fn encoder_failure_mid_stream_falls_back_and_playback_continues() -> Resul
     ensure!(res.status() == 204);
     let (_, ended) = d.get_text(path).await?;
     ensure!(ended.contains("#EXT-X-ENDLIST"), "{ended}");
-    let media_s: f64 = kiln_integration::parse_ll(&ended)?
+    let media_s: f64 = parse_ll(&ended)?
         .segments
         .iter()
         .filter_map(|s| s.duration)
@@ -145,56 +225,25 @@ async fn file_sources_loop_and_stay_inside_the_media_directory() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("kiln-media-dir-{}", std::process::id()));
     let media = dir.join("media");
     std::fs::create_dir_all(media.join("clips"))?;
-    let st = tokio::process::Command::new("ffmpeg")
-        .args([
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=320x180:rate=30",
-        ])
-        .args([
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=300:sample_rate=48000",
-            "-t",
-            "2.5",
-        ])
-        .args([
-            "-c:v",
-            "libx264",
-            "-g",
-            "15",
-            "-pix_fmt",
-            "yuv420p",
-            "-c:a",
-            "aac",
-            "-shortest",
-        ])
-        .arg(media.join("clips/loop.mp4"))
-        .status()
-        .await?;
-    ensure!(st.success());
-    let st = tokio::process::Command::new("ffmpeg")
-        .args([
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=320x180:rate=30",
-            "-t",
-            "2",
-        ])
-        .args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-an"])
-        .arg(media.join("clips/silent.mp4"))
-        .status()
-        .await?;
-    ensure!(st.success());
+    // 2.5 s with a keyframe every 15 frames, with audio; 2 s of video alone
+    make_clip(
+        &media.join("clips/loop.mp4"),
+        2.5,
+        Some("testsrc2=size=320x180:rate=30"),
+        &["sine=frequency=300:sample_rate=48000"],
+        &[
+            "-c:v", "libx264", "-g", "15", "-pix_fmt", "yuv420p", "-c:a", "aac",
+        ],
+    )
+    .await?;
+    make_clip(
+        &media.join("clips/silent.mp4"),
+        2.0,
+        Some("testsrc2=size=320x180:rate=30"),
+        &[],
+        H264,
+    )
+    .await?;
     std::fs::write(media.join("clips/garbage.mp4"), vec![0x42u8; 4096])?;
     std::fs::write(dir.join("secret.mp4"), b"outside")?;
     #[cfg(unix)]
@@ -267,26 +316,14 @@ async fn file_sources_loop_and_stay_inside_the_media_directory() -> Result<()> {
     });
     let (st, body) = d.put_stream("url", &spec(&url)).await?;
     ensure!(st == 201, "{st} {body}");
-    let path = "/live/url/hi/index.m3u8";
-    let mut next = 0u64;
-    let ended = loop {
-        let q = if next == 0 {
-            path.to_string()
-        } else {
-            format!("{path}?_HLS_msn={next}")
-        };
-        let (st, text) = d.get_text(&q).await?;
-        ensure!(st == 200, "{q}: {st} {text}");
-        let pl = kiln_integration::parse_ll(&text)?;
-        if pl.endlist {
-            break pl;
-        }
-        ensure!(
-            pl.segments.len() < 10,
-            "a 2.5 s source never ended:\n{text}"
-        );
-        next = pl.segments.last().context("segments")?.msn + 1;
-    };
+    let (_, ended) = d
+        .follow_playlist(
+            "/live/url/hi/index.m3u8",
+            "the 2.5 s URL source ends (ENDLIST)",
+            Duration::from_secs(30),
+            |_, pl| pl.endlist,
+        )
+        .await?;
     let media_s: f64 = ended.segments.iter().filter_map(|s| s.duration).sum();
     ensure!(
         (2.0..=3.2).contains(&media_s),

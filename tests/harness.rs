@@ -2,9 +2,19 @@
 //!
 //! Starts real daemons (`kilnd::serve` on a 127.0.0.1:0 listener, real GStreamer pipelines) and gives tests an
 //! HTTP client, stream helpers, external-tool runners (ffmpeg) and the LL-HLS playlist checks the suites share.
+//! The benches use it too (`kiln-benches` dev-depends on this crate).
+//!
+//! - waiting: [`poll_until`] (every wait on a state has a limit and says what it last saw), [`poll_json`],
+//!   [`wait_job`], [`Daemon::follow_playlist`] (blocking reloads until a condition holds);
+//! - processes: [`Proc`] (a child killed on drop; its address read from its `… listening on URL` line),
+//!   [`spawn_kilnd`], [`kilnd_release_bin`] (benches), [`redis_server`];
+//! - media: [`make_clip`] (ffmpeg lavfi inputs), [`ffmpeg_frames`], [`gst_play`], [`parse_ll`], [`fragment`].
 
+use std::ffi::OsStr;
+use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use kiln_llhls::cmaf;
@@ -87,7 +97,8 @@ impl Daemon {
     }
 
     /// Waits, with blocking playlist requests (no sleeps), until `rendition` of stream `id` lists segment `msn`
-    /// (MSNs relative to the first one the playlist showed) or later. Returns the playlist.
+    /// (MSNs relative to the first one the playlist showed) or later. Returns the playlist. Fails if that takes
+    /// longer than `count` segments of 2 s with a generous margin (a stalled stream fails, it does not hang).
     pub async fn wait_for_segments(
         &self,
         id: &str,
@@ -95,25 +106,53 @@ impl Daemon {
         count: u64,
     ) -> Result<LlPlaylist> {
         let path = format!("/live/{id}/{rendition}/index.m3u8");
-        let (st, text) = self.get_text(&path).await?;
-        if st != 200 {
-            bail!("GET {path}: {st} {text}");
-        }
-        let mut pl = parse_ll(&text)?;
-        let first = pl.segments.first().context("no segments")?.msn;
-        loop {
-            let last = pl.segments.last().context("no segments")?.msn;
-            if last >= first + count {
-                return Ok(pl);
-            }
-            let (st, text) = self
-                .get_text(&format!("{path}?_HLS_msn={}", last + 1))
-                .await?;
+        let mut first = None;
+        let limit = Duration::from_secs(30 + 4 * count);
+        let what = format!("{path} lists {count} segments after the first");
+        let (_, pl) = self
+            .follow_playlist(&path, &what, limit, |_, pl| {
+                let (Some(f), Some(l)) = (pl.segments.first(), pl.segments.last()) else {
+                    return false;
+                };
+                let first = *first.get_or_insert(f.msn);
+                l.msn >= first + count
+            })
+            .await?;
+        Ok(pl)
+    }
+
+    /// Follows the media playlist at `path` with blocking reloads (`_HLS_msn` = the newest listed MSN + 1, so
+    /// each answer comes when a new segment starts) until `cond(text, playlist)` holds; returns that answer.
+    /// Fails on a non-200 answer, an unparsable playlist, or after `limit`.
+    pub async fn follow_playlist(
+        &self,
+        path: &str,
+        what: &str,
+        limit: Duration,
+        cond: impl FnMut(&str, &LlPlaylist) -> bool + Send,
+    ) -> Result<(String, LlPlaylist)> {
+        let next = std::sync::Mutex::new(None::<u64>);
+        let cond = std::sync::Mutex::new(cond);
+        let (next, cond) = (&next, &cond);
+        poll_until(what, limit, Duration::ZERO, move || async move {
+            let at = *next.lock().unwrap_or_else(|e| e.into_inner());
+            let q = match at {
+                None => path.to_string(),
+                Some(msn) => format!("{path}?_HLS_msn={msn}"),
+            };
+            let (st, text) = self.get_text(&q).await?;
             if st != 200 {
-                bail!("blocking GET: {st} {text}");
+                bail!("GET {q}: {st} {text}");
             }
-            pl = parse_ll(&text)?;
-        }
+            let pl = parse_ll(&text)?;
+            if (cond.lock().unwrap_or_else(|e| e.into_inner()))(&text, &pl) {
+                return Ok(Polled::Done((text, pl)));
+            }
+            let last = pl.segments.last().map_or(0, |s| s.msn);
+            *next.lock().unwrap_or_else(|e| e.into_inner()) = Some(last + 1);
+            Ok(Polled::NotYet(text))
+        })
+        .await
     }
 
     pub async fn get_bytes(&self, path: &str) -> Result<bytes::Bytes> {
@@ -132,6 +171,132 @@ pub fn small_stream_spec() -> &'static str {
           {"name": "hi", "width": 320, "height": 180, "fps": 30, "bitrate_kbps": 300},
           {"name": "lo", "width": 160, "height": 90, "fps": 30, "bitrate_kbps": 120}],
         "audio": {"bitrate_kbps": 64}}"#
+}
+
+/// What one look at a polled state found.
+#[derive(Debug)]
+pub enum Polled<T> {
+    /// The condition holds; `poll_until` returns the value.
+    Done(T),
+    /// Not yet; the text says what was seen (the timeout message quotes the last one).
+    NotYet(String),
+}
+
+/// Looks at a state with `check` until it reports [`Polled::Done`], sleeping `every` between looks (`ZERO` when the
+/// check waits by itself, e.g. a blocking playlist request). Bounded: after `limit` — also while a look is still
+/// running — it fails with `what` and the last state seen. An `Err` from `check` fails at once.
+pub async fn poll_until<T, F, Fut>(
+    what: &str,
+    limit: Duration,
+    every: Duration,
+    mut check: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Polled<T>>>,
+{
+    let start = Instant::now();
+    let mut last = String::from("(no look finished)");
+    let mut looks = 0u32;
+    // bounded: each look is cut at the deadline, and the loop ends at the first look after it
+    loop {
+        let left = limit.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, check()).await {
+            Ok(look) => match look.with_context(|| format!("waiting until {what}"))? {
+                Polled::Done(v) => return Ok(v),
+                Polled::NotYet(seen) => last = seen,
+            },
+            Err(_) => last = format!("a look was still running at the limit; before it: {last}"),
+        }
+        looks += 1;
+        let left = limit.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            bail!("not within {limit:?} ({looks} looks): {what}; last seen: {last}");
+        }
+        tokio::time::sleep(every.min(left)).await;
+    }
+}
+
+/// Polls `GET url` (JSON) every 100 ms until `cond` holds; returns that document. Connection errors and non-JSON
+/// answers count as "not yet" (a daemon may be restarting); the timeout message quotes the last answer.
+pub async fn poll_json(
+    http: &reqwest::Client,
+    url: &str,
+    what: &str,
+    limit: Duration,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let cond = &cond;
+    poll_until(what, limit, Duration::from_millis(100), || async move {
+        let res = match http.get(url).send().await {
+            Ok(r) => r,
+            Err(e) => return Ok(Polled::NotYet(format!("GET {url}: {e}"))),
+        };
+        let status = res.status();
+        let text = res.text().await.unwrap_or_default();
+        Ok(match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(v) if cond(&v) => Polled::Done(v),
+            _ => Polled::NotYet(format!("{status} {text}")),
+        })
+    })
+    .await
+}
+
+/// Waits until VOD job `id` on the daemon at `base` is final (`done`, `failed` or `cancelled`); returns its status.
+pub async fn wait_job(
+    http: &reqwest::Client,
+    base: &str,
+    id: &str,
+    limit: Duration,
+) -> Result<serde_json::Value> {
+    poll_json(
+        http,
+        &format!("{base}/v1/jobs/{id}"),
+        &format!("job {id} is final"),
+        limit,
+        |v| matches!(v["state"].as_str(), Some("done" | "failed" | "cancelled")),
+    )
+    .await
+}
+
+/// ffmpeg output options for H.264 (yuv420p) + AAC.
+pub const H264_AAC: &[&str] = &["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"];
+/// ffmpeg output options for H.264 (yuv420p) without audio.
+pub const H264: &[&str] = &["-c:v", "libx264", "-pix_fmt", "yuv420p"];
+
+/// Makes a test input with ffmpeg: `video` and each of `audio` are lavfi graphs (e.g.
+/// `testsrc2=size=640x360:rate=30`, `sine=sample_rate=48000`), each input mapped once, `seconds` long, encoded
+/// with the output options `out` (e.g. [`H264_AAC`]).
+pub async fn make_clip(
+    path: &Path,
+    seconds: f64,
+    video: Option<&str>,
+    audio: &[&str],
+    out: &[&str],
+) -> Result<()> {
+    let mut cmd = tokio::process::Command::new("ffmpeg");
+    cmd.args(["-v", "error", "-nostdin", "-y"]);
+    if let Some(v) = video {
+        cmd.args(["-f", "lavfi", "-i", v]);
+    }
+    for a in audio {
+        cmd.args(["-f", "lavfi", "-i", a]);
+    }
+    let n = usize::from(video.is_some()) + audio.len();
+    for i in 0..n {
+        cmd.args(["-map", &i.to_string()]);
+    }
+    cmd.args(["-t", &seconds.to_string()]).args(out).arg(path);
+    let o = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .with_context(|| format!("ffmpeg making {} took over 120 s", path.display()))??;
+    anyhow::ensure!(
+        o.status.success(),
+        "ffmpeg making {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(())
 }
 
 /// Runs ffmpeg on `url` for `seconds` of output and returns the frame count per output stream index, decoding
@@ -396,6 +561,7 @@ pub async fn gst_play(
     let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
     let mut errs = BufReader::new(child.stderr.take().context("stderr")?).lines();
     let (mut v, mut a, mut demuxers) = (0usize, 0usize, Vec::<String>::new());
+    // bounded by the timeout below
     let run = async {
         loop {
             tokio::select! {
@@ -457,14 +623,19 @@ impl Drop for Proc {
 impl Proc {
     /// Runs `bin args…` and waits (≤ 30 s) for a stdout line containing `ready`; the URL is the line's last word.
     /// Stderr goes to the test's stderr when `KILN_IT_LOGS=1`.
-    pub async fn spawn(name: &str, bin: &str, args: &[&str], ready: &str) -> Result<Self> {
+    pub async fn spawn(
+        name: &str,
+        bin: impl AsRef<OsStr>,
+        args: &[&str],
+        ready: &str,
+    ) -> Result<Self> {
         Self::spawn_env(name, bin, args, &[], ready).await
     }
 
     /// [`Proc::spawn`] with extra environment variables (secrets the child reads by name).
     pub async fn spawn_env(
         name: &str,
-        bin: &str,
+        bin: impl AsRef<OsStr>,
         args: &[&str],
         env: &[(&str, &str)],
         ready: &str,
@@ -482,6 +653,7 @@ impl Proc {
         } else {
             Stdio::from(std::fs::File::create(&log)?)
         };
+        let bin = bin.as_ref();
         let mut child = tokio::process::Command::new(bin)
             .args(args)
             .env("RUST_LOG", "info")
@@ -490,7 +662,7 @@ impl Proc {
             .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("starting {bin}"))?;
+            .with_context(|| format!("starting {}", bin.to_string_lossy()))?;
         let out = child.stdout.take().context("stdout")?;
         let mut lines = tokio::io::BufReader::new(out).lines();
         let line = tokio::time::timeout(Duration::from_secs(30), async {
@@ -552,6 +724,67 @@ impl Proc {
         anyhow::ensure!(st.success(), "kill -{sig} {} failed", self.pid());
         Ok(())
     }
+}
+
+/// A kilnd process on a free loopback port: `bin` (a test's `CARGO_BIN_EXE_kiln-it-kilnd`, a bench's
+/// [`kilnd_release_bin`]) run with `--listen 127.0.0.1:0` and `args`; ready when it prints
+/// `kilnd listening on URL`, which becomes [`Proc::url`].
+pub async fn spawn_kilnd(name: &str, bin: impl AsRef<OsStr>, args: &[&str]) -> Result<Proc> {
+    spawn_kilnd_env(name, bin, args, &[]).await
+}
+
+/// [`spawn_kilnd`] with extra environment variables.
+pub async fn spawn_kilnd_env(
+    name: &str,
+    bin: impl AsRef<OsStr>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<Proc> {
+    let argv: Vec<&str> = ["--listen", "127.0.0.1:0"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    Proc::spawn_env(name, bin, &argv, env, "listening on").await
+}
+
+/// The kilnd the benches measure: `$KILND`, else the workspace's release build (`cargo build --release -p kilnd`).
+pub fn kilnd_release_bin() -> Result<PathBuf> {
+    let bin = std::env::var_os("KILND")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/kilnd"));
+    anyhow::ensure!(
+        bin.exists(),
+        "{} missing: cargo build --release -p kilnd",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// CPU time of a process for the benches: utime + stime in clock ticks (`/proc/{pid}/stat`), children included when `children`.
+pub fn cpu_ticks(pid: u32, children: bool) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // after "pid (comm)": state, ppid, pgrp, session, tty, tpgid, flags, 4 fault counters, utime, stime,
+            // cutime, cstime
+            let f: Vec<i64> = s
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .skip(1)
+                .map(|x| x.parse().unwrap_or(0))
+                .collect();
+            let base = f.get(10)? + f.get(11)?;
+            Some(
+                (if children {
+                    base + f.get(12)? + f.get(13)?
+                } else {
+                    base
+                })
+                .max(0) as u64,
+            )
+        })
+        .unwrap_or(0)
 }
 
 /// A private redis-server on a free loopback port, without persistence.

@@ -12,12 +12,53 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use kiln_integration::{redis_server, Proc};
+use kiln_integration::{
+    make_clip, poll_json, poll_until, redis_server, spawn_kilnd_env, wait_job, Polled, Proc,
+};
 use serde_json::{json, Value};
 
 const KILND: &str = env!("CARGO_BIN_EXE_kiln-it-kilnd");
 const SCHEDULER: &str = env!("CARGO_BIN_EXE_kiln-it-scheduler");
-const HEARTBEAT_MS: &str = "400";
+/// The CLIs' default. Each heartbeat request times out after one interval, a node is dead after three missed ones
+/// and the leader lease lasts three: at 1 s a loaded 2-core host (three daemons with pipelines, two schedulers,
+/// Redis, other tests) keeps every heartbeat and lease renewal in time.
+const HEARTBEAT_MS: &str = "1000";
+const HEARTBEAT: Duration = Duration::from_millis(1000);
+
+/// A `kiln-scheduler` on 127.0.0.1:0 with the test's heartbeat interval, `args` and `env`.
+async fn scheduler(name: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
+    let argv: Vec<&str> = ["--listen", "127.0.0.1:0", "--heartbeat-ms", HEARTBEAT_MS]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    Proc::spawn_env(name, SCHEDULER, &argv, env, "listening on").await
+}
+
+/// A GPU-less `kilnd` node `name` with its data in `data`, sending heartbeats to `schedulers` (comma-separated)
+/// at the test's interval; `args` and `env` are added.
+async fn node(
+    name: &str,
+    data: &str,
+    schedulers: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<Proc> {
+    let argv: Vec<&str> = [
+        "--no-gpu",
+        "--data-dir",
+        data,
+        "--node-id",
+        name,
+        "--scheduler",
+        schedulers,
+        "--heartbeat-ms",
+        HEARTBEAT_MS,
+    ]
+    .into_iter()
+    .chain(args.iter().copied())
+    .collect();
+    spawn_kilnd_env(name, KILND, &argv, env).await
+}
 
 struct Fleet {
     http: reqwest::Client,
@@ -52,13 +93,16 @@ impl Fleet {
         Ok(out)
     }
 
+    /// `POST {sched}/v1/streams`: stream `id` of `preset` from the test source.
+    async fn post(&self, sched: &str, id: &str, preset: &str) -> Result<reqwest::Response> {
+        let body = json!({"id": id, "source": "test:", "preset": preset});
+        let url = format!("{sched}/v1/streams");
+        Ok(self.http.post(url).json(&body).send().await?)
+    }
+
+    /// [`Fleet::post`], which must place the stream (201).
     async fn place(&self, sched: &str, id: &str, preset: &str) -> Result<Value> {
-        let r = self
-            .http
-            .post(format!("{sched}/v1/streams"))
-            .json(&json!({"id": id, "source": "test:", "preset": preset}))
-            .send()
-            .await?;
+        let r = self.post(sched, id, preset).await?;
         let status = r.status().as_u16();
         let body: Value = r.json().await?;
         ensure!(status == 201, "placing {id}: {status} {body}");
@@ -73,16 +117,17 @@ impl Fleet {
         cond: impl Fn(&BTreeMap<String, String>) -> bool,
     ) -> Result<(BTreeMap<String, String>, Duration)> {
         let t = Instant::now();
-        loop {
+        let cond = &cond;
+        let m = poll_until(what, limit, Duration::from_millis(100), || async move {
             let m = self.running().await?;
-            if cond(&m) {
-                return Ok((m, t.elapsed()));
-            }
-            if t.elapsed() > limit {
-                bail!("{what}: not within {limit:?}; running: {m:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            Ok(if cond(&m) {
+                Polled::Done(m)
+            } else {
+                Polled::NotYet(format!("running: {m:?}"))
+            })
+        })
+        .await?;
+        Ok((m, t.elapsed()))
     }
 
     /// `/play/{id}/master.m3u8` on `sched` redirects (302) to a daemon, which serves the playlist.
@@ -100,81 +145,20 @@ impl Fleet {
     }
 }
 
-async fn wait_json(
-    http: &reqwest::Client,
-    url: &str,
-    limit: Duration,
-    what: &str,
-    cond: impl Fn(&Value) -> bool,
-) -> Result<Value> {
-    let t = Instant::now();
-    loop {
-        if let Ok(r) = http.get(url).send().await {
-            if let Ok(v) = r.json::<Value>().await {
-                if cond(&v) {
-                    return Ok(v);
-                }
-                if t.elapsed() > limit {
-                    bail!("{what}: not within {limit:?}: {v}");
-                }
-            }
-        }
-        if t.elapsed() > limit {
-            bail!("{what}: not within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_daemons_two_schedulers_survive_node_and_leader_failure() -> Result<()> {
     let redis = redis_server().await?;
     let mut scheds = Vec::new();
     for name in ["sched-a", "sched-b"] {
-        scheds.push(
-            Proc::spawn(
-                name,
-                SCHEDULER,
-                &[
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--redis-url",
-                    &redis.url,
-                    "--instance-id",
-                    name,
-                    "--heartbeat-ms",
-                    HEARTBEAT_MS,
-                ],
-                "listening on",
-            )
-            .await?,
-        );
+        let args = ["--redis-url", &redis.url, "--instance-id", name];
+        scheds.push(scheduler(name, &args, &[]).await?);
     }
     let all_scheds = format!("{},{}", scheds[0].url, scheds[1].url);
     let mut daemons = BTreeMap::new();
     for n in ["n1", "n2", "n3"] {
         let data = std::env::temp_dir().join(format!("kiln-sched-{}-{n}", std::process::id()));
         let data = data.display().to_string();
-        let p = Proc::spawn(
-            n,
-            KILND,
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--no-gpu",
-                "--data-dir",
-                &data,
-                "--node-id",
-                n,
-                "--scheduler",
-                &all_scheds,
-                "--heartbeat-ms",
-                HEARTBEAT_MS,
-            ],
-            "listening on",
-        )
-        .await?;
-        daemons.insert(n.to_string(), p);
+        daemons.insert(n.to_string(), node(n, &data, &all_scheds, &[], &[]).await?);
     }
     let f = Fleet {
         http: reqwest::Client::builder()
@@ -189,11 +173,11 @@ async fn three_daemons_two_schedulers_survive_node_and_leader_failure() -> Resul
     let http = f.http.clone();
 
     // one leader; three live nodes seen by both schedulers (heartbeats go to whichever answers, state is shared)
-    let lead = wait_json(
+    let lead = poll_json(
         &http,
         &format!("{}/v1/leader", scheds[0].url),
-        Duration::from_secs(10),
         "a leader",
+        Duration::from_secs(10),
         |v| v["leader"]["epoch"].as_u64().is_some(),
     )
     .await?;
@@ -205,11 +189,11 @@ async fn three_daemons_two_schedulers_survive_node_and_leader_failure() -> Resul
     };
     let (leader, follower) = (leader_ix, 1 - leader_ix);
     for s in &scheds {
-        wait_json(
+        poll_json(
             &http,
             &format!("{}/v1/nodes", s.url),
-            Duration::from_secs(10),
             "three live nodes",
+            Duration::from_secs(10),
             |v| {
                 v.as_array()
                     .is_some_and(|a| a.iter().filter(|n| n["state"] == "alive").count() == 3)
@@ -251,17 +235,9 @@ async fn three_daemons_two_schedulers_survive_node_and_leader_failure() -> Resul
         );
     }
     // the same request again is idempotent; another spec under the same id is a conflict
-    let again = http
-        .post(format!("{}/v1/streams", scheds[leader].url))
-        .json(&json!({"id": "s2", "source": "test:", "preset": "live-audio-only"}))
-        .send()
-        .await?;
+    let again = f.post(&scheds[leader].url, "s2", "live-audio-only").await?;
     ensure!(again.status() == 200, "repeat: {}", again.status());
-    let clash = http
-        .post(format!("{}/v1/streams", scheds[leader].url))
-        .json(&json!({"id": "s2", "source": "test:", "preset": "live-360p-abr"}))
-        .send()
-        .await?;
+    let clash = f.post(&scheds[leader].url, "s2", "live-360p-abr").await?;
     ensure!(clash.status() == 409, "conflict: {}", clash.status());
     let bad = http
         .post(format!("{}/v1/streams", scheds[leader].url))
@@ -415,11 +391,11 @@ async fn three_daemons_two_schedulers_survive_node_and_leader_failure() -> Resul
 
     // freeze the leader: the follower takes the lease with a newer epoch and places streams
     scheds[leader].signal("STOP").await?;
-    let v = wait_json(
+    let v = poll_json(
         &http,
         &format!("{}/v1/leader", scheds[follower].url),
-        Duration::from_secs(10),
         "the follower leads",
+        Duration::from_secs(10),
         |v| v["leading"] == true,
     )
     .await?;
@@ -433,11 +409,11 @@ async fn three_daemons_two_schedulers_survive_node_and_leader_failure() -> Resul
         .await?;
     // every daemon learns the new epoch from its heartbeat answers (or a command)
     for d in f.daemons.values() {
-        wait_json(
+        poll_json(
             &http,
             &format!("{}/v1/capacity", d.url),
-            Duration::from_secs(10),
             "the daemon follows the new epoch",
+            Duration::from_secs(10),
             |v| v["fence_epoch"].as_u64().is_some_and(|e| e >= epoch2),
         )
         .await?;
@@ -469,11 +445,11 @@ async fn three_daemons_two_schedulers_survive_node_and_leader_failure() -> Resul
     }
     // the old leader wakes up: it must know it no longer leads, and send writes to the new one
     scheds[leader].signal("CONT").await?;
-    wait_json(
+    poll_json(
         &http,
         &format!("{}/v1/leader", scheds[leader].url),
-        Duration::from_secs(10),
         "the old leader steps down",
+        Duration::from_secs(10),
         |v| v["leading"] == false && v["leader"]["id"] == scheds[follower].name.as_str(),
     )
     .await?;
@@ -487,22 +463,52 @@ async fn three_daemons_two_schedulers_survive_node_and_leader_failure() -> Resul
     ensure!(r.headers()["location"]
         .to_str()?
         .starts_with(&scheds[follower].url));
-    // settle for a few heartbeats, then: every record runs exactly where it is placed, once
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let running = f.running().await?;
-    let records = f
-        .json(&format!("{}/v1/streams", scheds[leader].url))
-        .await?;
-    for r in records.as_array().unwrap() {
-        let id = r["id"].as_str().unwrap();
-        ensure!(r["phase"] == "placed", "{r}");
-        ensure!(
-            running.get(id).map(String::as_str) == r["node"].as_str(),
-            "{id}: record {} vs running {:?}",
-            r["node"],
-            running.get(id)
-        );
-    }
+    // every record runs exactly where it is placed, once, and stays so for two heartbeat intervals (the resumed
+    // old leader has had its chances to act by then; every look asserts no stream runs twice)
+    let matches = |records: &Value, running: &BTreeMap<String, String>| -> Result<(), String> {
+        for r in records.as_array().into_iter().flatten() {
+            let id = r["id"].as_str().unwrap_or_default();
+            if r["phase"] != "placed" {
+                return Err(format!("{r}"));
+            }
+            if running.get(id).map(String::as_str) != r["node"].as_str() {
+                return Err(format!(
+                    "{id}: record {} vs running {:?}",
+                    r["node"],
+                    running.get(id)
+                ));
+            }
+        }
+        Ok(())
+    };
+    let since = std::cell::Cell::new(None::<Instant>);
+    let (running, records) = poll_until(
+        "the records match the daemons for two heartbeat intervals",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            let running = f.running().await?;
+            let records = f
+                .json(&format!("{}/v1/streams", scheds[leader].url))
+                .await?;
+            Ok(match matches(&records, &running) {
+                Err(why) => {
+                    since.set(None);
+                    Polled::NotYet(why)
+                }
+                Ok(()) => {
+                    let t0 = since.get().unwrap_or_else(Instant::now);
+                    since.set(Some(t0));
+                    if t0.elapsed() >= 2 * HEARTBEAT {
+                        Polled::Done((running, records))
+                    } else {
+                        Polled::NotYet("matching, not yet for two intervals".into())
+                    }
+                }
+            })
+        },
+    )
+    .await?;
     ensure!(running.contains_key("s8") && running["s8"] == s8_node);
     ensure!(!running.contains_key("zombie"));
 
@@ -583,43 +589,15 @@ async fn three_daemons_two_schedulers_survive_node_and_leader_failure() -> Resul
 async fn a_fleet_token_guards_every_control_route_and_the_fleet_still_works() -> Result<()> {
     const TOKEN: &str = "fleet-token-0123456789abcdef";
     let env = [("KILN_IT_FLEET_TOKEN", TOKEN)];
-    let sched = Proc::spawn_env(
-        "sched",
-        SCHEDULER,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--heartbeat-ms",
-            HEARTBEAT_MS,
-            "--api-token-env",
-            "KILN_IT_FLEET_TOKEN",
-        ],
-        &env,
-        "listening on",
-    )
-    .await?;
+    let sched = scheduler("sched", &["--api-token-env", "KILN_IT_FLEET_TOKEN"], &env).await?;
     let data = std::env::temp_dir().join(format!("kiln-sched-token-{}", std::process::id()));
     let data = data.display().to_string();
-    let node = Proc::spawn_env(
+    let node = node(
         "n1",
-        KILND,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--no-gpu",
-            "--data-dir",
-            &data,
-            "--node-id",
-            "n1",
-            "--scheduler",
-            &sched.url,
-            "--heartbeat-ms",
-            HEARTBEAT_MS,
-            "--api-token-env",
-            "KILN_IT_FLEET_TOKEN",
-        ],
+        &data,
+        &sched.url,
+        &["--api-token-env", "KILN_IT_FLEET_TOKEN"],
         &env,
-        "listening on",
     )
     .await?;
     let open = reqwest::Client::builder()
@@ -637,23 +615,14 @@ async fn a_fleet_token_guards_every_control_route_and_the_fleet_still_works() ->
         .default_headers(auth)
         .build()?;
     // the node's heartbeats get through: it is listed
-    let t = Instant::now();
-    loop {
-        let nodes: Value = authed
-            .get(format!("{}/v1/nodes", sched.url))
-            .send()
-            .await?
-            .json()
-            .await?;
-        if nodes.to_string().contains("\"n1\"") {
-            break;
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(10),
-            "n1 never registered: {nodes}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_json(
+        &authed,
+        &format!("{}/v1/nodes", sched.url),
+        "n1 registers",
+        Duration::from_secs(10),
+        |nodes| nodes.to_string().contains("\"n1\""),
+    )
+    .await?;
     // without the token (or with a wrong one) every control route of both processes answers 401
     let body = json!({"id": "t1", "source": "test:", "preset": "live-audio-only"});
     let refused = [
@@ -733,81 +702,39 @@ async fn vod_jobs_are_routed_to_the_shortest_queue_and_followed() -> Result<()> 
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("in"))?;
     let clip = dir.join("in/clip.mp4");
-    let st = tokio::process::Command::new("ffmpeg")
-        .args([
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=640x360:rate=30:duration=3",
-        ])
-        .args([
+    make_clip(
+        &clip,
+        3.0,
+        Some("testsrc2=size=640x360:rate=30"),
+        &[],
+        &[
             "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
-        ])
-        .arg(&clip)
-        .status()
-        .await?;
-    ensure!(st.success(), "ffmpeg: {st}");
-    let sched = Proc::spawn(
-        "sched",
-        SCHEDULER,
-        &["--listen", "127.0.0.1:0", "--heartbeat-ms", HEARTBEAT_MS],
-        "listening on",
+        ],
     )
     .await?;
+    let sched = scheduler("sched", &[], &[]).await?;
     let input_dir = dir.join("in").display().to_string();
     let mut nodes = Vec::new();
     for n in ["v1", "v2"] {
         let data = dir.join(n).display().to_string();
-        nodes.push(
-            Proc::spawn(
-                n,
-                KILND,
-                &[
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--no-gpu",
-                    "--data-dir",
-                    &data,
-                    "--vod-input-dir",
-                    &input_dir,
-                    "--vod-concurrency",
-                    "1",
-                    "--node-id",
-                    n,
-                    "--scheduler",
-                    &sched.url,
-                    "--heartbeat-ms",
-                    HEARTBEAT_MS,
-                ],
-                "listening on",
-            )
-            .await?,
-        );
+        let args = ["--vod-input-dir", &input_dir, "--vod-concurrency", "1"];
+        nodes.push(node(n, &data, &sched.url, &args, &[]).await?);
     }
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
-    let t = Instant::now();
-    loop {
-        let listed = http
-            .get(format!("{}/v1/nodes", sched.url))
-            .send()
-            .await?
-            .text()
-            .await?;
-        if listed.contains("\"v1\"") && listed.contains("\"v2\"") {
-            break;
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(10),
-            "nodes never registered: {listed}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_json(
+        &http,
+        &format!("{}/v1/nodes", sched.url),
+        "v1 and v2 register",
+        Duration::from_secs(10),
+        |v| {
+            let listed = v.to_string();
+            listed.contains("\"v1\"") && listed.contains("\"v2\"")
+        },
+    )
+    .await?;
     let body = json!({"input": format!("file://{}", clip.display()), "x264_speed": "veryfast"});
     let mut jobs = Vec::new();
     for _ in 0..2 {
@@ -839,23 +766,7 @@ async fn vod_jobs_are_routed_to_the_shortest_queue_and_followed() -> Result<()> 
         .await?;
     ensure!(r.status() == 404, "unknown job: {}", r.status());
     for (id, node) in &jobs {
-        let t = Instant::now();
-        let st = loop {
-            let v: Value = http
-                .get(format!("{}/v1/jobs/{id}", sched.url))
-                .send()
-                .await?
-                .json()
-                .await?;
-            if v["state"] == "done" || v["state"] == "failed" {
-                break v;
-            }
-            ensure!(
-                t.elapsed() < Duration::from_secs(90),
-                "job {id} never ended: {v}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        let st = wait_job(&http, &sched.url, id, Duration::from_secs(90)).await?;
         ensure!(st["state"] == "done" && st["node"] == node.as_str(), "{st}");
         let node_url = &nodes[if node == "v1" { 0 } else { 1 }].url;
         let r = http
@@ -998,9 +909,19 @@ async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Re
             "{name}: refused record stored"
         );
         if let Some(b) = &b {
-            // the lease expires; b takes it with a newer epoch, and a's writes are fenced
-            tokio::time::sleep(ttl + Duration::from_millis(200)).await;
-            let e2 = b.lead("b", "http://b", ttl).await?.context("b leads")?;
+            // the lease expires (not before its TTL); b takes it with a newer epoch, and a's writes are fenced
+            let e2 = poll_until(
+                "b leads once a's lease expires",
+                ttl * 5,
+                Duration::from_millis(50),
+                || async {
+                    Ok(match b.lead("b", "http://b", ttl).await? {
+                        Some(e) => Polled::Done(e),
+                        None => Polled::NotYet("a's lease holds".into()),
+                    })
+                },
+            )
+            .await?;
             ensure!(e2 > e1, "{name}: epoch {e1} → {e2}");
             ensure!(
                 a.lead("a", "http://a", ttl).await?.is_none(),

@@ -3,50 +3,58 @@
 //! daemon killed with -9 finishes every job after a restart.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
-use kiln_integration::{Daemon, Proc};
+use anyhow::{ensure, Context, Result};
+use kiln_integration::{
+    make_clip, poll_json, poll_until, spawn_kilnd, wait_job, Daemon, Polled, H264, H264_AAC,
+};
 use serde_json::{json, Value};
 
 const KILND: &str = env!("CARGO_BIN_EXE_kiln-it-kilnd");
 
-fn scratch(name: &str) -> Result<PathBuf> {
+/// A fresh scratch directory for test `name` and its `in/` folder (inputs).
+fn scratch(name: &str) -> Result<(PathBuf, PathBuf)> {
     let d = std::env::temp_dir().join(format!("kiln-vod-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(d.join("in"))?;
-    Ok(d)
+    Ok((d.clone(), d.join("in")))
 }
 
-/// Runs ffmpeg to make a test input: `video` and `audio` are lavfi graphs (or none), then output options.
-async fn make(
-    path: &Path,
-    seconds: f64,
-    video: Option<&str>,
-    audio: &[&str],
-    out: &[&str],
-) -> Result<()> {
-    let mut cmd = tokio::process::Command::new("ffmpeg");
-    cmd.args(["-v", "error", "-y"]);
-    if let Some(v) = video {
-        cmd.args(["-f", "lavfi", "-i", v]);
-    }
-    for a in audio {
-        cmd.args(["-f", "lavfi", "-i", a]);
-    }
-    let n = usize::from(video.is_some()) + audio.len();
-    for i in 0..n {
-        cmd.args(["-map", &i.to_string()]);
-    }
-    cmd.args(["-t", &seconds.to_string()]).args(out).arg(path);
-    let o = cmd.output().await?;
-    ensure!(
-        o.status.success(),
-        "ffmpeg making {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
+/// The end of a test that passed: its daemon stopped, its scratch directory removed (kept when a test fails).
+async fn finish(d: Daemon, dir: &Path) -> Result<()> {
+    d.shutdown().await?;
+    let _ = std::fs::remove_dir_all(dir);
     Ok(())
+}
+
+/// A 30 fps H.264/AAC test clip of `size` (`WxH`).
+async fn av_clip(path: &Path, seconds: f64, size: &str) -> Result<()> {
+    let video = format!("testsrc2=size={size}:rate=30");
+    make_clip(
+        path,
+        seconds,
+        Some(&video),
+        &["sine=sample_rate=48000"],
+        H264_AAC,
+    )
+    .await
+}
+
+/// A daemon running VOD jobs with their data in `dir/{data}` and inputs from `dir/in`; `tweak` changes the rest.
+async fn vod_daemon(
+    dir: &Path,
+    data: &str,
+    tweak: impl FnOnce(&mut kilnd::jobs::JobsConfig),
+) -> Result<Daemon> {
+    let mut jobs = kilnd::jobs::JobsConfig::new(dir.join(data));
+    jobs.input_dir = Some(dir.join("in"));
+    tweak(&mut jobs);
+    Daemon::start(kilnd::Config {
+        jobs: Some(jobs),
+        ..Default::default()
+    })
+    .await
 }
 
 /// Sets the first track header's (the video track's) transformation matrix to a 90° clockwise rotation.
@@ -169,32 +177,6 @@ async fn submit(http: &reqwest::Client, base: &str, body: Value) -> Result<Strin
     Ok(v["id"].as_str().context("id")?.to_string())
 }
 
-/// Waits until the job is final; returns its status.
-async fn wait_final(
-    http: &reqwest::Client,
-    base: &str,
-    id: &str,
-    limit: Duration,
-) -> Result<Value> {
-    let t = Instant::now();
-    loop {
-        if let Ok(r) = http.get(format!("{base}/v1/jobs/{id}")).send().await {
-            if let Ok(v) = r.json::<Value>().await {
-                if matches!(v["state"].as_str(), Some("done" | "failed" | "cancelled")) {
-                    return Ok(v);
-                }
-                if t.elapsed() > limit {
-                    bail!("job {id} not final after {limit:?}: {v}");
-                }
-            }
-        }
-        if t.elapsed() > limit {
-            bail!("job {id} not final after {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 struct Expect {
     file: &'static str,
     /// (width, height) per rendition, in ladder order.
@@ -205,20 +187,19 @@ struct Expect {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_common_input_becomes_a_checked_ladder() -> Result<()> {
-    let dir = scratch("ladder")?;
-    let inp = dir.join("in");
+    let (dir, inp) = scratch("ladder")?;
     let tone = "sine=frequency=440:sample_rate=48000";
     // h264/aac mp4, 480p: two rungs of vod-1080p-abr (480p, 360p)
-    make(
+    make_clip(
         &inp.join("h264.mp4"),
         4.0,
         Some("testsrc2=size=854x480:rate=30"),
         &[tone],
-        &["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"],
+        H264_AAC,
     )
     .await?;
     // vp9/opus webm at 25 fps: output keeps 25 fps (never more frames than the source)
-    make(
+    make_clip(
         &inp.join("vp9.webm"),
         3.0,
         Some("testsrc2=size=640x360:rate=25"),
@@ -236,7 +217,7 @@ async fn every_common_input_becomes_a_checked_ladder() -> Result<()> {
     )
     .await?;
     // hevc in mkv, with two audio tracks (the first is encoded)
-    make(
+    make_clip(
         &inp.join("hevc.mkv"),
         3.0,
         Some("testsrc2=size=640x360:rate=30"),
@@ -256,27 +237,27 @@ async fn every_common_input_becomes_a_checked_ladder() -> Result<()> {
     )
     .await?;
     // no audio
-    make(
+    make_clip(
         &inp.join("silent.mp4"),
         3.0,
         Some("testsrc2=size=640x360:rate=30"),
         &[],
-        &["-c:v", "libx264", "-pix_fmt", "yuv420p"],
+        H264,
     )
     .await?;
     // portrait by rotation: coded 640x360, displayed 360x640 (a phone's way). ffmpeg 5.1 cannot write a display
     // matrix, so the track header's matrix is set to a 90° rotation after the fact.
-    make(
+    make_clip(
         &inp.join("rotated.mp4"),
         3.0,
         Some("testsrc2=size=640x360:rate=30"),
         &[tone],
-        &["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"],
+        H264_AAC,
     )
     .await?;
     rotate_90(&inp.join("rotated.mp4"))?;
     // odd resolution (VP9 allows it): rounded down to even, never up
-    make(
+    make_clip(
         &inp.join("odd.webm"),
         3.0,
         Some("testsrc2=size=641x359:rate=30"),
@@ -293,72 +274,36 @@ async fn every_common_input_becomes_a_checked_ladder() -> Result<()> {
     .await?;
     // MPEG-TS and QuickTime containers
     for f in ["h264.ts", "h264.mov"] {
-        make(
+        make_clip(
             &inp.join(f),
             2.0,
             Some("testsrc2=size=640x360:rate=30"),
             &[tone],
-            &["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"],
+            H264_AAC,
         )
         .await?;
     }
-    let cases = [
-        Expect {
-            file: "h264.mp4",
-            sizes: vec![(854, 480), (640, 360)],
-            frames: 120,
-            audio: true,
-        },
-        Expect {
-            file: "vp9.webm",
-            sizes: vec![(640, 360)],
-            frames: 75,
-            audio: true,
-        },
-        Expect {
-            file: "hevc.mkv",
-            sizes: vec![(640, 360)],
-            frames: 90,
-            audio: true,
-        },
-        Expect {
-            file: "silent.mp4",
-            sizes: vec![(640, 360)],
-            frames: 90,
-            audio: false,
-        },
-        Expect {
-            file: "rotated.mp4",
-            sizes: vec![(360, 640)],
-            frames: 90,
-            audio: true,
-        },
-        Expect {
-            file: "h264.ts",
-            sizes: vec![(640, 360)],
-            frames: 60,
-            audio: true,
-        },
-        Expect {
-            file: "h264.mov",
-            sizes: vec![(640, 360)],
-            frames: 60,
-            audio: true,
-        },
-        Expect {
-            file: "odd.webm",
-            sizes: vec![(640, 358)],
-            frames: 90,
-            audio: false,
-        },
-    ];
-    let d = Daemon::start(kilnd::Config {
-        jobs: Some(kilnd::jobs::JobsConfig {
-            input_dir: Some(inp.clone()),
-            max_concurrent: 2,
-            ..kilnd::jobs::JobsConfig::new(dir.join("data"))
-        }),
-        ..Default::default()
+    // (input, (width, height) per rendition in ladder order, frames, audio)
+    let cases: Vec<Expect> = [
+        ("h264.mp4", &[(854, 480), (640, 360)][..], 120, true),
+        ("vp9.webm", &[(640, 360)], 75, true),
+        ("hevc.mkv", &[(640, 360)], 90, true),
+        ("silent.mp4", &[(640, 360)], 90, false),
+        ("rotated.mp4", &[(360, 640)], 90, true),
+        ("h264.ts", &[(640, 360)], 60, true),
+        ("h264.mov", &[(640, 360)], 60, true),
+        ("odd.webm", &[(640, 358)], 90, false),
+    ]
+    .into_iter()
+    .map(|(file, sizes, frames, audio)| Expect {
+        file,
+        sizes: sizes.to_vec(),
+        frames,
+        audio,
+    })
+    .collect();
+    let d = vod_daemon(&dir, "data", |j| {
+        j.max_concurrent = 2;
     })
     .await?;
     let mut ids = Vec::new();
@@ -374,7 +319,7 @@ async fn every_common_input_becomes_a_checked_ladder() -> Result<()> {
         );
     }
     for (c, id) in cases.iter().zip(&ids) {
-        let st = wait_final(&d.http, &d.base, id, Duration::from_secs(180)).await?;
+        let st = wait_job(&d.http, &d.base, id, Duration::from_secs(180)).await?;
         ensure!(st["state"] == "done", "{}: {st}", c.file);
         ensure!(
             st["progress"] == 1.0 && st["speed"].as_f64().unwrap_or(0.0) > 0.0,
@@ -527,23 +472,13 @@ async fn every_common_input_becomes_a_checked_ladder() -> Result<()> {
         let r = d.http.get(d.url(bad)).send().await?;
         ensure!(r.status() == 404, "{bad}: {}", r.status());
     }
-    d.shutdown().await?;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    finish(d, &dir).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
-    let dir = scratch("bad")?;
-    let inp = dir.join("in");
-    make(
-        &inp.join("good.mp4"),
-        3.0,
-        Some("testsrc2=size=640x360:rate=30"),
-        &["sine=sample_rate=48000"],
-        &["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"],
-    )
-    .await?;
+    let (dir, inp) = scratch("bad")?;
+    av_clip(&inp.join("good.mp4"), 3.0, "640x360").await?;
     std::fs::write(inp.join("empty.mp4"), b"")?;
     let good = std::fs::read(inp.join("good.mp4"))?;
     // no faststart: the moov is at the end, so the first half has none
@@ -558,7 +493,7 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
         })
         .collect();
     std::fs::write(inp.join("garbage.mp4"), garbage)?;
-    make(
+    make_clip(
         &inp.join("ffv1.mkv"),
         1.0,
         Some("testsrc2=size=320x240:rate=30"),
@@ -566,12 +501,12 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
         &["-c:v", "ffv1"],
     )
     .await?;
-    make(
+    make_clip(
         &inp.join("huge.mp4"),
         0.2,
         Some("color=c=gray:size=8400x64:rate=10"),
         &[],
-        &["-c:v", "libx264", "-pix_fmt", "yuv420p"],
+        H264,
     )
     .await?;
     let closed = {
@@ -580,14 +515,10 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
     };
     // http(s) inputs: a server on loopback, which this daemon allows (127.0.0.1 only; the default is none)
     let web = serve_dir(&inp).await?;
-    let d = Daemon::start(kilnd::Config {
-        jobs: Some(kilnd::jobs::JobsConfig {
-            input_dir: Some(inp.clone()),
-            max_concurrent: 2,
-            url_policy: kiln_model::net::UrlPolicy::parse("127.0.0.1/32")?,
-            ..kilnd::jobs::JobsConfig::new(dir.join("data"))
-        }),
-        ..Default::default()
+    let loopback = kiln_model::net::UrlPolicy::parse("127.0.0.1/32")?;
+    let d = vod_daemon(&dir, "data", |j| {
+        j.max_concurrent = 2;
+        j.url_policy = loopback;
     })
     .await?;
     let f = |n: &str| format!("file://{}", inp.join(n).display());
@@ -654,7 +585,7 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
         ensure!(r.status() == 400, "{body}: {}", r.status());
     }
     for ((input, reason), id) in bad.iter().zip(&ids) {
-        let st = wait_final(&d.http, &d.base, id, Duration::from_secs(60)).await?;
+        let st = wait_job(&d.http, &d.base, id, Duration::from_secs(60)).await?;
         ensure!(st["state"] == "failed", "{input}: {st}");
         let err = st["error"].as_str().unwrap_or("");
         ensure!(
@@ -663,7 +594,7 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
         );
         eprintln!("{input}: {err}");
     }
-    let st = wait_final(&d.http, &d.base, &good_id, Duration::from_secs(120)).await?;
+    let st = wait_job(&d.http, &d.base, &good_id, Duration::from_secs(120)).await?;
     ensure!(st["state"] == "done", "the good job: {st}");
     ffmpeg_decodes(&d.url(st["links"]["master"].as_str().unwrap())).await?;
     // the list filters by state and limits
@@ -697,7 +628,7 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
             .status();
         ensure!(st == 400, "?{q}: {st}");
     }
-    let st = wait_final(&d.http, &d.base, &good_http, Duration::from_secs(120)).await?;
+    let st = wait_job(&d.http, &d.base, &good_http, Duration::from_secs(120)).await?;
     let size = std::fs::metadata(inp.join("good.mp4"))?.len();
     ensure!(
         st["state"] == "done" && st["input_bytes"] == size && st["input_total_bytes"] == size,
@@ -723,40 +654,25 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
         .send()
         .await?;
     ensure!(r.status() == 409, "cancel after done: {}", r.status());
-    d.shutdown().await?;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    finish(d, &dir).await
 }
 
 /// kill -9 with jobs queued and running; the restarted daemon (same data directory) finishes all of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_survive_kill_9() -> Result<()> {
-    let dir = scratch("restart")?;
-    let inp = dir.join("in");
-    make(
-        &inp.join("clip.mp4"),
-        10.0,
-        Some("testsrc2=size=854x480:rate=30"),
-        &["sine=sample_rate=48000"],
-        &["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"],
-    )
-    .await?;
+    let (dir, inp) = scratch("restart")?;
+    av_clip(&inp.join("clip.mp4"), 10.0, "854x480").await?;
     let data = dir.join("data");
-    let args = |data: &Path| -> Vec<String> {
-        vec![
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            data.display().to_string(),
-            "--vod-input-dir".into(),
-            inp.display().to_string(),
-            "--vod-concurrency".into(),
-            "1".into(),
-        ]
-    };
-    let a = args(&data);
-    let argv: Vec<&str> = a.iter().map(String::as_str).collect();
-    let mut p = Proc::spawn("kilnd", KILND, &argv, "listening on").await?;
+    let (data, inp_s) = (data.display().to_string(), inp.display().to_string());
+    let argv = [
+        "--data-dir",
+        &data,
+        "--vod-input-dir",
+        &inp_s,
+        "--vod-concurrency",
+        "1",
+    ];
+    let mut p = spawn_kilnd("kilnd", KILND, &argv).await?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()?;
@@ -767,21 +683,24 @@ async fn jobs_survive_kill_9() -> Result<()> {
     let high = submit(&http, &p.url, json!({"input": input, "priority": 5})).await?;
     let ids = [first.clone(), low.clone(), high.clone()];
     // kill while the first one runs (medium, the preset's speed, is slow enough to catch)
-    let t = Instant::now();
-    loop {
-        let st: Value = http
-            .get(format!("{}/v1/jobs/{first}", p.url))
-            .send()
-            .await?
-            .json()
-            .await?;
-        if st["state"] == "running" && st["progress"].as_f64().unwrap_or(0.0) > 0.0 {
-            break;
-        }
-        ensure!(st["state"] != "done", "finished before the kill: {st}");
-        ensure!(t.elapsed() < Duration::from_secs(60), "never ran: {st}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let url = format!("{}/v1/jobs/{first}", p.url);
+    poll_until(
+        "the first job runs",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async {
+            let st: Value = http.get(&url).send().await?.json().await?;
+            ensure!(st["state"] != "done", "finished before the kill: {st}");
+            Ok(
+                if st["state"] == "running" && st["progress"].as_f64().unwrap_or(0.0) > 0.0 {
+                    Polled::Done(())
+                } else {
+                    Polled::NotYet(st.to_string())
+                },
+            )
+        },
+    )
+    .await?;
     for id in [&low, &high] {
         let queued: Value = http
             .get(format!("{}/v1/jobs/{id}", p.url))
@@ -793,35 +712,26 @@ async fn jobs_survive_kill_9() -> Result<()> {
     }
     p.kill().await?;
     let mut logs = vec![p.log_text()];
-    let mut p = Proc::spawn("kilnd", KILND, &argv, "listening on").await?;
+    let mut p = spawn_kilnd("kilnd", KILND, &argv).await?;
     // a clean stop (SIGTERM) while a job runs: the daemon exits promptly and the job goes back to the queue
-    let t = Instant::now();
-    let running = loop {
-        let list: Value = http
-            .get(format!("{}/v1/jobs", p.url))
-            .send()
-            .await?
-            .json()
-            .await?;
-        if let Some(j) = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|j| j["state"] == "running")
-        {
-            break j["id"].as_str().unwrap().to_string();
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(60),
-            "nothing runs after the restart: {list}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let running_job = |list: &Value| -> Option<String> {
+        let j = list.as_array()?.iter().find(|j| j["state"] == "running")?;
+        Some(j["id"].as_str()?.to_string())
     };
+    let list = poll_json(
+        &http,
+        &format!("{}/v1/jobs", p.url),
+        "a job runs after the restart",
+        Duration::from_secs(60),
+        |list| running_job(list).is_some(),
+    )
+    .await?;
+    let running = running_job(&list).context("running job")?;
     p.signal("TERM").await?;
     let st = p.wait_exit(Duration::from_secs(15)).await?;
     ensure!(st.success(), "kilnd exited with {st} on SIGTERM");
     logs.push(p.log_text());
-    let mut p = Proc::spawn("kilnd", KILND, &argv, "listening on").await?;
+    let mut p = spawn_kilnd("kilnd", KILND, &argv).await?;
     let st: Value = http
         .get(format!("{}/v1/jobs/{running}", p.url))
         .send()
@@ -833,7 +743,7 @@ async fn jobs_survive_kill_9() -> Result<()> {
         "interrupted job after SIGTERM: {st}"
     );
     for id in &ids {
-        let st = wait_final(&http, &p.url, id, Duration::from_secs(300)).await?;
+        let st = wait_job(&http, &p.url, id, Duration::from_secs(200)).await?;
         ensure!(st["state"] == "done", "{id} after restart: {st}");
         ffmpeg_decodes(&format!(
             "{}{}",
@@ -883,23 +793,10 @@ async fn jobs_survive_kill_9() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kilnctl_submits_lists_cancels_and_watches() -> Result<()> {
     const KILNCTL: &str = env!("CARGO_BIN_EXE_kiln-it-kilnctl");
-    let dir = scratch("kilnctl")?;
-    let inp = dir.join("in");
-    make(
-        &inp.join("clip.mp4"),
-        4.0,
-        Some("testsrc2=size=640x360:rate=30"),
-        &["sine=sample_rate=48000"],
-        &["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"],
-    )
-    .await?;
-    let d = Daemon::start(kilnd::Config {
-        jobs: Some(kilnd::jobs::JobsConfig {
-            input_dir: Some(inp.clone()),
-            max_concurrent: 1,
-            ..kilnd::jobs::JobsConfig::new(dir.join("data"))
-        }),
-        ..Default::default()
+    let (dir, inp) = scratch("kilnctl")?;
+    av_clip(&inp.join("clip.mp4"), 4.0, "640x360").await?;
+    let d = vod_daemon(&dir, "data", |j| {
+        j.max_concurrent = 1;
     })
     .await?;
     let ctl = |args: &[&str]| {
@@ -983,9 +880,7 @@ async fn kilnctl_submits_lists_cancels_and_watches() -> Result<()> {
         !malformed.status.success() && String::from_utf8(malformed.stderr)?.contains("400"),
         "malformed"
     );
-    d.shutdown().await?;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    finish(d, &dir).await
 }
 
 /// A daemon with an API token: kilnctl without `KILN_TOKEN` gets the daemon's 401 and exits non-zero; with it, the
@@ -994,7 +889,7 @@ async fn kilnctl_submits_lists_cancels_and_watches() -> Result<()> {
 async fn kilnctl_sends_the_api_token() -> Result<()> {
     const KILNCTL: &str = env!("CARGO_BIN_EXE_kiln-it-kilnctl");
     const TOKEN: &str = "kilnctl-token-0123456789";
-    let dir = scratch("kilnctl-token")?;
+    let (dir, _) = scratch("kilnctl-token")?;
     let d = Daemon::start(kilnd::Config {
         api_token: Some(TOKEN.into()),
         jobs: Some(kilnd::jobs::JobsConfig::new(dir.join("data"))),
@@ -1028,75 +923,58 @@ async fn kilnctl_sends_the_api_token() -> Result<()> {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    d.shutdown().await?;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    finish(d, &dir).await
 }
 
 /// `--vod-retention-hours` (here 1 s): a finished job's record and outputs are deleted after the retention; a
 /// purge by hand (`DELETE …?purge=true`) deletes a done job's outputs at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_jobs_are_deleted_after_the_retention_or_on_request() -> Result<()> {
-    let dir = scratch("retention")?;
-    let inp = dir.join("in");
-    make(
+    let (dir, inp) = scratch("retention")?;
+    make_clip(
         &inp.join("clip.mp4"),
         2.0,
         Some("testsrc2=size=320x240:rate=30"),
         &[],
-        &["-c:v", "libx264", "-pix_fmt", "yuv420p"],
+        H264,
     )
     .await?;
     std::fs::write(inp.join("empty.mp4"), b"")?;
-    let d = Daemon::start(kilnd::Config {
-        jobs: Some(kilnd::jobs::JobsConfig {
-            input_dir: Some(inp.clone()),
-            retention: Some(Duration::from_secs(1)),
-            ..kilnd::jobs::JobsConfig::new(dir.join("data"))
-        }),
-        ..Default::default()
+    let d = vod_daemon(&dir, "data", |j| {
+        j.retention = Some(Duration::from_secs(1));
     })
     .await?;
     let f = |n: &str| format!("file://{}", inp.join(n).display());
     let failing = submit(&d.http, &d.base, json!({"input": f("empty.mp4")})).await?;
-    let st = wait_final(&d.http, &d.base, &failing, Duration::from_secs(30)).await?;
+    let st = wait_job(&d.http, &d.base, &failing, Duration::from_secs(30)).await?;
     ensure!(st["state"] == "failed", "{st}");
-    let t = Instant::now();
-    loop {
-        let r = d
-            .http
-            .get(d.url(&format!("/v1/jobs/{failing}")))
-            .send()
-            .await?;
-        if r.status() == 404 {
-            break;
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(15),
-            "still there after the retention"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let url = d.url(&format!("/v1/jobs/{failing}"));
+    poll_until(
+        "the failed job is deleted after the retention",
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        || async {
+            let status = d.http.get(&url).send().await?.status();
+            Ok(match status.as_u16() {
+                404 => Polled::Done(()),
+                _ => Polled::NotYet(format!("still there ({status})")),
+            })
+        },
+    )
+    .await?;
     ensure!(!dir
         .join("data/jobs")
         .join(format!("{failing}.json"))
         .exists());
     // by hand, right after it is done (before the sweep can): outputs gone, playback 404
-    let d2 = Daemon::start(kilnd::Config {
-        jobs: Some(kilnd::jobs::JobsConfig {
-            input_dir: Some(inp.clone()),
-            ..kilnd::jobs::JobsConfig::new(dir.join("data2"))
-        }),
-        ..Default::default()
-    })
-    .await?;
+    let d2 = vod_daemon(&dir, "data2", |_| {}).await?;
     let good = submit(
         &d2.http,
         &d2.base,
         json!({"input": f("clip.mp4"), "x264_speed": "veryfast"}),
     )
     .await?;
-    let st = wait_final(&d2.http, &d2.base, &good, Duration::from_secs(60)).await?;
+    let st = wait_job(&d2.http, &d2.base, &good, Duration::from_secs(60)).await?;
     ensure!(st["state"] == "done", "{st}");
     let master = st["links"]["master"]
         .as_str()
@@ -1121,7 +999,5 @@ async fn finished_jobs_are_deleted_after_the_retention_or_on_request() -> Result
         .await?;
     ensure!(r.status() == 404, "purging twice: {}", r.status());
     d.shutdown().await?;
-    d2.shutdown().await?;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    finish(d2, &dir).await
 }

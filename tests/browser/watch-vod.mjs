@@ -2,18 +2,10 @@
 // switches to every rendition in turn (waiting until the picture has that rendition's size), then seeks near the
 // end and waits for `ended`. Prints one JSON line with what it saw.
 //   node tests/browser/watch-vod.mjs 'http://127.0.0.1:8080/#vod:JOB' /tmp/kiln-vod.png
-import { chromium } from 'playwright-core';
+import { openPlaying } from './page.mjs';
 
 const [url, shot = '/tmp/kiln-vod.png'] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--autoplay-policy=no-user-gesture-required',
-         '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
-});
-const page = await browser.newPage();
-page.on('console', m => { if (m.type() === 'error') console.error('page:', m.text()); });
-await page.goto(url);
-await page.waitForFunction(() => window.kilnHls && document.querySelector('video').currentTime > 0, null, { timeout: 30000 });
+const { browser, page } = await openPlaying(url);
 const levels = await page.evaluate(() => window.kilnHls.levels.map(l => ({ width: l.width, height: l.height, codecs: l.attrs.CODECS })));
 const shown = [];
 for (let i = 0; i < levels.length; i++) {

@@ -1,19 +1,11 @@
 // Plays a kilnd page in headless Chromium (hls.js, low-latency mode) and reports what a viewer would see:
 // playback time advancing, stalls, hls.js live latency, and a screenshot.
 //   node tests/browser/watch.mjs http://127.0.0.1:8080/ 30 /tmp/kiln.png
-// Needs: Debian's chromium, and playwright-core installed next to this script (npm install playwright-core).
-import { chromium } from 'playwright-core';
+// Needs: Debian's chromium, and playwright-core installed next to this script (npm ci --prefix tests/browser).
+import { openPlaying } from './page.mjs';
 
 const [url = 'http://127.0.0.1:8080/', seconds = '30', shot = '/tmp/kiln-page.png'] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--autoplay-policy=no-user-gesture-required',
-         '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
-});
-const page = await browser.newPage();
-page.on('console', m => { if (m.type() === 'error') console.error('page:', m.text()); });
-await page.goto(url);
-await page.waitForFunction(() => window.kilnHls && document.querySelector('video').currentTime > 0, null, { timeout: 30000 });
+const { browser, page } = await openPlaying(url);
 let stalls = 0, last = -1, samples = [];
 for (let i = 0; i < Number(seconds); i++) {
   await page.waitForTimeout(1000);

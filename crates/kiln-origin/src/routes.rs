@@ -218,13 +218,20 @@ fn reply(status: StatusCode, content_type: &'static str, max_age: u64, body: Byt
     r
 }
 
+/// An error in the control APIs' JSON envelope (`{"error": {"code", "message"}}`), cacheable for `max_age` like
+/// the answer it replaces (a CDN must not hammer the origin with a request that will fail again).
 fn error(status: StatusCode, max_age: u64, msg: &str) -> Response {
-    reply(
-        status,
-        "text/plain; charset=utf-8",
-        max_age,
-        Bytes::from(format!("{msg}\n")),
-    )
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        _ => "error",
+    };
+    let mut r = kiln_http::json_error(status, code, msg);
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, cache_control(max_age));
+    r
 }
 
 fn too_many_parked() -> Response {
@@ -432,6 +439,7 @@ async fn playlist(
         };
         match decision {
             Decision::Ready => {
+                r.note_served(&snap);
                 let max_age = if blocking { 6 * td } else { (td / 2).max(1) };
                 let body = with_token(pick(&snap, q.skip), token, false);
                 return reply(StatusCode::OK, M3U8, max_age, body);
@@ -668,10 +676,52 @@ mod tests {
             "_HLS_msn=9",
             "_HLS_msn=0&_HLS_part=99",
         ] {
-            let (st, _, cc) = get(&o, &format!("/live/s/v/index.m3u8?{q}")).await;
+            let (st, body, cc) = get(&o, &format!("/live/s/v/index.m3u8?{q}")).await;
             assert_eq!(st, StatusCode::BAD_REQUEST, "{q}");
             assert_eq!(cc.as_deref(), Some("public, max-age=8"));
+            // the same JSON envelope as the control API
+            let v: serde_json::Value = serde_json::from_str(&body).expect("a JSON error body");
+            assert_eq!(v["error"]["code"], "bad_request", "{q}: {body}");
+            assert!(v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()));
         }
+        let (st, body, _) = get(&o, "/live/nope/v/index.m3u8").await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        assert!(body.contains("\"not_found\""), "{body}");
+    }
+
+    #[tokio::test]
+    async fn parked_requests_are_answered_from_one_shared_snapshot() {
+        let (o, s) = origin();
+        part(&s, 0, 0);
+        let r = s.renditions[0].clone();
+        let q = "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1";
+        let (o1, o2) = (o.clone(), o.clone());
+        let a = tokio::spawn(async move { get(&o1, q).await });
+        let b = tokio::spawn(async move { get(&o2, q).await });
+        while o.parked() < 2 {
+            tokio::task::yield_now().await;
+        }
+        part(&s, 0, 1);
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        let (snap, answers) = r.served_from();
+        let snap = snap.unwrap();
+        assert_eq!(answers, 2, "both answers from one snapshot");
+        assert!(Arc::ptr_eq(&snap, &r.snapshot()), "the published one");
+        assert_eq!(a.1.as_bytes(), &snap.playlist[..]);
+        assert_eq!(a.1, b.1);
+        // an answer from a later publish starts a new count
+        part(&s, 0, 2);
+        assert_eq!(
+            get(&o, "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=2")
+                .await
+                .0,
+            StatusCode::OK
+        );
+        let (later, answers) = r.served_from();
+        assert_eq!(answers, 1);
+        assert!(!Arc::ptr_eq(&snap, &later.unwrap()));
     }
 
     #[tokio::test]

@@ -35,6 +35,8 @@ pub struct Rendition {
     /// (track timescale, `tfdt` at running time 0), learnt from the first part: the DASH timeline mapping.
     dash_base: Mutex<Option<(u32, u64)>>,
     snapshot: watch::Sender<Arc<Snapshot>>,
+    /// Test hook, see [`Rendition::served_from`].
+    served: Mutex<(Option<Arc<Snapshot>>, u64)>,
 }
 
 impl Rendition {
@@ -51,6 +53,27 @@ impl Rendition {
     /// Requests currently parked on this rendition (blocking playlist reloads and held part requests).
     pub fn parked(&self) -> usize {
         self.snapshot.receiver_count()
+    }
+
+    /// Test hook (LL-HLS conformance item 38: identical blocked requests share one publish): the snapshot the
+    /// newest playlist answer was served from, and how many answers in a row were served from that very `Arc`
+    /// (pointer-equal; holding it means its address cannot be reused by a later snapshot). One uncontended lock
+    /// per playlist answer.
+    pub fn served_from(&self) -> (Option<Arc<Snapshot>>, u64) {
+        self.served
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records that a playlist answer was served from `snap` (see [`Rendition::served_from`]).
+    pub(crate) fn note_served(&self, snap: &Arc<Snapshot>) {
+        let mut s = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        if s.0.as_ref().is_some_and(|p| Arc::ptr_eq(p, snap)) {
+            s.1 += 1;
+        } else {
+            *s = (Some(snap.clone()), 1);
+        }
     }
 
     pub fn codec(&self) -> Option<String> {
@@ -131,6 +154,7 @@ impl StreamOrigin {
                     codec: Mutex::new(None),
                     dash_base: Mutex::new(None),
                     snapshot: watch::channel(Arc::new(snap)).0,
+                    served: Mutex::new((None, 0)),
                 })
             })
             .collect();
