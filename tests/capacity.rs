@@ -1,7 +1,7 @@
 //! Admission on this host, against a cost profile calibrated on this host: `kilnd calibrate` ramps the small
 //! ladder (`live-360p-abr`) until it falls behind and writes a profile; a daemon using that profile advertises — and
 //! admits — exactly the sustainable number of streams; the refusal names the short dimension; the node never books
-//! more than it has; every admitted stream keeps real time for 60 s (measured from /metrics); releasing one stream
+//! more than it has; every admitted stream keeps real time for 30 s (measured from /metrics); releasing one stream
 //! makes room again.
 //!
 //! The shipped `hw-profiles/cpu-x86_64.toml` was measured on one development host; a CI host with slower cores
@@ -15,6 +15,9 @@ use anyhow::{ensure, Context, Result};
 use kiln_integration::Daemon;
 
 const PRESET: &str = "live-360p-abr";
+
+/// How long every admitted stream must keep real time.
+const WINDOW: Duration = Duration::from_secs(30);
 
 fn media_seconds(metrics: &str) -> BTreeMap<String, f64> {
     // slowest rendition per stream
@@ -125,7 +128,8 @@ async fn calibrated_admission_refuses_when_full_and_admitted_streams_keep_real_t
         admitted.len()
     );
 
-    // every admitted stream keeps real time over 60 s
+    // every admitted stream keeps real time over a window: 30 s, where an over-committed stream (seen: 0.82 × real
+    // time) loses over 5 s and the 0.97 bar allows 0.9 s
     for id in &admitted {
         d.wait_for_segments(id, "180p", 1).await?;
     }
@@ -136,7 +140,7 @@ async fn calibrated_admission_refuses_when_full_and_admitted_streams_keep_real_t
     for window in 1..=2 {
         let (_, before) = d.get_text("/metrics").await?;
         let t0 = std::time::Instant::now();
-        tokio::time::sleep(Duration::from_secs(60)).await; // the measurement window itself
+        tokio::time::sleep(WINDOW).await; // the measurement window itself
         let (_, after) = d.get_text("/metrics").await?;
         let wall = t0.elapsed().as_secs_f64();
         let (b, a2) = (media_seconds(&before), media_seconds(&after));

@@ -1,0 +1,385 @@
+use super::*;
+use crate::store::RenditionInfo;
+use axum::body::Body;
+use axum::http::Request;
+use http_body_util::BodyExt;
+use kiln_llhls::{PackagerConfig, PartIn};
+use tower::ServiceExt;
+
+fn origin() -> (Origin, Arc<StreamOrigin>) {
+    let o = Origin::new();
+    let s = StreamOrigin::new(
+        "s",
+        vec![RenditionInfo {
+            name: "v".into(),
+            kind: RenditionKind::Video {
+                width: 64,
+                height: 64,
+                fps: 30.0,
+            },
+            bitrate: 100_000,
+        }],
+        PackagerConfig {
+            segment_ns: 2_000_000_000,
+            target_duration_s: 2,
+            part_target_ms: 334,
+            window_segments: 4,
+            retain_segments: 2,
+            wallclock_origin_unix_ms: 0,
+            can_skip_until_s: Some(12),
+            first_msn: 0,
+        },
+    );
+    o.insert(s.clone());
+    (o, s)
+}
+
+fn part(s: &StreamOrigin, seg: u64, i: u64) {
+    s.on_part(
+        0,
+        PartIn {
+            starts_segment: i == 0,
+            independent: i == 0,
+            start_ns: seg * 2_000_000_000 + i * 333_333_333,
+            duration_ns: 333_333_333,
+            bytes: Bytes::from(format!("p{seg}.{i}")),
+            discontinuity: false,
+        },
+    )
+    .unwrap();
+}
+
+async fn get(o: &Origin, uri: &str) -> (StatusCode, String, Option<String>) {
+    let res = router()
+        .with_state(o.clone())
+        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = res.status();
+    let cc = res
+        .headers()
+        .get(header::CACHE_CONTROL)
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned(), cc)
+}
+
+#[tokio::test]
+async fn serves_playlists_parts_and_segments() {
+    let (o, s) = origin();
+    s.on_init(0, Bytes::from_static(b"init"), Some("avc1.64001f".into()));
+    for i in 0..6 {
+        part(&s, 0, i);
+    }
+    part(&s, 1, 0);
+    let (st, body, cc) = get(&o, "/live/s/v/index.m3u8").await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(body.contains("seg-0.m4s") && body.contains("part-1-0.m4s"));
+    assert_eq!(cc.as_deref(), Some("public, max-age=1"));
+    assert_eq!(get(&o, "/live/s/v/part-0-2.m4s").await.1, "p0.2");
+    assert_eq!(
+        get(&o, "/live/s/v/seg-0.m4s").await.1,
+        "p0.0p0.1p0.2p0.3p0.4p0.5"
+    );
+    assert_eq!(get(&o, "/live/s/v/init.mp4").await.1, "init");
+    assert_eq!(
+        get(&o, "/live/s/v/seg-9.m4s").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(&o, "/live/s/v/part-9-0.m4s").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(get(&o, "/live/s/v/..%2Fx").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        get(&o, "/live/nope/v/index.m3u8").await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (st, body, _) = get(&o, "/live/s/master.m3u8").await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(body.contains("CODECS=\"avc1.64001f\""));
+}
+
+#[tokio::test]
+async fn bad_blocking_requests_get_400() {
+    let (o, s) = origin();
+    part(&s, 0, 0);
+    for q in [
+        "_HLS_part=0",
+        "_HLS_msn=x",
+        "_HLS_msn=9",
+        "_HLS_msn=0&_HLS_part=99",
+    ] {
+        let (st, body, cc) = get(&o, &format!("/live/s/v/index.m3u8?{q}")).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{q}");
+        assert_eq!(cc.as_deref(), Some("public, max-age=8"));
+        // the same JSON envelope as the control API
+        let v: serde_json::Value = serde_json::from_str(&body).expect("a JSON error body");
+        assert_eq!(v["error"]["code"], "bad_request", "{q}: {body}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    let (st, body, _) = get(&o, "/live/nope/v/index.m3u8").await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert!(body.contains("\"not_found\""), "{body}");
+}
+
+#[tokio::test]
+async fn parked_requests_are_answered_from_one_shared_snapshot() {
+    let (o, s) = origin();
+    part(&s, 0, 0);
+    let r = s.renditions[0].clone();
+    let q = "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1";
+    let (o1, o2) = (o.clone(), o.clone());
+    let a = tokio::spawn(async move { get(&o1, q).await });
+    let b = tokio::spawn(async move { get(&o2, q).await });
+    while o.parked() < 2 {
+        tokio::task::yield_now().await;
+    }
+    part(&s, 0, 1);
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    let (snap, answers) = r.served_from();
+    let snap = snap.unwrap();
+    assert_eq!(answers, 2, "both answers from one snapshot");
+    assert!(Arc::ptr_eq(&snap, &r.snapshot()), "the published one");
+    assert_eq!(a.1.as_bytes(), &snap.playlist[..]);
+    assert_eq!(a.1, b.1);
+    // an answer from a later publish starts a new count
+    part(&s, 0, 2);
+    assert_eq!(
+        get(&o, "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=2")
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let (later, answers) = r.served_from();
+    assert_eq!(answers, 1);
+    assert!(!Arc::ptr_eq(&snap, &later.unwrap()));
+}
+
+#[tokio::test]
+async fn blocked_request_and_hinted_part_wake_on_publish() {
+    let (o, s) = origin();
+    part(&s, 0, 0);
+    let o2 = o.clone();
+    let pl =
+        tokio::spawn(async move { get(&o2, "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1").await });
+    let o3 = o.clone();
+    let hinted = tokio::spawn(async move { get(&o3, "/live/s/v/part-0-1.m4s").await });
+    // wait until both are parked on the rendition's publish channel
+    while s.renditions[0].parked() < 2 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!pl.is_finished() && !hinted.is_finished());
+    part(&s, 0, 1);
+    let (st, body, cc) = pl.await.unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert!(body.contains("part-0-1.m4s"));
+    assert_eq!(cc.as_deref(), Some("public, max-age=12"));
+    assert_eq!(hinted.await.unwrap().1, "p0.1");
+}
+
+#[tokio::test]
+async fn plain_playlist_waits_for_the_first_complete_segment() {
+    let (o, s) = origin();
+    part(&s, 0, 0);
+    let o2 = o.clone();
+    let pl = tokio::spawn(async move { get(&o2, "/live/s/v/index.m3u8").await });
+    while s.renditions[0].parked() < 1 {
+        tokio::task::yield_now().await;
+    }
+    for i in 1..6 {
+        part(&s, 0, i);
+    }
+    assert!(!pl.is_finished());
+    part(&s, 1, 0);
+    let (st, body, _) = pl.await.unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert!(body.contains("#EXTINF:2.00000,\nseg-0.m4s"));
+}
+
+async fn get_with(o: &Origin, uri: &str, hdr: (&str, &str)) -> Response {
+    router()
+        .with_state(o.clone())
+        .oneshot(
+            Request::get(uri)
+                .header(hdr.0, hdr.1)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn open_segment_streams_part_by_part_until_it_closes() {
+    let (o, s) = origin();
+    s.on_init(0, Bytes::from_static(b"init"), Some("avc1.64001f".into()));
+    part(&s, 0, 0);
+    let o2 = o.clone();
+    let seg = tokio::spawn(async move { get(&o2, "/live/s/v/seg-0.m4s").await });
+    while s.renditions[0].parked() < 1 {
+        tokio::task::yield_now().await;
+    }
+    for i in 1..6 {
+        part(&s, 0, i);
+    }
+    assert!(
+        !seg.is_finished(),
+        "the segment is open until the next one starts"
+    );
+    part(&s, 1, 0);
+    let (st, body, cc) = seg.await.unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(body, "p0.0p0.1p0.2p0.3p0.4p0.5");
+    assert_eq!(cc.as_deref(), Some("public, max-age=12"));
+    // a segment two ahead of the live edge is not in progress
+    assert_eq!(
+        get(&o, "/live/s/v/seg-3.m4s").await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn media_has_etags_and_ranges() {
+    let (o, s) = origin();
+    for i in 0..6 {
+        part(&s, 0, i);
+    }
+    part(&s, 1, 0);
+    let r = get_with(&o, "/live/s/v/seg-0.m4s", ("x-none", "")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()[header::CACHE_CONTROL], "public, max-age=86400");
+    let etag = r.headers()[header::ETAG].to_str().unwrap().to_string();
+    let r = get_with(&o, "/live/s/v/seg-0.m4s", ("if-none-match", &etag)).await;
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    let r = get_with(&o, "/live/s/v/part-0-1.m4s", ("range", "bytes=1-2")).await;
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.headers()[header::CONTENT_RANGE], "bytes 1-2/4");
+    assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "0.");
+    // an open-ended hint range (2^53 - 1) is clamped to the part
+    let r = get_with(
+        &o,
+        "/live/s/v/part-0-1.m4s",
+        ("range", "bytes=0-9007199254740991"),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "p0.1");
+    let r = get_with(&o, "/live/s/v/part-0-1.m4s", ("range", "bytes=9-")).await;
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(parse_range("bytes=-2", 4), Some((2, 3)));
+    assert_eq!(parse_range("bytes=0-1,2-3", 4), None);
+    assert_eq!(parse_range("items=0-1", 4), None);
+}
+
+#[tokio::test]
+async fn skip_requests_get_delta_updates() {
+    let (o, s) = origin();
+    for seg in 0..8 {
+        for i in 0..6 {
+            part(&s, seg, i);
+        }
+    }
+    let (st, full, _) = get(&o, "/live/s/v/index.m3u8").await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(full.contains("CAN-SKIP-UNTIL=12"));
+    let (_, delta, _) = get(&o, "/live/s/v/index.m3u8?_HLS_skip=YES").await;
+    assert!(delta.contains("#EXT-X-VERSION:9") && delta.contains("#EXT-X-SKIP:SKIPPED-SEGMENTS="));
+    let (_, v2, _) = get(&o, "/live/s/v/index.m3u8?_HLS_skip=v2").await;
+    assert!(v2.contains("RECENTLY-REMOVED-DATERANGES"));
+    let (st, _, _) = get(&o, "/live/s/v/index.m3u8?_HLS_skip=maybe").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn parking_is_bounded() {
+    let o = Origin::with_parking_limit(1);
+    let s = StreamOrigin::new(
+        "s",
+        origin()
+            .1
+            .renditions
+            .iter()
+            .map(|r| r.info.clone())
+            .collect(),
+        origin().1.config.clone(),
+    );
+    o.insert(s.clone());
+    part(&s, 0, 0);
+    let o2 = o.clone();
+    let first =
+        tokio::spawn(async move { get(&o2, "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1").await });
+    while o.parked() < 1 {
+        tokio::task::yield_now().await;
+    }
+    let (st, _, _) = get(&o, "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1").await;
+    assert_eq!(
+        st,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the second waiter finds no place"
+    );
+    part(&s, 0, 1);
+    assert_eq!(first.await.unwrap().0, StatusCode::OK);
+    assert_eq!(o.parked(), 0, "places are given back");
+}
+
+#[tokio::test]
+async fn signed_urls_are_checked_before_waiting_and_propagated() {
+    let (mut o, s) = origin();
+    let signer = crate::signing::UrlSigner::new(b"0123456789abcdef!").unwrap();
+    let token = signer.sign("s", u64::MAX / 2);
+    o.signer = Some(Arc::new(signer));
+    for i in 0..6 {
+        part(&s, 0, i);
+    }
+    part(&s, 1, 0);
+    // no token, bad token, expired token: 403 at once, even for a request that would block
+    for q in [
+        "_HLS_msn=9&_HLS_part=0",
+        "exp=99999999999&sig=00",
+        "exp=1&sig=ab",
+    ] {
+        let (st, _, cc) = get(&o, &format!("/live/s/v/index.m3u8?{q}")).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{q}");
+        assert_eq!(cc.as_deref(), Some("no-store"));
+    }
+    assert_eq!(
+        get(&o, "/live/s/v/part-0-0.m4s").await.0,
+        StatusCode::FORBIDDEN
+    );
+    let (st, body, _) = get(&o, &format!("/live/s/v/index.m3u8?{token}")).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        body.contains(&format!("URI=\"part-0-0.m4s?{token}\"")),
+        "{body}"
+    );
+    assert_eq!(
+        get(&o, &format!("/live/s/v/part-0-0.m4s?{token}")).await.1,
+        "p0.0"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn blocked_request_times_out_with_503() {
+    let (o, s) = origin();
+    part(&s, 0, 0);
+    let (st, _, _) = get(&o, "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1").await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn ending_releases_waiters_with_endlist() {
+    let (o, s) = origin();
+    part(&s, 0, 0);
+    let o2 = o.clone();
+    let pl = tokio::spawn(async move { get(&o2, "/live/s/v/index.m3u8?_HLS_msn=1").await });
+    while s.renditions[0].parked() < 1 {
+        tokio::task::yield_now().await;
+    }
+    s.end();
+    let (st, body, _) = pl.await.unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert!(body.ends_with("#EXT-X-ENDLIST\n"));
+}
