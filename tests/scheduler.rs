@@ -623,6 +623,14 @@ async fn a_fleet_token_guards_every_control_route_and_the_fleet_still_works() ->
         |nodes| nodes.to_string().contains("\"n1\""),
     )
     .await?;
+    // a path no route serves (an id with a `/`) gets the JSON envelope, like every other error
+    let res = authed
+        .get(format!("{}/v1/streams/a/b", sched.url))
+        .send()
+        .await?;
+    ensure!(res.status() == 404, "{}", res.status());
+    let v: Value = res.json().await.context("a JSON 404")?;
+    ensure!(v["error"]["code"] == "not_found", "{v}");
     // without the token (or with a wrong one) every control route of both processes answers 401
     let body = json!({"id": "t1", "source": "test:", "preset": "live-audio-only"});
     let refused = [

@@ -677,13 +677,23 @@ async fn jobs_survive_kill_9() -> Result<()> {
         .timeout(Duration::from_secs(20))
         .build()?;
     let input = format!("file://{}", inp.join("clip.mp4").display());
-    // the first job starts at once; the next two wait, and the higher priority must start first
+    // the first job starts at once; the next two wait, and the higher priority must start first. They are submitted
+    // once the first runs: submitted together, the dispatcher's first pass may see all three and rightly start the
+    // higher-priority one (seen on a loaded CI host).
     let first = submit(&http, &p.url, json!({"input": input})).await?;
+    let url = format!("{}/v1/jobs/{first}", p.url);
+    poll_json(
+        &http,
+        &url,
+        "the first job starts",
+        Duration::from_secs(30),
+        |st| st["state"] != "queued",
+    )
+    .await?;
     let low = submit(&http, &p.url, json!({"input": input, "priority": 1})).await?;
     let high = submit(&http, &p.url, json!({"input": input, "priority": 5})).await?;
     let ids = [first.clone(), low.clone(), high.clone()];
     // kill while the first one runs (medium, the preset's speed, is slow enough to catch)
-    let url = format!("{}/v1/jobs/{first}", p.url);
     poll_until(
         "the first job runs",
         Duration::from_secs(60),

@@ -36,6 +36,18 @@ pub fn json_error_with<'a>(
     (status, Json(envelope(code, message, extra))).into_response()
 }
 
+/// The fallback of every router: a path no route serves (an id with a `/` in it, a typo) gets 404 with the envelope.
+pub async fn no_route(uri: axum::http::Uri) -> Response {
+    json_error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!(
+            "no route serves {}",
+            uri.path().chars().take(200).collect::<String>()
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +63,22 @@ mod tests {
         assert_eq!(v["error"]["message"], "no room");
         assert_eq!(v["error"]["dimension"], "cpu_millicores");
         assert_eq!(v.as_object().map(|o| o.len()), Some(1));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_route_is_a_json_404() {
+        let res = no_route("/v1/streams/a/b".parse().unwrap()).await;
+        assert_eq!(res.status(), StatusCode::NOT_FOUND);
+        let body = http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "not_found");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/streams/a/b"));
     }
 
     #[test]

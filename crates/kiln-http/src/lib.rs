@@ -17,5 +17,5 @@ pub mod server;
 pub mod shutdown;
 
 pub use auth::{bearer_ok, require_bearer, token_from_env, TokenError};
-pub use error::{json_error, json_error_with};
+pub use error::{json_error, json_error_with, no_route};
 pub use shutdown::shutdown_signal;

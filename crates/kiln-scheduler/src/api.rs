@@ -53,6 +53,7 @@ pub fn router(s: Arc<Scheduler>) -> Router {
         .route("/vod/{id}/{*path}", get(crate::vod::redirect))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(kiln_http::no_route)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(s)
 }

@@ -144,18 +144,6 @@ pub fn service_router(metrics_token: Option<&str>) -> Router<AppState> {
         .route("/readyz", get(ready))
 }
 
-/// Any path no route serves (an id with a `/` in it, a typo): 404 with the JSON envelope.
-pub async fn no_route(uri: axum::http::Uri) -> Response {
-    kiln_http::json_error(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        format!(
-            "no route serves {}",
-            uri.path().chars().take(200).collect::<String>()
-        ),
-    )
-}
-
 async fn list(State(st): State<AppState>) -> Json<Vec<StreamStatus>> {
     Json(st.supervisor.list().iter().map(|h| h.status()).collect())
 }

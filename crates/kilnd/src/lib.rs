@@ -87,7 +87,7 @@ pub fn app(state: AppState) -> Router {
         ))
         .merge(playback)
         .merge(page::router(state.config.assets_dir.clone()))
-        .fallback(api::no_route)
+        .fallback(kiln_http::no_route)
         .with_state(state)
         .layer(CompressionLayer::new().gzip(true).compress_when(compress))
         .layer(axum::middleware::from_fn(
