@@ -131,11 +131,11 @@ impl Daemon {
         limit: Duration,
         cond: impl FnMut(&str, &LlPlaylist) -> bool + Send,
     ) -> Result<(String, LlPlaylist)> {
-        let next = std::sync::Mutex::new(None::<u64>);
-        let cond = std::sync::Mutex::new(cond);
+        let next = parking_lot::Mutex::new(None::<u64>);
+        let cond = parking_lot::Mutex::new(cond);
         let (next, cond) = (&next, &cond);
         poll_until(what, limit, Duration::ZERO, move || async move {
-            let at = *next.lock().unwrap_or_else(|e| e.into_inner());
+            let at = *next.lock();
             let q = match at {
                 None => path.to_string(),
                 Some(msn) => format!("{path}?_HLS_msn={msn}"),
@@ -145,11 +145,11 @@ impl Daemon {
                 bail!("GET {q}: {st} {text}");
             }
             let pl = parse_ll(&text)?;
-            if (cond.lock().unwrap_or_else(|e| e.into_inner()))(&text, &pl) {
+            if (cond.lock())(&text, &pl) {
                 return Ok(Polled::Done((text, pl)));
             }
             let last = pl.segments.last().map_or(0, |s| s.msn);
-            *next.lock().unwrap_or_else(|e| e.into_inner()) = Some(last + 1);
+            *next.lock() = Some(last + 1);
             Ok(Polled::NotYet(text))
         })
         .await

@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 
 use bytes::Bytes;
 use kiln_llhls::multivariant::{self, AudioMedia, VideoVariant};
@@ -60,15 +62,12 @@ impl Rendition {
     /// (pointer-equal; holding it means its address cannot be reused by a later snapshot). One uncontended lock
     /// per playlist answer.
     pub fn served_from(&self) -> (Option<Arc<Snapshot>>, u64) {
-        self.served
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.served.lock().clone()
     }
 
     /// Records that a playlist answer was served from `snap` (see [`Rendition::served_from`]).
     pub(crate) fn note_served(&self, snap: &Arc<Snapshot>) {
-        let mut s = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.served.lock();
         if s.0.as_ref().is_some_and(|p| Arc::ptr_eq(p, snap)) {
             s.1 += 1;
         } else {
@@ -77,11 +76,11 @@ impl Rendition {
     }
 
     pub fn codec(&self) -> Option<String> {
-        self.codec.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.codec.lock().clone()
     }
 
-    fn packager(&self) -> std::sync::MutexGuard<'_, Packager> {
-        self.packager.lock().unwrap_or_else(|e| e.into_inner())
+    fn packager(&self) -> parking_lot::MutexGuard<'_, Packager> {
+        self.packager.lock()
     }
 
     pub fn init(&self) -> Option<Bytes> {
@@ -102,13 +101,13 @@ impl Rendition {
     }
 
     pub fn dash_base(&self) -> Option<(u32, u64)> {
-        *self.dash_base.lock().unwrap_or_else(|e| e.into_inner())
+        *self.dash_base.lock()
     }
 
     /// On the first part: reads its `tfdt` and the track timescale to map the track's decode timeline to running
     /// time 0 (DASH `presentationTimeOffset`).
     fn learn_dash_base(&self, part: &PartIn) {
-        let mut base = self.dash_base.lock().unwrap_or_else(|e| e.into_inner());
+        let mut base = self.dash_base.lock();
         if base.is_some() {
             return;
         }
@@ -200,7 +199,7 @@ impl StreamOrigin {
         let Some(r) = self.renditions.get(index) else {
             return;
         };
-        *r.codec.lock().unwrap_or_else(|e| e.into_inner()) = codec;
+        *r.codec.lock() = codec;
         let reports = self.reports_for(index);
         let snap = {
             let mut p = r.packager();
@@ -371,36 +370,23 @@ impl Origin {
     }
 
     pub fn insert(&self, s: Arc<StreamOrigin>) {
-        self.streams
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(s.id.clone(), s);
+        self.streams.write().insert(s.id.clone(), s);
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<StreamOrigin>> {
-        self.streams
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
+        self.streams.read().get(id).cloned()
     }
 
     /// Removes a stream if it is still the given instance (a newer stream under the same id is kept).
     pub fn remove_if_same(&self, s: &Arc<StreamOrigin>) {
-        let mut map = self.streams.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.streams.write();
         if map.get(&s.id).is_some_and(|cur| Arc::ptr_eq(cur, s)) {
             map.remove(&s.id);
         }
     }
 
     pub fn ids(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .streams
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let mut v: Vec<String> = self.streams.read().keys().cloned().collect();
         v.sort();
         v
     }
