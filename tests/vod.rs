@@ -991,6 +991,40 @@ async fn finished_jobs_are_deleted_after_the_retention_or_on_request() -> Result
         .context("master")?
         .to_string();
     ensure!(d2.http.get(d2.url(&master)).send().await?.status() == 200);
+    // finished files are served with Range, HEAD and conditional requests (tower-http's ServeFile)
+    let name = st["renditions"][0]["name"].as_str().context("rendition")?;
+    let seg = d2.url(&format!("/vod/{good}/{name}/seg-1.m4s"));
+    let full = d2.http.get(&seg).send().await?;
+    ensure!(full.status() == 200, "{}", full.status());
+    ensure!(full.headers()["content-type"] == "video/mp4");
+    let etag = full.headers().get("etag").cloned().context("an ETag")?;
+    let modified = full
+        .headers()
+        .get("last-modified")
+        .cloned()
+        .context("Last-Modified")?;
+    let body = full.bytes().await?;
+    ensure!(body.len() > 100, "segment of {} bytes", body.len());
+    let part = d2
+        .http
+        .get(&seg)
+        .header("range", "bytes=10-19")
+        .send()
+        .await?;
+    ensure!(part.status() == 206, "range: {}", part.status());
+    ensure!(
+        part.headers()["content-range"] == format!("bytes 10-19/{}", body.len()).as_str(),
+        "{:?}",
+        part.headers()
+    );
+    ensure!(part.bytes().await? == body[10..20], "the range's bytes");
+    let head = d2.http.head(&seg).send().await?;
+    ensure!(head.status() == 200);
+    ensure!(head.headers()["content-length"] == body.len().to_string().as_str());
+    for (h, v) in [("if-none-match", etag), ("if-modified-since", modified)] {
+        let r = d2.http.get(&seg).header(h, v).send().await?;
+        ensure!(r.status() == 304, "{h}: {}", r.status());
+    }
     let r = d2
         .http
         .delete(d2.url(&format!("/v1/jobs/{good}?purge=true")))
