@@ -10,14 +10,17 @@ let stalls = 0, last = -1, samples = [];
 for (let i = 0; i < Number(seconds); i++) {
   await page.waitForTimeout(1000);
   const s = await page.evaluate(() => ({ t: document.querySelector('video').currentTime, lat: window.kilnHls.latency,
-    level: window.kilnHls.currentLevel, waiting: document.querySelector('video').readyState < 3 }));
+    level: window.kilnHls.currentLevel, target: window.kilnHls.targetLatency,
+    waiting: document.querySelector('video').readyState < 3 }));
   if (s.t <= last) stalls++;
   last = s.t; samples.push(s);
 }
 await page.screenshot({ path: shot });
 const lats = samples.map(s => s.lat).filter(x => x > 0);
-const result = { seconds: Number(seconds), playedTo: last, stalls, latencyLast: lats.at(-1),
-  latencyMedian: lats.sort((a, b) => a - b)[Math.floor(lats.length / 2)] };
+// hls.js's own stall events (bufferStalledError): each one raises its target latency (liveSyncOnStallIncrease).
+const hlsStalls = await page.evaluate(() => window.kilnErrors.filter(e => e.details === 'bufferStalledError').length);
+const result = { seconds: Number(seconds), playedTo: last, stalls, hlsStalls, targetLatency: samples.at(-1).target,
+  latencySamples: lats.length, latencyLast: lats.at(-1), latencyMedian: lats.sort((a, b) => a - b)[Math.floor(lats.length / 2)] };
 console.log(JSON.stringify(result));
 await browser.close();
 process.exit(stalls === 0 && last > Number(seconds) - 5 ? 0 : 1);

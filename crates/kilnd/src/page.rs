@@ -119,6 +119,12 @@ async function play(id) {
     hls.loadSource(url); hls.attachMedia(video);
     hls.on(Hls.Events.MANIFEST_PARSED, () => video.play().catch(() => {}));
     hls.on(Hls.Events.ERROR, (_, d) => window.kilnErrors.push({ type: d.type, details: d.details, fatal: d.fatal }));
+    // hls.js adds liveSyncOnStallIncrease (1 s by default) to its target latency for every buffer stall, for good.
+    // On a low-latency stream the unit of lateness is a part: one stall (a slow start, a busy viewer machine) costs
+    // one part of latency, not three.
+    hls.on(Hls.Events.LEVEL_LOADED, (_, d) => {
+      if (d.details.live && d.details.partTarget) hls.config.liveSyncOnStallIncrease = d.details.partTarget;
+    });
     window.kilnHls = hls;
   } else if (video.canPlayType('application/vnd.apple.mpegurl')) {
     video.src = url; video.play().catch(() => {});
