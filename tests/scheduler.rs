@@ -6,7 +6,11 @@
 //! - `kill -9` of a daemon: within 10 s its streams run on other daemons and `/play/…` follows;
 //! - the leader frozen (SIGSTOP): the other scheduler takes the lease with a higher epoch and places streams; a
 //!   command carrying the old epoch is refused by the daemons (fencing, 409 `stale_epoch`); the old leader,
-//!   resumed, knows it no longer leads and redirects writes; no stream ever runs twice.
+//!   resumed, knows it no longer leads and redirects writes; no stream ever runs twice;
+//! - nodes join only with the join token (or the fleet token, or an explicitly open fleet), at an address the
+//!   policy allows, and a forged heartbeat neither adds a node nor re-points one (so `/play` never sends viewers
+//!   to an address nobody admitted);
+//! - `GET /v1/fleet/headroom` over 40 nodes answers at once and, called concurrently, never starves heartbeats.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -25,12 +29,24 @@ const SCHEDULER: &str = env!("CARGO_BIN_EXE_kiln-it-scheduler");
 const HEARTBEAT_MS: &str = "1000";
 const HEARTBEAT: Duration = Duration::from_millis(1000);
 
-/// A `kiln-scheduler` on 127.0.0.1:0 with the test's heartbeat interval, `args` and `env`.
+/// The join token the test fleets use (`--node-token-env KILN_IT_NODE_TOKEN` on schedulers and daemons).
+const NODE_TOKEN: &str = "node-join-token-0123456789";
+const NODE_TOKEN_ENV: (&str, &str) = ("KILN_IT_NODE_TOKEN", NODE_TOKEN);
+
+/// A `kiln-scheduler` on 127.0.0.1:0 with the test's heartbeat interval, `args` and `env`. The test daemons
+/// advertise loopback URLs, which a scheduler refuses by default: `--node-networks 127.0.0.0/8` admits them.
 async fn scheduler(name: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
-    let argv: Vec<&str> = ["--listen", "127.0.0.1:0", "--heartbeat-ms", HEARTBEAT_MS]
-        .into_iter()
-        .chain(args.iter().copied())
-        .collect();
+    let argv: Vec<&str> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--heartbeat-ms",
+        HEARTBEAT_MS,
+        "--node-networks",
+        "127.0.0.0/8",
+    ]
+    .into_iter()
+    .chain(args.iter().copied())
+    .collect();
     Proc::spawn_env(name, SCHEDULER, &argv, env, "listening on").await
 }
 
@@ -149,16 +165,26 @@ impl Fleet {
 async fn three_daemons_two_schedulers_survive_node_and_leader_failure() -> Result<()> {
     let redis = redis_server().await?;
     let mut scheds = Vec::new();
+    // nodes join with the join token; the control API stays open (no fleet token): the two are independent
+    let join = ["--node-token-env", NODE_TOKEN_ENV.0];
     for name in ["sched-a", "sched-b"] {
-        let args = ["--redis-url", &redis.url, "--instance-id", name];
-        scheds.push(scheduler(name, &args, &[]).await?);
+        let args = [
+            "--redis-url",
+            &redis.url,
+            "--instance-id",
+            name,
+            join[0],
+            join[1],
+        ];
+        scheds.push(scheduler(name, &args, &[NODE_TOKEN_ENV]).await?);
     }
     let all_scheds = format!("{},{}", scheds[0].url, scheds[1].url);
     let mut daemons = BTreeMap::new();
     for n in ["n1", "n2", "n3"] {
         let data = std::env::temp_dir().join(format!("kiln-sched-{}-{n}", std::process::id()));
         let data = data.display().to_string();
-        daemons.insert(n.to_string(), node(n, &data, &all_scheds, &[], &[]).await?);
+        let d = node(n, &data, &all_scheds, &join, &[NODE_TOKEN_ENV]).await?;
+        daemons.insert(n.to_string(), d);
     }
     let f = Fleet {
         http: reqwest::Client::builder()
@@ -701,6 +727,340 @@ async fn a_fleet_token_guards_every_control_route_and_the_fleet_still_works() ->
     Ok(())
 }
 
+/// A heartbeat document for node `id` at `url` with `cpu_millicores` of CPU, pricing every built-in preset at
+/// 1 core: what a forger (or the headroom test's 40 synthetic nodes) sends.
+fn heartbeat_doc(id: &str, url: &str, cpu_millicores: u64) -> Value {
+    use kiln_model::capacity::Resources;
+    use kiln_model::node::{CapacityReport, Heartbeat, HostReport, PresetDemand};
+    let cap = Resources {
+        cpu_millicores,
+        memory_mib: cpu_millicores,
+        ..Default::default()
+    };
+    let price = PresetDemand {
+        cpu: Resources {
+            cpu_millicores: 1000,
+            memory_mib: 100,
+            ..Default::default()
+        },
+        gpu: None,
+        pixel_rate: 1,
+    };
+    let hb = Heartbeat {
+        url: url.into(),
+        capacity: CapacityReport {
+            node_id: id.into(),
+            epoch: 1,
+            fence_epoch: 0,
+            host: HostReport {
+                capacity: cap,
+                free: cap,
+                ..Default::default()
+            },
+            gpus: vec![],
+            gpu_inventory: Default::default(),
+            streams: vec![],
+            headroom: Default::default(),
+            demands: kiln_config::Presets::builtin()
+                .names()
+                .map(|n| (n.to_string(), price))
+                .collect(),
+            vod: None,
+        },
+    };
+    serde_json::to_value(hb).expect("a heartbeat serialises")
+}
+
+/// Nodes join only when admitted. A scheduler with a fleet token and a join token, and a real daemon that joins
+/// with the join token:
+/// - a forged heartbeat without the token, for a new node `evil` at the cloud metadata address or re-pointing
+///   the real node, gets 401 (envelope and Bearer challenge) and changes nothing;
+/// - with the join token, an advertised URL at the metadata address (or loopback on a scheduler without
+///   `--node-networks`) gets 422 `node_url_refused` naming `--node-networks`, and nothing is stored;
+/// - the join token opens no control route;
+/// - a stream is placed on the real node and `/play` sends viewers there, after all the forgeries;
+/// - a scheduler started with no token and no `--open-fleet` admits nobody (403 `fleet_closed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_only_with_the_join_token_at_an_allowed_address() -> Result<()> {
+    const FLEET: &str = "fleet-token-0123456789abcdef";
+    let env = [("KILN_IT_FLEET_TOKEN", FLEET), NODE_TOKEN_ENV];
+    let tokens = [
+        "--api-token-env",
+        "KILN_IT_FLEET_TOKEN",
+        "--node-token-env",
+        NODE_TOKEN_ENV.0,
+    ];
+    let sched = scheduler("sched", &tokens, &env).await?;
+    let data = std::env::temp_dir().join(format!("kiln-sched-join-{}", std::process::id()));
+    let data = data.display().to_string();
+    let n1 = node("n1", &data, &sched.url, &tokens, &env).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let nodes_url = format!("{}/v1/nodes", sched.url);
+    let listed = || async {
+        let v: Value = http
+            .get(&nodes_url)
+            .bearer_auth(FLEET)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let pairs: Vec<(String, String)> = v
+            .as_array()
+            .context("nodes")?
+            .iter()
+            .map(|n| {
+                (
+                    n["id"].as_str().unwrap_or_default().to_string(),
+                    n["url"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        anyhow::Ok(pairs)
+    };
+    poll_until(
+        "n1 joins with the join token",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let l = listed().await?;
+            Ok(if l == [("n1".to_string(), n1.url.clone())] {
+                Polled::Done(())
+            } else {
+                Polled::NotYet(format!("{l:?}"))
+            })
+        },
+    )
+    .await?;
+    let beat = |id: &str, url: &str, token: Option<&str>| {
+        let rb = http
+            .post(format!("{}/v1/nodes/{id}/heartbeat", sched.url))
+            .json(&heartbeat_doc(id, url, 8000));
+        match token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+        .send()
+    };
+    let refused = |r: reqwest::Response, status: u16, code: &'static str| async move {
+        let got = r.status().as_u16();
+        let challenge = r.headers().get("www-authenticate").cloned();
+        let v: Value = r.json().await.context("a JSON envelope")?;
+        ensure!(got == status && v["error"]["code"] == code, "{got} {v}");
+        if status == 401 {
+            ensure!(challenge.is_some(), "401 without a Bearer challenge");
+        }
+        anyhow::Ok(
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        )
+    };
+    // no token: a new node at the metadata address, or the real node re-pointed, are both refused
+    refused(
+        beat("evil", "http://169.254.169.254", None).await?,
+        401,
+        "unauthorized",
+    )
+    .await?;
+    let m = refused(
+        beat("n1", "http://10.9.9.9:8080", None).await?,
+        401,
+        "unauthorized",
+    )
+    .await?;
+    ensure!(m.contains("--node-token-env"), "{m}");
+    refused(
+        beat(
+            "n1",
+            "http://10.9.9.9:8080",
+            Some("node-join-token-0123456780"),
+        )
+        .await?,
+        401,
+        "unauthorized",
+    )
+    .await?;
+    // the token, but an address nobody may be sent to
+    for url in [
+        "http://169.254.169.254",
+        "http://[::ffff:169.254.169.254]:80",
+    ] {
+        let m = refused(
+            beat("evil", url, Some(NODE_TOKEN)).await?,
+            422,
+            "node_url_refused",
+        )
+        .await?;
+        ensure!(
+            m.contains("link-local") && m.contains("--node-networks"),
+            "{url}: {m}"
+        );
+    }
+    // the join token opens no control route
+    let r = http
+        .post(format!("{}/v1/streams", sched.url))
+        .bearer_auth(NODE_TOKEN)
+        .json(&json!({"id": "t1", "source": "test:", "preset": "live-audio-only"}))
+        .send()
+        .await?;
+    ensure!(
+        r.status() == 401,
+        "POST /v1/streams with the join token: {}",
+        r.status()
+    );
+    ensure!(
+        listed().await? == [("n1".to_string(), n1.url.clone())],
+        "a forged heartbeat changed the fleet: {:?}",
+        listed().await?
+    );
+    // placement and playback go to the real node
+    let r = http
+        .post(format!("{}/v1/streams", sched.url))
+        .bearer_auth(FLEET)
+        .json(&json!({"id": "t1", "source": "test:", "preset": "live-audio-only"}))
+        .send()
+        .await?;
+    ensure!(r.status() == 201, "placing t1: {}", r.status());
+    let r = http
+        .get(format!("{}/play/t1/master.m3u8", sched.url))
+        .send()
+        .await?;
+    let loc = r
+        .headers()
+        .get("location")
+        .and_then(|l| l.to_str().ok())
+        .unwrap_or_default();
+    ensure!(
+        r.status() == 302 && loc == format!("{}/live/t1/master.m3u8", n1.url),
+        "/play: {} {loc}",
+        r.status()
+    );
+    // no token and no --open-fleet: a scheduler admits nobody; without --node-networks loopback is refused
+    let closed = Proc::spawn(
+        "closed",
+        SCHEDULER,
+        &["--listen", "127.0.0.1:0", "--heartbeat-ms", HEARTBEAT_MS],
+        "listening on",
+    )
+    .await?;
+    let r = http
+        .post(format!("{}/v1/nodes/n1/heartbeat", closed.url))
+        .json(&heartbeat_doc("n1", "http://10.0.0.1:8080", 8000))
+        .send()
+        .await?;
+    let m = refused(r, 403, "fleet_closed").await?;
+    ensure!(
+        m.contains("--open-fleet") && m.contains("--node-token-env"),
+        "{m}"
+    );
+    let strict = Proc::spawn_env(
+        "strict",
+        SCHEDULER,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--node-token-env",
+            NODE_TOKEN_ENV.0,
+        ],
+        &[NODE_TOKEN_ENV],
+        "listening on",
+    )
+    .await?;
+    let r = http
+        .post(format!("{}/v1/nodes/n1/heartbeat", strict.url))
+        .bearer_auth(NODE_TOKEN)
+        .json(&heartbeat_doc("n1", &n1.url, 8000))
+        .send()
+        .await?;
+    let m = refused(r, 422, "node_url_refused").await?;
+    ensure!(
+        m.contains("loopback") && m.contains("--node-networks"),
+        "{m}"
+    );
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(())
+}
+
+/// `GET /v1/fleet/headroom` over 40 nodes with room for more than the 100,000 streams it counts per preset (what
+/// took the old stream-by-stream fill 4–6 s per call, on the threads that answer heartbeats): four calls at a
+/// time, with every node's heartbeat in flight beside them, round after round for more than a heartbeat TTL
+/// (3 intervals). Every heartbeat is answered and every headroom answer sees all 40 nodes alive and the full
+/// count: a call that held the workers for a TTL would show dead nodes (the reported `alive: 0, dead: 43`), and
+/// one that took longer than the client's timeout would fail outright.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headroom_over_forty_nodes_is_cheap_and_never_starves_heartbeats() -> Result<()> {
+    const NODES: usize = 40;
+    let sched = scheduler("sched", &["--open-fleet"], &[]).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let docs: Vec<(String, Value)> = (0..NODES)
+        .map(|i| {
+            let id = format!("h{i:02}");
+            let url = format!("http://10.0.{}.{}:8080", i / 200, 1 + i % 200);
+            // 10^9 millicores: a million streams of every preset per node
+            (id.clone(), heartbeat_doc(&id, &url, 1_000_000_000))
+        })
+        .collect();
+    let heartbeats = || {
+        futures_util::future::join_all(docs.iter().map(|(id, doc)| {
+            let http = http.clone();
+            let url = format!("{}/v1/nodes/{id}/heartbeat", sched.url);
+            async move {
+                let r = http.post(url).json(doc).send().await?;
+                ensure!(r.status() == 200, "heartbeat {id}: {}", r.status());
+                anyhow::Ok(())
+            }
+        }))
+    };
+    for r in heartbeats().await {
+        r?;
+    }
+    let presets = kiln_config::Presets::builtin().names().count();
+    let headroom = || async {
+        let v: Value = http
+            .get(format!("{}/v1/fleet/headroom", sched.url))
+            .send()
+            .await?
+            .json()
+            .await?;
+        anyhow::Ok(v)
+    };
+    // more than a heartbeat TTL (3 intervals) of rounds, each a heartbeat from every node beside 4 headroom calls
+    let rounds = 3 * HEARTBEAT.as_millis() as usize / 250 + 4;
+    for round in 0..rounds {
+        let (beats, answers) = tokio::join!(
+            heartbeats(),
+            futures_util::future::join_all((0..4).map(|_| headroom()))
+        );
+        for b in beats {
+            b.with_context(|| format!("round {round}"))?;
+        }
+        for a in answers {
+            let v = a.with_context(|| format!("round {round}: headroom"))?;
+            ensure!(
+                v["nodes"]["alive"] == NODES && v["nodes"]["dead"] == 0,
+                "round {round}: {}",
+                v["nodes"]
+            );
+            let full = v["presets"]
+                .as_object()
+                .context("presets")?
+                .values()
+                .filter(|p| p["streams"] == 100_000)
+                .count();
+            ensure!(full == presets, "round {round}: {}", v["presets"]);
+        }
+        // pacing, not a measurement: the rounds span several heartbeat TTLs
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
+
 /// VOD jobs through the scheduler: two daemons with one job slot each; two jobs go to different nodes (the first
 /// one's queue counts before its next heartbeat), each is followed to `done` through the scheduler, `/vod/…`
 /// redirects to the node holding the outputs, and a purge through the scheduler forgets the job.
@@ -720,7 +1080,8 @@ async fn vod_jobs_are_routed_to_the_shortest_queue_and_followed() -> Result<()> 
         ],
     )
     .await?;
-    let sched = scheduler("sched", &[], &[]).await?;
+    // a trusted network: any node joins without a token
+    let sched = scheduler("sched", &["--open-fleet"], &[]).await?;
     let input_dir = dir.join("in").display().to_string();
     let mut nodes = Vec::new();
     for n in ["v1", "v2"] {

@@ -34,12 +34,34 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     consolidate_moves: usize,
     /// The fleet's bearer token, read from this environment variable (≥ 16 bytes): required on this scheduler's
-    /// control routes and heartbeats, and sent to the daemons (start them with the same token).
+    /// control routes, accepted on heartbeats, and sent to the daemons (start them with the same token).
     #[arg(long, value_name = "ENV_VAR")]
     api_token_env: Option<String>,
+    /// The join token, read from this environment variable (≥ 16 bytes): a node's heartbeats must carry it (or
+    /// the fleet token) to join. It admits heartbeats and nothing else. Start kilnd with the same variable in its
+    /// own --node-token-env.
+    #[arg(long, value_name = "ENV_VAR")]
+    node_token_env: Option<String>,
+    /// Admit heartbeats without a token (a trusted network only: demos, tests). Without a token and without this
+    /// flag every heartbeat is refused. A live node's URL still changes only once its heartbeat expires.
+    #[arg(long, conflicts_with_all = ["api_token_env", "node_token_env"])]
+    open_fleet: bool,
+    /// Only these node ids may join (comma-separated); default: any id that has the token.
+    #[arg(long, value_name = "ID,ID", value_delimiter = ',')]
+    nodes: Vec<String>,
+    /// Networks a node's advertised URL may point into besides public and private (10/8, 172.16/12, 192.168/16,
+    /// fc00::/7) addresses: comma-separated CIDRs (`127.0.0.0/8` for a fleet on one host; `any` turns the check
+    /// off). Loopback, link-local (the cloud metadata service), unspecified, multicast, broadcast and the other
+    /// special-purpose ranges are refused otherwise. A host name must resolve only to allowed addresses.
+    #[arg(long, value_name = "CIDR,CIDR", value_parser = parse_networks, default_value = "")]
+    node_networks: kiln_model::net::UrlPolicy,
     /// Load presets from this directory instead of the built-in ones (they must match the daemons').
     #[arg(long)]
     pipelines_dir: Option<std::path::PathBuf>,
+}
+
+fn parse_networks(s: &str) -> Result<kiln_model::net::UrlPolicy, String> {
+    kiln_model::net::UrlPolicy::parse(s).map_err(|e| e.to_string())
 }
 
 /// The binary's whole `main`: parses the process arguments and runs. Test harnesses build their own binaries
@@ -59,6 +81,36 @@ async fn run() -> anyhow::Result<()> {
         .as_deref()
         .map(kiln_http::token_from_env)
         .transpose()?;
+    let node_token = args
+        .node_token_env
+        .as_deref()
+        .map(kiln_http::token_from_env)
+        .transpose()?;
+    anyhow::ensure!(
+        node_token.is_none() || node_token != api_token,
+        "the join token (--node-token-env) must differ from the fleet token (--api-token-env): a node must not be \
+         able to drive the control API"
+    );
+    let nodes = crate::admit::NodeAdmission {
+        token: node_token,
+        open: args.open_fleet,
+        ids: (!args.nodes.is_empty()).then(|| {
+            args.nodes
+                .iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        }),
+        networks: crate::admit::NodeNetworks {
+            extra: args.node_networks.clone(),
+        },
+    };
+    if nodes.token.is_none() && api_token.is_none() && !nodes.open {
+        tracing::warn!(
+            "no --node-token-env, no --api-token-env and no --open-fleet: every heartbeat is refused, so no node \
+             can join"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -79,6 +131,7 @@ async fn run() -> anyhow::Result<()> {
         presets,
         strategy: kiln_binpack::Strategy::Kiln,
         api_token,
+        nodes,
     };
     println!("kiln-scheduler listening on http://{bound}");
     let s = Arc::new(crate::Scheduler::new(config, store));

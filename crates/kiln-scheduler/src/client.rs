@@ -14,11 +14,14 @@
 //! | any other status (422, 429, 5xx, …) | [`CommandError::Refused`]: try another node             |
 //! | no answer                           | [`CommandError::Unreachable`]: try another node         |
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_model::node::EPOCH_HEADER;
 use kiln_model::StreamRequest;
 use prometheus::IntCounter;
+
+use crate::admit::{NodeNetworks, PolicyResolver};
 
 /// The error `code` kilnd sends when a command carries an epoch lower than the highest it has seen.
 pub const STALE_EPOCH: &str = "stale_epoch";
@@ -102,10 +105,17 @@ pub struct DaemonClient {
 }
 
 impl DaemonClient {
-    pub fn new(token: Option<String>, fenced: IntCounter) -> Self {
+    /// A client that connects only to addresses `networks` allows (a node's name is resolved through it on every
+    /// connection) and follows no redirect (a daemon never redirects its control API; a redirect would lead the
+    /// scheduler, and what it passes on from VOD routes, to an address nobody checked).
+    pub fn new(token: Option<String>, fenced: IntCounter, networks: NodeNetworks) -> Self {
         Self {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
+                .redirect(reqwest::redirect::Policy::none())
+                .dns_resolver(Arc::new(PolicyResolver {
+                    networks: Arc::new(networks),
+                }))
                 .build()
                 .expect("building the HTTP client"),
             token,
@@ -290,7 +300,11 @@ mod tests {
     #[tokio::test]
     async fn commands_carry_epoch_and_token_and_a_delete_of_an_unknown_stream_is_done() {
         let fenced = IntCounter::new("f", "f").unwrap();
-        let c = DaemonClient::new(Some("t0ken-t0ken-t0ken".into()), fenced.clone());
+        let c = DaemonClient::new(
+            Some("t0ken-t0ken-t0ken".into()),
+            fenced.clone(),
+            Default::default(),
+        );
         let (url, mut seen) = daemon(404, envelope("not_found", "gone")).await;
         assert_eq!(c.delete(7, &url, "a").await, Ok(()));
         assert_eq!(
@@ -309,7 +323,7 @@ mod tests {
     #[tokio::test]
     async fn a_stale_epoch_answer_is_fenced_and_counted() {
         let fenced = IntCounter::new("f", "f").unwrap();
-        let c = DaemonClient::new(None, fenced.clone());
+        let c = DaemonClient::new(None, fenced.clone(), Default::default());
         let (url, mut seen) = daemon(409, envelope("stale_epoch", "epoch 1 < 2")).await;
         let spec = StreamRequest::default();
         assert!(c.put(1, &url, "a", &spec).await.unwrap_err().is_fenced());

@@ -206,6 +206,7 @@ mod tests {
             presets: kiln_config::Presets::builtin(),
             strategy: kiln_binpack::Strategy::Kiln,
             api_token: None,
+            nodes: Default::default(),
         };
         let s = Scheduler::new(config, Store::memory(5));
         s.campaign().await;

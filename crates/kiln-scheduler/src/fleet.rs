@@ -3,10 +3,10 @@
 //! Nodes come from heartbeats (capacity in physical units), bookings from the scheduler's own records, and a
 //! stream's demand alternatives from its policy and the prices nodes report per preset.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use kiln_binpack::{Demand, Gpu, Node};
-use kiln_model::capacity::{GpuCostModel, Resources};
+use kiln_model::capacity::{Dimension, GpuCostModel, Resources};
 use kiln_model::node::Heartbeat;
 use kiln_model::{Policy, Source, StreamRequest};
 
@@ -41,6 +41,13 @@ pub fn view(
     records: &[StreamRecord],
     excluded: &HashSet<String>,
 ) -> Vec<Node> {
+    // the placed records per node, in one pass (a fleet of N nodes and R streams costs N + R, not N × R)
+    let mut placed: HashMap<&str, Vec<&StreamRecord>> = HashMap::new();
+    for r in records.iter().filter(|r| r.phase == Phase::Placed) {
+        if let Some(node) = r.node.as_deref() {
+            placed.entry(node).or_default().push(r);
+        }
+    }
     nodes
         .iter()
         .filter_map(|n| n.heartbeat.as_ref().map(|hb| (n, hb)))
@@ -49,10 +56,7 @@ pub fn view(
             let mut host_booked = Resources::default();
             let mut gpu_booked = vec![Resources::default(); rep.gpus.len()];
             let mut pixel_rate = 0;
-            for r in records
-                .iter()
-                .filter(|r| r.phase == Phase::Placed && r.node.as_deref() == Some(n.id.as_str()))
-            {
+            for r in placed.get(n.id.as_str()).into_iter().flatten() {
                 let Some(d) = &r.demand else { continue };
                 host_booked = host_booked.plus(&d.host);
                 pixel_rate += d.pixel_rate;
@@ -172,9 +176,77 @@ pub fn pinned(req: &StreamRequest, booked: &Demand) -> StreamRequest {
     r
 }
 
+/// Most streams [`headroom`] counts per preset: a larger fleet answers this figure.
+pub const HEADROOM_CAP: u64 = 100_000;
+
+/// How many more streams of one kind the fleet takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Headroom {
+    pub streams: u64,
+    /// Of them, on the first alternative when that one is an NVENC one.
+    pub on_gpu: u64,
+}
+
+/// How many more streams with demand alternatives `alts` the accepting nodes of `view` take: what placing them
+/// one after another would give (each on its first alternative that fits anywhere), capped at [`HEADROOM_CAP`].
+///
+/// Computed per node in closed form rather than by placing: placing ran [`kiln_binpack::place`] over the whole
+/// fleet once per stream, up to 100,000 times per preset (seconds for 40 nodes). The count is the same, because
+/// the streams are identical and each node is its own bin:
+/// - alternative k is placed only once no node has room for the alternatives before it, and room only shrinks,
+///   so the fill runs alternative by alternative;
+/// - on one node, copies of a demand with a GPU part keep landing while the host has room for one more and some
+///   GPU does, so the node takes min(host copies, Σ per-GPU copies), whichever GPUs the scoring picks; a host-only
+///   demand takes the host copies.
+///
+/// This relies on what [`alternatives`] returns: at most one alternative with a GPU part, and first (after it only
+/// the host's room matters, so which GPU each copy took does not).
+pub fn headroom(view: &[Node], alts: &[Demand]) -> Headroom {
+    let mut host_used: Vec<Resources> = view.iter().map(|n| n.host_used).collect();
+    let mut out = Headroom::default();
+    for (k, d) in alts.iter().enumerate() {
+        let mut placed = 0u64;
+        for (n, used) in view.iter().zip(&mut host_used) {
+            if !n.accepting {
+                continue;
+            }
+            // how_many agrees with binpack's `fits`: a dimension with no capacity left takes no demand of it
+            let mut copies = n.host_capacity.minus(used).how_many(&d.host);
+            if let Some(g) = &d.gpu {
+                let on_gpus = n
+                    .gpus
+                    .iter()
+                    .map(|x| x.capacity.minus(&x.used).how_many(g))
+                    .fold(0, u64::saturating_add);
+                copies = copies.min(on_gpus);
+            }
+            let copies = copies.min(HEADROOM_CAP);
+            *used = used.plus(&times(&d.host, copies));
+            placed = placed.saturating_add(copies);
+        }
+        if k == 0 && d.gpu.is_some() {
+            out.on_gpu = placed.min(HEADROOM_CAP);
+        }
+        out.streams = out.streams.saturating_add(placed);
+    }
+    out.streams = out.streams.min(HEADROOM_CAP);
+    out
+}
+
+/// `n` copies of `r`.
+fn times(r: &Resources, n: u64) -> Resources {
+    let mut out = Resources::default();
+    for d in Dimension::ALL {
+        out.set(d, r.get(d).saturating_mul(n));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_binpack::sim::Rng;
+    use kiln_binpack::{commit, place, Strategy};
     use kiln_model::node::{CapacityReport, GpuDemand, HostReport, PresetDemand};
 
     fn hb(cpu: u64, gpu: bool) -> Heartbeat {
@@ -260,5 +332,174 @@ mod tests {
             ..d
         };
         assert_eq!(pinned(&req(None), &g).policy, None);
+    }
+
+    /// What `GET /v1/fleet/headroom` computed before [`headroom`]: place one stream at a time, on the first
+    /// alternative that fits anywhere, until nothing fits (the reference the closed form must match).
+    fn headroom_by_placing(view: &[Node], alts: &[Demand], strategy: Strategy) -> Headroom {
+        let mut nodes = view.to_vec();
+        let (mut n, mut on_gpu) = (0u64, 0u64);
+        'fill: while n < HEADROOM_CAP {
+            for (k, d) in alts.iter().enumerate() {
+                if let Some(slot) = place(&nodes, d, strategy) {
+                    commit(&mut nodes, slot, d);
+                    n += 1;
+                    if k == 0 && d.gpu.is_some() {
+                        on_gpu += 1;
+                    }
+                    continue 'fill;
+                }
+            }
+            break;
+        }
+        Headroom { streams: n, on_gpu }
+    }
+
+    fn res(rng: &mut Rng, dims: &[Dimension], max: u64) -> Resources {
+        let mut r = Resources::default();
+        for &d in dims {
+            // a few zeros: dimensions a bin lacks or a demand does not use
+            let v = rng.next_u64() % (max + 1);
+            r.set(d, if rng.next_u64() % 5 == 0 { 0 } else { v });
+        }
+        r
+    }
+
+    /// A random fleet: 0–6 nodes with 0–3 GPUs each, some load, some not accepting.
+    fn fleet(rng: &mut Rng) -> Vec<Node> {
+        use Dimension::*;
+        let host = [CpuMillicores, MemoryMib];
+        let gpu = [NvencFps, NvdecFps, EncoderSessions, VramMib];
+        (0..rng.next_u64() % 7)
+            .map(|i| Node {
+                id: format!("n{i}"),
+                host_capacity: res(rng, &host, 4000),
+                host_used: res(rng, &host, 1500),
+                gpus: (0..rng.next_u64() % 4)
+                    .map(|_| Gpu {
+                        capacity: res(rng, &gpu, 600),
+                        used: res(rng, &gpu, 200),
+                    })
+                    .collect(),
+                pixel_rate: 0,
+                accepting: rng.next_u64() % 6 != 0,
+            })
+            .collect()
+    }
+
+    /// Alternatives shaped like [`alternatives`]'s: [NVENC, x264], [NVENC] or [x264] (or none).
+    fn alts(rng: &mut Rng) -> Vec<Demand> {
+        use Dimension::*;
+        let host = [CpuMillicores, MemoryMib];
+        let gpu = [NvencFps, NvdecFps, EncoderSessions, VramMib];
+        let cpu = Demand {
+            host: res(rng, &host, 700),
+            gpu: None,
+            pixel_rate: 1,
+        };
+        let nvenc = Demand {
+            host: res(rng, &host, 200),
+            gpu: Some(res(rng, &gpu, 150)),
+            pixel_rate: 1,
+        };
+        match rng.next_u64() % 4 {
+            0 => vec![nvenc, cpu],
+            1 => vec![nvenc],
+            2 => vec![cpu],
+            _ => vec![],
+        }
+    }
+
+    /// The closed form gives what placing stream after stream gave, on random fleets and for every strategy
+    /// (the count does not depend on where each copy went).
+    #[test]
+    fn headroom_in_closed_form_matches_placing_one_stream_at_a_time() {
+        let mut rng = Rng::new(7);
+        let mut nonzero = 0;
+        for case in 0..1500 {
+            let view = fleet(&mut rng);
+            let alts = alts(&mut rng);
+            // zero demands fill to the cap: keep those to a few cases, placing 100,000 times is slow
+            let zero = alts.iter().any(|d| {
+                d.host == Resources::default() && d.gpu.is_none_or(|g| g == Resources::default())
+            });
+            if zero && case % 50 != 0 {
+                continue;
+            }
+            let strategy = Strategy::ALL[case % Strategy::ALL.len()];
+            let want = headroom_by_placing(&view, &alts, strategy);
+            assert_eq!(
+                headroom(&view, &alts),
+                want,
+                "case {case} ({strategy:?}): {view:?} {alts:?}"
+            );
+            nonzero += usize::from(want.streams > 0 && want.on_gpu > 0);
+        }
+        assert!(nonzero > 100, "the cases exercise GPUs: {nonzero}");
+    }
+
+    /// A fleet that takes more than [`HEADROOM_CAP`] streams answers the cap (placing would have run 100,000
+    /// placements over 40 nodes per preset for it: the 4–6 s answer that starved heartbeats).
+    #[test]
+    fn a_large_fleet_answers_the_cap_at_once() {
+        let node = |i: usize| Node {
+            id: format!("n{i}"),
+            host_capacity: Resources {
+                cpu_millicores: 1 << 40,
+                memory_mib: 1 << 40,
+                ..Default::default()
+            },
+            gpus: vec![
+                Gpu {
+                    capacity: Resources {
+                        nvenc_fps: 1 << 30,
+                        ..Default::default()
+                    },
+                    used: Resources::default(),
+                };
+                8
+            ],
+            accepting: true,
+            ..Default::default()
+        };
+        let view: Vec<Node> = (0..40).map(node).collect();
+        let gpu = Demand {
+            host: Resources {
+                cpu_millicores: 100,
+                ..Default::default()
+            },
+            gpu: Some(Resources {
+                nvenc_fps: 60,
+                ..Default::default()
+            }),
+            pixel_rate: 1,
+        };
+        let cpu = Demand {
+            host: Resources {
+                cpu_millicores: 900,
+                ..Default::default()
+            },
+            gpu: None,
+            pixel_rate: 1,
+        };
+        let h = headroom(&view, &[gpu, cpu]);
+        assert_eq!(
+            h,
+            Headroom {
+                streams: HEADROOM_CAP,
+                on_gpu: HEADROOM_CAP
+            }
+        );
+        // the zero demand (a preset nobody priced) is bounded too
+        assert_eq!(headroom(&view, &[Demand::default()]).streams, HEADROOM_CAP);
+        // nothing accepting: nothing
+        let drained: Vec<Node> = view
+            .into_iter()
+            .map(|n| Node {
+                accepting: false,
+                ..n
+            })
+            .collect();
+        assert_eq!(headroom(&drained, &[gpu, cpu]), Headroom::default());
     }
 }

@@ -153,6 +153,7 @@ mod tests {
             presets: kiln_config::Presets::builtin(),
             strategy: kiln_binpack::Strategy::Kiln,
             api_token: None,
+            nodes: Default::default(),
         };
         Scheduler::new(config, Store::memory(5))
     }

@@ -1,7 +1,8 @@
 //! kiln-scheduler: places live streams on a fleet of kilnd nodes and keeps them placed.
 //!
 //! - **Input**: kilnd's node agent posts a heartbeat (its [`kiln_model::node::CapacityReport`]) every interval;
-//!   a node whose heartbeat is three intervals old is dead.
+//!   a node whose heartbeat is three intervals old is dead. A heartbeat is admitted only with the join token (or
+//!   the fleet token, or in an explicitly open fleet) and an advertised URL the address policy allows ([`admit`]).
 //! - **Placement**: [`kiln_binpack::solve`] on the live, non-draining nodes, with bookings from the scheduler's
 //!   own records; the chosen daemon then gets an idempotent `PUT /v1/streams/{id}` that carries the leader's
 //!   epoch ([`kiln_model::node::EPOCH_HEADER`]). A daemon that refuses (its own admission is the last word) is
@@ -24,6 +25,7 @@
 //! - `place`: the batch placement every decision goes through, and `create`/`delete` of one stream;
 //! - `consolidate`: moving streams off lightly loaded nodes;
 //! - [`client`]: the daemon client, with outcomes typed by HTTP status and the envelope's error code;
+//! - [`admit`]: who may join the fleet (join token, `--nodes`, `--open-fleet`) and where a node's URL may point;
 //! - [`fleet`]: the fleet as a packing problem (pure); [`api`]: the HTTP API; [`vod`]: VOD job routing;
 //!   [`metrics`]: the Prometheus series; [`cli`]: the command line.
 //!
@@ -31,6 +33,7 @@
 //! /v1/nodes/{id}/drain`, `POST /v1/nodes/{id}/heartbeat`, `GET /v1/fleet/headroom`, `GET /v1/leader`,
 //! `GET /play/{stream}/{path…}` (302 to the node serving it), `GET /metrics`, `GET /healthz`.
 
+pub mod admit;
 pub mod api;
 pub mod cli;
 pub mod client;
@@ -63,9 +66,11 @@ pub struct Config {
     pub interval: Duration,
     pub presets: kiln_config::Presets,
     pub strategy: Strategy,
-    /// The fleet's bearer token: required on this scheduler's control routes and heartbeats, and sent with every
-    /// command to a daemon (which requires the same token); `None` leaves them open.
+    /// The fleet's bearer token: required on this scheduler's control routes (and accepted on heartbeats), and sent
+    /// with every command to a daemon (which requires the same token); `None` leaves the control routes open.
     pub api_token: Option<String>,
+    /// Who may join the fleet (heartbeats) and where nodes may point ([`admit`]).
+    pub nodes: admit::NodeAdmission,
 }
 
 impl Config {
@@ -114,6 +119,8 @@ pub struct Scheduler {
     dead: parking_lot::Mutex<HashSet<String>>,
     /// VOD jobs this process routed, until the nodes' reports include them.
     routed: vod::Routed,
+    /// Verdicts on node URL host names.
+    names: admit::Names,
 }
 
 pub fn unix_ms() -> u64 {
@@ -127,7 +134,11 @@ impl Scheduler {
     pub fn new(config: Config, store: Store) -> Self {
         let metrics = metrics::Metrics::new();
         Self {
-            daemons: client::DaemonClient::new(config.api_token.clone(), metrics.fenced.clone()),
+            daemons: client::DaemonClient::new(
+                config.api_token.clone(),
+                metrics.fenced.clone(),
+                config.nodes.networks.clone(),
+            ),
             config,
             store,
             metrics,
@@ -135,6 +146,7 @@ impl Scheduler {
             decide: tokio::sync::Mutex::new(()),
             dead: parking_lot::Mutex::new(HashSet::new()),
             routed: vod::Routed::default(),
+            names: admit::Names::default(),
         }
     }
 

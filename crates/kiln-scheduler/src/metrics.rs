@@ -44,7 +44,7 @@ impl Metrics {
         let refusals = IntCounterVec::new(
             Opts::new(
                 "kiln_scheduler_refusals_total",
-                "Requests or re-placements refused, by reason (capacity, invalid, conflict, not_leader, store).",
+                "Requests or re-placements refused, by reason (capacity, invalid, conflict, not_leader, store; join: a heartbeat not admitted).",
             ),
             &["reason"],
         )

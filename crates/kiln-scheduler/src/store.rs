@@ -316,6 +316,26 @@ impl Store {
         }
     }
 
+    /// The URL a node's live (unexpired) heartbeat advertises.
+    pub async fn live_url(&self, node: &str) -> Result<Option<String>, StoreError> {
+        match self {
+            Store::Memory(_) => Ok(self
+                .mem()
+                .expect("memory")
+                .heartbeats
+                .get(node)
+                .filter(|(at, ttl, _)| at.elapsed() < *ttl)
+                .map(|(_, _, hb)| hb.url.clone())),
+            Store::Redis(r) => {
+                let hb: Option<String> = r.conn.clone().get(hb_key(node)).await?;
+                Ok(hb
+                    .map(|s| serde_json::from_str::<Heartbeat>(&s))
+                    .transpose()?
+                    .map(|hb| hb.url))
+            }
+        }
+    }
+
     /// Every node ever seen, with its live heartbeat (if any) and drain flag, ordered by id.
     pub async fn nodes(&self) -> Result<Vec<NodeEntry>, StoreError> {
         match self {

@@ -5,6 +5,7 @@
 //! the current leader's epoch, which raises this daemon's fence (so a deposed leader's commands are refused even
 //! before the new leader has sent one), and the interval the scheduler wants. With several scheduler URLs the
 //! agent sticks to the one that answers and moves to the next on a failure: any scheduler accepts heartbeats.
+//! Heartbeats carry the join token (`--node-token-env`) when one is configured, the fleet token otherwise.
 
 use std::time::Duration;
 
@@ -40,7 +41,7 @@ pub async fn run(node: impl Node, cfg: AgentConfig) {
         let base = &cfg.schedulers[current % cfg.schedulers.len()];
         let url = format!("{base}/v1/nodes/{}/heartbeat", node.node_id());
         let mut req = client.post(&url).json(&hb);
-        if let Some(t) = node.api_token() {
+        if let Some(t) = cfg.join_token.as_deref().or(node.api_token()) {
             req = req.bearer_auth(t);
         }
         let sent = req

@@ -68,6 +68,10 @@ struct Args {
     /// Report to the scheduler at this URL (heartbeats); a comma-separated list for several schedulers.
     #[arg(long, value_delimiter = ',')]
     scheduler: Vec<String>,
+    /// The scheduler's join token, read from this environment variable (≥ 16 bytes; the scheduler's
+    /// --node-token-env): heartbeats carry it instead of the --api-token-env token.
+    #[arg(long, value_name = "ENV_VAR", requires = "scheduler")]
+    node_token_env: Option<String>,
     /// This node's id in the fleet (default: the host name, with the port when reporting to a scheduler, so that
     /// several daemons on one host stay distinct).
     #[arg(long)]
@@ -157,6 +161,11 @@ async fn run() -> anyhow::Result<()> {
         .as_deref()
         .map(kiln_http::token_from_env)
         .transpose()?;
+    let join_token = args
+        .node_token_env
+        .as_deref()
+        .map(kiln_http::token_from_env)
+        .transpose()?;
     let playback_key = match &args.playback_key_env {
         Some(var) => Some(
             std::env::var(var)
@@ -230,6 +239,7 @@ async fn run() -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| format!("{scheme}://{bound}")),
         interval: std::time::Duration::from_millis(args.heartbeat_ms.max(100)),
+        join_token,
     });
     let defaults = crate::Config::default();
     let config = crate::Config {

@@ -130,6 +130,8 @@ pub struct AgentConfig {
     pub advertise_url: String,
     /// Heartbeat interval until the scheduler says otherwise.
     pub interval: Duration,
+    /// The fleet's join token (`--node-token-env`): heartbeats carry it instead of the API token.
+    pub join_token: Option<String>,
 }
 
 /// Where jobs live and how many run at once.
