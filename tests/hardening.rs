@@ -352,3 +352,234 @@ async fn idle_and_slowloris_floods_are_closed_and_playlists_keep_answering() -> 
     ensure!(st == 200);
     d.shutdown().await
 }
+
+/// A web server on `addr` that answers every request from `answer(path)` (head, body) and counts connections.
+async fn web(
+    addr: &str,
+    answer: fn(&str, u16) -> (String, Vec<u8>),
+    other_port: u16,
+) -> Result<(u16, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
+    let server = tokio::net::TcpListener::bind(addr).await?;
+    let port = server.local_addr()?.port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = server.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&req)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                let path = line.split(' ').nth(1).unwrap_or("/").to_string();
+                let (head, body) = answer(&path, other_port);
+                let head = format!(
+                    "HTTP/1.1 {head}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&body).await;
+            });
+        }
+    });
+    Ok((port, hits))
+}
+
+/// A playlist naming a segment on the refused server.
+fn playlist(refused: u16) -> Vec<u8> {
+    format!(
+        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\nhttp://127.0.0.2:{refused}/seg0.ts\n#EXTINF:2.0,\nhttp://127.0.0.2:{refused}/seg1.ts\n"
+    )
+    .into_bytes()
+}
+
+/// Issue 11 items 1 and 2. A source string is parsed once into a typed value (SRT parameters at most once each,
+/// only known ones) and the elements get their properties from that value; an `http(s)` live source is fetched
+/// by kilnd's own client, so a redirect to a refused address is refused at that hop, and a playlist (labelled as
+/// one, or disguised as MPEG-TS) is refused before anything fetches what it names. The refused server on
+/// 127.0.0.2 (this daemon allows 127.0.0.1 only) must never see a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_sources_are_parsed_once_and_every_http_hop_is_checked() -> Result<()> {
+    let d = Daemon::start(kilnd::Config {
+        source_networks: kiln_model::net::UrlPolicy::parse("127.0.0.1/32")?,
+        ..Default::default()
+    })
+    .await?;
+    let (refused, refused_hits) =
+        web("127.0.0.2:0", |_, _| ("200 OK".into(), vec![0x47; 188]), 0).await?;
+    let (allowed, _) = web(
+        "127.0.0.1:0",
+        |path, refused| match path {
+            "/redirect" => (
+                format!("302 Found\r\nLocation: http://127.0.0.2:{refused}/a.ts"),
+                Vec::new(),
+            ),
+            "/list.m3u8" => (
+                "200 OK\r\nContent-Type: application/vnd.apple.mpegurl".into(),
+                playlist(refused),
+            ),
+            _ => (
+                "200 OK\r\nContent-Type: video/mp2t".into(),
+                playlist(refused),
+            ),
+        },
+        refused,
+    )
+    .await?;
+    let spec = |src: &str| {
+        serde_json::json!({"source": src, "preset": "live-360p-abr", "audio": {"enabled": false}})
+            .to_string()
+    };
+
+    // one parse: the adversarial `mode=listener&mode=caller` and its relatives are refused at the door
+    for (src, want) in [
+        (
+            format!("srt://127.0.0.2:{refused}?mode=listener&mode=caller"),
+            "given twice",
+        ),
+        (
+            format!("srt://127.0.0.2:{refused}?MODE=listener"),
+            "lower-case",
+        ),
+        (
+            format!("srt://127.0.0.2:{refused}?localaddress=127.0.0.1"),
+            "not understood",
+        ),
+        (
+            format!("srt://127.0.0.2:{refused}?m%6fde=listener"),
+            "lower-case",
+        ),
+        (
+            format!("srt://127.0.0.2:{refused}?mode=server"),
+            "caller or listener",
+        ),
+        (format!("http://2130706434:{refused}/"), "dotted decimal"),
+    ] {
+        let (st, body) = put(&d, "bad", None, &spec(&src)).await?;
+        ensure!(st == 400, "{src}: {st} {body}");
+        ensure!(body.to_string().contains(want), "{src}: {body}");
+    }
+    // a caller to the refused address is refused by address, whatever its parameters
+    let (st, body) = put(
+        &d,
+        "bad",
+        None,
+        &spec(&format!("srt://127.0.0.2:{refused}?mode=caller")),
+    )
+    .await?;
+    ensure!(
+        st == 422 && body.to_string().contains("loopback"),
+        "{st} {body}"
+    );
+
+    // admitted (127.0.0.1 is allowed), then refused where the bytes would come from
+    for (id, path, want) in [
+        ("redirect", "/redirect", "127.0.0.2 is a loopback address"),
+        (
+            "labelled",
+            "/list.m3u8",
+            "is a playlist (application/vnd.apple.mpegurl)",
+        ),
+        (
+            "disguised",
+            "/disguised.ts",
+            "is a playlist (application/x-hls)",
+        ),
+    ] {
+        let src = format!("http://127.0.0.1:{allowed}{path}");
+        let (st, body) = put(&d, id, None, &spec(&src)).await?;
+        ensure!(st == 201, "{src}: {st} {body}");
+        let status = kiln_integration::poll_json(
+            &d.http,
+            &d.url(&format!("/v1/streams/{id}")),
+            &format!("{src} fails"),
+            Duration::from_secs(30),
+            |v| v["state"] == "failed",
+        )
+        .await?;
+        ensure!(status.to_string().contains(want), "{src}: {status}");
+    }
+    ensure!(
+        refused_hits.load(std::sync::atomic::Ordering::SeqCst) == 0,
+        "the refused server was reached"
+    );
+    d.shutdown().await
+}
+
+/// An H.264/MPEG-TS SRT sender (`gst-launch-1.0`, killed when dropped): `mode` is its side of the connection.
+/// The format is left to x264 (Debian's picks 10-bit 4:4:4 from videotestsrc): kilnd converts whatever it decodes
+/// to 8-bit 4:2:0. SPS/PPS repeat at every keyframe and TS packets go 7 to an SRT message, as a real encoder sends.
+fn srt_sender(mode: &str, port: u16) -> Result<tokio::process::Child> {
+    let mut args: Vec<String> = "-q videotestsrc is-live=true pattern=ball ! video/x-raw,width=320,height=180,framerate=30/1 ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=30 ! h264parse config-interval=-1 ! mpegtsmux alignment=7 ! srtsink"
+        .split(' ')
+        .map(String::from)
+        .collect();
+    args.push(format!("mode={mode}"));
+    if mode == "listener" {
+        args.extend(["localaddress=127.0.0.1".into(), format!("localport={port}")]);
+    } else {
+        args.push(format!("uri=srt://127.0.0.1:{port}"));
+    }
+    Ok(tokio::process::Command::new("gst-launch-1.0")
+        .args(&args)
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+fn free_udp_port() -> Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The SRT element is built from the typed source in both directions: kilnd calls a sender (connecting to the
+/// address it checked) and kilnd listens for one, and each stream publishes segments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srt_sources_built_from_the_typed_value_play_as_caller_and_listener() -> Result<()> {
+    let d = Daemon::start(kilnd::Config {
+        source_networks: kiln_model::net::UrlPolicy::parse("127.0.0.1/32")?,
+        ..Default::default()
+    })
+    .await?;
+    let spec = |src: &str| {
+        serde_json::json!({"source": src, "preset": "live-360p-abr", "audio": {"enabled": false}})
+            .to_string()
+    };
+    let port = free_udp_port()?;
+    let _sender = srt_sender("listener", port)?;
+    let (st, body) = put(
+        &d,
+        "caller",
+        None,
+        &spec(&format!("srt://127.0.0.1:{port}?latency=120")),
+    )
+    .await?;
+    ensure!(st == 201, "{st} {body}");
+    d.wait_for_segments("caller", "360p", 2).await?;
+
+    let port = free_udp_port()?;
+    let (st, body) = put(
+        &d,
+        "listener",
+        None,
+        &spec(&format!("srt://:{port}?mode=listener")),
+    )
+    .await?;
+    ensure!(st == 201, "{st} {body}");
+    ensure!(
+        body["source"] == format!("srt://:{port}?mode=listener"),
+        "the status shows the typed source: {body}"
+    );
+    let _sender = srt_sender("caller", port)?;
+    d.wait_for_segments("listener", "360p", 2).await?;
+    d.shutdown().await
+}

@@ -288,10 +288,21 @@ async fn file_sources_loop_and_stay_inside_the_media_directory() -> Result<()> {
     let frames = ffmpeg_frames_with(&d.url("/live/file/hi/index.m3u8"), 4, &[]).await?;
     ensure!(frames.first().copied().unwrap_or(0) >= 100, "{frames:?}");
 
-    // the same clip over HTTP (urisourcebin): it plays once, then the stream ends with ENDLIST on its own
-    let clip = std::fs::read(media.join("clips/loop.mp4"))?;
+    // the same clip as MPEG-TS over HTTP (fetched by kilnd's checked client into the pipeline): it plays once,
+    // then the stream ends with ENDLIST on its own
+    make_clip(
+        &dir.join("loop.ts"),
+        2.5,
+        Some("testsrc2=size=320x180:rate=30"),
+        &["sine=frequency=300:sample_rate=48000"],
+        &[
+            "-c:v", "libx264", "-g", "15", "-pix_fmt", "yuv420p", "-c:a", "aac", "-f", "mpegts",
+        ],
+    )
+    .await?;
+    let clip = std::fs::read(dir.join("loop.ts"))?;
     let server = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/loop.mp4", server.local_addr()?);
+    let url = format!("http://{}/loop.ts", server.local_addr()?);
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         while let Ok((mut sock, _)) = server.accept().await {
@@ -306,7 +317,7 @@ async fn file_sources_loop_and_stay_inside_the_media_directory() -> Result<()> {
                     }
                 }
                 let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    "HTTP/1.1 200 OK\r\nContent-Type: video/mp2t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     clip.len()
                 );
                 let _ = sock.write_all(head.as_bytes()).await;

@@ -493,6 +493,11 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
         })
         .collect();
     std::fs::write(inp.join("garbage.mp4"), garbage)?;
+    // a playlist is not media: probing it would plug hlsdemux, which fetches what it names with its own client
+    std::fs::write(
+        inp.join("list.m3u8"),
+        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\nhttp://10.1.2.3/seg0.ts\n#EXT-X-ENDLIST\n",
+    )?;
     make_clip(
         &inp.join("ffv1.mkv"),
         1.0,
@@ -526,6 +531,7 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
         (f("empty.mp4"), "empty"),
         (f("truncated.mp4"), ""),
         (f("garbage.mp4"), ""),
+        (f("list.m3u8"), "is a playlist (application/x-hls)"),
         (f("ffv1.mkv"), "not supported"),
         (f("huge.mp4"), "larger than kiln accepts"),
         (format!("http://127.0.0.1:{closed}/a.mp4"), "refused"),

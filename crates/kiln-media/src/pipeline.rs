@@ -31,6 +31,11 @@ pub struct BuildOptions {
     pub decode_gpu: Option<u32>,
     /// For `file://` sources: the resolved path (the daemon checks it is inside its media directory).
     pub file: Option<PathBuf>,
+    /// For SRT callers and RTSP: the address the daemon resolved and checked for the source's host. The element
+    /// connects to it and never resolves the name again (a second lookup could answer differently).
+    pub source_addr: Option<std::net::IpAddr>,
+    /// For `http(s)://` sources: the body, fetched by the daemon through its own checked client.
+    pub byte_feed: Option<crate::source::ByteFeed>,
     /// Test-only: make the encoder of video rendition 0 fail after this many frames.
     #[cfg(feature = "fault-injection")]
     pub fail_encoder_after_frames: Option<u64>,
@@ -47,6 +52,8 @@ impl BuildOptions {
             selection,
             decode_gpu: None,
             file: None,
+            source_addr: None,
+            byte_feed: None,
             #[cfg(feature = "fault-injection")]
             fail_encoder_after_frames: None,
         })
@@ -140,7 +147,7 @@ impl LivePipeline {
                     build_test_audio_source(&pipeline, ain)?;
                 }
             }
-            Source::File { .. } | Source::Url { .. } => {
+            Source::File { .. } | Source::Srt(_) | Source::Rtsp(_) | Source::Http(_) => {
                 source = Some(crate::source::EncodedSource::build(
                     &pipeline,
                     plan,

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use gst::prelude::*;
+use kiln_model::source::{Host, SrtMode};
 use kiln_model::{Source, StreamPlan};
 
 use crate::elements::{make, make_dyn};
@@ -29,6 +30,198 @@ use crate::{EventSink, MediaError, MediaEvent};
 pub(crate) struct EncodedSource {
     pipeline: gst::Pipeline,
     state: Arc<Shared>,
+    /// An `http(s)` source's appsrc and the feed that fills it (started with the pipeline).
+    feed: Option<Feed>,
+}
+
+/// An `http(s)` source's appsrc, its feed, and where a read error goes.
+#[derive(Clone)]
+struct Feed(gst_app::AppSrc, ByteFeed, EventSink);
+
+impl std::fmt::Debug for Feed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Feed")
+    }
+}
+
+/// Opens the body of a source the daemon fetches itself (`http(s)://`): called each time a source pipeline
+/// starts, on a thread of its own that pushes what it reads into the pipeline. A read error ends the stream with
+/// that error; the end of the body ends the stream.
+#[derive(Clone)]
+pub struct ByteFeed(
+    pub Arc<dyn Fn() -> std::io::Result<Box<dyn std::io::Read + Send>> + Send + Sync>,
+);
+
+impl std::fmt::Debug for ByteFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ByteFeed")
+    }
+}
+
+/// Media types that are playlists, not media: an adaptive demuxer would fetch every URL they name with its own
+/// HTTP client, past the daemon's address policy. Refused wherever they turn up (a file, an HTTP body).
+pub(crate) const PLAYLIST_CAPS: [&str; 3] = [
+    "application/x-hls",
+    "application/dash+xml",
+    "application/vnd.ms-sstr+xml",
+];
+
+/// Stops `bin` (a parsebin or decodebin) from plugging an adaptive demuxer: a playlist's caps end autoplugging
+/// and are reported as an error through `sink`.
+pub(crate) fn refuse_playlists(bin: &gst::Element, sink: EventSink) {
+    bin.connect("autoplug-continue", false, move |args| {
+        let caps = args.get(2).and_then(|v| v.get::<gst::Caps>().ok());
+        let name = caps
+            .as_ref()
+            .and_then(|c| c.structure(0))
+            .map(|s| s.name().to_string())
+            .unwrap_or_default();
+        if PLAYLIST_CAPS.contains(&name.as_str()) {
+            sink(MediaEvent::Error {
+                element: None,
+                message: format!(
+                    "the source is a playlist ({name}), not media: kiln ingests media streams (SRT, RTSP, \
+                     progressive HTTP, files), not HLS/DASH pulls"
+                ),
+                debug: None,
+            });
+            return Some(false.to_value());
+        }
+        Some(true.to_value())
+    });
+}
+
+/// The element that reads the source, with its properties set from the typed source (never from its string).
+fn source_element(
+    plan: &StreamPlan,
+    opts: &crate::BuildOptions,
+) -> Result<(gst::Element, Option<ByteFeed>), MediaError> {
+    let pinned = |host: &Host| -> Result<String, MediaError> {
+        match (opts.source_addr, host) {
+            (Some(ip), _) | (None, &Host::Ip(ip)) => Ok(Host::Ip(ip).to_string()),
+            (None, Host::Name(n)) => Err(MediaError::Build(format!(
+                "the daemon did not resolve the source host {n}"
+            ))),
+        }
+    };
+    Ok(match &plan.source {
+        Source::File { .. } => {
+            let path = opts
+                .file
+                .as_deref()
+                .ok_or_else(|| MediaError::Build("a file source needs its resolved path".into()))?;
+            let f = make("filesrc", "fsrc")?;
+            f.set_property("location", path.to_string_lossy().to_string());
+            (f, None)
+        }
+        Source::Srt(srt) => {
+            let e = make("srtsrc", "srtsrc")?;
+            match srt.mode {
+                SrtMode::Caller => {
+                    let host = srt
+                        .host
+                        .as_ref()
+                        .ok_or_else(|| MediaError::Build("an SRT caller needs a host".into()))?;
+                    e.set_property("uri", format!("srt://{}:{}", pinned(host)?, srt.port));
+                    e.set_property_from_str("mode", "caller");
+                }
+                SrtMode::Listener => {
+                    let bind = match &srt.host {
+                        Some(Host::Ip(ip)) => ip.to_string(),
+                        _ => "0.0.0.0".to_string(),
+                    };
+                    e.set_property_from_str("mode", "listener");
+                    e.set_property("localaddress", bind);
+                    e.set_property("localport", u32::from(srt.port));
+                }
+            }
+            if let Some(id) = &srt.stream_id {
+                e.set_property("streamid", id);
+            }
+            if let Some(p) = &srt.passphrase {
+                e.set_property("passphrase", p);
+            }
+            if let Some(k) = srt.key_length {
+                e.set_property_from_str("pbkeylen", &k.to_string());
+            }
+            if let Some(ms) = srt.latency_ms {
+                e.set_property("latency", ms as i32);
+            }
+            (e, None)
+        }
+        Source::Rtsp(r) => {
+            let e = make("rtspsrc", "rtspsrc")?;
+            // rtsps keeps the name: the server's certificate is checked against it.
+            let host = if r.tls {
+                r.host.to_string()
+            } else {
+                pinned(&r.host)?
+            };
+            let scheme = if r.tls { "rtsps" } else { "rtsp" };
+            e.set_property(
+                "location",
+                format!("{scheme}://{host}:{}{}", r.port, r.path),
+            );
+            if let Some(u) = &r.user {
+                e.set_property("user-id", u);
+            }
+            if let Some(p) = &r.password {
+                e.set_property("user-pw", p);
+            }
+            (e, None)
+        }
+        Source::Http(_) => {
+            let feed = opts.byte_feed.clone().ok_or_else(|| {
+                MediaError::Build("an HTTP source needs the daemon's byte feed".into())
+            })?;
+            let src = gst_app::AppSrc::builder()
+                .name("hsrc")
+                .format(gst::Format::Bytes)
+                .stream_type(gst_app::AppStreamType::Stream)
+                .is_live(true)
+                .block(true)
+                .max_bytes(2 << 20)
+                .build();
+            (src.upcast(), Some(feed))
+        }
+        Source::Test { .. } => {
+            return Err(MediaError::Build("a test source is not encoded".into()))
+        }
+    })
+}
+
+/// Reads the feed into the appsrc until the body ends, the read fails or the pipeline stops.
+fn pump(src: gst_app::AppSrc, feed: ByteFeed, sink: EventSink) {
+    let fail = |message: String| {
+        sink(MediaEvent::Error {
+            element: Some("hsrc".into()),
+            message,
+            debug: None,
+        })
+    };
+    let mut reader = match (feed.0)() {
+        Ok(r) => r,
+        Err(e) => return fail(e.to_string()),
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => {
+                let _ = src.end_of_stream();
+                return;
+            }
+            Ok(n) => {
+                if src
+                    .push_buffer(gst::Buffer::from_slice(buf[..n].to_vec()))
+                    .is_err()
+                {
+                    return; // stopped
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return fail(e.to_string()),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -80,27 +273,10 @@ impl EncodedSource {
 
         let registry = opts.registry.clone();
         let decode_gpu = opts.decode_gpu;
-        let file = opts.file.as_deref();
         let pipeline = gst::Pipeline::with_name(&format!("kiln-{}-source", plan.id));
-        let src = match &plan.source {
-            Source::File { .. } => {
-                let path = file.ok_or_else(|| {
-                    MediaError::Build("a file source needs its resolved path".into())
-                })?;
-                let f = make("filesrc", "fsrc")?;
-                f.set_property("location", path.to_string_lossy().to_string());
-                f
-            }
-            Source::Url { url, .. } => {
-                let u = make("urisourcebin", "usrc")?;
-                u.set_property("uri", url);
-                u
-            }
-            Source::Test { .. } => {
-                return Err(MediaError::Build("a test source is not encoded".into()))
-            }
-        };
+        let (src, feed) = source_element(plan, opts)?;
         let parse = make("parsebin", "parse")?;
+        refuse_playlists(&parse, sink.clone());
         pipeline.add_many([&src, &parse])?;
         if src.static_pad("src").is_some() {
             src.link(&parse)
@@ -125,6 +301,13 @@ impl EncodedSource {
         });
 
         let weak = pipeline.downgrade();
+        let feed = feed.and_then(|f| {
+            Some(Feed(
+                src.clone().downcast::<gst_app::AppSrc>().ok()?,
+                f,
+                sink.clone(),
+            ))
+        });
         let st = state.clone();
         let err_sink = sink.clone();
         parse.connect_pad_added(move |_, pad| {
@@ -240,7 +423,11 @@ impl EncodedSource {
                 }
                 gst::BusSyncReply::Drop
             });
-        Ok(Self { pipeline, state })
+        Ok(Self {
+            pipeline,
+            state,
+            feed,
+        })
     }
 
     /// Starts the source; frames get `offset_ns` added (0 for a new stream, "now" on a continued timeline).
@@ -248,8 +435,14 @@ impl EncodedSource {
         self.state.offset_ns.store(offset_ns, Ordering::SeqCst);
         self.pipeline
             .set_state(gst::State::Playing)
-            .map(|_| ())
-            .map_err(|e| MediaError::Start(format!("the source pipeline: {e}")))
+            .map_err(|e| MediaError::Start(format!("the source pipeline: {e}")))?;
+        if let Some(Feed(src, feed, sink)) = self.feed.clone() {
+            std::thread::Builder::new()
+                .name("kiln-http-feed".into())
+                .spawn(move || pump(src, feed, sink))
+                .map_err(|e| MediaError::Start(format!("the HTTP feed thread: {e}")))?;
+        }
+        Ok(())
     }
 
     pub(crate) fn stop(&self) {
@@ -259,7 +452,11 @@ impl EncodedSource {
 
 /// appsink → the stream pipeline's appsrc, moving each frame onto the stream's timeline.
 fn bridge(name: &str, out: gst_app::AppSrc, state: Arc<Shared>) -> gst::Element {
+    // async=false: this sink is added while the source pipeline is already playing. An async sink would take the
+    // pipeline back to PAUSED until it prerolls, and a live source (SRT, RTSP) produces nothing in PAUSED: the
+    // stream would wait forever for its first frame.
     let appsink = gst_app::AppSink::builder().name(name).sync(false).build();
+    appsink.set_property("async", false);
     let caps_set = std::sync::atomic::AtomicBool::new(false);
     appsink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
@@ -343,6 +540,14 @@ fn link_video(
         make("queue", "vdec-q")?,
         make_dyn(&dec.factory, "vdec")?,
         make("videoconvert", "vdec-convert")?,
+        // 8-bit 4:2:0, whatever the source decodes to (10-bit, 4:4:4, RGB): the ladder's scalers and encoders
+        // take these, and the renditions are 8-bit 4:2:0 anyway
+        crate::elements::capsfilter(
+            "vdec-format",
+            gst::Caps::builder("video/x-raw")
+                .field("format", gst::List::new(["I420", "NV12"]))
+                .build(),
+        )?,
         bridge("vout", out, state),
     ];
     add_chain(pipeline, pad, &chain)

@@ -97,11 +97,41 @@ fn rotation(tags: Option<gst::TagList>) -> u32 {
 }
 
 /// Probes `uri` (`file:///…` or `http(s)://…`) within `timeout`: container, streams, codecs, size, rotation,
-/// duration. Refuses what kiln does not transcode: no video and no audio, a codec outside the allowlist, a size
+/// duration. Refuses what kiln does not transcode: a playlist (HLS, DASH: the demuxer would fetch what it names),: no video and no audio, a codec outside the allowlist, a size
 /// beyond 8K, no duration.
+/// Refuses a local file that GStreamer's type finders call a playlist: probing or decoding it would plug an
+/// adaptive demuxer that fetches every URL in it with its own client, past the daemon's address policy.
+fn refuse_playlist_file(uri: &str) -> Result<(), String> {
+    let Some(path) = uri.strip_prefix("file://") else {
+        return Ok(());
+    };
+    let path = gst::glib::filename_from_uri(uri)
+        .map(|(p, _)| p)
+        .unwrap_or_else(|_| path.into());
+    let mut head = vec![0u8; 64 << 10];
+    let n = std::fs::File::open(&path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .map_err(|e| format!("cannot read the input: {e}"))?;
+    head.truncate(n);
+    if let Ok(caps) = gst_base::functions::type_find_helper_for_data(None::<&gst::Object>, &head) {
+        let name = caps
+            .0
+            .structure(0)
+            .map(|s| s.name().to_string())
+            .unwrap_or_default();
+        if crate::source::PLAYLIST_CAPS.contains(&name.as_str()) {
+            return Err(format!(
+                "the input is a playlist ({name}), not media: submit the media file itself"
+            ));
+        }
+    }
+    Ok(())
+}
+
 // Long by design: the Discoverer result read field by field into the typed probe, with a refusal per limit.
 pub fn probe(uri: &str, timeout: Duration) -> Result<ProbeInfo, String> {
     crate::init().map_err(|e| e.to_string())?;
+    refuse_playlist_file(uri)?;
     let d = gst_pbutils::Discoverer::new(gst::ClockTime::from_nseconds(timeout.as_nanos() as u64))
         .map_err(|e| format!("probe: {e}"))?;
     let info = d

@@ -24,7 +24,9 @@ pub mod stream;
 pub mod vod;
 
 pub use api::{Fallback, RenditionStatus, StreamState, StreamStatus};
-pub use source::{Source, SourceError, TestPattern, UrlScheme};
+pub use source::{
+    Host, HttpSource, RtspSource, Source, SourceError, SrtMode, SrtSource, TestPattern, UrlScheme,
+};
 pub use stream::{
     AudioCodec, AudioRendition, AudioRequest, Backend, EncoderSettings, Fraction, PlanError,
     Policy, StreamPlan, StreamRequest, Timing, VideoCodec, VideoRendition, X264Speed,

@@ -5,6 +5,7 @@
 //! value.
 
 use std::fmt;
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -50,8 +51,85 @@ pub enum Source {
     /// names `<media dir>/clips/a.mp4`. `path` is relative, with only safe characters and no `.`/`..` parts; the
     /// daemon still resolves symlinks and checks the result stays inside its directory.
     File { path: String },
-    /// A network source (`srt://`, `rtsp://`, `rtsps://`, `http://`, `https://`).
-    Url { scheme: UrlScheme, url: String },
+    /// `srt://host:port?mode=caller|listener&streamid=…&passphrase=…&pbkeylen=…&latency=…`.
+    Srt(SrtSource),
+    /// `rtsp://[user:password@]host[:port]/path` (and `rtsps://`).
+    Rtsp(RtspSource),
+    /// `http(s)://host[:port]/path?query`: a progressive stream (MPEG-TS, FLV, MP4, …) that the daemon fetches
+    /// itself. HLS/DASH playlists are not media and are refused when they arrive.
+    Http(HttpSource),
+}
+
+/// A host as written in a source: an address, or a name (lower case) the daemon resolves and checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    Ip(IpAddr),
+    Name(String),
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Ip(IpAddr::V6(a)) => write!(f, "[{a}]"),
+            Host::Ip(a) => write!(f, "{a}"),
+            Host::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+/// Who opens an SRT connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SrtMode {
+    /// kiln connects to the sender (`host:port`).
+    Caller,
+    /// kiln binds `port` (on `host` when it is an address, on every address when it is absent) and waits.
+    Listener,
+}
+
+/// An SRT source. Every field comes from one strict parse; the media crate sets the element's properties from
+/// these fields, never from the source string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SrtSource {
+    pub mode: SrtMode,
+    /// The peer (caller) or the local address to bind (listener; `None` binds every address).
+    pub host: Option<Host>,
+    pub port: u16,
+    pub stream_id: Option<String>,
+    pub passphrase: Option<String>,
+    /// AES key length in bytes: 16, 24 or 32.
+    pub key_length: Option<u8>,
+    pub latency_ms: Option<u32>,
+}
+
+/// An RTSP camera or server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RtspSource {
+    pub tls: bool,
+    pub host: Host,
+    pub port: u16,
+    /// Path and query, as the server expects them (starts with `/`).
+    pub path: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+/// A progressive HTTP(S) stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSource {
+    pub tls: bool,
+    pub host: Host,
+    pub port: u16,
+    /// Path and query (starts with `/`).
+    pub path: String,
+}
+
+impl HttpSource {
+    /// The URL to request.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}:{}{}", self.host, self.port, self.path)
+    }
 }
 
 /// Network schemes kiln ingests.
@@ -76,6 +154,16 @@ impl UrlScheme {
             _ => return None,
         })
     }
+
+    fn default_port(self) -> Option<u16> {
+        match self {
+            Self::Srt => None,
+            Self::Rtsp => Some(554),
+            Self::Rtsps => Some(322),
+            Self::Http => Some(80),
+            Self::Https => Some(443),
+        }
+    }
 }
 
 /// Why a source string was refused.
@@ -95,13 +183,28 @@ pub enum SourceError {
     BadFilePath(String),
     #[error("URL source is malformed: {0}")]
     BadUrl(String),
+    #[error("source parameter `{0}` is given twice: each parameter may appear once")]
+    DuplicateParameter(String),
+    #[error(
+        "source parameter `{name}` is not understood for {scheme}:// (supported: {supported})"
+    )]
+    UnknownParameter {
+        name: String,
+        scheme: &'static str,
+        supported: &'static str,
+    },
+    #[error("source parameter `{name}`: {why}")]
+    BadParameter { name: String, why: String },
 }
+
+/// SRT parameters kiln understands.
+const SRT_PARAMS: &str = "mode, streamid, passphrase, pbkeylen, latency";
 
 impl Source {
     /// Longest source string accepted.
     pub const MAX_LEN: usize = 2048;
 
-    /// Parses a source string such as `test:` or `test:pattern=ball`.
+    /// Parses a source string such as `test:` or `srt://203.0.113.5:9000?streamid=cam1`.
     pub fn parse(s: &str) -> Result<Self, SourceError> {
         let s = s.trim();
         if s.is_empty() {
@@ -115,30 +218,52 @@ impl Source {
         };
         match scheme.to_ascii_lowercase().as_str() {
             "test" => {
-                let mut pattern = TestPattern::default();
+                let mut pattern = None;
                 for opt in rest.split([',', '&']).filter(|o| !o.is_empty()) {
                     match opt.split_once('=') {
-                        Some(("pattern", v)) => {
-                            pattern = TestPattern::parse(v)
-                                .ok_or_else(|| SourceError::BadTestOption(opt.to_string()))?
+                        Some(("pattern", v)) if pattern.is_none() => {
+                            pattern = Some(
+                                TestPattern::parse(v)
+                                    .ok_or_else(|| SourceError::BadTestOption(opt.to_string()))?,
+                            )
+                        }
+                        Some(("pattern", _)) => {
+                            return Err(SourceError::DuplicateParameter("pattern".into()))
                         }
                         _ => return Err(SourceError::BadTestOption(opt.to_string())),
                     }
                 }
-                Ok(Source::Test { pattern })
-            }
-            "file" => parse_file(rest),
-            sch if UrlScheme::parse(sch).is_some() => {
-                let scheme = UrlScheme::parse(sch).expect("checked");
-                check_url(rest)?;
-                Ok(Source::Url {
-                    scheme,
-                    url: format!("{sch}:{rest}"),
+                Ok(Source::Test {
+                    pattern: pattern.unwrap_or_default(),
                 })
             }
-            other => Err(SourceError::UnsupportedScheme(
-                other.chars().take(32).collect(),
-            )),
+            "file" => parse_file(rest),
+            sch => match UrlScheme::parse(sch) {
+                Some(scheme) => parse_url(scheme, rest),
+                None => Err(SourceError::UnsupportedScheme(
+                    sch.chars().take(32).collect(),
+                )),
+            },
+        }
+    }
+
+    /// Whether the source delivers encoded media that kiln must decode (everything but `test:`).
+    pub fn is_encoded(&self) -> bool {
+        !matches!(self, Source::Test { .. })
+    }
+
+    /// The host kiln connects to, if it connects anywhere (an SRT listener and local sources do not).
+    pub fn remote_host(&self) -> Option<(&Host, u16)> {
+        match self {
+            Source::Srt(SrtSource {
+                mode: SrtMode::Caller,
+                host: Some(h),
+                port,
+                ..
+            }) => Some((h, *port)),
+            Source::Rtsp(r) => Some((&r.host, r.port)),
+            Source::Http(h) => Some((&h.host, h.port)),
+            _ => None,
         }
     }
 }
@@ -168,55 +293,340 @@ fn parse_file(rest: &str) -> Result<Source, SourceError> {
     })
 }
 
-fn check_url(rest: &str) -> Result<(), SourceError> {
-    let bad = |why: &str| SourceError::BadUrl(format!("{why} in `{}`", shorten(rest)));
-    let authority_and_path = rest.strip_prefix("//").ok_or_else(|| bad("no `//`"))?;
-    if rest
-        .chars()
-        .any(|c| c.is_control() || c.is_whitespace() || c == '\\')
-    {
-        return Err(bad("whitespace, control characters or backslashes"));
+/// The authority of `//authority/path?query#fragment`, split by hand so that every scheme (hierarchical or not
+/// in the WHATWG sense) reads the same way: `(userinfo, host, host was in brackets, port, path-and-query)`.
+type Parts<'a> = (Option<&'a str>, &'a str, bool, Option<&'a str>, &'a str);
+
+fn split_url(rest: &str) -> Result<Parts<'_>, String> {
+    let body = rest.strip_prefix("//").ok_or("no `//`")?;
+    if body.contains('#') {
+        return Err("a `#fragment` (nothing is sent for it)".into());
     }
-    let authority = authority_and_path
-        .split(['/', '?', '#'])
-        .next()
-        .unwrap_or("");
-    let host_port = authority.rsplit('@').next().unwrap_or("");
-    let host = if let Some(v6) = host_port.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        host_port.split(':').next().unwrap_or("")
+    let end = body.find(['/', '?']).unwrap_or(body.len());
+    let (authority, path) = body.split_at(end);
+    let (userinfo, host_port) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
     };
-    if host.is_empty() {
-        return Err(bad("no host"));
-    }
-    if let Some(port) = host_port.rsplit_once("]:").map(|(_, p)| p).or_else(|| {
-        (!host_port.starts_with('['))
-            .then(|| host_port.split_once(':').map(|(_, p)| p))
-            .flatten()
-    }) {
-        if port.parse::<u16>().is_err() {
-            return Err(bad("a bad port"));
+    let bracketed = host_port.starts_with('[');
+    let (host, port) = if let Some(v6) = host_port.strip_prefix('[') {
+        let (h, after) = v6.split_once(']').ok_or("an unclosed `[`")?;
+        match after {
+            "" => (h, None),
+            p => (h, Some(p.strip_prefix(':').ok_or("junk after `]`")?)),
         }
-    }
-    Ok(())
+    } else {
+        match host_port.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host_port, None),
+        }
+    };
+    Ok((userinfo, host, bracketed, port, path))
 }
 
-impl Source {
-    /// Whether the source delivers encoded media that kiln must decode (everything but `test:`).
-    pub fn is_encoded(&self) -> bool {
-        !matches!(self, Source::Test { .. })
+/// A host name or address: letters, digits, `-` and `.` only (no percent-encoding, no IDN: write punycode).
+fn parse_host(h: &str, bracketed_v6: bool) -> Result<Host, String> {
+    if let Ok(ip) = h.parse::<IpAddr>() {
+        if ip.is_ipv6() != bracketed_v6 {
+            return Err("IPv6 addresses (and only they) are written in brackets".into());
+        }
+        return Ok(Host::Ip(ip));
+    }
+    if bracketed_v6 {
+        return Err(format!("`[{}]` is not an IPv6 address", shorten(h)));
+    }
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !ok {
+        return Err(format!("`{}` is not a host name", shorten(h)));
+    }
+    // All-numeric names (`2130706433`, `0x7f.1`, `127.1`) are addresses in other spellings: the resolver would
+    // read them as such. Refuse them rather than guess which address they mean.
+    if h.split('.')
+        .all(|l| l.bytes().all(|b| b.is_ascii_digit()) || l.to_ascii_lowercase().starts_with("0x"))
+    {
+        return Err(format!(
+            "`{}` is not a host name (write addresses in dotted decimal)",
+            shorten(h)
+        ));
+    }
+    Ok(Host::Name(h.to_ascii_lowercase()))
+}
+
+/// Decodes `%XX` escapes; refuses a malformed escape and anything that is not UTF-8.
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("a bad `%` escape in `{}`", shorten(s)))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("`{}` is not UTF-8", shorten(s)))
+}
+
+/// `key=value&…` into pairs: keys are plain lower-case names (no escapes: `m%6fde` is not `mode`), values are
+/// percent-decoded, every key at most once, no empty key or value.
+fn query_pairs(query: &str) -> Result<Vec<(String, String)>, SourceError> {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for item in query.split('&') {
+        let (k, v) = item.split_once('=').unwrap_or((item, ""));
+        let bad = |why: &str| SourceError::BadParameter {
+            name: shorten(k),
+            why: why.into(),
+        };
+        if k.is_empty() || !k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            return Err(bad("parameter names are lower-case letters"));
+        }
+        if v.is_empty() {
+            return Err(bad("has no value"));
+        }
+        let v = percent_decode(&v.replace('+', " ")).map_err(|e| bad(&e))?;
+        if v.chars().any(char::is_control) {
+            return Err(bad("control characters"));
+        }
+        if pairs.iter().any(|(seen, _)| seen == k) {
+            return Err(SourceError::DuplicateParameter(k.to_string()));
+        }
+        pairs.push((k.to_string(), v));
+    }
+    Ok(pairs)
+}
+
+// Long by design: one strict reading per scheme, each field checked where it is read.
+fn parse_url(scheme: UrlScheme, rest: &str) -> Result<Source, SourceError> {
+    let bad = |why: &str| SourceError::BadUrl(format!("{why} in `{}`", shorten(rest)));
+    if rest
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || c == '\\' || !c.is_ascii())
+    {
+        return Err(bad(
+            "whitespace, control characters, backslashes or non-ASCII",
+        ));
+    }
+    let (userinfo, host, bracketed, port, path) = split_url(rest).map_err(|e| bad(&e))?;
+    let port = match port {
+        None => None,
+        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => Some(
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| bad("a bad port"))?,
+        ),
+        Some(_) => return Err(bad("a bad port")),
+    };
+    let (path_only, query) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    if path_only.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err(bad("`.` or `..` path segments"));
+    }
+    match scheme {
+        UrlScheme::Srt => {
+            if userinfo.is_some() {
+                return Err(bad("credentials (use passphrase=)"));
+            }
+            if !path_only.is_empty() && path_only != "/" {
+                return Err(bad("a path (SRT has none; use streamid=)"));
+            }
+            let port = port.ok_or_else(|| bad("no port"))?;
+            let mut srt = SrtSource {
+                mode: SrtMode::Caller,
+                host: None,
+                port,
+                stream_id: None,
+                passphrase: None,
+                key_length: None,
+                latency_ms: None,
+            };
+            let pairs = match query {
+                None | Some("") => Vec::new(),
+                Some(q) => query_pairs(q)?,
+            };
+            for (k, v) in pairs {
+                let param = |why: &str| SourceError::BadParameter {
+                    name: k.clone(),
+                    why: why.into(),
+                };
+                match k.as_str() {
+                    "mode" => {
+                        srt.mode = match v.as_str() {
+                            "caller" => SrtMode::Caller,
+                            "listener" => SrtMode::Listener,
+                            _ => return Err(param("is caller or listener")),
+                        }
+                    }
+                    "streamid" if v.len() <= 512 => srt.stream_id = Some(v),
+                    "streamid" => return Err(param("is at most 512 bytes")),
+                    "passphrase" if (10..=79).contains(&v.len()) => srt.passphrase = Some(v),
+                    "passphrase" => return Err(param("is 10 to 79 characters")),
+                    "pbkeylen" => {
+                        srt.key_length = Some(match v.as_str() {
+                            "16" => 16,
+                            "24" => 24,
+                            "32" => 32,
+                            _ => return Err(param("is 16, 24 or 32")),
+                        })
+                    }
+                    "latency" => {
+                        let ms = v
+                            .parse::<u32>()
+                            .ok()
+                            .filter(|ms| *ms <= 10_000)
+                            .ok_or_else(|| param("is 0 to 10000 milliseconds"))?;
+                        srt.latency_ms = Some(ms);
+                    }
+                    _ => {
+                        return Err(SourceError::UnknownParameter {
+                            name: k,
+                            scheme: "srt",
+                            supported: SRT_PARAMS,
+                        })
+                    }
+                }
+            }
+            srt.host = match (srt.mode, host) {
+                (SrtMode::Caller, "") => return Err(bad("no host")),
+                (SrtMode::Listener, "") => None,
+                (SrtMode::Caller, h) => Some(parse_host(h, bracketed).map_err(|e| bad(&e))?),
+                (SrtMode::Listener, h) => match parse_host(h, bracketed).map_err(|e| bad(&e))? {
+                    Host::Ip(ip) if ip.is_unspecified() => None,
+                    Host::Ip(ip) => Some(Host::Ip(ip)),
+                    Host::Name(_) => return Err(bad("a listener binds an address, not a name")),
+                },
+            };
+            if srt.key_length.is_some() && srt.passphrase.is_none() {
+                return Err(SourceError::BadParameter {
+                    name: "pbkeylen".into(),
+                    why: "needs passphrase=".into(),
+                });
+            }
+            Ok(Source::Srt(srt))
+        }
+        UrlScheme::Rtsp | UrlScheme::Rtsps => {
+            if host.is_empty() {
+                return Err(bad("no host"));
+            }
+            let (user, password) = match userinfo {
+                None => (None, None),
+                Some(u) => {
+                    let (user, pw) = u.split_once(':').unwrap_or((u, ""));
+                    let user = percent_decode(user).map_err(|e| bad(&e))?;
+                    let pw = percent_decode(pw).map_err(|e| bad(&e))?;
+                    if user.is_empty() || user.chars().chain(pw.chars()).any(char::is_control) {
+                        return Err(bad("bad credentials"));
+                    }
+                    (Some(user), (!pw.is_empty()).then_some(pw))
+                }
+            };
+            Ok(Source::Rtsp(RtspSource {
+                tls: scheme == UrlScheme::Rtsps,
+                host: parse_host(host, bracketed).map_err(|e| bad(&e))?,
+                port: port
+                    .or(scheme.default_port())
+                    .expect("rtsp has a default port"),
+                path: if path.is_empty() {
+                    "/".into()
+                } else {
+                    path.into()
+                },
+                user,
+                password,
+            }))
+        }
+        UrlScheme::Http | UrlScheme::Https => {
+            if host.is_empty() {
+                return Err(bad("no host"));
+            }
+            if userinfo.is_some() {
+                return Err(bad("credentials (not sent to live HTTP sources)"));
+            }
+            Ok(Source::Http(HttpSource {
+                tls: scheme == UrlScheme::Https,
+                host: parse_host(host, bracketed).map_err(|e| bad(&e))?,
+                port: port
+                    .or(scheme.default_port())
+                    .expect("http has a default port"),
+                path: if path.is_empty() {
+                    "/".into()
+                } else {
+                    path.into()
+                },
+            }))
+        }
     }
 }
 
 impl fmt::Display for Source {
+    /// A canonical spelling for logs and the API; SRT passphrases and RTSP passwords are not shown.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Source::Test { pattern } => write!(f, "test:pattern={}", pattern.as_str()),
             Source::File { path } => write!(f, "file:///{path}"),
-            Source::Url { url, .. } => f.write_str(url),
+            Source::Srt(s) => {
+                let host = s.host.as_ref().map(Host::to_string).unwrap_or_default();
+                let mode = match s.mode {
+                    SrtMode::Caller => "caller",
+                    SrtMode::Listener => "listener",
+                };
+                write!(f, "srt://{host}:{}?mode={mode}", s.port)?;
+                if let Some(id) = &s.stream_id {
+                    write!(f, "&streamid={}", escape(id))?;
+                }
+                if s.passphrase.is_some() {
+                    f.write_str("&passphrase=hidden")?;
+                }
+                if let Some(k) = s.key_length {
+                    write!(f, "&pbkeylen={k}")?;
+                }
+                if let Some(l) = s.latency_ms {
+                    write!(f, "&latency={l}")?;
+                }
+                Ok(())
+            }
+            Source::Rtsp(r) => {
+                let scheme = if r.tls { "rtsps" } else { "rtsp" };
+                let user = r
+                    .user
+                    .as_ref()
+                    .map(|u| format!("{}@", escape(u)))
+                    .unwrap_or_default();
+                write!(f, "{scheme}://{user}{}:{}{}", r.host, r.port, r.path)
+            }
+            Source::Http(h) => f.write_str(&h.url()),
         }
     }
+}
+
+/// Percent-encodes everything but unreserved characters.
+fn escape(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -268,23 +678,58 @@ mod tests {
             );
         }
         let u = Source::parse("srt://203.0.113.5:9000?streamid=abc").unwrap();
-        assert!(matches!(
-            u,
-            Source::Url {
-                scheme: UrlScheme::Srt,
-                ..
-            }
-        ));
-        assert_eq!(u.to_string(), "srt://203.0.113.5:9000?streamid=abc");
-        assert!(Source::parse("rtsp://user:pw@cam.example/live").is_ok());
-        assert!(Source::parse("https://[2001:db8::1]:8443/a.m3u8").is_ok());
+        let Source::Srt(srt) = &u else {
+            panic!("{u:?}")
+        };
+        assert_eq!(srt.mode, SrtMode::Caller);
+        assert_eq!(srt.host, Some(Host::Ip("203.0.113.5".parse().unwrap())));
+        assert_eq!(srt.stream_id.as_deref(), Some("abc"));
+        assert_eq!(
+            u.to_string(),
+            "srt://203.0.113.5:9000?mode=caller&streamid=abc"
+        );
+        assert_eq!(Source::parse(&u.to_string()).unwrap(), u);
+        let r = Source::parse("rtsp://user:p%40ss@Cam.Example/live?ch=1").unwrap();
+        assert_eq!(
+            r,
+            Source::Rtsp(RtspSource {
+                tls: false,
+                host: Host::Name("cam.example".into()),
+                port: 554,
+                path: "/live?ch=1".into(),
+                user: Some("user".into()),
+                password: Some("p@ss".into()),
+            })
+        );
+        assert!(!r.to_string().contains("p@ss") && !r.to_string().contains("p%40ss"));
+        let h = Source::parse("https://[2001:db8::1]:8443/a.ts").unwrap();
+        let Source::Http(http) = &h else {
+            panic!("{h:?}")
+        };
+        assert_eq!(http.url(), "https://[2001:db8::1]:8443/a.ts");
         for bad in [
             "http://",
             "http:/x",
             "rtsp://cam:99999/x",
+            "rtsp://cam:0/x",
             "http://a b/",
             "http://x/\u{7}",
             "srt://:9000",
+            "srt://h",
+            "http://2130706433/",
+            "http://0x7f.1/",
+            "http://127.1/",
+            "http://[127.0.0.1]/",
+            "http://::1/",
+            "http://u:p@h/",
+            "srt://u@h:1",
+            "http://h/#frag",
+            "http://h/../x",
+            "http://h\\@evil/",
+            "http://h%2eevil/",
+            "http://é.example/",
+            "srt://h:1/path",
+            "srt://name.example:9000?mode=listener",
         ] {
             assert!(
                 matches!(Source::parse(bad), Err(SourceError::BadUrl(_))),
@@ -316,5 +761,147 @@ mod tests {
             Source::parse(&"test:".repeat(1000)),
             Err(SourceError::TooLong(_))
         ));
+    }
+
+    #[test]
+    fn srt_parameters_are_read_once_each_and_only_known_ones() {
+        // the adversarial case: one check saw `listener`, GStreamer used the last `mode`
+        for dup in [
+            "srt://127.0.0.1:9000?mode=listener&mode=caller",
+            "srt://127.0.0.1:9000?mode=caller&mode=listener",
+            "srt://10.0.0.1:9000?streamid=a&streamid=b",
+        ] {
+            assert!(
+                matches!(Source::parse(dup), Err(SourceError::DuplicateParameter(_))),
+                "{dup}: {:?}",
+                Source::parse(dup)
+            );
+        }
+        for unknown in [
+            "srt://127.0.0.1:9000?MODE=listener",
+            "srt://127.0.0.1:9000?m%6fde=listener",
+            "srt://127.0.0.1:9000?mode=server",
+            "srt://127.0.0.1:9000?mode=rendezvous",
+            "srt://127.0.0.1:9000?mode=",
+            "srt://127.0.0.1:9000?=x",
+            "srt://127.0.0.1:9000?mode",
+            "srt://127.0.0.1:9000?localaddress=1.2.3.4",
+            "srt://127.0.0.1:9000?passphrase=short",
+            "srt://127.0.0.1:9000?pbkeylen=16",
+            "srt://127.0.0.1:9000?latency=-1",
+            "srt://127.0.0.1:9000?streamid=%ZZ",
+            "srt://127.0.0.1:9000?streamid=%0a",
+        ] {
+            let r = Source::parse(unknown);
+            assert!(
+                matches!(
+                    r,
+                    Err(SourceError::UnknownParameter { .. } | SourceError::BadParameter { .. })
+                ),
+                "{unknown}: {r:?}"
+            );
+        }
+        let l = Source::parse(
+            "srt://:9000?mode=listener&latency=200&passphrase=0123456789&pbkeylen=32",
+        )
+        .unwrap();
+        assert_eq!(
+            l,
+            Source::Srt(SrtSource {
+                mode: SrtMode::Listener,
+                host: None,
+                port: 9000,
+                stream_id: None,
+                passphrase: Some("0123456789".into()),
+                key_length: Some(32),
+                latency_ms: Some(200),
+            })
+        );
+        assert_eq!(l.remote_host(), None, "a listener connects nowhere");
+        assert!(!l.to_string().contains("0123456789"));
+        let c = Source::parse("srt://[::1]:9000?streamid=%23%21%3A%3A").unwrap();
+        let Source::Srt(srt) = &c else { panic!() };
+        assert_eq!(srt.stream_id.as_deref(), Some("#!::"));
+        assert_eq!(
+            c.remote_host().map(|(h, p)| (h.to_string(), p)),
+            Some(("[::1]".into(), 9000))
+        );
+        assert!(matches!(
+            Source::parse("test:pattern=ball&pattern=smpte"),
+            Err(SourceError::DuplicateParameter(_))
+        ));
+    }
+
+    use proptest::prelude::*;
+
+    fn param_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("mode".to_string()),
+            Just("streamid".to_string()),
+            Just("latency".to_string()),
+            Just("passphrase".to_string()),
+            Just("pbkeylen".to_string()),
+            "[a-zA-Z%0-9]{1,8}",
+        ]
+    }
+
+    fn param_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("caller".to_string()),
+            Just("listener".to_string()),
+            Just("LISTENER".to_string()),
+            Just("server".to_string()),
+            Just("%6c%69stener".to_string()),
+            Just(String::new()),
+            "[a-z0-9%=&]{0,12}",
+        ]
+    }
+
+    proptest! {
+        /// Whatever the query, an SRT source is either refused or has exactly the meaning a second parse of its
+        /// canonical form has: no parameter is read twice, and mode is never listener unless the one and only
+        /// `mode` value (percent-decoded) is `listener` (so a source that connects is never taken for one that
+        /// does not).
+        #[test]
+        fn srt_queries_mean_one_thing(params in proptest::collection::vec((param_name(), param_value()), 0..5)) {
+            let q: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let src = format!("srt://127.0.0.1:9000?{}", q.join("&"));
+            if let Ok(parsed) = Source::parse(&src) {
+                let modes: Vec<&String> = params.iter().filter(|(k, _)| k == "mode").map(|(_, v)| v).collect();
+                let Source::Srt(srt) = &parsed else { panic!("{parsed:?}") };
+                prop_assert!(modes.len() <= 1, "{src} accepted with {} modes", modes.len());
+                let names: Vec<&String> = params.iter().map(|(k, _)| k).collect();
+                for (i, n) in names.iter().enumerate() {
+                    prop_assert!(!names[i + 1..].contains(n), "{src}: `{n}` twice");
+                }
+                let decoded: Vec<String> = modes.iter().map(|m| percent_decode(m).unwrap_or_default()).collect();
+                prop_assert_eq!(srt.mode == SrtMode::Listener, decoded == ["listener"]);
+                prop_assert_eq!(parsed.remote_host().is_none(), srt.mode == SrtMode::Listener);
+                if srt.passphrase.is_none() {
+                    let again = Source::parse(&parsed.to_string());
+                    prop_assert_eq!(again.as_ref(), Ok(&parsed));
+                }
+            }
+        }
+
+        /// Any host spelling either parses to a host the daemon can check (an address, or a plain lower-case
+        /// name that is not an address in disguise), or is refused.
+        #[test]
+        fn hosts_are_addresses_or_plain_names(host in "[0-9a-fA-FxX.:%\\[\\]@-]{1,20}", scheme in "(srt|rtsp|http|https)") {
+            let src = format!("{scheme}://{host}:9000/");
+            let src = if scheme == "srt" { src.trim_end_matches('/').to_string() } else { src };
+            if let Ok(parsed) = Source::parse(&src) {
+                let (h, _) = parsed.remote_host().expect("a caller source connects");
+                match h {
+                    Host::Ip(_) => {}
+                    Host::Name(n) => {
+                        prop_assert!(n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-'), "{n}");
+                        prop_assert!(n.parse::<IpAddr>().is_err());
+                        let numeric = n.split('.').all(|l| l.bytes().all(|b| b.is_ascii_digit()) || l.starts_with("0x"));
+                        prop_assert!(!numeric, "{n} is an address in another spelling");
+                    }
+                }
+            }
+        }
     }
 }

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_model::net::UrlPolicy;
+use kiln_model::{Host, Source};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::Url;
 
@@ -92,49 +93,75 @@ fn check_url(policy: &UrlPolicy, url: &Url) -> Result<(), String> {
     };
     policy
         .check(ip)
-        .map_err(|d| format!("input host {d}; {}", hint(ip)))
+        .map_err(|d| format!("host {d}; {}", hint(ip)))
 }
 
-/// Checks a live URL source (`srt://`, `rtsp(s)://`, `http(s)://`) before its pipeline is built: a literal address
-/// must be allowed, and a name must resolve only to allowed addresses (GStreamer resolves it again when it
-/// connects, so unlike a VOD download this is a check at admission, not a pinned connection). An SRT listener
-/// (`mode=listener`) binds locally and connects nowhere: not checked.
-pub async fn check_source(policy: &UrlPolicy, source: &str) -> Result<(), String> {
-    let url = Url::parse(source).map_err(|e| format!("`{source}`: {e}"))?;
-    let listener = url.scheme() == "srt"
-        && url
-            .query_pairs()
-            .any(|(k, v)| k == "mode" && (v == "listener" || v == "server"));
-    if listener {
-        return Ok(());
-    }
-    let port = url.port_or_known_default().unwrap_or(0);
-    let ip = match url.host() {
-        Some(url::Host::Ipv4(a)) => IpAddr::V4(a),
-        Some(url::Host::Ipv6(a)) => IpAddr::V6(a),
-        Some(url::Host::Domain(name)) => {
-            let addrs: Vec<SocketAddr> =
-                tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((name, port)))
-                    .await
-                    .map_err(|_| format!("resolving {name} timed out"))?
-                    .map_err(|e| format!("cannot resolve {name}: {e}"))?
-                    .collect();
+/// Checks the host a live source connects to (SRT caller, RTSP, HTTP) and returns the address to connect to: a
+/// literal address must be allowed; a name must resolve only to allowed addresses, and the first of them is the
+/// one the pipeline connects to (the media crate hands GStreamer the address, so nothing resolves the name again).
+/// Sources that connect nowhere (test, file, an SRT listener) return `None`. HTTP sources are fetched through
+/// [`Fetcher::open_live`], which checks every connection and redirect hop again.
+pub async fn check_source(policy: &UrlPolicy, source: &Source) -> Result<Option<IpAddr>, String> {
+    let Some((host, port)) = source.remote_host() else {
+        return Ok(None);
+    };
+    let ip = match host {
+        Host::Ip(ip) => *ip,
+        Host::Name(name) => {
+            let addrs: Vec<SocketAddr> = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                tokio::net::lookup_host((name.as_str(), port)),
+            )
+            .await
+            .map_err(|_| format!("resolving {name} timed out"))?
+            .map_err(|e| format!("cannot resolve {name}: {e}"))?
+            .collect();
             for a in &addrs {
                 if let Err(d) = policy.check(a.ip()) {
                     return Err(format!("{name} resolves to {d}; {}", hint(a.ip())));
                 }
             }
-            return if addrs.is_empty() {
-                Err(format!("{name} resolves to no address"))
-            } else {
-                Ok(())
-            };
+            return addrs
+                .first()
+                .map(|a| Some(a.ip()))
+                .ok_or_else(|| format!("{name} resolves to no address"));
         }
-        None => return Err(format!("`{source}` has no host")),
     };
     policy
         .check(ip)
-        .map_err(|d| format!("source host {d}; {}", hint(ip)))
+        .map_err(|d| format!("source host {d}; {}", hint(ip)))?;
+    Ok(Some(ip))
+}
+
+/// Media types that are playlists: a live HTTP source must be a media stream (the adaptive demuxer that reads a
+/// playlist would fetch its segments with its own client, past the address policy).
+const PLAYLIST_TYPES: [&str; 5] = [
+    "application/vnd.apple.mpegurl",
+    "application/x-mpegurl",
+    "audio/mpegurl",
+    "audio/x-mpegurl",
+    "application/dash+xml",
+];
+
+/// The body of a live HTTP source as a blocking reader, for the media crate's feed thread.
+struct LiveBody {
+    rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, String>>,
+    chunk: bytes::Bytes,
+}
+
+impl std::io::Read for LiveBody {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                None => return Ok(0),
+                Some(Ok(c)) => self.chunk = c,
+                Some(Err(e)) => return Err(std::io::Error::other(e)),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
+    }
 }
 
 /// The fetcher of one daemon (one connection pool).
@@ -275,6 +302,74 @@ impl Fetcher {
             .map_err(|e| format!("input download: {e}"))?;
         Ok(got)
     }
+
+    /// Opens a live HTTP source's body on `rt`: the request goes through the same checked client as a download
+    /// (every resolved address and every redirect hop checked against the policy), a non-2xx answer or a playlist
+    /// is an error, and the body has no size limit but the stall timeout. The reader ends when the body does; when
+    /// the reader is dropped, the request stops at its next chunk.
+    pub fn open_live(
+        &self,
+        rt: &tokio::runtime::Handle,
+        url: String,
+    ) -> std::io::Result<Box<dyn std::io::Read + Send>> {
+        let parsed =
+            Url::parse(&url).map_err(|e| std::io::Error::other(format!("`{url}`: {e}")))?;
+        check_url(&self.policy, &parsed).map_err(std::io::Error::other)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let client = self.client.clone();
+        rt.spawn(async move {
+            let body = async {
+                let resp = tokio::time::timeout(
+                    STALL_TIMEOUT + CONNECT_TIMEOUT,
+                    client.get(parsed).send(),
+                )
+                .await
+                .map_err(|_| format!("the HTTP source did not answer in {} s", (STALL_TIMEOUT + CONNECT_TIMEOUT).as_secs()))?
+                .map_err(|e| format!("the HTTP source: {}", chain(&e)))?;
+                let status = resp.status();
+                if !status.is_success() {
+                    return Err(format!("the HTTP source answered {status}"));
+                }
+                let ctype = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
+                if PLAYLIST_TYPES.contains(&ctype.as_str()) {
+                    return Err(format!("the HTTP source is a playlist ({ctype}), not a media stream: kiln does not pull HLS/DASH"));
+                }
+                Ok(resp)
+            };
+            let mut resp = match body.await {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            loop {
+                let next = match tokio::time::timeout(STALL_TIMEOUT, resp.chunk()).await {
+                    Err(_) => Err(format!("the HTTP source sent nothing for {} s", STALL_TIMEOUT.as_secs())),
+                    Ok(Err(e)) => Err(format!("the HTTP source: {}", chain(&e))),
+                    Ok(Ok(None)) => return,
+                    Ok(Ok(Some(c))) => Ok(c),
+                };
+                let stop = next.is_err();
+                if tx.send(next).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Box::new(LiveBody {
+            rx,
+            chunk: bytes::Bytes::new(),
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -366,28 +461,52 @@ mod tests {
     #[tokio::test]
     async fn live_sources_are_checked_by_address_and_listeners_are_not() {
         let p = UrlPolicy::default();
+        let check = |p: UrlPolicy, src: &'static str| async move {
+            check_source(&p, &Source::parse(src).expect(src)).await
+        };
         for (src, want) in [
             ("rtsp://10.0.0.1/cam", "private"),
             ("rtsp://[fe80::1]:554/cam", "link-local"),
             ("srt://127.0.0.1:9000?streamid=x", "loopback"),
             ("srt://localhost:9000", "localhost resolves to"),
             ("http://169.254.169.254/latest", "link-local"),
+            ("http://[::ffff:127.0.0.1]/", "loopback"),
         ] {
-            let e = check_source(&p, src).await.expect_err(src);
+            let e = check(p.clone(), src).await.expect_err(src);
             assert!(
                 e.contains(want) && e.contains("--allow-networks"),
                 "{src}: {e}"
             );
         }
-        // public literal addresses need no lookup; a listener binds locally
-        assert_eq!(check_source(&p, "rtsp://8.8.8.8/cam").await, Ok(()));
+        // public literal addresses need no lookup and are what the pipeline connects to; a listener binds locally
+        let public: IpAddr = "8.8.8.8".parse().unwrap();
         assert_eq!(
-            check_source(&p, "srt://0.0.0.0:9000?mode=listener").await,
-            Ok(())
+            check(p.clone(), "rtsp://8.8.8.8/cam").await,
+            Ok(Some(public))
         );
+        assert_eq!(
+            check(p.clone(), "srt://0.0.0.0:9000?mode=listener").await,
+            Ok(None)
+        );
+        assert_eq!(check(p.clone(), "test:").await, Ok(None));
         let lan = UrlPolicy::parse("10.0.0.0/8,127.0.0.1").unwrap();
-        assert_eq!(check_source(&lan, "rtsp://10.2.3.4/cam").await, Ok(()));
-        assert_eq!(check_source(&lan, "srt://127.0.0.1:9000").await, Ok(()));
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(
+            check(lan.clone(), "rtsp://10.2.3.4/cam").await,
+            Ok(ip("10.2.3.4"))
+        );
+        assert_eq!(
+            check(lan.clone(), "srt://127.0.0.1:9000").await,
+            Ok(ip("127.0.0.1"))
+        );
+        // a name is resolved once here, and the pipeline is given the address
+        let lo = UrlPolicy::parse("127.0.0.0/8,::1").unwrap();
+        let a = check(lo, "srt://localhost:9000").await;
+        assert_eq!(
+            a.clone().ok().flatten().map(|a| a.is_loopback()),
+            Some(true),
+            "{a:?}"
+        );
     }
 
     #[tokio::test]

@@ -178,6 +178,24 @@ impl Supervisor {
         Ok(placement)
     }
 
+    fn byte_feed(
+        &self,
+        plan: &StreamPlan,
+    ) -> Result<Option<kiln_media::ByteFeed>, SupervisorError> {
+        let Source::Http(http) = &plan.source else {
+            return Ok(None);
+        };
+        let fetcher = self
+            .live_fetcher
+            .clone()
+            .map_err(SupervisorError::SourceAddress)?;
+        let rt = tokio::runtime::Handle::current();
+        let url = http.url();
+        Ok(Some(kiln_media::ByteFeed(std::sync::Arc::new(move || {
+            fetcher.open_live(&rt, url.clone())
+        }))))
+    }
+
     /// The media file of a `file://` source, inside the media directory (symlinks resolved).
     pub(super) fn resolve_file(
         &self,
@@ -205,10 +223,13 @@ impl Supervisor {
         Ok(Some(full))
     }
 
+    /// The media crate's options for `plan` on `placement`: the elements, the checked source address and, for an
+    /// `http(s)://` source, a feed that fetches it through the daemon's checked client (on the current runtime).
     pub(super) fn build_options(
         &self,
         placement: &Placement,
-        file: Option<PathBuf>,
+        plan: &StreamPlan,
+        input: &super::SourceInput,
     ) -> Result<BuildOptions, SupervisorError> {
         let selection = self
             .registry
@@ -218,7 +239,9 @@ impl Supervisor {
             registry: self.registry.clone(),
             selection,
             decode_gpu: placement.decode_gpu,
-            file,
+            file: input.file.clone(),
+            source_addr: input.addr,
+            byte_feed: self.byte_feed(plan)?,
             #[cfg(feature = "fault-injection")]
             fail_encoder_after_frames: None,
         })

@@ -78,7 +78,7 @@ impl Supervisor {
         *h.placement.lock() = nothing;
         let new = self.place(&h.plan, true)?;
         let started = async {
-            let opts = self.build_options(&new, h.file.clone())?;
+            let opts = self.build_options(&new, &h.plan, &h.input)?;
             launch(&h.plan, opts, Some(origin_ms)).await
         }
         .await;

@@ -16,8 +16,8 @@ use kiln_media::select::Registry;
 use kiln_media::{BuildOptions, LivePipeline, MediaEvent};
 use kiln_model::capacity::{Dimension, Resources};
 use kiln_model::{
-    Backend, Fallback, PlanError, Policy, RenditionStatus, Source, StreamPlan, StreamRequest,
-    StreamState, StreamStatus,
+    Backend, Fallback, PlanError, Policy, RenditionStatus, StreamPlan, StreamRequest, StreamState,
+    StreamStatus,
 };
 use kiln_origin::{Origin, RenditionInfo, RenditionKind, StreamOrigin};
 use tokio::sync::{mpsc, watch};
@@ -106,6 +106,14 @@ pub enum FenceError {
     Future { epoch: u64, max: u64 },
 }
 
+/// A source's resolved inputs: the media file of a `file://` source, the checked address an SRT caller, RTSP
+/// or HTTP source connects to.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SourceInput {
+    pub file: Option<PathBuf>,
+    pub addr: Option<std::net::IpAddr>,
+}
+
 /// A live stream under supervision.
 #[derive(Debug)]
 pub struct StreamHandle {
@@ -113,8 +121,8 @@ pub struct StreamHandle {
     /// Where the stream runs and what admission booked for it (changes on a fallback).
     placement: Mutex<Placement>,
     pub request: StreamRequest,
-    /// The resolved media file of a `file://` source.
-    file: Option<PathBuf>,
+    /// Where the source's bytes come from, resolved and checked at admission.
+    input: SourceInput,
     fallbacks: Mutex<Vec<Fallback>>,
     /// Frame counters seen at the last scrape (of the current pipeline).
     frames_seen: Mutex<kiln_media::FrameStats>,
@@ -259,6 +267,8 @@ pub struct Supervisor {
     pub registry: Arc<Registry>,
     /// GPUs and their bookings.
     pub gpus: GpuPool,
+    /// The checked HTTP client that fetches `http(s)://` sources (an error if it could not be built).
+    live_fetcher: Result<crate::fetch::Fetcher, String>,
 }
 
 fn unix_ms() -> u64 {
@@ -277,7 +287,6 @@ impl Supervisor {
         gpus: GpuPool,
     ) -> Self {
         Self {
-            config,
             origin,
             metrics,
             streams: Mutex::new(HashMap::new()),
@@ -285,6 +294,8 @@ impl Supervisor {
             allocated: Mutex::new(Resources::default()),
             epoch: unix_ms(),
             fence: 0.into(),
+            live_fetcher: crate::fetch::Fetcher::new(config.source_networks.clone(), u64::MAX),
+            config,
             registry,
             gpus,
         }
@@ -387,14 +398,14 @@ impl Supervisor {
             };
         }
 
-        let file = self.resolve_file(&plan)?;
-        if let Source::Url { url, .. } = &plan.source {
-            crate::fetch::check_source(&self.config.source_networks, url)
+        let input = SourceInput {
+            file: self.resolve_file(&plan)?,
+            addr: crate::fetch::check_source(&self.config.source_networks, &plan.source)
                 .await
-                .map_err(SupervisorError::SourceAddress)?;
-        }
+                .map_err(SupervisorError::SourceAddress)?,
+        };
         let placement = self.place(&plan, false)?;
-        match self.start(id, request, plan, placement, file, fault).await {
+        match self.start(id, request, plan, placement, input, fault).await {
             Ok(r) => Ok(r),
             Err(e) => {
                 self.release_placement(&placement);
@@ -410,11 +421,11 @@ impl Supervisor {
         request: StreamRequest,
         plan: StreamPlan,
         placement: Placement,
-        file: Option<PathBuf>,
+        input: SourceInput,
         fault: Option<u64>,
     ) -> Result<(Arc<StreamHandle>, bool), SupervisorError> {
         #[allow(unused_mut)]
-        let mut opts = self.build_options(&placement, file.clone())?;
+        let mut opts = self.build_options(&placement, &plan, &input)?;
         #[cfg(feature = "fault-injection")]
         {
             opts.fail_encoder_after_frames = fault;
@@ -461,7 +472,7 @@ impl Supervisor {
             plan,
             placement: Mutex::new(placement),
             request,
-            file,
+            input,
             fallbacks: Mutex::new(Vec::new()),
             frames_seen: Mutex::new(Default::default()),
             origin: stream_origin.clone(),
