@@ -97,15 +97,26 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A new job id: `j` + 11 hex digits of a millisecond stamp + 8 random hex digits. The stamp never repeats in a
+/// process (it moves one past the last when two jobs arrive in the same millisecond), so ids sort in submission
+/// order, which is the dispatcher's last tie-break.
 fn new_id() -> String {
     use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = unix_ms();
+    let stamp = match LAST.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+        Some(now.max(last + 1))
+    }) {
+        Ok(last) | Err(last) => now.max(last + 1),
+    };
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos()),
     );
-    format!("j{:011x}{:08x}", unix_ms(), h.finish() as u32)
+    format!("j{stamp:011x}{:08x}", h.finish() as u32)
 }
 
 /// How often a running job's progress is updated between segments (from the pipeline's position), and during a
