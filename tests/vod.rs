@@ -506,6 +506,52 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
         &["-c:v", "ffv1"],
     )
     .await?;
+    // a real 8K picture: its decode and ladder need more memory than one job may use by default
+    make_clip(
+        &inp.join("8k.mp4"),
+        0.1,
+        Some("color=c=gray:size=7680x4320:rate=10"),
+        &[],
+        &[
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-pix_fmt",
+            "yuv420p",
+        ],
+    )
+    .await?;
+    // pictures that grow mid-file past the size the probe read (and admission booked): 320x180, then 1280x720
+    let ts = [
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p",
+        "-f",
+        "mpegts",
+    ];
+    make_clip(
+        &inp.join("small.ts"),
+        1.0,
+        Some("testsrc2=size=320x180:rate=30"),
+        &[],
+        &ts,
+    )
+    .await?;
+    make_clip(
+        &inp.join("large.ts"),
+        1.0,
+        Some("testsrc2=size=1280x720:rate=30"),
+        &[],
+        &ts,
+    )
+    .await?;
+    let mut grow = std::fs::read(inp.join("small.ts"))?;
+    grow.extend(std::fs::read(inp.join("large.ts"))?);
+    std::fs::write(inp.join("grow.ts"), grow)?;
     make_clip(
         &inp.join("huge.mp4"),
         0.2,
@@ -533,7 +579,13 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
         (f("garbage.mp4"), ""),
         (f("list.m3u8"), "is a playlist (application/x-hls)"),
         (f("ffv1.mkv"), "not supported"),
-        (f("huge.mp4"), "larger than kiln accepts"),
+        // refused from the stream header, before any decoder runs
+        (
+            f("huge.mp4"),
+            "the stream header declares 8400x64: larger than kiln accepts",
+        ),
+        (f("8k.mp4"), "more than the 1024 MiB one job may use"),
+        (f("grow.ts"), "grew to 1280x720 mid-file"),
         (format!("http://127.0.0.1:{closed}/a.mp4"), "refused"),
         (format!("{web}/nothing-here.mp4"), "404"),
         (format!("{web}/garbage.mp4"), ""),

@@ -128,10 +128,123 @@ fn refuse_playlist_file(uri: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// How long reading the stream headers may take.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The video sizes an input's headers declare, per stream, in the order GStreamer meets them: the container's
+/// (the demuxer's caps), then the parser's (the codec's own header: the H.264/HEVC SPS). Reads with `parsebin`
+/// only, so no decoder allocates a picture: a stream declaring 16000x16000 is refused from its header at once.
+fn header_sizes(uri: &str, timeout: Duration) -> Result<Vec<Vec<(u32, u32)>>, String> {
+    type Seen = Arc<Mutex<Vec<(String, Vec<(u32, u32)>)>>>;
+    let pipeline = gst::Pipeline::with_name("kiln-vod-header");
+    let src = gst::Element::make_from_uri(gst::URIType::Src, uri, Some("hsrc"))
+        .map_err(|e| format!("cannot read the input: {e}"))?;
+    let parse = make("parsebin", "hparse").map_err(|e| e.to_string())?;
+    pipeline
+        .add_many([&src, &parse])
+        .map_err(|e| e.to_string())?;
+    src.link(&parse).map_err(|e| e.to_string())?;
+    let sizes: Seen = Arc::default();
+    // the demuxer's pad and the parser's pad of one stream share its stream id
+    let record = |sizes: &Seen, pad: &gst::Pad, caps: &gst::Caps| {
+        let Some(st) = caps.structure(0).filter(|s| s.name().starts_with("video/")) else {
+            return;
+        };
+        let w = st.get::<i32>("width").unwrap_or(0).max(0) as u32;
+        let h = st.get::<i32>("height").unwrap_or(0).max(0) as u32;
+        let id = pad.stream_id().map(|s| s.to_string()).unwrap_or_default();
+        let mut v = sizes.lock();
+        let i = match v.iter().position(|(s, _)| *s == id) {
+            Some(i) => i,
+            None => {
+                v.push((id, Vec::new()));
+                v.len() - 1
+            }
+        };
+        if v[i].1.last() != Some(&(w, h)) {
+            v[i].1.push((w, h));
+        }
+    };
+    let seen = sizes.clone();
+    parse.connect("autoplug-continue", false, move |args| {
+        let pad = args.get(1).and_then(|v| v.get::<gst::Pad>().ok());
+        let caps = args.get(2).and_then(|v| v.get::<gst::Caps>().ok());
+        if let (Some(pad), Some(caps)) = (pad, caps) {
+            record(&seen, &pad, &caps);
+        }
+        Some(true.to_value())
+    });
+    let seen = sizes.clone();
+    let weak = pipeline.downgrade();
+    parse.connect_pad_added(move |_, pad| {
+        if let Some(caps) = pad.current_caps() {
+            record(&seen, pad, &caps);
+        }
+        let Some(p) = weak.upgrade() else { return };
+        if let Ok(sink) = make("fakesink", &format!("hsink-{}", pad.name())) {
+            sink.set_property("sync", false);
+            if p.add(&sink).is_ok() {
+                let _ = sink.sync_state_with_parent();
+                if let Some(sp) = sink.static_pad("sink") {
+                    let _ = pad.link(&sp);
+                }
+            }
+        }
+    });
+    let bus = pipeline.bus().expect("a pipeline has a bus");
+    pipeline
+        .set_state(gst::State::Paused)
+        .map_err(|e| format!("cannot read the input: {e}"))?;
+    // prerolled (every stream has a buffer at its fakesink), failed, or out of time
+    let end = bus.timed_pop_filtered(
+        gst::ClockTime::from_nseconds(timeout.as_nanos() as u64),
+        &[gst::MessageType::AsyncDone, gst::MessageType::Error],
+    );
+    let _ = pipeline.set_state(gst::State::Null);
+    let sizes: Vec<Vec<(u32, u32)>> = sizes.lock().iter().map(|(_, v)| v.clone()).collect();
+    match end.as_ref().map(|m| m.view()) {
+        Some(gst::MessageView::Error(e)) if sizes.is_empty() => {
+            Err(format!("cannot read the input: {}", e.error()))
+        }
+        // the Discoverer that runs next reports everything else
+        _ => Ok(sizes),
+    }
+}
+
+/// Fails the job (through `sink`) and drops the caps when a decoded picture on `pad` has more than `max` pixels.
+fn guard_picture_size(pad: &gst::Pad, max: u64, sink: VodSink) {
+    let reported = std::sync::atomic::AtomicBool::new(false);
+    pad.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_, info| {
+        let Some(gst::PadProbeData::Event(ev)) = &info.data else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let gst::EventView::Caps(c) = ev.view() else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let Some(st) = c.caps().structure(0) else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let w = st.get::<i32>("width").unwrap_or(0).max(0) as u64;
+        let h = st.get::<i32>("height").unwrap_or(0).max(0) as u64;
+        if w * h <= max {
+            return gst::PadProbeReturn::Ok;
+        }
+        if !reported.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            sink(VodEvent::Error(format!(
+                "the decoded pictures grew to {w}x{h} mid-file, more than the {max} pixels the input declared"
+            )));
+        }
+        gst::PadProbeReturn::Drop
+    });
+}
+
 // Long by design: the Discoverer result read field by field into the typed probe, with a refusal per limit.
 pub fn probe(uri: &str, timeout: Duration) -> Result<ProbeInfo, String> {
     crate::init().map_err(|e| e.to_string())?;
     refuse_playlist_file(uri)?;
+    for stream in header_sizes(uri, timeout.min(HEADER_TIMEOUT))? {
+        kiln_model::vod::check_header_sizes(&stream).map_err(|e| e.to_string())?;
+    }
     let d = gst_pbutils::Discoverer::new(gst::ClockTime::from_nseconds(timeout.as_nanos() as u64))
         .map_err(|e| format!("probe: {e}"))?;
     let info = d
@@ -235,6 +348,9 @@ pub struct VodPlan {
     pub x264_speed: X264Speed,
     /// One thumbnail every this many seconds, this wide (height follows the aspect ratio).
     pub thumbnails: Option<(u32, u32)>,
+    /// Most pixels a decoded picture may have: the size the probe read (and admission booked memory for). A
+    /// stream whose pictures grow past it mid-file fails the job instead of allocating larger pictures.
+    pub max_source_pixels: Option<u64>,
 }
 
 /// Something a VOD pipeline reports. Tracks: video renditions in plan order, then audio.
@@ -460,6 +576,8 @@ impl VodPipeline {
         };
         // decoded pads → the branches (a stream nobody wants goes to a fakesink so it cannot stall the rest)
         let weak = pipeline.downgrade();
+        let max_pixels = plan.max_source_pixels;
+        let grow_sink = sink.clone();
         src.connect_pad_added(move |_, pad| {
             let Some(pipeline) = weak.upgrade() else {
                 return;
@@ -470,6 +588,9 @@ impl VodPipeline {
                 .and_then(|c| c.structure(0).map(|s| s.name().to_string()))
                 .unwrap_or_default();
             let target = if name.starts_with("video/") {
+                if let Some(max) = max_pixels {
+                    guard_picture_size(pad, max, grow_sink.clone());
+                }
                 video_in.clone()
             } else if name.starts_with("audio/") {
                 audio_in.clone()

@@ -69,6 +69,42 @@ pub const DEFAULT_VOD_PRESET: &str = "vod-1080p-abr";
 pub const MAX_SOURCE_SIDE: u32 = 8192;
 pub const MAX_SOURCE_PIXELS: u64 = 7680 * 4320;
 
+/// Why the stream headers of an input are refused before anything decodes it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("the stream header declares {0}x{1}: larger than kiln accepts ({MAX_SOURCE_SIDE} a side, {MAX_SOURCE_PIXELS} pixels)")]
+    TooLarge(u32, u32),
+    #[error("the container says the video is {0}x{1} but its stream header declares {2}x{3}: refused (decoding would allocate pictures of the larger size)")]
+    Inflated(u32, u32, u32, u32),
+}
+
+/// Judges the video sizes seen while reading an input's headers, in order (the container's, then the parser's
+/// from the codec's own header, e.g. the H.264 SPS), before any decoder runs. Refuses a size over the limits, and a
+/// codec header that declares much more than the container (more than 4 × the pixels and more than 16 pixels more
+/// on a side: rounding to macroblocks and cropping differ by less): a few KB that decode to 8K pictures.
+pub fn check_header_sizes(sizes: &[(u32, u32)]) -> Result<(), HeaderError> {
+    for &(w, h) in sizes {
+        if w > MAX_SOURCE_SIDE
+            || h > MAX_SOURCE_SIDE
+            || u64::from(w) * u64::from(h) > MAX_SOURCE_PIXELS
+        {
+            return Err(HeaderError::TooLarge(w, h));
+        }
+    }
+    let known: Vec<(u32, u32)> = sizes
+        .iter()
+        .copied()
+        .filter(|&(w, h)| w > 0 && h > 0)
+        .collect();
+    if let (Some(&(cw, ch)), Some(&(sw, sh))) = (known.first(), known.last()) {
+        let (cpx, spx) = (u64::from(cw) * u64::from(ch), u64::from(sw) * u64::from(sh));
+        if spx > 4 * cpx && (sw > cw + 16 || sh > ch + 16) {
+            return Err(HeaderError::Inflated(cw, ch, sw, sh));
+        }
+    }
+    Ok(())
+}
+
 /// Where a job reads from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobInput {
@@ -280,6 +316,30 @@ pub fn thumbnail_count(duration_s: f64, interval_s: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_sizes_refuse_oversize_and_inflated_streams() {
+        assert_eq!(check_header_sizes(&[]), Ok(()));
+        assert_eq!(check_header_sizes(&[(1920, 1080), (1920, 1080)]), Ok(()));
+        // macroblock rounding and cropping: 1080 vs 1088, a container that says nothing (0x0)
+        assert_eq!(check_header_sizes(&[(1920, 1080), (1920, 1088)]), Ok(()));
+        assert_eq!(check_header_sizes(&[(0, 0), (3840, 2160)]), Ok(()));
+        // the adversarial file: a 64x64 track whose SPS declares 8K
+        assert_eq!(
+            check_header_sizes(&[(64, 64), (7680, 4320)]),
+            Err(HeaderError::Inflated(64, 64, 7680, 4320))
+        );
+        assert_eq!(
+            check_header_sizes(&[(16000, 16000)]),
+            Err(HeaderError::TooLarge(16000, 16000))
+        );
+        assert!(matches!(
+            check_header_sizes(&[(640, 360), (8400, 64)]),
+            Err(HeaderError::TooLarge(8400, 64))
+        ));
+        // a smaller stream header than the container (anamorphic, cropped) is not a bomb
+        assert_eq!(check_header_sizes(&[(1920, 1080), (1440, 1080)]), Ok(()));
+    }
     use crate::stream::{Fraction, VideoCodec};
 
     fn r(name: &str, w: u32, h: u32) -> VideoRendition {

@@ -95,6 +95,10 @@ struct Args {
     /// Largest `http(s)` VOD input downloaded, in bytes.
     #[arg(long, default_value_t = crate::jobs::DEFAULT_MAX_INPUT_BYTES)]
     vod_max_input_bytes: u64,
+    /// Most memory one VOD job may need, in MiB (decoded pictures of its input and ladder, estimated from the
+    /// probed size); a job over it fails with the numbers. 8K inputs need about 1,500.
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_JOB_MEMORY_MIB)]
+    vod_max_job_memory_mib: u64,
     /// Delete finished VOD jobs (record and outputs) this many hours after they end (0: keep them).
     #[arg(long, default_value_t = 0)]
     vod_retention_hours: u64,
@@ -280,6 +284,7 @@ async fn run() -> anyhow::Result<()> {
             max_concurrent: args.vod_concurrency.max(1),
             url_policy: args.allow_networks.clone(),
             max_input_bytes: args.vod_max_input_bytes,
+            max_job_memory_mib: args.vod_max_job_memory_mib,
             retention: (args.vod_retention_hours > 0)
                 .then(|| std::time::Duration::from_secs(args.vod_retention_hours * 3600)),
         }),

@@ -148,13 +148,21 @@ pub struct JobsConfig {
     pub max_input_bytes: u64,
     /// Finished jobs (record and outputs) are deleted this long after they end; `None` keeps them.
     pub retention: Option<Duration>,
+    /// The most memory one job may need ([`kiln_model::vod::JobPlan::memory_mib`] of its probed input), MiB; a
+    /// job over it fails with the numbers.
+    pub max_job_memory_mib: u64,
 }
+
+/// Default `--vod-max-job-memory-mib`: a 4K source's ladder (about 0.9 GiB) fits, an 8K one (about 1.5 GiB) needs
+/// the flag raised.
+pub const DEFAULT_MAX_JOB_MEMORY_MIB: u64 = 1024;
 
 /// Default `--vod-max-input-bytes`: 64 GiB (a 4K mezzanine file of a few hours).
 pub const DEFAULT_MAX_INPUT_BYTES: u64 = 64 << 30;
 
 impl JobsConfig {
-    /// State in `data_dir`, no file inputs, 2 jobs at once, public URLs only, [`DEFAULT_MAX_INPUT_BYTES`].
+    /// State in `data_dir`, no file inputs, 2 jobs at once, public URLs only, [`DEFAULT_MAX_INPUT_BYTES`],
+    /// [`DEFAULT_MAX_JOB_MEMORY_MIB`].
     pub fn new(data_dir: PathBuf) -> JobsConfig {
         JobsConfig {
             data_dir,
@@ -163,6 +171,7 @@ impl JobsConfig {
             url_policy: kiln_model::net::UrlPolicy::default(),
             max_input_bytes: DEFAULT_MAX_INPUT_BYTES,
             retention: None,
+            max_job_memory_mib: DEFAULT_MAX_JOB_MEMORY_MIB,
         }
     }
 }

@@ -90,7 +90,38 @@ pub enum JobPlanError {
     NothingToEncode,
 }
 
+/// Decoded source pictures a job holds at once: the H.264/HEVC decoder's picture buffer (up to 16 references plus
+/// the frame being decoded) and the queues between the decoder and the scalers.
+pub const SOURCE_FRAMES_IN_FLIGHT: u64 = 24;
+/// Pictures of one rendition held at once: its queue, x264's lookahead and frame threads.
+pub const RUNG_FRAMES_IN_FLIGHT: u64 = 48;
+/// The pipeline's fixed cost (elements, muxers, audio, thumbnails), MiB.
+pub const JOB_BASE_MEMORY_MIB: u64 = 64;
+
+/// Bytes of one 8-bit 4:2:0 picture (what the source chain converts to).
+fn picture_bytes(width: u32, height: u32) -> u64 {
+    u64::from(width) * u64::from(height) * 3 / 2
+}
+
 impl JobPlan {
+    /// What the job's pipeline holds in memory, in MiB, for a source of `width` × `height` (decoded size): the
+    /// decoded-picture pool ([`SOURCE_FRAMES_IN_FLIGHT`]), each rendition's pictures ([`RUNG_FRAMES_IN_FLIGHT`])
+    /// and a fixed part. An 8K source is about 1.5 GiB, a 1080p one about 0.3 GiB. Admission books it, and a job
+    /// whose estimate is over the daemon's per-job budget fails with the number.
+    pub fn memory_mib(&self, width: u32, height: u32) -> u64 {
+        let source = if self.video.is_empty() {
+            0
+        } else {
+            picture_bytes(width, height) * SOURCE_FRAMES_IN_FLIGHT
+        };
+        let rungs: u64 = self
+            .video
+            .iter()
+            .map(|v| picture_bytes(v.width, v.height) * RUNG_FRAMES_IN_FLIGHT)
+            .sum();
+        JOB_BASE_MEMORY_MIB + (source + rungs).div_ceil(1 << 20)
+    }
+
     /// Output track names in pipeline order: the video renditions, then `audio`.
     pub fn track_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.video.iter().map(|v| v.name.clone()).collect();
@@ -240,6 +271,30 @@ mod tests {
             })
         );
         assert_eq!(p.track_names(), ["1080p", "720p", "360p", "audio"]);
+    }
+
+    #[test]
+    fn memory_follows_the_decoded_source_and_the_ladder() {
+        let hd = plan_job(
+            &source(video(1920, 1080, (30, 1)), Some(2)),
+            &req(),
+            &preset(),
+        )
+        .unwrap();
+        let m_hd = hd.memory_mib(1920, 1080);
+        // 24 source pictures of 3 MiB, 48 of each rung (1080p, 720p, 360p), plus the base
+        let want = JOB_BASE_MEMORY_MIB
+            + (1920u64 * 1080 * 3 / 2 * (24 + 48)
+                + 1280 * 720 * 3 / 2 * 48
+                + 640 * 360 * 3 / 2 * 48)
+                .div_ceil(1 << 20);
+        assert_eq!(m_hd, want);
+        assert!((300..500).contains(&m_hd), "{m_hd}");
+        // the same ladder from a source that decodes at 8K holds gigabytes: the declared size decides
+        let m_8k = hd.memory_mib(7680, 4320);
+        assert!(m_8k > 1400 && m_8k > 3 * m_hd, "{m_8k} vs {m_hd}");
+        let audio = plan_job(&source(None, Some(1)), &req(), &preset()).unwrap();
+        assert_eq!(audio.memory_mib(7680, 4320), JOB_BASE_MEMORY_MIB);
     }
 
     #[test]

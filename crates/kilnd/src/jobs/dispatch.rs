@@ -25,6 +25,8 @@ pub(crate) trait Ledger: Send + Sync {
     fn try_book(&self, demand: &Resources) -> bool;
     /// Gives back what [`Ledger::try_book`] booked.
     fn unbook(&self, demand: &Resources);
+    /// What is not booked.
+    fn free(&self) -> Resources;
 }
 
 impl Ledger for Supervisor {
@@ -36,6 +38,9 @@ impl Ledger for Supervisor {
     }
     fn unbook(&self, demand: &Resources) {
         Supervisor::unbook(self, demand)
+    }
+    fn free(&self) -> Resources {
+        Supervisor::capacity(self).minus(&Supervisor::allocated(self))
     }
 }
 
@@ -200,7 +205,7 @@ impl Jobs {
         let span = job_span(&id);
         tokio::task::spawn_blocking(move || {
             let _in_job = span.enter();
-            let outcome = me.run(&id);
+            let outcome = me.run(&id, ledger.as_ref());
             me.finish(&id, outcome, ledger.as_ref(), &metrics);
         });
     }
@@ -327,6 +332,9 @@ mod tests {
         fn unbook(&self, demand: &Resources) {
             let mut b = self.booked.lock();
             *b = b.minus(demand);
+        }
+        fn free(&self) -> Resources {
+            self.cap.minus(&self.booked.lock())
         }
     }
 

@@ -36,8 +36,10 @@ pub(super) fn preset_summary(preset: &kiln_config::Preset) -> PresetSummary {
 }
 
 /// The pipeline that carries out `plan` on the input at `uri`.
-pub(super) fn vod_plan(uri: String, plan: &JobPlan) -> VodPlan {
+pub(super) fn vod_plan(uri: String, plan: &JobPlan, source: Option<(u32, u32)>) -> VodPlan {
     VodPlan {
+        // macroblock rounding (1080 → 1088) is not growth
+        max_source_pixels: source.map(|(w, h)| (u64::from(w) + 16) * (u64::from(h) + 16)),
         uri,
         video: plan.video.clone(),
         fps: (plan.fps.num, plan.fps.den),
@@ -149,7 +151,8 @@ mod tests {
     fn the_pipeline_and_the_tracks_follow_the_plan() {
         let preset = default_preset();
         let plan = plan_job(&source_summary(&probe(true, &[6])), &request(), &preset).unwrap();
-        let vp = vod_plan("file:///in.mp4".into(), &plan);
+        let vp = vod_plan("file:///in.mp4".into(), &plan, Some((1920, 1080)));
+        assert_eq!(vp.max_source_pixels, Some(1936 * 1096));
         assert_eq!(vp.uri, "file:///in.mp4");
         assert_eq!(vp.video, plan.video);
         assert_eq!(
@@ -197,7 +200,8 @@ mod tests {
                 channels: 1
             }
         );
-        let vp = vod_plan("file:///a.m4a".into(), &plan);
+        let vp = vod_plan("file:///a.m4a".into(), &plan, None);
+        assert_eq!(vp.max_source_pixels, None);
         assert_eq!((vp.video.len(), vp.thumbnails, vp.rotation), (0, None, 0));
         assert!(renditions("j1", &plan).is_empty());
     }

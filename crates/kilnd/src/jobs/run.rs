@@ -13,16 +13,21 @@ use std::time::{Duration, Instant};
 use kiln_llhls::vod::{VodSegment, VodTrack};
 use kiln_media::vod::{VodEvent, VodPipeline, VodPlan};
 use kiln_media::MediaError;
+use kiln_model::capacity::Resources;
 use kiln_model::vod::{
     plan_job, JobLinks, JobPlan, JobPlanError, JobRequest, JobRequestError, DEFAULT_VOD_PRESET,
 };
 use parking_lot::Mutex;
 
+use super::dispatch::Ledger;
 use super::thumbnails::{self, Frame, ThumbnailError};
 use super::{plan, Jobs, PROGRESS_POLL};
 
 /// How long the probe of an input may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a job waits for memory to book after its probe (other jobs and streams ending free it).
+const MEMORY_WAIT: Duration = Duration::from_secs(60);
 
 /// A running job that produces nothing (no segment, no thumbnail) for this long fails.
 const STALL_LIMIT: Duration = Duration::from_secs(120);
@@ -89,6 +94,19 @@ pub enum RunError {
     EmptyRendition(String),
     #[error("{0}")]
     Thumbnails(#[from] ThumbnailError),
+    #[error("the job needs about {need} MiB to decode and encode its {width}x{height} input, more than the {budget} MiB one job may use (--vod-max-job-memory-mib)")]
+    OverMemoryBudget {
+        need: u64,
+        budget: u64,
+        width: u32,
+        height: u32,
+    },
+    #[error("the job needs about {need} MiB and the host had only {free} MiB free for {} s", .waited.as_secs())]
+    NoMemory {
+        need: u64,
+        free: u64,
+        waited: Duration,
+    },
 }
 
 /// What a transcode produced: the tracks with their segments, the thumbnail frames, and when encoding started.
@@ -168,7 +186,7 @@ impl Encoded {
 
 impl Jobs {
     /// Runs one job to the end (blocking: called on a blocking thread, inside the job's span).
-    pub(super) fn run(&self, id: &str) -> Result<(), RunError> {
+    pub(super) fn run(&self, id: &str, ledger: &dyn Ledger) -> Result<(), RunError> {
         let (req, cancel) = {
             let map = self.entries.lock();
             let e = map.get(id).ok_or(RunError::Vanished)?;
@@ -185,6 +203,8 @@ impl Jobs {
             &req,
             &plan::preset_summary(preset),
         )?;
+        let size = probe.video.as_ref().map(|v| (v.width, v.height));
+        self.book_memory(id, &job, size, ledger, &cancel)?;
         self.update(id, |s| {
             s.duration_s = Some(probe.duration_s);
             s.renditions = plan::renditions(id, &job);
@@ -196,13 +216,68 @@ impl Jobs {
         }
         let encoded = self.transcode(
             id,
-            &plan::vod_plan(uri, &job),
+            &plan::vod_plan(uri, &job, size),
             plan::tracks(&job),
             &out,
             &cancel,
             probe.duration_s,
         )?;
         self.publish(id, &req, &job, encoded, &out, probe.duration_s)
+    }
+
+    /// Books the memory the job's plan needs for its probed input ([`JobPlan::memory_mib`]) on top of what the
+    /// dispatcher booked from the preset: a job over the per-job budget fails at once, and one that does not fit
+    /// beside the other jobs and streams waits (at most [`MEMORY_WAIT`], cancellable) for room, then fails.
+    fn book_memory(
+        &self,
+        id: &str,
+        job: &JobPlan,
+        size: Option<(u32, u32)>,
+        ledger: &dyn Ledger,
+        cancel: &AtomicBool,
+    ) -> Result<(), RunError> {
+        let (width, height) = size.unwrap_or((0, 0));
+        let need = job.memory_mib(width, height);
+        let budget = self.cfg.max_job_memory_mib;
+        if need > budget {
+            return Err(RunError::OverMemoryBudget {
+                need,
+                budget,
+                width,
+                height,
+            });
+        }
+        let booked = self
+            .entries
+            .lock()
+            .get(id)
+            .map_or(0, |e| e.booked.memory_mib);
+        let extra = Resources {
+            memory_mib: need.saturating_sub(booked),
+            ..Resources::default()
+        };
+        if extra.memory_mib == 0 {
+            return Ok(());
+        }
+        let start = Instant::now();
+        while !ledger.try_book(&extra) {
+            if cancel.load(Ordering::SeqCst) {
+                return Err(RunError::Cancelled);
+            }
+            if start.elapsed() >= MEMORY_WAIT {
+                let free = ledger.free().memory_mib;
+                return Err(RunError::NoMemory {
+                    need,
+                    free,
+                    waited: MEMORY_WAIT,
+                });
+            }
+            std::thread::sleep(EVENT_WAIT);
+        }
+        if let Some(e) = self.entries.lock().get_mut(id) {
+            e.booked.memory_mib += extra.memory_mib;
+        }
+        Ok(())
     }
 
     /// Runs the pipeline of `vod` to its end, writing segments into `out` and moving the job's progress.
