@@ -506,6 +506,25 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
         &["-c:v", "ffv1"],
     )
     .await?;
+    // the adversarial decode bomb's shape: a track whose container entry (stsd avc1 width/height) says 64x64 while
+    // its SPS declares more (here 640x360; the file had 7680x4320)
+    let mut inflated = good.clone();
+    let stsd = inflated
+        .windows(4)
+        .position(|w| w == b"stsd")
+        .context("an stsd box")?;
+    let at = stsd
+        + inflated[stsd..]
+            .windows(4)
+            .position(|w| w == b"avc1")
+            .context("an avc1 sample entry")?;
+    anyhow::ensure!(
+        inflated[at + 28..at + 32] == [2, 0x80, 1, 0x68],
+        "640x360 where expected"
+    );
+    // after the fourcc: reserved (6), data reference index (2), pre-defined/reserved (16), then width and height
+    inflated[at + 28..at + 32].copy_from_slice(&[0, 64, 0, 64]);
+    std::fs::write(inp.join("inflated.mp4"), inflated)?;
     // a real 8K picture: its decode and ladder need more memory than one job may use by default
     make_clip(
         &inp.join("8k.mp4"),
@@ -583,6 +602,10 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
         (
             f("huge.mp4"),
             "the stream header declares 8400x64: larger than kiln accepts",
+        ),
+        (
+            f("inflated.mp4"),
+            "the container says the video is 64x64 but its stream header declares 640x368",
         ),
         (f("8k.mp4"), "more than the 1024 MiB one job may use"),
         (f("grow.ts"), "grew to 1280x720 mid-file"),

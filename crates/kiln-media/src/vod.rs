@@ -152,6 +152,15 @@ fn header_sizes(uri: &str, timeout: Duration) -> Result<Vec<Vec<(u32, u32)>>, St
         };
         let w = st.get::<i32>("width").unwrap_or(0).max(0) as u32;
         let h = st.get::<i32>("height").unwrap_or(0).max(0) as u32;
+        // what the H.264 SPS in an avcC declares (h264parse keeps the container's size in its caps)
+        let sps = st
+            .get::<gst::Buffer>("codec_data")
+            .ok()
+            .filter(|_| st.name() == "video/x-h264")
+            .and_then(|b| {
+                let map = b.map_readable().ok()?;
+                kiln_model::vod::h264::avcc_coded_size(map.as_slice())
+            });
         let id = pad.stream_id().map(|s| s.to_string()).unwrap_or_default();
         let mut v = sizes.lock();
         let i = match v.iter().position(|(s, _)| *s == id) {
@@ -161,8 +170,10 @@ fn header_sizes(uri: &str, timeout: Duration) -> Result<Vec<Vec<(u32, u32)>>, St
                 v.len() - 1
             }
         };
-        if v[i].1.last() != Some(&(w, h)) {
-            v[i].1.push((w, h));
+        for size in std::iter::once((w, h)).chain(sps) {
+            if v[i].1.last() != Some(&size) {
+                v[i].1.push(size);
+            }
         }
     };
     let seen = sizes.clone();

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::stream::{VideoRendition, X264Speed};
 
+pub mod h264;
 pub mod plan;
 
 pub use plan::{
@@ -78,9 +79,9 @@ pub enum HeaderError {
     Inflated(u32, u32, u32, u32),
 }
 
-/// Judges the video sizes seen while reading an input's headers, in order (the container's, then the parser's
-/// from the codec's own header, e.g. the H.264 SPS), before any decoder runs. Refuses a size over the limits, and a
-/// codec header that declares much more than the container (more than 4 × the pixels and more than 16 pixels more
+/// Judges the video sizes seen while reading an input's headers, in order (the container's first, then what the
+/// codec's own header declares, e.g. the H.264 SPS's coded size), before any decoder runs. Refuses a size over the
+/// limits, and a codec header that declares much more than the container (more than 4 × the pixels and more than 16 pixels more
 /// on a side: rounding to macroblocks and cropping differ by less): a few KB that decode to 8K pictures.
 pub fn check_header_sizes(sizes: &[(u32, u32)]) -> Result<(), HeaderError> {
     for &(w, h) in sizes {
@@ -96,7 +97,12 @@ pub fn check_header_sizes(sizes: &[(u32, u32)]) -> Result<(), HeaderError> {
         .copied()
         .filter(|&(w, h)| w > 0 && h > 0)
         .collect();
-    if let (Some(&(cw, ch)), Some(&(sw, sh))) = (known.first(), known.last()) {
+    let largest_later = known
+        .iter()
+        .skip(1)
+        .copied()
+        .max_by_key(|&(w, h)| u64::from(w) * u64::from(h));
+    if let (Some(&(cw, ch)), Some((sw, sh))) = (known.first(), largest_later) {
         let (cpx, spx) = (u64::from(cw) * u64::from(ch), u64::from(sw) * u64::from(sh));
         if spx > 4 * cpx && (sw > cw + 16 || sh > ch + 16) {
             return Err(HeaderError::Inflated(cw, ch, sw, sh));
@@ -327,6 +333,11 @@ mod tests {
         // the adversarial file: a 64x64 track whose SPS declares 8K
         assert_eq!(
             check_header_sizes(&[(64, 64), (7680, 4320)]),
+            Err(HeaderError::Inflated(64, 64, 7680, 4320))
+        );
+        // h264parse repeats the container's size after the SPS was read: the largest later size counts
+        assert_eq!(
+            check_header_sizes(&[(64, 64), (7680, 4320), (64, 64)]),
             Err(HeaderError::Inflated(64, 64, 7680, 4320))
         );
         assert_eq!(
