@@ -404,18 +404,24 @@ fn playlist(refused: u16) -> Vec<u8> {
 
 /// Issue 11 items 1 and 2. A source string is parsed once into a typed value (SRT parameters at most once each,
 /// only known ones) and the elements get their properties from that value; an `http(s)` live source is fetched
-/// by kilnd's own client, so a redirect to a refused address is refused at that hop, and a playlist (labelled as
-/// one, or disguised as MPEG-TS) is refused before anything fetches what it names. The refused server on
-/// 127.0.0.2 (this daemon allows 127.0.0.1 only) must never see a connection.
+/// by kilnd's own client, so a redirect to a refused address is refused at that hop, and an HLS playlist (labelled
+/// as one, or disguised as MPEG-TS) is pulled by kilnd, which checks every segment URL it names: the ones on the
+/// refused server are refused before any connection. A playlist in a media file reaches GStreamer's parser and is
+/// refused there (no adaptive demuxer runs), and DASH is refused. The refused server on 127.0.0.2 (this daemon
+/// allows 127.0.0.1 only) must never see a connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_sources_are_parsed_once_and_every_http_hop_is_checked() -> Result<()> {
+    let media = std::env::temp_dir().join(format!("kiln-hardening-media-{}", std::process::id()));
+    std::fs::create_dir_all(&media)?;
+    let (refused, refused_hits) =
+        web("127.0.0.2:0", |_, _| ("200 OK".into(), vec![0x47; 188]), 0).await?;
+    std::fs::write(media.join("list.m3u8"), playlist(refused))?;
     let d = Daemon::start(kilnd::Config {
         source_networks: kiln_model::net::UrlPolicy::parse("127.0.0.1/32")?,
+        media_dir: Some(media.clone()),
         ..Default::default()
     })
     .await?;
-    let (refused, refused_hits) =
-        web("127.0.0.2:0", |_, _| ("200 OK".into(), vec![0x47; 188]), 0).await?;
     let (allowed, _) = web(
         "127.0.0.1:0",
         |path, refused| match path {
@@ -426,6 +432,10 @@ async fn live_sources_are_parsed_once_and_every_http_hop_is_checked() -> Result<
             "/list.m3u8" => (
                 "200 OK\r\nContent-Type: application/vnd.apple.mpegurl".into(),
                 playlist(refused),
+            ),
+            "/manifest.mpd" => (
+                "200 OK\r\nContent-Type: application/dash+xml".into(),
+                b"<MPD/>".to_vec(),
             ),
             _ => (
                 "200 OK\r\nContent-Type: video/mp2t".into(),
@@ -481,21 +491,32 @@ async fn live_sources_are_parsed_once_and_every_http_hop_is_checked() -> Result<
         "{st} {body}"
     );
 
-    // admitted (127.0.0.1 is allowed), then refused where the bytes would come from
-    for (id, path, want) in [
-        ("redirect", "/redirect", "127.0.0.2 is a loopback address"),
+    // admitted (127.0.0.1 is allowed, the file is in the media directory), then refused where the bytes would
+    // come from
+    let http = |path: &str| format!("http://127.0.0.1:{allowed}{path}");
+    for (id, src, want) in [
+        (
+            "redirect",
+            http("/redirect"),
+            "127.0.0.2 is a loopback address",
+        ),
         (
             "labelled",
-            "/list.m3u8",
-            "is a playlist (application/vnd.apple.mpegurl)",
+            http("/list.m3u8"),
+            "127.0.0.2 is a loopback address",
         ),
         (
             "disguised",
-            "/disguised.ts",
+            http("/disguised.ts"),
+            "127.0.0.2 is a loopback address",
+        ),
+        ("dash", http("/manifest.mpd"), "DASH manifest"),
+        (
+            "file",
+            "file:///list.m3u8".to_string(),
             "is a playlist (application/x-hls)",
         ),
     ] {
-        let src = format!("http://127.0.0.1:{allowed}{path}");
         let (st, body) = put(&d, id, None, &spec(&src)).await?;
         ensure!(st == 201, "{src}: {st} {body}");
         let status = kiln_integration::poll_json(
@@ -512,7 +533,124 @@ async fn live_sources_are_parsed_once_and_every_http_hop_is_checked() -> Result<
         refused_hits.load(std::sync::atomic::Ordering::SeqCst) == 0,
         "the refused server was reached"
     );
-    d.shutdown().await
+    d.shutdown().await?;
+    let _ = std::fs::remove_dir_all(&media);
+    Ok(())
+}
+
+/// An HLS stream (ffmpeg's own HLS output, MPEG-TS segments, served by a local web server) pulled as a live source
+/// through kilnd's checked client: its segments become the stream, which ends with ENDLIST after the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hls_source_is_pulled_segment_by_segment_and_plays_to_its_end() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("kiln-hls-pull-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let out = tokio::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-nostdin", "-y"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=320x180:rate=30"])
+        .args([
+            "-t",
+            "4",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-g",
+            "30",
+            "-pix_fmt",
+            "yuv420p",
+        ])
+        .args([
+            "-f",
+            "hls",
+            "-hls_time",
+            "1",
+            "-hls_list_size",
+            "0",
+            "-hls_playlist_type",
+            "vod",
+        ])
+        .arg(dir.join("index.m3u8"))
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "ffmpeg: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", server.local_addr()?);
+    let served = dir.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = server.accept().await {
+            let dir = served.clone();
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&req)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                let name = line
+                    .split(' ')
+                    .nth(1)
+                    .unwrap_or("/")
+                    .trim_start_matches('/')
+                    .to_string();
+                let (head, body) = match std::fs::read(dir.join(&name)) {
+                    Ok(b) if !name.contains("..") && !name.contains('/') => {
+                        let ct = if name.ends_with(".m3u8") {
+                            "application/vnd.apple.mpegurl"
+                        } else {
+                            "video/mp2t"
+                        };
+                        (format!("200 OK\r\nContent-Type: {ct}"), b)
+                    }
+                    _ => ("404 Not Found".to_string(), Vec::new()),
+                };
+                let head = format!(
+                    "HTTP/1.1 {head}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&body).await;
+            });
+        }
+    });
+    let d = Daemon::start(kilnd::Config {
+        source_networks: kiln_model::net::UrlPolicy::parse("127.0.0.1/32")?,
+        ..Default::default()
+    })
+    .await?;
+    let src = format!("{base}/index.m3u8");
+    let spec =
+        serde_json::json!({"source": src, "preset": "live-360p-abr", "audio": {"enabled": false}});
+    let (st, body) = put(&d, "hls", None, &spec.to_string()).await?;
+    ensure!(st == 201, "{st} {body}");
+    let (_, ended) = d
+        .follow_playlist(
+            "/live/hls/360p/index.m3u8",
+            "the 4 s HLS source ends (ENDLIST)",
+            Duration::from_secs(40),
+            |_, pl| pl.endlist,
+        )
+        .await?;
+    let media_s: f64 = ended.segments.iter().filter_map(|s| s.duration).sum();
+    ensure!(
+        (3.5..=4.7).contains(&media_s),
+        "{media_s} s of a 4 s source: {ended:?}"
+    );
+    let (_, status) = d.get_text("/v1/streams/hls").await?;
+    ensure!(status.contains("\"state\":\"ended\""), "{status}");
+    d.shutdown().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 /// An H.264/MPEG-TS SRT sender (`gst-launch-1.0`, killed when dropped): `mode` is its side of the connection.

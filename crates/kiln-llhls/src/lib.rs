@@ -15,6 +15,7 @@
 //! - [`dash`]: the LL-DASH MPD over the same segments.
 //! - [`vod`]: VOD playlists, the static MPD and the thumbnail WebVTT over finished CMAF tracks.
 //! - [`time`]: PROGRAM-DATE-TIME formatting without a date library.
+//! - [`pull`]: which variant and segments to fetch when an HLS stream is a source.
 
 pub mod blocking;
 pub mod cmaf;
@@ -22,6 +23,7 @@ pub mod dash;
 pub mod multivariant;
 pub mod packager;
 pub mod plan;
+pub mod pull;
 pub mod time;
 pub mod vod;
 

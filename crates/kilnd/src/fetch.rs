@@ -133,14 +133,13 @@ pub async fn check_source(policy: &UrlPolicy, source: &Source) -> Result<Option<
     Ok(Some(ip))
 }
 
-/// Media types that are playlists: a live HTTP source must be a media stream (the adaptive demuxer that reads a
-/// playlist would fetch its segments with its own client, past the address policy).
-const PLAYLIST_TYPES: [&str; 5] = [
+/// Media types of HLS playlists: such a source is pulled by kilnd ([`Fetcher::open_live`]), never handed to
+/// GStreamer's adaptive demuxer, which would fetch its segments with its own client, past the address policy.
+const PLAYLIST_TYPES: [&str; 4] = [
     "application/vnd.apple.mpegurl",
     "application/x-mpegurl",
     "audio/mpegurl",
     "audio/x-mpegurl",
-    "application/dash+xml",
 ];
 
 /// The body of a live HTTP source as a blocking reader, for the media crate's feed thread.
@@ -303,10 +302,14 @@ impl Fetcher {
         Ok(got)
     }
 
-    /// Opens a live HTTP source's body on `rt`: the request goes through the same checked client as a download
-    /// (every resolved address and every redirect hop checked against the policy), a non-2xx answer or a playlist
-    /// is an error, and the body has no size limit but the stall timeout. The reader ends when the body does; when
-    /// the reader is dropped, the request stops at its next chunk.
+    /// Opens a live HTTP source on `rt` as a byte stream for the pipeline. Every request goes through the checked
+    /// client (every resolved address and every redirect hop checked against the policy; literal addresses and
+    /// non-http schemes in playlists checked before the request). A progressive body is passed on as it arrives;
+    /// an HLS playlist (by content type or by its first bytes) is pulled: the highest variant's segments are
+    /// fetched in order and concatenated (TS, or fMP4 after its `EXT-X-MAP`), the playlist reloaded every half
+    /// target duration, and the stream ends after an `EXT-X-ENDLIST` playlist's last segment ([`kiln_llhls::pull`]).
+    /// DASH is refused. No size limit but the stall timeout. The reader ends when the source does; when it is
+    /// dropped, the requests stop at their next chunk.
     pub fn open_live(
         &self,
         rt: &tokio::runtime::Handle,
@@ -316,59 +319,193 @@ impl Fetcher {
             Url::parse(&url).map_err(|e| std::io::Error::other(format!("`{url}`: {e}")))?;
         check_url(&self.policy, &parsed).map_err(std::io::Error::other)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let client = self.client.clone();
+        let live = Live {
+            client: self.client.clone(),
+            policy: self.policy.clone(),
+            tx,
+        };
         rt.spawn(async move {
-            let body = async {
-                let resp = tokio::time::timeout(
-                    STALL_TIMEOUT + CONNECT_TIMEOUT,
-                    client.get(parsed).send(),
-                )
-                .await
-                .map_err(|_| format!("the HTTP source did not answer in {} s", (STALL_TIMEOUT + CONNECT_TIMEOUT).as_secs()))?
-                .map_err(|e| format!("the HTTP source: {}", chain(&e)))?;
-                let status = resp.status();
-                if !status.is_success() {
-                    return Err(format!("the HTTP source answered {status}"));
-                }
-                let ctype = resp
-                    .headers()
-                    .get(reqwest::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase();
-                if PLAYLIST_TYPES.contains(&ctype.as_str()) {
-                    return Err(format!("the HTTP source is a playlist ({ctype}), not a media stream: kiln does not pull HLS/DASH"));
-                }
-                Ok(resp)
-            };
-            let mut resp = match body.await {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            };
-            loop {
-                let next = match tokio::time::timeout(STALL_TIMEOUT, resp.chunk()).await {
-                    Err(_) => Err(format!("the HTTP source sent nothing for {} s", STALL_TIMEOUT.as_secs())),
-                    Ok(Err(e)) => Err(format!("the HTTP source: {}", chain(&e))),
-                    Ok(Ok(None)) => return,
-                    Ok(Ok(Some(c))) => Ok(c),
-                };
-                let stop = next.is_err();
-                if tx.send(next).await.is_err() || stop {
-                    return;
-                }
+            if let Err(e) = live.run(parsed).await {
+                let _ = live.tx.send(Err(e)).await;
             }
         });
         Ok(Box::new(LiveBody {
             rx,
             chunk: bytes::Bytes::new(),
         }))
+    }
+}
+
+/// Largest playlist read while pulling HLS.
+const MAX_PLAYLIST_BYTES: usize = 1 << 20;
+
+/// One live HTTP source being fetched into the pipeline's channel.
+struct Live {
+    client: reqwest::Client,
+    policy: Arc<UrlPolicy>,
+    tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, String>>,
+}
+
+/// Why the reader went away (not an error to report).
+const GONE: &str = "the pipeline stopped reading";
+
+impl Live {
+    async fn get(&self, url: &Url) -> Result<reqwest::Response, String> {
+        check_url(&self.policy, url)?;
+        let resp = tokio::time::timeout(
+            STALL_TIMEOUT + CONNECT_TIMEOUT,
+            self.client.get(url.clone()).send(),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "the HTTP source did not answer in {} s",
+                (STALL_TIMEOUT + CONNECT_TIMEOUT).as_secs()
+            )
+        })?
+        .map_err(|e| format!("the HTTP source: {}", chain(&e)))?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(format!("the HTTP source answered {status} for {url}"));
+        }
+        Ok(resp)
+    }
+
+    async fn chunk(resp: &mut reqwest::Response) -> Result<Option<bytes::Bytes>, String> {
+        tokio::time::timeout(STALL_TIMEOUT, resp.chunk())
+            .await
+            .map_err(|_| {
+                format!(
+                    "the HTTP source sent nothing for {} s",
+                    STALL_TIMEOUT.as_secs()
+                )
+            })?
+            .map_err(|e| format!("the HTTP source: {}", chain(&e)))
+    }
+
+    async fn send(&self, bytes: bytes::Bytes) -> Result<(), String> {
+        self.tx.send(Ok(bytes)).await.map_err(|_| GONE.to_string())
+    }
+
+    /// The whole body (a playlist), at most [`MAX_PLAYLIST_BYTES`].
+    async fn text(&self, url: &Url) -> Result<Vec<u8>, String> {
+        let mut resp = self.get(url).await?;
+        let mut body = Vec::new();
+        while let Some(c) = Self::chunk(&mut resp).await? {
+            body.extend_from_slice(&c);
+            if body.len() > MAX_PLAYLIST_BYTES {
+                return Err(format!(
+                    "the playlist {url} is over {MAX_PLAYLIST_BYTES} bytes"
+                ));
+            }
+        }
+        Ok(body)
+    }
+
+    async fn run(&self, url: Url) -> Result<(), String> {
+        let mut resp = self.get(&url).await?;
+        let ctype = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if ctype == "application/dash+xml" {
+            return Err(format!("the HTTP source is a DASH manifest ({ctype}): kiln pulls media streams and HLS, not DASH"));
+        }
+        let first = Self::chunk(&mut resp).await?.unwrap_or_default();
+        if PLAYLIST_TYPES.contains(&ctype.as_str()) || first.starts_with(b"#EXTM3U") {
+            let mut body = first.to_vec();
+            while let Some(c) = Self::chunk(&mut resp).await? {
+                body.extend_from_slice(&c);
+                if body.len() > MAX_PLAYLIST_BYTES {
+                    return Err(format!(
+                        "the playlist {url} is over {MAX_PLAYLIST_BYTES} bytes"
+                    ));
+                }
+            }
+            let final_url = resp.url().clone();
+            return match self.pull_hls(final_url, body).await {
+                Err(e) if e == GONE => Ok(()),
+                r => r,
+            };
+        }
+        if !first.is_empty() && self.send(first).await.is_err() {
+            return Ok(());
+        }
+        while let Some(c) = Self::chunk(&mut resp).await? {
+            if self.send(c).await.is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows an HLS playlist at `url` (first body `body`) until it ends.
+    async fn pull_hls(&self, mut url: Url, mut body: Vec<u8>) -> Result<(), String> {
+        use kiln_llhls::pull::{self, PullPlaylist};
+        let join = |base: &Url, uri: &str| {
+            base.join(uri)
+                .map_err(|e| format!("the playlist names `{uri}`: {e}"))
+        };
+        // a multivariant playlist: follow its highest variant (one level)
+        if let PullPlaylist::Variant(v) = pull::read(&body)? {
+            url = join(&url, &v)?;
+            body = self.text(&url).await?;
+        }
+        let mut last: Option<u64> = None;
+        let mut init_sent: Option<Url> = None;
+        let mut last_new = std::time::Instant::now();
+        loop {
+            let PullPlaylist::Media {
+                items,
+                ended,
+                target_duration_s,
+            } = pull::read(&body)?
+            else {
+                return Err(format!(
+                    "{url}: a multivariant playlist where a media playlist was expected"
+                ));
+            };
+            let todo = pull::next(&items, ended, last);
+            if !todo.is_empty() {
+                last_new = std::time::Instant::now();
+            }
+            for item in todo {
+                if let Some(init) = &item.init {
+                    let iu = join(&url, init)?;
+                    if init_sent.as_ref() != Some(&iu) {
+                        let bytes = self.text(&iu).await?;
+                        self.send(bytes.into()).await?;
+                        init_sent = Some(iu);
+                    }
+                }
+                let su = join(&url, &item.uri)?;
+                let mut resp = self.get(&su).await?;
+                while let Some(c) = Self::chunk(&mut resp).await? {
+                    self.send(c).await?;
+                }
+                last = Some(item.msn);
+            }
+            if ended {
+                return Ok(());
+            }
+            if last_new.elapsed() > STALL_TIMEOUT {
+                return Err(format!(
+                    "the HLS source {url} listed no new segment for {} s",
+                    STALL_TIMEOUT.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(target_duration_s * 500)).await;
+            if self.tx.is_closed() {
+                return Ok(());
+            }
+            body = self.text(&url).await?;
+        }
     }
 }
 
