@@ -680,7 +680,8 @@ fn free_udp_port() -> Result<u16> {
 }
 
 /// The SRT element is built from the typed source in both directions: kilnd calls a sender (connecting to the
-/// address it checked) and kilnd listens for one, and each stream publishes segments.
+/// address it checked) and kilnd listens for one, and each stream publishes segments. A third stream calls ffmpeg
+/// (libsrt) listening with H.264 and AAC.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn srt_sources_built_from_the_typed_value_play_as_caller_and_listener() -> Result<()> {
     let d = Daemon::start(kilnd::Config {
@@ -719,5 +720,35 @@ async fn srt_sources_built_from_the_typed_value_play_as_caller_and_listener() ->
     );
     let _sender = srt_sender("caller", port)?;
     d.wait_for_segments("listener", "360p", 2).await?;
+
+    // ffmpeg (libsrt) as the listener, with H.264 and AAC in MPEG-TS: kilnd calls it
+    let port = free_udp_port()?;
+    let _ffmpeg = tokio::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-nostdin", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=320x180:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+            "-g",
+            "30",
+        ])
+        .args(["-pix_fmt", "yuv420p", "-c:a", "aac", "-f", "mpegts"])
+        .arg(format!(
+            "srt://127.0.0.1:{port}?mode=listener&pkt_size=1316"
+        ))
+        .kill_on_drop(true)
+        .spawn()?;
+    let with_audio =
+        serde_json::json!({"source": format!("srt://127.0.0.1:{port}"), "preset": "live-360p-abr"});
+    // ffmpeg listens once it has started: the first calls may find nobody, and srtsrc calls again
+    let (st, body) = put(&d, "ffmpeg", None, &with_audio.to_string()).await?;
+    ensure!(st == 201, "{st} {body}");
+    d.wait_for_segments("ffmpeg", "360p", 2).await?;
+    d.wait_for_segments("ffmpeg", "audio", 2).await?;
     d.shutdown().await
 }
