@@ -114,41 +114,7 @@ fn source_element(
             f.set_property("location", path.to_string_lossy().to_string());
             (f, None)
         }
-        Source::Srt(srt) => {
-            let e = make("srtsrc", "srtsrc")?;
-            match srt.mode {
-                SrtMode::Caller => {
-                    let host = srt
-                        .host
-                        .as_ref()
-                        .ok_or_else(|| MediaError::Build("an SRT caller needs a host".into()))?;
-                    e.set_property("uri", format!("srt://{}:{}", pinned(host)?, srt.port));
-                    e.set_property_from_str("mode", "caller");
-                }
-                SrtMode::Listener => {
-                    let bind = match &srt.host {
-                        Some(Host::Ip(ip)) => ip.to_string(),
-                        _ => "0.0.0.0".to_string(),
-                    };
-                    e.set_property_from_str("mode", "listener");
-                    e.set_property("localaddress", bind);
-                    e.set_property("localport", u32::from(srt.port));
-                }
-            }
-            if let Some(id) = &srt.stream_id {
-                e.set_property("streamid", id);
-            }
-            if let Some(p) = &srt.passphrase {
-                e.set_property("passphrase", p);
-            }
-            if let Some(k) = srt.key_length {
-                e.set_property_from_str("pbkeylen", &k.to_string());
-            }
-            if let Some(ms) = srt.latency_ms {
-                e.set_property("latency", ms as i32);
-            }
-            (e, None)
-        }
+        Source::Srt(srt) => (srt_element(srt, pinned)?, None),
         Source::Rtsp(r) => {
             let e = make("rtspsrc", "rtspsrc")?;
             // rtsps keeps the name: the server's certificate is checked against it.
@@ -188,6 +154,46 @@ fn source_element(
             return Err(MediaError::Build("a test source is not encoded".into()))
         }
     })
+}
+
+/// `srtsrc` with every property from the typed source: a caller connects to `pinned(host)`.
+fn srt_element(
+    srt: &kiln_model::SrtSource,
+    pinned: impl Fn(&Host) -> Result<String, MediaError>,
+) -> Result<gst::Element, MediaError> {
+    let e = make("srtsrc", "srtsrc")?;
+    match srt.mode {
+        SrtMode::Caller => {
+            let host = srt
+                .host
+                .as_ref()
+                .ok_or_else(|| MediaError::Build("an SRT caller needs a host".into()))?;
+            e.set_property("uri", format!("srt://{}:{}", pinned(host)?, srt.port));
+            e.set_property_from_str("mode", "caller");
+        }
+        SrtMode::Listener => {
+            let bind = match &srt.host {
+                Some(Host::Ip(ip)) => ip.to_string(),
+                _ => "0.0.0.0".to_string(),
+            };
+            e.set_property_from_str("mode", "listener");
+            e.set_property("localaddress", bind);
+            e.set_property("localport", u32::from(srt.port));
+        }
+    }
+    if let Some(id) = &srt.stream_id {
+        e.set_property("streamid", id);
+    }
+    if let Some(p) = &srt.passphrase {
+        e.set_property("passphrase", p);
+    }
+    if let Some(k) = srt.key_length {
+        e.set_property_from_str("pbkeylen", &k.to_string());
+    }
+    if let Some(ms) = srt.latency_ms {
+        e.set_property("latency", ms as i32);
+    }
+    Ok(e)
 }
 
 /// Reads the feed into the appsrc until the body ends, the read fails or the pipeline stops.

@@ -96,9 +96,6 @@ fn rotation(tags: Option<gst::TagList>) -> u32 {
     }
 }
 
-/// Probes `uri` (`file:///…` or `http(s)://…`) within `timeout`: container, streams, codecs, size, rotation,
-/// duration. Refuses what kiln does not transcode: a playlist (HLS, DASH: the demuxer would fetch what it names),: no video and no audio, a codec outside the allowlist, a size
-/// beyond 8K, no duration.
 /// Refuses a local file that GStreamer's type finders call a playlist: probing or decoding it would plug an
 /// adaptive demuxer that fetches every URL in it with its own client, past the daemon's address policy.
 fn refuse_playlist_file(uri: &str) -> Result<(), String> {
@@ -131,11 +128,46 @@ fn refuse_playlist_file(uri: &str) -> Result<(), String> {
 /// How long reading the stream headers may take.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Streams (by id) and the video sizes seen on each, in order.
+type Seen = Arc<Mutex<Vec<(String, Vec<(u32, u32)>)>>>;
+
+/// Adds the size in `caps` (and, for H.264 with an `avcC`, the SPS's coded size) to the stream of `pad`: the
+/// demuxer's pad and the parser's pad of one stream share its stream id.
+fn record_size(sizes: &Seen, pad: &gst::Pad, caps: &gst::Caps) {
+    let Some(st) = caps.structure(0).filter(|s| s.name().starts_with("video/")) else {
+        return;
+    };
+    let w = st.get::<i32>("width").unwrap_or(0).max(0) as u32;
+    let h = st.get::<i32>("height").unwrap_or(0).max(0) as u32;
+    // what the H.264 SPS in an avcC declares (h264parse keeps the container's size in its caps)
+    let sps = st
+        .get::<gst::Buffer>("codec_data")
+        .ok()
+        .filter(|_| st.name() == "video/x-h264")
+        .and_then(|b| {
+            let map = b.map_readable().ok()?;
+            kiln_model::vod::h264::avcc_coded_size(map.as_slice())
+        });
+    let id = pad.stream_id().map(|s| s.to_string()).unwrap_or_default();
+    let mut v = sizes.lock();
+    let i = match v.iter().position(|(s, _)| *s == id) {
+        Some(i) => i,
+        None => {
+            v.push((id, Vec::new()));
+            v.len() - 1
+        }
+    };
+    for size in std::iter::once((w, h)).chain(sps) {
+        if v[i].1.last() != Some(&size) {
+            v[i].1.push(size);
+        }
+    }
+}
+
 /// The video sizes an input's headers declare, per stream, in the order GStreamer meets them: the container's
 /// (the demuxer's caps), then the parser's (the codec's own header: the H.264/HEVC SPS). Reads with `parsebin`
 /// only, so no decoder allocates a picture: a stream declaring 16000x16000 is refused from its header at once.
 fn header_sizes(uri: &str, timeout: Duration) -> Result<Vec<Vec<(u32, u32)>>, String> {
-    type Seen = Arc<Mutex<Vec<(String, Vec<(u32, u32)>)>>>;
     let pipeline = gst::Pipeline::with_name("kiln-vod-header");
     let src = gst::Element::make_from_uri(gst::URIType::Src, uri, Some("hsrc"))
         .map_err(|e| format!("cannot read the input: {e}"))?;
@@ -145,37 +177,7 @@ fn header_sizes(uri: &str, timeout: Duration) -> Result<Vec<Vec<(u32, u32)>>, St
         .map_err(|e| e.to_string())?;
     src.link(&parse).map_err(|e| e.to_string())?;
     let sizes: Seen = Arc::default();
-    // the demuxer's pad and the parser's pad of one stream share its stream id
-    let record = |sizes: &Seen, pad: &gst::Pad, caps: &gst::Caps| {
-        let Some(st) = caps.structure(0).filter(|s| s.name().starts_with("video/")) else {
-            return;
-        };
-        let w = st.get::<i32>("width").unwrap_or(0).max(0) as u32;
-        let h = st.get::<i32>("height").unwrap_or(0).max(0) as u32;
-        // what the H.264 SPS in an avcC declares (h264parse keeps the container's size in its caps)
-        let sps = st
-            .get::<gst::Buffer>("codec_data")
-            .ok()
-            .filter(|_| st.name() == "video/x-h264")
-            .and_then(|b| {
-                let map = b.map_readable().ok()?;
-                kiln_model::vod::h264::avcc_coded_size(map.as_slice())
-            });
-        let id = pad.stream_id().map(|s| s.to_string()).unwrap_or_default();
-        let mut v = sizes.lock();
-        let i = match v.iter().position(|(s, _)| *s == id) {
-            Some(i) => i,
-            None => {
-                v.push((id, Vec::new()));
-                v.len() - 1
-            }
-        };
-        for size in std::iter::once((w, h)).chain(sps) {
-            if v[i].1.last() != Some(&size) {
-                v[i].1.push(size);
-            }
-        }
-    };
+    let record = record_size;
     let seen = sizes.clone();
     parse.connect("autoplug-continue", false, move |args| {
         let pad = args.get(1).and_then(|v| v.get::<gst::Pad>().ok());
@@ -249,6 +251,10 @@ fn guard_picture_size(pad: &gst::Pad, max: u64, sink: VodSink) {
     });
 }
 
+/// Probes `uri` (`file:///…` or `http(s)://…`) within `timeout`: container, streams, codecs, size, rotation,
+/// duration. Refuses what kiln does not transcode: a playlist (the demuxer would fetch what it names), headers that
+/// declare more than 8K or more than their container ([`header_sizes`]), no video and no audio, a codec outside the
+/// allowlist, no duration.
 // Long by design: the Discoverer result read field by field into the typed probe, with a refusal per limit.
 pub fn probe(uri: &str, timeout: Duration) -> Result<ProbeInfo, String> {
     crate::init().map_err(|e| e.to_string())?;

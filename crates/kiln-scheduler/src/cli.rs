@@ -70,24 +70,18 @@ pub fn main() -> anyhow::Result<()> {
     kiln_http::process::run(run)
 }
 
-async fn run() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let presets = match &args.pipelines_dir {
-        Some(dir) => kiln_config::Presets::load_dir(dir, kiln_config::DEFAULT_PRESET)?,
-        None => kiln_config::Presets::builtin(),
-    };
-    let api_token = args
-        .api_token_env
-        .as_deref()
-        .map(kiln_http::token_from_env)
-        .transpose()?;
+/// How nodes join, from the flags: the join token, open mode, the id allow-list and the node networks.
+fn node_admission(
+    args: &Args,
+    api_token: Option<&str>,
+) -> anyhow::Result<crate::admit::NodeAdmission> {
     let node_token = args
         .node_token_env
         .as_deref()
         .map(kiln_http::token_from_env)
         .transpose()?;
     anyhow::ensure!(
-        node_token.is_none() || node_token != api_token,
+        node_token.is_none() || node_token.as_deref() != api_token,
         "the join token (--node-token-env) must differ from the fleet token (--api-token-env): a node must not be \
          able to drive the control API"
     );
@@ -111,6 +105,21 @@ async fn run() -> anyhow::Result<()> {
              can join"
         );
     }
+    Ok(nodes)
+}
+
+async fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let presets = match &args.pipelines_dir {
+        Some(dir) => kiln_config::Presets::load_dir(dir, kiln_config::DEFAULT_PRESET)?,
+        None => kiln_config::Presets::builtin(),
+    };
+    let api_token = args
+        .api_token_env
+        .as_deref()
+        .map(kiln_http::token_from_env)
+        .transpose()?;
+    let nodes = node_admission(&args, api_token.as_deref())?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
