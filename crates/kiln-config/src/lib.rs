@@ -404,6 +404,7 @@ mod tests {
             segment_ms: Some(1000),
             part_target_ms: Some(200),
             policy: Some(kiln_model::Policy::CpuOnly),
+            ingest: None,
         };
         let plan = p.resolve("x", &req).unwrap();
         assert_eq!(plan.encoder.policy, kiln_model::Policy::CpuOnly);

@@ -8,6 +8,8 @@ use crate::stream::{Backend, Policy};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StreamState {
+    /// A `publish:` stream with no publisher: nothing is encoding; the next publisher continues the timeline.
+    Waiting,
     /// The pipeline is being built or has not produced its first part yet.
     Starting,
     /// Parts are being published.
@@ -70,6 +72,13 @@ pub struct StreamStatus {
     pub errors: Vec<String>,
     /// Unix milliseconds when the stream was created.
     pub created_unix_ms: u64,
+    /// A `publish:` stream's connected publisher (never its key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher: Option<crate::ingest::PublisherStatus>,
+    /// A `publish:` stream's key, passphrase and publish URLs: in the 201 answer that created it, and nowhere
+    /// else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest: Option<crate::ingest::IngestInfo>,
 }
 
 /// One rebuild of a stream's pipeline after its encoder failed.

@@ -5,7 +5,7 @@
 //! agree on one definition.
 //!
 //! Layout:
-//! - [`source`]: typed stream sources parsed from URIs (`test:`, `file://`, `srt://`, `rtsp://`, `http(s)://`), with
+//! - [`source`]: typed stream sources parsed from URIs (`test:`, `publish:`, `file://`, `srt://`, `rtsp://`, `http(s)://`), with
 //!   the refusal reasons.
 //! - [`stream`]: the request a client sends (`StreamRequest`), the resolved plan a pipeline is built from
 //!   (`StreamPlan`), timing rules (`Timing`) and validation.
@@ -13,10 +13,13 @@
 //! - [`capacity`]: resource vectors (CPU, memory, NVENC/NVDEC, sessions, VRAM) and the CPU cost model.
 //! - [`vod`]: VOD job requests and status, input rules, the no-upscale ladder.
 //! - [`node`]: the capacity report (`GET /v1/capacity`, heartbeats) and the scheduler's fencing header.
+//! - [`ingest`]: `publish:` streams: their secrets, publish URLs, publisher status, SRT stream ids, FLV framing
+//!   and the publisher-timestamp rule.
 //! - [`net`]: which addresses a URL fetched for a user (a VOD job's input) may reach.
 
 pub mod api;
 pub mod capacity;
+pub mod ingest;
 pub mod net;
 pub mod node;
 pub mod source;

@@ -58,6 +58,9 @@ pub enum Source {
     /// `http(s)://host[:port]/path?query`: a progressive stream (MPEG-TS, FLV, MP4, …) that the daemon fetches
     /// itself. HLS/DASH playlists are not media and are refused when they arrive.
     Http(HttpSource),
+    /// `publish:`: the stream waits for a publisher to push to the daemon's RTMP or SRT listener with the
+    /// stream's key (RTMP) or id and passphrase (SRT).
+    Publish,
 }
 
 /// A host as written in a source: an address, or a name (lower case) the daemon resolves and checks.
@@ -171,9 +174,11 @@ impl UrlScheme {
 pub enum SourceError {
     #[error("source is empty")]
     Empty,
+    #[error("a publish source takes no options: write `publish:` and put the key in `ingest`")]
+    BadPublishOption,
     #[error("source is too long ({0} bytes, at most {max})", max = Source::MAX_LEN)]
     TooLong(usize),
-    #[error("source scheme `{0}` is not supported (supported: test:, file://, srt://, rtsp://, rtsps://, http://, https://)")]
+    #[error("source scheme `{0}` is not supported (supported: test:, publish:, file://, srt://, rtsp://, rtsps://, http://, https://)")]
     UnsupportedScheme(String),
     #[error("source has no scheme (expected e.g. `test:`)")]
     NoScheme,
@@ -238,6 +243,8 @@ impl Source {
                 })
             }
             "file" => parse_file(rest),
+            "publish" if rest.is_empty() => Ok(Source::Publish),
+            "publish" => Err(SourceError::BadPublishOption),
             sch => match UrlScheme::parse(sch) {
                 Some(scheme) => parse_url(scheme, rest),
                 None => Err(SourceError::UnsupportedScheme(
@@ -250,6 +257,11 @@ impl Source {
     /// Whether the source delivers encoded media that kiln must decode (everything but `test:`).
     pub fn is_encoded(&self) -> bool {
         !matches!(self, Source::Test { .. })
+    }
+
+    /// Whether the stream waits for a publisher (`publish:`).
+    pub fn is_publish(&self) -> bool {
+        matches!(self, Source::Publish)
     }
 
     /// The host kiln connects to, if it connects anywhere (an SRT listener and local sources do not).
@@ -612,6 +624,7 @@ impl fmt::Display for Source {
                 write!(f, "{scheme}://{user}{}:{}{}", r.host, r.port, r.path)
             }
             Source::Http(h) => f.write_str(&h.url()),
+            Source::Publish => f.write_str("publish:"),
         }
     }
 }

@@ -241,6 +241,9 @@ pub struct StreamRequest {
     /// `gpu-only`, `prefer-gpu` (default) or `cpu-only`; replaces the preset's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<Policy>,
+    /// A `publish:` stream's key and passphrase, when the caller chooses them (else generated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest: Option<crate::ingest::IngestRequest>,
 }
 
 /// The audio part of a stream request.
@@ -394,6 +397,8 @@ pub enum PlanError {
     BadRendition { name: String, what: String },
     #[error("timing: {0}")]
     BadTiming(String),
+    #[error(transparent)]
+    Ingest(#[from] crate::ingest::IngestError),
 }
 
 fn valid_token(s: &str, max: usize, upper_ok: bool) -> bool {
