@@ -36,7 +36,7 @@ use gst::prelude::*;
 use bytes::Bytes;
 pub use kiln_llhls::PartIn;
 pub use pipeline::{BuildOptions, FrameStats, LivePipeline, RenditionFrames};
-pub use source::ByteFeed;
+pub use source::{ByteFeed, SizeLimit};
 
 /// Something the pipeline reports.
 #[derive(Debug, Clone)]

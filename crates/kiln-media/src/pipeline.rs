@@ -34,8 +34,11 @@ pub struct BuildOptions {
     /// For SRT callers and RTSP: the address the daemon resolved and checked for the source's host. The element
     /// connects to it and never resolves the name again (a second lookup could answer differently).
     pub source_addr: Option<std::net::IpAddr>,
-    /// For `http(s)://` sources: the body, fetched by the daemon through its own checked client.
+    /// For `http(s)://` sources: the body, fetched by the daemon through its own checked client; for `publish:`
+    /// sources, what the publisher sends.
     pub byte_feed: Option<crate::source::ByteFeed>,
+    /// The largest source picture the stream may decode (publish sources: what admission booked).
+    pub size_limit: Option<crate::source::SizeLimit>,
     /// Test-only: make the encoder of video rendition 0 fail after this many frames.
     #[cfg(feature = "fault-injection")]
     pub fail_encoder_after_frames: Option<u64>,
@@ -54,6 +57,7 @@ impl BuildOptions {
             file: None,
             source_addr: None,
             byte_feed: None,
+            size_limit: None,
             #[cfg(feature = "fault-injection")]
             fail_encoder_after_frames: None,
         })
@@ -147,7 +151,11 @@ impl LivePipeline {
                     build_test_audio_source(&pipeline, ain)?;
                 }
             }
-            Source::File { .. } | Source::Srt(_) | Source::Rtsp(_) | Source::Http(_) => {
+            Source::File { .. }
+            | Source::Srt(_)
+            | Source::Rtsp(_)
+            | Source::Http(_)
+            | Source::Publish => {
                 source = Some(crate::source::EncodedSource::build(
                     &pipeline,
                     plan,

@@ -44,9 +44,9 @@ impl std::fmt::Debug for Feed {
     }
 }
 
-/// Opens the body of a source the daemon fetches itself (`http(s)://`): called each time a source pipeline
-/// starts, on a thread of its own that pushes what it reads into the pipeline. A read error ends the stream with
-/// that error; the end of the body ends the stream.
+/// Opens the bytes of a source the daemon reads itself (the body of an `http(s)://` source, a publisher's FLV or
+/// MPEG-TS): called each time a source pipeline starts, on a thread of its own that pushes what it reads into the
+/// pipeline. A read error ends the stream with that error; the end of the bytes ends the stream.
 #[derive(Clone)]
 pub struct ByteFeed(
     pub Arc<dyn Fn() -> std::io::Result<Box<dyn std::io::Read + Send>> + Send + Sync>,
@@ -136,9 +136,9 @@ fn source_element(
             }
             (e, None)
         }
-        Source::Http(_) => {
+        Source::Http(_) | Source::Publish => {
             let feed = opts.byte_feed.clone().ok_or_else(|| {
-                MediaError::Build("an HTTP source needs the daemon's byte feed".into())
+                MediaError::Build("an HTTP or publish source needs the daemon's byte feed".into())
             })?;
             let src = gst_app::AppSrc::builder()
                 .name("hsrc")
@@ -279,6 +279,7 @@ impl EncodedSource {
 
         let registry = opts.registry.clone();
         let decode_gpu = opts.decode_gpu;
+        let size_limit = opts.size_limit;
         let pipeline = gst::Pipeline::with_name(&format!("kiln-{}-source", plan.id));
         let (src, feed) = source_element(plan, opts)?;
         let parse = make("parsebin", "parse")?;
@@ -344,6 +345,8 @@ impl EncodedSource {
                     decode_gpu,
                     out,
                     st.clone(),
+                    size_limit,
+                    &err_sink,
                 )
             } else if name.starts_with("audio/") {
                 let Some(out) = st.audio_out.clone() else {
@@ -444,7 +447,7 @@ impl EncodedSource {
             .map_err(|e| MediaError::Start(format!("the source pipeline: {e}")))?;
         if let Some(Feed(src, feed, sink)) = self.feed.clone() {
             std::thread::Builder::new()
-                .name("kiln-http-feed".into())
+                .name("kiln-byte-feed".into())
                 .spawn(move || pump(src, feed, sink))
                 .map_err(|e| MediaError::Start(format!("the HTTP feed thread: {e}")))?;
         }
@@ -524,6 +527,90 @@ fn add_chain(
     Ok(())
 }
 
+/// Refuses parsed video larger than `limit` (the publisher's picture is checked before it is decoded, at the
+/// first caps and at every change): the caps event is dropped and the stream gets an error that names both
+/// sizes, so nothing is decoded past the size admission booked.
+fn guard_size(pad: &gst::Pad, limit: SizeLimit, sink: &EventSink) -> Result<(), MediaError> {
+    let check = move |caps: &gst::CapsRef| -> Result<(), String> {
+        let Some(s) = caps.structure(0) else {
+            return Ok(());
+        };
+        let (Ok(w), Ok(h)) = (s.get::<i32>("width"), s.get::<i32>("height")) else {
+            return Ok(());
+        };
+        limit.check(w.max(0) as u32, h.max(0) as u32)
+    };
+    if let Some(caps) = pad.current_caps() {
+        check(&caps).map_err(MediaError::Build)?;
+    }
+    let sink = sink.clone();
+    pad.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_, info| {
+        let Some(gst::PadProbeData::Event(ev)) = &info.data else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let gst::EventView::Caps(c) = ev.view() else {
+            return gst::PadProbeReturn::Ok;
+        };
+        match check(c.caps()) {
+            Ok(()) => gst::PadProbeReturn::Ok,
+            Err(message) => {
+                sink(MediaEvent::Error {
+                    element: Some("vdec".into()),
+                    message,
+                    debug: None,
+                });
+                gst::PadProbeReturn::Drop
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The largest source picture a stream may decode, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeLimit {
+    /// Pixels per frame admission booked the decode for.
+    pub booked_pixels: u64,
+    /// The daemon's limits on either side (`--ingest-max-width/-height`).
+    pub max_width: u32,
+    pub max_height: u32,
+}
+
+impl SizeLimit {
+    /// The limit for a decode booked at `width`×`height`: a picture up to that size rounded up to whole
+    /// macroblocks (what the SPS declares as coded size for, e.g., 1080 lines is 1088).
+    pub fn for_booking(width: u32, height: u32, max_width: u32, max_height: u32) -> Self {
+        let align = |v: u32| u64::from(v.div_ceil(16) * 16);
+        Self {
+            booked_pixels: align(width) * align(height),
+            max_width,
+            max_height,
+        }
+    }
+
+    /// `Err` names the picture and the limit it breaks.
+    pub fn check(&self, w: u32, h: u32) -> Result<(), String> {
+        if w > self.max_width.div_ceil(16) * 16 || h > self.max_height.div_ceil(16) * 16 {
+            return Err(format!(
+                "the source picture is {w}x{h}, over this daemon's ingest limit of {}x{}",
+                self.max_width, self.max_height
+            ));
+        }
+        if u64::from(w) * u64::from(h) > self.booked_pixels {
+            return Err(format!(
+                "the source picture is {w}x{h} ({} pixels), larger than the {} pixels this stream's decode was \
+                 booked for (its largest rendition): publish at most that size, or create the stream with a \
+                 larger ladder",
+                u64::from(w) * u64::from(h),
+                self.booked_pixels
+            ));
+        }
+        Ok(())
+    }
+}
+
+// Long by design: the decode chain in one list, after the two refusals (codec, size) that must come first.
+#[allow(clippy::too_many_arguments)]
 fn link_video(
     pipeline: &gst::Pipeline,
     pad: &gst::Pad,
@@ -532,6 +619,8 @@ fn link_video(
     decode_gpu: Option<u32>,
     out: gst_app::AppSrc,
     state: Arc<Shared>,
+    limit: Option<SizeLimit>,
+    sink: &EventSink,
 ) -> Result<(), MediaError> {
     let codec = InputCodec::from_caps_name(caps_name).ok_or_else(|| {
         MediaError::Build(format!(
@@ -542,6 +631,9 @@ fn link_video(
         .decoder(codec, decode_gpu)
         .map_err(|e| MediaError::Build(e.to_string()))?;
     tracing::info!(decoder = %dec.factory, gpu = dec.gpu, "video decoder chosen");
+    if let Some(limit) = limit {
+        guard_size(pad, limit, sink)?;
+    }
     let chain = vec![
         make("queue", "vdec-q")?,
         make_dyn(&dec.factory, "vdec")?,
