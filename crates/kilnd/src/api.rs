@@ -190,12 +190,15 @@ async fn create(
         st.metrics.refusals.with_label_values(&[reason]).inc();
     })?;
     raise_fence(&st, epoch);
+    let mut status = h.status();
     let code = if created {
+        // the only answer that carries a publish stream's key and passphrase
+        status.ingest = st.supervisor.ingest_info(&h);
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((code, Json(h.status())).into_response())
+    Ok((code, Json(status)).into_response())
 }
 
 async fn remove(

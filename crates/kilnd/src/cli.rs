@@ -108,6 +108,33 @@ struct Args {
     /// Heartbeat interval in milliseconds (the scheduler may change it).
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
+    /// Accept RTMP publishers on this address (e.g. `0.0.0.0:1935`) for `publish:` streams; off by default.
+    #[arg(long, value_name = "HOST:PORT")]
+    rtmp_listen: Option<std::net::SocketAddr>,
+    /// Accept SRT publishers on this UDP address (e.g. `0.0.0.0:9000`), one port for every stream, routed by
+    /// stream id; off by default.
+    #[arg(long, value_name = "HOST:PORT")]
+    srt_listen: Option<std::net::SocketAddr>,
+    /// Host name publishers reach the ingest listeners at, in the publish URLs (default: the bound address, or
+    /// this node's host name when bound to every address).
+    #[arg(long)]
+    ingest_public_host: Option<String>,
+    /// Widest picture a publisher may send.
+    #[arg(long, default_value_t = crate::config::IngestConfig::default().max_width)]
+    ingest_max_width: u32,
+    /// Tallest picture a publisher may send.
+    #[arg(long, default_value_t = crate::config::IngestConfig::default().max_height)]
+    ingest_max_height: u32,
+    /// Highest input bitrate (mean over 5 s) a publisher may send, in kbit/s.
+    #[arg(long, default_value_t = crate::config::IngestConfig::default().max_bitrate_kbps)]
+    ingest_max_bitrate_kbps: u64,
+    /// For a key or stream id kilnd does not know, POST `{"protocol","name","client_addr"}` here (2 s timeout):
+    /// a 2xx `{"stream_id","preset","passphrase"}` creates the stream, a 4xx refuses the publisher.
+    #[arg(long, value_name = "URL")]
+    publish_auth_url: Option<String>,
+    /// SRT receive latency in milliseconds.
+    #[arg(long, default_value_t = 120)]
+    srt_latency_ms: u64,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -308,11 +335,31 @@ async fn run() -> anyhow::Result<()> {
             ..Default::default()
         },
         gpus: args.no_gpu.then(Vec::new),
+        ingest: crate::config::IngestConfig {
+            rtmp_listen: args.rtmp_listen,
+            srt_listen: args.srt_listen,
+            public_host: args.ingest_public_host.clone(),
+            max_width: args.ingest_max_width,
+            max_height: args.ingest_max_height,
+            max_bitrate_kbps: args.ingest_max_bitrate_kbps,
+            auth_url: args.publish_auth_url.clone(),
+            srt_latency: std::time::Duration::from_millis(args.srt_latency_ms),
+            ..Default::default()
+        },
         ..defaults
     };
-    // The contract for scripts and tests: one line on stdout with the bound address.
+    let state = crate::AppState::new(config)?;
+    if let Some(sockets) = state.ingest.lock().as_ref() {
+        if let Some(a) = sockets.rtmp_addr() {
+            println!("kilnd rtmp ingest on rtmp://{a}/live");
+        }
+        if let Some(a) = sockets.srt_addr() {
+            println!("kilnd srt ingest on srt://{a}");
+        }
+    }
+    // The contract for scripts and tests: one line on stdout with the bound address (after the ingest lines).
     println!("kilnd listening on {scheme}://{bound}");
-    crate::serve(config, listener, kiln_http::shutdown_signal()).await
+    crate::serve_state(state, listener, kiln_http::shutdown_signal()).await
 }
 
 /// An origin as browsers send it: `scheme://host[:port]`, http or https, nothing after it.

@@ -60,6 +60,50 @@ pub struct Config {
     pub scheduler: Option<AgentConfig>,
     /// VOD jobs (queue on disk, outputs); `None` disables `/v1/jobs`.
     pub jobs: Option<JobsConfig>,
+    /// Live ingest listeners (RTMP, SRT) and their limits.
+    pub ingest: IngestConfig,
+}
+
+/// Live ingest: where publishers connect and what they may send.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// RTMP listener (`--rtmp-listen`); `None`: off.
+    pub rtmp_listen: Option<std::net::SocketAddr>,
+    /// SRT listener, one UDP port for every stream (`--srt-listen`); `None`: off.
+    pub srt_listen: Option<std::net::SocketAddr>,
+    /// Host name or address publishers reach the listeners at, for the publish URLs (default: the bound address,
+    /// or the advertise URL's host when bound to every address).
+    pub public_host: Option<String>,
+    /// Largest picture a publisher may send, on either side (also bounded by each stream's reservation).
+    pub max_width: u32,
+    pub max_height: u32,
+    /// Highest mean input bitrate over a 5 s window, in kbit/s.
+    pub max_bitrate_kbps: u64,
+    /// How long a connection may stay silent (handshake, publish request, media) before it is closed.
+    pub idle_timeout: Duration,
+    /// Asked (POST, JSON) about keys and stream ids kilnd does not know (`--publish-auth-url`).
+    pub auth_url: Option<String>,
+    /// How long the auth URL has to answer.
+    pub auth_timeout: Duration,
+    /// SRT receive latency.
+    pub srt_latency: Duration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            rtmp_listen: None,
+            srt_listen: None,
+            public_host: None,
+            max_width: 3840,
+            max_height: 2160,
+            max_bitrate_kbps: 50_000,
+            idle_timeout: Duration::from_secs(10),
+            auth_url: None,
+            auth_timeout: Duration::from_secs(2),
+            srt_latency: Duration::from_millis(120),
+        }
+    }
 }
 
 /// This host's schedulable resources: 85 % of its cores (the rest is for the daemon, the origin and the OS) and
@@ -117,6 +161,7 @@ impl Default for Config {
             http_limits: Default::default(),
             scheduler: None,
             jobs: None,
+            ingest: IngestConfig::default(),
         }
     }
 }

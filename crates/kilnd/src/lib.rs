@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod fetch;
 pub mod gpus;
+pub mod ingest;
 pub mod jobs;
 pub mod metrics;
 pub mod page;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub telemetry: Arc<kiln_gpu::Telemetry>,
     /// The VOD job queue, when enabled.
     pub jobs: Option<Arc<jobs::Jobs>>,
+    /// The ingest listeners' sockets, bound by [`AppState::new`] and started by [`serve_state`].
+    pub ingest: Arc<parking_lot::Mutex<Option<ingest::Sockets>>>,
 }
 
 /// The whole HTTP surface. Layers, outermost first:
@@ -206,6 +209,19 @@ impl AppState {
             )),
             None => None,
         };
+        let sockets = ingest::Sockets::bind(&config.ingest)
+            .map_err(|e| anyhow::anyhow!("binding the ingest listeners: {e}"))?;
+        let public = |a: SocketAddr| {
+            ingest::Sockets::public(
+                a,
+                config.ingest.public_host.as_deref(),
+                Some(&config.node_id),
+            )
+        };
+        let _ = supervisor.ingest_addrs.set(supervisor::IngestAddrs {
+            rtmp: sockets.rtmp_addr().map(public),
+            srt: sockets.srt_addr().map(public),
+        });
         Ok(Self {
             supervisor,
             metrics,
@@ -213,6 +229,7 @@ impl AppState {
             config,
             telemetry,
             jobs,
+            ingest: Arc::new(parking_lot::Mutex::new(Some(sockets))),
         })
     }
 }
@@ -258,6 +275,9 @@ pub async fn serve_state(
             .await
             .map_err(|e| anyhow::anyhow!("starting the demo stream: {e}"))?;
         tracing::info!(url = %format!("http://{addr}/"), "demo stream running: open the page, or play http://{addr}/live/demo/master.m3u8");
+    }
+    if let Some(sockets) = state.ingest.lock().take() {
+        sockets.spawn(supervisor.clone(), config.ingest.clone())?;
     }
     let agent = config
         .scheduler

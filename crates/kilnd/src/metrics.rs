@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+pub mod ingest;
+
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -70,6 +72,8 @@ pub struct Metrics {
     pub vod_busy_seconds: prometheus::Counter,
     /// Bytes of `http(s)` VOD inputs downloaded (counted when the job ends).
     pub vod_input_bytes: prometheus::IntCounter,
+    /// Live ingest (`kiln_ingest_*`).
+    pub ingest: ingest::IngestMetrics,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -288,7 +292,9 @@ impl Metrics {
         for reason in REFUSAL_REASONS {
             refusals.with_label_values(&[reason]);
         }
+        let ingest = ingest::IngestMetrics::new(&registry);
         Self {
+            ingest,
             registry,
             parts_published,
             output_bytes,

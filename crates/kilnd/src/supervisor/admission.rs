@@ -230,6 +230,7 @@ impl Supervisor {
         placement: &Placement,
         plan: &StreamPlan,
         input: &super::SourceInput,
+        feed: Option<kiln_media::ByteFeed>,
     ) -> Result<BuildOptions, SupervisorError> {
         let selection = self
             .registry
@@ -241,7 +242,19 @@ impl Supervisor {
             decode_gpu: placement.decode_gpu,
             file: input.file.clone(),
             source_addr: input.addr,
-            byte_feed: self.byte_feed(plan)?,
+            byte_feed: match feed {
+                Some(f) => Some(f),
+                None => self.byte_feed(plan)?,
+            },
+            size_limit: plan.source.is_publish().then(|| {
+                let (w, h) = plan.source_size();
+                kiln_media::SizeLimit::for_booking(
+                    w,
+                    h,
+                    self.config.ingest.max_width,
+                    self.config.ingest.max_height,
+                )
+            }),
             #[cfg(feature = "fault-injection")]
             fail_encoder_after_frames: None,
         })

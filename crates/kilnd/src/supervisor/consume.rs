@@ -78,7 +78,8 @@ impl Supervisor {
         *h.placement.lock() = nothing;
         let new = self.place(&h.plan, true)?;
         let started = async {
-            let opts = self.build_options(&new, &h.plan, &h.input)?;
+            let feed = h.publish_feed.lock().clone();
+            let opts = self.build_options(&new, &h.plan, &h.input, feed)?;
             launch(&h.plan, opts, Some(origin_ms)).await
         }
         .await;
@@ -123,6 +124,8 @@ pub(super) async fn consume(
     metrics: Arc<crate::metrics::Metrics>,
     supervisor: std::sync::Weak<Supervisor>,
     origin_ms: i64,
+    resumed: bool,
+    publisher: Option<Arc<Publisher>>,
 ) {
     let names: Vec<String> = h
         .origin
@@ -132,7 +135,7 @@ pub(super) async fn consume(
         .collect();
     let mut media_ns = vec![0u64; names.len()];
     // after a rebuild, the first part of each rendition opens a discontinuity
-    let mut discontinuity = vec![false; names.len()];
+    let mut discontinuity = vec![resumed; names.len()];
     let mut first_part: Option<std::time::Instant> = None;
     while let Some(ev) = rx.recv().await {
         match ev {
@@ -199,6 +202,15 @@ pub(super) async fn consume(
                     None => message.clone(),
                 });
                 let live = matches!(h.state(), StreamState::Starting | StreamState::Running);
+                if let (true, false, Some(who)) =
+                    (live, from_encoder(element.as_deref()), &publisher)
+                {
+                    // the publisher's media is at fault (codec, size, corrupt bytes): cut it off, keep the stream
+                    if let Some(sup) = supervisor.upgrade() {
+                        sup.publisher_left(&h, who, Some(message.clone())).await;
+                    }
+                    return;
+                }
                 if live && from_encoder(element.as_deref()) {
                     if let Some(sup) = supervisor.upgrade() {
                         let why = match &details {
@@ -226,6 +238,15 @@ pub(super) async fn consume(
                 if let Some(sup) = supervisor.upgrade() {
                     sup.release_all(&h);
                 }
+            }
+            MediaEvent::Eos
+                if publisher.is_some()
+                    && matches!(h.state(), StreamState::Starting | StreamState::Running) =>
+            {
+                if let (Some(sup), Some(who)) = (supervisor.upgrade(), &publisher) {
+                    sup.publisher_left(&h, who, None).await;
+                }
+                return;
             }
             MediaEvent::Eos => {
                 h.eos.send_replace(true);

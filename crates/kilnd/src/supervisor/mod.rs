@@ -25,7 +25,10 @@ use tracing::Instrument;
 
 mod admission;
 mod consume;
+mod publish;
 mod report;
+
+pub use publish::{random_token, Publisher, Refusal, Secrets, FEED_QUEUE};
 
 use consume::{consume, launch};
 
@@ -134,6 +137,16 @@ pub struct StreamHandle {
     /// `stream{id=…}`: every event about this stream is logged inside it.
     span: tracing::Span,
     created_unix_ms: u64,
+    /// Unix ms of the stream's running time 0 (its timeline; a rebuilt or re-published pipeline continues it).
+    origin_ms: i64,
+    /// A `publish:` stream's key and passphrase.
+    pub(crate) secrets: Option<Secrets>,
+    /// A `publish:` stream's connected publisher.
+    publisher: Mutex<Option<Arc<Publisher>>>,
+    /// What the current publisher sends (a rebuilt pipeline gets the same feed).
+    publish_feed: Mutex<Option<kiln_media::ByteFeed>>,
+    /// Publishers that have had a pipeline (the second one opens with a discontinuity).
+    sessions: std::sync::atomic::AtomicU64,
 }
 
 impl StreamHandle {
@@ -194,12 +207,27 @@ impl StreamHandle {
     }
 
     /// Pauses the stream's pipeline (no new parts until it resumes). Not reachable from the HTTP API.
+    /// The connected publisher of a `publish:` stream.
+    pub fn publisher(&self) -> Option<Arc<Publisher>> {
+        self.publisher.lock().clone()
+    }
+
+    /// Whether this is a `publish:` stream.
+    pub fn is_publish(&self) -> bool {
+        self.secrets.is_some()
+    }
+
     pub fn pause(&self) -> bool {
         let p = self.pipeline.lock();
         p.as_ref().is_some_and(|p| p.pause().is_ok())
     }
 
-    fn push_error(&self, e: String) {
+    /// The stream's log span.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    pub(crate) fn push_error(&self, e: String) {
         let mut v = self.errors.lock();
         if v.len() >= MAX_ERRORS {
             v.remove(0);
@@ -246,6 +274,8 @@ impl StreamHandle {
             fallbacks: self.fallbacks.lock().clone(),
             errors: self.errors.lock().clone(),
             created_unix_ms: self.created_unix_ms,
+            publisher: self.publisher().map(|p| p.status()),
+            ingest: None,
         }
     }
 }
@@ -269,6 +299,17 @@ pub struct Supervisor {
     pub gpus: GpuPool,
     /// The checked HTTP client that fetches `http(s)://` sources (an error if it could not be built).
     live_fetcher: Result<crate::fetch::Fetcher, String>,
+    /// RTMP key → stream id of every `publish:` stream.
+    ingest_keys: Mutex<HashMap<String, String>>,
+    /// The ingest listeners' public `host:port`, once bound.
+    pub ingest_addrs: std::sync::OnceLock<IngestAddrs>,
+}
+
+/// Where publishers reach this daemon (`host:port`), for the publish URLs.
+#[derive(Debug, Clone, Default)]
+pub struct IngestAddrs {
+    pub rtmp: Option<String>,
+    pub srt: Option<String>,
 }
 
 fn unix_ms() -> u64 {
@@ -295,6 +336,8 @@ impl Supervisor {
             epoch: unix_ms(),
             fence: 0.into(),
             live_fetcher: crate::fetch::Fetcher::new(config.source_networks.clone(), u64::MAX),
+            ingest_keys: Mutex::new(HashMap::new()),
+            ingest_addrs: std::sync::OnceLock::new(),
             config,
             registry,
             gpus,
@@ -306,6 +349,16 @@ impl Supervisor {
     }
 
     /// Unix ms when this supervisor started: changes on every daemon restart.
+    /// How long a stop waits for a pipeline to drain.
+    pub fn grace(&self) -> std::time::Duration {
+        self.config.grace
+    }
+
+    /// The daemon's metrics.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
@@ -390,13 +443,26 @@ impl Supervisor {
             return Err(SupervisorError::ShuttingDown);
         }
         let plan = self.config.presets.resolve(id, &request)?;
+        if request.ingest.is_some() && !plan.source.is_publish() {
+            return Err(PlanError::Ingest(kiln_model::ingest::IngestError::NotPublish).into());
+        }
         if let Some(h) = self.get(id) {
-            return if h.plan == plan {
+            let asked = request.ingest.clone().unwrap_or_default();
+            let same_secrets = h.secrets.as_ref().is_none_or(|s| {
+                asked.key.as_ref().is_none_or(|k| *k == s.key)
+                    && asked.passphrase.as_ref().is_none_or(|p| *p == s.passphrase)
+            });
+            return if h.plan == plan && same_secrets {
                 Ok((h, false))
             } else {
                 Err(SupervisorError::Conflict(id.to_string()))
             };
         }
+        let secrets = plan
+            .source
+            .is_publish()
+            .then(|| self.publish_secrets(&request))
+            .transpose()?;
 
         let input = SourceInput {
             file: self.resolve_file(&plan)?,
@@ -405,7 +471,10 @@ impl Supervisor {
                 .map_err(SupervisorError::SourceAddress)?,
         };
         let placement = self.place(&plan, false)?;
-        match self.start(id, request, plan, placement, input, fault).await {
+        match self
+            .start(id, request, plan, placement, input, secrets, fault)
+            .await
+        {
             Ok(r) => Ok(r),
             Err(e) => {
                 self.release_placement(&placement);
@@ -415,6 +484,7 @@ impl Supervisor {
     }
 
     // Long by design: build → register → spawn the consumer must happen in this order under one error path that releases the booking.
+    #[allow(clippy::too_many_arguments)]
     async fn start(
         self: &Arc<Self>,
         id: &str,
@@ -422,17 +492,24 @@ impl Supervisor {
         plan: StreamPlan,
         placement: Placement,
         input: SourceInput,
+        secrets: Option<Secrets>,
         fault: Option<u64>,
     ) -> Result<(Arc<StreamHandle>, bool), SupervisorError> {
         #[allow(unused_mut)]
-        let mut opts = self.build_options(&placement, &plan, &input)?;
+        let mut opts = self.build_options(&placement, &plan, &input, None)?;
         #[cfg(feature = "fault-injection")]
         {
             opts.fail_encoder_after_frames = fault;
         }
         #[cfg(not(feature = "fault-injection"))]
         let _ = fault;
-        let (pipeline, origin_ms, rx) = launch(&plan, opts, None).await?;
+        // a publish stream starts waiting: its pipeline is built when a publisher is attached
+        let (pipeline, origin_ms, rx) = if secrets.is_some() {
+            (None, unix_ms() as i64, None)
+        } else {
+            let (p, origin_ms, rx) = launch(&plan, opts, None).await?;
+            (Some(p), origin_ms, Some(rx))
+        };
 
         let pcfg = PackagerConfig {
             segment_ns: plan.timing.segment_ns(),
@@ -476,12 +553,22 @@ impl Supervisor {
             fallbacks: Mutex::new(Vec::new()),
             frames_seen: Mutex::new(Default::default()),
             origin: stream_origin.clone(),
-            pipeline: Mutex::new(Some(pipeline)),
-            state: watch::channel(StreamState::Starting).0,
+            pipeline: Mutex::new(pipeline),
+            state: watch::channel(if secrets.is_some() {
+                StreamState::Waiting
+            } else {
+                StreamState::Starting
+            })
+            .0,
             errors: Mutex::new(Vec::new()),
             eos: watch::channel(false).0,
             created_unix_ms: unix_ms(),
             span: tracing::info_span!("stream", id = %id),
+            origin_ms,
+            secrets,
+            publisher: Mutex::new(None),
+            publish_feed: Mutex::new(None),
+            sessions: 0.into(),
         });
         {
             let mut map = self.map();
@@ -494,20 +581,32 @@ impl Supervisor {
                     Err(SupervisorError::Conflict(id.to_string()))
                 };
             }
+            if let Some(s) = &handle.secrets {
+                let mut keys = self.ingest_keys.lock();
+                if keys.contains_key(&s.key) {
+                    self.release_placement(&handle.placement());
+                    return Err(SupervisorError::Conflict(id.to_string()));
+                }
+                keys.insert(s.key.clone(), id.to_string());
+            }
             map.insert(id.to_string(), handle.clone());
         }
         self.origin.insert(stream_origin);
         self.metrics.init_stream(id);
-        tokio::spawn(
-            consume(
-                handle.clone(),
-                rx,
-                self.metrics.clone(),
-                Arc::downgrade(self),
-                origin_ms,
-            )
-            .instrument(handle.span.clone()),
-        );
+        if let Some(rx) = rx {
+            tokio::spawn(
+                consume(
+                    handle.clone(),
+                    rx,
+                    self.metrics.clone(),
+                    Arc::downgrade(self),
+                    origin_ms,
+                    false,
+                    None,
+                )
+                .instrument(handle.span.clone()),
+            );
+        }
         handle.span.in_scope(|| {
             tracing::info!(
                 renditions = handle.origin.renditions.len(),
@@ -538,6 +637,9 @@ impl Supervisor {
     /// Marks the stream stopping and sends EOS into its pipeline.
     fn begin_stop(h: &StreamHandle) -> Option<LivePipeline> {
         h.set_state(StreamState::Stopping);
+        if let Some(p) = h.publisher() {
+            p.kick.notify_one();
+        }
         let p = h.pipeline.lock().take()?;
         p.send_eos().then_some(p)
     }
@@ -553,6 +655,9 @@ impl Supervisor {
         h.origin.end();
         h.set_state(StreamState::Ended);
         self.release_all(&h);
+        if let Some(s) = &h.secrets {
+            self.ingest_keys.lock().remove(&s.key);
+        }
         h.span.in_scope(|| tracing::info!("stream stopped"));
         let origin = self.origin.clone();
         let linger = self.config.linger;

@@ -154,8 +154,21 @@ impl Supervisor {
         let m = &self.metrics;
         m.streams.reset();
         m.stream_backend.reset();
+        m.ingest.bitrate.reset();
         for h in self.list() {
-            m.frames(&h.plan.id, &h.frame_delta());
+            let delta = h.frame_delta();
+            m.frames(&h.plan.id, &delta);
+            if let Some(p) = h.publisher() {
+                let proto = p.protocol.as_str();
+                m.ingest
+                    .frames
+                    .with_label_values(&[proto])
+                    .inc_by(delta.input);
+                m.ingest
+                    .bitrate
+                    .with_label_values(&[h.plan.id.as_str(), proto])
+                    .set((p.status().input_bitrate_kbps * 1000) as i64);
+            }
             let p = h.placement();
             let gpu = match p.backend {
                 kiln_model::Backend::Nvenc { gpu } => gpu.to_string(),

@@ -1,0 +1,167 @@
+//! The SRT listener: one UDP port for every publisher, routed by SRT stream id (`#!::r=<stream>,m=publish`).
+//! `srt-tokio` hands each connection request to this module before it answers, so a request is refused at the
+//! protocol level (an SRT reject reason) when its stream does not exist, is busy, or the publisher did not
+//! encrypt; otherwise it is accepted with that stream's passphrase, and a publisher with the wrong passphrase
+//! fails the key exchange (`BADSECRET`) and never gets a socket. What an accepted publisher sends (MPEG-TS) goes
+//! to the stream's pipeline as it arrives.
+//!
+//! `srt-tokio` runs every connection of the port in one listener task; if that task ever stops (its own bug on
+//! hostile input), the listener is bound again and new publishers can connect.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kiln_model::ingest::{Protocol, SrtStreamId};
+use srt_tokio::access::{RejectReason, ServerRejectReason};
+use srt_tokio::options::{KeySize, Passphrase};
+use srt_tokio::{ConnectionRequest, SrtListener};
+use tokio::net::UdpSocket;
+
+use super::{authorize, reject, Session};
+use crate::config::IngestConfig;
+use crate::supervisor::{Refusal, Supervisor};
+
+pub(super) async fn serve(socket: UdpSocket, sup: Arc<Supervisor>, cfg: Arc<IngestConfig>) {
+    let Ok(addr) = socket.local_addr() else {
+        return;
+    };
+    let mut socket = Some(socket);
+    loop {
+        let sock = match socket.take() {
+            Some(s) => s,
+            None => match UdpSocket::bind(addr).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(%addr, error = %e, "SRT listener: binding again failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+        };
+        let bound = SrtListener::builder()
+            .latency(cfg.srt_latency)
+            .set(|o| o.session.peer_idle_timeout = cfg.idle_timeout)
+            .socket(sock)
+            .bind(addr)
+            .await;
+        let (_listener, mut incoming) = match bound {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "SRT listener failed to start");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        tracing::info!(%addr, "SRT ingest listening");
+        while let Some(request) = incoming.incoming().next().await {
+            let (sup, cfg) = (sup.clone(), cfg.clone());
+            tokio::spawn(handle(request, sup, cfg));
+        }
+        tracing::error!(%addr, "the SRT listener stopped: binding it again");
+    }
+}
+
+/// The SRT reject reason a publisher sees for a refusal.
+fn reason(why: Refusal) -> RejectReason {
+    RejectReason::Server(match why {
+        Refusal::UnknownStream | Refusal::UnknownKey => ServerRejectReason::Notfound,
+        Refusal::Busy => ServerRejectReason::Conflict,
+        Refusal::AuthDenied => ServerRejectReason::Forbidden,
+        Refusal::NoPassphrase => ServerRejectReason::Unauthorized,
+        Refusal::Stopping => ServerRejectReason::Down,
+        Refusal::AuthError | Refusal::Pipeline => ServerRejectReason::InternalServerError,
+        _ => ServerRejectReason::BadRequest,
+    })
+}
+
+async fn handle(request: ConnectionRequest, sup: Arc<Supervisor>, cfg: Arc<IngestConfig>) {
+    let addr = request.remote();
+    let m = sup.metrics().ingest.clone();
+    let refuse = |request: ConnectionRequest, why: Refusal, detail: String| {
+        let m = m.clone();
+        async move {
+            reject(&m, Protocol::Srt, why, addr, &detail);
+            let _ = request.reject(reason(why)).await;
+        }
+    };
+    let id = match request.stream_id().map(|s| SrtStreamId::parse(s.as_str())) {
+        Some(Ok(id)) => id,
+        Some(Err(e)) => return refuse(request, Refusal::Protocol, e.to_string()).await,
+        None => {
+            return refuse(
+                request,
+                Refusal::UnknownStream,
+                "no stream id (use streamid=#!::r=<stream>,m=publish)".into(),
+            )
+            .await
+        }
+    };
+    // srt-tokio's handshake cannot answer a caller whose key size differs from ours, nor one without
+    // encryption when we have a passphrase: both are refused here, before it is asked to.
+    let key_size = request.key_size();
+    if key_size == KeySize::Unspecified {
+        return refuse(
+            request,
+            Refusal::NoPassphrase,
+            "the publisher did not set a passphrase".into(),
+        )
+        .await;
+    }
+    let (stream, publisher) = match authorize(&sup, &cfg, Protocol::Srt, &id.resource, addr).await {
+        Ok(c) => c,
+        Err((why, detail)) => return refuse(request, why, detail).await,
+    };
+    let mut session = Session::new(sup.clone(), stream, publisher, cfg.clone());
+    let passphrase = session
+        .stream
+        .secrets
+        .as_ref()
+        .map(|s| s.passphrase.clone())
+        .unwrap_or_default();
+    let Ok(passphrase) = Passphrase::try_from(passphrase) else {
+        return session.end(Some((
+            Refusal::Pipeline,
+            "the stream's passphrase is not a valid SRT passphrase".into(),
+        )));
+    };
+    let accepted = request
+        .accept(Some(srt_protocol::settings::KeySettings {
+            key_size,
+            passphrase,
+        }))
+        .await;
+    let mut socket = match accepted {
+        Ok(s) => s,
+        Err(e) => {
+            // the key exchange failed: the publisher's passphrase is not the stream's
+            return session.end(Some((
+                Refusal::BadPassphrase,
+                format!(
+                    "the key exchange failed: the publisher's passphrase is not the stream's ({e})"
+                ),
+            )));
+        }
+    };
+    if let Err(f) = session.attach().await {
+        return session.end(Some(f));
+    }
+    let kick = session.publisher.clone();
+    let result = loop {
+        tokio::select! {
+            next = socket.next() => match next {
+                Some(Ok((_, bytes))) => {
+                    if let Err(f) = session.send(bytes).await {
+                        break Some(f);
+                    }
+                }
+                Some(Err(e)) => break Some((Refusal::Protocol, format!("receiving: {e}"))),
+                None => break None, // the publisher closed (or went silent past the idle timeout)
+            },
+            _ = kick.kick.notified() => {
+                break Some((Refusal::Stopping, "the stream stopped or its pipeline ended".into()))
+            }
+        }
+    };
+    session.end(result);
+}

@@ -1,0 +1,89 @@
+//! Live ingest series (`kiln_ingest_*`): what publishers send, by protocol, and why any were refused or cut off.
+//! Listed with the rest in `docs/metrics.md`.
+
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// `protocol` label values.
+pub const PROTOCOLS: [&str; 2] = ["rtmp", "srt"];
+
+/// The ingest metric handles.
+#[derive(Debug, Clone)]
+pub struct IngestMetrics {
+    /// Bytes received from publishers (rate() = input bitrate per protocol).
+    pub bytes: IntCounterVec,
+    /// Video frames decoded from publishers.
+    pub frames: IntCounterVec,
+    /// Publishers accepted (their stream started).
+    pub connects: IntCounterVec,
+    /// Publishers gone, by why (`left`: they ended; any refusal reason: the daemon cut them off).
+    pub disconnects: IntCounterVec,
+    /// Publishers refused before anything was built, by why.
+    pub rejections: IntCounterVec,
+    /// Publishers connected now.
+    pub publishers: IntGaugeVec,
+    /// Per stream: input bitrate of its publisher, mean since it connected (bits/s).
+    pub bitrate: IntGaugeVec,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    r.expect("metric definitions are static and valid")
+}
+
+impl IngestMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = must(IntCounterVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = must(IntGaugeVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let m = Self {
+            bytes: counter(
+                "kiln_ingest_bytes_total",
+                "Bytes received from publishers (rate() gives the input bitrate)",
+                &["protocol"],
+            ),
+            frames: counter(
+                "kiln_ingest_frames_total",
+                "Video frames decoded from publishers",
+                &["protocol"],
+            ),
+            connects: counter(
+                "kiln_ingest_connections_total",
+                "Publishers accepted (authorized, pipeline started)",
+                &["protocol"],
+            ),
+            disconnects: counter(
+                "kiln_ingest_disconnections_total",
+                "Publishers gone: reason `left` when they ended, else why the daemon cut them off",
+                &["protocol", "reason"],
+            ),
+            rejections: counter(
+                "kiln_ingest_rejections_total",
+                "Publishers refused before any pipeline was built",
+                &["protocol", "reason"],
+            ),
+            publishers: gauge(
+                "kiln_ingest_publishers",
+                "Publishers connected now",
+                &["protocol"],
+            ),
+            bitrate: gauge(
+                "kiln_ingest_bitrate_bps",
+                "Input bitrate of a stream's publisher, mean since it connected",
+                &["stream", "protocol"],
+            ),
+        };
+        for p in PROTOCOLS {
+            m.bytes.with_label_values(&[p]);
+            m.frames.with_label_values(&[p]);
+            m.connects.with_label_values(&[p]);
+            m.publishers.with_label_values(&[p]);
+        }
+        m
+    }
+}

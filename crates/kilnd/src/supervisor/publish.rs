@@ -1,0 +1,362 @@
+//! `publish:` streams: created waiting (booked, no pipeline), claimed by one authorized publisher, encoding while
+//! it publishes, and waiting again when it leaves or is cut off; the next publisher continues the timeline (with
+//! a discontinuity). The listeners in [`crate::ingest`] authorize, claim and attach; nothing here touches a
+//! socket.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use kiln_model::ingest::{IngestInfo, Protocol, PublisherStatus};
+
+use super::*;
+
+/// A publish stream's key and passphrase: never logged, never in `GET` answers (only in the 201 that created it).
+#[derive(Clone)]
+pub struct Secrets {
+    pub key: String,
+    pub passphrase: String,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secrets(hidden)")
+    }
+}
+
+/// The publisher connected to a stream.
+#[derive(Debug)]
+pub struct Publisher {
+    pub protocol: Protocol,
+    pub addr: SocketAddr,
+    /// Codec names the protocol announced (RTMP tags name them; SRT's MPEG-TS is only known to the demuxer).
+    pub codecs: Mutex<Vec<String>>,
+    /// Bytes received.
+    pub bytes: AtomicU64,
+    pub connected_unix_ms: u64,
+    /// Notified when the daemon cuts the publisher off (the stream stops, its pipeline failed).
+    pub kick: tokio::sync::Notify,
+    /// A pipeline was started for it (from then on the consumer ends the session, not the listener).
+    attached: AtomicBool,
+}
+
+impl Publisher {
+    pub fn status(&self) -> PublisherStatus {
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        let secs = (unix_ms().saturating_sub(self.connected_unix_ms) as f64 / 1000.0).max(0.001);
+        PublisherStatus {
+            protocol: self.protocol,
+            address: self.addr.to_string(),
+            codecs: self.codecs.lock().clone(),
+            bytes,
+            input_bitrate_kbps: (bytes as f64 * 8.0 / 1000.0 / secs) as u64,
+            connected_unix_ms: self.connected_unix_ms,
+        }
+    }
+}
+
+/// Why a publisher was refused or cut off: the `reason` label of `kiln_ingest_rejections_total` and
+/// `kiln_ingest_disconnections_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// RTMP: no stream has this key.
+    UnknownKey,
+    /// SRT: no stream has this id (or it is not a `publish:` stream).
+    UnknownStream,
+    /// SRT: the publisher's passphrase does not decrypt the stream's key material.
+    BadPassphrase,
+    /// SRT: the publisher did not encrypt (every publish stream has a passphrase).
+    NoPassphrase,
+    /// Someone already publishes to the stream.
+    Busy,
+    /// `--publish-auth-url` answered no.
+    AuthDenied,
+    /// `--publish-auth-url` failed, timed out, or answered something unusable.
+    AuthError,
+    /// A codec kiln cannot decode (HEVC over RTMP, …).
+    Codec,
+    /// The picture is larger than the stream's reservation or the daemon's `--ingest-max-*`.
+    TooLarge,
+    /// Over `--ingest-max-bitrate-kbps`.
+    Bitrate,
+    /// Bytes that are not the protocol (a bad handshake, a malformed stream id, random data).
+    Protocol,
+    /// Connected, then said nothing for too long.
+    Timeout,
+    /// The stream's pipeline failed or could not start.
+    Pipeline,
+    /// The daemon is shutting down or the stream is being deleted.
+    Stopping,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 14] = [
+        Refusal::UnknownKey,
+        Refusal::UnknownStream,
+        Refusal::BadPassphrase,
+        Refusal::NoPassphrase,
+        Refusal::Busy,
+        Refusal::AuthDenied,
+        Refusal::AuthError,
+        Refusal::Codec,
+        Refusal::TooLarge,
+        Refusal::Bitrate,
+        Refusal::Protocol,
+        Refusal::Timeout,
+        Refusal::Pipeline,
+        Refusal::Stopping,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::UnknownKey => "unknown_key",
+            Refusal::UnknownStream => "unknown_stream",
+            Refusal::BadPassphrase => "bad_passphrase",
+            Refusal::NoPassphrase => "no_passphrase",
+            Refusal::Busy => "busy",
+            Refusal::AuthDenied => "auth_denied",
+            Refusal::AuthError => "auth_error",
+            Refusal::Codec => "codec",
+            Refusal::TooLarge => "too_large",
+            Refusal::Bitrate => "bitrate",
+            Refusal::Protocol => "protocol",
+            Refusal::Timeout => "timeout",
+            Refusal::Pipeline => "pipeline",
+            Refusal::Stopping => "stopping",
+        }
+    }
+}
+
+/// What a publisher's bytes go through: bounded, so a pipeline that falls behind slows the publisher's socket
+/// (TCP or SRT flow control) instead of growing memory.
+pub const FEED_QUEUE: usize = 256;
+
+/// A blocking reader over the publisher's chunks (the media crate's feed thread reads it).
+struct ChunkReader {
+    rx: mpsc::Receiver<Bytes>,
+    rest: Bytes,
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.rest.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.rest = b,
+                None => return Ok(0), // the publisher left: end of stream
+            }
+        }
+        let n = buf.len().min(self.rest.len());
+        buf[..n].copy_from_slice(&self.rest.split_to(n));
+        Ok(n)
+    }
+}
+
+/// A feed that hands out `rx` once (a rebuilt pipeline cannot replay a publisher: it gets an error and the
+/// publisher is cut off, to reconnect).
+fn feed_of(rx: mpsc::Receiver<Bytes>) -> kiln_media::ByteFeed {
+    let slot = Arc::new(Mutex::new(Some(rx)));
+    kiln_media::ByteFeed(Arc::new(move || {
+        let rx = slot.lock().take().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the publisher's bytes were already consumed by an earlier pipeline: it must reconnect",
+            )
+        })?;
+        Ok(Box::new(ChunkReader {
+            rx,
+            rest: Bytes::new(),
+        }) as Box<dyn std::io::Read + Send>)
+    }))
+}
+
+/// Random URL-safe text of `bytes` random bytes (base64url without padding).
+pub fn random_token(bytes: usize) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut raw = vec![0u8; bytes];
+    getrandom::fill(&mut raw).expect("the OS random source is available");
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = String::new();
+    for b in raw {
+        bits = (bits << 8) | u32::from(b);
+        n += 8;
+        while n >= 6 {
+            n -= 6;
+            out.push(ALPHABET[((bits >> n) & 63) as usize] as char);
+        }
+    }
+    if n > 0 {
+        out.push(ALPHABET[((bits << (6 - n)) & 63) as usize] as char);
+    }
+    out
+}
+
+impl Supervisor {
+    /// The secrets of a new publish stream: the request's, else random (key 144 bits, passphrase 120 bits).
+    pub(super) fn publish_secrets(
+        &self,
+        request: &StreamRequest,
+    ) -> Result<Secrets, SupervisorError> {
+        let asked = request.ingest.clone().unwrap_or_default();
+        asked
+            .validate()
+            .map_err(|e| SupervisorError::Invalid(e.into()))?;
+        let key = asked.key.unwrap_or_else(|| random_token(18));
+        if self.ingest_keys.lock().contains_key(&key) {
+            return Err(SupervisorError::Policy(
+                "that ingest key belongs to another stream: choose another, or leave it out to get a random one"
+                    .into(),
+            ));
+        }
+        Ok(Secrets {
+            key,
+            passphrase: asked.passphrase.unwrap_or_else(|| random_token(15)),
+        })
+    }
+
+    /// The publish URLs of a stream, with its secrets (the 201 answer).
+    pub fn ingest_info(&self, h: &StreamHandle) -> Option<IngestInfo> {
+        let s = h.secrets.as_ref()?;
+        let addrs = self.ingest_addrs.get().cloned().unwrap_or_default();
+        let (rtmp_url, srt_url) = kiln_model::ingest::publish_urls(
+            &h.plan.id,
+            &s.key,
+            &s.passphrase,
+            addrs.rtmp.as_deref(),
+            addrs.srt.as_deref(),
+        );
+        Some(IngestInfo {
+            key: s.key.clone(),
+            passphrase: s.passphrase.clone(),
+            rtmp_url,
+            srt_url,
+        })
+    }
+
+    /// The publish stream that has this RTMP key.
+    pub fn stream_for_key(&self, key: &str) -> Option<Arc<StreamHandle>> {
+        let id = self.ingest_keys.lock().get(key).cloned()?;
+        self.get(&id).filter(|h| h.secrets.is_some())
+    }
+
+    /// The publish stream with this id.
+    pub fn publish_stream(&self, id: &str) -> Option<Arc<StreamHandle>> {
+        self.get(id).filter(|h| h.secrets.is_some())
+    }
+
+    /// Claims a waiting publish stream for one publisher: refused when someone already publishes to it or the
+    /// stream is stopping.
+    pub fn claim(
+        &self,
+        h: &Arc<StreamHandle>,
+        protocol: Protocol,
+        addr: SocketAddr,
+    ) -> Result<Arc<Publisher>, Refusal> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(Refusal::Stopping);
+        }
+        let mut slot = h.publisher.lock();
+        if slot.is_some() {
+            return Err(Refusal::Busy);
+        }
+        if h.state() != StreamState::Waiting {
+            return Err(Refusal::Stopping);
+        }
+        let p = Arc::new(Publisher {
+            protocol,
+            addr,
+            codecs: Mutex::new(Vec::new()),
+            bytes: AtomicU64::new(0),
+            connected_unix_ms: unix_ms(),
+            kick: tokio::sync::Notify::new(),
+            attached: AtomicBool::new(false),
+        });
+        *slot = Some(p.clone());
+        Ok(p)
+    }
+
+    /// Builds and starts the stream's pipeline on what `publisher` sends through `rx`, on the stream's timeline.
+    pub async fn attach(
+        self: &Arc<Self>,
+        h: &Arc<StreamHandle>,
+        publisher: &Arc<Publisher>,
+        rx: mpsc::Receiver<Bytes>,
+    ) -> Result<(), SupervisorError> {
+        let feed = feed_of(rx);
+        *h.publish_feed.lock() = Some(feed.clone());
+        let placement = h.placement();
+        let opts = self.build_options(&placement, &h.plan, &h.input, Some(feed))?;
+        let (pipeline, _, events) = launch(&h.plan, opts, Some(h.origin_ms)).await?;
+        {
+            let current = h.publisher.lock();
+            if !current.as_ref().is_some_and(|p| Arc::ptr_eq(p, publisher)) {
+                return Err(SupervisorError::Media("the stream stopped".into()));
+            }
+            publisher.attached.store(true, Ordering::SeqCst);
+            *h.pipeline.lock() = Some(pipeline);
+            h.set_state(StreamState::Starting);
+        }
+        let resumed = h.sessions.fetch_add(1, Ordering::SeqCst) > 0;
+        tokio::spawn(
+            consume(
+                h.clone(),
+                events,
+                self.metrics.clone(),
+                Arc::downgrade(self),
+                h.origin_ms,
+                resumed,
+                Some(publisher.clone()),
+            )
+            .instrument(h.span.clone()),
+        );
+        h.span.in_scope(|| {
+            tracing::info!(protocol = publisher.protocol.as_str(), addr = %publisher.addr, "publisher attached")
+        });
+        Ok(())
+    }
+
+    /// The listener's side of a session that ends: a publisher whose pipeline never started is released here;
+    /// one with a pipeline is released by the consumer when that pipeline ends (EOS or error).
+    pub fn release_claim(&self, h: &StreamHandle, publisher: &Arc<Publisher>) {
+        if publisher.attached.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut slot = h.publisher.lock();
+        if slot.as_ref().is_some_and(|p| Arc::ptr_eq(p, publisher)) {
+            *slot = None;
+        }
+    }
+
+    /// The session of `who` is over (it left and its pipeline drained, its pipeline failed, or it was cut off):
+    /// its pipeline is torn down, and the stream waits for the next publisher with its bookings kept; `who`, if
+    /// still connected, is cut off. A no-op once another publisher has the stream.
+    pub async fn publisher_left(
+        &self,
+        h: &Arc<StreamHandle>,
+        who: &Arc<Publisher>,
+        error: Option<String>,
+    ) {
+        {
+            let current = h.publisher.lock();
+            if !current.as_ref().is_some_and(|p| Arc::ptr_eq(p, who)) {
+                return;
+            }
+        }
+        let p = h.pipeline.lock().take();
+        if let Some(p) = p {
+            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+        }
+        *h.publish_feed.lock() = None;
+        let gone = h.publisher.lock().take();
+        if let Some(p) = &gone {
+            p.kick.notify_one();
+        }
+        h.set_state(StreamState::Waiting);
+        match error {
+            Some(e) => {
+                tracing::warn!(error = %e, "publisher cut off: the stream waits for the next one")
+            }
+            None => tracing::info!("publisher left: the stream waits for the next one"),
+        }
+    }
+}
