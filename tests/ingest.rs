@@ -1,0 +1,730 @@
+//! Live ingest with real publishers on loopback: ffmpeg pushing RTMP (FLV, x264 with a 2 s GOP and AAC, as OBS
+//! does) and SRT (MPEG-TS, with the stream's passphrase), GStreamer's `srtsink`, and hand-made hostile peers (an
+//! `rml_rtmp` client sending HEVC, random bytes, a truncated handshake, a silent connection). Every picture is small
+//! so that publishers, the daemon's decode and its ladder fit on two cores.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use kiln_integration::{ffmpeg_frames, poll_until, small_stream_spec, Daemon, Polled};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::Child;
+
+const LADDER: &str = r#""renditions": [
+      {"name": "hi", "width": 320, "height": 180, "fps": 30, "bitrate_kbps": 300},
+      {"name": "lo", "width": 160, "height": 90, "fps": 30, "bitrate_kbps": 120}],
+    "audio": {"bitrate_kbps": 64}"#;
+
+/// A daemon with both listeners on free loopback ports, room for every test stream, and a 3 s idle timeout.
+async fn daemon(auth_url: Option<String>) -> Result<Daemon> {
+    let any: SocketAddr = "127.0.0.1:0".parse()?;
+    let config = kilnd::Config {
+        ingest: kilnd::config::IngestConfig {
+            rtmp_listen: Some(any),
+            srt_listen: Some(any),
+            idle_timeout: Duration::from_secs(3),
+            auth_url,
+            ..Default::default()
+        },
+        capacity: kiln_model::capacity::Resources {
+            cpu_millicores: 64_000,
+            memory_mib: 64_000,
+            ..Default::default()
+        },
+        gpus: Some(Vec::new()),
+        ..Default::default()
+    };
+    Daemon::start(config).await
+}
+
+/// `host:port` of the RTMP and SRT listeners.
+fn listeners(d: &Daemon) -> Result<(String, String)> {
+    let a = d
+        .state
+        .supervisor
+        .ingest_addrs
+        .get()
+        .context("ingest addresses")?;
+    Ok((
+        a.rtmp.clone().context("rtmp")?,
+        a.srt.clone().context("srt")?,
+    ))
+}
+
+/// Creates a `publish:` stream; returns its 201 `ingest` object.
+async fn publish_stream(d: &Daemon, id: &str) -> Result<serde_json::Value> {
+    let body = format!(r#"{{"source": "publish:", {LADDER}}}"#);
+    let (code, v) = d.put_stream(id, &body).await?;
+    ensure!(code == 201, "PUT {id}: {code} {v}");
+    Ok(v["ingest"].clone())
+}
+
+async fn status(d: &Daemon, id: &str) -> Result<serde_json::Value> {
+    let (code, text) = d.get_text(&format!("/v1/streams/{id}")).await?;
+    ensure!(code == 200, "GET {id}: {code} {text}");
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Waits until the stream is in `state` (and, for `running`, has a publisher).
+async fn wait_state(
+    d: &Daemon,
+    id: &str,
+    state: &str,
+    limit: Duration,
+) -> Result<serde_json::Value> {
+    poll_until(
+        &format!("stream {id} {state}"),
+        limit,
+        Duration::from_millis(250),
+        || async move {
+            let (code, text) = d.get_text(&format!("/v1/streams/{id}")).await?;
+            if code == 404 {
+                return Ok(Polled::NotYet("no such stream yet".into()));
+            }
+            let s: serde_json::Value = serde_json::from_str(&text)?;
+            Ok(if s["state"] == state {
+                Polled::Done(s)
+            } else {
+                Polled::NotYet(format!("{} errors {}", s["state"], s["errors"]))
+            })
+        },
+    )
+    .await
+}
+
+/// ffmpeg publishing a moving test picture and a tone for `seconds` (real time) to `url` as `format`.
+fn ffmpeg_publish(url: &str, format: &str, size: &str, seconds: u32) -> Result<Child> {
+    tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostdin", "-loglevel", "error", "-re"])
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            &format!("testsrc2=size={size}:rate=30"),
+        ])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
+        .args(["-t", &seconds.to_string()])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+        ])
+        .args([
+            "-g", "60", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "64k",
+        ])
+        .args(["-f", format, url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting ffmpeg")
+}
+
+/// Waits for a publisher that must be refused: it exits with an error within `limit`.
+async fn refused(mut child: Child, limit: Duration) -> Result<String> {
+    let status = tokio::time::timeout(limit, child.wait())
+        .await
+        .context("the refused publisher kept running")??;
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err).await;
+    }
+    ensure!(!status.success(), "the publisher was not refused: {err}");
+    Ok(err)
+}
+
+/// The value of one series in `/metrics`.
+async fn metric(d: &Daemon, series: &str) -> Result<f64> {
+    let (_, text) = d.get_text("/metrics").await?;
+    Ok(text
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_publishes_rtmp_and_every_rendition_plays_then_a_second_publisher_continues(
+) -> Result<()> {
+    let d = daemon(None).await?;
+    let ingest = publish_stream(&d, "r1").await?;
+    let key = ingest["key"].as_str().context("key")?.to_string();
+    let url = ingest["rtmp_url"].as_str().context("rtmp_url")?.to_string();
+    ensure!(
+        key.len() >= 22 && url.ends_with(&format!("/live/{key}")),
+        "{ingest}"
+    );
+    ensure!(
+        ingest["srt_url"]
+            .as_str()
+            .is_some_and(|u| u.contains("passphrase=")),
+        "{ingest}"
+    );
+    let waiting = status(&d, "r1").await?;
+    ensure!(waiting["state"] == "waiting", "{waiting}");
+
+    let mut first = ffmpeg_publish(&url, "flv", "320x180", 40)?;
+    let s = wait_state(&d, "r1", "running", Duration::from_secs(30)).await?;
+    let p = &s["publisher"];
+    ensure!(p["protocol"] == "rtmp", "{s}");
+    ensure!(
+        p["codecs"].to_string().contains("h264") && p["codecs"].to_string().contains("aac"),
+        "{s}"
+    );
+    // the key is shown once, in the 201: never in a status or the list
+    let (_, list) = d.get_text("/v1/streams").await?;
+    ensure!(
+        !s.to_string().contains(&key) && !list.contains(&key),
+        "the key leaked: {s}"
+    );
+
+    let counts = ffmpeg_frames(&d.url("/live/r1/master.m3u8"), 6, true).await?;
+    ensure!(
+        counts.len() == 3,
+        "expected 2 video + 1 audio streams, got {counts:?}"
+    );
+    let video: Vec<usize> = counts
+        .iter()
+        .copied()
+        .filter(|c| (150..=181).contains(c))
+        .collect();
+    ensure!(
+        video.len() >= 2,
+        "each video rendition carries ~180 frames in 6 s: {counts:?}"
+    );
+    ensure!(
+        counts.iter().all(|c| *c > 0),
+        "a stream decoded nothing: {counts:?}"
+    );
+    ensure!(metric(&d, r#"kiln_ingest_bytes_total{protocol="rtmp"}"#).await? > 10_000.0);
+
+    // the publisher goes away: the stream waits; the next one continues the timeline after a discontinuity
+    first.kill().await?;
+    let s = wait_state(&d, "r1", "waiting", Duration::from_secs(20)).await?;
+    ensure!(s["publisher"].is_null(), "{s}");
+    let before = s["renditions"][0]["last_msn"]
+        .as_u64()
+        .context("last_msn")?;
+    let _second = ffmpeg_publish(&url, "flv", "320x180", 30)?;
+    wait_state(&d, "r1", "running", Duration::from_secs(30)).await?;
+    poll_until(
+        "r1 publishes after the second publisher",
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || async {
+            let s = status(&d, "r1").await?;
+            let msn = s["renditions"][0]["last_msn"].as_u64().unwrap_or(0);
+            Ok(if msn >= before + 2 {
+                Polled::Done(())
+            } else {
+                Polled::NotYet(format!("msn {msn}"))
+            })
+        },
+    )
+    .await?;
+    let (_, text) = d.get_text("/live/r1/hi/index.m3u8").await?;
+    ensure!(
+        text.contains("#EXT-X-DISCONTINUITY"),
+        "no discontinuity between publishers:\n{text}"
+    );
+    ensure!(
+        metric(&d, r#"kiln_ingest_connections_total{protocol="rtmp"}"#).await? >= 2.0,
+        "two publishers connected"
+    );
+    d.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srt_publishers_from_ffmpeg_and_srtsink_share_one_port_each_on_its_stream() -> Result<()> {
+    let d = daemon(None).await?;
+    let (_, srt) = listeners(&d)?;
+    let port = srt.rsplit(':').next().context("port")?.to_string();
+    let mut urls = Vec::new();
+    for id in ["s1", "s2", "s3"] {
+        urls.push(publish_stream(&d, id).await?);
+    }
+    // ffmpeg takes the publish URL verbatim
+    let _a = ffmpeg_publish(
+        urls[0]["srt_url"].as_str().context("srt_url")?,
+        "mpegts",
+        "320x180",
+        45,
+    )?;
+    let s1 = wait_state(&d, "s1", "running", Duration::from_secs(30)).await?;
+    ensure!(s1["publisher"]["protocol"] == "srt", "{s1}");
+    for id in ["s2", "s3"] {
+        ensure!(
+            status(&d, id).await?["state"] == "waiting",
+            "{id} started with s1's publisher"
+        );
+    }
+    // GStreamer's srtsink, with the stream id and passphrase as properties (SPS/PPS repeated at every IDR, as
+    // live encoders send them)
+    let pass = urls[1]["passphrase"].as_str().context("passphrase")?;
+    // (SPS/PPS before every IDR and 7 TS packets per SRT message: what a live GStreamer sender needs)
+    let sender = "-q videotestsrc is-live=true pattern=ball ! video/x-raw,format=I420,width=320,height=180,framerate=30/1 \
+        ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=60 ! h264parse config-interval=-1 ! mux. \
+        audiotestsrc is-live=true ! audioconvert ! avenc_aac ! aacparse ! mux. \
+        mpegtsmux name=mux alignment=7 ! srtsink";
+    let _b = tokio::process::Command::new("gst-launch-1.0")
+        .args(sender.split_whitespace())
+        .arg(format!("uri=srt://127.0.0.1:{port}"))
+        .arg("streamid=#!::r=s2,m=publish")
+        .arg(format!("passphrase={pass}"))
+        .arg("pbkeylen=16")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    wait_state(&d, "s2", "running", Duration::from_secs(30)).await?;
+    ensure!(status(&d, "s3").await?["state"] == "waiting");
+    // a third publisher on the same port, at the same time
+    let _c = ffmpeg_publish(
+        urls[2]["srt_url"].as_str().context("srt_url")?,
+        "mpegts",
+        "256x144",
+        30,
+    )?;
+    wait_state(&d, "s3", "running", Duration::from_secs(30)).await?;
+    let mut addrs = Vec::new();
+    for id in ["s1", "s2", "s3"] {
+        let s = status(&d, id).await?;
+        ensure!(
+            s["state"] == "running" && s["publisher"]["protocol"] == "srt",
+            "{s}"
+        );
+        addrs.push(
+            s["publisher"]["address"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    addrs.dedup();
+    ensure!(
+        addrs.len() == 3,
+        "three publishers, three addresses: {addrs:?}"
+    );
+    for id in ["s1", "s2", "s3"] {
+        let c = ffmpeg_frames(&d.url(&format!("/live/{id}/hi/index.m3u8")), 3, false).await?;
+        ensure!(c.len() == 1 && c[0] >= 60, "{id}: {c:?}");
+    }
+    ensure!(metric(&d, r#"kiln_ingest_publishers{protocol="srt"}"#).await? == 3.0);
+    d.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_keys_passphrases_streams_and_busy_keys_are_refused_and_counted() -> Result<()> {
+    let d = daemon(None).await?;
+    let (rtmp, srt) = listeners(&d)?;
+    let (code, v) = d.put_stream("steady", small_stream_spec()).await?;
+    ensure!(code == 201, "{v}");
+    let k1 = publish_stream(&d, "k1").await?;
+    let k2 = publish_stream(&d, "k2").await?;
+    let steady = r#"kiln_input_frames_total{stream="steady"}"#;
+    wait_state(&d, "steady", "running", Duration::from_secs(30)).await?;
+    let frames_before = metric(&d, steady).await?;
+
+    let _live = ffmpeg_publish(
+        k1["rtmp_url"].as_str().context("url")?,
+        "flv",
+        "320x180",
+        60,
+    )?;
+    wait_state(&d, "k1", "running", Duration::from_secs(30)).await?;
+    let limit = Duration::from_secs(15);
+    // RTMP: an unknown key, and a second publisher on a live key
+    refused(
+        ffmpeg_publish(
+            &format!("rtmp://{rtmp}/live/{}", "x".repeat(24)),
+            "flv",
+            "160x90",
+            5,
+        )?,
+        limit,
+    )
+    .await?;
+    refused(
+        ffmpeg_publish(k1["rtmp_url"].as_str().context("url")?, "flv", "160x90", 5)?,
+        limit,
+    )
+    .await?;
+    // SRT: a wrong passphrase, a stream that does not exist, no passphrase at all
+    let good = k2["srt_url"].as_str().context("srt_url")?;
+    let pass = k2["passphrase"].as_str().context("passphrase")?;
+    refused(
+        ffmpeg_publish(
+            &good.replace(pass, "not-the-passphrase"),
+            "mpegts",
+            "160x90",
+            5,
+        )?,
+        limit,
+    )
+    .await?;
+    refused(
+        ffmpeg_publish(&good.replace("r%3Dk2", "r%3Dnope"), "mpegts", "160x90", 5)?,
+        limit,
+    )
+    .await?;
+    let no_pass = format!("srt://{srt}?streamid=k2");
+    refused(ffmpeg_publish(&no_pass, "mpegts", "160x90", 5)?, limit).await?;
+
+    for (labels, what) in [
+        (
+            r#"protocol="rtmp",reason="unknown_key""#,
+            "unknown RTMP key",
+        ),
+        (r#"protocol="rtmp",reason="busy""#, "second RTMP publisher"),
+        (
+            r#"protocol="srt",reason="bad_passphrase""#,
+            "wrong passphrase",
+        ),
+        (
+            r#"protocol="srt",reason="unknown_stream""#,
+            "unknown SRT stream",
+        ),
+        (
+            r#"protocol="srt",reason="no_passphrase""#,
+            "unencrypted SRT publisher",
+        ),
+    ] {
+        let n = metric(&d, &format!("kiln_ingest_rejections_total{{{labels}}}")).await?;
+        ensure!(n >= 1.0, "{what} not counted");
+    }
+    // nothing refused touched the streams that run
+    let k1s = status(&d, "k1").await?;
+    ensure!(k1s["state"] == "running", "{k1s}");
+    ensure!(status(&d, "k2").await?["state"] == "waiting");
+    let frames_after = metric(&d, steady).await?;
+    ensure!(
+        frames_after > frames_before + 30.0,
+        "steady stalled: {frames_before} → {frames_after}"
+    );
+    d.shutdown().await
+}
+
+/// A platform's publish-authorization endpoint: allows one key (as stream `authed`), refuses the rest.
+async fn auth_server() -> Result<(String, tokio::task::JoinHandle<()>)> {
+    use axum::routing::post;
+    let app = axum::Router::new().route(
+        "/auth",
+        post(|axum::Json(v): axum::Json<serde_json::Value>| async move {
+            if v["name"] == ALLOWED_KEY && v["protocol"] == "rtmp" {
+                (
+                    axum::http::StatusCode::OK,
+                    axum::Json(
+                        serde_json::json!({"stream_id": "authed", "preset": "live-360p-abr"}),
+                    ),
+                )
+            } else {
+                (
+                    axum::http::StatusCode::FORBIDDEN,
+                    axum::Json(serde_json::json!({})),
+                )
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/auth", l.local_addr()?);
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    Ok((url, task))
+}
+
+const ALLOWED_KEY: &str = "allowed-by-the-platform-0001";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_auth_url_creates_the_streams_it_allows_and_refuses_the_rest() -> Result<()> {
+    let (auth, _server) = auth_server().await?;
+    let d = daemon(Some(auth)).await?;
+    let (rtmp, _) = listeners(&d)?;
+    let denied = ffmpeg_publish(
+        &format!("rtmp://{rtmp}/live/some-other-key-000000000"),
+        "flv",
+        "160x90",
+        5,
+    )?;
+    refused(denied, Duration::from_secs(15)).await?;
+    ensure!(
+        metric(
+            &d,
+            r#"kiln_ingest_rejections_total{protocol="rtmp",reason="auth_denied"}"#
+        )
+        .await?
+            >= 1.0
+    );
+    let (code, _) = d.get_text("/v1/streams/authed").await?;
+    ensure!(code == 404, "a denied publisher created a stream");
+
+    let _ok = ffmpeg_publish(
+        &format!("rtmp://{rtmp}/live/{ALLOWED_KEY}"),
+        "flv",
+        "320x180",
+        30,
+    )?;
+    let s = wait_state(&d, "authed", "running", Duration::from_secs(30)).await?;
+    ensure!(
+        s["renditions"].as_array().is_some_and(|r| r.len() == 3),
+        "the 360p preset: {s}"
+    );
+    let c = ffmpeg_frames(&d.url("/live/authed/360p/index.m3u8"), 3, false).await?;
+    ensure!(c.len() == 1 && c[0] >= 60, "{c:?}");
+    d.shutdown().await
+}
+
+/// Publishes over RTMP by hand (`rml_rtmp`'s client): handshake, connect `live`, publish `key`, then `video`
+/// messages. Returns once the server has closed the connection (or `limit` passes: an error).
+async fn rtmp_client_publish(
+    addr: &str,
+    key: &str,
+    video: Vec<Vec<u8>>,
+    limit: Duration,
+) -> Result<()> {
+    use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
+    use rml_rtmp::sessions::{
+        ClientSession, ClientSessionConfig, ClientSessionEvent, ClientSessionResult,
+        PublishRequestType,
+    };
+    use rml_rtmp::time::RtmpTimestamp;
+    let mut sock = TcpStream::connect(addr).await?;
+    let mut hs = Handshake::new(PeerType::Client);
+    sock.write_all(&hs.generate_outbound_p0_and_p1()?).await?;
+    let mut buf = vec![0u8; 8192];
+    let rest = loop {
+        let n = sock.read(&mut buf).await?;
+        ensure!(n > 0, "closed in the handshake");
+        match hs.process_bytes(&buf[..n])? {
+            HandshakeProcessResult::InProgress { response_bytes } => {
+                sock.write_all(&response_bytes).await?
+            }
+            HandshakeProcessResult::Completed {
+                response_bytes,
+                remaining_bytes,
+            } => {
+                sock.write_all(&response_bytes).await?;
+                break remaining_bytes;
+            }
+        }
+    };
+    let (mut session, _) = ClientSession::new(ClientSessionConfig::new())?;
+    let send = |r: ClientSessionResult| match r {
+        ClientSessionResult::OutboundResponse(p) => p.bytes,
+        _ => Vec::new(),
+    };
+    sock.write_all(&send(session.request_connection("live".into())?))
+        .await?;
+    let mut input = rest;
+    let mut published = false;
+    let deadline = Instant::now() + limit;
+    let mut sent_video = false;
+    loop {
+        for r in session.handle_input(&input)? {
+            match r {
+                ClientSessionResult::OutboundResponse(p) => sock.write_all(&p.bytes).await?,
+                ClientSessionResult::RaisedEvent(ClientSessionEvent::ConnectionRequestAccepted) => {
+                    sock.write_all(&send(
+                        session.request_publishing(key.into(), PublishRequestType::Live)?,
+                    ))
+                    .await?;
+                }
+                ClientSessionResult::RaisedEvent(ClientSessionEvent::PublishRequestAccepted) => {
+                    published = true
+                }
+                _ => {}
+            }
+        }
+        if published && !sent_video {
+            for (i, v) in video.iter().enumerate() {
+                let r = session.publish_video_data(
+                    v.clone().into(),
+                    RtmpTimestamp::new(i as u32 * 33),
+                    false,
+                )?;
+                if sock.write_all(&send(r)).await.is_err() {
+                    return Ok(()); // already closed
+                }
+            }
+            sent_video = true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, sock.read(&mut buf)).await {
+            Err(_) => bail!("the server kept the connection open for {limit:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return Ok(()),
+            Ok(Ok(n)) => input = buf[..n].to_vec(),
+        }
+    }
+}
+
+/// How long until the server closes a connection that has sent `first` and then nothing.
+async fn closed_after(addr: &str, first: &[u8], limit: Duration) -> Result<Duration> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(first).await?;
+    let start = Instant::now();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match tokio::time::timeout(limit, s.read(&mut buf)).await {
+            Err(_) => bail!("still open after {limit:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return Ok(start.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// `seconds` of random bytes: TCP connections to `rtmp` (a new one whenever the server closes the last), UDP
+/// datagrams to `srt`.
+async fn random_bytes(rtmp: &str, srt: &str, seconds: u64) -> Result<()> {
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut noise = move |buf: &mut [u8]| {
+        for b in buf.iter_mut() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            *b = seed as u8;
+        }
+    };
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    udp.connect(srt).await?;
+    let mut tcp = None;
+    let mut buf = vec![0u8; 1316];
+    while Instant::now() < end {
+        noise(&mut buf);
+        let _ = udp.send(&buf).await;
+        if tcp.is_none() {
+            tcp = TcpStream::connect(rtmp).await.ok();
+        }
+        if let Some(s) = tcp.as_mut() {
+            if s.write_all(&buf).await.is_err() {
+                tcp = None;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_pictures_hevc_noise_and_silent_peers_are_refused_and_the_daemon_stays_healthy(
+) -> Result<()> {
+    let d = daemon(None).await?;
+    let (rtmp, srt) = listeners(&d)?;
+    let (code, v) = d.put_stream("steady", small_stream_spec()).await?;
+    ensure!(code == 201, "{v}");
+    wait_state(&d, "steady", "running", Duration::from_secs(30)).await?;
+    let h1 = publish_stream(&d, "h1").await?;
+    let key = h1["key"].as_str().context("key")?.to_string();
+    let parts = r#"kiln_parts_published_total{rendition="hi",stream="steady"}"#;
+    let parts_before = metric(&d, parts).await?;
+
+    // 4K into a 320x180 reservation: refused at the first video message (the SPS), before any pipeline
+    let big = ffmpeg_publish(
+        h1["rtmp_url"].as_str().context("url")?,
+        "flv",
+        "3840x2160",
+        3,
+    )?;
+    refused(big, Duration::from_secs(30)).await?;
+    let s = status(&d, "h1").await?;
+    ensure!(
+        s["errors"].to_string().contains("3840x2160") && s["state"] == "waiting",
+        "{s}"
+    );
+    ensure!(
+        metric(
+            &d,
+            r#"kiln_ingest_rejections_total{protocol="rtmp",reason="too_large"}"#
+        )
+        .await?
+            >= 1.0
+    );
+
+    // 720p over SRT: MPEG-TS names no size up front, so the parsed caps are checked before decoding
+    let srt720 = ffmpeg_publish(
+        h1["srt_url"].as_str().context("srt_url")?,
+        "mpegts",
+        "1280x720",
+        20,
+    )?;
+    poll_until(
+        "h1 refuses 720p over SRT",
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || async {
+            let s = status(&d, "h1").await?;
+            Ok(if s["errors"].to_string().contains("1280x720") {
+                Polled::Done(())
+            } else {
+                Polled::NotYet(s.to_string())
+            })
+        },
+    )
+    .await?;
+    drop(srt720);
+    wait_state(&d, "h1", "waiting", Duration::from_secs(20)).await?;
+
+    // HEVC over enhanced RTMP (IsExHeader | keyframe | SequenceStart, "hvc1", a config record)
+    let hevc = vec![vec![0x90, b'h', b'v', b'c', b'1', 1, 2, 3, 4]];
+    rtmp_client_publish(&rtmp, &key, hevc, Duration::from_secs(10)).await?;
+    let s = status(&d, "h1").await?;
+    ensure!(s["errors"].to_string().contains("hevc"), "{s}");
+    ensure!(
+        metric(
+            &d,
+            r#"kiln_ingest_rejections_total{protocol="rtmp",reason="codec"}"#
+        )
+        .await?
+            >= 1.0
+    );
+
+    // a truncated handshake and a connection that never says anything are closed after the idle timeout (3 s)
+    let truncated = closed_after(&rtmp, &[3, 0, 0, 0, 0, 1, 2, 3], Duration::from_secs(10)).await?;
+    let silent = closed_after(&rtmp, &[], Duration::from_secs(10)).await?;
+    ensure!(
+        truncated >= Duration::from_secs(2) && silent >= Duration::from_secs(2),
+        "{truncated:?} {silent:?}"
+    );
+    ensure!(
+        metric(
+            &d,
+            r#"kiln_ingest_rejections_total{protocol="rtmp",reason="timeout"}"#
+        )
+        .await?
+            >= 2.0
+    );
+
+    // 10 s of random bytes into both listeners
+    random_bytes(&rtmp, &srt, 10).await?;
+    ensure!(
+        metric(
+            &d,
+            r#"kiln_ingest_rejections_total{protocol="rtmp",reason="protocol"}"#
+        )
+        .await?
+            >= 1.0
+    );
+
+    // still healthy: the steady stream kept publishing, and both listeners still take a real publisher
+    let (code, _) = d.get_text("/healthz").await?;
+    ensure!(code == 200);
+    ensure!(
+        metric(&d, parts).await? > parts_before + 20.0,
+        "the steady stream stalled"
+    );
+    let _srt_ok = ffmpeg_publish(
+        h1["srt_url"].as_str().context("srt_url")?,
+        "mpegts",
+        "320x180",
+        20,
+    )?;
+    wait_state(&d, "h1", "running", Duration::from_secs(30)).await?;
+    d.shutdown().await
+}
