@@ -15,7 +15,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use kiln_integration::{make_clip, wait_job, Daemon};
+use kiln_integration::{make_clip, poll_until, wait_job, Daemon, Polled};
 
 /// The scripts' directory, or `None` (after saying why) when the tools are missing outside CI; under CI a missing
 /// tool fails the test.
@@ -195,4 +195,103 @@ async fn hlsjs_in_chromium_plays_every_rendition_of_a_vod_job_to_the_end() -> Re
     d.shutdown().await?;
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
+}
+
+/// ffmpeg publishing a moving test picture and a tone, in real time, with x264 tuned for latency (2 s GOP) and AAC.
+fn publish(url: &str, format: &str) -> Result<tokio::process::Child> {
+    tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostdin", "-loglevel", "error", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+        ])
+        .args([
+            "-g", "60", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "64k",
+        ])
+        .args(["-f", format, url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting ffmpeg")
+}
+
+/// ffmpeg publishes over RTMP, then over SRT, to `publish:` streams (a 360p + 180p ladder); hls.js plays each for
+/// 20 s from the page. The publish-to-screen latency is the wall clock minus the PROGRAM-DATE-TIME of the frame on
+/// screen (PDT is the wall clock when kilnd received the frame), median of one sample a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hlsjs_in_chromium_plays_rtmp_and_srt_publishers_with_low_publish_to_screen_latency(
+) -> Result<()> {
+    let Some(dir) = browser_dir()? else {
+        return Ok(());
+    };
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse()?;
+    let config = kilnd::Config {
+        assets_dir: Some(dir.join("node_modules/hls.js/dist")),
+        ingest: kilnd::config::IngestConfig {
+            rtmp_listen: Some(any),
+            srt_listen: Some(any),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let d = Daemon::start(config).await?;
+    let mut results = Vec::new();
+    for (id, url_field, format) in [
+        ("pub-rtmp", "rtmp_url", "flv"),
+        ("pub-srt", "srt_url", "mpegts"),
+    ] {
+        let (code, v) = d
+            .put_stream(id, r#"{"source": "publish:", "preset": "live-360p-abr"}"#)
+            .await?;
+        ensure!(code == 201, "{v}");
+        let url = v["ingest"][url_field]
+            .as_str()
+            .context("publish URL")?
+            .to_string();
+        let publisher = publish(&url, format)?;
+        poll_until(
+            &format!("{id} running"),
+            Duration::from_secs(30),
+            Duration::from_millis(250),
+            || async {
+                let (_, text) = d.get_text(&format!("/v1/streams/{id}")).await?;
+                Ok(if text.contains(r#""state":"running""#) {
+                    Polled::Done(())
+                } else {
+                    Polled::NotYet(text)
+                })
+            },
+        )
+        .await?;
+        let shot =
+            std::env::temp_dir().join(format!("kiln-browser-{id}-{}.png", std::process::id()));
+        let page = format!("{}/#{id}", d.base);
+        let args = [page.as_ref(), "20".as_ref(), shot.as_os_str()];
+        let r = node(&dir.join("watch.mjs"), &args, Duration::from_secs(90)).await?;
+        eprintln!("{id}: hls.js result: {r}");
+        drop(publisher);
+        let _ = std::fs::remove_file(&shot);
+        let stalls = r["stalls"].as_u64().context("stalls")?;
+        let played = r["playedTo"].as_f64().context("playedTo")?;
+        let pdt = r["pdtLatencyMedian"].as_f64().context("pdtLatencyMedian")?;
+        let samples = r["pdtSamples"].as_u64().context("pdtSamples")?;
+        ensure!(stalls == 0 && played >= 15.0, "{id}: {r}");
+        ensure!(samples >= 12, "{id}: only {samples} PDT samples: {r}");
+        results.push((id, pdt));
+    }
+    eprintln!("publish-to-screen latency (median): {results:?}");
+    for (id, pdt) in results {
+        ensure!(
+            pdt > 0.0 && pdt <= 2.5,
+            "{id}: publish-to-screen latency {pdt} s > 2.5 s"
+        );
+    }
+    d.shutdown().await
 }

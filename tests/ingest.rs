@@ -403,6 +403,26 @@ async fn wrong_keys_passphrases_streams_and_busy_keys_are_refused_and_counted() 
     let k1s = status(&d, "k1").await?;
     ensure!(k1s["state"] == "running", "{k1s}");
     ensure!(status(&d, "k2").await?["state"] == "waiting");
+    // every documented ingest series is exported (docs/metrics.md, "Live ingest series")
+    let (_, text) = d.get_text("/metrics").await?;
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))?;
+    let section = doc
+        .split("## Live ingest series")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .context("docs/metrics.md has no live ingest section")?;
+    let names: Vec<&str> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .collect();
+    ensure!(names.len() == 7, "{names:?}");
+    for n in names {
+        ensure!(
+            text.contains(&format!("# TYPE {n} ")),
+            "{n} is documented but not exported"
+        );
+    }
     let frames_after = metric(&d, steady).await?;
     ensure!(
         frames_after > frames_before + 30.0,

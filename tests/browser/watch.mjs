@@ -11,6 +11,8 @@ for (let i = 0; i < Number(seconds); i++) {
   await page.waitForTimeout(1000);
   const s = await page.evaluate(() => ({ t: document.querySelector('video').currentTime, lat: window.kilnHls.latency,
     level: window.kilnHls.currentLevel, target: window.kilnHls.targetLatency,
+    // wall clock minus the PROGRAM-DATE-TIME of the frame on screen: for a publish stream, publish-to-screen
+    pdtLag: window.kilnHls.playingDate ? (Date.now() - window.kilnHls.playingDate.getTime()) / 1000 : null,
     waiting: document.querySelector('video').readyState < 3 }));
   if (s.t <= last) stalls++;
   last = s.t; samples.push(s);
@@ -19,8 +21,11 @@ await page.screenshot({ path: shot });
 const lats = samples.map(s => s.lat).filter(x => x > 0);
 // hls.js's own stall events (bufferStalledError): each one raises its target latency (liveSyncOnStallIncrease).
 const hlsStalls = await page.evaluate(() => window.kilnErrors.filter(e => e.details === 'bufferStalledError').length);
+const pdt = samples.map(s => s.pdtLag).filter(x => x !== null && x > 0);
+const median = xs => xs.sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const result = { seconds: Number(seconds), playedTo: last, stalls, hlsStalls, targetLatency: samples.at(-1).target,
-  latencySamples: lats.length, latencyLast: lats.at(-1), latencyMedian: lats.sort((a, b) => a - b)[Math.floor(lats.length / 2)] };
+  latencySamples: lats.length, latencyLast: lats.at(-1), latencyMedian: median(lats),
+  pdtSamples: pdt.length, pdtLatencyMedian: median(pdt), pdtLatencyMax: Math.max(...pdt) };
 console.log(JSON.stringify(result));
 await browser.close();
 process.exit(stalls === 0 && last > Number(seconds) - 5 ? 0 : 1);

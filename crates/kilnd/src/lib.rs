@@ -254,6 +254,39 @@ impl agent::Node for AppState {
     }
 }
 
+/// The demo's `cam` stream: a `publish:` stream (the 360p ladder) waiting for a publisher. Its publish commands
+/// go to stdout (the operator's console), with the key: that is what a demo is for; nothing logs them.
+async fn demo_publish_stream(supervisor: &Arc<Supervisor>) -> anyhow::Result<()> {
+    let req = kiln_model::StreamRequest {
+        source: "publish:".into(),
+        preset: Some("live-360p-abr".into()),
+        ..Default::default()
+    };
+    let (h, _) = supervisor
+        .create("cam", req)
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the demo publish stream: {e}"))?;
+    let Some(info) = supervisor.ingest_info(&h) else {
+        return Ok(());
+    };
+    let x264 =
+        "-c:v libx264 -preset veryfast -tune zerolatency -g 60 -pix_fmt yuv420p -c:a aac -b:a 128k";
+    let src = "-re -f lavfi -i testsrc2=size=640x360:rate=30 -f lavfi -i sine=frequency=440:sample_rate=48000";
+    println!("demo publish stream `cam` is waiting for a publisher (watch it on the page, or /live/cam/master.m3u8):");
+    if let Some(u) = &info.rtmp_url {
+        println!("  RTMP: ffmpeg {src} {x264} -f flv '{u}'");
+        println!(
+            "  OBS:  Settings > Stream > Service: Custom, Server: {}, Stream Key: {}",
+            u.trim_end_matches(&format!("/{}", info.key)),
+            info.key
+        );
+    }
+    if let Some(u) = &info.srt_url {
+        println!("  SRT:  ffmpeg {src} {x264} -f mpegts '{u}'");
+    }
+    Ok(())
+}
+
 /// [`serve`] with a state the caller built (and may keep a handle to, e.g. a test harness).
 pub async fn serve_state(
     state: AppState,
@@ -275,6 +308,9 @@ pub async fn serve_state(
             .await
             .map_err(|e| anyhow::anyhow!("starting the demo stream: {e}"))?;
         tracing::info!(url = %format!("http://{addr}/"), "demo stream running: open the page, or play http://{addr}/live/demo/master.m3u8");
+        if config.ingest.rtmp_listen.is_some() || config.ingest.srt_listen.is_some() {
+            demo_publish_stream(&supervisor).await?;
+        }
     }
     if let Some(sockets) = state.ingest.lock().take() {
         sockets.spawn(supervisor.clone(), config.ingest.clone())?;

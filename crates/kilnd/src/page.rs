@@ -103,7 +103,7 @@ async function refresh() {
     }
   }
   if (!current && location.hash) play(location.hash.slice(1));
-  else if (!current && streams.length) play(streams[0].id);
+  else if (!current && streams.length) play((streams.find(s => s.state === 'running') || streams[0]).id);
 }
 // hls.js errors, for whoever drives this page (the browser tests read them)
 window.kilnErrors = [];

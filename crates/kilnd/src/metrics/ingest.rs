@@ -6,6 +6,24 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 /// `protocol` label values.
 pub const PROTOCOLS: [&str; 2] = ["rtmp", "srt"];
 
+/// `reason` label values of rejections and disconnections (`Refusal::label`; disconnections also have `left`).
+pub const REASONS: [&str; 14] = [
+    "unknown_key",
+    "unknown_stream",
+    "bad_passphrase",
+    "no_passphrase",
+    "busy",
+    "auth_denied",
+    "auth_error",
+    "codec",
+    "too_large",
+    "bitrate",
+    "protocol",
+    "timeout",
+    "pipeline",
+    "stopping",
+];
+
 /// The ingest metric handles.
 #[derive(Debug, Clone)]
 pub struct IngestMetrics {
@@ -83,6 +101,11 @@ impl IngestMetrics {
             m.frames.with_label_values(&[p]);
             m.connects.with_label_values(&[p]);
             m.publishers.with_label_values(&[p]);
+            m.disconnects.with_label_values(&[p, "left"]);
+            for r in REASONS {
+                m.rejections.with_label_values(&[p, r]);
+                m.disconnects.with_label_values(&[p, r]);
+            }
         }
         m
     }

@@ -360,3 +360,44 @@ impl Supervisor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_has_a_documented_label() {
+        let labels: Vec<&str> = Refusal::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(labels, crate::metrics::ingest::REASONS);
+    }
+
+    #[test]
+    fn random_tokens_are_url_safe_and_long_enough() {
+        let a = random_token(18);
+        let b = random_token(18);
+        assert_eq!(a.len(), 24);
+        assert_ne!(a, b);
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+        let p = random_token(15);
+        assert_eq!(p.len(), 20);
+        assert!(kiln_model::ingest::IngestRequest {
+            key: Some(a),
+            passphrase: Some(p)
+        }
+        .validate()
+        .is_ok());
+    }
+
+    #[test]
+    fn a_size_limit_allows_macroblock_rounding_and_nothing_more() {
+        let l = kiln_media::SizeLimit::for_booking(1920, 1080, 3840, 2160);
+        assert!(l.check(1920, 1088).is_ok(), "the coded size of 1080p");
+        assert!(l.check(1080, 1920).is_ok(), "portrait: same pixels");
+        assert!(l.check(2560, 1440).is_err());
+        assert!(kiln_media::SizeLimit::for_booking(7680, 4320, 3840, 2160)
+            .check(4096, 2160)
+            .is_err_and(|e| e.contains("ingest limit")));
+    }
+}
