@@ -212,7 +212,7 @@ async fn ffmpeg_publishes_rtmp_and_every_rendition_plays_then_a_second_publisher
     let before = s["renditions"][0]["last_msn"]
         .as_u64()
         .context("last_msn")?;
-    let _second = ffmpeg_publish(&url, "flv", "320x180", 30)?;
+    let second = ffmpeg_publish(&url, "flv", "320x180", 30)?;
     wait_state(&d, "r1", "running", Duration::from_secs(30)).await?;
     poll_until(
         "r1 publishes after the second publisher",
@@ -238,6 +238,15 @@ async fn ffmpeg_publishes_rtmp_and_every_rendition_plays_then_a_second_publisher
         metric(&d, r#"kiln_ingest_connections_total{protocol="rtmp"}"#).await? >= 2.0,
         "two publishers connected"
     );
+    // deleting the stream cuts its publisher off, and its key stops working
+    let res = d.http.delete(d.url("/v1/streams/r1")).send().await?;
+    ensure!(res.status() == 204, "DELETE: {}", res.status());
+    refused(second, Duration::from_secs(15)).await?;
+    refused(
+        ffmpeg_publish(&url, "flv", "160x90", 5)?,
+        Duration::from_secs(15),
+    )
+    .await?;
     d.shutdown().await
 }
 

@@ -544,7 +544,13 @@ fn guard_size(pad: &gst::Pad, limit: SizeLimit, sink: &EventSink) -> Result<(), 
         check(&caps).map_err(MediaError::Build)?;
     }
     let sink = sink.clone();
-    pad.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_, info| {
+    // once refused, nothing more passes (not even the buffers of the refused caps) until the stream is torn down
+    let refused = std::sync::atomic::AtomicBool::new(false);
+    let mask = gst::PadProbeType::EVENT_DOWNSTREAM | gst::PadProbeType::BUFFER;
+    pad.add_probe(mask, move |_, info| {
+        if refused.load(Ordering::SeqCst) {
+            return gst::PadProbeReturn::Drop;
+        }
         let Some(gst::PadProbeData::Event(ev)) = &info.data else {
             return gst::PadProbeReturn::Ok;
         };
@@ -554,6 +560,7 @@ fn guard_size(pad: &gst::Pad, limit: SizeLimit, sink: &EventSink) -> Result<(), 
         match check(c.caps()) {
             Ok(()) => gst::PadProbeReturn::Ok,
             Err(message) => {
+                refused.store(true, Ordering::SeqCst);
                 sink(MediaEvent::Error {
                     element: Some("vdec".into()),
                     message,

@@ -158,7 +158,8 @@ impl Timeline {
         };
         self.last = Some((ts, out));
         self.max_out = self.max_out.max(out);
-        out.min(u64::from(u32::MAX)) as u32
+        // FLV timestamps are 32-bit ms: after 49.7 days they wrap, like the publisher's own
+        out as u32
     }
 }
 

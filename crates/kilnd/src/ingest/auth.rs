@@ -97,7 +97,7 @@ async fn ask(
         .timeout(timeout)
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(e.without_url().to_string()))?;
     let body = AuthRequest {
         protocol: protocol.as_str(),
         name,
@@ -108,7 +108,8 @@ async fn ask(
         .json(&body)
         .send()
         .await
-        .map_err(|e| err(format!("the auth URL did not answer: {e}")))?;
+        // without the URL: it may carry the platform's credentials, and this text reaches logs and the status
+        .map_err(|e| err(format!("the auth URL did not answer: {}", e.without_url())))?;
     let status = res.status();
     if status.is_client_error() {
         return Err((
@@ -122,7 +123,7 @@ async fn ask(
     let bytes = tokio::time::timeout(timeout, res.bytes())
         .await
         .map_err(|_| err("the auth URL's answer was too slow".into()))?
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(e.without_url().to_string()))?;
     if bytes.len() > MAX_ANSWER {
         return Err(err(format!(
             "the auth URL's answer is over {MAX_ANSWER} bytes"

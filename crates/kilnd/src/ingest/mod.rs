@@ -113,6 +113,12 @@ struct Session {
     cfg: Arc<IngestConfig>,
     /// Bitrate window: start and bytes.
     window: (Instant, u64),
+    /// The pipeline runs on this session's bytes (set once `Supervisor::attach` succeeded).
+    attached: bool,
+    /// How the session ends (`None`: the publisher left); read when it is dropped.
+    why: Option<(Refusal, String)>,
+    /// The longest a send may wait for the pipeline to take bytes.
+    max_wait: Duration,
 }
 
 impl Session {
@@ -129,8 +135,11 @@ impl Session {
             publisher,
             tx: Some(tx),
             rx: Some(rx),
+            max_wait: cfg.idle_timeout,
             cfg,
             window: (Instant::now(), 0),
+            attached: false,
+            why: None,
         }
     }
 
@@ -152,17 +161,14 @@ impl Session {
             .attach(&self.stream, &self.publisher, rx)
             .await
             .map_err(|e| (Refusal::Pipeline, e.to_string()))?;
+        self.attached = true;
         let m = self.metrics();
         m.connects.with_label_values(&[self.protocol()]).inc();
         m.publishers.with_label_values(&[self.protocol()]).inc();
         Ok(())
     }
 
-    fn attached(&self) -> bool {
-        self.rx.is_none()
-    }
-
-    /// Hands bytes to the pipeline (waiting while it is behind, at most the idle timeout).
+    /// Hands bytes to the pipeline (waiting while it is behind, at most `max_wait`).
     async fn send(&mut self, bytes: Bytes) -> Result<(), (Refusal, String)> {
         let n = bytes.len() as u64;
         self.publisher.bytes.fetch_add(n, Ordering::Relaxed);
@@ -189,7 +195,7 @@ impl Session {
             .tx
             .as_ref()
             .ok_or((Refusal::Pipeline, "the session ended".to_string()))?;
-        match tokio::time::timeout(self.cfg.idle_timeout, tx.send(bytes)).await {
+        match tokio::time::timeout(self.max_wait, tx.send(bytes)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err((
                 Refusal::Pipeline,
@@ -202,40 +208,40 @@ impl Session {
         }
     }
 
-    /// Ends the session: `why` is `None` when the publisher left, else why the daemon cut it off. The pipeline
-    /// gets the end of stream; one that does not drain within the grace time (or any session cut off) is torn
-    /// down, so the stream is free for the next publisher whatever state the pipeline was in.
+    /// Ends the session: `why` is `None` when the publisher left, else why the daemon cut it off.
     fn end(mut self, why: Option<(Refusal, String)>) {
+        self.why = why;
+    }
+}
+
+/// However a session ends (returned, cut off, or its task unwound), the pipeline gets the end of stream; one that
+/// does not drain within the grace time (or any session cut off) is torn down, so the stream is free for the
+/// next publisher whatever state the pipeline was in.
+impl Drop for Session {
+    fn drop(&mut self) {
         self.tx = None; // end of stream for the pipeline
+        let why = self.why.take();
         let reason = why.as_ref().map_or("left", |(r, _)| r.label());
+        let protocol = self.protocol();
         let m = self.metrics().clone();
-        if !self.attached() {
+        if !self.attached {
             if let Some((r, detail)) = &why {
-                m.rejections
-                    .with_label_values(&[self.protocol(), r.label()])
-                    .inc();
+                m.rejections.with_label_values(&[protocol, r.label()]).inc();
                 self.stream.push_error(format!(
-                    "{} publisher {} refused: {detail}",
-                    self.protocol(),
+                    "{protocol} publisher {} refused: {detail}",
                     self.publisher.addr
                 ));
                 self.stream.span().in_scope(|| {
-                    tracing::warn!(protocol = self.protocol(), addr = %self.publisher.addr, reason, %detail, "publisher refused")
+                    tracing::warn!(protocol, addr = %self.publisher.addr, reason, %detail, "publisher refused")
                 });
             }
             self.sup.release_claim(&self.stream, &self.publisher);
             return;
         }
-        m.publishers.with_label_values(&[self.protocol()]).dec();
-        m.disconnects
-            .with_label_values(&[self.protocol(), reason])
-            .inc();
+        m.publishers.with_label_values(&[protocol]).dec();
+        m.disconnects.with_label_values(&[protocol, reason]).inc();
         let detail = why.map(|(_, d)| {
-            let e = format!(
-                "{} publisher {} cut off: {d}",
-                self.protocol(),
-                self.publisher.addr
-            );
+            let e = format!("{protocol} publisher {} cut off: {d}", self.publisher.addr);
             self.stream.push_error(e.clone());
             e
         });
@@ -249,10 +255,12 @@ impl Session {
         } else {
             sup.grace()
         };
-        tokio::spawn(async move {
-            tokio::time::sleep(wait).await;
-            sup.publisher_left(&h, &p, detail).await;
-        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                tokio::time::sleep(wait).await;
+                sup.publisher_left(&h, &p, detail).await;
+            });
+        }
     }
 }
 

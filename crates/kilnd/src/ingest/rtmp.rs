@@ -28,6 +28,11 @@ use crate::supervisor::{Refusal, Supervisor};
 pub const MAX_CONNECTIONS: usize = 512;
 /// Media buffered before the first video message (a publisher that sends only audio is refused past it).
 const MAX_PENDING_BYTES: usize = 8 << 20;
+/// Bytes a peer may send before its publish is accepted (connect, createStream and publish are a few hundred).
+const MAX_PRE_PUBLISH_BYTES: usize = 64 << 10;
+/// Bytes the RTMP parser may take without producing a message (it buffers partial messages of up to 16 MiB; a
+/// peer that never completes one is cut off instead of growing the buffer).
+const MAX_BYTES_WITHOUT_MESSAGE: usize = 32 << 20;
 
 type Fail = (Refusal, String);
 
@@ -139,18 +144,43 @@ impl Conn {
         }
         let mut input = rest;
         let mut buf = vec![0u8; 64 << 10];
+        let connected = std::time::Instant::now();
+        let (mut before_publish, mut without_message) = (0usize, 0usize);
         loop {
             if !input.is_empty() {
                 let results = session
                     .handle_input(&input)
                     .map_err(|e| (Refusal::Protocol, format!("not RTMP: {e:?}")))?;
+                without_message = if results.is_empty() {
+                    without_message + input.len()
+                } else {
+                    0
+                };
+                if without_message > MAX_BYTES_WITHOUT_MESSAGE {
+                    return Err((
+                        Refusal::Protocol,
+                        "32 MiB without a complete RTMP message".into(),
+                    ));
+                }
                 if self.apply(&mut session, results).await? {
                     return Ok(());
+                }
+            }
+            if self.publish.is_none() {
+                // until a publish is accepted: a few KiB, within the idle timeout, whatever the pace
+                if connected.elapsed() > self.cfg.idle_timeout {
+                    return Err((Refusal::Timeout, "no publish request in time".into()));
+                }
+                if before_publish > MAX_PRE_PUBLISH_BYTES {
+                    return Err((Refusal::Protocol, "64 KiB without a publish request".into()));
                 }
             }
             let n = self.read(&mut buf).await?;
             if n == 0 {
                 return Ok(()); // the publisher closed the connection
+            }
+            if self.publish.is_none() {
+                before_publish += n;
             }
             input = buf[..n].to_vec();
         }
@@ -248,8 +278,13 @@ impl Conn {
                             }
                             _ => "NetStream.Publish.BadName",
                         };
+                        // the peer learns the reason's name, not the details (they may name the auth URL)
                         let packets = session
-                            .reject_request(request_id, code, &detail)
+                            .reject_request(
+                                request_id,
+                                code,
+                                &format!("publish refused: {}", why.label()),
+                            )
                             .map_err(protocol_err)?;
                         for p in packets {
                             if let ServerSessionResult::OutboundResponse(p) = p {

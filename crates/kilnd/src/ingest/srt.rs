@@ -125,15 +125,24 @@ async fn handle(request: ConnectionRequest, sup: Arc<Supervisor>, cfg: Arc<Inges
             "the stream's passphrase is not a valid SRT passphrase".into(),
         )));
     };
-    let accepted = request
-        .accept(Some(srt_protocol::settings::KeySettings {
-            key_size,
-            passphrase,
-        }))
-        .await;
+    // SRT is one UDP port for everyone: a publisher whose pipeline is behind must not hold the port's
+    // listener task, so a send waits at most 1 s (the feed queue and the appsrc hold seconds of media)
+    session.max_wait = Duration::from_secs(1);
+    let accept = request.accept(Some(srt_protocol::settings::KeySettings {
+        key_size,
+        passphrase,
+    }));
+    // the handshake may never complete (a caller that stops half-way): bounded, and a stop cuts it short
+    let kick = session.publisher.clone();
+    let accepted = tokio::select! {
+        r = tokio::time::timeout(cfg.idle_timeout, accept) => r,
+        _ = kick.kick.notified() => {
+            return session.end(Some((Refusal::Stopping, "the stream stopped".into())));
+        }
+    };
     let mut socket = match accepted {
-        Ok(s) => s,
-        Err(e) => {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
             // the key exchange failed: the publisher's passphrase is not the stream's
             return session.end(Some((
                 Refusal::BadPassphrase,
@@ -142,11 +151,16 @@ async fn handle(request: ConnectionRequest, sup: Arc<Supervisor>, cfg: Arc<Inges
                 ),
             )));
         }
+        Err(_) => {
+            return session.end(Some((
+                Refusal::Timeout,
+                "the SRT handshake did not complete".into(),
+            )));
+        }
     };
     if let Err(f) = session.attach().await {
         return session.end(Some(f));
     }
-    let kick = session.publisher.clone();
     let result = loop {
         tokio::select! {
             next = socket.next() => match next {

@@ -138,6 +138,13 @@ pub(super) async fn consume(
     let mut discontinuity = vec![resumed; names.len()];
     let mut first_part: Option<std::time::Instant> = None;
     while let Some(ev) = rx.recv().await {
+        // a publish session's events matter while it is the stream's session (or while the stream stops)
+        if let Some(who) = &publisher {
+            let current = h.publisher().is_some_and(|p| Arc::ptr_eq(&p, who));
+            if !current && h.state() != StreamState::Stopping {
+                return;
+            }
+        }
         match ev {
             MediaEvent::Init {
                 rendition,
@@ -202,10 +209,10 @@ pub(super) async fn consume(
                     None => message.clone(),
                 });
                 let live = matches!(h.state(), StreamState::Starting | StreamState::Running);
-                if let (true, false, Some(who)) =
-                    (live, from_encoder(element.as_deref()), &publisher)
-                {
-                    // the publisher's media is at fault (codec, size, corrupt bytes): cut it off, keep the stream
+                if let (true, Some(who)) = (live, &publisher) {
+                    // a publish session ends on any error (the publisher's media, or the encoder: a rebuilt
+                    // pipeline could not replay what the publisher already sent); the stream keeps its bookings
+                    // and the publisher's reconnect gets a new pipeline
                     if let Some(sup) = supervisor.upgrade() {
                         sup.publisher_left(&h, who, Some(message.clone())).await;
                     }

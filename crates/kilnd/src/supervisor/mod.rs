@@ -584,7 +584,7 @@ impl Supervisor {
             if let Some(s) = &handle.secrets {
                 let mut keys = self.ingest_keys.lock();
                 if keys.contains_key(&s.key) {
-                    self.release_placement(&handle.placement());
+                    // the caller (create_inner) releases the booking on this error
                     return Err(SupervisorError::Conflict(id.to_string()));
                 }
                 keys.insert(s.key.clone(), id.to_string());
@@ -636,11 +636,15 @@ impl Supervisor {
 
     /// Marks the stream stopping and sends EOS into its pipeline.
     fn begin_stop(h: &StreamHandle) -> Option<LivePipeline> {
-        h.set_state(StreamState::Stopping);
-        if let Some(p) = h.publisher() {
-            p.kick.notify_one();
-        }
-        let p = h.pipeline.lock().take()?;
+        let p = {
+            // under the publisher lock, so a publisher being attached sees the stop (see `attach`)
+            let publisher = h.publisher.lock();
+            h.set_state(StreamState::Stopping);
+            if let Some(p) = publisher.as_ref() {
+                p.kick.notify_one();
+            }
+            h.pipeline.lock().take()
+        }?;
         p.send_eos().then_some(p)
     }
 

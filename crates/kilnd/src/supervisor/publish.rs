@@ -256,11 +256,12 @@ impl Supervisor {
             return Err(Refusal::Stopping);
         }
         let mut slot = h.publisher.lock();
-        if slot.is_some() {
-            return Err(Refusal::Busy);
-        }
-        if h.state() != StreamState::Waiting {
-            return Err(Refusal::Stopping);
+        match h.state() {
+            _ if slot.is_some() => return Err(Refusal::Busy),
+            StreamState::Waiting => {}
+            // the last publisher's pipeline is still being torn down
+            StreamState::Starting | StreamState::Running => return Err(Refusal::Busy),
+            _ => return Err(Refusal::Stopping),
         }
         let p = Arc::new(Publisher {
             protocol,
@@ -283,18 +284,29 @@ impl Supervisor {
         rx: mpsc::Receiver<Bytes>,
     ) -> Result<(), SupervisorError> {
         let feed = feed_of(rx);
-        *h.publish_feed.lock() = Some(feed.clone());
         let placement = h.placement();
-        let opts = self.build_options(&placement, &h.plan, &h.input, Some(feed))?;
+        let opts = self.build_options(&placement, &h.plan, &h.input, Some(feed.clone()))?;
         let (pipeline, _, events) = launch(&h.plan, opts, Some(h.origin_ms)).await?;
-        {
+        let refused = {
+            // under the publisher lock, like begin_stop and publisher_left: a stop or a cut-off that happened
+            // while the pipeline was being built wins, and the new pipeline is dropped
             let current = h.publisher.lock();
-            if !current.as_ref().is_some_and(|p| Arc::ptr_eq(p, publisher)) {
-                return Err(SupervisorError::Media("the stream stopped".into()));
+            let ours = current.as_ref().is_some_and(|p| Arc::ptr_eq(p, publisher));
+            if ours && h.state() == StreamState::Waiting {
+                publisher.attached.store(true, Ordering::SeqCst);
+                *h.publish_feed.lock() = Some(feed);
+                *h.pipeline.lock() = Some(pipeline);
+                h.set_state(StreamState::Starting);
+                None
+            } else {
+                Some(pipeline)
             }
-            publisher.attached.store(true, Ordering::SeqCst);
-            *h.pipeline.lock() = Some(pipeline);
-            h.set_state(StreamState::Starting);
+        };
+        if let Some(p) = refused {
+            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+            return Err(SupervisorError::Media(
+                "the stream stopped while its pipeline was being built".into(),
+            ));
         }
         let resumed = h.sessions.fetch_add(1, Ordering::SeqCst) > 0;
         tokio::spawn(
@@ -336,22 +348,29 @@ impl Supervisor {
         who: &Arc<Publisher>,
         error: Option<String>,
     ) {
-        {
-            let current = h.publisher.lock();
-            if !current.as_ref().is_some_and(|p| Arc::ptr_eq(p, who)) {
+        // slot, pipeline and feed are taken together under the publisher lock: a second call for the same
+        // publisher, or one racing the next publisher's attach, finds the slot no longer `who` and does nothing
+        let pipeline = {
+            let mut slot = h.publisher.lock();
+            if !slot.as_ref().is_some_and(|p| Arc::ptr_eq(p, who)) {
                 return;
             }
-        }
-        let p = h.pipeline.lock().take();
-        if let Some(p) = p {
+            *slot = None;
+            *h.publish_feed.lock() = None;
+            h.pipeline.lock().take()
+        };
+        who.kick.notify_one();
+        if let Some(p) = pipeline {
             let _ = tokio::task::spawn_blocking(move || drop(p)).await;
         }
-        *h.publish_feed.lock() = None;
-        let gone = h.publisher.lock().take();
-        if let Some(p) = &gone {
-            p.kick.notify_one();
-        }
-        h.set_state(StreamState::Waiting);
+        // only a publishing stream waits again: a stop in progress stays a stop
+        h.state.send_if_modified(|cur| {
+            let change = matches!(*cur, StreamState::Starting | StreamState::Running);
+            if change {
+                *cur = StreamState::Waiting;
+            }
+            change
+        });
         match error {
             Some(e) => {
                 tracing::warn!(error = %e, "publisher cut off: the stream waits for the next one")
