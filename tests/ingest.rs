@@ -1,5 +1,5 @@
-//! Live ingest with real publishers on loopback: ffmpeg pushing RTMP (FLV, x264 with a 2 s GOP and AAC, as OBS
-//! does) and SRT (MPEG-TS, with the stream's passphrase), GStreamer's `srtsink`, and hand-made hostile peers (an
+//! Live ingest with real publishers on loopback: ffmpeg pushing RTMP and RTMPS (FLV, x264 with a 2 s GOP and AAC,
+//! as OBS does) and SRT (MPEG-TS, with the stream's passphrase), GStreamer's `srtsink`, and hand-made hostile peers (an
 //! `rml_rtmp` client sending HEVC, random bytes, a truncated handshake, a silent connection). Every picture is small
 //! so that publishers, the daemon's decode and its ladder fit on two cores.
 
@@ -20,15 +20,22 @@ const LADDER: &str = r#""renditions": [
 
 /// A daemon with both listeners on free loopback ports, room for every test stream, and a 3 s idle timeout.
 async fn daemon(auth_url: Option<String>) -> Result<Daemon> {
+    daemon_with(auth_url, None).await
+}
+
+/// [`daemon`], plus an RTMPS listener (and HTTPS) with the certificate `tls`.
+async fn daemon_with(auth_url: Option<String>, tls: Option<kilnd::TlsFiles>) -> Result<Daemon> {
     let any: SocketAddr = "127.0.0.1:0".parse()?;
     let config = kilnd::Config {
         ingest: kilnd::config::IngestConfig {
             rtmp_listen: Some(any),
+            rtmps_listen: tls.is_some().then_some(any),
             srt_listen: Some(any),
             idle_timeout: Duration::from_secs(3),
             auth_url,
             ..Default::default()
         },
+        tls,
         capacity: kiln_model::capacity::Resources {
             cpu_millicores: 64_000,
             memory_mib: 64_000,
@@ -767,5 +774,72 @@ async fn oversized_pictures_hevc_noise_and_silent_peers_are_refused_and_the_daem
         20,
     )?;
     wait_state(&d, "h1", "running", Duration::from_secs(30)).await?;
+    d.shutdown().await
+}
+
+/// A self-signed certificate for 127.0.0.1 (openssl), in a fresh directory.
+fn self_signed() -> Result<kilnd::TlsFiles> {
+    let dir = std::env::temp_dir().join(format!("kiln-rtmps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("openssl")?;
+    ensure!(st.success(), "openssl could not make a certificate");
+    Ok(kilnd::TlsFiles { cert, key })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_publishes_over_rtmps_with_the_daemons_certificate() -> Result<()> {
+    let d = daemon_with(None, Some(self_signed()?)).await?;
+    let body = format!(r#"{{"source": "publish:", {LADDER}}}"#);
+    // the daemon serves HTTPS now: the harness's client speaks plain HTTP, so the stream is made behind it
+    let req: kiln_model::StreamRequest = serde_json::from_str(&body)?;
+    let (h, _) = d.state.supervisor.create("tls1", req).await?;
+    let info = d.state.supervisor.ingest_info(&h).context("ingest info")?;
+    let url = info.rtmps_url.context("rtmps_url")?;
+    ensure!(url.starts_with("rtmps://127.0.0.1:"), "{url}");
+    // ffmpeg does not verify the certificate unless asked (tls_verify=0), as OBS users with a self-signed one do
+    let _p = ffmpeg_publish(&url, "flv", "320x180", 20)?;
+    poll_until(
+        "tls1 running",
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || async {
+            Ok(match h.state() {
+                kiln_model::StreamState::Running => Polled::Done(()),
+                s => Polled::NotYet(format!("{s:?} {:?}", h.status().errors)),
+            })
+        },
+    )
+    .await?;
+    let p = h.status().publisher.context("publisher")?;
+    ensure!(
+        p.codecs.contains(&"h264".to_string()) && p.bytes > 10_000,
+        "{p:?}"
+    );
     d.shutdown().await
 }

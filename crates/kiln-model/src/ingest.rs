@@ -87,6 +87,9 @@ pub struct IngestInfo {
     /// `rtmp://host:port/live`, Stream Key `<key>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtmp_url: Option<String>,
+    /// `rtmps://host:port/live/<key>`: RTMP over TLS, when the daemon has an RTMPS listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtmps_url: Option<String>,
     /// `srt://host:port?streamid=…&passphrase=…&pbkeylen=16`: what ffmpeg and GStreamer's `srtsink` take.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub srt_url: Option<String>,

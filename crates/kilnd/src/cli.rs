@@ -111,6 +111,9 @@ struct Args {
     /// Accept RTMP publishers on this address (e.g. `0.0.0.0:1935`) for `publish:` streams; off by default.
     #[arg(long, value_name = "HOST:PORT")]
     rtmp_listen: Option<std::net::SocketAddr>,
+    /// Accept RTMPS publishers (RTMP over TLS, with --tls-cert/--tls-key) on this address (e.g. `0.0.0.0:1936`).
+    #[arg(long, value_name = "HOST:PORT", requires = "tls_cert")]
+    rtmps_listen: Option<std::net::SocketAddr>,
     /// Accept SRT publishers on this UDP address (e.g. `0.0.0.0:9000`), one port for every stream, routed by
     /// stream id; off by default.
     #[arg(long, value_name = "HOST:PORT")]
@@ -337,6 +340,7 @@ async fn run() -> anyhow::Result<()> {
         gpus: args.no_gpu.then(Vec::new),
         ingest: crate::config::IngestConfig {
             rtmp_listen: args.rtmp_listen,
+            rtmps_listen: args.rtmps_listen,
             srt_listen: args.srt_listen,
             public_host: args.ingest_public_host.clone(),
             max_width: args.ingest_max_width,
@@ -352,6 +356,9 @@ async fn run() -> anyhow::Result<()> {
     if let Some(sockets) = state.ingest.lock().as_ref() {
         if let Some(a) = sockets.rtmp_addr() {
             println!("kilnd rtmp ingest on rtmp://{a}/live");
+        }
+        if let Some(a) = sockets.rtmps_addr() {
+            println!("kilnd rtmps ingest on rtmps://{a}/live");
         }
         if let Some(a) = sockets.srt_addr() {
             println!("kilnd srt ingest on srt://{a}");

@@ -69,6 +69,8 @@ pub struct Config {
 pub struct IngestConfig {
     /// RTMP listener (`--rtmp-listen`); `None`: off.
     pub rtmp_listen: Option<std::net::SocketAddr>,
+    /// RTMPS listener (`--rtmps-listen`: RTMP over TLS with the daemon's `--tls-cert/--tls-key`); `None`: off.
+    pub rtmps_listen: Option<std::net::SocketAddr>,
     /// SRT listener, one UDP port for every stream (`--srt-listen`); `None`: off.
     pub srt_listen: Option<std::net::SocketAddr>,
     /// Host name or address publishers reach the listeners at, for the publish URLs (default: the bound address,
@@ -93,6 +95,7 @@ impl Default for IngestConfig {
     fn default() -> Self {
         Self {
             rtmp_listen: None,
+            rtmps_listen: None,
             srt_listen: None,
             public_host: None,
             max_width: 3840,

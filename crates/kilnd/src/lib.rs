@@ -220,6 +220,7 @@ impl AppState {
         };
         let _ = supervisor.ingest_addrs.set(supervisor::IngestAddrs {
             rtmp: sockets.rtmp_addr().map(public),
+            rtmps: sockets.rtmps_addr().map(public),
             srt: sockets.srt_addr().map(public),
         });
         Ok(Self {
@@ -313,7 +314,11 @@ pub async fn serve_state(
         }
     }
     if let Some(sockets) = state.ingest.lock().take() {
-        sockets.spawn(supervisor.clone(), config.ingest.clone())?;
+        sockets.spawn(
+            supervisor.clone(),
+            config.ingest.clone(),
+            config.tls.as_ref(),
+        )?;
     }
     let agent = config
         .scheduler

@@ -14,6 +14,11 @@ use crate::config::TlsFiles;
 
 /// A TLS acceptor from PEM files, advertising `h2` then `http/1.1`.
 pub fn acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
+    acceptor_with(files, &[b"h2", b"http/1.1"])
+}
+
+/// A TLS acceptor from PEM files advertising `alpn` (none for RTMPS).
+pub fn acceptor_with(files: &TlsFiles, alpn: &[&[u8]]) -> anyhow::Result<TlsAcceptor> {
     let certs = CertificateDer::pem_file_iter(&files.cert)
         .with_context(|| format!("reading certificates from {}", files.cert.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -29,6 +34,6 @@ pub fn acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .context("certificate and key do not match")?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -28,20 +28,22 @@ use crate::supervisor::{Publisher, Refusal, StreamHandle, Supervisor, FEED_QUEUE
 #[derive(Debug, Default)]
 pub struct Sockets {
     pub rtmp: Option<std::net::TcpListener>,
+    pub rtmps: Option<std::net::TcpListener>,
     pub srt: Option<std::net::UdpSocket>,
 }
 
 impl Sockets {
     /// Binds the listeners `cfg` asks for.
     pub fn bind(cfg: &IngestConfig) -> std::io::Result<Self> {
-        let rtmp = cfg
-            .rtmp_listen
-            .map(|a| {
+        let tcp = |a: Option<SocketAddr>| {
+            a.map(|a| {
                 let l = std::net::TcpListener::bind(a)?;
                 l.set_nonblocking(true)?;
                 Ok::<_, std::io::Error>(l)
             })
-            .transpose()?;
+            .transpose()
+        };
+        let (rtmp, rtmps) = (tcp(cfg.rtmp_listen)?, tcp(cfg.rtmps_listen)?);
         let srt = cfg
             .srt_listen
             .map(|a| {
@@ -50,11 +52,15 @@ impl Sockets {
                 Ok::<_, std::io::Error>(s)
             })
             .transpose()?;
-        Ok(Self { rtmp, srt })
+        Ok(Self { rtmp, rtmps, srt })
     }
 
     pub fn rtmp_addr(&self) -> Option<SocketAddr> {
         self.rtmp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn rtmps_addr(&self) -> Option<SocketAddr> {
+        self.rtmps.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn srt_addr(&self) -> Option<SocketAddr> {
@@ -79,12 +85,26 @@ impl Sockets {
         format!("{host}:{}", addr.port())
     }
 
-    /// Starts the listeners on the current runtime.
-    pub fn spawn(self, sup: Arc<Supervisor>, cfg: IngestConfig) -> std::io::Result<()> {
+    /// Starts the listeners on the current runtime; RTMPS uses the daemon's certificate (`tls`).
+    pub fn spawn(
+        self,
+        sup: Arc<Supervisor>,
+        cfg: IngestConfig,
+        tls: Option<&crate::config::TlsFiles>,
+    ) -> anyhow::Result<()> {
         let cfg = Arc::new(cfg);
         if let Some(l) = self.rtmp {
             let l = tokio::net::TcpListener::from_std(l)?;
-            tokio::spawn(rtmp::serve(l, sup.clone(), cfg.clone()));
+            tokio::spawn(rtmp::serve(l, sup.clone(), cfg.clone(), None));
+        }
+        if let Some(l) = self.rtmps {
+            let files = tls.ok_or_else(|| {
+                anyhow::anyhow!("--rtmps-listen needs the daemon's --tls-cert and --tls-key")
+            })?;
+            // no ALPN: RTMP has no protocol id, and publishers send none
+            let acceptor = crate::tls::acceptor_with(files, &[])?;
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tokio::spawn(rtmp::serve(l, sup.clone(), cfg.clone(), Some(acceptor)));
         }
         if let Some(s) = self.srt {
             let s = tokio::net::UdpSocket::from_std(s)?;

@@ -17,8 +17,9 @@ use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
 use rml_rtmp::sessions::{
     ServerSession, ServerSessionConfig, ServerSessionEvent, ServerSessionResult,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use super::{authorize, reject, Session};
 use crate::config::IngestConfig;
@@ -36,10 +37,20 @@ const MAX_BYTES_WITHOUT_MESSAGE: usize = 32 << 20;
 
 type Fail = (Refusal, String);
 
-pub(super) async fn serve(l: TcpListener, sup: Arc<Supervisor>, cfg: Arc<IngestConfig>) {
+/// A connection's byte stream: TCP, or TLS over TCP (RTMPS).
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+pub(super) async fn serve(
+    l: TcpListener,
+    sup: Arc<Supervisor>,
+    cfg: Arc<IngestConfig>,
+    tls: Option<TlsAcceptor>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     if let Ok(a) = l.local_addr() {
-        tracing::info!(addr = %a, "RTMP ingest listening");
+        let tls = tls.is_some();
+        tracing::info!(addr = %a, tls, "RTMP ingest listening");
     }
     loop {
         let (sock, addr) = match l.accept().await {
@@ -61,9 +72,38 @@ pub(super) async fn serve(l: TcpListener, sup: Arc<Supervisor>, cfg: Arc<IngestC
             );
             continue;
         };
-        let (sup, cfg) = (sup.clone(), cfg.clone());
+        let (sup, cfg, tls) = (sup.clone(), cfg.clone(), tls.clone());
         tokio::spawn(async move {
             let _slot = slot;
+            let _ = sock.set_nodelay(true);
+            let sock: Box<dyn Io> = match tls {
+                None => Box::new(sock),
+                Some(acceptor) => {
+                    match tokio::time::timeout(cfg.idle_timeout, acceptor.accept(sock)).await {
+                        Ok(Ok(s)) => Box::new(s),
+                        Ok(Err(e)) => {
+                            let m = &sup.metrics().ingest;
+                            return reject(
+                                m,
+                                Protocol::Rtmp,
+                                Refusal::Protocol,
+                                addr,
+                                &format!("TLS: {e}"),
+                            );
+                        }
+                        Err(_) => {
+                            let m = &sup.metrics().ingest;
+                            return reject(
+                                m,
+                                Protocol::Rtmp,
+                                Refusal::Timeout,
+                                addr,
+                                "no TLS handshake in time",
+                            );
+                        }
+                    }
+                }
+            };
             Conn::run(sock, addr, sup, cfg).await;
         });
     }
@@ -71,7 +111,7 @@ pub(super) async fn serve(l: TcpListener, sup: Arc<Supervisor>, cfg: Arc<IngestC
 
 /// One RTMP connection.
 struct Conn {
-    sock: TcpStream,
+    sock: Box<dyn Io>,
     addr: SocketAddr,
     sup: Arc<Supervisor>,
     cfg: Arc<IngestConfig>,
@@ -88,8 +128,12 @@ struct Publish {
 }
 
 impl Conn {
-    async fn run(sock: TcpStream, addr: SocketAddr, sup: Arc<Supervisor>, cfg: Arc<IngestConfig>) {
-        let _ = sock.set_nodelay(true);
+    async fn run(
+        sock: Box<dyn Io>,
+        addr: SocketAddr,
+        sup: Arc<Supervisor>,
+        cfg: Arc<IngestConfig>,
+    ) {
         let mut c = Conn {
             sock,
             addr,
@@ -127,7 +171,12 @@ impl Conn {
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), Fail> {
-        match tokio::time::timeout(self.cfg.idle_timeout, self.sock.write_all(bytes)).await {
+        // flushed: over TLS, written bytes wait in the session until a flush
+        let write = async {
+            self.sock.write_all(bytes).await?;
+            self.sock.flush().await
+        };
+        match tokio::time::timeout(self.cfg.idle_timeout, write).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err((Refusal::Protocol, format!("writing: {e}"))),
             Err(_) => Err((Refusal::Timeout, "the peer does not read".into())),

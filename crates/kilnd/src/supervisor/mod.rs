@@ -309,6 +309,7 @@ pub struct Supervisor {
 #[derive(Debug, Clone, Default)]
 pub struct IngestAddrs {
     pub rtmp: Option<String>,
+    pub rtmps: Option<String>,
     pub srt: Option<String>,
 }
 

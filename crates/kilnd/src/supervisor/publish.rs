@@ -229,6 +229,7 @@ impl Supervisor {
             key: s.key.clone(),
             passphrase: s.passphrase.clone(),
             rtmp_url,
+            rtmps_url: addrs.rtmps.map(|a| format!("rtmps://{a}/live/{}", s.key)),
             srt_url,
         })
     }
