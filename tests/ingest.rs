@@ -737,17 +737,31 @@ async fn oversized_pictures_hevc_noise_and_silent_peers_are_refused_and_the_daem
             >= 2.0
     );
 
-    // one handshake that srt-protocol 0.4.4 panics on (a conclusion with extension type 6): its listener task
-    // dies (a known weakness, ARCHITECTURE.md) and kilnd binds the port again, so SRT publishers get back in
+    // an SRT publisher stays connected through what follows
+    let h2 = publish_stream(&d, "h2").await?;
+    let _steady_srt = ffmpeg_publish(
+        h2["srt_url"].as_str().context("srt_url")?,
+        "mpegts",
+        "160x90",
+        60,
+    )?;
+    let before = wait_state(&d, "h2", "running", Duration::from_secs(30)).await?;
+    let since = before["publisher"]["connected_unix_ms"]
+        .as_u64()
+        .context("connected")?;
+
+    // a handshake that srt-protocol 0.4.4 panics on (a conclusion with extension type 6): the port's guard drops
+    // it before the library parses it (without the guard, every SRT publisher on the port was cut off)
     let mut crafted = vec![0x80, 0, 0, 0];
     crafted.extend_from_slice(&[0; 12]);
     for w in [5u32, 4, 1234, 1500, 8192, u32::MAX, 0x1111, 0, 0, 0, 0, 0] {
         crafted.extend_from_slice(&w.to_be_bytes());
     }
-    crafted[20..24].copy_from_slice(&[0, 0, 0, 4]); // encryption 0, extension flags CONFIG
     crafted.extend_from_slice(&[0, 6, 0, 1, b'l', b'i', b'v', b'e']);
     let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-    udp.send_to(&crafted, &srt).await?;
+    for _ in 0..10 {
+        udp.send_to(&crafted, &srt).await?;
+    }
 
     // 10 s of random bytes into both listeners
     random_bytes(&rtmp, &srt, 10).await?;
@@ -766,6 +780,12 @@ async fn oversized_pictures_hevc_noise_and_silent_peers_are_refused_and_the_daem
     ensure!(
         metric(&d, parts).await? > parts_before + 20.0,
         "the steady stream stalled"
+    );
+    let after = status(&d, "h2").await?;
+    ensure!(
+        after["state"] == "running"
+            && after["publisher"]["connected_unix_ms"].as_u64() == Some(since),
+        "the SRT publisher was cut off by hostile datagrams: {after}"
     );
     let _srt_ok = ffmpeg_publish(
         h1["srt_url"].as_str().context("srt_url")?,

@@ -10,6 +10,7 @@
 pub mod auth;
 mod rtmp;
 mod srt;
+mod srt_guard;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;

@@ -5,9 +5,11 @@
 //! fails the key exchange (`BADSECRET`) and never gets a socket. What an accepted publisher sends (MPEG-TS) goes
 //! to the stream's pipeline as it arrives.
 //!
-//! `srt-tokio` runs every connection of the port in one listener task; if that task ever stops (its own bug on
-//! hostile input), the listener is bound again and new publishers can connect.
+//! The public port belongs to [`super::srt_guard`], which relays only datagrams the library can take to the
+//! listener on a loopback port. `srt-tokio` runs every connection in one listener task; should that task still stop,
+//! a new listener is bound (on a new loopback port the guard then relays to) and new publishers can connect.
 
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,32 +20,61 @@ use srt_tokio::options::{KeySize, Passphrase};
 use srt_tokio::{ConnectionRequest, SrtListener};
 use tokio::net::UdpSocket;
 
+use super::srt_guard::{self, PeerMap};
 use super::{authorize, reject, Session};
 use crate::config::IngestConfig;
 use crate::supervisor::{Refusal, Supervisor};
 
-pub(super) async fn serve(socket: UdpSocket, sup: Arc<Supervisor>, cfg: Arc<IngestConfig>) {
-    let Ok(addr) = socket.local_addr() else {
+/// A loopback socket for the listener, of the public port's address family.
+async fn inner_socket(v6: bool) -> std::io::Result<UdpSocket> {
+    let ip: std::net::IpAddr = if v6 {
+        Ipv6Addr::LOCALHOST.into()
+    } else {
+        Ipv4Addr::LOCALHOST.into()
+    };
+    UdpSocket::bind(SocketAddr::new(ip, 0)).await
+}
+
+pub(super) async fn serve(public: UdpSocket, sup: Arc<Supervisor>, cfg: Arc<IngestConfig>) {
+    let Ok(addr) = public.local_addr() else {
         return;
     };
-    let mut socket = Some(socket);
+    let peers: PeerMap = Default::default();
+    let mut next = match inner_socket(addr.is_ipv6()).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "SRT ingest: no loopback socket for the listener");
+            return;
+        }
+    };
+    let first = next
+        .as_ref()
+        .and_then(|s| s.local_addr().ok())
+        .unwrap_or(addr);
+    let (inner_tx, inner_rx) = tokio::sync::watch::channel(first);
+    // the guard forgets a peer a little after the listener would (its peer idle timeout)
+    let forget = cfg.idle_timeout + Duration::from_secs(5);
+    tokio::spawn(srt_guard::run(public, inner_rx, peers.clone(), forget));
     loop {
-        let sock = match socket.take() {
+        let sock = match next.take() {
             Some(s) => s,
-            None => match UdpSocket::bind(addr).await {
+            None => match inner_socket(addr.is_ipv6()).await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::error!(%addr, error = %e, "SRT listener: binding again failed");
+                    tracing::error!(%addr, error = %e, "SRT listener: no loopback socket");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             },
         };
+        let Ok(inner) = sock.local_addr() else {
+            continue;
+        };
         let bound = SrtListener::builder()
             .latency(cfg.srt_latency)
             .set(|o| o.session.peer_idle_timeout = cfg.idle_timeout)
             .socket(sock)
-            .bind(addr)
+            .bind(inner)
             .await;
         let (_listener, mut incoming) = match bound {
             Ok(l) => l,
@@ -53,12 +84,13 @@ pub(super) async fn serve(socket: UdpSocket, sup: Arc<Supervisor>, cfg: Arc<Inge
                 continue;
             }
         };
-        tracing::info!(%addr, "SRT ingest listening");
+        let _ = inner_tx.send(inner);
+        tracing::info!(%addr, %inner, "SRT ingest listening");
         while let Some(request) = incoming.incoming().next().await {
-            let (sup, cfg) = (sup.clone(), cfg.clone());
-            tokio::spawn(handle(request, sup, cfg));
+            let (sup, cfg, peers) = (sup.clone(), cfg.clone(), peers.clone());
+            tokio::spawn(handle(request, sup, cfg, peers));
         }
-        tracing::error!(%addr, "the SRT listener stopped: binding it again");
+        tracing::error!(%addr, "the SRT listener stopped: binding a new one");
     }
 }
 
@@ -75,8 +107,18 @@ fn reason(why: Refusal) -> RejectReason {
     })
 }
 
-async fn handle(request: ConnectionRequest, sup: Arc<Supervisor>, cfg: Arc<IngestConfig>) {
-    let addr = request.remote();
+async fn handle(
+    request: ConnectionRequest,
+    sup: Arc<Supervisor>,
+    cfg: Arc<IngestConfig>,
+    peers: PeerMap,
+) {
+    // the listener sees the guard's loopback relay; the publisher is the peer behind it
+    let addr = peers
+        .lock()
+        .get(&request.remote())
+        .copied()
+        .unwrap_or_else(|| request.remote());
     let m = sup.metrics().ingest.clone();
     let refuse = |request: ConnectionRequest, why: Refusal, detail: String| {
         let m = m.clone();
