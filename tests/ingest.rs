@@ -863,3 +863,170 @@ async fn ffmpeg_publishes_over_rtmps_with_the_daemons_certificate() -> Result<()
     );
     d.shutdown().await
 }
+
+/// The video tags of an FLV file: (timestamp ms, body).
+fn flv_video_tags(flv: &[u8]) -> Result<Vec<(u32, Vec<u8>)>> {
+    ensure!(flv.starts_with(b"FLV"), "not FLV");
+    let mut at = usize::from(flv[8]) + 4; // header, PreviousTagSize0
+    let mut tags = Vec::new();
+    while at + 11 <= flv.len() {
+        let kind = flv[at];
+        let size = u32::from_be_bytes([0, flv[at + 1], flv[at + 2], flv[at + 3]]) as usize;
+        let ts = u32::from_be_bytes([flv[at + 7], flv[at + 4], flv[at + 5], flv[at + 6]]);
+        let body = flv.get(at + 11..at + 11 + size).context("truncated tag")?;
+        if kind == 9 {
+            tags.push((ts, body.to_vec()));
+        }
+        at += 11 + size + 4;
+    }
+    Ok(tags)
+}
+
+/// An RTMP publisher whose clock starts 1.5 s before the 32-bit wrap and then jumps an hour ahead: every fragment's
+/// `tfdt` is where the previous one ended. (Two layers keep it: kiln's `kiln_model::ingest::flv::Timeline`, and
+/// GStreamer's `flvdemux`, which resyncs on jumps over 2 s by itself: with the Timeline bypassed this test still
+/// passed. It checks the outcome; the Timeline's own rule is unit- and property-tested.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_clock_that_wraps_and_jumps_keeps_tfdt_continuous() -> Result<()> {
+    use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
+    use rml_rtmp::sessions::{
+        ClientSession, ClientSessionConfig, ClientSessionEvent, ClientSessionResult,
+        PublishRequestType,
+    };
+    use rml_rtmp::time::RtmpTimestamp;
+    let dir = std::env::temp_dir().join(format!("kiln-jump-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("clip.flv");
+    let st = tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostdin", "-loglevel", "error", "-y"])
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x180:rate=30",
+            "-t",
+            "7",
+        ])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+            "-g",
+            "30",
+        ])
+        .args(["-pix_fmt", "yuv420p", "-an", "-f", "flv"])
+        .arg(&file)
+        .status()
+        .await?;
+    ensure!(st.success(), "ffmpeg could not make the clip");
+    let tags = flv_video_tags(&std::fs::read(&file)?)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    ensure!(tags.len() >= 200, "{} video tags", tags.len());
+
+    let d = daemon(None).await?;
+    let (rtmp, _) = listeners(&d)?;
+    let body = r#"{"source": "publish:", "audio": {"enabled": false},
+        "renditions": [{"name": "hi", "width": 320, "height": 180, "fps": 30, "bitrate_kbps": 300}]}"#;
+    let (code, v) = d.put_stream("jump", body).await?;
+    ensure!(code == 201, "{v}");
+    let key = v["ingest"]["key"].as_str().context("key")?.to_string();
+
+    // handshake, connect, publish (as rtmp_client_publish does), then the tags in real time
+    let mut sock = TcpStream::connect(&rtmp).await?;
+    let mut hs = Handshake::new(PeerType::Client);
+    sock.write_all(&hs.generate_outbound_p0_and_p1()?).await?;
+    let mut buf = vec![0u8; 8192];
+    let mut input = loop {
+        let n = sock.read(&mut buf).await?;
+        ensure!(n > 0, "closed in the handshake");
+        match hs.process_bytes(&buf[..n])? {
+            HandshakeProcessResult::InProgress { response_bytes } => {
+                sock.write_all(&response_bytes).await?
+            }
+            HandshakeProcessResult::Completed {
+                response_bytes,
+                remaining_bytes,
+            } => {
+                sock.write_all(&response_bytes).await?;
+                break remaining_bytes;
+            }
+        }
+    };
+    let (mut session, _) = ClientSession::new(ClientSessionConfig::new())?;
+    let bytes_of = |r: ClientSessionResult| match r {
+        ClientSessionResult::OutboundResponse(p) => p.bytes,
+        _ => Vec::new(),
+    };
+    sock.write_all(&bytes_of(session.request_connection("live".into())?))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    'publish: loop {
+        for r in session.handle_input(&input)? {
+            match r {
+                ClientSessionResult::OutboundResponse(p) => sock.write_all(&p.bytes).await?,
+                ClientSessionResult::RaisedEvent(ClientSessionEvent::ConnectionRequestAccepted) => {
+                    let r = session.request_publishing(key.clone(), PublishRequestType::Live)?;
+                    sock.write_all(&bytes_of(r)).await?;
+                }
+                ClientSessionResult::RaisedEvent(ClientSessionEvent::PublishRequestAccepted) => {
+                    break 'publish
+                }
+                _ => {}
+            }
+        }
+        ensure!(Instant::now() < deadline, "publish not accepted");
+        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await??;
+        ensure!(n > 0, "closed before publishing");
+        input = buf[..n].to_vec();
+    }
+    let start = Instant::now();
+    for (ts, body) in &tags {
+        tokio::time::sleep_until((start + Duration::from_millis(u64::from(*ts))).into()).await;
+        // 1.5 s before 2^32 ms at the start, and an hour ahead from 3.5 s on
+        let mut clock = ts.wrapping_add(u32::MAX - 1_500);
+        if *ts >= 3_500 {
+            clock = clock.wrapping_add(3_600_000);
+        }
+        let r =
+            session.publish_video_data(body.clone().into(), RtmpTimestamp::new(clock), false)?;
+        sock.write_all(&bytes_of(r)).await?;
+    }
+
+    // every fragment the playlist lists (whole segments, then the open segment's parts), in order, starts where the
+    // previous one ended
+    let s = status(&d, "jump").await?;
+    ensure!(s["state"] == "running", "{s}");
+    let (_, text) = d.get_text("/live/jump/hi/index.m3u8").await?;
+    let pl = kiln_integration::parse_ll(&text)?;
+    let init = d
+        .get_bytes(&format!("/live/jump/hi/{}", pl.map_uri))
+        .await?;
+    let (mut prev, mut total, mut timescale) = (None::<u64>, 0u64, 1u64);
+    for seg in &pl.segments {
+        let uris: Vec<String> = match &seg.uri {
+            Some(u) => vec![u.clone()],
+            None => seg.parts.iter().map(|p| p.uri.clone()).collect(),
+        };
+        for uri in uris {
+            let bytes = d.get_bytes(&format!("/live/jump/hi/{uri}")).await?;
+            let f = kiln_integration::fragment(&init, &bytes)?;
+            timescale = u64::from(f.timescale.max(1));
+            for (tfdt, dur) in &f.moofs {
+                if let Some(end) = prev {
+                    ensure!(*tfdt == end, "{uri}: tfdt {tfdt} != {end}");
+                }
+                prev = Some(tfdt + dur);
+                total += dur;
+            }
+        }
+    }
+    ensure!(
+        total >= 5 * timescale,
+        "the fragments cover only {} s across the wrap and the jump",
+        total as f64 / timescale as f64
+    );
+    d.shutdown().await
+}
