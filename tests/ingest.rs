@@ -104,6 +104,17 @@ async fn wait_state(
 
 /// ffmpeg publishing a moving test picture and a tone for `seconds` (real time) to `url` as `format`.
 fn ffmpeg_publish(url: &str, format: &str, size: &str, seconds: u32) -> Result<Child> {
+    ffmpeg_publish_with(url, format, size, seconds, "libx264")
+}
+
+/// [`ffmpeg_publish`] with another video encoder (`libx265`: HEVC).
+fn ffmpeg_publish_with(
+    url: &str,
+    format: &str,
+    size: &str,
+    seconds: u32,
+    encoder: &str,
+) -> Result<Child> {
     tokio::process::Command::new("ffmpeg")
         .args(["-hide_banner", "-nostdin", "-loglevel", "error", "-re"])
         .args([
@@ -116,7 +127,7 @@ fn ffmpeg_publish(url: &str, format: &str, size: &str, seconds: u32) -> Result<C
         .args(["-t", &seconds.to_string()])
         .args([
             "-c:v",
-            "libx264",
+            encoder,
             "-preset",
             "ultrafast",
             "-tune",
@@ -301,12 +312,13 @@ async fn srt_publishers_from_ffmpeg_and_srtsink_share_one_port_each_on_its_strea
         .spawn()?;
     wait_state(&d, "s2", "running", Duration::from_secs(30)).await?;
     ensure!(status(&d, "s3").await?["state"] == "waiting");
-    // a third publisher on the same port, at the same time
-    let _c = ffmpeg_publish(
+    // a third publisher on the same port, at the same time, in HEVC
+    let _c = ffmpeg_publish_with(
         urls[2]["srt_url"].as_str().context("srt_url")?,
         "mpegts",
         "256x144",
         30,
+        "libx265",
     )?;
     wait_state(&d, "s3", "running", Duration::from_secs(30)).await?;
     let mut addrs = Vec::new();
