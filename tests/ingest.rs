@@ -20,11 +20,15 @@ const LADDER: &str = r#""renditions": [
 
 /// A daemon with both listeners on free loopback ports, room for every test stream, and a 3 s idle timeout.
 async fn daemon(auth_url: Option<String>) -> Result<Daemon> {
-    daemon_with(auth_url, None).await
+    daemon_with(auth_url, None, Duration::from_secs(15)).await
 }
 
 /// [`daemon`], plus an RTMPS listener (and HTTPS) with the certificate `tls`.
-async fn daemon_with(auth_url: Option<String>, tls: Option<kilnd::TlsFiles>) -> Result<Daemon> {
+async fn daemon_with(
+    auth_url: Option<String>,
+    tls: Option<kilnd::TlsFiles>,
+    first_picture: Duration,
+) -> Result<Daemon> {
     let any: SocketAddr = "127.0.0.1:0".parse()?;
     let config = kilnd::Config {
         ingest: kilnd::config::IngestConfig {
@@ -32,6 +36,7 @@ async fn daemon_with(auth_url: Option<String>, tls: Option<kilnd::TlsFiles>) -> 
             rtmps_listen: tls.is_some().then_some(any),
             srt_listen: Some(any),
             idle_timeout: Duration::from_secs(3),
+            first_picture_timeout: first_picture,
             auth_url,
             ..Default::default()
         },
@@ -846,7 +851,7 @@ fn self_signed() -> Result<kilnd::TlsFiles> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffmpeg_publishes_over_rtmps_with_the_daemons_certificate() -> Result<()> {
-    let d = daemon_with(None, Some(self_signed()?)).await?;
+    let d = daemon_with(None, Some(self_signed()?), Duration::from_secs(15)).await?;
     let body = format!(r#"{{"source": "publish:", {LADDER}}}"#);
     // the daemon serves HTTPS now: the harness's client speaks plain HTTP, so the stream is made behind it
     let req: kiln_model::StreamRequest = serde_json::from_str(&body)?;
@@ -1040,5 +1045,52 @@ async fn a_publisher_clock_that_wraps_and_jumps_keeps_tfdt_continuous() -> Resul
         "the fragments cover only {} s across the wrap and the jump",
         total as f64 / timescale as f64
     );
+    d.shutdown().await
+}
+
+/// A publisher whose bytes flow but never decode (GStreamer's `mpegtsmux` without `alignment=7` behind `srtsink`:
+/// SRT messages split TS packets, so the SPS/PPS never arrive whole) is cut off after the first-picture timeout
+/// (5 s here) with a reason, and the stream waits for the next publisher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_whose_bytes_never_decode_is_cut_off_after_the_first_picture_timeout(
+) -> Result<()> {
+    let d = daemon_with(None, None, Duration::from_secs(5)).await?;
+    let (_, srt) = listeners(&d)?;
+    let ingest = publish_stream(&d, "nodec").await?;
+    let pass = ingest["passphrase"].as_str().context("passphrase")?;
+    let sender = "-q videotestsrc is-live=true ! video/x-raw,format=I420,width=320,height=180,framerate=30/1 \
+        ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=60 ! h264parse ! mux. \
+        audiotestsrc is-live=true ! audioconvert ! avenc_aac ! aacparse ! mux. mpegtsmux name=mux ! srtsink";
+    let _p = tokio::process::Command::new("gst-launch-1.0")
+        .args(sender.split_whitespace())
+        .arg(format!("uri=srt://{srt}"))
+        .arg("streamid=#!::r=nodec,m=publish")
+        .arg(format!("passphrase={pass}"))
+        .arg("pbkeylen=16")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    poll_until(
+        "nodec is cut off",
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || async {
+            let s = status(&d, "nodec").await?;
+            Ok(if s["errors"].to_string().contains("nothing decodable") {
+                Polled::Done(())
+            } else {
+                Polled::NotYet(s.to_string())
+            })
+        },
+    )
+    .await?;
+    wait_state(&d, "nodec", "waiting", Duration::from_secs(10)).await?;
+    let n = metric(
+        &d,
+        r#"kiln_ingest_disconnections_total{protocol="srt",reason="no_picture"}"#,
+    )
+    .await?;
+    ensure!(n >= 1.0, "no_picture disconnections: {n}");
     d.shutdown().await
 }

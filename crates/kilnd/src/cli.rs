@@ -138,6 +138,9 @@ struct Args {
     /// SRT receive latency in milliseconds.
     #[arg(long, default_value_t = 120)]
     srt_latency_ms: u64,
+    /// Seconds a publisher's bytes may flow before the stream has decoded anything; then it is cut off.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=600))]
+    ingest_first_picture_secs: u64,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -348,6 +351,7 @@ async fn run() -> anyhow::Result<()> {
             max_bitrate_kbps: args.ingest_max_bitrate_kbps,
             auth_url: args.publish_auth_url.clone(),
             srt_latency: std::time::Duration::from_millis(args.srt_latency_ms),
+            first_picture_timeout: std::time::Duration::from_secs(args.ingest_first_picture_secs),
             ..Default::default()
         },
         ..defaults

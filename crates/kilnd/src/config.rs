@@ -83,6 +83,9 @@ pub struct IngestConfig {
     pub max_bitrate_kbps: u64,
     /// How long a connection may stay silent (handshake, publish request, media) before it is closed.
     pub idle_timeout: Duration,
+    /// How long a publisher's bytes may flow without the stream publishing its first parts (bytes that never decode:
+    /// H.264 without SPS/PPS, a broken mux) before the publisher is cut off.
+    pub first_picture_timeout: Duration,
     /// Asked (POST, JSON) about keys and stream ids kilnd does not know (`--publish-auth-url`).
     pub auth_url: Option<String>,
     /// How long the auth URL has to answer.
@@ -102,6 +105,7 @@ impl Default for IngestConfig {
             max_height: 2160,
             max_bitrate_kbps: 50_000,
             idle_timeout: Duration::from_secs(10),
+            first_picture_timeout: Duration::from_secs(15),
             auth_url: None,
             auth_timeout: Duration::from_secs(2),
             srt_latency: Duration::from_millis(120),

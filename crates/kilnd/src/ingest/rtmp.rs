@@ -166,7 +166,7 @@ impl Conn {
                 Ok(Err(e)) => Err((Refusal::Protocol, format!("reading: {e}"))),
                 Ok(Ok(n)) => Ok(n),
             },
-            _ = kicked => Err((Refusal::Stopping, "the stream stopped or its pipeline ended".into())),
+            _ = kicked => Err(kicked_why(kick.as_deref())),
         }
     }
 
@@ -403,6 +403,17 @@ impl Conn {
             ));
         }
         Ok(())
+    }
+}
+
+/// Why the daemon cut a publisher off, when it said.
+fn kicked_why(p: Option<&crate::supervisor::Publisher>) -> Fail {
+    match p.and_then(|p| p.kicked_for.lock().clone()) {
+        Some(why) => why,
+        None => (
+            Refusal::Stopping,
+            "the stream stopped or its pipeline ended".into(),
+        ),
     }
 }
 

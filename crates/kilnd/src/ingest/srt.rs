@@ -215,7 +215,10 @@ async fn handle(
                 None => break None, // the publisher closed (or went silent past the idle timeout)
             },
             _ = kick.kick.notified() => {
-                break Some((Refusal::Stopping, "the stream stopped or its pipeline ended".into()))
+                break Some(match kick.kicked_for.lock().clone() {
+                    Some(why) => why,
+                    None => (Refusal::Stopping, "the stream stopped or its pipeline ended".into()),
+                })
             }
         }
     };

@@ -7,7 +7,7 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 pub const PROTOCOLS: [&str; 2] = ["rtmp", "srt"];
 
 /// `reason` label values of rejections and disconnections (`Refusal::label`; disconnections also have `left`).
-pub const REASONS: [&str; 14] = [
+pub const REASONS: [&str; 15] = [
     "unknown_key",
     "unknown_stream",
     "bad_passphrase",
@@ -22,6 +22,7 @@ pub const REASONS: [&str; 14] = [
     "timeout",
     "pipeline",
     "stopping",
+    "no_picture",
 ];
 
 /// The ingest metric handles.

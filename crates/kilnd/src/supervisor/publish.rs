@@ -36,6 +36,8 @@ pub struct Publisher {
     pub connected_unix_ms: u64,
     /// Notified when the daemon cuts the publisher off (the stream stops, its pipeline failed).
     pub kick: tokio::sync::Notify,
+    /// Why, when the daemon said (else: the stream stopped or its pipeline ended).
+    pub kicked_for: Mutex<Option<(Refusal, String)>>,
     /// A pipeline was started for it (from then on the consumer ends the session, not the listener).
     attached: AtomicBool,
 }
@@ -87,10 +89,12 @@ pub enum Refusal {
     Pipeline,
     /// The daemon is shutting down or the stream is being deleted.
     Stopping,
+    /// Bytes flowed but nothing decoded within the first-picture timeout.
+    NoPicture,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 14] = [
+    pub const ALL: [Refusal; 15] = [
         Refusal::UnknownKey,
         Refusal::UnknownStream,
         Refusal::BadPassphrase,
@@ -105,6 +109,7 @@ impl Refusal {
         Refusal::Timeout,
         Refusal::Pipeline,
         Refusal::Stopping,
+        Refusal::NoPicture,
     ];
 
     pub fn label(self) -> &'static str {
@@ -123,6 +128,7 @@ impl Refusal {
             Refusal::Timeout => "timeout",
             Refusal::Pipeline => "pipeline",
             Refusal::Stopping => "stopping",
+            Refusal::NoPicture => "no_picture",
         }
     }
 }
@@ -271,6 +277,7 @@ impl Supervisor {
             bytes: AtomicU64::new(0),
             connected_unix_ms: unix_ms(),
             kick: tokio::sync::Notify::new(),
+            kicked_for: Mutex::new(None),
             attached: AtomicBool::new(false),
         });
         *slot = Some(p.clone());
@@ -324,6 +331,26 @@ impl Supervisor {
         );
         h.span.in_scope(|| {
             tracing::info!(protocol = publisher.protocol.as_str(), addr = %publisher.addr, "publisher attached")
+        });
+        // bytes that flow but never decode would keep the stream `starting` (and the publisher's claim) forever
+        let (sup, stream, who) = (Arc::downgrade(self), h.clone(), publisher.clone());
+        let limit = self.config.ingest.first_picture_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(limit).await;
+            let current = stream.publisher().is_some_and(|p| Arc::ptr_eq(&p, &who));
+            if !current || stream.state() != StreamState::Starting {
+                return;
+            }
+            let Some(sup) = sup.upgrade() else {
+                return;
+            };
+            let why = format!(
+                "nothing decodable in {} s (e.g. H.264 without SPS/PPS, or MPEG-TS split across SRT messages: \
+                 send 7 TS packets per message)",
+                limit.as_secs()
+            );
+            *who.kicked_for.lock() = Some((Refusal::NoPicture, why.clone()));
+            sup.publisher_left(&stream, &who, Some(why)).await;
         });
         Ok(())
     }
