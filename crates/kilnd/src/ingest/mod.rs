@@ -218,10 +218,11 @@ impl Session {
             .ok_or((Refusal::Pipeline, "the session ended".to_string()))?;
         match tokio::time::timeout(self.max_wait, tx.send(bytes)).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err((
+            // the daemon may have cut the session off first (a stop, the first-picture timeout): say why
+            Ok(Err(_)) => Err(self.publisher.kicked_for.lock().clone().unwrap_or((
                 Refusal::Pipeline,
                 "the stream's pipeline stopped reading".into(),
-            )),
+            ))),
             Err(_) => Err((
                 Refusal::Pipeline,
                 "the stream's pipeline did not take the publisher's bytes in time".into(),

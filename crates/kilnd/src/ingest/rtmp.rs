@@ -125,6 +125,8 @@ struct Publish {
     /// FLV bytes held until the first video message has been checked (then the pipeline starts on them).
     pending: Vec<u8>,
     started: bool,
+    /// When the publish was accepted.
+    since: std::time::Instant,
 }
 
 impl Conn {
@@ -224,6 +226,16 @@ impl Conn {
                     return Err((Refusal::Protocol, "64 KiB without a publish request".into()));
                 }
             }
+            if let Some(p) = &self.publish {
+                // a claimed stream must get its first video soon (audio or metadata alone hold it for nothing)
+                let limit = self.cfg.first_picture_timeout;
+                if !p.started && p.since.elapsed() > limit {
+                    return Err((
+                        Refusal::NoPicture,
+                        format!("no video message in {} s", limit.as_secs()),
+                    ));
+                }
+            }
             let n = self.read(&mut buf).await?;
             if n == 0 {
                 return Ok(()); // the publisher closed the connection
@@ -317,6 +329,7 @@ impl Conn {
                             timeline: Timeline::default(),
                             pending: flv::HEADER.to_vec(),
                             started: false,
+                            since: std::time::Instant::now(),
                         });
                         Step::More(session.accept_request(request_id).map_err(protocol_err)?)
                     }

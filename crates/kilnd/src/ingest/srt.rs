@@ -177,7 +177,8 @@ async fn handle(
     // the handshake may never complete (a caller that stops half-way): bounded, and a stop cuts it short
     let kick = session.publisher.clone();
     let accepted = tokio::select! {
-        r = tokio::time::timeout(cfg.idle_timeout, accept) => r,
+        // a real caller completes the key exchange in a round trip or two
+        r = tokio::time::timeout(cfg.idle_timeout.min(Duration::from_secs(3)), accept) => r,
         _ = kick.kick.notified() => {
             return session.end(Some((Refusal::Stopping, "the stream stopped".into())));
         }
@@ -205,6 +206,13 @@ async fn handle(
     }
     let result = loop {
         tokio::select! {
+            biased;
+            _ = kick.kick.notified() => {
+                break Some(match kick.kicked_for.lock().clone() {
+                    Some(why) => why,
+                    None => (Refusal::Stopping, "the stream stopped or its pipeline ended".into()),
+                })
+            }
             next = socket.next() => match next {
                 Some(Ok((_, bytes))) => {
                     if let Err(f) = session.send(bytes).await {
@@ -214,12 +222,6 @@ async fn handle(
                 Some(Err(e)) => break Some((Refusal::Protocol, format!("receiving: {e}"))),
                 None => break None, // the publisher closed (or went silent past the idle timeout)
             },
-            _ = kick.kick.notified() => {
-                break Some(match kick.kicked_for.lock().clone() {
-                    Some(why) => why,
-                    None => (Refusal::Stopping, "the stream stopped or its pipeline ended".into()),
-                })
-            }
         }
     };
     session.end(result);

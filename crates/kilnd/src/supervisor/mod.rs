@@ -642,6 +642,7 @@ impl Supervisor {
             let publisher = h.publisher.lock();
             h.set_state(StreamState::Stopping);
             if let Some(p) = publisher.as_ref() {
+                *p.kicked_for.lock() = Some((Refusal::Stopping, "the stream was stopped".into()));
                 p.kick.notify_one();
             }
             h.pipeline.lock().take()
