@@ -1094,3 +1094,69 @@ async fn a_publisher_whose_bytes_never_decode_is_cut_off_after_the_first_picture
     ensure!(n >= 1.0, "no_picture disconnections: {n}");
     d.shutdown().await
 }
+
+/// A publisher over `--ingest-max-bitrate-kbps` (300 here; ffmpeg sends about 1,500 kbit/s of noise-like video)
+/// is cut off at the end of its first 5 s window, with the reason, and the stream waits for the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_over_the_bitrate_limit_is_cut_off() -> Result<()> {
+    let any: SocketAddr = "127.0.0.1:0".parse()?;
+    let config = kilnd::Config {
+        ingest: kilnd::config::IngestConfig {
+            rtmp_listen: Some(any),
+            max_bitrate_kbps: 300,
+            ..Default::default()
+        },
+        gpus: Some(Vec::new()),
+        ..Default::default()
+    };
+    let d = Daemon::start(config).await?;
+    let body = r#"{"source": "publish:", "audio": {"enabled": false},
+        "renditions": [{"name": "hi", "width": 320, "height": 180, "fps": 30, "bitrate_kbps": 300}]}"#;
+    let (code, v) = d.put_stream("fat", body).await?;
+    ensure!(code == 201, "{v}");
+    let url = v["ingest"]["rtmp_url"]
+        .as_str()
+        .context("rtmp_url")?
+        .to_string();
+    let fat = tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostdin", "-loglevel", "error", "-re"])
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x180:rate=30,noise=alls=100:allf=t",
+        ])
+        .args([
+            "-t",
+            "30",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-b:v",
+            "1500k",
+        ])
+        .args([
+            "-minrate", "1500k", "-maxrate", "1500k", "-bufsize", "500k", "-an",
+        ])
+        .args(["-f", "flv", &url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    refused(fat, Duration::from_secs(20)).await?;
+    let s = wait_state(&d, "fat", "waiting", Duration::from_secs(10)).await?;
+    ensure!(
+        s["errors"]
+            .to_string()
+            .contains("--ingest-max-bitrate-kbps"),
+        "{s}"
+    );
+    let n = metric(
+        &d,
+        r#"kiln_ingest_disconnections_total{protocol="rtmp",reason="bitrate"}"#,
+    )
+    .await?;
+    ensure!(n == 1.0, "bitrate disconnections: {n}");
+    d.shutdown().await
+}
