@@ -308,56 +308,7 @@ impl Conn {
                 request_id,
                 stream_key,
                 ..
-            } => {
-                if self.publish.is_some() {
-                    return Err((
-                        Refusal::Protocol,
-                        "a second publish on one connection".into(),
-                    ));
-                }
-                // `key?query` (some encoders append parameters): the key is before `?`
-                let key = stream_key.split('?').next().unwrap_or_default();
-                match authorize(&self.sup, &self.cfg, Protocol::Rtmp, key, self.addr).await {
-                    Ok((stream, publisher)) => {
-                        self.publish = Some(Publish {
-                            session: Session::new(
-                                self.sup.clone(),
-                                stream,
-                                publisher,
-                                self.cfg.clone(),
-                            ),
-                            timeline: Timeline::default(),
-                            pending: flv::HEADER.to_vec(),
-                            started: false,
-                            since: std::time::Instant::now(),
-                        });
-                        Step::More(session.accept_request(request_id).map_err(protocol_err)?)
-                    }
-                    Err((why, detail)) => {
-                        let code = match why {
-                            Refusal::AuthDenied | Refusal::AuthError => {
-                                "NetStream.Publish.Unauthorized"
-                            }
-                            _ => "NetStream.Publish.BadName",
-                        };
-                        // the peer learns the reason's name, not the details (they may name the auth URL)
-                        let packets = session
-                            .reject_request(
-                                request_id,
-                                code,
-                                &format!("publish refused: {}", why.label()),
-                            )
-                            .map_err(protocol_err)?;
-                        for p in packets {
-                            if let ServerSessionResult::OutboundResponse(p) = p {
-                                self.write(&p.bytes).await?;
-                            }
-                        }
-                        let _ = self.sock.flush().await;
-                        return Err((why, detail));
-                    }
-                }
-            }
+            } => self.on_publish(session, request_id, &stream_key).await?,
             ServerSessionEvent::VideoDataReceived {
                 data, timestamp, ..
             } => {
@@ -383,6 +334,61 @@ impl Conn {
             }
             _ => Step::More(Vec::new()),
         })
+    }
+
+    /// A publish request: the key names a stream (or the auth URL creates one), which is claimed; otherwise the
+    /// request is refused at the protocol level and the connection ends.
+    async fn on_publish(
+        &mut self,
+        session: &mut ServerSession,
+        request_id: u32,
+        stream_key: &str,
+    ) -> Result<Step, Fail> {
+        let protocol_err =
+            |e: rml_rtmp::sessions::ServerSessionError| (Refusal::Protocol, format!("{e:?}"));
+        if self.publish.is_some() {
+            return Err((
+                Refusal::Protocol,
+                "a second publish on one connection".into(),
+            ));
+        }
+        // `key?query` (some encoders append parameters): the key is before `?`
+        let key = stream_key.split('?').next().unwrap_or_default();
+        match authorize(&self.sup, &self.cfg, Protocol::Rtmp, key, self.addr).await {
+            Ok((stream, publisher)) => {
+                self.publish = Some(Publish {
+                    session: Session::new(self.sup.clone(), stream, publisher, self.cfg.clone()),
+                    timeline: Timeline::default(),
+                    pending: flv::HEADER.to_vec(),
+                    started: false,
+                    since: std::time::Instant::now(),
+                });
+                Ok(Step::More(
+                    session.accept_request(request_id).map_err(protocol_err)?,
+                ))
+            }
+            Err((why, detail)) => {
+                let code = match why {
+                    Refusal::AuthDenied | Refusal::AuthError => "NetStream.Publish.Unauthorized",
+                    _ => "NetStream.Publish.BadName",
+                };
+                // the peer learns the reason's name, not the details (they may name the auth URL)
+                let packets = session
+                    .reject_request(
+                        request_id,
+                        code,
+                        &format!("publish refused: {}", why.label()),
+                    )
+                    .map_err(protocol_err)?;
+                for p in packets {
+                    if let ServerSessionResult::OutboundResponse(p) = p {
+                        self.write(&p.bytes).await?;
+                    }
+                }
+                let _ = self.sock.flush().await;
+                Err((why, detail))
+            }
+        }
     }
 
     /// One audio or video message of the publisher.

@@ -119,42 +119,57 @@ async fn handle(
         .get(&request.remote())
         .copied()
         .unwrap_or_else(|| request.remote());
-    let m = sup.metrics().ingest.clone();
-    let refuse = |request: ConnectionRequest, why: Refusal, detail: String| {
-        let m = m.clone();
-        async move {
-            reject(&m, Protocol::Srt, why, addr, &detail);
+    match admit(&request, &sup, &cfg, addr).await {
+        Ok((session, key_size)) => publish(session, request, key_size, &cfg).await,
+        Err((why, detail)) => {
+            reject(&sup.metrics().ingest, Protocol::Srt, why, addr, &detail);
             let _ = request.reject(reason(why)).await;
         }
-    };
+    }
+}
+
+/// Decides a connection request before it is answered: a stream id naming a publish stream that is free, from a
+/// publisher that encrypts. The stream is claimed for it.
+async fn admit(
+    request: &ConnectionRequest,
+    sup: &Arc<Supervisor>,
+    cfg: &Arc<IngestConfig>,
+    addr: SocketAddr,
+) -> Result<(Session, KeySize), (Refusal, String)> {
     let id = match request.stream_id().map(|s| SrtStreamId::parse(s.as_str())) {
         Some(Ok(id)) => id,
-        Some(Err(e)) => return refuse(request, Refusal::Protocol, e.to_string()).await,
+        Some(Err(e)) => return Err((Refusal::Protocol, e.to_string())),
         None => {
-            return refuse(
-                request,
+            return Err((
                 Refusal::UnknownStream,
                 "no stream id (use streamid=#!::r=<stream>,m=publish)".into(),
-            )
-            .await
+            ))
         }
     };
     // srt-tokio's handshake cannot answer a caller whose key size differs from ours, nor one without
     // encryption when we have a passphrase: both are refused here, before it is asked to.
     let key_size = request.key_size();
     if key_size == KeySize::Unspecified {
-        return refuse(
-            request,
+        return Err((
             Refusal::NoPassphrase,
             "the publisher did not set a passphrase".into(),
-        )
-        .await;
+        ));
     }
-    let (stream, publisher) = match authorize(&sup, &cfg, Protocol::Srt, &id.resource, addr).await {
-        Ok(c) => c,
-        Err((why, detail)) => return refuse(request, why, detail).await,
-    };
-    let mut session = Session::new(sup.clone(), stream, publisher, cfg.clone());
+    let (stream, publisher) = authorize(sup, cfg, Protocol::Srt, &id.resource, addr).await?;
+    Ok((
+        Session::new(sup.clone(), stream, publisher, cfg.clone()),
+        key_size,
+    ))
+}
+
+/// Accepts an admitted request with its stream's passphrase, starts the pipeline and feeds it until the
+/// publisher leaves or is cut off.
+async fn publish(
+    mut session: Session,
+    request: ConnectionRequest,
+    key_size: KeySize,
+    cfg: &IngestConfig,
+) {
     let passphrase = session
         .stream
         .secrets
