@@ -340,6 +340,7 @@ async fn srt_publishers_from_ffmpeg_and_srtsink_share_one_port_each_on_its_strea
                 .to_string(),
         );
     }
+    addrs.sort();
     addrs.dedup();
     ensure!(
         addrs.len() == 3,
