@@ -67,6 +67,7 @@ pub(super) fn build_mux_sink(
     sink: EventSink,
 ) -> Result<(gst::Element, gst::Element), MediaError> {
     let mux = make("cmafmux", &format!("mux-{name}"))?;
+    wait_for_data(&mux);
     mux.set_property("manual-split", true);
     mux.set_property("fragment-duration", plan.timing.segment_ns());
     // In manual-split mode the durations only feed latency reporting.
@@ -95,6 +96,40 @@ pub(super) fn build_mux_sink(
     );
     let appsink: gst::Element = appsink.upcast();
     Ok((mux, appsink))
+}
+
+/// Tells `mux` that its input is not live, so it waits for data instead of for deadlines.
+///
+/// cmafmux is an aggregator. Told its input is live, it wakes at each deadline (the next buffer's running time
+/// plus the pipeline latency) and, while no buffer has come, keeps waking at that same passed deadline without
+/// sleeping. Input later than the latency is normal for a publisher or a pulled source: ffmpeg's MPEG-TS muxer
+/// sends AAC in PES packets of up to ~0.4 s, so the audio trails the video it was captured with. An SRT publisher
+/// cost 1.6 cores that way on the 2-core test machine (three spinning muxers), and starved the viewer's browser.
+/// A muxer with one input has nothing to time out for: it only waits for the next buffer. The pipeline latency
+/// that `clocksync` paces by is unchanged, as nothing downstream of a muxer syncs to the clock.
+fn wait_for_data(mux: &gst::Element) {
+    let not_live = |pad: &gst::Pad| {
+        // PULL: the query on its way back, as the upstream peer answered it.
+        pad.add_probe(
+            gst::PadProbeType::QUERY_UPSTREAM | gst::PadProbeType::PULL,
+            |_, info| {
+                if let Some(gst::PadProbeData::Query(q)) = info.data.as_mut() {
+                    if let gst::QueryViewMut::Latency(l) = q.view_mut() {
+                        let (_, min, max) = l.result();
+                        l.set(false, min, max);
+                    }
+                }
+                gst::PadProbeReturn::Ok
+            },
+        );
+    };
+    // cmafmux has one always sink pad; a muxer that makes them on request gets the probe on each
+    mux.sink_pads().iter().for_each(not_live);
+    mux.connect_pad_added(move |_, pad| {
+        if pad.direction() == gst::PadDirection::Sink {
+            not_live(pad);
+        }
+    });
 }
 
 pub(super) fn build_video_branch(
@@ -312,4 +347,43 @@ pub(super) fn build_test_audio_source(
     src.link(audio_in)
         .map_err(|e| MediaError::Build(format!("linking the test tone: {e}")))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// live source → cmafmux; the live flag the muxer's own latency query reports.
+    fn mux_reports_live(wait: bool) -> bool {
+        let pipeline = gst::Pipeline::new();
+        let src = make("fakesrc", "src").unwrap();
+        src.set_property("is-live", true);
+        let mux = make("cmafmux", "mux").unwrap();
+        if wait {
+            wait_for_data(&mux);
+        }
+        pipeline.add_many([&src, &mux]).unwrap();
+        // no caps check: nothing flows, only the latency query goes up
+        let sink = mux.static_pad("sink").unwrap();
+        let linked = src
+            .static_pad("src")
+            .unwrap()
+            .link_full(&sink, gst::PadLinkCheck::empty());
+        linked.unwrap();
+        let mut q = gst::query::Latency::new();
+        let answered = mux.static_pad("src").unwrap().query(&mut q);
+        assert!(answered);
+        q.result().0
+    }
+
+    #[test]
+    fn a_muxer_waits_for_data_not_for_deadlines() {
+        if crate::init().is_err() {
+            eprintln!("skipping: GStreamer or kiln's plugins are missing");
+            return;
+        }
+        // the control: told the truth, cmafmux would time out on a live input
+        assert!(mux_reports_live(false));
+        assert!(!mux_reports_live(true));
+    }
 }
