@@ -13,7 +13,9 @@ for (let i = 0; i < Number(seconds); i++) {
     level: window.kilnHls.currentLevel, target: window.kilnHls.targetLatency,
     // wall clock minus the PROGRAM-DATE-TIME of the frame on screen: for a publish stream, publish-to-screen
     pdtLag: window.kilnHls.playingDate ? (Date.now() - window.kilnHls.playingDate.getTime()) / 1000 : null,
-    waiting: document.querySelector('video').readyState < 3 }));
+    waiting: document.querySelector('video').readyState < 3,
+    ahead: (v => { const b = v.buffered; return b.length ? b.end(b.length - 1) - v.currentTime : 0; })(document.querySelector('video')),
+    rate: document.querySelector('video').playbackRate }));
   if (s.t <= last) stalls++;
   last = s.t; samples.push(s);
 }
@@ -22,10 +24,13 @@ const lats = samples.map(s => s.lat).filter(x => x > 0);
 // hls.js's own stall events (bufferStalledError): each one raises its target latency (liveSyncOnStallIncrease).
 const hlsStalls = await page.evaluate(() => window.kilnErrors.filter(e => e.details === 'bufferStalledError').length);
 const pdt = samples.map(s => s.pdtLag).filter(x => x !== null && x > 0);
-const median = xs => xs.sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+const median = xs => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const result = { seconds: Number(seconds), playedTo: last, stalls, hlsStalls, targetLatency: samples.at(-1).target,
   latencySamples: lats.length, latencyLast: lats.at(-1), latencyMedian: median(lats),
-  pdtSamples: pdt.length, pdtLatencyMedian: median(pdt), pdtLatencyMax: Math.max(...pdt) };
+  pdtSamples: pdt.length, pdtLatencyMedian: median(pdt), pdtLatencyMax: Math.max(...pdt),
+  // the series, for whoever reads a failure: latency and buffer ahead each second, and every hls.js error
+  latencies: samples.map(s => s.lat && +s.lat.toFixed(2)), ahead: samples.map(s => +s.ahead.toFixed(2)), rates: samples.map(s => s.rate),
+  errors: await page.evaluate(() => window.kilnErrors.map(e => e.details)) };
 console.log(JSON.stringify(result));
 await browser.close();
 process.exit(stalls === 0 && last > Number(seconds) - 5 ? 0 : 1);

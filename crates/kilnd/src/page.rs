@@ -122,8 +122,12 @@ async function play(id) {
     // hls.js adds liveSyncOnStallIncrease (1 s by default) to its target latency for every buffer stall, for good.
     // On a low-latency stream the unit of lateness is a part: one stall (a slow start, a busy viewer machine) costs
     // one part of latency, not three.
+    // A viewer more than one segment behind its target (a slow start, a long stall) jumps back to live; within
+    // that, it catches up by playing faster. (hls.js never jumps by default: its limit is unset.)
     hls.on(Hls.Events.LEVEL_LOADED, (_, d) => {
-      if (d.details.live && d.details.partTarget) hls.config.liveSyncOnStallIncrease = d.details.partTarget;
+      if (!d.details.live || !d.details.partTarget) return;
+      hls.config.liveSyncOnStallIncrease = d.details.partTarget;
+      hls.config.liveMaxLatencyDuration = (d.details.partHoldBack || 3 * d.details.partTarget) + d.details.targetduration;
     });
     window.kilnHls = hls;
   } else if (video.canPlayType('application/vnd.apple.mpegurl')) {
