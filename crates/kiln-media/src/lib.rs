@@ -26,6 +26,7 @@ pub mod chunks;
 pub mod elements;
 pub mod pipeline;
 pub mod select;
+mod slate;
 mod source;
 pub mod vod;
 
@@ -36,7 +37,7 @@ use gst::prelude::*;
 use bytes::Bytes;
 pub use kiln_llhls::PartIn;
 pub use pipeline::{BuildOptions, FrameStats, LivePipeline, RenditionFrames};
-pub use source::{ByteFeed, SizeLimit};
+pub use source::{input_of, ByteFeed, InputKind, SizeLimit};
 
 /// Something the pipeline reports.
 #[derive(Debug, Clone)]
@@ -66,6 +67,12 @@ pub enum MediaEvent {
     },
     /// Every branch has drained after an EOS.
     Eos,
+    /// A publisher's bytes ended (it disconnected). The stream goes on; what feeds it next is the daemon's call
+    /// ([`crate::LivePipeline::switch_to_slate`]). `input`: the source's generation (1 for the first; see
+    /// [`crate::LivePipeline::switch_to_source`]).
+    SourceEnded { input: u64 },
+    /// An input took over the stream at its first frame (the slate, or a source of that generation).
+    InputSwitched { input: u64, kind: InputKind },
 }
 
 /// Where a pipeline delivers its events. Called from GStreamer streaming threads: it must not block for long.

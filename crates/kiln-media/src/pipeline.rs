@@ -69,11 +69,29 @@ impl BuildOptions {
 pub struct LivePipeline {
     pipeline: gst::Pipeline,
     clock: gst::Clock,
-    /// The decoupled pipeline of an encoded source (files, URLs).
-    source: Option<crate::source::EncodedSource>,
+    /// An encoded source's entry points and its inputs: the source's own pipeline, and the slate's while the
+    /// source is gone (retired inputs are stopped at the next switch).
+    inputs: Option<Inputs>,
     /// Frames that entered the video tee (the source's frame rate, after decoding).
     input_frames: Arc<std::sync::atomic::AtomicU64>,
     video_names: Vec<String>,
+}
+
+/// The inputs of a stream with an encoded source, and what it takes to build another.
+struct Inputs {
+    entry: Arc<crate::source::Entry>,
+    running: Mutex<Vec<crate::source::EncodedSource>>,
+    plan: StreamPlan,
+    sink: EventSink,
+}
+
+impl std::fmt::Debug for Inputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inputs")
+            .field("entry", &self.entry)
+            .field("running", &self.running)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Frame counters of one video rendition since the pipeline started (from its videorate).
@@ -141,7 +159,7 @@ impl LivePipeline {
             )?),
             None => None,
         };
-        let mut source = None;
+        let mut inputs = None;
         match &plan.source {
             Source::Test { pattern } => {
                 if let Some(tee) = &tee {
@@ -156,14 +174,15 @@ impl LivePipeline {
             | Source::Rtsp(_)
             | Source::Http(_)
             | Source::Publish => {
-                source = Some(crate::source::EncodedSource::build(
-                    &pipeline,
-                    plan,
-                    opts,
-                    tee.as_ref(),
-                    audio_in.as_ref(),
-                    sink.clone(),
-                )?);
+                let entry =
+                    crate::source::Entry::build(&pipeline, tee.as_ref(), audio_in.as_ref())?;
+                let first = crate::source::EncodedSource::build(&entry, plan, opts, sink.clone())?;
+                inputs = Some(Inputs {
+                    entry,
+                    running: Mutex::new(vec![first]),
+                    plan: plan.clone(),
+                    sink: sink.clone(),
+                });
             }
         }
 
@@ -197,7 +216,7 @@ impl LivePipeline {
         Ok(Self {
             pipeline,
             clock,
-            source,
+            inputs,
             input_frames,
             video_names: plan.video.iter().map(|v| v.name.clone()).collect(),
         })
@@ -224,8 +243,10 @@ impl LivePipeline {
             .map_err(|e| MediaError::Start(e.to_string()))?;
         // An encoded source starts at position 0: on a continued timeline its frames are moved to "now" so the
         // pacing (clocksync) neither bursts nor stalls.
-        if let Some(src) = &self.source {
-            src.start(self.clock.time().saturating_sub(base).nseconds())?;
+        if let Some(i) = &self.inputs {
+            if let Some(first) = i.running.lock().first() {
+                first.start(self.clock.time().saturating_sub(base).nseconds())?;
+            }
         }
         Ok(base.mseconds() as i64)
     }
@@ -257,8 +278,82 @@ impl LivePipeline {
         // The stream pipeline first: its appsrcs go flushing, which releases a source thread blocked on a full
         // appsrc (stopping the source first could wait on it forever).
         let _ = self.pipeline.set_state(gst::State::Null);
-        if let Some(src) = &self.source {
-            src.stop();
+        if let Some(i) = &self.inputs {
+            for input in i.running.lock().drain(..) {
+                input.stop();
+            }
+        }
+    }
+
+    /// Puts the slate on: it takes over at its first frame, right after the source's last one, and the
+    /// renditions go on at real time with the same encoders. A no-op when the slate is on already (a source
+    /// that was about to take over is dropped). `Err` for a stream without an encoded source.
+    pub fn switch_to_slate(&self) -> Result<(), MediaError> {
+        let i = self.switchable()?;
+        let slate = if i.entry.on_slate() {
+            None
+        } else {
+            let s = crate::slate::build(&i.entry, &i.plan, i.sink.clone())?;
+            s.start(0)?;
+            Some(s)
+        };
+        self.keep_only(i, slate);
+        Ok(())
+    }
+
+    /// Starts a new source (a publisher's new session: `opts` carries its bytes) that takes over at its first
+    /// decoded frame, placed right after the last frame in (the slate's). Until then the slate stays on. Any
+    /// other input that was waiting to take over is dropped.
+    /// Returns the new source's generation (the first source's is 1), which its events and errors carry.
+    pub fn switch_to_source(&self, opts: &BuildOptions) -> Result<u64, MediaError> {
+        let i = self.switchable()?;
+        let s = crate::source::EncodedSource::build(&i.entry, &i.plan, opts, i.sink.clone())?;
+        s.start(0)?;
+        let generation = s.state.generation;
+        self.keep_only(i, Some(s));
+        Ok(generation)
+    }
+
+    /// What feeds the stream now (`None`: a test source, built into the stream pipeline).
+    pub fn input(&self) -> Option<crate::InputKind> {
+        let i = self.inputs.as_ref()?;
+        Some(if i.entry.on_slate() {
+            crate::InputKind::Slate
+        } else {
+            crate::InputKind::Source
+        })
+    }
+
+    /// How long since the input on air last handed over a frame (`None` before its first, or for a test source).
+    pub fn since_last_frame(&self) -> Option<std::time::Duration> {
+        self.inputs.as_ref()?.entry.since_last_frame()
+    }
+
+    fn switchable(&self) -> Result<&Inputs, MediaError> {
+        self.inputs
+            .as_ref()
+            .ok_or_else(|| MediaError::Start("a test source has no other input".into()))
+    }
+
+    /// Stops every input but the one on air and `new`, which joins them.
+    fn keep_only(&self, i: &Inputs, new: Option<crate::source::EncodedSource>) {
+        let mut running = i.running.lock();
+        let (keep, stop): (Vec<_>, Vec<_>) = running
+            .drain(..)
+            .partition(|s| s.state.generation == i.entry.current());
+        *running = keep;
+        running.extend(new);
+        drop(running);
+        if stop.is_empty() {
+            return;
+        }
+        // Off the caller's thread: stopping waits for the input's streaming threads, which may be waiting on the
+        // caller's runtime to take their last events.
+        let stopped = std::thread::Builder::new()
+            .name("kiln-input-stop".into())
+            .spawn(move || stop.iter().for_each(|s| s.stop()));
+        if let Err(e) = stopped {
+            tracing::warn!(error = %e, "no thread to stop a retired input: its pipeline is dropped unstopped");
         }
     }
 

@@ -1,18 +1,24 @@
-//! Encoded sources (files, URLs) in a pipeline of their own.
+//! Encoded sources (files, URLs, publishers) in pipelines of their own, and the slate that stands in for a lost one.
 //!
 //! ```text
 //! source pipeline:  filesrc | urisourcebin → parsebin ─┬ queue → decoder (selection table) → videoconvert → appsink
 //!                                                      └ queue → decodebin → audioconvert → appsink
-//! stream pipeline:  appsrc → clocksync (pacing) → tee / audio branch …
+//! slate pipeline:   videotestsrc → textoverlay → appsink,  audiotestsrc (silence) → appsink
+//! stream pipeline:  appsrc → clocksync (pacing) → tee / audio branch …     (the entry points, [`Entry`])
 //! ```
 //! The appsinks hand each decoded frame to the stream pipeline's appsrcs with its timestamp moved onto the
-//! stream's timeline: running time in the source pipeline + an offset. The offset starts at "now" on a continued
-//! timeline (a rebuild) and, for a looping file, grows by the loop's length each time the file ends; the source
-//! pipeline then seeks back to 0 with a flush that stays inside it. The stream pipeline sees one segment, no
-//! flush and no EOS until a URL source really ends. Back-pressure: the appsrcs block when full, so the source
-//! runs only as fast as the pacers let frames through.
+//! stream's timeline: running time in the input's pipeline + the input's offset. The first input's offset starts
+//! at "now" on a continued timeline (a rebuild) and, for a looping file, grows by the loop's length each time the
+//! file ends; the source pipeline then seeks back to 0 with a flush that stays inside it. The stream pipeline sees
+//! one segment, no flush and no EOS until a URL source really ends. Back-pressure: the appsrcs block when full, so
+//! an input runs only as fast as the pacers let frames through.
+//!
+//! Inputs are switchable without touching the encoders: a later input (the slate when the source is lost, a new
+//! source when a publisher comes back) takes over at its first frame, which is placed right after the last frame
+//! already in. One timeline, monotonic timestamps, no gap; the frames of a retired input are refused, which stops
+//! its pipeline's streaming threads.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -25,11 +31,11 @@ use crate::elements::{make, make_dyn};
 use crate::select::{InputCodec, Registry};
 use crate::{EventSink, MediaError, MediaEvent};
 
-/// The source pipeline and the stream pipeline's entry points.
+/// One input's pipeline (a source, or the slate) and what its frames need on their way into the [`Entry`].
 #[derive(Debug)]
 pub(crate) struct EncodedSource {
     pipeline: gst::Pipeline,
-    state: Arc<Shared>,
+    pub(crate) state: Arc<Shared>,
     /// An `http(s)` source's appsrc and the feed that fills it (started with the pipeline).
     feed: Option<Feed>,
 }
@@ -230,17 +236,282 @@ fn pump(src: gst_app::AppSrc, feed: ByteFeed, sink: EventSink) {
     }
 }
 
-#[derive(Debug)]
-struct Shared {
+/// The generation of the source input an element belongs to, from its path (`/kiln-<id>-source-<n>/…`): `None`
+/// for an element of the stream pipeline or of the slate.
+pub fn input_of(element_path: &str, stream_id: &str) -> Option<u64> {
+    let rest = element_path.strip_prefix(&format!("/kiln-{stream_id}-source-"))?;
+    rest.split('/').next()?.parse().ok()
+}
+
+/// How far a later input's first sound may be moved to join the sound before it (see `Shared::audio_offset`).
+const AUDIO_SNAP_NS: i64 = 100_000_000;
+
+/// What an input is, for the stream's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    /// The stream's own source (a file, a URL, a publisher).
+    Source,
+    /// The picture and silence that stand in while the source is gone.
+    Slate,
+}
+
+/// One input's state, shared by its pipeline's callbacks.
+pub(crate) struct Shared {
+    pub(crate) kind: InputKind,
+    /// Takes over the entry points when this is above the current generation (see [`Entry::push`]).
+    pub(crate) generation: u64,
     looping: bool,
-    /// Added to every frame's running time.
-    offset_ns: AtomicU64,
+    /// A publisher's source: its end is the source's loss ([`MediaEvent::SourceEnded`]), not the stream's end.
+    switchable: bool,
+    /// Added to every frame's running time (negative when a later input's clock is ahead of the stream's).
+    offset_ns: AtomicI64,
     /// End of the current loop (running time in the source pipeline, before the offset).
     loop_end_ns: AtomicU64,
-    video_out: Option<gst_app::AppSrc>,
-    audio_out: Option<gst_app::AppSrc>,
+    pub(crate) entry: Arc<Entry>,
     /// (video linked, audio linked)
     linked: Mutex<(bool, bool)>,
+    /// Set when the input's pipeline stops (a waiting frame gives up).
+    stopped: AtomicBool,
+    /// A later input's audio offset, once its first sound was placed (`i64::MIN`: not yet; the first input's
+    /// audio always uses `offset_ns`).
+    audio_offset_ns: AtomicI64,
+    snap_audio: bool,
+    /// Where its takeover is reported.
+    sink: EventSink,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("kind", &self.kind)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(
+        kind: InputKind,
+        entry: &Arc<Entry>,
+        looping: bool,
+        switchable: bool,
+        sink: EventSink,
+    ) -> Self {
+        let generation = entry.next_generation.fetch_add(1, Ordering::SeqCst);
+        Self {
+            kind,
+            generation,
+            looping,
+            switchable,
+            offset_ns: AtomicI64::new(0),
+            loop_end_ns: AtomicU64::new(0),
+            entry: entry.clone(),
+            linked: Mutex::new((false, false)),
+            stopped: AtomicBool::new(false),
+            audio_offset_ns: AtomicI64::new(i64::MIN),
+            snap_audio: generation != entry.current.load(Ordering::SeqCst),
+            sink,
+        }
+    }
+
+    /// The offset of this input's audio at running time `rt`, given where the stream's sound ends (`track`). A
+    /// later input's first sound is moved by at most [`AUDIO_SNAP_NS`] to start exactly where the sound before it
+    /// ended: the audio encoders see no gap or overlap, so AAC frames and `tfdt` stay continuous. That shifts the
+    /// input's sound against its picture by under a frame of either; a larger gap is the input's own and stays.
+    fn audio_offset(&self, rt: u64, track: &Track) -> i64 {
+        let common = self.offset_ns.load(Ordering::SeqCst);
+        if !self.snap_audio {
+            return common;
+        }
+        match self.audio_offset_ns.load(Ordering::SeqCst) {
+            i64::MIN => {
+                let want = rt as i64 + common;
+                let end = track.end as i64;
+                let offset = if track.start.is_some() && (want - end).abs() < AUDIO_SNAP_NS {
+                    end - rt as i64
+                } else {
+                    common
+                };
+                self.audio_offset_ns.store(offset, Ordering::SeqCst);
+                offset
+            }
+            offset => offset,
+        }
+    }
+
+    /// Whether this input feeds the stream or may still take over (not retired).
+    pub(crate) fn live(&self) -> bool {
+        self.generation >= self.entry.current.load(Ordering::SeqCst)
+    }
+}
+
+/// Where the last frame of one kind went: its start and end on the stream's timeline.
+#[derive(Debug, Default)]
+struct Track {
+    start: Option<u64>,
+    end: u64,
+}
+
+/// The stream pipeline's entry points (appsrc → clocksync into the tee and the audio branch), fed by one input at
+/// a time. The first input is current from the start; a later one takes over at its first frame.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) video_out: Option<gst_app::AppSrc>,
+    pub(crate) audio_out: Option<gst_app::AppSrc>,
+    /// The generation of the input that feeds the entry points.
+    current: AtomicU64,
+    next_generation: AtomicU64,
+    /// Whether the current input is the slate.
+    on_slate: AtomicBool,
+    /// Each held while its appsrc is pushed to, so a takeover never lands between another input's frame and its
+    /// push. Lock order: video, then audio.
+    video: Mutex<Track>,
+    audio: Mutex<Track>,
+    /// When the current input last pushed a frame.
+    last_frame: Mutex<Option<std::time::Instant>>,
+    /// Notified when an input takes over.
+    switched: parking_lot::Condvar,
+    switch_lock: Mutex<()>,
+}
+
+impl Entry {
+    /// appsrc → clocksync into `tee` (video) and `audio_in` (audio) where the plan has them.
+    pub(crate) fn build(
+        stream: &gst::Pipeline,
+        tee: Option<&gst::Element>,
+        audio_in: Option<&gst::Element>,
+    ) -> Result<Arc<Self>, MediaError> {
+        let entry =
+            |name: &str, pace: &str, next: &gst::Element| -> Result<gst_app::AppSrc, MediaError> {
+                let src = appsrc(name);
+                let clocksync = make("clocksync", pace)?;
+                stream.add_many([src.upcast_ref::<gst::Element>(), &clocksync])?;
+                gst::Element::link_many([src.upcast_ref::<gst::Element>(), &clocksync, next])
+                    .map_err(|e| MediaError::Build(format!("linking {name}: {e}")))?;
+                Ok(src)
+            };
+        Ok(Arc::new(Self {
+            video_out: tee.map(|t| entry("vin", "vpace", t)).transpose()?,
+            audio_out: audio_in.map(|a| entry("ain", "apace", a)).transpose()?,
+            current: AtomicU64::new(1),
+            next_generation: AtomicU64::new(1),
+            on_slate: AtomicBool::new(false),
+            video: Mutex::new(Track::default()),
+            audio: Mutex::new(Track::default()),
+            last_frame: Mutex::new(None),
+            switched: parking_lot::Condvar::new(),
+            switch_lock: Mutex::new(()),
+        }))
+    }
+
+    /// The generation of the input on air.
+    pub(crate) fn current(&self) -> u64 {
+        self.current.load(Ordering::SeqCst)
+    }
+
+    /// Whether the slate feeds the stream now.
+    pub(crate) fn on_slate(&self) -> bool {
+        self.on_slate.load(Ordering::SeqCst)
+    }
+
+    /// How long since the current input's last frame (`None` before its first).
+    pub(crate) fn since_last_frame(&self) -> Option<std::time::Duration> {
+        self.last_frame.lock().map(|t| t.elapsed())
+    }
+
+    /// The slate's sound waits for its picture to take over: it is not live, and dropped until then it would
+    /// run ahead of the stream's clock by as much as it could make in the meantime.
+    fn wait_for_takeover(&self, input: &Shared) -> Result<(), gst::FlowError> {
+        let mut g = self.switch_lock.lock();
+        while input.generation > self.current.load(Ordering::SeqCst) {
+            if input.stopped.load(Ordering::SeqCst) {
+                return Err(gst::FlowError::Flushing);
+            }
+            self.switched
+                .wait_for(&mut g, std::time::Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Pushes a frame of `input` at running time `rt` (in the input's pipeline) onto the stream's timeline.
+    /// A retired input gets `Eos`, which stops its streaming thread. A newer input takes over at its first frame
+    /// (video, or audio in an audio-only stream; its audio before that is dropped): its offset places that frame
+    /// right after the last frame of either kind already in. A frame that would go backwards (audio that started
+    /// before the takeover point) is dropped.
+    fn push(
+        &self,
+        input: &Shared,
+        video: bool,
+        mut buf: gst::Buffer,
+        rt: u64,
+        caps: Option<&gst::CapsRef>,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let (out, track) = if video {
+            (&self.video_out, &self.video)
+        } else {
+            (&self.audio_out, &self.audio)
+        };
+        let Some(out) = out else {
+            return Ok(gst::FlowSuccess::Ok);
+        };
+        if !video && input.kind == InputKind::Slate && self.video_out.is_some() {
+            self.wait_for_takeover(input)?;
+        }
+        let mut track = track.lock();
+        let current = self.current.load(Ordering::SeqCst);
+        if input.generation < current {
+            return Err(gst::FlowError::Eos);
+        }
+        if input.generation > current {
+            if !video && self.video_out.is_some() {
+                return Ok(gst::FlowSuccess::Ok);
+            }
+            let other = if video { self.audio.lock().end } else { 0 };
+            let start = track.end.max(other);
+            input
+                .offset_ns
+                .store(start as i64 - rt as i64, Ordering::SeqCst);
+            {
+                let _g = self.switch_lock.lock();
+                self.current.store(input.generation, Ordering::SeqCst);
+                self.switched.notify_all();
+            }
+            self.on_slate
+                .store(input.kind == InputKind::Slate, Ordering::SeqCst);
+            tracing::info!(input = ?input.kind, at_ns = start, "input switched");
+            (input.sink)(MediaEvent::InputSwitched {
+                input: input.generation,
+                kind: input.kind,
+            });
+        }
+        let offset = if video {
+            input.offset_ns.load(Ordering::SeqCst)
+        } else {
+            input.audio_offset(rt, &track)
+        };
+        let pts = (rt as i64 + offset).max(0) as u64;
+        if track.start.is_some_and(|s| pts <= s) {
+            return Ok(gst::FlowSuccess::Ok);
+        }
+        let duration = buf.duration().map_or(0, |d| d.nseconds());
+        *track = Track {
+            start: Some(pts),
+            end: pts + duration,
+        };
+        {
+            let b = buf.make_mut();
+            b.set_pts(gst::ClockTime::from_nseconds(pts));
+            b.set_dts(gst::ClockTime::NONE);
+        }
+        // the current input's caps (a switch brings the other input's format; the branches adapt)
+        if let Some(caps) = caps {
+            if out.caps().as_deref() != Some(caps) {
+                out.set_caps(Some(&caps.to_owned()));
+            }
+        }
+        *self.last_frame.lock() = Some(std::time::Instant::now());
+        out.push_buffer(buf).map(|_| gst::FlowSuccess::Ok)
+    }
 }
 
 fn appsrc(name: &str) -> gst_app::AppSrc {
@@ -254,33 +525,27 @@ fn appsrc(name: &str) -> gst_app::AppSrc {
 }
 
 impl EncodedSource {
-    /// Builds the source pipeline and, in the stream pipeline, appsrc → clocksync into `tee` (video) and
-    /// `audio_in` (audio) where the plan has them.
+    /// Builds a source's pipeline, feeding `entry`: the stream's first input (`generation` current from the start)
+    /// or a later one that takes over at its first frame.
     // Long by design: one linear element graph per source kind (test, file, URL) with its pad-linking callbacks.
     pub(crate) fn build(
-        stream: &gst::Pipeline,
+        entry: &Arc<Entry>,
         plan: &StreamPlan,
         opts: &crate::BuildOptions,
-        tee: Option<&gst::Element>,
-        audio_in: Option<&gst::Element>,
         sink: EventSink,
     ) -> Result<Self, MediaError> {
-        let entry =
-            |name: &str, pace: &str, next: &gst::Element| -> Result<gst_app::AppSrc, MediaError> {
-                let src = appsrc(name);
-                let clocksync = make("clocksync", pace)?;
-                stream.add_many([src.upcast_ref::<gst::Element>(), &clocksync])?;
-                gst::Element::link_many([src.upcast_ref::<gst::Element>(), &clocksync, next])
-                    .map_err(|e| MediaError::Build(format!("linking {name}: {e}")))?;
-                Ok(src)
-            };
-        let video_out = tee.map(|t| entry("vin", "vpace", t)).transpose()?;
-        let audio_out = audio_in.map(|a| entry("ain", "apace", a)).transpose()?;
-
+        let state = Arc::new(Shared::new(
+            InputKind::Source,
+            entry,
+            matches!(plan.source, Source::File { .. }),
+            matches!(plan.source, Source::Publish),
+            sink.clone(),
+        ));
         let registry = opts.registry.clone();
         let decode_gpu = opts.decode_gpu;
         let size_limit = opts.size_limit;
-        let pipeline = gst::Pipeline::with_name(&format!("kiln-{}-source", plan.id));
+        let pipeline =
+            gst::Pipeline::with_name(&format!("kiln-{}-source-{}", plan.id, state.generation));
         let (src, feed) = source_element(plan, opts)?;
         let parse = make("parsebin", "parse")?;
         refuse_playlists(&parse, sink.clone());
@@ -298,15 +563,6 @@ impl EncodedSource {
                 }
             });
         }
-        let state = Arc::new(Shared {
-            looping: matches!(plan.source, Source::File { .. }),
-            offset_ns: AtomicU64::new(0),
-            loop_end_ns: AtomicU64::new(0),
-            video_out,
-            audio_out,
-            linked: Mutex::new((false, false)),
-        });
-
         let weak = pipeline.downgrade();
         let feed = feed.and_then(|f| {
             Some(Feed(
@@ -327,9 +583,9 @@ impl EncodedSource {
                 .map(|s| s.name().to_string())
                 .unwrap_or_default();
             let result = if name.starts_with("video/") {
-                let Some(out) = st.video_out.clone() else {
+                if st.entry.video_out.is_none() {
                     return; // audio-only stream: the source's video is not used
-                };
+                }
                 {
                     let mut l = st.linked.lock();
                     if l.0 {
@@ -343,15 +599,14 @@ impl EncodedSource {
                     &name,
                     &registry,
                     decode_gpu,
-                    out,
                     st.clone(),
                     size_limit,
                     &err_sink,
                 )
             } else if name.starts_with("audio/") {
-                let Some(out) = st.audio_out.clone() else {
+                if st.entry.audio_out.is_none() {
                     return;
-                };
+                }
                 {
                     let mut l = st.linked.lock();
                     if l.1 {
@@ -359,7 +614,7 @@ impl EncodedSource {
                     }
                     l.1 = true;
                 }
-                link_audio(&pipeline, pad, out, st.clone())
+                link_audio(&pipeline, pad, st.clone())
             } else {
                 Ok(())
             };
@@ -375,7 +630,10 @@ impl EncodedSource {
         let no_more_sink = sink.clone();
         parse.connect_no_more_pads(move |p| {
             let l = st.linked.lock();
-            let missing = match (st.video_out.is_some() && !l.0, st.audio_out.is_some() && !l.1) {
+            let missing = match (
+                st.entry.video_out.is_some() && !l.0,
+                st.entry.audio_out.is_some() && !l.1,
+            ) {
                 (true, _) => Some("the source has no video stream kiln can decode"),
                 (false, true) => Some(
                     "the source has no audio stream: request `\"audio\": {\"enabled\": false}` for a video-only stream",
@@ -400,14 +658,19 @@ impl EncodedSource {
             .set_sync_handler(move |_, msg| {
                 use gst::MessageView;
                 match msg.view() {
+                    // a retired input's troubles are no longer the stream's
+                    _ if !st.live() => {}
                     MessageView::Error(e) => sink(MediaEvent::Error {
                         element: msg.src().map(|s| s.path_string().to_string()),
                         message: e.error().to_string(),
                         debug: e.debug().map(|d| d.to_string()),
                     }),
+                    MessageView::Eos(_) if st.switchable => sink(MediaEvent::SourceEnded {
+                        input: st.generation,
+                    }),
                     MessageView::Eos(_) if st.looping => {
                         let end = st.loop_end_ns.swap(0, Ordering::SeqCst);
-                        st.offset_ns.fetch_add(end, Ordering::SeqCst);
+                        st.offset_ns.fetch_add(end as i64, Ordering::SeqCst);
                         if let Some(p) = weak.upgrade() {
                             p.call_async(|p| {
                                 if p.seek_simple(
@@ -424,7 +687,7 @@ impl EncodedSource {
                         }
                     }
                     MessageView::Eos(_) => {
-                        for out in st.video_out.iter().chain(st.audio_out.iter()) {
+                        for out in st.entry.video_out.iter().chain(st.entry.audio_out.iter()) {
                             let _ = out.end_of_stream();
                         }
                     }
@@ -439,9 +702,21 @@ impl EncodedSource {
         })
     }
 
-    /// Starts the source; frames get `offset_ns` added (0 for a new stream, "now" on a continued timeline).
+    /// An input whose pipeline is built already (the slate).
+    pub(crate) fn from_parts(pipeline: gst::Pipeline, state: Arc<Shared>) -> Self {
+        Self {
+            pipeline,
+            state,
+            feed: None,
+        }
+    }
+
+    /// Starts the input; the first input's frames get `offset_ns` added (0 for a new stream, "now" on a continued
+    /// timeline), a later input's offset is set when it takes over.
     pub(crate) fn start(&self, offset_ns: u64) -> Result<(), MediaError> {
-        self.state.offset_ns.store(offset_ns, Ordering::SeqCst);
+        self.state
+            .offset_ns
+            .store(offset_ns as i64, Ordering::SeqCst);
         self.pipeline
             .set_state(gst::State::Playing)
             .map_err(|e| MediaError::Start(format!("the source pipeline: {e}")))?;
@@ -455,29 +730,23 @@ impl EncodedSource {
     }
 
     pub(crate) fn stop(&self) {
+        self.state.stopped.store(true, Ordering::SeqCst);
         let _ = self.pipeline.set_state(gst::State::Null);
     }
 }
 
 /// appsink → the stream pipeline's appsrc, moving each frame onto the stream's timeline.
-fn bridge(name: &str, out: gst_app::AppSrc, state: Arc<Shared>) -> gst::Element {
+/// appsink → the stream's entry point (`video` or audio), moving each frame onto the stream's timeline.
+pub(crate) fn bridge(name: &str, video: bool, state: Arc<Shared>) -> gst::Element {
     // async=false: this sink is added while the source pipeline is already playing. An async sink would take the
     // pipeline back to PAUSED until it prerolls, and a live source (SRT, RTSP) produces nothing in PAUSED: the
     // stream would wait forever for its first frame.
     let appsink = gst_app::AppSink::builder().name(name).sync(false).build();
     appsink.set_property("async", false);
-    let caps_set = std::sync::atomic::AtomicBool::new(false);
     appsink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
             .new_sample(move |s| {
                 let sample = s.pull_sample().map_err(|_| gst::FlowError::Eos)?;
-                if let Some(caps) = sample.caps() {
-                    if !caps_set.swap(true, Ordering::SeqCst)
-                        || out.caps().as_ref() != Some(&caps.to_owned())
-                    {
-                        out.set_caps(Some(&caps.to_owned()));
-                    }
-                }
                 let Some(buf) = sample.buffer_owned() else {
                     return Ok(gst::FlowSuccess::Ok);
                 };
@@ -492,15 +761,9 @@ fn bridge(name: &str, out: gst_app::AppSrc, state: Arc<Shared>) -> gst::Element 
                 };
                 let end = rt.nseconds() + buf.duration().map_or(0, |d| d.nseconds());
                 state.loop_end_ns.fetch_max(end, Ordering::SeqCst);
-                let mut buf = buf;
-                {
-                    let b = buf.make_mut();
-                    b.set_pts(gst::ClockTime::from_nseconds(
-                        rt.nseconds() + state.offset_ns.load(Ordering::SeqCst),
-                    ));
-                    b.set_dts(gst::ClockTime::NONE);
-                }
-                out.push_buffer(buf).map(|_| gst::FlowSuccess::Ok)
+                state
+                    .entry
+                    .push(&state, video, buf, rt.nseconds(), sample.caps())
             })
             .build(),
     );
@@ -624,7 +887,6 @@ fn link_video(
     caps_name: &str,
     registry: &Registry,
     decode_gpu: Option<u32>,
-    out: gst_app::AppSrc,
     state: Arc<Shared>,
     limit: Option<SizeLimit>,
     sink: &EventSink,
@@ -653,7 +915,7 @@ fn link_video(
                 .field("format", gst::List::new(["I420", "NV12"]))
                 .build(),
         )?,
-        bridge("vout", out, state),
+        bridge("vout", true, state),
     ];
     add_chain(pipeline, pad, &chain)
 }
@@ -661,13 +923,12 @@ fn link_video(
 fn link_audio(
     pipeline: &gst::Pipeline,
     pad: &gst::Pad,
-    out: gst_app::AppSrc,
     state: Arc<Shared>,
 ) -> Result<(), MediaError> {
     let q = make("queue", "adec-q")?;
     let dec = make("decodebin", "adec")?;
     let conv = make("audioconvert", "adec-convert")?;
-    let appsink = bridge("aout", out, state);
+    let appsink = bridge("aout", false, state);
     pipeline.add_many([&q, &dec, &conv, &appsink])?;
     q.link(&dec)
         .map_err(|e| MediaError::Build(format!("linking the audio decoder: {e}")))?;

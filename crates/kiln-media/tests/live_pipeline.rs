@@ -173,13 +173,8 @@ fn parts_are_legal_and_aligned() {
     }
 }
 
-/// A `file://` source: demuxed, decoded by the decoder the selection table picks (the CPU here), paced at real
-/// time, looped without a break in the timeline. A 2.5 s clip runs for three loops.
-#[test]
-fn file_source_loops_on_one_paced_timeline() {
-    kiln_media::init().expect("GStreamer");
-    let dir = std::env::temp_dir().join(format!("kiln-media-file-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// A 2.5 s H.264 + AAC clip (320x180, 30 fps, a GOP of 0.5 s) in `dir`.
+fn clip(dir: &std::path::Path) -> std::path::PathBuf {
     let clip = dir.join("clip.mp4");
     let st = std::process::Command::new("ffmpeg")
         .args([
@@ -208,6 +203,17 @@ fn file_source_loops_on_one_paced_timeline() {
         .status()
         .expect("ffmpeg runs");
     assert!(st.success());
+    clip
+}
+
+/// A `file://` source: demuxed, decoded by the decoder the selection table picks (the CPU here), paced at real
+/// time, looped without a break in the timeline. A 2.5 s clip runs for three loops.
+#[test]
+fn file_source_loops_on_one_paced_timeline() {
+    kiln_media::init().expect("GStreamer");
+    let dir = std::env::temp_dir().join(format!("kiln-media-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let clip = clip(&dir);
     let mut plan = plan();
     plan.source = kiln_model::Source::parse("file:///clip.mp4").unwrap();
     let registry = std::sync::Arc::new(kiln_media::select::Registry::probe().unwrap());
@@ -251,6 +257,76 @@ fn file_source_loops_on_one_paced_timeline() {
     }
     assert!(video.iter().filter(|p| p.starts_segment).count() >= 4);
     assert!(audio > 10, "audio parts: {audio}");
+    drop(p);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A lost source gives way to the slate and a new source takes over from the slate, on one timeline: every
+/// rendition's parts follow each other without a gap or an overlap across both switches, the media stays paced at
+/// real time, and the pipeline says which input is on air.
+#[test]
+fn the_slate_stands_in_for_a_lost_source_on_one_timeline() {
+    kiln_media::init().expect("GStreamer");
+    let dir = std::env::temp_dir().join(format!("kiln-media-slate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut plan = plan();
+    plan.source = kiln_model::Source::parse("file:///clip.mp4").unwrap();
+    let registry = std::sync::Arc::new(kiln_media::select::Registry::probe().unwrap());
+    let mut opts = kiln_media::BuildOptions::cpu(registry).unwrap();
+    opts.file = Some(clip(&dir));
+    let (sink, rx) = channel_sink();
+    let p = LivePipeline::build_with(&plan, &opts, sink).expect("pipeline builds");
+    let t0 = Instant::now();
+    p.start().expect("pipeline starts");
+    assert_eq!(p.input(), Some(kiln_media::InputKind::Source));
+    let mut parts: BTreeMap<usize, Vec<PartIn>> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let video_s = |parts: &BTreeMap<usize, Vec<PartIn>>| {
+        parts
+            .get(&0)
+            .map_or(0, |v| v.iter().map(|p| p.duration_ns).sum::<u64>()) as f64
+            / 1e9
+    };
+    let mut switched = (false, false);
+    while video_s(&parts) < 9.0 {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(MediaEvent::Part {
+                rendition, part, ..
+            }) => parts.entry(rendition).or_default().push(part),
+            Ok(MediaEvent::Error {
+                element, message, ..
+            }) => panic!("{element:?}: {message}"),
+            Ok(_) => {}
+            Err(e) => panic!("no 9 s of media in 40 s: {e}"),
+        }
+        if !switched.0 && video_s(&parts) >= 3.0 {
+            p.switch_to_slate().expect("the slate starts");
+            switched.0 = true;
+        }
+        if !switched.1 && video_s(&parts) >= 6.0 {
+            assert_eq!(p.input(), Some(kiln_media::InputKind::Slate));
+            p.switch_to_source(&opts).expect("a new source starts");
+            switched.1 = true;
+        }
+    }
+    assert_eq!(p.input(), Some(kiln_media::InputKind::Source));
+    let wall = t0.elapsed().as_secs_f64();
+    assert!(
+        video_s(&parts) <= wall + 0.5,
+        "{:.2} s of media in {wall:.2} s: not paced",
+        video_s(&parts)
+    );
+    for (r, v) in &parts {
+        for w in v.windows(2) {
+            let end = w[0].start_ns + w[0].duration_ns;
+            assert!(
+                w[1].start_ns.abs_diff(end) < 2_000_000,
+                "rendition {r}: timeline break: part ends {end}, next starts {}",
+                w[1].start_ns
+            );
+        }
+        assert!(v.len() > 10, "rendition {r}: {} parts", v.len());
+    }
     drop(p);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -79,6 +79,27 @@ pub struct StreamStatus {
     /// else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingest: Option<crate::ingest::IngestInfo>,
+    /// A `publish:` stream's resilience: what is on air, and how often the source was lost and came back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resilience: Option<Resilience>,
+}
+
+/// What feeds a running stream and its history of losses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resilience {
+    /// What is on air: `source`, `slate`, or `none` (no pipeline: waiting for the first publisher).
+    pub active_input: String,
+    /// Unix milliseconds since when the slate is on (while it is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slate_since_unix_ms: Option<u64>,
+    /// When the stream ends if no publisher comes back (while the slate is on and the window is not 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ends_at_unix_ms: Option<u64>,
+    pub source_losses: u64,
+    pub reconnects: u64,
+    /// Seconds on the slate in all, the current stretch included.
+    pub slate_seconds: f64,
+    pub on_source_loss: crate::stream::SourceLoss,
 }
 
 /// One rebuild of a stream's pipeline after its encoder failed.

@@ -244,6 +244,59 @@ pub struct StreamRequest {
     /// A `publish:` stream's key and passphrase, when the caller chooses them (else generated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingest: Option<crate::ingest::IngestRequest>,
+    /// What a `publish:` stream does when its publisher goes (default: the slate for 30 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_source_loss: Option<SourceLoss>,
+}
+
+/// What a stream does when its source goes: `slate` keeps every rendition going at real time with a picture that
+/// says so (and silence) until the source comes back, for up to `reconnect_window_s` (0: until the stream is
+/// deleted); `end` ends the stream at once (ENDLIST).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceLoss {
+    #[serde(default)]
+    pub mode: SourceLossMode,
+    #[serde(default = "SourceLoss::default_window")]
+    pub reconnect_window_s: u32,
+}
+
+impl SourceLoss {
+    /// The longest window a request may ask for other than 0 (a day; 0 is "forever").
+    pub const MAX_WINDOW_S: u32 = 86_400;
+
+    fn default_window() -> u32 {
+        30
+    }
+
+    /// `Err` says what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.reconnect_window_s > Self::MAX_WINDOW_S {
+            return Err(format!(
+                "on_source_loss.reconnect_window_s: at most {} (a day), or 0 to keep the slate until the stream is deleted",
+                Self::MAX_WINDOW_S
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for SourceLoss {
+    fn default() -> Self {
+        Self {
+            mode: SourceLossMode::Slate,
+            reconnect_window_s: Self::default_window(),
+        }
+    }
+}
+
+/// See [`SourceLoss`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceLossMode {
+    #[default]
+    Slate,
+    End,
 }
 
 /// The audio part of a stream request.

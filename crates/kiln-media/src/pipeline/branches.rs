@@ -315,6 +315,10 @@ pub(super) fn build_audio_branch(
     let enc_factory = aac_encoder()?;
     let enc = make(enc_factory, &format!("aenc-{n}"))?;
     enc.set_property("bitrate", (a.bitrate_kbps * 1000) as i32);
+    // Output timestamps count samples from the first input: a publisher's AAC arrives with millisecond (FLV) or
+    // jittered timestamps, and tracking them would make each part's tfdt miss the previous part's end by a few
+    // samples. A real gap (over the encoder's tolerance) still resyncs.
+    enc.set_property("perfect-timestamp", true);
     let parse = make("aacparse", &format!("aparse-{n}"))?;
     let part_ns = plan.timing.audio_part_ns(a.sample_rate);
     let (mux, appsink) = build_mux_sink(plan, index, n, part_ns, sink)?;
