@@ -405,6 +405,7 @@ mod tests {
             part_target_ms: Some(200),
             policy: Some(kiln_model::Policy::CpuOnly),
             ingest: None,
+            on_source_loss: None,
         };
         let plan = p.resolve("x", &req).unwrap();
         assert_eq!(plan.encoder.policy, kiln_model::Policy::CpuOnly);

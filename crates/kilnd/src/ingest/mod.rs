@@ -280,7 +280,7 @@ impl Drop for Session {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 tokio::time::sleep(wait).await;
-                sup.publisher_left(&h, &p, detail).await;
+                sup.session_over(&h, &p, detail).await;
             });
         }
     }

@@ -42,6 +42,14 @@ pub struct IngestMetrics {
     pub publishers: IntGaugeVec,
     /// Per stream: input bitrate of its publisher, mean since it connected (bits/s).
     pub bitrate: IntGaugeVec,
+    /// Per publish stream: times its source was lost while it ran (the slate went on, or it ended).
+    pub source_losses: IntCounterVec,
+    /// Per publish stream: publishers that came back and took over from the slate.
+    pub reconnects: IntCounterVec,
+    /// Per publish stream: seconds on the slate in all.
+    pub slate_seconds: prometheus::CounterVec,
+    /// Per publish stream: 1 while the slate is on air.
+    pub on_slate: IntGaugeVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -49,6 +57,7 @@ fn must<T>(r: prometheus::Result<T>) -> T {
 }
 
 impl IngestMetrics {
+    // Long by design: one definition per series, then every known label value at 0.
     pub fn new(registry: &Registry) -> Self {
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = must(IntCounterVec::new(Opts::new(name, help), labels));
@@ -96,6 +105,32 @@ impl IngestMetrics {
                 "Input bitrate of a stream's publisher, mean since it connected",
                 &["stream", "protocol"],
             ),
+            source_losses: counter(
+                "kiln_stream_source_losses_total",
+                "Times a running publish stream lost its source (the slate went on, or the stream ended)",
+                &["stream"],
+            ),
+            reconnects: counter(
+                "kiln_stream_reconnects_total",
+                "Publishers that came back to a stream on the slate and took over from it",
+                &["stream"],
+            ),
+            slate_seconds: {
+                let c = must(prometheus::CounterVec::new(
+                    Opts::new(
+                        "kiln_stream_slate_seconds_total",
+                        "Seconds a publish stream spent on the slate",
+                    ),
+                    &["stream"],
+                ));
+                must(registry.register(Box::new(c.clone())));
+                c
+            },
+            on_slate: gauge(
+                "kiln_stream_on_slate",
+                "1 while a publish stream shows the slate (its source is gone)",
+                &["stream"],
+            ),
         };
         for p in PROTOCOLS {
             m.bytes.with_label_values(&[p]);
@@ -109,5 +144,21 @@ impl IngestMetrics {
             }
         }
         m
+    }
+
+    /// A publish stream's resilience series, at 0.
+    pub fn init_stream(&self, stream: &str) {
+        self.source_losses.with_label_values(&[stream]);
+        self.reconnects.with_label_values(&[stream]);
+        self.slate_seconds.with_label_values(&[stream]);
+        self.on_slate.with_label_values(&[stream]);
+    }
+
+    /// Drops a publish stream's resilience series.
+    pub fn forget_stream(&self, stream: &str) {
+        let _ = self.source_losses.remove_label_values(&[stream]);
+        let _ = self.reconnects.remove_label_values(&[stream]);
+        let _ = self.slate_seconds.remove_label_values(&[stream]);
+        let _ = self.on_slate.remove_label_values(&[stream]);
     }
 }

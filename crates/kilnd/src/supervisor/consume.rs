@@ -1,6 +1,6 @@
 //! A running stream's consumer: media events from the pipeline feed the origin (parts, segments, init), errors
 //! are recorded, and an encoder failure rebuilds the stream on the CPU (the runtime fallback) within a restart
-//! budget.
+//! budget. A publish stream's source errors and ends are losses of its source ([`super::resilience`]).
 
 use super::*;
 
@@ -91,6 +91,8 @@ impl Supervisor {
             }
         };
         *h.pipeline.lock() = Some(pipeline);
+        h.pipeline_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         *h.placement.lock() = new;
         h.fallbacks.lock().push(Fallback {
             at_unix_ms: now,
@@ -125,7 +127,7 @@ pub(super) async fn consume(
     supervisor: std::sync::Weak<Supervisor>,
     origin_ms: i64,
     resumed: bool,
-    publisher: Option<Arc<Publisher>>,
+    mut epoch: u64,
 ) {
     let names: Vec<String> = h
         .origin
@@ -138,12 +140,11 @@ pub(super) async fn consume(
     let mut discontinuity = vec![resumed; names.len()];
     let mut first_part: Option<std::time::Instant> = None;
     while let Some(ev) = rx.recv().await {
-        // a publish session's events matter while it is the stream's session (or while the stream stops)
-        if let Some(who) = &publisher {
-            let current = h.publisher().is_some_and(|p| Arc::ptr_eq(&p, who));
-            if !current && h.state() != StreamState::Stopping {
-                return;
-            }
+        // the events of a pipeline that was replaced or dropped are not the stream's (unless it drains for a stop)
+        if h.pipeline_epoch.load(std::sync::atomic::Ordering::SeqCst) != epoch
+            && h.state() != StreamState::Stopping
+        {
+            return;
         }
         match ev {
             MediaEvent::Init {
@@ -209,14 +210,11 @@ pub(super) async fn consume(
                     None => message.clone(),
                 });
                 let live = matches!(h.state(), StreamState::Starting | StreamState::Running);
-                if let (true, Some(who)) = (live, &publisher) {
-                    // a publish session ends on any error (the publisher's media, or the encoder: a rebuilt
-                    // pipeline could not replay what the publisher already sent); the stream keeps its bookings
-                    // and the publisher's reconnect gets a new pipeline
+                if live && h.is_publish() {
                     if let Some(sup) = supervisor.upgrade() {
-                        sup.publisher_left(&h, who, Some(message.clone())).await;
+                        sup.publish_error(&h, element.as_deref(), &message).await;
                     }
-                    return;
+                    continue;
                 }
                 if live && from_encoder(element.as_deref()) {
                     if let Some(sup) = supervisor.upgrade() {
@@ -227,6 +225,7 @@ pub(super) async fn consume(
                         match sup.fallback(&h, &why, origin_ms).await {
                             Ok(new_rx) => {
                                 rx = new_rx;
+                                epoch = h.pipeline_epoch.load(std::sync::atomic::Ordering::SeqCst);
                                 discontinuity.iter_mut().for_each(|d| *d = true);
                                 continue;
                             }
@@ -246,14 +245,19 @@ pub(super) async fn consume(
                     sup.release_all(&h);
                 }
             }
-            MediaEvent::Eos
-                if publisher.is_some()
-                    && matches!(h.state(), StreamState::Starting | StreamState::Running) =>
-            {
-                if let (Some(sup), Some(who)) = (supervisor.upgrade(), &publisher) {
-                    sup.publisher_left(&h, who, None).await;
+            MediaEvent::InputSwitched { input, kind } => {
+                if kind == kiln_media::InputKind::Source && h.resilience_back(input) {
+                    metrics
+                        .ingest
+                        .reconnects
+                        .with_label_values(&[h.plan.id.as_str()])
+                        .inc();
                 }
-                return;
+            }
+            MediaEvent::SourceEnded { input } => {
+                if let Some(sup) = supervisor.upgrade() {
+                    sup.source_lost(&h, input, None).await;
+                }
             }
             MediaEvent::Eos => {
                 h.eos.send_replace(true);
@@ -272,6 +276,36 @@ pub(super) async fn consume(
                     }
                 }
             }
+        }
+    }
+}
+
+impl Supervisor {
+    /// An error in a publish stream's pipeline: one from a source's pipeline (or its decode guard) is the loss of
+    /// that source; one from the encoders or the slate tears the pipeline down (a rebuilt pipeline could not
+    /// replay what the publisher already sent) and the stream waits for the next publisher.
+    pub(super) async fn publish_error(
+        self: &Arc<Self>,
+        h: &Arc<StreamHandle>,
+        element: Option<&str>,
+        message: &str,
+    ) {
+        let id = h.plan.id.as_str();
+        let input = element.and_then(|e| kiln_media::input_of(e, id));
+        let stream_side = element.is_some_and(|e| {
+            from_encoder(Some(e))
+                || e.starts_with(&format!("/kiln-{id}/"))
+                || e.starts_with(&format!("/kiln-{id}-slate-"))
+        });
+        let current = h
+            .publisher()
+            .map(|p| p.input.load(std::sync::atomic::Ordering::SeqCst));
+        match (input.or(current), stream_side) {
+            (Some(input), false) => {
+                let why = (Refusal::Pipeline, message.to_string());
+                self.source_lost(h, input, Some(why)).await
+            }
+            _ => self.teardown(h, Some(message.to_string())).await,
         }
     }
 }

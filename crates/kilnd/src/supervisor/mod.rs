@@ -27,6 +27,7 @@ mod admission;
 mod consume;
 mod publish;
 mod report;
+mod resilience;
 
 pub use publish::{random_token, Publisher, Refusal, Secrets, FEED_QUEUE};
 
@@ -147,6 +148,10 @@ pub struct StreamHandle {
     publish_feed: Mutex<Option<kiln_media::ByteFeed>>,
     /// Publishers that have had a pipeline (the second one opens with a discontinuity).
     sessions: std::sync::atomic::AtomicU64,
+    /// A publish stream's slate and its history.
+    resilience: Mutex<resilience::ResilienceState>,
+    /// Moves on whenever the stream's pipeline is replaced or dropped: the consumer of an older one stops.
+    pipeline_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl StreamHandle {
@@ -276,6 +281,7 @@ impl StreamHandle {
             created_unix_ms: self.created_unix_ms,
             publisher: self.publisher().map(|p| p.status()),
             ingest: None,
+            resilience: self.resilience_status(),
         }
     }
 }
@@ -447,6 +453,15 @@ impl Supervisor {
         if request.ingest.is_some() && !plan.source.is_publish() {
             return Err(PlanError::Ingest(kiln_model::ingest::IngestError::NotPublish).into());
         }
+        if let Some(loss) = &request.on_source_loss {
+            if !plan.source.is_publish() {
+                return Err(SupervisorError::Policy(
+                    "on_source_loss applies to `publish:` streams (pulled sources do not switch to a slate yet)"
+                        .into(),
+                ));
+            }
+            loss.validate().map_err(SupervisorError::Policy)?;
+        }
         if let Some(h) = self.get(id) {
             let asked = request.ingest.clone().unwrap_or_default();
             let same_secrets = h.secrets.as_ref().is_none_or(|s| {
@@ -570,6 +585,8 @@ impl Supervisor {
             publisher: Mutex::new(None),
             publish_feed: Mutex::new(None),
             sessions: 0.into(),
+            resilience: Mutex::new(Default::default()),
+            pipeline_epoch: 0.into(),
         });
         {
             let mut map = self.map();
@@ -594,6 +611,9 @@ impl Supervisor {
         }
         self.origin.insert(stream_origin);
         self.metrics.init_stream(id);
+        if handle.is_publish() {
+            self.metrics.ingest.init_stream(id);
+        }
         if let Some(rx) = rx {
             tokio::spawn(
                 consume(
@@ -603,7 +623,7 @@ impl Supervisor {
                     Arc::downgrade(self),
                     origin_ms,
                     false,
-                    None,
+                    0,
                 )
                 .instrument(handle.span.clone()),
             );
@@ -674,6 +694,7 @@ impl Supervisor {
             origin.remove_if_same(&so);
             let names: Vec<String> = so.renditions.iter().map(|r| r.info.name.clone()).collect();
             metrics.forget_stream(&so.id, &names);
+            metrics.ingest.forget_stream(&so.id);
         });
     }
 

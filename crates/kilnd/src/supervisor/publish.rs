@@ -1,7 +1,8 @@
 //! `publish:` streams: created waiting (booked, no pipeline), claimed by one authorized publisher, encoding while
-//! it publishes, and waiting again when it leaves or is cut off; the next publisher continues the timeline (with
-//! a discontinuity). The listeners in [`crate::ingest`] authorize, claim and attach; nothing here touches a
-//! socket.
+//! it publishes. When it leaves or is cut off, a stream that is on air goes on the slate (see [`super::resilience`])
+//! and the next publisher takes over from it; one that never got on air waits again, and the next publisher's
+//! pipeline continues the timeline (with a discontinuity). The listeners in [`crate::ingest`] authorize, claim
+//! and attach; nothing here touches a socket.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,6 +41,8 @@ pub struct Publisher {
     pub kicked_for: Mutex<Option<(Refusal, String)>>,
     /// A pipeline was started for it (from then on the consumer ends the session, not the listener).
     attached: AtomicBool,
+    /// The generation of the pipeline input its bytes feed (0 until attached; see `LivePipeline::switch_to_source`).
+    pub input: AtomicU64,
 }
 
 impl Publisher {
@@ -265,9 +268,10 @@ impl Supervisor {
         let mut slot = h.publisher.lock();
         match h.state() {
             _ if slot.is_some() => return Err(Refusal::Busy),
-            StreamState::Waiting => {}
+            // on air without a publisher: the slate is on
+            StreamState::Waiting | StreamState::Running => {}
             // the last publisher's pipeline is still being torn down
-            StreamState::Starting | StreamState::Running => return Err(Refusal::Busy),
+            StreamState::Starting => return Err(Refusal::Busy),
             _ => return Err(Refusal::Stopping),
         }
         let p = Arc::new(Publisher {
@@ -279,12 +283,14 @@ impl Supervisor {
             kick: tokio::sync::Notify::new(),
             kicked_for: Mutex::new(None),
             attached: AtomicBool::new(false),
+            input: AtomicU64::new(0),
         });
         *slot = Some(p.clone());
         Ok(p)
     }
 
-    /// Builds and starts the stream's pipeline on what `publisher` sends through `rx`, on the stream's timeline.
+    /// Starts the stream's pipeline on what `publisher` sends through `rx`, on the stream's timeline; on a
+    /// stream that shows the slate, starts a source in its pipeline that takes over at its first frame.
     pub async fn attach(
         self: &Arc<Self>,
         h: &Arc<StreamHandle>,
@@ -294,14 +300,18 @@ impl Supervisor {
         let feed = feed_of(rx);
         let placement = h.placement();
         let opts = self.build_options(&placement, &h.plan, &h.input, Some(feed.clone()))?;
+        if h.state() == StreamState::Running {
+            return self.take_over(h, publisher, feed, &opts);
+        }
         let (pipeline, _, events) = launch(&h.plan, opts, Some(h.origin_ms)).await?;
         let refused = {
-            // under the publisher lock, like begin_stop and publisher_left: a stop or a cut-off that happened
-            // while the pipeline was being built wins, and the new pipeline is dropped
+            // under the publisher lock, like begin_stop and teardown: a stop or a cut-off that happened while the
+            // pipeline was being built wins, and the new pipeline is dropped
             let current = h.publisher.lock();
             let ours = current.as_ref().is_some_and(|p| Arc::ptr_eq(p, publisher));
             if ours && h.state() == StreamState::Waiting {
                 publisher.attached.store(true, Ordering::SeqCst);
+                publisher.input.store(1, Ordering::SeqCst);
                 *h.publish_feed.lock() = Some(feed);
                 *h.pipeline.lock() = Some(pipeline);
                 h.set_state(StreamState::Starting);
@@ -317,6 +327,7 @@ impl Supervisor {
             ));
         }
         let resumed = h.sessions.fetch_add(1, Ordering::SeqCst) > 0;
+        let epoch = h.pipeline_epoch.fetch_add(1, Ordering::SeqCst) + 1;
         tokio::spawn(
             consume(
                 h.clone(),
@@ -325,34 +336,79 @@ impl Supervisor {
                 Arc::downgrade(self),
                 h.origin_ms,
                 resumed,
-                Some(publisher.clone()),
+                epoch,
             )
             .instrument(h.span.clone()),
         );
+        self.watch_publisher(h, publisher, 1);
+        Ok(())
+    }
+
+    /// `publisher` comes back to a stream on the slate: its source joins the running pipeline.
+    fn take_over(
+        self: &Arc<Self>,
+        h: &Arc<StreamHandle>,
+        publisher: &Arc<Publisher>,
+        feed: kiln_media::ByteFeed,
+        opts: &BuildOptions,
+    ) -> Result<(), SupervisorError> {
+        let slot = h.publisher.lock();
+        let ours = slot.as_ref().is_some_and(|p| Arc::ptr_eq(p, publisher));
+        if !ours || h.state() != StreamState::Running {
+            return Err(SupervisorError::Media(
+                "the stream stopped while the publisher was being attached".into(),
+            ));
+        }
+        let input = h
+            .pipeline
+            .lock()
+            .as_ref()
+            .ok_or_else(|| SupervisorError::Media("the stream has no pipeline".into()))?
+            .switch_to_source(opts)
+            .map_err(|e| SupervisorError::Media(e.to_string()))?;
+        publisher.attached.store(true, Ordering::SeqCst);
+        publisher.input.store(input, Ordering::SeqCst);
+        *h.publish_feed.lock() = Some(feed);
+        drop(slot);
+        self.watch_publisher(h, publisher, input);
+        Ok(())
+    }
+
+    /// The watchdogs of a publisher whose bytes feed input `input`: it stalls ([`super::resilience`]), or
+    /// nothing it sends ever decodes (the first-picture timeout).
+    fn watch_publisher(
+        self: &Arc<Self>,
+        h: &Arc<StreamHandle>,
+        publisher: &Arc<Publisher>,
+        input: u64,
+    ) {
         h.span.in_scope(|| {
-            tracing::info!(protocol = publisher.protocol.as_str(), addr = %publisher.addr, "publisher attached")
+            tracing::info!(protocol = publisher.protocol.as_str(), addr = %publisher.addr, input, "publisher attached")
         });
-        // bytes that flow but never decode would keep the stream `starting` (and the publisher's claim) forever
+        self.watch_stalls(h, input);
+        // bytes that flow but never decode would keep the stream `starting` (or on the slate) and the claim forever
         let (sup, stream, who) = (Arc::downgrade(self), h.clone(), publisher.clone());
         let limit = self.config.ingest.first_picture_timeout;
         tokio::spawn(async move {
             tokio::time::sleep(limit).await;
             let current = stream.publisher().is_some_and(|p| Arc::ptr_eq(&p, &who));
-            if !current || stream.state() != StreamState::Starting {
-                return;
-            }
+            let on_air = stream.state() == StreamState::Running
+                && stream.pipeline.lock().as_ref().and_then(|p| p.input())
+                    == Some(kiln_media::InputKind::Source);
             let Some(sup) = sup.upgrade() else {
                 return;
             };
+            if !current || on_air || stream.state() == StreamState::Stopping {
+                return;
+            }
             let why = format!(
                 "nothing decodable in {} s (e.g. H.264 without SPS/PPS, or MPEG-TS split across SRT messages: \
                  send 7 TS packets per message)",
                 limit.as_secs()
             );
-            *who.kicked_for.lock() = Some((Refusal::NoPicture, why.clone()));
-            sup.publisher_left(&stream, &who, Some(why)).await;
+            sup.source_lost(&stream, input, Some((Refusal::NoPicture, why)))
+                .await;
         });
-        Ok(())
     }
 
     /// The listener's side of a session that ends: a publisher whose pipeline never started is released here;
@@ -367,31 +423,24 @@ impl Supervisor {
         }
     }
 
-    /// The session of `who` is over (it left and its pipeline drained, its pipeline failed, or it was cut off):
-    /// its pipeline is torn down, and the stream waits for the next publisher with its bookings kept; `who`, if
-    /// still connected, is cut off. A no-op once another publisher has the stream.
-    pub async fn publisher_left(
-        &self,
-        h: &Arc<StreamHandle>,
-        who: &Arc<Publisher>,
-        error: Option<String>,
-    ) {
-        // slot, pipeline and feed are taken together under the publisher lock: a second call for the same
-        // publisher, or one racing the next publisher's attach, finds the slot no longer `who` and does nothing
+    /// The stream's pipeline is torn down (it failed, or it never got on air and its publisher is gone): the
+    /// publisher, if any, is cut off, and the stream waits for the next one with its bookings kept. A stop in
+    /// progress stays a stop.
+    pub(super) async fn teardown(&self, h: &Arc<StreamHandle>, error: Option<String>) {
+        // slot, pipeline and feed are taken together under the publisher lock (see `attach`)
         let pipeline = {
             let mut slot = h.publisher.lock();
-            if !slot.as_ref().is_some_and(|p| Arc::ptr_eq(p, who)) {
-                return;
+            if let Some(p) = slot.take() {
+                p.kick.notify_one();
             }
-            *slot = None;
             *h.publish_feed.lock() = None;
+            h.pipeline_epoch.fetch_add(1, Ordering::SeqCst);
             h.pipeline.lock().take()
         };
-        who.kick.notify_one();
         if let Some(p) = pipeline {
             let _ = tokio::task::spawn_blocking(move || drop(p)).await;
         }
-        // only a publishing stream waits again: a stop in progress stays a stop
+        h.resilience.lock().slate_off();
         h.state.send_if_modified(|cur| {
             let change = matches!(*cur, StreamState::Starting | StreamState::Running);
             if change {

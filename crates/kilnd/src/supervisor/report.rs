@@ -156,6 +156,7 @@ impl Supervisor {
         m.stream_backend.reset();
         m.ingest.bitrate.reset();
         for h in self.list() {
+            h.refresh_resilience(&m.ingest);
             let delta = h.frame_delta();
             m.frames(&h.plan.id, &delta);
             if let Some(p) = h.publisher() {
