@@ -9,7 +9,9 @@
 //!   items 31–32 on a stream with 1 s segments (`s`) started beside it;
 //! - [`items_that_end_stall_or_roll_a_stream`]: items that end a stream (14, 30), pause one (29) or need a
 //!   3-segment window (19), each on a stream of its own in a daemon with that window;
-//! - [`item_18_parts_and_segments_arrive_on_time`]: 60 s of part timing, alone, in nextest's `realtime` group.
+//! - [`item_18_parts_and_segments_arrive_on_time`]: 60 s of part timing, alone, in nextest's `realtime` group;
+//! - [`items_across_a_lost_publisher_and_its_return`]: the playlist items on a `publish:` stream whose window
+//!   holds a publisher, the slate after it was killed, and a second publisher.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -247,6 +249,145 @@ async fn items_on_one_live_stream() -> Result<()> {
         [
             item_31_delta_update_merges_into_the_full_playlist => fx,
             item_32_only_segments_beyond_the_skip_boundary_are_skipped => fx,
+        ]
+    );
+    d.shutdown().await?;
+    items.finish()
+}
+
+/// ffmpeg publishing a test picture and a tone over RTMP to `url` (real time, for at most a minute).
+fn rtmp_publisher(url: &str, size: &str) -> Result<tokio::process::Child> {
+    tokio::process::Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-re",
+            "-f",
+            "lavfi",
+        ])
+        .args([
+            "-i",
+            &format!("testsrc2=size={size}:rate=30"),
+            "-f",
+            "lavfi",
+        ])
+        .args([
+            "-i",
+            "sine=frequency=440:sample_rate=48000",
+            "-t",
+            "60",
+            "-c:v",
+            "libx264",
+        ])
+        .args([
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+            "-g",
+            "60",
+            "-pix_fmt",
+            "yuv420p",
+        ])
+        .args(["-c:a", "aac", "-b:a", "64k", "-f", "flv", url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting ffmpeg")
+}
+
+/// Polls until `id`'s status satisfies `done` (what it says of the status while not).
+async fn wait_status(
+    d: &Daemon,
+    id: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    poll_until(
+        what,
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            let (_, text) = d.get_text(&format!("/v1/streams/{id}")).await?;
+            let s: serde_json::Value = serde_json::from_str(&text)?;
+            Ok(if done(&s) {
+                Polled::Done(s)
+            } else {
+                Polled::NotYet(text)
+            })
+        },
+    )
+    .await
+}
+
+/// A `publish:` stream through a loss and a reconnect: an RTMP publisher, killed; the slate for three segments;
+/// a second publisher at another size for three more. Then every item that reads the playlists, the parts and
+/// the fragments runs on that window, which spans both switches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_across_a_lost_publisher_and_its_return() -> Result<()> {
+    let config = kilnd::Config {
+        ingest: kilnd::config::IngestConfig {
+            rtmp_listen: Some("127.0.0.1:0".parse()?),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let d = Daemon::start(config).await?;
+    let spec = small_stream_spec().replace("test:pattern=ball", "publish:");
+    let (st, v) = d.put_stream("p", &spec).await?;
+    ensure!(st == 201, "PUT p: {st} {v}");
+    let url = v["ingest"]["rtmp_url"]
+        .as_str()
+        .context("rtmp_url")?
+        .to_string();
+    let msn = |s: &serde_json::Value| s["renditions"][0]["last_msn"].as_u64().unwrap_or(0);
+    let mut first = rtmp_publisher(&url, "320x180")?;
+    let s = wait_status(&d, "p", "p running", |s| s["state"] == "running").await?;
+    let start = msn(&s);
+    wait_status(&d, "p", "two segments of the first publisher", |s| {
+        msn(s) >= start + 2
+    })
+    .await?;
+    first.kill().await?;
+    let s = wait_status(&d, "p", "the slate", |s| {
+        s["resilience"]["active_input"] == "slate"
+    })
+    .await?;
+    let lost = msn(&s);
+    wait_status(&d, "p", "three segments of slate", |s| msn(s) >= lost + 3).await?;
+    let _second = rtmp_publisher(&url, "256x144")?;
+    let s = wait_status(&d, "p", "the second publisher", |s| {
+        s["resilience"]["reconnects"] == 1
+    })
+    .await?;
+    let back = msn(&s);
+    wait_status(&d, "p", "three segments of the second publisher", |s| {
+        msn(s) >= back + 3
+    })
+    .await?;
+    let mut items = Items::default();
+    let fx = &Fx { d: &d, id: "p" };
+    run_items!(
+        items,
+        [
+            item_01_playlist_syntax => fx,
+            item_03_target_duration_fixed_and_shared => fx,
+            item_04_extinf_rounds_within_target_duration => fx,
+            item_05_part_inf_and_part_hold_back => fx,
+            item_08_parts_have_uri_duration_within_target => fx,
+            item_09_parts_at_least_85_percent_unless_exempt => fx,
+            item_10_independent_exactly_on_sync_parts => fx,
+            item_11_parts_sum_to_parent_and_concatenate_to_it => fx,
+            item_12_segment_tags_precede_first_part => fx,
+            item_13_program_date_time_everywhere_and_consistent => fx,
+            item_16_rendition_reports_for_every_other_rendition => fx,
+            item_17_codecs_are_rfc6381 => fx,
+            item_21_listed_uris_are_complete_immediately => fx,
+            item_22_renditions_stay_in_step => fx,
+            item_39_init_and_fragments_are_cmaf => fx,
         ]
     );
     d.shutdown().await?;

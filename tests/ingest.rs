@@ -173,8 +173,119 @@ async fn metric(d: &Daemon, series: &str) -> Result<f64> {
         .unwrap_or(0.0))
 }
 
+/// Init + every complete segment rendition `r` of `id` lists, in one local file.
+async fn window_file(d: &Daemon, id: &str, r: &str) -> Result<tempfile::NamedTempFile> {
+    let (_, text) = d.get_text(&format!("/live/{id}/{r}/index.m3u8")).await?;
+    let mut bytes = d
+        .get_bytes(&format!("/live/{id}/{r}/init.mp4"))
+        .await?
+        .to_vec();
+    let segs: Vec<&str> = text.lines().filter(|l| l.starts_with("seg-")).collect();
+    ensure!(!segs.is_empty(), "no segment listed:\n{text}");
+    for seg in segs {
+        bytes.extend_from_slice(&d.get_bytes(&format!("/live/{id}/{r}/{seg}")).await?);
+    }
+    let mut f = tempfile::NamedTempFile::new()?;
+    std::io::Write::write_all(&mut f, &bytes)?;
+    Ok(f)
+}
+
+/// Mean luma (0-255) of the last frame of the newest complete segment of rendition `r`: the slate is dark
+/// (~40), ffmpeg's testsrc2 bright (~120).
+async fn newest_luma(d: &Daemon, id: &str, r: &str) -> Result<f64> {
+    let (_, text) = d.get_text(&format!("/live/{id}/{r}/index.m3u8")).await?;
+    let seg = text
+        .lines()
+        .rfind(|l| l.starts_with("seg-"))
+        .context("no segment")?;
+    let mut bytes = d
+        .get_bytes(&format!("/live/{id}/{r}/init.mp4"))
+        .await?
+        .to_vec();
+    bytes.extend_from_slice(&d.get_bytes(&format!("/live/{id}/{r}/{seg}")).await?);
+    let mut f = tempfile::NamedTempFile::new()?;
+    std::io::Write::write_all(&mut f, &bytes)?;
+    let out = tokio::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(f.path())
+        .args([
+            "-map",
+            "0:v",
+            "-vf",
+            "scale=32:18,format=gray",
+            "-f",
+            "rawvideo",
+            "-",
+        ])
+        .output()
+        .await?;
+    let n = out.stdout.len();
+    ensure!(
+        out.status.success() && n >= 576 && n % 576 == 0,
+        "ffmpeg ({n} bytes): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout[n - 576..]
+        .iter()
+        .map(|&b| f64::from(b))
+        .sum::<f64>()
+        / 576.0)
+}
+
+/// Polls until the newest segment of `id`'s `hi` rendition is the slate (`slate`) or the publisher's picture.
+async fn wait_picture(d: &Daemon, id: &str, slate: bool) -> Result<f64> {
+    let what = if slate {
+        "the slate"
+    } else {
+        "the publisher's picture"
+    };
+    poll_until(
+        &format!("{id} shows {what}"),
+        Duration::from_secs(20),
+        Duration::from_millis(500),
+        || async {
+            let luma = newest_luma(d, id, "hi").await?;
+            Ok(if (slate && luma < 70.0) || (!slate && luma > 90.0) {
+                Polled::Done(luma)
+            } else {
+                Polled::NotYet(format!("mean luma {luma:.0}"))
+            })
+        },
+    )
+    .await
+}
+
+/// Polls until `id`'s `resilience.active_input` is `input` (for `source` after the slate: and the takeover is
+/// counted, which follows it by an event); returns the status.
+async fn wait_input(
+    d: &Daemon,
+    id: &str,
+    input: &str,
+    limit: Duration,
+) -> Result<serde_json::Value> {
+    poll_until(
+        &format!("{id} on {input}"),
+        limit,
+        Duration::from_millis(50),
+        || async {
+            let s = status(d, id).await?;
+            let counted = input != "source" || s["resilience"]["slate_since_unix_ms"].is_null();
+            Ok(if s["resilience"]["active_input"] == input && counted {
+                Polled::Done(s)
+            } else {
+                Polled::NotYet(format!("{} {}", s["state"], s["resilience"]))
+            })
+        },
+    )
+    .await
+}
+
+/// An RTMP publisher plays on every rendition; when it is killed the slate goes on air at once and the playlists
+/// keep growing at real time on the same timeline (no discontinuity); a second publisher at another picture size
+/// takes over from the slate; ffmpeg decodes the whole window (publisher, slate, publisher) with -xerror; the
+/// losses, reconnects and slate seconds are in the status and the metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ffmpeg_publishes_rtmp_and_every_rendition_plays_then_a_second_publisher_continues(
+async fn a_lost_publisher_is_bridged_by_the_slate_and_the_next_one_takes_over_at_another_size(
 ) -> Result<()> {
     let d = daemon(None).await?;
     let ingest = publish_stream(&d, "r1").await?;
@@ -192,8 +303,9 @@ async fn ffmpeg_publishes_rtmp_and_every_rendition_plays_then_a_second_publisher
     );
     let waiting = status(&d, "r1").await?;
     ensure!(waiting["state"] == "waiting", "{waiting}");
+    ensure!(waiting["resilience"]["active_input"] == "none", "{waiting}");
 
-    let mut first = ffmpeg_publish(&url, "flv", "320x180", 40)?;
+    let mut first = ffmpeg_publish(&url, "flv", "320x180", 60)?;
     let s = wait_state(&d, "r1", "running", Duration::from_secs(30)).await?;
     let p = &s["publisher"];
     ensure!(p["protocol"] == "rtmp", "{s}");
@@ -207,7 +319,6 @@ async fn ffmpeg_publishes_rtmp_and_every_rendition_plays_then_a_second_publisher
         !s.to_string().contains(&key) && !list.contains(&key),
         "the key leaked: {s}"
     );
-
     let counts = ffmpeg_frames(&d.url("/live/r1/master.m3u8"), 6, true).await?;
     ensure!(
         counts.len() == 3,
@@ -227,24 +338,34 @@ async fn ffmpeg_publishes_rtmp_and_every_rendition_plays_then_a_second_publisher
         "a stream decoded nothing: {counts:?}"
     );
     ensure!(metric(&d, r#"kiln_ingest_bytes_total{protocol="rtmp"}"#).await? > 10_000.0);
+    wait_picture(&d, "r1", false).await?;
 
-    // the publisher goes away: the stream waits; the next one continues the timeline after a discontinuity
+    // the publisher dies: the slate is on air at once, the stream stays running and keeps its timeline
     first.kill().await?;
-    let s = wait_state(&d, "r1", "waiting", Duration::from_secs(20)).await?;
-    ensure!(s["publisher"].is_null(), "{s}");
+    let killed = Instant::now();
+    let s = wait_input(&d, "r1", "slate", Duration::from_secs(5)).await?;
+    let switch = killed.elapsed();
+    ensure!(s["state"] == "running" && s["publisher"].is_null(), "{s}");
+    ensure!(s["resilience"]["source_losses"] == 1, "{s}");
+    ensure!(
+        s["resilience"]["ends_at_unix_ms"].as_u64().is_some(),
+        "the default window is 30 s: {s}"
+    );
     let before = s["renditions"][0]["last_msn"]
         .as_u64()
         .context("last_msn")?;
-    let second = ffmpeg_publish(&url, "flv", "320x180", 30)?;
-    wait_state(&d, "r1", "running", Duration::from_secs(30)).await?;
+    let luma = wait_picture(&d, "r1", true).await?;
+    // real time on the slate: two more segments (4 s of media) within 4 s + a segment
+    let t = Instant::now();
     poll_until(
-        "r1 publishes after the second publisher",
-        Duration::from_secs(30),
-        Duration::from_millis(250),
+        "r1 grows on the slate",
+        Duration::from_secs(6),
+        Duration::from_millis(100),
         || async {
-            let s = status(&d, "r1").await?;
-            let msn = s["renditions"][0]["last_msn"].as_u64().unwrap_or(0);
-            Ok(if msn >= before + 2 {
+            let msn = status(&d, "r1").await?["renditions"][0]["last_msn"]
+                .as_u64()
+                .unwrap_or(0);
+            Ok(if msn >= before + 3 {
                 Polled::Done(())
             } else {
                 Polled::NotYet(format!("msn {msn}"))
@@ -252,15 +373,51 @@ async fn ffmpeg_publishes_rtmp_and_every_rendition_plays_then_a_second_publisher
         },
     )
     .await?;
-    let (_, text) = d.get_text("/live/r1/hi/index.m3u8").await?;
-    ensure!(
-        text.contains("#EXT-X-DISCONTINUITY"),
-        "no discontinuity between publishers:\n{text}"
+    eprintln!(
+        "slate on air {switch:?} after the kill (mean luma {luma:.0}); 3 segments in {:?}",
+        t.elapsed()
+    );
+
+    // a publisher at another size comes back and takes over from the slate
+    let second = ffmpeg_publish(&url, "flv", "256x144", 40)?;
+    let connected = Instant::now();
+    let s = wait_input(&d, "r1", "source", Duration::from_secs(20)).await?;
+    eprintln!(
+        "the second publisher on air {:?} after it started",
+        connected.elapsed()
     );
     ensure!(
-        metric(&d, r#"kiln_ingest_connections_total{protocol="rtmp"}"#).await? >= 2.0,
-        "two publishers connected"
+        s["state"] == "running" && s["resilience"]["reconnects"] == 1,
+        "{s}"
     );
+    ensure!(
+        s["resilience"]["slate_seconds"].as_f64().unwrap_or(0.0) >= 4.0,
+        "{s}"
+    );
+    wait_picture(&d, "r1", false).await?;
+    for r in ["hi", "lo", "audio"] {
+        let (_, text) = d.get_text(&format!("/live/r1/{r}/index.m3u8")).await?;
+        ensure!(
+            !text.contains("#EXT-X-DISCONTINUITY\n"),
+            "{r}: the slate broke the timeline:\n{text}"
+        );
+        let f = window_file(&d, "r1", r).await?;
+        let out = tokio::process::Command::new("ffmpeg")
+            .args(["-v", "error", "-xerror", "-i"])
+            .arg(f.path())
+            .args(["-f", "null", "-"])
+            .output()
+            .await?;
+        ensure!(
+            out.status.success() && out.stderr.is_empty(),
+            "{r}: ffmpeg -xerror across the slate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    ensure!(metric(&d, r#"kiln_stream_source_losses_total{stream="r1"}"#).await? == 1.0);
+    ensure!(metric(&d, r#"kiln_stream_reconnects_total{stream="r1"}"#).await? == 1.0);
+    ensure!(metric(&d, r#"kiln_stream_slate_seconds_total{stream="r1"}"#).await? >= 4.0);
+    ensure!(metric(&d, r#"kiln_stream_on_slate{stream="r1"}"#).await? == 0.0);
     // deleting the stream cuts its publisher off, and its key stops working
     let res = d.http.delete(d.url("/v1/streams/r1")).send().await?;
     ensure!(res.status() == 204, "DELETE: {}", res.status());
@@ -270,6 +427,68 @@ async fn ffmpeg_publishes_rtmp_and_every_rendition_plays_then_a_second_publisher
         Duration::from_secs(15),
     )
     .await?;
+    d.shutdown().await
+}
+
+/// With nobody back within `reconnect_window_s` the stream ends (ENDLIST, `ended`); `mode: end` ends it as soon
+/// as the publisher goes; absurd windows and an `on_source_loss` on a stream that is not `publish:` are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_when_nobody_comes_back_in_its_window_or_at_once_with_mode_end() -> Result<()>
+{
+    let d = daemon(None).await?;
+    for (id, loss) in [
+        ("w1", r#"{"mode": "slate", "reconnect_window_s": 2}"#),
+        ("w2", r#"{"mode": "end"}"#),
+    ] {
+        let body = format!(r#"{{"source": "publish:", "on_source_loss": {loss}, {LADDER}}}"#);
+        let (code, v) = d.put_stream(id, &body).await?;
+        ensure!(code == 201, "PUT {id}: {code} {v}");
+        let url = v["ingest"]["rtmp_url"]
+            .as_str()
+            .context("rtmp_url")?
+            .to_string();
+        let mut publisher = ffmpeg_publish(&url, "flv", "320x180", 60)?;
+        wait_state(&d, id, "running", Duration::from_secs(30)).await?;
+        publisher.kill().await?;
+        let killed = Instant::now();
+        let s = wait_state(&d, id, "ended", Duration::from_secs(15)).await?;
+        let took = killed.elapsed();
+        let (_, text) = d.get_text(&format!("/live/{id}/hi/index.m3u8")).await?;
+        ensure!(text.contains("#EXT-X-ENDLIST"), "{id}: no ENDLIST:\n{text}");
+        ensure!(s["resilience"]["source_losses"] == 1, "{s}");
+        eprintln!("{id}: ended {took:?} after the kill");
+        if id == "w1" {
+            ensure!(
+                took >= Duration::from_millis(1900),
+                "{id} ended before its window: {took:?}"
+            );
+        } else {
+            ensure!(
+                took < Duration::from_secs(5),
+                "{id} (mode end) took {took:?}"
+            );
+        }
+    }
+    for (body, what) in [
+        (
+            r#"{"source": "publish:", "on_source_loss": {"reconnect_window_s": 999999}}"#,
+            "reconnect_window_s",
+        ),
+        (
+            r#"{"source": "test:", "on_source_loss": {"mode": "slate"}}"#,
+            "publish:",
+        ),
+        (
+            r#"{"source": "publish:", "on_source_loss": {"mode": "pray"}}"#,
+            "`slate` or `end`",
+        ),
+    ] {
+        let (code, v) = d.put_stream("bad", body).await?;
+        ensure!(
+            (400..500).contains(&code) && v.to_string().contains(what),
+            "{body}: {code} {v}"
+        );
+    }
     d.shutdown().await
 }
 
@@ -437,7 +656,7 @@ async fn wrong_keys_passphrases_streams_and_busy_keys_are_refused_and_counted() 
     let k1s = status(&d, "k1").await?;
     ensure!(k1s["state"] == "running", "{k1s}");
     ensure!(status(&d, "k2").await?["state"] == "waiting");
-    // every documented ingest series is exported (docs/metrics.md, "Live ingest series")
+    // every documented ingest and resilience series is exported (docs/metrics.md, "Live ingest series")
     let (_, text) = d.get_text("/metrics").await?;
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))?;
     let section = doc
@@ -450,7 +669,7 @@ async fn wrong_keys_passphrases_streams_and_busy_keys_are_refused_and_counted() 
         .filter_map(|l| l.strip_prefix("| `"))
         .filter_map(|l| l.split('`').next())
         .collect();
-    ensure!(names.len() == 7, "{names:?}");
+    ensure!(names.len() == 11, "{names:?}");
     for n in names {
         ensure!(
             text.contains(&format!("# TYPE {n} ")),
@@ -1097,7 +1316,7 @@ async fn a_publisher_whose_bytes_never_decode_is_cut_off_after_the_first_picture
 }
 
 /// A publisher over `--ingest-max-bitrate-kbps` (300 here; ffmpeg sends about 1,500 kbit/s of noise-like video)
-/// is cut off at the end of its first 5 s window, with the reason, and the stream waits for the next one.
+/// is cut off at the end of its first 5 s window, with the reason, and the slate stands in until the next one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publisher_over_the_bitrate_limit_is_cut_off() -> Result<()> {
     let any: SocketAddr = "127.0.0.1:0".parse()?;
@@ -1146,7 +1365,8 @@ async fn a_publisher_over_the_bitrate_limit_is_cut_off() -> Result<()> {
         .kill_on_drop(true)
         .spawn()?;
     refused(fat, Duration::from_secs(20)).await?;
-    let s = wait_state(&d, "fat", "waiting", Duration::from_secs(10)).await?;
+    // it was on air: the slate stands in
+    let s = wait_input(&d, "fat", "slate", Duration::from_secs(10)).await?;
     ensure!(
         s["errors"]
             .to_string()
