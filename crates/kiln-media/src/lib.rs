@@ -71,8 +71,13 @@ pub enum MediaEvent {
     /// ([`crate::LivePipeline::switch_to_slate`]). `input`: the source's generation (1 for the first; see
     /// [`crate::LivePipeline::switch_to_source`]).
     SourceEnded { input: u64 },
-    /// An input took over the stream at its first frame (the slate, or a source of that generation).
-    InputSwitched { input: u64, kind: InputKind },
+    /// An input took over the stream at its first frame (the slate, or a source of that generation), from the
+    /// slate or not.
+    InputSwitched {
+        input: u64,
+        kind: InputKind,
+        from_slate: bool,
+    },
 }
 
 /// Where a pipeline delivers its events. Called from GStreamer streaming threads: it must not block for long.

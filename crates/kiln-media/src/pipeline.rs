@@ -80,7 +80,7 @@ pub struct LivePipeline {
 /// The inputs of a stream with an encoded source, and what it takes to build another.
 struct Inputs {
     entry: Arc<crate::source::Entry>,
-    running: Mutex<Vec<crate::source::EncodedSource>>,
+    running: Arc<Mutex<Vec<crate::source::EncodedSource>>>,
     plan: StreamPlan,
     sink: EventSink,
 }
@@ -177,9 +177,11 @@ impl LivePipeline {
                 let entry =
                     crate::source::Entry::build(&pipeline, tee.as_ref(), audio_in.as_ref())?;
                 let first = crate::source::EncodedSource::build(&entry, plan, opts, sink.clone())?;
+                let running = Arc::new(Mutex::new(vec![first]));
+                entry.set_reaper(reaper(Arc::downgrade(&running)));
                 inputs = Some(Inputs {
                     entry,
-                    running: Mutex::new(vec![first]),
+                    running,
                     plan: plan.clone(),
                     sink: sink.clone(),
                 });
@@ -335,26 +337,25 @@ impl LivePipeline {
             .ok_or_else(|| MediaError::Start("a test source has no other input".into()))
     }
 
-    /// Stops every input but the one on air and `new`, which joins them.
+    /// Stops every input but the one on air and `new`, which joins them. The others are withdrawn first, under
+    /// the lock a takeover holds, so none of them can take over after this.
     fn keep_only(&self, i: &Inputs, new: Option<crate::source::EncodedSource>) {
         let mut running = i.running.lock();
+        let current = i
+            .entry
+            .withdraw_all_but(&running, new.as_ref().map(|s| s.state.generation));
         let (keep, stop): (Vec<_>, Vec<_>) = running
             .drain(..)
-            .partition(|s| s.state.generation == i.entry.current());
+            .partition(|s| s.state.generation == current);
         *running = keep;
         running.extend(new);
         drop(running);
-        if stop.is_empty() {
-            return;
-        }
-        // Off the caller's thread: stopping waits for the input's streaming threads, which may be waiting on the
-        // caller's runtime to take their last events.
-        let stopped = std::thread::Builder::new()
-            .name("kiln-input-stop".into())
-            .spawn(move || stop.iter().for_each(|s| s.stop()));
-        if let Err(e) = stopped {
-            tracing::warn!(error = %e, "no thread to stop a retired input: its pipeline is dropped unstopped");
-        }
+        stop_elsewhere(stop);
+    }
+
+    /// The generation of the input on air (1 for the first source; `None` for a test source).
+    pub fn current_input(&self) -> Option<u64> {
+        Some(self.inputs.as_ref()?.entry.current())
     }
 
     /// Frame counters since start: source frames in, and per video rendition what videorate passed on, dropped
@@ -389,6 +390,38 @@ impl LivePipeline {
 impl Drop for LivePipeline {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Stops `inputs` on a thread of its own: stopping waits for their streaming threads, which may be waiting on
+/// the caller (a daemon's runtime taking their last events, or the takeover that called the reaper).
+fn stop_elsewhere(inputs: Vec<crate::source::EncodedSource>) {
+    if inputs.is_empty() {
+        return;
+    }
+    let stopped = std::thread::Builder::new()
+        .name("kiln-input-stop".into())
+        .spawn(move || inputs.iter().for_each(|s| s.stop()));
+    if let Err(e) = stopped {
+        tracing::warn!(error = %e, "no thread to stop a retired input: its pipeline is dropped unstopped");
+    }
+}
+
+/// What a takeover calls: stops the inputs older than the one that took over (newer ones may still take over).
+fn reaper(
+    running: std::sync::Weak<Mutex<Vec<crate::source::EncodedSource>>>,
+) -> impl Fn(u64) + Send + Sync + 'static {
+    move |current| {
+        let Some(running) = running.upgrade() else {
+            return;
+        };
+        let retired: Vec<_> = {
+            let mut l = running.lock();
+            let (keep, old) = l.drain(..).partition(|s| s.state.generation >= current);
+            *l = keep;
+            old
+        };
+        stop_elsewhere(retired);
     }
 }
 

@@ -246,6 +246,9 @@ pub fn input_of(element_path: &str, stream_id: &str) -> Option<u64> {
 /// How far a later input's first sound may be moved to join the sound before it (see `Shared::audio_offset`).
 const AUDIO_SNAP_NS: i64 = 100_000_000;
 
+/// See [`Entry::set_reaper`].
+type Reaper = Box<dyn Fn(u64) + Send + Sync>;
+
 /// What an input is, for the stream's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputKind {
@@ -354,7 +357,6 @@ struct Track {
 
 /// The stream pipeline's entry points (appsrc → clocksync into the tee and the audio branch), fed by one input at
 /// a time. The first input is current from the start; a later one takes over at its first frame.
-#[derive(Debug)]
 pub(crate) struct Entry {
     pub(crate) video_out: Option<gst_app::AppSrc>,
     pub(crate) audio_out: Option<gst_app::AppSrc>,
@@ -372,6 +374,17 @@ pub(crate) struct Entry {
     /// Notified when an input takes over.
     switched: parking_lot::Condvar,
     switch_lock: Mutex<()>,
+    /// Stops the inputs a takeover retired (see `set_reaper`).
+    reaper: Mutex<Option<Reaper>>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("current", &self.current)
+            .field("on_slate", &self.on_slate)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Entry {
@@ -401,6 +414,7 @@ impl Entry {
             last_frame: Mutex::new(None),
             switched: parking_lot::Condvar::new(),
             switch_lock: Mutex::new(()),
+            reaper: Mutex::new(None),
         }))
     }
 
@@ -417,6 +431,56 @@ impl Entry {
     /// How long since the current input's last frame (`None` before its first).
     pub(crate) fn since_last_frame(&self) -> Option<std::time::Duration> {
         self.last_frame.lock().map(|t| t.elapsed())
+    }
+
+    /// `input` takes over with its frame at `rt` (of the kind `video`; `track` is that kind's, locked): its offset
+    /// places the frame where the last frame of either kind ended.
+    fn take_over(&self, input: &Shared, video: bool, rt: u64, track: &Track) {
+        let other = if video { self.audio.lock().end } else { 0 };
+        let start = track.end.max(other);
+        input
+            .offset_ns
+            .store(start as i64 - rt as i64, Ordering::SeqCst);
+        let from_slate = self.on_slate();
+        {
+            let _g = self.switch_lock.lock();
+            self.current.store(input.generation, Ordering::SeqCst);
+            self.switched.notify_all();
+        }
+        self.on_slate
+            .store(input.kind == InputKind::Slate, Ordering::SeqCst);
+        tracing::info!(input = ?input.kind, at_ns = start, "input switched");
+        (input.sink)(MediaEvent::InputSwitched {
+            input: input.generation,
+            kind: input.kind,
+            from_slate,
+        });
+        if let Some(reap) = self.reaper.lock().as_ref() {
+            reap(input.generation);
+        }
+    }
+
+    /// Withdraws every input in `inputs` that is not on air and not in `keep`: none of them can take over once
+    /// this returns (decided under the lock a takeover holds). Returns the generation on air.
+    pub(crate) fn withdraw_all_but(&self, inputs: &[EncodedSource], keep: Option<u64>) -> u64 {
+        let _anchor = if self.video_out.is_some() {
+            self.video.lock()
+        } else {
+            self.audio.lock()
+        };
+        let current = self.current();
+        for s in inputs {
+            let g = s.state.generation;
+            if g != current && Some(g) != keep {
+                s.state.stopped.store(true, Ordering::SeqCst);
+            }
+        }
+        current
+    }
+
+    /// Called (from a streaming thread) with the generation that just took over, to stop the retired ones.
+    pub(crate) fn set_reaper(&self, reap: impl Fn(u64) + Send + Sync + 'static) {
+        *self.reaper.lock() = Some(Box::new(reap));
     }
 
     /// The slate's sound waits for its picture to take over: it is not live, and dropped until then it would
@@ -463,26 +527,12 @@ impl Entry {
             return Err(gst::FlowError::Eos);
         }
         if input.generation > current {
-            if !video && self.video_out.is_some() {
+            // a newer input takes over at its first picture (its sound before that is dropped), unless it was
+            // withdrawn (see `withdraw_all_but`: checked under the same lock)
+            if (!video && self.video_out.is_some()) || input.stopped.load(Ordering::SeqCst) {
                 return Ok(gst::FlowSuccess::Ok);
             }
-            let other = if video { self.audio.lock().end } else { 0 };
-            let start = track.end.max(other);
-            input
-                .offset_ns
-                .store(start as i64 - rt as i64, Ordering::SeqCst);
-            {
-                let _g = self.switch_lock.lock();
-                self.current.store(input.generation, Ordering::SeqCst);
-                self.switched.notify_all();
-            }
-            self.on_slate
-                .store(input.kind == InputKind::Slate, Ordering::SeqCst);
-            tracing::info!(input = ?input.kind, at_ns = start, "input switched");
-            (input.sink)(MediaEvent::InputSwitched {
-                input: input.generation,
-                kind: input.kind,
-            });
+            self.take_over(input, video, rt, &track);
         }
         let offset = if video {
             input.offset_ns.load(Ordering::SeqCst)

@@ -312,6 +312,11 @@ pub(super) fn build_audio_branch(
             .field("channels", a.channels as i32)
             .build(),
     )?;
+    // Whole audio from here on: a switch of inputs (a publisher lost or back, whose sound trails its picture by up
+    // to ~0.4 s in MPEG-TS) leaves a gap or an overlap that audiorate fills with silence or trims.
+    let rate = make("audiorate", &format!("arate-{n}"))?;
+    // from the first sound on: a rebuilt pipeline's timeline starts long after its segment does
+    rate.set_property("skip-to-first", true);
     let enc_factory = aac_encoder()?;
     let enc = make(enc_factory, &format!("aenc-{n}"))?;
     enc.set_property("bitrate", (a.bitrate_kbps * 1000) as i32);
@@ -324,7 +329,7 @@ pub(super) fn build_audio_branch(
     let (mux, appsink) = build_mux_sink(plan, index, n, part_ns, sink)?;
     add_link(
         pipeline,
-        &[&conv, &res, &caps, &enc, &parse, &mux, &appsink],
+        &[&conv, &res, &caps, &rate, &enc, &parse, &mux, &appsink],
     )?;
     let mut splitter = AudioSplitter::new(
         plan.timing.segment_ns(),
