@@ -106,6 +106,7 @@ impl Supervisor {
             .with_label_values(&[h.plan.id.as_str(), "encoder_error"])
             .inc();
         tracing::warn!(from = old.backend.label(), to = new.backend.label(), %error, "encoder failed: pipeline rebuilt");
+        self.event("encoder.fallback", h);
         Ok(rx)
     }
 }
@@ -188,8 +189,11 @@ pub(super) async fn consume(
                         .renditions
                         .iter()
                         .all(|r| r.snapshot().last.is_some())
+                    && h.set_state(StreamState::Running)
                 {
-                    h.set_state(StreamState::Running);
+                    if let Some(sup) = supervisor.upgrade() {
+                        sup.event("stream.started", &h);
+                    }
                 }
             }
             MediaEvent::Warning { element, message } => {
@@ -233,7 +237,11 @@ pub(super) async fn consume(
                         }
                     }
                 }
-                h.set_state(StreamState::Failed);
+                if h.set_state(StreamState::Failed) {
+                    if let Some(sup) = supervisor.upgrade() {
+                        sup.event("stream.failed", &h);
+                    }
+                }
                 let p = h.pipeline.lock().take();
                 if let Some(p) = p {
                     let _ = tokio::task::spawn_blocking(move || drop(p)).await;
@@ -245,8 +253,12 @@ pub(super) async fn consume(
                     sup.release_all(&h);
                 }
             }
-            MediaEvent::InputSwitched { input, kind } => {
-                if kind == kiln_media::InputKind::Source && h.resilience_back(input) {
+            MediaEvent::InputSwitched {
+                input,
+                kind,
+                from_slate,
+            } => {
+                if kind == kiln_media::InputKind::Source && h.resilience_back(input, from_slate) {
                     metrics
                         .ingest
                         .reconnects
@@ -256,7 +268,7 @@ pub(super) async fn consume(
             }
             MediaEvent::SourceEnded { input } => {
                 if let Some(sup) = supervisor.upgrade() {
-                    sup.source_lost(&h, input, None).await;
+                    sup.source_lost(&h, input, None, None).await;
                 }
             }
             MediaEvent::Eos => {
@@ -266,8 +278,11 @@ pub(super) async fn consume(
                 if matches!(h.state(), StreamState::Starting | StreamState::Running) {
                     tracing::info!("the source ended: ending the stream");
                     h.origin.end();
-                    h.set_state(StreamState::Ended);
+                    let ended = h.set_state(StreamState::Ended);
                     if let Some(sup) = supervisor.upgrade() {
+                        if ended {
+                            sup.event("stream.ended", &h);
+                        }
                         sup.release_all(&h);
                     }
                     let p = h.pipeline.lock().take();
@@ -303,7 +318,7 @@ impl Supervisor {
         match (input.or(current), stream_side) {
             (Some(input), false) => {
                 let why = (Refusal::Pipeline, message.to_string());
-                self.source_lost(h, input, Some(why)).await
+                self.source_lost(h, input, None, Some(why)).await
             }
             _ => self.teardown(h, Some(message.to_string())).await,
         }

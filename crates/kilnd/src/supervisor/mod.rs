@@ -200,15 +200,15 @@ impl StreamHandle {
         *self.state.borrow()
     }
 
-    fn set_state(&self, s: StreamState) {
+    /// Moves to `s`; whether it changed (Failed and Ended are final).
+    fn set_state(&self, s: StreamState) -> bool {
         self.state.send_if_modified(|cur| {
-            // Failed and Ended are final.
             let change = *cur != s && !matches!(*cur, StreamState::Failed | StreamState::Ended);
             if change {
                 *cur = s;
             }
             change
-        });
+        })
     }
 
     /// Pauses the stream's pipeline (no new parts until it resumes). Not reachable from the HTTP API.
@@ -309,6 +309,8 @@ pub struct Supervisor {
     ingest_keys: Mutex<HashMap<String, String>>,
     /// The ingest listeners' public `host:port`, once bound.
     pub ingest_addrs: std::sync::OnceLock<IngestAddrs>,
+    /// Where stream events go (`--webhook-url`).
+    pub webhooks: std::sync::OnceLock<Arc<crate::webhooks::Webhooks>>,
 }
 
 /// Where publishers reach this daemon (`host:port`), for the publish URLs.
@@ -345,6 +347,7 @@ impl Supervisor {
             live_fetcher: crate::fetch::Fetcher::new(config.source_networks.clone(), u64::MAX),
             ingest_keys: Mutex::new(HashMap::new()),
             ingest_addrs: std::sync::OnceLock::new(),
+            webhooks: std::sync::OnceLock::new(),
             config,
             registry,
             gpus,
@@ -468,7 +471,9 @@ impl Supervisor {
                 asked.key.as_ref().is_none_or(|k| *k == s.key)
                     && asked.passphrase.as_ref().is_none_or(|p| *p == s.passphrase)
             });
-            return if h.plan == plan && same_secrets {
+            let same_loss = h.request.on_source_loss.unwrap_or_default()
+                == request.on_source_loss.unwrap_or_default();
+            return if h.plan == plan && same_secrets && same_loss {
                 Ok((h, false))
             } else {
                 Err(SupervisorError::Conflict(id.to_string()))
@@ -610,6 +615,7 @@ impl Supervisor {
             map.insert(id.to_string(), handle.clone());
         }
         self.origin.insert(stream_origin);
+        self.event("stream.created", &handle);
         self.metrics.init_stream(id);
         if handle.is_publish() {
             self.metrics.ingest.init_stream(id);
@@ -637,6 +643,14 @@ impl Supervisor {
             )
         });
         Ok((handle, true))
+    }
+
+    /// Records a webhook event about stream `h` (its status as the data), when webhooks are configured.
+    pub(crate) fn event(&self, kind: &str, h: &StreamHandle) {
+        if let Some(w) = self.webhooks.get() {
+            let data = serde_json::to_value(h.status()).unwrap_or_default();
+            w.emit(kind, Some(&h.plan.id), None, data);
+        }
     }
 
     /// Stops a stream: EOS, wait (bounded) for the last parts, ENDLIST, then drop it from the origin after the
@@ -679,7 +693,11 @@ impl Supervisor {
             let _ = tokio::task::spawn_blocking(move || drop(p)).await;
         }
         h.origin.end();
-        h.set_state(StreamState::Ended);
+        let ended = h.set_state(StreamState::Ended);
+        h.resilience.lock().slate_off();
+        if ended {
+            self.event("stream.ended", &h);
+        }
         self.release_all(&h);
         if let Some(s) = &h.secrets {
             self.ingest_keys.lock().remove(&s.key);

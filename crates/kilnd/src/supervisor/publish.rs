@@ -301,7 +301,7 @@ impl Supervisor {
         let placement = h.placement();
         let opts = self.build_options(&placement, &h.plan, &h.input, Some(feed.clone()))?;
         if h.state() == StreamState::Running {
-            return self.take_over(h, publisher, feed, &opts);
+            return self.take_over(h, publisher, feed, opts).await;
         }
         let (pipeline, _, events) = launch(&h.plan, opts, Some(h.origin_ms)).await?;
         let refused = {
@@ -314,6 +314,7 @@ impl Supervisor {
                 publisher.input.store(1, Ordering::SeqCst);
                 *h.publish_feed.lock() = Some(feed);
                 *h.pipeline.lock() = Some(pipeline);
+                h.pipeline_epoch.fetch_add(1, Ordering::SeqCst);
                 h.set_state(StreamState::Starting);
                 None
             } else {
@@ -327,7 +328,7 @@ impl Supervisor {
             ));
         }
         let resumed = h.sessions.fetch_add(1, Ordering::SeqCst) > 0;
-        let epoch = h.pipeline_epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        let epoch = h.pipeline_epoch.load(Ordering::SeqCst);
         tokio::spawn(
             consume(
                 h.clone(),
@@ -344,32 +345,62 @@ impl Supervisor {
         Ok(())
     }
 
-    /// `publisher` comes back to a stream on the slate: its source joins the running pipeline.
-    fn take_over(
+    /// `publisher` comes back to a stream on the slate: its source joins the running pipeline (built off the
+    /// runtime's threads), and takes over at its first decoded frame.
+    async fn take_over(
         self: &Arc<Self>,
         h: &Arc<StreamHandle>,
         publisher: &Arc<Publisher>,
         feed: kiln_media::ByteFeed,
-        opts: &BuildOptions,
+        opts: BuildOptions,
     ) -> Result<(), SupervisorError> {
-        let slot = h.publisher.lock();
-        let ours = slot.as_ref().is_some_and(|p| Arc::ptr_eq(p, publisher));
-        if !ours || h.state() != StreamState::Running {
-            return Err(SupervisorError::Media(
+        let ours = |h: &StreamHandle| {
+            h.publisher
+                .lock()
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(p, publisher))
+                && h.state() == StreamState::Running
+        };
+        let gone = || {
+            SupervisorError::Media(
                 "the stream stopped while the publisher was being attached".into(),
-            ));
+            )
+        };
+        if !ours(h) {
+            return Err(gone());
         }
-        let input = h
-            .pipeline
-            .lock()
-            .as_ref()
-            .ok_or_else(|| SupervisorError::Media("the stream has no pipeline".into()))?
-            .switch_to_source(opts)
-            .map_err(|e| SupervisorError::Media(e.to_string()))?;
-        publisher.attached.store(true, Ordering::SeqCst);
-        publisher.input.store(input, Ordering::SeqCst);
-        *h.publish_feed.lock() = Some(feed);
-        drop(slot);
+        let stream = h.clone();
+        let input = tokio::task::spawn_blocking(move || {
+            stream
+                .pipeline
+                .lock()
+                .as_ref()
+                .map(|p| p.switch_to_source(&opts))
+        })
+        .await
+        .map_err(|e| SupervisorError::Media(e.to_string()))?
+        .ok_or_else(|| SupervisorError::Media("the stream has no pipeline".into()))?
+        .map_err(|e| SupervisorError::Media(e.to_string()))?;
+        let kept = {
+            // under the publisher lock, like begin_stop and end_stream: a stop or an end meanwhile wins
+            let slot = h.publisher.lock();
+            let still = slot.as_ref().is_some_and(|p| Arc::ptr_eq(p, publisher));
+            if still && h.state() == StreamState::Running {
+                publisher.attached.store(true, Ordering::SeqCst);
+                publisher.input.store(input, Ordering::SeqCst);
+                *h.publish_feed.lock() = Some(feed);
+            }
+            still && h.state() == StreamState::Running
+        };
+        if !kept {
+            // its source must not take over: the slate stays (a no-op on a pipeline already gone)
+            let stream = h.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                stream.pipeline.lock().as_ref().map(|p| p.switch_to_slate())
+            })
+            .await;
+            return Err(gone());
+        }
         self.watch_publisher(h, publisher, input);
         Ok(())
     }
@@ -385,7 +416,8 @@ impl Supervisor {
         h.span.in_scope(|| {
             tracing::info!(protocol = publisher.protocol.as_str(), addr = %publisher.addr, input, "publisher attached")
         });
-        self.watch_stalls(h, input);
+        self.event("source.connected", h);
+        self.watch_stalls(h, publisher, input);
         // bytes that flow but never decode would keep the stream `starting` (or on the slate) and the claim forever
         let (sup, stream, who) = (Arc::downgrade(self), h.clone(), publisher.clone());
         let limit = self.config.ingest.first_picture_timeout;
@@ -393,8 +425,12 @@ impl Supervisor {
             tokio::time::sleep(limit).await;
             let current = stream.publisher().is_some_and(|p| Arc::ptr_eq(&p, &who));
             let on_air = stream.state() == StreamState::Running
-                && stream.pipeline.lock().as_ref().and_then(|p| p.input())
-                    == Some(kiln_media::InputKind::Source);
+                && stream
+                    .pipeline
+                    .lock()
+                    .as_ref()
+                    .and_then(|p| p.current_input())
+                    == Some(input);
             let Some(sup) = sup.upgrade() else {
                 return;
             };
@@ -406,7 +442,7 @@ impl Supervisor {
                  send 7 TS packets per message)",
                 limit.as_secs()
             );
-            sup.source_lost(&stream, input, Some((Refusal::NoPicture, why)))
+            sup.source_lost(&stream, input, Some(&who), Some((Refusal::NoPicture, why)))
                 .await;
         });
     }

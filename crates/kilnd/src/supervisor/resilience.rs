@@ -26,6 +26,8 @@ pub(crate) struct ResilienceState {
     slate_counted: f64,
     source_losses: u64,
     reconnects: u64,
+    /// Counts stretches of slate: a window timer ends only the stretch it was armed for.
+    stretch: u64,
 }
 
 impl ResilienceState {
@@ -93,17 +95,25 @@ impl StreamHandle {
             .set(i64::from(r.slate_since.is_some()));
     }
 
-    /// Source input `input` took over: a publisher back from the slate (counted) when the slate was on.
-    pub(super) fn resilience_back(&self, input: u64) -> bool {
+    /// Source input `input` took over (`from_slate`: from the slate, a reconnect, counted); the stretch of slate
+    /// closes if that source is still on air (it may already be lost again, with the slate back).
+    pub(super) fn resilience_back(&self, input: u64, from_slate: bool) -> bool {
+        let on_air = self
+            .pipeline
+            .lock()
+            .as_ref()
+            .and_then(|p| p.current_input())
+            == Some(input);
         let mut r = self.resilience.lock();
-        if r.slate_since.is_none() {
-            return false;
+        if on_air {
+            r.slate_off();
         }
-        r.slate_off();
-        r.reconnects += 1;
-        self.span
-            .in_scope(|| tracing::info!(input, "the publisher is back on air"));
-        true
+        if from_slate {
+            r.reconnects += 1;
+            self.span
+                .in_scope(|| tracing::info!(input, "the publisher is back on air"));
+        }
+        from_slate
     }
 }
 
@@ -117,51 +127,58 @@ impl Supervisor {
         detail: Option<String>,
     ) {
         let input = who.input.load(Ordering::SeqCst);
-        self.source_lost(h, input, detail.map(|d| (Refusal::Pipeline, d)))
+        self.source_lost(h, input, Some(who), detail.map(|d| (Refusal::Pipeline, d)))
             .await
     }
 
-    /// The source of input `input` is gone (its publisher left, its media failed, or it stalled): its publisher,
-    /// if still the stream's, is cut off with `why`, and the stream goes on the slate, ends (`mode: end`), or,
-    /// when it never produced a part, waits for the next publisher. A no-op for any other input (a publisher
-    /// that already left or was replaced).
+    /// The source of input `input` (of publisher `who`, when the caller knows it: generations start over in each
+    /// new pipeline) is gone: it left, its media failed, or it stalled. Its publisher, if still the stream's, is cut
+    /// off with `why`. If that source was on air, the stream goes on the slate or ends (`mode: end`); if it never
+    /// got on air, the slate stays (a failed reconnect) or, before any part, the stream waits again. A no-op for
+    /// any other publisher.
     pub(super) async fn source_lost(
         self: &Arc<Self>,
         h: &Arc<StreamHandle>,
         input: u64,
+        who: Option<&Arc<Publisher>>,
         why: Option<(Refusal, String)>,
     ) {
-        let who = {
+        let gone = {
             let mut slot = h.publisher.lock();
-            if slot
-                .as_ref()
-                .is_none_or(|p| p.input.load(Ordering::SeqCst) != input)
-            {
+            let matches = slot.as_ref().is_some_and(|p| {
+                p.input.load(Ordering::SeqCst) == input && who.is_none_or(|w| Arc::ptr_eq(p, w))
+            });
+            if !matches {
                 return;
             }
             slot.take()
         };
-        if let Some(who) = &who {
+        if let Some(p) = &gone {
             if let Some(w) = &why {
-                who.kicked_for.lock().get_or_insert(w.clone());
+                p.kicked_for.lock().get_or_insert(w.clone());
             }
-            who.kick.notify_one();
+            p.kick.notify_one();
         }
         *h.publish_feed.lock() = None;
+        self.event("source.lost", h);
         let detail = why.map(|(_, d)| d);
-        let on_slate = h.resilience.lock().slate_since.is_some();
+        let on_air = h.pipeline.lock().as_ref().and_then(|p| p.current_input()) == Some(input);
         match (h.state(), h.on_source_loss().mode) {
-            // a publisher that came back but never got on air: the slate stays, its window runs on
-            (StreamState::Running, _) if on_slate => {
-                if let Some(Err(e)) = h.pipeline.lock().as_ref().map(|p| p.switch_to_slate()) {
-                    h.push_error(format!("the slate: {e}"));
-                }
+            (StreamState::Running, SourceLossMode::Slate) if on_air => {
+                self.slate_on(h, detail).await
             }
-            (StreamState::Running, SourceLossMode::Slate) => self.slate_on(h, detail),
-            (StreamState::Running, SourceLossMode::End) => {
+            (StreamState::Running, SourceLossMode::End) if on_air => {
                 self.count_loss(h);
                 h.span.in_scope(|| tracing::info!(error = ?detail, "source lost: the stream ends (on_source_loss: end)"));
                 self.end_stream(h).await;
+            }
+            // a publisher that came back but never got on air: the slate stays (its source is dropped), and the
+            // window of that stretch runs on
+            (StreamState::Running, _) => {
+                h.span.in_scope(
+                    || tracing::warn!(error = ?detail, "the returning publisher never got on air"),
+                );
+                self.switch_to_slate(h).await;
             }
             // never on air: back to waiting, as before the publisher came
             (StreamState::Starting, _) => self.teardown(h, detail).await,
@@ -178,47 +195,88 @@ impl Supervisor {
             .inc();
     }
 
-    /// Puts the slate on and arms the reconnect window.
-    fn slate_on(self: &Arc<Self>, h: &Arc<StreamHandle>, detail: Option<String>) {
-        let switched = h.pipeline.lock().as_ref().map(|p| p.switch_to_slate());
-        if let Some(Err(e)) = switched {
+    /// The slate on air (or kept there), off the runtime's threads: building it waits on GStreamer.
+    async fn switch_to_slate(&self, h: &Arc<StreamHandle>) {
+        let stream = h.clone();
+        let switched = tokio::task::spawn_blocking(move || {
+            stream.pipeline.lock().as_ref().map(|p| p.switch_to_slate())
+        })
+        .await;
+        if let Ok(Some(Err(e))) = switched {
             h.push_error(format!("the slate could not start: {e}"));
         }
+    }
+
+    /// Puts the slate on, opens a stretch of slate and arms its reconnect window.
+    async fn slate_on(self: &Arc<Self>, h: &Arc<StreamHandle>, detail: Option<String>) {
+        self.switch_to_slate(h).await;
         self.count_loss(h);
-        let since = {
+        let stretch = {
             let mut r = h.resilience.lock();
-            let since = *r.slate_since.get_or_insert((unix_ms(), Instant::now()));
-            since.1
+            // a stretch the consumer has not closed yet (the takeover's event still queued) ends here
+            r.slate_off();
+            r.slate_since = Some((unix_ms(), Instant::now()));
+            r.stretch += 1;
+            r.stretch
         };
         let window = h.on_source_loss().reconnect_window_s;
         h.span.in_scope(|| {
             tracing::warn!(error = ?detail, window_s = window, "source lost: the slate is on air")
         });
-        if window == 0 {
-            return;
+        if window > 0 {
+            self.arm_window(h, stretch, Duration::from_secs(u64::from(window)));
         }
+    }
+
+    /// Ends the stream when stretch `stretch` of slate lasts `window`. A publisher still trying to get on air at
+    /// that moment gets its chance (its own first-picture timeout bounds it); the stream ends when it is gone.
+    fn arm_window(self: &Arc<Self>, h: &Arc<StreamHandle>, stretch: u64, window: Duration) {
         let (sup, stream) = (Arc::downgrade(self), h.clone());
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(u64::from(window))).await;
-            // still the same stretch of slate, nobody back
-            let same = stream.resilience.lock().slate_since.map(|(_, t)| t) == Some(since);
-            let (Some(sup), true) = (sup.upgrade(), same) else {
-                return;
-            };
-            if stream.publisher().is_some() || stream.state() != StreamState::Running {
-                return;
+            tokio::time::sleep(window).await;
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                let Some(sup) = sup.upgrade() else { return };
+                let (same, on_slate) = {
+                    let r = stream.resilience.lock();
+                    (r.stretch == stretch, r.slate_since.is_some())
+                };
+                let slate_on_air = stream.pipeline.lock().as_ref().and_then(|p| p.input())
+                    == Some(kiln_media::InputKind::Slate);
+                if !same || !on_slate || !slate_on_air || stream.state() != StreamState::Running {
+                    return;
+                }
+                if stream.publisher().is_none() {
+                    stream.span.in_scope(|| {
+                        tracing::info!(
+                            window_s = window.as_secs(),
+                            "nobody came back: the stream ends"
+                        )
+                    });
+                    sup.end_stream(&stream).await;
+                    return;
+                }
+                drop(sup);
+                tick.tick().await;
             }
-            stream.span.in_scope(|| {
-                tracing::info!(window_s = window, "nobody came back: the stream ends")
-            });
-            sup.end_stream(&stream).await;
         });
     }
 
-    /// Ends a running stream now: ENDLIST, `ended`, its bookings back (it stays listed until deleted).
+    /// Ends a running stream now: ENDLIST, `ended`, its bookings back (it stays listed until deleted); a publisher
+    /// still attached is cut off. A no-op unless the stream runs (a stop in progress finishes by itself).
     pub(super) async fn end_stream(&self, h: &Arc<StreamHandle>) {
         let p = {
-            let _slot = h.publisher.lock();
+            let mut slot = h.publisher.lock();
+            if h.state() != StreamState::Running {
+                return;
+            }
+            if let Some(p) = slot.take() {
+                p.kicked_for
+                    .lock()
+                    .get_or_insert((Refusal::Stopping, "the stream ended".into()));
+                p.kick.notify_one();
+            }
+            h.set_state(StreamState::Ended);
             h.pipeline_epoch.fetch_add(1, Ordering::SeqCst);
             h.pipeline.lock().take()
         };
@@ -227,42 +285,41 @@ impl Supervisor {
         }
         h.resilience.lock().slate_off();
         h.origin.end();
-        h.set_state(StreamState::Ended);
         h.eos.send_replace(true);
+        self.event("stream.ended", h);
         self.release_all(h);
     }
 
-    /// Watches the publisher on input `input` of `h` while it is on air: no frame for [`SOURCE_TIMEOUT`] is a
-    /// loss. Ends when that publisher is no longer the stream's.
-    pub(super) fn watch_stalls(self: &Arc<Self>, h: &Arc<StreamHandle>, input: u64) {
-        let (sup, stream) = (Arc::downgrade(self), h.clone());
+    /// Watches `who` (on input `input`) while it is the stream's publisher: no frame for [`SOURCE_TIMEOUT`] while
+    /// its source is on air is a loss.
+    pub(super) fn watch_stalls(
+        self: &Arc<Self>,
+        h: &Arc<StreamHandle>,
+        who: &Arc<Publisher>,
+        input: u64,
+    ) {
+        let (sup, stream, who) = (Arc::downgrade(self), h.clone(), who.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
                 let Some(sup) = sup.upgrade() else { return };
-                let ours = stream
-                    .publisher()
-                    .is_some_and(|p| p.input.load(Ordering::SeqCst) == input);
-                if !ours {
+                if !stream.publisher().is_some_and(|p| Arc::ptr_eq(&p, &who)) {
                     return;
                 }
-                let (source, since) = {
+                let (on_air, since) = {
                     let p = stream.pipeline.lock();
                     p.as_ref().map_or((false, None), |p| {
-                        (
-                            p.input() == Some(kiln_media::InputKind::Source),
-                            p.since_last_frame(),
-                        )
+                        (p.current_input() == Some(input), p.since_last_frame())
                     })
                 };
-                let stalled = source && since.is_some_and(|d| d > SOURCE_TIMEOUT);
+                let stalled = on_air && since.is_some_and(|d| d > SOURCE_TIMEOUT);
                 if stalled && stream.state() == StreamState::Running {
                     let why = format!(
                         "no frame from the publisher for {} ms",
                         SOURCE_TIMEOUT.as_millis()
                     );
-                    sup.source_lost(&stream, input, Some((Refusal::Timeout, why)))
+                    sup.source_lost(&stream, input, Some(&who), Some((Refusal::Timeout, why)))
                         .await;
                     return;
                 }
