@@ -368,6 +368,15 @@ async fn items_across_a_lost_publisher_and_its_return() -> Result<()> {
         msn(s) >= back + 3
     })
     .await?;
+    // the window the items read still starts before the loss
+    for r in RENDITIONS {
+        let (_, text) = d.get_text(&format!("/live/p/{r}/index.m3u8")).await?;
+        let first = parse_ll(&text)?.media_sequence;
+        ensure!(
+            first < lost,
+            "{r}: the window starts at {first}, after the loss at {lost}"
+        );
+    }
     let mut items = Items::default();
     let fx = &Fx { d: &d, id: "p" };
     run_items!(

@@ -141,6 +141,21 @@ struct Args {
     /// Seconds a publisher's bytes may flow before the stream has decoded anything; then it is cut off.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=600))]
     ingest_first_picture_secs: u64,
+    /// POST stream and job events here (JSON, signed; at least once, from an outbox under `--data-dir`).
+    #[arg(long, value_name = "URL", requires = "webhook_secret_env", value_parser = parse_webhook_url)]
+    webhook_url: Option<String>,
+    /// The environment variable holding the webhooks' HMAC-SHA256 key (at least 16 bytes).
+    #[arg(long, value_name = "ENV_VAR", requires = "webhook_url")]
+    webhook_secret_env: Option<String>,
+}
+
+/// An `http(s)://` URL with a host.
+fn parse_webhook_url(s: &str) -> Result<String, String> {
+    let u = reqwest::Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+        return Err("an http:// or https:// URL with a host".into());
+    }
+    Ok(s.to_string())
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -279,6 +294,27 @@ async fn run() -> anyhow::Result<()> {
         join_token,
     });
     let defaults = crate::Config::default();
+    let data_dir = match &args.data_dir {
+        Some(d) => d.clone(),
+        None => {
+            let here = PathBuf::from("kiln-data");
+            if std::fs::create_dir_all(&here).is_ok() {
+                here
+            } else {
+                let tmp = std::env::temp_dir().join("kiln-data");
+                tracing::warn!(dir = %tmp.display(), "cannot create ./kiln-data: VOD state goes to the temporary directory (pass --data-dir)");
+                tmp
+            }
+        }
+    };
+    let webhooks = match (&args.webhook_url, &args.webhook_secret_env) {
+        (Some(url), Some(var)) => Some(crate::webhooks::WebhookConfig {
+            url: url.clone(),
+            secret: kiln_http::token_from_env(var)?.into_bytes(),
+            dir: data_dir.join("webhooks"),
+        }),
+        _ => None,
+    };
     let config = crate::Config {
         node_id: args.node_id.clone().unwrap_or_else(|| {
             if args.scheduler.is_empty() {
@@ -300,19 +336,7 @@ async fn run() -> anyhow::Result<()> {
             }
         }),
         jobs: Some(crate::jobs::JobsConfig {
-            data_dir: match &args.data_dir {
-                Some(d) => d.clone(),
-                None => {
-                    let here = PathBuf::from("kiln-data");
-                    if std::fs::create_dir_all(&here).is_ok() {
-                        here
-                    } else {
-                        let tmp = std::env::temp_dir().join("kiln-data");
-                        tracing::warn!(dir = %tmp.display(), "cannot create ./kiln-data: VOD state goes to the temporary directory (pass --data-dir)");
-                        tmp
-                    }
-                }
-            },
+            data_dir: data_dir.clone(),
             input_dir: args.vod_input_dir.clone(),
             max_concurrent: args.vod_concurrency.max(1),
             url_policy: args.allow_networks.clone(),
@@ -354,6 +378,7 @@ async fn run() -> anyhow::Result<()> {
             first_picture_timeout: std::time::Duration::from_secs(args.ingest_first_picture_secs),
             ..Default::default()
         },
+        webhooks,
         ..defaults
     };
     let state = crate::AppState::new(config)?;

@@ -62,6 +62,8 @@ pub struct Config {
     pub jobs: Option<JobsConfig>,
     /// Live ingest listeners (RTMP, SRT) and their limits.
     pub ingest: IngestConfig,
+    /// Stream and job events to a URL (`--webhook-url`); `None`: none sent.
+    pub webhooks: Option<crate::webhooks::WebhookConfig>,
 }
 
 /// Live ingest: where publishers connect and what they may send.
@@ -169,6 +171,7 @@ impl Default for Config {
             scheduler: None,
             jobs: None,
             ingest: IngestConfig::default(),
+            webhooks: None,
         }
     }
 }

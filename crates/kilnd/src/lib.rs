@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod page;
 pub mod supervisor;
 pub mod tls;
+pub mod webhooks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -209,6 +210,10 @@ impl AppState {
             )),
             None => None,
         };
+        if let Some(w) = open_webhooks(&config, &metrics)? {
+            let _ = supervisor.webhooks.set(w.clone());
+            jobs.iter().for_each(|j| drop(j.webhooks.set(w.clone())));
+        }
         let sockets = ingest::Sockets::bind(&config.ingest)
             .map_err(|e| anyhow::anyhow!("binding the ingest listeners: {e}"))?;
         let public = |a: SocketAddr| {
@@ -233,6 +238,20 @@ impl AppState {
             ingest: Arc::new(parking_lot::Mutex::new(Some(sockets))),
         })
     }
+}
+
+/// The webhook outbox (`--webhook-url`), with its series registered.
+fn open_webhooks(
+    config: &Config,
+    metrics: &metrics::Metrics,
+) -> anyhow::Result<Option<Arc<webhooks::Webhooks>>> {
+    let Some(w) = &config.webhooks else {
+        return Ok(None);
+    };
+    let m = webhooks::WebhookMetrics::new(&metrics.registry);
+    let opened = webhooks::Webhooks::open(w.clone(), &config.node_id, m)
+        .map_err(|e| anyhow::anyhow!("opening the webhook outbox in {}: {e}", w.dir.display()))?;
+    Ok(Some(Arc::new(opened)))
 }
 
 /// The node agent reports this daemon's state and raises its fence.
@@ -324,6 +343,10 @@ pub async fn serve_state(
         .scheduler
         .clone()
         .map(|cfg| tokio::spawn(agent::run(state.clone(), cfg)));
+    let _sender = supervisor
+        .webhooks
+        .get()
+        .map(|w| tokio::spawn(w.clone().run()));
     let jobs = state.jobs.clone();
     let dispatcher = state
         .jobs

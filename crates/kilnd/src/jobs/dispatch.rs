@@ -247,6 +247,19 @@ impl Jobs {
                     .inc_by(s.duration_s.unwrap_or(0.0));
             }
             metrics.vod_input_bytes.inc_by(s.input_bytes.unwrap_or(0));
+            let kind = match s.state {
+                JobState::Done => Some("job.done"),
+                JobState::Failed => Some("job.failed"),
+                _ => None,
+            };
+            if let (Some(kind), Some(w)) = (kind, self.webhooks.get()) {
+                w.emit(
+                    kind,
+                    None,
+                    Some(id),
+                    serde_json::to_value(&s).unwrap_or_default(),
+                );
+            }
             if let (Some(a), Some(b)) = (s.started_unix_ms, s.finished_unix_ms) {
                 metrics
                     .vod_busy_seconds

@@ -39,6 +39,7 @@ use kiln_model::vod::{JobLinks, JobRequest, JobState, JobStatus, DEFAULT_VOD_PRE
 use parking_lot::Mutex;
 
 pub use run::RunError;
+pub(crate) use store::write_atomic;
 pub use thumbnails::ThumbnailError;
 
 pub use crate::config::{JobsConfig, DEFAULT_MAX_INPUT_BYTES};
@@ -88,6 +89,8 @@ pub struct Jobs {
     wake: tokio::sync::Notify,
     /// The daemon is stopping: running jobs are interrupted and go back to the queue.
     stopping: AtomicBool,
+    /// Where `job.done` and `job.failed` go (`--webhook-url`).
+    pub webhooks: std::sync::OnceLock<Arc<crate::webhooks::Webhooks>>,
 }
 
 fn unix_ms() -> u64 {
@@ -152,6 +155,7 @@ impl Jobs {
             entries: Mutex::new(entries),
             wake: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
+            webhooks: std::sync::OnceLock::new(),
         })
     }
 

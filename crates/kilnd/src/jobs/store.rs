@@ -124,7 +124,7 @@ fn is_temporary(path: &Path) -> bool {
 
 /// Writes `bytes` to `path` atomically: a uniquely named temporary file in the same directory (so concurrent
 /// writers never share one), fsync, rename over `path`. A reader sees the old or the new content, never a mix.
-pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let mut tmp = tempfile::Builder::new()
         .prefix(TEMP_PREFIX)
