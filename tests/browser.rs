@@ -223,7 +223,7 @@ fn publish(url: &str, format: &str) -> Result<tokio::process::Child> {
 }
 
 /// ffmpeg publishes over RTMP, then over SRT, to `publish:` streams (a 360p + 180p ladder); hls.js plays each for
-/// 20 s from the page. The publish-to-screen latency is the wall clock minus the PROGRAM-DATE-TIME of the frame on
+/// 12 s from the page. The publish-to-screen latency is the wall clock minus the PROGRAM-DATE-TIME of the frame on
 /// screen (PDT is the wall clock when kilnd received the frame), median of one sample a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hlsjs_in_chromium_plays_rtmp_and_srt_publishers_with_low_publish_to_screen_latency(
@@ -273,7 +273,7 @@ async fn hlsjs_in_chromium_plays_rtmp_and_srt_publishers_with_low_publish_to_scr
         let shot =
             std::env::temp_dir().join(format!("kiln-browser-{id}-{}.png", std::process::id()));
         let page = format!("{}/#{id}", d.base);
-        let args = [page.as_ref(), "20".as_ref(), shot.as_os_str()];
+        let args = [page.as_ref(), "12".as_ref(), shot.as_os_str()];
         let r = node(&dir.join("watch.mjs"), &args, Duration::from_secs(90)).await?;
         eprintln!("{id}: hls.js result: {r}");
         drop(publisher);
@@ -282,8 +282,8 @@ async fn hlsjs_in_chromium_plays_rtmp_and_srt_publishers_with_low_publish_to_scr
         let played = r["playedTo"].as_f64().context("playedTo")?;
         let pdt = r["pdtLatencyMedian"].as_f64().context("pdtLatencyMedian")?;
         let samples = r["pdtSamples"].as_u64().context("pdtSamples")?;
-        ensure!(stalls == 0 && played >= 15.0, "{id}: {r}");
-        ensure!(samples >= 12, "{id}: only {samples} PDT samples: {r}");
+        ensure!(stalls == 0 && played >= 9.0, "{id}: {r}");
+        ensure!(samples >= 8, "{id}: only {samples} PDT samples: {r}");
         results.push((id, pdt));
     }
     eprintln!("publish-to-screen latency (median): {results:?}");
