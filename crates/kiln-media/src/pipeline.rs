@@ -281,9 +281,9 @@ impl LivePipeline {
         // appsrc (stopping the source first could wait on it forever).
         let _ = self.pipeline.set_state(gst::State::Null);
         if let Some(i) = &self.inputs {
-            for input in i.running.lock().drain(..) {
-                input.stop();
-            }
+            // not under the list's lock: a takeover's reaper may be waiting for it
+            let inputs = std::mem::take(&mut *i.running.lock());
+            inputs.iter().for_each(|s| s.stop());
         }
     }
 
@@ -408,20 +408,30 @@ fn stop_elsewhere(inputs: Vec<crate::source::EncodedSource>) {
 }
 
 /// What a takeover calls: stops the inputs older than the one that took over (newer ones may still take over).
+/// The takeover holds a track lock, and `keep_only` holds the list while it takes one: the list is locked on a
+/// thread of its own, never on the streaming thread.
 fn reaper(
     running: std::sync::Weak<Mutex<Vec<crate::source::EncodedSource>>>,
 ) -> impl Fn(u64) + Send + Sync + 'static {
     move |current| {
-        let Some(running) = running.upgrade() else {
-            return;
-        };
-        let retired: Vec<_> = {
-            let mut l = running.lock();
-            let (keep, old) = l.drain(..).partition(|s| s.state.generation >= current);
-            *l = keep;
-            old
-        };
-        stop_elsewhere(retired);
+        let running = running.clone();
+        let reaped = std::thread::Builder::new()
+            .name("kiln-input-reap".into())
+            .spawn(move || {
+                let Some(running) = running.upgrade() else {
+                    return;
+                };
+                let retired: Vec<_> = {
+                    let mut l = running.lock();
+                    let (keep, old) = l.drain(..).partition(|s| s.state.generation >= current);
+                    *l = keep;
+                    old
+                };
+                retired.iter().for_each(|s| s.stop());
+            });
+        if let Err(e) = reaped {
+            tracing::warn!(error = %e, "no thread to stop retired inputs: they stop at the next switch");
+        }
     }
 }
 
