@@ -247,6 +247,13 @@ impl Jobs {
                     .inc_by(s.duration_s.unwrap_or(0.0));
             }
             metrics.vod_input_bytes.inc_by(s.input_bytes.unwrap_or(0));
+            if let (Some(a), Some(b)) = (s.started_unix_ms, s.finished_unix_ms) {
+                metrics
+                    .vod_busy_seconds
+                    .inc_by(b.saturating_sub(a) as f64 / 1000.0);
+            }
+            let _ = self.store.save(&s);
+            // after the record: a crash in between runs the job again, and its event keeps the same id
             let kind = match s.state {
                 JobState::Done => Some("job.done"),
                 JobState::Failed => Some("job.failed"),
@@ -260,12 +267,6 @@ impl Jobs {
                     serde_json::to_value(&s).unwrap_or_default(),
                 );
             }
-            if let (Some(a), Some(b)) = (s.started_unix_ms, s.finished_unix_ms) {
-                metrics
-                    .vod_busy_seconds
-                    .inc_by(b.saturating_sub(a) as f64 / 1000.0);
-            }
-            let _ = self.store.save(&s);
         }
         self.wake.notify_one();
     }

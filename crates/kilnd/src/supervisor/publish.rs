@@ -464,15 +464,19 @@ impl Supervisor {
     /// progress stays a stop.
     pub(super) async fn teardown(&self, h: &Arc<StreamHandle>, error: Option<String>) {
         // slot, pipeline and feed are taken together under the publisher lock (see `attach`)
-        let pipeline = {
+        let (pipeline, kicked) = {
             let mut slot = h.publisher.lock();
-            if let Some(p) = slot.take() {
+            let kicked = slot.take();
+            if let Some(p) = &kicked {
                 p.kick.notify_one();
             }
             *h.publish_feed.lock() = None;
             h.pipeline_epoch.fetch_add(1, Ordering::SeqCst);
-            h.pipeline.lock().take()
+            (h.pipeline.lock().take(), kicked.is_some())
         };
+        if kicked && matches!(h.state(), StreamState::Starting | StreamState::Running) {
+            self.event("source.lost", h);
+        }
         if let Some(p) = pipeline {
             let _ = tokio::task::spawn_blocking(move || drop(p)).await;
         }

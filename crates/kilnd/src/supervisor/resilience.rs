@@ -28,6 +28,8 @@ pub(crate) struct ResilienceState {
     reconnects: u64,
     /// Counts stretches of slate: a window timer ends only the stretch it was armed for.
     stretch: u64,
+    /// The input whose loss opened the current stretch: only a newer one closes it.
+    lost_input: u64,
 }
 
 impl ResilienceState {
@@ -105,7 +107,8 @@ impl StreamHandle {
             .and_then(|p| p.current_input())
             == Some(input);
         let mut r = self.resilience.lock();
-        if on_air {
+        // the event may come after that very source was lost again (a new stretch, opened for it): keep that one
+        if on_air && input > r.lost_input {
             r.slate_off();
         }
         if from_slate {
@@ -160,12 +163,15 @@ impl Supervisor {
             p.kick.notify_one();
         }
         *h.publish_feed.lock() = None;
-        self.event("source.lost", h);
+        // a stop cuts its publisher off too: that is the stream ending, not its source lost
+        if matches!(h.state(), StreamState::Starting | StreamState::Running) {
+            self.event("source.lost", h);
+        }
         let detail = why.map(|(_, d)| d);
         let on_air = h.pipeline.lock().as_ref().and_then(|p| p.current_input()) == Some(input);
         match (h.state(), h.on_source_loss().mode) {
             (StreamState::Running, SourceLossMode::Slate) if on_air => {
-                self.slate_on(h, detail).await
+                self.slate_on(h, input, detail).await
             }
             (StreamState::Running, SourceLossMode::End) if on_air => {
                 self.count_loss(h);
@@ -208,7 +214,7 @@ impl Supervisor {
     }
 
     /// Puts the slate on, opens a stretch of slate and arms its reconnect window.
-    async fn slate_on(self: &Arc<Self>, h: &Arc<StreamHandle>, detail: Option<String>) {
+    async fn slate_on(self: &Arc<Self>, h: &Arc<StreamHandle>, lost: u64, detail: Option<String>) {
         self.switch_to_slate(h).await;
         self.count_loss(h);
         let stretch = {
@@ -216,6 +222,7 @@ impl Supervisor {
             // a stretch the consumer has not closed yet (the takeover's event still queued) ends here
             r.slate_off();
             r.slate_since = Some((unix_ms(), Instant::now()));
+            r.lost_input = lost;
             r.stretch += 1;
             r.stretch
         };
@@ -276,7 +283,9 @@ impl Supervisor {
                     .get_or_insert((Refusal::Stopping, "the stream ended".into()));
                 p.kick.notify_one();
             }
-            h.set_state(StreamState::Ended);
+            if !h.set_state(StreamState::Ended) {
+                return;
+            }
             h.pipeline_epoch.fetch_add(1, Ordering::SeqCst);
             h.pipeline.lock().take()
         };
