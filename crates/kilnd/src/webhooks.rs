@@ -14,7 +14,6 @@
 //! few minutes old, so a captured request cannot be replayed later. `t` is the time of each attempt.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -152,7 +151,6 @@ pub struct Webhooks {
     node: String,
     /// The last sequence number given out; held while an event is written, so files appear in order.
     seq: Mutex<u64>,
-    backlog: AtomicU64,
     wake: tokio::sync::Notify,
     client: reqwest::Client,
     metrics: WebhookMetrics,
@@ -167,22 +165,28 @@ impl std::fmt::Debug for Webhooks {
 }
 
 impl Webhooks {
-    /// Opens (creates) the outbox; sequence numbers go on from the highest one found there or in `dead/`.
+    /// Opens (creates) the outbox, removing temporary files a crash left; sequence numbers go on from the highest
+    /// one found in `last-seq`, the outbox or `dead/`.
     pub fn open(cfg: WebhookConfig, node: &str, metrics: WebhookMetrics) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(cfg.dir.join("outbox"))?;
+        let outbox = cfg.dir.join("outbox");
+        std::fs::create_dir_all(&outbox)?;
         std::fs::create_dir_all(cfg.dir.join("dead"))?;
-        let last = ["outbox", "dead", "."]
-            .iter()
-            .flat_map(|d| seqs(&cfg.dir.join(d)))
-            .chain(
-                std::fs::read_to_string(cfg.dir.join("last-seq"))
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok()),
-            )
+        for e in std::fs::read_dir(&outbox)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with('.') {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let recorded = std::fs::read_to_string(cfg.dir.join("last-seq"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let last = scan(&outbox)
+            .into_iter()
+            .chain(scan(&cfg.dir.join("dead")))
+            .map(|(seq, _)| seq)
+            .chain(recorded)
             .max()
             .unwrap_or(0);
-        let backlog = seqs(&cfg.dir.join("outbox")).count() as u64;
-        metrics.backlog.set(backlog as i64);
+        metrics.backlog.set(scan(&outbox).len() as i64);
         let client = reqwest::Client::builder()
             .timeout(ATTEMPT_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
@@ -191,15 +195,18 @@ impl Webhooks {
             cfg,
             node: node.to_string(),
             seq: Mutex::new(last),
-            backlog: AtomicU64::new(backlog),
             wake: tokio::sync::Notify::new(),
             client,
             metrics,
         })
     }
 
-    /// Records an event in the outbox (on disk before this returns) and wakes the sender. A write error is
-    /// logged: the event is lost, and nothing else is.
+    /// Records an event in the outbox (on disk before this returns: the file and its directory entry are synced)
+    /// and wakes the sender. The new number is recorded first, so a number is never given out twice, even when
+    /// writing the event fails (then the event is lost, logged, and nothing else is).
+    ///
+    /// `job` events get an id made of the job and the type: a job that runs again after a crash (it was not
+    /// recorded as finished) reports the same id, which receivers drop as a repeat.
     pub fn emit(
         &self,
         kind: &str,
@@ -209,7 +216,10 @@ impl Webhooks {
     ) {
         let mut seq = self.seq.lock();
         let ev = Event {
-            id: format!("evt_{}", crate::supervisor::random_token(12)),
+            id: match job {
+                Some(j) => format!("evt_{j}_{kind}"),
+                None => format!("evt_{}", crate::supervisor::random_token(12)),
+            },
             seq: *seq + 1,
             kind: kind.to_string(),
             time_unix_ms: unix_ms(),
@@ -219,20 +229,18 @@ impl Webhooks {
             data,
         };
         let body = serde_json::to_vec(&ev).expect("an event serializes");
-        let path = self.cfg.dir.join("outbox").join(file_name(ev.seq));
-        // the highest number is kept beside the outbox too: with the outbox emptied, a restart goes on from it
-        let written = crate::jobs::write_atomic(&path, &body).and_then(|()| {
-            crate::jobs::write_atomic(
-                &self.cfg.dir.join("last-seq"),
-                ev.seq.to_string().as_bytes(),
-            )
-        });
+        let outbox = self.cfg.dir.join("outbox");
+        let written = crate::jobs::write_atomic(
+            &self.cfg.dir.join("last-seq"),
+            ev.seq.to_string().as_bytes(),
+        )
+        .map(|()| *seq = ev.seq)
+        .and_then(|()| crate::jobs::write_atomic(&outbox.join(file_name(ev.seq)), &body))
+        .and_then(|()| std::fs::File::open(&outbox)?.sync_all());
+        drop(seq);
         match written {
             Ok(()) => {
-                *seq = ev.seq;
-                drop(seq);
-                let n = self.backlog.fetch_add(1, Ordering::SeqCst) + 1;
-                self.metrics.backlog.set(n as i64);
+                self.metrics.backlog.inc();
                 self.wake.notify_one();
             }
             Err(e) => {
@@ -241,41 +249,35 @@ impl Webhooks {
         }
     }
 
-    /// Sends the outbox, oldest first, for as long as the daemon runs.
+    /// Sends the outbox, oldest first, for as long as the daemon runs. Anything but a delivered and removed (or
+    /// dead-lettered) event backs off, so a disk that refuses removals cannot make it spin.
     pub async fn run(self: Arc<Self>) {
         let mut failures = 0u32;
         loop {
-            let Some(path) = oldest(&self.cfg.dir.join("outbox")) else {
+            let files = scan(&self.cfg.dir.join("outbox"));
+            self.metrics.backlog.set(files.len() as i64);
+            let Some((_, path)) = files.into_iter().min_by_key(|(seq, _)| *seq) else {
                 self.metrics.oldest_age.set(0);
                 // an emit notifies; the timeout only guards against a missed wake-up
                 let _ = tokio::time::timeout(Duration::from_secs(5), self.wake.notified()).await;
                 continue;
             };
-            match self.attempt(&path).await {
-                Attempt::Delivered | Attempt::Dropped => {
-                    failures = 0;
-                    let n = self
-                        .backlog
-                        .fetch_sub(1, Ordering::SeqCst)
-                        .saturating_sub(1);
-                    self.metrics.backlog.set(n as i64);
-                }
-                Attempt::Failed => {
-                    tokio::time::sleep(backoff(failures)).await;
-                    failures = failures.saturating_add(1);
-                }
+            if self.attempt(&path).await {
+                failures = 0;
+            } else {
+                tokio::time::sleep(backoff(failures)).await;
+                failures = failures.saturating_add(1);
             }
         }
     }
 
-    /// One attempt at the event in `path`.
-    async fn attempt(&self, path: &Path) -> Attempt {
+    /// One attempt at the event in `path`: whether it left the outbox (delivered, or dead-lettered).
+    async fn attempt(&self, path: &Path) -> bool {
         let body = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "unreadable webhook event: dropped");
-                let _ = std::fs::remove_file(path);
-                return Attempt::Dropped;
+                tracing::warn!(file = %path.display(), error = %e, "unreadable webhook event: moved to dead/");
+                return self.dead_letter(path);
             }
         };
         let ev: Option<Event> = serde_json::from_slice(&body).ok();
@@ -286,18 +288,8 @@ impl Webhooks {
             .oldest_age
             .set((age_ms / 1000).min(i64::MAX as u64) as i64);
         if age_ms > RETRY_FOR.as_millis() as u64 {
-            let dead = self
-                .cfg
-                .dir
-                .join("dead")
-                .join(path.file_name().unwrap_or_default());
-            let _ = std::fs::rename(path, dead);
-            self.metrics
-                .deliveries
-                .with_label_values(&["dropped"])
-                .inc();
-            tracing::error!(file = %path.display(), "webhook event undelivered for 24 h: moved to dead/");
-            return Attempt::Dropped;
+            tracing::error!(file = %path.display(), "webhook event undelivered for 24 h (or unreadable): moved to dead/");
+            return self.dead_letter(path);
         }
         let t = unix_ms() / 1000;
         let mut req = self
@@ -313,47 +305,62 @@ impl Webhooks {
         match req.body(body).send().await {
             Ok(r) if r.status().is_success() => {
                 self.metrics.deliveries.with_label_values(&["ok"]).inc();
-                if let Err(e) = std::fs::remove_file(path) {
-                    tracing::warn!(error = %e, "a delivered webhook event could not be removed: it will be sent again");
+                match std::fs::remove_file(path) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a delivered webhook event could not be removed: it will be sent again");
+                        false
+                    }
                 }
-                Attempt::Delivered
             }
             Ok(r) => {
                 self.metrics.deliveries.with_label_values(&["error"]).inc();
                 tracing::warn!(status = r.status().as_u16(), "webhook refused: retrying");
-                Attempt::Failed
+                false
             }
             Err(e) => {
                 self.metrics.deliveries.with_label_values(&["error"]).inc();
                 tracing::warn!(error = %e, "webhook not delivered: retrying");
-                Attempt::Failed
+                false
             }
         }
     }
-}
 
-enum Attempt {
-    Delivered,
-    Dropped,
-    Failed,
+    /// Moves `path` to `dead/`, counted as dropped; whether it left the outbox.
+    fn dead_letter(&self, path: &Path) -> bool {
+        let dead = self
+            .cfg
+            .dir
+            .join("dead")
+            .join(path.file_name().unwrap_or_default());
+        self.metrics
+            .deliveries
+            .with_label_values(&["dropped"])
+            .inc();
+        std::fs::rename(path, dead).is_ok()
+    }
 }
 
 fn file_name(seq: u64) -> String {
     format!("{seq:020}.json")
 }
 
-/// Sequence numbers of the event files in `dir`.
-fn seqs(dir: &Path) -> impl Iterator<Item = u64> {
+/// The event files in `dir` (`<seq>.json`), with their numbers, as the directory names them.
+fn scan(dir: &Path) -> Vec<(u64, PathBuf)> {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json")?.parse().ok())
-}
-
-/// The oldest event file in `dir`.
-fn oldest(dir: &Path) -> Option<PathBuf> {
-    seqs(dir).min().map(|s| dir.join(file_name(s)))
+        .filter_map(|e| {
+            let seq = e
+                .file_name()
+                .to_str()?
+                .strip_suffix(".json")?
+                .parse()
+                .ok()?;
+            Some((seq, e.path()))
+        })
+        .collect()
 }
 
 fn unix_ms() -> u64 {
@@ -396,26 +403,40 @@ mod tests {
             secret: b"0123456789abcdef".to_vec(),
             dir: dir.path().join("webhooks"),
         };
-        let metrics = || WebhookMetrics::new(&Registry::new());
-        let w = Webhooks::open(cfg.clone(), "n1", metrics()).unwrap();
+        let outbox = cfg.dir.join("outbox");
+        let seqs = || {
+            let mut v: Vec<u64> = scan(&outbox).into_iter().map(|(s, _)| s).collect();
+            v.sort();
+            v
+        };
+        let w = Webhooks::open(cfg.clone(), "n1", WebhookMetrics::new(&Registry::new())).unwrap();
         for kind in ["stream.created", "stream.started", "stream.ended"] {
             w.emit(kind, Some("s1"), None, serde_json::json!({"state": kind}));
         }
+        assert_eq!(w.metrics.backlog.get(), 3);
         drop(w);
-        let w = Webhooks::open(cfg.clone(), "n1", metrics()).unwrap();
-        assert_eq!(w.backlog.load(Ordering::SeqCst), 3);
-        let first = oldest(&cfg.dir.join("outbox")).unwrap();
-        let ev: Event = serde_json::from_slice(&std::fs::read(&first).unwrap()).unwrap();
+        // a crash's leftover temporary file is cleaned, the events stay
+        std::fs::write(outbox.join(".tmpXYZ"), b"half").unwrap();
+        let w = Webhooks::open(cfg.clone(), "n1", WebhookMetrics::new(&Registry::new())).unwrap();
+        assert_eq!(w.metrics.backlog.get(), 3);
+        assert!(!outbox.join(".tmpXYZ").exists());
+        assert_eq!(seqs(), [1, 2, 3]);
+        let ev: Event =
+            serde_json::from_slice(&std::fs::read(outbox.join(file_name(1))).unwrap()).unwrap();
         assert_eq!(
-            (ev.seq, ev.kind.as_str(), ev.stream.as_deref()),
-            (1, "stream.created", Some("s1"))
+            (ev.kind.as_str(), ev.stream.as_deref()),
+            ("stream.created", Some("s1"))
         );
         // delivered (removed) events do not give their numbers back
-        for s in seqs(&cfg.dir.join("outbox")).collect::<Vec<_>>() {
-            std::fs::remove_file(cfg.dir.join("outbox").join(file_name(s))).unwrap();
+        for s in seqs() {
+            std::fs::remove_file(outbox.join(file_name(s))).unwrap();
         }
-        let w = Webhooks::open(cfg.clone(), "n1", metrics()).unwrap();
+        let w = Webhooks::open(cfg.clone(), "n1", WebhookMetrics::new(&Registry::new())).unwrap();
         w.emit("job.done", None, Some("j1"), serde_json::json!({}));
-        assert_eq!(seqs(&cfg.dir.join("outbox")).collect::<Vec<_>>(), [4]);
+        assert_eq!(seqs(), [4]);
+        // a job's event has an id of its own making: the same job reported twice is one event to a receiver
+        let ev: Event =
+            serde_json::from_slice(&std::fs::read(outbox.join(file_name(4))).unwrap()).unwrap();
+        assert_eq!(ev.id, "evt_j1_job.done");
     }
 }
