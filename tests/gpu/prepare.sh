@@ -11,6 +11,6 @@ bins=(target/release/kilnd)
 if crates/kiln-nvenc-probe/build-with-stubs.sh; then bins+=(target/release/kiln-nvenc-probe); fi
 grep -qx '/.gstdev/' .git/info/exclude 2>/dev/null || echo /.gstdev/ >> .git/info/exclude
 KILN_BUNDLE_PLUGINS="coreelements nvcodec videotestsrc x264 videoconvertscale videorate isomp4 videoparsersbad \
-  audioparsers app typefindfunctions playback audioconvert audioresample voaacenc libav" \
+  audioparsers app typefindfunctions playback audioconvert audioresample voaacenc" \
   ../shared/device/bundle-gst.sh .gstdev "${bins[@]}"
 du -sh .gstdev

@@ -47,6 +47,18 @@ impl InputCodec {
         })
     }
 
+    /// The parser that puts the stream in the form its decoder asks for (`avc` → `byte-stream` for NVDEC's
+    /// H.264/HEVC decoders, which refuse what `qtdemux` gives; a no-op where the decoder takes it as it is).
+    pub fn parser(self) -> &'static str {
+        match self {
+            Self::H264 => "h264parse",
+            Self::H265 => "h265parse",
+            Self::Vp9 => "vp9parse",
+            Self::Av1 => "av1parse",
+            Self::Mpeg2 => "mpegvideoparse",
+        }
+    }
+
     fn nv_stem(self) -> &'static str {
         match self {
             Self::H264 => "h264",

@@ -72,16 +72,26 @@ pub(crate) const PLAYLIST_CAPS: [&str; 3] = [
     "application/vnd.ms-sstr+xml",
 ];
 
-/// Stops `bin` (a parsebin or decodebin) from plugging an adaptive demuxer: a playlist's caps end autoplugging
-/// and are reported as an error through `sink`.
+/// Steers a source's parsebin: a playlist's caps end autoplugging and are reported as an error through `sink`
+/// (no adaptive demuxer is ever plugged), and a parsed (or framed) elementary stream is exposed as it is.
+///
+/// The second matters on a GPU host: kilnd takes NVDEC's decoders out of autoplugging (rank NONE), and parsebin
+/// only exposes parsed H.264 on its own when some decoder with a rank accepts it. Without a software decoder
+/// installed (no gst-libav), it would report a missing parser (seen on the lent H200), although kiln plugs
+/// `nvh264dec` itself.
 pub(crate) fn refuse_playlists(bin: &gst::Element, sink: EventSink) {
     bin.connect("autoplug-continue", false, move |args| {
         let caps = args.get(2).and_then(|v| v.get::<gst::Caps>().ok());
-        let name = caps
-            .as_ref()
-            .and_then(|c| c.structure(0))
-            .map(|s| s.name().to_string())
-            .unwrap_or_default();
+        let s = caps.as_ref().and_then(|c| c.structure(0));
+        let name = s.map(|s| s.name().to_string()).unwrap_or_default();
+        let done = s.is_some_and(|s| {
+            (name.starts_with("video/") || name.starts_with("audio/"))
+                && (s.get::<bool>("parsed").unwrap_or(false)
+                    || s.get::<bool>("framed").unwrap_or(false))
+        });
+        if done {
+            return Some(false.to_value());
+        }
         if PLAYLIST_CAPS.contains(&name.as_str()) {
             sink(MediaEvent::Error {
                 element: None,
@@ -556,6 +566,7 @@ impl Entry {
         // the current input's caps (a switch brings the other input's format; the branches adapt)
         if let Some(caps) = caps {
             if out.caps().as_deref() != Some(caps) {
+                tracing::info!(input = input.generation, %caps, "input format");
                 out.set_caps(Some(&caps.to_owned()));
             }
         }
@@ -953,20 +964,27 @@ fn link_video(
     if let Some(limit) = limit {
         guard_size(pad, limit, sink)?;
     }
-    let chain = vec![
-        make("queue", "vdec-q")?,
+    let mut chain = vec![make("queue", "vdec-q")?];
+    // parsebin's output is fixed before the decoder is linked: a parser of our own negotiates with the decoder
+    // (seen on the H200: nvh264dec refused the `avc` H.264 that parsebin exposed from an MP4)
+    if gst::ElementFactory::find(codec.parser()).is_some() {
+        chain.push(make_dyn(codec.parser(), "vdec-parse")?);
+    }
+    chain.extend([
         make_dyn(&dec.factory, "vdec")?,
         make("videoconvert", "vdec-convert")?,
-        // 8-bit 4:2:0, whatever the source decodes to (10-bit, 4:4:4, RGB): the ladder's scalers and encoders
-        // take these, and the renditions are 8-bit 4:2:0 anyway
+        // I420, whatever the source decodes to (NVDEC's NV12, 10-bit, 4:4:4, RGB): one format on the stream's
+        // entry for every input (a switch never changes it), the one the slate and the test sources have. NV12
+        // reached the renditions' scalers on the H200 and was refused there (not-negotiated); the conversion is a
+        // plane copy next to the decode.
         crate::elements::capsfilter(
             "vdec-format",
             gst::Caps::builder("video/x-raw")
-                .field("format", gst::List::new(["I420", "NV12"]))
+                .field("format", "I420")
                 .build(),
         )?,
         bridge("vout", true, state),
-    ];
+    ]);
     add_chain(pipeline, pad, &chain)
 }
 
