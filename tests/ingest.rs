@@ -490,6 +490,10 @@ async fn a_stream_ends_when_nobody_comes_back_in_its_window_or_at_once_with_mode
             r#"{"source": "publish:", "on_source_loss": {"mode": "pray"}}"#,
             "`slate` or `end`",
         ),
+        (
+            r#"{"source": "publish:", "on_source_loss": {"source_timeout_ms": 50}}"#,
+            "source_timeout_ms: 200 to 60000",
+        ),
     ] {
         let (code, v) = d.put_stream("bad", body).await?;
         ensure!(
@@ -497,6 +501,162 @@ async fn a_stream_ends_when_nobody_comes_back_in_its_window_or_at_once_with_mode
             "{body}: {code} {v}"
         );
     }
+    d.shutdown().await
+}
+
+/// A publisher that stays connected but stops sending (its process stopped with SIGSTOP, as a frozen encoder
+/// would) is lost after the stream's `source_timeout_ms`, not before, and the slate goes on air.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_stops_sending_is_lost_after_its_source_timeout() -> Result<()> {
+    let d = daemon(None).await?;
+    let body = format!(
+        r#"{{"source": "publish:", "on_source_loss": {{"source_timeout_ms": 800}}, {LADDER}}}"#
+    );
+    let (code, v) = d.put_stream("st", &body).await?;
+    ensure!(code == 201, "PUT: {code} {v}");
+    ensure!(
+        v["resilience"]["on_source_loss"]["source_timeout_ms"] == 800,
+        "{v}"
+    );
+    let url = v["ingest"]["rtmp_url"].as_str().context("rtmp_url")?;
+    let mut publisher = ffmpeg_publish(url, "flv", "320x180", 60)?;
+    wait_state(&d, "st", "running", Duration::from_secs(30)).await?;
+    wait_picture(&d, "st", false).await?;
+    let pid = publisher.id().context("ffmpeg pid")?.to_string();
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()?;
+    ensure!(stop.success(), "kill -STOP {pid}");
+    let frozen = Instant::now();
+    let s = wait_input(&d, "st", "slate", Duration::from_secs(10)).await?;
+    let took = frozen.elapsed();
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status();
+    publisher.kill().await?;
+    eprintln!("the slate went on air {took:?} after the publisher froze (source_timeout_ms 800)");
+    ensure!(
+        took >= Duration::from_millis(750) && took < Duration::from_millis(2500),
+        "the stall was detected after {took:?}, not after 800 ms"
+    );
+    ensure!(
+        s["resilience"]["source_losses"] == 1 && s["publisher"].is_null(),
+        "{s}"
+    );
+    ensure!(
+        s["errors"]
+            .to_string()
+            .contains("no frame from the publisher for 800 ms"),
+        "{s}"
+    );
+    wait_picture(&d, "st", true).await?;
+    d.shutdown().await
+}
+
+/// ffmpeg (libsrt) listening for kilnd's call on `port` with a moving picture and a tone (MPEG-TS, 2 s GOP) for
+/// `seconds`.
+fn ffmpeg_srt_listener(port: u16, seconds: u32) -> Result<Child> {
+    ffmpeg_publish(
+        &format!("srt://127.0.0.1:{port}?mode=listener&pkt_size=1316"),
+        "mpegts",
+        "320x180",
+        seconds,
+    )
+}
+
+/// A pulled SRT source (kilnd calls ffmpeg) that dies mid-stream: the slate goes on air, kilnd calls again with
+/// backoff while nobody answers, and when ffmpeg listens again its picture takes over from the slate on the same
+/// timeline; ffmpeg decodes the whole window across both switches with -xerror; the status counts the loss, the
+/// attempts and the reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pulled_srt_source_that_dies_is_bridged_by_the_slate_and_called_again() -> Result<()> {
+    let d = Daemon::start(kilnd::Config {
+        source_networks: kiln_model::net::UrlPolicy::parse("127.0.0.1/32")?,
+        capacity: kiln_model::capacity::Resources {
+            cpu_millicores: 64_000,
+            memory_mib: 64_000,
+            ..Default::default()
+        },
+        gpus: Some(Vec::new()),
+        ..Default::default()
+    })
+    .await?;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut first = ffmpeg_srt_listener(port, 60)?;
+    let body = format!(
+        r#"{{"source": "srt://127.0.0.1:{port}", "on_source_loss": {{"source_timeout_ms": 1000, "reconnect_window_s": 120}}, {LADDER}}}"#
+    );
+    let (code, v) = d.put_stream("pull", &body).await?;
+    ensure!(code == 201, "PUT: {code} {v}");
+    wait_state(&d, "pull", "running", Duration::from_secs(30)).await?;
+    wait_picture(&d, "pull", false).await?;
+
+    first.kill().await?;
+    let killed = Instant::now();
+    let s = wait_input(&d, "pull", "slate", Duration::from_secs(10)).await?;
+    eprintln!(
+        "the slate went on air {:?} after the SRT sender died",
+        killed.elapsed()
+    );
+    ensure!(
+        s["state"] == "running" && s["resilience"]["source_losses"] == 1,
+        "{s}"
+    );
+    wait_picture(&d, "pull", true).await?;
+    // nobody answers for a while: kilnd keeps calling
+    poll_until(
+        "kilnd calls the source again",
+        Duration::from_secs(15),
+        Duration::from_millis(250),
+        || async {
+            let s = status(&d, "pull").await?;
+            let n = s["resilience"]["retries"].as_u64().unwrap_or(0);
+            Ok(if n >= 2 {
+                Polled::Done(())
+            } else {
+                Polled::NotYet(format!("{} retries", n))
+            })
+        },
+    )
+    .await?;
+
+    let _second = ffmpeg_srt_listener(port, 60)?;
+    let listening = Instant::now();
+    let s = wait_input(&d, "pull", "source", Duration::from_secs(30)).await?;
+    eprintln!(
+        "the source back on air {:?} after ffmpeg listened again ({} attempts in all)",
+        listening.elapsed(),
+        s["resilience"]["retries"]
+    );
+    ensure!(
+        s["state"] == "running"
+            && s["resilience"]["reconnects"] == 1
+            && s["resilience"]["source_losses"] == 1,
+        "{s}"
+    );
+    wait_picture(&d, "pull", false).await?;
+    for r in ["hi", "audio"] {
+        let (_, text) = d.get_text(&format!("/live/pull/{r}/index.m3u8")).await?;
+        ensure!(
+            !text.contains("#EXT-X-DISCONTINUITY\n"),
+            "{r}: the slate broke the timeline:\n{text}"
+        );
+        let f = window_file(&d, "pull", r).await?;
+        let out = tokio::process::Command::new("ffmpeg")
+            .args(["-v", "error", "-xerror", "-i"])
+            .arg(f.path())
+            .args(["-f", "null", "-"])
+            .output()
+            .await?;
+        ensure!(
+            out.status.success() && out.stderr.is_empty(),
+            "{r}: ffmpeg -xerror across the slate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    ensure!(metric(&d, r#"kiln_stream_reconnects_total{stream="pull"}"#).await? == 1.0);
     d.shutdown().await
 }
 

@@ -36,7 +36,7 @@ use gst::prelude::*;
 
 use bytes::Bytes;
 pub use kiln_llhls::PartIn;
-pub use pipeline::{BuildOptions, FrameStats, LivePipeline, RenditionFrames};
+pub use pipeline::{BuildOptions, FrameStats, LivePipeline, RenditionFrames, Switcher};
 pub use source::{input_of, ByteFeed, InputKind, SizeLimit};
 
 /// Something the pipeline reports.

@@ -71,23 +71,29 @@ pub struct LivePipeline {
     clock: gst::Clock,
     /// An encoded source's entry points and its inputs: the source's own pipeline, and the slate's while the
     /// source is gone (retired inputs are stopped at the next switch).
-    inputs: Option<Inputs>,
+    inputs: Option<Switcher>,
     /// Frames that entered the video tee (the source's frame rate, after decoding).
     input_frames: Arc<std::sync::atomic::AtomicU64>,
     video_names: Vec<String>,
 }
 
-/// The inputs of a stream with an encoded source, and what it takes to build another.
-struct Inputs {
+/// The inputs of a stream with an encoded source, and what it takes to build another: a handle that switches
+/// them without the [`LivePipeline`], so a caller that keeps the pipeline under a lock need not hold it while a
+/// new source connects (an SRT or RTSP connection can take seconds). Once the pipeline stops, an input started
+/// through it is stopped at once.
+#[derive(Clone)]
+pub struct Switcher {
     entry: Arc<crate::source::Entry>,
     running: Arc<Mutex<Vec<crate::source::EncodedSource>>>,
     plan: StreamPlan,
     sink: EventSink,
+    /// Set (under `running`'s lock) when the pipeline stops.
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl std::fmt::Debug for Inputs {
+impl std::fmt::Debug for Switcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inputs")
+        f.debug_struct("Switcher")
             .field("entry", &self.entry)
             .field("running", &self.running)
             .finish_non_exhaustive()
@@ -179,11 +185,12 @@ impl LivePipeline {
                 let first = crate::source::EncodedSource::build(&entry, plan, opts, sink.clone())?;
                 let running = Arc::new(Mutex::new(vec![first]));
                 entry.set_reaper(reaper(Arc::downgrade(&running)));
-                inputs = Some(Inputs {
+                inputs = Some(Switcher {
                     entry,
                     running,
                     plan: plan.clone(),
                     sink: sink.clone(),
+                    closed: Default::default(),
                 });
             }
         }
@@ -282,38 +289,30 @@ impl LivePipeline {
         let _ = self.pipeline.set_state(gst::State::Null);
         if let Some(i) = &self.inputs {
             // not under the list's lock: a takeover's reaper may be waiting for it
-            let inputs = std::mem::take(&mut *i.running.lock());
+            let inputs = {
+                let mut running = i.running.lock();
+                i.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+                std::mem::take(&mut *running)
+            };
             inputs.iter().for_each(|s| s.stop());
         }
+    }
+
+    /// A handle that switches this pipeline's inputs (`None` for a test source).
+    pub fn switcher(&self) -> Option<Switcher> {
+        self.inputs.clone()
     }
 
     /// Puts the slate on: it takes over at its first frame, right after the source's last one, and the
     /// renditions go on at real time with the same encoders. A no-op when the slate is on already (a source
     /// that was about to take over is dropped). `Err` for a stream without an encoded source.
     pub fn switch_to_slate(&self) -> Result<(), MediaError> {
-        let i = self.switchable()?;
-        let slate = if i.entry.on_slate() {
-            None
-        } else {
-            let s = crate::slate::build(&i.entry, &i.plan, i.sink.clone())?;
-            s.start(0)?;
-            Some(s)
-        };
-        self.keep_only(i, slate);
-        Ok(())
+        self.switchable()?.switch_to_slate()
     }
 
-    /// Starts a new source (a publisher's new session: `opts` carries its bytes) that takes over at its first
-    /// decoded frame, placed right after the last frame in (the slate's). Until then the slate stays on. Any
-    /// other input that was waiting to take over is dropped.
-    /// Returns the new source's generation (the first source's is 1), which its events and errors carry.
+    /// See [`Switcher::switch_to_source`].
     pub fn switch_to_source(&self, opts: &BuildOptions) -> Result<u64, MediaError> {
-        let i = self.switchable()?;
-        let s = crate::source::EncodedSource::build(&i.entry, &i.plan, opts, i.sink.clone())?;
-        s.start(0)?;
-        let generation = s.state.generation;
-        self.keep_only(i, Some(s));
-        Ok(generation)
+        self.switchable()?.switch_to_source(opts)
     }
 
     /// What feeds the stream now (`None`: a test source, built into the stream pipeline).
@@ -331,26 +330,10 @@ impl LivePipeline {
         self.inputs.as_ref()?.entry.since_last_frame()
     }
 
-    fn switchable(&self) -> Result<&Inputs, MediaError> {
+    fn switchable(&self) -> Result<&Switcher, MediaError> {
         self.inputs
             .as_ref()
             .ok_or_else(|| MediaError::Start("a test source has no other input".into()))
-    }
-
-    /// Stops every input but the one on air and `new`, which joins them. The others are withdrawn first, under
-    /// the lock a takeover holds, so none of them can take over after this.
-    fn keep_only(&self, i: &Inputs, new: Option<crate::source::EncodedSource>) {
-        let mut running = i.running.lock();
-        let current = i
-            .entry
-            .withdraw_all_but(&running, new.as_ref().map(|s| s.state.generation));
-        let (keep, stop): (Vec<_>, Vec<_>) = running
-            .drain(..)
-            .partition(|s| s.state.generation == current);
-        *running = keep;
-        running.extend(new);
-        drop(running);
-        stop_elsewhere(stop);
     }
 
     /// The generation of the input on air (1 for the first source; `None` for a test source).
@@ -384,6 +367,56 @@ impl LivePipeline {
     /// The pipeline's name (`kiln-<stream id>`).
     pub fn name(&self) -> String {
         self.pipeline.name().to_string()
+    }
+}
+
+impl Switcher {
+    /// Puts the slate on (see [`LivePipeline::switch_to_slate`]).
+    pub fn switch_to_slate(&self) -> Result<(), MediaError> {
+        let slate = if self.entry.on_slate() {
+            None
+        } else {
+            let s = crate::slate::build(&self.entry, &self.plan, self.sink.clone())?;
+            s.start(0)?;
+            Some(s)
+        };
+        self.keep_only(slate);
+        Ok(())
+    }
+
+    /// Starts a new source (a publisher's new session: `opts` carries its bytes; a pulled source: a new
+    /// connection) that takes over at its first decoded frame, placed right after the last frame in (the
+    /// slate's). Until then the slate stays on. Any other input that was waiting to take over is dropped.
+    /// Returns the new source's generation (the first source's is 1), which its events and errors carry.
+    pub fn switch_to_source(&self, opts: &BuildOptions) -> Result<u64, MediaError> {
+        let s =
+            crate::source::EncodedSource::build(&self.entry, &self.plan, opts, self.sink.clone())?;
+        s.start(0)?;
+        let generation = s.state.generation;
+        self.keep_only(Some(s));
+        Ok(generation)
+    }
+
+    /// Stops every input but the one on air and `new`, which joins them. The others are withdrawn first, under
+    /// the lock a takeover holds, so none of them can take over after this. After the pipeline stopped, `new`
+    /// is stopped too.
+    fn keep_only(&self, new: Option<crate::source::EncodedSource>) {
+        let mut running = self.running.lock();
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            drop(running);
+            stop_elsewhere(new.into_iter().collect());
+            return;
+        }
+        let current = self
+            .entry
+            .withdraw_all_but(&running, new.as_ref().map(|s| s.state.generation));
+        let (keep, stop): (Vec<_>, Vec<_>) = running
+            .drain(..)
+            .partition(|s| s.state.generation == current);
+        *running = keep;
+        running.extend(new);
+        drop(running);
+        stop_elsewhere(stop);
     }
 }
 

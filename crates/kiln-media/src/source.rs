@@ -274,7 +274,8 @@ pub(crate) struct Shared {
     /// Takes over the entry points when this is above the current generation (see [`Entry::push`]).
     pub(crate) generation: u64,
     looping: bool,
-    /// A publisher's source: its end is the source's loss ([`MediaEvent::SourceEnded`]), not the stream's end.
+    /// A publisher's or a live feed's source: its end is the source's loss ([`MediaEvent::SourceEnded`]), not
+    /// the stream's end.
     switchable: bool,
     /// Added to every frame's running time (negative when a later input's clock is ahead of the stream's).
     offset_ns: AtomicI64,
@@ -599,7 +600,12 @@ impl EncodedSource {
             InputKind::Source,
             entry,
             matches!(plan.source, Source::File { .. }),
-            matches!(plan.source, Source::Publish),
+            // a live feed's end is its loss (the slate stands in, the daemon retries); an HTTP body may be a
+            // finite file, whose end is the stream's
+            matches!(
+                plan.source,
+                Source::Publish | Source::Srt(_) | Source::Rtsp(_)
+            ),
             sink.clone(),
         ));
         let registry = opts.registry.clone();

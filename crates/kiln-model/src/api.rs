@@ -97,6 +97,9 @@ pub struct Resilience {
     pub ends_at_unix_ms: Option<u64>,
     pub source_losses: u64,
     pub reconnects: u64,
+    /// Attempts to pull a lost source (SRT, RTSP, HTTP) again; 0 for a publish stream.
+    #[serde(default)]
+    pub retries: u64,
     /// Seconds on the slate in all, the current stretch included.
     pub slate_seconds: f64,
     pub on_source_loss: crate::stream::SourceLoss,

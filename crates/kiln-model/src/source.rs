@@ -264,6 +264,18 @@ impl Source {
         matches!(self, Source::Publish)
     }
 
+    /// Whether the source is a live feed kiln pulls (`srt://`, `rtsp(s)://`, `http(s)://`): one that can be lost
+    /// and retried, with the slate standing in meanwhile.
+    pub fn is_pulled_live(&self) -> bool {
+        matches!(self, Source::Srt(_) | Source::Rtsp(_) | Source::Http(_))
+    }
+
+    /// Whether the stream survives the loss of its source (a publisher, or a pulled live feed): the slate
+    /// stands in, and `on_source_loss` applies.
+    pub fn is_resilient(&self) -> bool {
+        self.is_publish() || self.is_pulled_live()
+    }
+
     /// The host kiln connects to, if it connects anywhere (an SRT listener and local sources do not).
     pub fn remote_host(&self) -> Option<(&Host, u16)> {
         match self {

@@ -244,14 +244,15 @@ pub struct StreamRequest {
     /// A `publish:` stream's key and passphrase, when the caller chooses them (else generated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingest: Option<crate::ingest::IngestRequest>,
-    /// What a `publish:` stream does when its publisher goes (default: the slate for 30 s).
+    /// What a `publish:` or pulled live stream does when its source goes (default: the slate for 30 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_source_loss: Option<SourceLoss>,
 }
 
 /// What a stream does when its source goes: `slate` keeps every rendition going at real time with a picture that
 /// says so (and silence) until the source comes back, for up to `reconnect_window_s` (0: until the stream is
-/// deleted); `end` ends the stream at once (ENDLIST).
+/// deleted); `end` ends the stream at once (ENDLIST). A source that is connected but sends no frame for
+/// `source_timeout_ms` is lost too. A pulled source (SRT, RTSP, HTTP) is retried with backoff meanwhile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceLoss {
@@ -259,14 +260,23 @@ pub struct SourceLoss {
     pub mode: SourceLossMode,
     #[serde(default = "SourceLoss::default_window")]
     pub reconnect_window_s: u32,
+    #[serde(default = "SourceLoss::default_timeout")]
+    pub source_timeout_ms: u32,
 }
 
 impl SourceLoss {
     /// The longest window a request may ask for other than 0 (a day; 0 is "forever").
     pub const MAX_WINDOW_S: u32 = 86_400;
+    /// The range of `source_timeout_ms`: below 200 ms a publisher's normal jitter (a late AAC packet, an SRT
+    /// retransmission) would count as a loss; above a minute viewers would watch a frozen picture.
+    pub const TIMEOUT_MS: std::ops::RangeInclusive<u32> = 200..=60_000;
 
     fn default_window() -> u32 {
         30
+    }
+
+    fn default_timeout() -> u32 {
+        1500
     }
 
     /// `Err` says what is wrong.
@@ -277,7 +287,19 @@ impl SourceLoss {
                 Self::MAX_WINDOW_S
             ));
         }
+        if !Self::TIMEOUT_MS.contains(&self.source_timeout_ms) {
+            return Err(format!(
+                "on_source_loss.source_timeout_ms: {} to {}",
+                Self::TIMEOUT_MS.start(),
+                Self::TIMEOUT_MS.end()
+            ));
+        }
         Ok(())
+    }
+
+    /// No frame for this long is a loss.
+    pub fn source_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::from(self.source_timeout_ms))
     }
 }
 
@@ -286,6 +308,7 @@ impl Default for SourceLoss {
         Self {
             mode: SourceLossMode::Slate,
             reconnect_window_s: Self::default_window(),
+            source_timeout_ms: Self::default_timeout(),
         }
     }
 }

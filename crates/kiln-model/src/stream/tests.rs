@@ -148,3 +148,25 @@ fn plan_validation_names_the_problem() {
         Err(PlanError::BadRendition { .. })
     ));
 }
+
+#[test]
+fn source_loss_defaults_and_limits() {
+    let d: SourceLoss = serde_json::from_str("{}").unwrap();
+    assert_eq!(d, SourceLoss::default());
+    assert_eq!(d.source_timeout_ms, 1500);
+    assert_eq!(d.reconnect_window_s, 30);
+    assert!(d.validate().is_ok());
+    for (ms, ok) in [(199, false), (200, true), (60_000, true), (60_001, false)] {
+        let l = SourceLoss {
+            source_timeout_ms: ms,
+            ..d
+        };
+        assert_eq!(l.validate().is_ok(), ok, "{ms} ms");
+    }
+    let long = SourceLoss {
+        reconnect_window_s: SourceLoss::MAX_WINDOW_S + 1,
+        ..d
+    };
+    assert!(long.validate().unwrap_err().contains("reconnect_window_s"));
+    assert!(serde_json::from_str::<SourceLoss>(r#"{"source_timeout":5}"#).is_err());
+}

@@ -220,6 +220,13 @@ pub(super) async fn consume(
                     }
                     continue;
                 }
+                if h.state() == StreamState::Running && h.plan.source.is_pulled_live() {
+                    if let Some(sup) = supervisor.upgrade() {
+                        if sup.pulled_error(&h, element.as_deref(), &message).await {
+                            continue;
+                        }
+                    }
+                }
                 if live && from_encoder(element.as_deref()) {
                     if let Some(sup) = supervisor.upgrade() {
                         let why = match &details {
@@ -237,20 +244,8 @@ pub(super) async fn consume(
                         }
                     }
                 }
-                if h.set_state(StreamState::Failed) {
-                    if let Some(sup) = supervisor.upgrade() {
-                        sup.event("stream.failed", &h);
-                    }
-                }
-                let p = h.pipeline.lock().take();
-                if let Some(p) = p {
-                    let _ = tokio::task::spawn_blocking(move || drop(p)).await;
-                }
-                h.origin.end();
-                h.eos.send_replace(true);
-                // a failed stream runs nothing: its bookings go back to the node at once
                 if let Some(sup) = supervisor.upgrade() {
-                    sup.release_all(&h);
+                    sup.fail(&h).await;
                 }
             }
             MediaEvent::InputSwitched {
@@ -264,11 +259,28 @@ pub(super) async fn consume(
                         .reconnects
                         .with_label_values(&[h.plan.id.as_str()])
                         .inc();
+                    // a publisher's connection is reported when it attaches; a pulled source's when it is back
+                    if let (true, Some(sup)) =
+                        (h.plan.source.is_pulled_live(), supervisor.upgrade())
+                    {
+                        sup.event("source.connected", &h);
+                    }
                 }
             }
             MediaEvent::SourceEnded { input } => {
-                if let Some(sup) = supervisor.upgrade() {
+                let Some(sup) = supervisor.upgrade() else {
+                    continue;
+                };
+                if h.is_publish() {
                     sup.source_lost(&h, input, None, None).await;
+                } else if h.state() == StreamState::Running {
+                    sup.pull_lost(&h, input, "the source ended its feed".into())
+                        .await;
+                } else if h.state() == StreamState::Starting {
+                    // before the first part there is nothing to bridge: the stream ends, as it did before
+                    // a live feed's end was a loss
+                    h.push_error("the source ended before the stream started".into());
+                    sup.fail(&h).await;
                 }
             }
             MediaEvent::Eos => {
@@ -296,6 +308,46 @@ pub(super) async fn consume(
 }
 
 impl Supervisor {
+    /// Fails stream `h` (its error is recorded already): `failed`, its pipeline dropped, ENDLIST, its bookings
+    /// back to the node at once (a failed stream runs nothing).
+    pub(super) async fn fail(&self, h: &Arc<StreamHandle>) {
+        if h.set_state(StreamState::Failed) {
+            self.event("stream.failed", h);
+        }
+        let p = h.pipeline.lock().take();
+        if let Some(p) = p {
+            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+        }
+        h.origin.end();
+        h.eos.send_replace(true);
+        self.release_all(h);
+    }
+
+    /// An error in a running pulled stream's pipeline: one from a source's pipeline is the loss of that source
+    /// (or the failure of an attempt to pull it again). Whether it was: an error of the stream's own pipeline (an
+    /// encoder, a muxer) is not the source's.
+    pub(super) async fn pulled_error(
+        self: &Arc<Self>,
+        h: &Arc<StreamHandle>,
+        element: Option<&str>,
+        message: &str,
+    ) -> bool {
+        let id = h.plan.id.as_str();
+        let input = match element.and_then(|e| kiln_media::input_of(e, id)) {
+            Some(i) => i,
+            // the HTTP feed reports from its appsrc by name: it belongs to the source on air
+            None if element == Some("hsrc") => {
+                match h.pipeline.lock().as_ref().and_then(|p| p.current_input()) {
+                    Some(i) => i,
+                    None => return false,
+                }
+            }
+            None => return false,
+        };
+        self.pull_lost(h, input, message.to_string()).await;
+        true
+    }
+
     /// An error in a publish stream's pipeline: one from a source's pipeline (or its decode guard) is the loss of
     /// that source; one from the encoders or the slate tears the pipeline down (a rebuilt pipeline could not
     /// replay what the publisher already sent) and the stream waits for the next publisher.

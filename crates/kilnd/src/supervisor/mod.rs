@@ -26,6 +26,7 @@ use tracing::Instrument;
 mod admission;
 mod consume;
 mod publish;
+mod pulled;
 mod report;
 mod resilience;
 
@@ -457,9 +458,10 @@ impl Supervisor {
             return Err(PlanError::Ingest(kiln_model::ingest::IngestError::NotPublish).into());
         }
         if let Some(loss) = &request.on_source_loss {
-            if !plan.source.is_publish() {
+            if !plan.source.is_resilient() {
                 return Err(SupervisorError::Policy(
-                    "on_source_loss applies to `publish:` streams (pulled sources do not switch to a slate yet)"
+                    "on_source_loss applies to `publish:` streams and pulled live sources (srt, rtsp, http): a \
+                     file loops and a test source cannot be lost"
                         .into(),
                 ));
             }
@@ -617,8 +619,11 @@ impl Supervisor {
         self.origin.insert(stream_origin);
         self.event("stream.created", &handle);
         self.metrics.init_stream(id);
-        if handle.is_publish() {
+        if handle.plan.source.is_resilient() {
             self.metrics.ingest.init_stream(id);
+        }
+        if handle.plan.source.is_pulled_live() {
+            self.watch_pulled(&handle);
         }
         if let Some(rx) = rx {
             tokio::spawn(

@@ -369,18 +369,7 @@ impl Supervisor {
         if !ours(h) {
             return Err(gone());
         }
-        let stream = h.clone();
-        let input = tokio::task::spawn_blocking(move || {
-            stream
-                .pipeline
-                .lock()
-                .as_ref()
-                .map(|p| p.switch_to_source(&opts))
-        })
-        .await
-        .map_err(|e| SupervisorError::Media(e.to_string()))?
-        .ok_or_else(|| SupervisorError::Media("the stream has no pipeline".into()))?
-        .map_err(|e| SupervisorError::Media(e.to_string()))?;
+        let input = h.switch_to_source(opts).await?;
         let kept = {
             // under the publisher lock, like begin_stop and end_stream: a stop or an end meanwhile wins
             let slot = h.publisher.lock();
@@ -394,11 +383,9 @@ impl Supervisor {
         };
         if !kept {
             // its source must not take over: the slate stays (a no-op on a pipeline already gone)
-            let stream = h.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                stream.pipeline.lock().as_ref().map(|p| p.switch_to_slate())
-            })
-            .await;
+            if let Some(s) = h.switcher() {
+                let _ = tokio::task::spawn_blocking(move || s.switch_to_slate()).await;
+            }
             return Err(gone());
         }
         self.watch_publisher(h, publisher, input);

@@ -1,9 +1,9 @@
-//! A `publish:` stream that outlives its publisher: when the source is lost (the publisher left, its media
-//! failed, or no frame came for `SOURCE_TIMEOUT`) a running stream switches its encoders' input to the slate and
-//! keeps every rendition going at real time; the next publisher with the key takes over from the slate at its
-//! first decoded frame. After `reconnect_window_s` on the slate with nobody back, the stream ends (ENDLIST); with
-//! `mode: end` it ends at once. The switches are in `kiln_media` (one timeline, same encoders); here are the
-//! policy, the timers, the status and the series.
+//! A stream that outlives its source: when the source is lost (the publisher left, its media failed, or no frame
+//! came for `source_timeout_ms`) a running stream switches its encoders' input to the slate and keeps every
+//! rendition going at real time; the next publisher with the key (or, for a pulled source, the next attempt of
+//! [`super::pulled`]) takes over from the slate at its first decoded frame. After `reconnect_window_s` on the
+//! slate with nobody back, the stream ends (ENDLIST); with `mode: end` it ends at once. The switches are in
+//! `kiln_media` (one timeline, same encoders); here are the policy, the timers, the status and the series.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -11,9 +11,6 @@ use std::time::{Duration, Instant};
 use kiln_model::{Resilience, SourceLoss, SourceLossMode};
 
 use super::*;
-
-/// No frame from a connected publisher for this long is a loss (the issue's `source_timeout_ms`).
-pub const SOURCE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// A publish stream's slate and its history.
 #[derive(Debug, Default)]
@@ -29,10 +26,19 @@ pub(crate) struct ResilienceState {
     /// Counts stretches of slate: a window timer ends only the stretch it was armed for.
     stretch: u64,
     /// The input whose loss opened the current stretch: only a newer one closes it.
-    lost_input: u64,
+    pub(super) lost_input: u64,
+    /// The newest attempt to pull a lost source again that failed before it got on air.
+    pub(super) failed_input: u64,
+    /// Attempts to pull a lost source again.
+    pub(super) retries: u64,
 }
 
 impl ResilienceState {
+    /// Whether stretch `stretch` of slate is still open.
+    pub(super) fn in_stretch(&self, stretch: u64) -> bool {
+        self.stretch == stretch && self.slate_since.is_some()
+    }
+
     fn slate_total(&self) -> Duration {
         self.slate_before
             + self
@@ -48,6 +54,27 @@ impl ResilienceState {
 }
 
 impl StreamHandle {
+    /// A handle on the pipeline's inputs (none without a pipeline or for a test source): switching through it
+    /// does not hold the pipeline's lock while a new input starts.
+    pub(super) fn switcher(&self) -> Option<kiln_media::Switcher> {
+        self.pipeline.lock().as_ref().and_then(|p| p.switcher())
+    }
+
+    /// Starts a new source input built with `opts` (off the runtime's threads: it may connect); it takes over
+    /// from the slate at its first decoded frame. Returns its generation.
+    pub(super) async fn switch_to_source(
+        &self,
+        opts: kiln_media::BuildOptions,
+    ) -> Result<u64, SupervisorError> {
+        let s = self
+            .switcher()
+            .ok_or_else(|| SupervisorError::Media("the stream has no pipeline".into()))?;
+        tokio::task::spawn_blocking(move || s.switch_to_source(&opts))
+            .await
+            .map_err(|e| SupervisorError::Media(e.to_string()))?
+            .map_err(|e| SupervisorError::Media(e.to_string()))
+    }
+
     /// What to do when the source goes.
     pub fn on_source_loss(&self) -> SourceLoss {
         self.request.on_source_loss.unwrap_or_default()
@@ -55,7 +82,7 @@ impl StreamHandle {
 
     /// The `resilience` part of a publish stream's status.
     pub(super) fn resilience_status(&self) -> Option<Resilience> {
-        if !self.is_publish() {
+        if !self.plan.source.is_resilient() {
             return None;
         }
         let r = self.resilience.lock();
@@ -75,6 +102,7 @@ impl StreamHandle {
                 .map(|(ms, _)| ms + window_ms),
             source_losses: r.source_losses,
             reconnects: r.reconnects,
+            retries: r.retries,
             slate_seconds: r.slate_total().as_secs_f64(),
             on_source_loss: policy,
         })
@@ -82,7 +110,7 @@ impl StreamHandle {
 
     /// Sets the slate series from the current state (each `/metrics` scrape).
     pub(super) fn refresh_resilience(&self, m: &crate::metrics::ingest::IngestMetrics) {
-        if !self.is_publish() {
+        if !self.plan.source.is_resilient() {
             return;
         }
         let mut r = self.resilience.lock();
@@ -171,7 +199,7 @@ impl Supervisor {
         let on_air = h.pipeline.lock().as_ref().and_then(|p| p.current_input()) == Some(input);
         match (h.state(), h.on_source_loss().mode) {
             (StreamState::Running, SourceLossMode::Slate) if on_air => {
-                self.slate_on(h, input, detail).await
+                self.slate_on(h, input, detail).await;
             }
             (StreamState::Running, SourceLossMode::End) if on_air => {
                 self.count_loss(h);
@@ -192,7 +220,7 @@ impl Supervisor {
         }
     }
 
-    fn count_loss(&self, h: &StreamHandle) {
+    pub(super) fn count_loss(&self, h: &StreamHandle) {
         h.resilience.lock().source_losses += 1;
         self.metrics
             .ingest
@@ -203,18 +231,20 @@ impl Supervisor {
 
     /// The slate on air (or kept there), off the runtime's threads: building it waits on GStreamer.
     async fn switch_to_slate(&self, h: &Arc<StreamHandle>) {
-        let stream = h.clone();
-        let switched = tokio::task::spawn_blocking(move || {
-            stream.pipeline.lock().as_ref().map(|p| p.switch_to_slate())
-        })
-        .await;
-        if let Ok(Some(Err(e))) = switched {
+        let Some(s) = h.switcher() else { return };
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.switch_to_slate()).await {
             h.push_error(format!("the slate could not start: {e}"));
         }
     }
 
     /// Puts the slate on, opens a stretch of slate and arms its reconnect window.
-    async fn slate_on(self: &Arc<Self>, h: &Arc<StreamHandle>, lost: u64, detail: Option<String>) {
+    /// Returns the stretch it opened.
+    pub(super) async fn slate_on(
+        self: &Arc<Self>,
+        h: &Arc<StreamHandle>,
+        lost: u64,
+        detail: Option<String>,
+    ) -> u64 {
         self.switch_to_slate(h).await;
         self.count_loss(h);
         let stretch = {
@@ -233,6 +263,7 @@ impl Supervisor {
         if window > 0 {
             self.arm_window(h, stretch, Duration::from_secs(u64::from(window)));
         }
+        stretch
     }
 
     /// Ends the stream when stretch `stretch` of slate lasts `window`. A publisher still trying to get on air at
@@ -299,8 +330,8 @@ impl Supervisor {
         self.release_all(h);
     }
 
-    /// Watches `who` (on input `input`) while it is the stream's publisher: no frame for [`SOURCE_TIMEOUT`] while
-    /// its source is on air is a loss.
+    /// Watches `who` (on input `input`) while it is the stream's publisher: no frame for the stream's
+    /// `source_timeout_ms` while its source is on air is a loss.
     pub(super) fn watch_stalls(
         self: &Arc<Self>,
         h: &Arc<StreamHandle>,
@@ -308,6 +339,7 @@ impl Supervisor {
         input: u64,
     ) {
         let (sup, stream, who) = (Arc::downgrade(self), h.clone(), who.clone());
+        let timeout = h.on_source_loss().source_timeout();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
@@ -322,12 +354,9 @@ impl Supervisor {
                         (p.current_input() == Some(input), p.since_last_frame())
                     })
                 };
-                let stalled = on_air && since.is_some_and(|d| d > SOURCE_TIMEOUT);
+                let stalled = on_air && since.is_some_and(|d| d > timeout);
                 if stalled && stream.state() == StreamState::Running {
-                    let why = format!(
-                        "no frame from the publisher for {} ms",
-                        SOURCE_TIMEOUT.as_millis()
-                    );
+                    let why = format!("no frame from the publisher for {} ms", timeout.as_millis());
                     sup.source_lost(&stream, input, Some(&who), Some((Refusal::Timeout, why)))
                         .await;
                     return;
