@@ -234,18 +234,22 @@ async fn newest_luma(d: &Daemon, id: &str, r: &str) -> Result<f64> {
 
 /// Polls until the newest segment of `id`'s `hi` rendition is the slate (`slate`) or the publisher's picture.
 async fn wait_picture(d: &Daemon, id: &str, slate: bool) -> Result<f64> {
-    let what = if slate {
-        "the slate"
+    if slate {
+        wait_luma(d, id, 0.0..70.0, "the slate").await
     } else {
-        "the publisher's picture"
-    };
+        wait_luma(d, id, 90.0..255.0, "the publisher's picture").await
+    }
+}
+
+/// Polls until the mean luma of the newest segment of `id`'s `hi` rendition is in `range` (`what` it shows).
+async fn wait_luma(d: &Daemon, id: &str, range: std::ops::Range<f64>, what: &str) -> Result<f64> {
     poll_until(
         &format!("{id} shows {what}"),
         Duration::from_secs(20),
         Duration::from_millis(500),
         || async {
             let luma = newest_luma(d, id, "hi").await?;
-            Ok(if (slate && luma < 70.0) || (!slate && luma > 90.0) {
+            Ok(if range.contains(&luma) {
                 Polled::Done(luma)
             } else {
                 Polled::NotYet(format!("mean luma {luma:.0}"))
@@ -564,6 +568,255 @@ fn ffmpeg_srt_listener(port: u16, seconds: u32) -> Result<Child> {
     )
 }
 
+/// ffmpeg listening on SRT `port` with a white picture (mean luma ~235: told apart from testsrc2's ~120 and the
+/// slate's ~40) and a tone.
+fn ffmpeg_white_srt_listener(port: u16, seconds: u32) -> Result<Child> {
+    tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostdin", "-loglevel", "error", "-re"])
+        .args(["-f", "lavfi", "-i", "color=c=white:size=320x180:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=660:sample_rate=48000"])
+        .args(["-t", &seconds.to_string()])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+        ])
+        .args([
+            "-g", "60", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "64k",
+        ])
+        .args(["-f", "mpegts"])
+        .arg(format!(
+            "srt://127.0.0.1:{port}?mode=listener&pkt_size=1316"
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting ffmpeg")
+}
+
+/// Polls until `id`'s backup is healthy (`healthy`) or not; returns its restarts and the status.
+async fn wait_backup(
+    d: &Daemon,
+    id: &str,
+    healthy: bool,
+    limit: Duration,
+) -> Result<(u64, serde_json::Value)> {
+    poll_until(
+        &format!("{id}'s backup healthy: {healthy}"),
+        limit,
+        Duration::from_millis(100),
+        || async {
+            let s = status(d, id).await?;
+            let b = &s["resilience"]["backup"];
+            let restarts = b["restarts"].as_u64().unwrap_or(0);
+            // unhealthy counts once the daemon has started it again
+            let done = b["healthy"] == healthy && (healthy || restarts >= 1);
+            Ok(if done {
+                Polled::Done((restarts, s.clone()))
+            } else {
+                Polled::NotYet(b.to_string())
+            })
+        },
+    )
+    .await
+}
+
+/// A daemon that ingests (RTMP, SRT) and may pull sources from loopback.
+async fn daemon_pulling() -> Result<Daemon> {
+    let any: SocketAddr = "127.0.0.1:0".parse()?;
+    Daemon::start(kilnd::Config {
+        source_networks: kiln_model::net::UrlPolicy::parse("127.0.0.1/32")?,
+        ingest: kilnd::config::IngestConfig {
+            rtmp_listen: Some(any),
+            srt_listen: Some(any),
+            ..Default::default()
+        },
+        capacity: kiln_model::capacity::Resources {
+            cpu_millicores: 64_000,
+            memory_mib: 64_000,
+            ..Default::default()
+        },
+        gpus: Some(Vec::new()),
+        ..Default::default()
+    })
+    .await
+}
+
+/// Automatic input failover with two ffmpeg senders: an RTMP publisher (the source) and an SRT listener kilnd
+/// calls (the backup, a white picture), decoded all the time. Killing the publisher puts the backup on air at
+/// once, not the slate; the publisher that comes back waits in standby for `failback_s` (3 s) and then takes over
+/// again. Pixels say which input is on air; ffmpeg decodes the window across both switches with -xerror; the
+/// status and the metrics count one failover and one failback; nothing of it adds a discontinuity. Then the
+/// backup's own failures: off air it is started again until it answers; on air (the source gone) the slate
+/// replaces it, and it replaces the slate when it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backup_goes_on_air_when_the_publisher_dies_and_hands_back_after_failback_s(
+) -> Result<()> {
+    let d = daemon_pulling().await?;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let backup = ffmpeg_white_srt_listener(port, 90)?;
+    let body = format!(
+        r#"{{"source": "publish:", "backup": {{"source": "srt://127.0.0.1:{port}", "failback_s": 3}},
+            "on_source_loss": {{"source_timeout_ms": 1000}}, {LADDER}}}"#
+    );
+    let (code, v) = d.put_stream("bk", &body).await?;
+    ensure!(code == 201, "PUT: {code} {v}");
+    ensure!(v["resilience"]["backup"]["failback_s"] == 3, "{v}");
+    let url = v["ingest"]["rtmp_url"]
+        .as_str()
+        .context("rtmp_url")?
+        .to_string();
+    let mut first = ffmpeg_publish(&url, "flv", "320x180", 90)?;
+    wait_state(&d, "bk", "running", Duration::from_secs(30)).await?;
+    wait_luma(&d, "bk", 90.0..200.0, "the publisher's picture").await?;
+    wait_backup(&d, "bk", true, Duration::from_secs(20)).await?;
+
+    first.kill().await?;
+    let killed = Instant::now();
+    let s = wait_input(&d, "bk", "backup", Duration::from_secs(5)).await?;
+    let failover = killed.elapsed();
+    ensure!(
+        s["state"] == "running"
+            && s["resilience"]["failovers"] == 1
+            && s["resilience"]["source_losses"] == 1
+            && s["resilience"]["slate_since_unix_ms"].is_null(),
+        "{s}"
+    );
+    let luma = wait_luma(&d, "bk", 200.0..256.0, "the backup's white picture").await?;
+    eprintln!(
+        "the backup on air {failover:?} after the publisher was killed (mean luma {luma:.0})"
+    );
+
+    let second = ffmpeg_publish(&url, "flv", "320x180", 60)?;
+    let started = Instant::now();
+    // it decodes behind the backup first: the backup stays on air for failback_s
+    poll_until(
+        "the publisher decodes in standby",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            let s = status(&d, "bk").await?;
+            Ok(if !s["publisher"].is_null() {
+                Polled::Done(())
+            } else {
+                Polled::NotYet(s["resilience"].to_string())
+            })
+        },
+    )
+    .await?;
+    let attached = Instant::now();
+    ensure!(
+        status(&d, "bk").await?["resilience"]["active_input"] == "backup",
+        "the source took over before failback_s"
+    );
+    let s = wait_input(&d, "bk", "source", Duration::from_secs(30)).await?;
+    let failback = attached.elapsed();
+    eprintln!(
+        "the source back on air {failback:?} after its publisher attached ({:?} after ffmpeg started; failback_s 3)",
+        started.elapsed()
+    );
+    ensure!(
+        failback >= Duration::from_millis(2900),
+        "the failback came before failback_s: {failback:?}"
+    );
+    ensure!(
+        s["resilience"]["failbacks"] == 1 && s["resilience"]["failovers"] == 1,
+        "{s}"
+    );
+    wait_luma(&d, "bk", 90.0..200.0, "the publisher's picture again").await?;
+    for r in ["hi", "audio"] {
+        let (_, text) = d.get_text(&format!("/live/bk/{r}/index.m3u8")).await?;
+        ensure!(
+            !text.contains("#EXT-X-DISCONTINUITY\n"),
+            "{r}: a switch broke the timeline:\n{text}"
+        );
+        let f = window_file(&d, "bk", r).await?;
+        let out = tokio::process::Command::new("ffmpeg")
+            .args(["-v", "error", "-xerror", "-i"])
+            .arg(f.path())
+            .args(["-f", "null", "-"])
+            .output()
+            .await?;
+        ensure!(
+            out.status.success() && out.stderr.is_empty(),
+            "{r}: ffmpeg -xerror across the switches: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    ensure!(
+        metric(
+            &d,
+            r#"kiln_stream_failovers_total{stream="bk",to="backup"}"#
+        )
+        .await?
+            == 1.0
+    );
+    ensure!(
+        metric(
+            &d,
+            r#"kiln_stream_failovers_total{stream="bk",to="source"}"#
+        )
+        .await?
+            == 1.0
+    );
+    ensure!(
+        metric(
+            &d,
+            r#"kiln_stream_active_input{input="source",stream="bk"}"#
+        )
+        .await?
+            == 1.0
+    );
+
+    // the backup dies off air: it is started again until it answers
+    drop(backup);
+    let (restarted, s) = wait_backup(&d, "bk", false, Duration::from_secs(15)).await?;
+    ensure!(restarted >= 1, "{s}");
+    let mut backup = ffmpeg_white_srt_listener(port, 90)?;
+    wait_backup(&d, "bk", true, Duration::from_secs(30)).await?;
+    // failover again; then the backup dies on air with the source still gone: the slate
+    drop(second);
+    let s = wait_input(&d, "bk", "backup", Duration::from_secs(5)).await?;
+    ensure!(s["resilience"]["failovers"] == 2, "{s}");
+    backup.kill().await?;
+    let s = wait_input(&d, "bk", "slate", Duration::from_secs(5)).await?;
+    ensure!(s["state"] == "running", "{s}");
+    wait_picture(&d, "bk", true).await?;
+    // the backup answers again: it replaces the slate
+    let _backup = ffmpeg_white_srt_listener(port, 60)?;
+    let s = wait_input(&d, "bk", "backup", Duration::from_secs(30)).await?;
+    ensure!(s["resilience"]["failovers"] == 3, "{s}");
+    wait_luma(&d, "bk", 200.0..256.0, "the backup again").await?;
+    // a backup that is not a pulled live source, or on a stream that cannot lose its source, is refused
+    for (body, what) in [
+        (
+            r#"{"source": "publish:", "backup": {"source": "publish:"}}"#,
+            "pulled live",
+        ),
+        (
+            r#"{"source": "test:", "backup": {"source": "srt://127.0.0.1:9"}}"#,
+            "backup applies",
+        ),
+        (
+            r#"{"source": "publish:", "backup": {"source": "srt://127.0.0.1:9", "failback_s": 99999}}"#,
+            "failback_s",
+        ),
+    ] {
+        let (code, v) = d.put_stream("badbk", body).await?;
+        ensure!(
+            code == 400 && v.to_string().contains(what),
+            "{body}: {code} {v}"
+        );
+    }
+    d.shutdown().await
+}
+
 /// A pulled SRT source (kilnd calls ffmpeg) that dies mid-stream: the slate goes on air, kilnd calls again with
 /// backoff while nobody answers, and when ffmpeg listens again its picture takes over from the slate on the same
 /// timeline; ffmpeg decodes the whole window across both switches with -xerror; the status counts the loss, the
@@ -837,7 +1090,7 @@ async fn wrong_keys_passphrases_streams_and_busy_keys_are_refused_and_counted() 
         .filter_map(|l| l.strip_prefix("| `"))
         .filter_map(|l| l.split('`').next())
         .collect();
-    ensure!(names.len() == 11, "{names:?}");
+    ensure!(names.len() == 13, "{names:?}");
     for n in names {
         ensure!(
             text.contains(&format!("# TYPE {n} ")),

@@ -330,7 +330,8 @@ impl Presets {
         if let Some(p) = req.policy {
             encoder.policy = p;
         }
-        StreamPlan::new(id, &req.source, video, audio, timing, encoder)
+        StreamPlan::new(id, &req.source, video, audio, timing, encoder)?
+            .with_backup(req.backup.as_ref())
     }
 }
 
@@ -406,6 +407,7 @@ mod tests {
             policy: Some(kiln_model::Policy::CpuOnly),
             ingest: None,
             on_source_loss: None,
+            backup: None,
         };
         let plan = p.resolve("x", &req).unwrap();
         assert_eq!(plan.encoder.policy, kiln_model::Policy::CpuOnly);

@@ -37,7 +37,7 @@ use gst::prelude::*;
 use bytes::Bytes;
 pub use kiln_llhls::PartIn;
 pub use pipeline::{BuildOptions, FrameStats, LivePipeline, RenditionFrames, Switcher};
-pub use source::{input_of, ByteFeed, InputKind, SizeLimit};
+pub use source::{input_of, is_backup, ByteFeed, InputKind, SizeLimit};
 
 /// Something the pipeline reports.
 #[derive(Debug, Clone)]
@@ -70,13 +70,15 @@ pub enum MediaEvent {
     /// A publisher's bytes ended (it disconnected). The stream goes on; what feeds it next is the daemon's call
     /// ([`crate::LivePipeline::switch_to_slate`]). `input`: the source's generation (1 for the first; see
     /// [`crate::LivePipeline::switch_to_source`]).
-    SourceEnded { input: u64 },
-    /// An input took over the stream at its first frame (the slate, or a source of that generation), from the
-    /// slate or not.
+    /// `kind`: the stream's source, or its backup.
+    SourceEnded { input: u64, kind: InputKind },
+    /// An input took over the stream at its first frame (the slate, a source of that generation, or the backup),
+    /// from the input of kind `from` (`from_slate`: from the slate).
     InputSwitched {
         input: u64,
         kind: InputKind,
         from_slate: bool,
+        from: InputKind,
     },
 }
 

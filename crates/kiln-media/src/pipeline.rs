@@ -39,6 +39,9 @@ pub struct BuildOptions {
     pub byte_feed: Option<crate::source::ByteFeed>,
     /// The largest source picture the stream may decode (publish sources: what admission booked).
     pub size_limit: Option<crate::source::SizeLimit>,
+    /// For the backup input (`plan.backup`): its checked address and, for `http(s)://`, its feed.
+    pub backup_addr: Option<std::net::IpAddr>,
+    pub backup_feed: Option<crate::source::ByteFeed>,
     /// Test-only: make the encoder of video rendition 0 fail after this many frames.
     #[cfg(feature = "fault-injection")]
     pub fail_encoder_after_frames: Option<u64>,
@@ -58,6 +61,8 @@ impl BuildOptions {
             source_addr: None,
             byte_feed: None,
             size_limit: None,
+            backup_addr: None,
+            backup_feed: None,
             #[cfg(feature = "fault-injection")]
             fail_encoder_after_frames: None,
         })
@@ -89,6 +94,10 @@ pub struct Switcher {
     sink: EventSink,
     /// Set (under `running`'s lock) when the pipeline stops.
     closed: Arc<std::sync::atomic::AtomicBool>,
+    /// The backup input (`plan.backup`), decoded all the time; not in `running` (no takeover retires it).
+    backup: Arc<Mutex<Option<crate::source::EncodedSource>>>,
+    /// The options the backup is rebuilt with.
+    opts: BuildOptions,
 }
 
 impl std::fmt::Debug for Switcher {
@@ -183,6 +192,19 @@ impl LivePipeline {
                 let entry =
                     crate::source::Entry::build(&pipeline, tee.as_ref(), audio_in.as_ref())?;
                 let first = crate::source::EncodedSource::build(&entry, plan, opts, sink.clone())?;
+                let backup = plan
+                    .backup
+                    .as_ref()
+                    .map(|_| {
+                        crate::source::EncodedSource::build_as(
+                            &entry,
+                            plan,
+                            opts,
+                            sink.clone(),
+                            crate::source::Role::Backup,
+                        )
+                    })
+                    .transpose()?;
                 let running = Arc::new(Mutex::new(vec![first]));
                 entry.set_reaper(reaper(Arc::downgrade(&running)));
                 inputs = Some(Switcher {
@@ -191,6 +213,8 @@ impl LivePipeline {
                     plan: plan.clone(),
                     sink: sink.clone(),
                     closed: Default::default(),
+                    backup: Arc::new(Mutex::new(backup)),
+                    opts: opts.clone(),
                 });
             }
         }
@@ -256,6 +280,9 @@ impl LivePipeline {
             if let Some(first) = i.running.lock().first() {
                 first.start(self.clock.time().saturating_sub(base).nseconds())?;
             }
+            if let Some(b) = i.backup.lock().as_ref() {
+                b.start(0)?;
+            }
         }
         Ok(base.mseconds() as i64)
     }
@@ -295,6 +322,9 @@ impl LivePipeline {
                 std::mem::take(&mut *running)
             };
             inputs.iter().for_each(|s| s.stop());
+            if let Some(b) = i.backup.lock().take() {
+                b.stop();
+            }
         }
     }
 
@@ -317,12 +347,7 @@ impl LivePipeline {
 
     /// What feeds the stream now (`None`: a test source, built into the stream pipeline).
     pub fn input(&self) -> Option<crate::InputKind> {
-        let i = self.inputs.as_ref()?;
-        Some(if i.entry.on_slate() {
-            crate::InputKind::Slate
-        } else {
-            crate::InputKind::Source
-        })
+        Some(self.inputs.as_ref()?.entry.on_air())
     }
 
     /// How long since the input on air last handed over a frame (`None` before its first, or for a test source).
@@ -377,7 +402,10 @@ impl Switcher {
             None
         } else {
             let s = crate::slate::build(&self.entry, &self.plan, self.sink.clone())?;
-            s.start(0)?;
+            if let Err(e) = s.start(0) {
+                s.stop();
+                return Err(e);
+            }
             Some(s)
         };
         self.keep_only(slate);
@@ -389,12 +417,145 @@ impl Switcher {
     /// slate's). Until then the slate stays on. Any other input that was waiting to take over is dropped.
     /// Returns the new source's generation (the first source's is 1), which its events and errors carry.
     pub fn switch_to_source(&self, opts: &BuildOptions) -> Result<u64, MediaError> {
-        let s =
-            crate::source::EncodedSource::build(&self.entry, &self.plan, opts, self.sink.clone())?;
-        s.start(0)?;
-        let generation = s.state.generation;
+        self.start_source(opts, crate::source::Role::Source)
+    }
+
+    /// Starts a new source like [`Self::switch_to_source`] but in standby: decoded, off air, until
+    /// [`Self::arm`] (a source back while the backup is on air waits out the failback delay). Until then the
+    /// input on air stays. Returns its generation (it gets another when armed).
+    pub fn start_standby(&self, opts: &BuildOptions) -> Result<u64, MediaError> {
+        self.start_source(opts, crate::source::Role::Standby)
+    }
+
+    fn start_source(
+        &self,
+        opts: &BuildOptions,
+        role: crate::source::Role,
+    ) -> Result<u64, MediaError> {
+        // the inputs still waiting (an earlier attempt) go first, and are stopped before this one starts: an
+        // SRT listener's port is free again for it
+        let waiting = self.take_waiting();
+        waiting.iter().for_each(|s| s.stop());
+        let s = crate::source::EncodedSource::build_as(
+            &self.entry,
+            &self.plan,
+            opts,
+            self.sink.clone(),
+            role,
+        )?;
+        if let Err(e) = s.start(0) {
+            s.stop();
+            return Err(e);
+        }
+        let generation = s.state.generation();
         self.keep_only(Some(s));
         Ok(generation)
+    }
+
+    /// Withdraws the inputs waiting to take over (not the one on air, not the backup) and hands them over.
+    fn take_waiting(&self) -> Vec<crate::source::EncodedSource> {
+        let mut running = self.running.lock();
+        let current = self.entry.withdraw_all_but(&running, None, None);
+        let (keep, stop): (Vec<_>, Vec<_>) = running
+            .drain(..)
+            .partition(|s| s.state.generation() == current);
+        *running = keep;
+        stop
+    }
+
+    /// Withdraws input `generation` if it is not on air (an attempt that lost its race), and stops it.
+    pub fn withdraw(&self, generation: u64) {
+        let gone = {
+            let mut running = self.running.lock();
+            let Some(i) = running
+                .iter()
+                .position(|s| s.state.generation() == generation)
+            else {
+                return;
+            };
+            if !self.entry.withdraw(&running[i].state) {
+                return; // it is on air
+            }
+            running.remove(i)
+        };
+        stop_elsewhere(vec![gone]);
+    }
+
+    /// Lets standby input `generation` take over at its next frame. Returns its new generation, or `None` when
+    /// no such input waits (it was withdrawn, or it is already on air).
+    pub fn arm(&self, generation: u64) -> Option<u64> {
+        let running = self.running.lock();
+        let s = running
+            .iter()
+            .find(|s| s.state.generation() == generation && s.state.is_standby())?;
+        Some(s.state.arm())
+    }
+
+    /// Withdraws every input waiting to take over (a standby source, an armed backup not yet on air).
+    pub fn withdraw_waiting(&self) {
+        self.keep_only(None);
+    }
+
+    /// Puts the backup on air at its next frame (any other input waiting to take over is withdrawn). Returns its
+    /// generation, or `None` without a backup (or with it on air already).
+    pub fn switch_to_backup(&self) -> Option<u64> {
+        if self.backup.lock().is_none() || self.entry.on_air() == crate::InputKind::Backup {
+            return None;
+        }
+        // whatever waited to take over goes first (the backup itself is armed after, so it stays)
+        stop_elsewhere(self.take_waiting());
+        let b = self.backup.lock();
+        Some(b.as_ref()?.state.arm())
+    }
+
+    /// How long since the backup last decoded a frame (`None`: no backup, or none decoded yet).
+    pub fn backup_since_seen(&self) -> Option<std::time::Duration> {
+        self.backup.lock().as_ref()?.state.since_seen()
+    }
+
+    /// How long since input `generation` last decoded a frame (`None`: no such input, or none decoded yet).
+    pub fn since_seen(&self, generation: u64) -> Option<std::time::Duration> {
+        let running = self.running.lock();
+        running
+            .iter()
+            .find(|s| s.state.generation() == generation)?
+            .state
+            .since_seen()
+    }
+
+    /// The backup's generation now (it changes each time it is armed).
+    pub fn backup_input(&self) -> Option<u64> {
+        Some(self.backup.lock().as_ref()?.state.generation())
+    }
+
+    /// Replaces a backup that failed while off air with a new one (a new connection), in standby. A no-op while
+    /// the backup is on air (its loss is the stream's: the caller puts the slate on first).
+    pub fn restart_backup(&self) -> Result<(), MediaError> {
+        if self.entry.on_air() == crate::InputKind::Backup || self.plan.backup.is_none() {
+            return Ok(());
+        }
+        let new = crate::source::EncodedSource::build_as(
+            &self.entry,
+            &self.plan,
+            &self.opts,
+            self.sink.clone(),
+            crate::source::Role::Backup,
+        )?;
+        if let Err(e) = new.start(0) {
+            new.stop();
+            return Err(e);
+        }
+        let old = {
+            let mut b = self.backup.lock();
+            if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                drop(b);
+                stop_elsewhere(vec![new]);
+                return Ok(());
+            }
+            b.replace(new)
+        };
+        stop_elsewhere(old.into_iter().collect());
+        Ok(())
     }
 
     /// Stops every input but the one on air and `new`, which joins them. The others are withdrawn first, under
@@ -407,12 +568,17 @@ impl Switcher {
             stop_elsewhere(new.into_iter().collect());
             return;
         }
-        let current = self
-            .entry
-            .withdraw_all_but(&running, new.as_ref().map(|s| s.state.generation));
-        let (keep, stop): (Vec<_>, Vec<_>) = running
-            .drain(..)
-            .partition(|s| s.state.generation == current);
+        // only inputs older than `new` go: a switch that raced this one (built later) keeps its input
+        let newest = new.as_ref().map(|s| s.state.generation());
+        let current = {
+            let backup = self.backup.lock();
+            self.entry
+                .withdraw_all_but(&running, newest, backup.as_ref().map(|b| &*b.state))
+        };
+        let (keep, stop): (Vec<_>, Vec<_>) = running.drain(..).partition(|s| {
+            let g = s.state.generation();
+            g == current || newest.is_some_and(|n| g > n)
+        });
         *running = keep;
         running.extend(new);
         drop(running);
@@ -456,7 +622,7 @@ fn reaper(
                 };
                 let retired: Vec<_> = {
                     let mut l = running.lock();
-                    let (keep, old) = l.drain(..).partition(|s| s.state.generation >= current);
+                    let (keep, old) = l.drain(..).partition(|s| s.state.generation() >= current);
                     *l = keep;
                     old
                 };

@@ -31,7 +31,7 @@ pub(crate) fn build(
         sink.clone(),
     ));
     let pipeline =
-        gst::Pipeline::with_name(&format!("kiln-{}-slate-{}", plan.id, state.generation));
+        gst::Pipeline::with_name(&format!("kiln-{}-slate-{}", plan.id, state.generation()));
     if entry.video_out.is_some() {
         add_picture(&pipeline, plan, &state)?;
     }

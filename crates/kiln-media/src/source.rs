@@ -213,10 +213,16 @@ fn srt_element(
 }
 
 /// Reads the feed into the appsrc until the body ends, the read fails or the pipeline stops.
-fn pump(src: gst_app::AppSrc, feed: ByteFeed, sink: EventSink) {
+/// Its errors name the appsrc by path (so they carry the input's generation, like the bus's) and are dropped
+/// once the input is retired or stopped (a read that fails long after the input was replaced is not the
+/// stream's).
+fn pump(src: gst_app::AppSrc, feed: ByteFeed, sink: EventSink, state: Arc<Shared>) {
     let fail = |message: String| {
+        if !state.live() || state.stopped.load(Ordering::SeqCst) {
+            return;
+        }
         sink(MediaEvent::Error {
-            element: Some("hsrc".into()),
+            element: Some(src.path_string().to_string()),
             message,
             debug: None,
         })
@@ -266,13 +272,38 @@ pub enum InputKind {
     Source,
     /// The picture and silence that stand in while the source is gone.
     Slate,
+    /// The stream's second input, decoded all the time, on air while the source is gone.
+    Backup,
+}
+
+impl InputKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Slate => "slate",
+            Self::Backup => "backup",
+        }
+    }
+}
+
+/// Whether an element belongs to the stream's backup input (`/kiln-<id>-backup/…`).
+pub fn is_backup(element_path: &str, stream_id: &str) -> bool {
+    element_path.starts_with(&format!("/kiln-{stream_id}-backup/"))
 }
 
 /// One input's state, shared by its pipeline's callbacks.
 pub(crate) struct Shared {
     pub(crate) kind: InputKind,
-    /// Takes over the entry points when this is above the current generation (see [`Entry::push`]).
-    pub(crate) generation: u64,
+    /// Takes over the entry points when this is above the current generation (see [`Entry::push`]). A standby
+    /// input gets a new one when it is armed.
+    generation: AtomicU64,
+    /// Decoded, its frames dropped: a backup waiting for its turn, or a returning source waiting out the
+    /// failback delay. Set (and the input given a new generation) by [`Shared::arm`].
+    standby: AtomicBool,
+    /// Survives its retirement: goes back to standby instead of stopping (the backup).
+    keep: bool,
+    /// When the input last decoded a frame, on air or not.
+    last_seen: Mutex<Option<std::time::Instant>>,
     looping: bool,
     /// A publisher's or a live feed's source: its end is the source's loss ([`MediaEvent::SourceEnded`]), not
     /// the stream's end.
@@ -289,7 +320,7 @@ pub(crate) struct Shared {
     /// A later input's audio offset, once its first sound was placed (`i64::MIN`: not yet; the first input's
     /// audio always uses `offset_ns`).
     audio_offset_ns: AtomicI64,
-    snap_audio: bool,
+    snap_audio: AtomicBool,
     /// Where its takeover is reported.
     sink: EventSink,
 }
@@ -299,6 +330,7 @@ impl std::fmt::Debug for Shared {
         f.debug_struct("Shared")
             .field("kind", &self.kind)
             .field("generation", &self.generation)
+            .field("standby", &self.standby)
             .finish_non_exhaustive()
     }
 }
@@ -311,10 +343,25 @@ impl Shared {
         switchable: bool,
         sink: EventSink,
     ) -> Self {
+        Self::with_role(kind, entry, looping, switchable, sink, false)
+    }
+
+    /// [`Shared::new`], in standby when `standby` (a backup is kept through its retirements too).
+    pub(crate) fn with_role(
+        kind: InputKind,
+        entry: &Arc<Entry>,
+        looping: bool,
+        switchable: bool,
+        sink: EventSink,
+        standby: bool,
+    ) -> Self {
         let generation = entry.next_generation.fetch_add(1, Ordering::SeqCst);
         Self {
             kind,
-            generation,
+            generation: AtomicU64::new(generation),
+            standby: AtomicBool::new(standby),
+            keep: kind == InputKind::Backup,
+            last_seen: Mutex::new(None),
             looping,
             switchable,
             offset_ns: AtomicI64::new(0),
@@ -323,9 +370,36 @@ impl Shared {
             linked: Mutex::new((false, false)),
             stopped: AtomicBool::new(false),
             audio_offset_ns: AtomicI64::new(i64::MIN),
-            snap_audio: generation != entry.current.load(Ordering::SeqCst),
+            snap_audio: AtomicBool::new(generation != entry.current.load(Ordering::SeqCst)),
             sink,
         }
+    }
+
+    /// The input's generation now (see [`Shared::arm`]).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Whether the input decodes without feeding the stream.
+    pub(crate) fn is_standby(&self) -> bool {
+        self.standby.load(Ordering::SeqCst)
+    }
+
+    /// How long since the input last decoded a frame (`None` before its first).
+    pub(crate) fn since_seen(&self) -> Option<std::time::Duration> {
+        self.last_seen.lock().map(|t| t.elapsed())
+    }
+
+    /// Lets a standby input take over at its next frame (placed right after the last frame in, like any later
+    /// input): it gets a new generation, above every other. Returns it.
+    pub(crate) fn arm(&self) -> u64 {
+        self.audio_offset_ns.store(i64::MIN, Ordering::SeqCst);
+        self.snap_audio.store(true, Ordering::SeqCst);
+        self.stopped.store(false, Ordering::SeqCst);
+        let g = self.entry.next_generation.fetch_add(1, Ordering::SeqCst);
+        self.generation.store(g, Ordering::SeqCst);
+        self.standby.store(false, Ordering::SeqCst);
+        g
     }
 
     /// The offset of this input's audio at running time `rt`, given where the stream's sound ends (`track`). A
@@ -334,7 +408,7 @@ impl Shared {
     /// input's sound against its picture by under a frame of either; a larger gap is the input's own and stays.
     fn audio_offset(&self, rt: u64, track: &Track) -> i64 {
         let common = self.offset_ns.load(Ordering::SeqCst);
-        if !self.snap_audio {
+        if !self.snap_audio.load(Ordering::SeqCst) {
             return common;
         }
         match self.audio_offset_ns.load(Ordering::SeqCst) {
@@ -355,7 +429,7 @@ impl Shared {
 
     /// Whether this input feeds the stream or may still take over (not retired).
     pub(crate) fn live(&self) -> bool {
-        self.generation >= self.entry.current.load(Ordering::SeqCst)
+        self.keep || self.generation() >= self.entry.current.load(Ordering::SeqCst)
     }
 }
 
@@ -374,8 +448,8 @@ pub(crate) struct Entry {
     /// The generation of the input that feeds the entry points.
     current: AtomicU64,
     next_generation: AtomicU64,
-    /// Whether the current input is the slate.
-    on_slate: AtomicBool,
+    /// What the current input is.
+    on_air: Mutex<InputKind>,
     /// Each held while its appsrc is pushed to, so a takeover never lands between another input's frame and its
     /// push. Lock order: video, then audio.
     video: Mutex<Track>,
@@ -393,7 +467,7 @@ impl std::fmt::Debug for Entry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Entry")
             .field("current", &self.current)
-            .field("on_slate", &self.on_slate)
+            .field("on_air", &self.on_air)
             .finish_non_exhaustive()
     }
 }
@@ -419,7 +493,7 @@ impl Entry {
             audio_out: audio_in.map(|a| entry("ain", "apace", a)).transpose()?,
             current: AtomicU64::new(1),
             next_generation: AtomicU64::new(1),
-            on_slate: AtomicBool::new(false),
+            on_air: Mutex::new(InputKind::Source),
             video: Mutex::new(Track::default()),
             audio: Mutex::new(Track::default()),
             last_frame: Mutex::new(None),
@@ -436,7 +510,12 @@ impl Entry {
 
     /// Whether the slate feeds the stream now.
     pub(crate) fn on_slate(&self) -> bool {
-        self.on_slate.load(Ordering::SeqCst)
+        self.on_air() == InputKind::Slate
+    }
+
+    /// What feeds the stream now.
+    pub(crate) fn on_air(&self) -> InputKind {
+        *self.on_air.lock()
     }
 
     /// How long since the current input's last frame (`None` before its first).
@@ -446,47 +525,73 @@ impl Entry {
 
     /// `input` takes over with its frame at `rt` (of the kind `video`; `track` is that kind's, locked): its offset
     /// places the frame where the last frame of either kind ended.
-    fn take_over(&self, input: &Shared, video: bool, rt: u64, track: &Track) {
+    fn take_over(&self, input: &Shared, generation: u64, video: bool, rt: u64, track: &Track) {
         let other = if video { self.audio.lock().end } else { 0 };
         let start = track.end.max(other);
         input
             .offset_ns
             .store(start as i64 - rt as i64, Ordering::SeqCst);
-        let from_slate = self.on_slate();
+        let from = self.on_air();
         {
             let _g = self.switch_lock.lock();
-            self.current.store(input.generation, Ordering::SeqCst);
+            self.current.store(generation, Ordering::SeqCst);
             self.switched.notify_all();
         }
-        self.on_slate
-            .store(input.kind == InputKind::Slate, Ordering::SeqCst);
+        *self.on_air.lock() = input.kind;
         tracing::info!(input = ?input.kind, at_ns = start, "input switched");
         (input.sink)(MediaEvent::InputSwitched {
-            input: input.generation,
+            input: generation,
             kind: input.kind,
-            from_slate,
+            from_slate: from == InputKind::Slate,
+            from,
         });
         if let Some(reap) = self.reaper.lock().as_ref() {
-            reap(input.generation);
+            reap(generation);
         }
     }
 
     /// Withdraws every input in `inputs` that is not on air and not in `keep`: none of them can take over once
     /// this returns (decided under the lock a takeover holds). Returns the generation on air.
-    pub(crate) fn withdraw_all_but(&self, inputs: &[EncodedSource], keep: Option<u64>) -> u64 {
+    /// A backup that was armed but is not on air goes back to standby.
+    pub(crate) fn withdraw_all_but(
+        &self,
+        inputs: &[EncodedSource],
+        keep: Option<u64>,
+        backup: Option<&Shared>,
+    ) -> u64 {
         let _anchor = if self.video_out.is_some() {
             self.video.lock()
         } else {
             self.audio.lock()
         };
         let current = self.current();
+        // with `keep`, only the inputs older than it (one built later belongs to a switch that raced this one)
+        let goes = |g: u64| g != current && keep.is_none_or(|k| g < k);
         for s in inputs {
-            let g = s.state.generation;
-            if g != current && Some(g) != keep {
+            if goes(s.state.generation()) {
                 s.state.stopped.store(true, Ordering::SeqCst);
             }
         }
+        if let Some(b) = backup {
+            if goes(b.generation()) {
+                b.standby.store(true, Ordering::SeqCst);
+            }
+        }
         current
+    }
+
+    /// Withdraws `input` unless it is on air (decided under the lock a takeover holds). Returns whether it was.
+    pub(crate) fn withdraw(&self, input: &Shared) -> bool {
+        let _anchor = if self.video_out.is_some() {
+            self.video.lock()
+        } else {
+            self.audio.lock()
+        };
+        if input.generation() == self.current() {
+            return false;
+        }
+        input.stopped.store(true, Ordering::SeqCst);
+        true
     }
 
     /// Called (from a streaming thread) with the generation that just took over, to stop the retired ones.
@@ -498,7 +603,7 @@ impl Entry {
     /// run ahead of the stream's clock by as much as it could make in the meantime.
     fn wait_for_takeover(&self, input: &Shared) -> Result<(), gst::FlowError> {
         let mut g = self.switch_lock.lock();
-        while input.generation > self.current.load(Ordering::SeqCst) {
+        while input.generation() > self.current.load(Ordering::SeqCst) {
             if input.stopped.load(Ordering::SeqCst) {
                 return Err(gst::FlowError::Flushing);
             }
@@ -529,21 +634,36 @@ impl Entry {
         let Some(out) = out else {
             return Ok(gst::FlowSuccess::Ok);
         };
+        if video || self.video_out.is_none() {
+            *input.last_seen.lock() = Some(std::time::Instant::now());
+        }
+        if input.is_standby() {
+            return Ok(gst::FlowSuccess::Ok); // decoded, not on air
+        }
         if !video && input.kind == InputKind::Slate && self.video_out.is_some() {
             self.wait_for_takeover(input)?;
         }
         let mut track = track.lock();
         let current = self.current.load(Ordering::SeqCst);
-        if input.generation < current {
-            return Err(gst::FlowError::Eos);
-        }
-        if input.generation > current {
-            // a newer input takes over at its first picture (its sound before that is dropped), unless it was
-            // withdrawn (see `withdraw_all_but`: checked under the same lock)
-            if (!video && self.video_out.is_some()) || input.stopped.load(Ordering::SeqCst) {
+        let generation = input.generation();
+        if generation < current {
+            if input.keep {
+                // a backup that another input replaced waits for its next turn
+                input.standby.store(true, Ordering::SeqCst);
                 return Ok(gst::FlowSuccess::Ok);
             }
-            self.take_over(input, video, rt, &track);
+            return Err(gst::FlowError::Eos);
+        }
+        if generation > current {
+            // a newer input takes over at its first picture (its sound before that is dropped), unless it was
+            // withdrawn (see `withdraw_all_but`: checked under the same lock)
+            if (!video && self.video_out.is_some())
+                || input.stopped.load(Ordering::SeqCst)
+                || input.is_standby()
+            {
+                return Ok(gst::FlowSuccess::Ok);
+            }
+            self.take_over(input, generation, video, rt, &track);
         }
         let offset = if video {
             input.offset_ns.load(Ordering::SeqCst)
@@ -567,7 +687,7 @@ impl Entry {
         // the current input's caps (a switch brings the other input's format; the branches adapt)
         if let Some(caps) = caps {
             if out.caps().as_deref() != Some(caps) {
-                tracing::info!(input = input.generation, %caps, "input format");
+                tracing::info!(input = generation, %caps, "input format");
                 out.set_caps(Some(&caps.to_owned()));
             }
         }
@@ -586,33 +706,91 @@ fn appsrc(name: &str) -> gst_app::AppSrc {
         .build()
 }
 
+/// What a source input is built as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The stream's source: on air from the start (the first input) or at its first frame (a later one).
+    Source,
+    /// The stream's source, decoded but off air until it is armed (a source back while the backup is on air).
+    Standby,
+    /// The stream's backup (`plan.backup`): decoded all the time, on air only while armed.
+    Backup,
+}
+
 impl EncodedSource {
     /// Builds a source's pipeline, feeding `entry`: the stream's first input (`generation` current from the start)
     /// or a later one that takes over at its first frame.
-    // Long by design: one linear element graph per source kind (test, file, URL) with its pad-linking callbacks.
     pub(crate) fn build(
         entry: &Arc<Entry>,
         plan: &StreamPlan,
         opts: &crate::BuildOptions,
         sink: EventSink,
     ) -> Result<Self, MediaError> {
-        let state = Arc::new(Shared::new(
-            InputKind::Source,
+        Self::build_as(entry, plan, opts, sink, Role::Source)
+    }
+
+    /// [`Self::build`] in `role`. The backup reads `plan.backup`'s source through `opts.backup_addr` /
+    /// `opts.backup_feed`.
+    // Long by design: one linear element graph per source kind (test, file, URL) with its pad-linking callbacks.
+    pub(crate) fn build_as(
+        entry: &Arc<Entry>,
+        plan: &StreamPlan,
+        opts: &crate::BuildOptions,
+        sink: EventSink,
+        role: Role,
+    ) -> Result<Self, MediaError> {
+        let backup_plan;
+        let backup_opts;
+        let (plan, opts) = if role == Role::Backup {
+            let b = plan
+                .backup
+                .as_ref()
+                .ok_or_else(|| MediaError::Build("the stream has no backup".into()))?;
+            backup_plan = StreamPlan {
+                source: b.source.clone(),
+                ..plan.clone()
+            };
+            backup_opts = crate::BuildOptions {
+                source_addr: opts.backup_addr,
+                byte_feed: opts.backup_feed.clone(),
+                size_limit: None,
+                file: None,
+                ..opts.clone()
+            };
+            (&backup_plan, &backup_opts)
+        } else {
+            (plan, opts)
+        };
+        let state = Arc::new(Shared::with_role(
+            if role == Role::Backup {
+                InputKind::Backup
+            } else {
+                InputKind::Source
+            },
             entry,
             matches!(plan.source, Source::File { .. }),
             // a live feed's end is its loss (the slate stands in, the daemon retries); an HTTP body may be a
-            // finite file, whose end is the stream's
+            // finite file, whose end is the stream's (but not the backup's)
             matches!(
                 plan.source,
                 Source::Publish | Source::Srt(_) | Source::Rtsp(_)
-            ),
+            ) || role == Role::Backup,
             sink.clone(),
+            role != Role::Source,
         ));
         let registry = opts.registry.clone();
-        let decode_gpu = opts.decode_gpu;
+        let decode_gpu = if role == Role::Backup {
+            None // booked on the CPU
+        } else {
+            opts.decode_gpu
+        };
         let size_limit = opts.size_limit;
-        let pipeline =
-            gst::Pipeline::with_name(&format!("kiln-{}-source-{}", plan.id, state.generation));
+        let name = if role == Role::Backup {
+            format!("kiln-{}-backup", plan.id)
+        } else {
+            format!("kiln-{}-source-{}", plan.id, state.generation())
+        };
+        let pipeline = gst::Pipeline::with_name(&name);
         let (src, feed) = source_element(plan, opts)?;
         let parse = make("parsebin", "parse")?;
         refuse_playlists(&parse, sink.clone());
@@ -732,9 +910,16 @@ impl EncodedSource {
                         message: e.error().to_string(),
                         debug: e.debug().map(|d| d.to_string()),
                     }),
-                    MessageView::Eos(_) if st.switchable => sink(MediaEvent::SourceEnded {
-                        input: st.generation,
-                    }),
+                    // a live feed's end, or the end of any input not on air (an attempt whose body was empty):
+                    // a loss, never the stream's end
+                    MessageView::Eos(_)
+                        if st.switchable || st.generation() != st.entry.current() =>
+                    {
+                        sink(MediaEvent::SourceEnded {
+                            input: st.generation(),
+                            kind: st.kind,
+                        })
+                    }
                     MessageView::Eos(_) if st.looping => {
                         let end = st.loop_end_ns.swap(0, Ordering::SeqCst);
                         st.offset_ns.fetch_add(end as i64, Ordering::SeqCst);
@@ -788,9 +973,10 @@ impl EncodedSource {
             .set_state(gst::State::Playing)
             .map_err(|e| MediaError::Start(format!("the source pipeline: {e}")))?;
         if let Some(Feed(src, feed, sink)) = self.feed.clone() {
+            let state = self.state.clone();
             std::thread::Builder::new()
                 .name("kiln-byte-feed".into())
-                .spawn(move || pump(src, feed, sink))
+                .spawn(move || pump(src, feed, sink, state))
                 .map_err(|e| MediaError::Start(format!("the HTTP feed thread: {e}")))?;
         }
         Ok(())

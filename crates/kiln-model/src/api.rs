@@ -100,9 +100,31 @@ pub struct Resilience {
     /// Attempts to pull a lost source (SRT, RTSP, HTTP) again; 0 for a publish stream.
     #[serde(default)]
     pub retries: u64,
+    /// Switches to the backup (failovers) and back to the source (failbacks).
+    #[serde(default)]
+    pub failovers: u64,
+    #[serde(default)]
+    pub failbacks: u64,
+    /// The backup input, for a stream that has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupStatus>,
     /// Seconds on the slate in all, the current stretch included.
     pub slate_seconds: f64,
     pub on_source_loss: crate::stream::SourceLoss,
+}
+
+/// A stream's backup input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupStatus {
+    pub source: String,
+    /// Whether it decodes: a frame within the stream's `source_timeout_ms`.
+    pub healthy: bool,
+    /// Milliseconds since its last decoded frame (none before its first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_frame_ms_ago: Option<u64>,
+    /// Times it was started again after it failed off air.
+    pub restarts: u64,
+    pub failback_s: u32,
 }
 
 /// One rebuild of a stream's pipeline after its encoder failed.

@@ -26,12 +26,12 @@ pub mod source;
 pub mod stream;
 pub mod vod;
 
-pub use api::{Fallback, RenditionStatus, Resilience, StreamState, StreamStatus};
+pub use api::{BackupStatus, Fallback, RenditionStatus, Resilience, StreamState, StreamStatus};
 pub use source::{
     Host, HttpSource, RtspSource, Source, SourceError, SrtMode, SrtSource, TestPattern, UrlScheme,
 };
 pub use stream::{
-    AudioCodec, AudioRendition, AudioRequest, Backend, EncoderSettings, Fraction, PlanError,
-    Policy, SourceLoss, SourceLossMode, StreamPlan, StreamRequest, Timing, VideoCodec,
-    VideoRendition, X264Speed,
+    AudioCodec, AudioRendition, AudioRequest, Backend, Backup, BackupRequest, EncoderSettings,
+    Fraction, PlanError, Policy, SourceLoss, SourceLossMode, StreamPlan, StreamRequest, Timing,
+    VideoCodec, VideoRendition, X264Speed,
 };

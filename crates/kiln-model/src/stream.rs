@@ -247,6 +247,68 @@ pub struct StreamRequest {
     /// What a `publish:` or pulled live stream does when its source goes (default: the slate for 30 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_source_loss: Option<SourceLoss>,
+    /// A second input, decoded all the time, that goes on air when the source is lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupRequest>,
+}
+
+/// `"backup": {"source": "srt://…", "failback_s": 10}`: a pulled live source decoded all the time next to the
+/// stream's own. When the source is lost the backup goes on air (instead of the slate) at its next frame; when
+/// the source is back and has been healthy for `failback_s`, it takes over again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRequest {
+    pub source: String,
+    #[serde(default = "Backup::default_failback")]
+    pub failback_s: u32,
+}
+
+/// A validated backup input (see [`BackupRequest`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Backup {
+    #[serde(serialize_with = "ser_display")]
+    pub source: Source,
+    pub failback_s: u32,
+}
+
+impl Backup {
+    /// The longest `failback_s` (an hour).
+    pub const MAX_FAILBACK_S: u32 = 3600;
+
+    fn default_failback() -> u32 {
+        10
+    }
+
+    /// Validates `req` for a stream whose own source is `primary`.
+    pub fn new(req: &BackupRequest, primary: &Source) -> Result<Self, PlanError> {
+        let bad = |why: &str| PlanError::Backup(why.to_string());
+        if !primary.is_resilient() {
+            return Err(bad(
+                "a backup applies to `publish:` streams and pulled live sources (srt, rtsp, http)",
+            ));
+        }
+        let source = Source::parse(&req.source)?;
+        if !source.is_pulled_live() {
+            return Err(bad(
+                "the backup must be a pulled live source (srt://, rtsp(s)://, http(s)://); `publish:` backups are \
+                 not built yet",
+            ));
+        }
+        if source == *primary {
+            return Err(bad("the backup is the stream's own source"));
+        }
+        if req.failback_s > Self::MAX_FAILBACK_S {
+            return Err(bad("failback_s: at most 3600"));
+        }
+        Ok(Self {
+            source,
+            failback_s: req.failback_s,
+        })
+    }
+
+    pub fn failback(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.failback_s))
+    }
 }
 
 /// What a stream does when its source goes: `slate` keeps every rendition going at real time with a picture that
@@ -444,6 +506,9 @@ pub struct StreamPlan {
     pub audio: Option<AudioRendition>,
     pub timing: Timing,
     pub encoder: EncoderSettings,
+    /// A second input decoded all the time (see [`BackupRequest`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<Backup>,
 }
 
 fn ser_display<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -475,6 +540,8 @@ pub enum PlanError {
     BadTiming(String),
     #[error(transparent)]
     Ingest(#[from] crate::ingest::IngestError),
+    #[error("backup: {0}")]
+    Backup(String),
 }
 
 fn valid_token(s: &str, max: usize, upper_ok: bool) -> bool {
@@ -537,7 +604,14 @@ impl StreamPlan {
             audio,
             timing,
             encoder,
+            backup: None,
         })
+    }
+
+    /// The plan with `backup` validated against its source.
+    pub fn with_backup(mut self, backup: Option<&BackupRequest>) -> Result<Self, PlanError> {
+        self.backup = backup.map(|b| Backup::new(b, &self.source)).transpose()?;
+        Ok(self)
     }
 
     /// Σ width × height × fps of the video renditions, in pixels per second (integer; what the scheduler's

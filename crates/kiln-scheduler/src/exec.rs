@@ -281,12 +281,12 @@ mod tests {
             Action::Restart {
                 record: record("r1", Phase::Placed, Some("a")),
                 url: url.clone(),
-                spec: Default::default(),
+                spec: Box::default(),
             },
             Action::Restart {
                 record: record("r2", Phase::Placed, Some("a")),
                 url: url.clone(),
-                spec: Default::default(),
+                spec: Box::default(),
             },
             Action::Replace {
                 record: plan::released(record("m1", Phase::Pending, None)),

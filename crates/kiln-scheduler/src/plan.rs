@@ -121,7 +121,8 @@ pub enum Action {
     Restart {
         record: StreamRecord,
         url: String,
-        spec: StreamRequest,
+        /// Boxed: a spec is large, and the record carries one already.
+        spec: Box<StreamRequest>,
     },
     /// Re-place `record` (already released: pending, nothing booked) in the one batch that follows every other
     /// action. `moved`: its node died (its `moves` was counted up).
@@ -238,7 +239,7 @@ fn lost(r: &StreamRecord, fleet: &Fleet<'_>, ctx: &Context) -> Option<Action> {
             Some(Action::Restart {
                 record: r.clone(),
                 url: url.to_string(),
-                spec,
+                spec: Box::new(spec),
             })
         }
         (Phase::Placed, None) if ctx.warming => None,

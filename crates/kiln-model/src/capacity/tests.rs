@@ -175,3 +175,26 @@ fn gpu_demand_counts_sessions_and_1080p_equivalents() {
     let cpu_decode = GpuCostModel::default().demand(&plan(&[(1920, 1080, 30)], true), false);
     assert_eq!(cpu_decode.nvdec_fps, 0);
 }
+
+#[test]
+fn a_backup_input_books_one_more_decode_on_the_cpu() {
+    let m = model();
+    let p = plan(&[(1280, 720, 30), (640, 360, 30)], true);
+    assert_eq!(m.backup_demand(&p), Resources::default());
+    let mut with = p.clone();
+    with.backup = Some(crate::stream::Backup {
+        source: crate::Source::parse("srt://203.0.113.5:9000").unwrap(),
+        failback_s: 10,
+    });
+    let b = m.backup_demand(&with);
+    let mpx = 1280.0 * 720.0 * 30.0 / 1e6;
+    assert_eq!(
+        b.cpu_millicores,
+        (m.source_millicores_per_mpx * mpx
+            + m.audio_millicores as f64
+            + m.stream_base_millicores as f64 / 4.0)
+            .ceil() as u64
+    );
+    assert!(b.cpu_millicores > 0 && b.memory_mib > 0);
+    assert_eq!(b.nvenc_fps + b.nvdec_fps + b.vram_mib, 0);
+}

@@ -170,3 +170,37 @@ fn source_loss_defaults_and_limits() {
     assert!(long.validate().unwrap_err().contains("reconnect_window_s"));
     assert!(serde_json::from_str::<SourceLoss>(r#"{"source_timeout":5}"#).is_err());
 }
+
+#[test]
+fn a_backup_is_a_pulled_live_source_for_a_stream_that_can_lose_its_own() {
+    let req = |source: &str, failback_s: u32| BackupRequest {
+        source: source.into(),
+        failback_s,
+    };
+    let publish = Source::parse("publish:").unwrap();
+    let b = Backup::new(&req("srt://203.0.113.5:9000", 10), &publish).unwrap();
+    assert_eq!(b.failback(), std::time::Duration::from_secs(10));
+    let srt = Source::parse("srt://203.0.113.5:9000").unwrap();
+    for (source, primary, why) in [
+        ("publish:", &publish, "pulled live"),
+        ("file:///a.mp4", &publish, "pulled live"),
+        ("test:", &publish, "pulled live"),
+        ("srt://203.0.113.5:9000", &srt, "own source"),
+        (
+            "srt://203.0.113.5:9001",
+            &Source::parse("test:").unwrap(),
+            "applies to",
+        ),
+        ("nope://x", &publish, "scheme"),
+    ] {
+        let e = Backup::new(&req(source, 10), primary)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(why), "{source}: {e}");
+    }
+    let long = Backup::new(&req("rtsp://203.0.113.5/cam", 3601), &publish).unwrap_err();
+    assert!(long.to_string().contains("failback_s"));
+    let parsed: BackupRequest = serde_json::from_str(r#"{"source": "srt://h:1"}"#).unwrap();
+    assert_eq!(parsed.failback_s, 10);
+    assert!(serde_json::from_str::<BackupRequest>(r#"{"source": "srt://h:1", "x": 1}"#).is_err());
+}

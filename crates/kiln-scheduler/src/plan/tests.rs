@@ -317,10 +317,10 @@ fn a_stream_its_live_node_lost_is_started_there_again_after_the_grace_period_onl
         vec![Action::Restart {
             record: lost.clone(),
             url: "http://a".into(),
-            spec: StreamRequest {
+            spec: Box::new(StreamRequest {
                 policy: Some(Policy::CpuOnly),
                 ..lost.request.clone()
-            },
+            }),
         }],
         "an x264 booking is restarted pinned to the CPU"
     );
@@ -342,7 +342,7 @@ fn a_stream_its_live_node_lost_is_started_there_again_after_the_grace_period_onl
     };
     assert!(matches!(
         &plan_of(std::slice::from_ref(&unbooked), &nodes, &[], false)[..],
-        [Action::Restart { spec, .. }] if *spec == unbooked.request
+        [Action::Restart { spec, .. }] if **spec == unbooked.request
     ));
 }
 

@@ -50,7 +50,14 @@ pub struct IngestMetrics {
     pub slate_seconds: prometheus::CounterVec,
     /// Per publish stream: 1 while the slate is on air.
     pub on_slate: IntGaugeVec,
+    /// Per stream with a backup: switches between its source and its backup, by the input that went on air.
+    pub failovers: IntCounterVec,
+    /// Per resilient stream: 1 for the input on air (`source`, `backup`, `slate`), 0 for the others.
+    pub active_input: IntGaugeVec,
 }
+
+/// The values of `kiln_stream_active_input`'s `input` label.
+const INPUTS: [&str; 3] = ["source", "backup", "slate"];
 
 fn must<T>(r: prometheus::Result<T>) -> T {
     r.expect("metric definitions are static and valid")
@@ -131,6 +138,17 @@ impl IngestMetrics {
                 "1 while a publish stream shows the slate (its source is gone)",
                 &["stream"],
             ),
+            failovers: counter(
+                "kiln_stream_failovers_total",
+                "Switches between a stream's source and its backup, by the input that went on air (backup: \
+                 failover, source: failback)",
+                &["stream", "to"],
+            ),
+            active_input: gauge(
+                "kiln_stream_active_input",
+                "1 for the input on air (source, backup or slate), 0 for the others",
+                &["stream", "input"],
+            ),
         };
         for p in PROTOCOLS {
             m.bytes.with_label_values(&[p]);
@@ -152,6 +170,12 @@ impl IngestMetrics {
         self.reconnects.with_label_values(&[stream]);
         self.slate_seconds.with_label_values(&[stream]);
         self.on_slate.with_label_values(&[stream]);
+        for to in ["backup", "source"] {
+            self.failovers.with_label_values(&[stream, to]);
+        }
+        for input in INPUTS {
+            self.active_input.with_label_values(&[stream, input]);
+        }
     }
 
     /// Drops a publish stream's resilience series.
@@ -160,5 +184,20 @@ impl IngestMetrics {
         let _ = self.reconnects.remove_label_values(&[stream]);
         let _ = self.slate_seconds.remove_label_values(&[stream]);
         let _ = self.on_slate.remove_label_values(&[stream]);
+        for to in ["backup", "source"] {
+            let _ = self.failovers.remove_label_values(&[stream, to]);
+        }
+        for input in INPUTS {
+            let _ = self.active_input.remove_label_values(&[stream, input]);
+        }
+    }
+
+    /// Sets `kiln_stream_active_input` of `stream` to `on_air` (`None`: nothing on air yet).
+    pub fn set_active_input(&self, stream: &str, on_air: Option<&str>) {
+        for input in INPUTS {
+            self.active_input
+                .with_label_values(&[stream, input])
+                .set(i64::from(on_air == Some(input)));
+        }
     }
 }

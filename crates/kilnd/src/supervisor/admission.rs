@@ -92,10 +92,12 @@ impl Supervisor {
             .filter(|s| s.nvenc)
             .map(|s| s.index)
             .collect();
+        // a backup input is decoded on the CPU next to the source, whatever the backend
+        let backup = self.config.cpu_model.backup_demand(plan);
         let gpu_demand = |g: u32| {
             let nvdec = encoded && self.gpus.slots.iter().any(|s| s.index == g && s.nvdec);
             let d = gm.demand(plan, nvdec);
-            (d.gpu_part(), d.host_part(), nvdec)
+            (d.gpu_part(), d.host_part().plus(&backup), nvdec)
         };
         let with_room: Vec<u32> = with_nvenc
             .iter()
@@ -137,7 +139,7 @@ impl Supervisor {
                 }
             }
             Backend::Cpu => {
-                let host = self.config.cpu_model.demand(plan);
+                let host = self.config.cpu_model.demand(plan).plus(&backup);
                 // decode on NVDEC where a GPU has a decoder and room for it
                 let decode = encoded
                     .then(|| {
@@ -245,6 +247,14 @@ impl Supervisor {
             byte_feed: match feed {
                 Some(f) => Some(f),
                 None => self.byte_feed(plan)?,
+            },
+            backup_addr: input.backup_addr,
+            backup_feed: match &plan.backup {
+                Some(b) => self.byte_feed(&StreamPlan {
+                    source: b.source.clone(),
+                    ..plan.clone()
+                })?,
+                None => None,
             },
             size_limit: plan.source.is_publish().then(|| {
                 let (w, h) = plan.source_size();

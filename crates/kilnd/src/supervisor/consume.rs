@@ -93,6 +93,9 @@ impl Supervisor {
         *h.pipeline.lock() = Some(pipeline);
         h.pipeline_epoch
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // the new pipeline numbers its inputs from 1 again and starts on its source: what the old one's inputs
+        // left behind (a lost input, a stretch of slate, a source waiting behind the backup) is over
+        h.resilience.lock().new_pipeline();
         *h.placement.lock() = new;
         h.fallbacks.lock().push(Fallback {
             at_unix_ms: now,
@@ -214,6 +217,16 @@ pub(super) async fn consume(
                     None => message.clone(),
                 });
                 let live = matches!(h.state(), StreamState::Starting | StreamState::Running);
+                // the backup's troubles are its own: it is started again (or, on air, replaced)
+                if element
+                    .as_deref()
+                    .is_some_and(|e| kiln_media::is_backup(e, &h.plan.id))
+                {
+                    if let Some(sup) = supervisor.upgrade() {
+                        sup.backup_lost(&h, message.clone()).await;
+                    }
+                    continue;
+                }
                 if live && h.is_publish() {
                     if let Some(sup) = supervisor.upgrade() {
                         sup.publish_error(&h, element.as_deref(), &message).await;
@@ -252,7 +265,15 @@ pub(super) async fn consume(
                 input,
                 kind,
                 from_slate,
+                from,
             } => {
+                // a switch while the stream stops (an attempt that was under way) is not a reconnect
+                if h.state() != StreamState::Running {
+                    continue;
+                }
+                if let Some(sup) = supervisor.upgrade() {
+                    sup.count_switch(&h, kind, from);
+                }
                 if kind == kiln_media::InputKind::Source && h.resilience_back(input, from_slate) {
                     metrics
                         .ingest
@@ -267,18 +288,20 @@ pub(super) async fn consume(
                     }
                 }
             }
-            MediaEvent::SourceEnded { input } => {
+            MediaEvent::SourceEnded { input, kind } => {
                 let Some(sup) = supervisor.upgrade() else {
                     continue;
                 };
-                if h.is_publish() {
+                if kind == kiln_media::InputKind::Backup {
+                    sup.backup_lost(&h, "the backup ended its feed".into())
+                        .await;
+                } else if h.is_publish() {
                     sup.source_lost(&h, input, None, None).await;
                 } else if h.state() == StreamState::Running {
                     sup.pull_lost(&h, input, "the source ended its feed".into())
                         .await;
                 } else if h.state() == StreamState::Starting {
-                    // before the first part there is nothing to bridge: the stream ends, as it did before
-                    // a live feed's end was a loss
+                    // before the first part there is nothing to bridge: a feed that ends then fails the stream
                     h.push_error("the source ended before the stream started".into());
                     sup.fail(&h).await;
                 }
@@ -289,6 +312,7 @@ pub(super) async fn consume(
                 // bookings now; the stream stays listed as `ended` until it is deleted.
                 if matches!(h.state(), StreamState::Starting | StreamState::Running) {
                     tracing::info!("the source ended: ending the stream");
+                    h.resilience.lock().slate_off();
                     h.origin.end();
                     let ended = h.set_state(StreamState::Ended);
                     if let Some(sup) = supervisor.upgrade() {
@@ -318,6 +342,7 @@ impl Supervisor {
         if let Some(p) = p {
             let _ = tokio::task::spawn_blocking(move || drop(p)).await;
         }
+        h.resilience.lock().slate_off();
         h.origin.end();
         h.eos.send_replace(true);
         self.release_all(h);
@@ -333,16 +358,8 @@ impl Supervisor {
         message: &str,
     ) -> bool {
         let id = h.plan.id.as_str();
-        let input = match element.and_then(|e| kiln_media::input_of(e, id)) {
-            Some(i) => i,
-            // the HTTP feed reports from its appsrc by name: it belongs to the source on air
-            None if element == Some("hsrc") => {
-                match h.pipeline.lock().as_ref().and_then(|p| p.current_input()) {
-                    Some(i) => i,
-                    None => return false,
-                }
-            }
-            None => return false,
+        let Some(input) = element.and_then(|e| kiln_media::input_of(e, id)) else {
+            return false;
         };
         self.pull_lost(h, input, message.to_string()).await;
         true

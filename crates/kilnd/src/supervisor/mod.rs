@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 mod admission;
+mod backup;
 mod consume;
 mod publish;
 mod pulled;
@@ -117,6 +118,8 @@ pub enum FenceError {
 pub(crate) struct SourceInput {
     pub file: Option<PathBuf>,
     pub addr: Option<std::net::IpAddr>,
+    /// The backup's checked address (`plan.backup`).
+    pub backup_addr: Option<std::net::IpAddr>,
 }
 
 /// A live stream under supervision.
@@ -487,11 +490,18 @@ impl Supervisor {
             .then(|| self.publish_secrets(&request))
             .transpose()?;
 
+        let backup_addr = match &plan.backup {
+            Some(b) => crate::fetch::check_source(&self.config.source_networks, &b.source)
+                .await
+                .map_err(SupervisorError::SourceAddress)?,
+            None => None,
+        };
         let input = SourceInput {
             file: self.resolve_file(&plan)?,
             addr: crate::fetch::check_source(&self.config.source_networks, &plan.source)
                 .await
                 .map_err(SupervisorError::SourceAddress)?,
+            backup_addr,
         };
         let placement = self.place(&plan, false)?;
         match self
@@ -624,6 +634,9 @@ impl Supervisor {
         }
         if handle.plan.source.is_pulled_live() {
             self.watch_pulled(&handle);
+        }
+        if handle.plan.backup.is_some() {
+            self.watch_backup(&handle);
         }
         if let Some(rx) = rx {
             tokio::spawn(

@@ -369,7 +369,14 @@ impl Supervisor {
         if !ours(h) {
             return Err(gone());
         }
-        let input = h.switch_to_source(opts).await?;
+        // behind the backup, the source waits out the failback delay in standby
+        let behind_backup = h.pipeline.lock().as_ref().and_then(|p| p.input())
+            == Some(kiln_media::InputKind::Backup);
+        let input = if behind_backup {
+            h.start_standby(opts).await?
+        } else {
+            h.switch_to_source(opts).await?
+        };
         let kept = {
             // under the publisher lock, like begin_stop and end_stream: a stop or an end meanwhile wins
             let slot = h.publisher.lock();
@@ -389,6 +396,9 @@ impl Supervisor {
             return Err(gone());
         }
         self.watch_publisher(h, publisher, input);
+        if behind_backup {
+            self.fail_back(h, input, Some(publisher.clone()));
+        }
         Ok(())
     }
 
@@ -404,13 +414,15 @@ impl Supervisor {
             tracing::info!(protocol = publisher.protocol.as_str(), addr = %publisher.addr, input, "publisher attached")
         });
         self.event("source.connected", h);
-        self.watch_stalls(h, publisher, input);
+        self.watch_stalls(h, publisher);
         // bytes that flow but never decode would keep the stream `starting` (or on the slate) and the claim forever
         let (sup, stream, who) = (Arc::downgrade(self), h.clone(), publisher.clone());
         let limit = self.config.ingest.first_picture_timeout;
         tokio::spawn(async move {
             tokio::time::sleep(limit).await;
             let current = stream.publisher().is_some_and(|p| Arc::ptr_eq(&p, &who));
+            // its generation changes when a standby source is armed (a failback)
+            let input = who.input.load(Ordering::SeqCst);
             let on_air = stream.state() == StreamState::Running
                 && stream
                     .pipeline
@@ -418,10 +430,15 @@ impl Supervisor {
                     .as_ref()
                     .and_then(|p| p.current_input())
                     == Some(input);
+            // a source waiting out the failback delay behind the backup decodes without being on air
+            let decoded = stream
+                .switcher()
+                .and_then(|s| s.since_seen(input))
+                .is_some();
             let Some(sup) = sup.upgrade() else {
                 return;
             };
-            if !current || on_air || stream.state() == StreamState::Stopping {
+            if !current || on_air || decoded || stream.state() == StreamState::Stopping {
                 return;
             }
             let why = format!(

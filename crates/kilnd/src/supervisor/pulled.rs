@@ -16,7 +16,7 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// An attempt that has not put a picture on air in this long is dropped for the next (a connection that hangs, a
 /// feed with no keyframe).
-const ATTEMPT_LIMIT: Duration = Duration::from_secs(10);
+pub(super) const ATTEMPT_LIMIT: Duration = Duration::from_secs(10);
 
 impl Supervisor {
     /// Watches a pulled stream for its whole life: no frame from the source on air for `source_timeout_ms` is a
@@ -24,12 +24,24 @@ impl Supervisor {
     pub(super) fn watch_pulled(self: &Arc<Self>, h: &Arc<StreamHandle>) {
         let (sup, stream) = (Arc::downgrade(self), h.clone());
         let timeout = h.on_source_loss().source_timeout();
+        let first_picture = self.config.ingest.first_picture_timeout;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let created = std::time::Instant::now();
             loop {
                 tick.tick().await;
                 match stream.state() {
                     StreamState::Running => {}
+                    // a source that connects but never delivers a picture fails the stream
+                    StreamState::Starting if created.elapsed() > first_picture => {
+                        let Some(sup) = sup.upgrade() else { return };
+                        stream.push_error(format!(
+                            "no picture from the source in {} s",
+                            first_picture.as_secs()
+                        ));
+                        sup.fail(&stream).await;
+                        return;
+                    }
                     StreamState::Starting => continue,
                     _ => return,
                 }
@@ -84,6 +96,9 @@ impl Supervisor {
         }
         h.push_error(why.clone());
         self.event("source.lost", h);
+        if self.fail_over(h, input, Some(&why)).await {
+            return;
+        }
         match h.on_source_loss().mode {
             SourceLossMode::End => {
                 self.count_loss(h);
@@ -99,7 +114,7 @@ impl Supervisor {
 
     /// Pulls the source again while stretch `stretch` of slate lasts: one attempt at a time, the first after
     /// [`RETRY_FIRST`], doubling after each failure.
-    fn pull_again(self: &Arc<Self>, h: &Arc<StreamHandle>, stretch: u64) {
+    pub(super) fn pull_again(self: &Arc<Self>, h: &Arc<StreamHandle>, stretch: u64) {
         let (sup, stream) = (Arc::downgrade(self), h.clone());
         tokio::spawn(async move {
             let lasts = |s: &StreamHandle| {
@@ -130,7 +145,12 @@ impl Supervisor {
                 loop {
                     tick.tick().await;
                     if !lasts(&stream) {
-                        return; // back on air (the takeover closed the stretch), or the stream ended
+                        // back on air (the takeover closed the stretch), or the stream ended: an attempt that did
+                        // not win is withdrawn
+                        if let Some(s) = stream.switcher() {
+                            s.withdraw(attempt);
+                        }
+                        return;
                     }
                     let failed = stream.resilience.lock().failed_input >= attempt;
                     if failed || started.elapsed() > ATTEMPT_LIMIT {

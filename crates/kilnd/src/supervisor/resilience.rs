@@ -31,6 +31,14 @@ pub(crate) struct ResilienceState {
     pub(super) failed_input: u64,
     /// Attempts to pull a lost source again.
     pub(super) retries: u64,
+    /// Switches to the backup, and back to the source.
+    pub(super) failovers: u64,
+    pub(super) failbacks: u64,
+    /// The source waiting behind the backup for its failback (its generation now).
+    pub(super) standby: Option<u64>,
+    /// The backup failed off air and waits to be started again.
+    pub(super) backup_failed: bool,
+    pub(super) backup_restarts: u64,
 }
 
 impl ResilienceState {
@@ -51,6 +59,16 @@ impl ResilienceState {
             self.slate_before += t.elapsed();
         }
     }
+
+    /// A rebuilt pipeline (the CPU fallback) numbers its inputs from 1 and starts on its source: the stretch of
+    /// slate (and its timers and attempts) ends, no input is lost or failed yet, nothing waits behind the backup.
+    pub(super) fn new_pipeline(&mut self) {
+        self.slate_off();
+        self.stretch += 1;
+        self.lost_input = 0;
+        self.failed_input = 0;
+        self.standby = None;
+    }
 }
 
 impl StreamHandle {
@@ -66,13 +84,35 @@ impl StreamHandle {
         &self,
         opts: kiln_media::BuildOptions,
     ) -> Result<u64, SupervisorError> {
+        self.start_input(opts, false).await
+    }
+
+    /// [`Self::switch_to_source`] in standby: decoded, off air until armed (behind the backup).
+    pub(super) async fn start_standby(
+        &self,
+        opts: kiln_media::BuildOptions,
+    ) -> Result<u64, SupervisorError> {
+        self.start_input(opts, true).await
+    }
+
+    async fn start_input(
+        &self,
+        opts: kiln_media::BuildOptions,
+        standby: bool,
+    ) -> Result<u64, SupervisorError> {
         let s = self
             .switcher()
             .ok_or_else(|| SupervisorError::Media("the stream has no pipeline".into()))?;
-        tokio::task::spawn_blocking(move || s.switch_to_source(&opts))
-            .await
-            .map_err(|e| SupervisorError::Media(e.to_string()))?
-            .map_err(|e| SupervisorError::Media(e.to_string()))
+        tokio::task::spawn_blocking(move || {
+            if standby {
+                s.start_standby(&opts)
+            } else {
+                s.switch_to_source(&opts)
+            }
+        })
+        .await
+        .map_err(|e| SupervisorError::Media(e.to_string()))?
+        .map_err(|e| SupervisorError::Media(e.to_string()))
     }
 
     /// What to do when the source goes.
@@ -87,11 +127,22 @@ impl StreamHandle {
         }
         let r = self.resilience.lock();
         let policy = self.on_source_loss();
-        let active = match self.pipeline.lock().as_ref().and_then(|p| p.input()) {
-            Some(kiln_media::InputKind::Slate) => "slate",
-            Some(kiln_media::InputKind::Source) => "source",
-            None => "none",
+        let (active, backup_seen) = {
+            let p = self.pipeline.lock();
+            let p = p.as_ref();
+            (
+                p.and_then(|p| p.input()).map_or("none", |k| k.as_str()),
+                p.and_then(|p| p.switcher())
+                    .and_then(|s| s.backup_since_seen()),
+            )
         };
+        let backup = self.plan.backup.as_ref().map(|b| kiln_model::BackupStatus {
+            source: b.source.to_string(),
+            healthy: backup_seen.is_some_and(|d| d < policy.source_timeout()),
+            last_frame_ms_ago: backup_seen.map(|d| d.as_millis() as u64),
+            restarts: r.backup_restarts,
+            failback_s: b.failback_s,
+        });
         let window_ms = u64::from(policy.reconnect_window_s) * 1000;
         Some(Resilience {
             active_input: active.into(),
@@ -103,6 +154,9 @@ impl StreamHandle {
             source_losses: r.source_losses,
             reconnects: r.reconnects,
             retries: r.retries,
+            failovers: r.failovers,
+            failbacks: r.failbacks,
+            backup,
             slate_seconds: r.slate_total().as_secs_f64(),
             on_source_loss: policy,
         })
@@ -123,6 +177,9 @@ impl StreamHandle {
         m.on_slate
             .with_label_values(&[id])
             .set(i64::from(r.slate_since.is_some()));
+        drop(r);
+        let on_air = self.pipeline.lock().as_ref().and_then(|p| p.input());
+        m.set_active_input(id, on_air.map(|k| k.as_str()));
     }
 
     /// Source input `input` took over (`from_slate`: from the slate, a reconnect, counted); the stretch of slate
@@ -142,7 +199,7 @@ impl StreamHandle {
         if from_slate {
             r.reconnects += 1;
             self.span
-                .in_scope(|| tracing::info!(input, "the publisher is back on air"));
+                .in_scope(|| tracing::info!(input, "the source is back on air"));
         }
         from_slate
     }
@@ -196,7 +253,28 @@ impl Supervisor {
             self.event("source.lost", h);
         }
         let detail = why.map(|(_, d)| d);
-        let on_air = h.pipeline.lock().as_ref().and_then(|p| p.current_input()) == Some(input);
+        let (on_air, behind_backup) = {
+            let p = h.pipeline.lock();
+            let p = p.as_ref();
+            (
+                p.and_then(|p| p.current_input()) == Some(input),
+                p.and_then(|p| p.input()) == Some(kiln_media::InputKind::Backup),
+            )
+        };
+        if on_air
+            && h.state() == StreamState::Running
+            && self.fail_over(h, input, detail.as_deref()).await
+        {
+            return;
+        }
+        if behind_backup && h.state() == StreamState::Running {
+            // a returning publisher that was waiting behind the backup: the backup stays on air
+            h.resilience.lock().standby = None;
+            if let Some(s) = h.switcher() {
+                let _ = tokio::task::spawn_blocking(move || s.withdraw_waiting()).await;
+            }
+            return;
+        }
         match (h.state(), h.on_source_loss().mode) {
             (StreamState::Running, SourceLossMode::Slate) if on_air => {
                 self.slate_on(h, input, detail).await;
@@ -249,6 +327,10 @@ impl Supervisor {
         self.count_loss(h);
         let stretch = {
             let mut r = h.resilience.lock();
+            // the stream failed or ended meanwhile: no stretch to open
+            if h.state() != StreamState::Running {
+                return r.stretch;
+            }
             // a stretch the consumer has not closed yet (the takeover's event still queued) ends here
             r.slate_off();
             r.slate_since = Some((unix_ms(), Instant::now()));
@@ -330,14 +412,9 @@ impl Supervisor {
         self.release_all(h);
     }
 
-    /// Watches `who` (on input `input`) while it is the stream's publisher: no frame for the stream's
-    /// `source_timeout_ms` while its source is on air is a loss.
-    pub(super) fn watch_stalls(
-        self: &Arc<Self>,
-        h: &Arc<StreamHandle>,
-        who: &Arc<Publisher>,
-        input: u64,
-    ) {
+    /// Watches `who` while it is the stream's publisher: no frame for the stream's `source_timeout_ms` while
+    /// its source is on air is a loss.
+    pub(super) fn watch_stalls(self: &Arc<Self>, h: &Arc<StreamHandle>, who: &Arc<Publisher>) {
         let (sup, stream, who) = (Arc::downgrade(self), h.clone(), who.clone());
         let timeout = h.on_source_loss().source_timeout();
         tokio::spawn(async move {
@@ -348,6 +425,8 @@ impl Supervisor {
                 if !stream.publisher().is_some_and(|p| Arc::ptr_eq(&p, &who)) {
                     return;
                 }
+                // read each time: a failback gives the source a new generation
+                let input = who.input.load(Ordering::SeqCst);
                 let (on_air, since) = {
                     let p = stream.pipeline.lock();
                     p.as_ref().map_or((false, None), |p| {

@@ -1,0 +1,367 @@
+//! A stream's backup input (`"backup": {"source": …, "failback_s": 10}`), the MediaLive automatic input
+//! failover model: a second pulled source decoded all the time next to the stream's own (booked in admission).
+//! - **Failover.** When the source on air is lost (any loss [`super::resilience`] and [`super::pulled`] know) and
+//!   the backup decodes, the backup goes on air at its next frame instead of the slate.
+//! - **Failback.** The source that comes back (a publisher, or an attempt to pull it again) starts in standby:
+//!   decoded, off air. Once it has decoded without a gap for `failback_s`, it takes over at its next frame.
+//! - **The backup fails.** On air: the waiting source takes over if it decodes, else the slate goes on (and
+//!   the source is waited for or pulled again, as without a backup). Off air: it is started again with
+//!   backoff. Either way it is started again.
+//!
+//! Every switch is the media crate's (one timeline, same encoders, no discontinuity); here are the decisions.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// A backup that failed off air is started again after this long, doubling up to [`RESTART_MAX`].
+const RESTART_FIRST: Duration = Duration::from_secs(1);
+const RESTART_MAX: Duration = Duration::from_secs(10);
+/// A backup (re)started that has decoded nothing after this long has failed.
+const FIRST_FRAME_LIMIT: Duration = Duration::from_secs(10);
+
+impl Supervisor {
+    /// Source input `lost`, on air, is gone (`why`): when the stream's backup decodes, it goes on air at its next
+    /// frame instead of the slate, and a pulled source is pulled again behind it. Returns whether it did.
+    pub(super) async fn fail_over(
+        self: &Arc<Self>,
+        h: &Arc<StreamHandle>,
+        lost: u64,
+        why: Option<&str>,
+    ) -> bool {
+        if h.plan.backup.is_none() || h.state() != StreamState::Running {
+            return false;
+        }
+        let Some(s) = h.switcher() else { return false };
+        let timeout = h.on_source_loss().source_timeout();
+        let seen = s.backup_since_seen();
+        if seen.is_none_or(|d| d >= timeout) {
+            h.span.in_scope(|| {
+                tracing::warn!(error = ?why, backup_last_frame = ?seen, "source lost and the backup does not decode: no failover")
+            });
+            return false;
+        }
+        if s.switch_to_backup().is_none() {
+            return false;
+        }
+        self.count_loss(h);
+        {
+            let mut r = h.resilience.lock();
+            r.lost_input = r.lost_input.max(lost);
+            r.standby = None;
+        }
+        h.span.in_scope(
+            || tracing::warn!(error = ?why, "source lost: the backup goes on air (failover)"),
+        );
+        if h.plan.source.is_pulled_live() {
+            self.pull_behind_backup(h);
+        }
+        true
+    }
+
+    /// The consumer's side of a switch: counts failovers (to the backup) and failbacks (from it), with their
+    /// series and webhook.
+    pub(super) fn count_switch(
+        &self,
+        h: &Arc<StreamHandle>,
+        kind: kiln_media::InputKind,
+        from: kiln_media::InputKind,
+    ) {
+        use kiln_media::InputKind::{Backup, Source};
+        let to = match (kind, from) {
+            (Backup, _) => "backup",
+            (Source, Backup) => "source",
+            _ => return,
+        };
+        {
+            let mut r = h.resilience.lock();
+            if from == kiln_media::InputKind::Slate {
+                r.slate_off(); // the backup replaced the slate
+            }
+            if to == "backup" {
+                r.failovers += 1;
+            } else {
+                r.failbacks += 1;
+                r.standby = None;
+            }
+        }
+        self.metrics
+            .ingest
+            .failovers
+            .with_label_values(&[h.plan.id.as_str(), to])
+            .inc();
+        h.span
+            .in_scope(|| tracing::info!(to, "input switched between the source and the backup"));
+        self.event("source.failover", h);
+    }
+
+    /// Source input `input` decodes behind the backup: once it has decoded without a gap (of the stream's
+    /// `source_timeout_ms`) for `failback_s`, it takes over at its next frame. `who`: its publisher (whose
+    /// generation follows), for a publish stream. Gives up when the input goes, or the backup is no longer on air.
+    pub(super) fn fail_back(
+        self: &Arc<Self>,
+        h: &Arc<StreamHandle>,
+        input: u64,
+        who: Option<Arc<Publisher>>,
+    ) {
+        let Some(failback) = h.plan.backup.as_ref().map(|b| b.failback()) else {
+            return;
+        };
+        h.resilience.lock().standby = Some(input);
+        let stream = h.clone();
+        let timeout = h.on_source_loss().source_timeout();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut healthy_since: Option<Instant> = None;
+            loop {
+                tick.tick().await;
+                if stream.state() != StreamState::Running
+                    || stream.resilience.lock().standby != Some(input)
+                {
+                    return;
+                }
+                if let Some(w) = &who {
+                    let ours = stream.publisher().is_some_and(|p| Arc::ptr_eq(&p, w));
+                    if !ours {
+                        return;
+                    }
+                }
+                let Some(s) = stream.switcher() else { return };
+                if s.since_seen(input).is_some_and(|d| d < timeout) {
+                    let since = *healthy_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() < failback {
+                        continue;
+                    }
+                } else {
+                    healthy_since = None;
+                    continue;
+                }
+                let Some(armed) = s.arm(input) else { return };
+                if let Some(w) = &who {
+                    w.input.store(armed, Ordering::SeqCst);
+                }
+                stream.resilience.lock().standby = Some(armed);
+                stream.span.in_scope(|| {
+                    tracing::info!(
+                        input = armed,
+                        failback_s = failback.as_secs(),
+                        "the source has been healthy for failback_s: it takes over from the backup"
+                    )
+                });
+                return;
+            }
+        });
+    }
+
+    /// Pulls a lost source again while the backup is on air: attempts in standby (with the backoff of
+    /// [`super::pulled`]), the first that decodes is handed to [`Self::fail_back`].
+    fn pull_behind_backup(self: &Arc<Self>, h: &Arc<StreamHandle>) {
+        let (sup, stream) = (Arc::downgrade(self), h.clone());
+        tokio::spawn(async move {
+            // only while the backup is on air: the source back ends it, and on the slate (the backup failed too)
+            // the slate's own attempts run
+            let behind = |s: &StreamHandle| {
+                s.state() == StreamState::Running
+                    && s.pipeline.lock().as_ref().and_then(|p| p.input())
+                        == Some(kiln_media::InputKind::Backup)
+            };
+            let mut wait = Duration::from_secs(1);
+            loop {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+                let Some(sup) = sup.upgrade() else { return };
+                if !behind(&stream) {
+                    return;
+                }
+                let opts =
+                    match sup.build_options(&stream.placement(), &stream.plan, &stream.input, None)
+                    {
+                        Ok(o) => o,
+                        Err(e) => {
+                            stream.push_error(format!("pulling the source again: {e}"));
+                            continue;
+                        }
+                    };
+                let attempt = match stream.start_standby(opts).await {
+                    Ok(g) => g,
+                    Err(e) => {
+                        stream.push_error(format!("pulling the source again: {e}"));
+                        continue;
+                    }
+                };
+                stream.resilience.lock().retries += 1;
+                let started = Instant::now();
+                let mut handed = false;
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    tick.tick().await;
+                    if !behind(&stream) {
+                        return;
+                    }
+                    // the attempt failed (its generation, or the one it got when armed)
+                    if stream.resilience.lock().failed_input >= attempt {
+                        break;
+                    }
+                    let s = stream.switcher();
+                    if !handed {
+                        if s.and_then(|s| s.since_seen(attempt)).is_some() {
+                            sup.fail_back(&stream, attempt, None);
+                            handed = true;
+                        } else if started.elapsed() > super::pulled::ATTEMPT_LIMIT {
+                            break;
+                        }
+                        continue;
+                    }
+                    // handed over, but it stopped decoding for good: the next attempt
+                    let standby = stream.resilience.lock().standby;
+                    let gone = standby.is_none_or(|g| {
+                        s.and_then(|s| s.since_seen(g))
+                            .is_none_or(|d| d > super::pulled::ATTEMPT_LIMIT)
+                    });
+                    if gone {
+                        break;
+                    }
+                }
+                stream.resilience.lock().standby = None;
+            }
+        });
+    }
+
+    /// The backup failed (`why`: an error, its end, or no frame). On air: the source waiting behind it takes over
+    /// if it decodes, else the slate goes on. Either way the backup is started again.
+    pub(super) async fn backup_lost(self: &Arc<Self>, h: &Arc<StreamHandle>, why: String) {
+        h.resilience.lock().backup_failed = true;
+        let on_air = h.pipeline.lock().as_ref().and_then(|p| p.input())
+            == Some(kiln_media::InputKind::Backup);
+        if !on_air || h.state() != StreamState::Running {
+            h.span
+                .in_scope(|| tracing::warn!(error = %why, "the backup failed off air"));
+            return;
+        }
+        h.push_error(format!("backup: {why}"));
+        let Some(s) = h.switcher() else { return };
+        let timeout = h.on_source_loss().source_timeout();
+        let standby = h.resilience.lock().standby;
+        if let Some(g) = standby.filter(|g| s.since_seen(*g).is_some_and(|d| d < timeout)) {
+            if let Some(armed) = s.arm(g) {
+                if let Some(p) = h.publisher() {
+                    if p.input.load(Ordering::SeqCst) == g {
+                        p.input.store(armed, Ordering::SeqCst);
+                    }
+                }
+                h.resilience.lock().standby = Some(armed);
+                h.span.in_scope(|| tracing::warn!(error = %why, "the backup failed on air: the source takes over at once"));
+                return;
+            }
+        }
+        let lost = h
+            .pipeline
+            .lock()
+            .as_ref()
+            .and_then(|p| p.current_input())
+            .unwrap_or(0);
+        h.resilience.lock().standby = None;
+        h.span.in_scope(
+            || tracing::warn!(error = %why, "the backup failed on air and the source is not back: slate"),
+        );
+        let stretch = self.slate_on(h, lost, Some(why)).await;
+        if h.plan.source.is_pulled_live() {
+            self.pull_again(h, stretch);
+        }
+    }
+
+    /// Watches a stream's backup for the stream's life: no frame while it is on air is its loss; failed off air
+    /// (an error, its end, nothing decoded in [`FIRST_FRAME_LIMIT`], or a gap) it is started again with backoff.
+    pub(super) fn watch_backup(self: &Arc<Self>, h: &Arc<StreamHandle>) {
+        let (sup, stream) = (Arc::downgrade(self), h.clone());
+        let timeout = h.on_source_loss().source_timeout();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut started = Instant::now();
+            let mut wait = RESTART_FIRST;
+            let mut next_restart: Option<Instant> = None;
+            loop {
+                tick.tick().await;
+                match stream.state() {
+                    StreamState::Running | StreamState::Starting | StreamState::Waiting => {}
+                    _ => return,
+                }
+                let Some(sup) = sup.upgrade() else { return };
+                let (on_air, seen, since_frame) = {
+                    let p = stream.pipeline.lock();
+                    let Some(p) = p.as_ref() else {
+                        started = Instant::now();
+                        continue;
+                    };
+                    (
+                        p.input() == Some(kiln_media::InputKind::Backup),
+                        p.switcher().and_then(|s| s.backup_since_seen()),
+                        p.since_last_frame(),
+                    )
+                };
+                if on_air {
+                    if since_frame.is_some_and(|d| d > timeout) {
+                        let why =
+                            format!("no frame from the backup for {} ms", timeout.as_millis());
+                        sup.backup_lost(&stream, why).await;
+                    }
+                    continue;
+                }
+                if backup_replaces_slate(&stream, seen, timeout) {
+                    continue;
+                }
+                let failed = stream.resilience.lock().backup_failed
+                    || seen.map_or(started.elapsed() > FIRST_FRAME_LIMIT, |d| {
+                        d > timeout.max(Duration::from_secs(2))
+                    });
+                if !failed {
+                    if seen.is_some() {
+                        wait = RESTART_FIRST;
+                    }
+                    continue;
+                }
+                let due = *next_restart.get_or_insert_with(|| Instant::now() + wait);
+                if Instant::now() < due {
+                    continue;
+                }
+                next_restart = None;
+                wait = (wait * 2).min(RESTART_MAX);
+                let Some(s) = stream.switcher() else { continue };
+                let restarted = tokio::task::spawn_blocking(move || s.restart_backup()).await;
+                started = Instant::now();
+                {
+                    let mut r = stream.resilience.lock();
+                    r.backup_failed = false;
+                    r.backup_restarts += 1;
+                }
+                if let Ok(Err(e)) = restarted {
+                    stream.push_error(format!("backup: starting it again: {e}"));
+                }
+                stream
+                    .span
+                    .in_scope(|| tracing::info!("the backup failed off air: started again"));
+            }
+        });
+    }
+}
+
+/// On the slate (the backup had failed too), a backup that decodes again replaces it. Returns whether it did.
+fn backup_replaces_slate(stream: &StreamHandle, seen: Option<Duration>, timeout: Duration) -> bool {
+    let on_slate = stream.pipeline.lock().as_ref().and_then(|p| p.input())
+        == Some(kiln_media::InputKind::Slate);
+    if !on_slate
+        || stream.state() != StreamState::Running
+        || seen.is_none_or(|d| d >= timeout)
+        || stream.resilience.lock().backup_failed
+    {
+        return false;
+    }
+    let switched = stream.switcher().and_then(|s| s.switch_to_backup());
+    if switched.is_some() {
+        stream
+            .span
+            .in_scope(|| tracing::info!("the backup decodes again: it replaces the slate"));
+    }
+    true
+}
