@@ -225,6 +225,9 @@ fn publish(url: &str, format: &str) -> Result<tokio::process::Child> {
 /// ffmpeg publishes over RTMP, then over SRT, to `publish:` streams (a 360p + 180p ladder); hls.js plays each for
 /// 12 s from the page. The publish-to-screen latency is the wall clock minus the PROGRAM-DATE-TIME of the frame on
 /// screen (PDT is the wall clock when kilnd received the frame), median of one sample a second.
+///
+/// The RTMP publisher is killed 4 s into playback and another one starts 3 s later: hls.js plays through the
+/// slate and back to the publisher with no fatal error and at most one stall, and watches 4 s longer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hlsjs_in_chromium_plays_rtmp_and_srt_publishers_with_low_publish_to_screen_latency(
 ) -> Result<()> {
@@ -255,7 +258,7 @@ async fn hlsjs_in_chromium_plays_rtmp_and_srt_publishers_with_low_publish_to_scr
             .as_str()
             .context("publish URL")?
             .to_string();
-        let publisher = publish(&url, format)?;
+        let mut publisher = publish(&url, format)?;
         poll_until(
             &format!("{id} running"),
             Duration::from_secs(30),
@@ -273,8 +276,25 @@ async fn hlsjs_in_chromium_plays_rtmp_and_srt_publishers_with_low_publish_to_scr
         let shot =
             std::env::temp_dir().join(format!("kiln-browser-{id}-{}.png", std::process::id()));
         let page = format!("{}/#{id}", d.base);
-        let args = [page.as_ref(), "12".as_ref(), shot.as_os_str()];
-        let r = node(&dir.join("watch.mjs"), &args, Duration::from_secs(90)).await?;
+        let lose = id == "pub-rtmp";
+        let seconds = if lose { "16" } else { "12" };
+        let args = [page.as_ref(), seconds.as_ref(), shot.as_os_str()];
+        let script = dir.join("watch.mjs");
+        let watch = node(&script, &args, Duration::from_secs(90));
+        // the publisher dies while hls.js plays, and another one comes back: the slate bridges the gap
+        let churn = async {
+            if lose {
+                // the page needs a few seconds to start playing
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                publisher.kill().await?;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                publisher = publish(&url, format)?;
+            }
+            anyhow::Ok(())
+        };
+        let (r, churned) = tokio::join!(watch, churn);
+        let r = r?;
+        churned?;
         eprintln!("{id}: hls.js result: {r}");
         drop(publisher);
         let _ = std::fs::remove_file(&shot);
@@ -282,7 +302,18 @@ async fn hlsjs_in_chromium_plays_rtmp_and_srt_publishers_with_low_publish_to_scr
         let played = r["playedTo"].as_f64().context("playedTo")?;
         let pdt = r["pdtLatencyMedian"].as_f64().context("pdtLatencyMedian")?;
         let samples = r["pdtSamples"].as_u64().context("pdtSamples")?;
-        ensure!(stalls == 0 && played >= 9.0, "{id}: {r}");
+        ensure!(r["fatalErrors"] == 0, "{id}: a fatal hls.js error: {r}");
+        if lose {
+            let (_, status) = d.get_text(&format!("/v1/streams/{id}")).await?;
+            let s: serde_json::Value = serde_json::from_str(&status)?;
+            ensure!(
+                s["resilience"]["source_losses"] == 1 && s["resilience"]["reconnects"] == 1,
+                "{id}: the publisher was not lost and back once: {s}"
+            );
+            ensure!(stalls <= 1 && played >= 12.0, "{id} through a loss: {r}");
+        } else {
+            ensure!(stalls == 0 && played >= 9.0, "{id}: {r}");
+        }
         ensure!(samples >= 8, "{id}: only {samples} PDT samples: {r}");
         results.push((id, pdt));
     }

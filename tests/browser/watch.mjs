@@ -30,7 +30,8 @@ const result = { seconds: Number(seconds), playedTo: last, stalls, hlsStalls, ta
   pdtSamples: pdt.length, pdtLatencyMedian: median(pdt), pdtLatencyMax: Math.max(...pdt),
   // the series, for whoever reads a failure: latency and buffer ahead each second, and every hls.js error
   latencies: samples.map(s => s.lat && +s.lat.toFixed(2)), ahead: samples.map(s => +s.ahead.toFixed(2)), rates: samples.map(s => s.rate),
-  errors: await page.evaluate(() => window.kilnErrors.map(e => e.details)) };
+  errors: await page.evaluate(() => window.kilnErrors.map(e => e.details)),
+  fatalErrors: await page.evaluate(() => window.kilnErrors.filter(e => e.fatal).length) };
 console.log(JSON.stringify(result));
 await browser.close();
 process.exit(stalls === 0 && last > Number(seconds) - 5 ? 0 : 1);
