@@ -120,13 +120,26 @@ fn ffmpeg_publish_with(
     seconds: u32,
     encoder: &str,
 ) -> Result<Child> {
+    ffmpeg_publish_as(url, format, size, 30, seconds, encoder, &[])
+}
+
+/// [`ffmpeg_publish`] at `fps`, with `encoder` and `extra` encoder arguments (a profile).
+fn ffmpeg_publish_as(
+    url: &str,
+    format: &str,
+    size: &str,
+    fps: u32,
+    seconds: u32,
+    encoder: &str,
+    extra: &[&str],
+) -> Result<Child> {
     tokio::process::Command::new("ffmpeg")
         .args(["-hide_banner", "-nostdin", "-loglevel", "error", "-re"])
         .args([
             "-f",
             "lavfi",
             "-i",
-            &format!("testsrc2=size={size}:rate=30"),
+            &format!("testsrc2=size={size}:rate={fps}"),
         ])
         .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
         .args(["-t", &seconds.to_string()])
@@ -141,6 +154,7 @@ fn ffmpeg_publish_with(
         .args([
             "-g", "60", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "64k",
         ])
+        .args(extra)
         .args(["-f", format, url])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -232,6 +246,37 @@ async fn newest_luma(d: &Daemon, id: &str, r: &str) -> Result<f64> {
         / 576.0)
 }
 
+/// (width, height, decoded frames) of the newest complete segment of rendition `r` (ffprobe).
+async fn newest_segment_probe(d: &Daemon, id: &str, r: &str) -> Result<(u64, u64, u64)> {
+    let (_, text) = d.get_text(&format!("/live/{id}/{r}/index.m3u8")).await?;
+    let seg = text
+        .lines()
+        .rfind(|l| l.starts_with("seg-"))
+        .context("no segment")?;
+    let mut bytes = d
+        .get_bytes(&format!("/live/{id}/{r}/init.mp4"))
+        .await?
+        .to_vec();
+    bytes.extend_from_slice(&d.get_bytes(&format!("/live/{id}/{r}/{seg}")).await?);
+    let mut f = tempfile::NamedTempFile::new()?;
+    std::io::Write::write_all(&mut f, &bytes)?;
+    let out = tokio::process::Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v:0", "-count_frames"])
+        .args([
+            "-show_entries",
+            "stream=width,height,nb_read_frames",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(f.path())
+        .output()
+        .await?;
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let v: Vec<u64> = line.split(',').filter_map(|x| x.parse().ok()).collect();
+    ensure!(v.len() == 3, "ffprobe: {line:?} {}", String::from_utf8_lossy(&out.stderr));
+    Ok((v[0], v[1], v[2]))
+}
+
 /// Polls until the newest segment of `id`'s `hi` rendition is the slate (`slate`) or the publisher's picture.
 async fn wait_picture(d: &Daemon, id: &str, slate: bool) -> Result<f64> {
     if slate {
@@ -286,8 +331,8 @@ async fn wait_input(
 }
 
 /// An RTMP publisher plays on every rendition; when it is killed the slate goes on air at once and the playlists
-/// keep growing at real time on the same timeline (no discontinuity); a second publisher at another picture size
-/// takes over from the slate; ffmpeg decodes the whole window (publisher, slate, publisher) with -xerror; the
+/// keep growing at real time on the same timeline (no discontinuity); a second publisher at another picture size,
+/// frame rate and H.264 profile takes over from the slate, and the ladder stays the same (size, 30 fps); ffmpeg decodes the whole window (publisher, slate, publisher) with -xerror; the
 /// losses, reconnects and slate seconds are in the status and the metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_publisher_is_bridged_by_the_slate_and_the_next_one_takes_over_at_another_size(
@@ -390,8 +435,16 @@ async fn a_lost_publisher_is_bridged_by_the_slate_and_the_next_one_takes_over_at
         grew
     );
 
-    // a publisher at another size comes back and takes over from the slate
-    let second = ffmpeg_publish(&url, "flv", "256x144", 40)?;
+    // a publisher at another size, frame rate (25) and profile (baseline) comes back and takes over from the slate
+    let second = ffmpeg_publish_as(
+        &url,
+        "flv",
+        "256x144",
+        25,
+        40,
+        "libx264",
+        &["-profile:v", "baseline"],
+    )?;
     let connected = Instant::now();
     let s = wait_input(&d, "r1", "source", Duration::from_secs(20)).await?;
     eprintln!(
@@ -407,6 +460,12 @@ async fn a_lost_publisher_is_bridged_by_the_slate_and_the_next_one_takes_over_at
         "{s}"
     );
     wait_picture(&d, "r1", false).await?;
+    // the ladder stays the same: a full segment of the 25 fps publisher is 2 s at 30 fps, at the rendition's size
+    let probe = newest_segment_probe(&d, "r1", "hi").await?;
+    ensure!(
+        probe == (320, 180, 60),
+        "the newest hi segment after the 25 fps publisher: {probe:?} (width, height, frames)"
+    );
     for r in ["hi", "lo", "audio"] {
         let (_, text) = d.get_text(&format!("/live/r1/{r}/index.m3u8")).await?;
         ensure!(
