@@ -24,11 +24,12 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 /// Event types (the `type` field), as documented in the README.
-pub const EVENT_TYPES: [&str; 9] = [
+pub const EVENT_TYPES: [&str; 10] = [
     "stream.created",
     "stream.started",
     "source.connected",
     "source.lost",
+    "source.failover",
     "stream.ended",
     "stream.failed",
     "encoder.fallback",
