@@ -1,6 +1,6 @@
 //! A real browser player: hls.js (npm, pinned in browser/package.json) in Debian's headless Chromium, driven by
 //! playwright-core, plays the daemon's demo stream (the default 720p + 360p ladder) from the page at `/` in
-//! low-latency mode for 30 s. It must not stall, and its live-edge latency (hls.js `latency`, the median of one sample
+//! low-latency mode for 20 s. It must not stall, and its live-edge latency (hls.js `latency`, the median of one sample
 //! a second) must stay ≤ 2 s. The result also says how many buffer stalls hls.js itself saw and its target latency
 //! (PART-HOLD-BACK plus one part per such stall: see the page), so a slow run can be told from a slow origin.
 //!
@@ -97,7 +97,8 @@ async fn hlsjs_in_chromium_plays_the_demo_at_low_latency() -> Result<()> {
     let d = Daemon::start(config).await?;
     let shot = std::env::temp_dir().join(format!("kiln-browser-{}.png", std::process::id()));
     let page = format!("{}/", d.base);
-    let args = [page.as_ref(), "30".as_ref(), shot.as_os_str()];
+    // 20 s: the page reaches its target latency within 5 (measured: 1.3 s by the fourth second, see the series)
+    let args = [page.as_ref(), "20".as_ref(), shot.as_os_str()];
     let r = node(&dir.join("watch.mjs"), &args, Duration::from_secs(120)).await?;
     eprintln!("hls.js result: {r}");
     let stalls = r["stalls"].as_u64().context("stalls")?;
@@ -106,10 +107,10 @@ async fn hlsjs_in_chromium_plays_the_demo_at_low_latency() -> Result<()> {
     let samples = r["latencySamples"].as_u64().context("latencySamples")?;
     ensure!(stalls == 0, "{stalls} stalls: {r}");
     ensure!(
-        samples >= 20,
-        "hls.js reported a latency only {samples} times in 30 s: {r}"
+        samples >= 14,
+        "hls.js reported a latency only {samples} times in 20 s: {r}"
     );
-    ensure!(played >= 25.0, "played only to {played} s: {r}");
+    ensure!(played >= 16.0, "played only to {played} s: {r}");
     ensure!(
         latency > 0.0 && latency <= 2.0,
         "live latency {latency} s > 2.0 s: {r}"

@@ -1,7 +1,7 @@
 //! Admission on this host, against a cost profile calibrated on this host: `kilnd calibrate` ramps the small
 //! ladder (`live-360p-abr`) until it falls behind and writes a profile; a daemon using that profile advertises — and
 //! admits — exactly the sustainable number of streams; the refusal names the short dimension; the node never books
-//! more than it has; every admitted stream keeps real time for 30 s (measured from /metrics); releasing one stream
+//! more than it has; every admitted stream keeps real time for 20 s (measured from /metrics); releasing one stream
 //! makes room again.
 //!
 //! The shipped `hw-profiles/cpu-x86_64.toml` was measured on one development host; a CI host with slower cores
@@ -16,8 +16,9 @@ use kiln_integration::Daemon;
 
 const PRESET: &str = "live-360p-abr";
 
-/// How long every admitted stream must keep real time.
-const WINDOW: Duration = Duration::from_secs(30);
+/// How long every admitted stream must keep real time: over 20 s an over-committed stream (seen: 0.82 × real time)
+/// loses 3.6 s, and the 0.97 bar allows 0.6 s.
+const WINDOW: Duration = Duration::from_secs(20);
 
 fn media_seconds(metrics: &str) -> BTreeMap<String, f64> {
     // slowest rendition per stream
@@ -128,8 +129,7 @@ async fn calibrated_admission_refuses_when_full_and_admitted_streams_keep_real_t
         admitted.len()
     );
 
-    // every admitted stream keeps real time over a window: 30 s, where an over-committed stream (seen: 0.82 × real
-    // time) loses over 5 s and the 0.97 bar allows 0.9 s
+    // every admitted stream keeps real time over a window (`WINDOW`)
     for id in &admitted {
         d.wait_for_segments(id, "180p", 1).await?;
     }

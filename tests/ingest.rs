@@ -661,6 +661,24 @@ fn ffmpeg_white_srt_listener(port: u16, seconds: u32) -> Result<Child> {
         .context("starting ffmpeg")
 }
 
+/// Polls until `id`'s `resilience.<field>` is `n`; returns the status.
+async fn wait_resilience(d: &Daemon, id: &str, field: &str, n: u64) -> Result<serde_json::Value> {
+    poll_until(
+        &format!("{id}: {field} = {n}"),
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || async {
+            let s = status(d, id).await?;
+            Ok(if s["resilience"][field] == n {
+                Polled::Done(s)
+            } else {
+                Polled::NotYet(s["resilience"].to_string())
+            })
+        },
+    )
+    .await
+}
+
 /// Polls until `id`'s backup is healthy (`healthy`) or not; returns its restarts and the status.
 async fn wait_backup(
     d: &Daemon,
@@ -750,11 +768,12 @@ async fn the_backup_goes_on_air_when_the_publisher_dies_and_hands_back_after_fai
 
     first.kill().await?;
     let killed = Instant::now();
-    let s = wait_input(&d, "bk", "backup", Duration::from_secs(5)).await?;
+    wait_input(&d, "bk", "backup", Duration::from_secs(5)).await?;
     let failover = killed.elapsed();
+    // the counters follow the switch by an event
+    let s = wait_resilience(&d, "bk", "failovers", 1).await?;
     ensure!(
         s["state"] == "running"
-            && s["resilience"]["failovers"] == 1
             && s["resilience"]["source_losses"] == 1
             && s["resilience"]["slate_since_unix_ms"].is_null(),
         "{s}"
@@ -766,40 +785,43 @@ async fn the_backup_goes_on_air_when_the_publisher_dies_and_hands_back_after_fai
 
     let second = ffmpeg_publish(&url, "flv", "320x180", 60)?;
     let started = Instant::now();
-    // it decodes behind the backup first: the backup stays on air for failback_s
-    poll_until(
+    // it decodes behind the backup first (the status says when it takes over if it goes on decoding): the
+    // backup stays on air for failback_s
+    let decoding = poll_until(
         "the publisher decodes in standby",
         Duration::from_secs(20),
-        Duration::from_millis(100),
+        Duration::from_millis(50),
         || async {
             let s = status(&d, "bk").await?;
-            Ok(if !s["publisher"].is_null() {
-                Polled::Done(())
-            } else {
-                Polled::NotYet(s["resilience"].to_string())
+            Ok(match s["resilience"]["failback_at_unix_ms"].as_u64() {
+                Some(at) => Polled::Done((at, s)),
+                None => Polled::NotYet(s["resilience"].to_string()),
             })
         },
     )
     .await?;
-    let attached = Instant::now();
+    let (failback_at, s) = decoding;
     ensure!(
-        status(&d, "bk").await?["resilience"]["active_input"] == "backup",
-        "the source took over before failback_s"
+        s["resilience"]["active_input"] == "backup",
+        "the source took over before failback_s: {s}"
     );
-    let s = wait_input(&d, "bk", "source", Duration::from_secs(30)).await?;
-    let failback = attached.elapsed();
+    wait_input(&d, "bk", "source", Duration::from_secs(30)).await?;
+    let on_air_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let failback_ms = on_air_ms as i64 - (failback_at as i64 - 3000);
     eprintln!(
-        "the source back on air {failback:?} after its publisher attached ({:?} after ffmpeg started; failback_s 3)",
+        "the source on air {failback_ms} ms after it first decoded in standby ({:?} after ffmpeg started; \
+         failback_s 3)",
         started.elapsed()
     );
     ensure!(
-        failback >= Duration::from_millis(2900),
-        "the failback came before failback_s: {failback:?}"
+        on_air_ms + 100 >= failback_at,
+        "the failback came {} ms before failback_s had passed",
+        failback_at - on_air_ms
     );
-    ensure!(
-        s["resilience"]["failbacks"] == 1 && s["resilience"]["failovers"] == 1,
-        "{s}"
-    );
+    let s = wait_resilience(&d, "bk", "failbacks", 1).await?;
+    ensure!(s["resilience"]["failovers"] == 1, "{s}");
     wait_luma(&d, "bk", 90.0..200.0, "the publisher's picture again").await?;
     for r in ["hi", "audio"] {
         let (_, text) = d.get_text(&format!("/live/bk/{r}/index.m3u8")).await?;
@@ -853,16 +875,16 @@ async fn the_backup_goes_on_air_when_the_publisher_dies_and_hands_back_after_fai
     wait_backup(&d, "bk", true, Duration::from_secs(30)).await?;
     // failover again; then the backup dies on air with the source still gone: the slate
     drop(second);
-    let s = wait_input(&d, "bk", "backup", Duration::from_secs(5)).await?;
-    ensure!(s["resilience"]["failovers"] == 2, "{s}");
+    wait_input(&d, "bk", "backup", Duration::from_secs(5)).await?;
+    wait_resilience(&d, "bk", "failovers", 2).await?;
     backup.kill().await?;
     let s = wait_input(&d, "bk", "slate", Duration::from_secs(5)).await?;
     ensure!(s["state"] == "running", "{s}");
     wait_picture(&d, "bk", true).await?;
     // the backup answers again: it replaces the slate
     let _backup = ffmpeg_white_srt_listener(port, 60)?;
-    let s = wait_input(&d, "bk", "backup", Duration::from_secs(30)).await?;
-    ensure!(s["resilience"]["failovers"] == 3, "{s}");
+    wait_input(&d, "bk", "backup", Duration::from_secs(30)).await?;
+    wait_resilience(&d, "bk", "failovers", 3).await?;
     wait_luma(&d, "bk", 200.0..256.0, "the backup again").await?;
     // the platform heard every switch, in order, signed
     rx.expect(
@@ -877,6 +899,7 @@ async fn the_backup_goes_on_air_when_the_publisher_dies_and_hands_back_after_fai
             "source.failover",
             "source.lost",
             "source.failover",
+            "source.lost",
             "source.failover",
         ],
     )
@@ -1007,6 +1030,62 @@ async fn a_pulled_srt_source_that_dies_is_bridged_by_the_slate_and_called_again(
         );
     }
     ensure!(metric(&d, r#"kiln_stream_reconnects_total{stream="pull"}"#).await? == 1.0);
+    d.shutdown().await
+}
+
+/// A pulled source with a backup (both SRT listeners kilnd calls): when the source dies the backup goes on air,
+/// kilnd pulls the source again behind it, and once the source answers and has decoded for `failback_s` it takes
+/// over again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pulled_source_fails_over_to_its_backup_and_back_once_it_answers_again() -> Result<()> {
+    let d = daemon_pulling(None).await?;
+    // two distinct free ports (both bound at once)
+    let (a, b) = (
+        std::net::UdpSocket::bind("127.0.0.1:0")?,
+        std::net::UdpSocket::bind("127.0.0.1:0")?,
+    );
+    let (main, spare) = (a.local_addr()?.port(), b.local_addr()?.port());
+    drop((a, b));
+    let mut source = ffmpeg_srt_listener(main, 90)?;
+    let _backup = ffmpeg_white_srt_listener(spare, 90)?;
+    let body = format!(
+        r#"{{"source": "srt://127.0.0.1:{main}", "backup": {{"source": "srt://127.0.0.1:{spare}", "failback_s": 2}},
+            "on_source_loss": {{"source_timeout_ms": 1000}}, {LADDER}}}"#
+    );
+    let (code, v) = d.put_stream("pb", &body).await?;
+    ensure!(code == 201, "PUT: {code} {v}");
+    wait_state(&d, "pb", "running", Duration::from_secs(30)).await?;
+    wait_luma(&d, "pb", 90.0..200.0, "the source's picture").await?;
+    wait_backup(&d, "pb", true, Duration::from_secs(20)).await?;
+
+    source.kill().await?;
+    let killed = Instant::now();
+    wait_input(&d, "pb", "backup", Duration::from_secs(10)).await?;
+    eprintln!(
+        "the backup on air {:?} after the pulled source died",
+        killed.elapsed()
+    );
+    wait_resilience(&d, "pb", "failovers", 1).await?;
+    wait_luma(&d, "pb", 200.0..256.0, "the backup's picture").await?;
+
+    let _source = ffmpeg_srt_listener(main, 60)?;
+    let back = Instant::now();
+    wait_input(&d, "pb", "source", Duration::from_secs(40)).await?;
+    eprintln!(
+        "the source on air again {:?} after it listened again (failback_s 2)",
+        back.elapsed()
+    );
+    let s = wait_resilience(&d, "pb", "failbacks", 1).await?;
+    ensure!(
+        s["resilience"]["retries"].as_u64().unwrap_or(0) >= 1
+            && s["resilience"]["source_losses"] == 1,
+        "{s}"
+    );
+    ensure!(
+        back.elapsed() >= Duration::from_secs(2),
+        "the failback came before failback_s"
+    );
+    wait_luma(&d, "pb", 90.0..200.0, "the source's picture again").await?;
     d.shutdown().await
 }
 

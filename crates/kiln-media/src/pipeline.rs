@@ -192,19 +192,21 @@ impl LivePipeline {
                 let entry =
                     crate::source::Entry::build(&pipeline, tee.as_ref(), audio_in.as_ref())?;
                 let first = crate::source::EncodedSource::build(&entry, plan, opts, sink.clone())?;
-                let backup = plan
-                    .backup
-                    .as_ref()
-                    .map(|_| {
-                        crate::source::EncodedSource::build_as(
-                            &entry,
-                            plan,
-                            opts,
-                            sink.clone(),
-                            crate::source::Role::Backup,
-                        )
-                    })
-                    .transpose()?;
+                // a backup that cannot be built is the backup's trouble, not the stream's: it is started again
+                // later (the daemon watches its health)
+                let backup = plan.backup.as_ref().and_then(|_| {
+                    crate::source::EncodedSource::build_as(
+                        &entry,
+                        plan,
+                        opts,
+                        sink.clone(),
+                        crate::source::Role::Backup,
+                    )
+                    .inspect_err(
+                        |e| tracing::warn!(error = %e, "the backup input could not be built"),
+                    )
+                    .ok()
+                });
                 let running = Arc::new(Mutex::new(vec![first]));
                 entry.set_reaper(reaper(Arc::downgrade(&running)));
                 inputs = Some(Switcher {
@@ -280,8 +282,12 @@ impl LivePipeline {
             if let Some(first) = i.running.lock().first() {
                 first.start(self.clock.time().saturating_sub(base).nseconds())?;
             }
-            if let Some(b) = i.backup.lock().as_ref() {
-                b.start(0)?;
+            let mut backup = i.backup.lock();
+            if let Some(Err(e)) = backup.as_ref().map(|b| b.start(0)) {
+                tracing::warn!(error = %e, "the backup input could not start");
+                if let Some(b) = backup.take() {
+                    b.stop();
+                }
             }
         }
         Ok(base.mseconds() as i64)
@@ -523,6 +529,32 @@ impl Switcher {
             .since_seen()
     }
 
+    /// The generation now of the input built as generation `built` (the number in its pipeline's name, which
+    /// errors carry): an input armed since has another. `built` itself when no such input runs.
+    pub fn resolve(&self, built: u64) -> u64 {
+        let running = self.running.lock();
+        running
+            .iter()
+            .find(|s| s.built == built)
+            .map_or(built, |s| s.state.generation())
+    }
+
+    /// Whether the backup is armed: it will take over at its next frame, but has not yet.
+    pub fn backup_armed(&self) -> bool {
+        self.backup
+            .lock()
+            .as_ref()
+            .is_some_and(|b| b.state.is_armed())
+    }
+
+    /// Sends an armed backup that did not take over back to standby (the slate goes on instead).
+    pub fn disarm_backup(&self) {
+        let b = self.backup.lock();
+        if let Some(b) = b.as_ref() {
+            self.entry.withdraw_backup(&b.state);
+        }
+    }
+
     /// The backup's generation now (it changes each time it is armed).
     pub fn backup_input(&self) -> Option<u64> {
         Some(self.backup.lock().as_ref()?.state.generation())
@@ -531,7 +563,13 @@ impl Switcher {
     /// Replaces a backup that failed while off air with a new one (a new connection), in standby. A no-op while
     /// the backup is on air (its loss is the stream's: the caller puts the slate on first).
     pub fn restart_backup(&self) -> Result<(), MediaError> {
-        if self.entry.on_air() == crate::InputKind::Backup || self.plan.backup.is_none() {
+        // on air, or armed to take over: its loss is the stream's, handled first
+        let busy = self
+            .backup
+            .lock()
+            .as_ref()
+            .is_some_and(|b| b.state.is_armed());
+        if busy || self.entry.on_air() == crate::InputKind::Backup || self.plan.backup.is_none() {
             return Ok(());
         }
         let new = crate::source::EncodedSource::build_as(

@@ -36,6 +36,8 @@ use crate::{EventSink, MediaError, MediaEvent};
 pub(crate) struct EncodedSource {
     pipeline: gst::Pipeline,
     pub(crate) state: Arc<Shared>,
+    /// The generation it was built with: the number in its pipeline's name, so in its errors' element paths.
+    pub(crate) built: u64,
     /// An `http(s)` source's appsrc and the feed that fills it (started with the pipeline).
     feed: Option<Feed>,
 }
@@ -380,6 +382,11 @@ impl Shared {
         self.generation.load(Ordering::SeqCst)
     }
 
+    /// Armed: not in standby and not on air (waiting for its next frame to take over).
+    pub(crate) fn is_armed(&self) -> bool {
+        !self.is_standby() && self.generation() > self.entry.current()
+    }
+
     /// Whether the input decodes without feeding the stream.
     pub(crate) fn is_standby(&self) -> bool {
         self.standby.load(Ordering::SeqCst)
@@ -393,6 +400,18 @@ impl Shared {
     /// Lets a standby input take over at its next frame (placed right after the last frame in, like any later
     /// input): it gets a new generation, above every other. Returns it.
     pub(crate) fn arm(&self) -> u64 {
+        // under both track locks (video, then audio: the entry's order): a push that is sending a retired backup
+        // back to standby cannot undo this
+        let _video = self
+            .entry
+            .video_out
+            .is_some()
+            .then(|| self.entry.video.lock());
+        let _audio = self
+            .entry
+            .audio_out
+            .is_some()
+            .then(|| self.entry.audio.lock());
         self.audio_offset_ns.store(i64::MIN, Ordering::SeqCst);
         self.snap_audio.store(true, Ordering::SeqCst);
         self.stopped.store(false, Ordering::SeqCst);
@@ -592,6 +611,18 @@ impl Entry {
         }
         input.stopped.store(true, Ordering::SeqCst);
         true
+    }
+
+    /// Sends `backup` back to standby unless it is on air (under the lock a takeover holds).
+    pub(crate) fn withdraw_backup(&self, backup: &Shared) {
+        let _anchor = if self.video_out.is_some() {
+            self.video.lock()
+        } else {
+            self.audio.lock()
+        };
+        if backup.generation() != self.current() {
+            backup.standby.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Called (from a streaming thread) with the generation that just took over, to stop the retired ones.
@@ -903,8 +934,9 @@ impl EncodedSource {
             .set_sync_handler(move |_, msg| {
                 use gst::MessageView;
                 match msg.view() {
-                    // a retired input's troubles are no longer the stream's
-                    _ if !st.live() => {}
+                    // a retired or stopped input's troubles are no longer the stream's (a backup replaced by a
+                    // new one keeps its name)
+                    _ if !st.live() || st.stopped.load(Ordering::SeqCst) => {}
                     MessageView::Error(e) => sink(MediaEvent::Error {
                         element: msg.src().map(|s| s.path_string().to_string()),
                         message: e.error().to_string(),
@@ -949,6 +981,7 @@ impl EncodedSource {
             });
         Ok(Self {
             pipeline,
+            built: state.generation(),
             state,
             feed,
         })
@@ -958,6 +991,7 @@ impl EncodedSource {
     pub(crate) fn from_parts(pipeline: gst::Pipeline, state: Arc<Shared>) -> Self {
         Self {
             pipeline,
+            built: state.generation(),
             state,
             feed: None,
         }

@@ -105,6 +105,9 @@ pub struct Resilience {
     pub failovers: u64,
     #[serde(default)]
     pub failbacks: u64,
+    /// When the source decoding behind the backup takes over, if it goes on decoding (unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failback_at_unix_ms: Option<u64>,
     /// The backup input, for a stream that has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupStatus>,

@@ -139,9 +139,15 @@ pub fn alternatives(
         );
         (cpu, gpu)
     } else {
-        let cpu = kiln_config::builtin_cpu_profile().demand(&plan);
+        // a backup input is decoded on the CPU whatever the backend (kilnd books it the same way)
+        let model = kiln_config::builtin_cpu_profile();
+        let backup = model.backup_demand(&plan);
+        let cpu = model.demand(&plan).plus(&backup);
         let g = GpuCostModel::default().demand(&plan, false);
-        (cpu, any_nvenc.then_some((g.host_part(), g.gpu_part())))
+        (
+            cpu,
+            any_nvenc.then_some((g.host_part().plus(&backup), g.gpu_part())),
+        )
     };
     let cpu_alt = Demand {
         host: cpu,

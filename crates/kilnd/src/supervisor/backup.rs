@@ -42,7 +42,9 @@ impl Supervisor {
             });
             return false;
         }
-        if s.switch_to_backup().is_none() {
+        // off the runtime's threads: it takes the locks a streaming thread holds while it pushes
+        let switched = tokio::task::spawn_blocking(move || s.switch_to_backup()).await;
+        if !matches!(switched, Ok(Some(_))) {
             return false;
         }
         self.count_loss(h);
@@ -57,7 +59,39 @@ impl Supervisor {
         if h.plan.source.is_pulled_live() {
             self.pull_behind_backup(h);
         }
+        self.watch_takeover(h, lost);
         true
+    }
+
+    /// The armed backup must take over within the stream's `source_timeout_ms` (it decoded just before, but may
+    /// have failed with the source: one outage for both). If it has not, it goes back to standby and the slate
+    /// goes on, as if there were no backup.
+    fn watch_takeover(self: &Arc<Self>, h: &Arc<StreamHandle>, lost: u64) {
+        let (sup, stream) = (Arc::downgrade(self), h.clone());
+        let timeout = h.on_source_loss().source_timeout();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let Some(sup) = sup.upgrade() else { return };
+            let Some(s) = stream.switcher() else { return };
+            let stuck = stream.state() == StreamState::Running
+                && s.backup_armed()
+                && stream
+                    .pipeline
+                    .lock()
+                    .as_ref()
+                    .and_then(|p| p.current_input())
+                    == Some(lost);
+            if !stuck {
+                return;
+            }
+            let _ = tokio::task::spawn_blocking(move || s.disarm_backup()).await;
+            stream.resilience.lock().backup_failed = true;
+            let why = format!(
+                "the backup did not take over within {} ms",
+                timeout.as_millis()
+            );
+            sup.backup_failed_on_air(&stream, lost, why).await;
+        });
     }
 
     /// The consumer's side of a switch: counts failovers (to the backup) and failbacks (from it), with their
@@ -84,6 +118,7 @@ impl Supervisor {
             } else {
                 r.failbacks += 1;
                 r.standby = None;
+                r.failback_at = None;
             }
         }
         self.metrics
@@ -109,35 +144,57 @@ impl Supervisor {
             return;
         };
         h.resilience.lock().standby = Some(input);
-        let stream = h.clone();
+        let (sup, stream) = (Arc::downgrade(self), h.clone());
         let timeout = h.on_source_loss().source_timeout();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             let mut healthy_since: Option<Instant> = None;
+            let mut decoded = false;
             loop {
                 tick.tick().await;
                 if stream.state() != StreamState::Running
                     || stream.resilience.lock().standby != Some(input)
                 {
+                    stream.resilience.lock().failback_at = None;
                     return;
                 }
                 if let Some(w) = &who {
                     let ours = stream.publisher().is_some_and(|p| Arc::ptr_eq(&p, w));
                     if !ours {
+                        stream.resilience.lock().failback_at = None;
                         return;
                     }
                 }
                 let Some(s) = stream.switcher() else { return };
-                if s.since_seen(input).is_some_and(|d| d < timeout) {
-                    let since = *healthy_since.get_or_insert_with(Instant::now);
+                let seen = s.since_seen(input);
+                if seen.is_some_and(|d| d < timeout) {
+                    decoded = true;
+                    let since = *healthy_since.get_or_insert_with(|| {
+                        stream.resilience.lock().failback_at =
+                            Some(unix_ms() + failback.as_millis() as u64);
+                        Instant::now()
+                    });
                     if since.elapsed() < failback {
                         continue;
                     }
                 } else {
                     healthy_since = None;
+                    stream.resilience.lock().failback_at = None;
+                    // a publisher that decoded and then stopped sending (its connection still open) is lost: it
+                    // would hold the key's slot for good
+                    if let (true, Some(w), Some(sup)) = (decoded, &who, sup.upgrade()) {
+                        let why = format!(
+                            "no frame from the publisher for {} ms while it waited behind the backup",
+                            timeout.as_millis()
+                        );
+                        sup.source_lost(&stream, input, Some(w), Some((Refusal::Timeout, why)))
+                            .await;
+                        return;
+                    }
                     continue;
                 }
-                let Some(armed) = s.arm(input) else { return };
+                let armed = tokio::task::spawn_blocking(move || s.arm(input)).await;
+                let Ok(Some(armed)) = armed else { return };
                 if let Some(w) = &who {
                     w.input.store(armed, Ordering::SeqCst);
                 }
@@ -231,7 +288,14 @@ impl Supervisor {
     /// The backup failed (`why`: an error, its end, or no frame). On air: the source waiting behind it takes over
     /// if it decodes, else the slate goes on. Either way the backup is started again.
     pub(super) async fn backup_lost(self: &Arc<Self>, h: &Arc<StreamHandle>, why: String) {
-        h.resilience.lock().backup_failed = true;
+        {
+            // one failure often brings several errors: the first is handled, until the backup is started again
+            let mut r = h.resilience.lock();
+            if r.backup_failed {
+                return;
+            }
+            r.backup_failed = true;
+        }
         let on_air = h.pipeline.lock().as_ref().and_then(|p| p.input())
             == Some(kiln_media::InputKind::Backup);
         if !on_air || h.state() != StreamState::Running {
@@ -239,12 +303,27 @@ impl Supervisor {
                 .in_scope(|| tracing::warn!(error = %why, "the backup failed off air"));
             return;
         }
+        let lost = h
+            .pipeline
+            .lock()
+            .as_ref()
+            .and_then(|p| p.current_input())
+            .unwrap_or(0);
+        self.backup_failed_on_air(h, lost, why).await;
+    }
+
+    /// The backup on air (input `lost`, or armed to replace it) failed: the source waiting behind it takes over
+    /// if it decodes; else the slate goes on (or the stream ends, `mode: end`), and a pulled source is pulled
+    /// again.
+    async fn backup_failed_on_air(self: &Arc<Self>, h: &Arc<StreamHandle>, lost: u64, why: String) {
         h.push_error(format!("backup: {why}"));
+        self.event("source.lost", h);
         let Some(s) = h.switcher() else { return };
         let timeout = h.on_source_loss().source_timeout();
         let standby = h.resilience.lock().standby;
         if let Some(g) = standby.filter(|g| s.since_seen(*g).is_some_and(|d| d < timeout)) {
-            if let Some(armed) = s.arm(g) {
+            let armed = tokio::task::spawn_blocking(move || s.arm(g)).await;
+            if let Ok(Some(armed)) = armed {
                 if let Some(p) = h.publisher() {
                     if p.input.load(Ordering::SeqCst) == g {
                         p.input.store(armed, Ordering::SeqCst);
@@ -255,13 +334,13 @@ impl Supervisor {
                 return;
             }
         }
-        let lost = h
-            .pipeline
-            .lock()
-            .as_ref()
-            .and_then(|p| p.current_input())
-            .unwrap_or(0);
         h.resilience.lock().standby = None;
+        if h.on_source_loss().mode == kiln_model::SourceLossMode::End {
+            self.count_loss(h);
+            h.span.in_scope(|| tracing::info!(error = %why, "the backup failed on air: the stream ends (on_source_loss: end)"));
+            self.end_stream(h).await;
+            return;
+        }
         h.span.in_scope(
             || tracing::warn!(error = %why, "the backup failed on air and the source is not back: slate"),
         );
@@ -308,7 +387,7 @@ impl Supervisor {
                     }
                     continue;
                 }
-                if backup_replaces_slate(&stream, seen, timeout) {
+                if sup.backup_replaces_slate(&stream, seen, timeout).await {
                     continue;
                 }
                 let failed = stream.resilience.lock().backup_failed
@@ -346,22 +425,36 @@ impl Supervisor {
     }
 }
 
-/// On the slate (the backup had failed too), a backup that decodes again replaces it. Returns whether it did.
-fn backup_replaces_slate(stream: &StreamHandle, seen: Option<Duration>, timeout: Duration) -> bool {
-    let on_slate = stream.pipeline.lock().as_ref().and_then(|p| p.input())
-        == Some(kiln_media::InputKind::Slate);
-    if !on_slate
-        || stream.state() != StreamState::Running
-        || seen.is_none_or(|d| d >= timeout)
-        || stream.resilience.lock().backup_failed
-    {
-        return false;
+impl Supervisor {
+    /// On the slate (the backup had failed too), a backup that decodes again replaces it, and a pulled source is
+    /// pulled again behind it. Returns whether the slate is on with the backup decoding.
+    async fn backup_replaces_slate(
+        self: &Arc<Self>,
+        stream: &Arc<StreamHandle>,
+        seen: Option<Duration>,
+        timeout: Duration,
+    ) -> bool {
+        let on_slate = stream.pipeline.lock().as_ref().and_then(|p| p.input())
+            == Some(kiln_media::InputKind::Slate);
+        if !on_slate
+            || stream.state() != StreamState::Running
+            || seen.is_none_or(|d| d >= timeout)
+            || stream.resilience.lock().backup_failed
+        {
+            return false;
+        }
+        let Some(s) = stream.switcher() else {
+            return true;
+        };
+        let switched = tokio::task::spawn_blocking(move || s.switch_to_backup()).await;
+        if matches!(switched, Ok(Some(_))) {
+            stream
+                .span
+                .in_scope(|| tracing::info!("the backup decodes again: it replaces the slate"));
+            if stream.plan.source.is_pulled_live() {
+                self.pull_behind_backup(stream);
+            }
+        }
+        true
     }
-    let switched = stream.switcher().and_then(|s| s.switch_to_backup());
-    if switched.is_some() {
-        stream
-            .span
-            .in_scope(|| tracing::info!("the backup decodes again: it replaces the slate"));
-    }
-    true
 }

@@ -358,9 +358,10 @@ impl Supervisor {
         message: &str,
     ) -> bool {
         let id = h.plan.id.as_str();
-        let Some(input) = element.and_then(|e| kiln_media::input_of(e, id)) else {
+        let Some(built) = element.and_then(|e| kiln_media::input_of(e, id)) else {
             return false;
         };
+        let input = h.switcher().map_or(built, |s| s.resolve(built));
         self.pull_lost(h, input, message.to_string()).await;
         true
     }
@@ -375,7 +376,10 @@ impl Supervisor {
         message: &str,
     ) {
         let id = h.plan.id.as_str();
-        let input = element.and_then(|e| kiln_media::input_of(e, id));
+        // an element path carries the generation its input was built with; an input armed since has another
+        let input = element
+            .and_then(|e| kiln_media::input_of(e, id))
+            .map(|built| h.switcher().map_or(built, |s| s.resolve(built)));
         let stream_side = element.is_some_and(|e| {
             from_encoder(Some(e))
                 || e.starts_with(&format!("/kiln-{id}/"))

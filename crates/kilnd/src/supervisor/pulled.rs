@@ -148,7 +148,7 @@ impl Supervisor {
                         // back on air (the takeover closed the stretch), or the stream ended: an attempt that did
                         // not win is withdrawn
                         if let Some(s) = stream.switcher() {
-                            s.withdraw(attempt);
+                            let _ = tokio::task::spawn_blocking(move || s.withdraw(attempt)).await;
                         }
                         return;
                     }

@@ -39,6 +39,8 @@ pub(crate) struct ResilienceState {
     /// The backup failed off air and waits to be started again.
     pub(super) backup_failed: bool,
     pub(super) backup_restarts: u64,
+    /// When the source waiting behind the backup takes over if it goes on decoding (unix ms).
+    pub(super) failback_at: Option<u64>,
 }
 
 impl ResilienceState {
@@ -68,6 +70,8 @@ impl ResilienceState {
         self.lost_input = 0;
         self.failed_input = 0;
         self.standby = None;
+        self.failback_at = None;
+        self.backup_failed = false;
     }
 }
 
@@ -156,6 +160,7 @@ impl StreamHandle {
             retries: r.retries,
             failovers: r.failovers,
             failbacks: r.failbacks,
+            failback_at_unix_ms: r.failback_at,
             backup,
             slate_seconds: r.slate_total().as_secs_f64(),
             on_source_loss: policy,
