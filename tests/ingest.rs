@@ -1070,20 +1070,44 @@ async fn a_pulled_source_fails_over_to_its_backup_and_back_once_it_answers_again
 
     let _source = ffmpeg_srt_listener(main, 60)?;
     let back = Instant::now();
-    wait_input(&d, "pb", "source", Duration::from_secs(40)).await?;
+    // pulled again behind the backup: it decodes in standby first, and the backup stays on air meanwhile
+    let (failback_at, s) = poll_until(
+        "the source decodes in standby",
+        Duration::from_secs(40),
+        Duration::from_millis(50),
+        || async {
+            let s = status(&d, "pb").await?;
+            Ok(match s["resilience"]["failback_at_unix_ms"].as_u64() {
+                Some(at) => Polled::Done((at, s)),
+                None => Polled::NotYet(s["resilience"].to_string()),
+            })
+        },
+    )
+    .await?;
+    ensure!(
+        s["resilience"]["active_input"] == "backup",
+        "the source took over before failback_s: {s}"
+    );
+    wait_input(&d, "pb", "source", Duration::from_secs(20)).await?;
+    let on_air_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
     eprintln!(
-        "the source on air again {:?} after it listened again (failback_s 2)",
-        back.elapsed()
+        "the source on air again {:?} after it listened again, {} ms after it first decoded in standby \
+         (failback_s 2)",
+        back.elapsed(),
+        on_air_ms as i64 - (failback_at as i64 - 2000)
+    );
+    ensure!(
+        on_air_ms + 100 >= failback_at,
+        "the failback came before failback_s had passed"
     );
     let s = wait_resilience(&d, "pb", "failbacks", 1).await?;
     ensure!(
         s["resilience"]["retries"].as_u64().unwrap_or(0) >= 1
-            && s["resilience"]["source_losses"] == 1,
-        "{s}"
-    );
-    ensure!(
-        back.elapsed() >= Duration::from_secs(2),
-        "the failback came before failback_s"
+            && s["resilience"]["source_losses"] == 1
+            && s["resilience"]["slate_seconds"] == 0.0,
+        "the backup bridged the whole loss, without the slate: {s}"
     );
     wait_luma(&d, "pb", 90.0..200.0, "the source's picture again").await?;
     d.shutdown().await

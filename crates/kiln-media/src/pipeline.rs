@@ -547,12 +547,13 @@ impl Switcher {
             .is_some_and(|b| b.state.is_armed())
     }
 
-    /// Sends an armed backup that did not take over back to standby (the slate goes on instead).
-    pub fn disarm_backup(&self) {
+    /// Sends the backup armed as generation `armed`, if it did not take over, back to standby (the slate goes on
+    /// instead). Returns whether it did (false: it is on air, or was re-armed or replaced since).
+    pub fn disarm_backup(&self, armed: u64) -> bool {
         let b = self.backup.lock();
-        if let Some(b) = b.as_ref() {
-            self.entry.withdraw_backup(&b.state);
-        }
+        b.as_ref()
+            .filter(|b| b.state.generation() == armed)
+            .is_some_and(|b| self.entry.withdraw_backup(&b.state))
     }
 
     /// The backup's generation now (it changes each time it is armed).
@@ -562,15 +563,18 @@ impl Switcher {
 
     /// Replaces a backup that failed while off air with a new one (a new connection), in standby. A no-op while
     /// the backup is on air (its loss is the stream's: the caller puts the slate on first).
-    pub fn restart_backup(&self) -> Result<(), MediaError> {
+    /// Returns whether it did.
+    pub fn restart_backup(&self) -> Result<bool, MediaError> {
         // on air, or armed to take over: its loss is the stream's, handled first
-        let busy = self
-            .backup
-            .lock()
-            .as_ref()
-            .is_some_and(|b| b.state.is_armed());
-        if busy || self.entry.on_air() == crate::InputKind::Backup || self.plan.backup.is_none() {
-            return Ok(());
+        let busy = || {
+            self.backup
+                .lock()
+                .as_ref()
+                .is_some_and(|b| b.state.is_armed())
+                || self.entry.on_air() == crate::InputKind::Backup
+        };
+        if busy() || self.plan.backup.is_none() {
+            return Ok(false);
         }
         let new = crate::source::EncodedSource::build_as(
             &self.entry,
@@ -585,15 +589,27 @@ impl Switcher {
         }
         let old = {
             let mut b = self.backup.lock();
-            if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            // closed, or the old one was armed (a failover) while the new one started: the new one goes
+            let armed = b.as_ref().is_some_and(|b| b.state.is_armed())
+                || self.entry.on_air() == crate::InputKind::Backup;
+            if self.closed.load(std::sync::atomic::Ordering::SeqCst) || armed {
                 drop(b);
                 stop_elsewhere(vec![new]);
-                return Ok(());
+                return Ok(false);
             }
             b.replace(new)
         };
         stop_elsewhere(old.into_iter().collect());
-        Ok(())
+        Ok(true)
+    }
+
+    /// Whether a source input waits to take over (a returning publisher, an attempt to pull the source again).
+    pub fn source_waiting(&self) -> bool {
+        let current = self.entry.current();
+        self.running
+            .lock()
+            .iter()
+            .any(|s| s.state.generation() > current && !s.state.is_withdrawn())
     }
 
     /// Stops every input but the one on air and `new`, which joins them. The others are withdrawn first, under

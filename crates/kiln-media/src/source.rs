@@ -382,6 +382,11 @@ impl Shared {
         self.generation.load(Ordering::SeqCst)
     }
 
+    /// Withdrawn or stopped: it can no longer take over.
+    pub(crate) fn is_withdrawn(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
     /// Armed: not in standby and not on air (waiting for its next frame to take over).
     pub(crate) fn is_armed(&self) -> bool {
         !self.is_standby() && self.generation() > self.entry.current()
@@ -613,16 +618,19 @@ impl Entry {
         true
     }
 
-    /// Sends `backup` back to standby unless it is on air (under the lock a takeover holds).
-    pub(crate) fn withdraw_backup(&self, backup: &Shared) {
+    /// Sends `backup` back to standby unless it is on air (under the lock a takeover holds). Returns whether it
+    /// did.
+    pub(crate) fn withdraw_backup(&self, backup: &Shared) -> bool {
         let _anchor = if self.video_out.is_some() {
             self.video.lock()
         } else {
             self.audio.lock()
         };
-        if backup.generation() != self.current() {
-            backup.standby.store(true, Ordering::SeqCst);
+        if backup.generation() == self.current() {
+            return false;
         }
+        backup.standby.store(true, Ordering::SeqCst);
+        true
     }
 
     /// Called (from a streaming thread) with the generation that just took over, to stop the retired ones.

@@ -30,7 +30,11 @@ impl Supervisor {
         lost: u64,
         why: Option<&str>,
     ) -> bool {
-        if h.plan.backup.is_none() || h.state() != StreamState::Running {
+        // a backup that failed (its error came first: one outage for both) is not armed
+        if h.plan.backup.is_none()
+            || h.state() != StreamState::Running
+            || h.resilience.lock().backup_failed
+        {
             return false;
         }
         let Some(s) = h.switcher() else { return false };
@@ -44,9 +48,9 @@ impl Supervisor {
         }
         // off the runtime's threads: it takes the locks a streaming thread holds while it pushes
         let switched = tokio::task::spawn_blocking(move || s.switch_to_backup()).await;
-        if !matches!(switched, Ok(Some(_))) {
+        let Ok(Some(armed)) = switched else {
             return false;
-        }
+        };
         self.count_loss(h);
         {
             let mut r = h.resilience.lock();
@@ -59,38 +63,38 @@ impl Supervisor {
         if h.plan.source.is_pulled_live() {
             self.pull_behind_backup(h);
         }
-        self.watch_takeover(h, lost);
+        self.watch_takeover(h, lost, armed);
         true
     }
 
     /// The armed backup must take over within the stream's `source_timeout_ms` (it decoded just before, but may
     /// have failed with the source: one outage for both). If it has not, it goes back to standby and the slate
     /// goes on, as if there were no backup.
-    fn watch_takeover(self: &Arc<Self>, h: &Arc<StreamHandle>, lost: u64) {
+    /// `armed`: the generation the backup was armed with (that arming, in this pipeline, is what is watched).
+    fn watch_takeover(self: &Arc<Self>, h: &Arc<StreamHandle>, lost: u64, armed: u64) {
         let (sup, stream) = (Arc::downgrade(self), h.clone());
         let timeout = h.on_source_loss().source_timeout();
+        let epoch = h.pipeline_epoch.load(Ordering::SeqCst);
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             let Some(sup) = sup.upgrade() else { return };
             let Some(s) = stream.switcher() else { return };
-            let stuck = stream.state() == StreamState::Running
-                && s.backup_armed()
-                && stream
-                    .pipeline
-                    .lock()
-                    .as_ref()
-                    .and_then(|p| p.current_input())
-                    == Some(lost);
-            if !stuck {
+            if stream.state() != StreamState::Running
+                || stream.pipeline_epoch.load(Ordering::SeqCst) != epoch
+            {
                 return;
             }
-            let _ = tokio::task::spawn_blocking(move || s.disarm_backup()).await;
+            // false: it took over (or was re-armed or replaced) meanwhile
+            let disarmed = tokio::task::spawn_blocking(move || s.disarm_backup(armed)).await;
+            if !matches!(disarmed, Ok(true)) {
+                return;
+            }
             stream.resilience.lock().backup_failed = true;
             let why = format!(
                 "the backup did not take over within {} ms",
                 timeout.as_millis()
             );
-            sup.backup_failed_on_air(&stream, lost, why).await;
+            sup.backup_failed_on_air(&stream, lost, why, true).await;
         });
     }
 
@@ -194,6 +198,7 @@ impl Supervisor {
                     continue;
                 }
                 let armed = tokio::task::spawn_blocking(move || s.arm(input)).await;
+                stream.resilience.lock().failback_at = None;
                 let Ok(Some(armed)) = armed else { return };
                 if let Some(w) = &who {
                     w.input.store(armed, Ordering::SeqCst);
@@ -215,11 +220,17 @@ impl Supervisor {
     /// [`super::pulled`]), the first that decodes is handed to [`Self::fail_back`].
     fn pull_behind_backup(self: &Arc<Self>, h: &Arc<StreamHandle>) {
         let (sup, stream) = (Arc::downgrade(self), h.clone());
+        let token = {
+            let mut r = h.resilience.lock();
+            r.behind += 1;
+            r.behind
+        };
         tokio::spawn(async move {
-            // only while the backup is on air: the source back ends it, and on the slate (the backup failed too)
-            // the slate's own attempts run
+            // only while the backup is on air (the source back ends it, and on the slate, the backup failed too,
+            // the slate's own attempts run), and only the newest such loop
             let behind = |s: &StreamHandle| {
                 s.state() == StreamState::Running
+                    && s.resilience.lock().behind == token
                     && s.pipeline.lock().as_ref().and_then(|p| p.input())
                         == Some(kiln_media::InputKind::Backup)
             };
@@ -309,15 +320,24 @@ impl Supervisor {
             .as_ref()
             .and_then(|p| p.current_input())
             .unwrap_or(0);
-        self.backup_failed_on_air(h, lost, why).await;
+        self.backup_failed_on_air(h, lost, why, false).await;
     }
 
     /// The backup on air (input `lost`, or armed to replace it) failed: the source waiting behind it takes over
     /// if it decodes; else the slate goes on (or the stream ends, `mode: end`), and a pulled source is pulled
-    /// again.
-    async fn backup_failed_on_air(self: &Arc<Self>, h: &Arc<StreamHandle>, lost: u64, why: String) {
+    /// again. `counted`: the loss was counted (and announced) when the backup was armed for it, and it never got
+    /// on air.
+    async fn backup_failed_on_air(
+        self: &Arc<Self>,
+        h: &Arc<StreamHandle>,
+        lost: u64,
+        why: String,
+        counted: bool,
+    ) {
         h.push_error(format!("backup: {why}"));
-        self.event("source.lost", h);
+        if !counted {
+            self.event("source.lost", h);
+        }
         let Some(s) = h.switcher() else { return };
         let timeout = h.on_source_loss().source_timeout();
         let standby = h.resilience.lock().standby;
@@ -336,7 +356,9 @@ impl Supervisor {
         }
         h.resilience.lock().standby = None;
         if h.on_source_loss().mode == kiln_model::SourceLossMode::End {
-            self.count_loss(h);
+            if !counted {
+                self.count_loss(h);
+            }
             h.span.in_scope(|| tracing::info!(error = %why, "the backup failed on air: the stream ends (on_source_loss: end)"));
             self.end_stream(h).await;
             return;
@@ -344,7 +366,7 @@ impl Supervisor {
         h.span.in_scope(
             || tracing::warn!(error = %why, "the backup failed on air and the source is not back: slate"),
         );
-        let stretch = self.slate_on(h, lost, Some(why)).await;
+        let stretch = self.slate_on_counted(h, lost, Some(why), !counted).await;
         if h.plan.source.is_pulled_live() {
             self.pull_again(h, stretch);
         }
@@ -408,14 +430,17 @@ impl Supervisor {
                 wait = (wait * 2).min(RESTART_MAX);
                 let Some(s) = stream.switcher() else { continue };
                 let restarted = tokio::task::spawn_blocking(move || s.restart_backup()).await;
+                match restarted {
+                    // armed or on air meanwhile: its failure is handled there
+                    Ok(Ok(false)) | Err(_) => continue,
+                    Ok(Ok(true)) => {}
+                    Ok(Err(e)) => stream.push_error(format!("backup: starting it again: {e}")),
+                }
                 started = Instant::now();
                 {
                     let mut r = stream.resilience.lock();
                     r.backup_failed = false;
                     r.backup_restarts += 1;
-                }
-                if let Ok(Err(e)) = restarted {
-                    stream.push_error(format!("backup: starting it again: {e}"));
                 }
                 stream
                     .span
@@ -446,6 +471,10 @@ impl Supervisor {
         let Some(s) = stream.switcher() else {
             return true;
         };
+        // a source about to take over from the slate (a returning publisher, an attempt) goes first
+        if s.source_waiting() {
+            return true;
+        }
         let switched = tokio::task::spawn_blocking(move || s.switch_to_backup()).await;
         if matches!(switched, Ok(Some(_))) {
             stream

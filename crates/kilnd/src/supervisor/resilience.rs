@@ -39,6 +39,8 @@ pub(crate) struct ResilienceState {
     /// The backup failed off air and waits to be started again.
     pub(super) backup_failed: bool,
     pub(super) backup_restarts: u64,
+    /// Counts the loops pulling the source again behind the backup: only the newest runs.
+    pub(super) behind: u64,
     /// When the source waiting behind the backup takes over if it goes on decoding (unix ms).
     pub(super) failback_at: Option<u64>,
 }
@@ -328,8 +330,22 @@ impl Supervisor {
         lost: u64,
         detail: Option<String>,
     ) -> u64 {
+        self.slate_on_counted(h, lost, detail, true).await
+    }
+
+    /// [`Self::slate_on`]; `count`: whether this is a new loss (not one already counted when the backup was armed
+    /// for it).
+    pub(super) async fn slate_on_counted(
+        self: &Arc<Self>,
+        h: &Arc<StreamHandle>,
+        lost: u64,
+        detail: Option<String>,
+        count: bool,
+    ) -> u64 {
         self.switch_to_slate(h).await;
-        self.count_loss(h);
+        if count {
+            self.count_loss(h);
+        }
         let stretch = {
             let mut r = h.resilience.lock();
             // the stream failed or ended meanwhile: no stretch to open
