@@ -626,7 +626,8 @@ impl Entry {
         } else {
             self.audio.lock()
         };
-        if backup.generation() == self.current() {
+        // only an armed backup (out of standby, not yet on air): one on air, back in standby or retired is left
+        if backup.is_standby() || backup.generation() <= self.current() {
             return false;
         }
         backup.standby.store(true, Ordering::SeqCst);

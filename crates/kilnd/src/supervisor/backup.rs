@@ -291,7 +291,8 @@ impl Supervisor {
                         break;
                     }
                 }
-                stream.resilience.lock().standby = None;
+                // withdrawn before the wait for the next attempt (it, or the generation it got when armed)
+                withdraw_attempt(&stream, attempt).await;
             }
         });
     }
@@ -307,19 +308,33 @@ impl Supervisor {
             }
             r.backup_failed = true;
         }
-        let on_air = h.pipeline.lock().as_ref().and_then(|p| p.input())
-            == Some(kiln_media::InputKind::Backup);
-        if !on_air || h.state() != StreamState::Running {
+        let (on_air, armed, lost) = {
+            let p = h.pipeline.lock();
+            let p = p.as_ref();
+            let s = p.and_then(|p| p.switcher());
+            (
+                p.and_then(|p| p.input()) == Some(kiln_media::InputKind::Backup),
+                s.as_ref()
+                    .filter(|s| s.backup_armed())
+                    .and_then(|s| s.backup_input()),
+                p.and_then(|p| p.current_input()).unwrap_or(0),
+            )
+        };
+        if h.state() != StreamState::Running {
+            return;
+        }
+        if let (false, Some(g), Some(s)) = (on_air, armed, h.switcher()) {
+            // armed for a failover and failed before it took over: the loss it was armed for was counted then
+            let disarmed = tokio::task::spawn_blocking(move || s.disarm_backup(g)).await;
+            let counted = matches!(disarmed, Ok(true));
+            self.backup_failed_on_air(h, lost, why, counted).await;
+            return;
+        }
+        if !on_air {
             h.span
                 .in_scope(|| tracing::warn!(error = %why, "the backup failed off air"));
             return;
         }
-        let lost = h
-            .pipeline
-            .lock()
-            .as_ref()
-            .and_then(|p| p.current_input())
-            .unwrap_or(0);
         self.backup_failed_on_air(h, lost, why, false).await;
     }
 
@@ -427,15 +442,15 @@ impl Supervisor {
                     continue;
                 }
                 next_restart = None;
-                wait = (wait * 2).min(RESTART_MAX);
                 let Some(s) = stream.switcher() else { continue };
                 let restarted = tokio::task::spawn_blocking(move || s.restart_backup()).await;
                 match restarted {
-                    // armed or on air meanwhile: its failure is handled there
+                    // armed or on air meanwhile: its failure is handled there (no attempt made, no backoff)
                     Ok(Ok(false)) | Err(_) => continue,
                     Ok(Ok(true)) => {}
                     Ok(Err(e)) => stream.push_error(format!("backup: starting it again: {e}")),
                 }
+                wait = (wait * 2).min(RESTART_MAX);
                 started = Instant::now();
                 {
                     let mut r = stream.resilience.lock();
@@ -485,5 +500,20 @@ impl Supervisor {
             }
         }
         true
+    }
+}
+
+/// Withdraws a failed attempt to pull the source again behind the backup: its generation, and the one it got if
+/// it was armed.
+async fn withdraw_attempt(stream: &StreamHandle, attempt: u64) {
+    let standby = stream.resilience.lock().standby.take();
+    if let Some(s) = stream.switcher() {
+        let _ = tokio::task::spawn_blocking(move || {
+            s.withdraw(attempt);
+            if let Some(g) = standby {
+                s.withdraw(g);
+            }
+        })
+        .await;
     }
 }

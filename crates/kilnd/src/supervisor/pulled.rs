@@ -157,6 +157,10 @@ impl Supervisor {
                         break;
                     }
                 }
+                // the next attempt comes after a wait: this one no longer counts as waiting to take over
+                if let Some(s) = stream.switcher() {
+                    let _ = tokio::task::spawn_blocking(move || s.withdraw(attempt)).await;
+                }
             }
         });
     }
