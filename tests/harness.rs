@@ -46,8 +46,12 @@ impl Daemon {
         Ok(Self {
             base,
             state,
+            // idle pooled connections are dropped before the daemon closes them (its header timeout, 10 s, is also
+            // its keep-alive idle time): a request must never go out on a connection the server is closing (seen
+            // in CI: "connection reset by peer" on the first request after a 10 s wait)
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
+                .pool_idle_timeout(Duration::from_secs(5))
                 .build()?,
             stop: Some(tx),
             task: Some(task),
