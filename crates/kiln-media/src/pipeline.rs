@@ -505,7 +505,13 @@ impl Switcher {
     /// Puts the backup on air at its next frame (any other input waiting to take over is withdrawn). Returns its
     /// generation, or `None` without a backup (or with it on air already).
     pub fn switch_to_backup(&self) -> Option<u64> {
-        if self.backup.lock().is_none() || self.entry.on_air() == crate::InputKind::Backup {
+        // on air already, or armed and about to take over (arming it again would make it take over from itself)
+        let ready = self
+            .backup
+            .lock()
+            .as_ref()
+            .is_some_and(|b| !b.state.is_armed());
+        if !ready || self.entry.on_air() == crate::InputKind::Backup {
             return None;
         }
         // whatever waited to take over goes first (the backup itself is armed after, so it stays)

@@ -108,6 +108,7 @@ impl Supervisor {
     ) {
         use kiln_media::InputKind::{Backup, Source};
         let to = match (kind, from) {
+            (Backup, Backup) => return,
             (Backup, _) => "backup",
             (Source, Backup) => "source",
             _ => return,
