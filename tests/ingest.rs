@@ -2361,3 +2361,264 @@ async fn webhook_events_outlive_a_kill_9_of_the_daemon() -> Result<()> {
     )
     .await
 }
+
+/// An H.264 file for a passthrough publisher: 320x180 at 30 fps, a fixed GOP of `gop` frames (no scene cuts), with
+/// B-frames when `bframes` (their decode order differs from their presentation order), `seconds` long.
+fn h264_file(
+    dir: &std::path::Path,
+    gop: u32,
+    bframes: bool,
+    seconds: u32,
+) -> Result<std::path::PathBuf> {
+    let path = dir.join(format!("gop{gop}.ts"));
+    let gop = gop.to_string();
+    let mut cmd = std::process::Command::new("ffmpeg");
+    cmd.args(["-hide_banner", "-nostdin", "-loglevel", "error", "-y"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=320x180:rate=30"])
+        .args([
+            "-t",
+            &seconds.to_string(),
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+        ])
+        .args([
+            "-g",
+            &gop,
+            "-keyint_min",
+            &gop,
+            "-sc_threshold",
+            "0",
+            "-pix_fmt",
+            "yuv420p",
+        ])
+        .args(["-bf", if bframes { "2" } else { "0" }])
+        .arg(&path);
+    let out = cmd.output()?;
+    ensure!(
+        out.status.success(),
+        "ffmpeg: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(path)
+}
+
+/// MD5 of each coded picture's slices (SEI, SPS, PPS and AUD removed: a remuxer may move those), in decode order.
+async fn slice_hashes(path: &std::path::Path) -> Result<Vec<String>> {
+    let out = tokio::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(path)
+        .args(["-map", "0:v", "-c", "copy", "-bsf:v"])
+        .arg("h264_mp4toannexb,filter_units=remove_types=6|7|8|9")
+        .args(["-f", "framemd5", "-"])
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "framemd5: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        // stream, dts, pts, duration, size, hash[, side data…]
+        .filter_map(|l| l.split(',').nth(5).map(|h| h.trim().to_string()))
+        .collect())
+}
+
+/// (MSN, PROGRAM-DATE-TIME, EXTINF) of each complete segment listed in a media playlist.
+fn segment_times(text: &str) -> Vec<(u64, String, f64)> {
+    let mut msn = text
+        .lines()
+        .find_map(|l| l.strip_prefix("#EXT-X-MEDIA-SEQUENCE:"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let (mut pdt, mut inf) = (String::new(), None);
+    let mut out = Vec::new();
+    for l in text.lines() {
+        if let Some(v) = l.strip_prefix("#EXT-X-PROGRAM-DATE-TIME:") {
+            pdt = v.to_string();
+        } else if let Some(v) = l.strip_prefix("#EXTINF:") {
+            inf = v.trim_end_matches(',').parse::<f64>().ok();
+        } else if l.starts_with("seg-") {
+            if let Some(d) = inf.take() {
+                out.push((msn, pdt.clone(), d));
+            }
+            msn += 1;
+        }
+    }
+    out
+}
+
+/// A passthrough rendition forwards the publisher's own H.264 (its slices are bit-identical), segments start at
+/// the source's IDRs in every video rendition (same MSNs, same PROGRAM-DATE-TIMEs), and a 4 s GOP gives 4 s
+/// segments under TARGETDURATION 4 with a warning in the status, B-frames and all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passthrough_rendition_forwards_the_publishers_h264_on_its_gop() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = daemon(None).await?;
+    for (id, gop, bframes) in [("pt2", 60u32, false), ("pt4", 120, true)] {
+        let file = h264_file(dir.path(), gop, bframes, 16)?;
+        let body = r#"{"source": "publish:", "on_source_loss": {"mode": "end"}, "audio": {"enabled": false},
+            "renditions": [{"name": "source", "passthrough": true, "bitrate_kbps": 900},
+                           {"name": "lo", "width": 160, "height": 90, "fps": 30, "bitrate_kbps": 120}]}"#;
+        let (code, v) = d.put_stream(id, body).await?;
+        ensure!(code == 201, "PUT {id}: {code} {v}");
+        let url = v["ingest"]["srt_url"]
+            .as_str()
+            .context("srt_url")?
+            .to_string();
+        let _publisher = tokio::process::Command::new("ffmpeg")
+            .args([
+                "-hide_banner",
+                "-nostdin",
+                "-loglevel",
+                "error",
+                "-re",
+                "-i",
+            ])
+            .arg(&file)
+            .args(["-c", "copy", "-f", "mpegts", &url])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        wait_state(&d, id, "running", Duration::from_secs(30)).await?;
+        let secs = gop / 30;
+        // three complete segments of the source rendition
+        let text = poll_until(
+            &format!("{id}: three segments"),
+            Duration::from_secs(20),
+            Duration::from_millis(250),
+            || async {
+                let (code, text) = d.get_text(&format!("/live/{id}/source/index.m3u8")).await?;
+                Ok(if code == 200 && segment_times(&text).len() >= 3 {
+                    Polled::Done(text)
+                } else {
+                    Polled::NotYet(format!("{code}: {text}"))
+                })
+            },
+        )
+        .await?;
+        ensure!(
+            text.contains(&format!("#EXT-X-TARGETDURATION:{}\n", secs.max(2))),
+            "{id}: TARGETDURATION:\n{text}"
+        );
+        let source = segment_times(&text);
+        for (msn, _, dur) in &source[1..] {
+            ensure!(
+                (dur - f64::from(secs)).abs() < 0.05,
+                "{id}: segment {msn} is {dur} s, not the {secs} s GOP:\n{text}"
+            );
+        }
+        // the encoded rendition keys on the same frames: same MSNs at the same times
+        let (_, lo_text) = d.get_text(&format!("/live/{id}/lo/index.m3u8")).await?;
+        ensure!(
+            lo_text.contains(&format!("#EXT-X-TARGETDURATION:{}\n", secs.max(2))),
+            "{id}: lo's TARGETDURATION:\n{lo_text}"
+        );
+        let lo = segment_times(&lo_text);
+        let common: Vec<_> = source
+            .iter()
+            .filter_map(|(m, pdt, dur)| lo.iter().find(|(n, ..)| n == m).map(|l| (m, pdt, dur, l)))
+            .collect();
+        ensure!(
+            common.len() >= 2,
+            "{id}: no common segments:\n{text}\n{lo_text}"
+        );
+        for (msn, pdt, dur, (_, lo_pdt, lo_dur)) in &common {
+            ensure!(
+                *pdt == lo_pdt && (*dur - lo_dur).abs() < 0.002,
+                "{id}: segment {msn} starts at {pdt} ({dur} s) in source, {lo_pdt} ({lo_dur} s) in lo"
+            );
+        }
+        // the bytes are the publisher's: every coded picture of the window is one of the file's
+        let window = window_file(&d, id, "source").await?;
+        let got = slice_hashes(window.path()).await?;
+        let sent = slice_hashes(&file).await?;
+        ensure!(
+            got.len() >= 2 * gop as usize,
+            "{id}: {} pictures in the window",
+            got.len()
+        );
+        let _ = std::fs::copy(window.path(), format!("/tmp/pt-{id}.mp4"));
+        let _ = std::fs::copy(&file, format!("/tmp/pt-{id}.ts"));
+        let first = sent.iter().position(|h| *h == got[0]).with_context(|| {
+            format!(
+                "the window's first picture is not in the file: {:?} vs {:?}",
+                &got[..3],
+                &sent[..3]
+            )
+        })?;
+        ensure!(
+            sent[first..].starts_with(&got),
+            "{id}: the window's {} pictures are not the file's from picture {first} on",
+            got.len()
+        );
+        // every part that starts with an IDR says INDEPENDENT, and only those (the first part of each segment)
+        let (_, text) = d.get_text(&format!("/live/{id}/source/index.m3u8")).await?;
+        let (mut seen_part, mut first_in_segment, mut checked) = (false, None, 0);
+        for l in text.lines() {
+            if l.starts_with("#EXT-X-PART:") {
+                if let Some(first) = first_in_segment {
+                    ensure!(
+                        l.contains("INDEPENDENT=YES") == first,
+                        "{id}: {l} (first of its segment: {first})\n{text}"
+                    );
+                    checked += 1;
+                    first_in_segment = Some(false);
+                }
+                seen_part = true;
+            } else if l.starts_with("seg-") && seen_part {
+                first_in_segment = Some(true);
+            }
+        }
+        ensure!(checked >= 3, "{id}: {checked} parts checked\n{text}");
+        let (_, master) = d.get_text(&format!("/live/{id}/master.m3u8")).await?;
+        ensure!(master.contains("RESOLUTION=320x180"), "{id}: {master}");
+        let s = status(&d, id).await?;
+        let warned = s["warnings"].to_string().contains("GOP is longer");
+        ensure!(warned == (secs > 2), "{id}: warnings {}", s["warnings"]);
+        ensure!(
+            s["renditions"][2]["passthrough"] == true || s["renditions"][1]["passthrough"] == true,
+            "{s}"
+        );
+        eprintln!(
+            "{id}: {} segments of {secs} s aligned across renditions, {} pictures bit-identical",
+            common.len(),
+            got.len()
+        );
+        let res = d
+            .http
+            .delete(d.url(&format!("/v1/streams/{id}")))
+            .send()
+            .await?;
+        ensure!(res.status() == 204, "DELETE {id}: {}", res.status());
+    }
+    // what a passthrough rendition cannot be given
+    for (body, what) in [
+        (
+            r#"{"source": "test:", "renditions": [{"name": "s", "passthrough": true}, {"name": "lo", "width": 160, "height": 90, "bitrate_kbps": 100}]}"#,
+            "encoded source",
+        ),
+        (
+            r#"{"source": "publish:", "renditions": [{"name": "s", "passthrough": true}, {"name": "lo", "width": 160, "height": 90, "bitrate_kbps": 100}]}"#,
+            "mode",
+        ),
+        (
+            r#"{"source": "publish:", "on_source_loss": {"mode": "end"}, "renditions": [{"name": "s", "passthrough": true, "fps": 60}]}"#,
+            "drop fps",
+        ),
+        (
+            r#"{"source": "publish:", "on_source_loss": {"mode": "end"}, "renditions": [{"name": "s", "passthrough": true}]}"#,
+            "at least one encoded video rendition",
+        ),
+    ] {
+        let (code, v) = d.put_stream("bad", body).await?;
+        ensure!(
+            (400..500).contains(&code) && v.to_string().contains(what),
+            "{body}: {code} {v}"
+        );
+    }
+    d.shutdown().await
+}

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use kiln_model::{
-    AudioRendition, EncoderSettings, PlanError, StreamPlan, StreamRequest, Timing, VideoRendition,
+    AudioRendition, EncoderSettings, Passthrough, PlanError, RenditionSpec, StreamPlan,
+    StreamRequest, Timing, VideoRendition,
 };
 use serde::Deserialize;
 
@@ -307,10 +308,10 @@ impl Presets {
         let preset = self
             .get(name)
             .ok_or_else(|| PlanError::UnknownPreset(name.chars().take(64).collect()))?;
-        let video = req
-            .renditions
-            .clone()
-            .unwrap_or_else(|| preset.video.clone());
+        let (video, passthrough) = match &req.renditions {
+            None => (preset.video.clone(), None),
+            Some(r) => split_renditions(r)?,
+        };
         let audio = match &req.audio {
             None => preset.audio.clone(),
             Some(a) if !a.enabled => None,
@@ -330,9 +331,60 @@ impl Presets {
         if let Some(p) = req.policy {
             encoder.policy = p;
         }
-        StreamPlan::new(id, &req.source, video, audio, timing, encoder)?
-            .with_backup(req.backup.as_ref())
+        let plan = StreamPlan::new(id, &req.source, video, audio, timing, encoder)?
+            .with_backup(req.backup.as_ref())?
+            .with_passthrough(passthrough)?;
+        if let Some(p) = &plan.passthrough {
+            passthrough_resilience(p, req, &plan)?;
+        }
+        Ok(plan)
     }
+}
+
+/// The encoded renditions of a request, and its passthrough rendition (at most one).
+fn split_renditions(
+    specs: &[RenditionSpec],
+) -> Result<(Vec<VideoRendition>, Option<Passthrough>), PlanError> {
+    let mut video = Vec::new();
+    let mut passthrough: Option<Passthrough> = None;
+    for s in specs {
+        match s {
+            RenditionSpec::Video(v) => video.push(v.clone()),
+            RenditionSpec::Passthrough(p) if passthrough.is_some() => {
+                return Err(PlanError::BadRendition {
+                    name: p.name.clone(),
+                    what: "a stream has at most one passthrough rendition".into(),
+                })
+            }
+            RenditionSpec::Passthrough(p) => passthrough = Some(p.clone()),
+        }
+    }
+    Ok((video, passthrough))
+}
+
+/// A passthrough rendition forwards one input's bitstream; what stands in for that input (the slate, a backup)
+/// has no bitstream of its own to forward yet, so such a stream ends when its source goes.
+fn passthrough_resilience(
+    p: &Passthrough,
+    req: &StreamRequest,
+    plan: &StreamPlan,
+) -> Result<(), PlanError> {
+    let bad = |what: &str| {
+        Err(PlanError::BadRendition {
+            name: p.name.clone(),
+            what: what.to_string(),
+        })
+    };
+    if plan.backup.is_some() {
+        return bad("a passthrough rendition cannot have a backup input yet (only its source's bitstream can be forwarded)");
+    }
+    let ends = req
+        .on_source_loss
+        .is_some_and(|l| l.mode == kiln_model::SourceLossMode::End);
+    if plan.source.is_resilient() && !ends {
+        return bad("a passthrough rendition needs `\"on_source_loss\": {\"mode\": \"end\"}`: the slate has no bitstream to forward yet");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -397,7 +449,8 @@ mod tests {
                 fps: Fraction::new(25, 1),
                 bitrate_kbps: 100,
                 codec: Default::default(),
-            }]),
+            }
+            .into()]),
             audio: Some(AudioRequest {
                 enabled: false,
                 bitrate_kbps: None,

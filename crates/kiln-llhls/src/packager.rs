@@ -217,6 +217,7 @@ pub struct Packager {
     parts_published: u64,
     /// Discontinuities in segments trimmed away entirely.
     dropped_discontinuities: u64,
+    over_target: u64,
 }
 
 /// Which playlist a request asked for (`_HLS_skip`).
@@ -275,6 +276,7 @@ impl Packager {
             ended: false,
             parts_published: 0,
             dropped_discontinuities: 0,
+            over_target: 0,
         }
     }
 
@@ -297,6 +299,37 @@ impl Packager {
                 0
             }
         }
+    }
+
+    /// Sets EXT-X-TARGETDURATION (and the Skip Boundary, 6 × TD, when delta updates are on): a stream whose
+    /// segments follow its source's GOP learns it from its first complete segment, before any playlist is served.
+    pub fn set_target_duration(&mut self, s: u32) {
+        self.cfg.target_duration_s = s.max(1);
+        if self.cfg.can_skip_until_s.is_some() {
+            self.cfg.can_skip_until_s = Some(6 * self.cfg.target_duration_s);
+        }
+        // counted again against the new TD (set right after the first segment closed: all are retained)
+        let td_ns = u64::from(self.cfg.target_duration_s) * 1_000_000_000;
+        self.over_target = self
+            .segs
+            .iter()
+            .filter(|s| s.complete() && s.duration_ns >= td_ns + 500_000_000)
+            .count() as u64;
+    }
+
+    /// The longest complete segment retained, in ns.
+    pub fn longest_segment_ns(&self) -> Option<u64> {
+        self.segs
+            .iter()
+            .filter(|s| s.complete())
+            .map(|s| s.duration_ns)
+            .max()
+    }
+
+    /// Complete segments whose EXTINF, rounded, is over TARGETDURATION (a source GOP longer than the one
+    /// learnt), since the start.
+    pub fn segments_over_target(&self) -> u64 {
+        self.over_target
     }
 
     /// The current init segment.
@@ -329,6 +362,11 @@ impl Packager {
         if part.starts_segment || !open {
             if let Some(s) = self.segs.back_mut() {
                 s.close();
+                let td_ns = u64::from(self.cfg.target_duration_s) * 1_000_000_000;
+                // EXTINF rounded to the nearest second must stay ≤ TD
+                if s.duration_ns >= td_ns + 500_000_000 {
+                    self.over_target += 1;
+                }
             }
             self.segs.push_back(Segment {
                 msn: self.next_msn,

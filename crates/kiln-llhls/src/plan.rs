@@ -43,18 +43,19 @@ impl KeyframeClock {
 
     /// Whether a keyframe must be forced at the frame with running time `t_ns`.
     pub fn on_frame(&mut self, t_ns: u64) -> bool {
+        self.on_frame_if(t_ns, true)
+    }
+
+    /// Like [`Self::on_frame`], where only frames with `allowed` may take the keyframe (a stream with a
+    /// passthrough rendition: the frames that were IDRs in the source). A grid point passed on a frame that may
+    /// not is kept for the next one that may, so segments follow the source's GOP, however long.
+    pub fn on_frame_if(&mut self, t_ns: u64, allowed: bool) -> bool {
         let idx = segment_index(t_ns, self.segment_ns);
-        match self.next_index {
-            None => {
-                self.next_index = Some(idx + 1);
-                true
-            }
-            Some(n) if idx >= n => {
-                self.next_index = Some(idx + 1);
-                true
-            }
-            Some(_) => false,
+        let due = self.next_index.is_none_or(|n| idx >= n);
+        if due && allowed {
+            self.next_index = Some(idx + 1);
         }
+        due && allowed
     }
 }
 
@@ -252,6 +253,30 @@ mod tests {
         }
         assert_eq!(cuts[62], Some(Split::Segment));
         assert_eq!(cuts[59], Some(Split::Part)); // frame 60: not a keyframe, part grid goes on
+    }
+
+    #[test]
+    fn gated_keyframes_follow_the_source_gop() {
+        // a 4 s source GOP on a 2 s grid at 30 fps: keys only where the source had its IDRs
+        let mut clock = KeyframeClock::new(S);
+        let mut sp = VideoSplitter::new(S, 333_333_333);
+        let mut starts = Vec::new();
+        for i in 0..600u64 {
+            let t = frame_ns(i, 30, 1, 500_000_000);
+            let idr = i % 120 == 0;
+            let key = clock.on_frame_if(t, idr);
+            assert!(!key || idr, "a key off the source's IDRs at frame {i}");
+            if sp.on_frame(t, key) == Some(Split::Segment) || i == 0 {
+                starts.push(i);
+            }
+        }
+        assert_eq!(starts, vec![0, 120, 240, 360, 480]);
+        // a 2 s GOP whose IDRs sit mid-grid: every IDR opens a segment
+        let mut clock = KeyframeClock::new(S);
+        let keys: Vec<u64> = (0..300u64)
+            .filter(|i| clock.on_frame_if(frame_ns(*i, 30, 1, 0), i % 60 == 15))
+            .collect();
+        assert_eq!(keys, vec![15, 75, 135, 195, 255]);
     }
 
     #[test]

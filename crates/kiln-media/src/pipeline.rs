@@ -153,6 +153,9 @@ impl LivePipeline {
             .upcast();
         pipeline.use_clock(Some(&clock));
 
+        // a passthrough rendition: the encoders key only where the source had its IDRs
+        let keys = Arc::new(crate::source::SourceKeys::default());
+        let gate = plan.passthrough.as_ref().map(|_| keys.clone());
         // no tee at all for an audio-only stream
         let tee = if plan.video.is_empty() {
             None
@@ -160,7 +163,11 @@ impl LivePipeline {
             let tee = make("tee", "vtee")?;
             pipeline.add(&tee)?;
             for (i, v) in plan.video.iter().enumerate() {
-                build_video_branch(&pipeline, &tee, plan, opts, i, v, sink.clone())?;
+                let b = VideoBranch {
+                    index: i,
+                    keys: gate.clone(),
+                };
+                build_video_branch(&pipeline, &tee, plan, opts, b, v, sink.clone())?;
             }
             Some(tee)
         };
@@ -189,8 +196,23 @@ impl LivePipeline {
             | Source::Rtsp(_)
             | Source::Http(_)
             | Source::Publish => {
-                let entry =
-                    crate::source::Entry::build(&pipeline, tee.as_ref(), audio_in.as_ref())?;
+                let pass_in = match (plan.passthrough.as_ref(), plan.passthrough_index()) {
+                    (Some(p), Some(index)) => Some(build_passthrough_branch(
+                        &pipeline,
+                        plan,
+                        index,
+                        &p.name,
+                        sink.clone(),
+                    )?),
+                    _ => None,
+                };
+                let entry = crate::source::Entry::build(
+                    &pipeline,
+                    tee.as_ref(),
+                    audio_in.as_ref(),
+                    pass_in.as_ref(),
+                    keys,
+                )?;
                 let first = crate::source::EncodedSource::build(&entry, plan, opts, sink.clone())?;
                 // a backup that cannot be built is the backup's trouble, not the stream's: it is started again
                 // later (the daemon watches its health)

@@ -31,6 +31,9 @@ use crate::elements::{make, make_dyn};
 use crate::select::{InputCodec, Registry};
 use crate::{EventSink, MediaError, MediaEvent};
 
+mod passthrough;
+pub(crate) use passthrough::SourceKeys;
+
 /// One input's pipeline (a source, or the slate) and what its frames need on their way into the [`Entry`].
 #[derive(Debug)]
 pub(crate) struct EncodedSource {
@@ -325,6 +328,9 @@ pub(crate) struct Shared {
     snap_audio: AtomicBool,
     /// Where its takeover is reported.
     sink: EventSink,
+    /// Running times of the IDRs its parser passed, not yet matched to a decoded frame (a stream with a
+    /// passthrough rendition, see [`passthrough`]).
+    idr_rt: Mutex<std::collections::VecDeque<u64>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -374,6 +380,7 @@ impl Shared {
             audio_offset_ns: AtomicI64::new(i64::MIN),
             snap_audio: AtomicBool::new(generation != entry.current.load(Ordering::SeqCst)),
             sink,
+            idr_rt: Mutex::new(Default::default()),
         }
     }
 
@@ -469,6 +476,11 @@ struct Track {
 pub(crate) struct Entry {
     pub(crate) video_out: Option<gst_app::AppSrc>,
     pub(crate) audio_out: Option<gst_app::AppSrc>,
+    /// The passthrough rendition's entry (access units, not frames), and where its track stands.
+    pub(crate) pass_out: Option<gst_app::AppSrc>,
+    pass: Mutex<passthrough::PassTrack>,
+    /// Where the source's IDRs landed on the stream's timeline (the encoded renditions key on them).
+    keys: Arc<SourceKeys>,
     /// The generation of the input that feeds the entry points.
     current: AtomicU64,
     next_generation: AtomicU64,
@@ -497,11 +509,14 @@ impl std::fmt::Debug for Entry {
 }
 
 impl Entry {
-    /// appsrc → clocksync into `tee` (video) and `audio_in` (audio) where the plan has them.
+    /// appsrc → clocksync into `tee` (video), `audio_in` (audio) and `pass_in` (the passthrough rendition)
+    /// where the plan has them.
     pub(crate) fn build(
         stream: &gst::Pipeline,
         tee: Option<&gst::Element>,
         audio_in: Option<&gst::Element>,
+        pass_in: Option<&gst::Element>,
+        keys: Arc<SourceKeys>,
     ) -> Result<Arc<Self>, MediaError> {
         let entry =
             |name: &str, pace: &str, next: &gst::Element| -> Result<gst_app::AppSrc, MediaError> {
@@ -515,6 +530,9 @@ impl Entry {
         Ok(Arc::new(Self {
             video_out: tee.map(|t| entry("vin", "vpace", t)).transpose()?,
             audio_out: audio_in.map(|a| entry("ain", "apace", a)).transpose()?,
+            pass_out: pass_in.map(|p| entry("pin", "ppace", p)).transpose()?,
+            pass: Mutex::new(Default::default()),
+            keys,
             current: AtomicU64::new(1),
             next_generation: AtomicU64::new(1),
             on_air: Mutex::new(InputKind::Source),
@@ -713,6 +731,9 @@ impl Entry {
         let pts = (rt as i64 + offset).max(0) as u64;
         if track.start.is_some_and(|s| pts <= s) {
             return Ok(gst::FlowSuccess::Ok);
+        }
+        if video {
+            self.note_key(input, rt, pts);
         }
         let duration = buf.duration().map_or(0, |d| d.nseconds());
         *track = Track {
@@ -1199,12 +1220,27 @@ fn link_video(
     if let Some(limit) = limit {
         guard_size(pad, limit, sink)?;
     }
+    let pass = state.entry.pass_out.is_some();
+    if pass && codec != InputCodec::H264 {
+        return Err(MediaError::Build(format!(
+            "the passthrough rendition forwards H.264 only; the source's video is `{caps_name}`"
+        )));
+    }
     let mut chain = vec![make("queue", "vdec-q")?];
     // parsebin's output is fixed before the decoder is linked: a parser of our own negotiates with the decoder
     // (seen on the H200: nvh264dec refused the `avc` H.264 that parsebin exposed from an MP4)
-    if gst::ElementFactory::find(codec.parser()).is_some() {
+    if pass || gst::ElementFactory::find(codec.parser()).is_some() {
         chain.push(make_dyn(codec.parser(), "vdec-parse")?);
     }
+    let head = if pass {
+        passthrough::watch_idrs(chain.last().expect("the parser"), state.clone());
+        chain.push(make("tee", "vdec-split")?);
+        let head = std::mem::replace(&mut chain, vec![make("queue", "vdec-q2")?]);
+        Some(head)
+    } else {
+        None
+    };
+    let pass_state = state.clone();
     chain.extend([
         make_dyn(&dec.factory, "vdec")?,
         make("videoconvert", "vdec-convert")?,
@@ -1220,7 +1256,13 @@ fn link_video(
         )?,
         bridge("vout", true, state),
     ]);
-    add_chain(pipeline, pad, &chain)
+    match head {
+        Some(head) => {
+            let branch = passthrough::branch(pass_state)?;
+            passthrough::add_tree(pipeline, pad, &head, &[chain, branch])
+        }
+        None => add_chain(pipeline, pad, &chain),
+    }
 }
 
 fn link_audio(

@@ -46,6 +46,9 @@ pub struct RenditionStatus {
     pub last_part: Option<u64>,
     /// Parts published so far.
     pub parts_published: u64,
+    /// The source's own bitstream, not re-encoded (its size is the source's, its bitrate the one stated).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub passthrough: bool,
 }
 
 /// `GET /v1/streams/{id}`.
@@ -82,6 +85,9 @@ pub struct StreamStatus {
     /// A `publish:` stream's resilience: what is on air, and how often the source was lost and came back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resilience: Option<Resilience>,
+    /// What an operator should know that is not an error (a source GOP longer than the segment target).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// What feeds a running stream and its history of losses.

@@ -32,6 +32,6 @@ pub use source::{
 };
 pub use stream::{
     AudioCodec, AudioRendition, AudioRequest, Backend, Backup, BackupRequest, EncoderSettings,
-    Fraction, PlanError, Policy, SourceLoss, SourceLossMode, StreamPlan, StreamRequest, Timing,
-    VideoCodec, VideoRendition, X264Speed,
+    Fraction, Passthrough, PlanError, Policy, RenditionSpec, SourceLoss, SourceLossMode,
+    StreamPlan, StreamRequest, Timing, VideoCodec, VideoRendition, X264Speed,
 };

@@ -104,6 +104,91 @@ fn default_fps() -> Fraction {
     Fraction::new(30, 1)
 }
 
+/// `{"name": "source", "passthrough": true}`: a rendition that forwards the source's own H.264 access units
+/// without re-encoding. Its size, rate and bitrate are the source's; `bitrate_kbps` (optional) is what the
+/// multivariant playlist states as its BANDWIDTH (default [`Passthrough::DEFAULT_BITRATE_KBPS`]); `width` and
+/// `height` (optional, default 1920x1080) the largest picture the source may send, which its decode is booked at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Passthrough {
+    pub name: String,
+    pub passthrough: bool,
+    pub bitrate_kbps: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Passthrough {
+    /// The BANDWIDTH stated when the request gives none (a 1080p contribution feed).
+    pub const DEFAULT_BITRATE_KBPS: u32 = 8000;
+    /// The largest source picture booked when the request gives none.
+    pub const DEFAULT_SIZE: (u32, u32) = (1920, 1080);
+}
+
+/// One entry of a request's `renditions`: an encoded rung, or the source passed through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum RenditionSpec {
+    Video(VideoRendition),
+    Passthrough(Passthrough),
+}
+
+impl From<VideoRendition> for RenditionSpec {
+    fn from(v: VideoRendition) -> Self {
+        Self::Video(v)
+    }
+}
+
+impl<'de> Deserialize<'de> for RenditionSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // one shape for both, so a mistake gets a message that names the field (an untagged enum would only say
+        // that no variant matched)
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Any {
+            name: String,
+            width: Option<u32>,
+            height: Option<u32>,
+            fps: Option<Fraction>,
+            bitrate_kbps: Option<u32>,
+            codec: Option<VideoCodec>,
+            #[serde(default)]
+            passthrough: bool,
+        }
+        use serde::de::Error;
+        let a = Any::deserialize(d)?;
+        if a.passthrough {
+            if a.fps.is_some() || a.codec.is_some() {
+                return Err(D::Error::custom(format!(
+                    "rendition `{}`: a passthrough rendition has the source's rate and codec: drop fps and codec \
+                     (width and height, if given, are the largest picture the source may send)",
+                    a.name
+                )));
+            }
+            let (w, h) = Passthrough::DEFAULT_SIZE;
+            return Ok(Self::Passthrough(Passthrough {
+                name: a.name,
+                passthrough: true,
+                bitrate_kbps: a.bitrate_kbps.unwrap_or(Passthrough::DEFAULT_BITRATE_KBPS),
+                width: a.width.unwrap_or(w),
+                height: a.height.unwrap_or(h),
+            }));
+        }
+        let need = |v: Option<u32>, what: &str| {
+            v.ok_or_else(|| {
+                D::Error::custom(format!("rendition `{}`: missing field `{what}`", a.name))
+            })
+        };
+        Ok(Self::Video(VideoRendition {
+            width: need(a.width, "width")?,
+            height: need(a.height, "height")?,
+            bitrate_kbps: need(a.bitrate_kbps, "bitrate_kbps")?,
+            fps: a.fps.unwrap_or_else(default_fps),
+            codec: a.codec.unwrap_or_default(),
+            name: a.name,
+        }))
+    }
+}
+
 /// The audio rendition of a stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -226,9 +311,9 @@ pub struct StreamRequest {
     /// A named ladder from `pipelines/` (default: the daemon's default preset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<String>,
-    /// Explicit video renditions; replace the preset's.
+    /// Explicit video renditions; replace the preset's. One may be `{"name": "source", "passthrough": true}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub renditions: Option<Vec<VideoRendition>>,
+    pub renditions: Option<Vec<RenditionSpec>>,
     /// Audio rendition; replaces the preset's. `"audio": {"enabled": false}` removes audio.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audio: Option<AudioRequest>,
@@ -509,6 +594,10 @@ pub struct StreamPlan {
     /// A second input decoded all the time (see [`BackupRequest`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backup: Option<Backup>,
+    /// The source's own video, forwarded without re-encoding (see [`Passthrough`]). Not in `video`: nothing is
+    /// encoded (or booked) for it. Its rendition index follows the audio's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub passthrough: Option<Passthrough>,
 }
 
 fn ser_display<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -605,7 +694,56 @@ impl StreamPlan {
             timing,
             encoder,
             backup: None,
+            passthrough: None,
         })
+    }
+
+    /// The plan with a passthrough rendition: a live stream with an encoded source and at least one encoded video
+    /// rendition (whose keyframes follow the source's), under a name no other rendition has.
+    pub fn with_passthrough(mut self, p: Option<Passthrough>) -> Result<Self, PlanError> {
+        let Some(p) = p else {
+            return Ok(self);
+        };
+        let bad = |what: &str| {
+            Err(PlanError::BadRendition {
+                name: p.name.clone(),
+                what: what.to_string(),
+            })
+        };
+        if matches!(self.source, Source::Test { .. }) {
+            return bad("a passthrough rendition needs an encoded source (publish:, srt://, rtsp://, http(s)://, file://)");
+        }
+        if self.video.is_empty() {
+            return bad(
+                "a passthrough rendition needs at least one encoded video rendition beside it",
+            );
+        }
+        if !(16..=100_000).contains(&p.bitrate_kbps) {
+            return bad("bitrate_kbps (the BANDWIDTH stated for it) is outside 16..=100000");
+        }
+        if !(16..=7680).contains(&p.width)
+            || !(16..=4320).contains(&p.height)
+            || p.width % 2 != 0
+            || p.height % 2 != 0
+        {
+            return bad("width and height (the largest source picture) must be even, within 16x16..=7680x4320");
+        }
+        let total = self.video.len() + usize::from(self.audio.is_some()) + 1;
+        if total > Self::MAX_RENDITIONS {
+            return Err(PlanError::TooManyRenditions(total));
+        }
+        let mut names: Vec<&str> = self.video.iter().map(|v| v.name.as_str()).collect();
+        names.extend(self.audio.iter().map(|a| a.name.as_str()));
+        check_name(&p.name, &mut names)?;
+        self.passthrough = Some(p);
+        Ok(self)
+    }
+
+    /// The passthrough rendition's index among the stream's renditions (after the video, then the audio).
+    pub fn passthrough_index(&self) -> Option<usize> {
+        self.passthrough
+            .as_ref()
+            .map(|_| self.video.len() + usize::from(self.audio.is_some()))
     }
 
     /// The plan with `backup` validated against its source.
@@ -626,10 +764,24 @@ impl StreamPlan {
             .sum()
     }
 
-    /// The largest video frame size, which the source produces before scaling down per rendition.
+    /// The largest video frame size, which the source produces before scaling down per rendition (with a
+    /// passthrough rendition: at least the largest picture it allows the source).
     pub fn source_size(&self) -> (u32, u32) {
-        let w = self.video.iter().map(|v| v.width).max().unwrap_or(0);
-        let h = self.video.iter().map(|v| v.height).max().unwrap_or(0);
+        let pass = self.passthrough.as_ref().map(|p| (p.width, p.height));
+        let w = self
+            .video
+            .iter()
+            .map(|v| v.width)
+            .chain(pass.map(|p| p.0))
+            .max()
+            .unwrap_or(0);
+        let h = self
+            .video
+            .iter()
+            .map(|v| v.height)
+            .chain(pass.map(|p| p.1))
+            .max()
+            .unwrap_or(0);
         (w, h)
     }
 

@@ -95,9 +95,17 @@ async fn mpd(
     Path(stream): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Response {
+    if origin.get(&stream).is_some_and(|s| s.follows_source_gop()) {
+        return error(
+            StatusCode::NOT_FOUND,
+            60,
+            "no LL-DASH for a stream with a passthrough rendition: its segments follow the source's GOP, which \
+             the MPD's fixed segment template cannot number (HLS only)",
+        );
+    }
     stream_document(&origin, &stream, query.as_deref(), |s, token| {
         let text = s.mpd(unix_now_ms(), "/time")?;
-        let max_age = (u64::from(s.config.target_duration_s) / 2).max(1);
+        let max_age = (u64::from(s.target_duration_s()) / 2).max(1);
         Some((
             with_token(Bytes::from(text), token, true),
             "application/dash+xml",
@@ -125,7 +133,7 @@ where
     let Some(s) = origin.get(stream) else {
         return error(StatusCode::NOT_FOUND, 2, "no such stream");
     };
-    let td = u64::from(s.config.target_duration_s);
+    let td = u64::from(s.target_duration_s());
     let mut rx = s.subscribe_changes();
     let deadline = Instant::now() + Duration::from_secs(3 * td);
     let mut guard = None;
@@ -284,7 +292,7 @@ async fn master(
 ) -> Response {
     stream_document(&origin, &stream, query.as_deref(), |s, token| {
         let text = s.master()?;
-        let max_age = 6 * u64::from(s.config.target_duration_s);
+        let max_age = 6 * u64::from(s.target_duration_s());
         Some((with_token(Bytes::from(text), token, false), M3U8, max_age))
     })
     .await
@@ -306,7 +314,7 @@ async fn media(
     let Some(r) = s.rendition(&rendition).cloned() else {
         return error(StatusCode::NOT_FOUND, 2, "no such rendition");
     };
-    let td = u64::from(s.config.target_duration_s);
+    let td = u64::from(s.target_duration_s());
     if file == "index.m3u8" {
         return match parse_query(query.as_deref()) {
             Ok(q) => playlist(&origin, &s, &r, q, &token).await,
@@ -422,17 +430,24 @@ async fn playlist(
     q: PlaylistQuery,
     token: &Option<String>,
 ) -> Response {
-    let td = u64::from(s.config.target_duration_s);
+    let td = u64::from(s.target_duration_s());
     let blocking = q.block.is_blocking();
     let mut rx = r.subscribe();
     // A request that cannot be answered within 3 × TD gets 503 (§6.2.5.2).
-    let deadline = Instant::now() + Duration::from_secs(3 * td);
+    // (a stream still learning its source's GOP: its first segment may take two of the longest GOPs a plan allows)
+    let wait_s = if s.target_known() { 3 * td } else { 30 };
+    let deadline = Instant::now() + Duration::from_secs(wait_s);
     let mut guard = None;
     loop {
         let snap = rx.borrow_and_update().clone();
+        let td = u64::from(s.target_duration_s());
         // Until the first segment is complete a playlist holds parts only, which players that read whole segments
         // (ffmpeg, non-LL clients) take for an empty stream: hold plain requests until then (≤ 1 segment + 1 part).
-        let decision = if snap.closed.is_empty() && !snap.ended && !blocking {
+        let decision = if (snap.closed.is_empty() || !s.target_known()) && !snap.ended && !blocking
+        {
+            Decision::Wait
+        } else if !s.target_known() && !snap.ended {
+            // TARGETDURATION is not final yet: nothing is served before it is (it never changes after)
             Decision::Wait
         } else {
             snap.decide(q.block)
@@ -493,7 +508,7 @@ async fn resource(
     r: &Arc<Rendition>,
     res: Resource,
 ) -> Result<(Bytes, u64), Response> {
-    let td = u64::from(s.config.target_duration_s);
+    let td = u64::from(s.target_duration_s());
     match res {
         Resource::Segment(msn) => r
             .segment(msn)

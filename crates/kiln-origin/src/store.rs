@@ -1,7 +1,7 @@
 //! The in-memory store: streams → renditions → packager + published snapshot.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -34,6 +34,8 @@ pub struct Rendition {
     pub info: RenditionInfo,
     packager: Mutex<Packager>,
     codec: Mutex<Option<String>>,
+    /// The picture size its init segment declares (a passthrough rendition's is the source's).
+    size: Mutex<Option<(u32, u32)>>,
     /// (track timescale, `tfdt` at running time 0), learnt from the first part: the DASH timeline mapping.
     dash_base: Mutex<Option<(u32, u64)>>,
     snapshot: watch::Sender<Arc<Snapshot>>,
@@ -100,6 +102,11 @@ impl Rendition {
         self.packager().segment(msn)
     }
 
+    /// The picture size its init segment declares, once known.
+    pub fn size(&self) -> Option<(u32, u32)> {
+        *self.size.lock()
+    }
+
     pub fn dash_base(&self) -> Option<(u32, u64)> {
         *self.dash_base.lock()
     }
@@ -137,11 +144,89 @@ pub struct StreamOrigin {
     pub renditions: Vec<Arc<Rendition>>,
     /// Bumped on every publish of any rendition (the multivariant playlist waits on it).
     changed: watch::Sender<u64>,
+    /// The configuration the stream started with (`target_duration_s` is the floor of [`Self::target_duration_s`]).
     pub config: PackagerConfig,
+    /// EXT-X-TARGETDURATION of every media playlist (see [`Self::following_gop`]).
+    target_s: AtomicU32,
+    /// The rendition whose first complete segment sets TARGETDURATION (a passthrough rendition: segments follow
+    /// the source's GOP), and whether it has; until then no media playlist is served.
+    learn_from: Option<usize>,
+    target_known: AtomicBool,
 }
 
 impl StreamOrigin {
+    /// A stream whose segments follow its source's GOP (a passthrough rendition, `learn_from`): TARGETDURATION is
+    /// the configured one or, when longer, the first complete segment of `learn_from`, rounded; the same in every
+    /// media playlist and never changed after (no playlist is served before it is known).
+    pub fn following_gop(
+        id: &str,
+        renditions: Vec<RenditionInfo>,
+        config: PackagerConfig,
+        learn_from: usize,
+    ) -> Arc<Self> {
+        let mut s = Self::build(id, renditions, config);
+        s.learn_from = Some(learn_from);
+        s.target_known = AtomicBool::new(false);
+        Arc::new(s)
+    }
+
     pub fn new(id: &str, renditions: Vec<RenditionInfo>, config: PackagerConfig) -> Arc<Self> {
+        Arc::new(Self::build(id, renditions, config))
+    }
+
+    /// EXT-X-TARGETDURATION now (fixed once [`Self::target_known`]).
+    pub fn target_duration_s(&self) -> u32 {
+        self.target_s.load(Ordering::SeqCst)
+    }
+
+    /// Whether segments follow the source's GOP (a passthrough rendition) rather than the fixed grid.
+    pub fn follows_source_gop(&self) -> bool {
+        self.learn_from.is_some()
+    }
+
+    /// Whether TARGETDURATION is final (always, but for a stream still learning its source's GOP).
+    pub fn target_known(&self) -> bool {
+        self.target_known.load(Ordering::SeqCst)
+    }
+
+    /// The passthrough rendition's complete segments over TARGETDURATION (its source's GOP grew longer than the
+    /// first one), since the start.
+    pub fn segments_over_target(&self) -> u64 {
+        self.learn_from
+            .and_then(|i| self.renditions.get(i))
+            .map_or(0, |r| r.packager().segments_over_target())
+    }
+
+    /// After a part of `index`: fixes TARGETDURATION from `learn_from`'s first complete segment, in every
+    /// rendition, and republishes them.
+    fn learn_target(&self, index: usize) {
+        if self.learn_from != Some(index) || self.target_known() {
+            return;
+        }
+        let Some(longest) = self
+            .renditions
+            .get(index)
+            .and_then(|r| r.packager().longest_segment_ns())
+        else {
+            return;
+        };
+        let rounded = ((longest + 500_000_000) / 1_000_000_000) as u32;
+        let td = rounded.max(self.config.target_duration_s);
+        self.target_s.store(td, Ordering::SeqCst);
+        for (i, r) in self.renditions.iter().enumerate() {
+            let reports = self.reports_for(i);
+            let snap = {
+                let mut p = r.packager();
+                p.set_target_duration(td);
+                p.snapshot_with(&reports)
+            };
+            r.publish(snap);
+        }
+        self.target_known.store(true, Ordering::SeqCst);
+        self.bump();
+    }
+
+    fn build(id: &str, renditions: Vec<RenditionInfo>, config: PackagerConfig) -> Self {
         let renditions = renditions
             .into_iter()
             .map(|info| {
@@ -151,18 +236,22 @@ impl StreamOrigin {
                     info,
                     packager: Mutex::new(packager),
                     codec: Mutex::new(None),
+                    size: Mutex::new(None),
                     dash_base: Mutex::new(None),
                     snapshot: watch::channel(Arc::new(snap)).0,
                     served: Mutex::new((None, 0)),
                 })
             })
             .collect();
-        Arc::new(Self {
+        Self {
             id: id.to_string(),
             renditions,
             changed: watch::channel(0).0,
+            target_s: AtomicU32::new(config.target_duration_s),
             config,
-        })
+            learn_from: None,
+            target_known: AtomicBool::new(true),
+        }
     }
 
     pub fn rendition(&self, name: &str) -> Option<&Arc<Rendition>> {
@@ -200,6 +289,14 @@ impl StreamOrigin {
             return;
         };
         *r.codec.lock() = codec;
+        if let Ok(init) = kiln_llhls::cmaf::parse_init(&bytes) {
+            let size = init.tracks.first().and_then(|t| {
+                Some((u32::from(t.width?), u32::from(t.height?))).filter(|(w, h)| *w > 0 && *h > 0)
+            });
+            if size.is_some() {
+                *r.size.lock() = size;
+            }
+        }
         let reports = self.reports_for(index);
         let snap = {
             let mut p = r.packager();
@@ -224,6 +321,7 @@ impl StreamOrigin {
         };
         r.publish(snap);
         self.bump();
+        self.learn_target(index);
         Ok(pos)
     }
 
@@ -244,6 +342,11 @@ impl StreamOrigin {
     /// The LL-DASH MPD, once every rendition's codec and timeline are known.
     pub fn mpd(&self, publish_unix_ms: i64, utc_timing_url: &str) -> Option<String> {
         use kiln_llhls::dash::{self, DashKind, DashManifest, DashRepresentation};
+        // the MPD's segment template numbers segments on the fixed grid; segments that follow a source's GOP
+        // would need a SegmentTimeline (not built yet)
+        if self.learn_from.is_some() {
+            return None;
+        }
         let mut reps = Vec::new();
         for r in &self.renditions {
             let (timescale, pto) = r.dash_base()?;
@@ -288,16 +391,19 @@ impl StreamOrigin {
             let codec = r.codec()?;
             let uri = format!("{}/index.m3u8", r.info.name);
             match r.info.kind {
-                RenditionKind::Video { width, height, fps } => video.push(VideoVariant {
-                    uri,
-                    // Peak allowance over the configured average: x264 rate control overshoots per segment.
-                    bandwidth: r.info.bitrate * 6 / 5,
-                    average_bandwidth: Some(r.info.bitrate),
-                    codec,
-                    width,
-                    height,
-                    frame_rate: fps,
-                }),
+                RenditionKind::Video { width, height, fps } => {
+                    let (width, height) = r.size.lock().unwrap_or((width, height));
+                    video.push(VideoVariant {
+                        uri,
+                        // Peak allowance over the configured average: x264 rate control overshoots per segment.
+                        bandwidth: r.info.bitrate * 6 / 5,
+                        average_bandwidth: Some(r.info.bitrate),
+                        codec,
+                        width,
+                        height,
+                        frame_rate: fps,
+                    })
+                }
                 RenditionKind::Audio { channels } => {
                     audio = Some(AudioMedia {
                         uri,

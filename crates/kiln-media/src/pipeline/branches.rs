@@ -132,15 +132,23 @@ fn wait_for_data(mux: &gst::Element) {
     });
 }
 
+/// Which video rendition a branch is, and what gates its keyframes.
+pub(super) struct VideoBranch {
+    pub index: usize,
+    /// The source's IDRs on the stream's timeline, with a passthrough rendition (keyframes only there).
+    pub keys: Option<Arc<crate::source::SourceKeys>>,
+}
+
 pub(super) fn build_video_branch(
     pipeline: &gst::Pipeline,
     tee: &gst::Element,
     plan: &StreamPlan,
     opts: &BuildOptions,
-    index: usize,
+    branch: VideoBranch,
     v: &VideoRendition,
     sink: EventSink,
 ) -> Result<(), MediaError> {
+    let index = branch.index;
     let n = &v.name;
     let sel = &opts.selection;
     let queue = make("queue", &format!("q-{n}"))?;
@@ -199,6 +207,7 @@ pub(super) fn build_video_branch(
     add_keyframe_probe(
         &before_enc.static_pad("src").expect("has a src pad"),
         plan.timing.segment_ns(),
+        branch.keys.map(|k| (k, v.fps)),
     );
     let mut splitter = VideoSplitter::new(plan.timing.segment_ns(), part_ns);
     add_split_probe(
@@ -292,6 +301,52 @@ pub(super) fn inject_encoder_fault(enc: &gst::Element, after: u64) {
             gst::PadProbeReturn::Drop
         });
     }
+}
+
+/// The passthrough rendition: (appsrc → clocksync, the entry's) → identity → [splitter] → cmafmux → appsink.
+/// Returns its head, which the entry's pacer links to. Parts hold whole frames of the source's rate (read from its caps,
+/// else the plan's); segments start at the source's IDRs (see `source::passthrough`).
+pub(super) fn build_passthrough_branch(
+    pipeline: &gst::Pipeline,
+    plan: &StreamPlan,
+    index: usize,
+    name: &str,
+    sink: EventSink,
+) -> Result<gst::Element, MediaError> {
+    let fallback_fps = plan.source_fps();
+    let (mux, appsink) = build_mux_sink(
+        plan,
+        index,
+        name,
+        plan.timing.video_part_ns(fallback_fps),
+        sink,
+    )?;
+    // the splitter's probe sits on the pad that feeds the muxer
+    let head = make("identity", &format!("pass-{name}"))?;
+    add_link(pipeline, &[&head, &mux, &appsink])?;
+    let segment_ns = plan.timing.segment_ns();
+    let timing = plan.timing;
+    let mut splitter: Option<VideoSplitter> = None;
+    let srcpad = head.static_pad("src").expect("identity has a src pad");
+    let caps_pad = srcpad.clone();
+    add_split_probe(&srcpad, move |rt, key| {
+        let sp = splitter.get_or_insert_with(|| {
+            let fps = caps_pad
+                .current_caps()
+                .and_then(|c| {
+                    let f = c.structure(0)?.get::<gst::Fraction>("framerate").ok()?;
+                    let fps = kiln_model::Fraction::new(
+                        u32::try_from(f.numer()).ok()?,
+                        u32::try_from(f.denom()).ok()?,
+                    );
+                    (fps.den > 0 && (1.0..=120.0).contains(&fps.as_f64())).then_some(fps)
+                })
+                .unwrap_or(fallback_fps);
+            VideoSplitter::new(segment_ns, timing.video_part_ns(fps))
+        });
+        sp.on_frame(rt, key)
+    });
+    Ok(head)
 }
 
 /// audioconvert → audioresample → caps → AAC → aacparse → [splitter] → cmafmux → appsink; returns the head.

@@ -70,7 +70,16 @@ pub(super) fn nudge_timestamps(info: &mut gst::PadProbeInfo) {
 /// running times, so all renditions key the same frame. It sits right in front of the encoder because elements
 /// before it may hold a frame back (videorate keeps one to decide on duplicates), which would let the event
 /// overtake the frame it was meant for.
-pub(super) fn add_keyframe_probe(pad: &gst::Pad, segment_ns: u64) {
+///
+/// With `gate` (a stream with a passthrough rendition: the source's IDRs, and the rendition's rate), only a frame
+/// that was an IDR in the source may take the keyframe.
+pub(super) fn add_keyframe_probe(
+    pad: &gst::Pad,
+    segment_ns: u64,
+    gate: Option<(Arc<crate::source::SourceKeys>, kiln_model::Fraction)>,
+) {
+    // half a frame of the rendition: its videorate stamps frames on its own grid
+    let gate = gate.map(|(k, fps)| (k, kiln_model::stream::frames_to_ns(1, fps) / 2));
     let clock = Mutex::new((KeyframeClock::new(segment_ns), 0u32));
     pad.add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
         let Some(buf) = info.buffer() else {
@@ -79,8 +88,9 @@ pub(super) fn add_keyframe_probe(pad: &gst::Pad, segment_ns: u64) {
         let Some(rt) = running_time(pad, buf) else {
             return gst::PadProbeReturn::Ok;
         };
+        let allowed = gate.as_ref().is_none_or(|(k, tol)| k.is_key(rt, *tol));
         let mut st = clock.lock();
-        if st.0.on_frame(rt) {
+        if st.0.on_frame_if(rt, allowed) {
             st.1 += 1;
             // running-time NONE means "the next frame": the event travels in-band just ahead of this frame, so the
             // encoder keys exactly this frame. (A concrete running time is compared by GstVideoEncoder 1.22 against

@@ -204,3 +204,94 @@ fn a_backup_is_a_pulled_live_source_for_a_stream_that_can_lose_its_own() {
     assert_eq!(parsed.failback_s, 10);
     assert!(serde_json::from_str::<BackupRequest>(r#"{"source": "srt://h:1", "x": 1}"#).is_err());
 }
+
+#[test]
+fn a_passthrough_rendition_parses_apart_and_is_validated_against_the_plan() {
+    let specs: Vec<RenditionSpec> = serde_json::from_str(
+        r#"[{"name": "source", "passthrough": true},
+            {"name": "lo", "width": 640, "height": 360, "bitrate_kbps": 800}]"#,
+    )
+    .unwrap();
+    assert_eq!(
+        specs[0],
+        RenditionSpec::Passthrough(Passthrough {
+            name: "source".into(),
+            passthrough: true,
+            bitrate_kbps: Passthrough::DEFAULT_BITRATE_KBPS,
+            width: 1920,
+            height: 1080,
+        })
+    );
+    let mut lo = v("lo", 640, 360);
+    lo.bitrate_kbps = 800;
+    assert_eq!(specs[1], RenditionSpec::Video(lo));
+    // mistakes name the rendition and the field
+    let e =
+        serde_json::from_str::<RenditionSpec>(r#"{"name": "s", "passthrough": true, "fps": 60}"#)
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("rendition `s`") && e.contains("drop fps"), "{e}");
+    let e = serde_json::from_str::<RenditionSpec>(r#"{"name": "x", "width": 640, "height": 360}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("rendition `x`: missing field `bitrate_kbps`"),
+        "{e}"
+    );
+    assert!(serde_json::from_str::<RenditionSpec>(
+        r#"{"name": "x", "passthrough": true, "bogus": 1}"#
+    )
+    .is_err());
+
+    let plan = |source: &str, video: Vec<VideoRendition>| {
+        StreamPlan::new(
+            "s",
+            source,
+            video,
+            Some(AudioRendition::default()),
+            Timing::default(),
+            EncoderSettings::default(),
+        )
+        .unwrap()
+    };
+    let RenditionSpec::Passthrough(p) = specs[0].clone() else {
+        unreachable!()
+    };
+    let ok = plan("publish:", vec![v("lo", 640, 360)])
+        .with_passthrough(Some(p.clone()))
+        .unwrap();
+    assert_eq!(ok.passthrough_index(), Some(2), "after the video and the audio");
+    assert_eq!(
+        ok.source_size(),
+        (1920, 1080),
+        "the decode is booked at the largest source picture"
+    );
+    assert_eq!(ok.video.len(), 1, "nothing is encoded for it");
+    let bad = |plan: StreamPlan, p: Passthrough, what: &str| {
+        let e = plan.with_passthrough(Some(p)).unwrap_err().to_string();
+        assert!(e.contains(what), "{e}");
+    };
+    bad(
+        plan("test:", vec![v("lo", 640, 360)]),
+        p.clone(),
+        "encoded source",
+    );
+    bad(
+        plan("publish:", vec![]),
+        p.clone(),
+        "at least one encoded video rendition",
+    );
+    bad(
+        plan("publish:", vec![v("source", 640, 360)]),
+        p.clone(),
+        "used twice",
+    );
+    bad(
+        plan("publish:", vec![v("lo", 640, 360)]),
+        Passthrough {
+            width: 641,
+            ..p.clone()
+        },
+        "even",
+    );
+}

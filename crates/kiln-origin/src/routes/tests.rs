@@ -383,3 +383,109 @@ async fn ending_releases_waiters_with_endlist() {
     assert_eq!(st, StatusCode::OK);
     assert!(body.ends_with("#EXT-X-ENDLIST\n"));
 }
+
+/// Two video renditions of a stream whose segments follow a 4 s source GOP ("v" learns it, index 1).
+fn gop_origin() -> (Origin, Arc<StreamOrigin>) {
+    let o = Origin::new();
+    let info = |name: &str| RenditionInfo {
+        name: name.into(),
+        kind: RenditionKind::Video {
+            width: 64,
+            height: 64,
+            fps: 30.0,
+        },
+        bitrate: 100_000,
+    };
+    let s = StreamOrigin::following_gop(
+        "g",
+        vec![info("lo"), info("v")],
+        PackagerConfig {
+            segment_ns: 2_000_000_000,
+            target_duration_s: 2,
+            part_target_ms: 334,
+            window_segments: 4,
+            retain_segments: 2,
+            wallclock_origin_unix_ms: 0,
+            can_skip_until_s: Some(12),
+            first_msn: 0,
+        },
+        1,
+    );
+    o.insert(s.clone());
+    (o, s)
+}
+
+fn gop_part(s: &StreamOrigin, r: usize, seg: u64, i: u64, seg_s: u64) {
+    s.on_part(
+        r,
+        PartIn {
+            starts_segment: i == 0,
+            independent: i == 0,
+            start_ns: seg * seg_s * 1_000_000_000 + i * 333_333_333,
+            duration_ns: 333_333_333,
+            bytes: Bytes::from(format!("p{seg}.{i}")),
+            discontinuity: false,
+        },
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_stream_on_its_source_gop_serves_playlists_once_targetduration_is_known() {
+    let (o, s) = gop_origin();
+    s.on_init(0, Bytes::from_static(b"init"), Some("avc1.64001f".into()));
+    s.on_init(1, Bytes::from_static(b"init"), Some("avc1.64001f".into()));
+    // 12 parts of 333 ms: the first segment is 4 s
+    for i in 0..12 {
+        gop_part(&s, 0, 0, i, 4);
+        gop_part(&s, 1, 0, i, 4);
+    }
+    assert!(!s.target_known());
+    // a request made now waits for the first complete segment
+    let early = tokio::spawn({
+        let o = o.clone();
+        async move { get(&o, "/live/g/lo/index.m3u8").await }
+    });
+    tokio::task::yield_now().await;
+    assert!(!early.is_finished());
+    gop_part(&s, 0, 1, 0, 4);
+    assert!(!s.target_known(), "learnt from `v`, not from `lo`");
+    gop_part(&s, 1, 1, 0, 4);
+    assert!(s.target_known());
+    assert_eq!(s.target_duration_s(), 4);
+    let (st, body, _) = early.await.unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert!(body.contains("#EXT-X-TARGETDURATION:4\n"), "{body}");
+    assert!(
+        body.contains("HOLD-BACK=12") || body.contains("CAN-SKIP-UNTIL=24"),
+        "{body}"
+    );
+    for r in ["lo", "v"] {
+        let (_, body, _) = get(&o, &format!("/live/g/{r}/index.m3u8")).await;
+        assert!(body.contains("#EXT-X-TARGETDURATION:4\n"), "{r}: {body}");
+        assert!(body.contains("CAN-SKIP-UNTIL=24"), "{r}: {body}");
+    }
+    // a later, longer GOP keeps TD (it never changes) and is counted
+    for i in 1..18 {
+        gop_part(&s, 1, 1, i, 4);
+    }
+    s.on_part(
+        1,
+        PartIn {
+            starts_segment: true,
+            independent: true,
+            start_ns: 4_000_000_000 + 18 * 333_333_333,
+            duration_ns: 333_333_333,
+            bytes: Bytes::from_static(b"p2.0"),
+            discontinuity: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(s.target_duration_s(), 4);
+    assert_eq!(s.segments_over_target(), 1);
+    // no LL-DASH for it
+    assert_eq!(
+        get(&o, "/live/g/manifest.mpd").await.0,
+        StatusCode::NOT_FOUND
+    );
+}

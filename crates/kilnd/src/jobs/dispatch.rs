@@ -190,7 +190,10 @@ impl Jobs {
                     .clone()
                     .unwrap_or_else(|| DEFAULT_VOD_PRESET.into()),
             ),
-            renditions: req.renditions.clone(),
+            renditions: req
+                .renditions
+                .clone()
+                .map(|r| r.into_iter().map(Into::into).collect()),
             ..Default::default()
         };
         self.presets

@@ -251,11 +251,18 @@ impl StreamHandle {
             .iter()
             .map(|r| {
                 let snap = r.snapshot();
-                let (kind, width, height) = match r.info.kind {
-                    RenditionKind::Video { width, height, .. } => {
+                let passthrough = self
+                    .plan
+                    .passthrough
+                    .as_ref()
+                    .is_some_and(|p| p.name == r.info.name);
+                let (kind, width, height) = match (r.info.kind, r.size()) {
+                    (RenditionKind::Video { .. }, Some((w, h))) => ("video", Some(w), Some(h)),
+                    (RenditionKind::Video { .. }, None) if passthrough => ("video", None, None),
+                    (RenditionKind::Video { width, height, .. }, None) => {
                         ("video", Some(width), Some(height))
                     }
-                    RenditionKind::Audio { .. } => ("audio", None, None),
+                    (RenditionKind::Audio { .. }, _) => ("audio", None, None),
                 };
                 RenditionStatus {
                     name: r.info.name.clone(),
@@ -268,6 +275,7 @@ impl StreamHandle {
                     last_msn: snap.last.map(|p| p.msn),
                     last_part: snap.last.map(|p| p.part),
                     parts_published: snap.parts_published,
+                    passthrough,
                 }
             })
             .collect();
@@ -286,7 +294,34 @@ impl StreamHandle {
             publisher: self.publisher().map(|p| p.status()),
             ingest: None,
             resilience: self.resilience_status(),
+            warnings: self.warnings(),
         }
+    }
+
+    /// A passthrough rendition's segments follow the source's GOP: say so when that makes them longer than the
+    /// segment target (TARGETDURATION follows), or longer than TARGETDURATION (the GOP grew after it was set).
+    fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let o = &self.origin;
+        if !o.follows_source_gop() || !o.target_known() {
+            return w;
+        }
+        let (td, target) = (o.target_duration_s(), o.config.target_duration_s);
+        if td > target {
+            w.push(format!(
+                "the source's GOP is longer than the {} ms segment target: segments follow it, TARGETDURATION is \
+                 {td} s (send an IDR at least every {} ms for {target} s segments)",
+                self.plan.timing.segment_ms, self.plan.timing.segment_ms
+            ));
+        }
+        let over = o.segments_over_target();
+        if over > 0 {
+            w.push(format!(
+                "{over} segment(s) of the passthrough rendition were longer than TARGETDURATION {td} s: the source's \
+                 GOP grew after the stream started"
+            ));
+        }
+        w
     }
 }
 
@@ -577,7 +612,22 @@ impl Supervisor {
                 bitrate: u64::from(a.bitrate_kbps) * 1000,
             });
         }
-        let stream_origin = StreamOrigin::new(id, infos, pcfg);
+        // the passthrough rendition comes last (its index follows the audio's); its size is learnt from its init
+        if let Some(p) = &plan.passthrough {
+            infos.push(RenditionInfo {
+                name: p.name.clone(),
+                kind: RenditionKind::Video {
+                    width: plan.source_size().0,
+                    height: plan.source_size().1,
+                    fps: plan.source_fps().as_f64(),
+                },
+                bitrate: u64::from(p.bitrate_kbps) * 1000,
+            });
+        }
+        let stream_origin = match plan.passthrough_index() {
+            Some(i) => StreamOrigin::following_gop(id, infos, pcfg, i),
+            None => StreamOrigin::new(id, infos, pcfg),
+        };
         let handle = Arc::new(StreamHandle {
             plan,
             placement: Mutex::new(placement),
