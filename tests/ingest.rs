@@ -2451,9 +2451,165 @@ fn segment_times(text: &str) -> Vec<(u64, String, f64)> {
     out
 }
 
+/// (MSN, EXT-X-MAP URI, discontinuity before it, URI) of each complete segment listed in a media playlist.
+fn segments_with_maps(text: &str) -> Vec<(u64, String, bool, String)> {
+    let mut msn = text
+        .lines()
+        .find_map(|l| l.strip_prefix("#EXT-X-MEDIA-SEQUENCE:"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let (mut map, mut disc) = (String::new(), false);
+    let mut out = Vec::new();
+    for l in text.lines() {
+        if let Some(v) = l.strip_prefix("#EXT-X-MAP:URI=") {
+            map = v.trim_matches('"').to_string();
+        } else if l == "#EXT-X-DISCONTINUITY" {
+            disc = true;
+        } else if l.starts_with("seg-") {
+            out.push((msn, map.clone(), std::mem::take(&mut disc), l.to_string()));
+            msn += 1;
+        }
+    }
+    out
+}
+
+/// A passthrough stream through a loss and a reconnect (the slate on air): the top encoded rendition fills in for
+/// the publisher's bitstream, each switch opens a discontinuity in every rendition at the same MSN, and the
+/// publisher's pictures are back bit for bit after it reconnects.
+async fn passthrough_through_a_loss(d: &Daemon, dir: &std::path::Path) -> Result<()> {
+    let file = h264_file(dir, 60, false, 6)?;
+    let body = r#"{"source": "publish:", "audio": {"enabled": false},
+        "renditions": [{"name": "source", "passthrough": true, "width": 320, "height": 180},
+                       {"name": "lo", "width": 160, "height": 90, "fps": 30, "bitrate_kbps": 120}]}"#;
+    let (code, v) = d.put_stream("pts", body).await?;
+    ensure!(code == 201, "PUT pts: {code} {v}");
+    let url = v["ingest"]["srt_url"]
+        .as_str()
+        .context("srt_url")?
+        .to_string();
+    let publish = || {
+        tokio::process::Command::new("ffmpeg")
+            .args([
+                "-hide_banner",
+                "-nostdin",
+                "-loglevel",
+                "error",
+                "-re",
+                "-i",
+            ])
+            .arg(&file)
+            .args(["-c", "copy", "-f", "mpegts", &url])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+    };
+    let _first = publish()?;
+    wait_state(d, "pts", "running", Duration::from_secs(30)).await?;
+    eprintln!("pts: running");
+    // the 6 s file ends: the slate
+    wait_input(d, "pts", "slate", Duration::from_secs(20)).await?;
+    eprintln!("pts: on the slate");
+    let _second = publish()?;
+    wait_input(d, "pts", "source", Duration::from_secs(20)).await?;
+    eprintln!("pts: back on the source");
+    // two switches, and two complete segments of the publisher after the second
+    let text = poll_until(
+        "pts: back on the publisher's bitstream",
+        Duration::from_secs(20),
+        Duration::from_millis(250),
+        || async {
+            let (_, text) = d.get_text("/live/pts/source/index.m3u8").await?;
+            let segs = segments_with_maps(&text);
+            let after = segs
+                .iter()
+                .skip_while(|s| !s.2)
+                .skip(1)
+                .skip_while(|s| !s.2)
+                .count();
+            Ok(if after >= 2 {
+                Polled::Done(text)
+            } else {
+                Polled::NotYet(text)
+            })
+        },
+    )
+    .await?;
+    let (_, lo_text) = d.get_text("/live/pts/lo/index.m3u8").await?;
+    let disc = |t: &str| -> Vec<u64> {
+        segments_with_maps(t)
+            .iter()
+            .filter(|s| s.2)
+            .map(|s| s.0)
+            .collect()
+    };
+    let (src_disc, lo_disc) = (disc(&text), disc(&lo_text));
+    ensure!(
+        src_disc.len() >= 2 && lo_disc.ends_with(&src_disc),
+        "discontinuities at {src_disc:?} in source, {lo_disc:?} in lo:\n{text}\n{lo_text}"
+    );
+    // the last segment is the publisher's, bit for bit, under a new init; the one before the second switch is lo's
+    // picture (160x90)
+    let segs = segments_with_maps(&text);
+    let last = segs.last().context("a segment")?;
+    let fill = segs
+        .iter()
+        .rev()
+        .find(|s| s.0 < src_disc[src_disc.len() - 1])
+        .context("the fill")?;
+    let fetch = |s: &(u64, String, bool, String)| {
+        let (map, seg) = (s.1.clone(), s.3.clone());
+        async move {
+            let mut bytes = d
+                .get_bytes(&format!("/live/pts/source/{map}"))
+                .await?
+                .to_vec();
+            bytes.extend_from_slice(&d.get_bytes(&format!("/live/pts/source/{seg}")).await?);
+            let mut f = tempfile::NamedTempFile::new()?;
+            std::io::Write::write_all(&mut f, &bytes)?;
+            anyhow::Ok(f)
+        }
+    };
+    let got = slice_hashes(fetch(last).await?.path()).await?;
+    let sent = slice_hashes(&file).await?;
+    let first = sent
+        .iter()
+        .position(|h| *h == got[0])
+        .context("the last segment is not the file's")?;
+    ensure!(
+        sent[first..].starts_with(&got) && got.len() >= 30,
+        "{} pictures, not the file's",
+        got.len()
+    );
+    let fill_file = fetch(fill).await?;
+    let probe = tokio::process::Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-select_streams",
+            "v",
+            "-show_entries",
+            "stream=width,height",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(fill_file.path())
+        .output()
+        .await?;
+    let size = String::from_utf8_lossy(&probe.stdout).trim().to_string();
+    ensure!(size == "160,90", "the fill segment {} is {size}", fill.0);
+    ensure!(
+        last.1 != fill.1,
+        "the publisher's bitstream needs its own init: {text}"
+    );
+    eprintln!("pts: discontinuities at {src_disc:?} in every rendition, the fill at 160x90, the publisher back bit for bit");
+    let res = d.http.delete(d.url("/v1/streams/pts")).send().await?;
+    ensure!(res.status() == 204, "DELETE pts: {}", res.status());
+    Ok(())
+}
+
 /// A passthrough rendition forwards the publisher's own H.264 (its slices are bit-identical), segments start at
 /// the source's IDRs in every video rendition (same MSNs, same PROGRAM-DATE-TIMEs), and a 4 s GOP gives 4 s
-/// segments under TARGETDURATION 4 with a warning in the status, B-frames and all.
+/// segments under TARGETDURATION 4 with a warning in the status, B-frames and all; then through a loss.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_passthrough_rendition_forwards_the_publishers_h264_on_its_gop() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -2595,15 +2751,12 @@ async fn a_passthrough_rendition_forwards_the_publishers_h264_on_its_gop() -> Re
             .await?;
         ensure!(res.status() == 204, "DELETE {id}: {}", res.status());
     }
+    passthrough_through_a_loss(&d, dir.path()).await?;
     // what a passthrough rendition cannot be given
     for (body, what) in [
         (
             r#"{"source": "test:", "renditions": [{"name": "s", "passthrough": true}, {"name": "lo", "width": 160, "height": 90, "bitrate_kbps": 100}]}"#,
             "encoded source",
-        ),
-        (
-            r#"{"source": "publish:", "renditions": [{"name": "s", "passthrough": true}, {"name": "lo", "width": 160, "height": 90, "bitrate_kbps": 100}]}"#,
-            "mode",
         ),
         (
             r#"{"source": "publish:", "on_source_loss": {"mode": "end"}, "renditions": [{"name": "s", "passthrough": true, "fps": 60}]}"#,

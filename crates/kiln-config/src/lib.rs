@@ -331,13 +331,9 @@ impl Presets {
         if let Some(p) = req.policy {
             encoder.policy = p;
         }
-        let plan = StreamPlan::new(id, &req.source, video, audio, timing, encoder)?
+        StreamPlan::new(id, &req.source, video, audio, timing, encoder)?
             .with_backup(req.backup.as_ref())?
-            .with_passthrough(passthrough)?;
-        if let Some(p) = &plan.passthrough {
-            passthrough_resilience(p, req, &plan)?;
-        }
-        Ok(plan)
+            .with_passthrough(passthrough)
     }
 }
 
@@ -360,31 +356,6 @@ fn split_renditions(
         }
     }
     Ok((video, passthrough))
-}
-
-/// A passthrough rendition forwards one input's bitstream; what stands in for that input (the slate, a backup)
-/// has no bitstream of its own to forward yet, so such a stream ends when its source goes.
-fn passthrough_resilience(
-    p: &Passthrough,
-    req: &StreamRequest,
-    plan: &StreamPlan,
-) -> Result<(), PlanError> {
-    let bad = |what: &str| {
-        Err(PlanError::BadRendition {
-            name: p.name.clone(),
-            what: what.to_string(),
-        })
-    };
-    if plan.backup.is_some() {
-        return bad("a passthrough rendition cannot have a backup input yet (only its source's bitstream can be forwarded)");
-    }
-    let ends = req
-        .on_source_loss
-        .is_some_and(|l| l.mode == kiln_model::SourceLossMode::End);
-    if plan.source.is_resilient() && !ends {
-        return bad("a passthrough rendition needs `\"on_source_loss\": {\"mode\": \"end\"}`: the slate has no bitstream to forward yet");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

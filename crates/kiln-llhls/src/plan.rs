@@ -46,6 +46,11 @@ impl KeyframeClock {
         self.on_frame_if(t_ns, true)
     }
 
+    /// Forces the keyframe on the frame at `t_ns` (a switch point): the next grid point is the one after it.
+    pub fn force(&mut self, t_ns: u64) {
+        self.next_index = Some(segment_index(t_ns, self.segment_ns) + 1);
+    }
+
     /// Like [`Self::on_frame`], where only frames with `allowed` may take the keyframe (a stream with a
     /// passthrough rendition: the frames that were IDRs in the source). A grid point passed on a frame that may
     /// not is kept for the next one that may, so segments follow the source's GOP, however long.
@@ -102,6 +107,14 @@ impl VideoSplitter {
             }
             Some(_) => None,
         }
+    }
+
+    /// Starts a segment with the keyframe at `t_ns` whatever the grid says (a switch point, where every video
+    /// rendition keyed the same frame). `None` before the first segment (the muxer opens that one).
+    pub fn force_segment(&mut self, t_ns: u64) -> Option<Split> {
+        let first = self.seg_index.is_none();
+        self.start_segment(segment_index(t_ns, self.segment_ns), t_ns);
+        (!first).then_some(Split::Segment)
     }
 
     fn start_segment(&mut self, idx: u64, t_ns: u64) {

@@ -6,6 +6,8 @@
 //! header's flags, and duration and independence are read from the `moof` itself, so the playlist states exactly
 //! what the bytes contain.
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use kiln_llhls::cmaf::{self, InitInfo};
 use kiln_llhls::PartIn;
@@ -17,14 +19,44 @@ pub(crate) struct ChunkAssembler {
     rendition: usize,
     init: Option<InitInfo>,
     sink: EventSink,
+    /// A stream with a passthrough rendition: its switch points, each marked on the first segment that starts at
+    /// or after it (`switched`: the last one marked).
+    keys: Option<Arc<crate::source::SourceKeys>>,
+    switched: Option<u64>,
 }
 
+/// How early a segment may start before a switch point and still be the one it marks (video renditions key the
+/// frame at it, give or take half a frame of their own rate).
+const SWITCH_SLACK_NS: u64 = 20_000_000;
+
 impl ChunkAssembler {
-    pub(crate) fn new(rendition: usize, sink: EventSink) -> Self {
+    pub(crate) fn new(
+        rendition: usize,
+        sink: EventSink,
+        keys: Option<Arc<crate::source::SourceKeys>>,
+    ) -> Self {
         Self {
             rendition,
             init: None,
             sink,
+            keys,
+            switched: None,
+        }
+    }
+
+    /// Whether the segment starting at `start_ns` is the first at or after a switch point not yet marked: where
+    /// the passthrough rendition changes bitstream (and codec parameters), every rendition opens a discontinuity,
+    /// so their discontinuity sequence numbers match.
+    fn opens_discontinuity(&mut self, start_ns: u64) -> bool {
+        let Some(k) = &self.keys else {
+            return false;
+        };
+        match k.switch_due(self.switched, start_ns, SWITCH_SLACK_NS) {
+            Some(s) => {
+                self.switched = Some(s);
+                true
+            }
+            None => false,
         }
     }
 
@@ -72,16 +104,18 @@ impl ChunkAssembler {
             .and_then(|p| segment.as_ref().and_then(|s| s.to_running_time(p)))
             .map(|t| t.nseconds())
             .unwrap_or_else(|| info.start_ns());
+        let starts_segment = !flags.contains(gst::BufferFlags::DELTA_UNIT);
+        let discontinuity = starts_segment && self.opens_discontinuity(start_ns);
         (self.sink)(MediaEvent::Part {
             at: std::time::Instant::now(),
             rendition: self.rendition,
             part: PartIn {
-                starts_segment: !flags.contains(gst::BufferFlags::DELTA_UNIT),
+                starts_segment,
                 independent: info.starts_with_sync,
                 start_ns,
                 duration_ns: info.duration_ns(),
                 bytes: body.freeze(),
-                discontinuity: false,
+                discontinuity,
             },
         });
         Ok(())

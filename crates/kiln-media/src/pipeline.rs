@@ -156,6 +156,7 @@ impl LivePipeline {
         // a passthrough rendition: the encoders key only where the source had its IDRs
         let keys = Arc::new(crate::source::SourceKeys::default());
         let gate = plan.passthrough.as_ref().map(|_| keys.clone());
+        let fill: FillSlot = Arc::default();
         // no tee at all for an audio-only stream
         let tee = if plan.video.is_empty() {
             None
@@ -166,6 +167,8 @@ impl LivePipeline {
                 let b = VideoBranch {
                     index: i,
                     keys: gate.clone(),
+                    // the top rendition fills in for the source's bitstream
+                    fill: (i == 0 && gate.is_some()).then(|| fill.clone()),
                 };
                 build_video_branch(&pipeline, &tee, plan, opts, b, v, sink.clone())?;
             }
@@ -178,6 +181,7 @@ impl LivePipeline {
                 plan.video.len(),
                 a,
                 sink.clone(),
+                gate.clone(),
             )?),
             None => None,
         };
@@ -203,6 +207,7 @@ impl LivePipeline {
                         index,
                         &p.name,
                         sink.clone(),
+                        keys.clone(),
                     )?),
                     _ => None,
                 };
@@ -213,6 +218,7 @@ impl LivePipeline {
                     pass_in.as_ref(),
                     keys,
                 )?;
+                *fill.lock() = Some(Arc::downgrade(&entry));
                 let first = crate::source::EncodedSource::build(&entry, plan, opts, sink.clone())?;
                 // a backup that cannot be built is the backup's trouble, not the stream's: it is started again
                 // later (the daemon watches its health)

@@ -580,6 +580,9 @@ impl Entry {
             self.switched.notify_all();
         }
         *self.on_air.lock() = input.kind;
+        if video {
+            self.pass_switch(generation, start);
+        }
         tracing::info!(input = ?input.kind, at_ns = start, "input switched");
         (input.sink)(MediaEvent::InputSwitched {
             input: generation,

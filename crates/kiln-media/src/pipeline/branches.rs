@@ -65,6 +65,7 @@ pub(super) fn build_mux_sink(
     name: &str,
     part_ns: u64,
     sink: EventSink,
+    keys: Option<Arc<crate::source::SourceKeys>>,
 ) -> Result<(gst::Element, gst::Element), MediaError> {
     let mux = make("cmafmux", &format!("mux-{name}"))?;
     wait_for_data(&mux);
@@ -77,7 +78,7 @@ pub(super) fn build_mux_sink(
         .sync(false)
         .build();
     appsink.set_property("buffer-list", true);
-    let mut asm = ChunkAssembler::new(index, sink.clone());
+    let mut asm = ChunkAssembler::new(index, sink.clone(), keys);
     appsink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
             .new_sample(move |s| {
@@ -135,8 +136,44 @@ fn wait_for_data(mux: &gst::Element) {
 /// Which video rendition a branch is, and what gates its keyframes.
 pub(super) struct VideoBranch {
     pub index: usize,
-    /// The source's IDRs on the stream's timeline, with a passthrough rendition (keyframes only there).
+    /// The source's cuts on the stream's timeline, with a passthrough rendition (keyframes on its IDRs, segments
+    /// and discontinuities at switch points).
     pub keys: Option<Arc<crate::source::SourceKeys>>,
+    /// Where this rendition's access units fill in for the source's (the top rendition of a stream with a
+    /// passthrough rendition).
+    pub fill: Option<FillSlot>,
+}
+
+/// The stream's entry, once built: the top encoded rendition hands it its access units
+/// ([`crate::source::Entry::push_fill`]).
+pub(super) type FillSlot = Arc<Mutex<Option<std::sync::Weak<crate::source::Entry>>>>;
+
+/// Hands every access unit leaving `pad` to the entry in `slot` (it feeds the passthrough rendition while the
+/// source's bitstream cannot).
+fn tap_fill(pad: &gst::Pad, slot: FillSlot) {
+    pad.add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
+        let entry = slot.lock().as_ref().and_then(|w| w.upgrade());
+        let (Some(entry), Some(buf)) = (entry, info.buffer()) else {
+            return gst::PadProbeReturn::Ok;
+        };
+        // on the stream's timeline: running time (the encoder's own timestamps are shifted, x264enc's by 1000 h)
+        let Some(seg) = pad
+            .sticky_event::<gst::event::Segment>(0)
+            .and_then(|e| e.segment().downcast_ref::<gst::ClockTime>().cloned())
+        else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let rt = |t: Option<gst::ClockTime>| t.and_then(|t| seg.to_running_time(t));
+        let (pts, dts) = (rt(buf.pts()), rt(buf.dts()));
+        let mut au = buf.to_owned();
+        {
+            let b = au.make_mut();
+            b.set_pts(pts);
+            b.set_dts(dts.or(pts));
+        }
+        entry.push_fill(&au, pad.current_caps().as_deref());
+        gst::PadProbeReturn::Ok
+    });
 }
 
 pub(super) fn build_video_branch(
@@ -196,7 +233,7 @@ pub(super) fn build_video_branch(
             .build(),
     )?;
     let part_ns = plan.timing.video_part_ns(v.fps);
-    let (mux, appsink) = build_mux_sink(plan, index, n, part_ns, sink)?;
+    let (mux, appsink) = build_mux_sink(plan, index, n, part_ns, sink, branch.keys.clone())?;
     // the keyframe probe sits on the pad that feeds the encoder
     let before_enc = chain.last().expect("non-empty").clone();
     chain.extend([enc, parse, pcaps.clone(), mux, appsink]);
@@ -204,16 +241,19 @@ pub(super) fn build_video_branch(
     add_link(pipeline, &refs)?;
     tee.link(&chain[0])
         .map_err(|e| MediaError::Build(format!("linking tee → {n}: {e}")))?;
+    let keys = branch.keys;
     add_keyframe_probe(
         &before_enc.static_pad("src").expect("has a src pad"),
         plan.timing.segment_ns(),
-        branch.keys.map(|k| (k, v.fps)),
+        keys.clone().map(|k| (k, v.fps)),
     );
-    let mut splitter = VideoSplitter::new(plan.timing.segment_ns(), part_ns);
-    add_split_probe(
-        &pcaps.static_pad("src").expect("capsfilter has a src pad"),
-        move |rt, key| splitter.on_frame(rt, key),
-    );
+    let out = pcaps.static_pad("src").expect("capsfilter has a src pad");
+    if let Some(fill) = branch.fill {
+        tap_fill(&out, fill);
+    }
+    let splitter = VideoSplitter::new(plan.timing.segment_ns(), part_ns);
+    let half_frame = kiln_model::stream::frames_to_ns(1, v.fps) / 2;
+    add_split_probe(&out, video_cuts(splitter, keys, half_frame));
     Ok(())
 }
 
@@ -312,25 +352,49 @@ pub(super) fn build_passthrough_branch(
     index: usize,
     name: &str,
     sink: EventSink,
+    keys: Arc<crate::source::SourceKeys>,
 ) -> Result<gst::Element, MediaError> {
     let fallback_fps = plan.source_fps();
-    let (mux, appsink) = build_mux_sink(
-        plan,
-        index,
-        name,
-        plan.timing.video_part_ns(fallback_fps),
-        sink,
-    )?;
+    let part_ns = plan.timing.video_part_ns(fallback_fps);
+    let (mux, appsink) =
+        build_mux_sink(plan, index, name, part_ns, sink.clone(), Some(keys.clone()))?;
     // the splitter's probe sits on the pad that feeds the muxer
     let head = make("identity", &format!("pass-{name}"))?;
     add_link(pipeline, &[&head, &mux, &appsink])?;
+    let srcpad = head.static_pad("src").expect("identity has a src pad");
+    // another bitstream: a muxer of its own (see `swap_muxer`); its first fragment starts by itself
+    let fresh = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (plan2, name2, keys2, fresh2) =
+        (plan.clone(), name.to_string(), keys.clone(), fresh.clone());
+    let weak = pipeline.downgrade();
+    let mut swaps = 0u32;
+    swap_muxer(&srcpad, move || {
+        swaps += 1;
+        let p = weak.upgrade()?;
+        let built = build_mux_sink(
+            &plan2,
+            index,
+            &format!("{name2}-{swaps}"),
+            part_ns,
+            sink.clone(),
+            Some(keys2.clone()),
+        );
+        let (mux, appsink) = built
+            .inspect_err(|e| tracing::error!(error = %e, "no muxer for the new bitstream"))
+            .ok()?;
+        p.add_many([&mux, &appsink]).ok()?;
+        mux.link(&appsink).ok()?;
+        appsink.sync_state_with_parent().ok()?;
+        mux.sync_state_with_parent().ok()?;
+        fresh2.store(true, std::sync::atomic::Ordering::SeqCst);
+        Some(mux)
+    });
     let segment_ns = plan.timing.segment_ns();
     let timing = plan.timing;
-    let mut splitter: Option<VideoSplitter> = None;
-    let srcpad = head.static_pad("src").expect("identity has a src pad");
+    let mut cuts: Option<Cuts> = None;
     let caps_pad = srcpad.clone();
     add_split_probe(&srcpad, move |rt, key| {
-        let sp = splitter.get_or_insert_with(|| {
+        let cut = cuts.get_or_insert_with(|| {
             let fps = caps_pad
                 .current_caps()
                 .and_then(|c| {
@@ -342,11 +406,93 @@ pub(super) fn build_passthrough_branch(
                     (fps.den > 0 && (1.0..=120.0).contains(&fps.as_f64())).then_some(fps)
                 })
                 .unwrap_or(fallback_fps);
-            VideoSplitter::new(segment_ns, timing.video_part_ns(fps))
+            let splitter = VideoSplitter::new(segment_ns, timing.video_part_ns(fps));
+            let half_frame = kiln_model::stream::frames_to_ns(1, fps) / 2;
+            Box::new(video_cuts(splitter, Some(keys.clone()), half_frame))
         });
-        sp.on_frame(rt, key)
+        let split = cut(rt, key);
+        // a new muxer opens its first fragment by itself
+        if fresh.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        split
     });
     Ok(head)
+}
+
+/// cmafmux in manual-split mode cannot change codec parameters mid-stream (its drain on a caps change asserts that
+/// a split is pending, and a split only takes effect at the next buffer, which comes after the caps). So when the
+/// caps leaving `pad` change (the fill's bitstream, another publisher's), the muxer behind it is ended (EOS: it
+/// drains its last part) and `next` builds another, which gets the new caps, writes a new init segment and starts
+/// with a new fragment. The ended muxer and its sink are removed once their EOS has passed.
+fn swap_muxer(pad: &gst::Pad, next: impl FnMut() -> Option<gst::Element> + Send + 'static) {
+    let state = Mutex::new((None::<gst::Caps>, next));
+    pad.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |pad, info| {
+        let Some(gst::PadProbeData::Event(ev)) = &info.data else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let gst::EventView::Caps(c) = ev.view() else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let caps = c.caps_owned();
+        let mut st = state.lock();
+        let changed = st.0.as_ref().is_some_and(|l| *l != caps);
+        st.0 = Some(caps);
+        if !changed {
+            return gst::PadProbeReturn::Ok;
+        }
+        let Some(old) = pad.peer() else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let Some(mux) = (st.1)() else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let Some(new) = mux.static_pad("sink") else {
+            return gst::PadProbeReturn::Ok;
+        };
+        if pad.unlink(&old).is_err() || pad.link(&new).is_err() {
+            tracing::error!("the passthrough rendition's muxer could not be replaced");
+            return gst::PadProbeReturn::Ok;
+        }
+        retire_muxer(&old);
+        // the caps event goes on to the new muxer (sticky events before it follow on the next push)
+        gst::PadProbeReturn::Ok
+    });
+}
+
+/// Ends the muxer whose sink pad is `old` (EOS: it drains its last part), and removes it and its appsink from the
+/// pipeline once that EOS has reached the appsink.
+fn retire_muxer(old: &gst::Pad) {
+    let Some(mux) = old.parent_element() else {
+        return;
+    };
+    let appsink = mux
+        .static_pad("src")
+        .and_then(|p| p.peer())
+        .and_then(|p| p.parent_element());
+    if let Some(sinkpad) = appsink.as_ref().and_then(|a| a.static_pad("sink")) {
+        let (mux, appsink) = (mux.clone(), appsink.clone());
+        sinkpad.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_, info| {
+            let is_eos = matches!(&info.data, Some(gst::PadProbeData::Event(e)) if e.type_() == gst::EventType::Eos);
+            if !is_eos {
+                return gst::PadProbeReturn::Ok;
+            }
+            let (mux, appsink) = (mux.clone(), appsink.clone());
+            // not on the streaming thread: setting an element to NULL waits for it
+            let _ = std::thread::Builder::new()
+                .name("kiln-mux-retire".into())
+                .spawn(move || {
+                    for e in [&mux].into_iter().chain(appsink.iter()) {
+                        let _ = e.set_state(gst::State::Null);
+                        if let Some(bin) = e.parent().and_then(|p| p.downcast::<gst::Bin>().ok()) {
+                            let _ = bin.remove(e);
+                        }
+                    }
+                });
+            gst::PadProbeReturn::Drop
+        });
+    }
+    old.send_event(gst::event::Eos::new());
 }
 
 /// audioconvert → audioresample → caps → AAC → aacparse → [splitter] → cmafmux → appsink; returns the head.
@@ -356,6 +502,7 @@ pub(super) fn build_audio_branch(
     index: usize,
     a: &AudioRendition,
     sink: EventSink,
+    keys: Option<Arc<crate::source::SourceKeys>>,
 ) -> Result<gst::Element, MediaError> {
     let n = &a.name;
     let conv = make("audioconvert", &format!("aconv-{n}"))?;
@@ -381,7 +528,7 @@ pub(super) fn build_audio_branch(
     enc.set_property("perfect-timestamp", true);
     let parse = make("aacparse", &format!("aparse-{n}"))?;
     let part_ns = plan.timing.audio_part_ns(a.sample_rate);
-    let (mux, appsink) = build_mux_sink(plan, index, n, part_ns, sink)?;
+    let (mux, appsink) = build_mux_sink(plan, index, n, part_ns, sink, keys)?;
     add_link(
         pipeline,
         &[&conv, &res, &caps, &rate, &enc, &parse, &mux, &appsink],

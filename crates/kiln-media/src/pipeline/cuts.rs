@@ -71,8 +71,9 @@ pub(super) fn nudge_timestamps(info: &mut gst::PadProbeInfo) {
 /// before it may hold a frame back (videorate keeps one to decide on duplicates), which would let the event
 /// overtake the frame it was meant for.
 ///
-/// With `gate` (a stream with a passthrough rendition: the source's IDRs, and the rendition's rate), only a frame
-/// that was an IDR in the source may take the keyframe.
+/// With `gate` (a stream with a passthrough rendition: the source's cuts, and the rendition's rate), only a frame
+/// that was an IDR in the source may take the keyframe while the source's bitstream feeds the passthrough
+/// rendition, and the first frame at or after each switch point takes one whatever the grid says.
 pub(super) fn add_keyframe_probe(
     pad: &gst::Pad,
     segment_ns: u64,
@@ -80,7 +81,8 @@ pub(super) fn add_keyframe_probe(
 ) {
     // half a frame of the rendition: its videorate stamps frames on its own grid
     let gate = gate.map(|(k, fps)| (k, kiln_model::stream::frames_to_ns(1, fps) / 2));
-    let clock = Mutex::new((KeyframeClock::new(segment_ns), 0u32));
+    // (clock, keys forced, the last switch point keyed)
+    let clock = Mutex::new((KeyframeClock::new(segment_ns), 0u32, None::<u64>));
     pad.add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
         let Some(buf) = info.buffer() else {
             return gst::PadProbeReturn::Ok;
@@ -88,9 +90,19 @@ pub(super) fn add_keyframe_probe(
         let Some(rt) = running_time(pad, buf) else {
             return gst::PadProbeReturn::Ok;
         };
-        let allowed = gate.as_ref().is_none_or(|(k, tol)| k.is_key(rt, *tol));
         let mut st = clock.lock();
-        if st.0.on_frame_if(rt, allowed) {
+        let switch = gate
+            .as_ref()
+            .and_then(|(k, tol)| k.switch_due(st.2, rt, *tol));
+        let key = if let Some(s) = switch {
+            st.2 = Some(s);
+            st.0.force(rt);
+            true
+        } else {
+            let allowed = gate.as_ref().is_none_or(|(k, tol)| k.may_key(rt, *tol));
+            st.0.on_frame_if(rt, allowed)
+        };
+        if key {
             st.1 += 1;
             // running-time NONE means "the next frame": the event travels in-band just ahead of this frame, so the
             // encoder keys exactly this frame. (A concrete running time is compared by GstVideoEncoder 1.22 against
@@ -107,4 +119,26 @@ pub(super) fn add_keyframe_probe(
         }
         gst::PadProbeReturn::Ok
     });
+}
+
+/// What decides the cut before each frame: `(running time, keyframe)` → split.
+pub(super) type Cuts = Box<dyn FnMut(u64, bool) -> Option<Split> + Send>;
+
+/// A video rendition's cuts (`splitter`), where a stream with a passthrough rendition also starts a segment at the
+/// first keyframe at or after each switch point (`keys`; `tolerance_ns`: half a frame).
+pub(super) fn video_cuts(
+    mut splitter: VideoSplitter,
+    keys: Option<Arc<crate::source::SourceKeys>>,
+    tolerance_ns: u64,
+) -> impl FnMut(u64, bool) -> Option<Split> + Send + 'static {
+    let mut handled = None;
+    move |rt, key| {
+        if let (true, Some(k)) = (key, &keys) {
+            if let Some(s) = k.switch_due(handled, rt, tolerance_ns) {
+                handled = Some(s);
+                return splitter.force_segment(rt);
+            }
+        }
+        splitter.on_frame(rt, key)
+    }
 }

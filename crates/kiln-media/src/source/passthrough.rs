@@ -22,40 +22,106 @@ use std::collections::VecDeque;
 
 use super::*;
 
-/// The stream-timeline times of the frames that were IDRs in the source (the newest [`SourceKeys::KEPT`]).
+/// What the source's bitstream means for the stream's cuts, on the stream's timeline: where the source had its
+/// IDRs, from when keyframes may fall only there, and the switch points where every video rendition keys and
+/// starts a segment with `EXT-X-DISCONTINUITY` (every rendition: their discontinuity sequence numbers must match).
 #[derive(Debug, Default)]
 pub(crate) struct SourceKeys {
     keys: Mutex<VecDeque<u64>>,
+    /// (from, constrained): from that time on, keyframes only on the source's IDRs (`true`: its bitstream feeds
+    /// the passthrough rendition) or on any frame (`false`: the top encoded rendition does).
+    modes: Mutex<VecDeque<(u64, bool)>>,
+    switches: Mutex<VecDeque<u64>>,
 }
 
 impl SourceKeys {
     const KEPT: usize = 64;
 
-    fn record(&self, t_ns: u64) {
-        let mut k = self.keys.lock();
+    fn push(q: &Mutex<VecDeque<u64>>, t_ns: u64) {
+        let mut k = q.lock();
         if k.len() == Self::KEPT {
             k.pop_front();
         }
         k.push_back(t_ns);
     }
 
-    /// Whether the frame at `t_ns` was an IDR in the source, within `tolerance_ns` (a rendition's videorate
-    /// stamps frames on its own grid, up to half a frame away).
-    pub(crate) fn is_key(&self, t_ns: u64, tolerance_ns: u64) -> bool {
-        self.keys
+    /// Whether the frame at `t_ns` may take a keyframe: it was an IDR in the source (within `tolerance_ns`: a
+    /// rendition's videorate stamps frames on its own grid, up to half a frame away), or the source's bitstream
+    /// does not feed the passthrough rendition at that time.
+    pub(crate) fn may_key(&self, t_ns: u64, tolerance_ns: u64) -> bool {
+        let constrained = self
+            .modes
             .lock()
             .iter()
             .rev()
-            .any(|k| k.abs_diff(t_ns) <= tolerance_ns)
+            .find(|(from, _)| *from <= t_ns + tolerance_ns)
+            .is_none_or(|(_, c)| *c);
+        !constrained
+            || self
+                .keys
+                .lock()
+                .iter()
+                .rev()
+                .any(|k| k.abs_diff(t_ns) <= tolerance_ns)
+    }
+
+    /// The newest switch point after `handled` that the frame at `t_ns` has reached (within `tolerance_ns`).
+    pub(crate) fn switch_due(
+        &self,
+        handled: Option<u64>,
+        t_ns: u64,
+        tolerance_ns: u64,
+    ) -> Option<u64> {
+        self.switches
+            .lock()
+            .iter()
+            .rev()
+            .find(|s| handled.is_none_or(|h| **s > h) && **s <= t_ns + tolerance_ns)
+            .copied()
+    }
+
+    fn switch_at(&self, t_ns: u64, constrained: bool) {
+        let mut m = self.modes.lock();
+        if m.len() == Self::KEPT {
+            m.pop_front();
+        }
+        m.push_back((t_ns, constrained));
+        drop(m);
+        Self::push(&self.switches, t_ns);
     }
 }
 
-/// Where the passthrough track stands: the input that feeds it and its last decode time.
+/// What feeds the passthrough rendition.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    /// The access units of the input on air (`PassTrack::generation`), from an IDR on.
+    #[default]
+    Source,
+    /// The top encoded rendition's, from its first keyframe at or after `from` (the input on air has no
+    /// bitstream to forward, or not yet an IDR): until `back` (the on-air source's first IDR), if set.
+    Fill { from: u64, back: Option<u64> },
+}
+
+/// Where the passthrough track stands.
 #[derive(Debug, Default)]
 pub(super) struct PassTrack {
+    feed: Feed,
+    /// The input whose access units feed it (or will, from `back`).
     generation: u64,
     last_dts: Option<i64>,
+    /// The first fill access unit went out (it must be a keyframe).
+    fill_started: bool,
+    /// The source feeds the track again but its IDR was not there: its access units wait for the next.
+    need_key: bool,
+    /// Access units of inputs that do not feed the track (not on air yet, or the fill does): per generation, from
+    /// its latest IDR, on the input's own timeline (its offset is known once it is on air).
+    pending: VecDeque<(u64, gst::Buffer, Option<gst::Caps>)>,
+    /// The offset of the input the fill hands back to (set with `Feed::Fill::back`).
+    back_offset: i64,
 }
+
+/// At most this many access units wait for the fill to reach the source's IDR (a GOP of 10 s at 30 fps).
+const PENDING_MAX: usize = 300;
 
 impl Shared {
     /// An IDR passed the input's parser at running time `rt` (before it is decoded).
@@ -85,17 +151,47 @@ impl Shared {
 const GRID_SLACK_NS: u64 = 1_000_000;
 
 impl Entry {
+    /// An input took over at `at` on the stream's timeline: the top encoded rendition feeds the passthrough
+    /// rendition from its keyframe there, until the new input's first IDR (the slate has none).
+    pub(super) fn pass_switch(&self, generation: u64, at: u64) {
+        if self.pass_out.is_none() {
+            return;
+        }
+        let mut track = self.pass.lock();
+        track.feed = Feed::Fill {
+            from: at,
+            back: None,
+        };
+        track.generation = generation;
+        track.fill_started = false;
+        self.keys.switch_at(at, false);
+    }
+
     /// Notes that the frame the input decoded at `rt` lands at `pts` on the stream's timeline (called for a
-    /// frame on air, before it is pushed, so the keyframe clocks behind the tee can see it).
+    /// frame on air, before it is pushed, so the keyframe clocks behind the tee can see it). The first IDR of
+    /// an input that took over from another is where its bitstream takes the passthrough rendition back.
     pub(super) fn note_key(&self, input: &Shared, rt: u64, pts: u64) {
-        if self.pass_out.is_some() && input.take_idr(rt) {
-            self.keys.record(pts);
+        if self.pass_out.is_none() || !input.take_idr(rt) {
+            return;
+        }
+        SourceKeys::push(&self.keys.keys, pts);
+        let mut track = self.pass.lock();
+        if let Feed::Fill { from, back: None } = track.feed {
+            if track.generation == input.generation() {
+                track.back_offset = input.offset_ns.load(Ordering::SeqCst);
+                track.feed = Feed::Fill {
+                    from,
+                    back: Some(pts),
+                };
+                self.keys.switch_at(pts, true);
+            }
         }
     }
 
     /// Pushes one access unit of `input` (running times `rt_pts`, `rt_dts` in its pipeline) onto the stream's
-    /// timeline, into the passthrough rendition. Only the input on air feeds it, from an IDR on; an input that
-    /// is not (yet) on air, or an access unit that would go backwards, is dropped.
+    /// timeline, into the passthrough rendition. Only the input on air feeds it, from an IDR on; while the fill
+    /// still feeds the track, its access units wait (from its latest IDR). An input not on air, or an access
+    /// unit that would go backwards, is dropped.
     fn push_pass(
         &self,
         input: &Shared,
@@ -104,40 +200,143 @@ impl Entry {
         rt_dts: Option<i64>,
         caps: Option<&gst::CapsRef>,
     ) -> Result<gst::FlowSuccess, gst::FlowError> {
-        let Some(out) = &self.pass_out else {
-            return Ok(gst::FlowSuccess::Ok);
-        };
-        let generation = input.generation();
-        if input.is_standby() || generation != self.current() {
+        if self.pass_out.is_none() || input.is_withdrawn() {
             return Ok(gst::FlowSuccess::Ok);
         }
+        let generation = input.generation();
         let key = !buf.flags().contains(gst::BufferFlags::DELTA_UNIT);
         let mut track = self.pass.lock();
-        if track.generation != generation {
+        let on_air = !input.is_standby() && generation == self.current();
+        if !on_air || matches!(track.feed, Feed::Fill { .. }) {
+            // kept on its own timeline until it feeds the track (an input about to take over: its IDR comes
+            // before its first decoded frame)
+            if generation < self.current() && !input.keep {
+                return Ok(gst::FlowSuccess::Ok); // retired
+            }
+            {
+                let b = buf.make_mut();
+                b.set_pts(gst::ClockTime::from_nseconds(rt_pts));
+                b.set_dts(rt_dts.map(|d| gst::ClockTime::from_nseconds(d.max(0) as u64)));
+            }
+            if key {
+                track.pending.retain(|(g, ..)| *g != generation);
+            }
+            let waiting = track.pending.iter().any(|(g, ..)| *g == generation);
+            if (key || waiting) && track.pending.len() < PENDING_MAX {
+                track
+                    .pending
+                    .push_back((generation, buf, caps.map(|c| c.to_owned())));
+            }
+            return Ok(gst::FlowSuccess::Ok);
+        }
+        if track.generation != generation || track.need_key {
             if !key {
                 return Ok(gst::FlowSuccess::Ok); // a passthrough track starts on an IDR
             }
-            track.generation = generation;
+            track.need_key = false;
         }
         let offset = input.offset_ns.load(Ordering::SeqCst);
         let pts = rt_pts as i64 + offset;
         let dts = rt_dts.map_or(pts, |d| d + offset);
-        if pts < 0 || dts < 0 || track.last_dts.is_some_and(|l| dts <= l) {
+        if pts < 0 || dts < 0 {
             return Ok(gst::FlowSuccess::Ok);
         }
-        track.last_dts = Some(dts);
+        track.generation = generation;
         {
             let b = buf.make_mut();
             b.set_pts(gst::ClockTime::from_nseconds(pts as u64));
             b.set_dts(gst::ClockTime::from_nseconds(dts as u64));
         }
+        self.push_locked(&mut track, buf, caps)
+    }
+
+    /// One access unit of the top encoded rendition (its running time is the stream's): it feeds the
+    /// passthrough rendition while the fill does, from its first keyframe; once it reaches the source's IDR the
+    /// source's waiting access units take over.
+    pub(crate) fn push_fill(&self, buf: &gst::Buffer, caps: Option<&gst::CapsRef>) {
+        if self.pass_out.is_none() {
+            return;
+        }
+        let mut track = self.pass.lock();
+        let Feed::Fill { from, back } = track.feed else {
+            return;
+        };
+        let Some(pts) = buf.pts().map(|p| p.nseconds()) else {
+            return;
+        };
+        // within a millisecond: the encoder's timestamps are the frames', rounded like them
+        if pts + GRID_SLACK_NS < from {
+            return;
+        }
+        if let Some(back) = back {
+            if pts + GRID_SLACK_NS >= back {
+                self.fill_back(&mut track, back);
+                return;
+            }
+        }
+        let key = !buf.flags().contains(gst::BufferFlags::DELTA_UNIT);
+        if !track.fill_started && !key {
+            return;
+        }
+        track.fill_started = true;
+        let _ = self.push_locked(&mut track, buf.clone(), caps);
+    }
+
+    /// The fill reached the source's IDR at `back`: the source's access units from there on (waiting on its own
+    /// timeline, moved by its offset now) feed the track. Without its IDR among them, the next one starts it.
+    fn fill_back(&self, track: &mut PassTrack, back: u64) {
+        track.feed = Feed::Source;
+        let (generation, offset) = (track.generation, track.back_offset);
+        let pending = std::mem::take(&mut track.pending);
+        let mut started = false;
+        for (g, mut b, caps) in pending {
+            if g != generation {
+                track.pending.push_back((g, b, caps));
+                continue;
+            }
+            let Some(pts) = b.pts().map(|p| p.nseconds() as i64 + offset) else {
+                continue;
+            };
+            let key = !b.flags().contains(gst::BufferFlags::DELTA_UNIT);
+            if pts < 0 || (pts as u64) + GRID_SLACK_NS < back || (!started && !key) {
+                continue;
+            }
+            started = true;
+            let dts = b.dts().map_or(pts, |d| d.nseconds() as i64 + offset).max(0);
+            {
+                let m = b.make_mut();
+                m.set_pts(gst::ClockTime::from_nseconds(pts as u64));
+                m.set_dts(gst::ClockTime::from_nseconds(dts as u64));
+            }
+            if self.push_locked(track, b, caps.as_deref()).is_err() {
+                break;
+            }
+        }
+        track.need_key = !started;
+    }
+
+    /// Pushes `buf` into the passthrough entry (with `track` locked: pushes stay in order), unless its decode
+    /// time would go backwards.
+    fn push_locked(
+        &self,
+        track: &mut PassTrack,
+        buf: gst::Buffer,
+        caps: Option<&gst::CapsRef>,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let Some(out) = &self.pass_out else {
+            return Ok(gst::FlowSuccess::Ok);
+        };
+        let dts = buf.dts().or(buf.pts()).map(|d| d.nseconds() as i64);
+        if dts.is_none() || track.last_dts.is_some_and(|l| dts <= Some(l)) {
+            return Ok(gst::FlowSuccess::Ok);
+        }
+        track.last_dts = dts;
         if let Some(caps) = caps {
             if out.caps().as_deref() != Some(caps) {
-                tracing::info!(input = generation, %caps, "passthrough format");
+                tracing::info!(%caps, "passthrough format");
                 out.set_caps(Some(&caps.to_owned()));
             }
         }
-        drop(track);
         out.push_buffer(buf).map(|_| gst::FlowSuccess::Ok)
     }
 }
@@ -256,15 +455,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn source_keys_match_within_the_tolerance_and_keep_the_newest() {
+    fn keys_fall_on_source_idrs_only_while_its_bitstream_feeds_the_passthrough() {
         let k = SourceKeys::default();
         for i in 0..100u64 {
-            k.record(i * 2_000_000_000);
+            SourceKeys::push(&k.keys, i * 2_000_000_000);
         }
-        assert!(k.is_key(198_000_000_000 + 10_000_000, 16_000_000));
-        assert!(!k.is_key(198_000_000_000 + 20_000_000, 16_000_000));
+        assert!(k.may_key(198_000_000_000 + 10_000_000, 16_000_000));
+        assert!(!k.may_key(198_000_000_000 + 20_000_000, 16_000_000));
         // only the newest 64 are kept
-        assert!(!k.is_key(0, 16_000_000));
-        assert!(k.is_key(72_000_000_000, 0));
+        assert!(!k.may_key(0, 16_000_000));
+        assert!(k.may_key(72_000_000_000, 0));
+        // the fill from 199 s: any frame; the source back at 201 s: its IDRs again
+        k.switch_at(199_000_000_000, false);
+        k.switch_at(201_000_000_000, true);
+        assert!(k.may_key(199_500_000_000, 16_000_000));
+        assert!(!k.may_key(201_500_000_000, 16_000_000));
+        assert!(!k.may_key(198_500_000_000, 16_000_000));
+        assert_eq!(
+            k.switch_due(None, 200_000_000_000, 0),
+            Some(199_000_000_000)
+        );
+        assert_eq!(
+            k.switch_due(Some(199_000_000_000), 200_000_000_000, 0),
+            None
+        );
+        assert_eq!(
+            k.switch_due(Some(199_000_000_000), 201_000_000_000, 0),
+            Some(201_000_000_000)
+        );
     }
 }

@@ -260,7 +260,11 @@ fn a_passthrough_rendition_parses_apart_and_is_validated_against_the_plan() {
     let ok = plan("publish:", vec![v("lo", 640, 360)])
         .with_passthrough(Some(p.clone()))
         .unwrap();
-    assert_eq!(ok.passthrough_index(), Some(2), "after the video and the audio");
+    assert_eq!(
+        ok.passthrough_index(),
+        Some(2),
+        "after the video and the audio"
+    );
     assert_eq!(
         ok.source_size(),
         (1920, 1080),
