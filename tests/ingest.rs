@@ -2614,12 +2614,20 @@ async fn passthrough_through_a_loss(d: &Daemon, dir: &std::path::Path) -> Result
 async fn a_passthrough_rendition_forwards_the_publishers_h264_on_its_gop() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let d = daemon(None).await?;
-    for (id, gop, bframes) in [("pt2", 60u32, false), ("pt4", 120, true)] {
-        let file = h264_file(dir.path(), gop, bframes, 16)?;
-        let body = r#"{"source": "publish:", "on_source_loss": {"mode": "end"}, "audio": {"enabled": false},
-            "renditions": [{"name": "source", "passthrough": true, "bitrate_kbps": 900},
-                           {"name": "lo", "width": 160, "height": 90, "fps": 30, "bitrate_kbps": 120}]}"#;
-        let (code, v) = d.put_stream(id, body).await?;
+    // pt4: a GOP four times the 1 s target (longer than the encoders' own GOP limit would be), B-frames, and an
+    // encoded rendition at half the source's rate
+    for (id, gop, bframes, segment_ms, lo_fps) in [
+        ("pt2", 60u32, false, 2000, 30),
+        ("pt4", 120, true, 1000, 15),
+    ] {
+        let file = h264_file(dir.path(), gop, bframes, 24)?;
+        let body = format!(
+            r#"{{"source": "publish:", "on_source_loss": {{"mode": "end"}}, "audio": {{"enabled": false}},
+            "segment_ms": {segment_ms},
+            "renditions": [{{"name": "source", "passthrough": true, "bitrate_kbps": 900}},
+                           {{"name": "lo", "width": 160, "height": 90, "fps": {lo_fps}, "bitrate_kbps": 120}}]}}"#
+        );
+        let (code, v) = d.put_stream(id, &body).await?;
         ensure!(code == 201, "PUT {id}: {code} {v}");
         let url = v["ingest"]["srt_url"]
             .as_str()
@@ -2734,7 +2742,11 @@ async fn a_passthrough_rendition_forwards_the_publishers_h264_on_its_gop() -> Re
         ensure!(master.contains("RESOLUTION=320x180"), "{id}: {master}");
         let s = status(&d, id).await?;
         let warned = s["warnings"].to_string().contains("GOP is longer");
-        ensure!(warned == (secs > 2), "{id}: warnings {}", s["warnings"]);
+        ensure!(
+            warned == (gop * 1000 / 30 > segment_ms),
+            "{id}: warnings {}",
+            s["warnings"]
+        );
         ensure!(
             s["renditions"][2]["passthrough"] == true || s["renditions"][1]["passthrough"] == true,
             "{s}"

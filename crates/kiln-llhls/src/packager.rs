@@ -218,6 +218,8 @@ pub struct Packager {
     /// Discontinuities in segments trimmed away entirely.
     dropped_discontinuities: u64,
     over_target: u64,
+    /// Segments follow a source's GOP, not the grid (the PRELOAD-HINT's guess of the next segment's start).
+    follow_gop: bool,
 }
 
 /// Which playlist a request asked for (`_HLS_skip`).
@@ -277,6 +279,7 @@ impl Packager {
             parts_published: 0,
             dropped_discontinuities: 0,
             over_target: 0,
+            follow_gop: false,
         }
     }
 
@@ -315,6 +318,24 @@ impl Packager {
             .iter()
             .filter(|s| s.complete() && s.duration_ns >= td_ns + 500_000_000)
             .count() as u64;
+    }
+
+    /// Segments follow the source's GOP: the PRELOAD-HINT expects the next segment to start as long after the
+    /// open one's start as the last complete segment lasted (not at the next grid point).
+    pub fn follow_source_gop(&mut self) {
+        self.follow_gop = true;
+    }
+
+    /// The highest bitrate of a complete segment retained, in bits per second.
+    pub fn peak_bitrate(&self) -> Option<u64> {
+        self.segs
+            .iter()
+            .filter(|s| s.complete() && s.duration_ns > 0)
+            .filter_map(|s| {
+                let bytes = s.bytes.as_ref()?.len() as u128;
+                Some((bytes * 8 * 1_000_000_000 / u128::from(s.duration_ns)) as u64)
+            })
+            .max()
     }
 
     /// The longest complete segment retained, in ns.
@@ -480,7 +501,19 @@ impl Packager {
             return Some(PartPos::new(s.msn + 1, 0));
         }
         let next_start = s.start_ns + s.duration_ns;
-        if next_part_opens_segment(s.start_ns, next_start, self.cfg.segment_ns) {
+        let opens = if self.follow_gop {
+            // segments as long as the source's GOP: expect the next as long as the last complete one
+            let expected = self
+                .segs
+                .iter()
+                .rev()
+                .find(|s| s.complete())
+                .map_or(self.cfg.segment_ns, |p| p.duration_ns);
+            next_start + crate::plan::GRID_EPSILON_NS >= s.start_ns + expected
+        } else {
+            next_part_opens_segment(s.start_ns, next_start, self.cfg.segment_ns)
+        };
+        if opens {
             Some(PartPos::new(s.msn + 1, 0))
         } else {
             Some(PartPos::new(s.msn, s.parts.len() as u64))

@@ -64,12 +64,32 @@ impl KeyframeClock {
     }
 }
 
+/// Whether a source IDR at `t_ns` opens a segment that began at `last_cut_ns` (a stream whose segments follow
+/// its source's GOP): once the segment is at least `segment_ns` long. Every rendition decides on the same IDR
+/// times, so they cut the same frames; a GOP that does not divide the target gives segments of whole GOPs (a
+/// 1.5 s GOP on a 2 s target: 3 s), never a skipped IDR that doubles one.
+pub fn gop_cut(last_cut_ns: Option<u64>, t_ns: u64, segment_ns: u64) -> bool {
+    last_cut_ns.is_none_or(|l| t_ns + GRID_EPSILON_NS >= l + segment_ns)
+}
+
+/// Which keyframes open a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentRule {
+    /// The first keyframe at or after each grid point (the encoders key exactly there).
+    Grid,
+    /// Every keyframe (an encoder keyed only where a cut was decided upstream).
+    EveryKey,
+    /// A keyframe once the segment is at least the target long ([`gop_cut`]: a source's IDRs).
+    AfterTarget,
+}
+
 /// Part/segment cuts for one video rendition.
 #[derive(Debug, Clone)]
 pub struct VideoSplitter {
     segment_ns: u64,
     part_ns: u64,
     seg_index: Option<u64>,
+    seg_start_ns: u64,
     next_part_ns: u64,
 }
 
@@ -80,13 +100,24 @@ impl VideoSplitter {
             segment_ns,
             part_ns: part_ns.max(1),
             seg_index: None,
+            seg_start_ns: 0,
             next_part_ns: 0,
         }
     }
 
     /// Called for each frame, in decode order, before it reaches the muxer.
     pub fn on_frame(&mut self, t_ns: u64, keyframe: bool) -> Option<Split> {
+        self.on_frame_by(t_ns, keyframe, SegmentRule::Grid)
+    }
+
+    /// [`Self::on_frame`] with segments opened by `rule`.
+    pub fn on_frame_by(&mut self, t_ns: u64, keyframe: bool, rule: SegmentRule) -> Option<Split> {
         let idx = segment_index(t_ns, self.segment_ns);
+        let opens = |cur: u64, start: u64| match rule {
+            SegmentRule::Grid => idx > cur,
+            SegmentRule::EveryKey => t_ns > start,
+            SegmentRule::AfterTarget => gop_cut(Some(start), t_ns, self.segment_ns),
+        };
         match self.seg_index {
             None => {
                 // The muxer opens the first fragment by itself; wait for a keyframe so it starts on one.
@@ -95,7 +126,7 @@ impl VideoSplitter {
                 }
                 None
             }
-            Some(cur) if idx > cur && keyframe => {
+            Some(cur) if keyframe && opens(cur, self.seg_start_ns) => {
                 self.start_segment(idx, t_ns);
                 Some(Split::Segment)
             }
@@ -119,6 +150,7 @@ impl VideoSplitter {
 
     fn start_segment(&mut self, idx: u64, t_ns: u64) {
         self.seg_index = Some(idx);
+        self.seg_start_ns = t_ns;
         self.next_part_ns = t_ns + self.part_ns;
     }
 }
@@ -290,6 +322,51 @@ mod tests {
             .filter(|i| clock.on_frame_if(frame_ns(*i, 30, 1, 0), i % 60 == 15))
             .collect();
         assert_eq!(keys, vec![15, 75, 135, 195, 255]);
+    }
+
+    #[test]
+    fn segments_of_whole_gops_never_skip_an_idr() {
+        // 29.97 fps with a 60-frame GOP (2.002 s) on a 2 s target: every IDR cuts, for ever (the grid rule would
+        // skip one every ~1000 GOPs and double that segment)
+        let idr = |k: u64| k * 60 * 1001 * 1_000_000_000 / 30_000;
+        let mut last = None;
+        for k in 0..5000 {
+            assert!(gop_cut(last, idr(k), S), "IDR {k} skipped");
+            last = Some(idr(k));
+        }
+        // a 1.5 s GOP: every second IDR (3 s segments)
+        let cuts: Vec<u64> = {
+            let mut last = None;
+            (0..8u64)
+                .filter(|k| {
+                    let t = k * 1_500_000_000;
+                    let cut = gop_cut(last, t, S);
+                    if cut {
+                        last = Some(t);
+                    }
+                    cut
+                })
+                .collect()
+        };
+        assert_eq!(cuts, vec![0, 2, 4, 6]);
+        // the passthrough's splitter applies the same rule to the same IDRs
+        let mut sp = VideoSplitter::new(S, 500_000_000);
+        let mut segs = Vec::new();
+        for k in 0..8u64 {
+            if sp.on_frame_by(k * 1_500_000_000, true, SegmentRule::AfterTarget)
+                == Some(Split::Segment)
+            {
+                segs.push(k);
+            }
+        }
+        assert_eq!(segs, vec![2, 4, 6]);
+        // an encoder keyed only where cuts were decided: every key opens one
+        let mut sp = VideoSplitter::new(S, 500_000_000);
+        assert_eq!(sp.on_frame_by(0, true, SegmentRule::EveryKey), None);
+        assert_eq!(
+            sp.on_frame_by(3_000_000_000, true, SegmentRule::EveryKey),
+            Some(Split::Segment)
+        );
     }
 
     #[test]

@@ -154,7 +154,7 @@ impl LivePipeline {
         pipeline.use_clock(Some(&clock));
 
         // a passthrough rendition: the encoders key only where the source had its IDRs
-        let keys = Arc::new(crate::source::SourceKeys::default());
+        let keys = Arc::new(crate::source::SourceKeys::new(plan.timing.segment_ns()));
         let gate = plan.passthrough.as_ref().map(|_| keys.clone());
         let fill: FillSlot = Arc::default();
         // no tee at all for an audio-only stream

@@ -32,7 +32,7 @@ use crate::select::{InputCodec, Registry};
 use crate::{EventSink, MediaError, MediaEvent};
 
 mod passthrough;
-pub(crate) use passthrough::SourceKeys;
+pub(crate) use passthrough::{Gate, SourceKeys};
 
 /// One input's pipeline (a source, or the slate) and what its frames need on their way into the [`Entry`].
 #[derive(Debug)]
@@ -1004,7 +1004,9 @@ impl EncodedSource {
                         }
                     }
                     MessageView::Eos(_) => {
-                        for out in st.entry.video_out.iter().chain(st.entry.audio_out.iter()) {
+                        let entry = &st.entry;
+                        let outs = [&entry.video_out, &entry.audio_out, &entry.pass_out];
+                        for out in outs.into_iter().flatten() {
                             let _ = out.end_of_stream();
                         }
                     }

@@ -165,6 +165,9 @@ impl StreamOrigin {
         learn_from: usize,
     ) -> Arc<Self> {
         let mut s = Self::build(id, renditions, config);
+        for r in &s.renditions {
+            r.packager().follow_source_gop();
+        }
         s.learn_from = Some(learn_from);
         s.target_known = AtomicBool::new(false);
         Arc::new(s)
@@ -213,6 +216,8 @@ impl StreamOrigin {
         let rounded = ((longest + 500_000_000) / 1_000_000_000) as u32;
         let td = rounded.max(self.config.target_duration_s);
         self.target_s.store(td, Ordering::SeqCst);
+        // known before the waiters wake to the republished playlists
+        self.target_known.store(true, Ordering::SeqCst);
         for (i, r) in self.renditions.iter().enumerate() {
             let reports = self.reports_for(i);
             let snap = {
@@ -222,7 +227,6 @@ impl StreamOrigin {
             };
             r.publish(snap);
         }
-        self.target_known.store(true, Ordering::SeqCst);
         self.bump();
     }
 
@@ -385,10 +389,19 @@ impl StreamOrigin {
 
     /// The multivariant playlist, once every rendition's codec is known.
     pub fn master(&self) -> Option<String> {
+        // a stream on its source's GOP: once its first segment (and so the passthrough's bitrate) is known
+        if !self.target_known() {
+            return None;
+        }
         let mut video = Vec::new();
         let mut audio = None;
-        for r in &self.renditions {
+        for (i, r) in self.renditions.iter().enumerate() {
             let codec = r.codec()?;
+            // the passthrough's bitrate is the publisher's: the stated one, or the highest measured if higher
+            let measured = (self.learn_from == Some(i))
+                .then(|| r.packager().peak_bitrate())
+                .flatten()
+                .unwrap_or(0);
             let uri = format!("{}/index.m3u8", r.info.name);
             match r.info.kind {
                 RenditionKind::Video { width, height, fps } => {
@@ -396,7 +409,7 @@ impl StreamOrigin {
                     video.push(VideoVariant {
                         uri,
                         // Peak allowance over the configured average: x264 rate control overshoots per segment.
-                        bandwidth: r.info.bitrate * 6 / 5,
+                        bandwidth: (r.info.bitrate * 6 / 5).max(measured),
                         average_bandwidth: Some(r.info.bitrate),
                         codec,
                         width,

@@ -208,22 +208,7 @@ pub(super) fn build_video_branch(
     if sel.download {
         chain.push(make("cudadownload", &format!("down-{n}"))?);
     }
-    let enc = make_dyn(&sel.encoder.factory, &format!("enc-{n}"))?;
-    let seg_frames = (plan.timing.segment_ms as u64 * v.fps.num as u64)
-        .div_ceil(1000 * v.fps.den as u64)
-        .max(1);
-    match sel.backend {
-        Backend::Cpu => configure_x264(&enc, plan, v, seg_frames),
-        Backend::Nvenc { .. } => {
-            configure_nvenc(&enc, plan, v, seg_frames, sel.encoder.cuda_device_id)?
-        }
-    }
-    #[cfg(feature = "fault-injection")]
-    if index == 0 {
-        if let Some(after) = opts.fail_encoder_after_frames {
-            inject_encoder_fault(&enc, after);
-        }
-    }
+    let enc = build_encoder(plan, opts, &branch, v)?;
     let parse = make("h264parse", &format!("parse-{n}"))?;
     let pcaps = capsfilter(
         &format!("pcaps-{n}"),
@@ -253,8 +238,42 @@ pub(super) fn build_video_branch(
     }
     let splitter = VideoSplitter::new(plan.timing.segment_ns(), part_ns);
     let half_frame = kiln_model::stream::frames_to_ns(1, v.fps) / 2;
-    add_split_probe(&out, video_cuts(splitter, keys, half_frame));
+    add_split_probe(&out, video_cuts(splitter, keys, half_frame, false));
     Ok(())
+}
+
+/// The rendition's encoder (x264 or NVENC), configured for its rate and the stream's keyframe policy.
+fn build_encoder(
+    plan: &StreamPlan,
+    opts: &BuildOptions,
+    branch: &VideoBranch,
+    v: &VideoRendition,
+) -> Result<gst::Element, MediaError> {
+    let sel = &opts.selection;
+    let enc = make_dyn(&sel.encoder.factory, &format!("enc-{}", v.name))?;
+    // With a passthrough rendition keyframes come only where a cut was decided (the source's IDRs, switch
+    // points): the encoder's own GOP limit, a safety net, must not add one within the longest source GOP.
+    let seg_ms = if branch.keys.is_some() {
+        30_000
+    } else {
+        plan.timing.segment_ms as u64
+    };
+    let seg_frames = (seg_ms * v.fps.num as u64)
+        .div_ceil(1000 * v.fps.den as u64)
+        .max(1);
+    match sel.backend {
+        Backend::Cpu => configure_x264(&enc, plan, v, seg_frames),
+        Backend::Nvenc { .. } => {
+            configure_nvenc(&enc, plan, v, seg_frames, sel.encoder.cuda_device_id)?
+        }
+    }
+    #[cfg(feature = "fault-injection")]
+    if branch.index == 0 {
+        if let Some(after) = opts.fail_encoder_after_frames {
+            inject_encoder_fault(&enc, after);
+        }
+    }
+    Ok(enc)
 }
 
 pub(super) fn configure_x264(
@@ -408,7 +427,7 @@ pub(super) fn build_passthrough_branch(
                 .unwrap_or(fallback_fps);
             let splitter = VideoSplitter::new(segment_ns, timing.video_part_ns(fps));
             let half_frame = kiln_model::stream::frames_to_ns(1, fps) / 2;
-            Box::new(video_cuts(splitter, Some(keys.clone()), half_frame))
+            Box::new(video_cuts(splitter, Some(keys.clone()), half_frame, true))
         });
         let split = cut(rt, key);
         // a new muxer opens its first fragment by itself

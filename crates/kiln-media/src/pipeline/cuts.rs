@@ -99,8 +99,18 @@ pub(super) fn add_keyframe_probe(
             st.0.force(rt);
             true
         } else {
-            let allowed = gate.as_ref().is_none_or(|(k, tol)| k.may_key(rt, *tol));
-            st.0.on_frame_if(rt, allowed)
+            use crate::source::Gate;
+            match gate
+                .as_ref()
+                .map_or(Gate::Grid, |(k, tol)| k.gate(rt, *tol))
+            {
+                Gate::Grid => st.0.on_frame(rt),
+                Gate::At(idr) => {
+                    st.0.force(idr);
+                    true
+                }
+                Gate::No => false,
+            }
         };
         if key {
             st.1 += 1;
@@ -124,21 +134,34 @@ pub(super) fn add_keyframe_probe(
 /// What decides the cut before each frame: `(running time, keyframe)` → split.
 pub(super) type Cuts = Box<dyn FnMut(u64, bool) -> Option<Split> + Send>;
 
-/// A video rendition's cuts (`splitter`), where a stream with a passthrough rendition also starts a segment at the
-/// first keyframe at or after each switch point (`keys`; `tolerance_ns`: half a frame).
+/// A video rendition's cuts (`splitter`). In a stream with a passthrough rendition (`keys`; `tolerance_ns`: half a
+/// frame) a segment also starts at the first keyframe at or after each switch point; an encoded rendition
+/// (`passthrough` false) then opens one at every keyframe (its encoder keys only where a cut was decided), and the
+/// passthrough rendition at the source IDRs that make a segment at least the target long, the same decision on the
+/// same IDR times ([`kiln_llhls::plan::gop_cut`]), or at every keyframe of the fill.
 pub(super) fn video_cuts(
     mut splitter: VideoSplitter,
     keys: Option<Arc<crate::source::SourceKeys>>,
     tolerance_ns: u64,
+    passthrough: bool,
 ) -> impl FnMut(u64, bool) -> Option<Split> + Send + 'static {
+    use kiln_llhls::plan::SegmentRule;
     let mut handled = None;
     move |rt, key| {
-        if let (true, Some(k)) = (key, &keys) {
+        let Some(k) = &keys else {
+            return splitter.on_frame(rt, key);
+        };
+        if key {
             if let Some(s) = k.switch_due(handled, rt, tolerance_ns) {
                 handled = Some(s);
                 return splitter.force_segment(rt);
             }
         }
-        splitter.on_frame(rt, key)
+        let rule = if passthrough && k.constrained(rt, tolerance_ns) {
+            SegmentRule::AfterTarget
+        } else {
+            SegmentRule::EveryKey
+        };
+        splitter.on_frame_by(rt, key, rule)
     }
 }

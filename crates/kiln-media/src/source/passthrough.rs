@@ -27,15 +27,41 @@ use super::*;
 /// starts a segment with `EXT-X-DISCONTINUITY` (every rendition: their discontinuity sequence numbers must match).
 #[derive(Debug, Default)]
 pub(crate) struct SourceKeys {
+    segment_ns: u64,
+    /// The source IDRs that open a segment ([`kiln_llhls::plan::gop_cut`], decided once for every rendition),
+    /// and the last one (or switch point).
     keys: Mutex<VecDeque<u64>>,
+    last_cut: Mutex<Option<u64>>,
     /// (from, constrained): from that time on, keyframes only on the source's IDRs (`true`: its bitstream feeds
     /// the passthrough rendition) or on any frame (`false`: the top encoded rendition does).
     modes: Mutex<VecDeque<(u64, bool)>>,
     switches: Mutex<VecDeque<u64>>,
 }
 
+/// Whether a frame may take a keyframe (see [`SourceKeys::gate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gate {
+    /// The source's bitstream does not feed the passthrough rendition: the grid decides.
+    Grid,
+    /// The frame is the source IDR at this time, which opens a segment.
+    At(u64),
+    /// Not a cut IDR.
+    No,
+}
+
+/// The longest a source may go without an IDR while its bitstream feeds the passthrough rendition (the longest
+/// segment a plan allows): past it the top encoded rendition fills in until the next IDR.
+const MAX_SOURCE_GOP_NS: u64 = 10_000_000_000;
+
 impl SourceKeys {
     const KEPT: usize = 64;
+
+    pub(crate) fn new(segment_ns: u64) -> Self {
+        Self {
+            segment_ns,
+            ..Default::default()
+        }
+    }
 
     fn push(q: &Mutex<VecDeque<u64>>, t_ns: u64) {
         let mut k = q.lock();
@@ -45,24 +71,53 @@ impl SourceKeys {
         k.push_back(t_ns);
     }
 
-    /// Whether the frame at `t_ns` may take a keyframe: it was an IDR in the source (within `tolerance_ns`: a
-    /// rendition's videorate stamps frames on its own grid, up to half a frame away), or the source's bitstream
-    /// does not feed the passthrough rendition at that time.
-    pub(crate) fn may_key(&self, t_ns: u64, tolerance_ns: u64) -> bool {
-        let constrained = self
-            .modes
+    /// Whether the source's bitstream feeds the passthrough rendition at `t_ns` (keyframes only on its IDRs).
+    pub(crate) fn constrained(&self, t_ns: u64, tolerance_ns: u64) -> bool {
+        self.modes
             .lock()
             .iter()
             .rev()
             .find(|(from, _)| *from <= t_ns + tolerance_ns)
-            .is_none_or(|(_, c)| *c);
-        !constrained
-            || self
-                .keys
-                .lock()
-                .iter()
-                .rev()
-                .any(|k| k.abs_diff(t_ns) <= tolerance_ns)
+            .is_none_or(|(_, c)| *c)
+    }
+
+    /// Whether the frame at `t_ns` may take a keyframe: while the source's bitstream feeds the passthrough
+    /// rendition, only the IDRs that open a segment, matched within `tolerance_ns` (a rendition's videorate stamps
+    /// frames on its own grid, up to half a frame away) and answered with the IDR's own time, so every rendition
+    /// decides on the same numbers.
+    pub(crate) fn gate(&self, t_ns: u64, tolerance_ns: u64) -> Gate {
+        if !self.constrained(t_ns, tolerance_ns) {
+            return Gate::Grid;
+        }
+        let tol = tolerance_ns + GRID_SLACK_NS;
+        match self
+            .keys
+            .lock()
+            .iter()
+            .rev()
+            .find(|k| k.abs_diff(t_ns) <= tol)
+        {
+            Some(k) => Gate::At(*k),
+            None => Gate::No,
+        }
+    }
+
+    /// The source IDR at `t_ns` (its bitstream feeding the passthrough rendition): records it when it opens a
+    /// segment.
+    fn source_idr(&self, t_ns: u64) {
+        let mut last = self.last_cut.lock();
+        if kiln_llhls::plan::gop_cut(*last, t_ns, self.segment_ns) {
+            *last = Some(t_ns);
+            Self::push(&self.keys, t_ns);
+        }
+    }
+
+    /// Whether the source feeding the passthrough rendition has gone past [`MAX_SOURCE_GOP_NS`] without an IDR
+    /// at `t_ns`.
+    fn gop_overdue(&self, t_ns: u64) -> bool {
+        self.last_cut
+            .lock()
+            .is_some_and(|l| t_ns > l + MAX_SOURCE_GOP_NS)
     }
 
     /// The newest switch point after `handled` that the frame at `t_ns` has reached (within `tolerance_ns`).
@@ -80,7 +135,13 @@ impl SourceKeys {
             .copied()
     }
 
+    /// A switch point at `t_ns`: every rendition keys and opens a segment there; from it the source's IDRs
+    /// gate keyframes (`constrained`) or the grid does.
     fn switch_at(&self, t_ns: u64, constrained: bool) {
+        *self.last_cut.lock() = Some(t_ns);
+        if constrained {
+            Self::push(&self.keys, t_ns);
+        }
         let mut m = self.modes.lock();
         if m.len() == Self::KEPT {
             m.pop_front();
@@ -169,15 +230,16 @@ impl Entry {
 
     /// Notes that the frame the input decoded at `rt` lands at `pts` on the stream's timeline (called for a
     /// frame on air, before it is pushed, so the keyframe clocks behind the tee can see it). The first IDR of
-    /// an input that took over from another is where its bitstream takes the passthrough rendition back.
+    /// an input that took over from another is where its bitstream takes the passthrough rendition back; a
+    /// source that goes past [`MAX_SOURCE_GOP_NS`] without one is filled in for until its next.
     pub(super) fn note_key(&self, input: &Shared, rt: u64, pts: u64) {
-        if self.pass_out.is_none() || !input.take_idr(rt) {
+        if self.pass_out.is_none() {
             return;
         }
-        SourceKeys::push(&self.keys.keys, pts);
+        let idr = input.take_idr(rt);
         let mut track = self.pass.lock();
-        if let Feed::Fill { from, back: None } = track.feed {
-            if track.generation == input.generation() {
+        match track.feed {
+            Feed::Fill { from, back: None } if idr && track.generation == input.generation() => {
                 track.back_offset = input.offset_ns.load(Ordering::SeqCst);
                 track.feed = Feed::Fill {
                     from,
@@ -185,6 +247,16 @@ impl Entry {
                 };
                 self.keys.switch_at(pts, true);
             }
+            Feed::Source if idr => self.keys.source_idr(pts),
+            Feed::Source if self.keys.gop_overdue(pts) => {
+                tracing::warn!(
+                    at_ns = pts,
+                    "no IDR from the source for 10 s: the top rendition fills in for the passthrough until its next"
+                );
+                drop(track);
+                self.pass_switch(input.generation(), pts);
+            }
+            _ => {}
         }
     }
 
@@ -204,6 +276,10 @@ impl Entry {
             return Ok(gst::FlowSuccess::Ok);
         }
         let generation = input.generation();
+        // h264parse flags every I picture as a keyframe: only an IDR starts what a player can join
+        if !buf.flags().contains(gst::BufferFlags::DELTA_UNIT) && !has_idr(&buf, 4) {
+            buf.make_mut().set_flags(gst::BufferFlags::DELTA_UNIT);
+        }
         let key = !buf.flags().contains(gst::BufferFlags::DELTA_UNIT);
         let mut track = self.pass.lock();
         let on_air = !input.is_standby() && generation == self.current();
@@ -400,6 +476,15 @@ pub(super) fn watch_idrs(parser: &gst::Element, state: Arc<Shared>) {
         if buf.flags().contains(gst::BufferFlags::DELTA_UNIT) {
             return gst::PadProbeReturn::Ok;
         }
+        // `avc`: 4-byte lengths (what h264parse writes); `byte-stream`: start codes
+        let avc = pad.current_caps().is_some_and(|c| {
+            c.structure(0)
+                .and_then(|s| s.get::<&str>("stream-format").ok())
+                .is_some_and(|f| f.starts_with("avc"))
+        });
+        if !has_idr(buf, if avc { 4 } else { 0 }) {
+            return gst::PadProbeReturn::Ok;
+        }
         let rt = buf.pts().and_then(|p| {
             let ev = pad.sticky_event::<gst::event::Segment>(0)?;
             ev.segment()
@@ -411,6 +496,36 @@ pub(super) fn watch_idrs(parser: &gst::Element, state: Arc<Shared>) {
         }
         gst::PadProbeReturn::Ok
     });
+}
+
+/// Whether an H.264 access unit holds an IDR slice (NAL type 5): `length_size` 1-4 for length-prefixed NAL
+/// units (`avc`), 0 for start codes (`byte-stream`).
+pub(crate) fn has_idr(buf: &gst::BufferRef, length_size: usize) -> bool {
+    let Ok(map) = buf.map_readable() else {
+        return false;
+    };
+    let idr = nal_types(map.as_slice(), length_size).any(|t| t == 5);
+    idr
+}
+
+/// The NAL unit types in `data` (see [`has_idr`]).
+fn nal_types(data: &[u8], length_size: usize) -> impl Iterator<Item = u8> + '_ {
+    let mut pos = 0usize;
+    std::iter::from_fn(move || {
+        if length_size == 0 {
+            // the byte after the next 00 00 01
+            let start = data.get(pos..)?.windows(3).position(|w| w == [0, 0, 1])? + pos + 3;
+            pos = start;
+            return data.get(start).map(|b| b & 0x1f);
+        }
+        let len_bytes = data.get(pos..pos + length_size)?;
+        let len = len_bytes
+            .iter()
+            .fold(0usize, |a, b| (a << 8) | usize::from(*b));
+        let header = *data.get(pos + length_size)?;
+        pos += length_size + len;
+        Some(header & 0x1f)
+    })
 }
 
 /// Adds `head` (its last element a tee) and `branches` behind it to `pipeline`, then links `pad` to the head:
@@ -455,22 +570,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_fall_on_source_idrs_only_while_its_bitstream_feeds_the_passthrough() {
-        let k = SourceKeys::default();
+    fn keys_fall_on_cut_idrs_only_while_its_bitstream_feeds_the_passthrough() {
+        let k = SourceKeys::new(2_000_000_000);
+        // a 1 s GOP on a 2 s target: every second IDR opens a segment
         for i in 0..100u64 {
-            SourceKeys::push(&k.keys, i * 2_000_000_000);
+            k.source_idr(i * 1_000_000_000);
         }
-        assert!(k.may_key(198_000_000_000 + 10_000_000, 16_000_000));
-        assert!(!k.may_key(198_000_000_000 + 20_000_000, 16_000_000));
-        // only the newest 64 are kept
-        assert!(!k.may_key(0, 16_000_000));
-        assert!(k.may_key(72_000_000_000, 0));
-        // the fill from 199 s: any frame; the source back at 201 s: its IDRs again
+        assert_eq!(
+            k.gate(98_000_000_000 + 10_000_000, 16_000_000),
+            Gate::At(98_000_000_000)
+        );
+        assert_eq!(k.gate(97_000_000_000, 16_000_000), Gate::No);
+        assert_eq!(k.gate(98_000_000_000 + 20_000_000, 16_000_000), Gate::No);
+        assert!(k.gop_overdue(110_000_000_000) && !k.gop_overdue(105_000_000_000));
+        // the fill from 199 s: the grid; the source back at 201 s: its IDRs again, that one opening a segment
         k.switch_at(199_000_000_000, false);
         k.switch_at(201_000_000_000, true);
-        assert!(k.may_key(199_500_000_000, 16_000_000));
-        assert!(!k.may_key(201_500_000_000, 16_000_000));
-        assert!(!k.may_key(198_500_000_000, 16_000_000));
+        assert_eq!(k.gate(199_500_000_000, 16_000_000), Gate::Grid);
+        assert_eq!(k.gate(201_000_000_000, 0), Gate::At(201_000_000_000));
+        assert_eq!(k.gate(201_500_000_000, 16_000_000), Gate::No);
         assert_eq!(
             k.switch_due(None, 200_000_000_000, 0),
             Some(199_000_000_000)
@@ -483,5 +601,24 @@ mod tests {
             k.switch_due(Some(199_000_000_000), 201_000_000_000, 0),
             Some(201_000_000_000)
         );
+    }
+
+    #[test]
+    fn idr_slices_are_told_from_other_i_pictures() {
+        // SPS, PPS, IDR slice — length-prefixed and with start codes
+        let avc = [
+            0, 0, 0, 2, 0x67, 0xaa, 0, 0, 0, 2, 0x68, 0xbb, 0, 0, 0, 3, 0x65, 1, 2,
+        ];
+        assert_eq!(nal_types(&avc, 4).collect::<Vec<_>>(), vec![7, 8, 5]);
+        let annexb = [0, 0, 0, 1, 0x09, 0x10, 0, 0, 1, 0x41, 0x9a];
+        assert_eq!(nal_types(&annexb, 0).collect::<Vec<_>>(), vec![9, 1]);
+        let i_not_idr = gst::Buffer::from_slice([0u8, 0, 0, 2, 0x41, 0x88]);
+        assert!(crate::init().is_err() || !has_idr(&i_not_idr, 4));
+        // truncated input ends the walk, never panics
+        assert_eq!(
+            nal_types(&[0, 0, 0, 9, 0x65], 4).collect::<Vec<_>>(),
+            vec![5]
+        );
+        assert_eq!(nal_types(&[0, 0], 4).count(), 0);
     }
 }
