@@ -69,6 +69,17 @@ awk -v m0="$m0" -v m1="$m1" -v a="$t0" -v b="$t1" -v n="$STREAMS" -v bare="$anch
     n, (m1 - m0) * 30 / (b - a), bare }' | tee -a "$OUT/summary.txt"
 curl -s "$BASE/v1/streams" >"$OUT/streams.json"
 curl -s "$BASE/metrics" >"$OUT/metrics.txt"
+log "passthrough: a stream of the file whose top rung is its own H.264 (the 360p rung decoded on NVDEC)"
+PSPEC='{"source":"file:///in.mp4","policy":"prefer-gpu","renditions":[{"name":"source","passthrough":true},{"name":"360p","width":640,"height":360,"fps":30,"bitrate_kbps":800}],"audio":{"enabled":false}}'
+curl -s -X PUT -H 'content-type: application/json' -d "$PSPEC" "$BASE/v1/streams/p1" >"$OUT/put-p1.json"
+sleep 12   # two 2 s GOPs of the file, the first segment complete (TARGETDURATION is learnt from it)
+curl -s "$BASE/v1/streams/p1" >"$OUT/p1.json"
+curl -s "$BASE/live/p1/source/index.m3u8" >"$OUT/p1-source.m3u8"
+curl -s "$BASE/live/p1/360p/index.m3u8" >"$OUT/p1-360p.m3u8"
+echo "   p1: $(grep -o '"state":"[a-z]*"\|"decode_gpu":[0-9]*\|"passthrough":true\|"errors":\[[^]]*\]' "$OUT/p1.json" | tr '\n' ' ')" | tee -a "$OUT/summary.txt"
+for r in source 360p; do
+  echo "   $r: $(grep -c '^seg-' "$OUT/p1-$r.m3u8") segments, $(grep -m1 TARGETDURATION "$OUT/p1-$r.m3u8"), PDTs $(grep PROGRAM-DATE-TIME "$OUT/p1-$r.m3u8" | tail -3 | cut -c37- | tr '\n' ' ')" | tee -a "$OUT/summary.txt"
+done
 echo "   states: $(grep -o '"state":"[a-z]*"' "$OUT/streams.json" | sort | uniq -c | tr -s ' \n' ' ')" | tee -a "$OUT/summary.txt"
 sed 's/\x1b\[[0-9;]*m//g' "$OUT/kilnd.log" | grep -m2 "input format" | cut -c1-600 | sed 's/^/   /' | tee -a "$OUT/summary.txt"
 echo "   first errors: $(grep -o '"errors":\[[^]]*\]' "$OUT/streams.json" | head -1 | head -c 400)" | tee -a "$OUT/summary.txt"

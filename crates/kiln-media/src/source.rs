@@ -530,7 +530,20 @@ impl Entry {
         Ok(Arc::new(Self {
             video_out: tee.map(|t| entry("vin", "vpace", t)).transpose()?,
             audio_out: audio_in.map(|a| entry("ain", "apace", a)).transpose()?,
-            pass_out: pass_in.map(|p| entry("pin", "ppace", p)).transpose()?,
+            pass_out: pass_in
+                .map(|p| {
+                    let src = entry("pin", "ppace", p)?;
+                    // Never blocks: a push holds the passthrough track's lock, which the frames' path takes too,
+                    // and a blocked push waited on a pipeline that could not preroll without those frames (seen
+                    // with a file source). The access units are paced upstream anyway: the source pipeline's tee
+                    // runs only as far ahead as its decoding branch's queue lets it, and the fill comes from a
+                    // paced rendition.
+                    src.set_property("block", false);
+                    src.set_max_buffers(0);
+                    src.set_max_bytes(0);
+                    Ok::<_, MediaError>(src)
+                })
+                .transpose()?,
             pass: Mutex::new(Default::default()),
             keys,
             current: AtomicU64::new(1),
