@@ -2477,7 +2477,8 @@ fn segments_with_maps(text: &str) -> Vec<(u64, String, bool, String)> {
 /// the publisher's bitstream, each switch opens a discontinuity in every rendition at the same MSN, and the
 /// publisher's pictures are back bit for bit after it reconnects.
 async fn passthrough_through_a_loss(d: &Daemon, dir: &std::path::Path) -> Result<()> {
-    let file = h264_file(dir, 60, false, 6)?;
+    // B-frames: the source's IDR decodes before the fill's last frame is shown
+    let file = h264_file(dir, 60, true, 6)?;
     let body = r#"{"source": "publish:", "audio": {"enabled": false},
         "renditions": [{"name": "source", "passthrough": true, "width": 320, "height": 180},
                        {"name": "lo", "width": 160, "height": 90, "fps": 30, "bitrate_kbps": 120}]}"#;
@@ -2543,6 +2544,15 @@ async fn passthrough_through_a_loss(d: &Daemon, dir: &std::path::Path) -> Result
             .collect()
     };
     let (src_disc, lo_disc) = (disc(&text), disc(&lo_text));
+    let dseq = |t: &str| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("#EXT-X-DISCONTINUITY-SEQUENCE:"))
+            .map(str::to_string)
+    };
+    ensure!(
+        dseq(&text) == dseq(&lo_text),
+        "discontinuity sequences differ"
+    );
     ensure!(
         src_disc.len() >= 2 && lo_disc.ends_with(&src_disc),
         "discontinuities at {src_disc:?} in source, {lo_disc:?} in lo:\n{text}\n{lo_text}"
@@ -2569,17 +2579,27 @@ async fn passthrough_through_a_loss(d: &Daemon, dir: &std::path::Path) -> Result
             anyhow::Ok(f)
         }
     };
-    let got = slice_hashes(fetch(last).await?.path()).await?;
-    let sent = slice_hashes(&file).await?;
-    let first = sent
+    // the first segment back on the publisher (it starts on its IDR) and the last are its pictures, bit for bit
+    let back = segs
         .iter()
-        .position(|h| *h == got[0])
-        .context("the last segment is not the file's")?;
-    ensure!(
-        sent[first..].starts_with(&got) && got.len() >= 30,
-        "{} pictures, not the file's",
-        got.len()
-    );
+        .find(|s| s.0 == src_disc[src_disc.len() - 1])
+        .context("the segment after the second switch")?;
+    let sent = slice_hashes(&file).await?;
+    for seg in [back, last] {
+        let got = slice_hashes(fetch(seg).await?.path()).await?;
+        let first = sent.iter().position(|h| *h == got[0]).with_context(|| {
+            format!(
+                "segment {} does not start with one of the file's pictures",
+                seg.0
+            )
+        })?;
+        ensure!(
+            sent[first..].starts_with(&got) && got.len() >= 30,
+            "segment {}: {} pictures, not the file's",
+            seg.0,
+            got.len()
+        );
+    }
     let fill_file = fetch(fill).await?;
     let probe = tokio::process::Command::new("ffprobe")
         .args([

@@ -174,6 +174,15 @@ impl AudioSplitter {
         }
     }
 
+    /// Starts a segment with the AAC frame at `t_ns` (the first at or after a switch point, where every rendition
+    /// opens a discontinuity). `None` before the first segment (the muxer opens that one).
+    pub fn force_segment(&mut self, t_ns: u64) -> Option<Split> {
+        let first = self.seg_index.is_none();
+        self.seg_index = Some(segment_index(t_ns, self.segment_ns));
+        self.frames_in_part = 1;
+        (!first).then_some(Split::Segment)
+    }
+
     /// Called for each AAC frame before it reaches the muxer.
     pub fn on_frame(&mut self, t_ns: u64) -> Option<Split> {
         let idx = segment_index(t_ns, self.segment_ns);

@@ -20,27 +20,38 @@ pub(crate) struct ChunkAssembler {
     init: Option<InitInfo>,
     sink: EventSink,
     /// A stream with a passthrough rendition: its switch points, each marked on the first segment that starts at
-    /// or after it (`switched`: the last one marked).
-    keys: Option<Arc<crate::source::SourceKeys>>,
-    switched: Option<u64>,
+    /// or after it.
+    marks: Option<Marks>,
 }
 
-/// How early a segment may start before a switch point and still be the one it marks (video renditions key the
-/// frame at it, give or take half a frame of their own rate).
-const SWITCH_SLACK_NS: u64 = 20_000_000;
+/// Where a rendition of a stream with a passthrough rendition marks its discontinuities: the stream's switch
+/// points, how early a segment may start before one and still be the one it marks (a video rendition keys the
+/// frame nearest it, within half a frame of its own rate), and the last one marked (shared by the muxers one
+/// rendition goes through, so a new muxer does not mark it again).
+#[derive(Clone)]
+pub(crate) struct Marks {
+    pub keys: Arc<crate::source::SourceKeys>,
+    pub tolerance_ns: u64,
+    pub switched: Arc<parking_lot::Mutex<Option<u64>>>,
+}
+
+impl Marks {
+    pub(crate) fn new(keys: Arc<crate::source::SourceKeys>, tolerance_ns: u64) -> Self {
+        Self {
+            keys,
+            tolerance_ns,
+            switched: Arc::default(),
+        }
+    }
+}
 
 impl ChunkAssembler {
-    pub(crate) fn new(
-        rendition: usize,
-        sink: EventSink,
-        keys: Option<Arc<crate::source::SourceKeys>>,
-    ) -> Self {
+    pub(crate) fn new(rendition: usize, sink: EventSink, marks: Option<Marks>) -> Self {
         Self {
             rendition,
             init: None,
             sink,
-            keys,
-            switched: None,
+            marks,
         }
     }
 
@@ -48,12 +59,13 @@ impl ChunkAssembler {
     /// the passthrough rendition changes bitstream (and codec parameters), every rendition opens a discontinuity,
     /// so their discontinuity sequence numbers match.
     fn opens_discontinuity(&mut self, start_ns: u64) -> bool {
-        let Some(k) = &self.keys else {
+        let Some(m) = &self.marks else {
             return false;
         };
-        match k.switch_due(self.switched, start_ns, SWITCH_SLACK_NS) {
+        let mut switched = m.switched.lock();
+        match m.keys.switch_due(*switched, start_ns, m.tolerance_ns) {
             Some(s) => {
-                self.switched = Some(s);
+                *switched = Some(s);
                 true
             }
             None => false,

@@ -165,8 +165,11 @@ impl StreamOrigin {
         learn_from: usize,
     ) -> Arc<Self> {
         let mut s = Self::build(id, renditions, config);
+        // audio keeps the grid: its hint stays the grid's
         for r in &s.renditions {
-            r.packager().follow_source_gop();
+            if matches!(r.info.kind, RenditionKind::Video { .. }) {
+                r.packager().follow_source_gop();
+            }
         }
         s.learn_from = Some(learn_from);
         s.target_known = AtomicBool::new(false);
@@ -292,8 +295,16 @@ impl StreamOrigin {
         let Some(r) = self.renditions.get(index) else {
             return;
         };
-        *r.codec.lock() = codec;
-        if let Ok(init) = kiln_llhls::cmaf::parse_init(&bytes) {
+        // the passthrough's variant is the source's: the fill's init (the top rendition's codec and size, while
+        // the source is away) does not change what the multivariant playlist says of it
+        let fill_in = self.learn_from == Some(index) && r.codec.lock().is_some();
+        if !fill_in {
+            *r.codec.lock() = codec;
+        }
+        let init = kiln_llhls::cmaf::parse_init(&bytes)
+            .ok()
+            .filter(|_| !fill_in);
+        if let Some(init) = init {
             let size = init.tracks.first().and_then(|t| {
                 Some((u32::from(t.width?), u32::from(t.height?))).filter(|(w, h)| *w > 0 && *h > 0)
             });

@@ -65,7 +65,7 @@ pub(super) fn build_mux_sink(
     name: &str,
     part_ns: u64,
     sink: EventSink,
-    keys: Option<Arc<crate::source::SourceKeys>>,
+    marks: Option<crate::chunks::Marks>,
 ) -> Result<(gst::Element, gst::Element), MediaError> {
     let mux = make("cmafmux", &format!("mux-{name}"))?;
     wait_for_data(&mux);
@@ -78,7 +78,7 @@ pub(super) fn build_mux_sink(
         .sync(false)
         .build();
     appsink.set_property("buffer-list", true);
-    let mut asm = ChunkAssembler::new(index, sink.clone(), keys);
+    let mut asm = ChunkAssembler::new(index, sink.clone(), marks);
     appsink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
             .new_sample(move |s| {
@@ -150,7 +150,7 @@ pub(super) type FillSlot = Arc<Mutex<Option<std::sync::Weak<crate::source::Entry
 
 /// Hands every access unit leaving `pad` to the entry in `slot` (it feeds the passthrough rendition while the
 /// source's bitstream cannot).
-fn tap_fill(pad: &gst::Pad, slot: FillSlot) {
+fn tap_fill(pad: &gst::Pad, slot: FillSlot, tolerance_ns: u64) {
     pad.add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
         let entry = slot.lock().as_ref().and_then(|w| w.upgrade());
         let (Some(entry), Some(buf)) = (entry, info.buffer()) else {
@@ -171,7 +171,7 @@ fn tap_fill(pad: &gst::Pad, slot: FillSlot) {
             b.set_pts(pts);
             b.set_dts(dts.or(pts));
         }
-        entry.push_fill(&au, pad.current_caps().as_deref());
+        entry.push_fill(&au, pad.current_caps().as_deref(), tolerance_ns);
         gst::PadProbeReturn::Ok
     });
 }
@@ -218,7 +218,12 @@ pub(super) fn build_video_branch(
             .build(),
     )?;
     let part_ns = plan.timing.video_part_ns(v.fps);
-    let (mux, appsink) = build_mux_sink(plan, index, n, part_ns, sink, branch.keys.clone())?;
+    let half_frame = kiln_model::stream::frames_to_ns(1, v.fps) / 2;
+    let marks = branch
+        .keys
+        .clone()
+        .map(|k| crate::chunks::Marks::new(k, half_frame + 1_000_000));
+    let (mux, appsink) = build_mux_sink(plan, index, n, part_ns, sink, marks)?;
     // the keyframe probe sits on the pad that feeds the encoder
     let before_enc = chain.last().expect("non-empty").clone();
     chain.extend([enc, parse, pcaps.clone(), mux, appsink]);
@@ -234,10 +239,9 @@ pub(super) fn build_video_branch(
     );
     let out = pcaps.static_pad("src").expect("capsfilter has a src pad");
     if let Some(fill) = branch.fill {
-        tap_fill(&out, fill);
+        tap_fill(&out, fill, half_frame + 1_000_000);
     }
     let splitter = VideoSplitter::new(plan.timing.segment_ns(), part_ns);
-    let half_frame = kiln_model::stream::frames_to_ns(1, v.fps) / 2;
     add_split_probe(&out, video_cuts(splitter, keys, half_frame, false));
     Ok(())
 }
@@ -375,16 +379,27 @@ pub(super) fn build_passthrough_branch(
 ) -> Result<gst::Element, MediaError> {
     let fallback_fps = plan.source_fps();
     let part_ns = plan.timing.video_part_ns(fallback_fps);
-    let (mux, appsink) =
-        build_mux_sink(plan, index, name, part_ns, sink.clone(), Some(keys.clone()))?;
+    // the muxers this rendition goes through share what they marked
+    let marks = crate::chunks::Marks::new(
+        keys.clone(),
+        kiln_model::stream::frames_to_ns(1, fallback_fps) / 2 + 1_000_000,
+    );
+    let (mux, appsink) = build_mux_sink(
+        plan,
+        index,
+        name,
+        part_ns,
+        sink.clone(),
+        Some(marks.clone()),
+    )?;
     // the splitter's probe sits on the pad that feeds the muxer
     let head = make("identity", &format!("pass-{name}"))?;
     add_link(pipeline, &[&head, &mux, &appsink])?;
     let srcpad = head.static_pad("src").expect("identity has a src pad");
     // another bitstream: a muxer of its own (see `swap_muxer`); its first fragment starts by itself
     let fresh = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (plan2, name2, keys2, fresh2) =
-        (plan.clone(), name.to_string(), keys.clone(), fresh.clone());
+    let (plan2, name2, marks2, fresh2) =
+        (plan.clone(), name.to_string(), marks.clone(), fresh.clone());
     let weak = pipeline.downgrade();
     let mut swaps = 0u32;
     swap_muxer(&srcpad, move || {
@@ -396,7 +411,7 @@ pub(super) fn build_passthrough_branch(
             &format!("{name2}-{swaps}"),
             part_ns,
             sink.clone(),
-            Some(keys2.clone()),
+            Some(marks2.clone()),
         );
         let (mux, appsink) = built
             .inspect_err(|e| tracing::error!(error = %e, "no muxer for the new bitstream"))
@@ -408,11 +423,27 @@ pub(super) fn build_passthrough_branch(
         fresh2.store(true, std::sync::atomic::Ordering::SeqCst);
         Some(mux)
     });
+    add_split_probe(
+        &srcpad,
+        passthrough_cuts(srcpad.clone(), plan, fallback_fps, keys, fresh),
+    );
+    Ok(head)
+}
+
+/// The passthrough rendition's cuts: parts of whole frames of the source's rate (read from its caps at the first
+/// access unit, else `fallback_fps`), segments on its IDRs ([`video_cuts`]); none before the first access unit a
+/// new muxer gets (`fresh`: it opens its first fragment by itself).
+fn passthrough_cuts(
+    caps_pad: gst::Pad,
+    plan: &StreamPlan,
+    fallback_fps: kiln_model::Fraction,
+    keys: Arc<crate::source::SourceKeys>,
+    fresh: Arc<std::sync::atomic::AtomicBool>,
+) -> impl FnMut(u64, bool) -> Option<Split> + Send + 'static {
     let segment_ns = plan.timing.segment_ns();
     let timing = plan.timing;
     let mut cuts: Option<Cuts> = None;
-    let caps_pad = srcpad.clone();
-    add_split_probe(&srcpad, move |rt, key| {
+    move |rt, key| {
         let cut = cuts.get_or_insert_with(|| {
             let fps = caps_pad
                 .current_caps()
@@ -435,8 +466,7 @@ pub(super) fn build_passthrough_branch(
             return None;
         }
         split
-    });
-    Ok(head)
+    }
 }
 
 /// cmafmux in manual-split mode cannot change codec parameters mid-stream (its drain on a caps change asserts that
@@ -547,7 +577,9 @@ pub(super) fn build_audio_branch(
     enc.set_property("perfect-timestamp", true);
     let parse = make("aacparse", &format!("aparse-{n}"))?;
     let part_ns = plan.timing.audio_part_ns(a.sample_rate);
-    let (mux, appsink) = build_mux_sink(plan, index, n, part_ns, sink, keys)?;
+    // audio marks a discontinuity on the segment it starts at each switch point (its first frame at or after)
+    let marks = keys.clone().map(|k| crate::chunks::Marks::new(k, 0));
+    let (mux, appsink) = build_mux_sink(plan, index, n, part_ns, sink, marks)?;
     add_link(
         pipeline,
         &[&conv, &res, &caps, &rate, &enc, &parse, &mux, &appsink],
@@ -556,9 +588,17 @@ pub(super) fn build_audio_branch(
         plan.timing.segment_ns(),
         plan.timing.audio_frames_per_part(a.sample_rate),
     );
+    let mut handled = None;
     add_split_probe(
         &parse.static_pad("src").expect("aacparse has a src pad"),
-        move |rt, _| splitter.on_frame(rt),
+        move |rt, _| {
+            // every rendition starts a segment at a switch point: discontinuity sequence numbers must match
+            if let Some(s) = keys.as_ref().and_then(|k| k.switch_due(handled, rt, 0)) {
+                handled = Some(s);
+                return splitter.force_segment(rt);
+            }
+            splitter.on_frame(rt)
+        },
     );
     Ok(conv)
 }

@@ -32,6 +32,8 @@ pub(crate) struct SourceKeys {
     /// and the last one (or switch point).
     keys: Mutex<VecDeque<u64>>,
     last_cut: Mutex<Option<u64>>,
+    /// The last source IDR (or switch point, or the first frame the source fed the passthrough with).
+    last_idr: Mutex<Option<u64>>,
     /// (from, constrained): from that time on, keyframes only on the source's IDRs (`true`: its bitstream feeds
     /// the passthrough rendition) or on any frame (`false`: the top encoded rendition does).
     modes: Mutex<VecDeque<(u64, bool)>>,
@@ -105,6 +107,7 @@ impl SourceKeys {
     /// The source IDR at `t_ns` (its bitstream feeding the passthrough rendition): records it when it opens a
     /// segment.
     fn source_idr(&self, t_ns: u64) {
+        *self.last_idr.lock() = Some(t_ns);
         let mut last = self.last_cut.lock();
         if kiln_llhls::plan::gop_cut(*last, t_ns, self.segment_ns) {
             *last = Some(t_ns);
@@ -115,9 +118,9 @@ impl SourceKeys {
     /// Whether the source feeding the passthrough rendition has gone past [`MAX_SOURCE_GOP_NS`] without an IDR
     /// at `t_ns`.
     fn gop_overdue(&self, t_ns: u64) -> bool {
-        self.last_cut
-            .lock()
-            .is_some_and(|l| t_ns > l + MAX_SOURCE_GOP_NS)
+        let mut last = self.last_idr.lock();
+        let since = *last.get_or_insert(t_ns);
+        t_ns > since + MAX_SOURCE_GOP_NS
     }
 
     /// The newest switch point after `handled` that the frame at `t_ns` has reached (within `tolerance_ns`).
@@ -139,6 +142,7 @@ impl SourceKeys {
     /// gate keyframes (`constrained`) or the grid does.
     fn switch_at(&self, t_ns: u64, constrained: bool) {
         *self.last_cut.lock() = Some(t_ns);
+        *self.last_idr.lock() = Some(t_ns);
         if constrained {
             Self::push(&self.keys, t_ns);
         }
@@ -176,7 +180,7 @@ pub(super) struct PassTrack {
     need_key: bool,
     /// Access units of inputs that do not feed the track (not on air yet, or the fill does): per generation, from
     /// its latest IDR, on the input's own timeline (its offset is known once it is on air).
-    pending: VecDeque<(u64, gst::Buffer, Option<gst::Caps>)>,
+    pending: VecDeque<(u64, gst::Buffer, Option<gst::Caps>, Option<i64>)>,
     /// The offset of the input the fill hands back to (set with `Feed::Fill::back`).
     back_offset: i64,
 }
@@ -219,12 +223,21 @@ impl Entry {
             return;
         }
         let mut track = self.pass.lock();
+        // the inputs that will not take over any more: their waiting access units go
+        track.pending.retain(|(g, ..)| *g >= generation);
+        track.generation = generation;
+        if let Feed::Fill { from, .. } = track.feed {
+            // the fill goes on (same bitstream, same muxer): only the input it waits for changes
+            track.feed = Feed::Fill { from, back: None };
+            return;
+        }
         track.feed = Feed::Fill {
             from: at,
             back: None,
         };
-        track.generation = generation;
         track.fill_started = false;
+        // another bitstream, another muxer: decode times start again
+        track.last_dts = None;
         self.keys.switch_at(at, false);
     }
 
@@ -289,27 +302,32 @@ impl Entry {
             if generation < self.current() && !input.keep {
                 return Ok(gst::FlowSuccess::Ok); // retired
             }
-            {
-                let b = buf.make_mut();
-                b.set_pts(gst::ClockTime::from_nseconds(rt_pts));
-                b.set_dts(rt_dts.map(|d| gst::ClockTime::from_nseconds(d.max(0) as u64)));
-            }
+            buf.make_mut()
+                .set_pts(gst::ClockTime::from_nseconds(rt_pts));
             if key {
                 track.pending.retain(|(g, ..)| *g != generation);
             }
             let waiting = track.pending.iter().any(|(g, ..)| *g == generation);
-            if (key || waiting) && track.pending.len() < PENDING_MAX {
-                track
-                    .pending
-                    .push_back((generation, buf, caps.map(|c| c.to_owned())));
+            if !(key || waiting) {
+                return Ok(gst::FlowSuccess::Ok);
             }
+            if track.pending.len() >= PENDING_MAX {
+                // room goes to this input: another's oldest waiting access units go first
+                match track.pending.iter().position(|(g, ..)| *g != generation) {
+                    Some(i) => {
+                        let g = track.pending[i].0;
+                        track.pending.retain(|(x, ..)| *x != g);
+                    }
+                    None => return Ok(gst::FlowSuccess::Ok),
+                }
+            }
+            track
+                .pending
+                .push_back((generation, buf, caps.map(|c| c.to_owned()), rt_dts));
             return Ok(gst::FlowSuccess::Ok);
         }
-        if track.generation != generation || track.need_key {
-            if !key {
-                return Ok(gst::FlowSuccess::Ok); // a passthrough track starts on an IDR
-            }
-            track.need_key = false;
+        if (track.generation != generation || track.need_key) && !key {
+            return Ok(gst::FlowSuccess::Ok); // a passthrough track starts on an IDR
         }
         let offset = input.offset_ns.load(Ordering::SeqCst);
         let pts = rt_pts as i64 + offset;
@@ -317,19 +335,28 @@ impl Entry {
         if pts < 0 || dts < 0 {
             return Ok(gst::FlowSuccess::Ok);
         }
-        track.generation = generation;
         {
             let b = buf.make_mut();
             b.set_pts(gst::ClockTime::from_nseconds(pts as u64));
             b.set_dts(gst::ClockTime::from_nseconds(dts as u64));
         }
-        self.push_locked(&mut track, buf, caps)
+        // the track is this input's once an access unit of it went in (an IDR first)
+        if self.push_locked(&mut track, buf, caps) {
+            track.generation = generation;
+            track.need_key = false;
+        }
+        Ok(gst::FlowSuccess::Ok)
     }
 
     /// One access unit of the top encoded rendition (its running time is the stream's): it feeds the
     /// passthrough rendition while the fill does, from its first keyframe; once it reaches the source's IDR the
     /// source's waiting access units take over.
-    pub(crate) fn push_fill(&self, buf: &gst::Buffer, caps: Option<&gst::CapsRef>) {
+    pub(crate) fn push_fill(
+        &self,
+        buf: &gst::Buffer,
+        caps: Option<&gst::CapsRef>,
+        tolerance_ns: u64,
+    ) {
         if self.pass_out.is_none() {
             return;
         }
@@ -340,12 +367,13 @@ impl Entry {
         let Some(pts) = buf.pts().map(|p| p.nseconds()) else {
             return;
         };
-        // within a millisecond: the encoder's timestamps are the frames', rounded like them
-        if pts + GRID_SLACK_NS < from {
+        // within half a frame of the rendition: its videorate stamps frames on its own grid, and its keyframe
+        // probe keyed the frame nearest each switch point within that
+        if pts + tolerance_ns < from {
             return;
         }
         if let Some(back) = back {
-            if pts + GRID_SLACK_NS >= back {
+            if pts + tolerance_ns >= back {
                 self.fill_back(&mut track, back);
                 return;
             }
@@ -354,20 +382,24 @@ impl Entry {
         if !track.fill_started && !key {
             return;
         }
-        track.fill_started = true;
-        let _ = self.push_locked(&mut track, buf.clone(), caps);
+        if self.push_locked(&mut track, buf.clone(), caps) {
+            track.fill_started = true;
+        }
     }
 
     /// The fill reached the source's IDR at `back`: the source's access units from there on (waiting on its own
     /// timeline, moved by its offset now) feed the track. Without its IDR among them, the next one starts it.
     fn fill_back(&self, track: &mut PassTrack, back: u64) {
         track.feed = Feed::Source;
+        // another bitstream, another muxer: decode times start again (a B-frame source's IDR decodes before
+        // the fill's last frame is shown)
+        track.last_dts = None;
         let (generation, offset) = (track.generation, track.back_offset);
         let pending = std::mem::take(&mut track.pending);
         let mut started = false;
-        for (g, mut b, caps) in pending {
+        for (g, mut b, caps, rt_dts) in pending {
             if g != generation {
-                track.pending.push_back((g, b, caps));
+                track.pending.push_back((g, b, caps, rt_dts));
                 continue;
             }
             let Some(pts) = b.pts().map(|p| p.nseconds() as i64 + offset) else {
@@ -377,34 +409,34 @@ impl Entry {
             if pts < 0 || (pts as u64) + GRID_SLACK_NS < back || (!started && !key) {
                 continue;
             }
-            started = true;
-            let dts = b.dts().map_or(pts, |d| d.nseconds() as i64 + offset).max(0);
+            let dts = rt_dts.map_or(pts, |d| d + offset);
+            if dts < 0 {
+                continue;
+            }
             {
                 let m = b.make_mut();
                 m.set_pts(gst::ClockTime::from_nseconds(pts as u64));
                 m.set_dts(gst::ClockTime::from_nseconds(dts as u64));
             }
-            if self.push_locked(track, b, caps.as_deref()).is_err() {
-                break;
-            }
+            started |= self.push_locked(track, b, caps.as_deref());
         }
         track.need_key = !started;
     }
 
     /// Pushes `buf` into the passthrough entry (with `track` locked: pushes stay in order), unless its decode
-    /// time would go backwards.
+    /// time would go backwards. Returns whether it went in.
     fn push_locked(
         &self,
         track: &mut PassTrack,
         buf: gst::Buffer,
         caps: Option<&gst::CapsRef>,
-    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+    ) -> bool {
         let Some(out) = &self.pass_out else {
-            return Ok(gst::FlowSuccess::Ok);
+            return false;
         };
         let dts = buf.dts().or(buf.pts()).map(|d| d.nseconds() as i64);
         if dts.is_none() || track.last_dts.is_some_and(|l| dts <= Some(l)) {
-            return Ok(gst::FlowSuccess::Ok);
+            return false;
         }
         track.last_dts = dts;
         if let Some(caps) = caps {
@@ -413,7 +445,7 @@ impl Entry {
                 out.set_caps(Some(&caps.to_owned()));
             }
         }
-        out.push_buffer(buf).map(|_| gst::FlowSuccess::Ok)
+        out.push_buffer(buf).is_ok()
     }
 }
 
@@ -582,7 +614,8 @@ mod tests {
         );
         assert_eq!(k.gate(97_000_000_000, 16_000_000), Gate::No);
         assert_eq!(k.gate(98_000_000_000 + 20_000_000, 16_000_000), Gate::No);
-        assert!(k.gop_overdue(110_000_000_000) && !k.gop_overdue(105_000_000_000));
+        // overdue counts from the last IDR (99 s), not the last cut (98 s)
+        assert!(k.gop_overdue(109_500_000_000) && !k.gop_overdue(108_500_000_000));
         // the fill from 199 s: the grid; the source back at 201 s: its IDRs again, that one opening a segment
         k.switch_at(199_000_000_000, false);
         k.switch_at(201_000_000_000, true);
