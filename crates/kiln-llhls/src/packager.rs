@@ -326,11 +326,14 @@ impl Packager {
         self.follow_gop = true;
     }
 
-    /// The highest bitrate of a complete segment retained, in bits per second.
+    /// The highest bitrate of a complete segment retained, in bits per second. Segments shorter than half the
+    /// target (cut short by a switch point: little more than an IDR) do not count.
     pub fn peak_bitrate(&self) -> Option<u64> {
         self.segs
             .iter()
-            .filter(|s| s.complete() && s.duration_ns > 0)
+            .filter(|s| {
+                s.complete() && s.duration_ns > 0 && 2 * s.duration_ns >= self.cfg.segment_ns
+            })
             .filter_map(|s| {
                 let bytes = s.bytes.as_ref()?.len() as u128;
                 Some((bytes * 8 * 1_000_000_000 / u128::from(s.duration_ns)) as u64)

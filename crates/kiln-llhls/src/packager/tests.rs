@@ -314,3 +314,27 @@ fn decimals_render_exactly() {
     assert_eq!(secs(2_005_333_333), "2.00533");
     assert_eq!(secs(333_995_000), "0.33400");
 }
+
+#[test]
+fn the_peak_bitrate_ignores_segments_cut_short() {
+    let mut p = Packager::new(cfg());
+    feed(&mut p, 3);
+    // each full segment: six 5-byte parts in 2 s
+    assert_eq!(p.peak_bitrate(), Some(6 * 5 * 8 / 2));
+    // a 0.1 s segment of 1000 bytes (a switch point right after an IDR), then a normal one
+    for (start, len, seg) in [
+        (6_000_000_000u64, 1000usize, true),
+        (6_100_000_000, 5, true),
+    ] {
+        p.push_part(PartIn {
+            starts_segment: seg,
+            independent: true,
+            start_ns: start,
+            duration_ns: 100_000_000,
+            bytes: Bytes::from(vec![0u8; len]),
+            discontinuity: false,
+        })
+        .unwrap();
+    }
+    assert_eq!(p.peak_bitrate(), Some(6 * 5 * 8 / 2));
+}
