@@ -506,7 +506,8 @@ async fn a_lost_publisher_is_bridged_by_the_slate_and_the_next_one_takes_over_at
 }
 
 /// With nobody back within `reconnect_window_s` the stream ends (ENDLIST, `ended`); `mode: end` ends it as soon
-/// as the publisher goes; absurd windows and an `on_source_loss` on a stream that is not `publish:` are refused.
+/// as the publisher goes, and when an encoder failure's rebuild cuts the publisher off (test-only fault); absurd
+/// windows and an `on_source_loss` on a stream that is not `publish:` are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_ends_when_nobody_comes_back_in_its_window_or_at_once_with_mode_end() -> Result<()>
 {
@@ -514,6 +515,7 @@ async fn a_stream_ends_when_nobody_comes_back_in_its_window_or_at_once_with_mode
     for (id, loss) in [
         ("w1", r#"{"mode": "slate", "reconnect_window_s": 2}"#),
         ("w2", r#"{"mode": "end"}"#),
+        ("w3", r#"{"mode": "end"}"#),
     ] {
         let body = format!(r#"{{"source": "publish:", "on_source_loss": {loss}, {LADDER}}}"#);
         let (code, v) = d.put_stream(id, &body).await?;
@@ -524,14 +526,22 @@ async fn a_stream_ends_when_nobody_comes_back_in_its_window_or_at_once_with_mode
             .to_string();
         let mut publisher = ffmpeg_publish(&url, "flv", "320x180", 60)?;
         wait_state(&d, id, "running", Duration::from_secs(30)).await?;
-        publisher.kill().await?;
+        if id == "w3" {
+            ensure!(d.state.supervisor.inject_encoder_error(id), "no encoder");
+        } else {
+            publisher.kill().await?;
+        }
         let killed = Instant::now();
         let s = wait_state(&d, id, "ended", Duration::from_secs(15)).await?;
         let took = killed.elapsed();
         let (_, text) = d.get_text(&format!("/live/{id}/hi/index.m3u8")).await?;
         ensure!(text.contains("#EXT-X-ENDLIST"), "{id}: no ENDLIST:\n{text}");
         ensure!(s["resilience"]["source_losses"] == 1, "{s}");
-        eprintln!("{id}: ended {took:?} after the kill");
+        if id == "w3" {
+            ensure!(s["fallbacks"].as_array().map(Vec::len) == Some(1), "{s}");
+            refused(publisher, Duration::from_secs(10)).await?;
+        }
+        eprintln!("{id}: ended {took:?} after the kill (or the fault)");
         if id == "w1" {
             ensure!(
                 took >= Duration::from_millis(1900),
@@ -634,6 +644,15 @@ fn ffmpeg_srt_listener(port: u16, seconds: u32) -> Result<Child> {
 /// ffmpeg listening on SRT `port` with a white picture (mean luma ~235: told apart from testsrc2's ~120 and the
 /// slate's ~40) and a tone.
 fn ffmpeg_white_srt_listener(port: u16, seconds: u32) -> Result<Child> {
+    ffmpeg_white(
+        &format!("srt://127.0.0.1:{port}?mode=listener&pkt_size=1316"),
+        "mpegts",
+        seconds,
+    )
+}
+
+/// ffmpeg sending a white picture and a tone to `url` as `format` for `seconds`.
+fn ffmpeg_white(url: &str, format: &str, seconds: u32) -> Result<Child> {
     tokio::process::Command::new("ffmpeg")
         .args(["-hide_banner", "-nostdin", "-loglevel", "error", "-re"])
         .args(["-f", "lavfi", "-i", "color=c=white:size=320x180:rate=30"])
@@ -650,10 +669,7 @@ fn ffmpeg_white_srt_listener(port: u16, seconds: u32) -> Result<Child> {
         .args([
             "-g", "60", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "64k",
         ])
-        .args(["-f", "mpegts"])
-        .arg(format!(
-            "srt://127.0.0.1:{port}?mode=listener&pkt_size=1316"
-        ))
+        .args(["-f", format, url])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -916,8 +932,16 @@ async fn the_backup_goes_on_air_when_the_publisher_dies_and_hands_back_after_fai
     // a backup that is not a pulled live source, or on a stream that cannot lose its source, is refused
     for (body, what) in [
         (
-            r#"{"source": "publish:", "backup": {"source": "publish:"}}"#,
-            "pulled live",
+            r#"{"source": "srt://127.0.0.1:9", "backup": {"source": "publish:"}}"#,
+            "needs a `publish:` stream",
+        ),
+        (
+            r#"{"source": "publish:", "backup": {"source": "file:///a.mp4"}}"#,
+            "live input",
+        ),
+        (
+            r#"{"source": "publish:", "ingest": {"backup_key": "bbbbbbbbbbbbbbbbbbbbbbbb"}}"#,
+            "backup_key",
         ),
         (
             r#"{"source": "test:", "backup": {"source": "srt://127.0.0.1:9"}}"#,
@@ -935,6 +959,241 @@ async fn the_backup_goes_on_air_when_the_publisher_dies_and_hands_back_after_fai
         );
     }
     d.shutdown().await
+}
+
+/// A `publish:` backup: two ffmpeg publishers, the primary over RTMP (testsrc2) and the backup over SRT with the
+/// stream id `<id>/backup` (a white picture). A backup publisher is refused before the primary has started the
+/// stream; once connected it is decoded in standby; killing the primary puts it on air within the source
+/// timeout; the primary back waits out `failback_s` and takes over again. Pixels say which input is on air;
+/// ffmpeg decodes the window across both switches with -xerror. Then the backup publisher leaves off air: the
+/// backup is unhealthy, a second one takes its place (counted as a restart), and a third is refused as busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_publisher_is_the_backup_and_goes_on_air_when_the_primary_dies() -> Result<()> {
+    let d = daemon_pulling(None).await?;
+    let body = format!(
+        r#"{{"source": "publish:", "backup": {{"source": "publish:", "failback_s": 3}},
+            "on_source_loss": {{"source_timeout_ms": 1000}}, {LADDER}}}"#
+    );
+    let (code, v) = d.put_stream("pb2", &body).await?;
+    ensure!(code == 201, "PUT: {code} {v}");
+    let ingest = &v["ingest"];
+    let backup_key = ingest["backup"]["key"].as_str().context("backup key")?;
+    ensure!(
+        backup_key.len() >= 22 && ingest["key"] != backup_key,
+        "{ingest}"
+    );
+    let url = ingest["rtmp_url"].as_str().context("rtmp_url")?.to_string();
+    let backup_rtmp = ingest["backup"]["rtmp_url"]
+        .as_str()
+        .context("backup rtmp_url")?;
+    ensure!(backup_rtmp.ends_with(backup_key), "{ingest}");
+    let backup_srt = ingest["backup"]["srt_url"]
+        .as_str()
+        .context("backup srt_url")?
+        .to_string();
+    ensure!(backup_srt.contains("pb2%2Fbackup"), "{backup_srt}");
+    // before the primary: nothing to be the backup of
+    let early = refused(
+        ffmpeg_white(backup_rtmp, "flv", 30)?,
+        Duration::from_secs(20),
+    )
+    .await?;
+    eprintln!("a backup publisher before the primary: {early}");
+
+    let mut primary = ffmpeg_publish(&url, "flv", "320x180", 90)?;
+    wait_state(&d, "pb2", "running", Duration::from_secs(30)).await?;
+    wait_luma(&d, "pb2", 90.0..200.0, "the primary's picture").await?;
+    let backup = ffmpeg_white(&format!("{backup_srt}&pkt_size=1316"), "mpegts", 90)?;
+    let (restarts, s) = wait_backup(&d, "pb2", true, Duration::from_secs(20)).await?;
+    ensure!(
+        restarts == 0 && s["resilience"]["backup"]["publisher"]["protocol"] == "srt",
+        "{s}"
+    );
+    ensure!(s["resilience"]["active_input"] == "source", "{s}");
+
+    primary.kill().await?;
+    let killed = Instant::now();
+    wait_input(&d, "pb2", "backup", Duration::from_secs(5)).await?;
+    let failover = killed.elapsed();
+    let luma = wait_luma(
+        &d,
+        "pb2",
+        200.0..256.0,
+        "the backup publisher's white picture",
+    )
+    .await?;
+    eprintln!(
+        "the backup publisher on air {failover:?} after the primary was killed (luma {luma:.0})"
+    );
+    let s = wait_resilience(&d, "pb2", "failovers", 1).await?;
+    ensure!(s["resilience"]["slate_since_unix_ms"].is_null(), "{s}");
+
+    let mut primary = ffmpeg_publish(&url, "flv", "320x180", 90)?;
+    let started = Instant::now();
+    wait_input(&d, "pb2", "source", Duration::from_secs(30)).await?;
+    ensure!(
+        started.elapsed() >= Duration::from_secs(3),
+        "the primary took over {:?} after it reconnected, before failback_s (3 s)",
+        started.elapsed()
+    );
+    eprintln!(
+        "the primary back on air {:?} after it reconnected (failback_s 3)",
+        started.elapsed()
+    );
+    wait_resilience(&d, "pb2", "failbacks", 1).await?;
+    wait_luma(&d, "pb2", 90.0..200.0, "the primary's picture again").await?;
+    let (_, text) = d.get_text("/live/pb2/hi/index.m3u8").await?;
+    ensure!(
+        !text.contains("#EXT-X-DISCONTINUITY\n"),
+        "a switch broke the timeline:\n{text}"
+    );
+    let f = window_file(&d, "pb2", "hi").await?;
+    let out = tokio::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-xerror", "-i"])
+        .arg(f.path())
+        .args(["-f", "null", "-"])
+        .output()
+        .await?;
+    ensure!(
+        out.status.success() && out.stderr.is_empty(),
+        "ffmpeg -xerror across the switches: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // the backup publisher leaves off air: unhealthy, its slot free; the next one replaces it
+    drop(backup);
+    poll_until(
+        "the backup publisher gone",
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || async {
+            let s = status(&d, "pb2").await?;
+            let b = &s["resilience"]["backup"];
+            Ok(if b["healthy"] == false && b["publisher"].is_null() {
+                Polled::Done(())
+            } else {
+                Polled::NotYet(b.to_string())
+            })
+        },
+    )
+    .await?;
+    let _again = ffmpeg_white(backup_rtmp, "flv", 60)?;
+    let (restarts, s) = wait_backup(&d, "pb2", true, Duration::from_secs(20)).await?;
+    ensure!(
+        restarts == 1 && s["resilience"]["backup"]["publisher"]["protocol"] == "rtmp",
+        "{s}"
+    );
+    let busy = refused(
+        ffmpeg_white(backup_rtmp, "flv", 30)?,
+        Duration::from_secs(20),
+    )
+    .await?;
+    eprintln!("a second backup publisher: {busy}");
+    ensure!(
+        metric(
+            &d,
+            r#"kiln_ingest_rejections_total{protocol="rtmp",reason="busy"}"#
+        )
+        .await?
+            >= 2.0,
+        "the early and the second backup publisher are counted as busy"
+    );
+    ensure!(
+        metric(
+            &d,
+            r#"kiln_stream_failovers_total{stream="pb2",to="backup"}"#
+        )
+        .await?
+            == 1.0
+    );
+    encoder_faults_rebuild_the_stream_on_the_slate(&d, &mut primary, &url, backup_rtmp).await?;
+    d.shutdown().await
+}
+
+/// The CPU fallback of a `publish:` stream (test-only encoder fault): the pipeline is rebuilt on the slate (a
+/// publisher's bytes fed the old pipeline and cannot be replayed), the stream keeps running, and the inputs come
+/// back onto it. With the backup on air: the backup publisher (cut off by the rebuild) reconnects and replaces
+/// the slate. On the slate: the primary comes back and takes over. With the primary on air: it is cut off (a
+/// counted loss) and takes over again when it reconnects. ffmpeg decodes the window across the rebuilds.
+async fn encoder_faults_rebuild_the_stream_on_the_slate(
+    d: &Daemon,
+    primary: &mut Child,
+    url: &str,
+    backup_rtmp: &str,
+) -> Result<()> {
+    let fallbacks = |s: &serde_json::Value| s["fallbacks"].as_array().map_or(0, |f| f.len());
+    primary.kill().await?;
+    let s = wait_input(d, "pb2", "backup", Duration::from_secs(5)).await?;
+    let losses = &s["resilience"]["source_losses"];
+    ensure!(d.state.supervisor.inject_encoder_error("pb2"), "no encoder");
+    let s = wait_input(d, "pb2", "slate", Duration::from_secs(15)).await?;
+    // the loss was counted when the backup went on air
+    ensure!(
+        s["state"] == "running"
+            && fallbacks(&s) == 1
+            && s["resilience"]["source_losses"] == *losses,
+        "{s}"
+    );
+    wait_picture(d, "pb2", true).await?;
+    // the backup publisher comes back (a real encoder retries): it replaces the slate
+    let backup = ffmpeg_white(backup_rtmp, "flv", 60)?;
+    let s = wait_input(d, "pb2", "backup", Duration::from_secs(20)).await?;
+    ensure!(s["resilience"]["backup"]["restarts"] == 2, "{s}");
+    wait_luma(d, "pb2", 200.0..256.0, "the backup after the rebuild").await?;
+    // on the slate itself: the backup leaves, the encoder fails, the primary comes back
+    drop(backup);
+    wait_input(d, "pb2", "slate", Duration::from_secs(10)).await?;
+    ensure!(d.state.supervisor.inject_encoder_error("pb2"), "no encoder");
+    let s = poll_until(
+        "the second rebuild",
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || async {
+            let s = status(d, "pb2").await?;
+            Ok(if fallbacks(&s) == 2 {
+                Polled::Done(s)
+            } else {
+                Polled::NotYet(s["fallbacks"].to_string())
+            })
+        },
+    )
+    .await?;
+    ensure!(
+        s["state"] == "running" && s["resilience"]["active_input"] == "slate",
+        "{s}"
+    );
+    let primary = ffmpeg_publish(url, "flv", "320x180", 60)?;
+    wait_input(d, "pb2", "source", Duration::from_secs(30)).await?;
+    wait_luma(d, "pb2", 90.0..200.0, "the primary after the rebuilds").await?;
+    // the encoder fails with the primary on air: its bytes cannot be replayed into the new pipeline, so it is
+    // cut off (a loss: the slate), and the publisher that reconnects takes over from the slate
+    let losses = status(d, "pb2").await?["resilience"]["source_losses"]
+        .as_u64()
+        .unwrap_or(0);
+    ensure!(d.state.supervisor.inject_encoder_error("pb2"), "no encoder");
+    let s = wait_input(d, "pb2", "slate", Duration::from_secs(15)).await?;
+    ensure!(
+        fallbacks(&s) == 3 && s["resilience"]["source_losses"] == losses + 1,
+        "{s}"
+    );
+    let cut = refused(primary, Duration::from_secs(10)).await?;
+    eprintln!("the primary cut off by the rebuild: {cut}");
+    let _primary = ffmpeg_publish(url, "flv", "320x180", 60)?;
+    wait_input(d, "pb2", "source", Duration::from_secs(30)).await?;
+    wait_luma(d, "pb2", 90.0..200.0, "the primary after the third rebuild").await?;
+    let f = window_file(d, "pb2", "hi").await?;
+    let out = tokio::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-xerror", "-i"])
+        .arg(f.path())
+        .args(["-f", "null", "-"])
+        .output()
+        .await?;
+    ensure!(
+        out.status.success() && out.stderr.is_empty(),
+        "ffmpeg -xerror across the rebuilds: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 /// A pulled SRT source (kilnd calls ffmpeg) that dies mid-stream: the slate goes on air, kilnd calls again with

@@ -219,10 +219,20 @@ impl LivePipeline {
                     keys,
                 )?;
                 *fill.lock() = Some(Arc::downgrade(&entry));
-                let first = crate::source::EncodedSource::build(&entry, plan, opts, sink.clone())?;
+                // a `publish:` stream built without its publisher's bytes (rebuilt while the slate or the
+                // backup was on air) starts on the slate: the next publisher, or the backup, takes over from it
+                let first = if plan.source.is_publish() && opts.byte_feed.is_none() {
+                    entry.start_on_slate();
+                    crate::slate::build(&entry, plan, sink.clone())?
+                } else {
+                    crate::source::EncodedSource::build(&entry, plan, opts, sink.clone())?
+                };
                 // a backup that cannot be built is the backup's trouble, not the stream's: it is started again
                 // later (the daemon watches its health)
-                let backup = plan.backup.as_ref().and_then(|_| {
+                // a `publish:` backup is built when its publisher connects ([`Switcher::attach_backup`])
+                let pending =
+                    |b: &&kiln_model::Backup| b.source.is_publish() && opts.backup_feed.is_none();
+                let backup = plan.backup.as_ref().filter(|b| !pending(b)).and_then(|_| {
                     crate::source::EncodedSource::build_as(
                         &entry,
                         plan,
@@ -360,6 +370,25 @@ impl LivePipeline {
                 b.stop();
             }
         }
+    }
+
+    /// Test-only: the first video rendition's encoder posts an error now, like an NVENC session that dies (the
+    /// `fault-injection` feature). Returns whether there was an encoder to fail.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_encoder_error(&self) -> bool {
+        let Some(enc) = self
+            .video_names
+            .first()
+            .and_then(|n| self.pipeline.by_name(&format!("enc-{n}")))
+        else {
+            return false;
+        };
+        gst::element_error!(
+            enc,
+            gst::StreamError::Encode,
+            ["injected encoder fault (test)"]
+        );
+        true
     }
 
     /// A handle that switches this pipeline's inputs (`None` for a test source).
@@ -599,6 +628,28 @@ impl Switcher {
     /// the backup is on air (its loss is the stream's: the caller puts the slate on first).
     /// Returns whether it did.
     pub fn restart_backup(&self) -> Result<bool, MediaError> {
+        Ok(self.replace_backup(&self.opts)? == Replaced::Yes)
+    }
+
+    /// A `publish:` backup's publisher connected: its bytes (`feed`) become the backup input, in standby, like
+    /// [`Self::restart_backup`]. `Ok(false)`: the last backup is still on air or armed, and nothing was built
+    /// (`feed` is unused: the caller may try again). An `Err` once the feed was read (the backup was armed while
+    /// the new input started, or the pipeline stopped): the feed cannot be used again.
+    pub fn attach_backup(&self, feed: crate::ByteFeed) -> Result<bool, MediaError> {
+        let opts = BuildOptions {
+            backup_feed: Some(feed),
+            ..self.opts.clone()
+        };
+        match self.replace_backup(&opts)? {
+            Replaced::Yes => Ok(true),
+            Replaced::Busy => Ok(false),
+            Replaced::Dropped => Err(MediaError::Start(
+                "the backup went on air (or the pipeline stopped) while the new backup input started".into(),
+            )),
+        }
+    }
+
+    fn replace_backup(&self, opts: &BuildOptions) -> Result<Replaced, MediaError> {
         // on air, or armed to take over: its loss is the stream's, handled first
         let busy = || {
             self.backup
@@ -608,12 +659,12 @@ impl Switcher {
                 || self.entry.on_air() == crate::InputKind::Backup
         };
         if busy() || self.plan.backup.is_none() {
-            return Ok(false);
+            return Ok(Replaced::Busy);
         }
         let new = crate::source::EncodedSource::build_as(
             &self.entry,
             &self.plan,
-            &self.opts,
+            opts,
             self.sink.clone(),
             crate::source::Role::Backup,
         )?;
@@ -629,12 +680,12 @@ impl Switcher {
             if self.closed.load(std::sync::atomic::Ordering::SeqCst) || armed {
                 drop(b);
                 stop_elsewhere(vec![new]);
-                return Ok(false);
+                return Ok(Replaced::Dropped);
             }
             b.replace(new)
         };
         stop_elsewhere(old.into_iter().collect());
-        Ok(true)
+        Ok(Replaced::Yes)
     }
 
     /// Whether a source input waits to take over (a returning publisher, an attempt to pull the source again).
@@ -678,6 +729,16 @@ impl Drop for LivePipeline {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// What [`Switcher::replace_backup`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replaced {
+    Yes,
+    /// Nothing built: the backup is on air or armed.
+    Busy,
+    /// Built and started, then stopped: the backup was armed meanwhile, or the pipeline stopped.
+    Dropped,
 }
 
 /// Stops `inputs` on a thread of its own: stopping waits for their streaming threads, which may be waiting on

@@ -573,6 +573,11 @@ impl Entry {
         *self.on_air.lock()
     }
 
+    /// The first input is the slate (built next, as generation 1).
+    pub(crate) fn start_on_slate(&self) {
+        *self.on_air.lock() = InputKind::Slate;
+    }
+
     /// How long since the current input's last frame (`None` before its first).
     pub(crate) fn since_last_frame(&self) -> Option<std::time::Duration> {
         self.last_frame.lock().map(|t| t.elapsed())
@@ -830,7 +835,12 @@ impl EncodedSource {
             backup_opts = crate::BuildOptions {
                 source_addr: opts.backup_addr,
                 byte_feed: opts.backup_feed.clone(),
-                size_limit: None,
+                // a backup publisher is held to the stream's booking like its primary
+                size_limit: if b.source.is_publish() {
+                    opts.size_limit
+                } else {
+                    None
+                },
                 file: None,
                 ..opts.clone()
             };

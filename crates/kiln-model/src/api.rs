@@ -131,9 +131,13 @@ pub struct BackupStatus {
     /// Milliseconds since its last decoded frame (none before its first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_frame_ms_ago: Option<u64>,
-    /// Times it was started again after it failed off air.
+    /// Times it was started again after it failed off air (a `publish:` backup: times a backup publisher
+    /// connected again after one left).
     pub restarts: u64,
     pub failback_s: u32,
+    /// A `publish:` backup's connected publisher (never its key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher: Option<crate::ingest::PublisherStatus>,
 }
 
 /// One rebuild of a stream's pipeline after its encoder failed.

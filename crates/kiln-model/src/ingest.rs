@@ -15,9 +15,12 @@ pub struct IngestRequest {
     /// The RTMP stream key (the last path segment of the publish URL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
-    /// The SRT passphrase (AES-128).
+    /// The SRT passphrase (AES-128), for the primary and the backup publisher.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passphrase: Option<String>,
+    /// The RTMP key of the backup publisher (`"backup": {"source": "publish:"}` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_key: Option<String>,
 }
 
 /// Why an ingest secret was refused.
@@ -31,6 +34,12 @@ pub enum IngestError {
         max = KEY_MAX
     )]
     BadKey,
+    #[error("ingest backup_key: the same rules as the key, and not the key itself")]
+    BadBackupKey,
+    #[error(
+        "ingest backup_key is only for a stream with `\"backup\": {{\"source\": \"publish:\"}}`"
+    )]
+    NoPublishBackup,
     #[error(
         "ingest passphrase: {min} to {max} printable ASCII characters (SRT's limits)",
         min = PASSPHRASE_MIN,
@@ -52,6 +61,7 @@ impl std::fmt::Debug for IngestRequest {
         f.debug_struct("IngestRequest")
             .field("key", &self.key.as_ref().map(|_| "hidden"))
             .field("passphrase", &self.passphrase.as_ref().map(|_| "hidden"))
+            .field("backup_key", &self.backup_key.as_ref().map(|_| "hidden"))
             .finish()
     }
 }
@@ -59,12 +69,17 @@ impl std::fmt::Debug for IngestRequest {
 impl IngestRequest {
     /// Checks the secrets a caller chose.
     pub fn validate(&self) -> Result<(), IngestError> {
-        if let Some(k) = &self.key {
-            let ok = (KEY_MIN..=KEY_MAX).contains(&k.len())
+        let key_ok = |k: &str| {
+            (KEY_MIN..=KEY_MAX).contains(&k.len())
                 && k.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !ok {
-                return Err(IngestError::BadKey);
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if self.key.as_deref().is_some_and(|k| !key_ok(k)) {
+            return Err(IngestError::BadKey);
+        }
+        if let Some(b) = &self.backup_key {
+            if !key_ok(b) || self.key.as_ref() == Some(b) {
+                return Err(IngestError::BadBackupKey);
             }
         }
         if let Some(p) = &self.passphrase {
@@ -93,6 +108,28 @@ pub struct IngestInfo {
     /// `srt://host:port?streamid=…&passphrase=…&pbkeylen=16`: what ffmpeg and GStreamer's `srtsink` take.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub srt_url: Option<String>,
+    /// The backup publisher's key and URLs (a stream with `"backup": {"source": "publish:"}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupIngestInfo>,
+}
+
+/// Where a stream's backup publisher pushes: its own RTMP key, and on SRT the stream id `<id>/backup` with the
+/// stream's passphrase.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupIngestInfo {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtmp_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtmps_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub srt_url: Option<String>,
+}
+
+impl std::fmt::Debug for BackupIngestInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackupIngestInfo(hidden)")
+    }
 }
 
 impl std::fmt::Debug for IngestInfo {
@@ -217,7 +254,20 @@ impl SrtStreamId {
     pub fn for_stream(stream: &str) -> String {
         format!("#!::r={stream},m=publish")
     }
+
+    /// The stream id a backup publisher sends for `stream` (`r=<stream>/backup`: no stream id has a `/`).
+    pub fn for_backup(stream: &str) -> String {
+        format!("#!::r={stream}{BACKUP_SUFFIX},m=publish")
+    }
+
+    /// The stream a backup publisher names (`r=<stream>/backup`), or `None` for a primary's id.
+    pub fn backup_of(&self) -> Option<&str> {
+        self.resource.strip_suffix(BACKUP_SUFFIX)
+    }
 }
+
+/// What a backup publisher's SRT resource ends with.
+pub const BACKUP_SUFFIX: &str = "/backup";
 
 /// `%XX` → byte; `None` for a bad escape or a result that is not UTF-8.
 fn percent_decode(s: &str) -> Option<String> {
@@ -258,11 +308,38 @@ pub fn publish_urls(
     rtmp: Option<&str>,
     srt: Option<&str>,
 ) -> (Option<String>, Option<String>) {
+    urls_for(&SrtStreamId::for_stream(stream), key, passphrase, rtmp, srt)
+}
+
+/// [`publish_urls`] of the stream's backup publisher (its own key, the stream id `<stream>/backup`).
+pub fn backup_urls(
+    stream: &str,
+    backup_key: &str,
+    passphrase: &str,
+    rtmp: Option<&str>,
+    srt: Option<&str>,
+) -> (Option<String>, Option<String>) {
+    urls_for(
+        &SrtStreamId::for_backup(stream),
+        backup_key,
+        passphrase,
+        rtmp,
+        srt,
+    )
+}
+
+fn urls_for(
+    stream_id: &str,
+    key: &str,
+    passphrase: &str,
+    rtmp: Option<&str>,
+    srt: Option<&str>,
+) -> (Option<String>, Option<String>) {
     let rtmp_url = rtmp.map(|a| format!("rtmp://{a}/live/{key}"));
     let srt_url = srt.map(|a| {
         format!(
             "srt://{a}?streamid={}&passphrase={}&pbkeylen=16",
-            query_escape(&SrtStreamId::for_stream(stream)),
+            query_escape(stream_id),
             query_escape(passphrase)
         )
     });
@@ -298,6 +375,9 @@ mod tests {
         assert_eq!(SrtStreamId::parse("%2"), Err(StreamIdError::Malformed));
         let made = SrtStreamId::for_stream("s1");
         assert_eq!(SrtStreamId::parse(&made).unwrap().resource, "s1");
+        assert_eq!(SrtStreamId::parse(&made).unwrap().backup_of(), None);
+        let backup = SrtStreamId::parse(&SrtStreamId::for_backup("s1")).unwrap();
+        assert_eq!(backup.backup_of(), Some("s1"));
     }
 
     #[test]
@@ -305,6 +385,7 @@ mod tests {
         let ok = IngestRequest {
             key: Some("a".repeat(22)),
             passphrase: Some("0123456789".into()),
+            backup_key: None,
         };
         assert!(ok.validate().is_ok());
         for bad_key in [
@@ -316,13 +397,31 @@ mod tests {
             let r = IngestRequest {
                 key: Some(bad_key.into()),
                 passphrase: None,
+                backup_key: None,
             };
             assert_eq!(r.validate(), Err(IngestError::BadKey), "{bad_key}");
         }
+        let same = IngestRequest {
+            key: Some("a".repeat(22)),
+            passphrase: None,
+            backup_key: Some("a".repeat(22)),
+        };
+        assert_eq!(same.validate(), Err(IngestError::BadBackupKey));
+        let other = IngestRequest {
+            backup_key: Some("b".repeat(22)),
+            ..same.clone()
+        };
+        assert!(other.validate().is_ok());
+        let short = IngestRequest {
+            backup_key: Some("b".into()),
+            ..same
+        };
+        assert_eq!(short.validate(), Err(IngestError::BadBackupKey));
         for bad in ["short", &"p".repeat(80), "with space!!"] {
             let r = IngestRequest {
                 key: None,
                 passphrase: Some(bad.into()),
+                backup_key: None,
             };
             assert_eq!(r.validate(), Err(IngestError::BadPassphrase), "{bad}");
         }

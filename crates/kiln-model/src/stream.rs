@@ -337,8 +337,8 @@ pub struct StreamRequest {
     pub backup: Option<BackupRequest>,
 }
 
-/// `"backup": {"source": "srt://…", "failback_s": 10}`: a pulled live source decoded all the time next to the
-/// stream's own. When the source is lost the backup goes on air (instead of the slate) at its next frame; when
+/// `"backup": {"source": "srt://…" | "publish:", "failback_s": 10}`: a live input decoded all the time next to
+/// the stream's own (a pulled source, or on a `publish:` stream a second publisher with the backup key). When the source is lost the backup goes on air (instead of the slate) at its next frame; when
 /// the source is back and has been healthy for `failback_s`, it takes over again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -373,13 +373,21 @@ impl Backup {
             ));
         }
         let source = Source::parse(&req.source)?;
-        if !source.is_pulled_live() {
+        // a `publish:` backup is a second publisher on the stream's own ingest (its `backup_key`, its SRT
+        // stream id `<id>/backup`): only a publish stream has the secrets that authorize one
+        if source.is_publish() && !primary.is_publish() {
             return Err(bad(
-                "the backup must be a pulled live source (srt://, rtsp(s)://, http(s)://); `publish:` backups are \
-                 not built yet",
+                "a `publish:` backup needs a `publish:` stream (a second publisher with the stream's backup key); \
+                 a pulled source takes a pulled backup (srt://, rtsp(s)://, http(s)://)",
             ));
         }
-        if source == *primary {
+        if !source.is_pulled_live() && !source.is_publish() {
+            return Err(bad(
+                "the backup must be a live input: `publish:` (a second publisher) or a pulled live source \
+                 (srt://, rtsp(s)://, http(s)://)",
+            ));
+        }
+        if source == *primary && !source.is_publish() {
             return Err(bad("the backup is the stream's own source"));
         }
         if req.failback_s > Self::MAX_FAILBACK_S {

@@ -172,7 +172,7 @@ fn source_loss_defaults_and_limits() {
 }
 
 #[test]
-fn a_backup_is_a_pulled_live_source_for_a_stream_that_can_lose_its_own() {
+fn a_backup_is_a_live_input_for_a_stream_that_can_lose_its_own() {
     let req = |source: &str, failback_s: u32| BackupRequest {
         source: source.into(),
         failback_s,
@@ -180,11 +180,14 @@ fn a_backup_is_a_pulled_live_source_for_a_stream_that_can_lose_its_own() {
     let publish = Source::parse("publish:").unwrap();
     let b = Backup::new(&req("srt://203.0.113.5:9000", 10), &publish).unwrap();
     assert_eq!(b.failback(), std::time::Duration::from_secs(10));
+    // a second publisher on a publish stream
+    let second = Backup::new(&req("publish:", 3), &publish).unwrap();
+    assert!(second.source.is_publish());
     let srt = Source::parse("srt://203.0.113.5:9000").unwrap();
     for (source, primary, why) in [
-        ("publish:", &publish, "pulled live"),
-        ("file:///a.mp4", &publish, "pulled live"),
-        ("test:", &publish, "pulled live"),
+        ("publish:", &srt, "needs a `publish:` stream"),
+        ("file:///a.mp4", &publish, "live input"),
+        ("test:", &publish, "live input"),
         ("srt://203.0.113.5:9000", &srt, "own source"),
         (
             "srt://203.0.113.5:9001",

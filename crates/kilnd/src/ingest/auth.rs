@@ -74,6 +74,7 @@ pub(super) async fn create_from(
         ingest: Some(IngestRequest {
             key: (protocol == Protocol::Rtmp).then(|| name.to_string()),
             passphrase: answer.passphrase,
+            backup_key: None,
         }),
         ..Default::default()
     };

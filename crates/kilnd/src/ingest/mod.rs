@@ -298,12 +298,15 @@ async fn authorize(
         Protocol::Rtmp => sup.stream_for_key(name),
         Protocol::Srt => sup.publish_stream(name),
     };
-    let stream = match (found, &cfg.auth_url) {
-        (Some(h), _) => h,
-        (None, Some(url)) => {
-            auth::create_from(sup, url, cfg.auth_timeout, protocol, name, addr).await?
-        }
-        (None, None) => {
+    // a backup's SRT id names a stream that exists: the auth URL creates primaries only
+    let backup_id = protocol == Protocol::Srt && name.ends_with(kiln_model::ingest::BACKUP_SUFFIX);
+    let (stream, backup) = match (found, &cfg.auth_url) {
+        (Some(found), _) => found,
+        (None, Some(url)) if !backup_id => (
+            auth::create_from(sup, url, cfg.auth_timeout, protocol, name, addr).await?,
+            false,
+        ),
+        (None, _) => {
             let why = match protocol {
                 Protocol::Rtmp => Refusal::UnknownKey,
                 Protocol::Srt => Refusal::UnknownStream,
@@ -311,11 +314,6 @@ async fn authorize(
             return Err((why, "no publish stream has this key or id".into()));
         }
     };
-    let publisher = sup.claim(&stream, protocol, addr).map_err(|r| {
-        (
-            r,
-            "the stream already has a publisher, or is stopping".to_string(),
-        )
-    })?;
+    let publisher = sup.claim(&stream, protocol, addr, backup)?;
     Ok((stream, publisher))
 }

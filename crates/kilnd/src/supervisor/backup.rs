@@ -309,6 +309,8 @@ impl Supervisor {
             }
             r.backup_failed = true;
         }
+        // a backup publisher cannot be called again: it is cut off, and the next one replaces it
+        h.kick_backup_publisher(Refusal::Pipeline, &why);
         let (on_air, armed, lost) = {
             let p = h.pipeline.lock();
             let p = p.as_ref();
@@ -426,6 +428,11 @@ impl Supervisor {
                     continue;
                 }
                 if sup.backup_replaces_slate(&stream, seen, timeout).await {
+                    continue;
+                }
+                if stream.has_publish_backup() {
+                    // nothing to start again: the next backup publisher replaces a failed one
+                    sup.check_backup_publisher(&stream, seen, timeout).await;
                     continue;
                 }
                 let failed = stream.resilience.lock().backup_failed

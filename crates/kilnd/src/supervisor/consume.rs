@@ -39,32 +39,22 @@ impl Supervisor {
     /// room means the stream fails), and the new pipeline continues the stream's timeline. Bounded: a `gpu-only`
     /// stream never falls back, and more than [`MAX_RESTARTS`] rebuilds in [`RESTART_WINDOW_MS`] fail it.
     pub(super) async fn fallback(
-        &self,
+        self: &Arc<Self>,
         h: &Arc<StreamHandle>,
         error: &str,
         origin_ms: i64,
     ) -> Result<mpsc::Receiver<MediaEvent>, SupervisorError> {
         let now = unix_ms();
         let old = h.placement();
-        if h.plan.encoder.policy == Policy::GpuOnly {
-            return Err(SupervisorError::Policy(
-                "the encoder failed and policy gpu-only forbids a CPU fallback".into(),
-            ));
-        }
-        let recent = h
-            .fallbacks
-            .lock()
-            .iter()
-            .filter(|f| now.saturating_sub(f.at_unix_ms) < RESTART_WINDOW_MS)
-            .count();
-        if recent >= MAX_RESTARTS {
-            return Err(SupervisorError::Policy(format!(
-                "the encoder failed {} times within {} s; not rebuilding again",
-                recent + 1,
-                RESTART_WINDOW_MS / 1000
-            )));
-        }
-        let p = h.pipeline.lock().take();
+        fallback_allowed(h, now)?;
+        // a publish stream's new pipeline starts on the slate: its publishers are cut off first (see
+        // `cut_off_for_rebuild`), together with taking the pipeline, so their sessions' ends find nothing to lose
+        let on_slate = h.plan.source.is_publish();
+        let (p, source_on_air) = if on_slate {
+            h.cut_off_for_rebuild()
+        } else {
+            (h.pipeline.lock().take(), false)
+        };
         if let Some(p) = p {
             let _ = tokio::task::spawn_blocking(move || drop(p)).await;
         }
@@ -93,9 +83,6 @@ impl Supervisor {
         *h.pipeline.lock() = Some(pipeline);
         h.pipeline_epoch
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        // the new pipeline numbers its inputs from 1 again and starts on its source: what the old one's inputs
-        // left behind (a lost input, a stretch of slate, a source waiting behind the backup) is over
-        h.resilience.lock().new_pipeline();
         *h.placement.lock() = new;
         h.fallbacks.lock().push(Fallback {
             at_unix_ms: now,
@@ -110,8 +97,33 @@ impl Supervisor {
             .inc();
         tracing::warn!(from = old.backend.label(), to = new.backend.label(), %error, "encoder failed: pipeline rebuilt");
         self.event("encoder.fallback", h);
+        self.new_pipeline_inputs(h, on_slate, source_on_air).await;
         Ok(rx)
     }
+}
+
+/// Whether stream `h` may be rebuilt at `now`: not `gpu-only`, and under [`MAX_RESTARTS`] rebuilds in
+/// [`RESTART_WINDOW_MS`].
+fn fallback_allowed(h: &StreamHandle, now: u64) -> Result<(), SupervisorError> {
+    if h.plan.encoder.policy == Policy::GpuOnly {
+        return Err(SupervisorError::Policy(
+            "the encoder failed and policy gpu-only forbids a CPU fallback".into(),
+        ));
+    }
+    let recent = h
+        .fallbacks
+        .lock()
+        .iter()
+        .filter(|f| now.saturating_sub(f.at_unix_ms) < RESTART_WINDOW_MS)
+        .count();
+    if recent >= MAX_RESTARTS {
+        return Err(SupervisorError::Policy(format!(
+            "the encoder failed {} times within {} s; not rebuilding again",
+            recent + 1,
+            RESTART_WINDOW_MS / 1000
+        )));
+    }
+    Ok(())
 }
 
 /// Whether a bus message came from an encoder element (`…/GstX264Enc:enc-720p`).
@@ -227,20 +239,11 @@ pub(super) async fn consume(
                     }
                     continue;
                 }
-                if live && h.is_publish() {
-                    if let Some(sup) = supervisor.upgrade() {
-                        sup.publish_error(&h, element.as_deref(), &message).await;
-                    }
-                    continue;
-                }
-                if h.state() == StreamState::Running && h.plan.source.is_pulled_live() {
-                    if let Some(sup) = supervisor.upgrade() {
-                        if sup.pulled_error(&h, element.as_deref(), &message).await {
-                            continue;
-                        }
-                    }
-                }
-                if live && from_encoder(element.as_deref()) {
+                // the encoder failed: rebuilt on the CPU (a publish stream's on the slate, once it is on air)
+                let rebuild = live
+                    && from_encoder(element.as_deref())
+                    && (!h.is_publish() || h.state() == StreamState::Running);
+                if rebuild {
                     if let Some(sup) = supervisor.upgrade() {
                         let why = match &details {
                             Some(d) => format!("{message} ({d})"),
@@ -254,6 +257,22 @@ pub(super) async fn consume(
                                 continue;
                             }
                             Err(e) => h.push_error(format!("no fallback: {e}")),
+                        }
+                        // no rebuild (refused, no CPU room, it failed to start): the stream fails, as any does
+                        sup.fail(&h).await;
+                        continue;
+                    }
+                }
+                if live && h.is_publish() {
+                    if let Some(sup) = supervisor.upgrade() {
+                        sup.publish_error(&h, element.as_deref(), &message).await;
+                    }
+                    continue;
+                }
+                if h.state() == StreamState::Running && h.plan.source.is_pulled_live() {
+                    if let Some(sup) = supervisor.upgrade() {
+                        if sup.pulled_error(&h, element.as_deref(), &message).await {
+                            continue;
                         }
                     }
                 }
@@ -338,6 +357,15 @@ impl Supervisor {
         if h.set_state(StreamState::Failed) {
             self.event("stream.failed", h);
         }
+        // a publish stream's publishers are told why, not left to find their bytes unread
+        let kicked = h.publisher.lock().take();
+        if let Some(p) = kicked {
+            p.kicked_for
+                .lock()
+                .get_or_insert((Refusal::Pipeline, "the stream failed".into()));
+            p.kick.notify_one();
+        }
+        h.kick_backup_publisher(Refusal::Pipeline, "the stream failed");
         let p = h.pipeline.lock().take();
         if let Some(p) = p {
             let _ = tokio::task::spawn_blocking(move || drop(p)).await;
@@ -367,8 +395,9 @@ impl Supervisor {
     }
 
     /// An error in a publish stream's pipeline: one from a source's pipeline (or its decode guard) is the loss of
-    /// that source; one from the encoders or the slate tears the pipeline down (a rebuilt pipeline could not
-    /// replay what the publisher already sent) and the stream waits for the next publisher.
+    /// that source; any other stream-side error (the slate, an encoder before the stream ran: a running stream's
+    /// encoder failure is rebuilt on the slate instead, or fails the stream) tears the pipeline down and the
+    /// stream waits for the next publisher.
     pub(super) async fn publish_error(
         self: &Arc<Self>,
         h: &Arc<StreamHandle>,

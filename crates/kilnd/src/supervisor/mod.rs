@@ -27,6 +27,7 @@ mod admission;
 mod backup;
 mod consume;
 mod publish;
+mod publish_backup;
 mod pulled;
 mod report;
 mod resilience;
@@ -148,6 +149,8 @@ pub struct StreamHandle {
     pub(crate) secrets: Option<Secrets>,
     /// A `publish:` stream's connected publisher.
     publisher: Mutex<Option<Arc<Publisher>>>,
+    /// The connected publisher of a `publish:` backup (`"backup": {"source": "publish:"}`).
+    backup_publisher: Mutex<Option<Arc<Publisher>>>,
     /// What the current publisher sends (a rebuilt pipeline gets the same feed).
     publish_feed: Mutex<Option<kiln_media::ByteFeed>>,
     /// Publishers that have had a pipeline (the second one opens with a discontinuity).
@@ -219,6 +222,11 @@ impl StreamHandle {
     /// The connected publisher of a `publish:` stream.
     pub fn publisher(&self) -> Option<Arc<Publisher>> {
         self.publisher.lock().clone()
+    }
+
+    /// The connected publisher of a `publish:` backup.
+    pub fn backup_publisher(&self) -> Option<Arc<Publisher>> {
+        self.backup_publisher.lock().clone()
     }
 
     /// Whether this is a `publish:` stream.
@@ -482,6 +490,18 @@ impl Supervisor {
         self.create_inner(id, request, Some(frames)).await
     }
 
+    /// Test-only: the encoder of stream `id`'s running pipeline fails now (see
+    /// [`LivePipeline::inject_encoder_error`]). Returns whether it had one.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_encoder_error(&self, id: &str) -> bool {
+        self.get(id).is_some_and(|h| {
+            h.pipeline
+                .lock()
+                .as_ref()
+                .is_some_and(|p| p.inject_encoder_error())
+        })
+    }
+
     async fn create_inner(
         self: &Arc<Self>,
         id: &str,
@@ -510,6 +530,10 @@ impl Supervisor {
             let same_secrets = h.secrets.as_ref().is_none_or(|s| {
                 asked.key.as_ref().is_none_or(|k| *k == s.key)
                     && asked.passphrase.as_ref().is_none_or(|p| *p == s.passphrase)
+                    && asked
+                        .backup_key
+                        .as_ref()
+                        .is_none_or(|b| Some(b) == s.backup_key.as_ref())
             });
             let same_loss = h.request.on_source_loss.unwrap_or_default()
                 == request.on_source_loss.unwrap_or_default();
@@ -522,7 +546,7 @@ impl Supervisor {
         let secrets = plan
             .source
             .is_publish()
-            .then(|| self.publish_secrets(&request))
+            .then(|| self.publish_secrets(&request, &plan))
             .transpose()?;
 
         let backup_addr = match &plan.backup {
@@ -650,6 +674,7 @@ impl Supervisor {
             origin_ms,
             secrets,
             publisher: Mutex::new(None),
+            backup_publisher: Mutex::new(None),
             publish_feed: Mutex::new(None),
             sessions: 0.into(),
             resilience: Mutex::new(Default::default()),
@@ -672,7 +697,13 @@ impl Supervisor {
                     // the caller (create_inner) releases the booking on this error
                     return Err(SupervisorError::Conflict(id.to_string()));
                 }
+                if s.backup_key.as_ref().is_some_and(|b| keys.contains_key(b)) {
+                    return Err(SupervisorError::Conflict(id.to_string()));
+                }
                 keys.insert(s.key.clone(), id.to_string());
+                if let Some(b) = &s.backup_key {
+                    keys.insert(b.clone(), id.to_string());
+                }
             }
             map.insert(id.to_string(), handle.clone());
         }
@@ -747,6 +778,7 @@ impl Supervisor {
                 *p.kicked_for.lock() = Some((Refusal::Stopping, "the stream was stopped".into()));
                 p.kick.notify_one();
             }
+            h.kick_backup_publisher(Refusal::Stopping, "the stream was stopped");
             h.pipeline.lock().take()
         }?;
         p.send_eos().then_some(p)
@@ -768,7 +800,11 @@ impl Supervisor {
         }
         self.release_all(&h);
         if let Some(s) = &h.secrets {
-            self.ingest_keys.lock().remove(&s.key);
+            let mut keys = self.ingest_keys.lock();
+            keys.remove(&s.key);
+            if let Some(b) = &s.backup_key {
+                keys.remove(b);
+            }
         }
         h.span.in_scope(|| tracing::info!("stream stopped"));
         let origin = self.origin.clone();

@@ -17,6 +17,8 @@ use super::*;
 pub struct Secrets {
     pub key: String,
     pub passphrase: String,
+    /// The backup publisher's RTMP key (a stream with `"backup": {"source": "publish:"}`).
+    pub backup_key: Option<String>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -40,9 +42,11 @@ pub struct Publisher {
     /// Why, when the daemon said (else: the stream stopped or its pipeline ended).
     pub kicked_for: Mutex<Option<(Refusal, String)>>,
     /// A pipeline was started for it (from then on the consumer ends the session, not the listener).
-    attached: AtomicBool,
+    pub(super) attached: AtomicBool,
     /// The generation of the pipeline input its bytes feed (0 until attached; see `LivePipeline::switch_to_source`).
     pub input: AtomicU64,
+    /// It publishes the stream's `publish:` backup (it came with the backup key or the `<id>/backup` stream id).
+    pub backup: bool,
 }
 
 impl Publisher {
@@ -162,7 +166,7 @@ impl std::io::Read for ChunkReader {
 
 /// A feed that hands out `rx` once (a rebuilt pipeline cannot replay a publisher: it gets an error and the
 /// publisher is cut off, to reconnect).
-fn feed_of(rx: mpsc::Receiver<Bytes>) -> kiln_media::ByteFeed {
+pub(super) fn feed_of(rx: mpsc::Receiver<Bytes>) -> kiln_media::ByteFeed {
     let slot = Arc::new(Mutex::new(Some(rx)));
     kiln_media::ByteFeed(Arc::new(move || {
         let rx = slot.lock().take().ok_or_else(|| {
@@ -202,16 +206,27 @@ pub fn random_token(bytes: usize) -> String {
 
 impl Supervisor {
     /// The secrets of a new publish stream: the request's, else random (key 144 bits, passphrase 120 bits).
+    /// A stream with a `publish:` backup gets a second key, its backup publisher's.
     pub(super) fn publish_secrets(
         &self,
         request: &StreamRequest,
+        plan: &StreamPlan,
     ) -> Result<Secrets, SupervisorError> {
         let asked = request.ingest.clone().unwrap_or_default();
         asked
             .validate()
             .map_err(|e| SupervisorError::Invalid(e.into()))?;
+        let publish_backup = plan.backup.as_ref().is_some_and(|b| b.source.is_publish());
+        if asked.backup_key.is_some() && !publish_backup {
+            return Err(SupervisorError::Invalid(
+                kiln_model::ingest::IngestError::NoPublishBackup.into(),
+            ));
+        }
         let key = asked.key.unwrap_or_else(|| random_token(18));
-        if self.ingest_keys.lock().contains_key(&key) {
+        let backup_key =
+            publish_backup.then(|| asked.backup_key.unwrap_or_else(|| random_token(18)));
+        let keys = self.ingest_keys.lock();
+        if keys.contains_key(&key) || backup_key.as_ref().is_some_and(|b| keys.contains_key(b)) {
             return Err(SupervisorError::Policy(
                 "that ingest key belongs to another stream: choose another, or leave it out to get a random one"
                     .into(),
@@ -220,6 +235,7 @@ impl Supervisor {
         Ok(Secrets {
             key,
             passphrase: asked.passphrase.unwrap_or_else(|| random_token(15)),
+            backup_key,
         })
     }
 
@@ -234,46 +250,102 @@ impl Supervisor {
             addrs.rtmp.as_deref(),
             addrs.srt.as_deref(),
         );
+        let backup = s.backup_key.as_ref().map(|key| {
+            let (rtmp_url, srt_url) = kiln_model::ingest::backup_urls(
+                &h.plan.id,
+                key,
+                &s.passphrase,
+                addrs.rtmp.as_deref(),
+                addrs.srt.as_deref(),
+            );
+            kiln_model::ingest::BackupIngestInfo {
+                key: key.clone(),
+                rtmp_url,
+                rtmps_url: addrs
+                    .rtmps
+                    .as_ref()
+                    .map(|a| format!("rtmps://{a}/live/{key}")),
+                srt_url,
+            }
+        });
         Some(IngestInfo {
             key: s.key.clone(),
             passphrase: s.passphrase.clone(),
             rtmp_url,
             rtmps_url: addrs.rtmps.map(|a| format!("rtmps://{a}/live/{}", s.key)),
             srt_url,
+            backup,
         })
     }
 
-    /// The publish stream that has this RTMP key.
-    pub fn stream_for_key(&self, key: &str) -> Option<Arc<StreamHandle>> {
+    /// The publish stream that has this RTMP key, and whether it is the stream's backup key.
+    pub fn stream_for_key(&self, key: &str) -> Option<(Arc<StreamHandle>, bool)> {
         let id = self.ingest_keys.lock().get(key).cloned()?;
-        self.get(&id).filter(|h| h.secrets.is_some())
+        let h = self.get(&id)?;
+        let backup = h.secrets.as_ref()?.backup_key.as_deref() == Some(key);
+        Some((h, backup))
     }
 
-    /// The publish stream with this id.
-    pub fn publish_stream(&self, id: &str) -> Option<Arc<StreamHandle>> {
-        self.get(id).filter(|h| h.secrets.is_some())
+    /// The publish stream an SRT resource names (`<id>`, or `<id>/backup` for its `publish:` backup), and
+    /// whether it is the backup.
+    pub fn publish_stream(&self, resource: &str) -> Option<(Arc<StreamHandle>, bool)> {
+        let (id, backup) = match resource.strip_suffix(kiln_model::ingest::BACKUP_SUFFIX) {
+            Some(id) => (id, true),
+            None => (resource, false),
+        };
+        let h = self.get(id)?;
+        let secrets = h.secrets.as_ref()?;
+        (!backup || secrets.backup_key.is_some()).then_some((h, backup))
     }
 
     /// Claims a waiting publish stream for one publisher: refused when someone already publishes to it or the
     /// stream is stopping.
+    /// A backup publisher (`backup`) claims the stream's backup slot, once the stream has a pipeline.
     pub fn claim(
         &self,
         h: &Arc<StreamHandle>,
         protocol: Protocol,
         addr: SocketAddr,
-    ) -> Result<Arc<Publisher>, Refusal> {
+        backup: bool,
+    ) -> Result<Arc<Publisher>, (Refusal, String)> {
+        let stopping = || (Refusal::Stopping, "the stream is stopping".to_string());
         if self.shutting_down.load(Ordering::SeqCst) {
-            return Err(Refusal::Stopping);
+            return Err(stopping());
         }
-        let mut slot = h.publisher.lock();
-        match h.state() {
-            _ if slot.is_some() => return Err(Refusal::Busy),
-            // on air without a publisher: the slate is on
-            StreamState::Waiting | StreamState::Running => {}
-            // the last publisher's pipeline is still being torn down
-            StreamState::Starting => return Err(Refusal::Busy),
-            _ => return Err(Refusal::Stopping),
-        }
+        let busy = || {
+            (
+                Refusal::Busy,
+                "the stream already has a publisher (or its last one's pipeline is being torn down)".to_string(),
+            )
+        };
+        let mut slot = if backup {
+            let slot = h.backup_publisher.lock();
+            match h.state() {
+                _ if slot.is_some() => return Err(busy()),
+                StreamState::Running | StreamState::Starting if h.pipeline.lock().is_some() => {}
+                // no pipeline yet, or one being rebuilt or torn down
+                StreamState::Waiting | StreamState::Starting | StreamState::Running => {
+                    return Err((
+                        Refusal::Busy,
+                        "the stream is not on air: its backup publisher is taken once the primary has started it"
+                            .into(),
+                    ))
+                }
+                _ => return Err(stopping()),
+            }
+            slot
+        } else {
+            let slot = h.publisher.lock();
+            match h.state() {
+                _ if slot.is_some() => return Err(busy()),
+                // on air without a publisher: the slate is on
+                StreamState::Waiting | StreamState::Running => {}
+                // the last publisher's pipeline is still being torn down
+                StreamState::Starting => return Err(busy()),
+                _ => return Err(stopping()),
+            }
+            slot
+        };
         let p = Arc::new(Publisher {
             protocol,
             addr,
@@ -284,6 +356,7 @@ impl Supervisor {
             kicked_for: Mutex::new(None),
             attached: AtomicBool::new(false),
             input: AtomicU64::new(0),
+            backup,
         });
         *slot = Some(p.clone());
         Ok(p)
@@ -297,6 +370,9 @@ impl Supervisor {
         publisher: &Arc<Publisher>,
         rx: mpsc::Receiver<Bytes>,
     ) -> Result<(), SupervisorError> {
+        if publisher.backup {
+            return self.attach_backup(h, publisher, rx).await;
+        }
         let feed = feed_of(rx);
         let placement = h.placement();
         let opts = self.build_options(&placement, &h.plan, &h.input, Some(feed.clone()))?;
@@ -457,7 +533,11 @@ impl Supervisor {
         if publisher.attached.load(Ordering::SeqCst) {
             return;
         }
-        let mut slot = h.publisher.lock();
+        let mut slot = if publisher.backup {
+            h.backup_publisher.lock()
+        } else {
+            h.publisher.lock()
+        };
         if slot.as_ref().is_some_and(|p| Arc::ptr_eq(p, publisher)) {
             *slot = None;
         }
@@ -478,6 +558,11 @@ impl Supervisor {
             h.pipeline_epoch.fetch_add(1, Ordering::SeqCst);
             (h.pipeline.lock().take(), kicked.is_some())
         };
+        // the backup's input goes with the pipeline: its publisher comes back once the stream is on air again
+        h.kick_backup_publisher(
+            Refusal::Pipeline,
+            "the stream's pipeline was torn down: the backup reconnects once the stream is on air",
+        );
         if kicked && matches!(h.state(), StreamState::Starting | StreamState::Running) {
             self.event("source.lost", h);
         }
@@ -524,7 +609,8 @@ mod tests {
         assert_eq!(p.len(), 20);
         assert!(kiln_model::ingest::IngestRequest {
             key: Some(a),
-            passphrase: Some(p)
+            passphrase: Some(p),
+            backup_key: None,
         }
         .validate()
         .is_ok());

@@ -16,7 +16,7 @@ use super::*;
 #[derive(Debug, Default)]
 pub(crate) struct ResilienceState {
     /// Since when the slate is on (unix ms, and the instant for durations).
-    slate_since: Option<(u64, Instant)>,
+    pub(super) slate_since: Option<(u64, Instant)>,
     /// Slate time of earlier stretches.
     slate_before: Duration,
     /// Slate seconds already added to the counter.
@@ -39,6 +39,8 @@ pub(crate) struct ResilienceState {
     /// The backup failed off air and waits to be started again.
     pub(super) backup_failed: bool,
     pub(super) backup_restarts: u64,
+    /// Backup publishers attached so far (a `publish:` backup: each after the first is a restart).
+    pub(super) backup_publishers: u64,
     /// Counts the loops pulling the source again behind the backup: only the newest runs.
     pub(super) behind: u64,
     /// When the source waiting behind the backup takes over if it goes on decoding (unix ms).
@@ -64,11 +66,15 @@ impl ResilienceState {
         }
     }
 
-    /// A rebuilt pipeline (the CPU fallback) numbers its inputs from 1 and starts on its source: the stretch of
-    /// slate (and its timers and attempts) ends, no input is lost or failed yet, nothing waits behind the backup.
-    pub(super) fn new_pipeline(&mut self) {
-        self.slate_off();
-        self.stretch += 1;
+    /// A rebuilt pipeline (the CPU fallback) numbers its inputs from 1: no input is lost or failed yet, nothing
+    /// waits behind the backup. Started on its source, the stretch of slate (and its timers and attempts) ends;
+    /// started on the slate (`on_slate`: a `publish:` stream with no publisher on air), an open stretch goes on,
+    /// with its reconnect window.
+    pub(super) fn new_pipeline(&mut self, on_slate: bool) {
+        if !on_slate {
+            self.slate_off();
+            self.stretch += 1;
+        }
         self.lost_input = 0;
         self.failed_input = 0;
         self.standby = None;
@@ -148,6 +154,7 @@ impl StreamHandle {
             last_frame_ms_ago: backup_seen.map(|d| d.as_millis() as u64),
             restarts: r.backup_restarts,
             failback_s: b.failback_s,
+            publisher: self.backup_publisher().map(|p| p.status()),
         });
         let window_ms = u64::from(policy.reconnect_window_s) * 1000;
         Some(Resilience {
@@ -221,6 +228,9 @@ impl Supervisor {
         who: &Arc<Publisher>,
         detail: Option<String>,
     ) {
+        if who.backup {
+            return self.backup_session_over(h, who, detail).await;
+        }
         let input = who.input.load(Ordering::SeqCst);
         self.source_lost(h, input, Some(who), detail.map(|d| (Refusal::Pipeline, d)))
             .await
@@ -417,6 +427,7 @@ impl Supervisor {
                     .get_or_insert((Refusal::Stopping, "the stream ended".into()));
                 p.kick.notify_one();
             }
+            h.kick_backup_publisher(Refusal::Stopping, "the stream ended");
             if !h.set_state(StreamState::Ended) {
                 return;
             }
