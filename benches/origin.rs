@@ -8,7 +8,9 @@
 //!    when the part is published the time from the first to the last response is measured.
 //!
 //! Run with `benches/run` (installs nginx and wrk, builds kilnd --release, then `cargo bench -p kiln-benches`).
-//! Everything runs on this host: client, daemon and nginx share its cores, so the numbers are ratios first.
+//! On equal terms: wrk (one thread) is pinned to the first CPU and the server under test (kilnd with every
+//! thread, or nginx with one worker) to the second (`taskset`), so neither steals the other's core. The fan-out
+//! also reads the daemon's own measure, `kiln_origin_fanout_seconds` (publish → each answer ready).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -46,8 +48,43 @@ fn last_part(playlist: &str) -> Result<(u64, u64)> {
     Ok((m.parse()?, p.parse()?))
 }
 
-/// wrk against `base` for `secs`, alternating between the two paths; returns requests/s.
-fn wrk(base: &str, paths: [&str; 2], secs: u32, dir: &Path) -> Result<f64> {
+/// The CPUs of this run: wrk on the first, the server under test on the second (one CPU: both share it).
+/// Read once, before this process pins itself (its own affinity would then say one CPU).
+fn cpus() -> (String, String) {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let n = *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    ("0".into(), if n > 1 { "1" } else { "0" }.into())
+}
+
+/// Pins every thread of process `pid` to `cpu`.
+fn pin(pid: u32, cpu: &str) -> Result<()> {
+    let ok = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpu, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("taskset (util-linux)")?
+        .success();
+    ensure!(ok, "taskset could not pin {pid} to CPU {cpu}");
+    Ok(())
+}
+
+/// A latency in wrk's units (`512.00us`, `1.23ms`, `1.01s`) in ms.
+fn wrk_ms(v: &str) -> Option<f64> {
+    let (n, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        return None;
+    };
+    n.parse::<f64>().ok().map(|n| n * scale)
+}
+
+/// wrk (one thread, pinned to the first CPU) against `base` for `secs`, alternating between the two paths;
+/// returns requests/s and the p99 latency in ms.
+fn wrk(base: &str, paths: [&str; 2], secs: u32, dir: &Path) -> Result<(f64, f64)> {
     let script = dir.join("mix.lua");
     std::fs::write(
         &script,
@@ -56,8 +93,10 @@ fn wrk(base: &str, paths: [&str; 2], secs: u32, dir: &Path) -> Result<f64> {
             paths[0], paths[1]
         ),
     )?;
-    let out = Command::new("wrk")
-        .args(["-t2", "-c64", &format!("-d{secs}s"), "-s"])
+    let out = Command::new("taskset")
+        .args(["-c", &cpus().0, "wrk", "-t1", "-c64", "--latency"])
+        .arg(format!("-d{secs}s"))
+        .arg("-s")
         .arg(&script)
         .arg(base)
         .output()
@@ -69,10 +108,41 @@ fn wrk(base: &str, paths: [&str; 2], secs: u32, dir: &Path) -> Result<f64> {
         .with_context(|| format!("wrk output: {text}"))?
         .trim()
         .parse()?;
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .and_then(|v| wrk_ms(v.trim()))
+        .with_context(|| format!("wrk output has no 99% latency: {text}"))?;
     if text.contains("Non-2xx") {
         bail!("wrk saw errors: {text}");
     }
-    Ok(rps)
+    Ok((rps, p99))
+}
+
+/// The `q` quantile of a Prometheus histogram in `/metrics` text, as the upper bound of the bucket it falls in.
+fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|l| {
+            let (le, count) = l.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= q * total)
+        .map(|(le, _)| *le)
 }
 
 fn start_nginx(root: &Path, dir: &Path) -> Result<(Child, String)> {
@@ -83,7 +153,7 @@ fn start_nginx(root: &Path, dir: &Path) -> Result<(Child, String)> {
     std::fs::write(
         &conf,
         format!(
-            "daemon off;\nworker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
+            "daemon off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
              events {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  \
              keepalive_requests 100000;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n  \
              fastcgi_temp_path {dir}/fcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n  \
@@ -98,7 +168,8 @@ fn start_nginx(root: &Path, dir: &Path) -> Result<(Child, String)> {
     } else {
         "nginx"
     };
-    let child = Command::new(nginx)
+    let child = Command::new("taskset")
+        .args(["-c", &cpus().1, nginx])
         .arg("-c")
         .arg(&conf)
         .arg("-p")
@@ -119,6 +190,9 @@ fn start_nginx(root: &Path, dir: &Path) -> Result<(Child, String)> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let k = spawn_kilnd("kilnd", kilnd_release_bin()?, &[]).await?;
+    pin(k.pid(), &cpus().1)?;
+    // this process is the fan-out's client: on the load generator's CPU, off the daemon's
+    pin(std::process::id(), &cpus().0)?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?;
@@ -166,22 +240,39 @@ async fn main() -> Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     let paths = [pl_path, part_path.as_str()];
-    let kiln_rps = wrk(&k.url, paths, secs, &dir)?;
-    let nginx_rps = wrk(&nginx_base, paths, secs, &dir)?;
+    let (kiln_rps, kiln_p99) = wrk(&k.url, paths, secs, &dir)?;
+    // kilnd shares the server's CPU: stopped (SIGSTOP) while nginx is measured, so nginx has the core alone
+    let signal = |sig: &str| {
+        Command::new("kill")
+            .args([sig, &k.pid().to_string()])
+            .status()
+    };
+    signal("-STOP")?;
+    let nginx_run = wrk(&nginx_base, paths, secs, &dir);
+    signal("-CONT")?;
+    let (nginx_rps, nginx_p99) = nginx_run?;
     // SIGTERM (not SIGKILL) so the master takes its workers down with it
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(nginx.id().to_string())
         .status();
     let _ = nginx.wait();
+    let (client_cpu, server_cpu) = cpus();
     println!(
-        "throughput (wrk -t2 -c64 {secs}s, playlist {} B + part {} B alternating):",
+        "throughput (wrk -t1 -c64 {secs}s on CPU {client_cpu}, server on CPU {server_cpu}; playlist {} B + part {} B \
+         alternating):",
         text.len(),
         part.len()
     );
-    println!("  kiln  {kiln_rps:>10.0} req/s   (live stream encoding meanwhile)");
-    println!("  nginx {nginx_rps:>10.0} req/s   (same bytes from disk)");
-    println!("  ratio kiln/nginx = {:.2}", kiln_rps / nginx_rps);
+    println!(
+        "  kiln  {kiln_rps:>10.0} req/s  p99 {kiln_p99:.2} ms  (live stream encoding meanwhile)"
+    );
+    println!("  nginx {nginx_rps:>10.0} req/s  p99 {nginx_p99:.2} ms  (one worker, same bytes from disk, kilnd stopped)");
+    println!(
+        "  ratio kiln/nginx = {:.2}, p99 kiln - nginx = {:+.2} ms",
+        kiln_rps / nginx_rps,
+        kiln_p99 - nginx_p99
+    );
 
     // --- 2. 10,000 parked blocking requests
     let n: usize = std::env::var("KILN_BENCH_PARKED")
@@ -256,6 +347,20 @@ async fn main() -> Result<()> {
         rss_before as f64 / 1024.0, rss_parked as f64 / 1024.0, (rss_parked.saturating_sub(rss_before)) as f64 / n as f64);
     println!("  publish -> responses: p50 {:.0} ms, p99 {:.0} ms, last {:.0} ms after the first; {failed} failed",
         spread(0.5), spread(0.99), spread(1.0));
+    // the daemon's own side: publish → each woken request's answer ready (bucket upper bounds)
+    let metrics = http
+        .get(format!("{}/metrics", k.url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let q = |q| histogram_quantile(&metrics, "kiln_origin_fanout_seconds", q).map(|s| s * 1000.0);
+    match (q(0.5), q(0.99)) {
+        (Some(p50), Some(p99)) => println!(
+            "  in kilnd (kiln_origin_fanout_seconds): p50 <= {p50:.1} ms, p99 <= {p99:.1} ms"
+        ),
+        _ => println!("  in kilnd: kiln_origin_fanout_seconds has no observation"),
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

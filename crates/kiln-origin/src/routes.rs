@@ -180,26 +180,30 @@ fn stream_segment(origin: &Origin, r: Arc<Rendition>, msn: u64, td: u64) -> Resp
     };
     let content_type = media_type(&r);
     let rx = r.subscribe();
-    let state = (r, rx, 0u64, guard);
+    // (rendition, its publishes, next part, the parking place: dropped once the body is cut short)
+    let state = (r, rx, 0u64, Some(guard));
     let body = stream::unfold(state, move |(r, mut rx, next, guard)| async move {
+        guard.as_ref()?;
         loop {
             let snap = rx.borrow_and_update().clone();
             if let Some(b) = r.part(PartPos::new(msn, next)) {
-                return Some((
-                    Ok::<_, std::convert::Infallible>(b),
-                    (r, rx, next + 1, guard),
-                ));
+                return Some((Ok::<_, std::io::Error>(b), (r, rx, next + 1, guard)));
             }
-            let closed = snap.closed.iter().any(|(m, n)| *m == msn && next >= *n);
-            if closed || snap.ended || msn < snap.first_retained_msn {
+            if snap.closed.iter().any(|(m, n)| *m == msn && next >= *n) {
                 return None;
             }
+            // cut short (the stream ended, the segment left the window, no part for 3 x TD): the body ends with
+            // an error, so neither a client nor a cache takes what came for the whole segment
             let deadline = Instant::now() + Duration::from_secs(3 * td);
-            if !matches!(
-                tokio::time::timeout_at(deadline, rx.changed()).await,
-                Ok(Ok(()))
-            ) {
-                return None;
+            let more = !snap.ended
+                && msn >= snap.first_retained_msn
+                && matches!(
+                    tokio::time::timeout_at(deadline, rx.changed()).await,
+                    Ok(Ok(()))
+                );
+            if !more {
+                let e = std::io::Error::other("the segment ended before it was complete");
+                return Some((Err(e), (r, rx, next, None)));
             }
         }
     });
@@ -242,13 +246,23 @@ fn error(status: StatusCode, max_age: u64, msg: &str) -> Response {
     r
 }
 
+/// 503 past the parking limit (counted by [`Origin::park`]), with `Retry-After: 1`: the next part is due within a
+/// second, and a client (or CDN) that retries then finds it published and needs no place.
 fn too_many_parked() -> Response {
-    error(
+    let mut r = error(
         StatusCode::SERVICE_UNAVAILABLE,
-        0,
+        1,
         "too many requests are waiting for new parts; retry",
-    )
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
+
+/// Why a query naming a delivery directive twice (or in another case) is refused. Its 400 is never stored: a
+/// cache keys it on one of the values, and must not answer that value's requests with it.
+const AMBIGUOUS_QUERY: &str =
+    "each of _HLS_msn, _HLS_part and _HLS_skip at most once, spelt exactly so";
 
 /// What a playlist request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,14 +271,26 @@ pub struct PlaylistQuery {
     pub skip: Skip,
 }
 
-/// Parses `_HLS_msn`, `_HLS_part` and `_HLS_skip`; other parameters (e.g. tokens) are ignored.
+/// Parses `_HLS_msn`, `_HLS_part` and `_HLS_skip`; other parameters (e.g. tokens) are ignored. A directive
+/// given twice, or spelt in another case, is refused: a cache in front keys on one value (nginx's `$arg_*` takes
+/// the first, case-insensitively) and must get the answer to that one, not to another.
 pub fn parse_query(query: Option<&str>) -> Result<PlaylistQuery, &'static str> {
     let mut q = PlaylistQuery {
         block: BlockRequest::default(),
         skip: Skip::No,
     };
+    let mut seen = [false; 3];
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let directive = ["_HLS_msn", "_HLS_part", "_HLS_skip"]
+            .iter()
+            .position(|d| d.eq_ignore_ascii_case(k));
+        if let Some(i) = directive {
+            if seen[i] || !["_HLS_msn", "_HLS_part", "_HLS_skip"].contains(&k) {
+                return Err(AMBIGUOUS_QUERY);
+            }
+            seen[i] = true;
+        }
         let num = || {
             v.parse::<u64>()
                 .map_err(|_| "_HLS_msn and _HLS_part must be non-negative integers")
@@ -318,6 +344,12 @@ async fn media(
     if file == "index.m3u8" {
         return match parse_query(query.as_deref()) {
             Ok(q) => playlist(&origin, &s, &r, q, &token).await,
+            Err(AMBIGUOUS_QUERY) => {
+                let mut r = error(StatusCode::BAD_REQUEST, 0, AMBIGUOUS_QUERY);
+                r.headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                r
+            }
             Err(msg) => error(StatusCode::BAD_REQUEST, 4 * td, msg),
         };
     }
@@ -454,6 +486,13 @@ async fn playlist(
         };
         match decision {
             Decision::Ready => {
+                // a blocking reload woken by the publish of the part it asked for: the fan-out
+                let asked = q.block.msn.zip(q.block.part);
+                if let (Some(_), Some((m, p))) = (&guard, asked) {
+                    if let Some(d) = r.since_part_published(PartPos::new(m, p)) {
+                        origin.fanout.observe(d);
+                    }
+                }
                 r.note_served(&snap);
                 let max_age = if blocking { 6 * td } else { (td / 2).max(1) };
                 let body = with_token(pick(&snap, q.skip), token, false);
@@ -470,10 +509,12 @@ async fn playlist(
                 match tokio::time::timeout_at(deadline, rx.changed()).await {
                     Ok(Ok(())) => continue,
                     Ok(Err(_)) => return error(StatusCode::NOT_FOUND, td, "stream ended"),
+                    // cacheable for a second: a CDN's collapsed waiters share it instead of queueing one by
+                    // one behind an uncacheable answer
                     Err(_) => {
                         return error(
                             StatusCode::SERVICE_UNAVAILABLE,
-                            0,
+                            1,
                             "the requested part did not appear within 3 target durations",
                         )
                     }
@@ -514,7 +555,7 @@ async fn resource(
             .segment(msn)
             .map(|b| (b, SEGMENT_MAX_AGE))
             .ok_or_else(|| error(StatusCode::NOT_FOUND, td, "no such segment")),
-        Resource::Init(gen) => wait_for(origin, r, td, |r, snap| match r.init_gen(gen) {
+        Resource::Init(gen) => wait_for(origin, r, td, None, |r, snap| match r.init_gen(gen) {
             Some(b) => Some(Ok(b)),
             // generation 0 is coming while the stream starts; others exist only once announced
             None if gen == 0 && !snap.ended && snap.last.is_none() => None,
@@ -522,9 +563,11 @@ async fn resource(
         })
         .await
         .map(|b| (b, 6 * td)),
-        Resource::Part(pos) => wait_for(origin, r, td, |r, snap| part_state(r, snap, pos))
-            .await
-            .map(|b| (b, 6 * td)),
+        Resource::Part(pos) => {
+            wait_for(origin, r, td, Some(pos), |r, snap| part_state(r, snap, pos))
+                .await
+                .map(|b| (b, 6 * td))
+        }
     }
 }
 
@@ -539,11 +582,12 @@ fn part_state(r: &Rendition, snap: &Snapshot, pos: PartPos) -> Option<Result<Byt
 }
 
 /// Holds a request until `check` gives an answer, a publish at a time, for at most 3 × TD. A resource is sent
-/// only once complete (never trickled).
+/// only once complete (never trickled). `part`: the part it waits for, whose publish its fan-out counts from.
 async fn wait_for<F>(
     origin: &Origin,
     r: &Arc<Rendition>,
     td: u64,
+    part: Option<PartPos>,
     check: F,
 ) -> Result<Bytes, Response>
 where
@@ -555,7 +599,12 @@ where
     loop {
         let snap = rx.borrow_and_update().clone();
         match check(r, &snap) {
-            Some(Ok(b)) => return Ok(b),
+            Some(Ok(b)) => {
+                if let (Some(_), Some(d)) = (&guard, part.and_then(|p| r.since_part_published(p))) {
+                    origin.fanout.observe(d);
+                }
+                return Ok(b);
+            }
             Some(Err(())) => return Err(error(StatusCode::NOT_FOUND, td, "no such resource")),
             None => {
                 if guard.is_none() {
@@ -567,7 +616,7 @@ where
                     Err(_) => {
                         return Err(error(
                             StatusCode::SERVICE_UNAVAILABLE,
-                            0,
+                            1,
                             "the resource did not appear within 3 target durations",
                         ))
                     }

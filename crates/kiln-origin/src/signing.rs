@@ -3,8 +3,10 @@
 //! When a key is configured, every `/live/{stream}/…` request must carry `exp` (Unix seconds) and `sig`
 //! (hex HMAC-SHA256 over `"/live/{stream}/|{exp}"`) as query parameters. One token covers a whole stream, so
 //! the relative URIs inside playlists and the MPD work: the origin appends the caller's token to each of them.
-//! A missing, bad or expired token gets 403 before any blocking wait. CDNs should keep `exp`/`sig` out of the
-//! cache key (or check the same HMAC at the edge).
+//! A missing, bad or expired token gets 403 before any blocking wait. A CDN must keep `exp`/`sig` in its cache
+//! key (as `deploy/edge/` does): a playlist answered for one token carries that token in its URIs, and a key
+//! without the token would serve an unchecked request from the cache. Viewers given the same token (one per
+//! stream and expiry) still share every cached answer.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -76,11 +78,20 @@ impl UrlSigner {
         now: u64,
     ) -> Result<String, TokenError> {
         let (mut exp, mut sig) = (None, None);
+        // a name given twice (or in another case) is refused: a cache in front keys on one of them (nginx's
+        // `$arg_exp` takes the first, case-insensitively), and the token checked must be the one keyed
         for pair in query.unwrap_or("").split('&') {
-            match pair.split_once('=') {
-                Some(("exp", v)) => exp = Some(v),
-                Some(("sig", v)) => sig = Some(v),
-                _ => {}
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let slot = match k {
+                "exp" => &mut exp,
+                "sig" => &mut sig,
+                _ if k.eq_ignore_ascii_case("exp") || k.eq_ignore_ascii_case("sig") => {
+                    return Err(TokenError::Malformed)
+                }
+                _ => continue,
+            };
+            if slot.replace(v).is_some() {
+                return Err(TokenError::Malformed);
             }
         }
         let (Some(exp_s), Some(sig_s)) = (exp, sig) else {
@@ -160,6 +171,18 @@ mod tests {
             s.verify("cam1", Some("exp=x&sig=zz"), 1_000),
             Err(TokenError::Malformed)
         );
+        // a token given twice, or in another case: refused (a cache keys on one of them)
+        for twice in [
+            format!("{q}&{q}"),
+            format!("{q}&EXP=1"),
+            format!("{q}&sig=00"),
+        ] {
+            assert_eq!(
+                s.verify("cam1", Some(&twice), 1_000),
+                Err(TokenError::Malformed),
+                "{twice}"
+            );
+        }
         assert!(UrlSigner::new(b"short").is_none());
     }
 

@@ -41,6 +41,9 @@ pub struct Rendition {
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// Test hook, see [`Rendition::served_from`].
     served: Mutex<(Option<Arc<Snapshot>>, u64)>,
+    /// When each of the last parts was published (ns on [`clock_ns`]'s clock): a parked request measures its
+    /// fan-out from the publish of the part it waited for, not from a later one.
+    published: Mutex<std::collections::VecDeque<(PartPos, u64)>>,
 }
 
 impl Rendition {
@@ -133,7 +136,23 @@ impl Rendition {
 
     /// Publishes the packager's current state. Called with no lock held by callers.
     fn publish(&self, snap: Snapshot) {
+        if let Some(last) = snap.last {
+            let mut p = self.published.lock();
+            if p.back().is_none_or(|(pos, _)| *pos != last) {
+                if p.len() == PUBLISH_STAMPS {
+                    p.pop_front();
+                }
+                p.push_back((last, clock_ns()));
+            }
+        }
         self.snapshot.send_replace(Arc::new(snap));
+    }
+
+    /// Seconds since part `pos` was published (`None`: not among the last [`PUBLISH_STAMPS`] published).
+    pub fn since_part_published(&self, pos: PartPos) -> Option<f64> {
+        let p = self.published.lock();
+        let at = p.iter().rev().find(|(q, _)| *q == pos)?.1;
+        Some(clock_ns().saturating_sub(at) as f64 / 1e9)
     }
 }
 
@@ -247,6 +266,7 @@ impl StreamOrigin {
                     dash_base: Mutex::new(None),
                     snapshot: watch::channel(Arc::new(snap)).0,
                     served: Mutex::new((None, 0)),
+                    published: Mutex::new(Default::default()),
                 })
             })
             .collect();
@@ -443,12 +463,28 @@ impl StreamOrigin {
     }
 }
 
+/// Publish times kept per rendition (parts; ~5 s at 3 parts/s, longer than any woken request takes to run).
+const PUBLISH_STAMPS: usize = 16;
+
+/// Monotonic nanoseconds since the first call in this process.
+fn clock_ns() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
+
 /// All streams the origin serves.
 #[derive(Debug, Clone)]
 pub struct Origin {
     streams: Arc<RwLock<HashMap<String, Arc<StreamOrigin>>>>,
     parked: Arc<AtomicUsize>,
     max_parked: usize,
+    /// `kiln_origin_fanout_seconds`: publish → a woken parked request's answer ready (the daemon registers it).
+    pub fanout: prometheus::Histogram,
+    /// `kiln_origin_park_refusals_total`: requests that would have waited past the parking limit (503).
+    pub park_refusals: prometheus::IntCounter,
     /// When set, playback requests need a signed token.
     pub signer: Option<Arc<crate::signing::UrlSigner>>,
 }
@@ -479,19 +515,41 @@ impl Origin {
     }
 
     pub fn with_parking_limit(max_parked: usize) -> Self {
+        let fanout = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "kiln_origin_fanout_seconds",
+                "Time from a publish to the answer of each parked request it woke (blocking playlist reloads, \
+                 held parts) being ready to write",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )
+        .expect("valid histogram options");
+        let park_refusals = prometheus::IntCounter::new(
+            "kiln_origin_park_refusals_total",
+            "Requests answered 503 (with Retry-After) because the parking limit was reached",
+        )
+        .expect("valid counter options");
         Self {
             streams: Arc::default(),
             parked: Arc::default(),
             max_parked,
             signer: None,
+            fanout,
+            park_refusals,
         }
     }
 
-    /// Takes a place for a request about to wait, if one is free.
+    /// Takes a place for a request about to wait, if one is free (a refusal is counted).
     pub fn park(&self) -> Option<ParkGuard> {
         let prev = self.parked.fetch_add(1, Ordering::SeqCst);
         let guard = ParkGuard(self.parked.clone());
-        (prev < self.max_parked).then_some(guard)
+        let free = prev < self.max_parked;
+        if !free {
+            self.park_refusals.inc();
+        }
+        free.then_some(guard)
     }
 
     /// Requests waiting now.

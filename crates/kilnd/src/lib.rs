@@ -150,6 +150,42 @@ pub async fn serve(
     serve_state(AppState::new(config)?, listener, shutdown).await
 }
 
+/// The GPUs telemetry sees, with NVENC presence from `kiln-nvenc-probe` when installed.
+fn probe_gpus(
+    telemetry: &kiln_gpu::Telemetry,
+    registry: &kiln_media::select::Registry,
+) -> Vec<gpus::GpuSlot> {
+    let mut slots: Vec<gpus::GpuSlot> = telemetry
+        .snapshot()
+        .gpus
+        .iter()
+        .map(|g| gpus::GpuSlot::new(g, registry))
+        .collect();
+    if !slots.is_empty() {
+        match gpus::run_nvenc_probe() {
+            Some(p) => gpus::apply_nvenc_probe(&mut slots, &p),
+            None => tracing::info!(
+                "kiln-nvenc-probe not installed: NVENC presence from the GStreamer registry only"
+            ),
+        }
+    }
+    slots
+}
+
+/// The origin measures its own serving (fan-out per publish, parking refusals): exported with the rest.
+fn register_origin_metrics(metrics: &metrics::Metrics, origin: &Origin) -> anyhow::Result<()> {
+    for c in [
+        Box::new(origin.fanout.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(origin.park_refusals.clone()),
+    ] {
+        metrics
+            .registry
+            .register(c)
+            .map_err(|e| anyhow::anyhow!("registering the origin's metrics: {e}"))?;
+    }
+    Ok(())
+}
+
 impl AppState {
     /// The node's capacity report: the body of `GET /v1/capacity` and of every heartbeat to the scheduler.
     pub fn capacity_report(&self) -> kiln_model::node::CapacityReport {
@@ -170,21 +206,7 @@ impl AppState {
         let telemetry = Arc::new(kiln_gpu::Telemetry::open());
         let slots = match &config.gpus {
             Some(s) => s.clone(),
-            None => {
-                let mut slots: Vec<gpus::GpuSlot> = telemetry
-                    .snapshot()
-                    .gpus
-                    .iter()
-                    .map(|g| gpus::GpuSlot::new(g, &registry))
-                    .collect();
-                if !slots.is_empty() {
-                    match gpus::run_nvenc_probe() {
-                        Some(p) => gpus::apply_nvenc_probe(&mut slots, &p),
-                        None => tracing::info!("kiln-nvenc-probe not installed: NVENC presence from the GStreamer registry only"),
-                    }
-                }
-                slots
-            }
+            None => probe_gpus(&telemetry, &registry),
         };
         for s in &slots {
             tracing::info!(gpu = s.index, name = %s.name, profile = ?s.profile, nvenc = s.nvenc, nvdec = s.nvdec, "GPU");
@@ -194,6 +216,7 @@ impl AppState {
         }
         let config = Arc::new(config);
         let metrics = Arc::new(metrics::Metrics::new());
+        register_origin_metrics(&metrics, &origin)?;
         let supervisor = Arc::new(Supervisor::new(
             config.clone(),
             origin.clone(),

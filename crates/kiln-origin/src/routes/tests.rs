@@ -120,6 +120,17 @@ async fn bad_blocking_requests_get_400() {
             .as_str()
             .is_some_and(|m| !m.is_empty()));
     }
+    // a directive twice, or in another case: refused, and never stored by a cache that keys on one value
+    for q in [
+        "_HLS_msn=0&_HLS_part=0&_HLS_msn=9",
+        "_hls_msn=0",
+        "_HLS_msn=0&_HLS_Part=1",
+        "_HLS_skip=YES&_HLS_skip=v2",
+    ] {
+        let (st, _, cc) = get(&o, &format!("/live/s/v/index.m3u8?{q}")).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{q}");
+        assert_eq!(cc.as_deref(), Some("no-store"), "{q}");
+    }
     let (st, body, _) = get(&o, "/live/nope/v/index.m3u8").await;
     assert_eq!(st, StatusCode::NOT_FOUND);
     assert!(body.contains("\"not_found\""), "{body}");
@@ -314,15 +325,33 @@ async fn parking_is_bounded() {
     while o.parked() < 1 {
         tokio::task::yield_now().await;
     }
-    let (st, _, _) = get(&o, "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1").await;
+    let refused = get_with(
+        &o,
+        "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1",
+        ("accept", "*/*"),
+    )
+    .await;
     assert_eq!(
-        st,
+        refused.status(),
         StatusCode::SERVICE_UNAVAILABLE,
         "the second waiter finds no place"
     );
+    assert_eq!(
+        refused.headers().get("retry-after").unwrap(),
+        "1",
+        "told when to come back"
+    );
+    assert_eq!(o.park_refusals.get(), 1, "and counted");
+    assert_eq!(o.fanout.get_sample_count(), 0);
     part(&s, 0, 1);
     assert_eq!(first.await.unwrap().0, StatusCode::OK);
     assert_eq!(o.parked(), 0, "places are given back");
+    // the woken request measured its fan-out (publish → answer ready); the refused one nothing
+    assert_eq!(o.fanout.get_sample_count(), 1);
+    assert!(o.fanout.get_sample_sum() < 5.0);
+    // an answer that never waited is not a fan-out
+    get(&o, "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1").await;
+    assert_eq!(o.fanout.get_sample_count(), 1);
 }
 
 #[tokio::test]
