@@ -230,8 +230,22 @@ fn reply(status: StatusCode, content_type: &'static str, max_age: u64, body: Byt
     r
 }
 
+/// An error's Cache-Control: `max_age` (App. B.1) for players, and `s-maxage=1` for the shared caches between
+/// them and kilnd (the shields in `deploy/edge/`, a CDN), which keep an error at most a second: long enough to
+/// collapse a storm of identical failing requests, short enough that a transient error (a part asked for just
+/// before a restart) does not outlive its cause at the edge. nginx, Varnish, CloudFront, Fastly and Cloudflare
+/// all take `s-maxage` over `max-age`.
+fn error_cache_control(max_age: u64) -> HeaderValue {
+    if max_age > 1 {
+        HeaderValue::from_str(&format!("public, max-age={max_age}, s-maxage=1")).expect("ascii")
+    } else {
+        cache_control(max_age)
+    }
+}
+
 /// An error in the control APIs' JSON envelope (`{"error": {"code", "message"}}`), cacheable for `max_age` like
-/// the answer it replaces (a CDN must not hammer the origin with a request that will fail again).
+/// the answer it replaces (a CDN must not hammer the origin with a request that will fail again), a second at
+/// most in a shared cache ([`error_cache_control`]).
 fn error(status: StatusCode, max_age: u64, msg: &str) -> Response {
     let code = match status {
         StatusCode::BAD_REQUEST => "bad_request",
@@ -242,7 +256,7 @@ fn error(status: StatusCode, max_age: u64, msg: &str) -> Response {
     };
     let mut r = kiln_http::json_error(status, code, msg);
     r.headers_mut()
-        .insert(header::CACHE_CONTROL, cache_control(max_age));
+        .insert(header::CACHE_CONTROL, error_cache_control(max_age));
     r
 }
 

@@ -112,7 +112,8 @@ async fn bad_blocking_requests_get_400() {
     ] {
         let (st, body, cc) = get(&o, &format!("/live/s/v/index.m3u8?{q}")).await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{q}");
-        assert_eq!(cc.as_deref(), Some("public, max-age=8"));
+        // App. B.1's 4 x TD for players; a second in a shared cache
+        assert_eq!(cc.as_deref(), Some("public, max-age=8, s-maxage=1"));
         // the same JSON envelope as the control API
         let v: serde_json::Value = serde_json::from_str(&body).expect("a JSON error body");
         assert_eq!(v["error"]["code"], "bad_request", "{q}: {body}");
