@@ -43,7 +43,9 @@ fn unix_now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// With signing configured: the caller's valid token (to append to the URIs we return), or 403 at once.
+/// With signing configured: the caller's valid token (to append to the URIs we return), or 403 at once. Without
+/// it, a query naming `exp` or `sig` gets 400 (never stored): caches key on them (they are the token when signing
+/// is on), so random values would each be a new key, an uncollapsed request that parks here.
 #[allow(clippy::result_large_err)]
 fn check_token(
     origin: &Origin,
@@ -51,6 +53,25 @@ fn check_token(
     query: Option<&str>,
 ) -> Result<Option<String>, Response> {
     let Some(signer) = &origin.signer else {
+        let named = |name: &str| {
+            query.is_some_and(|q| {
+                q.split('&').any(|kv| {
+                    kv.split('=')
+                        .next()
+                        .is_some_and(|k| k.eq_ignore_ascii_case(name))
+                })
+            })
+        };
+        if named("exp") || named("sig") {
+            let mut r = error(
+                StatusCode::BAD_REQUEST,
+                0,
+                "this origin does not sign playback URLs: exp and sig are not accepted",
+            );
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            return Err(r);
+        }
         return Ok(None);
     };
     signer
@@ -231,10 +252,10 @@ fn reply(status: StatusCode, content_type: &'static str, max_age: u64, body: Byt
 }
 
 /// An error's Cache-Control: `max_age` (App. B.1) for players, and `s-maxage=1` for the shared caches between
-/// them and kilnd (the shields in `deploy/edge/`, a CDN), which keep an error at most a second: long enough to
-/// collapse a storm of identical failing requests, short enough that a transient error (a part asked for just
-/// before a restart) does not outlive its cause at the edge. nginx, Varnish, CloudFront, Fastly and Cloudflare
-/// all take `s-maxage` over `max-age`.
+/// them and kilnd (the shields in `deploy/edge/`, a CDN), which keep an error about a second (nginx counts TTLs in
+/// whole seconds: up to 2): long enough to collapse a storm of identical failing requests, short enough that a
+/// transient error (a part asked for just before a restart) does not outlive its cause at the edge. nginx,
+/// Varnish, CloudFront, Fastly and Cloudflare all take `s-maxage` over `max-age`.
 fn error_cache_control(max_age: u64) -> HeaderValue {
     if max_age > 1 {
         HeaderValue::from_str(&format!("public, max-age={max_age}, s-maxage=1")).expect("ascii")
@@ -434,10 +455,14 @@ fn media_reply(
             },
         }
     };
+    let status = resp.status();
     let h = resp.headers_mut();
     h.insert(header::ETAG, etag_value);
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(header::CACHE_CONTROL, cache_control(max_age));
+    // the resource's lifetime for the resource (200, 206, 304); a 416 keeps its error's ("no-cache")
+    if status != StatusCode::RANGE_NOT_SATISFIABLE {
+        h.insert(header::CACHE_CONTROL, cache_control(max_age));
+    }
     resp
 }
 

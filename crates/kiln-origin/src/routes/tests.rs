@@ -281,6 +281,8 @@ async fn media_has_etags_and_ranges() {
     assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "p0.1");
     let r = get_with(&o, "/live/s/v/part-0-1.m4s", ("range", "bytes=9-")).await;
     assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    // an error's lifetime, not the part's 6 x TD
+    assert_eq!(r.headers()[header::CACHE_CONTROL], "no-cache");
     assert_eq!(parse_range("bytes=-2", 4), Some((2, 3)));
     assert_eq!(parse_range("bytes=0-1,2-3", 4), None);
     assert_eq!(parse_range("items=0-1", 4), None);
@@ -518,4 +520,22 @@ async fn a_stream_on_its_source_gop_serves_playlists_once_targetduration_is_know
         get(&o, "/live/g/manifest.mpd").await.0,
         StatusCode::NOT_FOUND
     );
+}
+
+#[tokio::test]
+async fn an_unsigned_origin_refuses_tokens_that_would_split_a_caches_key() {
+    let (o, s) = origin();
+    for i in 0..6 {
+        part(&s, 0, i);
+    }
+    part(&s, 1, 0);
+    for q in ["sig=0123", "exp=1&sig=ab", "_HLS_msn=0&EXP=5", "x=1&sig"] {
+        let (st, body, cc) = get(&o, &format!("/live/s/v/index.m3u8?{q}")).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{q}: {body}");
+        assert!(body.contains("does not sign"), "{q}: {body}");
+        assert_eq!(cc.as_deref(), Some("no-store"), "{q}");
+    }
+    // other parameters are not the origin's business
+    let (st, _, _) = get(&o, "/live/s/v/index.m3u8?session=7&signature=x").await;
+    assert_eq!(st, StatusCode::OK);
 }
