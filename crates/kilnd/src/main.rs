@@ -6,6 +6,8 @@
 /// at 4.94 × its baseline while only 4.8 MB was in use. jemalloc's background thread hands freed pages back on its
 /// decay timer (1.07 × the baseline 18–28 s after each wave). Measured by `benches/memory.rs`; the numbers are in
 /// ARCHITECTURE.md and benches/README.md. Only Rust allocations go through it: GStreamer's C code still uses glibc.
+/// CI's test build (`--cfg kiln_system_allocator`, set by scripts/test) uses glibc, to skip jemalloc's C build.
+#[cfg(not(kiln_system_allocator))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
