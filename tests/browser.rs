@@ -10,63 +10,12 @@
 //! Needs `chromium`, `node` and `npm ci --prefix tests/browser` (scripts/test installs all three). Without them the
 //! tests fail under CI and are skipped, with a message, elsewhere.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
-use kiln_integration::{make_clip, poll_until, wait_job, Daemon, Polled};
-
-/// The scripts' directory, or `None` (after saying why) when the tools are missing outside CI; under CI a missing
-/// tool fails the test.
-fn browser_dir() -> Result<Option<PathBuf>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
-    let missing =
-        if !Path::new("/usr/bin/chromium").exists() && std::env::var_os("CHROMIUM").is_none() {
-            Some("chromium is not installed".to_string())
-        } else if !dir.join("node_modules/playwright-core").exists()
-            || !dir.join("node_modules/hls.js").exists()
-        {
-            Some(format!("run `npm ci --prefix {}`", dir.display()))
-        } else {
-            None
-        };
-    match missing {
-        None => Ok(Some(dir)),
-        Some(why) if std::env::var_os("CI").is_some() => bail!("browser test cannot run: {why}"),
-        Some(why) => {
-            eprintln!("skipping the browser test: {why}");
-            Ok(None)
-        }
-    }
-}
-
-/// Runs `node script args…` (at most `limit`) and parses the JSON line it prints last.
-async fn node(
-    script: &Path,
-    args: &[&std::ffi::OsStr],
-    limit: Duration,
-) -> Result<serde_json::Value> {
-    let out = tokio::time::timeout(
-        limit,
-        tokio::process::Command::new("node")
-            .arg(script)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .context("the browser run timed out")??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stdout
-        .lines()
-        .last()
-        .with_context(|| format!("no result; stderr: {stderr}"))?;
-    serde_json::from_str(line).with_context(|| format!("bad result {line:?}; stderr: {stderr}"))
-}
+use anyhow::{ensure, Context, Result};
+use kiln_integration::{browser_dir, make_clip, node, poll_until, wait_job, Daemon, Polled};
 
 /// `(width, height)` of each object in a JSON array (renditions of a job, hls.js levels).
 fn sizes_of(list: &serde_json::Value) -> Option<Vec<(u64, u64)>> {

@@ -817,3 +817,54 @@ pub async fn redis_server() -> Result<Proc> {
     r.url = format!("redis://127.0.0.1:{port}");
     Ok(r)
 }
+
+/// The browser scripts' directory (`tests/browser`: hls.js and playwright-core), or `None` (after saying why) when the tools are missing outside CI; under CI a missing
+/// tool fails the test.
+pub fn browser_dir() -> Result<Option<PathBuf>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+    let missing =
+        if !Path::new("/usr/bin/chromium").exists() && std::env::var_os("CHROMIUM").is_none() {
+            Some("chromium is not installed".to_string())
+        } else if !dir.join("node_modules/playwright-core").exists()
+            || !dir.join("node_modules/hls.js").exists()
+        {
+            Some(format!("run `npm ci --prefix {}`", dir.display()))
+        } else {
+            None
+        };
+    match missing {
+        None => Ok(Some(dir)),
+        Some(why) if std::env::var_os("CI").is_some() => bail!("browser test cannot run: {why}"),
+        Some(why) => {
+            eprintln!("skipping the browser test: {why}");
+            Ok(None)
+        }
+    }
+}
+
+/// Runs `node script args…` (at most `limit`) and parses the JSON line it prints last.
+pub async fn node(
+    script: &Path,
+    args: &[&std::ffi::OsStr],
+    limit: Duration,
+) -> Result<serde_json::Value> {
+    let out = tokio::time::timeout(
+        limit,
+        tokio::process::Command::new("node")
+            .arg(script)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("the browser run timed out")??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stdout
+        .lines()
+        .last()
+        .with_context(|| format!("no result; stderr: {stderr}"))?;
+    serde_json::from_str(line).with_context(|| format!("bad result {line:?}; stderr: {stderr}"))
+}

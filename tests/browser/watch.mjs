@@ -1,11 +1,12 @@
 // Plays a kilnd page in headless Chromium (hls.js, low-latency mode) and reports what a viewer would see:
 // playback time advancing, stalls, hls.js live latency, and a screenshot.
-//   node tests/browser/watch.mjs http://127.0.0.1:8080/ 30 /tmp/kiln.png
+//   node tests/browser/watch.mjs http://127.0.0.1:8080/ 30 /tmp/kiln.png [http://edge:port]
+// (the optional last argument: where /live/ requests go instead, e.g. a shield in front of the daemon)
 // Needs: Debian's chromium, and playwright-core installed next to this script (npm ci --prefix tests/browser).
 import { openPlaying } from './page.mjs';
 
-const [url = 'http://127.0.0.1:8080/', seconds = '30', shot = '/tmp/kiln-page.png'] = process.argv.slice(2);
-const { browser, page } = await openPlaying(url);
+const [url = 'http://127.0.0.1:8080/', seconds = '30', shot = '/tmp/kiln-page.png', via] = process.argv.slice(2);
+const { browser, page } = await openPlaying(url, via);
 let stalls = 0, last = -1, samples = [];
 for (let i = 0; i < Number(seconds); i++) {
   await page.waitForTimeout(1000);
