@@ -187,3 +187,174 @@ async fn calibrated_admission_refuses_when_full_and_admitted_streams_keep_real_t
     ensure!(st == 201, "after a release: {st} {body}");
     d.shutdown().await
 }
+
+/// `/v1/capacity` for a daemon at `base`.
+async fn capacity(http: &reqwest::Client, base: &str) -> Result<serde_json::Value> {
+    Ok(http
+        .get(format!("{base}/v1/capacity"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
+/// A kilnd process (its own runtime: what it measures is its own serving) with the shipped CPU profile, except
+/// a per-stream base cost of `base_mc`.
+async fn daemon_with_stream_base(
+    dir: &std::path::Path,
+    base_mc: u64,
+) -> Result<kiln_integration::Proc> {
+    let shipped = include_str!("../hw-profiles/cpu-x86_64.toml");
+    let profile = shipped
+        .lines()
+        .map(|l| {
+            if l.starts_with("stream_base_millicores") {
+                format!("stream_base_millicores = {base_mc}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let path = dir.join(format!("cpu-{base_mc}.toml"));
+    std::fs::write(&path, profile)?;
+    kiln_integration::spawn_kilnd(
+        "kilnd",
+        env!("CARGO_BIN_EXE_kiln-it-kilnd"),
+        &["--cpu-profile", path.to_str().context("utf-8 path")?],
+    )
+    .await
+}
+
+/// Serving viewers costs CPU that admission never booked: a daemon measures it (its runtime threads' CPU, the
+/// requests and bytes it answers), reports it in `/v1/capacity` and keeps it free. The daemon's profile makes one
+/// audio-only stream cost 40 millicores less than the whole host: it fits while nobody is served, and is refused
+/// (`cpu_millicores`) while clients hammer the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_load_is_measured_reported_and_kept_free_by_admission() -> Result<()> {
+    const AUDIO: &str = "live-audio-only";
+    let dir = tempfile::tempdir()?;
+    let http = reqwest::Client::new();
+    // what the profile's base cost adds up to for one audio-only stream, and the host's capacity
+    let probe = daemon_with_stream_base(dir.path(), 1000).await?;
+    let cap = capacity(&http, &probe.url).await?;
+    let host_cpu = cap["host"]["capacity"]["cpu_millicores"]
+        .as_u64()
+        .context("capacity")?;
+    let demand = cap["demands"][AUDIO]["cpu"]["cpu_millicores"]
+        .as_u64()
+        .context("audio-only demand")?;
+    drop(probe);
+    let base = (host_cpu - 40)
+        .checked_sub(demand - 1000)
+        .context("host too small")?;
+    let d = daemon_with_stream_base(dir.path(), base).await?;
+
+    // idle: nothing reserved, one audio-only stream fits
+    let idle = capacity(&http, &d.url).await?;
+    ensure!(
+        idle["demands"][AUDIO]["cpu"]["cpu_millicores"] == host_cpu - 40,
+        "{idle}"
+    );
+    ensure!(
+        idle["host"]["serving"]["reserved_millicores"] == 0,
+        "{idle}"
+    );
+    ensure!(idle["headroom"][AUDIO] == 1, "{idle}");
+
+    // 32 clients ask for the origin's clock as fast as it answers
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..32)
+        .map(|_| {
+            let (http, url, stop) = (http.clone(), format!("{}/time", d.url), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = http.get(&url).send().await?.error_for_status()?;
+                    r.bytes().await?;
+                    n += 1;
+                }
+                anyhow::Ok(n)
+            })
+        })
+        .collect();
+    let loaded = kiln_integration::poll_until(
+        "the serving reservation leaves less than one audio-only stream free",
+        Duration::from_secs(20),
+        Duration::from_millis(250),
+        || async {
+            let c = capacity(&http, &d.url).await?;
+            Ok(
+                if c["host"]["serving"]["reserved_millicores"].as_u64() > Some(40) {
+                    kiln_integration::Polled::Done(c)
+                } else {
+                    kiln_integration::Polled::NotYet(c["host"]["serving"].to_string())
+                },
+            )
+        },
+    )
+    .await?;
+    let refused = http
+        .put(format!("{}/v1/streams/a", d.url))
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"source": "test:", "preset": "{AUDIO}"}}"#))
+        .send()
+        .await?;
+    let (status, body) = (refused.status().as_u16(), refused.text().await?);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answered = 0;
+    for c in clients {
+        answered += c.await??;
+    }
+    let s = &loaded["host"]["serving"];
+    eprintln!("under load: {s}; clients got {answered} answers");
+    let num = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    ensure!(num(&s["requests_per_s"]) >= 200, "{s}");
+    ensure!(
+        num(&s["bytes_per_s"]) >= 200 * 20,
+        "{s} (a /time answer is ~24 B)"
+    );
+    ensure!(
+        num(&s["millicores"]) > 0 && num(&s["peak_millicores"]) >= num(&s["millicores"]),
+        "{s}"
+    );
+    ensure!(
+        num(&s["reserved_millicores"]) == num(&s["peak_millicores"]) - 100,
+        "{s}: the floor is 100"
+    );
+    ensure!(s["millicores_per_1k_rps"].as_u64().is_some(), "{s}");
+    let host = &loaded["host"];
+    ensure!(
+        num(&host["free"]["cpu_millicores"])
+            == host_cpu
+                - num(&host["allocated"]["cpu_millicores"])
+                - num(&s["reserved_millicores"]),
+        "free leaves the reservation out: {host}"
+    );
+    ensure!(loaded["headroom"][AUDIO] == 0, "{loaded}");
+    ensure!(status == 429, "{status} {body}");
+    ensure!(body.contains("cpu_millicores"), "{body}");
+    // the peak stays reserved for 30 s after the load: still refused, and the metrics say why
+    let metrics = http
+        .get(format!("{}/metrics", d.url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let reserved = metrics
+        .lines()
+        .find(|l| l.starts_with(r#"kiln_serving_millicores{kind="reserved"}"#))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .context("kiln_serving_millicores{kind=reserved}")?;
+    ensure!(reserved > 40, "{reserved}");
+    ensure!(
+        metrics.contains(r#"kiln_http_response_bytes_total{kind="other"}"#),
+        "bytes by kind"
+    );
+    ensure!(
+        metrics.contains(r#"kiln_stream_refusals_total{reason="cpu_millicores"} 1"#),
+        "refusal counted"
+    );
+    Ok(())
+}

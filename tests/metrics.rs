@@ -1,6 +1,8 @@
 //! Metrics compliance: during a live stream, `/metrics` carries every series `docs/metrics.md` documents, and
 //! the stream's counters move.
 
+use std::time::Duration;
+
 use anyhow::{ensure, Context, Result};
 use kiln_integration::{small_stream_spec, Daemon};
 
@@ -36,8 +38,38 @@ async fn every_documented_series_is_exported() -> Result<()> {
     let (st, _) = d.put_stream("bad", "{nope").await?;
     ensure!(st == 400);
     d.wait_for_segments("m", "hi", 2).await?;
-    let (st, text) = d.get_text("/metrics").await?;
-    ensure!(st == 200);
+    // the recent real-time ratio is judged once 4 s of parts have been sampled
+    let text = kiln_integration::poll_until(
+        "the recent real-time ratio is exported",
+        Duration::from_secs(15),
+        Duration::from_millis(250),
+        || async {
+            let (st, text) = d.get_text("/metrics").await?;
+            ensure!(st == 200);
+            Ok(
+                if text.contains(r#"kiln_stream_recent_realtime_ratio{stream="m"}"#) {
+                    kiln_integration::Polled::Done(text)
+                } else {
+                    kiln_integration::Polled::NotYet("not yet".into())
+                },
+            )
+        },
+    )
+    .await?;
+    let recent =
+        value(&text, r#"kiln_stream_recent_realtime_ratio{stream="m"}"#).context("recent")?;
+    ensure!(
+        (0.85..=1.2).contains(&recent),
+        "recent real-time ratio {recent}"
+    );
+    ensure!(value(&text, r#"kiln_stream_behind_real_time{stream="m"}"#) == Some(0.0));
+    let (_, status) = d.get_text("/v1/streams/m").await?;
+    let status: serde_json::Value = serde_json::from_str(&status)?;
+    ensure!(status["behind_real_time"] == false, "{status}");
+    ensure!(
+        status["recent_realtime_ratio"].as_f64().is_some(),
+        "{status}"
+    );
     let names = documented_with(false)?;
     ensure!(
         names.len() >= 15,

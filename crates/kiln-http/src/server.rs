@@ -14,22 +14,66 @@
 //! - **Graceful stop**: when `shutdown` resolves, no new connection is accepted and open ones get
 //!   [`Limits::drain`] to finish.
 //!
+//! - **Serving time**: every poll of a connection's future (and, over HTTP/2, of each request's) is timed into
+//!   [`serving_busy`], the CPU that answering requests takes, which kilnd reserves from admission.
+//!
 //! Why not `axum::serve`: it has no header timeout, no connection cap and no TLS; this is hyper's own connection
 //! builders plus the accept loop, not an HTTP implementation.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
+
+/// Nanoseconds spent polling connection and request futures, process-wide.
+static BUSY_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Time this process has spent serving HTTP (TLS handshakes, parsing, handlers, writing) since it started: the
+/// wall time of every poll of the servers' connection and request futures. A poll runs on one thread without
+/// waiting, so this is CPU time unless the thread was preempted mid-poll. Every server in the process adds to it
+/// (a test process running several daemons sees their sum).
+pub fn serving_busy() -> Duration {
+    Duration::from_nanos(BUSY_NS.load(Ordering::Relaxed))
+}
+
+/// A future whose polls are timed into [`serving_busy`].
+struct Timed<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for Timed<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let start = std::time::Instant::now();
+        let out = self.0.as_mut().poll(cx);
+        BUSY_NS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+}
+
+/// Spawns HTTP/2 request futures on tokio, timed like the connections.
+#[derive(Debug, Clone, Copy)]
+struct TimedExecutor;
+
+impl<F> hyper::rt::Executor<F> for TimedExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(Timed(Box::pin(fut)));
+    }
+}
 
 /// The server's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +178,7 @@ pub async fn serve(
             stopping: stopping.clone(),
         };
         let tls = tls.clone();
-        tokio::spawn(async move {
+        tokio::spawn(Timed(Box::pin(async move {
             let _permit = permit;
             let result = match tls {
                 None => conn.plain(tcp).await,
@@ -143,7 +187,7 @@ pub async fn serve(
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
-        });
+        })));
     }
     drop(listener);
     let _ = stopping_tx.send(true);
@@ -202,7 +246,7 @@ impl Conn {
     {
         let io = TokioIo::new(io);
         if h2 {
-            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            let mut b = hyper::server::conn::http2::Builder::new(TimedExecutor);
             b.timer(TokioTimer::new())
                 .keep_alive_interval(Some(self.limits.h2_keepalive))
                 .keep_alive_timeout(self.limits.h2_keepalive);
@@ -264,6 +308,49 @@ mod tests {
         let mut almost = *H2_PREFACE;
         almost[23] = b'x';
         assert_eq!(preface_decision(&almost), Some(false));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn time_spent_answering_is_counted_as_serving() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // a handler that works 60 ms on its thread
+        let app = Router::new().route(
+            "/work",
+            axum::routing::get(|| async {
+                let t = std::time::Instant::now();
+                while t.elapsed() < Duration::from_millis(60) {
+                    std::hint::spin_loop();
+                }
+                "done"
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, None, app, Limits::default(), async {
+            let _ = stopped.await;
+        }));
+        let before = serving_busy();
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /work HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.ends_with("done"), "{answer}");
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+        // the poll that ran the handler is counted when it returns, which may be just after the client has read
+        // the answer it wrote: there is no event to wait for, so look again for up to a second
+        let mut spent = serving_busy() - before;
+        for _ in 0..100 {
+            if spent >= Duration::from_millis(55) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            spent = serving_busy() - before;
+        }
+        assert!(spent >= Duration::from_millis(55), "{spent:?}");
     }
 
     #[test]

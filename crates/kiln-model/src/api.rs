@@ -88,6 +88,13 @@ pub struct StreamStatus {
     /// What an operator should know that is not an error (a source GOP longer than the segment target).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Media seconds published per wall-clock second over the last seconds (the slowest rendition), once the
+    /// window is long enough to judge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recent_realtime_ratio: Option<f64>,
+    /// `recent_realtime_ratio` is below 0.9 while the stream runs: it falls behind real time.
+    #[serde(default)]
+    pub behind_real_time: bool,
 }
 
 /// What feeds a running stream and its history of losses.

@@ -15,11 +15,14 @@
 //! - [`node`]: the capacity report (`GET /v1/capacity`, heartbeats) and the scheduler's fencing header.
 //! - [`ingest`]: `publish:` streams: their secrets, publish URLs, publisher status, SRT stream ids, FLV framing
 //!   and the publisher-timestamp rule.
+//! - [`load`]: load measured while a node runs: serving cost (`host.serving`) and each stream's recent real-time
+//!   ratio.
 //! - [`net`]: which addresses a URL fetched for a user (a VOD job's input) may reach.
 
 pub mod api;
 pub mod capacity;
 pub mod ingest;
+pub mod load;
 pub mod net;
 pub mod node;
 pub mod source;

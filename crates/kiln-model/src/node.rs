@@ -69,6 +69,9 @@ pub struct HostReport {
     pub measured: Resources,
     /// Per dimension, the larger of booked and measured.
     pub effective: Resources,
+    /// What serving viewers costs now; `free` already leaves out its `reserved_millicores`.
+    #[serde(default)]
+    pub serving: crate::load::ServingLoad,
 }
 
 /// One GPU.
@@ -122,6 +125,10 @@ pub struct NodeStream {
     /// GPU resources booked, on `backend`'s (or `decode_gpu`'s) GPU.
     #[serde(default)]
     pub gpu_demand: Option<Resources>,
+    /// It publishes media slower than real time over the last seconds (a node short of CPU or GPU): the
+    /// scheduler may move it.
+    #[serde(default)]
+    pub behind_real_time: bool,
 }
 
 /// What one stream of a preset costs on a node: on the CPU (x264), and on one of its NVENC GPUs (a host part and a

@@ -235,16 +235,36 @@ fn stream_segment(origin: &Origin, r: Arc<Rendition>, msn: u64, td: u64) -> Resp
     resp
 }
 
+/// Lifetimes below this have their Cache-Control value built once ([`cache_control`]): every lifetime the routes
+/// give (multiples of TD up to 6 × TD, for a TD of up to 10 s).
+const PREBUILT_MAX_AGES: u64 = 64;
+
+/// `public, max-age=N` (`no-cache` for 0). The common values are built once and shared: a clone is a reference
+/// count, not a formatted string and an allocation per response.
 fn cache_control(max_age: u64) -> HeaderValue {
-    if max_age == 0 {
-        HeaderValue::from_static("no-cache")
-    } else {
-        HeaderValue::from_str(&format!("public, max-age={max_age}")).expect("ascii")
+    static PREBUILT: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    static SEGMENT: HeaderValue = HeaderValue::from_static("public, max-age=86400");
+    let build = |max_age: u64| {
+        if max_age == 0 {
+            HeaderValue::from_static("no-cache")
+        } else {
+            HeaderValue::from_str(&format!("public, max-age={max_age}")).expect("ascii")
+        }
+    };
+    if max_age == SEGMENT_MAX_AGE {
+        return SEGMENT.clone();
     }
+    if max_age < PREBUILT_MAX_AGES {
+        let table = PREBUILT.get_or_init(|| (0..PREBUILT_MAX_AGES).map(build).collect());
+        return table[max_age as usize].clone();
+    }
+    build(max_age)
 }
 
+/// A response with its body, content type and lifetime (built directly: no default content type to replace).
 fn reply(status: StatusCode, content_type: &'static str, max_age: u64, body: Bytes) -> Response {
-    let mut r = (status, body).into_response();
+    let mut r = Response::new(axum::body::Body::from(body));
+    *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CACHE_CONTROL, cache_control(max_age));
@@ -363,8 +383,12 @@ async fn media(
     State(origin): State<Origin>,
     Path((stream, rendition, file)): Path<(String, String, String)>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    req: axum::extract::Request,
 ) -> Response {
+    // the two headers a media answer looks at, taken out of the request (the `HeaderMap` extractor would copy
+    // the whole map, and a parked request would hold it)
+    let conditions = Conditions::of(req.headers());
+    drop(req);
     let token = match check_token(&origin, &stream, query.as_deref()) {
         Ok(t) => t,
         Err(r) => return r,
@@ -398,31 +422,53 @@ async fn media(
     }
     // Strong validator: the stream instance (its wall-clock start) plus the resource name, which never changes
     // its bytes once published.
-    let etag = format!("\"{:x}-{file}\"", s.config.wallclock_origin_unix_ms);
+    let etag = HeaderValue::from_maybe_shared(Bytes::from(format!(
+        "\"{:x}-{file}\"",
+        s.config.wallclock_origin_unix_ms
+    )))
+    .expect("a resource name is ascii");
     let (body, max_age) = match resource(&origin, &s, &r, res).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    media_reply(&headers, media_type(&r), &etag, max_age, body)
+    media_reply(&conditions, media_type(&r), &etag, max_age, body)
+}
+
+/// The request headers that decide a media answer's status.
+#[derive(Debug, Default)]
+struct Conditions {
+    if_none_match: Option<HeaderValue>,
+    range: Option<HeaderValue>,
+}
+
+impl Conditions {
+    fn of(headers: &HeaderMap) -> Self {
+        Conditions {
+            if_none_match: headers.get(header::IF_NONE_MATCH).cloned(),
+            range: headers.get(header::RANGE).cloned(),
+        }
+    }
 }
 
 /// 200/206/304/416 for a complete media resource.
 fn media_reply(
-    headers: &HeaderMap,
+    conditions: &Conditions,
     content_type: &'static str,
-    etag: &str,
+    etag: &HeaderValue,
     max_age: u64,
     body: Bytes,
 ) -> Response {
-    let etag_value = HeaderValue::from_str(etag).expect("ascii etag");
-    let matches = headers
-        .get(header::IF_NONE_MATCH)
+    let etag_value = etag.clone();
+    let etag = etag.to_str().expect("built from ascii");
+    let matches = conditions
+        .if_none_match
+        .as_ref()
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
     let mut resp = if matches {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
-        match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        match conditions.range.as_ref().and_then(|v| v.to_str().ok()) {
             None => reply(StatusCode::OK, content_type, max_age, body),
             Some(range) => match parse_range(range, body.len() as u64) {
                 Some((start, end)) => {

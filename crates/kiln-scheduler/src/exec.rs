@@ -366,6 +366,7 @@ mod tests {
             decode_gpu: None,
             demand: Resources::default(),
             gpu_demand: None,
+            behind_real_time: false,
         };
         let (url, log) = daemon(&[], 200, "").await;
         let s = leader(&url, vec![copy]).await;

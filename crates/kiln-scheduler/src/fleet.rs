@@ -69,7 +69,11 @@ pub fn view(
             Node {
                 id: n.id.clone(),
                 host_capacity: rep.host.capacity,
-                host_used: max_each(&host_booked, &rep.host.allocated),
+                // what the node's viewers take is not bookable there either (its admission keeps it free)
+                host_used: max_each(&host_booked, &rep.host.allocated).plus(&Resources {
+                    cpu_millicores: rep.host.serving.reserved_millicores,
+                    ..Default::default()
+                }),
                 gpus: rep
                     .gpus
                     .iter()
@@ -327,6 +331,29 @@ mod tests {
             alternatives(&p, "s", &bad, &[&a]),
             Err(DemandError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn what_a_node_reserves_for_its_viewers_counts_as_used() {
+        let mut beat = hb(900, false);
+        beat.capacity.host.capacity = Resources {
+            cpu_millicores: 4000,
+            memory_mib: 4000,
+            ..Default::default()
+        };
+        beat.capacity.host.allocated = Resources {
+            cpu_millicores: 1000,
+            ..Default::default()
+        };
+        beat.capacity.host.serving.reserved_millicores = 700;
+        let node = NodeEntry {
+            id: "n".into(),
+            heartbeat: Some(beat),
+            draining: false,
+        };
+        let v = view(&[node], &[], &HashSet::new());
+        assert_eq!(v[0].host_used.cpu_millicores, 1700);
+        assert_eq!(v[0].host_capacity.cpu_millicores, 4000);
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod fetch;
 pub mod gpus;
 pub mod ingest;
 pub mod jobs;
+pub mod load;
 pub mod metrics;
 pub mod page;
 pub mod supervisor;
@@ -98,17 +99,13 @@ pub fn app(state: AppState) -> Router {
             move |req: axum::extract::Request, next: axum::middleware::Next| {
                 let metrics = metrics.clone();
                 async move {
-                    let kind = metrics::request_kind(req.uri().path(), req.uri().query());
+                    let kind = metrics::request_kind_index(req.uri().path(), req.uri().query());
                     let start = std::time::Instant::now();
                     let res = next.run(req).await;
+                    let bytes = axum::body::HttpBody::size_hint(res.body()).exact();
                     metrics
-                        .requests
-                        .with_label_values(&[kind, res.status().as_str()])
-                        .inc();
-                    metrics
-                        .request_duration
-                        .with_label_values(&[kind])
-                        .observe(start.elapsed().as_secs_f64());
+                        .http
+                        .observe(kind, res.status(), bytes, start.elapsed());
                     res
                 }
             },
@@ -375,6 +372,7 @@ pub async fn serve_state(
         .jobs
         .clone()
         .map(|j| tokio::spawn(j.dispatch(supervisor.clone(), state.metrics.clone())));
+    let sampler = tokio::spawn(load::run(state.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let sup = supervisor.clone();
     tokio::spawn(async move {
@@ -385,6 +383,7 @@ pub async fn serve_state(
         if let Some(d) = dispatcher {
             d.abort();
         }
+        sampler.abort();
         if let Some(j) = &jobs {
             j.shutdown();
         }

@@ -53,8 +53,13 @@ pub struct Metrics {
     pub dropped_frames: IntCounterVec,
     pub duplicated_frames: IntCounterVec,
     pub refusals: IntCounterVec,
-    pub requests: IntCounterVec,
-    pub request_duration: HistogramVec,
+    /// `kiln_http_requests_total`, `kiln_http_request_duration_seconds`, `kiln_http_response_bytes_total`.
+    pub http: RequestMetrics,
+    /// Per running stream (set at scrape time): the recent real-time ratio and whether it falls behind.
+    pub stream_recent_realtime: GaugeVec,
+    pub stream_behind: IntGaugeVec,
+    /// `measured` and `reserved` millicores of the serving load.
+    pub serving: IntGaugeVec,
     pub parked_requests: IntGauge,
     pub capacity: IntGaugeVec,
     /// Per GPU (labels gpu, model): NVML telemetry, set at scrape time.
@@ -161,6 +166,35 @@ impl Metrics {
             "HTTP requests by kind and status code",
             &["kind", "status"],
         );
+        let response_bytes = counter(
+            "kiln_http_response_bytes_total",
+            "Response body bytes by request kind (bodies of a known length)",
+            &["kind"],
+        );
+        let stream_recent_realtime = must(GaugeVec::new(
+            Opts::new(
+                "kiln_stream_recent_realtime_ratio",
+                "Media seconds of the slowest rendition per wall-clock second over the last 10 s",
+            ),
+            &["stream"],
+        ));
+        must(registry.register(Box::new(stream_recent_realtime.clone())));
+        let stream_behind = must(IntGaugeVec::new(
+            Opts::new(
+                "kiln_stream_behind_real_time",
+                "1 while a running stream publishes below 0.9 x real time over the last 10 s",
+            ),
+            &["stream"],
+        ));
+        must(registry.register(Box::new(stream_behind.clone())));
+        let serving = must(IntGaugeVec::new(
+            Opts::new(
+                "kiln_serving_millicores",
+                "CPU of the async runtime (HTTP serving, control API, ingest I/O): measured, and reserved from admission",
+            ),
+            &["kind"],
+        ));
+        must(registry.register(Box::new(serving.clone())));
         let media_seconds = must(GaugeVec::new(
             Opts::new(
                 "kiln_media_seconds_total",
@@ -310,8 +344,10 @@ impl Metrics {
             dropped_frames,
             duplicated_frames,
             refusals,
-            requests,
-            request_duration,
+            http: RequestMetrics::new(requests, request_duration, response_bytes),
+            stream_recent_realtime,
+            stream_behind,
+            serving,
             parked_requests,
             vod_jobs,
             vod_media_seconds,
@@ -436,26 +472,130 @@ pub fn proc_kib(file: &str, key: &str) -> Option<u64> {
     })
 }
 
-/// The kind label of a request path, bounded to a fixed set (never the raw path).
+/// The `kind` label values of the HTTP series, in [`request_kind_index`]'s order.
+pub const REQUEST_KINDS: [&str; 11] = [
+    "master",
+    "mpd",
+    "playlist_blocking",
+    "playlist",
+    "part",
+    "segment",
+    "init",
+    "other_media",
+    "metrics",
+    "api",
+    "other",
+];
+
+/// A request's `kind` label (bounded: never the path itself).
 pub fn request_kind(path: &str, query: Option<&str>) -> &'static str {
+    REQUEST_KINDS[request_kind_index(path, query)]
+}
+
+/// The index in [`REQUEST_KINDS`] of a request's kind.
+pub fn request_kind_index(path: &str, query: Option<&str>) -> usize {
     let blocking = query.is_some_and(|q| q.contains("_HLS_msn") || q.contains("_HLS_part"));
     if let Some(rest) = path.strip_prefix("/live/") {
         let file = rest.rsplit('/').next().unwrap_or("");
         return match file {
-            "master.m3u8" => "master",
-            "manifest.mpd" => "mpd",
-            "index.m3u8" if blocking => "playlist_blocking",
-            "index.m3u8" => "playlist",
-            f if f.starts_with("part-") => "part",
-            f if f.starts_with("seg-") => "segment",
-            f if f.starts_with("init") => "init",
-            _ => "other_media",
+            "master.m3u8" => 0,
+            "manifest.mpd" => 1,
+            "index.m3u8" if blocking => 2,
+            "index.m3u8" => 3,
+            f if f.starts_with("part-") => 4,
+            f if f.starts_with("seg-") => 5,
+            f if f.starts_with("init") => 6,
+            _ => 7,
         };
     }
     match path {
-        "/metrics" => "metrics",
-        p if p.starts_with("/v1/") => "api",
-        _ => "other",
+        "/metrics" => 8,
+        p if p.starts_with("/v1/") => 9,
+        _ => 10,
+    }
+}
+
+/// The status codes whose request counters are resolved once and kept (any other code is looked up per request).
+const COMMON_STATUSES: [u16; 9] = [200, 204, 206, 304, 400, 403, 404, 416, 503];
+
+/// `kiln_http_requests_total` and `kiln_http_request_duration_seconds` for the request path. A labelled series'
+/// handle is resolved on its first request and kept: `with_label_values` hashes the labels and takes the
+/// vector's lock, on every request, which is a measurable share of answering a part from memory. A series still
+/// appears in `/metrics` only once a request has used it.
+#[derive(Clone)]
+pub struct RequestMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    bytes: IntCounterVec,
+    byte_counters: [std::sync::OnceLock<prometheus::IntCounter>; REQUEST_KINDS.len()],
+    /// Every request and every body byte counted, for the serving load ([`crate::load`]).
+    total_requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    total_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    counters:
+        [[std::sync::OnceLock<prometheus::IntCounter>; COMMON_STATUSES.len()]; REQUEST_KINDS.len()],
+    timers: [std::sync::OnceLock<prometheus::Histogram>; REQUEST_KINDS.len()],
+}
+
+impl RequestMetrics {
+    pub fn new(requests: IntCounterVec, duration: HistogramVec, bytes: IntCounterVec) -> Self {
+        RequestMetrics {
+            requests,
+            duration,
+            bytes,
+            byte_counters: std::array::from_fn(|_| Default::default()),
+            total_requests: Default::default(),
+            total_bytes: Default::default(),
+            counters: std::array::from_fn(|_| std::array::from_fn(|_| Default::default())),
+            timers: std::array::from_fn(|_| Default::default()),
+        }
+    }
+
+    /// Requests answered and body bytes counted since the start.
+    pub fn totals(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.total_requests.load(Relaxed),
+            self.total_bytes.load(Relaxed),
+        )
+    }
+
+    /// Counts one answered request of kind `kind` (an index in [`REQUEST_KINDS`]) with a body of `body_bytes`
+    /// (when known before it is sent) and records its duration.
+    pub fn observe(
+        &self,
+        kind: usize,
+        status: axum::http::StatusCode,
+        body_bytes: Option<u64>,
+        elapsed: Duration,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.total_requests.fetch_add(1, Relaxed);
+        if let Some(n) = body_bytes {
+            self.total_bytes.fetch_add(n, Relaxed);
+            self.byte_counters[kind]
+                .get_or_init(|| self.bytes.with_label_values(&[REQUEST_KINDS[kind]]))
+                .inc_by(n);
+        }
+        let name = REQUEST_KINDS[kind];
+        let code = status.as_u16();
+        match COMMON_STATUSES.iter().position(|c| *c == code) {
+            Some(i) => self.counters[kind][i]
+                .get_or_init(|| self.requests.with_label_values(&[name, status.as_str()]))
+                .inc(),
+            None => self
+                .requests
+                .with_label_values(&[name, status.as_str()])
+                .inc(),
+        }
+        self.timers[kind]
+            .get_or_init(|| self.duration.with_label_values(&[name]))
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+impl std::fmt::Debug for RequestMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestMetrics").finish_non_exhaustive()
     }
 }
 

@@ -45,6 +45,7 @@ fn copy(id: &str, state: StreamState, backend: Backend) -> NodeStream {
         decode_gpu: None,
         demand: Resources::default(),
         gpu_demand: None,
+        behind_real_time: false,
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use kiln_media::select::SelectError;
 use kiln_media::BuildOptions;
 use kiln_model::capacity::{Dimension, Resources};
+use kiln_model::load::ServingLoad;
 use kiln_model::{Backend, Policy, Source, StreamPlan, VideoCodec};
 
 use super::{Placement, StreamHandle, Supervisor, SupervisorError};
@@ -22,10 +23,41 @@ impl Supervisor {
         self.config.capacity
     }
 
-    /// Books `demand` on the host if it fits; never over-commits (check and add under one lock).
+    /// What serving viewers costs now, and what admission keeps free for it.
+    pub fn serving(&self) -> ServingLoad {
+        self.serving.lock().load()
+    }
+
+    /// One reading of the serving counters (see [`crate::load`]), and of every stream's media published.
+    pub fn sample_load(&self, at_s: f64, busy_s: f64, requests: u64, bytes: u64) {
+        self.serving.lock().sample(at_s, busy_s, requests, bytes);
+        for h in self.list() {
+            h.sample_realtime(at_s);
+        }
+    }
+
+    /// The CPU kept free for serving: the serving peak above [`crate::load::SERVING_FLOOR_MILLICORES`].
+    pub fn serving_reserve(&self) -> Resources {
+        Resources {
+            cpu_millicores: self.serving().reserved_millicores,
+            ..Default::default()
+        }
+    }
+
+    /// What admission may still book: capacity less bookings less the serving reservation.
+    pub fn free(&self) -> Resources {
+        self.config
+            .capacity
+            .minus(&self.allocated())
+            .minus(&self.serving_reserve())
+    }
+
+    /// Books `demand` on the host if it fits; never over-commits (check and add under one lock). The CPU that
+    /// serving viewers takes now is not bookable ([`Self::serving_reserve`]).
     pub(super) fn reserve(&self, demand: &Resources) -> Result<(), SupervisorError> {
+        let serving = self.serving_reserve();
         let mut alloc = self.allocated.lock();
-        let free = self.config.capacity.minus(&alloc);
+        let free = self.config.capacity.minus(&alloc).minus(&serving);
         if let Some(dimension) = free.short_dimension(demand) {
             return Err(SupervisorError::Capacity {
                 dimension,

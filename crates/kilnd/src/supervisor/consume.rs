@@ -188,9 +188,12 @@ pub(super) async fn consume(
                         std::time::Duration::from_nanos(dur),
                         at.elapsed(),
                     );
+                    let slowest_ns = media_ns.iter().copied().min().unwrap_or(0);
+                    h.media_ns
+                        .store(slowest_ns, std::sync::atomic::Ordering::Relaxed);
                     let wall = first.elapsed().as_secs_f64();
                     if wall >= 1.0 {
-                        let slowest = media_ns.iter().copied().min().unwrap_or(0) as f64 / 1e9;
+                        let slowest = slowest_ns as f64 / 1e9;
                         metrics
                             .realtime_ratio
                             .with_label_values(&[h.plan.id.as_str()])

@@ -159,6 +159,10 @@ pub struct StreamHandle {
     resilience: Mutex<resilience::ResilienceState>,
     /// Moves on whenever the stream's pipeline is replaced or dropped: the consumer of an older one stops.
     pipeline_epoch: std::sync::atomic::AtomicU64,
+    /// Media its slowest rendition has published (ns, of the current pipeline's consumer), and its recent
+    /// real-time ratio, sampled by [`crate::load`].
+    pub(crate) media_ns: std::sync::atomic::AtomicU64,
+    realtime: Mutex<kiln_model::load::RealtimeMeter>,
 }
 
 impl StreamHandle {
@@ -303,7 +307,29 @@ impl StreamHandle {
             ingest: None,
             resilience: self.resilience_status(),
             warnings: self.warnings(),
+            recent_realtime_ratio: self.recent_realtime_ratio(),
+            behind_real_time: self.behind_real_time(),
         }
+    }
+
+    /// Adds a reading of the media published (at `at_s` on the load sampler's clock).
+    pub(crate) fn sample_realtime(&self, at_s: f64) {
+        // from the first part on: a stream starting up is not behind
+        let media_ns = self.media_ns.load(std::sync::atomic::Ordering::Relaxed);
+        if media_ns > 0 {
+            self.realtime.lock().sample(at_s, media_ns as f64 / 1e9);
+        }
+    }
+
+    /// The recent real-time ratio over the sampler's window, once long enough to judge.
+    pub fn recent_realtime_ratio(&self) -> Option<f64> {
+        self.realtime.lock().ratio()
+    }
+
+    /// Running, and publishing slower than real time over the last seconds.
+    pub fn behind_real_time(&self) -> bool {
+        let behind = self.realtime.lock().behind();
+        behind && self.state() == StreamState::Running
     }
 
     /// A passthrough rendition's segments follow the source's GOP: say so when that makes them longer than the
@@ -343,6 +369,8 @@ pub struct Supervisor {
     shutting_down: std::sync::atomic::AtomicBool,
     /// Resources booked on the host by admitted streams (and by streams being started).
     allocated: Mutex<Resources>,
+    /// What serving viewers costs, sampled by [`crate::load`]; admission keeps its reservation free.
+    serving: Mutex<kiln_model::load::ServingMeter>,
     epoch: u64,
     /// Highest scheduler epoch accepted (fencing token; 0 = none).
     fence: std::sync::atomic::AtomicU64,
@@ -389,6 +417,11 @@ impl Supervisor {
             streams: Mutex::new(HashMap::new()),
             shutting_down: false.into(),
             allocated: Mutex::new(Resources::default()),
+            serving: Mutex::new(kiln_model::load::ServingMeter::new(
+                crate::load::SERVING_WINDOW_S,
+                crate::load::SERVING_HOLD_S,
+                crate::load::SERVING_FLOOR_MILLICORES,
+            )),
             epoch: unix_ms(),
             fence: 0.into(),
             live_fetcher: crate::fetch::Fetcher::new(config.source_networks.clone(), u64::MAX),
@@ -679,6 +712,10 @@ impl Supervisor {
             sessions: 0.into(),
             resilience: Mutex::new(Default::default()),
             pipeline_epoch: 0.into(),
+            media_ns: 0.into(),
+            realtime: Mutex::new(kiln_model::load::RealtimeMeter::new(
+                crate::load::REALTIME_WINDOW_S,
+            )),
         });
         {
             let mut map = self.map();

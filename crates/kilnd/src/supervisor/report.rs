@@ -30,7 +30,7 @@ impl Supervisor {
         vod: Option<VodLoad>,
     ) -> CapacityReport {
         let (cap, alloc) = (self.capacity(), self.allocated());
-        let free = cap.minus(&alloc);
+        let free = self.free();
         let measured = measured();
         let effective = Resources {
             cpu_millicores: alloc.cpu_millicores.max(measured.cpu_millicores),
@@ -49,6 +49,7 @@ impl Supervisor {
                 free,
                 measured,
                 effective,
+                serving: self.serving(),
             },
             gpus: self.gpu_reports(&inventory),
             gpu_inventory: GpuInventoryNote {
@@ -76,6 +77,7 @@ impl Supervisor {
                     decode_gpu: p.decode_gpu,
                     demand: p.host,
                     gpu_demand: p.gpu.map(|(_, d)| d),
+                    behind_real_time: h.behind_real_time(),
                 }
             })
             .collect()
@@ -154,6 +156,8 @@ impl Supervisor {
         let m = &self.metrics;
         m.streams.reset();
         m.stream_backend.reset();
+        m.stream_recent_realtime.reset();
+        m.stream_behind.reset();
         m.ingest.bitrate.reset();
         for h in self.list() {
             h.refresh_resilience(&m.ingest);
@@ -183,16 +187,30 @@ impl Supervisor {
                     h.plan.encoder.policy.as_str(),
                 ])
                 .set(1);
+            let id = h.plan.id.as_str();
+            if let Some(r) = h.recent_realtime_ratio() {
+                m.stream_recent_realtime.with_label_values(&[id]).set(r);
+            }
+            m.stream_behind
+                .with_label_values(&[id])
+                .set(i64::from(h.behind_real_time()));
             let state = serde_json::to_value(h.state()).ok();
             let state = state.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown");
             m.streams.with_label_values(&[state]).inc();
         }
         m.parked_requests.set(self.origin.parked() as i64);
+        let serving = self.serving();
+        m.serving
+            .with_label_values(&["measured"])
+            .set(serving.millicores as i64);
+        m.serving
+            .with_label_values(&["reserved"])
+            .set(self.serving_reserve().cpu_millicores as i64);
         let (cap, alloc) = (self.capacity(), self.allocated());
         for (kind, r) in [
             ("capacity", cap),
             ("allocated", alloc),
-            ("free", cap.minus(&alloc)),
+            ("free", self.free()),
             ("measured", measured()),
         ] {
             for dim in Dimension::ALL {
