@@ -328,8 +328,8 @@ async fn serving_load_is_measured_reported_and_kept_free_by_admission() -> Resul
     ensure!(
         num(&host["free"]["cpu_millicores"])
             == host_cpu
-                - num(&host["allocated"]["cpu_millicores"])
-                - num(&s["reserved_millicores"]),
+                .saturating_sub(num(&host["allocated"]["cpu_millicores"]))
+                .saturating_sub(num(&s["reserved_millicores"])),
         "free leaves the reservation out: {host}"
     );
     ensure!(loaded["headroom"][AUDIO] == 0, "{loaded}");

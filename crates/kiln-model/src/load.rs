@@ -1,6 +1,6 @@
 //! Load measured while a node runs, as opposed to what admission books: what serving viewers costs the daemon
-//! (its async runtime's busy time, requests and bytes answered) and whether a stream keeps up with real time
-//! over the last seconds. Pure: the daemon samples its counters on a clock and feeds them here.
+//! (its HTTP server's time, requests and bytes answered) and whether a stream keeps up with real time over the
+//! last seconds. Pure: the daemon samples its counters on a clock and feeds them here.
 
 use std::collections::VecDeque;
 
@@ -52,11 +52,14 @@ impl RateWindow {
     }
 }
 
-/// What answering viewers (and the control API, and ingest I/O: everything on the async runtime) costs a node
-/// now. Reported in `GET /v1/capacity` (`host.serving`); admission keeps `reserved_millicores` free.
+/// What answering HTTP requests (viewers, and the control API) costs a node now: the time its HTTP server spends
+/// inside polls of connections and requests, per second. Wall time inside a poll: on a saturated host a poll
+/// preempted by other threads counts their time too, so this is an upper bound then, and it cannot exceed the
+/// server's worker threads × 1,000. Reported in `GET /v1/capacity` (`host.serving`); admission keeps
+/// `reserved_millicores` free.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ServingLoad {
-    /// The runtime's worker threads' busy time per second over the last window (millicores).
+    /// Time inside the HTTP server's polls per second over the last window (millicores).
     pub millicores: u64,
     /// The most `millicores` reached over the hold period.
     pub peak_millicores: u64,
@@ -67,12 +70,12 @@ pub struct ServingLoad {
     /// Response body bytes per second (complete bodies; a segment streamed part by part is not counted).
     pub bytes_per_s: u64,
     /// What 1,000 requests/s cost here (millicores), measured over the window; absent below 100 requests/s,
-    /// where the runtime's other work dominates.
+    /// where a reading is mostly noise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub millicores_per_1k_rps: Option<u64>,
 }
 
-/// Below this many requests/s, the cost per request is not reported: the runtime's other work dominates.
+/// Below this many requests/s, the cost per request is not reported: too few to tell from noise.
 const MIN_RPS_FOR_COST: f64 = 100.0;
 
 /// Samples of the serving counters, turned into a [`ServingLoad`].
@@ -101,8 +104,8 @@ impl ServingMeter {
         }
     }
 
-    /// One reading of the cumulative counters at `at_s`: seconds the runtime's workers were busy, requests
-    /// answered, body bytes sent.
+    /// One reading of the cumulative counters at `at_s`: seconds spent serving, requests answered, body bytes
+    /// sent.
     pub fn sample(&mut self, at_s: f64, busy_s: f64, requests: u64, bytes: u64) {
         self.busy.push(at_s, busy_s);
         self.requests.push(at_s, requests as f64);

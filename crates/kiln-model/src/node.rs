@@ -125,8 +125,8 @@ pub struct NodeStream {
     /// GPU resources booked, on `backend`'s (or `decode_gpu`'s) GPU.
     #[serde(default)]
     pub gpu_demand: Option<Resources>,
-    /// It publishes media slower than real time over the last seconds (a node short of CPU or GPU): the
-    /// scheduler may move it.
+    /// It publishes media slower than real time over the last seconds (a node short of CPU or GPU). Reported
+    /// for the scheduler and operators; the scheduler does not move such a stream by itself yet.
     #[serde(default)]
     pub behind_real_time: bool,
 }

@@ -210,7 +210,9 @@ async fn delete_stream(State(s): S, Path(id): Path<String>) -> Response {
     }
 }
 
-/// `GET /v1/nodes`: every known node with its state, capacity, what the scheduler booked there and what it runs.
+/// `GET /v1/nodes`: every known node with its state, capacity, what the scheduler booked there (`booked`: the
+/// larger of its own bookings and the node's, plus the CPU the node reserves for its viewers, `host.serving`) and
+/// what it runs.
 async fn list_nodes(State(s): S) -> Response {
     let (nodes, records) = match (s.store.nodes().await, s.store.streams().await) {
         (Ok(n), Ok(r)) => (n, r),

@@ -100,9 +100,13 @@ pub fn app(state: AppState) -> Router {
                 let metrics = metrics.clone();
                 async move {
                     let kind = metrics::request_kind_index(req.uri().path(), req.uri().query());
+                    // a HEAD answer's body is dropped after this layer: no bytes go out
+                    let head = req.method() == axum::http::Method::HEAD;
                     let start = std::time::Instant::now();
                     let res = next.run(req).await;
-                    let bytes = axum::body::HttpBody::size_hint(res.body()).exact();
+                    let bytes = axum::body::HttpBody::size_hint(res.body())
+                        .exact()
+                        .map(|n| if head { 0 } else { n });
                     metrics
                         .http
                         .observe(kind, res.status(), bytes, start.elapsed());

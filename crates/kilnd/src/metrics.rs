@@ -190,7 +190,7 @@ impl Metrics {
         let serving = must(IntGaugeVec::new(
             Opts::new(
                 "kiln_serving_millicores",
-                "CPU of the async runtime (HTTP serving, control API, ingest I/O): measured, and reserved from admission",
+                "Time the HTTP server spends answering (viewers and the control API) per second: measured, and reserved from admission",
             ),
             &["kind"],
         ));

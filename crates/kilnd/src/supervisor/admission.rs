@@ -38,24 +38,34 @@ impl Supervisor {
 
     /// The CPU kept free for serving: the serving peak above [`crate::load::SERVING_FLOOR_MILLICORES`].
     pub fn serving_reserve(&self) -> Resources {
-        Resources {
-            cpu_millicores: self.serving().reserved_millicores,
-            ..Default::default()
-        }
+        reserve_of(&self.serving())
     }
 
-    /// What admission may still book: capacity less bookings less the serving reservation.
-    pub fn free(&self) -> Resources {
+    /// What admission may still book: capacity less bookings less the serving reservation of `serving`.
+    pub fn free_with(&self, serving: &ServingLoad) -> Resources {
         self.config
             .capacity
             .minus(&self.allocated())
-            .minus(&self.serving_reserve())
+            .minus(&reserve_of(serving))
+    }
+
+    /// [`Self::free_with`] the current serving load.
+    pub fn free(&self) -> Resources {
+        self.free_with(&self.serving())
     }
 
     /// Books `demand` on the host if it fits; never over-commits (check and add under one lock). The CPU that
     /// serving viewers takes now is not bookable ([`Self::serving_reserve`]).
     pub(super) fn reserve(&self, demand: &Resources) -> Result<(), SupervisorError> {
-        let serving = self.serving_reserve();
+        self.reserve_keeping(demand, self.serving_reserve())
+    }
+
+    /// Books `demand` if it fits beside what is booked and `kept` (kept free).
+    fn reserve_keeping(
+        &self,
+        demand: &Resources,
+        serving: Resources,
+    ) -> Result<(), SupervisorError> {
         let mut alloc = self.allocated.lock();
         let free = self.config.capacity.minus(&alloc).minus(&serving);
         if let Some(dimension) = free.short_dimension(demand) {
@@ -198,7 +208,13 @@ impl Supervisor {
                 }
             }
         };
-        self.reserve(&placement.host)?;
+        // the fallback of a running stream books again what it just gave back: the serving reservation keeps
+        // new streams out, it does not end running ones
+        if force_cpu {
+            self.reserve_keeping(&placement.host, Resources::default())?;
+        } else {
+            self.reserve(&placement.host)?;
+        }
         if let Some((g, d)) = &placement.gpu {
             if let Err((dimension, requested, free)) = self.gpus.reserve(*g, d) {
                 self.release(&placement.host);
@@ -300,5 +316,13 @@ impl Supervisor {
             #[cfg(feature = "fault-injection")]
             fail_encoder_after_frames: None,
         })
+    }
+}
+
+/// The CPU a serving load keeps from admission.
+fn reserve_of(serving: &ServingLoad) -> Resources {
+    Resources {
+        cpu_millicores: serving.reserved_millicores,
+        ..Default::default()
     }
 }

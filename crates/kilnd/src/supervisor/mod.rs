@@ -314,10 +314,15 @@ impl StreamHandle {
 
     /// Adds a reading of the media published (at `at_s` on the load sampler's clock).
     pub(crate) fn sample_realtime(&self, at_s: f64) {
-        // from the first part on: a stream starting up is not behind
+        // only while running, from the first part on: a stream starting up, or waiting for its publisher, is not
+        // behind, and its window starts afresh when it runs again
         let media_ns = self.media_ns.load(std::sync::atomic::Ordering::Relaxed);
-        if media_ns > 0 {
-            self.realtime.lock().sample(at_s, media_ns as f64 / 1e9);
+        let running = self.state() == StreamState::Running;
+        let mut meter = self.realtime.lock();
+        if running && media_ns > 0 {
+            meter.sample(at_s, media_ns as f64 / 1e9);
+        } else {
+            *meter = kiln_model::load::RealtimeMeter::new(crate::load::REALTIME_WINDOW_S);
         }
     }
 

@@ -30,7 +30,9 @@ impl Supervisor {
         vod: Option<VodLoad>,
     ) -> CapacityReport {
         let (cap, alloc) = (self.capacity(), self.allocated());
-        let free = self.free();
+        // one reading: `free` and `serving` agree
+        let serving = self.serving();
+        let free = self.free_with(&serving);
         let measured = measured();
         let effective = Resources {
             cpu_millicores: alloc.cpu_millicores.max(measured.cpu_millicores),
@@ -49,7 +51,7 @@ impl Supervisor {
                 free,
                 measured,
                 effective,
-                serving: self.serving(),
+                serving,
             },
             gpus: self.gpu_reports(&inventory),
             gpu_inventory: GpuInventoryNote {
@@ -205,12 +207,12 @@ impl Supervisor {
             .set(serving.millicores as i64);
         m.serving
             .with_label_values(&["reserved"])
-            .set(self.serving_reserve().cpu_millicores as i64);
+            .set(serving.reserved_millicores as i64);
         let (cap, alloc) = (self.capacity(), self.allocated());
         for (kind, r) in [
             ("capacity", cap),
             ("allocated", alloc),
-            ("free", self.free()),
+            ("free", self.free_with(&serving)),
             ("measured", measured()),
         ] {
             for dim in Dimension::ALL {

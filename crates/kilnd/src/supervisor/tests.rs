@@ -195,3 +195,34 @@ fn the_fence_moves_only_on_raise_never_back_and_never_past_a_day_ahead() {
         "the current epoch keeps working"
     );
 }
+
+#[test]
+fn serving_keeps_new_streams_out_but_not_a_running_streams_fallback() {
+    let sup = supervisor(vec![]);
+    let p = plan(&sup, "test:", Policy::CpuOnly);
+    let demand = sup.place(&p, false).unwrap();
+    sup.release_placement(&demand);
+    let need = demand.host.cpu_millicores;
+    // serving as busy as leaves 100 mc less than one stream needs: 8000 - need + 100 above the 100 mc floor
+    let busy_s = (8000 - need + 200) as f64 / 1000.0;
+    for t in 0..=6 {
+        let t = f64::from(t);
+        sup.sample_load(t, t * busy_s, (t * 1000.0) as u64, 0);
+    }
+    let serving = sup.serving();
+    assert_eq!(
+        serving.reserved_millicores,
+        8000 - need + 100,
+        "{serving:?}"
+    );
+    assert_eq!(sup.free().cpu_millicores, need - 100);
+    match sup.place(&p, false) {
+        Err(SupervisorError::Capacity { dimension, .. }) => {
+            assert_eq!(dimension, kiln_model::capacity::Dimension::CpuMillicores)
+        }
+        other => panic!("a new stream must not fit beside the serving reservation: {other:?}"),
+    }
+    // an encoder fallback books again what the running stream gave back
+    let rebuilt = sup.place(&p, true).unwrap();
+    assert_eq!(rebuilt.host.cpu_millicores, need);
+}
