@@ -793,29 +793,73 @@ pub fn cpu_ticks(pid: u32, children: bool) -> u64 {
 
 /// A private redis-server on a free loopback port, without persistence.
 pub async fn redis_server() -> Result<Proc> {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.port()
-    };
+    redis_on(free_port()?, &[]).await
+}
+
+/// A port nothing listens on now (for servers that cannot report the one they bound).
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// `redis-server` on 127.0.0.1:`port` without persistence, with `extra` flags (e.g. `--replicaof HOST PORT`);
+/// its `url` is `redis://127.0.0.1:PORT`.
+pub async fn redis_on(port: u16, extra: &[&str]) -> Result<Proc> {
     let p = port.to_string();
+    // its own directory: a replica's full sync writes dump.rdb there, and a server started later in the same
+    // directory would load it (state from another test)
+    let dir = std::env::temp_dir().join(format!("kiln-it-redis-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let dir = dir.display().to_string();
+    let args: Vec<&str> = [
+        "--port",
+        p.as_str(),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        dir.as_str(),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    .collect();
     let mut r = Proc::spawn(
-        "redis",
+        &format!("redis-{port}"),
         "redis-server",
-        &[
-            "--port",
-            &p,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
+        &args,
         "Ready to accept connections",
     )
     .await?;
     r.url = format!("redis://127.0.0.1:{port}");
     Ok(r)
+}
+
+/// A Redis Sentinel on 127.0.0.1:`port` watching the master `name` at 127.0.0.1:`master` (quorum 2), declaring
+/// it down after 1 s without an answer. Its config file (Sentinel rewrites it) lives in `dir`.
+pub async fn redis_sentinel(port: u16, name: &str, master: u16, dir: &Path) -> Result<Proc> {
+    let conf = dir.join(format!("sentinel-{port}.conf"));
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {name} 127.0.0.1 {master} 2\n\
+             sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 10000\n",
+            dir.display()
+        ),
+    )?;
+    let conf = conf.display().to_string();
+    let mut s = Proc::spawn(
+        &format!("sentinel-{port}"),
+        "redis-server",
+        &[conf.as_str(), "--sentinel"],
+        "+monitor master",
+    )
+    .await?;
+    s.url = format!("127.0.0.1:{port}");
+    Ok(s)
 }
 
 /// The browser scripts' directory (`tests/browser`: hls.js and playwright-core), or `None` (after saying why) when the tools are missing outside CI; under CI a missing

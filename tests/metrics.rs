@@ -155,6 +155,7 @@ fn dashboard_and_alerts_use_only_documented_series() -> Result<()> {
         "KilnStreamBehindRealTime",
         "KilnFallbackStorm",
         "KilnOrigin5xx",
+        "KilnSchedulerStoreDown",
     ] {
         ensure!(
             alerts.contains(&format!("alert: {alert}")),

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use kiln_integration::{
-    make_clip, poll_json, poll_until, redis_server, spawn_kilnd_env, wait_job, Polled, Proc,
+    free_port, make_clip, poll_json, poll_until, redis_on, redis_sentinel, redis_server,
+    spawn_kilnd_env, wait_job, Polled, Proc,
 };
 use serde_json::{json, Value};
 
@@ -1176,7 +1177,7 @@ async fn vod_jobs_are_routed_to_the_shortest_queue_and_followed() -> Result<()> 
 async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Result<()> {
     use kiln_binpack::Demand;
     use kiln_model::capacity::Resources;
-    use kiln_scheduler::store::{BinCaps, Phase, Store, StoreError, StreamRecord};
+    use kiln_scheduler::store::{BinCaps, Phase, RedisTarget, Store, StoreError, StreamRecord};
 
     let redis = redis_server().await?;
     let ttl = Duration::from_millis(600);
@@ -1240,14 +1241,14 @@ async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Re
             reader.job_node("j1").await?.is_none(),
             "{name}: job route kept"
         );
-        let e1 = a.lead("a", "http://a", ttl).await?.context("a leads")?;
+        let e1 = a.lead("a", "http://a", ttl, 0).await?.context("a leads")?;
         if let Some(b) = &b {
             ensure!(
-                b.lead("b", "http://b", ttl).await?.is_none(),
+                b.lead("b", "http://b", ttl, 0).await?.is_none(),
                 "{name}: two leaders"
             );
             ensure!(
-                a.lead("a", "http://a", ttl).await? == Some(e1),
+                a.lead("a", "http://a", ttl, 0).await? == Some(e1),
                 "{name}: renewal changed the epoch"
             );
         }
@@ -1284,7 +1285,7 @@ async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Re
                 ttl * 5,
                 Duration::from_millis(50),
                 || async {
-                    Ok(match b.lead("b", "http://b", ttl).await? {
+                    Ok(match b.lead("b", "http://b", ttl, 0).await? {
                         Some(e) => Polled::Done(e),
                         None => Polled::NotYet("a's lease holds".into()),
                     })
@@ -1293,7 +1294,7 @@ async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Re
             .await?;
             ensure!(e2 > e1, "{name}: epoch {e1} → {e2}");
             ensure!(
-                a.lead("a", "http://a", ttl).await?.is_none(),
+                a.lead("a", "http://a", ttl, 0).await?.is_none(),
                 "{name}: a still leads"
             );
             match a.save(e1, &rec("s4", 10, 0), Some(caps)).await {
@@ -1305,6 +1306,19 @@ async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Re
                 "{name}: stale remove"
             );
             b.remove(e2, "s1").await?;
+            // the floor (the highest epoch a daemon reported) outranks a counter that fell behind it (a promoted
+            // replica that missed increments): the holder takes a new epoch above it, and keeps it on renewal
+            let e3 = b.lead("b", "http://b", ttl, e2 + 10).await?;
+            ensure!(e3 == Some(e2 + 11), "{name}: floor {} → {e3:?}", e2 + 10);
+            ensure!(
+                b.lead("b", "http://b", ttl, e2 + 11).await? == e3,
+                "{name}: renewal at the floor changed the epoch"
+            );
+            ensure!(
+                b.save(e2 + 11, &rec("s5", 10, 0), None).await.is_ok()
+                    && b.remove(e2 + 11, "s5").await.is_ok(),
+                "{name}: writes under the raised epoch"
+            );
         } else {
             ensure!(
                 matches!(
@@ -1320,6 +1334,474 @@ async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Re
             "{name}: booking not given back"
         );
         ensure!(a.streams().await?.is_empty(), "{name}");
+    }
+    // a lease that must reach a replica (WAIT) does not count on a Redis without one
+    let lonely = Store::redis_at(RedisTarget {
+        min_replicas: 1,
+        timeout: Duration::from_millis(200),
+        ..RedisTarget::single(&redis.url)
+    })
+    .await?;
+    let lonely = &lonely;
+    poll_until(
+        "b's lease expires",
+        ttl * 5,
+        Duration::from_millis(50),
+        || async move {
+            match lonely.lead("c", "http://c", ttl, 0).await {
+                Ok(None) => Ok(Polled::NotYet("b's lease holds".into())),
+                Err(StoreError::NotReplicated {
+                    acked: 0,
+                    wanted: 1,
+                }) => Ok(Polled::Done(())),
+                other => bail!("a lease no replica acknowledged counted: {other:?}"),
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Redis as an operator runs it for several schedulers, on loopback: a master, two replicas and three Sentinels
+/// watching the master named `kiln` (quorum 2, down after 1 s).
+struct RedisHa {
+    dir: tempfile::TempDir,
+    /// Port → the server, `None` while killed.
+    servers: BTreeMap<u16, Option<Proc>>,
+    sentinels: Vec<Proc>,
+}
+
+impl RedisHa {
+    async fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let ports = [free_port()?, free_port()?, free_port()?];
+        let master = ports[0].to_string();
+        let mut servers = BTreeMap::new();
+        servers.insert(ports[0], Some(redis_on(ports[0], &[]).await?));
+        for p in &ports[1..] {
+            let r = redis_on(*p, &["--replicaof", "127.0.0.1", &master]).await?;
+            servers.insert(*p, Some(r));
+        }
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            sentinels.push(redis_sentinel(free_port()?, "kiln", ports[0], dir.path()).await?);
+        }
+        let ha = Self {
+            dir,
+            servers,
+            sentinels,
+        };
+        ha.settled(ports[0]).await?;
+        Ok(ha)
+    }
+
+    /// `--redis-sentinel`'s value.
+    fn sentinel_list(&self) -> String {
+        let urls: Vec<&str> = self.sentinels.iter().map(|s| s.url.as_str()).collect();
+        urls.join(",")
+    }
+
+    /// The master's port as the first Sentinel that answers names it.
+    async fn master(&self) -> Result<u16> {
+        let mut last = None;
+        for s in &self.sentinels {
+            let q = async {
+                let mut c = redis::Client::open(format!("redis://{}", s.url))?
+                    .get_multiplexed_async_connection()
+                    .await?;
+                let (_, port): (String, u16) = redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg("kiln")
+                    .query_async(&mut c)
+                    .await?;
+                Ok::<_, anyhow::Error>(port)
+            };
+            match tokio::time::timeout(Duration::from_secs(1), q).await {
+                Ok(Ok(p)) => return Ok(p),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => last = Some(anyhow::anyhow!("{} did not answer", s.url)),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no sentinel")))
+    }
+
+    /// `INFO replication` of the server on `port`.
+    async fn replication(port: u16) -> Result<String> {
+        let q = async {
+            let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+                .get_multiplexed_async_connection()
+                .await?;
+            Ok::<String, anyhow::Error>(
+                redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut c)
+                    .await?,
+            )
+        };
+        tokio::time::timeout(Duration::from_secs(1), q)
+            .await
+            .context("INFO timed out")?
+    }
+
+    /// Waits until the Sentinels name `master`, which replicates to every other running server, all in sync.
+    async fn settled(&self, master: u16) -> Result<()> {
+        let replicas = self.servers.values().filter(|s| s.is_some()).count() - 1;
+        poll_until(
+            "Redis settles: Sentinel names the master, every replica online",
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+            || async move {
+                let named = self.master().await?;
+                let info = Self::replication(master).await?;
+                let online = info
+                    .lines()
+                    .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+                    .count();
+                Ok(
+                    if named == master && info.contains("role:master") && online == replicas {
+                        Polled::Done(())
+                    } else {
+                        Polled::NotYet(format!("Sentinel names {named}; {master}: {info}"))
+                    },
+                )
+            },
+        )
+        .await
+    }
+
+    /// `kill -9` of the server on `port`.
+    async fn kill(&mut self, port: u16) -> Result<()> {
+        let mut p = self
+            .servers
+            .get_mut(&port)
+            .and_then(Option::take)
+            .context("running")?;
+        p.kill().await
+    }
+
+    /// Starts the server on `port` again (empty, as without persistence) replicating from `master`.
+    async fn rejoin(&mut self, port: u16, master: u16) -> Result<()> {
+        let m = master.to_string();
+        let r = redis_on(port, &["--replicaof", "127.0.0.1", &m]).await?;
+        self.servers.insert(port, Some(r));
+        Ok(())
+    }
+
+    /// Sends `sig` to every running server (STOP: Redis is down for everyone, CONT: back).
+    async fn signal_all(&self, sig: &str) -> Result<()> {
+        for s in self.servers.values().flatten() {
+            s.signal(sig).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Who leads as a scheduler that answers says: (id, epoch).
+async fn leader_of(http: &reqwest::Client, scheds: &[&str]) -> Result<(String, u64)> {
+    let v = poll_until(
+        "a scheduler names a leader",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async move {
+            for s in scheds {
+                let Ok(r) = http.get(format!("{s}/v1/leader")).send().await else {
+                    continue;
+                };
+                let v: Value = r.json().await?;
+                if let (Some(id), Some(e)) =
+                    (v["leader"]["id"].as_str(), v["leader"]["epoch"].as_u64())
+                {
+                    return Ok(Polled::Done((id.to_string(), e)));
+                }
+            }
+            Ok(Polled::NotYet("no leader".into()))
+        },
+    )
+    .await?;
+    Ok(v)
+}
+
+/// `POST /v1/streams` until it places the stream (201, or 200 when an earlier try placed it but its answer was a
+/// 503), checking at every try that no stream runs twice. Says which refusals it met on the way.
+async fn place_when_possible(
+    f: &Fleet,
+    sched: &str,
+    id: &str,
+    limit: Duration,
+) -> Result<Duration> {
+    let t = Instant::now();
+    let seen = parking_lot::Mutex::new(BTreeSet::new());
+    let seen_ref = &seen;
+    poll_until(
+        &format!("{id} is placed"),
+        limit,
+        Duration::from_millis(200),
+        || async move {
+            f.running().await?;
+            // a follower redirects to the leader, which may be the one frozen: no answer is a refusal too
+            let r = f
+                .http
+                .post(format!("{sched}/v1/streams"))
+                .json(&json!({"id": id, "source": "test:", "preset": "live-audio-only"}))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            let r = match r {
+                Ok(r) => r,
+                Err(e) if e.is_timeout() => {
+                    seen_ref
+                        .lock()
+                        .insert("no answer (the frozen leader)".into());
+                    return Ok(Polled::NotYet(format!("{e}")));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let status = r.status().as_u16();
+            let body: Value = r.json().await?;
+            Ok(match status {
+                200 | 201 => Polled::Done(()),
+                503 => {
+                    seen_ref.lock().insert(body["error"]["code"].to_string());
+                    Polled::NotYet(format!("{status} {body}"))
+                }
+                _ => bail!("placing {id}: {status} {body}"),
+            })
+        },
+    )
+    .await?;
+    eprintln!(
+        "{id} placed after {:?}; refusals on the way: {:?}",
+        t.elapsed(),
+        seen.lock()
+    );
+    Ok(t.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failovers_keep_fencing_and_a_redis_outage_refuses_only_new_placements(
+) -> Result<()> {
+    let mut ha = RedisHa::start().await?;
+    let sentinels = ha.sentinel_list();
+    let join = ["--node-token-env", NODE_TOKEN_ENV.0];
+    let mut scheds = Vec::new();
+    for name in ["sched-a", "sched-b"] {
+        let args = [
+            "--redis-sentinel",
+            &sentinels,
+            "--redis-master",
+            "kiln",
+            "--instance-id",
+            name,
+            join[0],
+            join[1],
+        ];
+        scheds.push(scheduler(name, &args, &[NODE_TOKEN_ENV]).await?);
+    }
+    let urls: Vec<String> = scheds.iter().map(|s| s.url.clone()).collect();
+    let all_scheds = urls.join(",");
+    let mut daemons = BTreeMap::new();
+    for n in ["n1", "n2", "n3"] {
+        let data = ha.dir.path().join(n).display().to_string();
+        daemons.insert(
+            n.to_string(),
+            node(n, &data, &all_scheds, &join, &[NODE_TOKEN_ENV]).await?,
+        );
+    }
+    let client = || reqwest::Client::builder().timeout(Duration::from_secs(10));
+    let f = Fleet {
+        http: client().build()?,
+        raw: client()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?,
+        daemons,
+    };
+    let http = f.http.clone();
+    let lease = HEARTBEAT * 3;
+    poll_json(
+        &http,
+        &format!("{}/v1/nodes", urls[0]),
+        "three live nodes",
+        Duration::from_secs(15),
+        |v| {
+            v.as_array()
+                .is_some_and(|a| a.iter().filter(|n| n["state"] == "alive").count() == 3)
+        },
+    )
+    .await?;
+    let mut ids: Vec<String> = Vec::new();
+    for i in 1..=3 {
+        let id = format!("s{i}");
+        place_when_possible(&f, &urls[0], &id, Duration::from_secs(15)).await?;
+        ids.push(id);
+    }
+
+    // three failovers of the master (kill -9), the second with the leader frozen too, so that a new leader takes
+    // its epoch on a promoted replica: the case asynchronous replication could break
+    let mut holders: BTreeMap<u64, String> = BTreeMap::new();
+    for round in 0..3 {
+        let names: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let (was, epoch0) = leader_of(&http, &names).await?;
+        let frozen = (round == 1).then(|| usize::from(was == "sched-b"));
+        if let Some(i) = frozen {
+            scheds[i].signal("STOP").await?;
+        }
+        let live = &urls[frozen.map_or(0, |i| 1 - i)];
+        let old = ha.master().await?;
+        let t0 = Instant::now();
+        ha.kill(old).await?;
+        let ha_ref = &ha;
+        let new = poll_until(
+            "Sentinel promotes a replica",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || async move {
+                let m = ha_ref.master().await?;
+                Ok(if m != old {
+                    Polled::Done(m)
+                } else {
+                    Polled::NotYet(format!("master {m}"))
+                })
+            },
+        )
+        .await?;
+        let switched = t0.elapsed();
+        let id = format!("f{round}");
+        place_when_possible(&f, live, &id, Duration::from_secs(30)).await?;
+        let placed = t0.elapsed();
+        eprintln!("round {round}: Sentinel switched {old} → {new} after {switched:?}; placed again after {placed:?}");
+        ids.push(id);
+        // the schedulers follow within an interval of the switch; a new leader waits out the old lease
+        ensure!(
+            placed <= switched + lease + HEARTBEAT * 2,
+            "round {round}: Sentinel switched after {switched:?}, the fleet placed again after {placed:?}"
+        );
+        let ids_ref = &ids;
+        f.until("every stream runs, once", Duration::from_secs(15), |m| {
+            ids_ref.iter().all(|i| m.contains_key(i))
+        })
+        .await?;
+        let live_names = [live.as_str()];
+        let (now, epoch1) = leader_of(&http, &live_names).await?;
+        ensure!(epoch1 >= epoch0, "round {round}: epoch {epoch0} → {epoch1}");
+        if now != was {
+            ensure!(
+                epoch1 > epoch0,
+                "round {round}: {was}@{epoch0} → {now}@{epoch1}"
+            );
+        }
+        eprintln!("round {round}: leader {was}@{epoch0} → {now}@{epoch1}");
+        if let Some(other) = holders.insert(epoch1, now.clone()) {
+            ensure!(other == now, "epoch {epoch1} held by {other} and {now}");
+        }
+        // every daemon follows the leader's epoch (heartbeat answers raise its fence), never a lower one
+        for d in f.daemons.values() {
+            poll_json(
+                &http,
+                &format!("{}/v1/capacity", d.url),
+                "the daemon follows the leader's epoch",
+                Duration::from_secs(10),
+                |v| v["fence_epoch"].as_u64() == Some(epoch1),
+            )
+            .await?;
+        }
+        if let Some(i) = frozen {
+            ensure!(now != was, "round {round}: the frozen {was} still leads");
+            scheds[i].signal("CONT").await?;
+            poll_json(
+                &http,
+                &format!("{}/v1/leader", urls[i]),
+                "the thawed leader steps down",
+                Duration::from_secs(10),
+                |v| v["leading"] == false && v["leader"]["id"] == now.as_str(),
+            )
+            .await?;
+        }
+        ha.rejoin(old, new).await?;
+        ha.settled(new).await?;
+    }
+    let m = f.json(&format!("{}/metrics", urls[0])).await.err();
+    ensure!(m.is_some(), "metrics is text, not JSON");
+    let metrics = http
+        .get(format!("{}/metrics", urls[0]))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        metrics.lines().any(
+            |l| l.starts_with("kiln_scheduler_redis_master_changes_total ") && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+
+    // Redis down for everyone for 10 s (every server frozen: no answers, not even refusals)
+    let placement: BTreeMap<String, String> = f.running().await?;
+    ha.signal_all("STOP").await?;
+    let down = Instant::now();
+    let r = poll_until(
+        "placements are refused with the store's reason",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || async {
+            let r = f.post(&urls[0], "r1", "live-audio-only").await?;
+            let status = r.status().as_u16();
+            let body: Value = r.json().await?;
+            Ok(
+                if status == 503 && body["error"]["code"] == "store_unavailable" {
+                    Polled::Done(body)
+                } else {
+                    Polled::NotYet(format!("{status} {body}"))
+                },
+            )
+        },
+    )
+    .await?;
+    ensure!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("running streams are not affected")),
+        "{r}"
+    );
+    // while it is down: the same streams run on the same daemons, and /play still sends viewers to them
+    while down.elapsed() < Duration::from_secs(10) {
+        let now = f.running().await?;
+        ensure!(
+            now == placement,
+            "during the outage: {now:?}, before: {placement:?}"
+        );
+        let loc = f.play(&urls[1], "s1").await?;
+        ensure!(
+            loc.starts_with(&f.daemons[&placement["s1"]].url),
+            "/play sent s1 to {loc}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let m = http
+        .get(format!("{}/metrics", urls[0]))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        m.contains("kiln_scheduler_store_up 0"),
+        "store_up while down"
+    );
+    ha.signal_all("CONT").await?;
+    let back = place_when_possible(&f, &urls[0], "r1", Duration::from_secs(20)).await?;
+    eprintln!("placements again {back:?} after Redis came back");
+    ids.push("r1".into());
+    let ids_ref = &ids;
+    let (m, _) = f
+        .until("every stream runs, once", Duration::from_secs(15), |m| {
+            ids_ref.iter().all(|i| m.contains_key(i))
+        })
+        .await?;
+    for (id, node) in &placement {
+        ensure!(
+            m[id] == *node,
+            "{id} moved from {node} to {} across the outage",
+            m[id]
+        );
     }
     Ok(())
 }

@@ -60,8 +60,29 @@ pub fn router(s: Arc<Scheduler>) -> Router {
         .with_state(s)
 }
 
-/// A write reached a follower: 307 to the leader (method and body are kept), or 503 while nobody leads.
+/// 503 `store_unavailable`: the store (Redis) does not answer, so nothing new can be placed; what runs keeps
+/// running.
+fn store_unavailable(s: &Scheduler, why: &str) -> Response {
+    s.metrics.refusals.with_label_values(&["store"]).inc();
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        format!(
+            "the scheduler's store does not answer ({why}): new placements are refused until it does; running \
+             streams are not affected"
+        ),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    r
+}
+
+/// A write reached a follower: 307 to the leader (method and body are kept), or 503 while nobody leads (with
+/// the reason when the store does not answer).
 async fn not_leader(s: &Scheduler, path: &str) -> Response {
+    if let Some(why) = s.store_down() {
+        return store_unavailable(s, &why);
+    }
     s.metrics.refusals.with_label_values(&["not_leader"]).inc();
     match s.leader().await {
         Some(l) if l.id != s.config.instance_id => {
@@ -115,11 +136,7 @@ fn place_error(s: &Scheduler, e: PlaceError) -> Response {
             "capacity",
         ),
         PlaceError::NotLeader => (StatusCode::SERVICE_UNAVAILABLE, "not_leader", "not_leader"),
-        PlaceError::Store(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            "store",
-        ),
+        PlaceError::Store(why) => return store_unavailable(s, why),
     };
     s.metrics.refusals.with_label_values(&[reason]).inc();
     error(status, code, e.to_string())
@@ -128,6 +145,9 @@ fn place_error(s: &Scheduler, e: PlaceError) -> Response {
 /// `POST /v1/streams` `{"id": "x", "source": "test:", "preset": "live-720p-abr", …}`: 201 placed and started,
 /// 200 when the same stream already exists, 400 invalid, 409 same id with another spec, 429 no room.
 async fn create_stream(State(s): S, body: Result<Bytes, BytesRejection>) -> Response {
+    if let Some(why) = s.store_down() {
+        return store_unavailable(&s, &why);
+    }
     let Some(_) = s.leading() else {
         return not_leader(&s, "/v1/streams").await;
     };
@@ -174,6 +194,21 @@ async fn create_stream(State(s): S, body: Result<Bytes, BytesRejection>) -> Resp
             (code, Json(view(&r))).into_response()
         }
         Err(PlaceError::NotLeader) => not_leader(&s, "/v1/streams").await,
+        // the leader (or its store) is new: nodes whose heartbeats lapsed meanwhile are not known to be gone
+        Err(PlaceError::NoRoom(why)) if s.warming() => {
+            s.metrics.refusals.with_label_values(&["warming"]).inc();
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "warming",
+                format!(
+                    "no node has room yet ({why}), but this scheduler only just took the lease or moved to a new \
+                     Redis master and is still hearing from the nodes; retry shortly"
+                ),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            r
+        }
         Err(e) => place_error(&s, e),
     }
 }
@@ -327,6 +362,8 @@ async fn heartbeat(
             Err(e) => return place_error(&s, e.into()),
         }
     }
+    // the node is admitted: the epoch it follows raises the floor a new epoch must exceed, store or no store
+    s.saw_fence(hb.capacity.fence_epoch);
     if let Err(e) = s.store.heartbeat(&id, &hb, s.config.heartbeat_ttl()).await {
         return place_error(&s, e.into());
     }
@@ -434,7 +471,33 @@ async fn leader(State(s): S) -> Response {
     .into_response()
 }
 
-/// `GET /play/{stream}/{path…}`: 302 to the node serving the stream now (query kept, e.g. LL-HLS directives).
+enum PlayError {
+    /// The stream exists but has no live node now.
+    NotPlaced,
+    Store(crate::store::StoreError),
+}
+
+/// The URL of the node serving `stream` now: `Ok(None)` when the stream does not exist.
+async fn play_url(s: &Scheduler, stream: &str) -> Result<Option<String>, PlayError> {
+    let rec = match s.store.stream(stream).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(PlayError::Store(e)),
+    };
+    let (Phase::Placed, Some(node)) = (rec.phase, &rec.node) else {
+        return Err(PlayError::NotPlaced);
+    };
+    let nodes = s.store.nodes().await.map_err(PlayError::Store)?;
+    nodes
+        .into_iter()
+        .find(|n| &n.id == node)
+        .and_then(|n| n.heartbeat)
+        .map(|h| Some(h.url))
+        .ok_or(PlayError::NotPlaced)
+}
+
+/// `GET /play/{stream}/{path…}`: 302 to the node serving the stream now (query kept, e.g. LL-HLS directives);
+/// while the store does not answer, to the node it was served from last.
 async fn play(
     State(s): S,
     Path((stream, path)): Path<(String, String)>,
@@ -447,8 +510,8 @@ async fn play(
     {
         return error(StatusCode::NOT_FOUND, "not_found", "no such playback path");
     }
-    let rec = match s.store.stream(&stream).await {
-        Ok(Some(r)) => r,
+    let url = match play_url(&s, &stream).await {
+        Ok(Some(url)) => Some(url),
         Ok(None) => {
             return error(
                 StatusCode::NOT_FOUND,
@@ -456,18 +519,15 @@ async fn play(
                 format!("stream `{stream}` does not exist"),
             )
         }
-        Err(e) => return place_error(&s, e.into()),
-    };
-    let url = match (rec.phase, &rec.node) {
-        (Phase::Placed, Some(node)) => match s.store.nodes().await {
-            Ok(nodes) => nodes
-                .into_iter()
-                .find(|n| &n.id == node)
-                .and_then(|n| n.heartbeat)
-                .map(|h| h.url),
-            Err(e) => return place_error(&s, e.into()),
+        Err(PlayError::NotPlaced) => None,
+        // the store does not answer: send viewers where they went last (the daemons do not need the store)
+        Err(PlayError::Store(e)) => match s.remembered_route(&stream) {
+            Some(url) => {
+                s.metrics.play_from_memory.inc();
+                Some(url)
+            }
+            None => return place_error(&s, e.into()),
         },
-        _ => None,
     };
     let Some(url) = url else {
         let mut r = error(

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::store::Store;
+use crate::store::{RedisTarget, Store};
 use anyhow::Context;
 use clap::Parser;
 
@@ -14,9 +14,29 @@ struct Args {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:8090")]
     listen: String,
-    /// Keep state in Redis (`redis://host:port`) so several schedulers can run, one leading.
+    /// Keep state in Redis (`redis://host:port`) so several schedulers can run, one leading. With
+    /// --redis-sentinel, only its database and credentials are used (the address is the one Sentinel names).
     #[arg(long)]
     redis_url: Option<String>,
+    /// Redis Sentinels (`host:port`, comma-separated): the store uses the master they name for --redis-master and
+    /// follows a failover without a restart.
+    #[arg(
+        long,
+        value_name = "HOST:PORT,…",
+        value_delimiter = ',',
+        requires = "redis_master"
+    )]
+    redis_sentinel: Vec<String>,
+    /// The master's name in Sentinel (`sentinel monitor NAME …`).
+    #[arg(long, requires = "redis_sentinel")]
+    redis_master: Option<String>,
+    /// Replicas that must acknowledge every lease, epoch and record write (`WAIT`) before it counts, so a
+    /// failover cannot lose it (default: 1 with --redis-sentinel, 0 without).
+    #[arg(long)]
+    redis_min_replicas: Option<u32>,
+    /// The bound on every Redis call and Sentinel lookup, in ms.
+    #[arg(long, default_value_t = 500)]
+    redis_timeout_ms: u64,
     /// URL other schedulers redirect writes to while this one leads (default: from the bound address).
     #[arg(long)]
     advertise_url: Option<String>,
@@ -108,6 +128,33 @@ fn node_admission(
     Ok(nodes)
 }
 
+/// Where the store is, from the flags: `None` keeps state in this process.
+fn redis_target(args: &Args) -> Option<RedisTarget> {
+    let timeout = Duration::from_millis(args.redis_timeout_ms.clamp(50, 60_000));
+    if let Some(master) = &args.redis_master {
+        return Some(RedisTarget {
+            url: args
+                .redis_url
+                .clone()
+                .unwrap_or_else(|| "redis://127.0.0.1".into()),
+            sentinels: args
+                .redis_sentinel
+                .iter()
+                .map(|a| format!("redis://{}", a.trim_start_matches("redis://")))
+                .collect(),
+            master: master.clone(),
+            min_replicas: args.redis_min_replicas.unwrap_or(1),
+            timeout,
+        });
+    }
+    let url = args.redis_url.as_deref()?;
+    Some(RedisTarget {
+        min_replicas: args.redis_min_replicas.unwrap_or(0),
+        timeout,
+        ..RedisTarget::single(url)
+    })
+}
+
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let presets = match &args.pipelines_dir {
@@ -124,13 +171,25 @@ async fn run() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let bound = listener.local_addr()?;
+    let target = redis_target(&args);
     let url = args
         .advertise_url
         .unwrap_or_else(|| format!("http://{bound}"));
-    let store = match &args.redis_url {
-        Some(u) => Store::redis(u)
-            .await
-            .with_context(|| format!("connecting to {u}"))?,
+    let store = match target {
+        Some(t) => {
+            let what = if t.sentinels.is_empty() {
+                t.url.clone()
+            } else {
+                format!(
+                    "the master `{}` via Sentinel {}",
+                    t.master,
+                    t.sentinels.join(",")
+                )
+            };
+            Store::redis_at(t)
+                .await
+                .with_context(|| format!("connecting to {what}"))?
+        }
         None => Store::memory(crate::unix_ms()),
     };
     let config = crate::Config {

@@ -64,8 +64,9 @@ impl Scheduler {
         r.epoch.filter(|_| Instant::now() < r.valid_until)
     }
 
-    /// Within one lease period of taking the lease: heartbeats that lapsed while nobody led (daemons moving to
-    /// this scheduler) must not look like a fleet-wide death.
+    /// Within one lease period of taking the lease, or of moving to a new Redis master: heartbeats that lapsed
+    /// while nobody led (daemons moving to this scheduler) or while the store failed over must not look like a
+    /// fleet-wide death.
     pub(crate) fn warming(&self) -> bool {
         self.role.lock().since.elapsed() < self.config.heartbeat_ttl()
     }
@@ -105,15 +106,51 @@ impl Scheduler {
         Ok(self.unfenced(res)??)
     }
 
-    /// Takes or renews the lease.
+    /// Raises the fencing floor to an epoch a daemon reported having seen.
+    pub(crate) fn saw_fence(&self, epoch: u64) {
+        self.fence_floor
+            .fetch_max(epoch, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The highest epoch any daemon is known to have seen: from the heartbeats this process received, and (when
+    /// it might take the lease) from those in the store. A new epoch must be above it.
+    async fn floor(&self) -> u64 {
+        if self.leading().is_none() {
+            if let Ok(nodes) = self.store.nodes().await {
+                for hb in nodes.iter().filter_map(|n| n.heartbeat.as_ref()) {
+                    self.saw_fence(hb.capacity.fence_epoch);
+                }
+            }
+        }
+        self.fence_floor.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Takes or renews the lease (after following the Redis master, when Sentinel names it).
     pub async fn campaign(&self) {
+        match self.store.follow().await {
+            Ok(true) => {
+                self.metrics.master_changes.inc();
+                // heartbeats lapsed while the master was gone: like a new lease, hear from the nodes again before
+                // declaring any dead (or refusing a stream for want of live nodes)
+                self.role.lock().since = Instant::now();
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "asking Sentinel for the Redis master failed"),
+        }
+        let floor = self.floor().await;
         let started = Instant::now();
         let ttl = self.config.heartbeat_ttl();
-        match self
+        let res = self
             .store
-            .lead(&self.config.instance_id, &self.config.advertise_url, ttl)
-            .await
-        {
+            .lead(
+                &self.config.instance_id,
+                &self.config.advertise_url,
+                ttl,
+                floor,
+            )
+            .await;
+        self.store_health(res.as_ref().err());
+        match res {
             Ok(Some(epoch)) => {
                 let mut r = self.role.lock();
                 if r.epoch != Some(epoch) {

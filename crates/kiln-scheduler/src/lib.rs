@@ -121,6 +121,13 @@ pub struct Scheduler {
     routed: vod::Routed,
     /// Verdicts on node URL host names.
     names: admit::Names,
+    /// The highest leader epoch any daemon reported having seen (heartbeats): a new epoch is above it.
+    fence_floor: std::sync::atomic::AtomicU64,
+    /// Why the store did not answer the last lease call, while it does not.
+    store_down: parking_lot::Mutex<Option<String>>,
+    /// Stream id → the URL `/play` sent viewers to last, refreshed every tick: `/play` answers from it while the
+    /// store does not answer.
+    routes: parking_lot::Mutex<std::collections::HashMap<String, String>>,
 }
 
 pub fn unix_ms() -> u64 {
@@ -147,12 +154,17 @@ impl Scheduler {
             dead: parking_lot::Mutex::new(HashSet::new()),
             routed: vod::Routed::default(),
             names: admit::Names::default(),
+            fence_floor: Default::default(),
+            store_down: parking_lot::Mutex::new(None),
+            routes: Default::default(),
         }
     }
 
-    /// One pass of the leader loop: campaign, then (when leading) failover, reconciliation and retries.
+    /// One pass of the leader loop: campaign, the routes `/play` remembers, then (when leading) failover,
+    /// reconciliation and retries.
     pub async fn tick(&self) {
         self.campaign().await;
+        self.remember_routes().await;
         let Some(epoch) = self.leading() else {
             return;
         };
@@ -160,6 +172,62 @@ impl Scheduler {
         if let Err(e) = self.reconcile(epoch).await {
             tracing::warn!(error = %e, "reconcile failed");
         }
+    }
+
+    /// Records whether the store answered a lease call: the gauge, the reason `store_down` gives, and one log
+    /// line per change.
+    pub(crate) fn store_health(&self, err: Option<&StoreError>) {
+        let mut down = self.store_down.lock();
+        match err {
+            None | Some(StoreError::Fenced(_) | StoreError::Full(_)) => {
+                if let Some(was) = down.take() {
+                    tracing::info!(was = %was, "the store answers again");
+                }
+                self.metrics.store_up.set(1);
+            }
+            Some(e) => {
+                if down.is_none() {
+                    tracing::error!(error = %e, "the store does not answer: placements are refused, running streams keep running");
+                }
+                *down = Some(e.to_string());
+                self.metrics.store_up.set(0);
+            }
+        }
+    }
+
+    /// Why the store is not usable now (`None` while it answered the last lease call).
+    pub fn store_down(&self) -> Option<String> {
+        self.store_down.lock().clone()
+    }
+
+    /// Refreshes what `/play` remembers: each placed stream's node URL. Kept as it was when the store fails.
+    async fn remember_routes(&self) {
+        let (Ok(records), Ok(nodes)) = (self.store.streams().await, self.store.nodes().await)
+        else {
+            return;
+        };
+        let urls: std::collections::HashMap<&str, &str> = nodes
+            .iter()
+            .filter_map(|n| {
+                n.heartbeat
+                    .as_ref()
+                    .map(|h| (n.id.as_str(), h.url.as_str()))
+            })
+            .collect();
+        let routes = records
+            .iter()
+            .filter(|r| r.phase == Phase::Placed)
+            .filter_map(|r| {
+                let url = urls.get(r.node.as_deref()?)?;
+                Some((r.id.clone(), url.to_string()))
+            })
+            .collect();
+        *self.routes.lock() = routes;
+    }
+
+    /// Where `/play` last sent viewers of `stream`.
+    pub(crate) fn remembered_route(&self, stream: &str) -> Option<String> {
+        self.routes.lock().get(stream).cloned()
     }
 
     /// Refreshes the gauges from the store.

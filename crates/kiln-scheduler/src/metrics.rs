@@ -21,6 +21,9 @@ pub struct Metrics {
     pub node_deaths: IntCounter,
     pub strays: IntCounter,
     pub heartbeats: IntCounter,
+    pub store_up: IntGauge,
+    pub master_changes: IntCounter,
+    pub play_from_memory: IntCounter,
 }
 
 impl Default for Metrics {
@@ -44,7 +47,7 @@ impl Metrics {
         let refusals = IntCounterVec::new(
             Opts::new(
                 "kiln_scheduler_refusals_total",
-                "Requests or re-placements refused, by reason (capacity, invalid, conflict, not_leader, store; join: a heartbeat not admitted).",
+                "Requests or re-placements refused, by reason (capacity, invalid, conflict, not_leader, store, warming; join: a heartbeat not admitted).",
             ),
             &["reason"],
         )
@@ -110,6 +113,22 @@ impl Metrics {
             "Heartbeats received by this scheduler.",
         )
         .expect("metric");
+        let store_up = IntGauge::new(
+            "kiln_scheduler_store_up",
+            "1 while the store answered this scheduler's last lease call (with the required replicas' WAIT), 0 \
+             while Redis is unreachable or not replicating: placements are refused, running streams keep running.",
+        )
+        .expect("metric");
+        let master_changes = IntCounter::new(
+            "kiln_scheduler_redis_master_changes_total",
+            "Times this scheduler moved to a new Redis master named by Sentinel.",
+        )
+        .expect("metric");
+        let play_from_memory = IntCounter::new(
+            "kiln_scheduler_play_from_memory_total",
+            "`/play` redirects answered from the last known placement because the store did not answer.",
+        )
+        .expect("metric");
         for c in [
             Box::new(placements.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(refusals.clone()),
@@ -123,13 +142,23 @@ impl Metrics {
             Box::new(node_deaths.clone()),
             Box::new(strays.clone()),
             Box::new(heartbeats.clone()),
+            Box::new(store_up.clone()),
+            Box::new(master_changes.clone()),
+            Box::new(play_from_memory.clone()),
         ] {
             registry.register(c).expect("registering a metric");
         }
         for r in ["new", "failover", "restart", "consolidate"] {
             placements.with_label_values(&[r]);
         }
-        for r in ["capacity", "invalid", "conflict", "not_leader", "store"] {
+        for r in [
+            "capacity",
+            "invalid",
+            "conflict",
+            "not_leader",
+            "store",
+            "warming",
+        ] {
             refusals.with_label_values(&[r]);
         }
         Self {
@@ -146,6 +175,9 @@ impl Metrics {
             node_deaths,
             strays,
             heartbeats,
+            store_up,
+            master_changes,
+            play_from_memory,
         }
     }
 

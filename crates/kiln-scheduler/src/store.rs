@@ -10,6 +10,15 @@
 //! - the leader lease (`SET NX PX`, renewed by its holder) and the epoch counter (`INCR` on every new lease): the
 //!   epoch is the fencing token carried on every command to a daemon.
 //!
+//! Redis can be one server (`--redis-url`) or a master that Redis Sentinel names (`--redis-sentinel`,
+//! `--redis-master`): [`Store::follow`] asks the Sentinels for the master on every leader-loop tick and moves both
+//! connections to a new one. Replication is asynchronous, so a promoted replica may miss the last writes. Two
+//! rules keep fencing sound across a failover (the argument is in ARCHITECTURE.md, "Fencing across a Redis
+//! failover"): every fenced write (lease, epoch, records) is followed by `WAIT` for `min_replicas` replicas and
+//! counts only once they acknowledged it ([`StoreError::NotReplicated`]); and a new epoch is never below the
+//! floor the caller passes (the highest epoch any daemon reported), so it outranks every epoch a daemon has seen
+//! even when the store lost some.
+//!
 //! The in-memory store implements the same contract with a mutex, so both run the same scheduler code.
 
 use parking_lot::Mutex;
@@ -20,9 +29,11 @@ use kiln_binpack::Demand;
 use kiln_model::capacity::{Dimension, Resources};
 use kiln_model::node::Heartbeat;
 use kiln_model::StreamRequest;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::sentinel::{SentinelClient, SentinelServerType};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Where a stream stands in the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +101,13 @@ pub enum StoreError {
     Full(String),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// A fenced write reached the master but not `wanted` replicas within the timeout: it may be lost in a
+    /// failover, so it does not count (the lease is not taken, the record not confirmed).
+    #[error("redis: the write reached {acked} of {wanted} replicas required (WAIT)")]
+    NotReplicated { acked: u64, wanted: u32 },
+    /// No Redis (or no Sentinel) answered in time.
+    #[error("redis: {0}")]
+    Unreachable(String),
     #[error("corrupt record: {0}")]
     Corrupt(#[from] serde_json::Error),
 }
@@ -114,10 +132,52 @@ pub struct Mem {
     jobs: HashMap<String, String>,
 }
 
+/// How the scheduler reaches Redis.
+#[derive(Debug, Clone)]
+pub struct RedisTarget {
+    /// `redis://host:port[/db]` of one Redis, or (with `sentinels`) the template of the master's connection: its
+    /// database and credentials are used, its address is the one Sentinel names.
+    pub url: String,
+    /// Sentinel addresses (`redis://host:port`); empty: `url` is the Redis to use.
+    pub sentinels: Vec<String>,
+    /// The master's name in Sentinel (`sentinel monitor NAME …`).
+    pub master: String,
+    /// Replicas that must acknowledge every fenced write (`WAIT`) before it counts; 0 with one Redis.
+    pub min_replicas: u32,
+    /// The bound on each Redis call, `WAIT` and Sentinel lookup.
+    pub timeout: Duration,
+}
+
+impl RedisTarget {
+    /// One Redis at `url`, no replicas required.
+    pub fn single(url: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            sentinels: Vec::new(),
+            master: String::new(),
+            min_replicas: 0,
+            timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// The connections to the current master.
+struct Link {
+    target: RedisTarget,
+    sentinel: Option<tokio::sync::Mutex<SentinelClient>>,
+    /// Reads and heartbeats.
+    reads: Mutex<ConnectionManager>,
+    /// Fenced writes (lease, records), each followed by `WAIT` when replicas are required: `WAIT` waits for the
+    /// writes of its own connection, and blocks it meanwhile, so these have their own.
+    writes: Mutex<ConnectionManager>,
+    /// The master's address now.
+    master: Mutex<String>,
+}
+
 /// Redis-backed state (keys under `kiln:`).
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    link: Arc<Link>,
     save: redis::Script,
     remove: redis::Script,
     lead: redis::Script,
@@ -126,6 +186,85 @@ pub struct RedisStore {
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore").finish_non_exhaustive()
+    }
+}
+
+/// A connection manager to `client` whose every call, connection attempt and reconnection is bounded by
+/// `timeout` (a Redis that stops answering must not stall the leader loop or a request).
+async fn manager(
+    client: redis::Client,
+    timeout: Duration,
+) -> Result<ConnectionManager, StoreError> {
+    let cfg = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(timeout))
+        .set_connection_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(timeout);
+    Ok(ConnectionManager::new_with_config(client, cfg).await?)
+}
+
+/// The master Sentinel names now (checked by the client library: it answers `ROLE` as master), within
+/// `timeout` per Sentinel and master probed.
+async fn master_client(
+    sentinel: &tokio::sync::Mutex<SentinelClient>,
+    timeout: Duration,
+) -> Result<redis::Client, StoreError> {
+    let mut s = sentinel.lock().await;
+    match tokio::time::timeout(timeout * 4, s.async_get_client()).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(StoreError::Unreachable(format!(
+            "no Sentinel named a reachable master within {:?}",
+            timeout * 4
+        ))),
+    }
+}
+
+impl RedisStore {
+    fn reads(&self) -> ConnectionManager {
+        self.link.reads.lock().clone()
+    }
+
+    fn writes(&self) -> ConnectionManager {
+        self.link.writes.lock().clone()
+    }
+
+    /// After a fenced write on `c`: waits until the required replicas have it (`WAIT`), or says it does not count.
+    async fn replicated(&self, c: &mut ConnectionManager) -> Result<(), StoreError> {
+        let wanted = self.link.target.min_replicas;
+        if wanted == 0 {
+            return Ok(());
+        }
+        // WAIT's own timeout is below the connection's response timeout, so the answer (possibly 0) arrives
+        let wait_ms = (self.link.target.timeout.as_millis() as u64 * 3 / 5).max(1);
+        let acked: u64 = redis::cmd("WAIT")
+            .arg(wanted)
+            .arg(wait_ms)
+            .query_async(c)
+            .await?;
+        if acked < u64::from(wanted) {
+            return Err(StoreError::NotReplicated { acked, wanted });
+        }
+        Ok(())
+    }
+
+    /// Asks Sentinel which server is master and moves both connections there when it changed: `Ok(true)` when it
+    /// moved. Without Sentinel, nothing to do.
+    async fn follow(&self) -> Result<bool, StoreError> {
+        let Some(sentinel) = &self.link.sentinel else {
+            return Ok(false);
+        };
+        let client = master_client(sentinel, self.link.target.timeout).await?;
+        let addr = client.get_connection_info().addr().to_string();
+        if *self.link.master.lock() == addr {
+            return Ok(false);
+        }
+        let reads = manager(client.clone(), self.link.target.timeout).await?;
+        let writes = manager(client, self.link.target.timeout).await?;
+        *self.link.reads.lock() = reads;
+        *self.link.writes.lock() = writes;
+        let old = std::mem::replace(&mut *self.link.master.lock(), addr.clone());
+        tracing::warn!(from = %old, to = %addr, "following the Redis master Sentinel names");
+        Ok(true)
     }
 }
 
@@ -213,19 +352,26 @@ if old then book(cjson.decode(old), -1); redis.call('HDEL', KEYS[1], ARGV[2]) en
 return 'OK'
 "#;
 
-/// KEYS: leader, epoch, leader info. ARGV: my id, ttl ms, my url. Returns my epoch, or 0 when another leads.
+/// KEYS: leader, epoch, leader info. ARGV: my id, ttl ms, my url, floor (highest epoch a daemon has seen).
+/// Returns my epoch, or 0 when another leads. A new epoch is above the floor; so is a renewed one (a holder whose
+/// epoch is below the floor lost it in a failover, and the daemons would refuse it).
 const LUA_LEAD: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-if cur == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return tonumber(redis.call('GET', KEYS[2]))
-end
-if cur then return 0 end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+local floor = tonumber(ARGV[4])
+local function fresh()
   local e = redis.call('INCR', KEYS[2])
+  if e <= floor then e = floor + 1; redis.call('SET', KEYS[2], e) end
   redis.call('SET', KEYS[3], cjson.encode({id = ARGV[1], url = ARGV[3], epoch = e}))
   return e
 end
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  local e = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if e < floor or not redis.call('GET', KEYS[3]) then return fresh() end
+  return e
+end
+if cur then return 0 end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return fresh() end
 return 0
 "#;
 
@@ -262,12 +408,41 @@ impl Store {
         }))
     }
 
-    /// Connects to Redis (`redis://host:port[/db]`).
+    /// Connects to one Redis (`redis://host:port[/db]`).
     pub async fn redis(url: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client).await?;
+        Self::redis_at(RedisTarget::single(url)).await
+    }
+
+    /// Connects to Redis as `target` says: one server, or the master Sentinel names.
+    pub async fn redis_at(target: RedisTarget) -> Result<Self, StoreError> {
+        let sentinel = if target.sentinels.is_empty() {
+            None
+        } else {
+            let template = redis::IntoConnectionInfo::into_connection_info(target.url.as_str())?;
+            let node = redis::sentinel::SentinelNodeConnectionInfo::default()
+                .set_redis_connection_info(template.redis_settings().clone());
+            Some(tokio::sync::Mutex::new(SentinelClient::build(
+                target.sentinels.clone(),
+                target.master.clone(),
+                Some(node),
+                SentinelServerType::Master,
+            )?))
+        };
+        let client = match &sentinel {
+            Some(s) => master_client(s, target.timeout).await?,
+            None => redis::Client::open(target.url.as_str())?,
+        };
+        let addr = client.get_connection_info().addr().to_string();
+        let reads = manager(client.clone(), target.timeout).await?;
+        let writes = manager(client, target.timeout).await?;
         Ok(Store::Redis(RedisStore {
-            conn,
+            link: Arc::new(Link {
+                target,
+                sentinel,
+                reads: Mutex::new(reads),
+                writes: Mutex::new(writes),
+                master: Mutex::new(addr),
+            }),
             save: redis::Script::new(&format!("{LUA_BOOK}{LUA_SAVE}")),
             remove: redis::Script::new(&format!("{LUA_BOOK}{LUA_REMOVE}")),
             lead: redis::Script::new(LUA_LEAD),
@@ -297,7 +472,7 @@ impl Store {
                 Ok(())
             }
             Store::Redis(r) => {
-                let mut c = r.conn.clone();
+                let mut c = r.reads();
                 let json = serde_json::to_string(hb)?;
                 redis::pipe()
                     .atomic()
@@ -327,7 +502,7 @@ impl Store {
                 .filter(|(at, ttl, _)| at.elapsed() < *ttl)
                 .map(|(_, _, hb)| hb.url.clone())),
             Store::Redis(r) => {
-                let hb: Option<String> = r.conn.clone().get(hb_key(node)).await?;
+                let hb: Option<String> = r.reads().get(hb_key(node)).await?;
                 Ok(hb
                     .map(|s| serde_json::from_str::<Heartbeat>(&s))
                     .transpose()?
@@ -355,7 +530,7 @@ impl Store {
                     .collect())
             }
             Store::Redis(r) => {
-                let mut c = r.conn.clone();
+                let mut c = r.reads();
                 let mut ids: Vec<String> = c.smembers(K_NODES).await?;
                 ids.sort();
                 let draining: BTreeSet<String> = c.smembers(K_DRAINING).await?;
@@ -395,7 +570,7 @@ impl Store {
                 Ok(true)
             }
             Store::Redis(r) => {
-                let mut c = r.conn.clone();
+                let mut c = r.reads();
                 if !c.sismember::<_, _, bool>(K_NODES, node).await? {
                     return Ok(false);
                 }
@@ -419,7 +594,7 @@ impl Store {
                     .insert(id.to_string(), node.to_string());
                 Ok(())
             }
-            Store::Redis(r) => Ok(r.conn.clone().hset::<_, _, _, ()>(K_JOBS, id, node).await?),
+            Store::Redis(r) => Ok(r.reads().hset::<_, _, _, ()>(K_JOBS, id, node).await?),
         }
     }
 
@@ -427,7 +602,7 @@ impl Store {
     pub async fn job_node(&self, id: &str) -> Result<Option<String>, StoreError> {
         match self {
             Store::Memory(_) => Ok(self.mem().expect("memory").jobs.get(id).cloned()),
-            Store::Redis(r) => Ok(r.conn.clone().hget(K_JOBS, id).await?),
+            Store::Redis(r) => Ok(r.reads().hget(K_JOBS, id).await?),
         }
     }
 
@@ -438,7 +613,7 @@ impl Store {
                 self.mem().expect("memory").jobs.remove(id);
                 Ok(())
             }
-            Store::Redis(r) => Ok(r.conn.clone().hdel::<_, _, ()>(K_JOBS, id).await?),
+            Store::Redis(r) => Ok(r.reads().hdel::<_, _, ()>(K_JOBS, id).await?),
         }
     }
 
@@ -453,7 +628,7 @@ impl Store {
                 .cloned()
                 .collect()),
             Store::Redis(r) => {
-                let mut c = r.conn.clone();
+                let mut c = r.reads();
                 let all: BTreeMap<String, String> = c.hgetall(K_STREAMS).await?;
                 all.values()
                     .map(|s| serde_json::from_str(s).map_err(StoreError::from))
@@ -466,7 +641,7 @@ impl Store {
         match self {
             Store::Memory(_) => Ok(self.mem().expect("memory").streams.get(id).cloned()),
             Store::Redis(r) => {
-                let mut c = r.conn.clone();
+                let mut c = r.reads();
                 let s: Option<String> = c.hget(K_STREAMS, id).await?;
                 Ok(s.map(|s| serde_json::from_str(&s)).transpose()?)
             }
@@ -525,7 +700,7 @@ impl Store {
                 Ok(())
             }
             Store::Redis(r) => {
-                let mut c = r.conn.clone();
+                let mut c = r.writes();
                 let caps = caps
                     .map(|c| serde_json::to_string(&c))
                     .transpose()?
@@ -540,7 +715,8 @@ impl Store {
                     .arg(caps)
                     .invoke_async(&mut c)
                     .await;
-                script_result(res, epoch)
+                script_result(res, epoch)?;
+                r.replicated(&mut c).await
             }
         }
     }
@@ -559,7 +735,7 @@ impl Store {
                 Ok(())
             }
             Store::Redis(r) => {
-                let mut c = r.conn.clone();
+                let mut c = r.writes();
                 let res: Result<String, redis::RedisError> = r
                     .remove
                     .key(K_STREAMS)
@@ -568,23 +744,29 @@ impl Store {
                     .arg(id)
                     .invoke_async(&mut c)
                     .await;
-                script_result(res, epoch)
+                script_result(res, epoch)?;
+                r.replicated(&mut c).await
             }
         }
     }
 
     /// Takes or renews the leader lease for `ttl`. `Some(epoch)` while this process leads (a new epoch each
     /// time the lease is newly taken); `None` when another process holds it. In memory, always the leader.
+    ///
+    /// `floor` is the highest epoch any daemon is known to have seen: a new epoch is above it even when the
+    /// store's counter is not (a promoted replica that missed the last increment), and a holder whose epoch fell
+    /// below it takes a new one. With replicas required, the lease counts only once they have it.
     pub async fn lead(
         &self,
         me: &str,
         url: &str,
         ttl: Duration,
+        floor: u64,
     ) -> Result<Option<u64>, StoreError> {
         match self {
             Store::Memory(_) => Ok(Some(self.mem().expect("memory").epoch)),
             Store::Redis(r) => {
-                let mut c = r.conn.clone();
+                let mut c = r.writes();
                 let e: u64 = r
                     .lead
                     .key(K_LEADER)
@@ -593,10 +775,31 @@ impl Store {
                     .arg(me)
                     .arg(ttl.as_millis() as u64)
                     .arg(url)
+                    .arg(floor)
                     .invoke_async(&mut c)
                     .await?;
+                if e > 0 {
+                    r.replicated(&mut c).await?;
+                }
                 Ok((e > 0).then_some(e))
             }
+        }
+    }
+
+    /// With Sentinel: moves to the master it names now (`Ok(true)` when that changed). Run on every leader-loop
+    /// tick, so a scheduler follows a failover within one interval of Sentinel's switch, without a restart.
+    pub async fn follow(&self) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(_) => Ok(false),
+            Store::Redis(r) => r.follow().await,
+        }
+    }
+
+    /// The Redis master's address in use (`None` in memory).
+    pub fn master(&self) -> Option<String> {
+        match self {
+            Store::Memory(_) => None,
+            Store::Redis(r) => Some(r.link.master.lock().clone()),
         }
     }
 
@@ -605,7 +808,7 @@ impl Store {
         match self {
             Store::Memory(_) => Ok(Some(me.clone())),
             Store::Redis(r) => {
-                let mut c = r.conn.clone();
+                let mut c = r.reads();
                 let holder: Option<String> = c.get(K_LEADER).await?;
                 let info: Option<String> = c.get(K_LEADER_INFO).await?;
                 let info: Option<LeaderInfo> =
@@ -629,7 +832,7 @@ impl Store {
                 .copied()
                 .unwrap_or_default()),
             Store::Redis(r) => {
-                let mut c = r.conn.clone();
+                let mut c = r.reads();
                 let h: HashMap<String, i64> = c.hgetall(format!("kiln:used:{node}")).await?;
                 let mut out = Resources::default();
                 for d in Dimension::ALL {

@@ -1,6 +1,6 @@
 use super::*;
 use crate::admit::NodeAdmission;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
@@ -413,4 +413,46 @@ async fn headroom_counts_what_fits_and_shrinks_with_bookings() {
     s.store.save(5, &rec, None).await.unwrap();
     let (_, _, v) = send(&s, "GET", "/v1/fleet/headroom", None, None).await;
     assert_eq!(v["presets"]["live-audio-only"]["streams"], 9, "{v}");
+}
+
+#[tokio::test]
+async fn a_store_that_does_not_answer_refuses_placements_with_its_reason_and_heartbeats_raise_the_floor(
+) {
+    let s = scheduler(None, tokens());
+    s.tick().await;
+    assert_eq!(s.metrics.store_up.get(), 1);
+    // a heartbeat reports the epoch its daemon follows: the floor a new epoch must exceed rises to it
+    let mut hb = report("n1", "http://10.0.0.1:8080");
+    hb.capacity.fence_epoch = 41;
+    let (st, _, ack) = send(
+        &s,
+        "POST",
+        "/v1/nodes/n1/heartbeat",
+        Some(JOIN),
+        Some(serde_json::to_value(&hb).unwrap()),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{ack}");
+    assert_eq!(s.fence_floor.load(std::sync::atomic::Ordering::Relaxed), 41);
+    s.store_health(Some(&StoreError::Unreachable(
+        "no Sentinel named a master".into(),
+    )));
+    assert_eq!(s.metrics.store_up.get(), 0);
+    let spec = json!({"id": "x", "source": "test:", "preset": "live-audio-only"});
+    let (st, headers, body) = send(&s, "POST", "/v1/streams", None, Some(spec.clone())).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "store_unavailable");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("no Sentinel named a master") && msg.contains("running streams"),
+        "{msg}"
+    );
+    assert_eq!(headers[header::RETRY_AFTER], "1");
+    // the store answers again: the placement is tried; the only node has no room, which just after taking
+    // the lease is not yet a verdict (503 `warming`, not 429)
+    s.store_health(None);
+    let (st, headers, body) = send(&s, "POST", "/v1/streams", None, Some(spec)).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "warming", "{body}");
+    assert_eq!(headers[header::RETRY_AFTER], "1");
 }
