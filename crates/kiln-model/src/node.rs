@@ -39,6 +39,10 @@ pub struct CapacityReport {
     /// The node's VOD queue; absent when VOD is off there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vod: Option<VodLoad>,
+    /// The daemon is stopping (SIGTERM with a scheduler): it takes no new streams and waits, up to its
+    /// `--drain-timeout-s`, for the scheduler to start its streams elsewhere and stop them here.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// A node's VOD queue, for routing jobs.
@@ -190,6 +194,7 @@ mod tests {
             streams: vec![],
             headroom: [("live-720p-abr".to_string(), 2)].into(),
             vod: None,
+            draining: false,
             demands: BTreeMap::new(),
         };
         let v = serde_json::to_value(&r).unwrap();

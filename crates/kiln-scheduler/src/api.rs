@@ -13,6 +13,7 @@ use bytes::Bytes;
 use kiln_model::node::{Heartbeat, HeartbeatAck};
 use kiln_model::stream::valid_stream_id;
 use kiln_model::StreamRequest;
+use kiln_model::StreamState;
 use serde_json::{json, Value};
 
 use crate::admit::{self, JoinError, Joined};
@@ -266,12 +267,14 @@ async fn list_nodes(State(s): S) -> Response {
             json!({
                 "id": n.id,
                 "state": fleet::node_state(n),
+                "evacuating": n.evacuating(),
                 "url": n.heartbeat.as_ref().map(|h| &h.url),
                 "host": n.heartbeat.as_ref().map(|h| h.capacity.host),
                 "gpus": n.heartbeat.as_ref().map(|h| &h.capacity.gpus),
                 "booked": v.map(|v| v.host_used),
                 "placed": placed,
-                "running": n.heartbeat.as_ref().map(|h| h.capacity.streams.iter().map(|s| &s.id).collect::<Vec<_>>()),
+                // what it runs (ended, failed and stopping copies are on their way out)
+                "running": n.heartbeat.as_ref().map(|h| h.capacity.streams.iter().filter(|s| !matches!(s.state, StreamState::Ended | StreamState::Failed | StreamState::Stopping)).map(|s| &s.id).collect::<Vec<_>>()),
             })
         })
         .collect();
@@ -379,9 +382,11 @@ async fn heartbeat(
     .into_response()
 }
 
-async fn set_drain(s: &Scheduler, id: &str, on: bool) -> Response {
-    match s.store.set_draining(id, on).await {
-        Ok(true) => Json(json!({"id": id, "draining": on})).into_response(),
+async fn set_drain(s: &Scheduler, id: &str, on: bool, evacuate: bool) -> Response {
+    match s.store.set_draining(id, on, evacuate).await {
+        Ok(true) => {
+            Json(json!({"id": id, "draining": on, "evacuate": on && evacuate})).into_response()
+        }
         Ok(false) => error(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -391,14 +396,33 @@ async fn set_drain(s: &Scheduler, id: &str, on: bool) -> Response {
     }
 }
 
-/// `POST /v1/nodes/{id}/drain`: the node keeps what it runs and gets nothing new.
-async fn drain(State(s): S, Path(id): Path<String>) -> Response {
-    set_drain(&s, &id, true).await
+/// `?evacuate=true` on a drain.
+#[derive(Debug, Default, serde::Deserialize)]
+struct DrainQuery {
+    #[serde(default)]
+    evacuate: bool,
 }
 
-/// `DELETE /v1/nodes/{id}/drain`: the node takes streams again.
+/// `POST /v1/nodes/{id}/drain[?evacuate=true]`: the node gets nothing new; it keeps what it runs, or with
+/// `evacuate` its streams are moved elsewhere, make-before-break (as when the daemon itself drains on SIGTERM).
+async fn drain(
+    State(s): S,
+    Path(id): Path<String>,
+    q: Result<axum::extract::Query<DrainQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(axum::extract::Query(q)) = q else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "`evacuate` must be true or false",
+        );
+    };
+    set_drain(&s, &id, true, q.evacuate).await
+}
+
+/// `DELETE /v1/nodes/{id}/drain`: the node takes streams again (an evacuation stops; moves under way finish).
 async fn undrain(State(s): S, Path(id): Path<String>) -> Response {
-    set_drain(&s, &id, false).await
+    set_drain(&s, &id, false, false).await
 }
 
 /// `GET /v1/fleet/headroom`: per preset, how many more streams of it (alone) the live, accepting nodes can take
@@ -488,11 +512,19 @@ async fn play_url(s: &Scheduler, stream: &str) -> Result<Option<String>, PlayErr
         return Err(PlayError::NotPlaced);
     };
     let nodes = s.store.nodes().await.map_err(PlayError::Store)?;
-    nodes
-        .into_iter()
-        .find(|n| &n.id == node)
-        .and_then(|n| n.heartbeat)
-        .map(|h| Some(h.url))
+    let url = |id: &str| {
+        nodes
+            .iter()
+            .find(|n| n.id == id)
+            .and_then(|n| n.heartbeat.as_ref())
+            .map(|h| h.url.clone())
+    };
+    // during a move, viewers stay on the old copy (it has parts) until the handover
+    rec.handover_from
+        .as_deref()
+        .and_then(url)
+        .or_else(|| url(node))
+        .map(Some)
         .ok_or(PlayError::NotPlaced)
 }
 

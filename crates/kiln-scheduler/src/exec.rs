@@ -28,7 +28,8 @@ impl Scheduler {
     }
 
     /// Performs `actions` in order, then places the re-placement batch (the `Replace` actions and the restarts
-    /// the daemons refused, in action order) as one decision.
+    /// the daemons refused, in action order) as one decision, then the streams to move off evacuating nodes as
+    /// another.
     pub(crate) async fn execute(
         &self,
         epoch: u64,
@@ -36,6 +37,7 @@ impl Scheduler {
         nodes: &[NodeEntry],
     ) -> Result<(), PlaceError> {
         let mut batch = Vec::new();
+        let mut evacuate = Vec::new();
         let mut moved = 0;
         for action in actions {
             match action {
@@ -61,9 +63,58 @@ impl Scheduler {
                     moved += usize::from(m);
                     batch.push(record);
                 }
+                Action::Evacuate { record } => evacuate.push(record),
+                Action::Handover { record, stop } => self.hand_over(epoch, &record, &stop).await?,
             }
         }
-        self.replace(epoch, batch, moved, nodes).await
+        self.replace(epoch, batch, moved, nodes).await?;
+        self.evacuate(epoch, evacuate, nodes).await
+    }
+
+    /// Starts each stream of an evacuating node on another node (the old copy plays on until the handover).
+    async fn evacuate(
+        &self,
+        epoch: u64,
+        batch: Vec<StreamRecord>,
+        nodes: &[NodeEntry],
+    ) -> Result<(), PlaceError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            streams = batch.len(),
+            "moving streams off draining nodes (make-before-break)"
+        );
+        for res in self.place(epoch, batch, nodes, "drain").await? {
+            if let Err((r, why)) = res {
+                self.metrics.refusals.with_label_values(&["capacity"]).inc();
+                tracing::warn!(stream = %r.id, why = %why, "cannot move it off its draining node yet: no room");
+            }
+        }
+        Ok(())
+    }
+
+    /// The moved copy publishes: records that the move is over (so `/play` sends viewers to the new copy), then
+    /// stops the old copies.
+    async fn hand_over(
+        &self,
+        epoch: u64,
+        record: &StreamRecord,
+        stop: &[(String, String)],
+    ) -> Result<(), PlaceError> {
+        if let Err(e) = self.unfenced(self.store.save(epoch, record, None).await)? {
+            // viewers stay on the old copy; the next pass tries again
+            tracing::warn!(stream = %record.id, error = %e, "could not record the end of the move");
+            return Ok(());
+        }
+        for (node, url) in stop {
+            if let Err(e) = self.unfenced(self.daemons.delete(epoch, url, &record.id).await)? {
+                // the record no longer names it: the next pass stops it as a stray
+                tracing::warn!(stream = %record.id, node, error = %e, "could not stop the old copy after the move");
+            }
+        }
+        tracing::info!(stream = %record.id, from = ?stop.iter().map(|s| &s.0).collect::<Vec<_>>(), to = ?record.node, "moved: the new copy publishes, the old one is stopped");
+        Ok(())
     }
 
     async fn stop_stray(
@@ -228,6 +279,7 @@ mod tests {
             headroom: Default::default(),
             demands: Default::default(),
             vod: None,
+            draining: false,
         };
         let hb = Heartbeat {
             url: url.into(),
@@ -258,6 +310,7 @@ mod tests {
             created_unix_ms: 1,
             placed_unix_ms: 1,
             moves: 0,
+            handover_from: None,
         }
     }
 

@@ -26,7 +26,7 @@ pub fn max_each(a: &Resources, b: &Resources) -> Resources {
 
 /// Node state as `GET /v1/nodes` shows it.
 pub fn node_state(n: &NodeEntry) -> &'static str {
-    match (&n.heartbeat, n.draining) {
+    match (&n.heartbeat, n.closed()) {
         (None, _) => "dead",
         (Some(_), true) => "draining",
         (Some(_), false) => "alive",
@@ -88,7 +88,7 @@ pub fn view(
                     })
                     .collect(),
                 pixel_rate,
-                accepting: !n.draining && !excluded.contains(&n.id),
+                accepting: !n.closed() && !excluded.contains(&n.id),
             }
         })
         .collect()
@@ -295,6 +295,7 @@ mod tests {
                 headroom: Default::default(),
                 demands,
                 vod: None,
+                draining: false,
             },
         }
     }
@@ -350,6 +351,7 @@ mod tests {
             id: "n".into(),
             heartbeat: Some(beat),
             draining: false,
+            evacuate: false,
         };
         let v = view(&[node], &[], &HashSet::new());
         assert_eq!(v[0].host_used.cpu_millicores, 1700);

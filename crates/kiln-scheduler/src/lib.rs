@@ -218,7 +218,9 @@ impl Scheduler {
             .iter()
             .filter(|r| r.phase == Phase::Placed)
             .filter_map(|r| {
-                let url = urls.get(r.node.as_deref()?)?;
+                // as `/play` answers: the old copy during a move
+                let on = |n: Option<&str>| n.and_then(|n| urls.get(n));
+                let url = on(r.handover_from.as_deref()).or_else(|| on(r.node.as_deref()))?;
                 Some((r.id.clone(), url.to_string()))
             })
             .collect();

@@ -310,6 +310,7 @@ impl Scheduler {
             created_unix_ms: unix_ms(),
             placed_unix_ms: 0,
             moves: 0,
+            handover_from: None,
         };
         let res = self.place(epoch, vec![rec], &nodes, "new").await?.pop();
         if !matches!(res, Some(Ok(_))) {

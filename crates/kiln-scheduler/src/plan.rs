@@ -13,6 +13,12 @@
 //! - no copy, placed on a dead node: re-placed with one more move ([`Action::Replace`] with `moved`); pending
 //!   records are re-placed too. All re-placements form one batch.
 //!
+//! - placed on an evacuating node (drained with `evacuate`, or a daemon that reports `draining` after SIGTERM) that
+//!   runs it: it is placed elsewhere and started there while the old copy plays on ([`Action::Evacuate`]; the
+//!   record names the old node in `handover_from`); once the new copy publishes (`running`), the old one is
+//!   stopped and the record forgets it ([`Action::Handover`]). Make-before-break: viewers following `/play` move
+//!   to a copy that already has parts. If the new node dies first, the old copy is adopted again.
+//!
 //! Copies that are ended or stopping are on their way out and do not count. While the lease is new
 //! ([`Context::warming`]) no node is declared dead and records placed on silent nodes are left alone: their
 //! heartbeats may have lapsed only because nobody led.
@@ -48,6 +54,8 @@ impl RunningCopy<'_> {
 pub struct Fleet<'a> {
     /// Live nodes (a heartbeat within three intervals): id → base URL.
     pub alive: BTreeMap<&'a str, &'a str>,
+    /// Live nodes whose streams are to be moved elsewhere ([`NodeEntry::evacuating`]).
+    pub evacuating: HashSet<&'a str>,
     /// Known nodes without a live heartbeat, in id order.
     pub silent: Vec<&'a str>,
     /// Stream id → its running copies on live nodes (neither ended nor stopping), in node-id order.
@@ -62,6 +70,9 @@ impl<'a> Fleet<'a> {
             match &n.heartbeat {
                 Some(hb) => {
                     f.alive.insert(n.id.as_str(), hb.url.as_str());
+                    if n.evacuating() {
+                        f.evacuating.insert(n.id.as_str());
+                    }
                     live.insert(n.id.as_str(), hb);
                 }
                 None => f.silent.push(&n.id),
@@ -127,6 +138,14 @@ pub enum Action {
     /// Re-place `record` (already released: pending, nothing booked) in the one batch that follows every other
     /// action. `moved`: its node died (its `moves` was counted up).
     Replace { record: StreamRecord, moved: bool },
+    /// Place `record` (running on its evacuating node, named in `handover_from`) on another node and start it
+    /// there, in one batch after the re-placements; the old copy keeps running. Nothing changes if it fits nowhere.
+    Evacuate { record: StreamRecord },
+    /// The moved copy publishes: stop the old copies (`node`, `url`) and save `record` without `handover_from`.
+    Handover {
+        record: StreamRecord,
+        stop: Vec<(String, String)>,
+    },
 }
 
 /// The record as it waits for a new place: pending, with nothing booked.
@@ -183,6 +202,9 @@ fn plan_record(r: &StreamRecord, fleet: &Fleet<'_>, ctx: &Context, out: &mut Vec
         .get(r.id.as_str())
         .map_or(&[][..], Vec::as_slice);
     let placed_on = r.node.as_deref().filter(|_| r.phase == Phase::Placed);
+    if handover(r, placed_on, here, fleet, ctx, out) {
+        return;
+    }
     let keep = match placed_on {
         Some(n) if here.iter().any(|c| c.node == n) => Some(n),
         _ => here.first().map(|c| c.node),
@@ -195,7 +217,24 @@ fn plan_record(r: &StreamRecord, fleet: &Fleet<'_>, ctx: &Context, out: &mut Vec
         });
     }
     match keep {
-        Some(n) if placed_on == Some(n) => {}
+        Some(n) if placed_on == Some(n) => {
+            if fleet.evacuating.contains(n) {
+                out.push(Action::Evacuate {
+                    record: StreamRecord {
+                        handover_from: Some(n.to_string()),
+                        ..r.clone()
+                    },
+                });
+            } else if r.handover_from.is_some() {
+                // a move that ended without a handover (the new node died, the old copy was adopted)
+                out.push(Action::Adopt {
+                    record: StreamRecord {
+                        handover_from: None,
+                        ..r.clone()
+                    },
+                });
+            }
+        }
         Some(n) => {
             let copy = here.iter().find(|c| c.node == n).expect("the kept copy");
             out.push(Action::Adopt {
@@ -204,6 +243,41 @@ fn plan_record(r: &StreamRecord, fleet: &Fleet<'_>, ctx: &Context, out: &mut Vec
         }
         None => out.extend(lost(r, fleet, ctx)),
     }
+}
+
+/// A move in progress (`handover_from` names another node than the record's live one): waits while the new copy
+/// starts, stops the old copies once it publishes, starts it again on its node if it is missing there past the
+/// grace period. `false` when there is no such move (or its new node died): the other rules apply.
+fn handover(
+    r: &StreamRecord,
+    placed_on: Option<&str>,
+    here: &[RunningCopy<'_>],
+    fleet: &Fleet<'_>,
+    ctx: &Context,
+    out: &mut Vec<Action>,
+) -> bool {
+    let (Some(from), Some(to)) = (r.handover_from.as_deref(), placed_on) else {
+        return false;
+    };
+    if from == to || !fleet.alive.contains_key(to) {
+        return false;
+    }
+    match here.iter().find(|c| c.node == to) {
+        Some(c) if c.stream.state == StreamState::Running => out.push(Action::Handover {
+            record: StreamRecord {
+                handover_from: None,
+                ..r.clone()
+            },
+            stop: here
+                .iter()
+                .filter(|c| c.node != to)
+                .map(|c| (c.node.to_string(), c.url.to_string()))
+                .collect(),
+        }),
+        Some(_) => {} // starting: the old copy plays on meanwhile
+        None => out.extend(lost(r, fleet, ctx)),
+    }
+    true
 }
 
 /// The record of an adopted copy: placed where it runs, on its GPU, booking the alternative that matches where
@@ -221,6 +295,7 @@ fn adopted(r: &StreamRecord, copy: &RunningCopy<'_>, ctx: &Context) -> StreamRec
         demand: r.alternatives.get(alt).copied(),
         epoch: ctx.epoch,
         placed_unix_ms: ctx.now_ms,
+        handover_from: None,
         ..r.clone()
     }
 }

@@ -64,6 +64,10 @@ pub struct StreamRecord {
     pub placed_unix_ms: u64,
     /// Times it was re-placed after its node died.
     pub moves: u32,
+    /// Being moved off this node (which drains) onto `node`: the copy there keeps playing until the new one
+    /// publishes, then it is stopped (make-before-break).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover_from: Option<String>,
 }
 
 /// Capacity a booking is checked against.
@@ -79,7 +83,23 @@ pub struct NodeEntry {
     pub id: String,
     /// The latest heartbeat, while it has not expired.
     pub heartbeat: Option<Heartbeat>,
+    /// Drained by an operator: it keeps its streams and gets no new ones.
     pub draining: bool,
+    /// Drained by an operator with `evacuate`: its streams are moved elsewhere, make-before-break.
+    pub evacuate: bool,
+}
+
+impl NodeEntry {
+    /// Its streams are to be moved elsewhere: an operator asked (`drain?evacuate=true`), or the daemon itself
+    /// reports `draining` (it received SIGTERM and waits for its streams to be moved before it stops).
+    pub fn evacuating(&self) -> bool {
+        self.evacuate || self.heartbeat.as_ref().is_some_and(|h| h.capacity.draining)
+    }
+
+    /// It takes no new streams or jobs.
+    pub fn closed(&self) -> bool {
+        self.draining || self.evacuating()
+    }
 }
 
 /// Who leads.
@@ -125,6 +145,7 @@ pub struct Mem {
     heartbeats: HashMap<String, (Instant, Duration, Heartbeat)>,
     known: BTreeSet<String>,
     draining: BTreeSet<String>,
+    evacuating: BTreeSet<String>,
     streams: BTreeMap<String, StreamRecord>,
     used: HashMap<String, Resources>,
     epoch: u64,
@@ -275,6 +296,7 @@ const K_LEADER: &str = "kiln:leader";
 const K_LEADER_INFO: &str = "kiln:leader:info";
 const K_NODES: &str = "kiln:nodes";
 const K_DRAINING: &str = "kiln:draining";
+const K_EVACUATING: &str = "kiln:evacuating";
 
 fn hb_key(node: &str) -> String {
     format!("kiln:hb:{node}")
@@ -526,6 +548,7 @@ impl Store {
                             .filter(|(at, ttl, _)| at.elapsed() < *ttl)
                             .map(|(_, _, hb)| hb.clone()),
                         draining: m.draining.contains(id),
+                        evacuate: m.evacuating.contains(id),
                     })
                     .collect())
             }
@@ -534,6 +557,7 @@ impl Store {
                 let mut ids: Vec<String> = c.smembers(K_NODES).await?;
                 ids.sort();
                 let draining: BTreeSet<String> = c.smembers(K_DRAINING).await?;
+                let evacuating: BTreeSet<String> = c.smembers(K_EVACUATING).await?;
                 if ids.is_empty() {
                     return Ok(Vec::new());
                 }
@@ -545,6 +569,7 @@ impl Store {
                     .map(|(id, hb)| {
                         Ok(NodeEntry {
                             draining: draining.contains(&id),
+                            evacuate: evacuating.contains(&id),
                             heartbeat: hb.map(|s| serde_json::from_str(&s)).transpose()?,
                             id,
                         })
@@ -554,8 +579,15 @@ impl Store {
         }
     }
 
-    /// Marks a known node draining (or not); `false` when the node is unknown.
-    pub async fn set_draining(&self, node: &str, on: bool) -> Result<bool, StoreError> {
+    /// Marks a known node draining, and with `evacuate` also to be emptied (or neither when `on` is false);
+    /// `false` when the node is unknown.
+    pub async fn set_draining(
+        &self,
+        node: &str,
+        on: bool,
+        evacuate: bool,
+    ) -> Result<bool, StoreError> {
+        let evacuate = on && evacuate;
         match self {
             Store::Memory(_) => {
                 let mut m = self.mem().expect("memory");
@@ -567,6 +599,11 @@ impl Store {
                 } else {
                     m.draining.remove(node);
                 }
+                if evacuate {
+                    m.evacuating.insert(node.to_string());
+                } else {
+                    m.evacuating.remove(node);
+                }
                 Ok(true)
             }
             Store::Redis(r) => {
@@ -574,11 +611,19 @@ impl Store {
                 if !c.sismember::<_, _, bool>(K_NODES, node).await? {
                     return Ok(false);
                 }
+                let mut p = redis::pipe();
+                p.atomic();
                 if on {
-                    c.sadd::<_, _, ()>(K_DRAINING, node).await?;
+                    p.sadd(K_DRAINING, node).ignore();
                 } else {
-                    c.srem::<_, _, ()>(K_DRAINING, node).await?;
+                    p.srem(K_DRAINING, node).ignore();
                 }
+                if evacuate {
+                    p.sadd(K_EVACUATING, node).ignore();
+                } else {
+                    p.srem(K_EVACUATING, node).ignore();
+                }
+                p.query_async::<()>(&mut c).await?;
                 Ok(true)
             }
         }

@@ -90,7 +90,7 @@ fn ranked(s: &Scheduler, nodes: &[NodeEntry]) -> Vec<(String, String)> {
     let window = s.config.interval * 2;
     let mut candidates: Vec<(f64, i64, String, String)> = nodes
         .iter()
-        .filter(|n| !n.draining)
+        .filter(|n| !n.closed())
         .filter_map(|n| {
             let hb = n.heartbeat.as_ref()?;
             let load = hb.capacity.vod?;

@@ -1,4 +1,4 @@
-//! kilnctl: the command line for a kilnd daemon's VOD jobs.
+//! kilnctl: the command line for a kilnd daemon's VOD jobs and a scheduler's nodes.
 //!
 //! ```text
 //! kilnctl [--server URL] jobs submit INPUT [--preset P] [--priority N] [--no-dash] [--no-thumbnails] [--watch]
@@ -6,6 +6,9 @@
 //! kilnctl [--server URL] jobs watch ID        # progress bar until the job ends; exit 1 unless done
 //! kilnctl [--server URL] jobs cancel ID
 //! kilnctl [--server URL] jobs delete ID       # a finished job: its record and outputs
+//! kilnctl --server SCHEDULER nodes list
+//! kilnctl --server SCHEDULER nodes drain ID [--evacuate] [--wait [--timeout S]]
+//! kilnctl --server SCHEDULER nodes undrain ID
 //! ```
 //! `--token` / `KILN_TOKEN`: the daemon's API token (`kilnd --api-token-env`).
 //! `INPUT` is a path (made absolute, sent as `file://…`; it must be under the daemon's `--vod-input-dir`) or an
@@ -34,12 +37,19 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// VOD jobs.
+    /// VOD jobs (--server: a kilnd).
     Jobs {
         #[command(subcommand)]
         cmd: JobsCmd,
     },
+    /// The fleet's nodes (--server: a kiln-scheduler).
+    Nodes {
+        #[command(subcommand)]
+        cmd: nodes::NodesCmd,
+    },
 }
+
+mod nodes;
 
 #[derive(Debug, Subcommand)]
 enum JobsCmd {
@@ -117,7 +127,10 @@ async fn run(args: Args) -> Result<ExitCode> {
         .default_headers(headers)
         .build()?;
     let base = args.server.trim_end_matches('/').to_string();
-    let Cmd::Jobs { cmd } = args.cmd;
+    let cmd = match args.cmd {
+        Cmd::Jobs { cmd } => cmd,
+        Cmd::Nodes { cmd } => return nodes::run(&http, &base, cmd).await,
+    };
     match cmd {
         JobsCmd::Submit {
             input,

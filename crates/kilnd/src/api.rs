@@ -91,9 +91,9 @@ impl From<SupervisorError> for ApiError {
             | SupervisorError::SourceAddress(_) => ApiError::Unprocessable(e.to_string()),
             SupervisorError::Conflict(_) => ApiError::Conflict(e.to_string()),
             SupervisorError::NotFound(_) => ApiError::NotFound(e.to_string()),
-            SupervisorError::Media(_) | SupervisorError::ShuttingDown => {
-                ApiError::Unavailable(e.to_string())
-            }
+            SupervisorError::Media(_)
+            | SupervisorError::ShuttingDown
+            | SupervisorError::Draining => ApiError::Unavailable(e.to_string()),
             SupervisorError::Capacity {
                 dimension,
                 requested,
@@ -182,6 +182,7 @@ async fn create(
             SupervisorError::NotFound(_) => "not_found",
             SupervisorError::Media(_) => "pipeline",
             SupervisorError::ShuttingDown => "shutting_down",
+            SupervisorError::Draining => "draining",
             SupervisorError::Policy(_) => "policy",
             SupervisorError::SourceFile(_) => "source_file",
             SupervisorError::SourceAddress(_) => "source_address",

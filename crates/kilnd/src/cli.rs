@@ -108,6 +108,11 @@ struct Args {
     /// Heartbeat interval in milliseconds (the scheduler may change it).
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
+    /// With --scheduler, SIGTERM first drains: the node reports `draining`, takes nothing new and waits up to this
+    /// many seconds for the scheduler to start its streams elsewhere and stop them here (and for running VOD jobs
+    /// to finish), then stops what is left and exits.
+    #[arg(long, default_value_t = 120)]
+    drain_timeout_s: u64,
     /// Accept RTMP publishers on this address (e.g. `0.0.0.0:1935`) for `publish:` streams; off by default.
     #[arg(long, value_name = "HOST:PORT")]
     rtmp_listen: Option<std::net::SocketAddr>,
@@ -292,6 +297,7 @@ async fn run() -> anyhow::Result<()> {
             .unwrap_or_else(|| format!("{scheme}://{bound}")),
         interval: std::time::Duration::from_millis(args.heartbeat_ms.max(100)),
         join_token,
+        drain_timeout: std::time::Duration::from_secs(args.drain_timeout_s),
     });
     let defaults = crate::Config::default();
     let data_dir = match &args.data_dir {

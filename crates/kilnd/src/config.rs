@@ -187,6 +187,9 @@ pub struct AgentConfig {
     pub interval: Duration,
     /// The fleet's join token (`--node-token-env`): heartbeats carry it instead of the API token.
     pub join_token: Option<String>,
+    /// On SIGTERM, how long to wait for the scheduler to move this node's streams (and for running VOD jobs)
+    /// before stopping what is left.
+    pub drain_timeout: Duration,
 }
 
 /// Where jobs live and how many run at once.

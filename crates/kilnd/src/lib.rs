@@ -141,8 +141,59 @@ fn control_cors(origins: &[axum::http::HeaderValue]) -> CorsLayer {
         ])
 }
 
-/// Runs the daemon on `listener` until `shutdown` resolves; then stops every stream (EOS, ENDLIST) and drains
-/// connections.
+/// Make-before-break on SIGTERM: the node reports `draining` (heartbeats go on), takes nothing new, and waits
+/// until the scheduler has started its streams elsewhere and stopped them here, and its running VOD jobs have
+/// finished, or until `limit`, or until no scheduler has answered a heartbeat for `silence` (nobody will move
+/// the streams). Queued jobs stay on disk and run when the node is back.
+async fn drain_through_scheduler(
+    sup: &Arc<Supervisor>,
+    jobs: Option<&jobs::Jobs>,
+    limit: std::time::Duration,
+    silence: std::time::Duration,
+) {
+    sup.start_draining();
+    if let Some(j) = jobs {
+        j.pause();
+    }
+    let started = std::time::Instant::now();
+    tracing::info!(
+        streams = sup.live_streams(),
+        limit_s = limit.as_secs(),
+        "draining: waiting for the scheduler to move this node's streams"
+    );
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let streams = sup.live_streams();
+        let running_jobs = jobs.map_or(0, |j| j.load().running);
+        if streams == 0 && running_jobs == 0 {
+            tracing::info!(
+                took_ms = started.elapsed().as_millis() as u64,
+                "drained: nothing runs here any more"
+            );
+            return;
+        }
+        if started.elapsed() >= limit {
+            tracing::warn!(
+                streams,
+                running_jobs,
+                "drain timed out: stopping what is left"
+            );
+            return;
+        }
+        if streams > 0 && sup.scheduler_silent_for() >= silence {
+            tracing::warn!(
+                streams,
+                silent_ms = sup.scheduler_silent_for().as_millis() as u64,
+                "no scheduler answers: nobody will move the streams; stopping them"
+            );
+            return;
+        }
+    }
+}
+
+/// Runs the daemon on `listener` until `shutdown` resolves; then (with a scheduler) drains, stops every stream
+/// (EOS, ENDLIST) and drains connections.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -295,6 +346,7 @@ impl agent::Node for AppState {
     fn saw_epoch(&self, epoch: u64) {
         // an older epoch than the fence is simply not raised: the agent only informs
         let _ = self.supervisor.raise_fence(epoch);
+        self.supervisor.heard_from_scheduler();
     }
 }
 
@@ -379,8 +431,18 @@ pub async fn serve_state(
     let sampler = tokio::spawn(load::run(state.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let sup = supervisor.clone();
+    let drain = config.scheduler.as_ref().map(|s| {
+        (
+            s.drain_timeout,
+            (s.interval * 3).max(std::time::Duration::from_secs(3)),
+        )
+    });
+    let draining_jobs = state.jobs.clone();
     tokio::spawn(async move {
         shutdown.await;
+        if let (Some((limit, silence)), Some(_)) = (drain, &agent) {
+            drain_through_scheduler(&sup, draining_jobs.as_deref(), limit, silence).await;
+        }
         if let Some(a) = agent {
             a.abort();
         }

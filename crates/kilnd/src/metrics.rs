@@ -13,7 +13,7 @@ use prometheus::{
 };
 
 /// `reason` values of `kiln_stream_refusals_total`.
-pub const REFUSAL_REASONS: [&str; 14] = [
+pub const REFUSAL_REASONS: [&str; 15] = [
     "invalid",
     "policy",
     "source_file",
@@ -22,6 +22,7 @@ pub const REFUSAL_REASONS: [&str; 14] = [
     "not_found",
     "pipeline",
     "shutting_down",
+    "draining",
     "cpu_millicores",
     "memory_mib",
     "nvenc_fps",

@@ -52,6 +52,7 @@ fn report(id: &str, url: &str) -> Heartbeat {
             headroom: Default::default(),
             demands: Default::default(),
             vod: None,
+            draining: false,
         },
     }
 }
@@ -123,6 +124,7 @@ async fn placed(s: &Scheduler, id: &str, node: &str) {
         created_unix_ms: 1,
         placed_unix_ms: 1,
         moves: 0,
+        handover_from: None,
     };
     s.store.save(5, &rec, None).await.unwrap();
 }
@@ -408,6 +410,7 @@ async fn headroom_counts_what_fits_and_shrinks_with_bookings() {
             created_unix_ms: 1,
             placed_unix_ms: 1,
             moves: 0,
+            handover_from: None,
         }
     };
     s.store.save(5, &rec, None).await.unwrap();

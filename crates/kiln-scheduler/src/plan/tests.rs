@@ -70,9 +70,11 @@ fn live(id: &str, gpus: &[u32], streams: Vec<NodeStream>) -> NodeEntry {
                 headroom: Default::default(),
                 demands: Default::default(),
                 vod: None,
+                draining: false,
             },
         }),
         draining: false,
+        evacuate: false,
     }
 }
 
@@ -81,6 +83,7 @@ fn dead(id: &str) -> NodeEntry {
         id: id.into(),
         heartbeat: None,
         draining: false,
+        evacuate: false,
     }
 }
 
@@ -126,6 +129,7 @@ fn pending(id: &str) -> StreamRecord {
         created_unix_ms: 1,
         placed_unix_ms: 0,
         moves: 0,
+        handover_from: None,
     }
 }
 
@@ -434,4 +438,92 @@ fn the_fleet_lists_live_and_silent_nodes_and_copies_in_node_order() {
     let s1: Vec<_> = f.copies["s1"].iter().map(|c| (c.node, c.url)).collect();
     assert_eq!(s1, [("a", "http://a"), ("c", "http://c")]);
     assert!(!f.copies.contains_key("s2"), "an ended copy is not running");
+}
+
+/// A live node that drains itself (the daemon reports `draining` after SIGTERM) and reports `streams`.
+fn draining(id: &str, streams: Vec<NodeStream>) -> NodeEntry {
+    let mut n = live(id, &[], streams);
+    if let Some(hb) = n.heartbeat.as_mut() {
+        hb.capacity.draining = true;
+    }
+    n
+}
+
+#[test]
+fn an_evacuating_nodes_streams_move_make_before_break() {
+    // the daemon drains itself: its stream is placed elsewhere while the copy here plays on
+    let nodes = [draining("a", vec![running("s1")]), live("b", &[], vec![])];
+    let s1 = placed("s1", "a");
+    assert_eq!(
+        plan_of(std::slice::from_ref(&s1), &nodes, &[], false),
+        vec![Action::Evacuate {
+            record: StreamRecord {
+                handover_from: Some("a".into()),
+                ..s1.clone()
+            }
+        }]
+    );
+    // an operator's `drain?evacuate=true` does the same; a plain drain keeps the stream where it is
+    let mut by_hand = live("a", &[], vec![running("s1")]);
+    by_hand.draining = true;
+    assert!(plan_of(
+        std::slice::from_ref(&s1),
+        &[by_hand.clone(), live("b", &[], vec![])],
+        &[],
+        false
+    )
+    .is_empty());
+    by_hand.evacuate = true;
+    assert!(matches!(
+        plan_of(
+            std::slice::from_ref(&s1),
+            &[by_hand, live("b", &[], vec![])],
+            &[],
+            false
+        )[..],
+        [Action::Evacuate { .. }]
+    ));
+
+    // moved to b: while b's copy starts, nothing happens (the old copy is neither a stray nor adopted)
+    let moving = StreamRecord {
+        handover_from: Some("a".into()),
+        ..placed("s1", "b")
+    };
+    let starting = [
+        draining("a", vec![running("s1")]),
+        live(
+            "b",
+            &[],
+            vec![copy("s1", StreamState::Starting, Backend::Cpu)],
+        ),
+    ];
+    assert!(plan_of(std::slice::from_ref(&moving), &starting, &[], false).is_empty());
+    // b publishes: the old copy is stopped and the move recorded as over
+    let publishing = [
+        draining("a", vec![running("s1")]),
+        live("b", &[], vec![running("s1")]),
+    ];
+    assert_eq!(
+        plan_of(std::slice::from_ref(&moving), &publishing, &[], false),
+        vec![Action::Handover {
+            record: StreamRecord {
+                handover_from: None,
+                ..moving.clone()
+            },
+            stop: vec![("a".into(), "http://a".into())],
+        }]
+    );
+    // b never started it (past the grace period): started there again, the old copy still plays
+    let missing = [draining("a", vec![running("s1")]), live("b", &[], vec![])];
+    assert!(matches!(
+        plan_of(std::slice::from_ref(&moving), &missing, &[], false)[..],
+        [Action::Restart { ref url, .. }] if url == "http://b"
+    ));
+    // b died before the handover: the old copy is adopted again (and, its node still draining, moved again later)
+    let b_dead = [draining("a", vec![running("s1")]), dead("b")];
+    let actions = plan_of(&[moving], &b_dead, &["b"], false);
+    assert!(
+        matches!(&actions[..], [Action::Adopt { record }] if record.node.as_deref() == Some("a") && record.handover_from.is_none()),
+        "{actions:?}"
+    );
 }

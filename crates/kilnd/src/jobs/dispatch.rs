@@ -78,7 +78,7 @@ impl Jobs {
     /// slot, no room in the ledger, or the daemon is stopping).
     fn start_next(&self, ledger: &dyn Ledger) -> Option<JobStatus> {
         loop {
-            if self.stopping.load(Ordering::SeqCst) {
+            if self.stopping.load(Ordering::SeqCst) || self.paused.load(Ordering::SeqCst) {
                 return None;
             }
             let next = self.select_next()?;

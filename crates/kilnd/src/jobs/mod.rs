@@ -89,6 +89,8 @@ pub struct Jobs {
     wake: tokio::sync::Notify,
     /// The daemon is stopping: running jobs are interrupted and go back to the queue.
     stopping: AtomicBool,
+    /// The node is draining: running jobs finish, queued ones wait (on disk) for the node's next start.
+    paused: AtomicBool,
     /// Where `job.done` and `job.failed` go (`--webhook-url`).
     pub webhooks: std::sync::OnceLock<Arc<crate::webhooks::Webhooks>>,
 }
@@ -155,6 +157,7 @@ impl Jobs {
             entries: Mutex::new(entries),
             wake: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
             webhooks: std::sync::OnceLock::new(),
         })
     }
@@ -298,6 +301,11 @@ impl Jobs {
             JobState::Cancelled => Ok(e.status.clone()),
             s => Err(JobError::Finished(id.to_string(), s)),
         }
+    }
+
+    /// The node is draining: nothing new starts; running jobs go on.
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
     }
 
     /// The daemon is stopping: running jobs stop within a moment and are queued again (they restart at the next

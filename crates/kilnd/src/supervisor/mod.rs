@@ -80,6 +80,10 @@ pub enum SupervisorError {
     Media(String),
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    #[error(
+        "the node is draining (it is shutting down through its scheduler): it takes no new streams"
+    )]
+    Draining,
     #[error("{0}")]
     Policy(String),
     #[error("source file: {0}")]
@@ -372,6 +376,10 @@ pub struct Supervisor {
     metrics: Arc<crate::metrics::Metrics>,
     streams: Mutex<HashMap<String, Arc<StreamHandle>>>,
     shutting_down: std::sync::atomic::AtomicBool,
+    /// Shutting down through the scheduler: no new streams; the ones running wait to be moved.
+    draining: std::sync::atomic::AtomicBool,
+    /// When a scheduler last answered a heartbeat (never: the start).
+    scheduler_seen: Mutex<std::time::Instant>,
     /// Resources booked on the host by admitted streams (and by streams being started).
     allocated: Mutex<Resources>,
     /// What serving viewers costs, sampled by [`crate::load`]; admission keeps its reservation free.
@@ -421,6 +429,8 @@ impl Supervisor {
             metrics,
             streams: Mutex::new(HashMap::new()),
             shutting_down: false.into(),
+            draining: false.into(),
+            scheduler_seen: Mutex::new(std::time::Instant::now()),
             allocated: Mutex::new(Resources::default()),
             serving: Mutex::new(kiln_model::load::ServingMeter::new(
                 crate::load::SERVING_WINDOW_S,
@@ -563,7 +573,11 @@ impl Supervisor {
             }
             loss.validate().map_err(SupervisorError::Policy)?;
         }
-        if let Some(h) = self.get(id) {
+        let existing = self.get(id);
+        if existing.is_none() && self.is_draining() {
+            return Err(SupervisorError::Draining);
+        }
+        if let Some(h) = existing {
             let asked = request.ingest.clone().unwrap_or_default();
             let same_secrets = h.secrets.as_ref().is_none_or(|s| {
                 asked.key.as_ref().is_none_or(|k| *k == s.key)
@@ -864,6 +878,35 @@ impl Supervisor {
 
     /// Stops every stream (daemon shutdown): EOS to all at once, then each drains within the grace period. New
     /// streams are refused from now on.
+    /// From now on the node takes no new streams and reports `draining`, so its scheduler moves what it runs.
+    pub fn start_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A scheduler answered a heartbeat.
+    pub fn heard_from_scheduler(&self) {
+        *self.scheduler_seen.lock() = std::time::Instant::now();
+    }
+
+    /// How long since a scheduler last answered a heartbeat (since the start if none has).
+    pub fn scheduler_silent_for(&self) -> std::time::Duration {
+        self.scheduler_seen.lock().elapsed()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Streams still live here: neither ended nor failed (a stopping one still counts until its last parts are
+    /// out).
+    pub fn live_streams(&self) -> usize {
+        self.list()
+            .iter()
+            .filter(|h| !matches!(h.state(), StreamState::Ended | StreamState::Failed))
+            .count()
+    }
+
     pub async fn shutdown(&self) {
         self.shutting_down
             .store(true, std::sync::atomic::Ordering::SeqCst);

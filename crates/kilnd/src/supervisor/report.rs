@@ -63,6 +63,7 @@ impl Supervisor {
             headroom,
             demands,
             vod,
+            draining: self.is_draining(),
         }
     }
 
