@@ -2162,6 +2162,28 @@ async fn sigterm_without_an_answering_scheduler_does_not_wait_for_moves() -> Res
     ensure!(r.status().is_success(), "{}", r.status());
     let t = Instant::now();
     d.signal("TERM").await?;
+    // while it drains, it is not ready (load balancers and Kubernetes stop sending it work)
+    let ready = format!("{}/readyz", d.url);
+    let http_ref = &http;
+    poll_until(
+        "/readyz says draining",
+        Duration::from_secs(2),
+        Duration::from_millis(50),
+        || {
+            let ready = ready.clone();
+            async move {
+                let r = http_ref.get(&ready).send().await?;
+                let status = r.status().as_u16();
+                let text = r.text().await?;
+                Ok(if status == 503 && text.contains("draining") {
+                    Polled::Done(())
+                } else {
+                    Polled::NotYet(format!("{status} {text}"))
+                })
+            }
+        },
+    )
+    .await?;
     let st = d.wait_exit(Duration::from_secs(30)).await?;
     ensure!(st.success(), "{st}");
     let log = d.log_text();

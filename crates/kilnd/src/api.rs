@@ -131,7 +131,7 @@ pub fn vod_router() -> Router<AppState> {
 }
 
 /// Operations: `/metrics` (behind the bearer token when `metrics_token` is given: its series name every stream),
-/// `/healthz`, `/readyz`.
+/// `/healthz`, `/readyz` (503 while draining).
 pub fn service_router(metrics_token: Option<&str>) -> Router<AppState> {
     let metrics = kiln_http::require_bearer(
         Router::new().route("/metrics", get(metrics)),
@@ -425,6 +425,12 @@ async fn stats(State(st): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn ready() -> &'static str {
-    "ready\n"
+/// `/readyz`: 200 `ready`, or 503 `draining` once the node drains through its scheduler (SIGTERM): load
+/// balancers and Kubernetes stop sending new work; the streams it still runs keep being served.
+async fn ready(State(st): State<AppState>) -> (StatusCode, &'static str) {
+    if st.supervisor.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else {
+        (StatusCode::OK, "ready\n")
+    }
 }
