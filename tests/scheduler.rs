@@ -2064,7 +2064,7 @@ async fn a_rolling_restart_through_sigterm_moves_every_stream_before_its_node_st
     const KILNCTL: &str = env!("CARGO_BIN_EXE_kiln-it-kilnctl");
     let ctl = |args: &[&str]| {
         let mut c = tokio::process::Command::new(KILNCTL);
-        c.arg("--server").arg(&sched.url).args(args);
+        c.arg("--scheduler").arg(&sched.url).args(args);
         c
     };
     let now = copies(&f).await?;
@@ -2192,5 +2192,163 @@ async fn sigterm_without_an_answering_scheduler_does_not_wait_for_moves() -> Res
         "exited after {:?}:\n{log}",
         t.elapsed()
     );
+    Ok(())
+}
+
+/// Runs kilnctl with `args`: (success, stdout, stderr).
+async fn kilnctl(args: &[&str]) -> Result<(bool, String, String)> {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln-it-kilnctl"))
+        .args(args)
+        .env_remove("KILN_SERVER")
+        .env_remove("KILN_SCHEDULER")
+        .output()
+        .await?;
+    Ok((
+        out.status.success(),
+        String::from_utf8(out.stdout)?,
+        String::from_utf8(out.stderr)?,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kilnctl_drives_streams_capacity_fleet_and_completions_on_real_processes() -> Result<()> {
+    let join = ["--node-token-env", NODE_TOKEN_ENV.0];
+    let sched = scheduler("sched", &join, &[NODE_TOKEN_ENV]).await?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("n1").display().to_string();
+    let d = node("n1", &data, &sched.url, &join, &[NODE_TOKEN_ENV]).await?;
+    let http = reqwest::Client::new();
+    poll_json(
+        &http,
+        &format!("{}/v1/nodes", sched.url),
+        "the node is alive",
+        Duration::from_secs(15),
+        |v| {
+            v.as_array()
+                .is_some_and(|a| a.iter().any(|n| n["state"] == "alive"))
+        },
+    )
+    .await?;
+    let (s, dm) = (sched.url.as_str(), d.url.as_str());
+
+    // completions
+    let (ok, out, _) = kilnctl(&["completions", "bash"]).await?;
+    ensure!(
+        ok && out.contains("_kilnctl") && out.contains("streams"),
+        "completions: {out}"
+    );
+    // capacity of the daemon: a table, and the document
+    let (ok, out, err) = kilnctl(&["--server", dm, "capacity"]).await?;
+    ensure!(
+        ok && out.contains("node n1") && out.contains("cpu"),
+        "capacity: {out}{err}"
+    );
+    let (ok, out, _) = kilnctl(&["--server", dm, "--json", "capacity"]).await?;
+    let doc: Value = serde_json::from_str(&out)?;
+    ensure!(ok && doc["node_id"] == "n1", "{doc}");
+    // a stream placed through the scheduler
+    let (ok, out, err) = kilnctl(&[
+        "--scheduler",
+        s,
+        "streams",
+        "create",
+        "k1",
+        "--source",
+        "test:",
+        "--preset",
+        "live-audio-only",
+    ])
+    .await?;
+    ensure!(
+        ok && out.contains("k1: placed on n1") && out.contains("/play/k1/master.m3u8"),
+        "create: {out}{err}"
+    );
+    let (ok, out, _) = kilnctl(&["--scheduler", s, "streams", "list"]).await?;
+    ensure!(
+        ok && out
+            .lines()
+            .any(|l| l.starts_with("k1") && l.contains("placed") && l.contains("n1")),
+        "{out}"
+    );
+    let (ok, out, _) = kilnctl(&["--scheduler", s, "--json", "streams", "list"]).await?;
+    let list: Value = serde_json::from_str(&out)?;
+    ensure!(
+        ok && list
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["id"] == "k1")),
+        "{list}"
+    );
+    let (ok, out, _) = kilnctl(&["--scheduler", s, "streams", "get", "k1"]).await?;
+    let got: Value = serde_json::from_str(&out)?;
+    ensure!(ok && got["id"] == "k1" && got["node"] == "n1", "{got}");
+    // one started on the daemon directly, from a spec file
+    let spec = dir.path().join("d1.json");
+    std::fs::write(&spec, r#"{"source": "test:", "preset": "live-audio-only"}"#)?;
+    let spec_s = spec.display().to_string();
+    let (ok, out, err) =
+        kilnctl(&["--server", dm, "streams", "create", "d1", "--spec", &spec_s]).await?;
+    ensure!(
+        ok && out.starts_with("d1: ") && out.contains("/live/d1/master.m3u8"),
+        "create on the daemon: {out}{err}"
+    );
+    let (ok, out, _) = kilnctl(&["--server", dm, "streams", "list"]).await?;
+    ensure!(
+        ok && out.contains("d1") && out.contains("k1") && out.contains("cpu"),
+        "{out}"
+    );
+    let (ok, out, _) = kilnctl(&["--server", dm, "streams", "get", "d1"]).await?;
+    ensure!(
+        ok && serde_json::from_str::<Value>(&out)?["id"] == "d1",
+        "{out}"
+    );
+    // the fleet
+    let (ok, out, _) = kilnctl(&["--scheduler", s, "fleet", "headroom"]).await?;
+    ensure!(ok && out.contains("live-audio-only"), "{out}");
+    let (ok, out, _) = kilnctl(&["--scheduler", s, "--json", "fleet", "headroom"]).await?;
+    ensure!(
+        ok && serde_json::from_str::<Value>(&out)?["presets"]["live-audio-only"]["streams"]
+            .is_u64(),
+        "{out}"
+    );
+    let (ok, out, _) = kilnctl(&["--scheduler", s, "fleet", "leader"]).await?;
+    ensure!(ok && out.contains("leads at epoch"), "{out}");
+    let (ok, out, err) =
+        kilnctl(&["--scheduler", s, "fleet", "consolidate", "--max-moves", "1"]).await?;
+    ensure!(
+        ok && serde_json::from_str::<Value>(&out).is_ok(),
+        "consolidate: {out}{err}"
+    );
+    let (ok, out, _) = kilnctl(&["--scheduler", s, "--json", "nodes", "list"]).await?;
+    ensure!(
+        ok && serde_json::from_str::<Value>(&out)?
+            .as_array()
+            .is_some_and(|a| a.len() == 1),
+        "{out}"
+    );
+    // delete on each side
+    let (ok, out, _) = kilnctl(&["--server", dm, "streams", "delete", "d1"]).await?;
+    ensure!(ok && out.contains("d1: deleted"), "{out}");
+    let (ok, out, _) = kilnctl(&["--scheduler", s, "streams", "delete", "k1"]).await?;
+    ensure!(ok && out.contains("k1: deleted"), "{out}");
+    // mistakes: the server's message and a non-zero exit, or what is missing
+    let (ok, _, err) = kilnctl(&["--scheduler", s, "streams", "get", "k1"]).await?;
+    ensure!(!ok && err.contains("404"), "a deleted stream: {err}");
+    let (ok, _, err) = kilnctl(&["--server", dm, "fleet", "headroom"]).await?;
+    ensure!(
+        !ok && err.contains("--scheduler"),
+        "fleet without a scheduler: {err}"
+    );
+    std::fs::write(&spec, "[1, 2]")?;
+    let (ok, _, err) =
+        kilnctl(&["--server", dm, "streams", "create", "d2", "--spec", &spec_s]).await?;
+    ensure!(
+        !ok && err.contains("JSON object"),
+        "a spec that is not an object: {err}"
+    );
+    let (ok, _, err) = kilnctl(&[
+        "--server", dm, "streams", "create", "d3", "--source", "test:", "--preset", "no-such",
+    ])
+    .await?;
+    ensure!(!ok && err.contains("400"), "an unknown preset: {err}");
     Ok(())
 }

@@ -951,6 +951,20 @@ async fn kilnctl_submits_lists_cancels_and_watches() -> Result<()> {
         "{out}"
     );
     ensure!(bar.contains("100.0%"), "no progress bar: {bar}");
+    // get: the job's document; list --json: the API's list
+    let got = ctl(&["jobs", "get", &first_id]).output().await?;
+    let doc: serde_json::Value = serde_json::from_slice(&got.stdout)?;
+    ensure!(
+        got.status.success() && doc["id"] == first_id.as_str() && doc["state"] == "done",
+        "{doc}"
+    );
+    let listed = ctl(&["--json", "jobs", "list"]).output().await?;
+    let all: serde_json::Value = serde_json::from_slice(&listed.stdout)?;
+    ensure!(
+        all.as_array()
+            .is_some_and(|a| a.iter().any(|j| j["id"] == first_id.as_str())),
+        "{all}"
+    );
     // a job that fails makes `watch` exit non-zero
     let bad = ctl(&[
         "jobs",

@@ -1,16 +1,23 @@
-//! kilnctl: the command line for a kilnd daemon's VOD jobs and a scheduler's nodes.
+//! kilnctl: the command line for kiln: a kilnd daemon (`--server`: streams, VOD jobs, capacity) and a fleet's
+//! scheduler (`--scheduler`: streams placed on the fleet, nodes, headroom, leader, consolidation).
 //!
 //! ```text
+//! kilnctl [--json] [--server URL | --scheduler URL] streams list | get ID | delete ID
+//! kilnctl [--server URL | --scheduler URL] streams create ID --source test: [--preset P] [--policy P] | --spec F
+//! kilnctl [--json] [--server URL] capacity
+//! kilnctl [--json] --scheduler URL fleet headroom | leader | consolidate [--max-moves N]
+//! kilnctl completions bash|zsh|fish|elvish|powershell
 //! kilnctl [--server URL] jobs submit INPUT [--preset P] [--priority N] [--no-dash] [--no-thumbnails] [--watch]
 //! kilnctl [--server URL] jobs list
 //! kilnctl [--server URL] jobs watch ID        # progress bar until the job ends; exit 1 unless done
 //! kilnctl [--server URL] jobs cancel ID
 //! kilnctl [--server URL] jobs delete ID       # a finished job: its record and outputs
-//! kilnctl --server SCHEDULER nodes list
-//! kilnctl --server SCHEDULER nodes drain ID [--evacuate] [--wait [--timeout S]]
-//! kilnctl --server SCHEDULER nodes undrain ID
+//! kilnctl [--json] --scheduler URL nodes list
+//! kilnctl --scheduler URL nodes drain ID [--evacuate] [--wait [--timeout S]]
+//! kilnctl --scheduler URL nodes undrain ID
 //! ```
-//! `--token` / `KILN_TOKEN`: the daemon's API token (`kilnd --api-token-env`).
+//! `--token` / `KILN_TOKEN`: the fleet's API token (`--api-token-env` of kilnd and the schedulers).
+//! `--json` prints the API's documents instead of tables.
 //! `INPUT` is a path (made absolute, sent as `file://…`; it must be under the daemon's `--vod-input-dir`) or an
 //! http(s) URL. Errors print the daemon's message and exit non-zero.
 
@@ -28,9 +35,16 @@ struct Args {
     /// The daemon's base URL.
     #[arg(long, env = "KILN_SERVER", default_value = "http://127.0.0.1:8080")]
     server: String,
-    /// The daemon's API token (kilnd --api-token-env), sent as `Authorization: Bearer`.
+    /// A scheduler's base URL: stream commands go there (placed on the fleet) instead of to --server; nodes and
+    /// fleet commands need it.
+    #[arg(long, env = "KILN_SCHEDULER")]
+    scheduler: Option<String>,
+    /// The API token (kilnd's and the schedulers' --api-token-env), sent as `Authorization: Bearer`.
     #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Print the API's JSON documents instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -42,13 +56,28 @@ enum Cmd {
         #[command(subcommand)]
         cmd: JobsCmd,
     },
-    /// The fleet's nodes (--server: a kiln-scheduler).
+    /// The fleet's nodes (--scheduler).
     Nodes {
         #[command(subcommand)]
         cmd: nodes::NodesCmd,
     },
+    /// Live streams: on the daemon (--server), or placed on the fleet (--scheduler).
+    Streams {
+        #[command(subcommand)]
+        cmd: fleet::StreamsCmd,
+    },
+    /// The fleet (--scheduler): headroom, leader, consolidation.
+    Fleet {
+        #[command(subcommand)]
+        cmd: fleet::FleetCmd,
+    },
+    /// The daemon's capacity report: what it has, what is booked, what fits (--server).
+    Capacity,
+    /// Shell completions for kilnctl on stdout (e.g. `kilnctl completions bash > /etc/bash_completion.d/kilnctl`).
+    Completions { shell: clap_complete::Shell },
 }
 
+mod fleet;
 mod nodes;
 
 #[derive(Debug, Subcommand)]
@@ -75,6 +104,8 @@ enum JobsCmd {
     List,
     /// Progress bar until the job ends (exit status 1 unless it is done).
     Watch { id: String },
+    /// One job's document.
+    Get { id: String },
     /// Cancel a queued or running job.
     Cancel { id: String },
     /// Delete a finished job and its outputs.
@@ -127,9 +158,34 @@ async fn run(args: Args) -> Result<ExitCode> {
         .default_headers(headers)
         .build()?;
     let base = args.server.trim_end_matches('/').to_string();
+    let scheduler = args.scheduler.as_deref().map(|s| s.trim_end_matches('/'));
+    let target = fleet::Target {
+        http: &http,
+        daemon: &base,
+        scheduler,
+        json: args.json,
+    };
     let cmd = match args.cmd {
         Cmd::Jobs { cmd } => cmd,
-        Cmd::Nodes { cmd } => return nodes::run(&http, &base, cmd).await,
+        Cmd::Nodes { cmd } => {
+            let s = scheduler.context(
+                "nodes commands talk to a scheduler: give --scheduler URL (or KILN_SCHEDULER)",
+            )?;
+            return nodes::run(&http, s, cmd, args.json).await;
+        }
+        Cmd::Streams { cmd } => return fleet::streams(&target, cmd).await,
+        Cmd::Fleet { cmd } => return fleet::fleet(&target, cmd).await,
+        Cmd::Capacity => return fleet::capacity(&target).await,
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Args::command(),
+                "kilnctl",
+                &mut std::io::stdout(),
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     match cmd {
         JobsCmd::Submit {
@@ -179,6 +235,10 @@ async fn run(args: Args) -> Result<ExitCode> {
         }
         JobsCmd::List => {
             let v = answer(http.get(format!("{base}/v1/jobs")).send().await?).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             let jobs: Vec<JobStatus> = serde_json::from_value(v)?;
             println!(
                 "{:<22} {:<9} {:>6} {:>7} {:>4}  INPUT",
@@ -198,6 +258,10 @@ async fn run(args: Args) -> Result<ExitCode> {
             }
         }
         JobsCmd::Watch { id } => return follow(&http, &base, &id).await,
+        JobsCmd::Get { id } => {
+            let v = answer(http.get(format!("{base}/v1/jobs/{id}")).send().await?).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
         JobsCmd::Cancel { id } => {
             let v = answer(http.delete(format!("{base}/v1/jobs/{id}")).send().await?).await?;
             println!("{id}: {}", v["state"].as_str().unwrap_or("?"));

@@ -1,4 +1,4 @@
-//! `kilnctl nodes …`: a scheduler's fleet (`--server` is the scheduler): list, drain (with `--wait`, move every
+//! `kilnctl nodes …`: a scheduler's fleet (`--scheduler`): list, drain (with `--wait`, move every
 //! stream off the node make-before-break and wait until it runs nothing), undrain.
 
 use std::process::ExitCode;
@@ -52,10 +52,19 @@ fn runs(n: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-pub(crate) async fn run(http: &reqwest::Client, base: &str, cmd: NodesCmd) -> Result<ExitCode> {
+pub(crate) async fn run(
+    http: &reqwest::Client,
+    base: &str,
+    cmd: NodesCmd,
+    json: bool,
+) -> Result<ExitCode> {
     match cmd {
         NodesCmd::List => {
             let v = answer(http.get(format!("{base}/v1/nodes")).send().await?).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             println!("{:<20} {:<9} {:>7}  URL", "ID", "STATE", "STREAMS");
             for n in v.as_array().map(Vec::as_slice).unwrap_or_default() {
                 println!(
