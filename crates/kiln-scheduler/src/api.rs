@@ -56,6 +56,9 @@ pub fn router(s: Arc<Scheduler>) -> Router {
         .route("/vod/{id}/{*path}", get(crate::vod::redirect))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
+        // the operators' page: static; its data comes from the API above (with the token the person gives)
+        .route("/", get(|| async { axum::response::Html(PAGE) }))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .fallback(kiln_http::no_route)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(s)
@@ -77,6 +80,10 @@ fn store_unavailable(s: &Scheduler, why: &str) -> Response {
         .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     r
 }
+
+/// The page at `/`: nodes with a capacity bar per dimension and per GPU, state, streams, leader and epoch, fleet
+/// headroom per preset, refreshed every 2 s from the API.
+const PAGE: &str = include_str!("page.html");
 
 /// A write reached a follower: 307 to the leader (method and body are kept), or 503 while nobody leads (with
 /// the reason when the store does not answer).
@@ -121,6 +128,7 @@ fn view(r: &StreamRecord) -> Value {
         "booked": r.demand,
         "epoch": r.epoch,
         "moves": r.moves,
+        "moving_from": r.handover_from,
         "created_unix_ms": r.created_unix_ms,
         "placed_unix_ms": r.placed_unix_ms,
         "playback": format!("/play/{}/master.m3u8", r.id),
@@ -519,10 +527,12 @@ async fn play_url(s: &Scheduler, stream: &str) -> Result<Option<String>, PlayErr
             .and_then(|n| n.heartbeat.as_ref())
             .map(|h| h.url.clone())
     };
-    // during a move, viewers stay on the old copy (it has parts) until the handover
-    rec.handover_from
+    // during a move, viewers stay on the old copy (it has parts) until the handover, while it still plays
+    let old = rec
+        .handover_from
         .as_deref()
-        .and_then(url)
+        .filter(|from| fleet::runs(&nodes, from, stream));
+    old.and_then(url)
         .or_else(|| url(node))
         .map(Some)
         .ok_or(PlayError::NotPlaced)

@@ -24,6 +24,25 @@ pub fn max_each(a: &Resources, b: &Resources) -> Resources {
     }
 }
 
+/// Whether live node `node` reports `stream` live (neither ended, failed nor stopping).
+pub fn runs(nodes: &[NodeEntry], node: &str, stream: &str) -> bool {
+    nodes
+        .iter()
+        .find(|n| n.id == node)
+        .and_then(|n| n.heartbeat.as_ref())
+        .is_some_and(|h| {
+            h.capacity.streams.iter().any(|s| {
+                s.id == stream
+                    && !matches!(
+                        s.state,
+                        kiln_model::StreamState::Ended
+                            | kiln_model::StreamState::Failed
+                            | kiln_model::StreamState::Stopping
+                    )
+            })
+        })
+}
+
 /// Node state as `GET /v1/nodes` shows it.
 pub fn node_state(n: &NodeEntry) -> &'static str {
     match (&n.heartbeat, n.closed()) {

@@ -107,7 +107,18 @@ impl Scheduler {
     }
 
     /// Raises the fencing floor to an epoch a daemon reported having seen.
+    /// Raises the fencing floor to an epoch a daemon reported having seen. An epoch further ahead than a daemon
+    /// itself accepts (a day past this host's clock) is ignored: it can only be a bug or a lie, and as a floor it
+    /// would push every new epoch out of the range the daemons accept.
     pub(crate) fn saw_fence(&self, epoch: u64) {
+        const MAX_EPOCH_LEAD_MS: u64 = 24 * 3600 * 1000;
+        if epoch > crate::unix_ms().saturating_add(MAX_EPOCH_LEAD_MS) {
+            tracing::warn!(
+                epoch,
+                "a node reported an epoch far in the future: not used as the fencing floor"
+            );
+            return;
+        }
         self.fence_floor
             .fetch_max(epoch, std::sync::atomic::Ordering::Relaxed);
     }
@@ -125,30 +136,41 @@ impl Scheduler {
         self.fence_floor.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Takes or renews the lease (after following the Redis master, when Sentinel names it).
-    pub async fn campaign(&self) {
+    /// With Sentinel, after a failed store call: moves to the master Sentinel names now. `true` when it moved.
+    async fn follow_master(&self) -> bool {
         match self.store.follow().await {
             Ok(true) => {
                 self.metrics.master_changes.inc();
                 // heartbeats lapsed while the master was gone: like a new lease, hear from the nodes again before
                 // declaring any dead (or refusing a stream for want of live nodes)
                 self.role.lock().since = Instant::now();
+                true
             }
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "asking Sentinel for the Redis master failed"),
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "asking Sentinel for the Redis master failed");
+                false
+            }
         }
-        let floor = self.floor().await;
-        let started = Instant::now();
+    }
+
+    /// Takes or renews the lease. When the store fails, asks Sentinel (if any) for the master and, when it moved,
+    /// tries once more there: a healthy master costs no Sentinel lookup, a failover costs one interval at most.
+    pub async fn campaign(&self) {
         let ttl = self.config.heartbeat_ttl();
-        let res = self
-            .store
-            .lead(
-                &self.config.instance_id,
-                &self.config.advertise_url,
-                ttl,
-                floor,
-            )
-            .await;
+        let mut started = Instant::now();
+        let mut res = self.try_lead(ttl).await;
+        // a master without its replicas may be one Sentinel has replaced (its replicas follow the new one)
+        let failed = matches!(
+            res,
+            Err(StoreError::Redis(_)
+                | StoreError::Unreachable(_)
+                | StoreError::NotReplicated { .. })
+        );
+        if failed && self.follow_master().await {
+            started = Instant::now();
+            res = self.try_lead(ttl).await;
+        }
         self.store_health(res.as_ref().err());
         match res {
             Ok(Some(epoch)) => {
@@ -169,6 +191,18 @@ impl Scheduler {
                 // the lease may still be ours until valid_until; leading() checks the deadline
             }
         }
+    }
+
+    async fn try_lead(&self, ttl: std::time::Duration) -> Result<Option<u64>, StoreError> {
+        let floor = self.floor().await;
+        self.store
+            .lead(
+                &self.config.instance_id,
+                &self.config.advertise_url,
+                ttl,
+                floor,
+            )
+            .await
     }
 
     /// The leader as the store knows it.

@@ -218,9 +218,13 @@ impl Scheduler {
             .iter()
             .filter(|r| r.phase == Phase::Placed)
             .filter_map(|r| {
-                // as `/play` answers: the old copy during a move
+                // as `/play` answers: the old copy during a move, while it still plays
                 let on = |n: Option<&str>| n.and_then(|n| urls.get(n));
-                let url = on(r.handover_from.as_deref()).or_else(|| on(r.node.as_deref()))?;
+                let old = r
+                    .handover_from
+                    .as_deref()
+                    .filter(|from| fleet::runs(&nodes, from, &r.id));
+                let url = on(old).or_else(|| on(r.node.as_deref()))?;
                 Some((r.id.clone(), url.to_string()))
             })
             .collect();

@@ -218,7 +218,8 @@ fn plan_record(r: &StreamRecord, fleet: &Fleet<'_>, ctx: &Context, out: &mut Vec
     }
     match keep {
         Some(n) if placed_on == Some(n) => {
-            if fleet.evacuating.contains(n) {
+            // a `publish:` stream's publisher is connected here: a copy elsewhere would only wait for it
+            if fleet.evacuating.contains(n) && !r.request.source.starts_with("publish:") {
                 out.push(Action::Evacuate {
                     record: StreamRecord {
                         handover_from: Some(n.to_string()),
@@ -259,10 +260,37 @@ fn handover(
     let (Some(from), Some(to)) = (r.handover_from.as_deref(), placed_on) else {
         return false;
     };
-    if from == to || !fleet.alive.contains_key(to) {
+    if from == to {
         return false;
     }
-    match here.iter().find(|c| c.node == to) {
+    if !fleet.alive.contains_key(to) {
+        // silent only because the lease or the Redis master is new: wait rather than undo the move
+        return ctx.warming;
+    }
+    let new = here.iter().find(|c| c.node == to);
+    let old = here.iter().find(|c| c.node != to);
+    let stuck = new
+        .is_some_and(|c| matches!(c.stream.state, StreamState::Failed | StreamState::Waiting))
+        || ctx.now_ms.saturating_sub(r.placed_unix_ms) > HANDOVER_LIMIT_MS;
+    if let (true, Some(o)) = (
+        stuck && new.is_none_or(|c| c.stream.state != StreamState::Running),
+        old,
+    ) {
+        // the new copy failed, waits for a publisher, or never got going: keep the old one, drop the new one (the
+        // next pass tries the move again while the old node still drains)
+        if let Some(n) = new {
+            out.push(Action::StopStray {
+                stream: r.id.clone(),
+                node: n.node.to_string(),
+                url: n.url.to_string(),
+            });
+        }
+        out.push(Action::Adopt {
+            record: adopted(r, o, ctx),
+        });
+        return true;
+    }
+    match new {
         Some(c) if c.stream.state == StreamState::Running => out.push(Action::Handover {
             record: StreamRecord {
                 handover_from: None,
@@ -279,6 +307,9 @@ fn handover(
     }
     true
 }
+
+/// How long a move may wait for its new copy to publish before it is given up (the old copy kept).
+pub const HANDOVER_LIMIT_MS: u64 = 60_000;
 
 /// The record of an adopted copy: placed where it runs, on its GPU, booking the alternative that matches where
 /// it encodes (the first one if none does).

@@ -135,7 +135,7 @@ pub enum StoreError {
 /// The state backend.
 #[derive(Debug)]
 pub enum Store {
-    Memory(Mutex<Mem>),
+    Memory(Box<Mutex<Mem>>),
     Redis(RedisStore),
 }
 
@@ -188,9 +188,11 @@ struct Link {
     sentinel: Option<tokio::sync::Mutex<SentinelClient>>,
     /// Reads and heartbeats.
     reads: Mutex<ConnectionManager>,
-    /// Fenced writes (lease, records), each followed by `WAIT` when replicas are required: `WAIT` waits for the
-    /// writes of its own connection, and blocks it meanwhile, so these have their own.
+    /// Record writes, each sent with a `WAIT` right behind it when replicas are required (`WAIT` counts the
+    /// writes of its own connection and holds it meanwhile, so reads do not queue behind it).
     writes: Mutex<ConnectionManager>,
+    /// The lease, on its own connection: a renewal never queues behind a record write's `WAIT`.
+    lease: Mutex<ConnectionManager>,
     /// The master's address now.
     master: Mutex<String>,
 }
@@ -199,9 +201,6 @@ struct Link {
 #[derive(Clone)]
 pub struct RedisStore {
     link: Arc<Link>,
-    save: redis::Script,
-    remove: redis::Script,
-    lead: redis::Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -245,27 +244,33 @@ impl RedisStore {
         self.link.reads.lock().clone()
     }
 
-    fn writes(&self) -> ConnectionManager {
-        self.link.writes.lock().clone()
-    }
-
-    /// After a fenced write on `c`: waits until the required replicas have it (`WAIT`), or says it does not count.
-    async fn replicated(&self, c: &mut ConnectionManager) -> Result<(), StoreError> {
+    /// Runs the fenced script `src` on `conn` and, when replicas are required, `WAIT` right behind it in one
+    /// pipeline: the `WAIT` is on the connection that wrote (a reconnect between the two fails both rather than
+    /// count a write the new connection never made). A script error goes through `script_err`.
+    async fn eval_replicated<T: redis::FromRedisValue>(
+        &self,
+        conn: &Mutex<ConnectionManager>,
+        src: &str,
+        keys: &[&str],
+        args: &[String],
+        script_err: impl FnOnce(redis::RedisError) -> StoreError,
+    ) -> Result<T, StoreError> {
+        let mut c = conn.lock().clone();
+        let mut p = redis::pipe();
+        p.cmd("EVAL").arg(src).arg(keys.len()).arg(keys).arg(args);
         let wanted = self.link.target.min_replicas;
         if wanted == 0 {
-            return Ok(());
+            let (v,): (T,) = p.query_async(&mut c).await.map_err(script_err)?;
+            return Ok(v);
         }
-        // WAIT's own timeout is below the connection's response timeout, so the answer (possibly 0) arrives
+        // WAIT's own timeout is below the connection's response timeout, so its answer (possibly 0) arrives
         let wait_ms = (self.link.target.timeout.as_millis() as u64 * 3 / 5).max(1);
-        let acked: u64 = redis::cmd("WAIT")
-            .arg(wanted)
-            .arg(wait_ms)
-            .query_async(c)
-            .await?;
+        p.cmd("WAIT").arg(wanted).arg(wait_ms);
+        let (v, acked): (T, u64) = p.query_async(&mut c).await.map_err(script_err)?;
         if acked < u64::from(wanted) {
             return Err(StoreError::NotReplicated { acked, wanted });
         }
-        Ok(())
+        Ok(v)
     }
 
     /// Asks Sentinel which server is master and moves both connections there when it changed: `Ok(true)` when it
@@ -280,9 +285,11 @@ impl RedisStore {
             return Ok(false);
         }
         let reads = manager(client.clone(), self.link.target.timeout).await?;
-        let writes = manager(client, self.link.target.timeout).await?;
+        let writes = manager(client.clone(), self.link.target.timeout).await?;
+        let lease = manager(client, self.link.target.timeout).await?;
         *self.link.reads.lock() = reads;
         *self.link.writes.lock() = writes;
+        *self.link.lease.lock() = lease;
         let old = std::mem::replace(&mut *self.link.master.lock(), addr.clone());
         tracing::warn!(from = %old, to = %addr, "following the Redis master Sentinel names");
         Ok(true)
@@ -374,14 +381,15 @@ if old then book(cjson.decode(old), -1); redis.call('HDEL', KEYS[1], ARGV[2]) en
 return 'OK'
 "#;
 
-/// KEYS: leader, epoch, leader info. ARGV: my id, ttl ms, my url, floor (highest epoch a daemon has seen).
-/// Returns my epoch, or 0 when another leads. A new epoch is above the floor; so is a renewed one (a holder whose
-/// epoch is below the floor lost it in a failover, and the daemons would refuse it).
+/// KEYS: leader, epoch, leader info. ARGV: my id, ttl ms, my url, floor (the highest epoch a daemon has seen),
+/// the least new epoch (above the floor, at least the wall clock in ms; a decimal string, so no Lua arithmetic
+/// touches it). Returns my epoch, or 0 when another leads. A renewed epoch below the floor is replaced by a new
+/// one (the holder lost it in a failover, and the daemons would refuse it).
 const LUA_LEAD: &str = r#"
 local floor = tonumber(ARGV[4])
 local function fresh()
   local e = redis.call('INCR', KEYS[2])
-  if e <= floor then e = floor + 1; redis.call('SET', KEYS[2], e) end
+  if e < tonumber(ARGV[5]) then redis.call('SET', KEYS[2], ARGV[5]); e = tonumber(ARGV[5]) end
   redis.call('SET', KEYS[3], cjson.encode({id = ARGV[1], url = ARGV[3], epoch = e}))
   return e
 end
@@ -424,10 +432,10 @@ impl Store {
     /// One-process state; `epoch` is this process's fencing token (unix ms at start, so a restarted scheduler
     /// outranks its previous life).
     pub fn memory(epoch: u64) -> Self {
-        Store::Memory(Mutex::new(Mem {
+        Store::Memory(Box::new(Mutex::new(Mem {
             epoch,
             ..Default::default()
-        }))
+        })))
     }
 
     /// Connects to one Redis (`redis://host:port[/db]`).
@@ -455,19 +463,15 @@ impl Store {
             None => redis::Client::open(target.url.as_str())?,
         };
         let addr = client.get_connection_info().addr().to_string();
-        let reads = manager(client.clone(), target.timeout).await?;
-        let writes = manager(client, target.timeout).await?;
         Ok(Store::Redis(RedisStore {
             link: Arc::new(Link {
+                reads: Mutex::new(manager(client.clone(), target.timeout).await?),
+                writes: Mutex::new(manager(client.clone(), target.timeout).await?),
+                lease: Mutex::new(manager(client, target.timeout).await?),
                 target,
                 sentinel,
-                reads: Mutex::new(reads),
-                writes: Mutex::new(writes),
                 master: Mutex::new(addr),
             }),
-            save: redis::Script::new(&format!("{LUA_BOOK}{LUA_SAVE}")),
-            remove: redis::Script::new(&format!("{LUA_BOOK}{LUA_REMOVE}")),
-            lead: redis::Script::new(LUA_LEAD),
         }))
     }
 
@@ -745,23 +749,26 @@ impl Store {
                 Ok(())
             }
             Store::Redis(r) => {
-                let mut c = r.writes();
                 let caps = caps
                     .map(|c| serde_json::to_string(&c))
                     .transpose()?
                     .unwrap_or_default();
-                let res: Result<String, redis::RedisError> = r
-                    .save
-                    .key(K_STREAMS)
-                    .key(K_EPOCH)
-                    .arg(epoch)
-                    .arg(&rec.id)
-                    .arg(serde_json::to_string(rec)?)
-                    .arg(caps)
-                    .invoke_async(&mut c)
-                    .await;
-                script_result(res, epoch)?;
-                r.replicated(&mut c).await
+                let args = [
+                    epoch.to_string(),
+                    rec.id.clone(),
+                    serde_json::to_string(rec)?,
+                    caps,
+                ];
+                let _: String = r
+                    .eval_replicated(
+                        &r.link.writes,
+                        &format!("{LUA_BOOK}{LUA_SAVE}"),
+                        &[K_STREAMS, K_EPOCH],
+                        &args,
+                        |e| script_error(e, epoch),
+                    )
+                    .await?;
+                Ok(())
             }
         }
     }
@@ -780,17 +787,17 @@ impl Store {
                 Ok(())
             }
             Store::Redis(r) => {
-                let mut c = r.writes();
-                let res: Result<String, redis::RedisError> = r
-                    .remove
-                    .key(K_STREAMS)
-                    .key(K_EPOCH)
-                    .arg(epoch)
-                    .arg(id)
-                    .invoke_async(&mut c)
-                    .await;
-                script_result(res, epoch)?;
-                r.replicated(&mut c).await
+                let args = [epoch.to_string(), id.to_string()];
+                let _: String = r
+                    .eval_replicated(
+                        &r.link.writes,
+                        &format!("{LUA_BOOK}{LUA_REMOVE}"),
+                        &[K_STREAMS, K_EPOCH],
+                        &args,
+                        |e| script_error(e, epoch),
+                    )
+                    .await?;
+                Ok(())
             }
         }
     }
@@ -811,21 +818,26 @@ impl Store {
         match self {
             Store::Memory(_) => Ok(Some(self.mem().expect("memory").epoch)),
             Store::Redis(r) => {
-                let mut c = r.writes();
+                // a new epoch is above the floor and at least the wall clock in ms: unique per lease even when a
+                // failover lost increments no daemon has reported yet (leases on two masters are taken seconds
+                // apart, well beyond clock skew); daemons accept epochs up to a day ahead of their clock
+                let fresh_min = (floor + 1).max(crate::unix_ms());
+                let args = [
+                    me.to_string(),
+                    (ttl.as_millis() as u64).to_string(),
+                    url.to_string(),
+                    floor.to_string(),
+                    fresh_min.to_string(),
+                ];
                 let e: u64 = r
-                    .lead
-                    .key(K_LEADER)
-                    .key(K_EPOCH)
-                    .key(K_LEADER_INFO)
-                    .arg(me)
-                    .arg(ttl.as_millis() as u64)
-                    .arg(url)
-                    .arg(floor)
-                    .invoke_async(&mut c)
+                    .eval_replicated(
+                        &r.link.lease,
+                        LUA_LEAD,
+                        &[K_LEADER, K_EPOCH, K_LEADER_INFO],
+                        &args,
+                        StoreError::Redis,
+                    )
                     .await?;
-                if e > 0 {
-                    r.replicated(&mut c).await?;
-                }
                 Ok((e > 0).then_some(e))
             }
         }
@@ -889,20 +901,16 @@ impl Store {
     }
 }
 
-fn script_result(res: Result<String, redis::RedisError>, epoch: u64) -> Result<(), StoreError> {
-    match res {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            let text = format!("{} {}", e.code().unwrap_or(""), e.detail().unwrap_or(""));
-            if text.contains("FENCED") {
-                Err(StoreError::Fenced(epoch))
-            } else if text.contains("FULL") {
-                Err(StoreError::Full(
-                    text.trim().trim_start_matches("FULL").trim().to_string(),
-                ))
-            } else {
-                Err(StoreError::Redis(e))
-            }
-        }
+/// A booking script's error: fenced, full, or Redis's own. (The script runs in a pipeline, whose error wraps the
+/// script's reply: `Pipeline failure: [(Index 0, error: "FULL": node cpu_millicores)]`.)
+fn script_error(e: redis::RedisError, epoch: u64) -> StoreError {
+    let text = e.to_string();
+    if text.contains("FENCED") {
+        StoreError::Fenced(epoch)
+    } else if let Some(i) = text.find("FULL") {
+        let why = text[i + 4..].trim_matches(|c: char| c.is_whitespace() || "\":)]".contains(c));
+        StoreError::Full(why.to_string())
+    } else {
+        StoreError::Redis(e)
     }
 }

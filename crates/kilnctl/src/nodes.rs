@@ -116,9 +116,24 @@ async fn wait_empty(
     let t = Instant::now();
     let mut last = usize::MAX;
     loop {
-        let n = node(http, base, id).await?;
+        // a scheduler changing leader or Redis master answers 503 for a moment: keep asking until the limit
+        let n = match node(http, base, id).await {
+            Ok(n) => n,
+            Err(e) if t.elapsed() < limit => {
+                eprintln!("{id}: {e:#}; asking again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let left = runs(&n);
-        if left.is_empty() || n["state"] == "dead" {
+        if n["state"] == "dead" {
+            println!(
+                "{id}: the node is dead (no heartbeat): the scheduler re-places its streams itself"
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        if left.is_empty() {
             println!(
                 "{id}: runs no stream (after {:.1} s)",
                 t.elapsed().as_secs_f64()

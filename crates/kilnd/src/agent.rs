@@ -23,6 +23,9 @@ pub trait Node: Send + Sync {
     fn report(&self) -> CapacityReport;
     /// The scheduler answered with its leader's `epoch`: raise the fence to it.
     fn saw_epoch(&self, epoch: u64);
+    /// A scheduler answered a heartbeat (with any status: one whose store is failing over still answers) while
+    /// heartbeats go every `interval`.
+    fn scheduler_answered(&self, interval: Duration);
 }
 
 /// Sends heartbeats until the task is dropped.
@@ -50,6 +53,7 @@ pub async fn run(node: impl Node, cfg: AgentConfig) {
             .timeout(interval.clamp(Duration::from_millis(250), Duration::from_secs(2)))
             .send()
             .await
+            .inspect(|_| node.scheduler_answered(interval))
             .and_then(|r| r.error_for_status());
         match sent {
             Ok(r) => match r.json::<HeartbeatAck>().await {

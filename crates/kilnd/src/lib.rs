@@ -143,13 +143,12 @@ fn control_cors(origins: &[axum::http::HeaderValue]) -> CorsLayer {
 
 /// Make-before-break on SIGTERM: the node reports `draining` (heartbeats go on), takes nothing new, and waits
 /// until the scheduler has started its streams elsewhere and stopped them here, and its running VOD jobs have
-/// finished, or until `limit`, or until no scheduler has answered a heartbeat for `silence` (nobody will move
-/// the streams). Queued jobs stay on disk and run when the node is back.
+/// finished, or until `limit`, or until no scheduler has answered a heartbeat (with any status) for three
+/// heartbeat intervals (nobody will move the streams). Queued jobs stay on disk and run when the node is back.
 async fn drain_through_scheduler(
     sup: &Arc<Supervisor>,
     jobs: Option<&jobs::Jobs>,
     limit: std::time::Duration,
-    silence: std::time::Duration,
 ) {
     sup.start_draining();
     if let Some(j) = jobs {
@@ -181,10 +180,11 @@ async fn drain_through_scheduler(
             );
             return;
         }
-        if streams > 0 && sup.scheduler_silent_for() >= silence {
+        let (silent, interval) = sup.scheduler_silence();
+        if streams > 0 && silent >= (interval * 3).max(std::time::Duration::from_secs(3)) {
             tracing::warn!(
                 streams,
-                silent_ms = sup.scheduler_silent_for().as_millis() as u64,
+                silent_ms = silent.as_millis() as u64,
                 "no scheduler answers: nobody will move the streams; stopping them"
             );
             return;
@@ -346,7 +346,10 @@ impl agent::Node for AppState {
     fn saw_epoch(&self, epoch: u64) {
         // an older epoch than the fence is simply not raised: the agent only informs
         let _ = self.supervisor.raise_fence(epoch);
-        self.supervisor.heard_from_scheduler();
+    }
+
+    fn scheduler_answered(&self, interval: std::time::Duration) {
+        self.supervisor.heard_from_scheduler(interval);
     }
 }
 
@@ -431,17 +434,12 @@ pub async fn serve_state(
     let sampler = tokio::spawn(load::run(state.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let sup = supervisor.clone();
-    let drain = config.scheduler.as_ref().map(|s| {
-        (
-            s.drain_timeout,
-            (s.interval * 3).max(std::time::Duration::from_secs(3)),
-        )
-    });
+    let drain = config.scheduler.as_ref().map(|s| s.drain_timeout);
     let draining_jobs = state.jobs.clone();
     tokio::spawn(async move {
         shutdown.await;
-        if let (Some((limit, silence)), Some(_)) = (drain, &agent) {
-            drain_through_scheduler(&sup, draining_jobs.as_deref(), limit, silence).await;
+        if let (Some(limit), Some(_)) = (drain, &agent) {
+            drain_through_scheduler(&sup, draining_jobs.as_deref(), limit).await;
         }
         if let Some(a) = agent {
             a.abort();

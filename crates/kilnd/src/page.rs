@@ -1,4 +1,5 @@
-//! The page at `/`: the node's streams and a low-latency hls.js player.
+//! The page at `/`: the node's capacity (a bar per dimension, per GPU), its streams with their health (real-time
+//! ratio, backend, fallbacks, input), its VOD jobs, and a low-latency hls.js player.
 //!
 //! hls.js comes from `--assets-dir` (`/assets/hls.min.js`) when given — the demo command installs it there —
 //! and otherwise from the jsDelivr CDN. Safari plays natively.
@@ -64,12 +65,21 @@ const PAGE: &str = r##"<!doctype html>
   video { width: min(960px, 100%); background: #000; display: block; margin: 1rem 0; }
   table { border-collapse: collapse; } td, th { padding: .25rem .75rem; border-bottom: 1px solid #333; text-align: left; }
   a { color: #8cf; } #stats { font-family: monospace; }
+  .bar { display: inline-block; width: 9rem; height: .8rem; background: #333; border-radius: 3px; overflow: hidden; vertical-align: middle; }
+  .bar > span { display: block; height: 100%; background: #4a8; }
+  .bar.warn > span { background: #db4; } .bar.full > span { background: #d54; }
+  .dim { font-size: .8rem; color: #aaa; margin-left: .4rem; } .bad { color: #d54; } #error { color: #d54; }
 </style>
 </head>
 <body>
 <h1>kiln</h1>
+<p id="error"></p>
+<form id="login" hidden>This node's API needs the fleet token:
+  <input id="token" type="password" size="40"> <button>use it</button></form>
+<h2 id="node">Capacity</h2>
+<div id="capacity"></div>
 <p>Live streams on this node. Click one to play it in low-latency mode.</p>
-<table id="streams"><thead><tr><th>stream</th><th>state</th><th>renditions</th><th>playlist</th></tr></thead><tbody></tbody></table>
+<table id="streams"><thead><tr><th>stream</th><th>state</th><th>real time</th><th>encoder</th><th>fallbacks</th><th>input</th><th>renditions</th><th>playlist</th></tr></thead><tbody></tbody></table>
 <p>VOD jobs on this node. A finished one plays from the start.</p>
 <table id="jobs"><thead><tr><th>job</th><th>state</th><th>progress</th><th>renditions</th></tr></thead><tbody></tbody></table>
 <video id="video" controls muted playsinline></video>
@@ -80,17 +90,60 @@ function loadScript(src) {
 }
 const hlsReady = loadScript('/assets/hls.min.js').catch(() => loadScript('https://cdn.jsdelivr.net/npm/hls.js@1/dist/hls.min.js'));
 let hls = null, current = null;
+const esc = s => String(s ?? '').replace(/[&<>"']/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;'}[c]));
+function auth() { const t = sessionStorage.getItem('kilnToken'); return t ? { headers: { Authorization: 'Bearer ' + t } } : {}; }
+document.getElementById('login').onsubmit = e => {
+  e.preventDefault(); sessionStorage.setItem('kilnToken', document.getElementById('token').value);
+  document.getElementById('login').hidden = true; refresh();
+};
+const units = { cpu_millicores: 'mc', memory_mib: 'MiB', nvenc_fps: 'fps', nvdec_fps: 'fps', encoder_sessions: '', vram_mib: 'MiB' };
+function bar(name, used, cap) {
+  if (!cap) return '';
+  const f = Math.min(1, used / cap), cls = f >= 0.95 ? 'full' : f >= 0.8 ? 'warn' : '';
+  return `<div data-dim="${name}" data-used="${used}" data-cap="${cap}"><span class="bar ${cls}"><span style="width:${(f * 100).toFixed(1)}%"></span></span>` +
+    `<span class="dim">${esc(name)} ${used} / ${cap} ${units[name] ?? ''}</span></div>`;
+}
+async function capacity() {
+  const r = await fetch('/v1/capacity', auth());
+  if (r.status === 401) { document.getElementById('login').hidden = false; throw new Error('the fleet token is needed'); }
+  const c = await r.json();
+  document.getElementById('node').textContent = `Capacity of ${c.node_id}${c.draining ? ' (draining)' : ''}`;
+  let html = `<div data-host>host` + bar('cpu_millicores', c.host.allocated.cpu_millicores, c.host.capacity.cpu_millicores) +
+    bar('memory_mib', c.host.allocated.memory_mib, c.host.capacity.memory_mib) +
+    `<span class="dim">serving viewers: ${c.host.serving?.millicores ?? 0} mc measured, ${c.host.serving?.reserved_millicores ?? 0} mc kept free</span></div>`;
+  for (const g of c.gpus) {
+    html += `<div data-gpu="${g.index}">GPU ${g.index} ${esc(g.model)}` +
+      ['nvenc_fps', 'nvdec_fps', 'encoder_sessions', 'vram_mib'].map(d => bar(d, g.allocated[d], g.capacity[d])).join('') + '</div>';
+  }
+  if (!c.gpus.length) html += `<div class="dim">no GPU: every stream encodes on the CPU</div>`;
+  const fits = Object.entries(c.headroom).map(([p, n]) => `${esc(p)} ${n}`).join(', ');
+  html += `<div class="dim">fits now: ${fits}</div>`;
+  document.getElementById('capacity').innerHTML = html;
+}
+function input(s) {
+  if (s.publisher) return `${esc(s.publisher.protocol)} publisher ${esc(s.publisher.address)}, ${s.publisher.input_bitrate_kbps} kb/s`;
+  if (s.resilience) return `${esc(s.resilience.active_input)}`;
+  return esc(s.source);
+}
 async function refresh() {
-  const res = await fetch('/v1/streams'); const streams = await res.json();
+  try { await capacity(); document.getElementById('error').textContent = ''; }
+  catch (e) { document.getElementById('error').textContent = e.message; }
+  const res = await fetch('/v1/streams', auth()); if (!res.ok) return; const streams = await res.json();
   const body = document.querySelector('#streams tbody'); body.innerHTML = '';
   for (const s of streams) {
     const tr = document.createElement('tr');
+    tr.dataset.stream = s.id; tr.dataset.state = s.state; tr.dataset.backend = s.backend.kind;
     const r = s.renditions.map(r => r.kind === 'video' ? `${r.name} ${r.width}x${r.height}` : r.name).join(', ');
-    tr.innerHTML = `<td><a href="#${s.id}">${s.id}</a></td><td>${s.state}</td><td>${r}</td><td><code>${s.playback}</code></td>`;
+    const ratio = s.recent_realtime_ratio == null ? '—' : s.recent_realtime_ratio.toFixed(2) + '×';
+    const enc = s.backend.kind === 'nvenc' ? `NVENC GPU ${s.backend.gpu}` : 'x264 (CPU)';
+    tr.innerHTML = `<td><a href="#${esc(s.id)}">${esc(s.id)}</a></td><td>${esc(s.state)}</td>` +
+      `<td class="${s.behind_real_time ? 'bad' : ''}">${ratio}${s.behind_real_time ? ' behind' : ''}</td><td>${enc}</td>` +
+      `<td>${s.fallbacks.length}</td><td>${input(s)}</td><td>${esc(r)}</td><td><code>${esc(s.playback)}</code></td>`;
     tr.querySelector('a').onclick = () => play(s.id);
     body.appendChild(tr);
   }
-  const jr = await fetch('/v1/jobs');
+  document.body.dataset.loaded = Date.now();
+  const jr = await fetch('/v1/jobs', auth());
   if (jr.ok) {
     const jbody = document.querySelector('#jobs tbody'); jbody.innerHTML = '';
     for (const j of (await jr.json()).slice(0, 20)) {

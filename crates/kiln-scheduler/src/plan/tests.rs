@@ -527,3 +527,56 @@ fn an_evacuating_nodes_streams_move_make_before_break() {
         "{actions:?}"
     );
 }
+
+#[test]
+fn a_move_that_cannot_finish_keeps_the_old_copy_and_a_publisher_is_not_moved() {
+    let moving = StreamRecord {
+        handover_from: Some("a".into()),
+        ..placed("s1", "b")
+    };
+    let undo = |b_copy: Option<NodeStream>, r: &StreamRecord| {
+        let nodes = [
+            draining("a", vec![running("s1")]),
+            live("b", &[], b_copy.into_iter().collect()),
+        ];
+        plan_of(std::slice::from_ref(r), &nodes, &[], false)
+    };
+    // the new copy failed: it is stopped, the old one adopted back (moved again on a later pass)
+    let actions = undo(Some(copy("s1", StreamState::Failed, Backend::Cpu)), &moving);
+    assert!(
+        matches!(&actions[..], [Action::StopStray { node, .. }, Action::Adopt { record }]
+            if node == "b" && record.node.as_deref() == Some("a") && record.handover_from.is_none()),
+        "{actions:?}"
+    );
+    // still starting past the limit: the same
+    let late = StreamRecord {
+        placed_unix_ms: NOW - HANDOVER_LIMIT_MS - 1,
+        ..moving.clone()
+    };
+    let actions = undo(Some(copy("s1", StreamState::Starting, Backend::Cpu)), &late);
+    assert!(
+        matches!(
+            &actions[..],
+            [Action::StopStray { .. }, Action::Adopt { .. }]
+        ),
+        "{actions:?}"
+    );
+    // within the limit, starting: wait
+    let fresh = StreamRecord {
+        placed_unix_ms: NOW,
+        ..moving.clone()
+    };
+    assert!(undo(
+        Some(copy("s1", StreamState::Starting, Backend::Cpu)),
+        &fresh
+    )
+    .is_empty());
+    // the new node is silent just after a new lease: wait, do not undo the move
+    let nodes = [draining("a", vec![running("s1")]), dead("b")];
+    assert!(plan_of(std::slice::from_ref(&moving), &nodes, &[], true).is_empty());
+    // a `publish:` stream stays on its draining node: its publisher is connected there
+    let mut publish = placed("p1", "a");
+    publish.request.source = "publish:".into();
+    let nodes = [draining("a", vec![running("p1")]), live("b", &[], vec![])];
+    assert!(plan_of(&[publish], &nodes, &[], false).is_empty());
+}

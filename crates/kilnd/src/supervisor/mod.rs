@@ -378,8 +378,8 @@ pub struct Supervisor {
     shutting_down: std::sync::atomic::AtomicBool,
     /// Shutting down through the scheduler: no new streams; the ones running wait to be moved.
     draining: std::sync::atomic::AtomicBool,
-    /// When a scheduler last answered a heartbeat (never: the start).
-    scheduler_seen: Mutex<std::time::Instant>,
+    /// When a scheduler last answered a heartbeat (never: the start), and the heartbeat interval then.
+    scheduler_seen: Mutex<(std::time::Instant, std::time::Duration)>,
     /// Resources booked on the host by admitted streams (and by streams being started).
     allocated: Mutex<Resources>,
     /// What serving viewers costs, sampled by [`crate::load`]; admission keeps its reservation free.
@@ -430,7 +430,10 @@ impl Supervisor {
             streams: Mutex::new(HashMap::new()),
             shutting_down: false.into(),
             draining: false.into(),
-            scheduler_seen: Mutex::new(std::time::Instant::now()),
+            scheduler_seen: Mutex::new((
+                std::time::Instant::now(),
+                std::time::Duration::from_secs(1),
+            )),
             allocated: Mutex::new(Resources::default()),
             serving: Mutex::new(kiln_model::load::ServingMeter::new(
                 crate::load::SERVING_WINDOW_S,
@@ -876,22 +879,22 @@ impl Supervisor {
         });
     }
 
-    /// Stops every stream (daemon shutdown): EOS to all at once, then each drains within the grace period. New
-    /// streams are refused from now on.
     /// From now on the node takes no new streams and reports `draining`, so its scheduler moves what it runs.
     pub fn start_draining(&self) {
         self.draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// A scheduler answered a heartbeat.
-    pub fn heard_from_scheduler(&self) {
-        *self.scheduler_seen.lock() = std::time::Instant::now();
+    /// A scheduler answered a heartbeat; heartbeats go every `interval`.
+    pub fn heard_from_scheduler(&self, interval: std::time::Duration) {
+        *self.scheduler_seen.lock() = (std::time::Instant::now(), interval);
     }
 
-    /// How long since a scheduler last answered a heartbeat (since the start if none has).
-    pub fn scheduler_silent_for(&self) -> std::time::Duration {
-        self.scheduler_seen.lock().elapsed()
+    /// How long since a scheduler last answered a heartbeat (since the start if none has), and the heartbeat
+    /// interval then.
+    pub fn scheduler_silence(&self) -> (std::time::Duration, std::time::Duration) {
+        let (at, interval) = *self.scheduler_seen.lock();
+        (at.elapsed(), interval)
     }
 
     pub fn is_draining(&self) -> bool {
@@ -907,6 +910,8 @@ impl Supervisor {
             .count()
     }
 
+    /// Stops every stream (daemon shutdown): EOS to all at once, then each drains within the grace period. New
+    /// streams are refused from now on.
     pub async fn shutdown(&self) {
         self.shutting_down
             .store(true, std::sync::atomic::Ordering::SeqCst);
