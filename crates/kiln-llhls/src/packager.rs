@@ -266,6 +266,8 @@ pub struct Snapshot {
     pub target_duration_s: u32,
     /// Parts published so far.
     pub parts_published: u64,
+    /// The rendition reports the playlist carries (what the other renditions had published then).
+    pub reports: Vec<RenditionReport>,
 }
 
 impl Packager {
@@ -686,6 +688,7 @@ impl Packager {
             part_target_ms: self.cfg.part_target_ms,
             target_duration_s: self.cfg.target_duration_s,
             parts_published: self.parts_published,
+            reports: reports.to_vec(),
         }
     }
 }

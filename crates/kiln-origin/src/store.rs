@@ -349,15 +349,46 @@ impl StreamOrigin {
         };
         let reports = self.reports_for(index);
         r.learn_dash_base(&part);
+        let before = r.snapshot.borrow().last;
         let (pos, snap) = {
             let mut p = r.packager();
             let pos = p.push_part(part)?;
             (pos, p.snapshot_with(&reports))
         };
         r.publish(snap);
+        self.refresh_stale_reports(index, before);
         self.bump();
         self.learn_target(index);
         Ok(pos)
+    }
+
+    /// Another rendition's playlist whose report on `index` predates `index`'s previous part (`before`) has not
+    /// published for a whole part of `index` (its encoder is behind): it is published again with fresh reports,
+    /// so a report is never more than one part behind (LLHLS.md item 16). While every rendition publishes each
+    /// part, nothing is republished.
+    fn refresh_stale_reports(&self, index: usize, before: Option<PartPos>) {
+        let Some(before) = before else {
+            return;
+        };
+        let uri = format!("../{}/index.m3u8", self.renditions[index].info.name);
+        for (i, other) in self.renditions.iter().enumerate() {
+            if i == index {
+                continue;
+            }
+            let stale = {
+                let s = other.snapshot.borrow();
+                !s.ended
+                    && s.reports
+                        .iter()
+                        .find(|rep| rep.uri == uri)
+                        .is_none_or(|rep| rep.last < before)
+            };
+            if stale {
+                let reports = self.reports_for(i);
+                let snap = other.packager().snapshot_with(&reports);
+                other.publish(snap);
+            }
+        }
     }
 
     /// Closes every rendition (ENDLIST) and publishes, waking every parked request.

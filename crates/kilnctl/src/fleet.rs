@@ -103,6 +103,7 @@ fn spec_body(
     Ok(v)
 }
 
+// Long by design: one match arm per subcommand, each a request and its table.
 pub(crate) async fn streams(t: &Target<'_>, cmd: StreamsCmd) -> Result<ExitCode> {
     let base = t.base();
     match cmd {

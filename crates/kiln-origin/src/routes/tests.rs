@@ -539,3 +539,57 @@ async fn an_unsigned_origin_refuses_tokens_that_would_split_a_caches_key() {
     let (st, _, _) = get(&o, "/live/s/v/index.m3u8?session=7&signature=x").await;
     assert_eq!(st, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_stalled_renditions_reports_stay_within_a_part_of_the_others() {
+    // two renditions; "lo" publishes its first part, then only "hi" (index 1) goes on: lo's playlist is
+    // republished with fresh reports, so its report on hi is never more than one part behind hi (a blocking
+    // request for lo's part 0.0: a plain one waits for a complete segment)
+    let o = Origin::new();
+    let info = |name: &str| RenditionInfo {
+        name: name.into(),
+        kind: RenditionKind::Video {
+            width: 64,
+            height: 64,
+            fps: 30.0,
+        },
+        bitrate: 100_000,
+    };
+    let s = StreamOrigin::new(
+        "r",
+        vec![info("lo"), info("hi")],
+        PackagerConfig {
+            segment_ns: 2_000_000_000,
+            target_duration_s: 2,
+            part_target_ms: 334,
+            window_segments: 4,
+            retain_segments: 2,
+            wallclock_origin_unix_ms: 0,
+            can_skip_until_s: Some(12),
+            first_msn: 0,
+        },
+    );
+    o.insert(s.clone());
+    s.on_init(0, Bytes::from_static(b"init"), Some("avc1.64001f".into()));
+    s.on_init(1, Bytes::from_static(b"init"), Some("avc1.64001f".into()));
+    gop_part(&s, 0, 0, 0, 2);
+    gop_part(&s, 1, 0, 0, 2);
+    // (hi had no part when lo published: no report on it yet, which is one part behind)
+    for i in 1..6 {
+        gop_part(&s, 1, 0, i, 2);
+        let (st, body, _) = get(&o, "/live/r/lo/index.m3u8?_HLS_msn=0&_HLS_part=0").await;
+        assert_eq!(st, StatusCode::OK);
+        let report = body
+            .lines()
+            .find(|l| l.starts_with("#EXT-X-RENDITION-REPORT:URI=\"../hi/index.m3u8\""))
+            .unwrap_or_else(|| panic!("no report on hi: {body}"));
+        let part: u64 = report.rsplit("LAST-PART=").next().unwrap().parse().unwrap();
+        assert!(
+            part + 1 >= i,
+            "hi is at part {i}, lo reports part {part}: {report}"
+        );
+    }
+    // lo's own parts did not change: only its reports were refreshed
+    let (_, body, _) = get(&o, "/live/r/lo/index.m3u8?_HLS_msn=0&_HLS_part=0").await;
+    assert_eq!(body.matches("#EXT-X-PART:").count(), 1, "{body}");
+}
