@@ -2679,3 +2679,106 @@ async fn the_operator_pages_show_what_the_apis_say() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_finishes_its_running_job_and_keeps_the_queued_one_for_its_return(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::create_dir_all(dir.path().join("in"))?;
+    let clip = dir.path().join("in/clip.mp4");
+    make_clip(
+        &clip,
+        12.0,
+        Some("testsrc2=size=640x360:rate=30"),
+        &[],
+        &[
+            "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
+        ],
+    )
+    .await?;
+    let sched = scheduler("sched", &["--open-fleet"], &[]).await?;
+    let input_dir = dir.path().join("in").display().to_string();
+    let data = dir.path().join("v1").display().to_string();
+    let args = [
+        "--vod-input-dir",
+        &input_dir,
+        "--vod-concurrency",
+        "1",
+        "--drain-timeout-s",
+        "90",
+    ];
+    let mut d = node("v1", &data, &sched.url, &args, &[]).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()?;
+    poll_json(
+        &http,
+        &format!("{}/v1/nodes", sched.url),
+        "v1 registers",
+        Duration::from_secs(10),
+        |v| v.to_string().contains("\"v1\""),
+    )
+    .await?;
+    let body = json!({"input": format!("file://{}", clip.display()), "x264_speed": "veryfast"});
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r = http
+            .post(format!("{}/v1/jobs", d.url))
+            .json(&body)
+            .send()
+            .await?;
+        ensure!(r.status() == 201, "submit: {}", r.status());
+        ids.push(
+            r.json::<Value>().await?["id"]
+                .as_str()
+                .context("id")?
+                .to_string(),
+        );
+    }
+    poll_json(
+        &http,
+        &format!("{}/v1/jobs/{}", d.url, ids[0]),
+        "the first job runs",
+        Duration::from_secs(20),
+        |v| v["state"] == "running",
+    )
+    .await?;
+    // SIGTERM: the running job finishes before the node stops; the queued one does not start
+    d.signal("TERM").await?;
+    let st = d.wait_exit(Duration::from_secs(120)).await?;
+    ensure!(st.success(), "{st}");
+    // (the log is colored: drop the escape sequences)
+    let mut log = String::new();
+    let mut escaped = false;
+    for c in d.log_text().chars() {
+        match (escaped, c) {
+            (false, '\u{1b}') => escaped = true,
+            (true, 'm') => escaped = false,
+            (true, _) => {}
+            (false, c) => log.push(c),
+        }
+    }
+    // the job was still running when the drain began (else this test shows nothing), and the drain waited for it
+    ensure!(
+        log.contains("running_jobs=1") && log.contains("drained: nothing runs here any more"),
+        "{log}"
+    );
+    let back = node("v1", &data, &sched.url, &args, &[]).await?;
+    let first: Value = http
+        .get(format!("{}/v1/jobs/{}", back.url, ids[0]))
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        first["state"] == "done" && first["attempts"] == 1,
+        "the running job was interrupted instead of finished: {first}"
+    );
+    // the queued job waited on disk and runs now, on its first attempt
+    let second = wait_job(&http, &back.url, &ids[1], Duration::from_secs(120)).await?;
+    ensure!(
+        second["state"] == "done" && second["attempts"] == 1,
+        "{second}"
+    );
+    Ok(())
+}

@@ -157,8 +157,9 @@ async fn drain_through_scheduler(
     let started = std::time::Instant::now();
     tracing::info!(
         streams = sup.live_streams(),
+        running_jobs = jobs.map_or(0, |j| j.load().running),
         limit_s = limit.as_secs(),
-        "draining: waiting for the scheduler to move this node's streams"
+        "draining: waiting for the scheduler to move this node's streams and for running jobs"
     );
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
     loop {
