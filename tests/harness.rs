@@ -839,14 +839,14 @@ pub async fn redis_on(port: u16, extra: &[&str]) -> Result<Proc> {
 }
 
 /// A Redis Sentinel on 127.0.0.1:`port` watching the master `name` at 127.0.0.1:`master` (quorum 2), declaring
-/// it down after 1 s without an answer. Its config file (Sentinel rewrites it) lives in `dir`.
+/// it down after 2 s without an answer (1 s made a loaded 2-core host fail over by itself now and then). Its config file (Sentinel rewrites it) lives in `dir`.
 pub async fn redis_sentinel(port: u16, name: &str, master: u16, dir: &Path) -> Result<Proc> {
     let conf = dir.join(format!("sentinel-{port}.conf"));
     std::fs::write(
         &conf,
         format!(
             "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {name} 127.0.0.1 {master} 2\n\
-             sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 10000\n",
+             sentinel down-after-milliseconds {name} 2000\nsentinel failover-timeout {name} 10000\n",
             dir.display()
         ),
     )?;

@@ -1462,7 +1462,7 @@ impl RedisHa {
             servers,
             sentinels,
         };
-        ha.settled(ports[0]).await?;
+        ha.settled(Some(ports[0])).await?;
         Ok(ha)
     }
 
@@ -1514,25 +1514,27 @@ impl RedisHa {
             .context("INFO timed out")?
     }
 
-    /// Waits until the Sentinels name `master`, which replicates to every other running server, all in sync.
-    async fn settled(&self, master: u16) -> Result<()> {
+    /// Waits until the Sentinels name `master` (any master, when `None`: a loaded host may see a failover of its
+    /// own), which replicates to every other running server, all in sync. Answers the master.
+    async fn settled(&self, master: Option<u16>) -> Result<u16> {
         let replicas = self.servers.values().filter(|s| s.is_some()).count() - 1;
         poll_until(
             "Redis settles: Sentinel names the master, every replica online",
-            Duration::from_secs(30),
+            Duration::from_secs(45),
             Duration::from_millis(200),
             || async move {
                 let named = self.master().await?;
-                let info = Self::replication(master).await?;
+                let info = Self::replication(named).await?;
                 let online = info
                     .lines()
                     .filter(|l| l.starts_with("slave") && l.contains("state=online"))
                     .count();
+                let expected = master.is_none_or(|m| m == named);
                 Ok(
-                    if named == master && info.contains("role:master") && online == replicas {
-                        Polled::Done(())
+                    if expected && info.contains("role:master") && online == replicas {
+                        Polled::Done(named)
                     } else {
-                        Polled::NotYet(format!("Sentinel names {named}; {master}: {info}"))
+                        Polled::NotYet(format!("Sentinel names {named}: {info}"))
                     },
                 )
             },
@@ -1788,7 +1790,7 @@ async fn sentinel_failovers_keep_fencing_and_a_redis_outage_refuses_only_new_pla
             .await?;
         }
         ha.rejoin(old, new).await?;
-        ha.settled(new).await?;
+        ha.settled(None).await?;
     }
     let m = f.json(&format!("{}/metrics", urls[0])).await.err();
     ensure!(m.is_some(), "metrics is text, not JSON");
@@ -1858,12 +1860,12 @@ async fn sentinel_failovers_keep_fencing_and_a_redis_outage_refuses_only_new_pla
         "store_up while down"
     );
     ha.signal_all("CONT").await?;
-    let back = place_when_possible(&f, &urls[0], "r1", Duration::from_secs(20)).await?;
+    let back = place_when_possible(&f, &urls[0], "r1", Duration::from_secs(30)).await?;
     eprintln!("placements again {back:?} after Redis came back");
     ids.push("r1".into());
     let ids_ref = &ids;
     let (m, _) = f
-        .until("every stream runs, once", Duration::from_secs(15), |m| {
+        .until("every stream runs, once", Duration::from_secs(30), |m| {
             ids_ref.iter().all(|i| m.contains_key(i))
         })
         .await?;

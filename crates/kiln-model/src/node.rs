@@ -129,8 +129,8 @@ pub struct NodeStream {
     /// GPU resources booked, on `backend`'s (or `decode_gpu`'s) GPU.
     #[serde(default)]
     pub gpu_demand: Option<Resources>,
-    /// It publishes media slower than real time over the last seconds (a node short of CPU or GPU). Reported
-    /// for the scheduler and operators; the scheduler does not move such a stream by itself yet.
+    /// It publishes media slower than real time over the last seconds (a node short of CPU or GPU). A scheduler
+    /// with `--relieve-behind` moves such a stream to another node (make-before-break); operators see it too.
     #[serde(default)]
     pub behind_real_time: bool,
 }

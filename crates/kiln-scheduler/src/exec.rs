@@ -21,6 +21,7 @@ impl Scheduler {
             now_ms: unix_ms(),
             grace_ms: self.config.heartbeat_ttl().as_millis() as u64,
             warming: self.warming(),
+            relieve: self.config.relieve,
         };
         let known_dead = self.dead.lock().clone();
         let actions = plan::plan(&records, &Fleet::from_nodes(&nodes), &known_dead, &ctx);
@@ -38,6 +39,7 @@ impl Scheduler {
     ) -> Result<(), PlaceError> {
         let mut batch = Vec::new();
         let mut evacuate = Vec::new();
+        let mut relieve = Vec::new();
         let mut moved = 0;
         for action in actions {
             match action {
@@ -64,31 +66,36 @@ impl Scheduler {
                     batch.push(record);
                 }
                 Action::Evacuate { record } => evacuate.push(record),
+                Action::Relieve { record } => relieve.push(record),
                 Action::Handover { record, stop } => self.hand_over(epoch, &record, &stop).await?,
             }
         }
         self.replace(epoch, batch, moved, nodes).await?;
-        self.evacuate(epoch, evacuate, nodes).await
+        self.evacuate(epoch, evacuate, nodes, "drain").await?;
+        self.evacuate(epoch, relieve, nodes, "relief").await
     }
 
-    /// Starts each stream of an evacuating node on another node (the old copy plays on until the handover).
+    /// Starts each stream being moved (off a draining node: `drain`; behind real time: `relief`) on another node;
+    /// the old copy plays on until the handover. `place` never puts a record back on its `handover_from` node.
     async fn evacuate(
         &self,
         epoch: u64,
         batch: Vec<StreamRecord>,
         nodes: &[NodeEntry],
+        reason: &str,
     ) -> Result<(), PlaceError> {
         if batch.is_empty() {
             return Ok(());
         }
         tracing::info!(
             streams = batch.len(),
-            "moving streams off draining nodes (make-before-break)"
+            reason,
+            "moving streams, make-before-break"
         );
-        for res in self.place(epoch, batch, nodes, "drain").await? {
+        for res in self.place(epoch, batch, nodes, reason).await? {
             if let Err((r, why)) = res {
                 self.metrics.refusals.with_label_values(&["capacity"]).inc();
-                tracing::warn!(stream = %r.id, why = %why, "cannot move it off its draining node yet: no room");
+                tracing::warn!(stream = %r.id, why = %why, reason, "cannot move it yet: no room elsewhere");
             }
         }
         Ok(())
@@ -258,6 +265,7 @@ mod tests {
             strategy: kiln_binpack::Strategy::Kiln,
             api_token: None,
             nodes: Default::default(),
+            relieve: false,
         };
         let s = Scheduler::new(config, Store::memory(5));
         s.campaign().await;
@@ -454,5 +462,25 @@ mod tests {
         assert_eq!(s.metrics.node_deaths.get(), 1, "b is dead");
         s.tick().await;
         assert_eq!(s.metrics.node_deaths.get(), 1, "and counted once");
+    }
+
+    #[tokio::test]
+    async fn a_moving_stream_is_never_placed_back_on_the_node_it_leaves() {
+        // the only node is the one the stream moves off: no room elsewhere, nothing commanded, record unchanged
+        let (url, log) = daemon(&[], 200, "").await;
+        let s = leader(&url, vec![]).await;
+        let nodes = s.store.nodes().await.unwrap();
+        let running = record("m1", Phase::Placed, Some("a"));
+        s.store.save(5, &running, None).await.unwrap();
+        let moving = StreamRecord {
+            handover_from: Some("a".into()),
+            ..running.clone()
+        };
+        s.execute(5, vec![Action::Relieve { record: moving }], &nodes)
+            .await
+            .unwrap();
+        assert!(log.lock().is_empty(), "commanded: {:?}", log.lock());
+        assert_eq!(s.store.stream("m1").await.unwrap(), Some(running));
+        assert_eq!(s.metrics.refusals.with_label_values(&["capacity"]).get(), 1);
     }
 }

@@ -225,6 +225,7 @@ mod tests {
             strategy: kiln_binpack::Strategy::Kiln,
             api_token: None,
             nodes: Default::default(),
+            relieve: false,
         };
         Scheduler::new(config, Store::memory(5))
     }

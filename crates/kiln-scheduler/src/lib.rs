@@ -71,6 +71,8 @@ pub struct Config {
     pub api_token: Option<String>,
     /// Who may join the fleet (heartbeats) and where nodes may point ([`admit`]).
     pub nodes: admit::NodeAdmission,
+    /// Move streams their nodes report behind real time to other nodes, make-before-break (`--relieve-behind`).
+    pub relieve: bool,
 }
 
 impl Config {

@@ -39,7 +39,7 @@ impl Metrics {
         let placements = IntCounterVec::new(
             Opts::new(
                 "kiln_scheduler_placements_total",
-                "Streams placed and started on a node, by reason (new, failover, restart, consolidate).",
+                "Streams placed and started on a node, by reason (new, failover, restart, consolidate, drain: moved off a draining node, relief: moved off a node where it fell behind real time).",
             ),
             &["reason"],
         )
@@ -148,7 +148,14 @@ impl Metrics {
         ] {
             registry.register(c).expect("registering a metric");
         }
-        for r in ["new", "failover", "restart", "consolidate"] {
+        for r in [
+            "new",
+            "failover",
+            "restart",
+            "consolidate",
+            "drain",
+            "relief",
+        ] {
             placements.with_label_values(&[r]);
         }
         for r in [

@@ -98,6 +98,16 @@ impl Scheduler {
     ) -> Result<Vec<Placement>, PlaceError> {
         let mut done = Vec::new();
         let mut tried = Tried::default();
+        // a stream moving off a node never goes back to it in the same move
+        for r in &recs {
+            if let Some(from) = &r.handover_from {
+                tried
+                    .excluded
+                    .entry(r.id.clone())
+                    .or_default()
+                    .insert(from.clone());
+            }
+        }
         for _attempt in 0..3 {
             if recs.is_empty() {
                 break;

@@ -19,6 +19,10 @@
 //!   stopped and the record forgets it ([`Action::Handover`]). Make-before-break: viewers following `/play` move
 //!   to a copy that already has parts. If the new node dies first, the old copy is adopted again.
 //!
+//! - with [`Context::relieve`], placed on a live, accepting node that reports it behind real time (over its last
+//!   10 s), and placed there over a minute ago: moved the same way ([`Action::Relieve`]), at most one stream per
+//!   node per pass.
+//!
 //! Copies that are ended or stopping are on their way out and do not count. While the lease is new
 //! ([`Context::warming`]) no node is declared dead and records placed on silent nodes are left alone: their
 //! heartbeats may have lapsed only because nobody led.
@@ -110,6 +114,8 @@ pub struct Context {
     pub grace_ms: u64,
     /// Within one lease period of taking the lease.
     pub warming: bool,
+    /// Move streams their nodes report behind real time ([`Action::Relieve`]; `--relieve-behind`).
+    pub relieve: bool,
 }
 
 /// One thing the leader does to bring the daemons and the records in line.
@@ -141,6 +147,10 @@ pub enum Action {
     /// Place `record` (running on its evacuating node, named in `handover_from`) on another node and start it
     /// there, in one batch after the re-placements; the old copy keeps running. Nothing changes if it fits nowhere.
     Evacuate { record: StreamRecord },
+    /// Like [`Action::Evacuate`], for a stream its live, accepting node reports behind real time (a node short of
+    /// CPU or GPU): moved, make-before-break, to another node. At most one per node per pass, and not within
+    /// [`RELIEF_AFTER_MS`] of its last placement.
+    Relieve { record: StreamRecord },
     /// The moved copy publishes: stop the old copies (`node`, `url`) and save `record` without `handover_from`.
     Handover {
         record: StreamRecord,
@@ -175,6 +185,12 @@ pub fn plan(
     for r in records {
         plan_record(r, fleet, ctx, &mut out);
     }
+    // one relief move per node and pass: moving one stream may be enough to bring the others back to real time
+    let mut relieved = HashSet::new();
+    out.retain(|a| match a {
+        Action::Relieve { record } => relieved.insert(record.handover_from.clone()),
+        _ => true,
+    });
     out
 }
 
@@ -221,6 +237,20 @@ fn plan_record(r: &StreamRecord, fleet: &Fleet<'_>, ctx: &Context, out: &mut Vec
             // a `publish:` stream's publisher is connected here: a copy elsewhere would only wait for it
             if fleet.evacuating.contains(n) && !r.request.source.starts_with("publish:") {
                 out.push(Action::Evacuate {
+                    record: StreamRecord {
+                        handover_from: Some(n.to_string()),
+                        ..r.clone()
+                    },
+                });
+            } else if ctx.relieve
+                && !ctx.warming
+                && here
+                    .iter()
+                    .any(|c| c.node == n && c.stream.behind_real_time)
+                && ctx.now_ms.saturating_sub(r.placed_unix_ms) > RELIEF_AFTER_MS
+                && !r.request.source.starts_with("publish:")
+            {
+                out.push(Action::Relieve {
                     record: StreamRecord {
                         handover_from: Some(n.to_string()),
                         ..r.clone()
@@ -310,6 +340,10 @@ fn handover(
 
 /// How long a move may wait for its new copy to publish before it is given up (the old copy kept).
 pub const HANDOVER_LIMIT_MS: u64 = 60_000;
+
+/// A stream behind real time is moved only this long after its last placement: its real-time window (10 s)
+/// must describe its current node, and a stream is not bounced between nodes.
+pub const RELIEF_AFTER_MS: u64 = 60_000;
 
 /// The record of an adopted copy: placed where it runs, on its GPU, booking the alternative that matches where
 /// it encodes (the first one if none does).

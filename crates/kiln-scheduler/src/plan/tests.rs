@@ -18,6 +18,7 @@ fn ctx(warming: bool) -> Context {
         now_ms: NOW,
         grace_ms: GRACE,
         warming,
+        relieve: true,
     }
 }
 
@@ -579,4 +580,53 @@ fn a_move_that_cannot_finish_keeps_the_old_copy_and_a_publisher_is_not_moved() {
     publish.request.source = "publish:".into();
     let nodes = [draining("a", vec![running("p1")]), live("b", &[], vec![])];
     assert!(plan_of(&[publish], &nodes, &[], false).is_empty());
+}
+
+#[test]
+fn a_stream_behind_real_time_is_moved_one_per_node_and_not_bounced() {
+    let behind = |id: &str| NodeStream {
+        behind_real_time: true,
+        ..running(id)
+    };
+    let nodes = [
+        live("a", &[], vec![behind("s1"), behind("s2")]),
+        live("b", &[], vec![]),
+    ];
+    let old = |id: &str| StreamRecord {
+        placed_unix_ms: NOW - RELIEF_AFTER_MS - 1,
+        ..placed(id, "a")
+    };
+    // two streams behind on one node: one moves this pass (that may be enough for the other)
+    let actions = plan_of(&[old("s1"), old("s2")], &nodes, &[], false);
+    assert_eq!(
+        actions,
+        vec![Action::Relieve {
+            record: StreamRecord {
+                handover_from: Some("a".into()),
+                ..old("s1")
+            }
+        }]
+    );
+    // placed there within the last minute: its window may describe its old node; not moved again yet
+    let recent = StreamRecord {
+        placed_unix_ms: NOW - 1_000,
+        ..placed("s1", "a")
+    };
+    assert!(plan_of(std::slice::from_ref(&recent), &nodes, &[], false).is_empty());
+    // nor while the lease is new, nor when it keeps real time
+    assert!(plan_of(&[old("s1")], &nodes, &[], true).is_empty());
+    let fine = [live("a", &[], vec![running("s1")]), live("b", &[], vec![])];
+    assert!(plan_of(&[old("s1")], &fine, &[], false).is_empty());
+    // and not at all without --relieve-behind
+    let off = Context {
+        relieve: false,
+        ..ctx(false)
+    };
+    assert!(plan(
+        &[old("s1")],
+        &Fleet::from_nodes(&nodes),
+        &HashSet::new(),
+        &off
+    )
+    .is_empty());
 }
