@@ -1663,6 +1663,9 @@ async fn sentinel_failovers_keep_fencing_and_a_redis_outage_refuses_only_new_pla
             &sentinels,
             "--redis-master",
             "kiln",
+            // a loaded 2-core host can keep a replica off the CPU for a few hundred ms: WAIT gets 0.6 × this
+            "--redis-timeout-ms",
+            "1500",
             "--instance-id",
             name,
             join[0],
