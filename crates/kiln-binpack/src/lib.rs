@@ -29,7 +29,7 @@ const DIMS: usize = Dimension::ALL.len();
 use serde::{Deserialize, Serialize};
 
 /// What one stream needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Demand {
     /// CPU and memory on the node.
     pub host: Resources,

@@ -11,7 +11,7 @@ use axum::extract::Request;
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Router;
+use utoipa_axum::router::OpenApiRouter;
 
 /// The shortest token accepted (128 bits of a random hex or base64 string is longer than this).
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -60,11 +60,16 @@ fn check_token(var: &str, t: String) -> Result<String, TokenError> {
 
 /// Puts every route of `router` behind the bearer token when one is configured; `None` leaves them open. `hint`
 /// ends the 401 message and says where the token comes from (e.g. "the token kilnd was started with:
-/// --api-token-env").
-pub fn require_bearer<S>(router: Router<S>, token: Option<&str>, hint: &'static str) -> Router<S>
+/// --api-token-env"). Either way the routes' document entries gain the token's security requirement and the 401.
+pub fn require_bearer<S>(
+    router: OpenApiRouter<S>,
+    token: Option<&str>,
+    hint: &'static str,
+) -> OpenApiRouter<S>
 where
     S: Clone + Send + Sync + 'static,
 {
+    let router = crate::openapi::document_bearer(router);
     let Some(token) = token else { return router };
     let token: Arc<str> = token.into();
     router.route_layer(axum::middleware::from_fn(
@@ -103,7 +108,7 @@ pub fn unauthorized(hint: &str) -> Response {
 mod tests {
     use super::*;
     use axum::body::Body;
-    use axum::routing::get;
+    use axum::Router;
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
@@ -164,15 +169,23 @@ mod tests {
         (status, challenge, String::from_utf8(body.to_vec()).unwrap())
     }
 
+    #[utoipa::path(get, path = "/x", responses((status = 200, description = "in")))]
+    async fn x() -> &'static str {
+        "in"
+    }
+
+    fn gated(token: Option<&str>) -> (Router, utoipa::openapi::OpenApi) {
+        require_bearer(
+            OpenApiRouter::new().routes(utoipa_axum::routes!(x)),
+            token,
+            "test",
+        )
+        .split_for_parts()
+    }
+
     #[tokio::test]
     async fn the_gate_answers_401_with_a_challenge_and_passes_the_token() {
-        let app = || {
-            require_bearer(
-                Router::new().route("/x", get(|| async { "in" })),
-                Some("0123456789abcdef"),
-                "test",
-            )
-        };
+        let app = || gated(Some("0123456789abcdef")).0;
         let (st, ch, body) = call(app(), None).await;
         assert_eq!(st, StatusCode::UNAUTHORIZED);
         assert_eq!(ch.as_deref(), Some("Bearer realm=\"kiln\""));
@@ -183,7 +196,15 @@ mod tests {
         let (st, _, body) = call(app(), Some("Bearer 0123456789abcdef")).await;
         assert_eq!((st, body.as_str()), (StatusCode::OK, "in"));
         // no token configured: open
-        let open = require_bearer(Router::new().route("/x", get(|| async { "in" })), None, "t");
+        let (open, doc) = gated(None);
         assert_eq!(call(open, None).await.0, StatusCode::OK);
+        // documented either way: the requirement (or none) and the 401
+        let op = serde_json::to_value(&doc.paths.paths["/x"]).unwrap();
+        assert!(op["get"]["responses"]["401"].is_object(), "{op}");
+        assert_eq!(
+            op["get"]["security"][0],
+            serde_json::json!({"fleet_token": []})
+        );
+        assert_eq!(op["get"]["security"][1], serde_json::json!({}));
     }
 }

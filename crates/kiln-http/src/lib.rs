@@ -3,6 +3,8 @@
 //! - [`error`]: the one JSON error envelope, `{"error": {"code", "message", …}}`, with its status code.
 //! - [`auth`]: the fleet's bearer token: the constant-time check, the route layer that requires it (401 with an
 //!   RFC 6750 challenge otherwise) and the reader that takes it from an environment variable.
+//! - [`openapi`]: what both OpenAPI documents share (the envelope's schema, the documented token gate, the served
+//!   `/v1/openapi.json`).
 //! - [`shutdown`]: the process signal handling both binaries use (SIGINT/SIGTERM start a graceful stop; a second
 //!   signal exits at once).
 //! - [`process`]: the runtime and logging set-up both binaries start with.
@@ -12,6 +14,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod openapi;
 pub mod process;
 pub mod server;
 pub mod shutdown;

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::stream::{Backend, Policy};
 
 /// Life cycle of a live stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum StreamState {
     /// A `publish:` stream with no publisher: nothing is encoding; the next publisher continues the timeline.
@@ -23,7 +23,7 @@ pub enum StreamState {
 }
 
 /// One rendition as the status document shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RenditionStatus {
     pub name: String,
     /// `video` or `audio`.
@@ -52,7 +52,7 @@ pub struct RenditionStatus {
 }
 
 /// `GET /v1/streams/{id}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StreamStatus {
     pub id: String,
     pub state: StreamState,
@@ -98,7 +98,7 @@ pub struct StreamStatus {
 }
 
 /// What feeds a running stream and its history of losses.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Resilience {
     /// What is on air: `source`, `slate`, or `none` (no pipeline: waiting for the first publisher).
     pub active_input: String,
@@ -130,7 +130,7 @@ pub struct Resilience {
 }
 
 /// A stream's backup input.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BackupStatus {
     pub source: String,
     /// Whether it decodes: a frame within the stream's `source_timeout_ms`.
@@ -148,7 +148,7 @@ pub struct BackupStatus {
 }
 
 /// One rebuild of a stream's pipeline after its encoder failed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Fallback {
     pub at_unix_ms: u64,
     pub from: Backend,

@@ -10,7 +10,7 @@ use crate::stream::{StreamPlan, X264Speed};
 
 /// A resource vector. Units: CPU in millicores, memory and VRAM in MiB, NVENC/NVDEC in 1080p30-equivalent frames
 /// per second, encoder sessions as a count.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Resources {
     pub cpu_millicores: u64,
     pub memory_mib: u64,
@@ -23,7 +23,19 @@ pub struct Resources {
 /// One dimension of a [`Resources`] vector. The order of [`Dimension::ALL`] is the order admission reports the
 /// first one that is short; [`Dimension::as_str`] is the field's name in JSON, in error bodies and in metric
 /// labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Dimension {
     CpuMillicores,
@@ -178,7 +190,7 @@ impl Resources {
 }
 
 /// What software encoding costs on this host class (figures in `hw-profiles/cpu-*.toml`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CpuCostModel {
     /// Fixed cost of a stream: pipeline threads, muxing, packaging, serving.
@@ -264,7 +276,7 @@ impl CpuCostModel {
 }
 
 /// Who limits concurrent NVENC sessions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SessionScope {
     /// No driver cap (data-centre and professional boards).
@@ -275,7 +287,7 @@ pub enum SessionScope {
 }
 
 /// A GPU model's media engines, from `hw-profiles/<name>.toml`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GpuProfile {
     /// File stem, e.g. `l4`.
@@ -395,7 +407,7 @@ impl GpuProfile {
 
 /// What a stream costs on a GPU: NVENC/NVDEC work in 1080p-equivalent frames/s, one encoder session per video
 /// rendition, VRAM per session and per decoder, and the CPU work that stays on the host (audio, muxing, packaging).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GpuCostModel {
     pub vram_per_session_mib: u64,

@@ -57,7 +57,7 @@ impl RateWindow {
 /// preempted by other threads counts their time too, so this is an upper bound then, and it cannot exceed the
 /// server's worker threads × 1,000. Reported in `GET /v1/capacity` (`host.serving`); admission keeps
 /// `reserved_millicores` free.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServingLoad {
     /// Time inside the HTTP server's polls per second over the last window (millicores).
     pub millicores: u64,

@@ -19,7 +19,7 @@ use crate::stream::Backend;
 pub const EPOCH_HEADER: &str = "x-kiln-epoch";
 
 /// `GET /v1/capacity`: the node's capacity, bookings and streams.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CapacityReport {
     pub node_id: String,
     /// Unix ms when the daemon started: changes on every restart (a restarted daemon runs nothing).
@@ -46,7 +46,7 @@ pub struct CapacityReport {
 }
 
 /// A node's VOD queue, for routing jobs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VodLoad {
     pub queued: u32,
     pub running: u32,
@@ -62,7 +62,7 @@ impl VodLoad {
 }
 
 /// Host-level CPU and memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostReport {
     /// What admission may book.
     pub capacity: Resources,
@@ -79,7 +79,7 @@ pub struct HostReport {
 }
 
 /// One GPU.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GpuReport {
     pub index: u32,
     pub model: String,
@@ -100,7 +100,7 @@ pub struct GpuReport {
 }
 
 /// NVML readings of one GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GpuMeasured {
     pub vram_mib: u64,
     pub nvenc_utilization_pct: Option<u32>,
@@ -109,7 +109,7 @@ pub struct GpuMeasured {
 }
 
 /// Driver facts, or why there are none.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GpuInventoryNote {
     pub driver_version: Option<String>,
     pub cuda_devices: Option<u32>,
@@ -117,7 +117,7 @@ pub struct GpuInventoryNote {
 }
 
 /// A stream as its node reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeStream {
     pub id: String,
     pub state: StreamState,
@@ -137,7 +137,7 @@ pub struct NodeStream {
 
 /// What one stream of a preset costs on a node: on the CPU (x264), and on one of its NVENC GPUs (a host part and a
 /// GPU part). `gpu` is absent on a node without NVENC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PresetDemand {
     pub cpu: Resources,
     #[serde(default)]
@@ -148,14 +148,14 @@ pub struct PresetDemand {
 }
 
 /// The two parts of an NVENC stream's demand.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GpuDemand {
     pub host: Resources,
     pub gpu: Resources,
 }
 
 /// `POST /v1/nodes/{id}/heartbeat` (daemon → scheduler), every `interval_ms`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Heartbeat {
     /// Base URL viewers and the scheduler reach this daemon at (`http://host:port`).
     pub url: String,
@@ -163,7 +163,7 @@ pub struct Heartbeat {
 }
 
 /// The scheduler's answer to a heartbeat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HeartbeatAck {
     /// The current leader's epoch (0 when no leader is known): the daemon raises its fence to it.
     pub epoch: u64,

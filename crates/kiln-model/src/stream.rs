@@ -48,6 +48,28 @@ impl Serialize for Fraction {
     }
 }
 
+/// A frame rate: an integer (`30`) or a fraction (`"30000/1001"`), as it is serialized.
+impl utoipa::PartialSchema for Fraction {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(1)),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(r"^\s*[0-9]+\s*(/\s*[0-9]+\s*)?$")),
+            )
+            .description(Some("frames per second: an integer, or `num/den`"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Fraction {}
+
 impl<'de> Deserialize<'de> for Fraction {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -69,7 +91,7 @@ impl<'de> Deserialize<'de> for Fraction {
 }
 
 /// Video codecs kiln can encode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum VideoCodec {
     #[default]
@@ -77,7 +99,7 @@ pub enum VideoCodec {
 }
 
 /// Audio codecs kiln can encode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AudioCodec {
     /// AAC-LC (`mp4a.40.2`).
@@ -86,7 +108,7 @@ pub enum AudioCodec {
 }
 
 /// One video rendition of a ladder.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VideoRendition {
     /// Short name, used in URLs (`/live/{stream}/{name}/index.m3u8`).
@@ -108,7 +130,7 @@ fn default_fps() -> Fraction {
 /// without re-encoding. Its size, rate and bitrate are the source's; `bitrate_kbps` (optional) is what the
 /// multivariant playlist states as its BANDWIDTH (default [`Passthrough::DEFAULT_BITRATE_KBPS`]); `width` and
 /// `height` (optional, default 1920x1080) the largest picture the source may send, which its decode is booked at.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Passthrough {
     pub name: String,
     pub passthrough: bool,
@@ -125,7 +147,7 @@ impl Passthrough {
 }
 
 /// One entry of a request's `renditions`: an encoded rung, or the source passed through.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum RenditionSpec {
     Video(VideoRendition),
@@ -190,7 +212,7 @@ impl<'de> Deserialize<'de> for RenditionSpec {
 }
 
 /// The audio rendition of a stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AudioRendition {
     #[serde(default = "default_audio_name")]
@@ -234,7 +256,7 @@ impl Default for AudioRendition {
 pub const AAC_FRAME_SAMPLES: u32 = 1024;
 
 /// Segment and part timing of a stream. Fixed for the stream's life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Timing {
     /// Segment (and GOP) duration in milliseconds.
@@ -303,7 +325,7 @@ pub fn frames_to_ns(frames: u64, fps: Fraction) -> u64 {
 }
 
 /// What a client asks for in `PUT /v1/streams/{id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StreamRequest {
     /// Source URI, e.g. `test:` or `test:pattern=ball`.
@@ -340,7 +362,7 @@ pub struct StreamRequest {
 /// `"backup": {"source": "srt://…" | "publish:", "failback_s": 10}`: a live input decoded all the time next to
 /// the stream's own (a pulled source, or on a `publish:` stream a second publisher with the backup key). When the source is lost the backup goes on air (instead of the slate) at its next frame; when
 /// the source is back and has been healthy for `failback_s`, it takes over again.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackupRequest {
     pub source: String,
@@ -349,9 +371,10 @@ pub struct BackupRequest {
 }
 
 /// A validated backup input (see [`BackupRequest`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Backup {
     #[serde(serialize_with = "ser_display")]
+    #[schema(value_type = String)]
     pub source: Source,
     pub failback_s: u32,
 }
@@ -408,7 +431,7 @@ impl Backup {
 /// says so (and silence) until the source comes back, for up to `reconnect_window_s` (0: until the stream is
 /// deleted); `end` ends the stream at once (ENDLIST). A source that is connected but sends no frame for
 /// `source_timeout_ms` is lost too. A pulled source (SRT, RTSP, HTTP) is retried with backoff meanwhile.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SourceLoss {
     #[serde(default)]
@@ -469,7 +492,7 @@ impl Default for SourceLoss {
 }
 
 /// See [`SourceLoss`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum SourceLossMode {
     #[default]
@@ -478,7 +501,7 @@ pub enum SourceLossMode {
 }
 
 /// The audio part of a stream request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AudioRequest {
     #[serde(default = "yes")]
@@ -492,7 +515,7 @@ fn yes() -> bool {
 }
 
 /// x264 speed presets kiln allows (slower ones cannot keep up with live on a CPU).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum X264Speed {
     Ultrafast,
@@ -519,7 +542,7 @@ impl X264Speed {
 }
 
 /// Where a stream may encode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Policy {
     /// NVENC or nothing: refused where no GPU with NVENC has room.
@@ -542,7 +565,7 @@ impl Policy {
 }
 
 /// Where a stream encodes now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Backend {
     /// NVENC on GPU `gpu` (NVML index).
@@ -565,7 +588,7 @@ fn default_nvenc_preset() -> u8 {
 }
 
 /// Encoder settings that are not per rendition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EncoderSettings {
     /// Speed preset for the x264 (CPU) backend.
@@ -590,10 +613,11 @@ impl Default for EncoderSettings {
 }
 
 /// A validated, fully resolved stream: everything a pipeline is built from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct StreamPlan {
     pub id: String,
     #[serde(serialize_with = "ser_display")]
+    #[schema(value_type = String)]
     pub source: Source,
     pub video: Vec<VideoRendition>,
     pub audio: Option<AudioRendition>,

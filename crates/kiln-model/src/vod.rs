@@ -15,7 +15,7 @@ pub use plan::{
 };
 
 /// `POST /v1/jobs`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
     /// `file:///absolute/path` (under the daemon's `--vod-input-dir`) or `http(s)://…`.
@@ -40,7 +40,7 @@ pub struct JobRequest {
 }
 
 /// What a job writes. HLS (CMAF) is always written; DASH reuses the same segments.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobOutputs {
     #[serde(default = "yes")]
@@ -184,7 +184,7 @@ impl JobRequest {
 }
 
 /// Life cycle of a job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     Queued,
@@ -204,7 +204,7 @@ impl JobState {
 }
 
 /// One output rendition of a job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobRendition {
     pub name: String,
     pub width: u32,
@@ -214,7 +214,7 @@ pub struct JobRendition {
 }
 
 /// Where a finished job's outputs are.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobLinks {
     pub master: Option<String>,
     pub mpd: Option<String>,
@@ -224,7 +224,7 @@ pub struct JobLinks {
 }
 
 /// `GET /v1/jobs/{id}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobStatus {
     pub id: String,
     pub state: JobState,

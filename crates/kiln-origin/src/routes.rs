@@ -12,12 +12,13 @@ use std::time::Duration;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use bytes::Bytes;
+use kiln_http::openapi::ErrorEnvelope;
 use kiln_llhls::packager::{parse_resource, PartPos, Resource, Skip};
 use kiln_llhls::{BlockRequest, Decision, Snapshot};
 use tokio::time::Instant;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::store::{Origin, Rendition, RenditionKind, StreamOrigin};
 
@@ -27,13 +28,14 @@ pub const M3U8: &str = "application/vnd.apple.mpegurl";
 /// Cache lifetime of complete segments.
 const SEGMENT_MAX_AGE: u64 = 86_400;
 
-/// The playback router (`/live/...`), with the [`Origin`] as state.
-pub fn router() -> Router<Origin> {
-    Router::new()
-        .route("/live/{stream}/master.m3u8", get(master))
-        .route("/live/{stream}/manifest.mpd", get(mpd))
-        .route("/live/{stream}/{rendition}/{file}", get(media))
-        .route("/time", get(utc_time))
+/// The playback router (`/live/...`), with the [`Origin`] as state; its routes are documented (OpenAPI) where
+/// they are registered.
+pub fn router() -> OpenApiRouter<Origin> {
+    OpenApiRouter::new()
+        .routes(routes!(master))
+        .routes(routes!(mpd))
+        .routes(routes!(media))
+        .routes(routes!(utc_time))
 }
 
 fn unix_now_ms() -> i64 {
@@ -100,6 +102,8 @@ fn with_token(body: Bytes, token: &Option<String>, mpd: bool) -> Bytes {
 }
 
 /// `urn:mpeg:dash:utc:http-iso:2014` clock for DASH players.
+#[utoipa::path(get, path = "/time", tag = "playback",
+    responses((status = 200, description = "The time, ISO 8601 in UTC with milliseconds", content_type = "text/plain", body = String)))]
 async fn utc_time() -> Response {
     let now = unix_now_ms();
     reply(
@@ -111,6 +115,16 @@ async fn utc_time() -> Response {
 }
 
 /// The LL-DASH MPD (held, like the multivariant playlist, until every rendition has published a part).
+#[utoipa::path(get, path = "/live/{stream}/manifest.mpd", tag = "playback",
+    params(("stream" = String, Path, description = "The stream's id"), ("exp" = Option<u64>, Query, description = "Signed playback: expiry (Unix s); only when the origin signs URLs"),
+        ("sig" = Option<String>, Query, description = "Signed playback: the signature; only when the origin signs URLs")),
+    responses(
+        (status = 200, description = "The LL-DASH MPD", content_type = "application/dash+xml", body = String),
+        (status = 400, description = "`exp`/`sig` given to an origin that does not sign", body = ErrorEnvelope),
+        (status = 403, description = "Signed playback: the token is missing, expired or wrong", body = ErrorEnvelope),
+        (status = 404, description = "No such stream (or, for the MPD, a stream with a passthrough rendition)", body = ErrorEnvelope),
+        (status = 503, description = "The stream is starting (not every rendition has a part yet), or too many requests wait", body = ErrorEnvelope),
+    ))]
 async fn mpd(
     State(origin): State<Origin>,
     Path(stream): Path<String>,
@@ -366,6 +380,17 @@ pub fn parse_query(query: Option<&str>) -> Result<PlaylistQuery, &'static str> {
     Ok(q)
 }
 
+/// The multivariant playlist (held until every rendition has published a part).
+#[utoipa::path(get, path = "/live/{stream}/master.m3u8", tag = "playback",
+    params(("stream" = String, Path, description = "The stream's id"), ("exp" = Option<u64>, Query, description = "Signed playback: expiry (Unix s); only when the origin signs URLs"),
+        ("sig" = Option<String>, Query, description = "Signed playback: the signature; only when the origin signs URLs")),
+    responses(
+        (status = 200, description = "The multivariant playlist", content_type = "application/vnd.apple.mpegurl", body = String),
+        (status = 400, description = "`exp`/`sig` given to an origin that does not sign", body = ErrorEnvelope),
+        (status = 403, description = "Signed playback: the token is missing, expired or wrong", body = ErrorEnvelope),
+        (status = 404, description = "No such stream (or, for the MPD, a stream with a passthrough rendition)", body = ErrorEnvelope),
+        (status = 503, description = "The stream is starting (not every rendition has a part yet), or too many requests wait", body = ErrorEnvelope),
+    ))]
 async fn master(
     State(origin): State<Origin>,
     Path(stream): Path<String>,
@@ -379,6 +404,30 @@ async fn master(
     .await
 }
 
+/// A rendition's media playlist (blocking reload, delta updates) or one of its resources: the init segment,
+/// segments (a segment in progress is sent part by part as each is published, for LL-DASH), parts (a hinted part
+/// is held until complete).
+#[utoipa::path(get, path = "/live/{stream}/{rendition}/{file}", tag = "playback",
+    params(
+        ("stream" = String, Path, description = "The stream's id"),
+        ("rendition" = String, Path, description = "The rendition's name", example = "720p"),
+        ("file" = String, Path, description = "`index.m3u8`, `init.mp4`, `seg{msn}.m4s`, `part{msn}.{index}.m4s`", example = "index.m3u8"),
+        ("_HLS_msn" = Option<u64>, Query, description = "Blocking playlist reload: wait until this media sequence number exists"),
+        ("_HLS_part" = Option<u64>, Query, description = "Blocking playlist reload: and this part of it (needs `_HLS_msn`)"),
+        ("_HLS_skip" = Option<String>, Query, description = "Delta update: `YES` (or `v2`, also skipping date ranges)"),
+        ("exp" = Option<u64>, Query, description = "Signed playback: expiry (Unix s); only when the origin signs URLs"),
+        ("sig" = Option<String>, Query, description = "Signed playback: the signature; only when the origin signs URLs"),
+    ),
+    responses(
+        (status = 200, description = "The playlist or the media", content(("application/vnd.apple.mpegurl"), ("video/mp4"), ("audio/mp4"))),
+        (status = 206, description = "The requested range of the media", content(("video/mp4"), ("audio/mp4"))),
+        (status = 304, description = "Not modified (`If-None-Match` matched the media's ETag)"),
+        (status = 400, description = "A bad delivery directive, or `exp`/`sig` given to an origin that does not sign", body = ErrorEnvelope),
+        (status = 403, description = "Signed playback: the token is missing, expired or wrong", body = ErrorEnvelope),
+        (status = 404, description = "No such stream, rendition or resource (or gone from the window)", body = ErrorEnvelope),
+        (status = 416, description = "Range not satisfiable"),
+        (status = 503, description = "The media did not arrive in time, or too many requests wait (`Retry-After`)", body = ErrorEnvelope),
+    ))]
 async fn media(
     State(origin): State<Origin>,
     Path((stream, rendition, file)): Path<(String, String, String)>,

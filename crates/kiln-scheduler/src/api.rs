@@ -7,18 +7,23 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
+use kiln_http::openapi::ErrorEnvelope;
 use kiln_model::node::{Heartbeat, HeartbeatAck};
 use kiln_model::stream::valid_stream_id;
 use kiln_model::StreamRequest;
 use kiln_model::StreamState;
 use serde_json::{json, Value};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::admit::{self, JoinError, Joined};
-use crate::store::{Phase, StreamRecord};
+use crate::store::Phase;
 use crate::{fleet, PlaceError, Scheduler};
+
+mod views;
+pub use views::*;
 
 const MAX_BODY: usize = 256 * 1024;
 
@@ -30,38 +35,69 @@ use kiln_http::json_error as error;
 /// heartbeats need the join token or the fleet token, or an open fleet ([`crate::admit`]); `/play`, `/metrics`,
 /// `/healthz` and `/v1/leader` never need a token.
 pub fn router(s: Arc<Scheduler>) -> Router {
-    let control = Router::new()
-        .route("/v1/streams", get(list_streams).post(create_stream))
-        .route("/v1/streams/{id}", get(get_stream).delete(delete_stream))
-        .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{id}/drain", post(drain).delete(undrain))
-        .route("/v1/fleet/headroom", get(headroom))
-        .route("/v1/fleet/consolidate", post(consolidate))
-        .route("/v1/jobs", post(crate::vod::submit))
-        .route(
-            "/v1/jobs/{id}",
-            get(crate::vod::get_job).delete(crate::vod::delete_job),
-        );
+    router_with_document(s).0
+}
+
+/// What `/v1/openapi.json` begins with.
+const DOCUMENT: &str = "kiln-scheduler: places live streams on kilnd nodes (`/v1/streams`), routes VOD jobs \
+(`/v1/jobs`), drains nodes, reports the fleet's headroom, and redirects viewers to the node serving a stream \
+(`/play`, `/vod`). Writes go to the leader: a follower answers 307 to it. Errors are \
+`{\"error\": {\"code\", \"message\"}}`. Control routes take the fleet token when the scheduler has one.";
+
+/// [`router`], and its OpenAPI document (built from the same registrations, so the two cannot differ).
+pub fn router_with_document(s: Arc<Scheduler>) -> (Router, utoipa::openapi::OpenApi) {
+    let control = OpenApiRouter::new()
+        .routes(routes!(list_streams, create_stream))
+        .routes(routes!(get_stream, delete_stream))
+        .routes(routes!(list_nodes))
+        .routes(routes!(drain, undrain))
+        .routes(routes!(headroom))
+        .routes(routes!(consolidate))
+        .routes(routes!(crate::vod::submit))
+        .routes(routes!(crate::vod::get_job, crate::vod::delete_job));
     let control = kiln_http::require_bearer(
         control,
         s.config.api_token.as_deref(),
         "the fleet token: --api-token-env",
     );
-    Router::new()
+    let api = OpenApiRouter::new()
         .merge(control)
         // its own credential check (join token, fleet token, or an open fleet), before the body is read
-        .route("/v1/nodes/{id}/heartbeat", post(heartbeat))
-        .route("/v1/leader", get(leader))
-        .route("/play/{stream}/{*path}", get(play))
-        .route("/vod/{id}/{*path}", get(crate::vod::redirect))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .routes(routes!(heartbeat))
+        .routes(routes!(leader))
+        .routes(routes!(metrics))
+        .routes(routes!(healthz))
         // the operators' page: static; its data comes from the API above (with the token the person gives)
-        .route("/", get(|| async { axum::response::Html(PAGE) }))
-        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .routes(routes!(page))
+        .routes(routes!(favicon));
+    let api = kiln_http::openapi::routes_with_rest(api, routes!(play), "path");
+    let api = kiln_http::openapi::routes_with_rest(api, routes!(crate::vod::redirect), "path");
+    let (router, document) =
+        kiln_http::openapi::finish(api.with_state(s), "kiln-scheduler", DOCUMENT);
+    let router = router
         .fallback(kiln_http::no_route)
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(s)
+        .layer(DefaultBodyLimit::max(MAX_BODY));
+    (router, document)
+}
+
+/// `/healthz`: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "`ok`", content_type = "text/plain", body = String)))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /`: the operators' page.
+#[utoipa::path(get, path = "/", tag = "page",
+    responses((status = 200, description = "The page", content_type = "text/html", body = String)))]
+async fn page() -> axum::response::Html<&'static str> {
+    axum::response::Html(PAGE)
+}
+
+/// `GET /favicon.ico`: none.
+#[utoipa::path(get, path = "/favicon.ico", tag = "page", responses((status = 204, description = "No icon")))]
+async fn favicon() -> StatusCode {
+    StatusCode::NO_CONTENT
 }
 
 /// 503 `store_unavailable`: the store (Redis) does not answer, so nothing new can be placed; what runs keeps
@@ -118,23 +154,6 @@ async fn not_leader(s: &Scheduler, path: &str) -> Response {
     }
 }
 
-fn view(r: &StreamRecord) -> Value {
-    json!({
-        "id": r.id,
-        "phase": r.phase,
-        "node": r.node,
-        "gpu": r.gpu,
-        "request": r.request,
-        "booked": r.demand,
-        "epoch": r.epoch,
-        "moves": r.moves,
-        "moving_from": r.handover_from,
-        "created_unix_ms": r.created_unix_ms,
-        "placed_unix_ms": r.placed_unix_ms,
-        "playback": format!("/play/{}/master.m3u8", r.id),
-    })
-}
-
 fn place_error(s: &Scheduler, e: PlaceError) -> Response {
     let (status, code, reason) = match &e {
         PlaceError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request", "invalid"),
@@ -151,8 +170,54 @@ fn place_error(s: &Scheduler, e: PlaceError) -> Response {
     error(status, code, e.to_string())
 }
 
+/// The body of `POST /v1/streams`: `id` beside the fields of a [`StreamRequest`] (the spec as kilnd's
+/// `PUT /v1/streams/{id}` takes it). Documentation only: the handler takes `id` out, then reads the rest.
+#[derive(Debug)]
+struct PlaceRequest;
+
+impl utoipa::PartialSchema for PlaceRequest {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+        use utoipa::openapi::RefOr;
+        let RefOr::T(Schema::Object(mut spec)) = <StreamRequest as utoipa::PartialSchema>::schema()
+        else {
+            unreachable!("a StreamRequest is an object");
+        };
+        let id = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^[A-Za-z0-9_-]{1,64}$"))
+            .description(Some("The stream's id: 1–64 letters, digits, `-` and `_`"));
+        spec.properties.insert("id".into(), id.into());
+        spec.required.insert(0, "id".into());
+        RefOr::T(Schema::Object(spec))
+    }
+}
+
+impl utoipa::ToSchema for PlaceRequest {
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        <StreamRequest as utoipa::ToSchema>::schemas(schemas);
+    }
+}
+
 /// `POST /v1/streams` `{"id": "x", "source": "test:", "preset": "live-720p-abr", …}`: 201 placed and started,
 /// 200 when the same stream already exists, 400 invalid, 409 same id with another spec, 429 no room.
+#[utoipa::path(post, path = "/v1/streams", tag = "streams",
+    request_body(content = PlaceRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Placed and started", body = StreamView),
+        (status = 200, description = "The same stream exists already", body = StreamView),
+        (status = 307, description = "This scheduler does not lead: `Location` names the leader (`not_leader`)", body = ErrorEnvelope),
+        (status = 400, description = "Invalid JSON, id or spec", body = ErrorEnvelope),
+        (status = 409, description = "The id exists with another spec", body = ErrorEnvelope),
+        (status = 413, description = "Body over 256 KiB", body = ErrorEnvelope),
+        (status = 429, description = "No node has room (`insufficient_capacity`)", body = ErrorEnvelope),
+        (status = 503, description = "The store does not answer (`store_unavailable`), nobody leads (`no_leader`), or a new leader is still hearing from the nodes (`warming`); `Retry-After`", body = ErrorEnvelope),
+    ))]
 async fn create_stream(State(s): S, body: Result<Bytes, BytesRejection>) -> Response {
     if let Some(why) = s.store_down() {
         return store_unavailable(&s, &why);
@@ -200,7 +265,7 @@ async fn create_stream(State(s): S, body: Result<Bytes, BytesRejection>) -> Resp
             } else {
                 StatusCode::OK
             };
-            (code, Json(view(&r))).into_response()
+            (code, Json(StreamView::from(&r))).into_response()
         }
         Err(PlaceError::NotLeader) => not_leader(&s, "/v1/streams").await,
         // the leader (or its store) is new: nodes whose heartbeats lapsed meanwhile are not known to be gone
@@ -222,16 +287,30 @@ async fn create_stream(State(s): S, body: Result<Bytes, BytesRejection>) -> Resp
     }
 }
 
+/// `GET /v1/streams`: every stream the fleet runs, with its placement.
+#[utoipa::path(get, path = "/v1/streams", tag = "streams",
+    responses(
+        (status = 200, description = "The streams", body = Vec<StreamView>),
+        (status = 503, description = "The store does not answer (`store_unavailable`, `Retry-After`), or nobody leads (`no_leader`)", body = ErrorEnvelope),
+    ))]
 async fn list_streams(State(s): S) -> Response {
     match s.store.streams().await {
-        Ok(rs) => Json(rs.iter().map(view).collect::<Vec<_>>()).into_response(),
+        Ok(rs) => Json(rs.iter().map(StreamView::from).collect::<Vec<_>>()).into_response(),
         Err(e) => place_error(&s, e.into()),
     }
 }
 
+/// `GET /v1/streams/{id}`: one stream and its placement.
+#[utoipa::path(get, path = "/v1/streams/{id}", tag = "streams",
+    params(("id" = String, Path, description = "The stream's id")),
+    responses(
+        (status = 200, description = "The stream", body = StreamView),
+        (status = 404, description = "No such stream", body = ErrorEnvelope),
+        (status = 503, description = "The store does not answer (`store_unavailable`, `Retry-After`), or nobody leads (`no_leader`)", body = ErrorEnvelope),
+    ))]
 async fn get_stream(State(s): S, Path(id): Path<String>) -> Response {
     match s.store.stream(&id).await {
-        Ok(Some(r)) => Json(view(&r)).into_response(),
+        Ok(Some(r)) => Json(StreamView::from(&r)).into_response(),
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -241,6 +320,15 @@ async fn get_stream(State(s): S, Path(id): Path<String>) -> Response {
     }
 }
 
+/// `DELETE /v1/streams/{id}` (leader): stops the stream on its node and forgets it.
+#[utoipa::path(delete, path = "/v1/streams/{id}", tag = "streams",
+    params(("id" = String, Path, description = "The stream's id")),
+    responses(
+        (status = 204, description = "Stopped and forgotten"),
+        (status = 307, description = "This scheduler does not lead: `Location` names the leader (`not_leader`)", body = ErrorEnvelope),
+        (status = 404, description = "No such stream", body = ErrorEnvelope),
+        (status = 503, description = "The store does not answer (`store_unavailable`, `Retry-After`), or nobody leads (`no_leader`)", body = ErrorEnvelope),
+    ))]
 async fn delete_stream(State(s): S, Path(id): Path<String>) -> Response {
     match s.delete(&id).await {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
@@ -257,33 +345,51 @@ async fn delete_stream(State(s): S, Path(id): Path<String>) -> Response {
 /// `GET /v1/nodes`: every known node with its state, capacity, what the scheduler booked there (`booked`: the
 /// larger of its own bookings and the node's, plus the CPU the node reserves for its viewers, `host.serving`) and
 /// what it runs.
+#[utoipa::path(get, path = "/v1/nodes", tag = "nodes",
+    responses(
+        (status = 200, description = "The nodes", body = Vec<NodeView>),
+        (status = 503, description = "The store does not answer (`store_unavailable`, `Retry-After`), or nobody leads (`no_leader`)", body = ErrorEnvelope),
+    ))]
 async fn list_nodes(State(s): S) -> Response {
     let (nodes, records) = match (s.store.nodes().await, s.store.streams().await) {
         (Ok(n), Ok(r)) => (n, r),
         (Err(e), _) | (_, Err(e)) => return place_error(&s, e.into()),
     };
     let view = fleet::view(&nodes, &records, &HashSet::new());
-    let out: Vec<Value> = nodes
+    let out: Vec<NodeView> = nodes
         .iter()
         .map(|n| {
             let v = view.iter().find(|v| v.id == n.id);
-            let placed: Vec<&str> = records
+            let placed = records
                 .iter()
                 .filter(|r| r.phase == Phase::Placed && r.node.as_deref() == Some(n.id.as_str()))
-                .map(|r| r.id.as_str())
+                .map(|r| r.id.clone())
                 .collect();
-            json!({
-                "id": n.id,
-                "state": fleet::node_state(n),
-                "evacuating": n.evacuating(),
-                "url": n.heartbeat.as_ref().map(|h| &h.url),
-                "host": n.heartbeat.as_ref().map(|h| h.capacity.host),
-                "gpus": n.heartbeat.as_ref().map(|h| &h.capacity.gpus),
-                "booked": v.map(|v| v.host_used),
-                "placed": placed,
+            let hb = n.heartbeat.as_ref();
+            NodeView {
+                id: n.id.clone(),
+                state: fleet::node_state(n),
+                evacuating: n.evacuating(),
+                url: hb.map(|h| h.url.clone()),
+                host: hb.map(|h| h.capacity.host),
+                gpus: hb.map(|h| h.capacity.gpus.clone()),
+                booked: v.map(|v| v.host_used),
+                placed,
                 // what it runs (ended, failed and stopping copies are on their way out)
-                "running": n.heartbeat.as_ref().map(|h| h.capacity.streams.iter().filter(|s| !matches!(s.state, StreamState::Ended | StreamState::Failed | StreamState::Stopping)).map(|s| &s.id).collect::<Vec<_>>()),
-            })
+                running: hb.map(|h| {
+                    h.capacity
+                        .streams
+                        .iter()
+                        .filter(|s| {
+                            !matches!(
+                                s.state,
+                                StreamState::Ended | StreamState::Failed | StreamState::Stopping
+                            )
+                        })
+                        .map(|s| s.id.clone())
+                        .collect()
+                }),
+            }
         })
         .collect();
     Json(out).into_response()
@@ -319,6 +425,20 @@ fn join_error(s: &Scheduler, id: &str, e: JoinError) -> Response {
 /// `POST /v1/nodes/{id}/heartbeat` (from kilnd's agent). Any scheduler accepts it, once the node is admitted
 /// ([`crate::admit`]): credential (401/403), body and id (400), `--nodes` (403), the advertised URL (400, 422), and
 /// in an open fleet no move of a live node (409).
+#[utoipa::path(post, path = "/v1/nodes/{id}/heartbeat", tag = "nodes",
+    params(("id" = String, Path, description = "The node's id (its report's `node_id`)")),
+    request_body(content = Heartbeat, content_type = "application/json"),
+    security(("fleet_token" = []), ()),
+    responses(
+        (status = 200, description = "Accepted: the leader's epoch and the heartbeat interval", body = HeartbeatAck),
+        (status = 400, description = "Malformed report, id, or advertised URL", body = ErrorEnvelope),
+        (status = 401, description = "The join token (or the fleet token) is required and was missing or wrong", body = ErrorEnvelope),
+        (status = 403, description = "The fleet is closed, or the node is not in `--nodes`", body = ErrorEnvelope),
+        (status = 409, description = "Open fleet: a live node of this id reports another URL", body = ErrorEnvelope),
+        (status = 413, description = "Body over 256 KiB", content_type = "text/plain"),
+        (status = 422, description = "The advertised URL is refused (`--allow-networks`, name resolution)", body = ErrorEnvelope),
+        (status = 503, description = "The store does not answer (`store_unavailable`, `Retry-After`), or nobody leads (`no_leader`)", body = ErrorEnvelope),
+    ))]
 async fn heartbeat(
     State(s): S,
     Path(id): Path<String>,
@@ -392,9 +512,12 @@ async fn heartbeat(
 
 async fn set_drain(s: &Scheduler, id: &str, on: bool, evacuate: bool) -> Response {
     match s.store.set_draining(id, on, evacuate).await {
-        Ok(true) => {
-            Json(json!({"id": id, "draining": on, "evacuate": on && evacuate})).into_response()
-        }
+        Ok(true) => Json(DrainView {
+            id: id.to_string(),
+            draining: on,
+            evacuate: on && evacuate,
+        })
+        .into_response(),
         Ok(false) => error(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -413,6 +536,17 @@ struct DrainQuery {
 
 /// `POST /v1/nodes/{id}/drain[?evacuate=true]`: the node gets nothing new; it keeps what it runs, or with
 /// `evacuate` its streams are moved elsewhere, make-before-break (as when the daemon itself drains on SIGTERM).
+#[utoipa::path(post, path = "/v1/nodes/{id}/drain", tag = "nodes",
+    params(
+        ("id" = String, Path, description = "The node's id"),
+        ("evacuate" = Option<bool>, Query, description = "Also move its streams elsewhere, make-before-break"),
+    ),
+    responses(
+        (status = 200, description = "Draining", body = DrainView),
+        (status = 400, description = "`evacuate` is not a boolean", body = ErrorEnvelope),
+        (status = 404, description = "No such node", body = ErrorEnvelope),
+        (status = 503, description = "The store does not answer (`store_unavailable`, `Retry-After`), or nobody leads (`no_leader`)", body = ErrorEnvelope),
+    ))]
 async fn drain(
     State(s): S,
     Path(id): Path<String>,
@@ -429,6 +563,13 @@ async fn drain(
 }
 
 /// `DELETE /v1/nodes/{id}/drain`: the node takes streams again (an evacuation stops; moves under way finish).
+#[utoipa::path(delete, path = "/v1/nodes/{id}/drain", tag = "nodes",
+    params(("id" = String, Path, description = "The node's id")),
+    responses(
+        (status = 200, description = "Accepting again", body = DrainView),
+        (status = 404, description = "No such node", body = ErrorEnvelope),
+        (status = 503, description = "The store does not answer (`store_unavailable`, `Retry-After`), or nobody leads (`no_leader`)", body = ErrorEnvelope),
+    ))]
 async fn undrain(State(s): S, Path(id): Path<String>) -> Response {
     set_drain(&s, &id, false, false).await
 }
@@ -437,6 +578,11 @@ async fn undrain(State(s): S, Path(id): Path<String>) -> Response {
 /// now, placed the way the scheduler would place them ([`fleet::headroom`]: per node in closed form, so the answer
 /// costs O(nodes × presets) and holds no lock while it is computed; it used to place stream after stream, which
 /// took seconds on the threads that also answer heartbeats).
+#[utoipa::path(get, path = "/v1/fleet/headroom", tag = "fleet",
+    responses(
+        (status = 200, description = "Nodes by state, and per preset the streams the fleet takes now", body = HeadroomView),
+        (status = 503, description = "The store does not answer (`store_unavailable`, `Retry-After`), or nobody leads (`no_leader`)", body = ErrorEnvelope),
+    ))]
 async fn headroom(State(s): S) -> Response {
     let (nodes, records) = match (s.store.nodes().await, s.store.streams().await) {
         (Ok(n), Ok(r)) => (n, r),
@@ -452,39 +598,74 @@ async fn headroom(State(s): S) -> Response {
             ..Default::default()
         };
         let Ok(alts) = fleet::alternatives(&s.config.presets, "headroom", &req, &live) else {
-            presets.insert(name.to_string(), json!({"streams": 0}));
+            presets.insert(
+                name.to_string(),
+                PresetHeadroom {
+                    streams: 0,
+                    on_gpu: None,
+                },
+            );
             continue;
         };
         let h = fleet::headroom(&base, &alts);
         presets.insert(
             name.to_string(),
-            json!({"streams": h.streams, "on_gpu": h.on_gpu}),
+            PresetHeadroom {
+                streams: h.streams,
+                on_gpu: Some(h.on_gpu),
+            },
         );
     }
-    Json(json!({
-        "nodes": {"alive": nodes.iter().filter(|n| fleet::node_state(n) == "alive").count(),
-                  "draining": nodes.iter().filter(|n| fleet::node_state(n) == "draining").count(),
-                  "dead": nodes.iter().filter(|n| fleet::node_state(n) == "dead").count()},
-        "presets": presets,
-    }))
+    let count = |state: &str| {
+        nodes
+            .iter()
+            .filter(|n| fleet::node_state(n) == state)
+            .count()
+    };
+    Json(HeadroomView {
+        nodes: NodeCounts {
+            alive: count("alive"),
+            draining: count("draining"),
+            dead: count("dead"),
+        },
+        presets,
+    })
     .into_response()
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize)]
 struct ConsolidateQuery {
     max_moves: Option<usize>,
 }
 
 /// `POST /v1/fleet/consolidate[?max_moves=N]` (leader): empties lightly loaded nodes onto nodes in use, moving at
 /// most N streams (default 10). Answers the moves.
+#[utoipa::path(post, path = "/v1/fleet/consolidate", tag = "fleet",
+    params(("max_moves" = Option<u32>, Query, description = "Move at most this many streams (default 10, at most 10000)")),
+    responses(
+        (status = 200, description = "The moves made", body = ConsolidateView),
+        (status = 307, description = "This scheduler does not lead: `Location` names the leader (`not_leader`)", body = ErrorEnvelope),
+        (status = 400, description = "`max_moves` is not a non-negative integer", body = ErrorEnvelope),
+        (status = 503, description = "The store does not answer (`store_unavailable`, `Retry-After`), or nobody leads (`no_leader`)", body = ErrorEnvelope),
+    ))]
 async fn consolidate(
     State(s): S,
-    axum::extract::Query(q): axum::extract::Query<ConsolidateQuery>,
+    q: Result<axum::extract::Query<ConsolidateQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    let Ok(axum::extract::Query(q)) = q else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "`max_moves` must be a non-negative integer",
+        );
+    };
     match s.consolidate(q.max_moves.unwrap_or(10).min(10_000)).await {
-        Ok(moves) => Json(json!({
-            "moves": moves.iter().map(|(id, from, to)| json!({"stream": id, "from": from, "to": to})).collect::<Vec<_>>()
-        }))
+        Ok(moves) => Json(ConsolidateView {
+            moves: moves
+                .into_iter()
+                .map(|(stream, from, to)| Move { stream, from, to })
+                .collect(),
+        })
         .into_response(),
         Err(PlaceError::NotLeader) => not_leader(&s, "/v1/fleet/consolidate").await,
         Err(e) => place_error(&s, e),
@@ -492,14 +673,16 @@ async fn consolidate(
 }
 
 /// `GET /v1/leader`: who leads, and whether this scheduler does.
+#[utoipa::path(get, path = "/v1/leader", tag = "fleet",
+    responses((status = 200, description = "Who leads", body = LeaderView)))]
 async fn leader(State(s): S) -> Response {
     let l = s.leader().await;
-    Json(json!({
-        "instance": s.config.instance_id,
-        "leading": s.leading().is_some(),
-        "epoch": s.leading(),
-        "leader": l,
-    }))
+    Json(LeaderView {
+        instance: s.config.instance_id.clone(),
+        leading: s.leading().is_some(),
+        epoch: s.leading(),
+        leader: l,
+    })
     .into_response()
 }
 
@@ -540,6 +723,16 @@ async fn play_url(s: &Scheduler, stream: &str) -> Result<Option<String>, PlayErr
 
 /// `GET /play/{stream}/{path…}`: 302 to the node serving the stream now (query kept, e.g. LL-HLS directives);
 /// while the store does not answer, to the node it was served from last.
+#[utoipa::path(get, path = "/play/{stream}/{path}", tag = "playback",
+    params(
+        ("stream" = String, Path, description = "The stream's id"),
+        ("path" = String, Path, description = "A playback path under the stream (`master.m3u8`, `hi/index.m3u8`, …); may span segments"),
+    ),
+    responses(
+        (status = 302, description = "To the node serving it now (`Location`; `Cache-Control: no-store`)"),
+        (status = 404, description = "No such stream or path", body = ErrorEnvelope),
+        (status = 503, description = "Being placed (`not_placed`, `Retry-After`), or the store does not answer and no earlier route is known", body = ErrorEnvelope),
+    ))]
 async fn play(
     State(s): S,
     Path((stream, path)): Path<(String, String)>,
@@ -593,6 +786,9 @@ async fn play(
         .into_response()
 }
 
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition (format 0.0.4)", content_type = "text/plain", body = String)))]
 async fn metrics(State(s): S) -> Response {
     s.refresh_gauges().await;
     (

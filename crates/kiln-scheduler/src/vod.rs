@@ -20,8 +20,10 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use kiln_http::openapi::ErrorEnvelope;
 use kiln_model::node::VodLoad;
 use kiln_model::vod::JobRequest;
+use kiln_model::vod::JobStatus;
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -113,6 +115,18 @@ fn ranked(s: &Scheduler, nodes: &[NodeEntry]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `POST /v1/jobs`: routes a VOD job to the VOD node with the shortest queue per slot (then the most free CPU);
+/// answers that node's 201 with `node` added.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
+    request_body(content = JobRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Queued on a node (`node` names it)", body = JobStatus),
+        (status = 400, description = "Malformed job (or the node judged it so)", body = ErrorEnvelope),
+        (status = 413, description = "Body over 256 KiB", content_type = "text/plain"),
+        (status = 422, description = "The node cannot run it", body = ErrorEnvelope),
+        (status = 502, description = "The job's node answered badly or not at all", body = ErrorEnvelope),
+        (status = 503, description = "No live, accepting VOD node took it, or the store does not answer", body = ErrorEnvelope),
+    ))]
 pub async fn submit(State(s): S, body: Bytes) -> Response {
     if let Err(e) = serde_json::from_slice::<JobRequest>(&body) {
         return error(
@@ -220,6 +234,15 @@ async fn route(s: &Scheduler, id: &str) -> Result<(String, String), Response> {
     }
 }
 
+/// `GET /v1/jobs/{id}`: the job's status, from its node (`node` added).
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job", body = JobStatus),
+        (status = 404, description = "No such job", body = ErrorEnvelope),
+        (status = 502, description = "The job's node answered badly or not at all", body = ErrorEnvelope),
+        (status = 503, description = "Its node is not reporting (`Retry-After`), or the store does not answer", body = ErrorEnvelope),
+    ))]
 pub async fn get_job(State(s): S, Path(id): Path<String>) -> Response {
     let (node, url) = match route(&s, &id).await {
         Ok(r) => r,
@@ -240,6 +263,20 @@ pub async fn get_job(State(s): S, Path(id): Path<String>) -> Response {
     }
 }
 
+/// `DELETE /v1/jobs/{id}[?purge=true]`: cancels the job on its node, or purges a finished one (as kilnd does).
+#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+        ("purge" = Option<bool>, Query, description = "Delete a finished job and its outputs instead of cancelling"),
+    ),
+    responses(
+        (status = 200, description = "Cancelled", body = JobStatus),
+        (status = 204, description = "Purged"),
+        (status = 404, description = "No such job", body = ErrorEnvelope),
+        (status = 409, description = "Finished already (cancel), or not finished yet (purge)", body = ErrorEnvelope),
+        (status = 502, description = "The job's node answered badly or not at all", body = ErrorEnvelope),
+        (status = 503, description = "Its node is not reporting (`Retry-After`), or the store does not answer", body = ErrorEnvelope),
+    ))]
 pub async fn delete_job(State(s): S, Path(id): Path<String>, RawQuery(q): RawQuery) -> Response {
     let (node, url) = match route(&s, &id).await {
         Ok(r) => r,
@@ -273,6 +310,16 @@ pub async fn delete_job(State(s): S, Path(id): Path<String>, RawQuery(q): RawQue
 }
 
 /// `GET /vod/{id}/{path}`: 302 to the node holding the job's outputs.
+#[utoipa::path(get, path = "/vod/{id}/{path}", tag = "playback",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+        ("path" = String, Path, description = "A file of its outputs; may span segments"),
+    ),
+    responses(
+        (status = 302, description = "To the node holding it (`Location`; `Cache-Control: no-store`)"),
+        (status = 404, description = "No such job or path", body = ErrorEnvelope),
+        (status = 503, description = "Its node is not reporting (`Retry-After`), or the store does not answer", body = ErrorEnvelope),
+    ))]
 pub async fn redirect(State(s): S, Path((id, path)): Path<(String, String)>) -> Response {
     if path
         .split('/')

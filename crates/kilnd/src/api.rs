@@ -9,11 +9,14 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use bytes::Bytes;
+use kiln_http::openapi::ErrorEnvelope;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use kiln_model::node::{CapacityReport, EPOCH_HEADER};
+use kiln_model::vod::{JobRequest, JobStatus};
 use kiln_model::{StreamRequest, StreamStatus};
 use serde_json::json;
 
@@ -109,14 +112,14 @@ impl From<SupervisorError> for ApiError {
 }
 
 /// The control routes (`/v1/…`), behind the bearer token when one is configured.
-pub fn control_router(token: Option<&str>) -> Router<AppState> {
-    let control = Router::new()
-        .route("/v1/streams", get(list))
-        .route("/v1/streams/{id}", get(status).put(create).delete(remove))
-        .route("/v1/jobs", get(list_jobs).post(submit_job))
-        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
-        .route("/v1/stats", get(stats))
-        .route("/v1/capacity", get(capacity));
+pub fn control_router(token: Option<&str>) -> OpenApiRouter<AppState> {
+    let control = OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(status, create, remove))
+        .routes(routes!(list_jobs, submit_job))
+        .routes(routes!(get_job, cancel_job))
+        .routes(routes!(stats))
+        .routes(routes!(capacity));
     kiln_http::require_bearer(
         control,
         token,
@@ -126,28 +129,49 @@ pub fn control_router(token: Option<&str>) -> Router<AppState> {
 }
 
 /// VOD playback: the files of finished jobs (`/vod/{job}/…`).
-pub fn vod_router() -> Router<AppState> {
-    Router::new().route("/vod/{id}/{*path}", get(vod_file))
+pub fn vod_router() -> OpenApiRouter<AppState> {
+    kiln_http::openapi::routes_with_rest(OpenApiRouter::new(), routes!(vod_file), "path")
 }
 
 /// Operations: `/metrics` (behind the bearer token when `metrics_token` is given: its series name every stream),
 /// `/healthz`, `/readyz` (503 while draining).
-pub fn service_router(metrics_token: Option<&str>) -> Router<AppState> {
-    let metrics = kiln_http::require_bearer(
-        Router::new().route("/metrics", get(metrics)),
-        metrics_token,
-        "kilnd runs with --metrics-require-token: the fleet token of --api-token-env",
-    );
-    Router::new()
+pub fn service_router(metrics_token: Option<&str>) -> OpenApiRouter<AppState> {
+    let metrics = OpenApiRouter::new().routes(routes!(metrics));
+    let metrics = match metrics_token {
+        Some(_) => kiln_http::require_bearer(
+            metrics,
+            metrics_token,
+            "kilnd runs with --metrics-require-token: the fleet token of --api-token-env",
+        ),
+        None => metrics,
+    };
+    OpenApiRouter::new()
         .merge(metrics)
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
+        .routes(routes!(healthz))
+        .routes(routes!(ready))
 }
 
+/// `/healthz`: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "`ok`", content_type = "text/plain", body = String)))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /v1/streams`: every stream this node runs or has just ended.
+#[utoipa::path(get, path = "/v1/streams", tag = "streams",
+    responses((status = 200, description = "The streams", body = Vec<StreamStatus>)))]
 async fn list(State(st): State<AppState>) -> Json<Vec<StreamStatus>> {
     Json(st.supervisor.list().iter().map(|h| h.status()).collect())
 }
 
+/// `GET /v1/streams/{id}`: one stream's status.
+#[utoipa::path(get, path = "/v1/streams/{id}", tag = "streams",
+    params(("id" = String, Path, description = "The stream's id")),
+    responses(
+        (status = 200, description = "The stream", body = StreamStatus),
+        (status = 404, description = "No such stream", body = ErrorEnvelope),
+    ))]
 async fn status(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -160,6 +184,19 @@ async fn status(
 
 /// `PUT /v1/streams/{id}`: 201 when created, 200 when the same stream already runs, 400 for an invalid spec,
 /// 409 for a different spec under the same id, 503 when the pipeline cannot start.
+#[utoipa::path(put, path = "/v1/streams/{id}", tag = "streams",
+    params(("id" = String, Path, description = "The stream's id: 1–64 letters, digits, `-` and `_`"), ("x-kiln-epoch" = Option<u64>, Header, description = "The scheduler's leadership epoch (fencing): a command older than the newest this node accepted gets 409 `stale_epoch`")),
+    request_body(content = StreamRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created; a `publish:` stream's answer carries its ingest key (only this one)", body = StreamStatus),
+        (status = 200, description = "The same stream already runs", body = StreamStatus),
+        (status = 400, description = "Invalid spec or epoch header", body = ErrorEnvelope),
+        (status = 409, description = "Another spec under this id (`conflict`) or a stale epoch (`stale_epoch`)", body = ErrorEnvelope),
+        (status = 413, description = "Body over 64 KiB", body = ErrorEnvelope),
+        (status = 422, description = "Well-formed, but this node cannot run it (policy, source file, address)", body = ErrorEnvelope),
+        (status = 429, description = "No room (`insufficient_capacity`, with `dimension`, `requested`, `free`)", body = ErrorEnvelope),
+        (status = 503, description = "The pipeline could not start, or the node is shutting down or draining", body = ErrorEnvelope),
+    ))]
 async fn create(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -202,6 +239,15 @@ async fn create(
     Ok((code, Json(status)).into_response())
 }
 
+/// `DELETE /v1/streams/{id}`: stops the stream (its playlists end) and frees what it booked.
+#[utoipa::path(delete, path = "/v1/streams/{id}", tag = "streams",
+    params(("id" = String, Path, description = "The stream's id"), ("x-kiln-epoch" = Option<u64>, Header, description = "The scheduler's leadership epoch (fencing): a command older than the newest this node accepted gets 409 `stale_epoch`")),
+    responses(
+        (status = 204, description = "Stopped"),
+        (status = 400, description = "Invalid epoch header", body = ErrorEnvelope),
+        (status = 404, description = "No such stream", body = ErrorEnvelope),
+        (status = 409, description = "A stale epoch (`stale_epoch`)", body = ErrorEnvelope),
+    ))]
 async fn remove(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -235,6 +281,14 @@ impl From<crate::jobs::JobError> for ApiError {
 
 /// `POST /v1/jobs`: 201 with the queued job (its `id`), 400 for a malformed request. A well-formed request whose
 /// input turns out bad is accepted and the job ends `failed` with the reason.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
+    request_body(content = JobRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Queued", body = JobStatus),
+        (status = 400, description = "Malformed request", body = ErrorEnvelope),
+        (status = 413, description = "Body over 64 KiB", body = ErrorEnvelope),
+        (status = 503, description = "VOD jobs are disabled (no `--data-dir`), or the job store failed", body = ErrorEnvelope),
+    ))]
 async fn submit_job(
     State(st): State<AppState>,
     body: Result<Bytes, BytesRejection>,
@@ -248,6 +302,16 @@ async fn submit_job(
 }
 
 /// `GET /v1/jobs[?state=S][&limit=N]`: jobs newest first, optionally of one state, at most `limit`.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
+    params(
+        ("state" = Option<kiln_model::vod::JobState>, Query, description = "Only jobs in this state"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100000, description = "At most this many"),
+    ),
+    responses(
+        (status = 200, description = "Jobs, newest first", body = Vec<JobStatus>),
+        (status = 400, description = "Unknown state or limit out of range", body = ErrorEnvelope),
+        (status = 503, description = "VOD jobs are disabled (no `--data-dir`), or the job store failed", body = ErrorEnvelope),
+    ))]
 async fn list_jobs(
     State(st): State<AppState>,
     Query(q): Query<std::collections::HashMap<String, String>>,
@@ -280,6 +344,14 @@ async fn list_jobs(
     Ok(Json(list).into_response())
 }
 
+/// `GET /v1/jobs/{id}`: one job's status, progress and (when done) its outputs.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job", body = JobStatus),
+        (status = 404, description = "No such job", body = ErrorEnvelope),
+        (status = 503, description = "VOD jobs are disabled (no `--data-dir`), or the job store failed", body = ErrorEnvelope),
+    ))]
 async fn get_job(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     jobs(&st)?
         .get(&id)
@@ -289,6 +361,18 @@ async fn get_job(State(st): State<AppState>, Path(id): Path<String>) -> Result<R
 
 /// `DELETE /v1/jobs/{id}`: cancels a queued or running job (200 with its status); 409 once it has finished.
 /// `?purge=true` instead deletes a finished job and its outputs (204; 409 while it is queued or running).
+#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+        ("purge" = Option<bool>, Query, description = "Delete a finished job and its outputs instead of cancelling"),
+    ),
+    responses(
+        (status = 200, description = "Cancelled", body = JobStatus),
+        (status = 204, description = "Purged"),
+        (status = 404, description = "No such job", body = ErrorEnvelope),
+        (status = 409, description = "Finished already (cancel), or not finished yet (purge)", body = ErrorEnvelope),
+        (status = 503, description = "VOD jobs are disabled (no `--data-dir`), or the job store failed", body = ErrorEnvelope),
+    ))]
 async fn cancel_job(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -303,6 +387,19 @@ async fn cancel_job(
 
 /// `GET /vod/{job}/{path}`: a finished job's outputs. Paths are checked part by part (letters, digits, `.-_`,
 /// no dot-only parts), so nothing outside the job's directory can be named.
+#[utoipa::path(get, path = "/vod/{id}/{path}", tag = "playback",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+        ("path" = String, Path, description = "A file of its outputs, one or two segments (`master.m3u8`, `hi/index.m3u8`, `hi/seg1.m4s`)"),
+    ),
+    responses(
+        (status = 200, description = "The file (immutable, cached a year)", content(("application/vnd.apple.mpegurl"), ("application/dash+xml"), ("video/mp4"), ("audio/mp4"), ("image/jpeg"), ("text/vtt"), ("application/octet-stream"))),
+        (status = 206, description = "The requested range", content(("application/vnd.apple.mpegurl"), ("application/dash+xml"), ("video/mp4"), ("audio/mp4"), ("image/jpeg"), ("text/vtt"), ("application/octet-stream"))),
+        (status = 304, description = "Not modified (`If-None-Match`, `If-Modified-Since`)"),
+        (status = 404, description = "No such file", body = ErrorEnvelope),
+        (status = 416, description = "Range not satisfiable"),
+        (status = 503, description = "VOD jobs are disabled (no `--data-dir`), or the job store failed", body = ErrorEnvelope),
+    ))]
 async fn vod_file(
     State(st): State<AppState>,
     Path((id, path)): Path<(String, String)>,
@@ -396,6 +493,8 @@ fn fence_error(st: &AppState, e: FenceError) -> ApiError {
 }
 
 /// Prometheus text exposition. Gauges that mirror live state are refreshed at scrape time.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition (format 0.0.4)", content_type = "text/plain", body = String)))]
 async fn metrics(State(st): State<AppState>) -> Response {
     if let Some(jobs) = &st.jobs {
         st.metrics.set_vod_jobs(&jobs.list());
@@ -413,20 +512,38 @@ async fn metrics(State(st): State<AppState>) -> Response {
 
 /// `GET /v1/capacity`: what this node has, has booked and has free, per dimension, with the streams' demands,
 /// the headroom in units of each preset and what a stream of each preset costs here.
+#[utoipa::path(get, path = "/v1/capacity", tag = "node",
+    responses((status = 200, description = "Capacity, bookings, headroom and preset costs", body = CapacityReport)))]
 async fn capacity(State(st): State<AppState>) -> Json<CapacityReport> {
     Json(st.capacity_report())
 }
 
-/// Live counters of this node (the Prometheus metrics issue extends this into `/metrics`).
-async fn stats(State(st): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({
-        "streams": st.supervisor.list().len(),
-        "parked_requests": st.origin.parked(),
-    }))
+/// `GET /v1/stats`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Stats {
+    /// Streams this node runs (or has just ended).
+    pub streams: usize,
+    /// Playlist and part requests waiting for media right now (blocking reloads, preload hints).
+    pub parked_requests: usize,
+}
+
+/// Live counters of this node (`/metrics` has them all).
+#[utoipa::path(get, path = "/v1/stats", tag = "node",
+    responses((status = 200, description = "Counters", body = Stats)))]
+async fn stats(State(st): State<AppState>) -> Json<Stats> {
+    Json(Stats {
+        streams: st.supervisor.list().len(),
+        parked_requests: st.origin.parked(),
+    })
 }
 
 /// `/readyz`: 200 `ready`, or 503 `draining` once the node drains through its scheduler (SIGTERM): load
 /// balancers and Kubernetes stop sending new work; the streams it still runs keep being served.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "`ready`", content_type = "text/plain", body = String),
+        (status = 503, description = "`draining`", content_type = "text/plain", body = String),
+    ))]
 async fn ready(State(st): State<AppState>) -> (StatusCode, &'static str) {
     if st.supervisor.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")

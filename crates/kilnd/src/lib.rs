@@ -42,6 +42,7 @@ use tokio::net::TcpListener;
 use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::CorsLayer;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use config::{host_capacity, Config, TlsFiles};
 pub use supervisor::Supervisor;
@@ -69,11 +70,21 @@ pub struct AppState {
 ///    (GET/HEAD); the control API sends no CORS headers at all unless `--cors-allow-origin` lists origins, so a web
 ///    page an operator visits cannot drive it from the browser.
 pub fn app(state: AppState) -> Router {
+    app_with_document(state).0
+}
+
+/// What `/v1/openapi.json` begins with.
+const DOCUMENT: &str = "kilnd, the per-host daemon: live streams (`/v1/streams`), VOD jobs (`/v1/jobs`), the node's \
+capacity, LL-HLS and LL-DASH playback (`/live`, `/vod`), and operations (`/metrics`, `/healthz`, `/readyz`). Errors \
+are `{\"error\": {\"code\", \"message\"}}`. Control routes take the fleet token when kilnd has one.";
+
+/// [`app`], and its OpenAPI document (built from the same route registrations, so the two cannot differ).
+pub fn app_with_document(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let compress = SizeAbove::new(256)
         .and(NotForContentType::new("video/mp4"))
         .and(NotForContentType::new("audio/mp4"));
     let metrics = state.metrics.clone();
-    let playback = Router::new()
+    let playback = OpenApiRouter::new()
         .merge(api::vod_router())
         .merge(kiln_origin::router().with_state(state.origin.clone()))
         .layer(playback_cors());
@@ -81,7 +92,7 @@ pub fn app(state: AppState) -> Router {
     if !state.config.control_cors_origins.is_empty() {
         control = control.layer(control_cors(&state.config.control_cors_origins));
     }
-    Router::new()
+    let api = OpenApiRouter::new()
         .merge(control)
         .merge(api::service_router(
             state
@@ -92,8 +103,10 @@ pub fn app(state: AppState) -> Router {
         ))
         .merge(playback)
         .merge(page::router(state.config.assets_dir.clone()))
+        .with_state(state);
+    let (router, document) = kiln_http::openapi::finish(api, "kilnd", DOCUMENT);
+    let router = router
         .fallback(kiln_http::no_route)
-        .with_state(state)
         .layer(CompressionLayer::new().gzip(true).compress_when(compress))
         .layer(axum::middleware::from_fn(
             move |req: axum::extract::Request, next: axum::middleware::Next| {
@@ -113,7 +126,8 @@ pub fn app(state: AppState) -> Router {
                     res
                 }
             },
-        ))
+        ));
+    (router, document)
 }
 
 /// Players on any origin may GET/HEAD playback (and send `Range`); nothing else.

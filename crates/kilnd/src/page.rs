@@ -10,23 +10,42 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The page and its assets (served from `assets_dir` when given).
-pub fn router<S>(assets_dir: Option<PathBuf>) -> Router<S>
+pub fn router<S>(assets_dir: Option<PathBuf>) -> OpenApiRouter<S>
 where
     S: Clone + Send + Sync + 'static,
 {
-    Router::new()
-        .route("/", get(|| async { Html(PAGE) }))
-        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
-        .route("/assets/{file}", get(asset))
+    OpenApiRouter::new()
+        .routes(routes!(page))
+        .routes(routes!(favicon))
+        .routes(routes!(asset))
         .with_state(Arc::new(assets_dir))
+}
+
+/// `GET /`: the node's page for people.
+#[utoipa::path(get, path = "/", tag = "page",
+    responses((status = 200, description = "The page", content_type = "text/html", body = String)))]
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+/// `GET /favicon.ico`: none (browsers ask on every page load; a 204 keeps that out of the 404 counts).
+#[utoipa::path(get, path = "/favicon.ico", tag = "page", responses((status = 204, description = "No icon")))]
+async fn favicon() -> StatusCode {
+    StatusCode::NO_CONTENT
 }
 
 /// Serves a file from the assets directory; names are restricted to a flat allowlist of characters, so no path
 /// can leave the directory.
+#[utoipa::path(get, path = "/assets/{file}", tag = "page",
+    params(("file" = String, Path, description = "A file of `--assets-dir` (e.g. `hls.min.js`)")),
+    responses(
+        (status = 200, description = "The file", content(("text/javascript"), ("text/css"), ("application/octet-stream"))),
+        (status = 404, description = "No such file, or no `--assets-dir`"),
+    ))]
 async fn asset(State(dir): State<Arc<Option<PathBuf>>>, Path(file): Path<String>) -> Response {
     let ok_name = !file.is_empty()
         && !file.starts_with('.')

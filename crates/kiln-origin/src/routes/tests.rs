@@ -50,8 +50,7 @@ fn part(s: &StreamOrigin, seg: u64, i: u64) {
 }
 
 async fn get(o: &Origin, uri: &str) -> (StatusCode, String, Option<String>) {
-    let res = router()
-        .with_state(o.clone())
+    let res = axum::Router::from(router().with_state(o.clone()))
         .oneshot(Request::get(uri).body(Body::empty()).unwrap())
         .await
         .unwrap();
@@ -212,8 +211,7 @@ async fn plain_playlist_waits_for_the_first_complete_segment() {
 }
 
 async fn get_with(o: &Origin, uri: &str, hdr: (&str, &str)) -> Response {
-    router()
-        .with_state(o.clone())
+    axum::Router::from(router().with_state(o.clone()))
         .oneshot(
             Request::get(uri)
                 .header(hdr.0, hdr.1)

@@ -1,6 +1,6 @@
 use super::*;
 use crate::admit::NodeAdmission;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StreamRecord};
 use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
