@@ -72,8 +72,11 @@ impl Daemon {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
+        // bounded: a shutdown that hangs fails the test with a reason rather than holding it until nextest's limit
         match self.task.take() {
-            Some(t) => t.await?,
+            Some(t) => tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .map_err(|_| anyhow::anyhow!("the daemon did not shut down within 60 s"))??,
             None => Ok(()),
         }
     }

@@ -14,8 +14,12 @@ where
         )
         .with_writer(std::io::stderr)
         .init();
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(main())
+        .build()?;
+    let result = runtime.block_on(main());
+    // Dropping a runtime waits for every blocking thread: one stuck inside a native library (a GStreamer teardown
+    // that never returns) would keep the process from exiting after its work is done.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    result
 }

@@ -56,7 +56,7 @@ impl Supervisor {
             (h.pipeline.lock().take(), false)
         };
         if let Some(p) = p {
-            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+            tear_down(p).await;
         }
         self.release_placement(&old);
         let nothing = Placement {
@@ -345,7 +345,7 @@ pub(super) async fn consume(
                     }
                     let p = h.pipeline.lock().take();
                     if let Some(p) = p {
-                        let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+                        tear_down(p).await;
                     }
                 }
             }
@@ -371,7 +371,7 @@ impl Supervisor {
         h.kick_backup_publisher(Refusal::Pipeline, "the stream failed");
         let p = h.pipeline.lock().take();
         if let Some(p) = p {
-            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+            tear_down(p).await;
         }
         h.resilience.lock().slate_off();
         h.origin.end();

@@ -64,6 +64,22 @@ impl Placement {
 
 /// Events buffered between a pipeline and its consumer task.
 const EVENT_QUEUE: usize = 1024;
+
+/// How long a pipeline's teardown (state NULL) may take before the stream goes on without it.
+const TEARDOWN_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Drops a pipeline (its state to NULL) on a blocking thread and waits for that, at most [`TEARDOWN_LIMIT`]. A
+/// teardown that never returns (a streaming thread stuck inside GStreamer) leaves its thread behind and is logged,
+/// but never holds up the stream's end, a fallback, the next publisher or the daemon's shutdown.
+pub(crate) async fn tear_down(p: LivePipeline) {
+    let done = tokio::task::spawn_blocking(move || drop(p));
+    if tokio::time::timeout(TEARDOWN_LIMIT, done).await.is_err() {
+        tracing::error!(
+            limit_s = TEARDOWN_LIMIT.as_secs(),
+            "a pipeline did not stop in time: its thread is left behind"
+        );
+    }
+}
 /// Errors kept per stream.
 const MAX_ERRORS: usize = 20;
 
@@ -849,7 +865,7 @@ impl Supervisor {
         if let Some(p) = pipeline {
             let mut eos = h.eos.subscribe();
             let _ = tokio::time::timeout(self.config.grace, eos.wait_for(|e| *e)).await;
-            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+            tear_down(p).await;
         }
         h.origin.end();
         let ended = h.set_state(StreamState::Ended);

@@ -398,7 +398,7 @@ impl Supervisor {
             }
         };
         if let Some(p) = refused {
-            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+            tear_down(p).await;
             return Err(SupervisorError::Media(
                 "the stream stopped while its pipeline was being built".into(),
             ));
@@ -567,7 +567,7 @@ impl Supervisor {
             self.event("source.lost", h);
         }
         if let Some(p) = pipeline {
-            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+            tear_down(p).await;
         }
         h.resilience.lock().slate_off();
         h.state.send_if_modified(|cur| {

@@ -435,7 +435,7 @@ impl Supervisor {
             h.pipeline.lock().take()
         };
         if let Some(p) = p {
-            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+            tear_down(p).await;
         }
         h.resilience.lock().slate_off();
         h.origin.end();
