@@ -125,6 +125,67 @@ where
     router
 }
 
+/// Every 4xx either API answers is the JSON envelope, including the ones axum's extractors write as plain text
+/// (a path parameter that is not UTF-8, a body over the limit, a query that does not parse): their text becomes
+/// the message, with a code for the status. Other headers (e.g. `Allow`) are kept.
+async fn envelope_rejections(res: Response) -> Response {
+    let status = res.status();
+    let plain = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("text/plain"));
+    if !status.is_client_error() || !plain {
+        return res;
+    }
+    let code = match status.as_u16() {
+        400 => "bad_request",
+        405 => "method_not_allowed",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        422 => "unprocessable",
+        _ => "error",
+    };
+    let (parts, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let mut r = crate::json_error(status, code, text);
+    for (k, v) in &parts.headers {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            r.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    r
+}
+
+/// Documents what every operation with path parameters may also answer: 400 for a parameter that is not UTF-8
+/// (percent-encoded bytes) and 404 for a path no route serves as sent (an empty segment), each the envelope.
+fn document_path_errors(api: &mut OpenApi) {
+    for (path, item) in api.paths.paths.iter_mut() {
+        if !path.contains('{') {
+            continue;
+        }
+        for op in operations_mut(item) {
+            let responses = &mut op.responses.responses;
+            if !responses.contains_key("400") {
+                responses.insert(
+                    "400".into(),
+                    error_response("A path parameter is not valid UTF-8").into(),
+                );
+            }
+            if !responses.contains_key("404") {
+                responses.insert(
+                    "404".into(),
+                    error_response("No route serves the path as sent (e.g. an empty segment)")
+                        .into(),
+                );
+            }
+        }
+    }
+}
+
 /// The served document (`/v1/openapi.json`).
 #[derive(Debug, Clone)]
 pub struct Document(pub Arc<str>);
@@ -150,6 +211,7 @@ pub fn finish(router: OpenApiRouter, title: &str, description: &str) -> (Router,
     let (router, mut api) = router
         .routes(utoipa_axum::routes!(openapi_json))
         .split_for_parts();
+    document_path_errors(&mut api);
     api.info.title = title.into();
     api.info.version = env!("CARGO_PKG_VERSION").into();
     api.info.description = Some(description.into());
@@ -168,5 +230,50 @@ pub fn finish(router: OpenApiRouter, title: &str, description: &str) -> (Router,
         <ErrorEnvelope as utoipa::PartialSchema>::schema(),
     );
     let json = serde_json::to_string(&api).expect("an OpenAPI document serializes");
-    (router.layer(Extension(Document(json.into()))), api)
+    let router = router
+        .layer(axum::middleware::map_response(envelope_rejections))
+        .layer(Extension(Document(json.into())));
+    (router, api)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::extract::Path;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    #[utoipa::path(get, path = "/n/{n}", params(("n" = u32, Path)), responses((status = 200, description = "n")))]
+    async fn n(Path(n): Path<u32>) -> String {
+        n.to_string()
+    }
+
+    #[tokio::test]
+    async fn extractor_rejections_become_the_envelope_and_path_errors_are_documented() {
+        let (router, api) = finish(
+            OpenApiRouter::new().routes(utoipa_axum::routes!(n)),
+            "t",
+            "d",
+        );
+        let res = router
+            .oneshot(Request::get("/n/abc").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "bad_request");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("parse"),
+            "{v}"
+        );
+        let op = serde_json::to_value(&api.paths.paths["/n/{n}"]).unwrap();
+        for status in ["200", "400", "404"] {
+            assert!(op["get"]["responses"][status].is_object(), "{status}: {op}");
+        }
+        assert!(api.paths.paths.contains_key("/v1/openapi.json"));
+    }
 }

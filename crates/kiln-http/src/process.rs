@@ -19,7 +19,9 @@ where
         .build()?;
     let result = runtime.block_on(main());
     // Dropping a runtime waits for every blocking thread: one stuck inside a native library (a GStreamer teardown
-    // that never returns) would keep the process from exiting after its work is done.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    // that never returns) would keep the process from exiting after its work is done. Work still running on one
+    // after `main` returned is cut here: kilnd's VOD jobs are stopped by its shutdown before that, and a job cut
+    // anyway is queued again from its state on disk at the next start.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(10));
     result
 }

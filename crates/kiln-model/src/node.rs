@@ -133,6 +133,16 @@ pub struct NodeStream {
     /// with `--relieve-behind` moves such a stream to another node (make-before-break); operators see it too.
     #[serde(default)]
     pub behind_real_time: bool,
+    /// Every rendition has closed a segment. A copy that replaces another (a move) takes the viewers only then:
+    /// its first whole segment then starts before the old copy's last one ended, so a viewer switching over
+    /// finds no hole in the timeline. (Reported by daemons since 2026-12; an older one's copies count as having
+    /// one once running.)
+    #[serde(default = "yes")]
+    pub has_segment: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What one stream of a preset costs on a node: on the CPU (x264), and on one of its NVENC GPUs (a host part and a

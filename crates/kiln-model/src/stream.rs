@@ -134,8 +134,12 @@ fn default_fps() -> Fraction {
 pub struct Passthrough {
     pub name: String,
     pub passthrough: bool,
+    // optional in a request (the defaults below), always present once resolved
+    #[schema(required = false)]
     pub bitrate_kbps: u32,
+    #[schema(required = false)]
     pub width: u32,
+    #[schema(required = false)]
     pub height: u32,
 }
 

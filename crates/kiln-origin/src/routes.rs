@@ -425,7 +425,7 @@ async fn master(
         (status = 400, description = "A bad delivery directive, or `exp`/`sig` given to an origin that does not sign", body = ErrorEnvelope),
         (status = 403, description = "Signed playback: the token is missing, expired or wrong", body = ErrorEnvelope),
         (status = 404, description = "No such stream, rendition or resource (or gone from the window)", body = ErrorEnvelope),
-        (status = 416, description = "Range not satisfiable"),
+        (status = 416, description = "Range not satisfiable", body = ErrorEnvelope),
         (status = 503, description = "The media did not arrive in time, or too many requests wait (`Retry-After`)", body = ErrorEnvelope),
     ))]
 async fn media(

@@ -435,7 +435,6 @@ fn join_error(s: &Scheduler, id: &str, e: JoinError) -> Response {
         (status = 401, description = "The join token (or the fleet token) is required and was missing or wrong", body = ErrorEnvelope),
         (status = 403, description = "The fleet is closed, or the node is not in `--nodes`", body = ErrorEnvelope),
         (status = 409, description = "Open fleet: a live node of this id reports another URL", body = ErrorEnvelope),
-        (status = 413, description = "Body over 256 KiB", content_type = "text/plain"),
         (status = 422, description = "The advertised URL is refused (`--allow-networks`, name resolution)", body = ErrorEnvelope),
         (status = 503, description = "The store does not answer (`store_unavailable`, `Retry-After`), or nobody leads (`no_leader`)", body = ErrorEnvelope),
     ))]

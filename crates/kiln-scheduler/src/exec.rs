@@ -428,6 +428,7 @@ mod tests {
             demand: Resources::default(),
             gpu_demand: None,
             behind_real_time: false,
+            has_segment: true,
         };
         let (url, log) = daemon(&[], 200, "").await;
         let s = leader(&url, vec![copy]).await;

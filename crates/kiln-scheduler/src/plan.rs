@@ -321,18 +321,21 @@ fn handover(
         return true;
     }
     match new {
-        Some(c) if c.stream.state == StreamState::Running => out.push(Action::Handover {
-            record: StreamRecord {
-                handover_from: None,
-                ..r.clone()
-            },
-            stop: here
-                .iter()
-                .filter(|c| c.node != to)
-                .map(|c| (c.node.to_string(), c.url.to_string()))
-                .collect(),
-        }),
-        Some(_) => {} // starting: the old copy plays on meanwhile
+        // running, with a whole segment: viewers sent there find no hole between the two copies' timelines
+        Some(c) if c.stream.state == StreamState::Running && c.stream.has_segment => {
+            out.push(Action::Handover {
+                record: StreamRecord {
+                    handover_from: None,
+                    ..r.clone()
+                },
+                stop: here
+                    .iter()
+                    .filter(|c| c.node != to)
+                    .map(|c| (c.node.to_string(), c.url.to_string()))
+                    .collect(),
+            })
+        }
+        Some(_) => {} // starting, or no whole segment yet: the old copy plays on meanwhile
         None => out.extend(lost(r, fleet, ctx)),
     }
     true

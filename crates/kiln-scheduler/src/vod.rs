@@ -72,9 +72,30 @@ async fn node_url(s: &Scheduler, node: &str) -> Result<Option<String>, Response>
         .map(|h| h.url))
 }
 
-/// A node's answer, passed on (JSON bodies get `"node"` added).
+/// A job as its node answers it, with the node's id added (documentation: the answer is the node's JSON).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+struct RoutedJob {
+    #[serde(flatten)]
+    status: JobStatus,
+    /// The node the job runs on.
+    node: String,
+}
+
+/// A node's answer, passed on (JSON bodies get `"node"` added). A node's server error other than 503 (which says
+/// it cannot take jobs now) is a bad gateway here: the scheduler answered, the node failed.
 async fn pass_on(node: &str, r: reqwest::Response) -> Response {
-    let status = StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let status = match StatusCode::from_u16(r.status().as_u16()) {
+        Ok(s) if s.is_server_error() && s != StatusCode::SERVICE_UNAVAILABLE => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "bad_node_answer",
+                format!("{node} answered {s}"),
+            )
+        }
+        Ok(s) => s,
+        Err(_) => StatusCode::BAD_GATEWAY,
+    };
     let bytes = r.bytes().await.unwrap_or_default();
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(mut m)) => {
@@ -120,9 +141,9 @@ fn ranked(s: &Scheduler, nodes: &[NodeEntry]) -> Vec<(String, String)> {
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
     request_body(content = JobRequest, content_type = "application/json"),
     responses(
-        (status = 201, description = "Queued on a node (`node` names it)", body = JobStatus),
+        (status = 201, description = "Queued on a node (`node` names it)", body = RoutedJob),
         (status = 400, description = "Malformed job (or the node judged it so)", body = ErrorEnvelope),
-        (status = 413, description = "Body over 256 KiB", content_type = "text/plain"),
+        (status = 413, description = "Body over the scheduler's 256 KiB or the node's 64 KiB", body = ErrorEnvelope),
         (status = 422, description = "The node cannot run it", body = ErrorEnvelope),
         (status = 502, description = "The job's node answered badly or not at all", body = ErrorEnvelope),
         (status = 503, description = "No live, accepting VOD node took it, or the store does not answer", body = ErrorEnvelope),
@@ -238,7 +259,7 @@ async fn route(s: &Scheduler, id: &str) -> Result<(String, String), Response> {
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
     params(("id" = String, Path, description = "The job's id")),
     responses(
-        (status = 200, description = "The job", body = JobStatus),
+        (status = 200, description = "The job", body = RoutedJob),
         (status = 404, description = "No such job", body = ErrorEnvelope),
         (status = 502, description = "The job's node answered badly or not at all", body = ErrorEnvelope),
         (status = 503, description = "Its node is not reporting (`Retry-After`), or the store does not answer", body = ErrorEnvelope),
@@ -270,7 +291,7 @@ pub async fn get_job(State(s): S, Path(id): Path<String>) -> Response {
         ("purge" = Option<bool>, Query, description = "Delete a finished job and its outputs instead of cancelling"),
     ),
     responses(
-        (status = 200, description = "Cancelled", body = JobStatus),
+        (status = 200, description = "Cancelled", body = RoutedJob),
         (status = 204, description = "Purged"),
         (status = 404, description = "No such job", body = ErrorEnvelope),
         (status = 409, description = "Finished already (cancel), or not finished yet (purge)", body = ErrorEnvelope),

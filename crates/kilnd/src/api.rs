@@ -397,6 +397,7 @@ async fn cancel_job(
         (status = 206, description = "The requested range", content(("application/vnd.apple.mpegurl"), ("application/dash+xml"), ("video/mp4"), ("audio/mp4"), ("image/jpeg"), ("text/vtt"), ("application/octet-stream"))),
         (status = 304, description = "Not modified (`If-None-Match`, `If-Modified-Since`)"),
         (status = 404, description = "No such file", body = ErrorEnvelope),
+        (status = 412, description = "A precondition (`If-Match`, `If-Unmodified-Since`) failed"),
         (status = 416, description = "Range not satisfiable"),
         (status = 503, description = "VOD jobs are disabled (no `--data-dir`), or the job store failed", body = ErrorEnvelope),
     ))]

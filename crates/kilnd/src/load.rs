@@ -33,6 +33,7 @@ pub async fn run(state: AppState) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        state.supervisor.reap_teardowns();
         let busy = kiln_http::server::serving_busy().as_secs_f64();
         let (requests, bytes) = state.metrics.http.totals();
         state

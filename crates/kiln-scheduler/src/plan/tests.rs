@@ -47,6 +47,7 @@ fn copy(id: &str, state: StreamState, backend: Backend) -> NodeStream {
         demand: Resources::default(),
         gpu_demand: None,
         behind_real_time: false,
+        has_segment: true,
     }
 }
 
@@ -499,7 +500,20 @@ fn an_evacuating_nodes_streams_move_make_before_break() {
         ),
     ];
     assert!(plan_of(std::slice::from_ref(&moving), &starting, &[], false).is_empty());
-    // b publishes: the old copy is stopped and the move recorded as over
+    // b publishes parts but has no whole segment yet: viewers sent there could find a hole, so still nothing
+    let first_parts = [
+        draining("a", vec![running("s1")]),
+        live(
+            "b",
+            &[],
+            vec![NodeStream {
+                has_segment: false,
+                ..running("s1")
+            }],
+        ),
+    ];
+    assert!(plan_of(std::slice::from_ref(&moving), &first_parts, &[], false).is_empty());
+    // b has a whole segment: the old copy is stopped and the move recorded as over
     let publishing = [
         draining("a", vec![running("s1")]),
         live("b", &[], vec![running("s1")]),

@@ -5,12 +5,12 @@
 use std::path::PathBuf;
 
 use kiln_media::select::SelectError;
-use kiln_media::BuildOptions;
+use kiln_media::{BuildOptions, LivePipeline};
 use kiln_model::capacity::{Dimension, Resources};
 use kiln_model::load::ServingLoad;
 use kiln_model::{Backend, Policy, Source, StreamPlan, VideoCodec};
 
-use super::{Placement, StreamHandle, Supervisor, SupervisorError};
+use super::{tear_down, Placement, StreamHandle, Supervisor, SupervisorError};
 
 impl Supervisor {
     /// Resources booked now.
@@ -96,10 +96,51 @@ impl Supervisor {
 
     /// Releases what a stream has booked, once: its placement keeps the backend but books nothing afterwards.
     pub(super) fn release_all(&self, h: &StreamHandle) {
+        self.release_placement(&Self::take_bookings(h));
+    }
+
+    /// Takes what `h` has booked out of its placement (host and GPU; the placement still says where it ran).
+    fn take_bookings(h: &StreamHandle) -> Placement {
         let mut p = h.placement.lock();
-        self.release_placement(&p);
+        let booked = *p;
         p.host = Resources::default();
         p.gpu = None;
+        booked
+    }
+
+    /// Tears `h`'s pipeline `p` down ([`tear_down`]). When that is stuck, what `h` booked is taken out of its
+    /// placement and kept booked until the teardown returns (see [`Self::reap_teardowns`]), so a later
+    /// [`Self::release_all`] frees nothing a stuck pipeline may still use.
+    pub(super) async fn tear_down_booked(&self, h: &StreamHandle, p: LivePipeline) {
+        if let Some(stuck) = tear_down(p).await {
+            self.hold_until_torn_down(stuck, Self::take_bookings(h));
+        }
+    }
+
+    /// Keeps `booked` until the stuck teardown `stuck` returns.
+    pub(super) fn hold_until_torn_down(
+        &self,
+        stuck: tokio::task::JoinHandle<()>,
+        booked: Placement,
+    ) {
+        self.stuck.lock().push((stuck, booked));
+    }
+
+    /// Releases the bookings of stuck teardowns that have returned since (the load sampler calls this every
+    /// second). Returns how many are still stuck.
+    pub fn reap_teardowns(&self) -> usize {
+        let done: Vec<Placement> = {
+            let mut stuck = self.stuck.lock();
+            let (done, left): (Vec<_>, Vec<_>) =
+                stuck.drain(..).partition(|(j, _)| j.is_finished());
+            *stuck = left;
+            done.into_iter().map(|(_, p)| p).collect()
+        };
+        for p in &done {
+            tracing::warn!("a stuck pipeline stopped after all: its bookings are released");
+            self.release_placement(p);
+        }
+        self.stuck.lock().len()
     }
 
     /// Releases everything a placement booked.

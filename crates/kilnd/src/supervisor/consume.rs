@@ -55,10 +55,15 @@ impl Supervisor {
         } else {
             (h.pipeline.lock().take(), false)
         };
-        if let Some(p) = p {
-            tear_down(p).await;
+        let stuck = match p {
+            Some(p) => tear_down(p).await,
+            None => None,
+        };
+        // a stuck teardown may still hold the old NVENC session: its bookings wait for it
+        match stuck {
+            Some(j) => self.hold_until_torn_down(j, old),
+            None => self.release_placement(&old),
         }
-        self.release_placement(&old);
         let nothing = Placement {
             host: Resources::default(),
             gpu: None,
@@ -337,15 +342,22 @@ pub(super) async fn consume(
                     h.resilience.lock().slate_off();
                     h.origin.end();
                     let ended = h.set_state(StreamState::Ended);
-                    if let Some(sup) = supervisor.upgrade() {
-                        if ended {
-                            sup.event("stream.ended", &h);
-                        }
-                        sup.release_all(&h);
-                    }
                     let p = h.pipeline.lock().take();
-                    if let Some(p) = p {
-                        tear_down(p).await;
+                    match supervisor.upgrade() {
+                        Some(sup) => {
+                            if ended {
+                                sup.event("stream.ended", &h);
+                            }
+                            if let Some(p) = p {
+                                sup.tear_down_booked(&h, p).await;
+                            }
+                            sup.release_all(&h);
+                        }
+                        None => {
+                            if let Some(p) = p {
+                                tear_down(p).await;
+                            }
+                        }
                     }
                 }
             }
@@ -371,7 +383,7 @@ impl Supervisor {
         h.kick_backup_publisher(Refusal::Pipeline, "the stream failed");
         let p = h.pipeline.lock().take();
         if let Some(p) = p {
-            tear_down(p).await;
+            self.tear_down_booked(h, p).await;
         }
         h.resilience.lock().slate_off();
         h.origin.end();

@@ -69,15 +69,21 @@ const EVENT_QUEUE: usize = 1024;
 const TEARDOWN_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Drops a pipeline (its state to NULL) on a blocking thread and waits for that, at most [`TEARDOWN_LIMIT`]. A
-/// teardown that never returns (a streaming thread stuck inside GStreamer) leaves its thread behind and is logged,
-/// but never holds up the stream's end, a fallback, the next publisher or the daemon's shutdown.
-pub(crate) async fn tear_down(p: LivePipeline) {
-    let done = tokio::task::spawn_blocking(move || drop(p));
-    if tokio::time::timeout(TEARDOWN_LIMIT, done).await.is_err() {
-        tracing::error!(
-            limit_s = TEARDOWN_LIMIT.as_secs(),
-            "a pipeline did not stop in time: its thread is left behind"
-        );
+/// teardown that never returns (a streaming thread stuck inside GStreamer) is logged and its thread left behind,
+/// so it never holds up the stream's end, a fallback, the next publisher or the daemon's shutdown; the handle
+/// returned then says when it does return. A stuck pipeline may still hold its NVENC session and memory, so its
+/// bookings are kept until then ([`Supervisor::tear_down_booked`]).
+pub(crate) async fn tear_down(p: LivePipeline) -> Option<tokio::task::JoinHandle<()>> {
+    let mut done = tokio::task::spawn_blocking(move || drop(p));
+    match tokio::time::timeout(TEARDOWN_LIMIT, &mut done).await {
+        Ok(_) => None,
+        Err(_) => {
+            tracing::error!(
+                limit_s = TEARDOWN_LIMIT.as_secs(),
+                "a pipeline did not stop in time: its thread is left behind, its bookings kept until it returns"
+            );
+            Some(done)
+        }
     }
 }
 /// Errors kept per stream.
@@ -415,6 +421,8 @@ pub struct Supervisor {
     pub ingest_addrs: std::sync::OnceLock<IngestAddrs>,
     /// Where stream events go (`--webhook-url`).
     pub webhooks: std::sync::OnceLock<Arc<crate::webhooks::Webhooks>>,
+    /// Teardowns that outran [`TEARDOWN_LIMIT`], with what their pipelines booked ([`Supervisor::reap_teardowns`]).
+    stuck: Mutex<Vec<(tokio::task::JoinHandle<()>, Placement)>>,
 }
 
 /// Where publishers reach this daemon (`host:port`), for the publish URLs.
@@ -462,6 +470,7 @@ impl Supervisor {
             ingest_keys: Mutex::new(HashMap::new()),
             ingest_addrs: std::sync::OnceLock::new(),
             webhooks: std::sync::OnceLock::new(),
+            stuck: Mutex::new(Vec::new()),
             config,
             registry,
             gpus,
@@ -865,7 +874,7 @@ impl Supervisor {
         if let Some(p) = pipeline {
             let mut eos = h.eos.subscribe();
             let _ = tokio::time::timeout(self.config.grace, eos.wait_for(|e| *e)).await;
-            tear_down(p).await;
+            self.tear_down_booked(&h, p).await;
         }
         h.origin.end();
         let ended = h.set_state(StreamState::Ended);
@@ -939,9 +948,8 @@ impl Supervisor {
                 (h, p)
             })
             .collect();
-        for (h, p) in begun {
-            self.complete_stop(h, p).await;
-        }
+        // all at once: each waits up to the grace period for its EOS (and a stuck teardown up to its limit)
+        futures::future::join_all(begun.into_iter().map(|(h, p)| self.complete_stop(h, p))).await;
     }
 }
 

@@ -81,6 +81,11 @@ impl Supervisor {
                     demand: p.host,
                     gpu_demand: p.gpu.map(|(_, d)| d),
                     behind_real_time: h.behind_real_time(),
+                    has_segment: h
+                        .origin
+                        .renditions
+                        .iter()
+                        .all(|r| !r.snapshot().closed.is_empty()),
                 }
             })
             .collect()

@@ -435,7 +435,7 @@ impl Supervisor {
             h.pipeline.lock().take()
         };
         if let Some(p) = p {
-            tear_down(p).await;
+            self.tear_down_booked(h, p).await;
         }
         h.resilience.lock().slate_off();
         h.origin.end();

@@ -226,3 +226,30 @@ fn serving_keeps_new_streams_out_but_not_a_running_streams_fallback() {
     let rebuilt = sup.place(&p, true).unwrap();
     assert_eq!(rebuilt.host.cpu_millicores, need);
 }
+
+/// A teardown that outran its limit keeps its NVENC booking until its thread returns: admission must not hand out
+/// a session a stuck pipeline may still hold. (The stuck thread is a blocking task waiting on a channel.)
+#[tokio::test]
+async fn a_stuck_teardown_keeps_its_bookings_until_its_thread_returns() {
+    let sup = supervisor(vec![l4(0)]);
+    let gpu = plan(&sup, "test:", Policy::PreferGpu);
+    let a = sup.place(&gpu, false).unwrap();
+    assert_eq!(sup.gpus.allocated(0).nvenc_fps, 44);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let stuck = tokio::task::spawn_blocking(move || {
+        let _ = rx.recv();
+    });
+    sup.hold_until_torn_down(stuck, a);
+    assert_eq!(sup.reap_teardowns(), 1);
+    assert_eq!(sup.gpus.allocated(0).nvenc_fps, 44, "released while stuck");
+    tx.send(()).unwrap();
+    let reaped = async {
+        while sup.reap_teardowns() > 0 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), reaped)
+        .await
+        .expect("the returned teardown is reaped");
+    assert_eq!(sup.gpus.allocated(0), Resources::default());
+}
