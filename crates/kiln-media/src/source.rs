@@ -719,9 +719,6 @@ impl Entry {
         if input.is_standby() {
             return Ok(gst::FlowSuccess::Ok); // decoded, not on air
         }
-        if !video && input.kind == InputKind::Slate && self.video_out.is_some() {
-            self.wait_for_takeover(input)?;
-        }
         let mut track = track.lock();
         let current = self.current.load(Ordering::SeqCst);
         let generation = input.generation();
@@ -1088,6 +1085,22 @@ pub(crate) fn bridge(name: &str, video: bool, state: Arc<Shared>) -> gst::Elemen
     // stream would wait forever for its first frame.
     let appsink = gst_app::AppSink::builder().name(name).sync(false).build();
     appsink.set_property("async", false);
+    if !video && state.kind == InputKind::Slate && state.entry.video_out.is_some() {
+        // The slate's sound waits for its picture to take over ([`Entry::wait_for_takeover`]) here, in a probe in
+        // front of the sink, not in its callback: the callback runs under the sink's preroll lock, which the slate
+        // pipeline's change to PLAYING takes, while the picture can only take over once PLAYING. Waiting in the
+        // callback deadlocked the three (the slate never went on air, its stream wedged; gdb on a hung test
+        // showed the sound's thread in the wait, the picture's in preroll, the state change on the lock).
+        let st = state.clone();
+        if let Some(pad) = appsink.static_pad("sink") {
+            pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+                match st.entry.wait_for_takeover(&st) {
+                    Ok(()) => gst::PadProbeReturn::Ok,
+                    Err(_) => gst::PadProbeReturn::Drop, // stopped
+                }
+            });
+        }
+    }
     appsink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
             .new_sample(move |s| {

@@ -381,12 +381,13 @@ impl Supervisor {
             p.kick.notify_one();
         }
         h.kick_backup_publisher(Refusal::Pipeline, "the stream failed");
+        // ENDLIST before the teardown, which may take a while: a stream reported `failed` has ended playlists
+        h.origin.end();
         let p = h.pipeline.lock().take();
         if let Some(p) = p {
             self.tear_down_booked(h, p).await;
         }
         h.resilience.lock().slate_off();
-        h.origin.end();
         h.eos.send_replace(true);
         self.release_all(h);
     }

@@ -434,11 +434,13 @@ impl Supervisor {
             h.pipeline_epoch.fetch_add(1, Ordering::SeqCst);
             h.pipeline.lock().take()
         };
+        // ENDLIST before the teardown, which may take a while: a stream reported `ended` has ended playlists (a
+        // part the dying pipeline still hands over is refused by the ended packager)
+        h.origin.end();
         if let Some(p) = p {
             self.tear_down_booked(h, p).await;
         }
         h.resilience.lock().slate_off();
-        h.origin.end();
         h.eos.send_replace(true);
         self.event("stream.ended", h);
         self.release_all(h);
