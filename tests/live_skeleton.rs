@@ -506,3 +506,94 @@ async fn audio_only_preset_streams_and_plays() -> Result<()> {
     );
     d.shutdown().await
 }
+
+/// kilnd answers plain playback GETs without its router (`kilnd::front`); a percent-encoded path (`%66` is `f`)
+/// still takes the router, which decodes it. Both must give the same answer: status, every header (but `date`,
+/// and a playlist's length: it may have moved on between the two requests), and the media's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_playback_gets_get_the_routers_answers_without_the_router() -> Result<()> {
+    let d = Daemon::start_default().await?;
+    start_stream(&d, "fp").await?;
+    let pl = wait_for_msn(&d, "fp", "hi", 1).await?;
+    let done = &pl.segments[pl.segments.len() - 2];
+    let (m, part) = (done.msn, done.parts.get(1).context("parts")?.uri.clone());
+    let seg = done.uri.clone().context("a complete segment")?;
+    let etag = d
+        .http
+        .get(d.url(&format!("/live/fp/hi/{part}")))
+        .send()
+        .await?
+        .headers()
+        .get("etag")
+        .context("etag")?
+        .clone();
+    // (path after /live/fp, extra request header)
+    let cases: Vec<(String, Option<(&str, &str)>)> = vec![
+        (format!("/hi/{part}"), None),
+        (format!("/hi/{seg}"), None),
+        ("/hi/init.mp4".into(), None),
+        (format!("/hi/{part}"), Some(("range", "bytes=10-99"))),
+        (format!("/hi/{part}"), Some(("range", "bytes=99999999-"))),
+        (
+            format!("/hi/{part}"),
+            Some(("if-none-match", etag.to_str()?)),
+        ),
+        (format!("/hi/{part}"), Some(("accept-encoding", "gzip"))),
+        (format!("/hi/index.m3u8?_HLS_msn={m}&_HLS_part=1"), None),
+        (
+            format!("/hi/index.m3u8?_HLS_msn={m}&_HLS_part=1&_HLS_skip=YES"),
+            None,
+        ),
+        (
+            "/hi/index.m3u8".into(),
+            Some(("accept-encoding", "identity")),
+        ),
+        ("/master.m3u8".into(), None),
+        ("/manifest.mpd".into(), None),
+        ("/nope/index.m3u8".into(), None),
+        ("/hi/index.m3u8?_HLS_msn=x".into(), None),
+        ("/hi/part-x.m4s".into(), None),
+        ("/hi/index.m3u8?exp=1&sig=2".into(), None),
+    ];
+    for (rest, extra) in &cases {
+        let get = |stream: &str| {
+            let mut req = d.http.get(d.url(&format!("/live/{stream}{rest}")));
+            if let Some((k, v)) = extra {
+                req = req.header(*k, *v);
+            }
+            async move {
+                let res = req.send().await?;
+                let status = res.status();
+                let headers = res.headers().clone();
+                anyhow::Ok((status, headers, res.bytes().await?))
+            }
+        };
+        let (direct, routed) = (get("fp").await?, get("%66p").await?);
+        let what = format!("GET /live/fp{rest} {extra:?}");
+        ensure!(direct.0 == routed.0, "{what}: {} vs {}", direct.0, routed.0);
+        let document = rest.contains(".m3u8") || rest.contains(".mpd");
+        let view = |h: &reqwest::header::HeaderMap| {
+            let mut v: Vec<(String, String)> = h
+                .iter()
+                .filter(|(k, _)| *k != "date" && !(document && *k == "content-length"))
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_string()))
+                .collect();
+            v.sort();
+            v
+        };
+        ensure!(
+            view(&direct.1) == view(&routed.1),
+            "{what}: headers differ\n direct: {:?}\n routed: {:?}",
+            view(&direct.1),
+            view(&routed.1)
+        );
+        ensure!(
+            direct.1.get("access-control-allow-origin").is_some(),
+            "{what}: no CORS header"
+        );
+        if !document {
+            ensure!(direct.2 == routed.2, "{what}: bodies differ");
+        }
+    }
+    d.shutdown().await
+}

@@ -27,7 +27,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::http::{Request, Response};
 use axum::Router;
+use hyper::body::{Body, Incoming};
+use hyper::service::Service;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -47,15 +50,21 @@ pub fn serving_busy() -> Duration {
     Duration::from_nanos(BUSY_NS.load(Ordering::Relaxed))
 }
 
-/// A future whose polls are timed into [`serving_busy`].
-struct Timed<F>(Pin<Box<F>>);
+pin_project_lite::pin_project! {
+    /// A future whose polls are timed into [`serving_busy`]. The future is held inline (not boxed): a spawned
+    /// connection is one allocation, its task.
+    struct Timed<F> {
+        #[pin]
+        inner: F,
+    }
+}
 
 impl<F: Future> Future for Timed<F> {
     type Output = F::Output;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let start = std::time::Instant::now();
-        let out = self.0.as_mut().poll(cx);
+        let out = self.project().inner.poll(cx);
         BUSY_NS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
         out
     }
@@ -71,7 +80,7 @@ where
     F::Output: Send + 'static,
 {
     fn execute(&self, fut: F) {
-        tokio::spawn(Timed(Box::pin(fut)));
+        tokio::spawn(Timed { inner: fut });
     }
 }
 
@@ -130,6 +139,32 @@ pub async fn serve(
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    serve_service(
+        listener,
+        tls,
+        TowerToHyperService::new(app),
+        limits,
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`] with any hyper service (kilnd's answers plain playback requests before its router).
+pub async fn serve_service<S, B>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    service: S,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let nofile = raise_nofile_limit();
     let max = effective_max_connections(limits.max_connections, nofile);
     tracing::info!(
@@ -139,7 +174,7 @@ pub async fn serve(
         "serving"
     );
     let permits = Arc::new(Semaphore::new(max));
-    let refused = Arc::new(AtomicU64::new(0));
+    let refused = AtomicU64::new(0);
     let graceful = GracefulShutdown::new();
     // connections still choosing their protocol (no request yet) end at once when the stop begins
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
@@ -157,37 +192,32 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            if refused.fetch_add(1, Ordering::Relaxed) == 0 {
-                tracing::warn!(
-                    max_connections = max,
-                    "connection limit reached: closing new connections until some end"
-                );
-            }
+        let Some(permit) = admit(&permits, &refused, max) else {
             drop(tcp);
             continue;
         };
-        if refused.swap(0, Ordering::Relaxed) > 0 {
-            tracing::info!("below the connection limit again");
-        }
         let _ = tcp.set_nodelay(true);
         let conn = Conn {
-            service: TowerToHyperService::new(app.clone()),
+            service: service.clone(),
             limits,
             watcher: graceful.watcher(),
             stopping: stopping.clone(),
         };
         let tls = tls.clone();
-        tokio::spawn(Timed(Box::pin(async move {
-            let _permit = permit;
-            let result = match tls {
-                None => conn.plain(tcp).await,
-                Some(acceptor) => conn.tls(tcp, acceptor).await,
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended");
-            }
-        })));
+        tokio::spawn(Timed {
+            inner: async move {
+                let _permit = permit;
+                // a TLS connection's future (the handshake, then rustls's state inside the HTTP connection) is
+                // several times a plain one's: boxed, so that a plain connection's task does not carry its size
+                let result = match tls {
+                    None => conn.plain(tcp).await,
+                    Some(acceptor) => Box::pin(conn.tls(tcp, acceptor)).await,
+                };
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "connection ended");
+                }
+            },
+        });
     }
     drop(listener);
     let _ = stopping_tx.send(true);
@@ -200,20 +230,50 @@ pub async fn serve(
     Ok(())
 }
 
+/// A place for a new connection under the cap, or `None` (the connection is to be closed); logs the first
+/// refusal of each burst and the end of it.
+fn admit(
+    permits: &Arc<Semaphore>,
+    refused: &AtomicU64,
+    max: usize,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let Ok(permit) = permits.clone().try_acquire_owned() else {
+        if refused.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                max_connections = max,
+                "connection limit reached: closing new connections until some end"
+            );
+        }
+        return None;
+    };
+    if refused.swap(0, Ordering::Relaxed) > 0 {
+        tracing::info!("below the connection limit again");
+    }
+    Some(permit)
+}
+
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One accepted connection and what it is served with.
-struct Conn {
-    service: TowerToHyperService<Router>,
+struct Conn<S> {
+    service: S,
     limits: Limits,
     watcher: hyper_util::server::graceful::Watcher,
     stopping: tokio::sync::watch::Receiver<bool>,
 }
 
-impl Conn {
+impl<S, B> Conn<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     /// Plain TCP: the first bytes (within the header timeout) choose h2c or HTTP/1.1.
     async fn plain(mut self, tcp: TcpStream) -> Result<(), BoxError> {
         let sniff = tokio::time::timeout(self.limits.header_timeout, sniff_h2(&tcp));
@@ -240,26 +300,42 @@ impl Conn {
         self.http(tls, h2).await
     }
 
+    /// HTTP/2 is boxed: its connection state is over twice HTTP/1.1's, and an HTTP/1.1 connection's task (most of
+    /// them: a parked blocking request is one) would otherwise carry that size.
     async fn http<I>(self, io: I, h2: bool) -> Result<(), BoxError>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let io = TokioIo::new(io);
         if h2 {
-            let mut b = hyper::server::conn::http2::Builder::new(TimedExecutor);
-            b.timer(TokioTimer::new())
-                .keep_alive_interval(Some(self.limits.h2_keepalive))
-                .keep_alive_timeout(self.limits.h2_keepalive);
-            let conn = b.serve_connection(io, self.service);
-            self.watcher.watch(conn).await?;
+            Box::pin(self.h2(TokioIo::new(io))).await
         } else {
-            let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(TokioTimer::new())
-                .header_read_timeout(self.limits.header_timeout)
-                .keep_alive(true);
-            let conn = b.serve_connection(io, self.service);
-            self.watcher.watch(conn).await?;
+            self.h1(TokioIo::new(io)).await
         }
+    }
+
+    async fn h1<I>(self, io: TokioIo<I>) -> Result<(), BoxError>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(self.limits.header_timeout)
+            .keep_alive(true);
+        let conn = b.serve_connection(io, self.service);
+        self.watcher.watch(conn).await?;
+        Ok(())
+    }
+
+    async fn h2<I>(self, io: TokioIo<I>) -> Result<(), BoxError>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut b = hyper::server::conn::http2::Builder::new(TimedExecutor);
+        b.timer(TokioTimer::new())
+            .keep_alive_interval(Some(self.limits.h2_keepalive))
+            .keep_alive_timeout(self.limits.h2_keepalive);
+        let conn = b.serve_connection(io, self.service);
+        self.watcher.watch(conn).await?;
         Ok(())
     }
 }

@@ -17,5 +17,5 @@ pub mod routes;
 pub mod signing;
 pub mod store;
 
-pub use routes::router;
+pub use routes::{router, LiveGet};
 pub use store::{Origin, RenditionInfo, RenditionKind, StreamOrigin};

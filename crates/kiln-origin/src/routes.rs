@@ -130,7 +130,11 @@ async fn mpd(
     Path(stream): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    if origin.get(&stream).is_some_and(|s| s.follows_source_gop()) {
+    mpd_answer(&origin, &stream, query.as_deref()).await
+}
+
+async fn mpd_answer(origin: &Origin, stream: &str, query: Option<&str>) -> Response {
+    if origin.get(stream).is_some_and(|s| s.follows_source_gop()) {
         return error(
             StatusCode::NOT_FOUND,
             60,
@@ -138,7 +142,7 @@ async fn mpd(
              the MPD's fixed segment template cannot number (HLS only)",
         );
     }
-    stream_document(&origin, &stream, query.as_deref(), |s, token| {
+    stream_document(origin, stream, query, |s, token| {
         let text = s.mpd(unix_now_ms(), "/time")?;
         let max_age = (u64::from(s.target_duration_s()) / 2).max(1);
         Some((
@@ -280,6 +284,9 @@ fn reply(status: StatusCode, content_type: &'static str, max_age: u64, body: Byt
     let mut r = Response::new(axum::body::Body::from(body));
     *r.status_mut() = status;
     let h = r.headers_mut();
+    // room for every header a media answer gets here and on its way out (validators, CORS, Vary): the map is
+    // allocated once, not grown and rehashed
+    h.reserve(12);
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CACHE_CONTROL, cache_control(max_age));
     r
@@ -396,7 +403,11 @@ async fn master(
     Path(stream): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    stream_document(&origin, &stream, query.as_deref(), |s, token| {
+    master_answer(&origin, &stream, query.as_deref()).await
+}
+
+async fn master_answer(origin: &Origin, stream: &str, query: Option<&str>) -> Response {
+    stream_document(origin, stream, query, |s, token| {
         let text = s.master()?;
         let max_age = 6 * u64::from(s.target_duration_s());
         Some((with_token(Bytes::from(text), token, false), M3U8, max_age))
@@ -438,20 +449,36 @@ async fn media(
     // the whole map, and a parked request would hold it)
     let conditions = Conditions::of(req.headers());
     drop(req);
-    let token = match check_token(&origin, &stream, query.as_deref()) {
+    media_answer(
+        &origin,
+        (&stream, &rendition, &file),
+        query.as_deref(),
+        &conditions,
+    )
+    .await
+}
+
+/// What [`media`] answers, for `(stream, rendition, file)`.
+async fn media_answer(
+    origin: &Origin,
+    (stream, rendition, file): (&str, &str, &str),
+    query: Option<&str>,
+    conditions: &Conditions,
+) -> Response {
+    let token = match check_token(origin, stream, query) {
         Ok(t) => t,
         Err(r) => return r,
     };
-    let Some(s) = origin.get(&stream) else {
+    let Some(s) = origin.get(stream) else {
         return error(StatusCode::NOT_FOUND, 2, "no such stream");
     };
-    let Some(r) = s.rendition(&rendition).cloned() else {
+    let Some(r) = s.rendition(rendition).cloned() else {
         return error(StatusCode::NOT_FOUND, 2, "no such rendition");
     };
     let td = u64::from(s.target_duration_s());
     if file == "index.m3u8" {
-        return match parse_query(query.as_deref()) {
-            Ok(q) => playlist(&origin, &s, &r, q, &token).await,
+        return match parse_query(query) {
+            Ok(q) => playlist(origin, &s, &r, q, &token).await,
             Err(AMBIGUOUS_QUERY) => {
                 let mut r = error(StatusCode::BAD_REQUEST, 0, AMBIGUOUS_QUERY);
                 r.headers_mut()
@@ -461,26 +488,20 @@ async fn media(
             Err(msg) => error(StatusCode::BAD_REQUEST, 4 * td, msg),
         };
     }
-    let Some(res) = parse_resource(&file) else {
+    let Some(res) = parse_resource(file) else {
         return error(StatusCode::NOT_FOUND, td, "no such resource");
     };
     if let Resource::Segment(msn) = res {
         if r.segment(msn).is_none() && segment_in_progress(&r.snapshot(), msn) {
-            return stream_segment(&origin, r, msn, td);
+            return stream_segment(origin, r, msn, td);
         }
     }
-    // Strong validator: the stream instance (its wall-clock start) plus the resource name, which never changes
-    // its bytes once published.
-    let etag = HeaderValue::from_maybe_shared(Bytes::from(format!(
-        "\"{:x}-{file}\"",
-        s.config.wallclock_origin_unix_ms
-    )))
-    .expect("a resource name is ascii");
-    let (body, max_age) = match resource(&origin, &s, &r, res).await {
+    let etag = HeaderValue::from_maybe_shared(s.etag(file)).expect("a resource name is ascii");
+    let (body, max_age) = match resource(origin, &s, &r, res).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    media_reply(&conditions, media_type(&r), &etag, max_age, body)
+    media_reply(conditions, media_type(&r), &etag, max_age, body)
 }
 
 /// The request headers that decide a media answer's status.
@@ -491,10 +512,17 @@ struct Conditions {
 }
 
 impl Conditions {
+    /// Copies of the two headers (a clone would share the connection's read buffer, which a parked request would
+    /// then keep alive and the server replace with a new one).
     fn of(headers: &HeaderMap) -> Self {
+        let copy = |name| {
+            headers
+                .get(name)
+                .and_then(|v: &HeaderValue| HeaderValue::from_bytes(v.as_bytes()).ok())
+        };
         Conditions {
-            if_none_match: headers.get(header::IF_NONE_MATCH).cloned(),
-            range: headers.get(header::RANGE).cloned(),
+            if_none_match: copy(header::IF_NONE_MATCH),
+            range: copy(header::RANGE),
         }
     }
 }
@@ -602,7 +630,8 @@ async fn playlist(
     // A request that cannot be answered within 3 × TD gets 503 (§6.2.5.2).
     // (a stream still learning its source's GOP: its first segment may take two of the longest GOPs a plan allows)
     let wait_s = if s.target_known() { 3 * td } else { 30 };
-    let deadline = Instant::now() + Duration::from_secs(wait_s);
+    // (read when the request first has to wait: a clock read less for the answers given at once)
+    let mut deadline = None;
     let mut guard = None;
     loop {
         let snap = rx.borrow_and_update().clone();
@@ -640,6 +669,8 @@ async fn playlist(
                         None => return too_many_parked(),
                     };
                 }
+                let deadline =
+                    *deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(wait_s));
                 match tokio::time::timeout_at(deadline, rx.changed()).await {
                     Ok(Ok(())) => continue,
                     Ok(Err(_)) => return error(StatusCode::NOT_FOUND, td, "stream ended"),
@@ -728,7 +759,7 @@ where
     F: Fn(&Rendition, &Snapshot) -> Option<Result<Bytes, ()>>,
 {
     let mut rx = r.subscribe();
-    let deadline = Instant::now() + Duration::from_secs(3 * td);
+    let mut deadline = None;
     let mut guard = None;
     loop {
         let snap = rx.borrow_and_update().clone();
@@ -744,6 +775,8 @@ where
                 if guard.is_none() {
                     guard = Some(origin.park().ok_or_else(too_many_parked)?);
                 }
+                let deadline =
+                    *deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(3 * td));
                 match tokio::time::timeout_at(deadline, rx.changed()).await {
                     Ok(Ok(())) => continue,
                     Ok(Err(_)) => return Err(error(StatusCode::NOT_FOUND, td, "stream ended")),
@@ -759,6 +792,9 @@ where
         }
     }
 }
+
+mod direct;
+pub use direct::LiveGet;
 
 #[cfg(test)]
 mod tests;

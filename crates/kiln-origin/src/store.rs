@@ -171,6 +171,8 @@ pub struct StreamOrigin {
     /// the source's GOP), and whether it has; until then no media playlist is served.
     learn_from: Option<usize>,
     target_known: AtomicBool,
+    /// `"<stream instance, hex>-`: the start of every media ETag (see [`Self::etag`]), formatted once.
+    etag_prefix: String,
 }
 
 impl StreamOrigin {
@@ -197,6 +199,16 @@ impl StreamOrigin {
 
     pub fn new(id: &str, renditions: Vec<RenditionInfo>, config: PackagerConfig) -> Arc<Self> {
         Arc::new(Self::build(id, renditions, config))
+    }
+
+    /// The strong validator of media resource `file`: the stream instance (its wall-clock start) and the name,
+    /// whose bytes never change once published. Built without formatting: it is on every media answer's path.
+    pub fn etag(&self, file: &str) -> Bytes {
+        let mut v = Vec::with_capacity(self.etag_prefix.len() + file.len() + 1);
+        v.extend_from_slice(self.etag_prefix.as_bytes());
+        v.extend_from_slice(file.as_bytes());
+        v.push(b'"');
+        Bytes::from(v)
     }
 
     /// EXT-X-TARGETDURATION now (fixed once [`Self::target_known`]).
@@ -270,6 +282,7 @@ impl StreamOrigin {
                 })
             })
             .collect();
+        let etag_prefix = format!("\"{:x}-", config.wallclock_origin_unix_ms);
         Self {
             id: id.to_string(),
             renditions,
@@ -278,6 +291,7 @@ impl StreamOrigin {
             config,
             learn_from: None,
             target_known: AtomicBool::new(true),
+            etag_prefix,
         }
     }
 
@@ -553,7 +567,8 @@ impl Origin {
                  held parts) being ready to write",
             )
             .buckets(vec![
-                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4,
+                0.5, 0.75, 1.0, 2.5, 5.0,
             ]),
         )
         .expect("valid histogram options");

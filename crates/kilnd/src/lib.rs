@@ -22,6 +22,7 @@ pub mod calibrate;
 pub mod cli;
 pub mod config;
 pub mod fetch;
+pub mod front;
 pub mod gpus;
 pub mod ingest;
 pub mod jobs;
@@ -39,7 +40,7 @@ use std::sync::Arc;
 use axum::Router;
 use kiln_origin::Origin;
 use tokio::net::TcpListener;
-use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
+use tower_http::compression::predicate::{And, NotForContentType, Predicate, SizeAbove};
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::CorsLayer;
 use utoipa_axum::router::OpenApiRouter;
@@ -80,9 +81,6 @@ are `{\"error\": {\"code\", \"message\"}}`. Control routes take the fleet token 
 
 /// [`app`], and its OpenAPI document (built from the same route registrations, so the two cannot differ).
 pub fn app_with_document(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
-    let compress = SizeAbove::new(256)
-        .and(NotForContentType::new("video/mp4"))
-        .and(NotForContentType::new("audio/mp4"));
     let metrics = state.metrics.clone();
     let playback = OpenApiRouter::new()
         .merge(api::vod_router())
@@ -107,7 +105,11 @@ pub fn app_with_document(state: AppState) -> (Router, utoipa::openapi::OpenApi) 
     let (router, document) = kiln_http::openapi::finish(api, "kilnd", DOCUMENT);
     let router = router
         .fallback(kiln_http::no_route)
-        .layer(CompressionLayer::new().gzip(true).compress_when(compress))
+        .layer(
+            CompressionLayer::new()
+                .gzip(true)
+                .compress_when(compressible()),
+        )
         .layer(axum::middleware::from_fn(
             move |req: axum::extract::Request, next: axum::middleware::Next| {
                 let metrics = metrics.clone();
@@ -128,6 +130,17 @@ pub fn app_with_document(state: AppState) -> (Router, utoipa::openapi::OpenApi) 
             },
         ));
     (router, document)
+}
+
+/// The type of [`compressible`].
+type Compressible = And<And<SizeAbove, NotForContentType>, NotForContentType>;
+
+/// Which answers the compression layer gzips for a client that asks: text of 256 bytes or more (never media:
+/// already compressed, and parts must go out whole and fast). [`front`] adds `Vary` by the same rule.
+fn compressible() -> Compressible {
+    SizeAbove::new(256)
+        .and(NotForContentType::new("video/mp4"))
+        .and(NotForContentType::new("audio/mp4"))
 }
 
 /// Players on any origin may GET/HEAD playback (and send `Range`); nothing else.
@@ -475,6 +488,8 @@ pub async fn serve_state(
     };
     // HTTP/1.1 and h2c (prior knowledge) on one port, or TLS with ALPN
     let acceptor = config.tls.as_ref().map(tls::acceptor).transpose()?;
-    kiln_http::server::serve(listener, acceptor, app(state), config.http_limits, stopped).await?;
+    let front = front::Front::of(state); // plain playback GETs skip the router
+    kiln_http::server::serve_service(listener, acceptor, front, config.http_limits, stopped)
+        .await?;
     Ok(())
 }
