@@ -14,6 +14,9 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+
+#[path = "origin/floor.rs"]
+mod floor;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -187,8 +190,18 @@ fn start_nginx(root: &Path, dir: &Path) -> Result<(Child, String)> {
     Ok((child, format!("http://127.0.0.1:{port}")))
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // this binary is also the fan-out's floor server (`floor_fanout` starts it)
+    if let Some(len) = std::env::var("KILN_BENCH_FLOOR")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        floor::main(len);
+    }
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> Result<()> {
     // one async worker for the one core it is pinned to, as nginx has one worker process (two workers on one
     // core only add wake-ups between them)
     let k = spawn_kilnd_env(
@@ -381,21 +394,8 @@ async fn main() -> Result<()> {
         .await?
         .error_for_status()?;
     let url = format!("{}{pl_path}?_HLS_msn={}&_HLS_part=0", k.url, m + 3);
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(0)
-        .build()?;
-    let mut tasks = Vec::with_capacity(n);
     let started = Instant::now();
-    for _ in 0..n {
-        let (c, u) = (client.clone(), url.clone());
-        tasks.push(tokio::spawn(async move {
-            let r = c.get(u).send().await?;
-            let status = r.status();
-            let _ = r.bytes().await?;
-            anyhow::Ok((status, Instant::now()))
-        }));
-    }
+    let tasks = park(&url, n)?;
     let stats_url = format!("{}/v1/stats", k.url);
     let tasks_ref = &tasks;
     let parked_at = poll_until(
@@ -418,18 +418,7 @@ async fn main() -> Result<()> {
     .await?;
     let parked_in = started.elapsed();
     let rss_parked = rss_kib(pid)?;
-    let mut done = Vec::with_capacity(n);
-    let mut failed = 0;
-    for t in tasks {
-        match t.await? {
-            Ok((s, at)) if s.is_success() => done.push(at),
-            _ => failed += 1,
-        }
-    }
-    done.sort();
-    let first = *done.first().context("no response")?;
-    let spread =
-        |q: f64| (done[((done.len() - 1) as f64 * q) as usize] - first).as_secs_f64() * 1000.0;
+    let answered = answers(tasks).await?;
     println!("fan-out: {n} blocking playlist requests, one HTTP/1.1 connection each:");
     match parked_at {
         Ok(p) => println!(
@@ -443,8 +432,7 @@ async fn main() -> Result<()> {
     }
     println!("  kilnd RSS {:.1} MiB idle -> {:.1} MiB with {n} parked ({:.1} KiB per parked request incl. its connection)",
         rss_before as f64 / 1024.0, rss_parked as f64 / 1024.0, (rss_parked.saturating_sub(rss_before)) as f64 / n as f64);
-    println!("  publish -> responses: p50 {:.0} ms, p99 {:.0} ms, last {:.0} ms after the first; {failed} failed",
-        spread(0.5), spread(0.99), spread(1.0));
+    println!("  publish -> responses (client): {answered}");
     // the daemon's own side: publish → each woken request's answer ready (bucket upper bounds)
     let metrics = http
         .get(format!("{}/metrics", k.url))
@@ -460,5 +448,110 @@ async fn main() -> Result<()> {
         _ => println!("  in kilnd: kiln_origin_fanout_seconds has no observation"),
     }
     let _ = std::fs::remove_dir_all(&dir);
+    drop(k);
+    floor_fanout(n, text.len()).await
+}
+
+/// A parked request: its status and when its answer ended.
+type Parked = tokio::task::JoinHandle<Result<(u16, Instant)>>;
+
+/// `n` concurrent GETs of `url`, one HTTP/1.1 connection each; each task gives the status and when it ended.
+fn park(url: &str, n: usize) -> Result<Vec<Parked>> {
+    // each request on its own connection (none is idle while all wait), kept open after its answer as a player
+    // keeps it for its next request: closing 10,000 connections is not part of answering them
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(n)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()?;
+    Ok((0..n)
+        .map(|_| {
+            let (c, u) = (client.clone(), url.to_string());
+            tokio::spawn(async move {
+                let r = c.get(u).send().await?;
+                let status = r.status().as_u16();
+                let _ = r.bytes().await?;
+                anyhow::Ok((status, Instant::now()))
+            })
+        })
+        .collect())
+}
+
+/// Waits for the parked requests' answers: how they spread after the first (p50, p99, last), the answers per
+/// second that makes, and the failures.
+async fn answers(tasks: Vec<Parked>) -> Result<String> {
+    let mut done = Vec::with_capacity(tasks.len());
+    let mut failed = 0;
+    for t in tasks {
+        match t.await? {
+            Ok((200, at)) => done.push(at),
+            _ => failed += 1,
+        }
+    }
+    done.sort();
+    let first = *done.first().context("no response")?;
+    let spread =
+        |q: f64| (done[((done.len() - 1) as f64 * q) as usize] - first).as_secs_f64() * 1000.0;
+    Ok(format!(
+        "p50 {:.0} ms, p99 {:.0} ms, last {:.0} ms after the first ({:.0} answers/s); {failed} failed",
+        spread(0.5),
+        spread(0.99),
+        spread(1.0),
+        done.len() as f64 / (spread(1.0) / 1000.0).max(1e-3)
+    ))
+}
+
+/// The same fan-out against the floor ([`floor`]): a bare tokio program on the server's CPU.
+async fn floor_fanout(n: usize, body_len: usize) -> Result<()> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .env("KILN_BENCH_FLOOR", body_len.to_string())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().context("stdout")?),
+        &mut line,
+    )?;
+    let base = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .context("the floor's address")?
+        .to_string();
+    pin(child.id(), &cpus().1)?;
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let u = format!("{base}{path}");
+        let http = http.clone();
+        async move { anyhow::Ok(http.get(u).send().await?.text().await?) }
+    };
+    let tasks = park(&format!("{base}/wait"), n)?;
+    poll_until(
+        "every request parks at the floor",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || async {
+            let parked: usize = get("/parked").await?.parse()?;
+            Ok(if parked >= n {
+                Polled::Done(())
+            } else {
+                Polled::NotYet(format!("{parked} parked"))
+            })
+        },
+    )
+    .await?;
+    get("/publish").await?;
+    let answered = answers(tasks).await?;
+    let written = get("/written").await?;
+    let _ = child.kill();
+    let _ = child.wait();
+    let w: Vec<&str> = written.split(' ').collect();
+    println!(
+        "fan-out floor (a bare tokio program, one thread, no HTTP library, on the server's CPU):"
+    );
+    println!("  publish -> responses (client): {answered}");
+    if let [count, p50, p99, last] = w[..] {
+        println!("  in the floor: {count} written, publish -> written p50 {p50} ms, p99 {p99} ms, last {last} ms");
+    }
     Ok(())
 }

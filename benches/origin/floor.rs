@@ -1,0 +1,114 @@
+//! The fan-out's floor: the least a server on this host can do to answer parked requests on one core. A bare
+//! tokio program (one thread, no HTTP library: it reads until the blank line and writes a fixed answer) that
+//! holds every connection's request until `GET /publish`, then writes each one the same playlist-sized answer,
+//! as kilnd does for a blocking reload. It measures publish → each answer written, like
+//! `kiln_origin_fanout_seconds`. The bench runs it as its own process (this binary, `KILN_BENCH_FLOOR=1`),
+//! pinned to the server's CPU.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Shared between the connections.
+struct Floor {
+    parked: AtomicUsize,
+    /// Set by `/publish`: when it came.
+    published: watch::Sender<Option<Instant>>,
+    /// Publish → answer written, per woken request.
+    written: std::sync::Mutex<Vec<Duration>>,
+    answer: Vec<u8>,
+}
+
+/// Runs the floor server on 127.0.0.1:0 and prints `listening on http://ADDR` (then serves until killed).
+pub fn main(body_len: usize) -> ! {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        println!("floor listening on http://{}", listener.local_addr().expect("addr"));
+        let mut answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.apple.mpegurl\r\ncache-control: public, max-age=12\r\n\
+             content-length: {body_len}\r\n\r\n"
+        )
+        .into_bytes();
+        answer.resize(answer.len() + body_len, b'#');
+        let floor = Arc::new(Floor {
+            parked: AtomicUsize::new(0),
+            published: watch::channel(None).0,
+            written: std::sync::Mutex::new(Vec::new()),
+            answer,
+        });
+        loop {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(connection(tcp, floor.clone()));
+        }
+    })
+}
+
+/// Reads one request head; `None` at the end of the connection.
+async fn request(tcp: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tcp.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    Some(line.split(' ').nth(1).unwrap_or("").to_string())
+}
+
+async fn connection(mut tcp: TcpStream, floor: Arc<Floor>) {
+    while let Some(path) = request(&mut tcp).await {
+        let text = |s: String| format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{s}", s.len());
+        let out = match path.as_str() {
+            "/parked" => text(floor.parked.load(Ordering::SeqCst).to_string()).into_bytes(),
+            "/publish" => {
+                floor.published.send_replace(Some(Instant::now()));
+                text("published".into()).into_bytes()
+            }
+            "/written" => {
+                let mut w = floor.written.lock().expect("lock").clone();
+                w.sort();
+                let q = |q: f64| {
+                    w.get(((w.len().max(1) - 1) as f64 * q) as usize)
+                        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+                };
+                text(format!(
+                    "{} {:.1} {:.1} {:.1}",
+                    w.len(),
+                    q(0.5),
+                    q(0.99),
+                    q(1.0)
+                ))
+                .into_bytes()
+            }
+            _ => {
+                let mut rx = floor.published.subscribe();
+                floor.parked.fetch_add(1, Ordering::SeqCst);
+                let at = match rx.wait_for(Option::is_some).await {
+                    Ok(at) => at.expect("set"),
+                    Err(_) => return,
+                };
+                floor.parked.fetch_sub(1, Ordering::SeqCst);
+                if tcp.write_all(&floor.answer).await.is_err() {
+                    return;
+                }
+                floor.written.lock().expect("lock").push(at.elapsed());
+                continue;
+            }
+        };
+        if tcp.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
