@@ -527,38 +527,50 @@ async fn plain_playback_gets_get_the_routers_answers_without_the_router() -> Res
         .get("etag")
         .context("etag")?
         .clone();
-    // (path after /live/fp, extra request header)
-    let cases: Vec<(String, Option<(&str, &str)>)> = vec![
-        (format!("/hi/{part}"), None),
-        (format!("/hi/{seg}"), None),
-        ("/hi/init.mp4".into(), None),
-        (format!("/hi/{part}"), Some(("range", "bytes=10-99"))),
-        (format!("/hi/{part}"), Some(("range", "bytes=99999999-"))),
+    // (path after /live/fp, extra request headers)
+    let none: &[(&str, &str)] = &[];
+    let etag = etag.to_str()?;
+    let revalidate = [("if-none-match", etag)];
+    let gzip: &[(&str, &str)] = &[("accept-encoding", "gzip, deflate, br")];
+    let cases: Vec<(String, &[(&str, &str)])> = vec![
+        (format!("/hi/{part}"), none),
+        (format!("/hi/{seg}"), none),
+        ("/hi/init.mp4".into(), none),
+        (format!("/hi/{part}"), &[("range", "bytes=10-99")]),
+        (format!("/hi/{part}"), &[("range", "bytes=99999999-")]),
+        (format!("/hi/{part}"), &revalidate),
+        (format!("/hi/{part}"), gzip),
         (
             format!("/hi/{part}"),
-            Some(("if-none-match", etag.to_str()?)),
+            &[("accept-encoding", "identity;q=0")],
         ),
-        (format!("/hi/{part}"), Some(("accept-encoding", "gzip"))),
-        (format!("/hi/index.m3u8?_HLS_msn={m}&_HLS_part=1"), None),
+        (
+            format!("/hi/{part}"),
+            &[("origin", "https://player.example")],
+        ),
+        (format!("/hi/index.m3u8?_HLS_msn={m}&_HLS_part=1"), none),
+        (format!("/hi/index.m3u8?_HLS_msn={m}&_HLS_part=1"), gzip),
         (
             format!("/hi/index.m3u8?_HLS_msn={m}&_HLS_part=1&_HLS_skip=YES"),
-            None,
+            none,
         ),
         (
             "/hi/index.m3u8".into(),
-            Some(("accept-encoding", "identity")),
+            &[("accept-encoding", "identity"), ("accept-encoding", "gzip")],
         ),
-        ("/master.m3u8".into(), None),
-        ("/manifest.mpd".into(), None),
-        ("/nope/index.m3u8".into(), None),
-        ("/hi/index.m3u8?_HLS_msn=x".into(), None),
-        ("/hi/part-x.m4s".into(), None),
-        ("/hi/index.m3u8?exp=1&sig=2".into(), None),
+        ("/hi/index.m3u8".into(), &[("accept-encoding", "gzip;q=0")]),
+        ("/master.m3u8".into(), gzip),
+        ("/master.m3u8".into(), none),
+        ("/manifest.mpd".into(), none),
+        ("/nope/index.m3u8".into(), none),
+        ("/hi/index.m3u8?_HLS_msn=x".into(), none),
+        ("/hi/part-x.m4s".into(), none),
+        ("/hi/index.m3u8?exp=1&sig=2".into(), none),
     ];
     for (rest, extra) in &cases {
         let get = |stream: &str| {
             let mut req = d.http.get(d.url(&format!("/live/{stream}{rest}")));
-            if let Some((k, v)) = extra {
+            for (k, v) in extra.iter() {
                 req = req.header(*k, *v);
             }
             async move {
@@ -570,6 +582,7 @@ async fn plain_playback_gets_get_the_routers_answers_without_the_router() -> Res
         };
         let (direct, routed) = (get("fp").await?, get("%66p").await?);
         let what = format!("GET /live/fp{rest} {extra:?}");
+        let gzipped = direct.1.get("content-encoding").is_some();
         ensure!(direct.0 == routed.0, "{what}: {} vs {}", direct.0, routed.0);
         let document = rest.contains(".m3u8") || rest.contains(".mpd");
         let view = |h: &reqwest::header::HeaderMap| {
@@ -593,6 +606,9 @@ async fn plain_playback_gets_get_the_routers_answers_without_the_router() -> Res
         );
         if !document {
             ensure!(direct.2 == routed.2, "{what}: bodies differ");
+        }
+        if extra == &gzip && rest.contains("index.m3u8") {
+            ensure!(gzipped, "{what}: a playlist asked for gzipped came plain");
         }
     }
     d.shutdown().await

@@ -1,31 +1,38 @@
 //! kilnd's HTTP service: playback GETs in their plain form go straight to the origin ([`kiln_origin::LiveGet`]),
-//! everything else to the router. The two give the same answers: what the router's layers add to a playback
-//! answer (request metrics, CORS, `Vary`) is added here with the same values, and a request a layer could answer
-//! differently (a playlist the client may take gzipped, HEAD, OPTIONS) is left to the router.
-//! `tests/live_skeleton.rs` compares the two paths' answers header by header.
+//! everything else to the router. The two give the same answers: a direct answer goes through the same
+//! compression layer as the router's (same predicate, so the same choice of encoding, `Vary` and 406), and gets
+//! the same CORS headers and request metrics as the router's layers give. HEAD, OPTIONS and paths that are not
+//! plain go to the router. `tests/live_skeleton.rs` compares the two paths' answers header by header.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
 
-use axum::body::HttpBody;
+use axum::body::{Body, HttpBody};
 use axum::extract::Request;
 use axum::http::{header, HeaderValue};
 use axum::response::Response;
+use axum::routing::future::RouteFuture;
 use axum::Router;
 use hyper::body::Incoming;
 use kiln_origin::{LiveGet, Origin};
 use tower::Service as _;
-use tower_http::compression::predicate::Predicate;
+use tower_http::compression::{Compression, ResponseFuture};
 
 use crate::metrics::{request_kind_index, Metrics};
 
-/// The service [`crate::serve_state`] serves.
+/// The service [`crate::serve_state`] serves. One pointer: every connection holds a clone, some of them in
+/// several places of its future, so its size is paid per parked request.
 #[derive(Clone)]
-pub struct Front {
+pub struct Front(Arc<Inner>);
+
+struct Inner {
     router: Router,
-    origin: Arc<Origin>,
+    /// The origin behind the compression layer the router's answers get ([`crate::Compressible`]).
+    direct: Compression<Direct, crate::Compressible>,
     metrics: Arc<Metrics>,
 }
 
@@ -38,15 +45,94 @@ impl std::fmt::Debug for Front {
 impl Front {
     /// The daemon's router ([`crate::app`]) behind the direct path to its origin.
     pub fn of(state: crate::AppState) -> Self {
-        Front {
-            origin: Arc::new(state.origin.clone()),
+        let direct = tower::Layer::layer(
+            &crate::compression(),
+            Direct(Arc::new(state.origin.clone())),
+        );
+        Front(Arc::new(Inner {
+            direct,
             metrics: state.metrics.clone(),
             router: crate::app(state),
-        }
+        }))
     }
 }
 
-type Answer = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+/// An answer being computed: the origin's answer future, boxed (its size is the largest wait of any resource).
+type Boxed = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+/// The origin answering a [`LiveGet`] (the request's body), as a service the compression layer wraps. The request
+/// carries nothing else but its `Accept-Encoding`, and is dropped before the answer is computed.
+#[derive(Clone)]
+struct Direct(Arc<Origin>);
+
+impl tower::Service<Request<LiveGet>> for Direct {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Boxed;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<LiveGet>) -> Boxed {
+        let origin = self.0.clone();
+        let live = req.into_body();
+        Box::pin(async move { Ok(live.answer(&origin).await) })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Front`]'s answer: the router's, or the origin's through the compression layer, counted like the router's.
+    /// Held inline by the server (no box per request beyond the origin's own).
+    #[project = AnswerProj]
+    pub enum Answer {
+        // boxed: the router's future holds a whole request, and every connection's slot for the answer in
+        // progress (hyper keeps one per connection) would be that size for a parked direct answer too
+        Routed { inner: Pin<Box<RouteFuture<Infallible>>> },
+        Direct {
+            #[pin]
+            inner: ResponseFuture<Boxed, crate::Compressible>,
+            kind: usize,
+            start: Instant,
+            metrics: Arc<Metrics>,
+        },
+    }
+}
+
+impl Future for Answer {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            AnswerProj::Routed { inner } => inner.as_mut().poll(cx),
+            AnswerProj::Direct {
+                inner,
+                kind,
+                start,
+                metrics,
+            } => {
+                let Ok(res) = ready!(inner.poll(cx));
+                let mut res = res.map(Body::new);
+                // the playback CORS layer's headers (any origin may read playback; with any origin allowed,
+                // tower-http's layer sends no `Vary` of its own)
+                let h = res.headers_mut();
+                h.insert(
+                    header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                    HeaderValue::from_static("*"),
+                );
+                h.insert(
+                    header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                    HeaderValue::from_static("*"),
+                );
+                let bytes = res.body().size_hint().exact();
+                metrics
+                    .http
+                    .observe(*kind, res.status(), bytes, start.elapsed());
+                Poll::Ready(Ok(res))
+            }
+        }
+    }
+}
 
 impl hyper::service::Service<Request<Incoming>> for Front {
     type Response = Response;
@@ -55,43 +141,26 @@ impl hyper::service::Service<Request<Incoming>> for Front {
 
     fn call(&self, req: Request<Incoming>) -> Answer {
         let Some(live) = LiveGet::of(req.method(), req.uri(), req.headers()) else {
-            let mut router = self.router.clone();
-            return Box::pin(async move { router.call(req.map(axum::body::Body::new)).await });
+            let mut router = self.0.router.clone();
+            return Answer::Routed {
+                inner: Box::pin(router.call(req.map(Body::new))),
+            };
         };
-        // the request (its header map, and the read buffer its values point into) is freed here, not held by
-        // a request that parks
+        let kind = request_kind_index(live.path(), live.query());
+        // what the compression layer reads, and nothing else of the request: its header map, and the read buffer
+        // its values point into, are freed before the answer (which may wait) is computed
+        let mut direct = Request::new(live);
+        for v in req.headers().get_all(header::ACCEPT_ENCODING) {
+            direct
+                .headers_mut()
+                .append(header::ACCEPT_ENCODING, v.clone());
+        }
         drop(req);
-        let (origin, metrics) = (self.origin.clone(), self.metrics.clone());
-        Box::pin(async move {
-            let start = std::time::Instant::now();
-            let kind = request_kind_index(live.path(), live.query());
-            let mut res = live.answer(&origin).await;
-            playback_layers(&mut res);
-            let bytes = res.body().size_hint().exact();
-            metrics
-                .http
-                .observe(kind, res.status(), bytes, start.elapsed());
-            Ok(res)
-        })
-    }
-}
-
-/// What the router's layers add to a playback GET's answer that the client did not ask to have compressed:
-/// CORS (any origin may read playback; with any origin allowed, tower-http's layer sends no `Vary` of its own)
-/// and, for an answer the compression layer would compress for a client that asked, `Vary: accept-encoding`.
-fn playback_layers(res: &mut Response) {
-    static COMPRESSIBLE: LazyLock<crate::Compressible> = LazyLock::new(crate::compressible);
-    let compressible = COMPRESSIBLE.should_compress(res);
-    let h = res.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("*"),
-    );
-    if compressible {
-        h.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+        Answer::Direct {
+            inner: self.0.direct.clone().call(direct),
+            kind,
+            start: Instant::now(),
+            metrics: self.0.metrics.clone(),
+        }
     }
 }

@@ -40,7 +40,7 @@ use std::sync::Arc;
 use axum::Router;
 use kiln_origin::Origin;
 use tokio::net::TcpListener;
-use tower_http::compression::predicate::{And, NotForContentType, Predicate, SizeAbove};
+use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::CorsLayer;
 use utoipa_axum::router::OpenApiRouter;
@@ -105,11 +105,7 @@ pub fn app_with_document(state: AppState) -> (Router, utoipa::openapi::OpenApi) 
     let (router, document) = kiln_http::openapi::finish(api, "kilnd", DOCUMENT);
     let router = router
         .fallback(kiln_http::no_route)
-        .layer(
-            CompressionLayer::new()
-                .gzip(true)
-                .compress_when(compressible()),
-        )
+        .layer(compression())
         .layer(axum::middleware::from_fn(
             move |req: axum::extract::Request, next: axum::middleware::Next| {
                 let metrics = metrics.clone();
@@ -132,15 +128,28 @@ pub fn app_with_document(state: AppState) -> (Router, utoipa::openapi::OpenApi) 
     (router, document)
 }
 
-/// The type of [`compressible`].
-type Compressible = And<And<SizeAbove, NotForContentType>, NotForContentType>;
-
 /// Which answers the compression layer gzips for a client that asks: text of 256 bytes or more (never media:
-/// already compressed, and parts must go out whole and fast). [`front`] adds `Vary` by the same rule.
-fn compressible() -> Compressible {
-    SizeAbove::new(256)
-        .and(NotForContentType::new("video/mp4"))
-        .and(NotForContentType::new("audio/mp4"))
+/// already compressed, and parts must go out whole and fast). [`front`] uses the same layer. A unit type: the
+/// layer keeps a copy in every answer in progress.
+#[derive(Debug, Clone, Copy)]
+struct Compressible;
+
+impl Predicate for Compressible {
+    fn should_compress<B: axum::body::HttpBody>(&self, res: &axum::http::Response<B>) -> bool {
+        const VIDEO: NotForContentType = NotForContentType::const_new("video/mp4");
+        const AUDIO: NotForContentType = NotForContentType::const_new("audio/mp4");
+        SizeAbove::new(256).should_compress(res)
+            && VIDEO.should_compress(res)
+            && AUDIO.should_compress(res)
+    }
+}
+
+/// gzip for clients that ask, on what [`Compressible`] allows (the router's layer, and [`front`]'s for the answers
+/// it gives without the router).
+fn compression() -> CompressionLayer<Compressible> {
+    CompressionLayer::new()
+        .gzip(true)
+        .compress_when(Compressible)
 }
 
 /// Players on any origin may GET/HEAD playback (and send `Range`); nothing else.

@@ -1,12 +1,12 @@
-//! Playback GETs answered without the router: kilnd's hot path (ARCHITECTURE.md, "The origin's hot path").
+//! Playback GETs answered without the router: kilnd's hot path (ARCHITECTURE.md, "Plain playback GETs skip the
+//! router").
 //!
 //! A request for a live resource in its plain form (GET, a path without percent-encoding, one of the three shapes
 //! below) is recognised from its URI alone and answered by the same functions as the routes, with none of the
-//! per-request work of a router and its layers (route matching, extractors allocating the path's segments,
-//! boxed service clones per layer). Everything else (HEAD, OPTIONS, odd paths) goes to the router, which answers
-//! it the same way.
+//! per-request work of a router (route matching, extractors allocating the path's segments, boxed service clones
+//! per layer). Everything else (HEAD, OPTIONS, odd paths) goes to the router, which answers it the same way.
 
-use axum::http::{header, HeaderMap, Method, Uri};
+use axum::http::{HeaderMap, Method, Uri};
 use axum::response::Response;
 
 use super::{master_answer, media_answer, mpd_answer, Conditions};
@@ -21,16 +21,6 @@ enum Target<'a> {
     Mpd(&'a str),
     /// `/live/{stream}/{rendition}/{file}`
     Media(&'a str, &'a str, &'a str),
-}
-
-impl Target<'_> {
-    /// Whether the answer is a text document (a playlist or the MPD), which a compression layer may gzip.
-    fn is_document(&self) -> bool {
-        match self {
-            Target::Master(_) | Target::Mpd(_) => true,
-            Target::Media(_, _, file) => file.ends_with(".m3u8"),
-        }
-    }
 }
 
 /// The target of a plain playback path; `None` for anything the router should see (percent-encoding, empty or
@@ -69,23 +59,14 @@ pub struct LiveGet {
 }
 
 impl LiveGet {
-    /// `Some` when this request can be answered directly with exactly the router's answer, given that the caller
-    /// adds what its layers add for playback (CORS, `Vary`; see kilnd). `None` (the router answers) for HEAD and
-    /// every other method, paths that are not plain, and requests whose `Accept-Encoding` could change the answer:
-    /// a document the client may take gzipped (the compression layer does that per request), or any `q=0`
-    /// (a client refusing the identity encoding gets 406 from that layer).
+    /// `Some` for a GET of a plain playback path; `None` (the router answers) for HEAD and every other method and
+    /// for paths that are not plain. The caller gives the answer what the router's layers would (kilnd: the
+    /// same compression layer, CORS, metrics).
     pub fn of(method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<Self> {
         if method != Method::GET {
             return None;
         }
-        let t = target(uri.path())?;
-        if let Some(enc) = headers.get(header::ACCEPT_ENCODING) {
-            let enc = enc.to_str().ok()?.to_ascii_lowercase();
-            let compressible = t.is_document() && (enc.contains("gzip") || enc.contains('*'));
-            if compressible || enc.contains("q=0") {
-                return None;
-            }
-        }
+        target(uri.path())?;
         let target = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
         Some(LiveGet {
             target: target.into(),
@@ -146,33 +127,21 @@ mod tests {
     }
 
     #[test]
-    fn what_a_layer_could_change_goes_to_the_router() {
-        let get = |path: &str, enc: Option<&str>| {
-            let mut h = HeaderMap::new();
-            if let Some(e) = enc {
-                h.insert(header::ACCEPT_ENCODING, e.parse().unwrap());
-            }
-            LiveGet::of(&Method::GET, &path.parse().unwrap(), &h).is_some()
-        };
-        let part = "/live/s/v/part-1-0.m4s";
-        let playlist = "/live/s/v/index.m3u8?_HLS_msn=3";
-        assert!(get(part, None) && get(playlist, None));
-        assert!(
-            get(part, Some("gzip, deflate, br")),
-            "media is never compressed"
-        );
-        assert!(!get(playlist, Some("gzip")), "a playlist may be");
-        assert!(!get("/live/s/master.m3u8", Some("*")));
-        assert!(get(playlist, Some("identity")));
-        assert!(!get(part, Some("identity;q=0")), "406 comes from the layer");
+    fn only_gets_are_taken_off_the_router() {
         let h = HeaderMap::new();
-        assert!(LiveGet::of(&Method::HEAD, &part.parse().unwrap(), &h).is_none());
+        let part: Uri = "/live/s/v/part-1-0.m4s".parse().unwrap();
+        assert!(LiveGet::of(&Method::GET, &part, &h).is_some());
+        for m in [Method::HEAD, Method::OPTIONS, Method::POST, Method::PUT] {
+            assert!(LiveGet::of(&m, &part, &h).is_none(), "{m}");
+        }
+        let odd: Uri = "/live/s/v/".parse().unwrap();
+        assert!(LiveGet::of(&Method::GET, &odd, &h).is_none());
     }
 
     #[test]
     fn the_request_is_copied_out_whole() {
         let mut h = HeaderMap::new();
-        h.insert(header::RANGE, "bytes=0-9".parse().unwrap());
+        h.insert(axum::http::header::RANGE, "bytes=0-9".parse().unwrap());
         let of = |uri: &str| LiveGet::of(&Method::GET, &uri.parse().unwrap(), &h).unwrap();
         let g = of("/live/s/v/index.m3u8?_HLS_msn=3&_HLS_part=1");
         assert_eq!(
