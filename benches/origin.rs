@@ -51,12 +51,22 @@ fn last_part(playlist: &str) -> Result<(u64, u64)> {
     Ok((m.parse()?, p.parse()?))
 }
 
-/// The CPUs of this run: wrk on the first, the server under test on the second (one CPU: both share it).
+/// The CPUs of this run: wrk on the first, the server under test on the second (one CPU: both share it); with
+/// `KILN_BENCH_SHARED=1`, every CPU for both (the server with as many async workers as CPUs: how the fan-out
+/// does when the server may use the whole host, the client competing with it).
 /// Read once, before this process pins itself (its own affinity would then say one CPU).
 fn cpus() -> (String, String) {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let n = *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if shared() {
+        let all = format!("0-{}", n - 1);
+        return (all.clone(), all);
+    }
     ("0".into(), if n > 1 { "1" } else { "0" }.into())
+}
+
+fn shared() -> bool {
+    std::env::var("KILN_BENCH_SHARED").is_ok_and(|v| v == "1")
 }
 
 /// Pins every thread of process `pid` to `cpu`.
@@ -85,9 +95,9 @@ fn wrk_ms(v: &str) -> Option<f64> {
     n.parse::<f64>().ok().map(|n| n * scale)
 }
 
-/// wrk (one thread, pinned to the first CPU) against `base` for `secs`, alternating between the two paths;
-/// returns requests/s and the p99 latency in ms.
-fn wrk(base: &str, paths: [&str; 2], secs: u32, dir: &Path) -> Result<(f64, f64)> {
+/// wrk (one thread, pinned to the first CPU) against `base` for `secs`, alternating between the two paths, with
+/// `Accept-Encoding: gzip` when `gzip`; returns requests/s and the p99 latency in ms.
+fn wrk(base: &str, paths: [&str; 2], gzip: bool, secs: u32, dir: &Path) -> Result<(f64, f64)> {
     let script = dir.join("mix.lua");
     std::fs::write(
         &script,
@@ -96,8 +106,12 @@ fn wrk(base: &str, paths: [&str; 2], secs: u32, dir: &Path) -> Result<(f64, f64)
             paths[0], paths[1]
         ),
     )?;
-    let out = Command::new("taskset")
-        .args(["-c", &cpus().0, "wrk", "-t1", "-c64", "--latency"])
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", &cpus().0, "wrk", "-t1", "-c64", "--latency"]);
+    if gzip {
+        cmd.args(["-H", "Accept-Encoding: gzip"]);
+    }
+    let out = cmd
         .arg(format!("-d{secs}s"))
         .arg("-s")
         .arg(&script)
@@ -161,7 +175,7 @@ fn start_nginx(root: &Path, dir: &Path) -> Result<(Child, String)> {
              keepalive_requests 100000;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n  \
              fastcgi_temp_path {dir}/fcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n  \
              types {{ application/vnd.apple.mpegurl m3u8; video/mp4 m4s; }}\n  \
-             server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
+             gzip_static on;\n  server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
             dir = dir.display(),
             root = root.display()
         ),
@@ -204,13 +218,12 @@ fn main() -> Result<()> {
 async fn run() -> Result<()> {
     // one async worker for the one core it is pinned to, as nginx has one worker process (two workers on one
     // core only add wake-ups between them)
-    let k = spawn_kilnd_env(
-        "kilnd",
-        kilnd_release_bin()?,
-        &[],
-        &[("TOKIO_WORKER_THREADS", "1")],
-    )
-    .await?;
+    let workers: &[(&str, &str)] = if shared() {
+        &[]
+    } else {
+        &[("TOKIO_WORKER_THREADS", "1")]
+    };
+    let k = spawn_kilnd_env("kilnd", kilnd_release_bin()?, &[], workers).await?;
     pin(k.pid(), &cpus().1)?;
     // this process is the fan-out's client: on the load generator's CPU, off the daemon's
     pin(std::process::id(), &cpus().0)?;
@@ -267,7 +280,21 @@ async fn run() -> Result<()> {
             .error_for_status()?
             .bytes()
             .await?;
-        std::fs::write(root.join(pl_path.trim_start_matches('/')), &text)?;
+        // the bytes kilnd sends to a client that asks for gzip, for nginx's gzip_static
+        let gzipped = http
+            .get(format!("{}{pl_path}", k.url))
+            .header("accept-encoding", "gzip")
+            .send()
+            .await?
+            .error_for_status()?;
+        ensure!(
+            gzipped.headers().get("content-encoding").is_some(),
+            "kilnd did not gzip the playlist"
+        );
+        let gzipped = gzipped.bytes().await?;
+        let pl_file = root.join(pl_path.trim_start_matches('/'));
+        std::fs::write(&pl_file, &text)?;
+        std::fs::write(pl_file.with_extension("m3u8.gz"), &gzipped)?;
         std::fs::write(root.join(part_path.trim_start_matches('/')), &part)?;
         anyhow::Ok((text, part_path, part))
     };
@@ -290,11 +317,14 @@ async fn run() -> Result<()> {
         .unwrap_or(3);
     let mut results = Vec::with_capacity(rounds);
     let mut serving = Vec::with_capacity(rounds);
+    // the same with `Accept-Encoding: gzip` (browsers, shields): kilnd's playlists gzipped once per publish,
+    // nginx's from a .gz file beside the playlist (gzip_static)
+    let mut gzipped = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         let (t, part_path, p) = current().await?;
         (text, part) = (t, p);
         let paths = [pl_path, part_path.as_str()];
-        let (kiln_rps, kiln_p99) = wrk(&k.url, paths, secs, &dir)?;
+        let (kiln_rps, kiln_p99) = wrk(&k.url, paths, false, secs, &dir)?;
         // what kilnd measured of its own serving over the last 5 s of that run (host.serving)
         let cap: serde_json::Value = http
             .get(format!("{}/v1/capacity", k.url))
@@ -303,11 +333,14 @@ async fn run() -> Result<()> {
             .json()
             .await?;
         serving.push(cap["host"]["serving"].clone());
+        let (kiln_gz_rps, kiln_gz_p99) = wrk(&k.url, paths, true, secs, &dir)?;
         signal("-STOP")?;
-        let nginx_run = wrk(&nginx_base, paths, secs, &dir);
+        let nginx_run = wrk(&nginx_base, paths, false, secs, &dir)
+            .and_then(|plain| Ok((plain, wrk(&nginx_base, paths, true, secs, &dir)?)));
         signal("-CONT")?;
-        let (nginx_rps, nginx_p99) = nginx_run?;
+        let ((nginx_rps, nginx_p99), (nginx_gz_rps, nginx_gz_p99)) = nginx_run?;
         results.push((kiln_rps, kiln_p99, nginx_rps, nginx_p99));
+        gzipped.push((kiln_gz_rps, kiln_gz_p99, nginx_gz_rps, nginx_gz_p99));
     }
     // SIGTERM (not SIGKILL) so the master takes its workers down with it
     let _ = Command::new("kill")
@@ -318,9 +351,14 @@ async fn run() -> Result<()> {
     let (client_cpu, server_cpu) = cpus();
     println!(
         "throughput (wrk -t1 -c64 {secs}s on CPU {client_cpu}, server on CPU {server_cpu}; playlist {} B + part {} B \
-         alternating; kilnd with one async worker, nginx with one worker process):",
+         alternating; kilnd with {}, nginx with one worker process):",
         text.len(),
-        part.len()
+        part.len(),
+        if shared() {
+            "an async worker per CPU"
+        } else {
+            "one async worker"
+        }
     );
     for (i, (kr, kp, nr, np)) in results.iter().enumerate() {
         println!(
@@ -350,6 +388,22 @@ async fn run() -> Result<()> {
          kilnd stopped while nginx runs)",
         median(results.iter().map(|r| r.0 / r.2).collect()),
         median(results.iter().map(|r| r.1 - r.3).collect())
+    );
+    println!(
+        "the same with Accept-Encoding: gzip (nginx: gzip_static, the same gzip bytes as kilnd's):"
+    );
+    for (i, (kr, kp, nr, np)) in gzipped.iter().enumerate() {
+        println!(
+            "  round {}: kiln {kr:>8.0} req/s p99 {kp:.2} ms | nginx {nr:>8.0} req/s p99 {np:.2} ms | ratio {:.2}, p99 {:+.2} ms",
+            i + 1,
+            kr / nr,
+            kp - np
+        );
+    }
+    println!(
+        "  median ratio kiln/nginx = {:.2}, median p99 kiln - nginx = {:+.2} ms",
+        median(gzipped.iter().map(|r| r.0 / r.2).collect()),
+        median(gzipped.iter().map(|r| r.1 - r.3).collect())
     );
 
     // --- 2. 10,000 parked blocking requests

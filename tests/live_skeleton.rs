@@ -609,6 +609,17 @@ async fn plain_playback_gets_get_the_routers_answers_without_the_router() -> Res
         }
         if extra == &gzip && rest.contains("index.m3u8") {
             ensure!(gzipped, "{what}: a playlist asked for gzipped came plain");
+            // gzipped when published, not by the compression layer on the way out (which streams it, unsized)
+            let length = direct
+                .1
+                .get("content-length")
+                .map(|v| v.to_str().unwrap_or("?"));
+            ensure!(
+                length == Some(direct.2.len().to_string().as_str())
+                    && direct.2.starts_with(&[0x1f, 0x8b]),
+                "{what}: not the prepared gzip bytes (length {length:?}, {} bytes)",
+                direct.2.len()
+            );
         }
     }
     d.shutdown().await

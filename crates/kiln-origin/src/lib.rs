@@ -11,8 +11,11 @@
 //! - `GET /live/{stream}/{rendition}/{init.mp4|seg-M.m4s|part-M-P.m4s}` — media; a preload-hinted part is held
 //!   until it is complete and then sent whole.
 //!
-//! Layout: [`store`] (streams, renditions, publication), [`routes`] (HTTP), [`signing`] (signed playback URLs).
+//! Layout: [`store`] (streams, renditions, publication), [`published`] (the playlist bytes each publish answers
+//! with, each made once), [`routes`] (HTTP), [`encoding`] (gzip negotiation), [`signing`] (signed playback URLs).
 
+pub mod encoding;
+pub mod published;
 pub mod routes;
 pub mod signing;
 pub mod store;

@@ -478,7 +478,7 @@ async fn media_answer(
     let td = u64::from(s.target_duration_s());
     if file == "index.m3u8" {
         return match parse_query(query) {
-            Ok(q) => playlist(origin, &s, &r, q, &token).await,
+            Ok(q) => playlist(origin, &s, &r, q, &token, conditions.gzip).await,
             Err(AMBIGUOUS_QUERY) => {
                 let mut r = error(StatusCode::BAD_REQUEST, 0, AMBIGUOUS_QUERY);
                 r.headers_mut()
@@ -504,11 +504,14 @@ async fn media_answer(
     media_reply(conditions, media_type(&r), &etag, max_age, body)
 }
 
-/// The request headers that decide a media answer's status.
+/// What of the request decides a media answer: the two headers that decide its status, and whether the
+/// compression layer would gzip it ([`crate::encoding::wants_gzip`]: a playlist is then sent gzipped as
+/// prepared).
 #[derive(Debug, Default)]
 struct Conditions {
     if_none_match: Option<HeaderValue>,
     range: Option<HeaderValue>,
+    gzip: bool,
 }
 
 impl Conditions {
@@ -523,6 +526,7 @@ impl Conditions {
         Conditions {
             if_none_match: copy(header::IF_NONE_MATCH),
             range: copy(header::RANGE),
+            gzip: crate::encoding::wants_gzip(headers),
         }
     }
 }
@@ -623,6 +627,7 @@ async fn playlist(
     r: &Rendition,
     q: PlaylistQuery,
     token: &Option<String>,
+    gzip: bool,
 ) -> Response {
     let td = u64::from(s.target_duration_s());
     let blocking = q.block.is_blocking();
@@ -658,8 +663,15 @@ async fn playlist(
                 }
                 r.note_served(&snap);
                 let max_age = if blocking { 6 * td } else { (td / 2).max(1) };
-                let body = with_token(pick(&snap, q.skip), token, false);
-                return reply(StatusCode::OK, M3U8, max_age, body);
+                let p = snap.playlist(q.skip, token.as_deref(), gzip);
+                let mut resp = reply(StatusCode::OK, M3U8, max_age, p.body);
+                if p.gzipped {
+                    let h = resp.headers_mut();
+                    h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                    // what the compression layer adds to what it compresses (it leaves this answer alone)
+                    h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+                }
+                return resp;
             }
             Decision::Reject(msg) => return error(StatusCode::BAD_REQUEST, 4 * td, msg),
             Decision::Wait => {
@@ -687,17 +699,6 @@ async fn playlist(
             }
         }
     }
-}
-
-/// The playlist body for a skip request: the delta update when one is offered, else the full playlist
-/// (`_HLS_skip` is ignored without CAN-SKIP-UNTIL or once ENDLIST is present).
-fn pick(snap: &Snapshot, skip: Skip) -> Bytes {
-    let delta = match skip {
-        Skip::No => None,
-        Skip::Yes => snap.delta.as_ref(),
-        Skip::V2 => snap.delta_v2.as_ref(),
-    };
-    delta.unwrap_or(&snap.playlist).clone()
 }
 
 fn media_type(r: &Rendition) -> &'static str {

@@ -10,6 +10,8 @@ use bytes::Bytes;
 use kiln_llhls::multivariant::{self, AudioMedia, VideoVariant};
 use kiln_llhls::packager::{PartPos, RenditionReport};
 use kiln_llhls::{PackError, Packager, PackagerConfig, PartIn, Snapshot};
+
+use crate::published::Published;
 use tokio::sync::watch;
 
 /// Video or audio.
@@ -38,9 +40,9 @@ pub struct Rendition {
     size: Mutex<Option<(u32, u32)>>,
     /// (track timescale, `tfdt` at running time 0), learnt from the first part: the DASH timeline mapping.
     dash_base: Mutex<Option<(u32, u64)>>,
-    snapshot: watch::Sender<Arc<Snapshot>>,
+    snapshot: watch::Sender<Arc<Published>>,
     /// Test hook, see [`Rendition::served_from`].
-    served: Mutex<(Option<Arc<Snapshot>>, u64)>,
+    served: Mutex<(Option<Arc<Published>>, u64)>,
     /// When each of the last parts was published (ns on [`clock_ns`]'s clock): a parked request measures its
     /// fan-out from the publish of the part it waited for, not from a later one.
     published: Mutex<std::collections::VecDeque<(PartPos, u64)>>,
@@ -48,12 +50,12 @@ pub struct Rendition {
 
 impl Rendition {
     /// The current published snapshot.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
+    pub fn snapshot(&self) -> Arc<Published> {
         self.snapshot.borrow().clone()
     }
 
     /// A receiver that is notified on every publish.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
         self.snapshot.subscribe()
     }
 
@@ -66,12 +68,12 @@ impl Rendition {
     /// newest playlist answer was served from, and how many answers in a row were served from that very `Arc`
     /// (pointer-equal; holding it means its address cannot be reused by a later snapshot). One uncontended lock
     /// per playlist answer.
-    pub fn served_from(&self) -> (Option<Arc<Snapshot>>, u64) {
+    pub fn served_from(&self) -> (Option<Arc<Published>>, u64) {
         self.served.lock().clone()
     }
 
     /// Records that a playlist answer was served from `snap` (see [`Rendition::served_from`]).
-    pub(crate) fn note_served(&self, snap: &Arc<Snapshot>) {
+    pub(crate) fn note_served(&self, snap: &Arc<Published>) {
         let mut s = self.served.lock();
         if s.0.as_ref().is_some_and(|p| Arc::ptr_eq(p, snap)) {
             s.1 += 1;
@@ -145,7 +147,7 @@ impl Rendition {
                 p.push_back((last, clock_ns()));
             }
         }
-        self.snapshot.send_replace(Arc::new(snap));
+        self.snapshot.send_replace(Arc::new(Published::from(snap)));
     }
 
     /// Seconds since part `pos` was published (`None`: not among the last [`PUBLISH_STAMPS`] published).
@@ -276,7 +278,7 @@ impl StreamOrigin {
                     codec: Mutex::new(None),
                     size: Mutex::new(None),
                     dash_base: Mutex::new(None),
-                    snapshot: watch::channel(Arc::new(snap)).0,
+                    snapshot: watch::channel(Arc::new(Published::from(snap))).0,
                     served: Mutex::new((None, 0)),
                     published: Mutex::new(Default::default()),
                 })

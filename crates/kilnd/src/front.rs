@@ -164,3 +164,87 @@ impl hyper::service::Service<Request<Incoming>> for Front {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tower::ServiceExt as _;
+
+    /// Whether kilnd's compression layer gzips a playlist asked for with these `Accept-Encoding` values.
+    fn layer_gzips(values: &[String]) -> bool {
+        let playlist = tower::service_fn(|_: Request| async {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header(header::CONTENT_TYPE, "application/vnd.apple.mpegurl")
+                    .body(Body::from("#EXTM3U\n".repeat(64)))
+                    .unwrap(),
+            )
+        });
+        let svc = tower::Layer::layer(&crate::compression(), playlist);
+        let mut req = Request::new(Body::empty());
+        for v in values {
+            req.headers_mut()
+                .append(header::ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let res = rt.block_on(svc.oneshot(req)).unwrap();
+        res.headers()
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| v == "gzip")
+    }
+
+    /// An `Accept-Encoding` value: codings the layer knows and does not, with well- and ill-formed q-values.
+    fn accept_encoding() -> impl Strategy<Value = String> {
+        let coding = prop::sample::select(vec![
+            "gzip", "x-gzip", "GZIP", "identity", "IDENTITY", "*", "br", "deflate", "zstd", "foo",
+            "",
+        ]);
+        let q = prop::sample::select(vec![
+            "",
+            ";q=0",
+            ";q=1",
+            ";q=0.5",
+            ";q=0.500",
+            ";Q=0.001",
+            ";q=1.0",
+            ";q=1.000",
+            ";q=2",
+            ";q=0.1234",
+            ";q= 0.5",
+            "; q=0.5",
+            ";q=abc",
+            ";q=1.001",
+            ";q=0.",
+            ";q=0;x=1",
+            " ;q=0.9",
+        ]);
+        prop::collection::vec((coding, q), 1..5).prop_map(|entries| {
+            entries
+                .iter()
+                .map(|(c, q)| format!("{c}{q}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// The origin sends a playlist gzipped as prepared exactly when the layer would have gzipped it (the
+        /// layer leaves an answer with an encoding alone, so a disagreement would gzip for a client that did
+        /// not ask for it).
+        #[test]
+        fn the_origin_chooses_gzip_exactly_when_the_layer_would(
+            values in prop::collection::vec(accept_encoding(), 0..3)
+        ) {
+            let mut headers = axum::http::HeaderMap::new();
+            for v in &values {
+                headers.append(header::ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
+            }
+            prop_assert_eq!(kiln_origin::encoding::wants_gzip(&headers), layer_gzips(&values));
+        }
+    }
+}
