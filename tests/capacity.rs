@@ -358,3 +358,84 @@ async fn serving_load_is_measured_reported_and_kept_free_by_admission() -> Resul
     );
     Ok(())
 }
+
+/// `kilnd calibrate`'s serving measurement: kilnd's own server answering a live stream's playlists and parts, then
+/// its segments, from a client on another thread. The costs it finds are positive and survive the profile file; a
+/// daemon run with that profile reports what they make of its serving load and how many more requests/s its free
+/// CPU could answer (`host.serving`, and the headroom gauge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_calibration_measures_both_mixes_and_a_node_reports_its_headroom() -> Result<()> {
+    let s = kilnd::calibrate::serving(kilnd::Config::default(), Duration::from_secs(2)).await?;
+    eprintln!("{s:?}");
+    let each = |r: &kiln_model::load::MixReading| r.bytes_per_s / r.rps;
+    ensure!(
+        s.small.rps > 200.0 && s.large.rps > 20.0,
+        "too few answers to measure: {s:?}"
+    );
+    ensure!(
+        each(&s.large) > 2.0 * each(&s.small),
+        "segments no larger than parts: {s:?}"
+    );
+    ensure!(
+        s.small.millicores > 0.0 && s.large.millicores > 0.0,
+        "{s:?}"
+    );
+    let c = s.cost;
+    ensure!(
+        c.millicores_per_1k_rps > 0.0 && c.millicores_per_mbps >= 0.0,
+        "{c:?}"
+    );
+    // the small mix's cost is what the fit gives back for it (within the 3 decimals the file keeps)
+    ensure!(
+        (c.millicores(s.small.rps, s.small.bytes_per_s) - s.small.millicores).abs()
+            <= 0.05 * s.small.millicores + 1.0,
+        "{c:?} does not explain {:?}",
+        s.small
+    );
+
+    // written into a profile and read back
+    let mut model = kiln_config::builtin_cpu_profile();
+    model.serving = Some(c);
+    let cal = kilnd::calibrate::Calibration {
+        preset: PRESET.into(),
+        cores: 2,
+        steps: Vec::new(),
+        sustainable: 1,
+        model,
+        serving: Some(s.clone()),
+    };
+    let text = cal.to_toml();
+    let read = kiln_config::parse_cpu_profile(&text)?;
+    let back = read.serving.context("no [serving] table read back")?;
+    ensure!(
+        (back.millicores_per_1k_rps - c.millicores_per_1k_rps).abs() < 0.001
+            && back.small_answer_bytes == c.small_answer_bytes,
+        "{back:?} vs {c:?}\n{text}"
+    );
+
+    let d = Daemon::start(kilnd::Config {
+        cpu_model: read,
+        ..Default::default()
+    })
+    .await?;
+    let (_, cap) = d.get_text("/v1/capacity").await?;
+    let cap: serde_json::Value = serde_json::from_str(&cap)?;
+    let serving = &cap["host"]["serving"];
+    let free = cap["host"]["free"]["cpu_millicores"]
+        .as_u64()
+        .context("free")?;
+    let want = back.headroom_rps(free, back.small_answer_bytes as f64);
+    ensure!(
+        want > 0 && serving["headroom_rps"].as_u64() == Some(want),
+        "idle node: headroom {} vs {want} from {free} mc free: {serving}",
+        serving["headroom_rps"]
+    );
+    ensure!(serving["calibrated_millicores"].is_u64(), "{serving}");
+    let (_, metrics) = d.get_text("/metrics").await?;
+    let gauge = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln_serving_headroom_requests_per_second "))
+        .context("no headroom gauge")?;
+    ensure!(gauge.trim().parse::<u64>()? > 0, "headroom gauge {gauge}");
+    d.shutdown().await
+}

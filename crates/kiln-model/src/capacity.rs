@@ -204,6 +204,11 @@ pub struct CpuCostModel {
     /// Memory: fixed per stream, plus per megapixel/s of all video renditions.
     pub stream_base_memory_mib: u64,
     pub memory_mib_per_mpx: f64,
+    /// What serving viewers costs on this host (`kilnd calibrate` measures it; absent from a profile that was
+    /// not calibrated). Admission reserves what serving measurably takes whether or not this is known; it gives
+    /// the capacity report's serving headroom.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<crate::load::ServingCost>,
 }
 
 fn speed_index(s: X264Speed) -> usize {

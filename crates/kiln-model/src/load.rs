@@ -73,6 +73,99 @@ pub struct ServingLoad {
     /// where a reading is mostly noise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub millicores_per_1k_rps: Option<u64>,
+    /// What the host's calibrated serving costs (`kilnd calibrate`, [`ServingCost`]) make of the current rates,
+    /// beside `millicores` as measured; absent without a calibrated profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibrated_millicores: Option<u64>,
+    /// How many more requests/s the CPU admission has left could answer at the calibrated costs, for answers of
+    /// the mean size served now (of the calibrated small answers below 100 requests/s); absent without a
+    /// calibrated profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headroom_rps: Option<u64>,
+}
+
+/// What serving costs on a host, as `kilnd calibrate` measured it (the CPU profile's `[serving]` table): CPU
+/// per 1,000 requests/s, and per MB/s of response bodies on top of that. Measured from two mixes of the origin's
+/// own answers on the host's real HTTP stack: small answers (playlists and parts) and whole segments.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServingCost {
+    /// Millicores that 1,000 requests/s cost, apart from their bytes.
+    pub millicores_per_1k_rps: f64,
+    /// Millicores that 1 MB/s (10^6 bytes) of response bodies cost.
+    pub millicores_per_mbps: f64,
+    /// The mean body of the small-answer mix (bytes): the size [`ServingCost::headroom_rps`] assumes on an idle
+    /// node.
+    pub small_answer_bytes: u64,
+}
+
+/// One measured mix: the server's busy millicores while answering `rps` requests/s moving `bytes_per_s`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MixReading {
+    pub millicores: f64,
+    pub rps: f64,
+    pub bytes_per_s: f64,
+}
+
+impl ServingLoad {
+    /// Fills [`Self::calibrated_millicores`] and [`Self::headroom_rps`] from the host's calibrated `cost`, with
+    /// `free_millicores` left to admission.
+    pub fn with_cost(mut self, cost: &ServingCost, free_millicores: u64) -> Self {
+        let (rps, bytes) = (self.requests_per_s as f64, self.bytes_per_s as f64);
+        let bytes_each = if rps >= MIN_RPS_FOR_COST {
+            bytes / rps
+        } else {
+            cost.small_answer_bytes as f64
+        };
+        self.calibrated_millicores = Some(cost.millicores(rps, bytes).round() as u64);
+        self.headroom_rps = Some(cost.headroom_rps(free_millicores, bytes_each));
+        self
+    }
+}
+
+impl ServingCost {
+    /// The costs that explain both readings: `small` (many requests, few bytes each) and `large` (fewer requests,
+    /// many bytes each). A cost the readings make negative (noise: bytes nearly free) is 0 and the other explains
+    /// the small mix alone. `None` when the mixes cannot be told apart (their bytes per request within 2×) or a
+    /// reading has no requests.
+    pub fn fit(small: MixReading, large: MixReading) -> Option<ServingCost> {
+        if small.rps <= 0.0 || large.rps <= 0.0 {
+            return None;
+        }
+        let (bs, bl) = (small.bytes_per_s / small.rps, large.bytes_per_s / large.rps);
+        if bl < 2.0 * bs {
+            return None;
+        }
+        // m = a·(rps/1000) + b·(bytes/s / 10^6)
+        let (r1, b1, m1) = (small.rps / 1e3, small.bytes_per_s / 1e6, small.millicores);
+        let (r2, b2, m2) = (large.rps / 1e3, large.bytes_per_s / 1e6, large.millicores);
+        let det = r1 * b2 - r2 * b1;
+        let (mut a, mut b) = ((m1 * b2 - m2 * b1) / det, (r1 * m2 - r2 * m1) / det);
+        if b < 0.0 {
+            (a, b) = (m1 / r1, 0.0);
+        } else if a < 0.0 {
+            (a, b) = (0.0, m2 / b2);
+        }
+        (a.is_finite() && b.is_finite()).then_some(ServingCost {
+            millicores_per_1k_rps: a,
+            millicores_per_mbps: b,
+            small_answer_bytes: bs.round() as u64,
+        })
+    }
+
+    /// Millicores for `rps` requests/s moving `bytes_per_s`.
+    pub fn millicores(&self, rps: f64, bytes_per_s: f64) -> f64 {
+        self.millicores_per_1k_rps * rps / 1e3 + self.millicores_per_mbps * bytes_per_s / 1e6
+    }
+
+    /// How many more requests/s of `bytes_each` bytes `free_millicores` can answer.
+    pub fn headroom_rps(&self, free_millicores: u64, bytes_each: f64) -> u64 {
+        let per_request = self.millicores(1.0, bytes_each.max(0.0));
+        if per_request <= 0.0 {
+            return 0;
+        }
+        (free_millicores as f64 / per_request).floor() as u64
+    }
 }
 
 /// Below this many requests/s, the cost per request is not reported: too few to tell from noise.
@@ -145,6 +238,8 @@ impl ServingMeter {
             bytes_per_s: self.bytes.rate().unwrap_or(0.0).max(0.0).round() as u64,
             millicores_per_1k_rps: (rps >= MIN_RPS_FOR_COST)
                 .then(|| (millicores as f64 * 1000.0 / rps).round() as u64),
+            calibrated_millicores: None,
+            headroom_rps: None,
         }
     }
 }
@@ -212,6 +307,55 @@ mod tests {
         assert_eq!(w.rate(), None);
         w.push(47.0, 5.0);
         assert_eq!(w.rate(), Some(2.0));
+    }
+
+    #[test]
+    fn serving_cost_fits_both_mixes_and_gives_headroom() {
+        // truth: 10 mc per 1k rps, 2 mc per MB/s
+        let reading = |rps: f64, bytes_each: f64| MixReading {
+            millicores: 10.0 * rps / 1e3 + 2.0 * rps * bytes_each / 1e6,
+            rps,
+            bytes_per_s: rps * bytes_each,
+        };
+        let c = ServingCost::fit(reading(50_000.0, 4_000.0), reading(2_000.0, 400_000.0)).unwrap();
+        assert!((c.millicores_per_1k_rps - 10.0).abs() < 1e-9, "{c:?}");
+        assert!((c.millicores_per_mbps - 2.0).abs() < 1e-9, "{c:?}");
+        assert_eq!(c.small_answer_bytes, 4_000);
+        // 1 core free, 4 KB answers: 1000 / (0.01 + 0.008) requests/s
+        assert_eq!(c.headroom_rps(1000, 4_000.0), 55_555);
+        assert_eq!(c.headroom_rps(0, 4_000.0), 0);
+        // bytes that look free (noise): the request cost explains the small mix alone
+        let mut large = reading(2_000.0, 400_000.0);
+        large.millicores = 5.0;
+        let c = ServingCost::fit(reading(50_000.0, 4_000.0), large).unwrap();
+        assert_eq!(c.millicores_per_mbps, 0.0);
+        assert!((c.millicores_per_1k_rps - 18.0).abs() < 1e-9, "{c:?}");
+        // mixes that cannot be told apart, or no requests
+        assert_eq!(
+            ServingCost::fit(reading(50_000.0, 4_000.0), reading(40_000.0, 6_000.0)),
+            None
+        );
+        assert_eq!(ServingCost::fit(reading(0.0, 4_000.0), large), None);
+        // a node's report: its own answer size while it serves, the calibrated one while idle
+        let cost = ServingCost {
+            millicores_per_1k_rps: 10.0,
+            millicores_per_mbps: 2.0,
+            small_answer_bytes: 4_000,
+        };
+        let busy = ServingLoad {
+            requests_per_s: 10_000,
+            bytes_per_s: 1_000_000_000,
+            ..Default::default()
+        }
+        .with_cost(&cost, 1000);
+        // 100 + 2,000 mc; 100 KB answers: 1000 / (0.01 + 0.2)
+        assert_eq!(busy.calibrated_millicores, Some(2100));
+        assert_eq!(busy.headroom_rps, Some(4761));
+        let idle = ServingLoad::default().with_cost(&cost, 1000);
+        assert_eq!(
+            (idle.calibrated_millicores, idle.headroom_rps),
+            (Some(0), Some(55_555))
+        );
     }
 
     #[test]

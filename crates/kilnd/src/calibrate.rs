@@ -33,6 +33,8 @@ pub struct Calibration {
     pub steps: Vec<Step>,
     pub sustainable: usize,
     pub model: CpuCostModel,
+    /// What serving was measured to cost ([`serving`]; its cost also goes in `model.serving`).
+    pub serving: Option<ServingCalibration>,
 }
 
 fn cpu_ticks() -> u64 {
@@ -177,6 +179,7 @@ pub async fn run(
         steps,
         sustainable,
         model,
+        serving: None,
     })
 }
 
@@ -220,6 +223,196 @@ impl Calibration {
             m.stream_base_memory_mib,
             m.memory_mib_per_mpx
         ));
+        if let Some(c) = &m.serving {
+            out.push_str(
+                "# serving: kilnd's server answering its own origin on this host (busy millicores, requests/s, MB/s)\n",
+            );
+            if let Some(s) = &self.serving {
+                for (name, r) in [("playlists + parts", s.small), ("segments", s.large)] {
+                    out.push_str(&format!(
+                        "#   {name}: {:.0} mc at {:.0} requests/s, {:.1} MB/s\n",
+                        r.millicores,
+                        r.rps,
+                        r.bytes_per_s / 1e6
+                    ));
+                }
+            }
+            out.push_str(&format!(
+                "[serving]\nmillicores_per_1k_rps = {:.3}\nmillicores_per_mbps = {:.3}\nsmall_answer_bytes = {}\n",
+                c.millicores_per_1k_rps, c.millicores_per_mbps, c.small_answer_bytes
+            ));
+        }
         out
     }
+}
+
+/// The stream serving is measured on: one tiny rendition, so encoding takes little of the host beside the
+/// server (its parts ~5 KB, as a low rung's are; its segments ~30 KB).
+const SERVING_STREAM: &str = r#"{"source": "test:pattern=ball",
+  "renditions": [{"name": "v", "width": 160, "height": 90, "fps": 30, "bitrate_kbps": 2400}],
+  "audio": {"enabled": false}}"#;
+
+/// Concurrent client connections while serving is measured.
+const SERVING_CLIENTS: usize = 16;
+
+/// What serving costs on this host ([`kiln_model::load::ServingCost`]): kilnd's real server on a loopback port
+/// answers a live stream's playlists and parts (the small-answer mix), then its whole segments (the large one),
+/// from a client on its own thread, while the server's busy time ([`kiln_http::server::serving_busy`]) and its
+/// request and byte counters are read over each `window`. The server runs on this runtime, as in the daemon.
+pub async fn serving(mut config: Config, window: Duration) -> anyhow::Result<ServingCalibration> {
+    // the measuring stream must not be refused by admission
+    config.capacity = Resources {
+        cpu_millicores: u64::MAX / 4,
+        memory_mib: u64::MAX / 4,
+        ..Default::default()
+    };
+    let state = AppState::new(config)?;
+    let req: StreamRequest = serde_json::from_str(SERVING_STREAM).expect("a valid stream spec");
+    state
+        .supervisor
+        .create("calibrate-serving", req)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}/live/calibrate-serving/v", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::serve_state(state.clone(), listener, async {
+        let _ = stopped.await;
+    }));
+    let measured = async {
+        let small = measure_mix(&state, &base, Mix::Small, window).await?;
+        let large = measure_mix(&state, &base, Mix::Large, window).await?;
+        anyhow::Ok((small, large))
+    }
+    .await;
+    let _ = stop.send(());
+    server.await??;
+    let (small, large) = measured?;
+    let cost = kiln_model::load::ServingCost::fit(small, large).context(
+        "the two mixes could not be told apart (segments not larger than parts?): no serving cost",
+    )?;
+    Ok(ServingCalibration { small, large, cost })
+}
+
+/// What [`serving`] measured.
+#[derive(Debug, Clone)]
+pub struct ServingCalibration {
+    pub small: kiln_model::load::MixReading,
+    pub large: kiln_model::load::MixReading,
+    pub cost: kiln_model::load::ServingCost,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mix {
+    /// A player's requests: the playlist, then its newest complete part, in turn.
+    Small,
+    /// The playlist, then its newest complete segment ten times.
+    Large,
+}
+
+/// Runs `mix` from [`SERVING_CLIENTS`] connections on a thread of its own, waits a second, then reads the
+/// server's counters over `window`.
+async fn measure_mix(
+    state: &AppState,
+    base: &str,
+    mix: Mix,
+    window: Duration,
+) -> anyhow::Result<kiln_model::load::MixReading> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let (base, stop) = (base.to_string(), stop.clone());
+        std::thread::spawn(move || -> anyhow::Result<u64> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(drive(&base, mix, &stop))
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (b0, (r0, y0), t0) = (
+        kiln_http::server::serving_busy(),
+        state.metrics.http.totals(),
+        Instant::now(),
+    );
+    tokio::time::sleep(window).await;
+    let (b1, (r1, y1), wall) = (
+        kiln_http::server::serving_busy(),
+        state.metrics.http.totals(),
+        t0.elapsed().as_secs_f64(),
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // joined off the runtime: its last requests need this runtime's server to answer them
+    let failed = tokio::task::spawn_blocking(move || client.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the load client panicked"))??;
+    let requests = (r1 - r0) as f64;
+    ensure!(
+        (failed as f64) <= 0.01 * requests.max(1.0),
+        "{failed} of the calibration's requests failed ({mix:?} mix)"
+    );
+    let reading = kiln_model::load::MixReading {
+        millicores: (b1 - b0).as_secs_f64() * 1000.0 / wall,
+        rps: requests / wall,
+        bytes_per_s: (y1 - y0) as f64 / wall,
+    };
+    tracing::info!(?mix, ?reading, "serving calibration mix");
+    Ok(reading)
+}
+
+/// The load client: [`SERVING_CLIENTS`] loops of `mix` until `stop`; the number of answers that were not 200.
+async fn drive(base: &str, mix: Mix, stop: &std::sync::atomic::AtomicBool) -> anyhow::Result<u64> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(SERVING_CLIENTS)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let one = |http: reqwest::Client| async move {
+        let mut failed = 0u64;
+        let get = |url: String| {
+            let http = http.clone();
+            async move {
+                let res = http.get(url).send().await?;
+                let ok = res.status().is_success();
+                let body = res.bytes().await?;
+                anyhow::Ok(ok.then_some(body))
+            }
+        };
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Some(playlist) = get(format!("{base}/index.m3u8")).await? else {
+                failed += 1;
+                continue;
+            };
+            let text = String::from_utf8_lossy(&playlist);
+            let (uri, times) = match mix {
+                Mix::Small => (newest(&text, "#EXT-X-PART:"), 1),
+                Mix::Large => (newest(&text, ""), 10),
+            };
+            let Some(uri) = uri else { continue };
+            for _ in 0..times {
+                if get(format!("{base}/{uri}")).await?.is_none() {
+                    failed += 1;
+                }
+            }
+        }
+        anyhow::Ok(failed)
+    };
+    let loops: Vec<_> = (0..SERVING_CLIENTS).map(|_| one(http.clone())).collect();
+    let mut failed = 0;
+    for r in futures::future::join_all(loops).await {
+        failed += r?;
+    }
+    Ok(failed)
+}
+
+/// The newest part (`tag` `#EXT-X-PART:`) or complete segment (`tag` empty: a URI line) a playlist lists.
+fn newest(playlist: &str, tag: &str) -> Option<String> {
+    let line = if tag.is_empty() {
+        playlist
+            .lines()
+            .rfind(|l| !l.starts_with('#') && !l.is_empty())?
+            .to_string()
+    } else {
+        let l = playlist.lines().rfind(|l| l.starts_with(tag))?;
+        l.split("URI=\"").nth(1)?.split('"').next()?.to_string()
+    };
+    Some(line)
 }

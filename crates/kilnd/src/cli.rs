@@ -180,6 +180,10 @@ enum Cmd {
         /// workload (with --media-dir).
         #[arg(long, default_value = crate::calibrate::DEFAULT_SOURCE)]
         source: String,
+        /// Skip measuring what serving viewers costs (by default measured after the ramp, two windows, and
+        /// written as the profile's `[serving]` table).
+        #[arg(long)]
+        no_serving: bool,
     },
     /// Print a signed multivariant URL path for a stream (with the key of --playback-key-env) and exit.
     SignUrl {
@@ -254,6 +258,7 @@ async fn run() -> anyhow::Result<()> {
         out,
         window_secs,
         source,
+        no_serving,
     }) = &args.command
     {
         let config = crate::Config {
@@ -263,14 +268,20 @@ async fn run() -> anyhow::Result<()> {
             source_networks: args.allow_networks.clone(),
             ..Default::default()
         };
-        let cal = crate::calibrate::run(
-            config,
+        let window = std::time::Duration::from_secs(*window_secs);
+        let mut cal = crate::calibrate::run(
+            config.clone(),
             preset,
             source,
             std::time::Duration::from_secs(3),
-            std::time::Duration::from_secs(*window_secs),
+            window,
         )
         .await?;
+        if !no_serving {
+            let serving = crate::calibrate::serving(config, window).await?;
+            cal.model.serving = Some(serving.cost);
+            cal.serving = Some(serving);
+        }
         let text = cal.to_toml();
         std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
         println!("{text}");

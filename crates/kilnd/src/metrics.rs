@@ -59,8 +59,10 @@ pub struct Metrics {
     /// Per running stream (set at scrape time): the recent real-time ratio and whether it falls behind.
     pub stream_recent_realtime: GaugeVec,
     pub stream_behind: IntGaugeVec,
-    /// `measured` and `reserved` millicores of the serving load.
+    /// `measured` and `reserved` millicores of the serving load (and `calibrated`, with a calibrated profile).
     pub serving: IntGaugeVec,
+    /// Requests/s the free CPU could still answer at the calibrated serving costs (0 without calibration).
+    pub serving_headroom_rps: IntGauge,
     pub parked_requests: IntGauge,
     pub capacity: IntGaugeVec,
     /// Per GPU (labels gpu, model): NVML telemetry, set at scrape time.
@@ -196,6 +198,11 @@ impl Metrics {
             &["kind"],
         ));
         must(registry.register(Box::new(serving.clone())));
+        let serving_headroom_rps = must(IntGauge::new(
+            "kiln_serving_headroom_requests_per_second",
+            "Requests/s more that the CPU admission has left could answer, at the serving costs `kilnd calibrate` measured on this host (answers of the mean size served now); 0 without a calibrated profile",
+        ));
+        must(registry.register(Box::new(serving_headroom_rps.clone())));
         let media_seconds = must(GaugeVec::new(
             Opts::new(
                 "kiln_media_seconds_total",
@@ -349,6 +356,7 @@ impl Metrics {
             stream_recent_realtime,
             stream_behind,
             serving,
+            serving_headroom_rps,
             parked_requests,
             vod_jobs,
             vod_media_seconds,

@@ -43,6 +43,7 @@ fn model() -> CpuCostModel {
         audio_millicores: 15,
         stream_base_memory_mib: 20,
         memory_mib_per_mpx: 2.0,
+        serving: None,
     }
 }
 

@@ -23,9 +23,17 @@ impl Supervisor {
         self.config.capacity
     }
 
-    /// What serving viewers costs now, and what admission keeps free for it.
+    /// What serving viewers costs now, and what admission keeps free for it; with a profile calibrated for
+    /// serving, also what the calibrated costs make of it and the requests/s the free CPU could still answer.
     pub fn serving(&self) -> ServingLoad {
-        self.serving.lock().load()
+        let load = self.serving.lock().load();
+        match &self.config.cpu_model.serving {
+            Some(cost) => {
+                let free = self.free_with(&load).cpu_millicores;
+                load.with_cost(cost, free)
+            }
+            None => load,
+        }
     }
 
     /// One reading of the serving counters (see [`crate::load`]), and of every stream's media published.

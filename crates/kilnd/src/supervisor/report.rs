@@ -214,6 +214,11 @@ impl Supervisor {
         m.serving
             .with_label_values(&["reserved"])
             .set(serving.reserved_millicores as i64);
+        if let Some(c) = serving.calibrated_millicores {
+            m.serving.with_label_values(&["calibrated"]).set(c as i64);
+        }
+        m.serving_headroom_rps
+            .set(serving.headroom_rps.unwrap_or(0) as i64);
         let (cap, alloc) = (self.capacity(), self.allocated());
         for (kind, r) in [
             ("capacity", cap),
