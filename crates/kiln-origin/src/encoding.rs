@@ -91,11 +91,12 @@ fn qvalue(s: &str) -> Option<u16> {
     (value <= 1000).then_some(value)
 }
 
-/// `body` gzipped (best compression: it is done once and sent many times).
+/// `body` gzipped, at zlib's default level (the layer's): a playlist variant is made once per publish, but
+/// a stream with one viewer makes one per request.
 pub fn gzip(body: &[u8]) -> Bytes {
     let mut enc = flate2::write::GzEncoder::new(
         Vec::with_capacity(body.len() / 3 + 64),
-        flate2::Compression::best(),
+        flate2::Compression::default(),
     );
     enc.write_all(body).expect("writing to a Vec");
     Bytes::from(enc.finish().expect("writing to a Vec"))

@@ -1,7 +1,8 @@
 //! A rendition's published state and the playlist bytes each kind of request gets from it, each made at most
 //! once per publish: the full playlist and the two delta updates as the packager rendered them, their gzipped
 //! forms, and, with signed URLs, the same with a viewer's token in every URI (viewers given the same token share
-//! them). Answering a playlist request is then a lookup and a clone of `Bytes`.
+//! them). Answering a playlist request is then a lookup and a clone of `Bytes`. The multivariant playlist is
+//! [`Prepared`] the same way, once per change of its stream ([`crate::StreamOrigin::master_prepared`]).
 
 use std::ops::Deref;
 use std::sync::{Arc, OnceLock};
@@ -21,18 +22,8 @@ const SIGNED_KEPT: usize = 8;
 #[derive(Debug)]
 pub struct Published {
     snap: Snapshot,
-    /// The gzipped full playlist, delta and v2 delta, made on the first request that wants each.
-    gzipped: [OnceLock<Bytes>; 3],
-    /// Playlists with a token in their URIs, newest last.
-    signed: Mutex<Vec<Arc<Signed>>>,
-}
-
-#[derive(Debug)]
-struct Signed {
-    token: Box<str>,
-    variant: usize,
-    plain: Bytes,
-    gzipped: OnceLock<Bytes>,
+    /// The full playlist, the delta and the v2 delta (the full one where no delta is offered).
+    variants: [Prepared; 3],
 }
 
 impl Deref for Published {
@@ -45,11 +36,27 @@ impl Deref for Published {
 
 impl From<Snapshot> for Published {
     fn from(snap: Snapshot) -> Self {
-        Published {
-            snap,
-            gzipped: Default::default(),
-            signed: Mutex::new(Vec::new()),
-        }
+        let full = &snap.playlist;
+        let variants = [
+            Prepared::new(full.clone()),
+            Prepared::new(snap.delta.as_ref().unwrap_or(full).clone()),
+            Prepared::new(snap.delta_v2.as_ref().unwrap_or(full).clone()),
+        ];
+        Published { snap, variants }
+    }
+}
+
+impl Published {
+    /// The playlist for `skip` (the full one when no delta is offered: `_HLS_skip` is ignored without
+    /// CAN-SKIP-UNTIL or once ENDLIST is present), with `token` in its URIs when given, gzipped when `gzip` and it
+    /// is large enough for the compression layer to compress it ([`encoding::MIN_COMPRESSED`]).
+    pub fn playlist(&self, skip: Skip, token: Option<&str>, gzip: bool) -> Playlist {
+        let variant = match skip {
+            Skip::No => 0,
+            Skip::Yes => 1,
+            Skip::V2 => 2,
+        };
+        self.variants[variant].get(token, gzip)
     }
 }
 
@@ -60,21 +67,40 @@ pub struct Playlist {
     pub gzipped: bool,
 }
 
-impl Published {
-    /// The playlist for `skip` (the full one when no delta is offered: `_HLS_skip` is ignored without
-    /// CAN-SKIP-UNTIL or once ENDLIST is present), with `token` in its URIs when given, gzipped when `gzip` and it
-    /// is large enough for the compression layer to compress it ([`encoding::MIN_COMPRESSED`]).
-    pub fn playlist(&self, skip: Skip, token: Option<&str>, gzip: bool) -> Playlist {
-        let variant = match skip {
-            Skip::Yes if self.snap.delta.is_some() => 1,
-            Skip::V2 if self.snap.delta_v2.is_some() => 2,
-            _ => 0,
-        };
+/// One playlist's bytes in every form a request can ask for, each made at most once: as rendered, gzipped, and
+/// with a viewer's token in its URIs (and that gzipped).
+#[derive(Debug)]
+pub struct Prepared {
+    plain: Bytes,
+    gzipped: OnceLock<Bytes>,
+    /// The signed forms, newest last.
+    signed: Mutex<Vec<Arc<Signed>>>,
+}
+
+#[derive(Debug)]
+struct Signed {
+    token: Box<str>,
+    plain: Bytes,
+    gzipped: OnceLock<Bytes>,
+}
+
+impl Prepared {
+    pub fn new(plain: Bytes) -> Self {
+        Prepared {
+            plain,
+            gzipped: OnceLock::new(),
+            signed: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The playlist with `token` in its URIs when given, gzipped when `gzip` and it is large enough for the
+    /// compression layer to compress it ([`encoding::MIN_COMPRESSED`]).
+    pub fn get(&self, token: Option<&str>, gzip: bool) -> Playlist {
         let signed;
         let (plain, cell) = match token {
-            None => (self.rendered(variant), &self.gzipped[variant]),
+            None => (&self.plain, &self.gzipped),
             Some(t) => {
-                signed = self.signed(variant, t);
+                signed = self.signed(t);
                 (&signed.plain, &signed.gzipped)
             }
         };
@@ -91,31 +117,16 @@ impl Published {
         }
     }
 
-    fn rendered(&self, variant: usize) -> &Bytes {
-        let s = &self.snap;
-        match variant {
-            1 => s.delta.as_ref(),
-            2 => s.delta_v2.as_ref(),
-            _ => None,
-        }
-        .unwrap_or(&s.playlist)
-    }
-
-    /// The `variant` playlist with `token` in its URIs: kept from an earlier request, or made now.
-    fn signed(&self, variant: usize, token: &str) -> Arc<Signed> {
-        let find = |kept: &[Arc<Signed>]| {
-            kept.iter()
-                .find(|s| s.variant == variant && &*s.token == token)
-                .cloned()
-        };
+    /// The playlist with `token` in its URIs: kept from an earlier request, or made now.
+    fn signed(&self, token: &str) -> Arc<Signed> {
+        let find = |kept: &[Arc<Signed>]| kept.iter().find(|s| &*s.token == token).cloned();
         if let Some(s) = find(&self.signed.lock()) {
             return s;
         }
         // made without the lock: other tokens' requests do not wait for it
-        let text = String::from_utf8_lossy(self.rendered(variant));
+        let text = String::from_utf8_lossy(&self.plain);
         let made = Arc::new(Signed {
             token: token.into(),
-            variant,
             plain: Bytes::from(crate::signing::propagate_m3u8(&text, token)),
             gzipped: OnceLock::new(),
         });
@@ -208,7 +219,7 @@ mod tests {
         for t in 0..2 * SIGNED_KEPT {
             p.playlist(Skip::Yes, Some(&format!("exp={t}&sig=cd")), false);
         }
-        assert_eq!(p.signed.lock().len(), SIGNED_KEPT);
+        assert_eq!(p.variants[1].signed.lock().len(), SIGNED_KEPT);
         let again = p.playlist(Skip::No, Some("exp=1&sig=ab"), true);
         assert_eq!(again.body, a.body, "made again, the same bytes");
     }

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::published::Playlist;
 use crate::store::{Origin, Rendition, RenditionKind, StreamOrigin};
 
 /// Content type of playlists.
@@ -145,8 +146,13 @@ async fn mpd_answer(origin: &Origin, stream: &str, query: Option<&str>) -> Respo
     stream_document(origin, stream, query, |s, token| {
         let text = s.mpd(unix_now_ms(), "/time")?;
         let max_age = (u64::from(s.target_duration_s()) / 2).max(1);
+        // (rendered per request: its publishTime is the request's)
+        let body = with_token(Bytes::from(text), token, true);
         Some((
-            with_token(Bytes::from(text), token, true),
+            Playlist {
+                body,
+                gzipped: false,
+            },
             "application/dash+xml",
             max_age,
         ))
@@ -163,7 +169,7 @@ async fn stream_document<F>(
     render: F,
 ) -> Response
 where
-    F: Fn(&StreamOrigin, &Option<String>) -> Option<(Bytes, &'static str, u64)>,
+    F: Fn(&StreamOrigin, &Option<String>) -> Option<(Playlist, &'static str, u64)>,
 {
     let token = match check_token(origin, stream, query) {
         Ok(t) => t,
@@ -178,8 +184,8 @@ where
     let mut guard = None;
     loop {
         rx.borrow_and_update();
-        if let Some((body, content_type, max_age)) = render(&s, &token) {
-            return reply(StatusCode::OK, content_type, max_age, body);
+        if let Some((doc, content_type, max_age)) = render(&s, &token) {
+            return document_reply(content_type, max_age, doc);
         }
         if guard.is_none() {
             guard = match origin.park() {
@@ -280,6 +286,18 @@ fn cache_control(max_age: u64) -> HeaderValue {
 }
 
 /// A response with its body, content type and lifetime (built directly: no default content type to replace).
+/// 200 with a playlist or MPD, gzipped as prepared when it is ([`crate::encoding`]): then with the headers the
+/// compression layer adds to what it compresses, since it leaves an answer with an encoding alone.
+fn document_reply(content_type: &'static str, max_age: u64, doc: Playlist) -> Response {
+    let mut resp = reply(StatusCode::OK, content_type, max_age, doc.body);
+    if doc.gzipped {
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    resp
+}
+
 fn reply(status: StatusCode, content_type: &'static str, max_age: u64, body: Bytes) -> Response {
     let mut r = Response::new(axum::body::Body::from(body));
     *r.status_mut() = status;
@@ -402,15 +420,18 @@ async fn master(
     State(origin): State<Origin>,
     Path(stream): Path<String>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Response {
-    master_answer(&origin, &stream, query.as_deref()).await
+    let gzip = crate::encoding::wants_gzip(&headers);
+    drop(headers);
+    master_answer(&origin, &stream, query.as_deref(), gzip).await
 }
 
-async fn master_answer(origin: &Origin, stream: &str, query: Option<&str>) -> Response {
+async fn master_answer(origin: &Origin, stream: &str, query: Option<&str>, gzip: bool) -> Response {
     stream_document(origin, stream, query, |s, token| {
-        let text = s.master()?;
+        let doc = s.master_prepared()?.get(token.as_deref(), gzip);
         let max_age = 6 * u64::from(s.target_duration_s());
-        Some((with_token(Bytes::from(text), token, false), M3U8, max_age))
+        Some((doc, M3U8, max_age))
     })
     .await
 }
@@ -663,15 +684,11 @@ async fn playlist(
                 }
                 r.note_served(&snap);
                 let max_age = if blocking { 6 * td } else { (td / 2).max(1) };
-                let p = snap.playlist(q.skip, token.as_deref(), gzip);
-                let mut resp = reply(StatusCode::OK, M3U8, max_age, p.body);
-                if p.gzipped {
-                    let h = resp.headers_mut();
-                    h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-                    // what the compression layer adds to what it compresses (it leaves this answer alone)
-                    h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
-                }
-                return resp;
+                return document_reply(
+                    M3U8,
+                    max_age,
+                    snap.playlist(q.skip, token.as_deref(), gzip),
+                );
             }
             Decision::Reject(msg) => return error(StatusCode::BAD_REQUEST, 4 * td, msg),
             Decision::Wait => {

@@ -98,6 +98,12 @@ impl UrlSigner {
             return Err(TokenError::Missing);
         };
         let exp: u64 = exp_s.parse().map_err(|_| TokenError::Malformed)?;
+        // one spelling per token, the signer's (decimal without leading zeros or sign, lowercase hex): another
+        // spelling of a valid token would be another cache key everywhere, at the edge and in the origin's
+        // prepared playlists, for whoever holds one token to miss every cache with
+        if exp.to_string() != exp_s || sig_s.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(TokenError::Malformed);
+        }
         let sig = unhex(sig_s).ok_or(TokenError::Malformed)?;
         self.mac(stream, exp)
             .verify_slice(&sig)
@@ -171,6 +177,19 @@ mod tests {
             s.verify("cam1", Some("exp=x&sig=zz"), 1_000),
             Err(TokenError::Malformed)
         );
+        // another spelling of a valid token (leading zero, sign, uppercase hex): refused, one token is one key
+        let sig = q.split("sig=").nth(1).unwrap();
+        for respelt in [
+            q.replace("exp=2000", "exp=02000"),
+            q.replace("exp=2000", "exp=+2000"),
+            q.replace(sig, &sig.to_ascii_uppercase()),
+        ] {
+            assert_eq!(
+                s.verify("cam1", Some(&respelt), 1_000),
+                Err(TokenError::Malformed),
+                "{respelt}"
+            );
+        }
         // a token given twice, or in another case: refused (a cache keys on one of them)
         for twice in [
             format!("{q}&{q}"),

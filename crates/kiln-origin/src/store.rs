@@ -11,7 +11,7 @@ use kiln_llhls::multivariant::{self, AudioMedia, VideoVariant};
 use kiln_llhls::packager::{PartPos, RenditionReport};
 use kiln_llhls::{PackError, Packager, PackagerConfig, PartIn, Snapshot};
 
-use crate::published::Published;
+use crate::published::{Prepared, Published};
 use tokio::sync::watch;
 
 /// Video or audio.
@@ -175,6 +175,8 @@ pub struct StreamOrigin {
     target_known: AtomicBool,
     /// `"<stream instance, hex>-`: the start of every media ETag (see [`Self::etag`]), formatted once.
     etag_prefix: String,
+    /// The multivariant playlist prepared for the value of `changed` it was rendered at.
+    master: Mutex<Option<(u64, Arc<Prepared>)>>,
 }
 
 impl StreamOrigin {
@@ -294,6 +296,7 @@ impl StreamOrigin {
             learn_from: None,
             target_known: AtomicBool::new(true),
             etag_prefix,
+            master: Mutex::new(None),
         }
     }
 
@@ -463,6 +466,22 @@ impl StreamOrigin {
             representations: reps,
             ended: self.renditions.iter().all(|r| r.snapshot().ended),
         }))
+    }
+
+    /// [`Self::master`] as prepared bytes ([`Prepared`]: gzipped and signed forms made once each), rendered
+    /// again only after something in the stream changed (every change publishes, and every publish bumps
+    /// `changed`): viewers joining together share one.
+    pub fn master_prepared(&self) -> Option<Arc<Prepared>> {
+        // read before rendering: a change during the render makes the next request render again
+        let version = *self.changed.borrow();
+        if let Some((v, p)) = &*self.master.lock() {
+            if *v == version {
+                return Some(p.clone());
+            }
+        }
+        let p = Arc::new(Prepared::new(Bytes::from(self.master()?)));
+        *self.master.lock() = Some((version, p.clone()));
+        Some(p)
     }
 
     /// The multivariant playlist, once every rendition's codec is known.

@@ -89,7 +89,9 @@ impl LiveGet {
     pub async fn answer(self, origin: &Origin) -> Response {
         let query = self.query();
         match target(self.path()).expect("checked by LiveGet::of") {
-            Target::Master(stream) => master_answer(origin, stream, query).await,
+            Target::Master(stream) => {
+                master_answer(origin, stream, query, self.conditions.gzip).await
+            }
             Target::Mpd(stream) => mpd_answer(origin, stream, query).await,
             Target::Media(stream, rendition, file) => {
                 media_answer(origin, (stream, rendition, file), query, &self.conditions).await
