@@ -175,7 +175,7 @@ fn start_nginx(root: &Path, dir: &Path) -> Result<(Child, String)> {
              keepalive_requests 100000;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n  \
              fastcgi_temp_path {dir}/fcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n  \
              types {{ application/vnd.apple.mpegurl m3u8; video/mp4 m4s; }}\n  \
-             gzip_static on;\n  server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
+             server {{ listen 127.0.0.1:{port}; root {root};\n    location ~ \\.m3u8$ {{ gzip_static on; }}\n  }}\n}}\n",
             dir = dir.display(),
             root = root.display()
         ),

@@ -238,7 +238,7 @@ impl Calibration {
                 }
             }
             out.push_str(&format!(
-                "[serving]\nmillicores_per_1k_rps = {:.3}\nmillicores_per_mbps = {:.3}\nsmall_answer_bytes = {}\n",
+                "[serving]\nmillicores_per_1k_rps = {:.4}\nmillicores_per_mbps = {:.6}\nsmall_answer_bytes = {}\n",
                 c.millicores_per_1k_rps, c.millicores_per_mbps, c.small_answer_bytes
             ));
         }
@@ -310,75 +310,105 @@ enum Mix {
     Large,
 }
 
-/// Runs `mix` from [`SERVING_CLIENTS`] connections on a thread of its own, waits a second, then reads the
-/// server's counters over `window`.
+/// What the load client counts, shared with the thread that measures.
+#[derive(Default)]
+struct Tally {
+    ok: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+    stop: std::sync::atomic::AtomicBool,
+    /// Told at the first answer: the stream serves (its first segment can take seconds to appear).
+    serving: tokio::sync::Notify,
+}
+
+/// Runs `mix` from [`SERVING_CLIENTS`] connections on a thread of its own; once the stream answers, waits a
+/// second, then reads the server's counters over `window`.
 async fn measure_mix(
     state: &AppState,
     base: &str,
     mix: Mix,
     window: Duration,
 ) -> anyhow::Result<kiln_model::load::MixReading> {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    use std::sync::atomic::Ordering::Relaxed;
+    let tally = std::sync::Arc::new(Tally::default());
     let client = {
-        let (base, stop) = (base.to_string(), stop.clone());
-        std::thread::spawn(move || -> anyhow::Result<u64> {
+        let (base, tally) = (base.to_string(), tally.clone());
+        std::thread::spawn(move || -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(drive(&base, mix, &stop))
+            rt.block_on(drive(&base, mix, &tally))
         })
     };
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (b0, (r0, y0), t0) = (
-        kiln_http::server::serving_busy(),
-        state.metrics.http.totals(),
-        Instant::now(),
-    );
-    tokio::time::sleep(window).await;
-    let (b1, (r1, y1), wall) = (
-        kiln_http::server::serving_busy(),
-        state.metrics.http.totals(),
-        t0.elapsed().as_secs_f64(),
-    );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let started = tokio::time::timeout(Duration::from_secs(60), tally.serving.notified()).await;
+    let measured = async {
+        ensure!(started.is_ok(), "the stream answered nothing for 60 s");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (b0, (r0, y0), t0) = (
+            kiln_http::server::serving_busy(),
+            state.metrics.http.totals(),
+            Instant::now(),
+        );
+        tokio::time::sleep(window).await;
+        let (b1, (r1, y1)) = (
+            kiln_http::server::serving_busy(),
+            state.metrics.http.totals(),
+        );
+        let wall = t0.elapsed().as_secs_f64();
+        anyhow::Ok(kiln_model::load::MixReading {
+            millicores: (b1 - b0).as_secs_f64() * 1000.0 / wall,
+            rps: (r1 - r0) as f64 / wall,
+            bytes_per_s: (y1 - y0) as f64 / wall,
+        })
+    }
+    .await;
+    tally.stop.store(true, Relaxed);
     // joined off the runtime: its last requests need this runtime's server to answer them
-    let failed = tokio::task::spawn_blocking(move || client.join())
+    tokio::task::spawn_blocking(move || client.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the load client panicked"))??;
-    let requests = (r1 - r0) as f64;
+    let reading = measured?;
+    let (ok, failed) = (tally.ok.load(Relaxed), tally.failed.load(Relaxed));
     ensure!(
-        (failed as f64) <= 0.01 * requests.max(1.0),
-        "{failed} of the calibration's requests failed ({mix:?} mix)"
+        failed * 100 <= ok + failed,
+        "{failed} of the calibration's {} requests failed ({mix:?} mix)",
+        ok + failed
     );
-    let reading = kiln_model::load::MixReading {
-        millicores: (b1 - b0).as_secs_f64() * 1000.0 / wall,
-        rps: requests / wall,
-        bytes_per_s: (y1 - y0) as f64 / wall,
-    };
     tracing::info!(?mix, ?reading, "serving calibration mix");
     Ok(reading)
 }
 
-/// The load client: [`SERVING_CLIENTS`] loops of `mix` until `stop`; the number of answers that were not 200.
-async fn drive(base: &str, mix: Mix, stop: &std::sync::atomic::AtomicBool) -> anyhow::Result<u64> {
+/// The load client: [`SERVING_CLIENTS`] loops of `mix` until told to stop, counting answers that were 200 and
+/// those that were not or did not come (a transport error or the 10 s timeout).
+async fn drive(base: &str, mix: Mix, tally: &Tally) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(SERVING_CLIENTS)
         .timeout(Duration::from_secs(10))
         .build()?;
-    let one = |http: reqwest::Client| async move {
-        let mut failed = 0u64;
-        let get = |url: String| {
-            let http = http.clone();
-            async move {
-                let res = http.get(url).send().await?;
-                let ok = res.status().is_success();
-                let body = res.bytes().await?;
-                anyhow::Ok(ok.then_some(body))
+    let get = |url: String| {
+        let http = http.clone();
+        async move {
+            let answer = async {
+                let res = http.get(url).send().await?.error_for_status()?;
+                anyhow::Ok(res.bytes().await?)
+            };
+            match answer.await {
+                Ok(body) => {
+                    if tally.ok.fetch_add(1, Relaxed) == 0 {
+                        tally.serving.notify_one();
+                    }
+                    Some(body)
+                }
+                Err(_) => {
+                    tally.failed.fetch_add(1, Relaxed);
+                    None
+                }
             }
-        };
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let Some(playlist) = get(format!("{base}/index.m3u8")).await? else {
-                failed += 1;
+        }
+    };
+    let one = || async {
+        while !tally.stop.load(Relaxed) {
+            let Some(playlist) = get(format!("{base}/index.m3u8")).await else {
                 continue;
             };
             let text = String::from_utf8_lossy(&playlist);
@@ -388,19 +418,12 @@ async fn drive(base: &str, mix: Mix, stop: &std::sync::atomic::AtomicBool) -> an
             };
             let Some(uri) = uri else { continue };
             for _ in 0..times {
-                if get(format!("{base}/{uri}")).await?.is_none() {
-                    failed += 1;
-                }
+                get(format!("{base}/{uri}")).await;
             }
         }
-        anyhow::Ok(failed)
     };
-    let loops: Vec<_> = (0..SERVING_CLIENTS).map(|_| one(http.clone())).collect();
-    let mut failed = 0;
-    for r in futures::future::join_all(loops).await {
-        failed += r?;
-    }
-    Ok(failed)
+    futures::future::join_all((0..SERVING_CLIENTS).map(|_| one())).await;
+    Ok(())
 }
 
 /// The newest part (`tag` `#EXT-X-PART:`) or complete segment (`tag` empty: a URI line) a playlist lists.

@@ -278,9 +278,17 @@ async fn run() -> anyhow::Result<()> {
         )
         .await?;
         if !no_serving {
-            let serving = crate::calibrate::serving(config, window).await?;
-            cal.model.serving = Some(serving.cost);
-            cal.serving = Some(serving);
+            // the ramp's profile is worth writing without it
+            match crate::calibrate::serving(config, window).await {
+                Ok(serving) => {
+                    cal.model.serving = Some(serving.cost);
+                    cal.serving = Some(serving);
+                }
+                Err(e) => tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "serving not measured: the profile has no [serving] table"
+                ),
+            }
         }
         let text = cal.to_toml();
         std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;

@@ -30,7 +30,7 @@ impl Supervisor {
         vod: Option<VodLoad>,
     ) -> CapacityReport {
         let (cap, alloc) = (self.capacity(), self.allocated());
-        // one reading: `free` and `serving` agree
+        // one reading of the serving load: `free` and `serving` (its headroom) leave out the same reservation
         let serving = self.serving();
         let free = self.free_with(&serving);
         let measured = measured();
