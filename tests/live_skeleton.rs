@@ -567,6 +567,16 @@ async fn plain_playback_gets_get_the_routers_answers_without_the_router() -> Res
         ("/hi/part-x.m4s".into(), none),
         ("/hi/index.m3u8?exp=1&sig=2".into(), none),
     ];
+    let direct_count = || async {
+        let (_, text) = d.get_text("/metrics").await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("kiln_http_direct_requests_total "))
+            .context("no direct-path counter")?
+            .trim()
+            .parse::<u64>()
+            .context("direct-path counter")
+    };
+    let direct_before = direct_count().await?;
     for (rest, extra) in &cases {
         let get = |stream: &str| {
             let mut req = d.http.get(d.url(&format!("/live/{stream}{rest}")));
@@ -622,5 +632,12 @@ async fn plain_playback_gets_get_the_routers_answers_without_the_router() -> Res
             );
         }
     }
+    // every "fp" request took the direct path, and no percent-encoded one did
+    let taken = direct_count().await? - direct_before;
+    ensure!(
+        taken == cases.len() as u64,
+        "{taken} of the {} plain requests were answered without the router",
+        cases.len()
+    );
     d.shutdown().await
 }

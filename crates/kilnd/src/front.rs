@@ -156,6 +156,7 @@ impl hyper::service::Service<Request<Incoming>> for Front {
                 .append(header::ACCEPT_ENCODING, v.clone());
         }
         drop(req);
+        self.0.metrics.direct_answers.inc();
         Answer::Direct {
             inner: self.0.direct.clone().call(direct),
             kind,

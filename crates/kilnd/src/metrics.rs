@@ -64,6 +64,8 @@ pub struct Metrics {
     /// Requests/s the free CPU could still answer at the calibrated serving costs (0 without calibration).
     pub serving_headroom_rps: IntGauge,
     pub parked_requests: IntGauge,
+    /// Playback GETs answered without the router ([`crate::front`]).
+    pub direct_answers: prometheus::IntCounter,
     pub capacity: IntGaugeVec,
     /// Per GPU (labels gpu, model): NVML telemetry, set at scrape time.
     pub gpu_nvenc_utilization: GaugeVec,
@@ -259,6 +261,11 @@ impl Metrics {
             "Requests waiting for a publish (blocking reloads, hinted parts, streamed segments)",
         ));
         must(registry.register(Box::new(parked_requests.clone())));
+        let direct_answers = must(prometheus::IntCounter::new(
+            "kiln_http_direct_requests_total",
+            "Playback GETs taken off the router (plain /live/ paths, answered by the origin directly); a subset of kiln_http_requests_total",
+        ));
+        must(registry.register(Box::new(direct_answers.clone())));
         let capacity = must(IntGaugeVec::new(
             Opts::new(
                 "kiln_node_resources",
@@ -358,6 +365,7 @@ impl Metrics {
             serving,
             serving_headroom_rps,
             parked_requests,
+            direct_answers,
             vod_jobs,
             vod_media_seconds,
             vod_busy_seconds,
