@@ -439,3 +439,93 @@ async fn serving_calibration_measures_both_mixes_and_a_node_reports_its_headroom
     ensure!(gauge.trim().parse::<u64>()? > 0, "headroom gauge {gauge}");
     d.shutdown().await
 }
+
+/// A stream whose encoder cannot keep up (test-only fault: each frame it outputs is held 60 ms, so about 16 of
+/// its 30 frames per second get through) is flagged behind real time within the sampler's window: in its status,
+/// in the capacity report (what a scheduler with `--relieve-behind` moves streams by) and in
+/// `kiln_stream_behind_real_time`. A healthy stream on the same node is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_falls_behind_real_time_is_flagged_and_its_neighbour_is_not() -> Result<()> {
+    const SPEC: &str = r#"{"source": "test:pattern=ball",
+        "renditions": [{"name": "v", "width": 160, "height": 90, "fps": 30, "bitrate_kbps": 200}],
+        "audio": {"enabled": false}}"#;
+    let d = Daemon::start_default().await?;
+    for id in ["slow", "fine"] {
+        let (st, body) = d.put_stream(id, SPEC).await?;
+        ensure!(st == 201, "PUT {id}: {st} {body}");
+        d.wait_for_segments(id, "v", 1).await?;
+    }
+    ensure!(
+        d.state
+            .supervisor
+            .inject_encoder_slowness("slow", Duration::from_millis(60)),
+        "no encoder to slow"
+    );
+    let status = |id: &'static str| {
+        let d = &d;
+        async move {
+            let (_, text) = d.get_text(&format!("/v1/streams/{id}")).await?;
+            anyhow::Ok(serde_json::from_str::<serde_json::Value>(&text)?)
+        }
+    };
+    let slow = kiln_integration::poll_until(
+        "the slowed stream is flagged behind real time",
+        Duration::from_secs(40),
+        Duration::from_millis(250),
+        || async {
+            let s = status("slow").await?;
+            Ok(if s["behind_real_time"] == true {
+                kiln_integration::Polled::Done(s)
+            } else {
+                kiln_integration::Polled::NotYet(format!("{}", s["recent_realtime_ratio"]))
+            })
+        },
+    )
+    .await?;
+    let ratio = slow["recent_realtime_ratio"].as_f64().context("ratio")?;
+    ensure!(ratio < 0.9, "flagged at {ratio}");
+    // (its window judges once it is 4 s long)
+    let fine = kiln_integration::poll_until(
+        "the healthy stream's ratio",
+        Duration::from_secs(20),
+        Duration::from_millis(250),
+        || async {
+            let s = status("fine").await?;
+            Ok(if s["recent_realtime_ratio"].is_f64() {
+                kiln_integration::Polled::Done(s)
+            } else {
+                kiln_integration::Polled::NotYet(String::new())
+            })
+        },
+    )
+    .await?;
+    ensure!(
+        fine["behind_real_time"] == false
+            && fine["recent_realtime_ratio"]
+                .as_f64()
+                .is_some_and(|r| r >= 0.9),
+        "the healthy stream: {fine}"
+    );
+    let (_, cap) = d.get_text("/v1/capacity").await?;
+    let cap: serde_json::Value = serde_json::from_str(&cap)?;
+    let flagged: Vec<&str> = cap["streams"]
+        .as_array()
+        .context("streams")?
+        .iter()
+        .filter(|s| s["behind_real_time"] == true)
+        .filter_map(|s| s["id"].as_str())
+        .collect();
+    ensure!(
+        flagged == ["slow"],
+        "capacity report flags {flagged:?}: {cap}"
+    );
+    let (_, metrics) = d.get_text("/metrics").await?;
+    for (id, want) in [("slow", "1"), ("fine", "0")] {
+        let line = format!("kiln_stream_behind_real_time{{stream=\"{id}\"}} {want}");
+        ensure!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in /metrics"
+        );
+    }
+    d.shutdown().await
+}

@@ -391,6 +391,26 @@ impl LivePipeline {
         true
     }
 
+    /// Test-only: from now on the first video rendition's encoder takes `delay` longer per frame it outputs, like
+    /// an encoder on a host with too little CPU left (the `fault-injection` feature). Its queue fills and holds
+    /// up the source, so every rendition falls behind real time. Returns whether there was an encoder to slow.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_encoder_slowness(&self, delay: std::time::Duration) -> bool {
+        let pad = self
+            .video_names
+            .first()
+            .and_then(|n| self.pipeline.by_name(&format!("enc-{n}")))
+            .and_then(|enc| enc.static_pad("src"));
+        let Some(pad) = pad else {
+            return false;
+        };
+        pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+            std::thread::sleep(delay);
+            gst::PadProbeReturn::Ok
+        });
+        true
+    }
+
     /// A handle that switches this pipeline's inputs (`None` for a test source).
     pub fn switcher(&self) -> Option<Switcher> {
         self.inputs.clone()

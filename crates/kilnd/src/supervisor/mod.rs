@@ -578,6 +578,18 @@ impl Supervisor {
         })
     }
 
+    /// Test-only: stream `id`'s encoder slows down by `delay` per frame (see
+    /// [`LivePipeline::inject_encoder_slowness`]). Returns whether it had one.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_encoder_slowness(&self, id: &str, delay: std::time::Duration) -> bool {
+        self.get(id).is_some_and(|h| {
+            h.pipeline
+                .lock()
+                .as_ref()
+                .is_some_and(|p| p.inject_encoder_slowness(delay))
+        })
+    }
+
     async fn create_inner(
         self: &Arc<Self>,
         id: &str,
