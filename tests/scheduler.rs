@@ -2787,3 +2787,113 @@ async fn a_draining_node_finishes_its_running_job_and_keeps_the_queued_one_for_i
     );
     Ok(())
 }
+
+/// `--relieve-behind` end to end: node `slow` runs its streams with a test-only fault that holds each
+/// encoder 60 ms per frame (`KILN_FAULT_SLOW_ENCODER_MS`, fault-injection builds only), so a stream placed there
+/// falls behind real time and the node reports it. Once it has been there `--relieve-after-s`, the scheduler
+/// moves it, make-before-break, to the healthy node `fast`, where it keeps real time and stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_behind_real_time_is_moved_to_a_healthy_node() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sched = scheduler(
+        "sched",
+        &["--open-fleet", "--relieve-behind", "--relieve-after-s", "8"],
+        &[],
+    )
+    .await?;
+    let data = |n: &str| dir.path().join(n).display().to_string();
+    let slow = node(
+        "slow",
+        &data("slow"),
+        &sched.url,
+        &[],
+        &[("KILN_FAULT_SLOW_ENCODER_MS", "60")],
+    )
+    .await?;
+    let fleet = Fleet {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()?,
+        raw: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?,
+        daemons: BTreeMap::from([("slow".to_string(), slow)]),
+    };
+    poll_json(
+        &fleet.http,
+        &format!("{}/v1/nodes", sched.url),
+        "slow registers",
+        Duration::from_secs(10),
+        |v| v.to_string().contains("\"slow\""),
+    )
+    .await?;
+    // the only node: the stream goes there
+    fleet.place(&sched.url, "s", "live-360p-abr").await?;
+    let slow_url = fleet.daemons["slow"].url.clone();
+    poll_json(
+        &fleet.http,
+        &format!("{slow_url}/v1/streams/s"),
+        "the slow node reports s behind real time",
+        Duration::from_secs(40),
+        |v| v["behind_real_time"] == true,
+    )
+    .await?;
+    let mut fleet = fleet;
+    let fast = node("fast", &data("fast"), &sched.url, &[], &[]).await?;
+    fleet.daemons.insert("fast".to_string(), fast);
+    // make-before-break: for a while it runs on both; then only on the healthy node
+    let t = Instant::now();
+    let fleet_ref = &fleet;
+    poll_until(
+        "s moves to the healthy node",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || async move {
+            let c = copies(fleet_ref).await?;
+            Ok(match c.get("s").map(Vec::as_slice) {
+                Some([only]) if only == "fast" => Polled::Done(()),
+                other => Polled::NotYet(format!("s runs on {other:?}")),
+            })
+        },
+    )
+    .await?;
+    eprintln!("moved after {:?}", t.elapsed());
+    // it keeps real time there, and is not moved again
+    let fast_url = fleet.daemons["fast"].url.clone();
+    poll_json(
+        &fleet.http,
+        &format!("{fast_url}/v1/streams/s"),
+        "s keeps real time on the healthy node",
+        Duration::from_secs(30),
+        |v| {
+            v["recent_realtime_ratio"]
+                .as_f64()
+                .is_some_and(|r| r >= 0.9)
+        },
+    )
+    .await?;
+    let record = fleet.json(&format!("{}/v1/streams/s", sched.url)).await?;
+    ensure!(
+        record.to_string().contains("fast"),
+        "the scheduler's record does not name the healthy node: {record}"
+    );
+    let running = fleet.running().await?;
+    ensure!(
+        running.get("s").map(String::as_str) == Some("fast"),
+        "{running:?}"
+    );
+    // moved as a relief, once
+    let metrics = fleet
+        .http
+        .get(format!("{}/metrics", sched.url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let line = r#"kiln_scheduler_placements_total{reason="relief"} 1"#;
+    ensure!(
+        metrics.lines().any(|l| l == line),
+        "no `{line}`:\n{metrics}"
+    );
+    Ok(())
+}

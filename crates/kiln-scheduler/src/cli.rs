@@ -35,10 +35,14 @@ struct Args {
     #[arg(long)]
     redis_min_replicas: Option<u32>,
     /// Move a stream its node reports behind real time (below 0.9 × over 10 s) to another node, make-before-break:
-    /// one per node per pass, not within a minute of its last placement. Off by default: no test has yet made a
-    /// real stream fall behind and watched the move.
+    /// one per node per pass, not within --relieve-after-s of its last placement. Off by default until it has
+    /// been watched against real overload (tests/scheduler.rs moves a stream whose encoder was slowed).
     #[arg(long)]
     relieve_behind: bool,
+    /// How long a stream stays on a node before --relieve-behind may move it (its 10 s real-time window must
+    /// describe that node, and nothing bounces), in seconds.
+    #[arg(long, default_value_t = 60, requires = "relieve_behind")]
+    relieve_after_s: u64,
     /// The bound on every Redis call and Sentinel lookup, in ms.
     #[arg(long, default_value_t = 500)]
     redis_timeout_ms: u64,
@@ -205,7 +209,9 @@ async fn run() -> anyhow::Result<()> {
         strategy: kiln_binpack::Strategy::Kiln,
         api_token,
         nodes,
-        relieve: args.relieve_behind,
+        relieve: args
+            .relieve_behind
+            .then_some(args.relieve_after_s.saturating_mul(1000)),
     };
     println!("kiln-scheduler listening on http://{bound}");
     let s = Arc::new(crate::Scheduler::new(config, store));

@@ -265,7 +265,7 @@ mod tests {
             strategy: kiln_binpack::Strategy::Kiln,
             api_token: None,
             nodes: Default::default(),
-            relieve: false,
+            relieve: None,
         };
         let s = Scheduler::new(config, Store::memory(5));
         s.campaign().await;

@@ -225,7 +225,7 @@ mod tests {
             strategy: kiln_binpack::Strategy::Kiln,
             api_token: None,
             nodes: Default::default(),
-            relieve: false,
+            relieve: None,
         };
         Scheduler::new(config, Store::memory(5))
     }

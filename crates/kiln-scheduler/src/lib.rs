@@ -71,8 +71,9 @@ pub struct Config {
     pub api_token: Option<String>,
     /// Who may join the fleet (heartbeats) and where nodes may point ([`admit`]).
     pub nodes: admit::NodeAdmission,
-    /// Move streams their nodes report behind real time to other nodes, make-before-break (`--relieve-behind`).
-    pub relieve: bool,
+    /// Move streams their nodes report behind real time to other nodes, make-before-break (`--relieve-behind`),
+    /// once they have been this many ms on their node (`--relieve-after-s`); `None`: never.
+    pub relieve: Option<u64>,
 }
 
 impl Config {

@@ -114,8 +114,9 @@ pub struct Context {
     pub grace_ms: u64,
     /// Within one lease period of taking the lease.
     pub warming: bool,
-    /// Move streams their nodes report behind real time ([`Action::Relieve`]; `--relieve-behind`).
-    pub relieve: bool,
+    /// Move streams their nodes report behind real time ([`Action::Relieve`]; `--relieve-behind`) once they have
+    /// been this many ms on their node (`--relieve-after-s`, [`RELIEF_AFTER_MS`] by default); `None`: never.
+    pub relieve: Option<u64>,
 }
 
 /// One thing the leader does to bring the daemons and the records in line.
@@ -242,12 +243,13 @@ fn plan_record(r: &StreamRecord, fleet: &Fleet<'_>, ctx: &Context, out: &mut Vec
                         ..r.clone()
                     },
                 });
-            } else if ctx.relieve
+            } else if ctx
+                .relieve
+                .is_some_and(|after| ctx.now_ms.saturating_sub(r.placed_unix_ms) > after)
                 && !ctx.warming
                 && here
                     .iter()
                     .any(|c| c.node == n && c.stream.behind_real_time)
-                && ctx.now_ms.saturating_sub(r.placed_unix_ms) > RELIEF_AFTER_MS
                 && !r.request.source.starts_with("publish:")
             {
                 out.push(Action::Relieve {
@@ -344,8 +346,8 @@ fn handover(
 /// How long a move may wait for its new copy to publish before it is given up (the old copy kept).
 pub const HANDOVER_LIMIT_MS: u64 = 60_000;
 
-/// A stream behind real time is moved only this long after its last placement: its real-time window (10 s)
-/// must describe its current node, and a stream is not bounced between nodes.
+/// By default a stream behind real time is moved only this long after its last placement: its real-time window
+/// (10 s) must describe its current node, and a stream is not bounced between nodes.
 pub const RELIEF_AFTER_MS: u64 = 60_000;
 
 /// The record of an adopted copy: placed where it runs, on its GPU, booking the alternative that matches where

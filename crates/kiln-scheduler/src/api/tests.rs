@@ -20,7 +20,7 @@ fn scheduler(api_token: Option<&str>, nodes: NodeAdmission) -> Arc<Scheduler> {
         strategy: kiln_binpack::Strategy::Kiln,
         api_token: api_token.map(str::to_string),
         nodes,
-        relieve: false,
+        relieve: None,
     };
     Arc::new(Scheduler::new(config, Store::memory(5)))
 }

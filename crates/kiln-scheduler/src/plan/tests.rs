@@ -18,7 +18,7 @@ fn ctx(warming: bool) -> Context {
         now_ms: NOW,
         grace_ms: GRACE,
         warming,
-        relieve: true,
+        relieve: Some(RELIEF_AFTER_MS),
     }
 }
 
@@ -633,7 +633,7 @@ fn a_stream_behind_real_time_is_moved_one_per_node_and_not_bounced() {
     assert!(plan_of(&[old("s1")], &fine, &[], false).is_empty());
     // and not at all without --relieve-behind
     let off = Context {
-        relieve: false,
+        relieve: None,
         ..ctx(false)
     };
     assert!(plan(

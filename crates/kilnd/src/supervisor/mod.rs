@@ -692,6 +692,14 @@ impl Supervisor {
             (None, unix_ms() as i64, None)
         } else {
             let (p, origin_ms, rx) = launch(&plan, opts, None).await?;
+            // test-only, for daemons run as processes: every stream this daemon starts falls behind real time
+            #[cfg(feature = "fault-injection")]
+            if let Some(ms) = std::env::var("KILN_FAULT_SLOW_ENCODER_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                p.inject_encoder_slowness(std::time::Duration::from_millis(ms));
+            }
             (Some(p), origin_ms, Some(rx))
         };
 
