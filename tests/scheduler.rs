@@ -2332,7 +2332,7 @@ async fn kilnctl_drives_streams_capacity_fleet_and_completions_on_real_processes
     // capacity of the daemon: a table, and the document
     let (ok, out, err) = kilnctl(&["--server", dm, "capacity"]).await?;
     ensure!(
-        ok && out.contains("node n1") && out.contains("cpu"),
+        ok && out.contains("node n1") && out.contains("cpu") && out.contains("serving"),
         "capacity: {out}{err}"
     );
     let (ok, out, _) = kilnctl(&["--server", dm, "--json", "capacity"]).await?;

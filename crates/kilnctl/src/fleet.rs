@@ -279,6 +279,15 @@ pub(crate) async fn capacity(t: &Target<'_>) -> Result<ExitCode> {
     );
     line("cpu", "cpu_millicores");
     line("memory", "memory_mib");
+    let serving = &host["serving"];
+    print!(
+        "serving    {:>8} mc at {} requests/s, {} mc kept free",
+        serving["millicores"], serving["requests_per_s"], serving["reserved_millicores"]
+    );
+    match serving["headroom_rps"].as_u64() {
+        Some(n) => println!("; room for {n} requests/s more (calibrated)"),
+        None => println!(),
+    }
     for g in v["gpus"].as_array().map(Vec::as_slice).unwrap_or_default() {
         println!(
             "gpu {} {}: nvenc {} of {} fps, sessions {} of {}, vram {} of {} MiB",

@@ -129,7 +129,7 @@ async function capacity() {
   document.getElementById('node').textContent = `Capacity of ${c.node_id}${c.draining ? ' (draining)' : ''}`;
   let html = `<div data-host>host` + bar('cpu_millicores', c.host.allocated.cpu_millicores, c.host.capacity.cpu_millicores) +
     bar('memory_mib', c.host.allocated.memory_mib, c.host.capacity.memory_mib) +
-    `<span class="dim">serving viewers: ${c.host.serving?.millicores ?? 0} mc measured, ${c.host.serving?.reserved_millicores ?? 0} mc kept free</span></div>`;
+    `<span class="dim">serving viewers: ${c.host.serving?.millicores ?? 0} mc measured, ${c.host.serving?.reserved_millicores ?? 0} mc kept free${c.host.serving?.headroom_rps != null ? `, room for ${c.host.serving.headroom_rps} requests/s more` : ''}</span></div>`;
   for (const g of c.gpus) {
     html += `<div data-gpu="${g.index}">GPU ${g.index} ${esc(g.model)}` +
       ['nvenc_fps', 'nvdec_fps', 'encoder_sessions', 'vram_mib'].map(d => bar(d, g.allocated[d], g.capacity[d])).join('') + '</div>';
