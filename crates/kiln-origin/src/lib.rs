@@ -20,5 +20,5 @@ pub mod routes;
 pub mod signing;
 pub mod store;
 
-pub use routes::{router, LiveGet};
+pub use routes::{router, LiveAnswer, LiveGet};
 pub use store::{Origin, RenditionInfo, RenditionKind, StreamOrigin};

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::published::Playlist;
+use crate::published::{Playlist, Published};
 use crate::store::{Origin, Rendition, RenditionKind, StreamOrigin};
 
 /// Content type of playlists.
@@ -134,14 +134,14 @@ async fn mpd(
     mpd_answer(&origin, &stream, query.as_deref()).await
 }
 
-async fn mpd_answer(origin: &Origin, stream: &str, query: Option<&str>) -> Response {
+fn mpd_answer(origin: &Origin, stream: &str, query: Option<&str>) -> LiveAnswer {
     if origin.get(stream).is_some_and(|s| s.follows_source_gop()) {
-        return error(
+        return LiveAnswer::now(error(
             StatusCode::NOT_FOUND,
             60,
             "no LL-DASH for a stream with a passthrough rendition: its segments follow the source's GOP, which \
              the MPD's fixed segment template cannot number (HLS only)",
-        );
+        ));
     }
     stream_document(origin, stream, query, |s, token| {
         let text = s.mpd(unix_now_ms(), "/time")?;
@@ -157,53 +157,45 @@ async fn mpd_answer(origin: &Origin, stream: &str, query: Option<&str>) -> Respo
             max_age,
         ))
     })
-    .await
 }
 
 /// A stream-level document (multivariant playlist, MPD): checks the token, then holds the request (at most
 /// 3 × TD, bounded parking) until `render` can produce it, i.e. until every rendition has published.
-async fn stream_document<F>(
-    origin: &Origin,
-    stream: &str,
-    query: Option<&str>,
-    render: F,
-) -> Response
+fn stream_document<F>(origin: &Origin, stream: &str, query: Option<&str>, render: F) -> LiveAnswer
 where
-    F: Fn(&StreamOrigin, &Option<String>) -> Option<(Playlist, &'static str, u64)>,
+    F: Fn(&StreamOrigin, &Option<String>) -> Option<(Playlist, &'static str, u64)> + Send + 'static,
 {
     let token = match check_token(origin, stream, query) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return LiveAnswer::now(r),
     };
     let Some(s) = origin.get(stream) else {
-        return error(StatusCode::NOT_FOUND, 2, "no such stream");
+        return LiveAnswer::now(error(StatusCode::NOT_FOUND, 2, "no such stream"));
+    };
+    let mut rx = s.subscribe_changes();
+    rx.borrow_and_update();
+    if let Some((doc, content_type, max_age)) = render(&s, &token) {
+        return LiveAnswer::now(document_reply(content_type, max_age, doc));
+    }
+    let Some(place) = origin.park() else {
+        return LiveAnswer::now(too_many_parked());
     };
     let td = u64::from(s.target_duration_s());
-    let mut rx = s.subscribe_changes();
-    let deadline = Instant::now() + Duration::from_secs(3 * td);
-    let mut guard = None;
-    loop {
-        rx.borrow_and_update();
-        if let Some((doc, content_type, max_age)) = render(&s, &token) {
-            return document_reply(content_type, max_age, doc);
+    let mut park = Park::new(rx, place, Duration::from_secs(3 * td));
+    LiveAnswer::later(async move {
+        loop {
+            if !matches!(park.next().await, Woken::Published) {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    0,
+                    "stream is starting: renditions not ready yet",
+                );
+            }
+            if let Some((doc, content_type, max_age)) = render(&s, &token) {
+                return document_reply(content_type, max_age, doc);
+            }
         }
-        if guard.is_none() {
-            guard = match origin.park() {
-                Some(g) => Some(g),
-                None => return too_many_parked(),
-            };
-        }
-        if !matches!(
-            tokio::time::timeout_at(deadline, rx.changed()).await,
-            Ok(Ok(()))
-        ) {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                0,
-                "stream is starting: renditions not ready yet",
-            );
-        }
-    }
+    })
 }
 
 /// Whether segment `msn` is being produced (or is the next one): LL-DASH asks for it early
@@ -427,13 +419,12 @@ async fn master(
     master_answer(&origin, &stream, query.as_deref(), gzip).await
 }
 
-async fn master_answer(origin: &Origin, stream: &str, query: Option<&str>, gzip: bool) -> Response {
-    stream_document(origin, stream, query, |s, token| {
+fn master_answer(origin: &Origin, stream: &str, query: Option<&str>, gzip: bool) -> LiveAnswer {
+    stream_document(origin, stream, query, move |s, token| {
         let doc = s.master_prepared()?.get(token.as_deref(), gzip);
         let max_age = 6 * u64::from(s.target_duration_s());
         Some((doc, M3U8, max_age))
     })
-    .await
 }
 
 /// A rendition's media playlist (blocking reload, delta updates) or one of its resources: the init segment,
@@ -474,55 +465,73 @@ async fn media(
         &origin,
         (&stream, &rendition, &file),
         query.as_deref(),
-        &conditions,
+        conditions,
     )
     .await
 }
 
 /// What [`media`] answers, for `(stream, rendition, file)`.
-async fn media_answer(
+fn media_answer(
     origin: &Origin,
     (stream, rendition, file): (&str, &str, &str),
     query: Option<&str>,
-    conditions: &Conditions,
-) -> Response {
+    conditions: Conditions,
+) -> LiveAnswer {
     let token = match check_token(origin, stream, query) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return LiveAnswer::now(r),
     };
     let Some(s) = origin.get(stream) else {
-        return error(StatusCode::NOT_FOUND, 2, "no such stream");
+        return LiveAnswer::now(error(StatusCode::NOT_FOUND, 2, "no such stream"));
     };
     let Some(r) = s.rendition(rendition).cloned() else {
-        return error(StatusCode::NOT_FOUND, 2, "no such rendition");
+        return LiveAnswer::now(error(StatusCode::NOT_FOUND, 2, "no such rendition"));
     };
     let td = u64::from(s.target_duration_s());
     if file == "index.m3u8" {
         return match parse_query(query) {
-            Ok(q) => playlist(origin, &s, &r, q, &token, conditions.gzip).await,
+            Ok(q) => playlist(origin, s, r, q, token, conditions.gzip),
             Err(AMBIGUOUS_QUERY) => {
                 let mut r = error(StatusCode::BAD_REQUEST, 0, AMBIGUOUS_QUERY);
                 r.headers_mut()
                     .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                r
+                LiveAnswer::now(r)
             }
-            Err(msg) => error(StatusCode::BAD_REQUEST, 4 * td, msg),
+            Err(msg) => LiveAnswer::now(error(StatusCode::BAD_REQUEST, 4 * td, msg)),
         };
     }
     let Some(res) = parse_resource(file) else {
-        return error(StatusCode::NOT_FOUND, td, "no such resource");
+        return LiveAnswer::now(error(StatusCode::NOT_FOUND, td, "no such resource"));
     };
-    if let Resource::Segment(msn) = res {
-        if r.segment(msn).is_none() && segment_in_progress(&r.snapshot(), msn) {
-            return stream_segment(origin, r, msn, td);
+    let awaited = match res {
+        Resource::Segment(msn) => {
+            return LiveAnswer::now(match r.segment(msn) {
+                Some(b) => {
+                    let etag = etag_of(&s, file);
+                    media_reply(&conditions, media_type(&r), &etag, SEGMENT_MAX_AGE, b)
+                }
+                None if segment_in_progress(&r.snapshot(), msn) => {
+                    stream_segment(origin, r, msn, td)
+                }
+                None => error(StatusCode::NOT_FOUND, td, "no such segment"),
+            })
         }
-    }
-    let etag = HeaderValue::from_maybe_shared(s.etag(file)).expect("a resource name is ascii");
-    let (body, max_age) = match resource(origin, &s, &r, res).await {
-        Ok(b) => b,
-        Err(resp) => return resp,
+        Resource::Init(gen) => Awaited::Init(gen),
+        Resource::Part(pos) => Awaited::Part(pos),
     };
-    media_reply(conditions, media_type(&r), &etag, max_age, body)
+    let media = MediaWait {
+        r,
+        awaited,
+        td,
+        conditions,
+        etag: etag_of(&s, file),
+    };
+    media.answer(origin)
+}
+
+/// The `ETag` of media resource `file` of stream `s`.
+fn etag_of(s: &StreamOrigin, file: &str) -> HeaderValue {
+    HeaderValue::from_maybe_shared(s.etag(file)).expect("a resource name is ascii")
 }
 
 /// What of the request decides a media answer: the two headers that decide its status, and whether the
@@ -642,79 +651,99 @@ pub fn parse_range(spec: &str, len: u64) -> Option<(u64, u64)> {
     (start <= end && start < len).then_some((start, end))
 }
 
-async fn playlist(
+/// A media playlist: at once when the rendition's state answers the request, else parked until a publish does
+/// (a blocking reload, or a plain request while the stream starts).
+fn playlist(
     origin: &Origin,
+    s: Arc<StreamOrigin>,
+    r: Arc<Rendition>,
+    q: PlaylistQuery,
+    token: Option<String>,
+    gzip: bool,
+) -> LiveAnswer {
+    let mut rx = r.subscribe();
+    let snap = rx.borrow_and_update().clone();
+    if let Some(resp) = playlist_step(&s, &r, q, &token, gzip, &snap) {
+        return LiveAnswer::now(resp.unwrap_or_else(|e| e));
+    }
+    drop(snap);
+    let Some(place) = origin.park() else {
+        return LiveAnswer::now(too_many_parked());
+    };
+    // A request that cannot be answered within 3 × TD gets 503 (§6.2.5.2).
+    // (a stream still learning its source's GOP: its first segment may take two of the longest GOPs a plan allows)
+    let wait_s = if s.target_known() {
+        3 * u64::from(s.target_duration_s())
+    } else {
+        30
+    };
+    let mut park = Park::new(rx, place, Duration::from_secs(wait_s));
+    let fanout = origin.fanout.clone();
+    LiveAnswer::later(async move {
+        loop {
+            let td = u64::from(s.target_duration_s());
+            match park.next().await {
+                Woken::Published => {}
+                Woken::Closed => return error(StatusCode::NOT_FOUND, td, "stream ended"),
+                // cacheable for a second: a CDN's collapsed waiters share it instead of queueing one by one
+                // behind an uncacheable answer
+                Woken::TimedOut => {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        1,
+                        "the requested part did not appear within 3 target durations",
+                    )
+                }
+            }
+            let snap = park.current();
+            match playlist_step(&s, &r, q, &token, gzip, &snap) {
+                Some(Ok(resp)) => {
+                    // a blocking reload woken by the publish of the part it asked for: the fan-out
+                    let asked = q.block.msn.zip(q.block.part);
+                    if let Some(d) =
+                        asked.and_then(|(m, p)| r.since_part_published(PartPos::new(m, p)))
+                    {
+                        fanout.observe(d);
+                    }
+                    return resp;
+                }
+                Some(Err(resp)) => return resp,
+                None => {}
+            }
+        }
+    })
+}
+
+/// A playlist request against the rendition's state `snap`: `Ok` the playlist, `Err` a refusal, `None` wait.
+fn playlist_step(
     s: &StreamOrigin,
     r: &Rendition,
     q: PlaylistQuery,
     token: &Option<String>,
     gzip: bool,
-) -> Response {
+    snap: &Arc<Published>,
+) -> Option<Result<Response, Response>> {
     let td = u64::from(s.target_duration_s());
     let blocking = q.block.is_blocking();
-    let mut rx = r.subscribe();
-    // A request that cannot be answered within 3 × TD gets 503 (§6.2.5.2).
-    // (a stream still learning its source's GOP: its first segment may take two of the longest GOPs a plan allows)
-    let wait_s = if s.target_known() { 3 * td } else { 30 };
-    // (read when the request first has to wait: a clock read less for the answers given at once)
-    let mut deadline = None;
-    let mut guard = None;
-    loop {
-        let snap = rx.borrow_and_update().clone();
-        let td = u64::from(s.target_duration_s());
-        // Until the first segment is complete a playlist holds parts only, which players that read whole segments
-        // (ffmpeg, non-LL clients) take for an empty stream: hold plain requests until then (≤ 1 segment + 1 part).
-        let decision = if (snap.closed.is_empty() || !s.target_known()) && !snap.ended && !blocking
-        {
-            Decision::Wait
-        } else if !s.target_known() && !snap.ended {
-            // TARGETDURATION is not final yet: nothing is served before it is (it never changes after)
-            Decision::Wait
-        } else {
-            snap.decide(q.block)
-        };
-        match decision {
-            Decision::Ready => {
-                // a blocking reload woken by the publish of the part it asked for: the fan-out
-                let asked = q.block.msn.zip(q.block.part);
-                if let (Some(_), Some((m, p))) = (&guard, asked) {
-                    if let Some(d) = r.since_part_published(PartPos::new(m, p)) {
-                        origin.fanout.observe(d);
-                    }
-                }
-                r.note_served(&snap);
-                let max_age = if blocking { 6 * td } else { (td / 2).max(1) };
-                return document_reply(
-                    M3U8,
-                    max_age,
-                    snap.playlist(q.skip, token.as_deref(), gzip),
-                );
-            }
-            Decision::Reject(msg) => return error(StatusCode::BAD_REQUEST, 4 * td, msg),
-            Decision::Wait => {
-                if guard.is_none() {
-                    guard = match origin.park() {
-                        Some(g) => Some(g),
-                        None => return too_many_parked(),
-                    };
-                }
-                let deadline =
-                    *deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(wait_s));
-                match tokio::time::timeout_at(deadline, rx.changed()).await {
-                    Ok(Ok(())) => continue,
-                    Ok(Err(_)) => return error(StatusCode::NOT_FOUND, td, "stream ended"),
-                    // cacheable for a second: a CDN's collapsed waiters share it instead of queueing one by
-                    // one behind an uncacheable answer
-                    Err(_) => {
-                        return error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            1,
-                            "the requested part did not appear within 3 target durations",
-                        )
-                    }
-                }
-            }
+    // Until the first segment is complete a playlist holds parts only, which players that read whole segments
+    // (ffmpeg, non-LL clients) take for an empty stream: hold plain requests until then (≤ 1 segment + 1 part).
+    let decision = if (snap.closed.is_empty() || !s.target_known()) && !snap.ended && !blocking {
+        Decision::Wait
+    } else if !s.target_known() && !snap.ended {
+        // TARGETDURATION is not final yet: nothing is served before it is (it never changes after)
+        Decision::Wait
+    } else {
+        snap.decide(q.block)
+    };
+    match decision {
+        Decision::Ready => {
+            r.note_served(snap);
+            let max_age = if blocking { 6 * td } else { (td / 2).max(1) };
+            let doc = snap.playlist(q.skip, token.as_deref(), gzip);
+            Some(Ok(document_reply(M3U8, max_age, doc)))
         }
+        Decision::Reject(msg) => Some(Err(error(StatusCode::BAD_REQUEST, 4 * td, msg))),
+        Decision::Wait => None,
     }
 }
 
@@ -725,94 +754,102 @@ fn media_type(r: &Rendition) -> &'static str {
     }
 }
 
-/// The bytes of a media resource and their cache lifetime, holding hinted parts until complete.
-async fn resource(
-    origin: &Origin,
-    s: &StreamOrigin,
-    r: &Arc<Rendition>,
-    res: Resource,
-) -> Result<(Bytes, u64), Response> {
-    let td = u64::from(s.target_duration_s());
-    match res {
-        Resource::Segment(msn) => r
-            .segment(msn)
-            .map(|b| (b, SEGMENT_MAX_AGE))
-            .ok_or_else(|| error(StatusCode::NOT_FOUND, td, "no such segment")),
-        Resource::Init(gen) => wait_for(origin, r, td, None, |r, snap| match r.init_gen(gen) {
-            Some(b) => Some(Ok(b)),
-            // generation 0 is coming while the stream starts; others exist only once announced
-            None if gen == 0 && !snap.ended && snap.last.is_none() => None,
-            None => Some(Err(())),
-        })
-        .await
-        .map(|b| (b, 6 * td)),
-        Resource::Part(pos) => {
-            wait_for(origin, r, td, Some(pos), |r, snap| part_state(r, snap, pos))
-                .await
-                .map(|b| (b, 6 * td))
+/// A media resource that may have to be waited for: an init segment or a part.
+#[derive(Debug, Clone, Copy)]
+enum Awaited {
+    Init(u32),
+    Part(PartPos),
+}
+
+impl Awaited {
+    /// `Some(Ok)`: it is there; `Some(Err)`: it never will be; `None`: it is coming (the hinted part, an earlier
+    /// unpublished one, or the first init segment while the stream starts): hold the request.
+    fn state(self, r: &Rendition, snap: &Snapshot) -> Option<Result<Bytes, ()>> {
+        match self {
+            Awaited::Init(gen) => match r.init_gen(gen) {
+                Some(b) => Some(Ok(b)),
+                // generation 0 is coming while the stream starts; others exist only once announced
+                None if gen == 0 && !snap.ended && snap.last.is_none() => None,
+                None => Some(Err(())),
+            },
+            Awaited::Part(pos) => match r.part(pos) {
+                Some(b) => Some(Ok(b)),
+                None if snap.part_may_appear(pos) => None,
+                None => Some(Err(())),
+            },
         }
     }
 }
 
-/// `Some(Ok)`: the part is there; `Some(Err)`: it never will be; `None`: it is the hinted (or an earlier
-/// unpublished) part — hold the request.
-fn part_state(r: &Rendition, snap: &Snapshot, pos: PartPos) -> Option<Result<Bytes, ()>> {
-    match r.part(pos) {
-        Some(b) => Some(Ok(b)),
-        None if snap.part_may_appear(pos) => None,
-        None => Some(Err(())),
-    }
+/// A request for an init segment or a part, and what its answer is made of: all a parked one holds.
+struct MediaWait {
+    r: Arc<Rendition>,
+    awaited: Awaited,
+    td: u64,
+    conditions: Conditions,
+    etag: HeaderValue,
 }
 
-/// Holds a request until `check` gives an answer, a publish at a time, for at most 3 × TD. A resource is sent
-/// only once complete (never trickled). `part`: the part it waits for, whose publish its fan-out counts from.
-async fn wait_for<F>(
-    origin: &Origin,
-    r: &Arc<Rendition>,
-    td: u64,
-    part: Option<PartPos>,
-    check: F,
-) -> Result<Bytes, Response>
-where
-    F: Fn(&Rendition, &Snapshot) -> Option<Result<Bytes, ()>>,
-{
-    let mut rx = r.subscribe();
-    let mut deadline = None;
-    let mut guard = None;
-    loop {
+impl MediaWait {
+    /// At once if the resource is there (or never will be), else parked until it is published (for at most
+    /// 3 × TD). A resource is sent only once complete (never trickled).
+    fn answer(self, origin: &Origin) -> LiveAnswer {
+        let mut rx = self.r.subscribe();
         let snap = rx.borrow_and_update().clone();
-        match check(r, &snap) {
-            Some(Ok(b)) => {
-                if let (Some(_), Some(d)) = (&guard, part.and_then(|p| r.since_part_published(p))) {
-                    origin.fanout.observe(d);
-                }
-                return Ok(b);
-            }
-            Some(Err(())) => return Err(error(StatusCode::NOT_FOUND, td, "no such resource")),
-            None => {
-                if guard.is_none() {
-                    guard = Some(origin.park().ok_or_else(too_many_parked)?);
-                }
-                let deadline =
-                    *deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(3 * td));
-                match tokio::time::timeout_at(deadline, rx.changed()).await {
-                    Ok(Ok(())) => continue,
-                    Ok(Err(_)) => return Err(error(StatusCode::NOT_FOUND, td, "stream ended")),
-                    Err(_) => {
-                        return Err(error(
+        if let Some(state) = self.awaited.state(&self.r, &snap) {
+            return LiveAnswer::now(self.reply(state));
+        }
+        drop(snap);
+        let Some(place) = origin.park() else {
+            return LiveAnswer::now(too_many_parked());
+        };
+        let mut park = Park::new(rx, place, Duration::from_secs(3 * self.td));
+        let fanout = origin.fanout.clone();
+        LiveAnswer::later(async move {
+            loop {
+                match park.next().await {
+                    Woken::Published => {}
+                    Woken::Closed => return error(StatusCode::NOT_FOUND, self.td, "stream ended"),
+                    Woken::TimedOut => {
+                        return error(
                             StatusCode::SERVICE_UNAVAILABLE,
                             1,
                             "the resource did not appear within 3 target durations",
-                        ))
+                        )
                     }
                 }
+                let snap = park.current();
+                if let Some(state) = self.awaited.state(&self.r, &snap) {
+                    if let (Awaited::Part(p), Ok(_)) = (self.awaited, &state) {
+                        if let Some(d) = self.r.since_part_published(p) {
+                            fanout.observe(d);
+                        }
+                    }
+                    return self.reply(state);
+                }
             }
+        })
+    }
+
+    fn reply(&self, state: Result<Bytes, ()>) -> Response {
+        match state {
+            Ok(body) => media_reply(
+                &self.conditions,
+                media_type(&self.r),
+                &self.etag,
+                6 * self.td,
+                body,
+            ),
+            Err(()) => error(StatusCode::NOT_FOUND, self.td, "no such resource"),
         }
     }
 }
 
 mod direct;
+mod park;
 pub use direct::LiveGet;
+pub use park::LiveAnswer;
+use park::{Park, Woken};
 
 #[cfg(test)]
 mod tests;

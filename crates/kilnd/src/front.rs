@@ -18,7 +18,7 @@ use axum::response::Response;
 use axum::routing::future::RouteFuture;
 use axum::Router;
 use hyper::body::Incoming;
-use kiln_origin::{LiveGet, Origin};
+use kiln_origin::{LiveAnswer, LiveGet, Origin};
 use tower::Service as _;
 use tower_http::compression::{Compression, ResponseFuture};
 
@@ -57,9 +57,6 @@ impl Front {
     }
 }
 
-/// An answer being computed: the origin's answer future, boxed (its size is the largest wait of any resource).
-type Boxed = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
-
 /// The origin answering a [`LiveGet`] (the request's body), as a service the compression layer wraps. The request
 /// carries nothing else but its `Accept-Encoding`, and is dropped before the answer is computed.
 #[derive(Clone)]
@@ -68,16 +65,26 @@ struct Direct(Arc<Origin>);
 impl tower::Service<Request<LiveGet>> for Direct {
     type Response = Response;
     type Error = Infallible;
-    type Future = Boxed;
+    type Future = Infallibly;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<LiveGet>) -> Boxed {
-        let origin = self.0.clone();
-        let live = req.into_body();
-        Box::pin(async move { Ok(live.answer(&origin).await) })
+    fn call(&mut self, req: Request<LiveGet>) -> Infallibly {
+        Infallibly(req.into_body().answer(&self.0))
+    }
+}
+
+/// The origin's answer as a service's future: it cannot fail. Computed in [`Direct::call`] unless the request has
+/// to wait; only then is there a (boxed) future to poll.
+struct Infallibly(LiveAnswer);
+
+impl Future for Infallibly {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(Ok)
     }
 }
 
@@ -91,7 +98,7 @@ pin_project_lite::pin_project! {
         Routed { inner: Pin<Box<RouteFuture<Infallible>>> },
         Direct {
             #[pin]
-            inner: ResponseFuture<Boxed, crate::Compressible>,
+            inner: ResponseFuture<Infallibly, crate::Compressible>,
             kind: usize,
             start: Instant,
             metrics: Arc<Metrics>,

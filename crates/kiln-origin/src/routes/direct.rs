@@ -7,9 +7,8 @@
 //! per layer). Everything else (HEAD, OPTIONS, odd paths) goes to the router, which answers it the same way.
 
 use axum::http::{HeaderMap, Method, Uri};
-use axum::response::Response;
 
-use super::{master_answer, media_answer, mpd_answer, Conditions};
+use super::{master_answer, media_answer, mpd_answer, Conditions, LiveAnswer};
 use crate::store::Origin;
 
 /// What a plain playback path names.
@@ -85,16 +84,20 @@ impl LiveGet {
         self.target.get(self.path_len + 1..)
     }
 
-    /// The answer the playback routes give to this request.
-    pub async fn answer(self, origin: &Origin) -> Response {
-        let query = self.query();
-        match target(self.path()).expect("checked by LiveGet::of") {
-            Target::Master(stream) => {
-                master_answer(origin, stream, query, self.conditions.gzip).await
-            }
-            Target::Mpd(stream) => mpd_answer(origin, stream, query).await,
+    /// The answer the playback routes give to this request (computed now: only a request that has to wait is
+    /// left a future to poll).
+    pub fn answer(self, origin: &Origin) -> LiveAnswer {
+        let LiveGet {
+            target: uri,
+            path_len,
+            conditions,
+        } = self;
+        let (path, query) = (&uri[..path_len], uri.get(path_len + 1..));
+        match target(path).expect("checked by LiveGet::of") {
+            Target::Master(stream) => master_answer(origin, stream, query, conditions.gzip),
+            Target::Mpd(stream) => mpd_answer(origin, stream, query),
             Target::Media(stream, rendition, file) => {
-                media_answer(origin, (stream, rendition, file), query, &self.conditions).await
+                media_answer(origin, (stream, rendition, file), query, conditions)
             }
         }
     }
