@@ -25,6 +25,7 @@
 pub mod chunks;
 pub mod elements;
 pub mod pipeline;
+pub mod priority;
 pub mod select;
 mod slate;
 mod source;

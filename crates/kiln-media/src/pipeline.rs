@@ -261,6 +261,7 @@ impl LivePipeline {
 
         let bus = pipeline.bus().expect("a pipeline has a bus");
         bus.set_sync_handler(move |_, msg| {
+            crate::priority::on_message(msg);
             use gst::MessageView;
             let element = || msg.src().map(|s| s.path_string().to_string());
             match msg.view() {

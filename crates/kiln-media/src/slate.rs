@@ -43,6 +43,7 @@ pub(crate) fn build(
         .bus()
         .expect("a pipeline has a bus")
         .set_sync_handler(move |_, msg| {
+            crate::priority::on_message(msg);
             if let (true, gst::MessageView::Error(e)) = (st.live(), msg.view()) {
                 sink(MediaEvent::Error {
                     element: msg.src().map(|s| s.path_string().to_string()),

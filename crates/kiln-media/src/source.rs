@@ -985,6 +985,7 @@ impl EncodedSource {
             .bus()
             .expect("a pipeline has a bus")
             .set_sync_handler(move |_, msg| {
+                crate::priority::on_message(msg);
                 use gst::MessageView;
                 match msg.view() {
                     // a retired or stopped input's troubles are no longer the stream's (a backup replaced by a

@@ -342,6 +342,7 @@ impl VodPipeline {
         });
         let bus = pipeline.bus().expect("a pipeline has a bus");
         bus.set_sync_handler(move |_, msg| {
+            crate::priority::on_message(msg);
             use gst::MessageView;
             match msg.view() {
                 MessageView::Error(e) => {

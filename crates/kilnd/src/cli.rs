@@ -12,6 +12,10 @@ use kiln_config::Presets;
 struct Args {
     #[command(subcommand)]
     command: Option<Cmd>,
+    /// How many nice levels GStreamer's streaming threads (sources, encoders) run below the HTTP server, so that
+    /// a woken encoder does not preempt a viewer's answer (kiln_media::priority); 0: the same priority.
+    #[arg(long, global = true, default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=19))]
+    media_nice: u8,
     /// CPU cost profile (hw-profiles/*.toml, or one written by `kilnd calibrate`).
     #[arg(long, global = true)]
     cpu_profile: Option<PathBuf>,
@@ -204,6 +208,7 @@ pub fn main() -> anyhow::Result<()> {
 // Long by design: flags into Config one after another, then the subcommands; each step is a few lines.
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
+    kiln_media::priority::set_streaming_nice(args.media_nice);
     let cpu_model = match &args.cpu_profile {
         Some(p) => kiln_config::parse_cpu_profile(
             &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
