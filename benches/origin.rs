@@ -5,7 +5,8 @@
 //!    Prints requests/s for each and the ratio kiln / nginx.
 //! 2. Fan-out: 10,000 concurrent blocking playlist requests (HTTP/1.1, one connection each) park on the next
 //!    segment's first part; once all are parked (the daemon's `/v1/stats` says so) the daemon's RSS is read, and
-//!    when the part is published the time from the first to the last response is measured.
+//!    when the part is published the time from the first to the last response is measured. Then the same
+//!    viewers' next blocking reload, on the connections that answered them (a player's steady state).
 //!
 //! Run with `benches/run` (installs nginx and wrk, builds kilnd --release, then `cargo bench -p kiln-benches`).
 //! On equal terms: wrk (one thread) is pinned to the first CPU and the server under test (kilnd with every
@@ -136,10 +137,10 @@ fn wrk(base: &str, paths: [&str; 2], gzip: bool, secs: u32, dir: &Path) -> Resul
     Ok((rps, p99))
 }
 
-/// The `q` quantile of a Prometheus histogram in `/metrics` text, as the upper bound of the bucket it falls in.
-fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
+/// The cumulative buckets `(le, count)` of a Prometheus histogram in `/metrics` text.
+fn histogram_buckets(metrics: &str, name: &str) -> Vec<(f64, f64)> {
     let prefix = format!("{name}_bucket{{le=\"");
-    let buckets: Vec<(f64, f64)> = metrics
+    metrics
         .lines()
         .filter_map(|l| l.strip_prefix(&prefix))
         .filter_map(|l| {
@@ -151,7 +152,11 @@ fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
             };
             Some((le, count.trim().parse().ok()?))
         })
-        .collect();
+        .collect()
+}
+
+/// The upper bound of the bucket holding quantile `q` of cumulative `buckets` (`None` when empty).
+fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     let total = buckets.last()?.1;
     if total == 0.0 {
         return None;
@@ -412,6 +417,69 @@ async fn run() -> Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10_000);
     rlimit::increase_nofile_limit(4 * n as u64 + 1024)?;
+    let rss_idle = rss_kib(k.pid())?;
+    let parking = parking_client(n)?;
+    let before = fan_out_round(&k, &http, &parking, pl_path, n, None).await?;
+    println!("fan-out: {n} blocking playlist requests, one new HTTP/1.1 connection each:");
+    before.print(rss_idle, n);
+    // the same viewers' next blocking reload, on the connections their last answer came on (a player's steady
+    // state: its connection has answered before, so its buffers are already in memory)
+    let warm = fan_out_round(&k, &http, &parking, pl_path, n, Some(&before.metrics)).await?;
+    println!("the same {n} viewers' next reload, on the connections that answered them (a player's steady state):");
+    warm.print(rss_idle, n);
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(k);
+    floor_fanout(n, text.len()).await
+}
+
+/// One fan-out: `n` blocking reloads parked on a part a whole segment away, then answered by its publish.
+struct FanOutRound {
+    /// `Ok(parked)` if all were parked before the publish, `Err(parked)` if not; and how long parking took.
+    parked: (std::result::Result<usize, usize>, Duration),
+    rss_parked: u64,
+    answered: String,
+    /// kilnd's `/metrics` after the round (its histogram counts every round so far).
+    metrics: String,
+    /// `kiln_origin_fanout_seconds` p50 and p99 (bucket bounds, ms) over this round's observations.
+    inside: Option<(f64, f64)>,
+}
+
+impl FanOutRound {
+    fn print(&self, rss_idle: u64, n: usize) {
+        match self.parked {
+            (Ok(p), t) => println!(
+                "  all parked before the publish ({p} waiting, {:.1} s after the first request)",
+                t.as_secs_f64()
+            ),
+            (Err(p), t) => println!(
+                "  WARNING: the part was published {:.1} s after the first request, with {p} of {n} parked",
+                t.as_secs_f64()
+            ),
+        }
+        println!("  kilnd RSS {:.1} MiB idle -> {:.1} MiB with {n} parked ({:.1} KiB per parked request incl. its connection)",
+            rss_idle as f64 / 1024.0, self.rss_parked as f64 / 1024.0,
+            (self.rss_parked.saturating_sub(rss_idle)) as f64 / n as f64);
+        println!("  publish -> responses (client): {}", self.answered);
+        match self.inside {
+            Some((p50, p99)) => println!(
+                "  in kilnd (kiln_origin_fanout_seconds): p50 <= {p50:.1} ms, p99 <= {p99:.1} ms"
+            ),
+            None => println!("  in kilnd: kiln_origin_fanout_seconds has no observation"),
+        }
+    }
+}
+
+/// Parks `n` blocking reloads through `parking` (new connections, or the idle ones of its last round) on part 0
+/// of the furthest segment a request may name, waits for all to park, reads kilnd's RSS, and collects the
+/// answers. `earlier`: kilnd's `/metrics` after the last round, so this round's histogram is the difference.
+async fn fan_out_round(
+    k: &kiln_integration::Proc,
+    http: &reqwest::Client,
+    parking: &reqwest::Client,
+    pl_path: &str,
+    n: usize,
+    earlier: Option<&str>,
+) -> Result<FanOutRound> {
     let pid = k.pid();
     // kilnd was stopped during each nginx round: its live pipeline publishes what it owes in a burst once it
     // runs again, so "a segment away" is not yet 2 s. Follow segment starts until one takes a second or more.
@@ -432,7 +500,6 @@ async fn run() -> Result<()> {
             break;
         }
     }
-    let rss_before = rss_kib(pid)?;
     let text = http
         .get(format!("{}{pl_path}", k.url))
         .send()
@@ -449,7 +516,7 @@ async fn run() -> Result<()> {
         .error_for_status()?;
     let url = format!("{}{pl_path}?_HLS_msn={}&_HLS_part=0", k.url, m + 3);
     let started = Instant::now();
-    let tasks = park(&url, n)?;
+    let tasks = park(parking, &url, n);
     let stats_url = format!("{}/v1/stats", k.url);
     let tasks_ref = &tasks;
     let parked_at = poll_until(
@@ -473,52 +540,47 @@ async fn run() -> Result<()> {
     let parked_in = started.elapsed();
     let rss_parked = rss_kib(pid)?;
     let answered = answers(tasks).await?;
-    println!("fan-out: {n} blocking playlist requests, one HTTP/1.1 connection each:");
-    match parked_at {
-        Ok(p) => println!(
-            "  all parked before the publish ({p} waiting, {:.1} s after the first request)",
-            parked_in.as_secs_f64()
-        ),
-        Err(p) => println!(
-            "  WARNING: the part was published {:.1} s after the first request, with {p} of {n} parked",
-            parked_in.as_secs_f64()
-        ),
-    }
-    println!("  kilnd RSS {:.1} MiB idle -> {:.1} MiB with {n} parked ({:.1} KiB per parked request incl. its connection)",
-        rss_before as f64 / 1024.0, rss_parked as f64 / 1024.0, (rss_parked.saturating_sub(rss_before)) as f64 / n as f64);
-    println!("  publish -> responses (client): {answered}");
-    // the daemon's own side: publish → each woken request's answer ready (bucket upper bounds)
     let metrics = http
         .get(format!("{}/metrics", k.url))
         .send()
         .await?
         .text()
         .await?;
-    let q = |q| histogram_quantile(&metrics, "kiln_origin_fanout_seconds", q).map(|s| s * 1000.0);
-    match (q(0.5), q(0.99)) {
-        (Some(p50), Some(p99)) => println!(
-            "  in kilnd (kiln_origin_fanout_seconds): p50 <= {p50:.1} ms, p99 <= {p99:.1} ms"
-        ),
-        _ => println!("  in kilnd: kiln_origin_fanout_seconds has no observation"),
+    let name = "kiln_origin_fanout_seconds";
+    let mut buckets = histogram_buckets(&metrics, name);
+    if let Some(e) = earlier {
+        for ((_, c), (_, ce)) in buckets.iter_mut().zip(histogram_buckets(e, name)) {
+            *c -= ce;
+        }
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    drop(k);
-    floor_fanout(n, text.len()).await
+    let q = |q| quantile(&buckets, q).map(|s| s * 1000.0);
+    Ok(FanOutRound {
+        parked: (parked_at, parked_in),
+        rss_parked,
+        answered,
+        metrics,
+        inside: q(0.5).zip(q(0.99)),
+    })
 }
 
 /// A parked request: its status and when its answer ended.
 type Parked = tokio::task::JoinHandle<Result<(u16, Instant)>>;
 
-/// `n` concurrent GETs of `url`, one HTTP/1.1 connection each; each task gives the status and when it ended.
-fn park(url: &str, n: usize) -> Result<Vec<Parked>> {
-    // each request on its own connection (none is idle while all wait), kept open after its answer as a player
-    // keeps it for its next request: closing 10,000 connections is not part of answering them
-    let client = reqwest::Client::builder()
+/// The parked requests' client: each request on its own connection (none is idle while all wait), kept open after
+/// its answer as a player keeps it for its next request (closing 10,000 connections is not part of answering
+/// them).
+fn parking_client(n: usize) -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(n)
         .pool_idle_timeout(Duration::from_secs(60))
-        .build()?;
-    Ok((0..n)
+        .build()?)
+}
+
+/// `n` concurrent GETs of `url` through `client` (one HTTP/1.1 connection each: idle ones of its last round, else
+/// new); each task gives the status and when it ended.
+fn park(client: &reqwest::Client, url: &str, n: usize) -> Vec<Parked> {
+    (0..n)
         .map(|_| {
             let (c, u) = (client.clone(), url.to_string());
             tokio::spawn(async move {
@@ -528,7 +590,7 @@ fn park(url: &str, n: usize) -> Result<Vec<Parked>> {
                 anyhow::Ok((status, Instant::now()))
             })
         })
-        .collect())
+        .collect()
 }
 
 /// Waits for the parked requests' answers: how they spread after the first (p50, p99, last), the answers per
@@ -579,7 +641,7 @@ async fn floor_fanout(n: usize, body_len: usize) -> Result<()> {
         let http = http.clone();
         async move { anyhow::Ok(http.get(u).send().await?.text().await?) }
     };
-    let tasks = park(&format!("{base}/wait"), n)?;
+    let tasks = park(&parking_client(n)?, &format!("{base}/wait"), n);
     poll_until(
         "every request parks at the floor",
         Duration::from_secs(60),
