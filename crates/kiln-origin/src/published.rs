@@ -75,6 +75,8 @@ pub struct Prepared {
     gzipped: OnceLock<Bytes>,
     /// The signed forms, newest last.
     signed: Mutex<Vec<Arc<Signed>>>,
+    /// Puts a token in the document's URIs (a playlist's or an MPD's).
+    sign: fn(&str, &str) -> String,
 }
 
 #[derive(Debug)]
@@ -85,11 +87,22 @@ struct Signed {
 }
 
 impl Prepared {
+    /// A playlist.
     pub fn new(plain: Bytes) -> Self {
+        Self::with_signing(plain, crate::signing::propagate_m3u8)
+    }
+
+    /// An MPD (its tokens go where an MPD's URLs are).
+    pub fn mpd(plain: Bytes) -> Self {
+        Self::with_signing(plain, crate::signing::propagate_mpd)
+    }
+
+    fn with_signing(plain: Bytes, sign: fn(&str, &str) -> String) -> Self {
         Prepared {
             plain,
             gzipped: OnceLock::new(),
             signed: Mutex::new(Vec::new()),
+            sign,
         }
     }
 
@@ -127,7 +140,7 @@ impl Prepared {
         let text = String::from_utf8_lossy(&self.plain);
         let made = Arc::new(Signed {
             token: token.into(),
-            plain: Bytes::from(crate::signing::propagate_m3u8(&text, token)),
+            plain: Bytes::from((self.sign)(&text, token)),
             gzipped: OnceLock::new(),
         });
         let mut kept = self.signed.lock();

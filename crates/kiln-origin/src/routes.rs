@@ -88,20 +88,6 @@ fn check_token(
         })
 }
 
-fn with_token(body: Bytes, token: &Option<String>, mpd: bool) -> Bytes {
-    match token {
-        None => body,
-        Some(t) => {
-            let text = String::from_utf8_lossy(&body);
-            Bytes::from(if mpd {
-                crate::signing::propagate_mpd(&text, t)
-            } else {
-                crate::signing::propagate_m3u8(&text, t)
-            })
-        }
-    }
-}
-
 /// `urn:mpeg:dash:utc:http-iso:2014` clock for DASH players.
 #[utoipa::path(get, path = "/time", tag = "playback",
     responses((status = 200, description = "The time, ISO 8601 in UTC with milliseconds", content_type = "text/plain", body = String)))]
@@ -130,11 +116,14 @@ async fn mpd(
     State(origin): State<Origin>,
     Path(stream): Path<String>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Response {
-    mpd_answer(&origin, &stream, query.as_deref()).await
+    let gzip = crate::encoding::wants_gzip(&headers);
+    drop(headers);
+    mpd_answer(&origin, &stream, query.as_deref(), gzip).await
 }
 
-fn mpd_answer(origin: &Origin, stream: &str, query: Option<&str>) -> LiveAnswer {
+fn mpd_answer(origin: &Origin, stream: &str, query: Option<&str>, gzip: bool) -> LiveAnswer {
     if origin.get(stream).is_some_and(|s| s.follows_source_gop()) {
         return LiveAnswer::now(error(
             StatusCode::NOT_FOUND,
@@ -143,19 +132,12 @@ fn mpd_answer(origin: &Origin, stream: &str, query: Option<&str>) -> LiveAnswer 
              the MPD's fixed segment template cannot number (HLS only)",
         ));
     }
-    stream_document(origin, stream, query, |s, token| {
-        let text = s.mpd(unix_now_ms(), "/time")?;
+    stream_document(origin, stream, query, move |s, token| {
+        let doc = s
+            .mpd_prepared(unix_now_ms(), "/time")?
+            .get(token.as_deref(), gzip);
         let max_age = (u64::from(s.target_duration_s()) / 2).max(1);
-        // (rendered per request: its publishTime is the request's)
-        let body = with_token(Bytes::from(text), token, true);
-        Some((
-            Playlist {
-                body,
-                gzipped: false,
-            },
-            "application/dash+xml",
-            max_age,
-        ))
+        Some((doc, "application/dash+xml", max_age))
     })
 }
 

@@ -177,6 +177,8 @@ pub struct StreamOrigin {
     etag_prefix: String,
     /// The multivariant playlist prepared for the value of `changed` it was rendered at.
     master: Mutex<Option<(u64, Arc<Prepared>)>>,
+    /// The MPD prepared for a version of `changed` ([`Self::mpd_prepared`]).
+    mpd: Mutex<Option<(u64, Arc<Prepared>)>>,
 }
 
 impl StreamOrigin {
@@ -297,6 +299,7 @@ impl StreamOrigin {
             target_known: AtomicBool::new(true),
             etag_prefix,
             master: Mutex::new(None),
+            mpd: Mutex::new(None),
         }
     }
 
@@ -481,6 +484,24 @@ impl StreamOrigin {
         }
         let p = Arc::new(Prepared::new(Bytes::from(self.master()?)));
         *self.master.lock() = Some((version, p.clone()));
+        Some(p)
+    }
+
+    /// [`Self::mpd`] as prepared bytes, rendered once per change of the stream like [`Self::master_prepared`]:
+    /// its `publishTime` is when it was rendered (`now_unix_ms` of the first request after the change), which
+    /// ISO/IEC 23009-1 makes the time the MPD was generated, so every request until the next publish gets the
+    /// same bytes (gzipped, signed, once each).
+    pub fn mpd_prepared(&self, now_unix_ms: i64, utc_timing_url: &str) -> Option<Arc<Prepared>> {
+        let version = *self.changed.borrow();
+        if let Some((v, p)) = &*self.mpd.lock() {
+            if *v == version {
+                return Some(p.clone());
+            }
+        }
+        let p = Arc::new(Prepared::mpd(Bytes::from(
+            self.mpd(now_unix_ms, utc_timing_url)?,
+        )));
+        *self.mpd.lock() = Some((version, p.clone()));
         Some(p)
     }
 

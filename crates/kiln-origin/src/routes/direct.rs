@@ -95,7 +95,7 @@ impl LiveGet {
         let (path, query) = (&uri[..path_len], uri.get(path_len + 1..));
         match target(path).expect("checked by LiveGet::of") {
             Target::Master(stream) => master_answer(origin, stream, query, conditions.gzip),
-            Target::Mpd(stream) => mpd_answer(origin, stream, query),
+            Target::Mpd(stream) => mpd_answer(origin, stream, query, conditions.gzip),
             Target::Media(stream, rendition, file) => {
                 media_answer(origin, (stream, rendition, file), query, conditions)
             }
