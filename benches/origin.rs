@@ -426,6 +426,11 @@ async fn run() -> Result<()> {
     // state: its connection has answered before, so its buffers are already in memory)
     let warm = fan_out_round(&k, &http, &parking, pl_path, n, Some(&before.metrics)).await?;
     println!("the same {n} viewers' next reload, on the connections that answered them (a player's steady state):");
+    let reused = warm.sockets.intersection(&before.sockets).count();
+    println!(
+        "  {reused} of kilnd's {} sockets in this round were the first round's",
+        warm.sockets.len()
+    );
     warm.print(rss_idle, n);
     let _ = std::fs::remove_dir_all(&dir);
     drop(k);
@@ -436,7 +441,11 @@ async fn run() -> Result<()> {
 struct FanOutRound {
     /// `Ok(parked)` if all were parked before the publish, `Err(parked)` if not; and how long parking took.
     parked: (std::result::Result<usize, usize>, Duration),
+    /// kilnd's RSS (KiB) right before the requests, and with all of them parked.
+    rss_before: u64,
     rss_parked: u64,
+    /// kilnd's sockets (inodes) with all parked.
+    sockets: std::collections::HashSet<String>,
     answered: String,
     /// kilnd's `/metrics` after the round (its histogram counts every round so far).
     metrics: String,
@@ -456,9 +465,14 @@ impl FanOutRound {
                 t.as_secs_f64()
             ),
         }
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let per = |from: u64| self.rss_parked.saturating_sub(from) as f64 / n as f64;
         println!("  kilnd RSS {:.1} MiB idle -> {:.1} MiB with {n} parked ({:.1} KiB per parked request incl. its connection)",
-            rss_idle as f64 / 1024.0, self.rss_parked as f64 / 1024.0,
-            (self.rss_parked.saturating_sub(rss_idle)) as f64 / n as f64);
+            mib(rss_idle), mib(self.rss_parked), per(rss_idle));
+        if self.rss_before > rss_idle + 1024 {
+            println!("  of which {:.1} MiB before this round's requests (the open connections, and what the last round freed and the allocator keeps): {:.1} KiB per request parked on them",
+                mib(self.rss_before - rss_idle), per(self.rss_before));
+        }
         println!("  publish -> responses (client): {}", self.answered);
         match self.inside {
             Some((p50, p99)) => println!(
@@ -515,6 +529,7 @@ async fn fan_out_round(
         .await?
         .error_for_status()?;
     let url = format!("{}{pl_path}?_HLS_msn={}&_HLS_part=0", k.url, m + 3);
+    let rss_before = rss_kib(pid)?;
     let started = Instant::now();
     let tasks = park(parking, &url, n);
     let stats_url = format!("{}/v1/stats", k.url);
@@ -539,6 +554,11 @@ async fn fan_out_round(
     .await?;
     let parked_in = started.elapsed();
     let rss_parked = rss_kib(pid)?;
+    let sockets = std::fs::read_dir(format!("/proc/{pid}/fd"))?
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .filter(|l| l.starts_with("socket:"))
+        .collect();
     let answered = answers(tasks).await?;
     let metrics = http
         .get(format!("{}/metrics", k.url))
@@ -556,7 +576,9 @@ async fn fan_out_round(
     let q = |q| quantile(&buckets, q).map(|s| s * 1000.0);
     Ok(FanOutRound {
         parked: (parked_at, parked_in),
+        rss_before,
         rss_parked,
+        sockets,
         answered,
         metrics,
         inside: q(0.5).zip(q(0.99)),

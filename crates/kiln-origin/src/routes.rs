@@ -645,8 +645,8 @@ fn playlist(
 ) -> LiveAnswer {
     let mut rx = r.subscribe();
     let snap = rx.borrow_and_update().clone();
-    if let Some(resp) = playlist_step(&s, &r, q, &token, gzip, &snap) {
-        return LiveAnswer::now(resp.unwrap_or_else(|e| e));
+    if let Some(resp) = playlist_step(&s, &r, (q, &token, gzip), &snap, || {}) {
+        return LiveAnswer::now(resp);
     }
     drop(snap);
     let Some(place) = origin.park() else {
@@ -678,33 +678,31 @@ fn playlist(
                 }
             }
             let snap = park.current();
-            match playlist_step(&s, &r, q, &token, gzip, &snap) {
-                Some(Ok(resp)) => {
-                    // a blocking reload woken by the publish of the part it asked for: the fan-out
-                    let asked = q.block.msn.zip(q.block.part);
-                    if let Some(d) =
-                        asked.and_then(|(m, p)| r.since_part_published(PartPos::new(m, p)))
-                    {
-                        fanout.observe(d);
-                    }
-                    return resp;
+            // a blocking reload woken by the publish of the part it asked for: the fan-out (observed before the
+            // answer is built, as it always was)
+            let woken = || {
+                let asked = q.block.msn.zip(q.block.part);
+                if let Some(d) = asked.and_then(|(m, p)| r.since_part_published(PartPos::new(m, p)))
+                {
+                    fanout.observe(d);
                 }
-                Some(Err(resp)) => return resp,
-                None => {}
+            };
+            if let Some(resp) = playlist_step(&s, &r, (q, &token, gzip), &snap, woken) {
+                return resp;
             }
         }
     })
 }
 
-/// A playlist request against the rendition's state `snap`: `Ok` the playlist, `Err` a refusal, `None` wait.
+/// A playlist request against the rendition's state `snap`: the playlist (`ready` is called first) or a
+/// refusal; `None`: wait.
 fn playlist_step(
     s: &StreamOrigin,
     r: &Rendition,
-    q: PlaylistQuery,
-    token: &Option<String>,
-    gzip: bool,
+    (q, token, gzip): (PlaylistQuery, &Option<String>, bool),
     snap: &Arc<Published>,
-) -> Option<Result<Response, Response>> {
+    ready: impl FnOnce(),
+) -> Option<Response> {
     let td = u64::from(s.target_duration_s());
     let blocking = q.block.is_blocking();
     // Until the first segment is complete a playlist holds parts only, which players that read whole segments
@@ -719,12 +717,13 @@ fn playlist_step(
     };
     match decision {
         Decision::Ready => {
+            ready();
             r.note_served(snap);
             let max_age = if blocking { 6 * td } else { (td / 2).max(1) };
             let doc = snap.playlist(q.skip, token.as_deref(), gzip);
-            Some(Ok(document_reply(M3U8, max_age, doc)))
+            Some(document_reply(M3U8, max_age, doc))
         }
-        Decision::Reject(msg) => Some(Err(error(StatusCode::BAD_REQUEST, 4 * td, msg))),
+        Decision::Reject(msg) => Some(error(StatusCode::BAD_REQUEST, 4 * td, msg)),
         Decision::Wait => None,
     }
 }

@@ -501,8 +501,16 @@ impl StreamOrigin {
         let p = Arc::new(Prepared::mpd(Bytes::from(
             self.mpd(now_unix_ms, utc_timing_url)?,
         )));
-        *self.mpd.lock() = Some((version, p.clone()));
-        Some(p)
+        // two first requests after a change render at once: the first stored wins, so no viewer is handed an
+        // earlier publishTime after a later one
+        let mut kept = self.mpd.lock();
+        match &*kept {
+            Some((v, first)) if *v == version => Some(first.clone()),
+            _ => {
+                *kept = Some((version, p.clone()));
+                Some(p)
+            }
+        }
     }
 
     /// The multivariant playlist, once every rendition's codec is known.

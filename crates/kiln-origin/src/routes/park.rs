@@ -18,8 +18,11 @@ use tokio::time::Instant;
 
 use crate::store::ParkGuard;
 
-/// What a playback route answers: now, or once the request's wait ends.
-pub enum LiveAnswer {
+/// What a playback route answers: now, or once the request's wait ends. A future that resolves at once in the
+/// first case; polling it again after that panics.
+pub struct LiveAnswer(Answer);
+
+enum Answer {
     /// Computed when the request came (`None` once taken).
     Now(Option<Response>),
     /// Computed when a publish (or the wait's deadline) comes.
@@ -28,20 +31,29 @@ pub enum LiveAnswer {
 
 impl std::fmt::Debug for LiveAnswer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            LiveAnswer::Now(_) => "LiveAnswer::Now",
-            LiveAnswer::Later(_) => "LiveAnswer::Later",
+        f.write_str(match self.0 {
+            Answer::Now(_) => "LiveAnswer::Now",
+            Answer::Later(_) => "LiveAnswer::Later",
         })
     }
 }
 
 impl LiveAnswer {
     pub(super) fn now(r: Response) -> Self {
-        LiveAnswer::Now(Some(r))
+        LiveAnswer(Answer::Now(Some(r)))
     }
 
     pub(super) fn later(f: impl Future<Output = Response> + Send + 'static) -> Self {
-        LiveAnswer::Later(Box::pin(f))
+        LiveAnswer(Answer::Later(Box::pin(f)))
+    }
+
+    /// The size of the future a waiting request holds; `None` for an answer given at once.
+    #[cfg(test)]
+    pub(super) fn waiting_size(&self) -> Option<usize> {
+        match &self.0 {
+            Answer::Now(_) => None,
+            Answer::Later(f) => Some(std::mem::size_of_val(&**f)),
+        }
     }
 }
 
@@ -49,11 +61,11 @@ impl Future for LiveAnswer {
     type Output = Response;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
-        match self.get_mut() {
-            LiveAnswer::Now(r) => {
+        match &mut self.get_mut().0 {
+            Answer::Now(r) => {
                 Poll::Ready(r.take().expect("a LiveAnswer polled after it was ready"))
             }
-            LiveAnswer::Later(f) => f.as_mut().poll(cx),
+            Answer::Later(f) => f.as_mut().poll(cx),
         }
     }
 }
