@@ -3,6 +3,7 @@
 //! client: blocking playlist reloads on each preload hint, then the part) watch through the edge; kilnd's own
 //! request counters show that the edge collapses them into about one origin request per part and per playlist
 //! version, and the origin's own publish stamps give how long after its publish each viewer had each part.
+//! Viewers reach Varnish over TLS and HTTP/2 through hitch (`kiln-edge-hitch.conf.template`), as browsers do.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -22,44 +23,43 @@ enum Shield {
     Varnish,
 }
 
-/// A running shield: its base URL (plain HTTP/1.1) and the one viewers reach it on over HTTP/2 (nginx: TLS with
-/// ALPN h2; Varnish: h2c); stopped (SIGTERM, so nginx's workers and Varnish's child go with it) on drop.
+/// A running shield: its base URL (plain HTTP/1.1) and the one viewers reach it on over TLS with ALPN h2 (nginx
+/// itself; Varnish through hitch); its processes (the shield, then hitch) are stopped on drop (SIGTERM, so
+/// nginx's workers, Varnish's child and hitch's workers go with them).
 struct Edge {
-    child: tokio::process::Child,
+    children: Vec<tokio::process::Child>,
     base: String,
     h2_base: String,
 }
 
-/// The edge's ports: plain HTTP/1.1, and TLS (nginx).
+/// The edge's ports: plain HTTP/1.1, TLS, and Varnish's PROXY-protocol listener that hitch writes to.
 #[derive(Clone, Copy)]
 struct Ports {
     plain: u16,
     tls: u16,
+    proxy: u16,
 }
 
 impl Drop for Edge {
     fn drop(&mut self) {
-        if let Some(pid) = self.child.id() {
+        for child in self.children.iter_mut().rev() {
+            let Some(pid) = child.id() else { continue };
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
                 .status();
             // let the master stop its workers and nginx's cache manager before kill_on_drop's SIGKILL (seen: a
             // master killed at once left its cache manager running)
             let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
     }
 }
 
-/// The shipped template for `shield`, rendered as envsubst would for `origin` (host:port), the edge's `ports`,
-/// and the cache directory and TLS certificate under `dir`.
-fn render(shield: Shield, origin: &str, ports: Ports, dir: &Path) -> Result<String> {
-    let file = match shield {
-        Shield::Nginx => "kiln-edge.conf.template",
-        Shield::Varnish => "kiln-edge.vcl.template",
-    };
+/// The shipped template `file`, rendered as envsubst would for `origin` (host:port), the edge's `ports`, and the
+/// cache directory and TLS certificate under `dir`.
+fn render(file: &str, origin: &str, ports: Ports, dir: &Path) -> Result<String> {
     let template = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../deploy/edge")
@@ -75,6 +75,9 @@ fn render(shield: Shield, origin: &str, ports: Ports, dir: &Path) -> Result<Stri
             "${KILN_EDGE_TLS_LISTEN}",
             &format!("127.0.0.1:{}", ports.tls),
         )
+        .replace("${KILN_EDGE_TLS_HOST}", "127.0.0.1")
+        .replace("${KILN_EDGE_TLS_PORT}", &ports.tls.to_string())
+        .replace("${KILN_VARNISH_PROXY_PORT}", &ports.proxy.to_string())
         .replace(
             "${KILN_TLS_CERT}",
             &dir.join("edge.pem").display().to_string(),
@@ -89,7 +92,7 @@ fn render(shield: Shield, origin: &str, ports: Ports, dir: &Path) -> Result<Stri
         );
     ensure!(
         !rendered.contains("${"),
-        "a variable the template's header does not name"
+        "{file}: a variable the test does not set"
     );
     Ok(rendered)
 }
@@ -118,6 +121,16 @@ fn self_signed(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `/usr/sbin/<name>` where it exists (a user's PATH may not have /usr/sbin), else `name`.
+fn sbin(name: &str) -> String {
+    let path = Path::new("/usr/sbin").join(name);
+    if path.exists() {
+        path.display().to_string()
+    } else {
+        name.to_string()
+    }
+}
+
 /// The command that runs `shield` in the foreground on `ports`, its configuration written under `dir`.
 fn shield_command(
     shield: Shield,
@@ -125,18 +138,9 @@ fn shield_command(
     ports: Ports,
     dir: &Path,
 ) -> Result<tokio::process::Command> {
-    let rendered = render(shield, origin, ports, dir)?;
-    let sbin = |name: &str| {
-        let path = Path::new("/usr/sbin").join(name);
-        if path.exists() {
-            path.display().to_string()
-        } else {
-            name.to_string()
-        }
-    };
     Ok(match shield {
         Shield::Nginx => {
-            self_signed(dir)?;
+            let rendered = render("kiln-edge.conf.template", origin, ports, dir)?;
             std::fs::write(dir.join("kiln-edge.conf"), rendered)?;
             let d = dir.display();
             std::fs::write(
@@ -153,14 +157,17 @@ fn shield_command(
             c
         }
         Shield::Varnish => {
+            let rendered = render("kiln-edge.vcl.template", origin, ports, dir)?;
             std::fs::write(dir.join("kiln-edge.vcl"), rendered)?;
             let mut c = tokio::process::Command::new(sbin("varnishd"));
             // foreground, no privilege separation (the test's temporary directory is private to its user), the
-            // management port off, HTTP/2 on as the template says
+            // management port off, HTTP/2 on and a PROXY listener for hitch, as the template says
             c.args(["-F", "-j", "none", "-T", "none", "-s", "malloc,256m"])
                 .args(["-p", "feature=+http2", "-p", "rush_exponent=1000"])
                 .args(["-p", "thread_pool_min=500", "-a"])
                 .arg(format!("127.0.0.1:{}", ports.plain))
+                .arg("-a")
+                .arg(format!("127.0.0.1:{},PROXY", ports.proxy))
                 .arg("-n")
                 .arg(dir.join("varnish"))
                 .arg("-f")
@@ -170,7 +177,58 @@ fn shield_command(
     })
 }
 
-/// `shield` with the shipped template rendered for `origin` (host:port), in `dir`.
+/// hitch in the foreground from `kiln-edge-hitch.conf.template`: TLS with ALPN h2 on `ports.tls`, to Varnish's
+/// PROXY listener. hitch refuses to run its workers as root: as root (CI), they run as nobody (the certificate
+/// is read before that).
+fn hitch_command(origin: &str, ports: Ports, dir: &Path) -> Result<tokio::process::Command> {
+    let rendered = render("kiln-edge-hitch.conf.template", origin, ports, dir)?;
+    std::fs::write(dir.join("hitch.conf"), rendered)?;
+    let mut c = tokio::process::Command::new(sbin("hitch"));
+    c.arg(format!("--config={}", dir.join("hitch.conf").display()));
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .context("id -u")?;
+    if root.stdout.trim_ascii() == b"0" {
+        c.args(["--user=nobody", "--group=nogroup"]);
+    }
+    Ok(c)
+}
+
+/// Runs `command` (its stderr in `dir/<name>.log`) and waits until it accepts connections on `port`.
+async fn spawn_listening(
+    name: &str,
+    mut command: tokio::process::Command,
+    port: u16,
+    dir: &Path,
+) -> Result<tokio::process::Child> {
+    let log_file = dir.join(format!("{name}.log"));
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log_file)?))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("{name} (apt-get install nginx-light varnish hitch)"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        let log = || {
+            std::fs::read_to_string(&log_file).unwrap_or_default()
+                + &std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+        };
+        ensure!(
+            Instant::now() < deadline && child.try_wait()?.is_none(),
+            "{name} did not start: {}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(child)
+}
+
+/// `shield` with the shipped templates rendered for `origin` (host:port), in `dir`: for Varnish, hitch too.
 async fn start_edge(shield: Shield, origin: &str, dir: &Path) -> Result<Edge> {
     let free = || -> Result<u16> {
         Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -180,37 +238,20 @@ async fn start_edge(shield: Shield, origin: &str, dir: &Path) -> Result<Edge> {
     let ports = Ports {
         plain: free()?,
         tls: free()?,
+        proxy: free()?,
     };
-    let port = ports.plain;
-    let mut child = shield_command(shield, origin, ports, dir)?
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(dir.join("stderr.log"))?))
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("{shield:?} (apt-get install nginx-light varnish)"))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        let log = || {
-            std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
-                + &std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
-        };
-        ensure!(
-            Instant::now() < deadline && child.try_wait()?.is_none(),
-            "{shield:?} did not start: {}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    self_signed(dir)?;
+    let name = format!("{shield:?}").to_lowercase();
+    let command = shield_command(shield, origin, ports, dir)?;
+    let mut children = vec![spawn_listening(&name, command, ports.plain, dir).await?];
+    if let Shield::Varnish = shield {
+        let hitch = hitch_command(origin, ports, dir)?;
+        children.push(spawn_listening("hitch", hitch, ports.tls, dir).await?);
     }
-    let base = format!("http://127.0.0.1:{port}");
+    let base = format!("http://127.0.0.1:{}", ports.plain);
     Ok(Edge {
-        child,
-        h2_base: match shield {
-            Shield::Nginx => format!("https://127.0.0.1:{}", ports.tls),
-            Shield::Varnish => base.clone(),
-        },
+        children,
+        h2_base: format!("https://127.0.0.1:{}", ports.tls),
         base,
     })
 }
@@ -598,32 +639,35 @@ async fn varnish_collapses_hundreds_of_ll_hls_viewers_and_adds_under_50_ms() -> 
     shield_collapses_viewers(Shield::Varnish, 30, Duration::from_millis(50)).await
 }
 
-/// Through either shield: a blocking reload over HTTP/2 is answered (nginx: TLS with ALPN h2; Varnish: h2c, as
-/// a TLS terminator sends it); an error stays in the edge at most a second (the origin gives App. B.1's max-age
+/// Through either shield: a blocking reload over HTTP/2 is answered (TLS with ALPN h2: nginx itself, Varnish
+/// through hitch; Varnish also over h2c on its plain port); an error stays in the edge at most a second (the origin gives App. B.1's max-age
 /// for players, kept in what they get, and `s-maxage=1` for caches) but is cached (a storm of one failing
 /// request reaches the origin once); the daemon's API is not reachable through the edge.
 async fn h2_errors_and_the_api(shield: Shield, d: &Daemon, edge: &Edge) -> Result<()> {
-    let h2 = match shield {
-        Shield::Nginx => client().danger_accept_invalid_certs(true),
-        Shield::Varnish => client().http2_prior_knowledge(),
+    // ALPN picks h2 (reqwest offers h2 and http/1.1, as browsers do)
+    let h2 = client().danger_accept_invalid_certs(true).build()?;
+    let h2c = client().http2_prior_knowledge().build()?;
+    let mut ways = vec![(&h2, edge.h2_base.as_str())];
+    if let Shield::Varnish = shield {
+        ways.push((&h2c, edge.base.as_str()));
     }
-    .build()?;
-    let (_, text) = d.get_text("/live/e/v/index.m3u8").await?;
-    let (m, p) = hint(&text).context("hint")?;
-    let res = h2
-        .get(format!(
-            "{}/live/e/v/index.m3u8?_HLS_msn={m}&_HLS_part={p}",
-            edge.h2_base
-        ))
-        .send()
-        .await?;
-    ensure!(
-        res.version() == reqwest::Version::HTTP_2 && res.status() == 200,
-        "{shield:?}: h2 through the edge: {:?} {}",
-        res.version(),
-        res.status()
-    );
-    ensure!(res.text().await?.contains(&format!("part-{m}-{p}.m4s")));
+    for (http, base) in ways {
+        let (_, text) = d.get_text("/live/e/v/index.m3u8").await?;
+        let (m, p) = hint(&text).context("hint")?;
+        let res = http
+            .get(format!(
+                "{base}/live/e/v/index.m3u8?_HLS_msn={m}&_HLS_part={p}"
+            ))
+            .send()
+            .await?;
+        ensure!(
+            res.version() == reqwest::Version::HTTP_2 && res.status() == 200,
+            "{shield:?}: h2 through the edge ({base}): {:?} {}",
+            res.version(),
+            res.status()
+        );
+        ensure!(res.text().await?.contains(&format!("part-{m}-{p}.m4s")));
+    }
     errors_are_cached_a_second(shield, d, edge, &h2).await?;
     accept_encodings_share_one_copy(shield, d, edge, &h2).await?;
     // an unsigned origin refuses a token (caches key on it): through the edge too
@@ -772,14 +816,15 @@ async fn accept_encodings_share_one_copy(
     Ok(())
 }
 
-/// hls.js in Chromium through the Varnish shield plays with the latency it has on the origin itself: two
-/// browsers watch the same stream at the same time for 15 s, one with its `/live/` requests sent to the shield,
-/// the other to kilnd (both through the same request interception, so only the path differs). Latency is the
-/// wall clock minus the PROGRAM-DATE-TIME of the frame on screen (publish to screen), and hls.js's own live
-/// latency; each must be within 0.2 s of the direct viewer's, and neither may stall. (nginx's shield adds up to
-/// a second by design: its cache lock polls, see the tests above and ARCHITECTURE.md.) Measured over three runs:
-/// 1.12/1.14, 1.18/1.19 s (hls.js latency, direct/through Varnish); the third had an hls.js stall at start-up on
-/// the edge viewer (1.13/1.43).
+/// hls.js in Chromium through the Varnish shield, over TLS and HTTP/2 from hitch as a browser reaches it, plays
+/// with the latency it has on the origin itself: two browsers watch the same stream at the same time for 15 s,
+/// one with the page on the shield's origin (its `/live/` requests go to the shield; ALPN must have picked h2),
+/// the other on kilnd (HTTP/1.1). Latency is the wall clock minus the PROGRAM-DATE-TIME of the frame on screen
+/// (publish to screen), and hls.js's own live latency; each must be within 0.2 s of the direct viewer's, and
+/// neither may stall. (nginx's shield adds up to a second by design: its cache lock polls, see the tests above
+/// and ARCHITECTURE.md.) Measured over three runs through plain HTTP/1.1 to Varnish: 1.12/1.14, 1.18/1.19 s
+/// (hls.js latency, direct/through Varnish); the third had an hls.js stall at start-up on the edge viewer
+/// (1.13/1.43).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hlsjs_plays_through_varnish_at_the_latency_it_has_on_the_origin() -> Result<()> {
     let Some(browser) = kiln_integration::browser_dir()? else {
@@ -815,7 +860,7 @@ async fn hlsjs_plays_through_varnish_at_the_latency_it_has_on_the_origin() -> Re
     for attempt in 1..=2 {
         let (direct, through) = tokio::try_join!(
             watch(d.base.clone(), "direct.png"),
-            watch(edge.base.clone(), "edge.png")
+            watch(edge.h2_base.clone(), "edge.png")
         )?;
         eprintln!("attempt {attempt}: direct: {direct}\nthrough Varnish: {through}");
         let stalled = |r: &serde_json::Value| r["hlsStalls"].as_u64() != Some(0);
@@ -831,6 +876,16 @@ async fn hlsjs_plays_through_varnish_at_the_latency_it_has_on_the_origin() -> Re
         ensure!(r["stalls"] == 0, "{who}: stalls: {r}");
         ensure!(num(r, "playedTo")? >= 10.0, "{who}: played only to {r}");
         ensure!(r["fatalErrors"] == 0, "{who}: {r}");
+    }
+    for (who, r, protocol) in [
+        ("direct", &direct, "http/1.1"),
+        ("through Varnish", &through, "h2"),
+    ] {
+        ensure!(
+            r["liveProtocols"] == serde_json::json!([protocol]),
+            "{who}: /live/ fetched over {}, not {protocol} alone",
+            r["liveProtocols"]
+        );
     }
     for key in ["pdtLatencyMedian", "latencyMedian"] {
         let (a, b) = (num(&direct, key)?, num(&through, key)?);

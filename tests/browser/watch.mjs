@@ -1,7 +1,7 @@
 // Plays a kilnd page in headless Chromium (hls.js, low-latency mode) and reports what a viewer would see:
 // playback time advancing, stalls, hls.js live latency, and a screenshot.
-//   node tests/browser/watch.mjs http://127.0.0.1:8080/ 30 /tmp/kiln.png [http://edge:port]
-// (the optional last argument: where /live/ requests go instead, e.g. a shield in front of the daemon)
+//   node tests/browser/watch.mjs http://127.0.0.1:8080/ 30 /tmp/kiln.png [https://edge:port]
+// (the optional last argument: a shield in front of the daemon that the /live/ requests go to; page.mjs)
 // Needs: Debian's chromium, and playwright-core installed next to this script (npm ci --prefix tests/browser).
 import { openPlaying } from './page.mjs';
 
@@ -32,6 +32,9 @@ const result = { seconds: Number(seconds), playedTo: last, stalls, hlsStalls, ta
   // the series, for whoever reads a failure: latency and buffer ahead each second, and every hls.js error
   latencies: samples.map(s => s.lat && +s.lat.toFixed(2)), ahead: samples.map(s => +s.ahead.toFixed(2)), rates: samples.map(s => s.rate),
   errors: await page.evaluate(() => window.kilnErrors.map(e => e.details)),
+  // the protocols the browser fetched /live/ over (ALPN's choice: "h2", "http/1.1")
+  liveProtocols: await page.evaluate(() => [...new Set(performance.getEntriesByType('resource')
+    .filter(e => new URL(e.name).pathname.startsWith('/live/')).map(e => e.nextHopProtocol))]),
   fatalErrors: await page.evaluate(() => window.kilnErrors.filter(e => e.fatal).length) };
 console.log(JSON.stringify(result));
 await browser.close();
