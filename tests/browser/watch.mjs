@@ -32,9 +32,10 @@ const result = { seconds: Number(seconds), playedTo: last, stalls, hlsStalls, ta
   // the series, for whoever reads a failure: latency and buffer ahead each second, and every hls.js error
   latencies: samples.map(s => s.lat && +s.lat.toFixed(2)), ahead: samples.map(s => +s.ahead.toFixed(2)), rates: samples.map(s => s.rate),
   errors: await page.evaluate(() => window.kilnErrors.map(e => e.details)),
-  // the protocols the browser fetched /live/ over (ALPN's choice: "h2", "http/1.1")
+  // the protocols the browser fetched /live/ over (ALPN's choice: "h2", "http/1.1"; an answer from the browser's
+  // own cache, which a viewer with a `via` does not use, has none)
   liveProtocols: await page.evaluate(() => [...new Set(performance.getEntriesByType('resource')
-    .filter(e => new URL(e.name).pathname.startsWith('/live/')).map(e => e.nextHopProtocol))]),
+    .filter(e => new URL(e.name).pathname.startsWith('/live/')).map(e => e.nextHopProtocol).filter(p => p))]),
   fatalErrors: await page.evaluate(() => window.kilnErrors.filter(e => e.fatal).length) };
 console.log(JSON.stringify(result));
 await browser.close();
