@@ -17,8 +17,12 @@
 //! - **Serving time**: every poll of a connection's future (and, over HTTP/2, of each request's) is timed into
 //!   [`serving_busy`], the CPU that answering requests takes, which kilnd reserves from admission.
 //!
+//! - **Playback on kiln's own HTTP/1.1** ([`crate::h1`]): on plain TCP, the requests a [`Direct`] service answers
+//!   from their head alone (kilnd: playback GETs) are answered without hyper, until the connection's first other
+//!   request hands it to hyper.
+//!
 //! Why not `axum::serve`: it has no header timeout, no connection cap and no TLS; this is hyper's own connection
-//! builders plus the accept loop, not an HTTP implementation.
+//! builders plus the accept loop, and HTTP/1.1 of our own only for the requests [`crate::h1`] says.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,7 +31,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::http::{Request, Response};
+use axum::http::{Method, Request, Response};
 use axum::Router;
 use hyper::body::{Body, Incoming};
 use hyper::service::Service;
@@ -38,6 +42,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
+
+use crate::h1::{self, Direct, NoDirect};
 
 /// Nanoseconds spent polling connection and request futures, process-wide.
 static BUSY_NS: AtomicU64 = AtomicU64::new(0);
@@ -139,21 +145,16 @@ pub async fn serve(
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    serve_service(
-        listener,
-        tls,
-        TowerToHyperService::new(app),
-        limits,
-        shutdown,
-    )
-    .await
+    let service = TowerToHyperService::new(app);
+    serve_service(listener, tls, (service, NoDirect), limits, shutdown).await
 }
 
-/// [`serve`] with any hyper service (kilnd's answers plain playback requests before its router).
-pub async fn serve_service<S, B>(
+/// [`serve`] with any hyper service, and the requests `direct` answers from their head alone on kiln's own
+/// HTTP/1.1 ([`crate::h1`]; kilnd: plain playback GETs).
+pub async fn serve_service<S, B, D>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    service: S,
+    (service, direct): (S, D),
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()>
@@ -164,6 +165,8 @@ where
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
+    D: Direct + Clone,
+    <D::Body as Body>::Error: Into<BoxError>,
 {
     let nofile = raise_nofile_limit();
     let max = effective_max_connections(limits.max_connections, nofile);
@@ -199,6 +202,7 @@ where
         let _ = tcp.set_nodelay(true);
         let conn = Conn {
             service: service.clone(),
+            direct: direct.clone(),
             limits,
             watcher: graceful.watcher(),
             stopping: stopping.clone(),
@@ -221,13 +225,22 @@ where
     }
     drop(listener);
     let _ = stopping_tx.send(true);
-    if tokio::time::timeout(limits.drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    drain(graceful, &permits, max, limits.drain).await;
+    Ok(())
+}
+
+/// Waits up to `period` for the open connections to end: hyper's (their graceful shutdown), then kiln's own
+/// HTTP/1.1 ones (each holds one of `permits` until it ends).
+async fn drain(graceful: GracefulShutdown, permits: &Semaphore, max: usize, period: Duration) {
+    let drained = async {
+        graceful.shutdown().await;
+        let _ = permits
+            .acquire_many(u32::try_from(max).unwrap_or(u32::MAX))
+            .await;
+    };
+    if tokio::time::timeout(period, drained).await.is_err() {
         tracing::warn!("connections still open after the drain period; closing");
     }
-    Ok(())
 }
 
 /// A place for a new connection under the cap, or `None` (the connection is to be closed); logs the first
@@ -258,14 +271,15 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One accepted connection and what it is served with.
-struct Conn<S> {
+struct Conn<S, D> {
     service: S,
+    direct: D,
     limits: Limits,
     watcher: hyper_util::server::graceful::Watcher,
     stopping: tokio::sync::watch::Receiver<bool>,
 }
 
-impl<S, B> Conn<S>
+impl<S, B, D> Conn<S, D>
 where
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
@@ -273,6 +287,8 @@ where
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
+    D: Direct,
+    <D::Body as Body>::Error: Into<BoxError>,
 {
     /// Plain TCP: the first bytes (within the header timeout) choose h2c or HTTP/1.1.
     async fn plain(mut self, tcp: TcpStream) -> Result<(), BoxError> {
@@ -282,7 +298,10 @@ where
             _ = self.stopping.wait_for(|s| *s) => return Ok(()),
         };
         match decided {
-            Ok(Ok(Some(h2))) => self.http(tcp, h2).await,
+            Ok(Ok(Some(false))) if D::ENABLED => self.own_h1(tcp).await,
+            // boxed: hyper's connection state would otherwise be in every plain connection's task, kiln's own
+            // HTTP/1.1 ones (most of them: players) included
+            Ok(Ok(Some(h2))) => Box::pin(self.http(tcp, h2)).await,
             Ok(Ok(None)) => Ok(()), // closed before sending anything
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Err("no request within the header timeout".into()),
@@ -324,6 +343,71 @@ where
         let conn = b.serve_connection(io, self.service);
         self.watcher.watch(conn).await?;
         Ok(())
+    }
+
+    /// kiln's own HTTP/1.1 ([`crate::h1`]): requests `direct` answers, in order, until one it does not (hyper
+    /// then takes the connection, with the bytes already read), the client closes, a head does not come within
+    /// the header timeout, or the server stops (between requests).
+    async fn own_h1(self, mut tcp: TcpStream) -> Result<(), BoxError> {
+        use tokio::io::AsyncReadExt as _;
+        use tokio::time::Instant;
+        // freed whenever it holds no unparsed bytes: a parked request or an idle connection holds none of it
+        let mut buf: Vec<u8> = Vec::new();
+        // one wait for the stop and one timer for the connection's life, not one of each per request: the timer
+        // is moved to the current deadline only when it goes off before it
+        let mut stopping = self.stopping.clone();
+        let mut stopped = std::pin::pin!(async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        });
+        let mut timer = std::pin::pin!(tokio::time::sleep(self.limits.header_timeout));
+        loop {
+            let deadline = Instant::now() + self.limits.header_timeout;
+            let head = loop {
+                match h1::scan(&buf) {
+                    h1::Scan::Head(head) => break head,
+                    h1::Scan::Hyper => return self.handover(buf, tcp).await,
+                    h1::Scan::Partial => {}
+                }
+                if buf.capacity() - buf.len() < 512 {
+                    buf.reserve(if buf.is_empty() { 1024 } else { buf.len() });
+                }
+                let read = tokio::select! {
+                    r = tcp.read_buf(&mut buf) => r,
+                    () = &mut stopped => return Ok(()),
+                    () = &mut timer => {
+                        if Instant::now() >= deadline {
+                            return Err("no request head within the header timeout".into());
+                        }
+                        timer.as_mut().reset(deadline);
+                        continue;
+                    }
+                };
+                match read {
+                    Ok(0) => return Ok(()), // closed (a partial head is dropped, as hyper does)
+                    Ok(_) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            let Some(answer) = self.direct.direct(&Method::GET, &head.uri, &head.headers) else {
+                return self.handover(buf, tcp).await;
+            };
+            buf.drain(..head.len);
+            if buf.is_empty() {
+                buf = Vec::new();
+            }
+            drop(head.headers);
+            let Ok(res) = answer.await;
+            let stopping = *self.stopping.borrow();
+            if h1::respond(&mut tcp, res, head.close || stopping).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Hands the connection to hyper: `read` (the bytes read from it and not answered) first. Boxed, so that the
+    /// connection's task does not carry hyper's state until it needs it.
+    async fn handover(self, read: Vec<u8>, tcp: TcpStream) -> Result<(), BoxError> {
+        Box::pin(self.h1(TokioIo::new(h1::Rewind::new(read, tcp)))).await
     }
 
     async fn h2<I>(self, io: TokioIo<I>) -> Result<(), BoxError>
@@ -427,6 +511,246 @@ mod tests {
             spent = serving_busy() - before;
         }
         assert!(spent >= Duration::from_millis(55), "{spent:?}");
+    }
+
+    /// Direct answers for `/d/…`: the path itself, or (`/d/stream`) a body of unknown length whose chunks come
+    /// from `chunks`, or (`/d/wait`) the path once `release` is notified (`waiting` is notified when it waits).
+    #[derive(Clone)]
+    struct Echo {
+        chunks: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<axum::body::Bytes>>>>,
+        waiting: Arc<tokio::sync::Notify>,
+        release: Arc<tokio::sync::Notify>,
+    }
+
+    /// A body of unknown length: the chunks sent on a channel.
+    struct Chunks(tokio::sync::mpsc::Receiver<axum::body::Bytes>);
+
+    impl Body for Chunks {
+        type Data = axum::body::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|c| c.map(|b| Ok(hyper::body::Frame::data(b))))
+        }
+    }
+
+    type EchoFuture = Pin<
+        Box<
+            dyn Future<Output = Result<Response<axum::body::Body>, std::convert::Infallible>>
+                + Send,
+        >,
+    >;
+
+    impl Direct for Echo {
+        type Body = axum::body::Body;
+        type Future = EchoFuture;
+
+        fn direct(
+            &self,
+            _: &Method,
+            uri: &axum::http::Uri,
+            _: &axum::http::HeaderMap,
+        ) -> Option<EchoFuture> {
+            uri.path().strip_prefix("/d/")?;
+            let path = uri.path()[1..].to_string();
+            let (chunks, release) = (self.chunks.clone(), self.release.clone());
+            let waiting = self.waiting.clone();
+            Some(Box::pin(async move {
+                let body = match path.as_str() {
+                    "d/stream" => {
+                        let rx = chunks.lock().unwrap().take().expect("one stream");
+                        axum::body::Body::new(Chunks(rx))
+                    }
+                    "d/wait" => {
+                        waiting.notify_one();
+                        release.notified().await;
+                        axum::body::Body::from(path)
+                    }
+                    _ => axum::body::Body::from(path),
+                };
+                Ok(Response::new(body))
+            }))
+        }
+    }
+
+    /// A server with [`Echo`] as its direct answers and a router for `/r`; returns its address, the sender of
+    /// `/d/stream`'s chunks, the [`Echo`] (for `/d/wait`), and the stop.
+    async fn echo_server(
+        limits: Limits,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::mpsc::Sender<axum::body::Bytes>,
+        Echo,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let app = Router::new().route(
+            "/r",
+            axum::routing::get(|| async { "routed" }).put(|body: String| async move { body }),
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let echo = Echo {
+            chunks: Arc::new(std::sync::Mutex::new(Some(rx))),
+            waiting: Arc::new(tokio::sync::Notify::new()),
+            release: Arc::new(tokio::sync::Notify::new()),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let service = (TowerToHyperService::new(app), echo.clone());
+        let server = tokio::spawn(serve_service(listener, None, service, limits, async {
+            let _ = stopped.await;
+        }));
+        (addr, tx, echo, stop, server)
+    }
+
+    /// Reads from `c` until `want` has arrived (or the connection ends); returns everything read.
+    async fn read_until(c: &mut TcpStream, want: &str) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        while !String::from_utf8_lossy(&got).contains(want) {
+            let mut b = [0u8; 4096];
+            let n = c.read(&mut b).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&b[..n]);
+        }
+        String::from_utf8(got).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn own_http1_answers_pipelined_gets_in_order_and_hands_the_rest_to_hyper() {
+        use tokio::io::AsyncWriteExt;
+        let (addr, _, _, stop, server) = echo_server(Limits::default()).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        // two direct GETs, then a PUT with a body: the last one and everything after it are hyper's
+        c.write_all(
+            b"GET /d/a HTTP/1.1\r\nhost: x\r\n\r\nGET /d/bb HTTP/1.1\r\nhost: x\r\n\r\n\
+              PUT /r HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello\
+              GET /d/c HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let all = read_until(&mut c, "never: hyper closes").await;
+        let bodies: Vec<&str> = all
+            .split("HTTP/1.1 ")
+            .skip(1)
+            .map(|r| r.split("\r\n\r\n").nth(1).unwrap())
+            .collect();
+        assert_eq!(bodies, ["d/a", "d/bb", "hello", ""], "{all}");
+        let first = all.split("HTTP/1.1 200 OK\r\n").nth(1).unwrap();
+        assert!(
+            first.contains("content-length: 3\r\n") && first.contains("date: "),
+            "{first}"
+        );
+        // hyper answered the last one (it has had the connection since the PUT: its router has no /d/) and
+        // closed as asked
+        let last = all.rsplit("HTTP/1.1 ").next().unwrap();
+        assert!(
+            last.starts_with("404 Not Found\r\n") && last.contains("connection: close\r\n"),
+            "{last}"
+        );
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_of_unknown_length_is_chunked_and_each_chunk_is_sent_as_it_comes() {
+        use tokio::io::AsyncWriteExt;
+        let (addr, chunks, _, stop, server) = echo_server(Limits::default()).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /d/stream HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        chunks.send("first".into()).await.unwrap();
+        // the first chunk arrives while the body has not ended
+        let head = read_until(&mut c, "5\r\nfirst\r\n").await;
+        assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
+        chunks.send("second!".into()).await.unwrap();
+        drop(chunks);
+        let rest = read_until(&mut c, "0\r\n\r\n").await;
+        assert_eq!(rest, "7\r\nsecond!\r\n0\r\n\r\n");
+        // the connection is kept: a next request is answered
+        c.write_all(b"GET /d/next HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_until(&mut c, "d/next")
+            .await
+            .ends_with("\r\n\r\nd/next"));
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_head_is_closed_and_a_stop_lets_the_request_in_flight_finish() {
+        use tokio::io::AsyncWriteExt;
+        let limits = Limits {
+            header_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (addr, _, echo, stop, server) = echo_server(limits).await;
+        // a head that never ends: closed when the header timeout runs out
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /d/a HTTP/1.1\r\nhost:").await.unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(read_until(&mut slow, "never").await, "");
+        assert!(
+            t.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
+        // a request waiting for its answer when the stop begins gets it, and the connection is closed after it
+        // (with `connection: close` on the answer when the stop was seen before it was written)
+        let mut waiting = TcpStream::connect(addr).await.unwrap();
+        waiting
+            .write_all(b"GET /d/wait HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        echo.waiting.notified().await;
+        let _ = stop.send(());
+        echo.release.notify_one();
+        let answer = read_until(&mut waiting, "never: closed after the answer").await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.ends_with("\r\n\r\nd/wait"),
+            "{answer}"
+        );
+        server.await.unwrap().unwrap();
+    }
+
+    /// A plain connection's task holds kiln's own HTTP/1.1 loop and its answer in progress, not hyper's state
+    /// (boxed until a request needs hyper). In a debug build: 2,552 bytes with hyper's HTTP/1.1 connection inline,
+    /// 1,616 with it boxed, 1,360 with the `writev` slices built in each poll instead of held in the future, 1,656
+    /// with one header timer and one wait for the stop kept for the connection's life (no timer set and cleared
+    /// per request).
+    #[tokio::test]
+    async fn a_plain_connection_s_task_is_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let echo = Echo {
+            chunks: Arc::new(std::sync::Mutex::new(None)),
+            waiting: Arc::new(tokio::sync::Notify::new()),
+            release: Arc::new(tokio::sync::Notify::new()),
+        };
+        let graceful = GracefulShutdown::new();
+        let conn = Conn {
+            service: TowerToHyperService::new(Router::new()),
+            direct: echo,
+            limits: Limits::default(),
+            watcher: graceful.watcher(),
+            stopping: tokio::sync::watch::channel(false).1,
+        };
+        let task = conn.plain(tcp);
+        let size = std::mem::size_of_val(&task);
+        eprintln!("a plain connection's future: {size} bytes");
+        assert!(size <= 1792, "{size} bytes");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use axum::body::{Body, HttpBody};
 use axum::extract::Request;
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Uri};
 use axum::response::Response;
 use axum::routing::future::RouteFuture;
 use axum::Router;
@@ -153,16 +153,35 @@ impl hyper::service::Service<Request<Incoming>> for Front {
                 inner: Box::pin(router.call(req.map(Body::new))),
             };
         };
+        let (parts, _) = req.into_parts();
+        self.answer(live, &parts.headers)
+    }
+}
+
+/// The same answers on kiln's own HTTP/1.1 (`kiln_http::h1`: plain TCP, from the request head alone).
+impl kiln_http::h1::Direct for Front {
+    type Body = Body;
+    type Future = Answer;
+
+    fn direct(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<Answer> {
+        let live = LiveGet::of(method, uri, headers)?;
+        self.0.metrics.own_http1_answers.inc();
+        Some(self.answer(live, headers))
+    }
+}
+
+impl Front {
+    /// The origin's answer to `live` through the compression layer, counted like the router's.
+    fn answer(&self, live: LiveGet, headers: &HeaderMap) -> Answer {
         let kind = request_kind_index(live.path(), live.query());
         // what the compression layer reads, and nothing else of the request: its header map, and the read buffer
         // its values point into, are freed before the answer (which may wait) is computed
         let mut direct = Request::new(live);
-        for v in req.headers().get_all(header::ACCEPT_ENCODING) {
+        for v in headers.get_all(header::ACCEPT_ENCODING) {
             direct
                 .headers_mut()
                 .append(header::ACCEPT_ENCODING, v.clone());
         }
-        drop(req);
         self.0.metrics.direct_answers.inc();
         // read before the call: the origin computes an answer it can give at once in the call itself
         let start = Instant::now();

@@ -498,7 +498,8 @@ pub async fn serve_state(
     // HTTP/1.1 and h2c (prior knowledge) on one port, or TLS with ALPN
     let acceptor = config.tls.as_ref().map(tls::acceptor).transpose()?;
     let front = front::Front::of(state); // plain playback GETs skip the router
-    kiln_http::server::serve_service(listener, acceptor, front, config.http_limits, stopped)
+    let service = (front.clone(), front);
+    kiln_http::server::serve_service(listener, acceptor, service, config.http_limits, stopped)
         .await?;
     Ok(())
 }

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub parked_requests: IntGauge,
     /// Playback GETs answered without the router ([`crate::front`]).
     pub direct_answers: prometheus::IntCounter,
+    /// Of those, the ones answered on kiln's own HTTP/1.1 (`kiln_http::h1`).
+    pub own_http1_answers: prometheus::IntCounter,
     pub capacity: IntGaugeVec,
     /// Per GPU (labels gpu, model): NVML telemetry, set at scrape time.
     pub gpu_nvenc_utilization: GaugeVec,
@@ -266,6 +268,11 @@ impl Metrics {
             "Playback GETs taken off the router (plain /live/ paths, answered by the origin directly); a subset of kiln_http_requests_total",
         ));
         must(registry.register(Box::new(direct_answers.clone())));
+        let own_http1_answers = must(prometheus::IntCounter::new(
+            "kiln_http_own_http1_requests_total",
+            "Direct playback GETs answered on kiln's own HTTP/1.1 (plain TCP, not hyper); a subset of kiln_http_direct_requests_total",
+        ));
+        must(registry.register(Box::new(own_http1_answers.clone())));
         let capacity = must(IntGaugeVec::new(
             Opts::new(
                 "kiln_node_resources",
@@ -366,6 +373,7 @@ impl Metrics {
             serving_headroom_rps,
             parked_requests,
             direct_answers,
+            own_http1_answers,
             vod_jobs,
             vod_media_seconds,
             vod_busy_seconds,

@@ -1,0 +1,519 @@
+//! kiln's own HTTP/1.1 connection for the requests a service answers from their head alone (kilnd: playback
+//! GETs), on plain TCP. Everything else on such a connection goes to hyper: the first request this does not
+//! answer (another method, a body, HTTP/1.0, an upgrade, a malformed or oversized head, a path the service does
+//! not take) is handed over with the bytes already read, and hyper serves the rest of the connection.
+//!
+//! Why not hyper for these too (ARCHITECTURE.md, "Playback on kiln's own HTTP/1.1"): hyper keeps an 8 KiB read
+//! buffer and an 8 KiB write buffer per connection for the connection's life, with no setting below, so every
+//! idle keep-alive connection of a player, and every parked blocking request on one, holds 16 KiB it does not
+//! use; and its per-request dispatch is most of kilnd's own work per playback answer. This reads a request head
+//! into a buffer that is freed once the head is parsed (a parked request holds nothing of it), parses it with
+//! httparse (hyper's parser), and writes the answer's head and body in one `writev`.
+//!
+//! What it keeps of HTTP/1.1 for these requests: keep-alive (closed after a response when the request says
+//! `Connection: close`, or the server is stopping), pipelining (requests are answered in order), the header
+//! timeout (a whole head within [`crate::server::Limits::header_timeout`] of starting to wait for it, which is
+//! also the keep-alive idle time), `Date` and `Content-Length` (or chunked encoding for a body of unknown length,
+//! streamed as it comes: an LL-DASH segment in progress), no body for 204 and 304.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::IoSlice;
+use std::pin::pin;
+use std::time::SystemTime;
+
+use axum::http::header::{self, HeaderName};
+use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri};
+use bytes::{Buf, Bytes};
+use http_body_util::BodyExt as _;
+use hyper::body::Body;
+use tokio::io::AsyncWrite as _;
+use tokio::net::TcpStream;
+
+/// A service's answers to requests it takes from their head alone, without hyper.
+pub trait Direct: Send + Sync + 'static {
+    /// The answers' body.
+    type Body: Body<Data = Bytes> + Send + 'static;
+    /// An answer; it cannot fail (an error is an answer).
+    type Future: Future<Output = Result<Response<Self::Body>, Infallible>> + Send + 'static;
+    /// Whether this service answers anything directly; `false`: every connection goes to hyper at once.
+    const ENABLED: bool = true;
+    /// The answer to a GET of `uri` whose `headers` are those of [`DIRECT_HEADERS`] the request had, or `None`
+    /// (hyper and the service's router take the request and the rest of its connection).
+    fn direct(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<Self::Future>;
+}
+
+/// No direct answers: every connection is hyper's.
+#[derive(Debug, Clone, Copy)]
+pub struct NoDirect;
+
+impl Direct for NoDirect {
+    type Body = axum::body::Body;
+    type Future = std::future::Ready<Result<Response<axum::body::Body>, Infallible>>;
+    const ENABLED: bool = false;
+
+    fn direct(&self, _: &Method, _: &Uri, _: &HeaderMap) -> Option<Self::Future> {
+        None
+    }
+}
+
+/// The request headers a direct answer may read (the origin: conditional and range requests, and gzip); the
+/// others are not copied out of the head.
+pub const DIRECT_HEADERS: [HeaderName; 3] = [
+    header::ACCEPT_ENCODING,
+    header::IF_NONE_MATCH,
+    header::RANGE,
+];
+
+/// The longest request head read here; a longer one is hyper's to refuse (431).
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// Headers in a request head at most (hyper's own limit is 100; a head with more goes to hyper).
+const MAX_HEADERS: usize = 64;
+
+/// What the bytes read so far on a connection hold.
+#[derive(Debug)]
+pub(crate) enum Scan {
+    /// A whole request head this may answer.
+    Head(RequestHead),
+    /// The start of one: more bytes are needed.
+    Partial,
+    /// A request for hyper (see the module's doc).
+    Hyper,
+}
+
+/// The parts of a GET's head a direct answer reads.
+#[derive(Debug)]
+pub(crate) struct RequestHead {
+    /// Bytes of the head, blank line included.
+    pub len: usize,
+    pub uri: Uri,
+    /// Only [`DIRECT_HEADERS`].
+    pub headers: HeaderMap,
+    /// `Connection: close`.
+    pub close: bool,
+}
+
+/// Parses the request head at the start of `buf`.
+pub(crate) fn scan(buf: &[u8]) -> Scan {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Scan::Partial,
+        _ => return Scan::Hyper,
+    };
+    let (Some("GET"), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+        return Scan::Hyper;
+    };
+    if !path.starts_with('/') {
+        return Scan::Hyper;
+    }
+    let Ok(uri) = Uri::try_from(path) else {
+        return Scan::Hyper;
+    };
+    let mut out = HeaderMap::new();
+    let mut close = false;
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            if h.value != b"0" {
+                return Scan::Hyper;
+            }
+        } else if ["transfer-encoding", "expect", "upgrade"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+        {
+            return Scan::Hyper;
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in h.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    return Scan::Hyper;
+                }
+            }
+        } else if let Some(known) = DIRECT_HEADERS
+            .iter()
+            .find(|n| name.eq_ignore_ascii_case(n.as_str()))
+        {
+            let Ok(value) = HeaderValue::from_bytes(h.value) else {
+                return Scan::Hyper;
+            };
+            out.append(known.clone(), value);
+        }
+    }
+    Scan::Head(RequestHead {
+        len,
+        uri,
+        headers: out,
+        close,
+    })
+}
+
+/// The response head for `parts`: status line, the answer's headers, `Date` unless it has one, the length
+/// (`Content-Length: len`, or chunked when `len` is `None`) unless the status has no body, and `Connection:
+/// close` when `close`.
+pub(crate) fn encode_head(
+    parts: &axum::http::response::Parts,
+    len: Option<u64>,
+    close: bool,
+) -> Vec<u8> {
+    let mut h = Vec::with_capacity(64 + parts.headers.len() * 48);
+    h.extend_from_slice(b"HTTP/1.1 ");
+    h.extend_from_slice(parts.status.as_str().as_bytes());
+    h.push(b' ');
+    h.extend_from_slice(
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("<none>")
+            .as_bytes(),
+    );
+    h.extend_from_slice(b"\r\n");
+    let mut date = false;
+    for (name, value) in &parts.headers {
+        // the framing is this function's to write
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+        {
+            continue;
+        }
+        date |= name == header::DATE;
+        h.extend_from_slice(name.as_str().as_bytes());
+        h.extend_from_slice(b": ");
+        h.extend_from_slice(value.as_bytes());
+        h.extend_from_slice(b"\r\n");
+    }
+    if !date {
+        h.extend_from_slice(b"date: ");
+        http_date(|d| h.extend_from_slice(d));
+        h.extend_from_slice(b"\r\n");
+    }
+    if has_body(parts.status) {
+        match len {
+            Some(n) => {
+                h.extend_from_slice(b"content-length: ");
+                h.extend_from_slice(n.to_string().as_bytes());
+                h.extend_from_slice(b"\r\n");
+            }
+            None => h.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        }
+    }
+    if close {
+        h.extend_from_slice(b"connection: close\r\n");
+    }
+    h.extend_from_slice(b"\r\n");
+    h
+}
+
+/// Calls `f` with the current time as an HTTP date (RFC 9110 §5.6.7), formatted once a second per thread.
+fn http_date(f: impl FnOnce(&[u8])) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != secs {
+            *at = secs;
+            *text = httpdate::fmt_http_date(now);
+        }
+        f(text.as_bytes())
+    });
+}
+
+/// Whether a response with `status` carries a body (RFC 9112 §6.3: not 1xx, 204, 304).
+fn has_body(status: StatusCode) -> bool {
+    !(status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED)
+}
+
+/// Writes `res` on `tcp`: its head and, as the body yields them, its bytes, each batch in one `writev`. Returns
+/// whether the connection must close after it (`close`, or the answer said so).
+pub(crate) async fn respond<B>(
+    tcp: &mut TcpStream,
+    res: Response<B>,
+    close: bool,
+) -> std::io::Result<bool>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (parts, body) = res.into_parts();
+    let close = close
+        || parts
+            .headers
+            .get(header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let len = body.size_hint().exact();
+    let mut out = vec![Bytes::from(encode_head(&parts, len, close))];
+    if !has_body(parts.status) {
+        write_all(tcp, &mut out).await?;
+        return Ok(close);
+    }
+    let chunked = len.is_none();
+    let mut body = pin!(body);
+    while !body.is_end_stream() {
+        let Some(frame) = body.as_mut().frame().await else {
+            break;
+        };
+        let frame = frame.map_err(|e| std::io::Error::other(e.into()))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: not sent over HTTP/1.1 here
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            out.push(Bytes::from(format!("{:x}\r\n", data.len())));
+            out.push(data);
+            out.push(Bytes::from_static(b"\r\n"));
+        } else {
+            out.push(data);
+        }
+        if !body.is_end_stream() {
+            // what there is goes out before waiting for more (a segment in progress, part by part)
+            write_all(tcp, &mut out).await?;
+        }
+    }
+    if chunked {
+        out.push(Bytes::from_static(b"0\r\n\r\n"));
+    }
+    write_all(tcp, &mut out).await?;
+    Ok(close)
+}
+
+/// Writes every byte of `bufs` with `writev` (up to 16 buffers a call), then empties it.
+async fn write_all(tcp: &mut TcpStream, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < bufs.len() {
+        // the slices are built in each poll, so they are not part of the connection's future
+        let mut written = std::future::poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); 16];
+            let n = bufs.len().min(first + slices.len()) - first;
+            for (slice, b) in slices.iter_mut().zip(&bufs[first..first + n]) {
+                *slice = IoSlice::new(b);
+            }
+            std::pin::Pin::new(&mut *tcp).poll_write_vectored(cx, &slices[..n])
+        })
+        .await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let b = &mut bufs[first];
+            if written >= b.len() {
+                written -= b.len();
+                first += 1;
+            } else {
+                b.advance(written);
+                written = 0;
+            }
+        }
+    }
+    bufs.clear();
+    Ok(())
+}
+
+pin_project_lite::pin_project! {
+    /// A connection handed to hyper: the bytes already read from it first, then the socket.
+    pub(crate) struct Rewind {
+        prefix: Bytes,
+        #[pin]
+        io: TcpStream,
+    }
+}
+
+impl Rewind {
+    pub(crate) fn new(prefix: Vec<u8>, io: TcpStream) -> Self {
+        Rewind {
+            prefix: Bytes::from(prefix),
+            io,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Rewind {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.project();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        this.io.poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Rewind {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(s: &str) -> RequestHead {
+        match scan(s.as_bytes()) {
+            Scan::Head(h) => h,
+            other => panic!("{s:?}: {other:?}"),
+        }
+    }
+
+    fn is_hyper(s: &[u8]) -> bool {
+        matches!(scan(s), Scan::Hyper)
+    }
+
+    #[test]
+    fn a_get_head_is_read_and_only_the_direct_headers_are_kept() {
+        let s =
+            "GET /live/a/v/index.m3u8?_HLS_msn=3 HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\
+                 accept-encoding: br\r\nIF-NONE-MATCH: \"e\"\r\nRange: bytes=0-1\r\nCookie: c\r\n\
+                 Content-Length: 0\r\n\r\nGET /next";
+        let h = head(s);
+        assert_eq!(h.len, s.len() - "GET /next".len());
+        assert_eq!(h.uri.path(), "/live/a/v/index.m3u8");
+        assert_eq!(h.uri.query(), Some("_HLS_msn=3"));
+        let enc: Vec<_> = h.headers.get_all(header::ACCEPT_ENCODING).iter().collect();
+        assert_eq!(enc, ["gzip", "br"]);
+        assert_eq!(h.headers[header::IF_NONE_MATCH], "\"e\"");
+        assert_eq!(h.headers[header::RANGE], "bytes=0-1");
+        assert_eq!(h.headers.len(), 4, "{:?}", h.headers);
+        assert!(!h.close);
+        assert!(head("GET / HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n").close);
+    }
+
+    #[test]
+    fn a_partial_head_waits_and_everything_else_is_hyper_s() {
+        assert!(matches!(scan(b""), Scan::Partial));
+        assert!(matches!(scan(b"GET /live/a"), Scan::Partial));
+        assert!(matches!(
+            scan(b"GET / HTTP/1.1\r\nHost: x\r\n"),
+            Scan::Partial
+        ));
+        for s in [
+            "PUT /v1/streams/a HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            "HEAD /live/a/master.m3u8 HTTP/1.1\r\n\r\n",
+            "GET /live/a/master.m3u8 HTTP/1.0\r\n\r\n",
+            "GET http://x/live/a/master.m3u8 HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+            "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            "GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nbad header\r\n\r\n",
+            "GARBAGE\r\n\r\n",
+        ] {
+            assert!(is_hyper(s.as_bytes()), "{s:?}");
+        }
+        let many = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            "a: b\r\n".repeat(MAX_HEADERS + 1)
+        );
+        assert!(is_hyper(many.as_bytes()), "too many headers");
+        let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_HEAD));
+        assert!(
+            is_hyper(long.as_bytes()),
+            "an oversized head that never ends"
+        );
+    }
+
+    fn parts(status: u16, headers: &[(&str, &str)]) -> axum::http::response::Parts {
+        let mut b = Response::builder().status(status);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn the_response_head_frames_the_body_itself() {
+        let h = encode_head(
+            &parts(
+                200,
+                &[
+                    ("content-type", "video/mp4"),
+                    ("content-length", "9"),
+                    ("connection", "x"),
+                ],
+            ),
+            Some(4),
+            false,
+        );
+        let h = String::from_utf8(h).unwrap();
+        assert!(
+            h.starts_with("HTTP/1.1 200 OK\r\ncontent-type: video/mp4\r\ndate: "),
+            "{h}"
+        );
+        assert!(h.ends_with(" GMT\r\ncontent-length: 4\r\n\r\n"), "{h}");
+        assert!(!h.contains("connection"), "{h}");
+        let chunked = String::from_utf8(encode_head(&parts(200, &[]), None, true)).unwrap();
+        assert!(
+            chunked.ends_with("transfer-encoding: chunked\r\nconnection: close\r\n\r\n"),
+            "{chunked}"
+        );
+        for status in [204, 304] {
+            let h = String::from_utf8(encode_head(
+                &parts(status, &[("etag", "\"e\"")]),
+                Some(0),
+                false,
+            ))
+            .unwrap();
+            assert!(
+                !h.contains("content-length") && !h.contains("transfer-encoding"),
+                "{h}"
+            );
+            assert!(h.contains("etag: \"e\"\r\n"), "{h}");
+        }
+        let dated = String::from_utf8(encode_head(
+            &parts(404, &[("date", "Thu, 01 Jan 1970 00:00:00 GMT")]),
+            Some(0),
+            false,
+        ))
+        .unwrap();
+        assert_eq!(dated.matches("date: ").count(), 1, "{dated}");
+        assert!(dated.starts_with("HTTP/1.1 404 Not Found\r\n"));
+    }
+}
