@@ -5,15 +5,18 @@
 # The same mix as benches/origin.rs: wrk (-t1 -c64, pinned to CPU 0) alternates between a blocking playlist
 # (1968 B) and a part (4600 B). The server under test is pinned to CPU 1: nginx with one worker (the shield, then
 # plain static files as the anchor) and varnishd with all its threads. A small Python origin answers the shields'
-# first misses; after that every request is a hit (max-age 600). Plain HTTP/1.1: TLS and HTTP/2 cost more and are
-# not measured here.
-#   benches/edge_hits.sh [SECONDS]        (default 10; needs nginx-light, varnish, wrk, python3, openssl)
+# first misses; after that every request is a hit (max-age 600). Plain HTTP/1.1 with wrk, then what browsers get:
+# TLS with HTTP/2 from h2load (-t1 -c64 -m1, one stream in flight per connection as wrk has one request), nginx
+# itself and Varnish behind hitch (kiln-edge-hitch.conf.template, one worker, on the same core as Varnish).
+#   benches/edge_hits.sh [SECONDS]        (default 10; needs nginx-light, varnish, hitch, wrk, nghttp2-client,
+#                                           python3, openssl)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
-for t in nginx varnishd wrk python3 openssl taskset envsubst curl; do
+for t in nginx varnishd hitch wrk h2load python3 openssl taskset envsubst curl; do
   command -v "$t" >/dev/null 2>&1 || [ -x "/usr/sbin/$t" ] || {
-    echo "edge_hits: $t is missing (apt-get install nginx-light varnish wrk python3 openssl gettext-base curl)" >&2
+    echo "edge_hits: $t is missing (apt-get install nginx-light varnish hitch wrk nghttp2-client python3 openssl" \
+      "gettext-base curl)" >&2
     exit 1
   }
 done
@@ -77,6 +80,17 @@ measure() { # name port
     "$(awk '$1 == "99%" {print $2}' <<<"$out")"
 }
 
+# the same mix over TLS and HTTP/2 (h2load cycles through the URIs on each connection): name base
+measure_h2() {
+  local out
+  out=$(taskset -c 0 h2load -t1 -c64 -m1 -D "$secs" --warm-up-time=1 \
+    "$2/live/e/v/index.m3u8?_HLS_msn=100&_HLS_part=1" "$2/live/e/v/part-100-1.m4s")
+  grep -q "Application protocol: h2" <<<"$out" || { echo "edge_hits: $1 did not negotiate h2: $out" >&2; exit 1; }
+  grep -qE "requests: .* 0 failed" <<<"$out" || { echo "edge_hits: $1 had failures: $out" >&2; exit 1; }
+  printf '%-28s %10s req/s  mean %s (h2load gives no p99)\n' "$1" \
+    "$(awk '/^finished in/ {print $4}' <<<"$out")" "$(awk '$1 == "time" && $2 == "for" && $3 == "request:" {print $6}' <<<"$out")"
+}
+
 edge=$(free_port); tls=$(free_port); static=$(free_port)
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=127.0.0.1 \
   -keyout "$dir/edge.key" -out "$dir/edge.pem" 2>/dev/null
@@ -102,14 +116,26 @@ taskset -c 1 nginx -c "$dir/nginx.conf" -p "$dir"
 wait_port "$edge"
 measure "nginx static (anchor)" "$static"
 measure "nginx shield (cache hits)" "$edge"
+measure_h2 "nginx shield, TLS + h2" "https://127.0.0.1:$tls"
 kill "$(cat "$dir/nginx.pid")"; rm -f "$dir/nginx.pid"
 
-varnish=$(free_port)
+varnish=$(free_port); proxy=$(free_port); hitch_tls=$(free_port)
 KILN_ORIGIN_HOST=127.0.0.1 KILN_ORIGIN_PORT=$origin envsubst '${KILN_ORIGIN_HOST} ${KILN_ORIGIN_PORT}' \
   < deploy/edge/kiln-edge.vcl.template > "$dir/kiln-edge.vcl"
 taskset -c 1 varnishd -F -j none -T none -s malloc,256m -p feature=+http2 -p rush_exponent=1000 \
-  -p thread_pool_min=500 -a "127.0.0.1:$varnish" -n "$dir/varnish" -f "$dir/kiln-edge.vcl" \
+  -p thread_pool_min=500 -a "127.0.0.1:$varnish" -a "127.0.0.1:$proxy,PROXY" -n "$dir/varnish" \
+  -f "$dir/kiln-edge.vcl" \
   >"$dir/varnish.log" 2>&1 &
 pids+=($!)
 wait_port "$varnish"
 measure "Varnish shield (cache hits)" "$varnish"
+
+KILN_EDGE_TLS_HOST=127.0.0.1 KILN_EDGE_TLS_PORT=$hitch_tls KILN_VARNISH_PROXY_PORT=$proxy KILN_HITCH_WORKERS=1 \
+  KILN_TLS_CERT=$dir/edge.pem KILN_TLS_KEY=$dir/edge.key \
+  envsubst '${KILN_EDGE_TLS_HOST} ${KILN_EDGE_TLS_PORT} ${KILN_VARNISH_PROXY_PORT} ${KILN_HITCH_WORKERS} ${KILN_TLS_CERT} ${KILN_TLS_KEY}' \
+  < deploy/edge/kiln-edge-hitch.conf.template > "$dir/hitch.conf"
+user=(); [ "$(id -u)" -eq 0 ] && user=(--user=nobody)   # hitch refuses to run its workers as root
+taskset -c 1 hitch --config="$dir/hitch.conf" "${user[@]}" >"$dir/hitch.log" 2>&1 &
+pids+=($!)
+wait_port "$hitch_tls"
+measure_h2 "Varnish via hitch, TLS + h2" "https://127.0.0.1:$hitch_tls"

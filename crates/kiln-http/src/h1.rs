@@ -350,6 +350,10 @@ impl tokio::io::AsyncRead for Rewind {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if this.prefix.is_empty() {
+                // the read buffer it came from is freed, not kept for the connection's life
+                *this.prefix = Bytes::new();
+            }
             return std::task::Poll::Ready(Ok(()));
         }
         this.io.poll_read(cx, buf)
