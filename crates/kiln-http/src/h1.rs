@@ -19,7 +19,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::IoSlice;
-use std::pin::pin;
 use std::time::SystemTime;
 
 use axum::http::header::{self, HeaderName};
@@ -234,31 +233,31 @@ fn has_body(status: StatusCode) -> bool {
         || status == StatusCode::NOT_MODIFIED)
 }
 
-/// Writes `res` on `tcp`: its head and, as the body yields them, its bytes, each batch in one `writev`. Returns
-/// whether the connection must close after it (`close`, or the answer said so).
+/// Writes an answer (`parts`, `body`) on `tcp`: its head and, as the body yields them, its bytes, each batch in
+/// one `writev`. Returns whether the connection must close after it (`close`, or the answer said so). Takes the
+/// answer by reference: the caller's future holds it once (an async fn's arguments keep their own slot).
 pub(crate) async fn respond<B>(
     tcp: &mut TcpStream,
-    res: Response<B>,
+    parts: &axum::http::response::Parts,
+    mut body: std::pin::Pin<&mut B>,
     close: bool,
 ) -> std::io::Result<bool>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (parts, body) = res.into_parts();
     let close = close
         || parts
             .headers
             .get(header::CONNECTION)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
     let len = body.size_hint().exact();
-    let mut out = vec![Bytes::from(encode_head(&parts, len, close))];
+    let mut out = vec![Bytes::from(encode_head(parts, len, close))];
     if !has_body(parts.status) {
         write_all(tcp, &mut out).await?;
         return Ok(close);
     }
     let chunked = len.is_none();
-    let mut body = pin!(body);
     while !body.is_end_stream() {
         let Some(frame) = body.as_mut().frame().await else {
             break;
