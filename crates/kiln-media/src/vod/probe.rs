@@ -148,10 +148,44 @@ fn record_size(sizes: &Seen, pad: &gst::Pad, caps: &gst::Caps) {
     }
 }
 
+/// What [`header_sizes`] read.
+#[derive(Debug, Default)]
+struct Headers {
+    /// The video sizes per stream, in the order GStreamer met them.
+    sizes: Vec<Vec<(u32, u32)>>,
+    /// Every stream reached its sink before the timeout (else `sizes` may lack a stream that never got there).
+    complete: bool,
+}
+
+/// Adds a `queue ! fakesink` for the parsed stream on `pad`. The queue is what lets every stream preroll: the
+/// demuxer pushes all streams from one thread, and a stream's sink blocks that thread once it holds its first
+/// buffer, so without a queue the next stream never reaches its own sink and the preroll waits out its timeout
+/// (an audio + video file did, 10 s per job, until 2026-12-02). The queue holds what arrives meanwhile, bounded in
+/// bytes only (a poorly interleaved file needs more than a second of one stream).
+fn add_sink(pipeline: &gst::Pipeline, pad: &gst::Pad) -> Result<(), String> {
+    let name = pad.name();
+    let queue = make("queue", &format!("hqueue-{name}")).map_err(|e| e.to_string())?;
+    queue.set_property("max-size-time", 0u64);
+    queue.set_property("max-size-buffers", 0u32);
+    queue.set_property("max-size-bytes", 32u32 << 20);
+    let sink = make("fakesink", &format!("hsink-{name}")).map_err(|e| e.to_string())?;
+    sink.set_property("sync", false);
+    pipeline
+        .add_many([&queue, &sink])
+        .map_err(|e| e.to_string())?;
+    queue.link(&sink).map_err(|e| e.to_string())?;
+    for e in [&sink, &queue] {
+        e.sync_state_with_parent().map_err(|e| e.to_string())?;
+    }
+    let sp = queue.static_pad("sink").ok_or("a queue has a sink pad")?;
+    pad.link(&sp).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// The video sizes an input's headers declare, per stream, in the order GStreamer meets them: the container's
 /// (the demuxer's caps), then the parser's (the codec's own header: the H.264/HEVC SPS). Reads with `parsebin`
 /// only, so no decoder allocates a picture: a stream declaring 16000x16000 is refused from its header at once.
-fn header_sizes(uri: &str, timeout: Duration) -> Result<Vec<Vec<(u32, u32)>>, String> {
+fn header_sizes(uri: &str, timeout: Duration) -> Result<Headers, String> {
     let pipeline = gst::Pipeline::with_name("kiln-vod-header");
     let src = gst::Element::make_from_uri(gst::URIType::Src, uri, Some("hsrc"))
         .map_err(|e| format!("cannot read the input: {e}"))?;
@@ -177,14 +211,10 @@ fn header_sizes(uri: &str, timeout: Duration) -> Result<Vec<Vec<(u32, u32)>>, St
         if let Some(caps) = pad.current_caps() {
             record(&seen, pad, &caps);
         }
-        let Some(p) = weak.upgrade() else { return };
-        if let Ok(sink) = make("fakesink", &format!("hsink-{}", pad.name())) {
-            sink.set_property("sync", false);
-            if p.add(&sink).is_ok() {
-                let _ = sink.sync_state_with_parent();
-                if let Some(sp) = sink.static_pad("sink") {
-                    let _ = pad.link(&sp);
-                }
+        if let Some(p) = weak.upgrade() {
+            // a stream without a sink never prerolls: the timeout below then ends the read
+            if let Err(e) = add_sink(&p, pad) {
+                tracing::warn!(pad = %pad.name(), "header read: no sink for a stream: {e}");
             }
         }
     });
@@ -203,8 +233,20 @@ fn header_sizes(uri: &str, timeout: Duration) -> Result<Vec<Vec<(u32, u32)>>, St
         Some(gst::MessageView::Error(e)) if sizes.is_empty() => {
             Err(format!("cannot read the input: {}", e.error()))
         }
+        Some(gst::MessageView::AsyncDone(_)) => Ok(Headers {
+            sizes,
+            complete: true,
+        }),
         // the Discoverer that runs next reports everything else
-        _ => Ok(sizes),
+        _ => {
+            tracing::warn!(
+                "the input's headers were not all read within {timeout:?}: checked what was"
+            );
+            Ok(Headers {
+                sizes,
+                complete: false,
+            })
+        }
     }
 }
 
@@ -216,7 +258,14 @@ fn header_sizes(uri: &str, timeout: Duration) -> Result<Vec<Vec<(u32, u32)>>, St
 pub fn probe(uri: &str, timeout: Duration) -> Result<ProbeInfo, String> {
     crate::init().map_err(|e| e.to_string())?;
     refuse_playlist_file(uri)?;
-    for stream in header_sizes(uri, timeout.min(HEADER_TIMEOUT))? {
+    let limit = timeout.min(HEADER_TIMEOUT);
+    let headers = header_sizes(uri, limit)?;
+    if !headers.complete {
+        tracing::warn!(
+            "the input's headers were not all read within {limit:?}: checked those that were"
+        );
+    }
+    for stream in headers.sizes {
         kiln_model::vod::check_header_sizes(&stream).map_err(|e| e.to_string())?;
     }
     let d = gst_pbutils::Discoverer::new(gst::ClockTime::from_nseconds(timeout.as_nanos() as u64))
@@ -301,4 +350,58 @@ pub fn probe(uri: &str, timeout: Duration) -> Result<ProbeInfo, String> {
             })
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 2 s, 640x360 H.264 + AAC MP4 written by ffmpeg, its tracks in the order `maps` gives (`0` video, `1` audio).
+    fn av_mp4(name: &str, maps: &[&str]) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("kiln-probe-{}-{name}.mp4", std::process::id()));
+        let mut cmd = std::process::Command::new("ffmpeg");
+        cmd.args([
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=640x360:rate=30",
+        ])
+        .args(["-f", "lavfi", "-i", "sine=sample_rate=48000", "-t", "2"]);
+        for m in maps {
+            cmd.args(["-map", m]);
+        }
+        let st = cmd
+            .args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"])
+            .arg(&path)
+            .status()
+            .expect("ffmpeg runs");
+        assert!(st.success(), "ffmpeg: {st}");
+        path
+    }
+
+    /// Every stream of an audio + video file reaches its sink, whichever track comes first: the header read ends
+    /// on the preroll, not on its timeout, and sees the video stream's size even when the audio track leads.
+    #[test]
+    fn the_headers_of_every_stream_are_read_whichever_track_leads() {
+        crate::init().unwrap();
+        for (name, maps) in [
+            ("video-first", ["0:v", "1:a"]),
+            ("audio-first", ["1:a", "0:v"]),
+        ] {
+            let path = av_mp4(name, &maps);
+            let uri = format!("file://{}", path.display());
+            let h = header_sizes(&uri, Duration::from_secs(120));
+            let _ = std::fs::remove_file(&path);
+            let h = h.unwrap();
+            assert!(h.complete, "{name}: the preroll did not complete: {h:?}");
+            assert!(
+                h.sizes.iter().any(|s| s.first() == Some(&(640, 360))),
+                "{name}: the video stream's size was not read: {h:?}"
+            );
+        }
+    }
 }
