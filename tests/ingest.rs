@@ -2895,6 +2895,8 @@ async fn a_passthrough_rendition_forwards_the_publishers_h264_on_its_gop() -> Re
     let d = daemon(None).await?;
     // pt4: a GOP four times the 1 s target (longer than the encoders' own GOP limit would be), B-frames, and an
     // encoded rendition at half the source's rate
+    // both publish at once (each needs three of its GOPs in real time), then each is checked
+    let mut publishing = Vec::new();
     for (id, gop, bframes, segment_ms, lo_fps) in [
         ("pt2", 60u32, false, 2000, 30),
         ("pt4", 120, true, 1000, 15),
@@ -2912,7 +2914,7 @@ async fn a_passthrough_rendition_forwards_the_publishers_h264_on_its_gop() -> Re
             .as_str()
             .context("srt_url")?
             .to_string();
-        let _publisher = tokio::process::Command::new("ffmpeg")
+        let publisher = tokio::process::Command::new("ffmpeg")
             .args([
                 "-hide_banner",
                 "-nostdin",
@@ -2926,6 +2928,9 @@ async fn a_passthrough_rendition_forwards_the_publishers_h264_on_its_gop() -> Re
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()?;
+        publishing.push((id, gop, segment_ms, file, publisher));
+    }
+    for (id, gop, segment_ms, file, _publisher) in publishing {
         wait_state(&d, id, "running", Duration::from_secs(30)).await?;
         let secs = gop / 30;
         // three complete segments of the source rendition
@@ -2984,8 +2989,6 @@ async fn a_passthrough_rendition_forwards_the_publishers_h264_on_its_gop() -> Re
             "{id}: {} pictures in the window",
             got.len()
         );
-        let _ = std::fs::copy(window.path(), format!("/tmp/pt-{id}.mp4"));
-        let _ = std::fs::copy(&file, format!("/tmp/pt-{id}.ts"));
         let first = sent.iter().position(|h| *h == got[0]).with_context(|| {
             format!(
                 "the window's first picture is not in the file: {:?} vs {:?}",
