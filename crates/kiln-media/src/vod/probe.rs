@@ -112,6 +112,9 @@ fn refuse_playlist_file(uri: &str) -> Result<(), String> {
 /// How long reading the stream headers may take.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The coded bytes one stream's queue may hold while the header read waits for the other streams ([`add_sink`]).
+const HEADER_QUEUE_BYTES: u32 = 8 << 20;
+
 /// Streams (by id) and the video sizes seen on each, in order.
 type Seen = Arc<Mutex<Vec<(String, Vec<(u32, u32)>)>>>;
 
@@ -160,14 +163,17 @@ struct Headers {
 /// Adds a `queue ! fakesink` for the parsed stream on `pad`. The queue is what lets every stream preroll: the
 /// demuxer pushes all streams from one thread, and a stream's sink blocks that thread once it holds its first
 /// buffer, so without a queue the next stream never reaches its own sink and the preroll waits out its timeout
-/// (an audio + video file did, 10 s per job, until 2026-12-02). The queue holds what arrives meanwhile, bounded in
-/// bytes only (a poorly interleaved file needs more than a second of one stream).
+/// (an audio + video file did, 10 s per job, until 2026-12-02). The queue holds the coded data that arrives
+/// meanwhile, bounded in bytes only: [`HEADER_QUEUE_BYTES`] is a second of 60 Mb/s video (a poorly interleaved file
+/// can need more than a second of one stream, but no time limit), and a header read holds at most that per stream
+/// (a hostile file whose one stream starts late fills the others' queues and then ends on the timeout, checked with
+/// what was read, as before the queue).
 fn add_sink(pipeline: &gst::Pipeline, pad: &gst::Pad) -> Result<(), String> {
     let name = pad.name();
     let queue = make("queue", &format!("hqueue-{name}")).map_err(|e| e.to_string())?;
     queue.set_property("max-size-time", 0u64);
     queue.set_property("max-size-buffers", 0u32);
-    queue.set_property("max-size-bytes", 32u32 << 20);
+    queue.set_property("max-size-bytes", HEADER_QUEUE_BYTES);
     let sink = make("fakesink", &format!("hsink-{name}")).map_err(|e| e.to_string())?;
     sink.set_property("sync", false);
     pipeline
