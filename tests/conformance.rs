@@ -9,7 +9,8 @@
 //!   items 31–32 on a stream with 1 s segments (`s`) started beside it;
 //! - [`items_that_end_stall_or_roll_a_stream`]: items that end a stream (14, 30), pause one (29) or need a
 //!   3-segment window (19), each on a stream of its own in a daemon with that window;
-//! - [`item_18_parts_and_segments_arrive_on_time`]: 30 s of part timing, alone, in nextest's `realtime` group;
+//! - [`item_18_parts_and_segments_arrive_on_time`]: 30 s of part timing, in nextest's `realtime` group (one such
+//!   test at a time, beside up to two others);
 //! - [`items_across_a_lost_publisher_and_its_return`]: the playlist items on a `publish:` stream whose window
 //!   holds a publisher, the slate after it was killed, and a second publisher.
 
@@ -838,7 +839,7 @@ async fn item_17_codecs_are_rfc6381(fx: &Fx<'_>) -> Result<()> {
     Ok(())
 }
 
-/// How long item 18 watches the parts arrive: 90 parts, 15 segments.
+/// How long item 18 watches the parts arrive: 90 parts (89 gaps), 15 segments.
 const ITEM_18_WINDOW: Duration = Duration::from_secs(30);
 
 async fn check_item_18(fx: &Fx<'_>) -> Result<()> {
@@ -861,11 +862,12 @@ async fn check_item_18(fx: &Fx<'_>) -> Result<()> {
     pg.sort_by(f64::total_cmp);
     let mean = pg.iter().sum::<f64>() / pg.len() as f64;
     let median = pg[pg.len() / 2];
-    let p99 = pg[pg.len() * 99 / 100];
+    // all gaps but the worst one: the rank the p99 of a 60 s window (179 gaps) had before the window was halved
+    let second = pg[pg.len() - 2];
     let max = *pg.last().unwrap();
     let sg = gaps(&seg_times);
     let seg_max = sg.iter().copied().fold(0.0, f64::max);
-    eprintln!("part gaps over {ITEM_18_WINDOW:?}: mean {mean:.4} s, median {median:.3} s, p99 {p99:.3} s, max {max:.3} s; segment gap max {seg_max:.3} s");
+    eprintln!("part gaps over {ITEM_18_WINDOW:?}: mean {mean:.4} s, median {median:.3} s, second-worst {second:.3} s, max {max:.3} s; segment gap max {seg_max:.3} s");
     // The muxer's cadence is exactly PART-TARGET, so parts keep real time when their mean gap is PART-TARGET. The
     // median of gaps seen at the client straddles it (seen in CI: 0.33403 s against 0.33333), so it is not the
     // measure; 5 ms over the window is what a stream that falls behind by 1.5 % would show.
@@ -874,10 +876,13 @@ async fn check_item_18(fx: &Fx<'_>) -> Result<()> {
         "mean part gap {mean} s over {ITEM_18_WINDOW:?}"
     );
     // Observed at the client, a gap includes the scheduling jitter of a loaded 2-core host (other tests run beside
-    // this one; seen alone: p99 and max 0.376 s); the muxer's cadence is exactly 10 frames, and a late part makes
-    // the next gap short, so the median stays at the target. Hold p99 to the target + 150 ms and the worst case
-    // to 2 × PART-TARGET: a stream that falls behind or publishes in bursts still fails.
-    ensure!(p99 <= pl.part_target + 0.15, "p99 part gap {p99}");
+    // this one; seen alone: the worst gaps 0.376 s); a late part makes the next gap short. Hold every gap but the
+    // worst to the target + 150 ms and the worst to 2 × PART-TARGET: a stream that falls behind or publishes in
+    // bursts still fails.
+    ensure!(
+        second <= pl.part_target + 0.15,
+        "second-worst part gap {second}"
+    );
     ensure!(max <= 2.0 * pl.part_target, "max part gap {max}");
     ensure!(
         seg_max <= 1.5 * pl.target_duration as f64,

@@ -2895,13 +2895,14 @@ async fn a_passthrough_rendition_forwards_the_publishers_h264_on_its_gop() -> Re
     let d = daemon(None).await?;
     // pt4: a GOP four times the 1 s target (longer than the encoders' own GOP limit would be), B-frames, and an
     // encoded rendition at half the source's rate
-    // both publish at once (each needs three of its GOPs in real time), then each is checked
+    // both publish at once (each needs three of its GOPs in real time), then each is checked; a stream ends with
+    // its file (`on_source_loss: end`), and pt4 is checked after pt2, so the files last 40 s
     let mut publishing = Vec::new();
     for (id, gop, bframes, segment_ms, lo_fps) in [
         ("pt2", 60u32, false, 2000, 30),
         ("pt4", 120, true, 1000, 15),
     ] {
-        let file = h264_file(dir.path(), gop, bframes, 24)?;
+        let file = h264_file(dir.path(), gop, bframes, 40)?;
         let body = format!(
             r#"{{"source": "publish:", "on_source_loss": {{"mode": "end"}}, "audio": {{"enabled": false}},
             "segment_ms": {segment_ms},

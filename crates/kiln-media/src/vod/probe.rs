@@ -115,6 +115,10 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The coded bytes one stream's queue may hold while the header read waits for the other streams ([`add_sink`]).
 const HEADER_QUEUE_BYTES: u32 = 8 << 20;
 
+/// The buffers one stream's queue may hold (each costs a few hundred bytes beside its data, which
+/// [`HEADER_QUEUE_BYTES`] does not count): 10,000 is over three minutes of AAC frames.
+const HEADER_QUEUE_BUFFERS: u32 = 10_000;
+
 /// Streams (by id) and the video sizes seen on each, in order.
 type Seen = Arc<Mutex<Vec<(String, Vec<(u32, u32)>)>>>;
 
@@ -156,23 +160,24 @@ fn record_size(sizes: &Seen, pad: &gst::Pad, caps: &gst::Caps) {
 struct Headers {
     /// The video sizes per stream, in the order GStreamer met them.
     sizes: Vec<Vec<(u32, u32)>>,
-    /// Every stream reached its sink before the timeout (else `sizes` may lack a stream that never got there).
-    complete: bool,
+    /// Why the read ended before every stream reached its sink (a timeout, an error), or `None`: then `sizes` has
+    /// every stream's. Checked either way; the Discoverer that runs next reports what it cannot read.
+    incomplete: Option<String>,
 }
 
 /// Adds a `queue ! fakesink` for the parsed stream on `pad`. The queue is what lets every stream preroll: the
 /// demuxer pushes all streams from one thread, and a stream's sink blocks that thread once it holds its first
 /// buffer, so without a queue the next stream never reaches its own sink and the preroll waits out its timeout
 /// (an audio + video file did, 10 s per job, until 2026-12-02). The queue holds the coded data that arrives
-/// meanwhile, bounded in bytes only: [`HEADER_QUEUE_BYTES`] is a second of 60 Mb/s video (a poorly interleaved file
-/// can need more than a second of one stream, but no time limit), and a header read holds at most that per stream
-/// (a hostile file whose one stream starts late fills the others' queues and then ends on the timeout, checked with
-/// what was read, as before the queue).
+/// meanwhile, bounded in bytes and buffers but not in time (a poorly interleaved file can need more than a second
+/// of one stream): [`HEADER_QUEUE_BYTES`] is about a second of 60 Mb/s video. A hostile file whose one stream starts
+/// late fills the others' queues to that bound, and the read then ends on its timeout, checked with what was read,
+/// as before the queue.
 fn add_sink(pipeline: &gst::Pipeline, pad: &gst::Pad) -> Result<(), String> {
     let name = pad.name();
     let queue = make("queue", &format!("hqueue-{name}")).map_err(|e| e.to_string())?;
     queue.set_property("max-size-time", 0u64);
-    queue.set_property("max-size-buffers", 0u32);
+    queue.set_property("max-size-buffers", HEADER_QUEUE_BUFFERS);
     queue.set_property("max-size-bytes", HEADER_QUEUE_BYTES);
     let sink = make("fakesink", &format!("hsink-{name}")).map_err(|e| e.to_string())?;
     sink.set_property("sync", false);
@@ -218,7 +223,7 @@ fn header_sizes(uri: &str, timeout: Duration) -> Result<Headers, String> {
             record(&seen, pad, &caps);
         }
         if let Some(p) = weak.upgrade() {
-            // a stream without a sink never prerolls: the timeout below then ends the read
+            // a stream whose sink could not be added holds nothing: its caps were recorded above
             if let Err(e) = add_sink(&p, pad) {
                 tracing::warn!(pad = %pad.name(), "header read: no sink for a stream: {e}");
             }
@@ -241,18 +246,17 @@ fn header_sizes(uri: &str, timeout: Duration) -> Result<Headers, String> {
         }
         Some(gst::MessageView::AsyncDone(_)) => Ok(Headers {
             sizes,
-            complete: true,
+            incomplete: None,
         }),
         // the Discoverer that runs next reports everything else
-        _ => {
-            tracing::warn!(
-                "the input's headers were not all read within {timeout:?}: checked what was"
-            );
-            Ok(Headers {
-                sizes,
-                complete: false,
-            })
-        }
+        Some(gst::MessageView::Error(e)) => Ok(Headers {
+            sizes,
+            incomplete: Some(format!("the read failed: {}", e.error())),
+        }),
+        _ => Ok(Headers {
+            sizes,
+            incomplete: Some(format!("not every stream was read within {timeout:?}")),
+        }),
     }
 }
 
@@ -266,10 +270,8 @@ pub fn probe(uri: &str, timeout: Duration) -> Result<ProbeInfo, String> {
     refuse_playlist_file(uri)?;
     let limit = timeout.min(HEADER_TIMEOUT);
     let headers = header_sizes(uri, limit)?;
-    if !headers.complete {
-        tracing::warn!(
-            "the input's headers were not all read within {limit:?}: checked those that were"
-        );
+    if let Some(why) = &headers.incomplete {
+        tracing::warn!("the input's headers, checked as far as they were read: {why}");
     }
     for stream in headers.sizes {
         kiln_model::vod::check_header_sizes(&stream).map_err(|e| e.to_string())?;
@@ -390,7 +392,7 @@ mod tests {
     }
 
     /// Every stream of an audio + video file reaches its sink, whichever track comes first: the header read ends
-    /// on the preroll, not on its timeout, and sees the video stream's size even when the audio track leads.
+    /// on the preroll within its timeout (without a queue per stream it never prerolls), with the video size read.
     #[test]
     fn the_headers_of_every_stream_are_read_whichever_track_leads() {
         crate::init().unwrap();
@@ -400,10 +402,13 @@ mod tests {
         ] {
             let path = av_mp4(name, &maps);
             let uri = format!("file://{}", path.display());
-            let h = header_sizes(&uri, Duration::from_secs(120));
+            let h = header_sizes(&uri, HEADER_TIMEOUT);
             let _ = std::fs::remove_file(&path);
             let h = h.unwrap();
-            assert!(h.complete, "{name}: the preroll did not complete: {h:?}");
+            assert!(
+                h.incomplete.is_none(),
+                "{name}: the preroll did not complete: {h:?}"
+            );
             assert!(
                 h.sizes.iter().any(|s| s.first() == Some(&(640, 360))),
                 "{name}: the video stream's size was not read: {h:?}"
