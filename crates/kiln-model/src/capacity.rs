@@ -435,6 +435,16 @@ impl Default for GpuCostModel {
     }
 }
 
+/// The most streams a calibration ramp (`kilnd calibrate`) runs at once.
+pub const RAMP_MAX_STREAMS: usize = 1024;
+
+/// The stream count of a calibration ramp's step after one of `n` streams: one more up to 8, then an eighth more
+/// (rounded down), never past [`RAMP_MAX_STREAMS`]. The sustainable count found is then within an eighth below
+/// the host's true one, and a host that sustains hundreds is measured in tens of steps, not hundreds.
+pub fn ramp_next(n: usize) -> usize {
+    (n + (n / 8).max(1)).min(RAMP_MAX_STREAMS)
+}
+
 /// 1080p-equivalent frames/s of a `w`×`h` picture at `fps`.
 pub fn equivalent_1080p_fps(w: u32, h: u32, fps: f64) -> f64 {
     f64::from(w) * f64::from(h) * fps / (1920.0 * 1080.0)

@@ -1,17 +1,18 @@
 //! `kilnd calibrate`: measure how many streams of a preset this host really sustains, and write a CPU cost profile
 //! that makes admission advertise exactly that.
 //!
-//! The ramp adds one live stream of the preset at a time (test source, real pipelines, no HTTP). After a warm-up,
+//! The ramp adds live streams of the preset (test source, real pipelines, no HTTP): one per step up to 8, then an
+//! eighth more per step, up to 1,024 ([`kiln_model::capacity::ramp_next`]). After a warm-up,
 //! it measures over a window the process CPU and the media each stream published. A step passes while every
 //! stream stays at real time (≥ 0.98 media seconds per wall second, allowing the one part a window can cut in
 //! flight) and the process uses at most 80 % of the host's
-//! cores — the rest is the budget for jitter, the origin and the OS. The sustainable count N is the last passing
-//! step. The shipped cost model is then scaled so that an empty node's headroom for the preset is N.
+//! cores — the rest is the budget for jitter, the origin and the OS. The sustainable count N is the stream count of
+//! the last passing step. The shipped cost model is then scaled so that an empty node's headroom for the preset is N.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use kiln_model::capacity::{CpuCostModel, Resources};
+use kiln_model::capacity::{ramp_next, CpuCostModel, Resources, RAMP_MAX_STREAMS};
 use kiln_model::StreamRequest;
 
 use crate::{AppState, Config};
@@ -81,24 +82,31 @@ pub async fn run(
     let mut steps = Vec::new();
     let mut ids: Vec<String> = Vec::new();
     let part_target_ms = config_part_target(&state, preset);
-    for n in 1..=64usize {
-        let id = format!("calibrate-{n}");
-        let req = StreamRequest {
-            source: source.into(),
-            preset: Some(preset.to_string()),
-            ..Default::default()
-        };
-        let (h, _) = sup
-            .create(&id, req)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        ids.push(id);
-        let renditions: Vec<String> = h
-            .origin
-            .renditions
-            .iter()
-            .map(|r| r.info.name.clone())
-            .collect();
+    let mut renditions: Vec<String> = Vec::new();
+    let mut n = 0usize;
+    while n < RAMP_MAX_STREAMS {
+        let next = ramp_next(n);
+        for i in n + 1..=next {
+            let id = format!("calibrate-{i}");
+            let req = StreamRequest {
+                source: source.into(),
+                preset: Some(preset.to_string()),
+                ..Default::default()
+            };
+            let (h, _) = sup
+                .create(&id, req)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            ids.push(id);
+            renditions = h
+                .origin
+                .renditions
+                .iter()
+                .map(|r| r.info.name.clone())
+                .collect();
+        }
+        n = next;
+        let renditions = &renditions;
         tokio::time::sleep(warmup).await;
         let media = |id: &str| -> f64 {
             renditions
@@ -144,7 +152,18 @@ pub async fn run(
         }
     }
     sup.shutdown().await;
-    let sustainable = steps.iter().take_while(|s| s.passed).count();
+    // the streams of the last step that passed (the steps grow: `ramp_next`)
+    let sustainable = steps
+        .iter()
+        .take_while(|s| s.passed)
+        .last()
+        .map_or(0, |s| s.streams);
+    if steps.last().is_some_and(|s| s.passed) {
+        tracing::warn!(
+            streams = sustainable,
+            "the ramp reached its cap with every stream at real time: this host sustains at least that many"
+        );
+    }
     ensure!(
         sustainable > 0,
         "not even one `{preset}` stream keeps real time on this host"

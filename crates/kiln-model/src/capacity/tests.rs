@@ -199,3 +199,31 @@ fn a_backup_input_books_one_more_decode_on_the_cpu() {
     assert!(b.cpu_millicores > 0 && b.memory_mib > 0);
     assert_eq!(b.nvenc_fps + b.nvdec_fps + b.vram_mib, 0);
 }
+
+#[test]
+fn the_calibration_ramp_grows_by_one_then_by_an_eighth_up_to_its_cap() {
+    let mut steps = vec![0usize];
+    while *steps.last().unwrap() < RAMP_MAX_STREAMS {
+        steps.push(ramp_next(*steps.last().unwrap()));
+    }
+    assert_eq!(&steps[..12], &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+    assert_eq!(ramp_next(16), 18);
+    assert_eq!(ramp_next(100), 112);
+    assert_eq!(ramp_next(RAMP_MAX_STREAMS), RAMP_MAX_STREAMS);
+    for w in steps.windows(2) {
+        // always grows, and never by more than an eighth past 8: the count found is within 12.5 % of the true one
+        assert!(w[1] > w[0], "{steps:?}");
+        assert!(
+            w[0] < 8 || (w[1] - w[0]) * 8 <= w[0],
+            "{} -> {}",
+            w[0],
+            w[1]
+        );
+    }
+    // a host that sustains hundreds is measured in tens of steps (13 s each by default)
+    assert!(
+        steps.len() < 60,
+        "{} steps to {RAMP_MAX_STREAMS}",
+        steps.len()
+    );
+}
