@@ -19,7 +19,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::IoSlice;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::http::header::{self, HeaderName};
 use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri};
@@ -95,9 +95,10 @@ pub(crate) struct RequestHead {
 
 /// Parses the request head at the start of `buf`.
 pub(crate) fn scan(buf: &[u8]) -> Scan {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+    // not initialised first: httparse writes the headers it finds (64 empty ones would be 2 KiB set per call)
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Scan::Partial,
         _ => return Scan::Hyper,
@@ -195,7 +196,7 @@ pub(crate) fn encode_head(
         match len {
             Some(n) => {
                 h.extend_from_slice(b"content-length: ");
-                h.extend_from_slice(n.to_string().as_bytes());
+                h.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
                 h.extend_from_slice(b"\r\n");
             }
             None => h.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -208,18 +209,24 @@ pub(crate) fn encode_head(
     h
 }
 
-/// Calls `f` with the current time as an HTTP date (RFC 9110 §5.6.7), formatted once a second per thread.
+/// Calls `f` with the current time as an HTTP date (RFC 9110 §5.6.7), formatted once a second per thread. Within
+/// a second the wall clock is not read: the date is kept until the monotonic instant its second ends, checked
+/// against the time the current poll started ([`crate::server::poll_started`]: no clock read either).
 fn http_date(f: impl FnOnce(&[u8])) {
     thread_local! {
-        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+        static DATE: std::cell::RefCell<(Option<Instant>, String)> =
+            const { std::cell::RefCell::new((None, String::new())) };
     }
-    let now = SystemTime::now();
-    let secs = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    DATE.with_borrow_mut(|(at, text)| {
-        if *at != secs {
-            *at = secs;
+    let mono = crate::server::poll_started();
+    DATE.with_borrow_mut(|(until, text)| {
+        if until.is_none_or(|until| mono >= until) {
+            let now = SystemTime::now();
+            let into_second = now
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(Duration::ZERO, |d| {
+                    Duration::from_nanos(d.subsec_nanos().into())
+                });
+            *until = Some(mono + (Duration::from_secs(1) - into_second));
             *text = httpdate::fmt_http_date(now);
         }
         f(text.as_bytes())
@@ -252,9 +259,11 @@ where
             .get(header::CONNECTION)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
     let len = body.size_hint().exact();
-    let mut out = vec![Bytes::from(encode_head(parts, len, close))];
+    // the head is written from its own buffer (as `Bytes` it would take a second allocation to share it)
+    let mut head = encode_head(parts, len, close);
+    let mut out = Vec::new();
     if !has_body(parts.status) {
-        write_all(tcp, &mut out).await?;
+        write_all(tcp, &mut head, &mut out).await?;
         return Ok(close);
     }
     let chunked = len.is_none();
@@ -278,26 +287,35 @@ where
         }
         if !body.is_end_stream() {
             // what there is goes out before waiting for more (a segment in progress, part by part)
-            write_all(tcp, &mut out).await?;
+            write_all(tcp, &mut head, &mut out).await?;
         }
     }
     if chunked {
         out.push(Bytes::from_static(b"0\r\n\r\n"));
     }
-    write_all(tcp, &mut out).await?;
+    write_all(tcp, &mut head, &mut out).await?;
     Ok(close)
 }
 
-/// Writes every byte of `bufs` with `writev` (up to 16 buffers a call), then empties it.
-async fn write_all(tcp: &mut TcpStream, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
+/// Writes every byte of `head`, then of `bufs`, with `writev` (up to 16 buffers a call), then empties both.
+async fn write_all(
+    tcp: &mut TcpStream,
+    head: &mut Vec<u8>,
+    bufs: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
     let mut first = 0;
-    while first < bufs.len() {
+    while !head.is_empty() || first < bufs.len() {
         // the slices are built in each poll, so they are not part of the connection's future
         let mut written = std::future::poll_fn(|cx| {
             let mut slices = [IoSlice::new(&[]); 16];
-            let n = bufs.len().min(first + slices.len()) - first;
-            for (slice, b) in slices.iter_mut().zip(&bufs[first..first + n]) {
-                *slice = IoSlice::new(b);
+            let mut n = 0;
+            if !head.is_empty() {
+                slices[0] = IoSlice::new(head);
+                n = 1;
+            }
+            for b in bufs[first..].iter().take(slices.len() - n) {
+                slices[n] = IoSlice::new(b);
+                n += 1;
             }
             std::pin::Pin::new(&mut *tcp).poll_write_vectored(cx, &slices[..n])
         })
@@ -305,6 +323,9 @@ async fn write_all(tcp: &mut TcpStream, bufs: &mut Vec<Bytes>) -> std::io::Resul
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
+        let from_head = written.min(head.len());
+        head.drain(..from_head);
+        written -= from_head;
         while written > 0 {
             let b = &mut bufs[first];
             if written >= b.len() {
