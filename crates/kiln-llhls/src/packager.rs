@@ -59,9 +59,13 @@ pub fn parse_resource(name: &str) -> Option<Resource> {
 
 /// A decimal number written the one way kiln writes it (no sign, no leading zeros), so each resource has exactly
 /// one URL (one CDN cache key).
+/// (Checked on the text, not by writing the number back: every part and segment request parses its name.)
 fn canonical(s: &str) -> Option<u64> {
-    let n: u64 = s.parse().ok()?;
-    (n.to_string() == s).then_some(n)
+    let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits || (s.len() > 1 && s.starts_with('0')) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 /// A media resource of a rendition.

@@ -40,7 +40,7 @@ use std::sync::Arc;
 use axum::Router;
 use kiln_origin::Origin;
 use tokio::net::TcpListener;
-use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
+use tower_http::compression::predicate::Predicate;
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::CorsLayer;
 use utoipa_axum::router::OpenApiRouter;
@@ -135,12 +135,24 @@ pub fn app_with_document(state: AppState) -> (Router, utoipa::openapi::OpenApi) 
 struct Compressible;
 
 impl Predicate for Compressible {
+    /// tower-http's `SizeAbove::new(256)`, `NotForContentType` "video/mp4" and "audio/mp4" together, reading the
+    /// content type once (it is asked of every playback answer; `predicate_tests`).
     fn should_compress<B: axum::body::HttpBody>(&self, res: &axum::http::Response<B>) -> bool {
-        const VIDEO: NotForContentType = NotForContentType::const_new("video/mp4");
-        const AUDIO: NotForContentType = NotForContentType::const_new("audio/mp4");
-        SizeAbove::new(256).should_compress(res)
-            && VIDEO.should_compress(res)
-            && AUDIO.should_compress(res)
+        let size = res.body().size_hint().exact().or_else(|| {
+            res.headers()
+                .get(axum::http::header::CONTENT_LENGTH)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|v| v.parse().ok())
+        });
+        if size.is_some_and(|n| n < 256) {
+            return false;
+        }
+        let cty = res
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default();
+        !(cty.starts_with("video/mp4") || cty.starts_with("audio/mp4"))
     }
 }
 
@@ -502,4 +514,68 @@ pub async fn serve_state(
     kiln_http::server::serve_service(listener, acceptor, service, config.http_limits, stopped)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod predicate_tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{header, Response};
+    use tower_http::compression::predicate::{NotForContentType, SizeAbove};
+
+    /// What the predicate was: tower-http's three predicates, each reading the response again.
+    fn towers(res: &Response<Body>) -> bool {
+        SizeAbove::new(256).should_compress(res)
+            && NotForContentType::const_new("video/mp4").should_compress(res)
+            && NotForContentType::const_new("audio/mp4").should_compress(res)
+    }
+
+    #[test]
+    fn the_predicate_is_tower_http_s_three() {
+        let types = [
+            None,
+            Some("video/mp4"),
+            Some("audio/mp4"),
+            Some("video/mp4; codecs=avc1"),
+            Some("video/mp2t"),
+            Some("application/vnd.apple.mpegurl"),
+            Some("application/json"),
+            Some("VIDEO/MP4"),
+        ];
+        let mut compared = 0;
+        for cty in types {
+            for size in [0usize, 255, 256, 4096] {
+                // a body of known size, and one of unknown size with and without a Content-Length
+                for (known, length) in
+                    [(true, None), (false, None), (false, Some(size.to_string()))]
+                        .into_iter()
+                        .chain([(false, Some("x".to_string()))])
+                {
+                    let body = if known {
+                        Body::from(vec![b'#'; size])
+                    } else {
+                        Body::from_stream(
+                            futures::stream::empty::<Result<Vec<u8>, std::io::Error>>(),
+                        )
+                    };
+                    let mut res = Response::new(body);
+                    if let Some(cty) = cty {
+                        res.headers_mut()
+                            .insert(header::CONTENT_TYPE, cty.parse().unwrap());
+                    }
+                    if let Some(len) = &length {
+                        res.headers_mut()
+                            .insert(header::CONTENT_LENGTH, len.parse().unwrap());
+                    }
+                    assert_eq!(
+                        Compressible.should_compress(&res),
+                        towers(&res),
+                        "{cty:?} {size} known={known} length={length:?}"
+                    );
+                    compared += 1;
+                }
+            }
+        }
+        assert_eq!(compared, 8 * 4 * 4);
+    }
 }

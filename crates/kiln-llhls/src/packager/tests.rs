@@ -338,3 +338,40 @@ fn the_peak_bitrate_ignores_segments_cut_short() {
     }
     assert_eq!(p.peak_bitrate(), Some(6 * 5 * 8 / 2));
 }
+
+/// A resource number is read exactly when writing it back gives the same text (what `canonical` checked by
+/// formatting the number before it checked the text).
+#[test]
+fn a_resource_number_is_canonical_exactly_when_it_reads_back_the_same() {
+    let by_formatting = |s: &str| -> Option<u64> {
+        let n: u64 = s.parse().ok()?;
+        (n.to_string() == s).then_some(n)
+    };
+    let mut texts = vec![String::new()];
+    let mut all = Vec::new();
+    for _ in 0..5 {
+        let mut next = Vec::new();
+        for t in &texts {
+            for c in ['0', '1', '9', '+', '-', 'a', ' '] {
+                next.push(format!("{t}{c}"));
+            }
+        }
+        all.extend(next.iter().cloned());
+        texts = next;
+    }
+    let max = u64::MAX.to_string();
+    all.extend([
+        max.clone(),
+        format!("0{max}"),
+        format!("{max}0"),
+        "18446744073709551616".into(),
+        "99999999999999999999".into(),
+        "898090166".into(),
+        "+898090166".into(),
+        String::new(),
+    ]);
+    for t in &all {
+        assert_eq!(canonical(t), by_formatting(t), "{t:?}");
+    }
+    assert_eq!(canonical(&max), Some(u64::MAX));
+}
