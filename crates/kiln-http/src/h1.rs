@@ -324,7 +324,11 @@ async fn write_all(
             return Err(std::io::ErrorKind::WriteZero.into());
         }
         let from_head = written.min(head.len());
-        head.drain(..from_head);
+        if from_head == head.len() {
+            *head = Vec::new(); // not kept while a streamed body is written
+        } else {
+            head.drain(..from_head);
+        }
         written -= from_head;
         while written > 0 {
             let b = &mut bufs[first];
@@ -490,6 +494,44 @@ mod tests {
             b = b.header(*k, *v);
         }
         b.body(()).unwrap().into_parts().0
+    }
+
+    /// A 3 MiB answer through a 4 KiB send buffer: `writev` takes part of the head, then parts of the body, and
+    /// every byte arrives once and in order.
+    #[tokio::test]
+    async fn a_large_answer_is_written_whole_through_partial_writes() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(4096).unwrap(); // the accepted socket inherits it
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            let mut all = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut c, &mut all)
+                .await
+                .unwrap();
+            all
+        });
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let body: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+        // a head longer than the send buffer, so that it too is written in pieces
+        let long = "v".repeat(48 * 1024);
+        let head = parts(200, &[("content-type", "video/mp4"), ("x-long", &long)]);
+        let full = http_body_util::Full::new(Bytes::from(body.clone()));
+        let close = respond(&mut tcp, &head, std::pin::pin!(full), true)
+            .await
+            .unwrap();
+        assert!(close);
+        drop(tcp);
+        let got = client.await.unwrap();
+        let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let text = String::from_utf8_lossy(&got[..end]);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains(&format!("x-long: {long}\r\n")), "{text}");
+        assert!(text.contains("content-length: 3145728\r\n"), "{text}");
+        assert_eq!(got.len() - end, body.len());
+        assert!(got[end..] == body[..], "the body arrived altered");
     }
 
     #[test]

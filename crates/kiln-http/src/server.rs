@@ -71,8 +71,10 @@ thread_local! {
 }
 
 /// When the poll of the connection (or HTTP/2 request) running on this thread started, or now outside one: a
-/// clock reading that costs no clock read on the request path, a few µs behind the clock at most (a poll does
-/// not wait). kiln's HTTP/1.1 takes its header deadline and `Date` from it, kilnd its request timings.
+/// clock reading that costs no clock read on the request path. A poll does not wait, but it may answer several
+/// pipelined requests (up to tokio's budget) or compute an answer in the call, so it is behind the clock by that
+/// much. kiln's HTTP/1.1 takes `Date` from it (re-read from the wall clock once the second it shows is over by
+/// this reading), kilnd the start of a request's timing.
 pub fn poll_started() -> std::time::Instant {
     POLL_START.get().unwrap_or_else(std::time::Instant::now)
 }
@@ -81,10 +83,17 @@ impl<F: Future> Future for Timed<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        /// Puts back the outer poll's start when the poll ends, also by a panic (tokio keeps the thread).
+        struct Restore(Option<std::time::Instant>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                POLL_START.set(self.0);
+            }
+        }
         let start = std::time::Instant::now();
-        let outer = POLL_START.replace(Some(start));
+        let restore = Restore(POLL_START.replace(Some(start)));
         let out = self.project().inner.poll(cx);
-        POLL_START.set(outer);
+        drop(restore);
         BUSY_NS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
         out
     }
@@ -375,7 +384,8 @@ where
         });
         let mut timer = std::pin::pin!(tokio::time::sleep(self.limits.header_timeout));
         loop {
-            let deadline = Instant::from_std(poll_started()) + self.limits.header_timeout;
+            // tokio's clock, as the timer's (it can be paused in tests)
+            let deadline = Instant::now() + self.limits.header_timeout;
             let head = loop {
                 match h1::scan(&buf) {
                     h1::Scan::Head(head) => break head,
