@@ -52,6 +52,47 @@ fn last_part(playlist: &str) -> Result<(u64, u64)> {
     Ok((m.parse()?, p.parse()?))
 }
 
+/// The part a playlist's preload hint names: `(msn, part)`.
+fn hinted_part(playlist: &str) -> Result<(u64, u64)> {
+    let line = playlist
+        .lines()
+        .find(|l| l.starts_with("#EXT-X-PRELOAD-HINT:TYPE=PART"))
+        .context("no preload hint in playlist")?;
+    let uri = line.split("URI=\"part-").nth(1).context("hint uri")?;
+    let (m, p) = uri
+        .split(".m4s")
+        .next()
+        .and_then(|s| s.split_once('-'))
+        .context("hint uri")?;
+    Ok((m.parse()?, p.parse()?))
+}
+
+/// Waits until kilnd's stream publishes in real time. After SIGCONT it first catches up on the time it was
+/// stopped: parts come faster than real time and the ones it had leave the window, so a part read from the
+/// playlist just then is gone (404) seconds into the next round. Caught up: a blocking reload for the hinted
+/// part waits for it (parts are 333 ms apart in real time; while catching up each comes at once).
+async fn caught_up(http: &reqwest::Client, base: &str, pl_path: &str) -> Result<()> {
+    for _ in 0..300 {
+        let text = http
+            .get(format!("{base}{pl_path}"))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        let (m, p) = hinted_part(&text)?;
+        let asked = Instant::now();
+        http.get(format!("{base}{pl_path}?_HLS_msn={m}&_HLS_part={p}"))
+            .send()
+            .await?
+            .error_for_status()?;
+        if asked.elapsed() >= Duration::from_millis(100) {
+            return Ok(());
+        }
+    }
+    bail!("kilnd's stream did not catch up after SIGCONT (300 parts published at once)")
+}
+
 /// The CPUs of this run: wrk on the first, the server under test on the second (one CPU: both share it); with
 /// `KILN_BENCH_SHARED=1`, every CPU for both (the server with as many async workers as CPUs: how the fan-out
 /// does when the server may use the whole host, the client competing with it).
@@ -357,6 +398,7 @@ async fn run() -> Result<()> {
             .and_then(|plain| Ok((plain, wrk(&nginx_base, paths, true, secs, &dir)?)))
             .and_then(|both| Ok((both, wrk(&tuned_base, paths, false, secs, &dir)?)));
         signal("-CONT")?;
+        caught_up(&http, &k.url, pl_path).await?;
         let (((nginx_rps, nginx_p99), (nginx_gz_rps, nginx_gz_p99)), (tuned_rps, tuned_p99)) =
             nginx_run?;
         results.push((kiln_rps, kiln_p99, nginx_rps, nginx_p99));
