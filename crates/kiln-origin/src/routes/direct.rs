@@ -22,43 +22,74 @@ enum Target<'a> {
     Media(&'a str, &'a str, &'a str),
 }
 
-/// The target of a plain playback path; `None` for anything the router should see (percent-encoding, empty or
-/// extra segments, other prefixes).
-fn target(path: &str) -> Option<Target<'_>> {
-    let rest = path.strip_prefix("/live/")?;
-    // one pass over the bytes (every playback request parses its path twice: taken off the router, then
-    // answered): where its one or two slashes are, and no percent-encoding
-    let mut slashes = [0usize; 2];
-    let mut found = 0;
-    for (i, b) in rest.bytes().enumerate() {
-        match b {
-            b'%' => return None,
-            b'/' if found == slashes.len() => return None,
-            b'/' => {
-                slashes[found] = i;
-                found += 1;
+/// Where a plain playback path's parts end, in bytes after `/live/`: the path is read once, when the request is
+/// taken off the router, and answered from these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// `{stream}/master.m3u8`: the stream's end.
+    Master(usize),
+    /// `{stream}/manifest.mpd`
+    Mpd(usize),
+    /// `{stream}/{rendition}/{file}`: the stream's and the rendition's ends.
+    Media(usize, usize),
+}
+
+const LIVE: &str = "/live/";
+
+impl Shape {
+    /// The shape of a plain playback path; `None` for anything the router should see (percent-encoding, empty
+    /// or extra segments, other prefixes). One pass over the bytes: where the one or two slashes are, and no
+    /// percent-encoding.
+    fn of(path: &str) -> Option<Shape> {
+        let rest = path.strip_prefix(LIVE)?;
+        let mut slashes = [0usize; 2];
+        let mut found = 0;
+        for (i, b) in rest.bytes().enumerate() {
+            match b {
+                b'%' => return None,
+                b'/' if found == slashes.len() => return None,
+                b'/' => {
+                    slashes[found] = i;
+                    found += 1;
+                }
+                _ => {}
             }
-            _ => {}
+        }
+        let [first, second] = slashes;
+        if first == 0 {
+            return None; // an empty stream
+        }
+        match found {
+            1 => match &rest[first + 1..] {
+                "master.m3u8" => Some(Shape::Master(first)),
+                "manifest.mpd" => Some(Shape::Mpd(first)),
+                _ => None,
+            },
+            // a rendition and a file, neither empty
+            2 if second > first + 1 && second + 1 < rest.len() => Some(Shape::Media(first, second)),
+            _ => None,
         }
     }
-    let (stream, second, third) = match found {
-        1 => (&rest[..slashes[0]], &rest[slashes[0] + 1..], None),
-        2 => (
-            &rest[..slashes[0]],
-            &rest[slashes[0] + 1..slashes[1]],
-            Some(&rest[slashes[1] + 1..]),
-        ),
-        _ => return None,
-    };
-    if stream.is_empty() || second.is_empty() {
-        return None;
+
+    /// What `path` (the one this shape was read from) names.
+    fn target(self, path: &str) -> Target<'_> {
+        let rest = &path[LIVE.len()..];
+        match self {
+            Shape::Master(end) => Target::Master(&rest[..end]),
+            Shape::Mpd(end) => Target::Mpd(&rest[..end]),
+            Shape::Media(first, second) => Target::Media(
+                &rest[..first],
+                &rest[first + 1..second],
+                &rest[second + 1..],
+            ),
+        }
     }
-    match third {
-        None if second == "master.m3u8" => Some(Target::Master(stream)),
-        None if second == "manifest.mpd" => Some(Target::Mpd(stream)),
-        Some(file) if !file.is_empty() => Some(Target::Media(stream, second, file)),
-        _ => None,
-    }
+}
+
+/// The target of a plain playback path; `None` for anything the router should see.
+#[cfg(test)]
+fn target(path: &str) -> Option<Target<'_>> {
+    Shape::of(path).map(|shape| shape.target(path))
 }
 
 /// A playback GET taken off the router: its path and query (the answer is computed from slices of them: no
@@ -72,6 +103,8 @@ pub struct LiveGet {
     target: Box<str>,
     /// Where the path ends in `target`.
     path_len: usize,
+    /// What the path names.
+    shape: Shape,
     conditions: Conditions,
 }
 
@@ -83,11 +116,12 @@ impl LiveGet {
         if method != Method::GET {
             return None;
         }
-        target(uri.path())?;
+        let shape = Shape::of(uri.path())?;
         let target = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
         Some(LiveGet {
             target: target.into(),
             path_len: uri.path().len(),
+            shape,
             conditions: Conditions::of(headers),
         })
     }
@@ -108,10 +142,11 @@ impl LiveGet {
         let LiveGet {
             target: uri,
             path_len,
+            shape,
             conditions,
         } = self;
         let (path, query) = (&uri[..path_len], uri.get(path_len + 1..));
-        match target(path).expect("checked by LiveGet::of") {
+        match shape.target(path) {
             Target::Master(stream) => master_answer(origin, stream, query, conditions.gzip),
             Target::Mpd(stream) => mpd_answer(origin, stream, query, conditions.gzip),
             Target::Media(stream, rendition, file) => {
