@@ -5,6 +5,7 @@
 # live stream, then counts the instructions of every poll of the HTTP connections (`kiln_http::server::Timed`,
 # so the stream's encoder threads are left out) while wrk alternates between the media playlist and a part for
 # 15 s, and prints them per request. Compare two builds in one run: `benches/instructions.sh old-kilnd new-kilnd`.
+# `ACCEPT_ENCODING=gzip benches/instructions.sh` sends that header with every request (browsers and shields do).
 # The binaries need their symbols (the function name is how callgrind finds the polls):
 #   CARGO_PROFILE_RELEASE_STRIP=none cargo build --release -p kilnd
 set -euo pipefail
@@ -49,7 +50,9 @@ request = function()
 end
 LUA
   callgrind_control -z "$vg" > /dev/null
-  result=$(wrk -t1 -c8 -d15s -s "$work/mix.lua" "$base")
+  headers=()
+  [ -n "${ACCEPT_ENCODING:-}" ] && headers=(-H "Accept-Encoding: $ACCEPT_ENCODING")
+  result=$(wrk -t1 -c8 -d15s "${headers[@]}" -s "$work/mix.lua" "$base")
   callgrind_control -d "$vg" > /dev/null
   kill "$vg"; wait "$vg" 2> /dev/null || true
   if echo "$result" | grep -q Non-2xx; then echo "errors during the count: $result" >&2; exit 1; fi

@@ -103,7 +103,80 @@ pin_project_lite::pin_project! {
             start: Instant,
             metrics: Arc<Metrics>,
         },
+        // a request whose encoding needs no negotiation: none asked for, or gzip (see `as_the_layer_would`)
+        Plain {
+            #[pin]
+            inner: Infallibly,
+            gzip: bool,
+            kind: usize,
+            start: Instant,
+            metrics: Arc<Metrics>,
+        },
     }
+}
+
+/// What kilnd's compression layer makes of `res` when it has negotiated identity (the request had no
+/// `Accept-Encoding`; `gzip` false) or gzip (`gzip` true), without its per-request work: an answer it may not
+/// compress (media, an answer already encoded, such as a playlist gzipped once per publish, a range, a small
+/// one) it passes through as it is; one it may, it marks `Vary: accept-encoding`, and gzips for `gzip` (the layer
+/// itself does that: the origin prepares the gzipped form of what viewers ask for most, so this is rare).
+/// `tests::the_answers_are_the_layer_s` compares the two.
+fn as_the_layer_would(mut res: Response, gzip: bool) -> Response {
+    let h = res.headers();
+    let compressible = !h.contains_key(header::CONTENT_ENCODING)
+        && !h.contains_key(header::CONTENT_RANGE)
+        && tower_http::compression::predicate::Predicate::should_compress(
+            &crate::Compressible,
+            &res,
+        );
+    if !compressible {
+        return res;
+    }
+    if gzip {
+        use futures::FutureExt as _;
+        use tower::ServiceExt as _;
+        let mut res = Some(res);
+        let answered = tower::service_fn(move |_: Request<()>| {
+            std::future::ready(Ok::<_, Infallible>(res.take().expect("called once")))
+        });
+        let layer = tower::Layer::layer(&crate::compression(), answered);
+        let mut req = Request::new(());
+        req.headers_mut()
+            .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+        let Some(Ok(res)) = layer.oneshot(req).now_or_never() else {
+            unreachable!("the layer answers a ready answer at once, and cannot fail")
+        };
+        return res.map(Body::new);
+    }
+    let marked = res.headers().get_all(header::VARY).iter().any(|v| {
+        v.as_bytes()
+            .windows(b"accept-encoding".len())
+            .any(|w| w.eq_ignore_ascii_case(b"accept-encoding"))
+    });
+    if !marked {
+        res.headers_mut()
+            .append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    res
+}
+
+/// The playback CORS layer's headers (any origin may read playback; with any origin allowed, tower-http's layer
+/// sends no `Vary` of its own) and the request's metrics.
+fn counted(mut res: Response, kind: usize, start: &Instant, metrics: &Metrics) -> Response {
+    let h = res.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("*"),
+    );
+    let bytes = res.body().size_hint().exact();
+    metrics
+        .http
+        .observe(kind, res.status(), bytes, start.elapsed());
+    res
 }
 
 impl Future for Answer {
@@ -119,23 +192,18 @@ impl Future for Answer {
                 metrics,
             } => {
                 let Ok(res) = ready!(inner.poll(cx));
-                let mut res = res.map(Body::new);
-                // the playback CORS layer's headers (any origin may read playback; with any origin allowed,
-                // tower-http's layer sends no `Vary` of its own)
-                let h = res.headers_mut();
-                h.insert(
-                    header::ACCESS_CONTROL_ALLOW_ORIGIN,
-                    HeaderValue::from_static("*"),
-                );
-                h.insert(
-                    header::ACCESS_CONTROL_EXPOSE_HEADERS,
-                    HeaderValue::from_static("*"),
-                );
-                let bytes = res.body().size_hint().exact();
-                metrics
-                    .http
-                    .observe(*kind, res.status(), bytes, start.elapsed());
-                Poll::Ready(Ok(res))
+                Poll::Ready(Ok(counted(res.map(Body::new), *kind, start, metrics)))
+            }
+            AnswerProj::Plain {
+                inner,
+                gzip,
+                kind,
+                start,
+                metrics,
+            } => {
+                let Ok(res) = ready!(inner.poll(cx));
+                let res = as_the_layer_would(res, *gzip);
+                Poll::Ready(Ok(counted(res, *kind, start, metrics)))
             }
         }
     }
@@ -174,6 +242,22 @@ impl Front {
     /// The origin's answer to `live` through the compression layer, counted like the router's.
     fn answer(&self, live: LiveGet, headers: &HeaderMap) -> Answer {
         let kind = request_kind_index(live.path(), live.query());
+        self.0.metrics.direct_answers.inc();
+        // taken before the call (the origin computes an answer it can give at once in the call itself): the
+        // start of the connection's poll that read the request, which costs no clock read
+        let start = kiln_http::server::poll_started();
+        let asks = headers.contains_key(header::ACCEPT_ENCODING);
+        if !asks || live.gzip() {
+            // identity or gzip: no negotiation left for the layer (see `as_the_layer_would`)
+            let gzip = asks;
+            return Answer::Plain {
+                inner: Infallibly(live.answer(&self.0.direct.get_ref().0)),
+                gzip,
+                kind,
+                start,
+                metrics: self.0.metrics.clone(),
+            };
+        }
         // what the compression layer reads, and nothing else of the request: its header map, and the read buffer
         // its values point into, are freed before the answer (which may wait) is computed
         let mut direct = Request::new(live);
@@ -182,10 +266,6 @@ impl Front {
                 .headers_mut()
                 .append(header::ACCEPT_ENCODING, v.clone());
         }
-        self.0.metrics.direct_answers.inc();
-        // taken before the call (the origin computes an answer it can give at once in the call itself): the
-        // start of the connection's poll that read the request, which costs no clock read
-        let start = kiln_http::server::poll_started();
         Answer::Direct {
             inner: self.0.direct.clone().call(direct),
             kind,
@@ -200,6 +280,80 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use tower::ServiceExt as _;
+
+    /// The layer's answer to a request with `accept` for an inner answer `make()`, and `as_the_layer_would`'s
+    /// for the same encoding: status, every header and the body's bytes.
+    fn both(make: &dyn Fn() -> Response, accept: Option<&'static str>) -> [(String, Vec<u8>); 2] {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let show = |res: Response| {
+            let head = format!("{} {:?}", res.status(), res.headers());
+            let body = rt
+                .block_on(axum::body::to_bytes(res.into_body(), usize::MAX))
+                .unwrap();
+            (head, body.to_vec())
+        };
+        let mut inner = Some(make());
+        let svc = tower::Layer::layer(
+            &crate::compression(),
+            tower::service_fn(move |_: Request| {
+                std::future::ready(Ok::<_, Infallible>(inner.take().expect("called once")))
+            }),
+        );
+        let mut req = Request::new(Body::empty());
+        if let Some(a) = accept {
+            req.headers_mut()
+                .insert(header::ACCEPT_ENCODING, HeaderValue::from_static(a));
+        }
+        let layered = rt.block_on(svc.oneshot(req)).unwrap().map(Body::new);
+        let plain = as_the_layer_would(make(), accept.is_some());
+        [show(layered), show(plain)]
+    }
+
+    #[test]
+    fn the_answers_are_the_layer_s() {
+        let mut compared = 0;
+        for cty in [
+            "application/vnd.apple.mpegurl",
+            "video/mp4",
+            "application/json",
+        ] {
+            for size in [100usize, 4096] {
+                for extra in [
+                    None,
+                    Some((header::CONTENT_ENCODING, "gzip")),
+                    Some((header::CONTENT_RANGE, "bytes 0-99/4096")),
+                    Some((header::VARY, "Accept-Encoding")),
+                    Some((header::VARY, "origin")),
+                ] {
+                    for status in [200u16, 206, 304, 404] {
+                        let make = || {
+                            let mut res = Response::new(Body::from(vec![b'#'; size]));
+                            *res.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
+                            res.headers_mut()
+                                .insert(header::CONTENT_TYPE, HeaderValue::from_static(cty));
+                            if let Some((name, value)) = &extra {
+                                res.headers_mut()
+                                    .insert(name.clone(), HeaderValue::from_static(value));
+                            }
+                            res
+                        };
+                        // the two encodings this path takes: none asked for (identity), and gzip
+                        for accept in [None, Some("gzip")] {
+                            let [layered, plain] = both(&make, accept);
+                            assert_eq!(
+                                plain, layered,
+                                "{cty} {size} {extra:?} {status} {accept:?}"
+                            );
+                            compared += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(compared, 3 * 2 * 5 * 4 * 2);
+    }
 
     /// Whether kilnd's compression layer gzips a playlist asked for with these `Accept-Encoding` values.
     fn layer_gzips(values: &[String]) -> bool {

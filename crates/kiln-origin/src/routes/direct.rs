@@ -126,6 +126,12 @@ impl LiveGet {
         })
     }
 
+    /// Whether the answer may be gzipped: the compression layer would choose gzip for the request's
+    /// `Accept-Encoding` ([`crate::encoding::wants_gzip`]).
+    pub fn gzip(&self) -> bool {
+        self.conditions.gzip
+    }
+
     /// The path.
     pub fn path(&self) -> &str {
         &self.target[..self.path_len]
