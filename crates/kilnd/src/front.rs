@@ -1,7 +1,9 @@
 //! kilnd's HTTP service: playback GETs in their plain form go straight to the origin ([`kiln_origin::LiveGet`]),
 //! everything else to the router. The two give the same answers: a direct answer goes through the same
-//! compression layer as the router's (same predicate, so the same choice of encoding, `Vary` and 406), and gets
-//! the same CORS headers and request metrics as the router's layers give. HEAD, OPTIONS and paths that are not
+//! compression layer as the router's (same predicate, so the same choice of encoding, `Vary` and 406), or, where
+//! the request leaves the layer nothing to negotiate (no `Accept-Encoding`, or one it answers with gzip), gets
+//! exactly what the layer would give ([`as_the_layer_would`]); and it gets the same CORS headers and request
+//! metrics as the router's layers give. HEAD, OPTIONS and paths that are not
 //! plain go to the router. `tests/live_skeleton.rs` compares the two paths' answers header by header.
 
 use std::convert::Infallible;
@@ -89,7 +91,8 @@ impl Future for Infallibly {
 }
 
 pin_project_lite::pin_project! {
-    /// [`Front`]'s answer: the router's, or the origin's through the compression layer, counted like the router's.
+    /// [`Front`]'s answer: the router's, or the origin's through the compression layer or as the layer would give
+    /// it, counted like the router's.
     /// Held inline by the server (no box per request beyond the origin's own).
     #[project = AnswerProj]
     pub enum Answer {
@@ -120,7 +123,7 @@ pin_project_lite::pin_project! {
 /// compress (media, an answer already encoded, such as a playlist gzipped once per publish, a range, a small
 /// one) it passes through as it is; one it may, it marks `Vary: accept-encoding`, and gzips for `gzip` (the layer
 /// itself does that: the origin prepares the gzipped form of what viewers ask for most, so this is rare).
-/// `tests::the_answers_are_the_layer_s` compares the two.
+/// `tests::the_answers_are_the_layer_s` compares the two (the body's size hint included).
 fn as_the_layer_would(mut res: Response, gzip: bool) -> Response {
     let h = res.headers();
     let compressible = !h.contains_key(header::CONTENT_ENCODING)
@@ -239,7 +242,8 @@ impl kiln_http::h1::Direct for Front {
 }
 
 impl Front {
-    /// The origin's answer to `live` through the compression layer, counted like the router's.
+    /// The origin's answer to `live`, through the compression layer or as it would give it, counted like the
+    /// router's.
     fn answer(&self, live: LiveGet, headers: &HeaderMap) -> Answer {
         let kind = request_kind_index(live.path(), live.query());
         self.0.metrics.direct_answers.inc();
@@ -288,7 +292,14 @@ mod tests {
             .build()
             .unwrap();
         let show = |res: Response| {
-            let head = format!("{} {:?}", res.status(), res.headers());
+            let hint = res.body().size_hint();
+            let head = format!(
+                "{} {:?} size {:?} end {}",
+                res.status(),
+                res.headers(),
+                (hint.lower(), hint.upper()),
+                res.body().is_end_stream()
+            );
             let body = rt
                 .block_on(axum::body::to_bytes(res.into_body(), usize::MAX))
                 .unwrap();
@@ -313,27 +324,43 @@ mod tests {
 
     #[test]
     fn the_answers_are_the_layer_s() {
-        let mut compared = 0;
-        for cty in [
+        let types = [
             "application/vnd.apple.mpegurl",
             "video/mp4",
+            "video/mp4; codecs=avc1",
             "application/json",
-        ] {
-            for size in [100usize, 4096] {
-                for extra in [
-                    None,
-                    Some((header::CONTENT_ENCODING, "gzip")),
-                    Some((header::CONTENT_RANGE, "bytes 0-99/4096")),
-                    Some((header::VARY, "Accept-Encoding")),
-                    Some((header::VARY, "origin")),
-                ] {
+        ];
+        let extras = [
+            None,
+            Some((header::CONTENT_ENCODING, "gzip")),
+            Some((header::CONTENT_RANGE, "bytes 0-99/4096")),
+            Some((header::VARY, "Accept-Encoding")),
+            Some((header::VARY, "origin")),
+            Some((header::VARY, "origin, accept-encoding")),
+        ];
+        let mut compared = 0;
+        for cty in types {
+            // `None`: a streamed body of unknown length with a `Content-Length` of 4096
+            for size in [Some(100usize), Some(255), Some(256), Some(4096), None] {
+                for extra in &extras {
                     for status in [200u16, 206, 304, 404] {
                         let make = || {
-                            let mut res = Response::new(Body::from(vec![b'#'; size]));
+                            let mut res = match size {
+                                Some(n) => Response::new(Body::from(vec![b'#'; n])),
+                                None => {
+                                    let chunks = [Ok::<_, std::io::Error>(vec![b'#'; 4096])];
+                                    let mut res = Response::new(Body::from_stream(
+                                        futures::stream::iter(chunks),
+                                    ));
+                                    res.headers_mut()
+                                        .insert(header::CONTENT_LENGTH, HeaderValue::from(4096));
+                                    res
+                                }
+                            };
                             *res.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
                             res.headers_mut()
                                 .insert(header::CONTENT_TYPE, HeaderValue::from_static(cty));
-                            if let Some((name, value)) = &extra {
+                            if let Some((name, value)) = extra {
                                 res.headers_mut()
                                     .insert(name.clone(), HeaderValue::from_static(value));
                             }
@@ -344,7 +371,7 @@ mod tests {
                             let [layered, plain] = both(&make, accept);
                             assert_eq!(
                                 plain, layered,
-                                "{cty} {size} {extra:?} {status} {accept:?}"
+                                "{cty} {size:?} {extra:?} {status} {accept:?}"
                             );
                             compared += 1;
                         }
@@ -352,7 +379,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(compared, 3 * 2 * 5 * 4 * 2);
+        assert_eq!(compared, 4 * 5 * 6 * 4 * 2);
     }
 
     /// Whether kilnd's compression layer gzips a playlist asked for with these `Accept-Encoding` values.
