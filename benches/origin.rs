@@ -210,7 +210,21 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
 
 /// nginx with one worker serving `root`, configured as Debian's default nginx.conf has it (sendfile, tcp_nopush)
 /// or, `tuned`, with `open_file_cache` as well (each answer then skips the open, stat and close of its file).
-fn start_nginx(root: &Path, dir: &Path, tuned: bool) -> Result<(Child, String)> {
+/// An nginx master process, stopped with SIGTERM (so that it takes its workers down with it) when dropped: also
+/// when a round fails and the bench returns early, which used to leave both nginx instances running.
+struct Nginx(Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_nginx(root: &Path, dir: &Path, tuned: bool) -> Result<(Nginx, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -251,6 +265,7 @@ fn start_nginx(root: &Path, dir: &Path, tuned: bool) -> Result<(Child, String)> 
         .stderr(Stdio::null())
         .spawn()
         .context("nginx not found (apt-get install nginx-light)")?;
+    let child = Nginx(child);
     // wait until it accepts
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -355,8 +370,8 @@ async fn run() -> Result<()> {
         anyhow::Ok((text, part_path, part))
     };
     let (mut text, _, mut part) = current().await?;
-    let (mut nginx, nginx_base) = start_nginx(&root, &dir, false)?;
-    let (mut tuned, tuned_base) = start_nginx(&root, &dir, true)?;
+    let (nginx, nginx_base) = start_nginx(&root, &dir, false)?;
+    let (tuned, tuned_base) = start_nginx(&root, &dir, true)?;
     let secs = std::env::var("KILN_BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -405,14 +420,7 @@ async fn run() -> Result<()> {
         against_tuned.push((kiln_rps, kiln_p99, tuned_rps, tuned_p99));
         gzipped.push((kiln_gz_rps, kiln_gz_p99, nginx_gz_rps, nginx_gz_p99));
     }
-    // SIGTERM (not SIGKILL) so the master takes its workers down with it
-    for nginx in [&mut nginx, &mut tuned] {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(nginx.id().to_string())
-            .status();
-        let _ = nginx.wait();
-    }
+    drop((nginx, tuned));
     let (client_cpu, server_cpu) = cpus();
     println!(
         "throughput (wrk -t1 -c64 {secs}s on CPU {client_cpu}, server on CPU {server_cpu}; playlist {} B + part {} B \
