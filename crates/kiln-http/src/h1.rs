@@ -34,7 +34,7 @@ pub trait Direct: Send + Sync + 'static {
     /// The answers' body.
     type Body: Body<Data = Bytes> + Send + 'static;
     /// An answer; it cannot fail (an error is an answer).
-    type Future: Future<Output = Result<Response<Self::Body>, Infallible>> + Send + 'static;
+    type Future: Future<Output = Result<Reply<Self::Body>, Infallible>> + Send + 'static;
     /// Whether this service answers anything directly; `false`: every connection goes to hyper at once.
     const ENABLED: bool = true;
     /// The answer to a GET of `uri` whose `headers` are those of [`DIRECT_HEADERS`] the request had, or `None`
@@ -48,12 +48,130 @@ pub struct NoDirect;
 
 impl Direct for NoDirect {
     type Body = axum::body::Body;
-    type Future = std::future::Ready<Result<Response<axum::body::Body>, Infallible>>;
+    type Future = std::future::Ready<Result<Reply<axum::body::Body>, Infallible>>;
     const ENABLED: bool = false;
 
     fn direct(&self, _: &Method, _: &Uri, _: &HeaderMap) -> Option<Self::Future> {
         None
     }
+}
+
+/// A direct answer: a response, or one whose head was prepared before the request came.
+#[derive(Debug)]
+pub enum Reply<B> {
+    Response(Response<B>),
+    Prepared(Prepared),
+}
+
+impl<B> From<Response<B>> for Reply<B> {
+    fn from(r: Response<B>) -> Self {
+        Reply::Response(r)
+    }
+}
+
+impl<B> From<Prepared> for Reply<B> {
+    fn from(p: Prepared) -> Self {
+        Reply::Prepared(p)
+    }
+}
+
+impl<B: From<Bytes>> Reply<B> {
+    /// The answer as a response (for a layer, or hyper).
+    pub fn into_response(self) -> Response<B> {
+        match self {
+            Reply::Response(r) => r,
+            Reply::Prepared(p) => p.into_response(),
+        }
+    }
+}
+
+/// Header line pieces a [`Prepared`] answer holds at most (besides its one shared piece).
+pub const PREPARED_PIECES: usize = 5;
+
+/// A `200 OK` whose header lines were made before the request came: static pieces (a content type, a lifetime,
+/// CORS) and at most one shared piece made once per resource (an `ETag`). Answering it builds, encodes and drops
+/// no header map and allocates nothing: it is written as the status line, its pieces, `Date` and
+/// `Content-Length` (the body's), then the body, in one `writev`. [`Prepared::into_response`] is the same answer
+/// for paths that need a response (hyper, the router, a layer).
+#[derive(Debug, Clone, Default)]
+pub struct Prepared {
+    /// Each empty or whole header lines (`name: value\r\n`, names in lowercase); the empty ones after the rest.
+    pieces: [&'static [u8]; PREPARED_PIECES],
+    shared: Bytes,
+    body: Bytes,
+}
+
+impl Prepared {
+    /// A `200 OK` with `body` and no header lines yet.
+    pub fn new(body: Bytes) -> Self {
+        Prepared {
+            body,
+            ..Prepared::default()
+        }
+    }
+
+    /// Adds `lines` (whole header lines) after those it has.
+    ///
+    /// # Panics
+    /// When it has [`PREPARED_PIECES`] pieces already (a programming error: the pieces are fixed by the code that
+    /// prepares an answer).
+    pub fn with(mut self, lines: &'static [u8]) -> Self {
+        debug_assert!(well_formed(lines), "{lines:?}");
+        let free = self.pieces.iter().position(|p| p.is_empty());
+        self.pieces[free.expect("room for the piece")] = lines;
+        self
+    }
+
+    /// Sets its shared piece: whole header lines made once for the resource (written after the static pieces).
+    pub fn with_shared(mut self, lines: Bytes) -> Self {
+        debug_assert!(well_formed(&lines), "{lines:?}");
+        self.shared = lines;
+        self
+    }
+
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Its header lines, in the order they are written (before `Date` and `Content-Length`).
+    fn lines(&self) -> impl Iterator<Item = &[u8]> {
+        let statics = self.pieces.iter().copied().take_while(|p| !p.is_empty());
+        statics.chain(std::iter::once(&self.shared[..]).filter(|s| !s.is_empty()))
+    }
+
+    /// The same answer as a response: its lines in the header map (`Date` and `Content-Length` are the
+    /// server's to add, as for any response).
+    pub fn into_response<B: From<Bytes>>(self) -> Response<B> {
+        let mut headers = HeaderMap::with_capacity(8);
+        for piece in self.lines() {
+            for line in piece.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let colon = line.iter().position(|b| *b == b':').expect("a header line");
+                let name = HeaderName::from_bytes(&line[..colon]).expect("a header name");
+                let value =
+                    HeaderValue::from_bytes(line[colon + 1..].trim_ascii()).expect("a value");
+                headers.append(name, value);
+            }
+        }
+        let mut r = Response::new(B::from(self.body));
+        *r.headers_mut() = headers;
+        r
+    }
+}
+
+/// Whether `lines` is whole header lines: each `name: value\r\n` with a token for a name.
+fn well_formed(lines: &[u8]) -> bool {
+    let Some(lines) = lines.strip_suffix(b"\r\n") else {
+        return false;
+    };
+    lines.split(|b| *b == b'\n').all(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        line.iter().position(|b| *b == b':').is_some_and(|colon| {
+            HeaderName::from_bytes(&line[..colon])
+                .is_ok_and(|n| n.as_str().as_bytes() == &line[..colon])
+                && HeaderValue::from_bytes(line[colon + 1..].trim_ascii()).is_ok()
+        })
+    })
 }
 
 /// The request headers a direct answer may read (the origin: conditional and range requests, and gzip); the
@@ -297,6 +415,73 @@ where
     Ok(close)
 }
 
+/// The status line of every [`Prepared`] answer.
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\n";
+
+/// Writes a prepared answer on `tcp`: the status line, its header lines, then `Date`, `Content-Length` and
+/// (when `close`) `Connection: close` from a buffer on the stack, then the body, with `writev` until all is
+/// written. Nothing is allocated. Returns `close`.
+pub(crate) async fn respond_prepared(
+    tcp: &mut TcpStream,
+    p: &Prepared,
+    close: bool,
+) -> std::io::Result<bool> {
+    let mut end = [0u8; 128];
+    let end_len = prepared_end(&mut end, p.body.len(), close);
+    let end = &end[..end_len];
+    let all = || {
+        std::iter::once(OK)
+            .chain(p.lines())
+            .chain([end, &p.body[..]])
+            .filter(|s| !s.is_empty())
+    };
+    let total: usize = all().map(<[u8]>::len).sum();
+    let mut done = 0;
+    while done < total {
+        // the slices are built in each poll, so they are not part of the connection's future
+        let written = std::future::poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); PREPARED_PIECES + 4];
+            let (mut skip, mut n) = (done, 0);
+            for s in all() {
+                if skip >= s.len() {
+                    skip -= s.len();
+                    continue;
+                }
+                slices[n] = IoSlice::new(&s[skip..]);
+                skip = 0;
+                n += 1;
+            }
+            std::pin::Pin::new(&mut *tcp).poll_write_vectored(cx, &slices[..n])
+        })
+        .await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        done += written;
+    }
+    Ok(close)
+}
+
+/// Writes the end of a prepared answer's head into `buf`: `Date`, `Content-Length: len`, `Connection: close`
+/// when `close`, and the blank line. Returns its length.
+fn prepared_end(buf: &mut [u8; 128], len: usize, close: bool) -> usize {
+    let mut at = 0;
+    let mut put = |bytes: &[u8]| {
+        buf[at..at + bytes.len()].copy_from_slice(bytes);
+        at += bytes.len();
+    };
+    put(b"date: ");
+    http_date(&mut put);
+    put(b"\r\ncontent-length: ");
+    put(itoa::Buffer::new().format(len).as_bytes());
+    put(b"\r\n");
+    if close {
+        put(b"connection: close\r\n");
+    }
+    put(b"\r\n");
+    at
+}
+
 /// Writes every byte of `head`, then of `bufs`, with `writev` (up to 16 buffers a call), then empties both.
 async fn write_all(
     tcp: &mut TcpStream,
@@ -532,6 +717,64 @@ mod tests {
         assert!(text.contains("content-length: 3145728\r\n"), "{text}");
         assert_eq!(got.len() - end, body.len());
         assert!(got[end..] == body[..], "the body arrived altered");
+    }
+
+    /// The same through `respond_prepared`: a 3 MiB prepared answer through a 4 KiB send buffer.
+    #[tokio::test]
+    async fn a_large_prepared_answer_is_written_whole_through_partial_writes() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(4096).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            let mut all = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut c, &mut all)
+                .await
+                .unwrap();
+            all
+        });
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let body: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let p = Prepared::new(Bytes::from(body.clone()))
+            .with(b"content-type: video/mp4\r\n")
+            .with_shared(Bytes::from_static(b"etag: \"x\"\r\n"));
+        assert!(respond_prepared(&mut tcp, &p, true).await.unwrap());
+        drop(tcp);
+        let got = client.await.unwrap();
+        let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let text = String::from_utf8_lossy(&got[..end]);
+        assert!(
+            text.starts_with("HTTP/1.1 200 OK\r\ncontent-type: video/mp4\r\netag: \"x\"\r\ndate: "),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(" GMT\r\ncontent-length: 3145728\r\nconnection: close\r\n\r\n"),
+            "{text}"
+        );
+        assert_eq!(got.len() - end, body.len());
+        assert!(got[end..] == body[..], "the body arrived altered");
+    }
+
+    #[test]
+    fn only_whole_header_lines_are_pieces() {
+        for ok in [
+            &b"a: b\r\n"[..],
+            b"etag: \"x\"\r\nvary: accept-encoding\r\n",
+        ] {
+            assert!(well_formed(ok), "{ok:?}");
+        }
+        for bad in [
+            &b""[..],
+            b"a: b",
+            b"a b\r\n",
+            b"A: b\r\n",
+            b"a: b\r\nc\r\n",
+            b"a: \x01\r\n",
+        ] {
+            assert!(!well_formed(bad), "{bad:?}");
+        }
     }
 
     #[test]

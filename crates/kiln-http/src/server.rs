@@ -428,14 +428,24 @@ where
             if buf.is_empty() {
                 buf = Vec::new();
             }
-            let answer = std::pin::pin!(answer);
-            let Some(res) = answer_unless_gone(answer, &tcp, buf.is_empty()).await else {
+            // the answer's future ends here: its place in the connection's future is free for the reply's
+            let reply = {
+                let answer = std::pin::pin!(answer);
+                answer_unless_gone(answer, &tcp, buf.is_empty()).await
+            };
+            let Some(reply) = reply else {
                 return Ok(());
             };
-            let stopping = *self.stopping.borrow();
-            let (parts, body) = res.into_parts();
-            let body = std::pin::pin!(body);
-            if h1::respond(&mut tcp, &parts, body, close || stopping).await? {
+            let close = close || *self.stopping.borrow();
+            let close = match reply {
+                h1::Reply::Prepared(p) => h1::respond_prepared(&mut tcp, &p, close).await?,
+                h1::Reply::Response(res) => {
+                    let (parts, body) = res.into_parts();
+                    let body = std::pin::pin!(body);
+                    h1::respond(&mut tcp, &parts, body, close).await?
+                }
+            };
+            if close {
                 return Ok(());
             }
         }
@@ -630,7 +640,7 @@ mod tests {
 
     type EchoFuture = Pin<
         Box<
-            dyn Future<Output = Result<Response<axum::body::Body>, std::convert::Infallible>>
+            dyn Future<Output = Result<h1::Reply<axum::body::Body>, std::convert::Infallible>>
                 + Send,
         >,
     >;
@@ -652,6 +662,14 @@ mod tests {
             let dropped = OnDrop(self.dropped.clone());
             Some(Box::pin(async move {
                 let body = match path.as_str() {
+                    "d/prepared" | "d/unprepared" => {
+                        let p = prepared_echo();
+                        return Ok(if path == "d/prepared" {
+                            p.into()
+                        } else {
+                            p.into_response::<axum::body::Body>().into()
+                        });
+                    }
                     "d/stream" => {
                         let rx = chunks.lock().unwrap().take().expect("one stream");
                         axum::body::Body::new(Chunks(rx))
@@ -664,7 +682,7 @@ mod tests {
                     }
                     _ => axum::body::Body::from(path),
                 };
-                Ok(Response::new(body))
+                Ok(Response::new(body).into())
             }))
         }
     }
@@ -695,6 +713,85 @@ mod tests {
             let _ = stopped.await;
         }));
         (addr, tx, echo, stop, server)
+    }
+
+    /// A prepared answer with every kind of piece: static lines (one of them two lines), a shared one.
+    fn prepared_echo() -> h1::Prepared {
+        h1::Prepared::new(axum::body::Bytes::from_static(b"the same body"))
+            .with(b"content-type: text/plain\r\n")
+            .with(b"cache-control: public, max-age=6\r\nvary: accept-encoding\r\n")
+            .with_shared(axum::body::Bytes::from_static(b"etag: \"e-1\"\r\n"))
+    }
+
+    /// The head of an answer as its status line and its sorted header lines, and its body.
+    fn head_lines(answer: &str) -> (Vec<&str>, &str) {
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        let mut lines: Vec<&str> = head.split("\r\n").collect();
+        lines[1..].sort_unstable();
+        (lines, body)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prepared_answer_is_written_as_its_response_would_be() {
+        use tokio::io::AsyncWriteExt;
+        let (addr, _, _, stop, server) = echo_server(Limits::default()).await;
+        let mut answers = Vec::new();
+        for path in ["/d/prepared", "/d/unprepared"] {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\nGET {path} HTTP/1.1\r\nconnection: close\r\n\r\n");
+            c.write_all(req.as_bytes()).await.unwrap();
+            answers.push(read_until(&mut c, "never: the server closes").await);
+        }
+        let [prepared, unprepared] = [&answers[0], &answers[1]];
+        // two answers each (the connection kept after the first, closed after the second)
+        let split = |all: &str| -> Vec<String> {
+            all.split("HTTP/1.1 ")
+                .skip(1)
+                .map(|a| format!("HTTP/1.1 {a}"))
+                .collect()
+        };
+        let (p, u) = (split(prepared), split(unprepared));
+        assert_eq!((p.len(), u.len()), (2, 2), "{prepared}\n{unprepared}");
+        for (p, u) in p.iter().zip(&u) {
+            let ((mut pl, pb), (mut ul, ub)) = (head_lines(p), head_lines(u));
+            // the dates may straddle a second
+            pl.retain(|l| !l.starts_with("date: "));
+            ul.retain(|l| !l.starts_with("date: "));
+            assert_eq!((pl, pb), (ul, ub), "{p}\n{u}");
+        }
+        assert!(
+            p[0].contains("etag: \"e-1\"\r\n") && p[0].contains("vary: accept-encoding\r\n"),
+            "{}",
+            p[0]
+        );
+        assert!(
+            p[0].contains("date: ") && !p[0].contains("connection: close"),
+            "{}",
+            p[0]
+        );
+        assert!(p[1].contains("connection: close\r\n"), "{}", p[1]);
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_prepared_answer_is_the_response_it_stands_for() {
+        let r: Response<axum::body::Body> = prepared_echo().into_response();
+        assert_eq!(r.status(), axum::http::StatusCode::OK);
+        let h: Vec<(String, &str)> = r
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            h,
+            [
+                ("content-type".to_string(), "text/plain"),
+                ("cache-control".to_string(), "public, max-age=6"),
+                ("vary".to_string(), "accept-encoding"),
+                ("etag".to_string(), "\"e-1\""),
+            ]
+        );
     }
 
     /// Reads from `c` until `want` has arrived (or the connection ends); returns everything read.

@@ -23,6 +23,9 @@ use utoipa_axum::routes;
 use crate::published::{Playlist, Published};
 use crate::store::{Origin, Rendition, RenditionKind, StreamOrigin};
 
+/// A playback answer: a response, or a `200` of a published resource made of prepared lines ([`lines`]).
+pub type Reply = kiln_http::h1::Reply<axum::body::Body>;
+
 /// Content type of playlists.
 pub const M3U8: &str = "application/vnd.apple.mpegurl";
 
@@ -120,7 +123,9 @@ async fn mpd(
 ) -> Response {
     let gzip = crate::encoding::wants_gzip(&headers);
     drop(headers);
-    mpd_answer(&origin, &stream, query.as_deref(), gzip).await
+    mpd_answer(&origin, &stream, query.as_deref(), gzip)
+        .await
+        .into_response()
 }
 
 fn mpd_answer(origin: &Origin, stream: &str, query: Option<&str>, gzip: bool) -> LiveAnswer {
@@ -171,7 +176,8 @@ where
                     StatusCode::SERVICE_UNAVAILABLE,
                     0,
                     "stream is starting: renditions not ready yet",
-                );
+                )
+                .into();
             }
             if let Some((doc, content_type, max_age)) = render(&s, &token) {
                 return document_reply(content_type, max_age, doc);
@@ -259,17 +265,37 @@ fn cache_control(max_age: u64) -> HeaderValue {
     build(max_age)
 }
 
-/// A response with its body, content type and lifetime (built directly: no default content type to replace).
-/// 200 with a playlist or MPD, gzipped as prepared when it is ([`crate::encoding`]): then with the headers the
-/// compression layer adds to what it compresses, since it leaves an answer with an encoding alone.
-fn document_reply(content_type: &'static str, max_age: u64, doc: Playlist) -> Response {
-    let mut resp = reply(StatusCode::OK, content_type, max_age, doc.body);
-    if doc.gzipped {
-        let h = resp.headers_mut();
-        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+/// A `200` with a playlist or MPD, gzipped as prepared when it is ([`crate::encoding`]), with the headers the
+/// compression layer would add (`Content-Encoding` and `Vary` on a gzipped one, `Vary` on one it could compress),
+/// so that it passes the layer as it is. Prepared lines where the lifetime has one ([`lines`]).
+fn document_reply(content_type: &'static str, max_age: u64, doc: Playlist) -> Reply {
+    let vary: &'static [u8] = if doc.gzipped {
+        lines::GZIPPED
+    } else if doc.body.len() >= crate::encoding::MIN_COMPRESSED {
+        lines::VARY
+    } else {
+        b""
+    };
+    let (Some(ct), Some(cc)) = (
+        lines::content_type(content_type),
+        lines::cache_control(max_age),
+    ) else {
+        let mut r = reply(StatusCode::OK, content_type, max_age, doc.body);
+        if !vary.is_empty() {
+            let h = r.headers_mut();
+            if doc.gzipped {
+                h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            }
+            h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+        }
+        return r.into();
+    };
+    let p = kiln_http::h1::Prepared::new(doc.body).with(ct).with(cc);
+    if vary.is_empty() {
+        p.into()
+    } else {
+        p.with(vary).into()
     }
-    resp
 }
 
 fn reply(status: StatusCode, content_type: &'static str, max_age: u64, body: Bytes) -> Response {
@@ -398,7 +424,9 @@ async fn master(
 ) -> Response {
     let gzip = crate::encoding::wants_gzip(&headers);
     drop(headers);
-    master_answer(&origin, &stream, query.as_deref(), gzip).await
+    master_answer(&origin, &stream, query.as_deref(), gzip)
+        .await
+        .into_response()
 }
 
 fn master_answer(origin: &Origin, stream: &str, query: Option<&str>, gzip: bool) -> LiveAnswer {
@@ -450,6 +478,7 @@ async fn media(
         conditions,
     )
     .await
+    .into_response()
 }
 
 /// What [`media`] answers, for `(stream, rendition, file)`.
@@ -489,13 +518,13 @@ fn media_answer(
         Resource::Segment(msn) => {
             return LiveAnswer::now(match r.segment(msn) {
                 Some(b) => {
-                    let etag = etag_of(&s, file);
-                    media_reply(&conditions, media_type(&r), &etag, SEGMENT_MAX_AGE, b)
+                    let tag = r.tag(res);
+                    media_reply(&conditions, media_type(&r), tag, SEGMENT_MAX_AGE, b)
                 }
                 None if segment_in_progress(&r.snapshot(), msn) => {
-                    stream_segment(origin, r, msn, td)
+                    stream_segment(origin, r, msn, td).into()
                 }
-                None => error(StatusCode::NOT_FOUND, td, "no such segment"),
+                None => error(StatusCode::NOT_FOUND, td, "no such segment").into(),
             })
         }
         Resource::Init(gen) => Awaited::Init(gen),
@@ -506,14 +535,8 @@ fn media_answer(
         awaited,
         td,
         conditions,
-        etag: etag_of(&s, file),
     };
     media.answer(origin)
-}
-
-/// The `ETag` of media resource `file` of stream `s`.
-fn etag_of(s: &StreamOrigin, file: &str) -> HeaderValue {
-    HeaderValue::from_maybe_shared(s.etag(file)).expect("a resource name is ascii")
 }
 
 /// What of the request decides a media answer: the two headers that decide its status, and whether the
@@ -543,16 +566,43 @@ impl Conditions {
     }
 }
 
-/// 200/206/304/416 for a complete media resource.
+/// 200/206/304/416 for a complete media resource whose `ETag` line is `tag` ([`Rendition::tag`]): a `200` (no
+/// `If-None-Match`, no `Range`) is prepared lines ([`lines`]) where its lifetime has one.
 fn media_reply(
     conditions: &Conditions,
     content_type: &'static str,
-    etag: &HeaderValue,
+    tag: Bytes,
+    max_age: u64,
+    body: Bytes,
+) -> Reply {
+    if conditions.if_none_match.is_none() && conditions.range.is_none() {
+        if let (Some(ct), Some(cc)) = (
+            lines::content_type(content_type),
+            lines::cache_control(max_age),
+        ) {
+            return kiln_http::h1::Prepared::new(body)
+                .with(ct)
+                .with(cc)
+                .with(lines::ACCEPT_RANGES)
+                .with_shared(tag)
+                .into();
+        }
+    }
+    media_response(conditions, content_type, &tag, max_age, body).into()
+}
+
+/// [`media_reply`] as a response.
+fn media_response(
+    conditions: &Conditions,
+    content_type: &'static str,
+    tag: &Bytes,
     max_age: u64,
     body: Bytes,
 ) -> Response {
-    let etag_value = etag.clone();
-    let etag = etag.to_str().expect("built from ascii");
+    // the value of `etag: "…"\r\n`
+    let etag_value = HeaderValue::from_maybe_shared(tag.slice("etag: ".len()..tag.len() - 2))
+        .expect("a resource name is ascii");
+    let etag = etag_value.to_str().expect("built from ascii");
     let matches = conditions
         .if_none_match
         .as_ref()
@@ -596,7 +646,7 @@ fn media_reply(
     };
     let status = resp.status();
     let h = resp.headers_mut();
-    h.insert(header::ETAG, etag_value);
+    h.insert(header::ETAG, etag_value.clone());
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     // the resource's lifetime for the resource (200, 206, 304); a 416 keeps its error's ("no-cache")
     if status != StatusCode::RANGE_NOT_SATISFIABLE {
@@ -666,7 +716,7 @@ fn playlist(
             let td = u64::from(s.target_duration_s());
             match park.next().await {
                 Woken::Published => {}
-                Woken::Closed => return error(StatusCode::NOT_FOUND, td, "stream ended"),
+                Woken::Closed => return error(StatusCode::NOT_FOUND, td, "stream ended").into(),
                 // cacheable for a second: a CDN's collapsed waiters share it instead of queueing one by one
                 // behind an uncacheable answer
                 Woken::TimedOut => {
@@ -675,6 +725,7 @@ fn playlist(
                         1,
                         "the requested part did not appear within 3 target durations",
                     )
+                    .into()
                 }
             }
             let snap = park.current();
@@ -702,7 +753,7 @@ fn playlist_step(
     (q, token, gzip): (PlaylistQuery, &Option<String>, bool),
     snap: &Arc<Published>,
     ready: impl FnOnce(),
-) -> Option<Response> {
+) -> Option<Reply> {
     let td = u64::from(s.target_duration_s());
     let blocking = q.block.is_blocking();
     // Until the first segment is complete a playlist holds parts only, which players that read whole segments
@@ -723,7 +774,7 @@ fn playlist_step(
             let doc = snap.playlist(q.skip, token.as_deref(), gzip);
             Some(document_reply(M3U8, max_age, doc))
         }
-        Decision::Reject(msg) => Some(error(StatusCode::BAD_REQUEST, 4 * td, msg)),
+        Decision::Reject(msg) => Some(error(StatusCode::BAD_REQUEST, 4 * td, msg).into()),
         Decision::Wait => None,
     }
 }
@@ -743,6 +794,13 @@ enum Awaited {
 }
 
 impl Awaited {
+    fn resource(self) -> Resource {
+        match self {
+            Awaited::Init(gen) => Resource::Init(gen),
+            Awaited::Part(pos) => Resource::Part(pos),
+        }
+    }
+
     /// `Some(Ok)`: it is there; `Some(Err)`: it never will be; `None`: it is coming (the hinted part, an earlier
     /// unpublished one, or the first init segment while the stream starts): hold the request.
     fn state(self, r: &Rendition, snap: &Snapshot) -> Option<Result<Bytes, ()>> {
@@ -768,7 +826,6 @@ struct MediaWait {
     awaited: Awaited,
     td: u64,
     conditions: Conditions,
-    etag: HeaderValue,
 }
 
 impl MediaWait {
@@ -790,13 +847,16 @@ impl MediaWait {
             loop {
                 match park.next().await {
                     Woken::Published => {}
-                    Woken::Closed => return error(StatusCode::NOT_FOUND, self.td, "stream ended"),
+                    Woken::Closed => {
+                        return error(StatusCode::NOT_FOUND, self.td, "stream ended").into()
+                    }
                     Woken::TimedOut => {
                         return error(
                             StatusCode::SERVICE_UNAVAILABLE,
                             1,
                             "the resource did not appear within 3 target durations",
                         )
+                        .into()
                     }
                 }
                 let snap = park.current();
@@ -812,21 +872,22 @@ impl MediaWait {
         })
     }
 
-    fn reply(&self, state: Result<Bytes, ()>) -> Response {
+    fn reply(&self, state: Result<Bytes, ()>) -> Reply {
         match state {
             Ok(body) => media_reply(
                 &self.conditions,
                 media_type(&self.r),
-                &self.etag,
+                self.r.tag(self.awaited.resource()),
                 6 * self.td,
                 body,
             ),
-            Err(()) => error(StatusCode::NOT_FOUND, self.td, "no such resource"),
+            Err(()) => error(StatusCode::NOT_FOUND, self.td, "no such resource").into(),
         }
     }
 }
 
 mod direct;
+mod lines;
 mod park;
 pub use direct::LiveGet;
 pub use park::LiveAnswer;

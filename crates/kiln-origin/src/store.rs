@@ -8,7 +8,7 @@ use parking_lot::{Mutex, RwLock};
 
 use bytes::Bytes;
 use kiln_llhls::multivariant::{self, AudioMedia, VideoVariant};
-use kiln_llhls::packager::{PartPos, RenditionReport};
+use kiln_llhls::packager::{self as pk, PartPos, RenditionReport, Resource};
 use kiln_llhls::{PackError, Packager, PackagerConfig, PartIn, Snapshot};
 
 use crate::published::{Prepared, Published};
@@ -46,7 +46,16 @@ pub struct Rendition {
     /// When each of the last parts was published (ns on [`clock_ns`]'s clock): a parked request measures its
     /// fan-out from the publish of the part it waited for, not from a later one.
     published: Mutex<std::collections::VecDeque<(PartPos, u64)>>,
+    /// `"<stream instance, hex>-`: the start of its media's `ETag`s (see [`Rendition::tag`]).
+    etag_prefix: Arc<str>,
+    /// The `ETag` header lines of its newest parts and segments ([`TAGS`]), each made once, when it was
+    /// published: a media answer shares one instead of making its own.
+    tags: Mutex<std::collections::VecDeque<(Resource, Bytes)>>,
 }
+
+/// `ETag` lines kept per rendition: the parts and segments of the last ~20 s at three parts a second, more than
+/// players and caches ask for (an older resource's line is made when asked).
+const TAGS: usize = 64;
 
 impl Rendition {
     /// The current published snapshot.
@@ -138,6 +147,7 @@ impl Rendition {
 
     /// Publishes the packager's current state. Called with no lock held by callers.
     fn publish(&self, snap: Snapshot) {
+        self.keep_tags(&snap);
         if let Some(last) = snap.last {
             let mut p = self.published.lock();
             if p.back().is_none_or(|(pos, _)| *pos != last) {
@@ -148,6 +158,51 @@ impl Rendition {
             }
         }
         self.snapshot.send_replace(Arc::new(Published::from(snap)));
+    }
+
+    /// The `ETag` header line (`etag: "…"\r\n`) of media resource `res`: the stream instance (its wall-clock
+    /// start) and the resource's name, whose bytes never change once published. Shared from those kept since
+    /// its publish, or made now.
+    pub fn tag(&self, res: Resource) -> Bytes {
+        let kept = self
+            .tags
+            .lock()
+            .iter()
+            .rev()
+            .find(|(r, _)| *r == res)
+            .map(|(_, t)| t.clone());
+        kept.unwrap_or_else(|| self.make_tag(res))
+    }
+
+    fn make_tag(&self, res: Resource) -> Bytes {
+        let name = match res {
+            Resource::Init(gen) => pk::init_uri(gen),
+            Resource::Segment(msn) => pk::segment_uri(msn),
+            Resource::Part(p) => pk::part_uri(p.msn, p.part),
+        };
+        let line = Bytes::from(format!("etag: {}{name}\"\r\n", self.etag_prefix));
+        // shared now (a `Bytes` from a `Vec` becomes shareable at its first clone, with an allocation)
+        drop(line.clone());
+        line
+    }
+
+    /// Keeps the `ETag` lines of what `snap` published first (its newest part, its newest complete segment).
+    fn keep_tags(&self, snap: &Snapshot) {
+        let new = [
+            snap.last.map(Resource::Part),
+            snap.closed.last().map(|(msn, _)| Resource::Segment(*msn)),
+        ];
+        for res in new.into_iter().flatten() {
+            if self.tags.lock().iter().rev().any(|(r, _)| *r == res) {
+                continue;
+            }
+            let line = self.make_tag(res);
+            let mut tags = self.tags.lock();
+            if tags.len() == TAGS {
+                tags.pop_front();
+            }
+            tags.push_back((res, line));
+        }
     }
 
     /// Seconds since part `pos` was published (`None`: not among the last [`PUBLISH_STAMPS`] published).
@@ -173,8 +228,6 @@ pub struct StreamOrigin {
     /// the source's GOP), and whether it has; until then no media playlist is served.
     learn_from: Option<usize>,
     target_known: AtomicBool,
-    /// `"<stream instance, hex>-`: the start of every media ETag (see [`Self::etag`]), formatted once.
-    etag_prefix: String,
     /// The multivariant playlist prepared for the value of `changed` it was rendered at.
     master: Mutex<Option<(u64, Arc<Prepared>)>>,
     /// The MPD prepared for a version of `changed` ([`Self::mpd_prepared`]).
@@ -205,16 +258,6 @@ impl StreamOrigin {
 
     pub fn new(id: &str, renditions: Vec<RenditionInfo>, config: PackagerConfig) -> Arc<Self> {
         Arc::new(Self::build(id, renditions, config))
-    }
-
-    /// The strong validator of media resource `file`: the stream instance (its wall-clock start) and the name,
-    /// whose bytes never change once published. Built without formatting: it is on every media answer's path.
-    pub fn etag(&self, file: &str) -> Bytes {
-        let mut v = Vec::with_capacity(self.etag_prefix.len() + file.len() + 1);
-        v.extend_from_slice(self.etag_prefix.as_bytes());
-        v.extend_from_slice(file.as_bytes());
-        v.push(b'"');
-        Bytes::from(v)
     }
 
     /// EXT-X-TARGETDURATION now (fixed once [`Self::target_known`]).
@@ -271,6 +314,7 @@ impl StreamOrigin {
     }
 
     fn build(id: &str, renditions: Vec<RenditionInfo>, config: PackagerConfig) -> Self {
+        let etag_prefix: Arc<str> = format!("\"{:x}-", config.wallclock_origin_unix_ms).into();
         let renditions = renditions
             .into_iter()
             .map(|info| {
@@ -285,10 +329,11 @@ impl StreamOrigin {
                     snapshot: watch::channel(Arc::new(Published::from(snap))).0,
                     served: Mutex::new((None, 0)),
                     published: Mutex::new(Default::default()),
+                    etag_prefix: etag_prefix.clone(),
+                    tags: Mutex::new(Default::default()),
                 })
             })
             .collect();
-        let etag_prefix = format!("\"{:x}-", config.wallclock_origin_unix_ms);
         Self {
             id: id.to_string(),
             renditions,
@@ -297,7 +342,6 @@ impl StreamOrigin {
             config,
             learn_from: None,
             target_known: AtomicBool::new(true),
-            etag_prefix,
             master: Mutex::new(None),
             mpd: Mutex::new(None),
         }

@@ -20,6 +20,7 @@ use axum::response::Response;
 use axum::routing::future::RouteFuture;
 use axum::Router;
 use hyper::body::Incoming;
+use kiln_http::h1::Reply;
 use kiln_origin::{LiveAnswer, LiveGet, Origin};
 use tower::Service as _;
 use tower_http::compression::{Compression, ResponseFuture};
@@ -78,17 +79,22 @@ impl tower::Service<Request<LiveGet>> for Direct {
     }
 }
 
-/// The origin's answer as a service's future: it cannot fail. Computed in [`Direct::call`] unless the request has
-/// to wait; only then is there a (boxed) future to poll.
+/// The origin's answer as a service's future, and as a response (what the compression layer takes): it cannot
+/// fail. Computed in [`Direct::call`] unless the request has to wait; only then is there a (boxed) future to poll.
 struct Infallibly(LiveAnswer);
 
 impl Future for Infallibly {
     type Output = Result<Response, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx).map(Ok)
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|reply| Ok(reply.into_response()))
     }
 }
+
+/// The headers the playback CORS layer gives every answer (see [`counted`]), as the lines of a prepared one.
+const CORS_LINES: &[u8] = b"access-control-allow-origin: *\r\naccess-control-expose-headers: *\r\n";
 
 pin_project_lite::pin_project! {
     /// [`Front`]'s answer: the router's, or the origin's through the compression layer or as the layer would give
@@ -109,7 +115,7 @@ pin_project_lite::pin_project! {
         // a request whose encoding needs no negotiation: none asked for, or gzip (see `as_the_layer_would`)
         Plain {
             #[pin]
-            inner: Infallibly,
+            inner: LiveAnswer,
             gzip: bool,
             kind: usize,
             start: Instant,
@@ -183,11 +189,11 @@ fn counted(mut res: Response, kind: usize, start: &Instant, metrics: &Metrics) -
 }
 
 impl Future for Answer {
-    type Output = Result<Response, Infallible>;
+    type Output = Result<Reply<Body>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            AnswerProj::Routed { inner } => inner.as_mut().poll(cx),
+            AnswerProj::Routed { inner } => inner.as_mut().poll(cx).map_ok(Reply::Response),
             AnswerProj::Direct {
                 inner,
                 kind,
@@ -195,7 +201,8 @@ impl Future for Answer {
                 metrics,
             } => {
                 let Ok(res) = ready!(inner.poll(cx));
-                Poll::Ready(Ok(counted(res.map(Body::new), *kind, start, metrics)))
+                let res = counted(res.map(Body::new), *kind, start, metrics);
+                Poll::Ready(Ok(Reply::Response(res)))
             }
             AnswerProj::Plain {
                 inner,
@@ -203,29 +210,59 @@ impl Future for Answer {
                 kind,
                 start,
                 metrics,
-            } => {
-                let Ok(res) = ready!(inner.poll(cx));
-                let res = as_the_layer_would(res, *gzip);
-                Poll::Ready(Ok(counted(res, *kind, start, metrics)))
-            }
+            } => Poll::Ready(Ok(match ready!(inner.poll(cx)) {
+                // the origin prepares an answer as it passes the compression layer (its encoding and `Vary` as
+                // the layer gives them; `tests::prepared_answers_pass_the_layer_as_they_are`): only CORS and the
+                // metrics are left to add
+                Reply::Prepared(p) => {
+                    let p = p.with(CORS_LINES);
+                    let bytes = Some(p.body().len() as u64);
+                    let status = axum::http::StatusCode::OK;
+                    metrics.http.observe(*kind, status, bytes, start.elapsed());
+                    Reply::Prepared(p)
+                }
+                Reply::Response(res) => {
+                    let res = as_the_layer_would(res, *gzip);
+                    Reply::Response(counted(res, *kind, start, metrics))
+                }
+            })),
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Answer`] as hyper takes it: a response.
+    pub struct ForHyper {
+        #[pin]
+        inner: Answer,
+    }
+}
+
+impl Future for ForHyper {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx).map_ok(Reply::into_response)
     }
 }
 
 impl hyper::service::Service<Request<Incoming>> for Front {
     type Response = Response;
     type Error = Infallible;
-    type Future = Answer;
+    type Future = ForHyper;
 
-    fn call(&self, req: Request<Incoming>) -> Answer {
+    fn call(&self, req: Request<Incoming>) -> ForHyper {
         let Some(live) = LiveGet::of(req.method(), req.uri(), req.headers()) else {
             let mut router = self.0.router.clone();
-            return Answer::Routed {
+            let inner = Answer::Routed {
                 inner: Box::pin(router.call(req.map(Body::new))),
             };
+            return ForHyper { inner };
         };
         let (parts, _) = req.into_parts();
-        self.answer(live, &parts.headers)
+        ForHyper {
+            inner: self.answer(live, &parts.headers),
+        }
     }
 }
 
@@ -255,7 +292,7 @@ impl Front {
             // identity or gzip: no negotiation left for the layer (see `as_the_layer_would`)
             let gzip = asks;
             return Answer::Plain {
-                inner: Infallibly(live.answer(&self.0.direct.get_ref().0)),
+                inner: live.answer(&self.0.direct.get_ref().0),
                 gzip,
                 kind,
                 start,
@@ -380,6 +417,124 @@ mod tests {
             }
         }
         assert_eq!(compared, 4 * 5 * 6 * 4 * 2);
+    }
+
+    /// A published stream (a video and an audio rendition, two segments of six parts) and its origin.
+    fn published_origin() -> Origin {
+        use kiln_origin::store::{RenditionInfo, RenditionKind, StreamOrigin};
+        let video = RenditionKind::Video {
+            width: 64,
+            height: 64,
+            fps: 30.0,
+        };
+        let renditions =
+            [("v", video), ("a", RenditionKind::Audio { channels: 2 })].map(|(name, kind)| {
+                RenditionInfo {
+                    name: name.into(),
+                    kind,
+                    bitrate: 100_000,
+                }
+            });
+        let s = StreamOrigin::new(
+            "s",
+            renditions.to_vec(),
+            kiln_llhls::PackagerConfig {
+                segment_ns: 2_000_000_000,
+                target_duration_s: 2,
+                part_target_ms: 334,
+                window_segments: 4,
+                retain_segments: 2,
+                wallclock_origin_unix_ms: 0,
+                can_skip_until_s: Some(12),
+                first_msn: 0,
+            },
+        );
+        for r in 0..2 {
+            s.on_init(
+                r,
+                bytes::Bytes::from_static(b"init"),
+                Some("avc1.64001f".into()),
+            );
+            for i in 0..13u64 {
+                let part = kiln_llhls::PartIn {
+                    starts_segment: i % 6 == 0,
+                    independent: i % 6 == 0,
+                    start_ns: i * 333_333_333,
+                    duration_ns: 333_333_333,
+                    bytes: bytes::Bytes::from(vec![b'p'; 300 + i as usize]),
+                    discontinuity: false,
+                };
+                s.on_part(r, part).unwrap();
+            }
+        }
+        let o = Origin::new();
+        o.insert(s);
+        o
+    }
+
+    /// Every prepared answer the origin gives passes the compression layer as it is (the direct path adds only
+    /// CORS to it): parts, segments, init segments, playlists (plain, blocking, delta, small and large,
+    /// gzipped) and the multivariant playlist, asked with no `Accept-Encoding` and with gzip. (The MPD, made
+    /// from real media only, is compared by `tests/live_skeleton.rs` on a real stream.)
+    #[tokio::test]
+    async fn prepared_answers_pass_the_layer_as_they_are() {
+        let o = published_origin();
+        let paths = [
+            "/live/s/v/part-1-0.m4s",
+            "/live/s/a/part-0-3.m4s",
+            "/live/s/v/seg-0.m4s",
+            "/live/s/a/init.mp4",
+            "/live/s/v/index.m3u8",
+            "/live/s/v/index.m3u8?_HLS_msn=2&_HLS_part=0",
+            "/live/s/a/index.m3u8?_HLS_msn=1&_HLS_part=0&_HLS_skip=YES",
+            "/live/s/master.m3u8",
+        ];
+        let mut prepared = 0;
+        for path in paths {
+            for gzip in [false, true] {
+                let mut h = HeaderMap::new();
+                if gzip {
+                    h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+                }
+                let live = LiveGet::of(&Method::GET, &path.parse().unwrap(), &h).unwrap();
+                let mut answer = live.answer(&o);
+                let waker = futures::task::noop_waker();
+                let Poll::Ready(reply) =
+                    Pin::new(&mut answer).poll(&mut Context::from_waker(&waker))
+                else {
+                    panic!("{path}: waits");
+                };
+                let Reply::Prepared(p) = reply else {
+                    panic!("{path} (gzip {gzip}): not prepared");
+                };
+                let show = |r: &Response| {
+                    let mut h: Vec<_> = r
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| format!("{k}: {v:?}"))
+                        .collect();
+                    h.sort();
+                    (r.status(), h, r.body().size_hint().exact())
+                };
+                let as_is: Response = p.clone().into_response();
+                let layered = as_the_layer_would(p.clone().into_response(), gzip);
+                assert_eq!(show(&as_is), show(&layered), "{path} (gzip {gzip})");
+                // and the CORS lines are what the CORS layer's headers say
+                let sent: Response = p.with(CORS_LINES).into_response();
+                let mut with_cors = as_is;
+                for (k, v) in [
+                    (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+                    (header::ACCESS_CONTROL_EXPOSE_HEADERS, "*"),
+                ] {
+                    with_cors
+                        .headers_mut()
+                        .insert(k, HeaderValue::from_static(v));
+                }
+                assert_eq!(show(&sent), show(&with_cors), "{path}");
+                prepared += 1;
+            }
+        }
+        assert_eq!(prepared, 2 * paths.len());
     }
 
     /// Whether kilnd's compression layer gzips a playlist asked for with these `Accept-Encoding` values.

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::response::Response;
+use super::Reply;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -24,9 +24,9 @@ pub struct LiveAnswer(Answer);
 
 enum Answer {
     /// Computed when the request came (`None` once taken).
-    Now(Option<Response>),
+    Now(Option<Reply>),
     /// Computed when a publish (or the wait's deadline) comes.
-    Later(Pin<Box<dyn Future<Output = Response> + Send>>),
+    Later(Pin<Box<dyn Future<Output = Reply> + Send>>),
 }
 
 impl std::fmt::Debug for LiveAnswer {
@@ -39,11 +39,11 @@ impl std::fmt::Debug for LiveAnswer {
 }
 
 impl LiveAnswer {
-    pub(super) fn now(r: Response) -> Self {
-        LiveAnswer(Answer::Now(Some(r)))
+    pub(super) fn now(r: impl Into<Reply>) -> Self {
+        LiveAnswer(Answer::Now(Some(r.into())))
     }
 
-    pub(super) fn later(f: impl Future<Output = Response> + Send + 'static) -> Self {
+    pub(super) fn later(f: impl Future<Output = Reply> + Send + 'static) -> Self {
         LiveAnswer(Answer::Later(Box::pin(f)))
     }
 
@@ -58,9 +58,9 @@ impl LiveAnswer {
 }
 
 impl Future for LiveAnswer {
-    type Output = Response;
+    type Output = Reply;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reply> {
         match &mut self.get_mut().0 {
             Answer::Now(r) => {
                 Poll::Ready(r.take().expect("a LiveAnswer polled after it was ready"))
