@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 /// A service's answers to requests it takes from their head alone, without hyper.
 pub trait Direct: Send + Sync + 'static {
     /// The answers' body.
-    type Body: Body<Data = Bytes> + Send + 'static;
+    type Body: Body<Data = Bytes> + Send + Unpin + 'static;
     /// An answer; it cannot fail (an error is an answer).
     type Future: Future<Output = Result<Reply<Self::Body>, Infallible>> + Send + 'static;
     /// Whether this service answers anything directly; `false`: every connection goes to hyper at once.
@@ -86,7 +86,7 @@ impl<B: From<Bytes>> Reply<B> {
 }
 
 /// Header line pieces a [`Prepared`] answer holds at most (besides its one shared piece).
-pub const PREPARED_PIECES: usize = 5;
+pub const PREPARED_PIECES: usize = 4;
 
 /// A `200 OK` whose header lines were made before the request came: static pieces (a content type, a lifetime,
 /// CORS) and at most one shared piece made once per resource (an `ETag`). Answering it builds, encodes and drops
@@ -274,24 +274,19 @@ pub(crate) fn scan(buf: &[u8]) -> Scan {
 /// (`Content-Length: len`, or chunked when `len` is `None`) unless the status has no body, and `Connection:
 /// close` when `close`.
 pub(crate) fn encode_head(
-    parts: &axum::http::response::Parts,
+    status: StatusCode,
+    headers: &HeaderMap,
     len: Option<u64>,
     close: bool,
 ) -> Vec<u8> {
-    let mut h = Vec::with_capacity(64 + parts.headers.len() * 48);
+    let mut h = Vec::with_capacity(64 + headers.len() * 48);
     h.extend_from_slice(b"HTTP/1.1 ");
-    h.extend_from_slice(parts.status.as_str().as_bytes());
+    h.extend_from_slice(status.as_str().as_bytes());
     h.push(b' ');
-    h.extend_from_slice(
-        parts
-            .status
-            .canonical_reason()
-            .unwrap_or("<none>")
-            .as_bytes(),
-    );
+    h.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
     h.extend_from_slice(b"\r\n");
     let mut date = false;
-    for (name, value) in &parts.headers {
+    for (name, value) in headers {
         // the framing is this function's to write
         if name == header::CONTENT_LENGTH
             || name == header::TRANSFER_ENCODING
@@ -310,7 +305,7 @@ pub(crate) fn encode_head(
         http_date(|d| h.extend_from_slice(d));
         h.extend_from_slice(b"\r\n");
     }
-    if has_body(parts.status) {
+    if has_body(status) {
         match len {
             Some(n) => {
                 h.extend_from_slice(b"content-length: ");
@@ -358,32 +353,56 @@ fn has_body(status: StatusCode) -> bool {
         || status == StatusCode::NOT_MODIFIED)
 }
 
-/// Writes an answer (`parts`, `body`) on `tcp`: its head and, as the body yields them, its bytes, each batch in
-/// one `writev`. Returns whether the connection must close after it (`close`, or the answer said so). Takes the
-/// answer by reference: the caller's future holds it once (an async fn's arguments keep their own slot).
-pub(crate) async fn respond<B>(
+/// Writes `reply` on `tcp` ([`write_prepared_now`], or [`respond`]). Returns whether the connection must close
+/// after it. Takes the reply by reference: the caller's future holds it across this one wait only, where its
+/// place is shared with the answer's (an async fn's arguments keep their own slot).
+pub(crate) async fn write_reply<B>(
     tcp: &mut TcpStream,
-    parts: &axum::http::response::Parts,
-    mut body: std::pin::Pin<&mut B>,
+    reply: &mut Reply<B>,
     close: bool,
 ) -> std::io::Result<bool>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match reply {
+        Reply::Prepared(p) => {
+            let mut rest = write_prepared_now(tcp, p, close)?;
+            if !rest.is_empty() {
+                write_all(tcp, &mut Vec::new(), &mut rest).await?;
+            }
+            Ok(close)
+        }
+        Reply::Response(res) => respond(tcp, res, close).await,
+    }
+}
+
+/// Writes a response on `tcp`: its head and, as the body yields them, its bytes, each batch in one `writev`.
+/// Returns whether the connection must close after it (`close`, or the answer said so).
+pub(crate) async fn respond<B>(
+    tcp: &mut TcpStream,
+    res: &mut Response<B>,
+    close: bool,
+) -> std::io::Result<bool>
+where
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let close = close
-        || parts
-            .headers
+        || res
+            .headers()
             .get(header::CONNECTION)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-    let len = body.size_hint().exact();
+    let status = res.status();
+    let len = res.body().size_hint().exact();
     // the head is written from its own buffer (as `Bytes` it would take a second allocation to share it)
-    let mut head = encode_head(parts, len, close);
+    let mut head = encode_head(status, res.headers(), len, close);
     let mut out = Vec::new();
-    if !has_body(parts.status) {
+    if !has_body(status) {
         write_all(tcp, &mut head, &mut out).await?;
         return Ok(close);
     }
+    let mut body = std::pin::Pin::new(res.body_mut());
     let chunked = len.is_none();
     while !body.is_end_stream() {
         let Some(frame) = body.as_mut().frame().await else {
@@ -418,15 +437,17 @@ where
 /// The status line of every [`Prepared`] answer.
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\n";
 
-/// Writes a prepared answer on `tcp`: the status line, its header lines, then `Date`, `Content-Length` and
-/// (when `close`) `Connection: close` from a buffer on the stack, then the body, with `writev` until all is
-/// written. Nothing is allocated. Returns `close`.
-pub(crate) async fn respond_prepared(
-    tcp: &mut TcpStream,
+/// Writes what it can of a prepared answer on `tcp` now, without waiting: the status line, its header lines, then
+/// `Date`, `Content-Length` and (when `close`) `Connection: close` from a buffer on the stack, then the body, in
+/// one `writev` (a few if the socket takes only part). Returns what is left to write (nothing, allocated, for an
+/// answer the socket took whole: the usual case), to write with `writev` as the socket takes it. Not async: nothing of it is part of the
+/// connection's future.
+pub(crate) fn write_prepared_now(
+    tcp: &TcpStream,
     p: &Prepared,
     close: bool,
-) -> std::io::Result<bool> {
-    let mut end = [0u8; 128];
+) -> std::io::Result<Vec<Bytes>> {
+    let mut end = [0u8; 96];
     let end_len = prepared_end(&mut end, p.body.len(), close);
     let end = &end[..end_len];
     let all = || {
@@ -438,33 +459,48 @@ pub(crate) async fn respond_prepared(
     let total: usize = all().map(<[u8]>::len).sum();
     let mut done = 0;
     while done < total {
-        // the slices are built in each poll, so they are not part of the connection's future
-        let written = std::future::poll_fn(|cx| {
-            let mut slices = [IoSlice::new(&[]); PREPARED_PIECES + 4];
-            let (mut skip, mut n) = (done, 0);
-            for s in all() {
-                if skip >= s.len() {
-                    skip -= s.len();
-                    continue;
-                }
-                slices[n] = IoSlice::new(&s[skip..]);
-                skip = 0;
-                n += 1;
+        let mut slices = [IoSlice::new(&[]); PREPARED_PIECES + 4];
+        let (mut skip, mut n) = (done, 0);
+        for s in all() {
+            if skip >= s.len() {
+                skip -= s.len();
+                continue;
             }
-            std::pin::Pin::new(&mut *tcp).poll_write_vectored(cx, &slices[..n])
-        })
-        .await?;
-        if written == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
+            slices[n] = IoSlice::new(&s[skip..]);
+            skip = 0;
+            n += 1;
         }
-        done += written;
+        match tcp.try_write_vectored(&slices[..n]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(written) => done += written,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
     }
-    Ok(close)
+    // the rest, as buffers that outlive this call: the static lines and the body shared, the rest copied
+    let mut rest = Vec::new();
+    let mut skip = done;
+    let pieces = std::iter::once(Bytes::from_static(OK))
+        .chain(p.pieces.iter().map(|l| Bytes::from_static(l)))
+        .chain([
+            p.shared.clone(),
+            Bytes::copy_from_slice(end),
+            p.body.clone(),
+        ]);
+    for piece in pieces.filter(|b| !b.is_empty()) {
+        if skip >= piece.len() {
+            skip -= piece.len();
+            continue;
+        }
+        rest.push(piece.slice(skip..));
+        skip = 0;
+    }
+    Ok(rest)
 }
 
 /// Writes the end of a prepared answer's head into `buf`: `Date`, `Content-Length: len`, `Connection: close`
 /// when `close`, and the blank line. Returns its length.
-fn prepared_end(buf: &mut [u8; 128], len: usize, close: bool) -> usize {
+fn prepared_end(buf: &mut [u8; 96], len: usize, close: bool) -> usize {
     let mut at = 0;
     let mut put = |bytes: &[u8]| {
         buf[at..at + bytes.len()].copy_from_slice(bytes);
@@ -673,6 +709,10 @@ mod tests {
         );
     }
 
+    fn head_of(p: &axum::http::response::Parts, len: Option<u64>, close: bool) -> Vec<u8> {
+        encode_head(p.status, &p.headers, len, close)
+    }
+
     fn parts(status: u16, headers: &[(&str, &str)]) -> axum::http::response::Parts {
         let mut b = Response::builder().status(status);
         for (k, v) in headers {
@@ -702,11 +742,12 @@ mod tests {
         let body: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
         // a head longer than the send buffer, so that it too is written in pieces
         let long = "v".repeat(48 * 1024);
-        let head = parts(200, &[("content-type", "video/mp4"), ("x-long", &long)]);
-        let full = http_body_util::Full::new(Bytes::from(body.clone()));
-        let close = respond(&mut tcp, &head, std::pin::pin!(full), true)
-            .await
+        let mut res = Response::builder()
+            .header("content-type", "video/mp4")
+            .header("x-long", &long)
+            .body(http_body_util::Full::new(Bytes::from(body.clone())))
             .unwrap();
+        let close = respond(&mut tcp, &mut res, true).await.unwrap();
         assert!(close);
         drop(tcp);
         let got = client.await.unwrap();
@@ -740,7 +781,8 @@ mod tests {
         let p = Prepared::new(Bytes::from(body.clone()))
             .with(b"content-type: video/mp4\r\n")
             .with_shared(Bytes::from_static(b"etag: \"x\"\r\n"));
-        assert!(respond_prepared(&mut tcp, &p, true).await.unwrap());
+        let mut reply = Reply::<http_body_util::Full<Bytes>>::Prepared(p);
+        assert!(write_reply(&mut tcp, &mut reply, true).await.unwrap());
         drop(tcp);
         let got = client.await.unwrap();
         let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
@@ -779,7 +821,7 @@ mod tests {
 
     #[test]
     fn the_response_head_frames_the_body_itself() {
-        let h = encode_head(
+        let h = head_of(
             &parts(
                 200,
                 &[
@@ -798,13 +840,13 @@ mod tests {
         );
         assert!(h.ends_with(" GMT\r\ncontent-length: 4\r\n\r\n"), "{h}");
         assert!(!h.contains("connection"), "{h}");
-        let chunked = String::from_utf8(encode_head(&parts(200, &[]), None, true)).unwrap();
+        let chunked = String::from_utf8(head_of(&parts(200, &[]), None, true)).unwrap();
         assert!(
             chunked.ends_with("transfer-encoding: chunked\r\nconnection: close\r\n\r\n"),
             "{chunked}"
         );
         for status in [204, 304] {
-            let h = String::from_utf8(encode_head(
+            let h = String::from_utf8(head_of(
                 &parts(status, &[("etag", "\"e\"")]),
                 Some(0),
                 false,
@@ -816,7 +858,7 @@ mod tests {
             );
             assert!(h.contains("etag: \"e\"\r\n"), "{h}");
         }
-        let dated = String::from_utf8(encode_head(
+        let dated = String::from_utf8(head_of(
             &parts(404, &[("date", "Thu, 01 Jan 1970 00:00:00 GMT")]),
             Some(0),
             false,

@@ -433,19 +433,11 @@ where
                 let answer = std::pin::pin!(answer);
                 answer_unless_gone(answer, &tcp, buf.is_empty()).await
             };
-            let Some(reply) = reply else {
+            let Some(mut reply) = reply else {
                 return Ok(());
             };
             let close = close || *self.stopping.borrow();
-            let close = match reply {
-                h1::Reply::Prepared(p) => h1::respond_prepared(&mut tcp, &p, close).await?,
-                h1::Reply::Response(res) => {
-                    let (parts, body) = res.into_parts();
-                    let body = std::pin::pin!(body);
-                    h1::respond(&mut tcp, &parts, body, close).await?
-                }
-            };
-            if close {
+            if h1::write_reply(&mut tcp, &mut reply, close).await? {
                 return Ok(());
             }
         }
@@ -933,7 +925,9 @@ mod tests {
     /// per request), 1,848 with a watch for a client that leaves while its answer waits kept as a `peek` future,
     /// 1,704 with it polled from the socket's own waker slot, 1,656 with the answer passed to the writer by
     /// reference (release: 1,616; in kilnd, where the answer is held inline, that took the task back under a
-    /// jemalloc size class: 3.2 → 2.8 KiB per parked request in the origin bench).
+    /// jemalloc size class: 3.2 → 2.8 KiB per parked request in the origin bench), 1,768 with a reply that is a
+    /// response or a prepared answer (1,936 with the prepared one's write a wait of the connection's own, which
+    /// took kilnd to 3.2 KiB per parked request: the reply is now held across one wait only, `h1::write_reply`).
     #[tokio::test]
     async fn a_plain_connection_s_task_is_small() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -583,7 +583,6 @@ fn media_reply(
             return kiln_http::h1::Prepared::new(body)
                 .with(ct)
                 .with(cc)
-                .with(lines::ACCEPT_RANGES)
                 .with_shared(tag)
                 .into();
         }

@@ -7,9 +7,6 @@ use std::sync::OnceLock;
 
 use super::{M3U8, PREBUILT_MAX_AGES, SEGMENT_MAX_AGE};
 
-/// `accept-ranges` of every media answer.
-pub(super) const ACCEPT_RANGES: &[u8] = b"accept-ranges: bytes\r\n";
-
 /// What the compression layer adds to what it compresses, on a document gzipped as prepared.
 pub(super) const GZIPPED: &[u8] = b"content-encoding: gzip\r\nvary: accept-encoding\r\n";
 
@@ -17,13 +14,14 @@ pub(super) const GZIPPED: &[u8] = b"content-encoding: gzip\r\nvary: accept-encod
 /// [`crate::encoding::MIN_COMPRESSED`] bytes or more) but was not asked to.
 pub(super) const VARY: &[u8] = b"vary: accept-encoding\r\n";
 
-/// The `content-type` line of `content_type`, for the types the playback routes answer with.
+/// The `content-type` line of `content_type`, for the types the playback routes answer with; media types with
+/// the `accept-ranges` line every media answer has.
 pub(super) fn content_type(content_type: &str) -> Option<&'static [u8]> {
     Some(match content_type {
         M3U8 => b"content-type: application/vnd.apple.mpegurl\r\n",
         "application/dash+xml" => b"content-type: application/dash+xml\r\n",
-        "video/mp4" => b"content-type: video/mp4\r\n",
-        "audio/mp4" => b"content-type: audio/mp4\r\n",
+        "video/mp4" => b"content-type: video/mp4\r\naccept-ranges: bytes\r\n",
+        "audio/mp4" => b"content-type: audio/mp4\r\naccept-ranges: bytes\r\n",
         _ => return None,
     })
 }
@@ -165,11 +163,13 @@ mod tests {
         }
         assert_eq!(cache_control(PREBUILT_MAX_AGES), None);
         assert_eq!(cache_control(u64::MAX), None);
-        for t in [M3U8, "application/dash+xml", "video/mp4", "audio/mp4"] {
-            assert_eq!(
-                content_type(t).unwrap(),
-                format!("content-type: {t}\r\n").as_bytes()
-            );
+        for t in [M3U8, "application/dash+xml"] {
+            let line = format!("content-type: {t}\r\n");
+            assert_eq!(content_type(t).unwrap(), line.as_bytes());
+        }
+        for t in ["video/mp4", "audio/mp4"] {
+            let lines = format!("content-type: {t}\r\naccept-ranges: bytes\r\n");
+            assert_eq!(content_type(t).unwrap(), lines.as_bytes());
         }
         assert_eq!(content_type("text/plain"), None);
     }
