@@ -11,7 +11,7 @@
 //! Run with `benches/run` (installs nginx and wrk, builds kilnd --release, then `cargo bench -p kiln-benches`).
 //! On equal terms: wrk (one thread) is pinned to the first CPU and the server under test (kilnd with every
 //! thread, or nginx with one worker) to the second (`taskset`), so neither steals the other's core. The fan-out
-//! also reads the daemon's own measure, `kiln_origin_fanout_seconds` (publish → each answer ready).
+//! also reads the daemon's own measure, `kiln_origin_fanout_seconds` (publish → each answer written).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -98,13 +98,27 @@ async fn caught_up(http: &reqwest::Client, base: &str, pl_path: &str) -> Result<
 /// does when the server may use the whole host, the client competing with it).
 /// Read once, before this process pins itself (its own affinity would then say one CPU).
 fn cpus() -> (String, String) {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let n = *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let n = host_cpus();
     if shared() {
         let all = format!("0-{}", n - 1);
         return (all.clone(), all);
     }
     ("0".into(), if n > 1 { "1" } else { "0" }.into())
+}
+
+/// The host's CPUs, read once (see [`cpus`]).
+fn host_cpus() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// The floor's async workers: one, or with `KILN_BENCH_SHARED=1` one per CPU (as kilnd's).
+fn floor_threads() -> usize {
+    if shared() {
+        host_cpus()
+    } else {
+        1
+    }
 }
 
 fn shared() -> bool {
@@ -281,7 +295,11 @@ fn main() -> Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
     {
-        floor::main(len);
+        let threads = std::env::var("KILN_BENCH_FLOOR_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        floor::main(len, threads);
     }
     tokio::runtime::Runtime::new()?.block_on(run())
 }
@@ -725,6 +743,7 @@ async fn answers(tasks: Vec<Parked>) -> Result<String> {
 async fn floor_fanout(n: usize, body_len: usize) -> Result<()> {
     let mut child = Command::new(std::env::current_exe()?)
         .env("KILN_BENCH_FLOOR", body_len.to_string())
+        .env("KILN_BENCH_FLOOR_THREADS", floor_threads().to_string())
         .stdout(Stdio::piped())
         .spawn()?;
     let mut line = String::new();
@@ -766,9 +785,16 @@ async fn floor_fanout(n: usize, body_len: usize) -> Result<()> {
     let _ = child.kill();
     let _ = child.wait();
     let w: Vec<&str> = written.split(' ').collect();
-    println!(
-        "fan-out floor (a bare tokio program, one thread, no HTTP library, on the server's CPU):"
-    );
+    if shared() {
+        println!(
+            "fan-out floor (a bare tokio program, {} threads, no HTTP library, on every CPU):",
+            floor_threads()
+        );
+    } else {
+        println!(
+            "fan-out floor (a bare tokio program, one thread, no HTTP library, on the server's CPU):"
+        );
+    }
     println!("  publish -> responses (client): {answered}");
     if let [count, p50, p99, last] = w[..] {
         println!("  in the floor: {count} written, publish -> written p50 {p50} ms, p99 {p99} ms, last {last} ms");

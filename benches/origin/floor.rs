@@ -1,5 +1,6 @@
-//! The fan-out's floor: the least a server on this host can do to answer parked requests on one core. A bare
-//! tokio program (one thread, no HTTP library: it reads until the blank line and writes a fixed answer) that
+//! The fan-out's floor: the least a server on this host can do to answer parked requests on one core (or, with
+//! `KILN_BENCH_SHARED=1`, on every core: a worker per CPU, as kilnd then has). A bare tokio program (one thread,
+//! no HTTP library: it reads until the blank line and writes a fixed answer) that
 //! holds every connection's request until `GET /publish`, then writes each one the same playlist-sized answer,
 //! as kilnd does for a blocking reload. It measures publish → each answer written, like
 //! `kiln_origin_fanout_seconds`. The bench runs it as its own process (this binary, `KILN_BENCH_FLOOR=1`),
@@ -23,12 +24,20 @@ struct Floor {
     answer: Vec<u8>,
 }
 
-/// Runs the floor server on 127.0.0.1:0 and prints `listening on http://ADDR` (then serves until killed).
-pub fn main(body_len: usize) -> ! {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+/// Runs the floor server on 127.0.0.1:0 with `threads` async workers (one: a current-thread runtime) and prints
+/// `listening on http://ADDR` (then serves until killed).
+pub fn main(body_len: usize, threads: usize) -> ! {
+    let rt = if threads > 1 {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+    .expect("runtime");
     rt.block_on(async move {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         println!("floor listening on http://{}", listener.local_addr().expect("addr"));

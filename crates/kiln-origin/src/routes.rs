@@ -694,7 +694,7 @@ fn playlist(
 ) -> LiveAnswer {
     let mut rx = r.subscribe();
     let snap = rx.borrow_and_update().clone();
-    if let Some(resp) = playlist_step(&s, &r, (q, &token, gzip), &snap, || {}) {
+    if let Some(resp) = playlist_step(&s, &r, (q, &token, gzip), &snap, |body| body) {
         return LiveAnswer::now(resp);
     }
     drop(snap);
@@ -728,14 +728,11 @@ fn playlist(
                 }
             }
             let snap = park.current();
-            // a blocking reload woken by the publish of the part it asked for: the fan-out (observed before the
-            // answer is built, as it always was)
-            let woken = || {
-                let asked = q.block.msn.zip(q.block.part);
-                if let Some(d) = asked.and_then(|(m, p)| r.since_part_published(PartPos::new(m, p)))
-                {
-                    fanout.observe(d);
-                }
+            // a blocking reload woken by the publish of the part it asked for: its answer measures the fan-out
+            // (publish → written) when the server is done with it
+            let woken = |body: Bytes| match q.block.msn.zip(q.block.part) {
+                Some((m, p)) => r.stamped(body, PartPos::new(m, p), &fanout),
+                None => body,
             };
             if let Some(resp) = playlist_step(&s, &r, (q, &token, gzip), &snap, woken) {
                 return resp;
@@ -751,7 +748,7 @@ fn playlist_step(
     r: &Rendition,
     (q, token, gzip): (PlaylistQuery, &Option<String>, bool),
     snap: &Arc<Published>,
-    ready: impl FnOnce(),
+    ready: impl FnOnce(Bytes) -> Bytes,
 ) -> Option<Reply> {
     let td = u64::from(s.target_duration_s());
     let blocking = q.block.is_blocking();
@@ -767,10 +764,10 @@ fn playlist_step(
     };
     match decision {
         Decision::Ready => {
-            ready();
             r.note_served(snap);
             let max_age = if blocking { 6 * td } else { (td / 2).max(1) };
-            let doc = snap.playlist(q.skip, token.as_deref(), gzip);
+            let mut doc = snap.playlist(q.skip, token.as_deref(), gzip);
+            doc.body = ready(doc.body);
             Some(document_reply(M3U8, max_age, doc))
         }
         Decision::Reject(msg) => Some(error(StatusCode::BAD_REQUEST, 4 * td, msg).into()),
@@ -859,11 +856,10 @@ impl MediaWait {
                     }
                 }
                 let snap = park.current();
-                if let Some(state) = self.awaited.state(&self.r, &snap) {
-                    if let (Awaited::Part(p), Ok(_)) = (self.awaited, &state) {
-                        if let Some(d) = self.r.since_part_published(p) {
-                            fanout.observe(d);
-                        }
+                if let Some(mut state) = self.awaited.state(&self.r, &snap) {
+                    // a held part woken by its publish: its answer measures the fan-out (publish → written)
+                    if let (Awaited::Part(p), Ok(body)) = (self.awaited, &mut state) {
+                        *body = self.r.stamped(std::mem::take(body), p, &fanout);
                     }
                     return self.reply(state);
                 }

@@ -207,9 +207,54 @@ impl Rendition {
 
     /// Seconds since part `pos` was published (`None`: not among the last [`PUBLISH_STAMPS`] published).
     pub fn since_part_published(&self, pos: PartPos) -> Option<f64> {
-        let p = self.published.lock();
-        let at = p.iter().rev().find(|(q, _)| *q == pos)?.1;
+        let at = self.part_published_ns(pos)?;
         Some(clock_ns().saturating_sub(at) as f64 / 1e9)
+    }
+
+    /// When part `pos` was published, on [`clock_ns`]'s clock.
+    fn part_published_ns(&self, pos: PartPos) -> Option<u64> {
+        let p = self.published.lock();
+        Some(p.iter().rev().find(|(q, _)| *q == pos)?.1)
+    }
+
+    /// `body`, as the answer of a request the publish of part `pos` woke: the fan-out (`fanout`, publish → the
+    /// answer written) is observed when the last of these bytes is dropped, i.e. once the server has written
+    /// them (kiln's HTTP/1.1: handed to the socket; hyper: to its connection), or given them up. `body` as it is
+    /// when `pos` is not among the last parts published.
+    pub(crate) fn stamped(
+        &self,
+        body: Bytes,
+        pos: PartPos,
+        fanout: &prometheus::Histogram,
+    ) -> Bytes {
+        match self.part_published_ns(pos) {
+            Some(published_ns) => Bytes::from_owner(Stamped {
+                body,
+                fanout: fanout.clone(),
+                published_ns,
+            }),
+            None => body,
+        }
+    }
+}
+
+/// An answer's body that observes the fan-out when it is dropped ([`Rendition::stamped`]).
+struct Stamped {
+    body: Bytes,
+    fanout: prometheus::Histogram,
+    published_ns: u64,
+}
+
+impl AsRef<[u8]> for Stamped {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+impl Drop for Stamped {
+    fn drop(&mut self) {
+        let ns = clock_ns().saturating_sub(self.published_ns);
+        self.fanout.observe(ns as f64 / 1e9);
     }
 }
 
@@ -620,7 +665,7 @@ pub struct Origin {
     streams: Arc<RwLock<HashMap<String, Arc<StreamOrigin>>>>,
     parked: Arc<AtomicUsize>,
     max_parked: usize,
-    /// `kiln_origin_fanout_seconds`: publish → a woken parked request's answer ready (the daemon registers it).
+    /// `kiln_origin_fanout_seconds`: publish → a woken parked request's answer written (the daemon registers it).
     pub fanout: prometheus::Histogram,
     /// `kiln_origin_park_refusals_total`: requests that would have waited past the parking limit (503).
     pub park_refusals: prometheus::IntCounter,
@@ -658,7 +703,7 @@ impl Origin {
             prometheus::HistogramOpts::new(
                 "kiln_origin_fanout_seconds",
                 "Time from a publish to the answer of each parked request it woke (blocking playlist reloads, \
-                 held parts) being ready to write",
+                 held parts) being written: handed to the socket (to hyper's connection on HTTP/2 and TLS)",
             )
             .buckets(vec![
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4,

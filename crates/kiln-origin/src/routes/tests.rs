@@ -352,7 +352,7 @@ async fn parking_is_bounded() {
     part(&s, 0, 1);
     assert_eq!(first.await.unwrap().0, StatusCode::OK);
     assert_eq!(o.parked(), 0, "places are given back");
-    // the woken request measured its fan-out (publish → answer ready); the refused one nothing
+    // the woken request measured its fan-out (publish → answer written: its body dropped once read here); the refused one nothing
     assert_eq!(o.fanout.get_sample_count(), 1);
     assert!(o.fanout.get_sample_sum() < 5.0);
     // an answer that never waited is not a fan-out
@@ -643,4 +643,41 @@ async fn the_parked_futures_fit_a_512_byte_allocation() {
     assert_eq!(get("/live/s/v/part-0-0.m4s", &[]).waiting_size(), None);
     let ready = get("/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=0", &[]);
     assert_eq!(ready.waiting_size(), None);
+}
+
+/// The fan-out runs from the publish to the woken answer being written: it is observed when the server drops the
+/// answer's body (written, or given up), not when the answer is ready. A blocking reload and a held part.
+#[tokio::test]
+async fn the_fan_out_ends_when_the_woken_answer_is_written() {
+    let (o, s) = origin();
+    part(&s, 0, 0);
+    let waiting = |uri: &str| {
+        let live = LiveGet::of(
+            &axum::http::Method::GET,
+            &uri.parse().unwrap(),
+            &HeaderMap::new(),
+        );
+        tokio::spawn(live.unwrap().answer(&o))
+    };
+    let reload = waiting("/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1");
+    let held = waiting("/live/s/v/part-0-1.m4s");
+    while o.parked() < 2 {
+        tokio::task::yield_now().await;
+    }
+    part(&s, 0, 1);
+    let answers = [reload.await.unwrap(), held.await.unwrap()];
+    assert_eq!(o.fanout.get_sample_count(), 0, "ready, not yet written");
+    let mut bodies = Vec::new();
+    for a in answers {
+        let Reply::Prepared(p) = a else {
+            panic!("a woken answer not prepared");
+        };
+        // the server holds a clone of the body while it writes the rest of it
+        bodies.push(p.body().clone());
+    }
+    assert!(bodies[0].starts_with(b"#EXTM3U") && &bodies[1][..] == b"p0.1");
+    assert_eq!(o.fanout.get_sample_count(), 0, "still being written");
+    drop(bodies);
+    assert_eq!(o.fanout.get_sample_count(), 2, "written: both measured");
+    assert!(o.fanout.get_sample_sum() < 5.0);
 }
