@@ -477,6 +477,9 @@ pub(crate) fn write_prepared_now(
             Err(e) => return Err(e),
         }
     }
+    if done == total {
+        return Ok(Vec::new());
+    }
     // the rest, as buffers that outlive this call: the static lines and the body shared, the rest copied
     let mut rest = Vec::new();
     let mut skip = done;
@@ -797,6 +800,35 @@ mod tests {
         );
         assert_eq!(got.len() - end, body.len());
         assert!(got[end..] == body[..], "the body arrived altered");
+    }
+
+    /// An answer the socket takes whole is written in one call and leaves nothing to wait for.
+    #[tokio::test]
+    async fn a_prepared_answer_the_socket_takes_whole_leaves_nothing() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (tcp, _) = accepted.unwrap();
+        tcp.writable().await.unwrap();
+        let p = Prepared::new(Bytes::from_static(b"#EXTM3U\n"))
+            .with(b"content-type: application/vnd.apple.mpegurl\r\n");
+        let rest = write_prepared_now(&tcp, &p, false).unwrap();
+        assert_eq!((rest.len(), rest.capacity()), (0, 0));
+        drop(tcp);
+        let mut got = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut client.unwrap(), &mut got)
+            .await
+            .unwrap();
+        assert!(
+            got.starts_with(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.apple.mpegurl\r\ndate: "
+            ),
+            "{got}"
+        );
+        assert!(
+            got.ends_with("\r\ncontent-length: 8\r\n\r\n#EXTM3U\n"),
+            "{got}"
+        );
     }
 
     #[test]

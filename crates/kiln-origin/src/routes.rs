@@ -741,8 +741,8 @@ fn playlist(
     })
 }
 
-/// A playlist request against the rendition's state `snap`: the playlist (`ready` is called first) or a
-/// refusal; `None`: wait.
+/// A playlist request against the rendition's state `snap`: the playlist (its body passed through `ready`, which
+/// stamps a woken request's answer for the fan-out) or a refusal; `None`: wait.
 fn playlist_step(
     s: &StreamOrigin,
     r: &Rendition,

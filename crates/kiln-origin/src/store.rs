@@ -703,7 +703,7 @@ impl Origin {
             prometheus::HistogramOpts::new(
                 "kiln_origin_fanout_seconds",
                 "Time from a publish to the answer of each parked request it woke (blocking playlist reloads, \
-                 held parts) being written: handed to the socket (to hyper's connection on HTTP/2 and TLS)",
+                 held parts) being written: handed to the socket, or written out by hyper",
             )
             .buckets(vec![
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4,
