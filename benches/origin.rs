@@ -6,7 +6,10 @@
 //! 2. Fan-out: 10,000 concurrent blocking playlist requests (HTTP/1.1, one connection each) park on the next
 //!    segment's first part; once all are parked (the daemon's `/v1/stats` says so) the daemon's RSS is read, and
 //!    when the part is published the time from the first to the last response is measured. Then the same
-//!    viewers' next blocking reload, on the connections that answered them (a player's steady state).
+//!    viewers' next blocking reload, on the connections that answered them (a player's steady state). The
+//!    viewers are one thread of non-blocking sockets (`origin/viewers.rs`), the lightest client there is.
+//! 3. Fan-out floors: the same viewers against two programs that do nothing but answer them (`origin/floor.rs`):
+//!    a bare tokio program with a task per connection, and a loop that writes every answer with no runtime.
 //!
 //! Run with `benches/run` (installs nginx and wrk, builds kilnd --release, then `cargo bench -p kiln-benches`).
 //! On equal terms: wrk (one thread) is pinned to the first CPU and the server under test (kilnd with every
@@ -18,6 +21,8 @@ use std::process::{Child, Command, Stdio};
 
 #[path = "origin/floor.rs"]
 mod floor;
+#[path = "origin/viewers.rs"]
+mod viewers;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -299,6 +304,9 @@ fn main() -> Result<()> {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(1);
+        if std::env::var("KILN_BENCH_FLOOR_LOOP").is_ok_and(|v| v == "1") {
+            floor::main_loop(len, threads);
+        }
         floor::main(len, threads);
     }
     tokio::runtime::Runtime::new()?.block_on(run())
@@ -518,13 +526,16 @@ async fn run() -> Result<()> {
         .unwrap_or(10_000);
     rlimit::increase_nofile_limit(4 * n as u64 + 1024)?;
     let rss_idle = rss_kib(k.pid())?;
-    let parking = parking_client(n)?;
-    let before = fan_out_round(&k, &http, &parking, pl_path, n, None).await?;
+    let mut viewers = Some(viewers::Viewers::new(
+        k.url.trim_start_matches("http://").parse()?,
+        n,
+    )?);
+    let before = fan_out_round(&k, &http, &mut viewers, pl_path, n, None).await?;
     println!("fan-out: {n} blocking playlist requests, one new HTTP/1.1 connection each:");
     before.print(rss_idle, n);
     // the same viewers' next blocking reload, on the connections their last answer came on (a player's steady
     // state: its connection has answered before, so its buffers are already in memory)
-    let warm = fan_out_round(&k, &http, &parking, pl_path, n, Some(&before.metrics)).await?;
+    let warm = fan_out_round(&k, &http, &mut viewers, pl_path, n, Some(&before.metrics)).await?;
     println!("the same {n} viewers' next reload, on the connections that answered them (a player's steady state):");
     let reused = warm.sockets.intersection(&before.sockets).count();
     println!(
@@ -533,8 +544,9 @@ async fn run() -> Result<()> {
     );
     warm.print(rss_idle, n);
     let _ = std::fs::remove_dir_all(&dir);
-    drop(k);
-    floor_fanout(n, text.len()).await
+    drop((k, viewers));
+    floor_fanout(n, text.len(), false).await?;
+    floor_fanout(n, text.len(), true).await
 }
 
 /// One fan-out: `n` blocking reloads parked on a part a whole segment away, then answered by its publish.
@@ -583,13 +595,13 @@ impl FanOutRound {
     }
 }
 
-/// Parks `n` blocking reloads through `parking` (new connections, or the idle ones of its last round) on part 0
+/// Parks `n` blocking reloads through `viewers` (new connections, or the ones of its last round) on part 0
 /// of the furthest segment a request may name, waits for all to park, reads kilnd's RSS, and collects the
 /// answers. `earlier`: kilnd's `/metrics` after the last round, so this round's histogram is the difference.
 async fn fan_out_round(
     k: &kiln_integration::Proc,
     http: &reqwest::Client,
-    parking: &reqwest::Client,
+    viewers: &mut Option<viewers::Viewers>,
     pl_path: &str,
     n: usize,
     earlier: Option<&str>,
@@ -631,9 +643,11 @@ async fn fan_out_round(
     let url = format!("{}{pl_path}?_HLS_msn={}&_HLS_part=0", k.url, m + 3);
     let rss_before = rss_kib(pid)?;
     let started = Instant::now();
-    let tasks = park(parking, &url, n);
+    let v = viewers.take().context("the viewers")?;
+    let (early, parked_now) = (v.answered.clone(), v.parked.clone());
+    let path = url.trim_start_matches(&k.url).to_string();
+    let round = tokio::spawn(viewers::round_off_runtime(v, path, Duration::from_secs(90)));
     let stats_url = format!("{}/v1/stats", k.url);
-    let tasks_ref = &tasks;
     let parked_at = poll_until(
         "every request parks (or one is answered)",
         Duration::from_secs(60),
@@ -642,9 +656,10 @@ async fn fan_out_round(
             let s: serde_json::Value =
                 serde_json::from_str(&http.get(&stats_url).send().await?.text().await?)?;
             let parked = s["parked_requests"].as_u64().unwrap_or(0) as usize;
+            parked_now.store(parked, std::sync::atomic::Ordering::SeqCst);
             Ok(if parked >= n {
                 Polled::Done(Ok(parked))
-            } else if tasks_ref.iter().any(|t| t.is_finished()) {
+            } else if early.load(std::sync::atomic::Ordering::SeqCst) > 0 {
                 Polled::Done(Err(parked))
             } else {
                 Polled::NotYet(format!("{parked} parked"))
@@ -659,7 +674,9 @@ async fn fan_out_round(
         .map(|l| l.to_string_lossy().into_owned())
         .filter(|l| l.starts_with("socket:"))
         .collect();
-    let answered = answers(tasks).await?;
+    let (v, outcomes) = round.await??;
+    *viewers = Some(v);
+    let answered = answers(outcomes)?;
     let metrics = http
         .get(format!("{}/metrics", k.url))
         .send()
@@ -685,45 +702,23 @@ async fn fan_out_round(
     })
 }
 
-/// A parked request: its status and when its answer ended.
-type Parked = tokio::task::JoinHandle<Result<(u16, Instant)>>;
-
-/// The parked requests' client: each request on its own connection (none is idle while all wait), kept open after
-/// its answer as a player keeps it for its next request (closing 10,000 connections is not part of answering
-/// them).
-fn parking_client(n: usize) -> Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(n)
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build()?)
-}
-
-/// `n` concurrent GETs of `url` through `client` (one HTTP/1.1 connection each: idle ones of its last round, else
-/// new); each task gives the status and when it ended.
-fn park(client: &reqwest::Client, url: &str, n: usize) -> Vec<Parked> {
-    (0..n)
-        .map(|_| {
-            let (c, u) = (client.clone(), url.to_string());
-            tokio::spawn(async move {
-                let r = c.get(u).send().await?;
-                let status = r.status().as_u16();
-                let _ = r.bytes().await?;
-                anyhow::Ok((status, Instant::now()))
-            })
-        })
-        .collect()
-}
-
-/// Waits for the parked requests' answers: how they spread after the first (p50, p99, last), the answers per
-/// second that makes, and the failures.
-async fn answers(tasks: Vec<Parked>) -> Result<String> {
-    let mut done = Vec::with_capacity(tasks.len());
+/// How the answers of a round spread after the first (p50, p99, last), the answers per second that makes, and
+/// the failures.
+fn answers(outcomes: Vec<std::result::Result<(u16, Instant), String>>) -> Result<String> {
+    let mut done = Vec::with_capacity(outcomes.len());
     let mut failed = 0;
-    for t in tasks {
-        match t.await? {
+    let mut why = None;
+    for o in outcomes {
+        match o {
             Ok((200, at)) => done.push(at),
-            _ => failed += 1,
+            Ok((status, _)) => {
+                failed += 1;
+                why.get_or_insert(format!("status {status}"));
+            }
+            Err(e) => {
+                failed += 1;
+                why.get_or_insert(e);
+            }
         }
     }
     done.sort();
@@ -731,18 +726,21 @@ async fn answers(tasks: Vec<Parked>) -> Result<String> {
     let spread =
         |q: f64| (done[((done.len() - 1) as f64 * q) as usize] - first).as_secs_f64() * 1000.0;
     Ok(format!(
-        "p50 {:.0} ms, p99 {:.0} ms, last {:.0} ms after the first ({:.0} answers/s); {failed} failed",
+        "p50 {:.0} ms, p99 {:.0} ms, last {:.0} ms after the first ({:.0} answers/s); {failed} failed{}",
         spread(0.5),
         spread(0.99),
         spread(1.0),
-        done.len() as f64 / (spread(1.0) / 1000.0).max(1e-3)
+        done.len() as f64 / (spread(1.0) / 1000.0).max(1e-3),
+        why.map(|w| format!(" (first: {w})")).unwrap_or_default()
     ))
 }
 
-/// The same fan-out against the floor ([`floor`]): a bare tokio program on the server's CPU.
-async fn floor_fanout(n: usize, body_len: usize) -> Result<()> {
+/// The same fan-out against a floor ([`floor`]) on the server's CPU: a bare tokio program, or (`write_loop`) no
+/// runtime at all, a loop that writes every answer.
+async fn floor_fanout(n: usize, body_len: usize, write_loop: bool) -> Result<()> {
     let mut child = Command::new(std::env::current_exe()?)
         .env("KILN_BENCH_FLOOR", body_len.to_string())
+        .env("KILN_BENCH_FLOOR_LOOP", if write_loop { "1" } else { "0" })
         .env("KILN_BENCH_FLOOR_THREADS", floor_threads().to_string())
         .stdout(Stdio::piped())
         .spawn()?;
@@ -764,13 +762,20 @@ async fn floor_fanout(n: usize, body_len: usize) -> Result<()> {
         let http = http.clone();
         async move { anyhow::Ok(http.get(u).send().await?.text().await?) }
     };
-    let tasks = park(&parking_client(n)?, &format!("{base}/wait"), n);
+    let v = viewers::Viewers::new(base.trim_start_matches("http://").parse()?, n)?;
+    let parked_now = v.parked.clone();
+    let round = tokio::spawn(viewers::round_off_runtime(
+        v,
+        "/wait".into(),
+        Duration::from_secs(90),
+    ));
     poll_until(
         "every request parks at the floor",
         Duration::from_secs(60),
         Duration::from_millis(20),
         || async {
             let parked: usize = get("/parked").await?.parse()?;
+            parked_now.store(parked, std::sync::atomic::Ordering::SeqCst);
             Ok(if parked >= n {
                 Polled::Done(())
             } else {
@@ -780,21 +785,31 @@ async fn floor_fanout(n: usize, body_len: usize) -> Result<()> {
     )
     .await?;
     get("/publish").await?;
-    let answered = answers(tasks).await?;
+    let (_, outcomes) = round.await??;
+    let answered = answers(outcomes)?;
     let written = get("/written").await?;
     let _ = child.kill();
     let _ = child.wait();
     let w: Vec<&str> = written.split(' ').collect();
-    if shared() {
-        println!(
-            "fan-out floor (a bare tokio program, {} threads, no HTTP library, on every CPU):",
-            floor_threads()
-        );
+    let what = if write_loop {
+        "no async runtime: a loop that writes every parked connection its answer"
     } else {
-        println!(
-            "fan-out floor (a bare tokio program, one thread, no HTTP library, on the server's CPU):"
-        );
-    }
+        "a bare tokio program, a task per connection"
+    };
+    let threads = floor_threads();
+    println!(
+        "fan-out floor ({what}; no HTTP library; {} on {}):",
+        if threads == 1 {
+            "one thread".to_string()
+        } else {
+            format!("{threads} threads")
+        },
+        if shared() {
+            "every CPU"
+        } else {
+            "the server's CPU"
+        }
+    );
     println!("  publish -> responses (client): {answered}");
     if let [count, p50, p99, last] = w[..] {
         println!("  in the floor: {count} written, publish -> written p50 {p50} ms, p99 {p99} ms, last {last} ms");
