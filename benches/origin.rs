@@ -117,7 +117,7 @@ fn host_cpus() -> usize {
     *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// The floor's async workers: one, or with `KILN_BENCH_SHARED=1` one per CPU (as kilnd's).
+/// The floors' threads: one, or with `KILN_BENCH_SHARED=1` one per CPU (as kilnd has async workers).
 fn floor_threads() -> usize {
     if shared() {
         host_cpus()
@@ -646,7 +646,7 @@ async fn fan_out_round(
     let v = viewers.take().context("the viewers")?;
     let (early, parked_now) = (v.answered.clone(), v.parked.clone());
     let path = url.trim_start_matches(&k.url).to_string();
-    let round = tokio::spawn(viewers::round_off_runtime(v, path, Duration::from_secs(90)));
+    let round = viewers::round_off_runtime(v, path, Duration::from_secs(90));
     let stats_url = format!("{}/v1/stats", k.url);
     let parked_at = poll_until(
         "every request parks (or one is answered)",
@@ -667,6 +667,8 @@ async fn fan_out_round(
         },
     )
     .await?;
+    // no count comes after this one: the viewers left to open (if the part came first) open at once
+    parked_now.store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
     let parked_in = started.elapsed();
     let rss_parked = rss_kib(pid)?;
     let sockets = std::fs::read_dir(format!("/proc/{pid}/fd"))?
@@ -764,11 +766,7 @@ async fn floor_fanout(n: usize, body_len: usize, write_loop: bool) -> Result<()>
     };
     let v = viewers::Viewers::new(base.trim_start_matches("http://").parse()?, n)?;
     let parked_now = v.parked.clone();
-    let round = tokio::spawn(viewers::round_off_runtime(
-        v,
-        "/wait".into(),
-        Duration::from_secs(90),
-    ));
+    let round = viewers::round_off_runtime(v, "/wait".into(), Duration::from_secs(90));
     poll_until(
         "every request parks at the floor",
         Duration::from_secs(60),
@@ -784,6 +782,7 @@ async fn floor_fanout(n: usize, body_len: usize, write_loop: bool) -> Result<()>
         },
     )
     .await?;
+    parked_now.store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
     get("/publish").await?;
     let (_, outcomes) = round.await??;
     let answered = answers(outcomes)?;

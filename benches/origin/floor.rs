@@ -4,7 +4,8 @@
 //! one the same playlist-sized answer, as kilnd does for a blocking reload, and measures publish → each answer
 //! written, like `kiln_origin_fanout_seconds`. [`main`] is a bare tokio program with a task per connection, as
 //! kilnd has; [`main_loop`] has no runtime: one loop writes every answer. The bench runs them as its own process
-//! (this binary, `KILN_BENCH_FLOOR=1`, and `KILN_BENCH_FLOOR_LOOP=1` for the loop), pinned to the server's CPU.
+//! (this binary, `KILN_BENCH_FLOOR=<body length>`, and `KILN_BENCH_FLOOR_LOOP=1` for the loop), pinned to the
+//! server's CPU.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -150,6 +151,8 @@ pub fn main_loop(body_len: usize, threads: usize) -> ! {
         )
     };
     let mut parked: Vec<std::net::TcpStream> = Vec::new();
+    // the connections answered, kept open as kilnd keeps them (the viewers close theirs)
+    let mut answered: Vec<std::net::TcpStream> = Vec::new();
     let mut written: Vec<Duration> = Vec::new();
     loop {
         let Ok((mut tcp, _)) = listener.accept() else {
@@ -193,6 +196,7 @@ pub fn main_loop(body_len: usize, threads: usize) -> ! {
                         .flat_map(|h| h.join().expect("writer"))
                         .collect()
                 });
+                answered.extend(waiters);
                 text("published".into())
             }
             "/written" => {
@@ -210,10 +214,13 @@ pub fn main_loop(body_len: usize, threads: usize) -> ! {
                     q(1.0)
                 ))
             }
-            _ => {
+            // a whole request head parks; a connection that sent none (closed, or nothing within the read
+            // timeout) is dropped
+            _ if head.ends_with(b"\r\n\r\n") => {
                 parked.push(tcp);
                 continue;
             }
+            _ => continue,
         };
         let _ = tcp.write_all(out.as_bytes());
     }

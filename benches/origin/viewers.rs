@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
@@ -20,10 +20,11 @@ pub struct Viewers {
     poll: Poll,
     conns: Vec<Conn>,
     pub answered: Arc<AtomicUsize>,
-    /// How many requests the server says are parked (the caller keeps it current from the server's own count):
-    /// new connections are opened while fewer than [`IN_FLIGHT`] requests are sent and not parked yet, so the
-    /// server's accept queue never overflows (a burst of 10,000 connects did: dropped handshakes are retried a
-    /// second or more later, past the publish).
+    /// How many requests the server says are parked (the caller keeps it current from the server's own count,
+    /// and sets it to `usize::MAX` once it stops looking): new connections are opened while fewer than
+    /// [`IN_FLIGHT`] requests are sent and neither parked nor finished, so the server's accept queue never
+    /// overflows (a burst of 10,000 connects did: dropped handshakes are retried a second or more later, past
+    /// the publish).
     pub parked: Arc<AtomicUsize>,
 }
 
@@ -73,8 +74,7 @@ impl Viewers {
         limit: Duration,
     ) -> Result<Vec<std::result::Result<(u16, Instant), String>>> {
         let request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n\r\n", self.addr).into_bytes();
-        self.answered.store(0, Ordering::SeqCst);
-        self.parked.store(0, Ordering::SeqCst);
+        self.reset_counts();
         // the viewers that need a new connection, opened at the server's pace
         let mut to_open = Vec::new();
         let mut sent = 0;
@@ -93,7 +93,7 @@ impl Viewers {
             if c.tcp.is_none() {
                 to_open.push(i);
             } else if c.connected {
-                c.send();
+                c.send(&self.poll);
                 sent += 1;
             }
         }
@@ -103,7 +103,14 @@ impl Viewers {
         let mut scratch = vec![0u8; 64 * 1024];
         let mut left = self.conns.iter().filter(|c| c.outcome.is_none()).count();
         while left > 0 {
-            while !to_open.is_empty() && sent < self.parked.load(Ordering::SeqCst) + IN_FLIGHT {
+            // requests sent that are neither parked nor finished: at most IN_FLIGHT
+            let finished = self.conns.len() - left;
+            let allowed = self
+                .parked
+                .load(Ordering::SeqCst)
+                .saturating_add(finished)
+                .saturating_add(IN_FLIGHT);
+            while !to_open.is_empty() && sent < allowed {
                 let i = to_open.pop().expect("not empty");
                 let mut tcp = TcpStream::connect(self.addr)?;
                 self.poll.registry().register(
@@ -132,16 +139,20 @@ impl Viewers {
                 if c.outcome.is_some() {
                     continue;
                 }
-                if !c.connected && ev.is_writable() {
-                    let Some(tcp) = &c.tcp else { continue };
-                    match tcp.peer_addr() {
-                        Ok(_) => c.connected = true,
-                        Err(e) if e.kind() == ErrorKind::NotConnected => continue,
-                        Err(e) => c.fail(&self.poll, format!("connect: {e}")),
+                if !c.connected && c.tcp.is_some() && (ev.is_writable() || ev.is_error()) {
+                    let tcp = c.tcp.as_ref().expect("checked");
+                    // a refused or failed connect is the socket's error (its address then reads as not connected)
+                    match tcp.take_error() {
+                        Ok(Some(e)) | Err(e) => c.fail(&self.poll, format!("connect: {e}")),
+                        Ok(None) => match tcp.peer_addr() {
+                            Ok(_) => c.connected = true,
+                            Err(e) if e.kind() == ErrorKind::NotConnected => continue,
+                            Err(e) => c.fail(&self.poll, format!("connect: {e}")),
+                        },
                     }
                 }
                 if c.connected && !c.unsent.is_empty() {
-                    c.send();
+                    c.send(&self.poll);
                 }
                 if ev.is_readable() || ev.is_read_closed() {
                     c.receive(&mut scratch, &self.poll);
@@ -154,27 +165,36 @@ impl Viewers {
                 }
             }
         }
+        let poll = &self.poll;
         Ok(self
             .conns
             .iter_mut()
             .map(|c| {
-                c.outcome
-                    .take()
-                    .unwrap_or_else(|| Err("no answer in time".into()))
+                if c.outcome.is_none() {
+                    // its request may still be answered: closed, so that answer is not taken for the next round's
+                    c.fail(poll, "no answer in time".into());
+                }
+                c.outcome.take().expect("set")
             })
             .collect())
+    }
+
+    /// Zeroes the counts of a round (before it starts: a caller looking at them must not see the last round's).
+    pub fn reset_counts(&self) {
+        self.answered.store(0, Ordering::SeqCst);
+        self.parked.store(0, Ordering::SeqCst);
     }
 }
 
 impl Conn {
-    fn send(&mut self) {
+    fn send(&mut self, poll: &Poll) {
         let Some(tcp) = &mut self.tcp else { return };
         match tcp.write(&self.unsent) {
             Ok(n) => {
                 self.unsent.drain(..n);
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(e) => self.outcome = Some(Err(format!("write: {e}"))),
+            Err(e) => self.fail(poll, format!("write: {e}")),
         }
     }
 
@@ -184,7 +204,14 @@ impl Conn {
             let Some(tcp) = &mut self.tcp else { return };
             match tcp.read(scratch) {
                 Ok(0) => {
-                    return self.fail(poll, "closed before the answer was whole".into());
+                    // closed: after a whole answer (a server may close once it has written it), or before
+                    let whole = whole_answer(&self.buf);
+                    self.fail(poll, "closed before the answer was whole".into());
+                    if let Some(status) = whole {
+                        self.outcome = Some(Ok((status, Instant::now())));
+                        self.buf = Vec::new();
+                    }
+                    return;
                 }
                 Ok(n) => self.buf.extend_from_slice(&scratch[..n]),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -207,8 +234,8 @@ impl Conn {
     }
 }
 
-/// The status of the answer in `buf` once it is whole (its head, and as many body bytes as its
-/// `Content-Length` says).
+/// The status of the answer in `buf` once it is whole: its head, and as many body bytes as its
+/// `Content-Length` says (or a chunked body's last chunk; no body without either).
 fn whole_answer(buf: &[u8]) -> Option<u16> {
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let head = std::str::from_utf8(&buf[..end]).ok()?;
@@ -221,19 +248,31 @@ fn whole_answer(buf: &[u8]) -> Option<u16> {
                 .then(|| value.trim().parse().ok())?
         })
         .unwrap_or(0);
+    let chunked = head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(name, value)| {
+            name.eq_ignore_ascii_case("transfer-encoding")
+                && value.to_ascii_lowercase().contains("chunked")
+        })
+    });
+    if chunked {
+        return buf.ends_with(b"0\r\n\r\n").then_some(status);
+    }
     (buf.len() >= end + len).then_some(status)
 }
 
-/// Runs [`Viewers::round`] on a blocking thread; the viewers come back with the outcomes.
-pub async fn round_off_runtime(
+/// A round's viewers and their outcomes.
+pub type Round = (Viewers, Vec<std::result::Result<(u16, Instant), String>>);
+
+/// Starts [`Viewers::round`] on a blocking thread (its counts zeroed now, before the caller looks at them); the
+/// viewers come back with the outcomes.
+pub fn round_off_runtime(
     mut viewers: Viewers,
     path: String,
     limit: Duration,
-) -> Result<(Viewers, Vec<std::result::Result<(u16, Instant), String>>)> {
+) -> tokio::task::JoinHandle<Result<Round>> {
+    viewers.reset_counts();
     tokio::task::spawn_blocking(move || {
         let out = viewers.round(&path, limit);
         out.map(|o| (viewers, o))
     })
-    .await
-    .context("the viewers' thread")?
 }
