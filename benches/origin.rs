@@ -233,6 +233,16 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
 /// when a round fails and the bench returns early, which used to leave both nginx instances running.
 struct Nginx(Child);
 
+/// A floor server ([`floor`]), killed when dropped.
+struct Floor(Child);
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = Command::new("kill")
@@ -309,7 +319,11 @@ fn main() -> Result<()> {
         }
         floor::main(len, threads);
     }
-    tokio::runtime::Runtime::new()?.block_on(run())
+    let rt = tokio::runtime::Runtime::new()?;
+    let out = rt.block_on(run());
+    // a failed round may leave the viewers' thread waiting out its limit: the process ends without it
+    rt.shutdown_background();
+    out
 }
 
 async fn run() -> Result<()> {
@@ -740,15 +754,18 @@ fn answers(outcomes: Vec<std::result::Result<(u16, Instant), String>>) -> Result
 /// The same fan-out against a floor ([`floor`]) on the server's CPU: a bare tokio program, or (`write_loop`) no
 /// runtime at all, a loop that writes every answer.
 async fn floor_fanout(n: usize, body_len: usize, write_loop: bool) -> Result<()> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .env("KILN_BENCH_FLOOR", body_len.to_string())
-        .env("KILN_BENCH_FLOOR_LOOP", if write_loop { "1" } else { "0" })
-        .env("KILN_BENCH_FLOOR_THREADS", floor_threads().to_string())
-        .stdout(Stdio::piped())
-        .spawn()?;
+    // killed when dropped: also when the fan-out fails and the bench returns early
+    let mut child = Floor(
+        Command::new(std::env::current_exe()?)
+            .env("KILN_BENCH_FLOOR", body_len.to_string())
+            .env("KILN_BENCH_FLOOR_LOOP", if write_loop { "1" } else { "0" })
+            .env("KILN_BENCH_FLOOR_THREADS", floor_threads().to_string())
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
     let mut line = String::new();
     std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().context("stdout")?),
+        &mut std::io::BufReader::new(child.0.stdout.take().context("stdout")?),
         &mut line,
     )?;
     let base = line
@@ -757,7 +774,7 @@ async fn floor_fanout(n: usize, body_len: usize, write_loop: bool) -> Result<()>
         .next()
         .context("the floor's address")?
         .to_string();
-    pin(child.id(), &cpus().1)?;
+    pin(child.0.id(), &cpus().1)?;
     let http = reqwest::Client::new();
     let get = |path: &str| {
         let u = format!("{base}{path}");
@@ -787,8 +804,7 @@ async fn floor_fanout(n: usize, body_len: usize, write_loop: bool) -> Result<()>
     let (_, outcomes) = round.await??;
     let answered = answers(outcomes)?;
     let written = get("/written").await?;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let w: Vec<&str> = written.split(' ').collect();
     let what = if write_loop {
         "no async runtime: a loop that writes every parked connection its answer"
