@@ -29,6 +29,8 @@ use hyper::body::Body;
 use tokio::io::AsyncWrite as _;
 use tokio::net::TcpStream;
 
+use crate::lend::Lend;
+
 /// A service's answers to requests it takes from their head alone, without hyper.
 pub trait Direct: Send + Sync + 'static {
     /// The answers' body.
@@ -39,7 +41,16 @@ pub trait Direct: Send + Sync + 'static {
     const ENABLED: bool = true;
     /// The answer to a GET of `uri` whose `headers` are those of [`DIRECT_HEADERS`] the request had, or `None`
     /// (hyper and the service's router take the request and the rest of its connection).
-    fn direct(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<Self::Future>;
+    ///
+    /// `lend` is the request's socket, which an answer that waits may lend to whatever produces it
+    /// ([`crate::lend`]).
+    fn direct(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        lend: Lend<'_>,
+    ) -> Option<Self::Future>;
 }
 
 /// No direct answers: every connection is hyper's.
@@ -51,7 +62,7 @@ impl Direct for NoDirect {
     type Future = std::future::Ready<Result<Reply<axum::body::Body>, Infallible>>;
     const ENABLED: bool = false;
 
-    fn direct(&self, _: &Method, _: &Uri, _: &HeaderMap) -> Option<Self::Future> {
+    fn direct(&self, _: &Method, _: &Uri, _: &HeaderMap, _: Lend<'_>) -> Option<Self::Future> {
         None
     }
 }
@@ -61,6 +72,9 @@ impl Direct for NoDirect {
 pub enum Reply<B> {
     Response(Response<B>),
     Prepared(Prepared),
+    /// An answer written on the request's lent socket ([`crate::lend`]); the connection writes what is left of
+    /// it.
+    Written(crate::lend::Written),
 }
 
 impl<B> From<Response<B>> for Reply<B> {
@@ -81,6 +95,13 @@ impl<B: From<Bytes>> Reply<B> {
         match self {
             Reply::Response(r) => r,
             Reply::Prepared(p) => p.into_response(),
+            // only a request on kiln's HTTP/1.1 lends its socket, and its answer is not made a response
+            Reply::Written(_) => {
+                debug_assert!(false, "an answer written on a lent socket made a response");
+                let mut r = Response::new(B::from(Bytes::new()));
+                *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                r
+            }
         }
     }
 }
@@ -374,6 +395,14 @@ where
             Ok(close)
         }
         Reply::Response(res) => respond(tcp, res, close).await,
+        Reply::Written(w) => {
+            let (rest, closes) = w.take_rest();
+            let mut rest = rest?;
+            if !rest.is_empty() {
+                write_all(tcp, &mut Vec::new(), &mut rest).await?;
+            }
+            Ok(close || closes)
+        }
     }
 }
 
@@ -447,19 +476,31 @@ pub(crate) fn write_prepared_now(
     p: &Prepared,
     close: bool,
 ) -> std::io::Result<Vec<Bytes>> {
+    write_prepared(|slices| tcp.try_write_vectored(slices), p, b"", close)
+}
+
+/// [`write_prepared_now`] through `write` (a non-blocking `writev`), with `extra` (whole header lines) after the
+/// answer's static lines, as [`Prepared::with`] would put them.
+pub(crate) fn write_prepared(
+    mut write: impl FnMut(&[IoSlice<'_>]) -> std::io::Result<usize>,
+    p: &Prepared,
+    extra: &'static [u8],
+    close: bool,
+) -> std::io::Result<Vec<Bytes>> {
     let mut end = [0u8; 96];
     let end_len = prepared_end(&mut end, p.body.len(), close);
     let end = &end[..end_len];
+    let statics = || p.pieces.iter().copied().take_while(|l| !l.is_empty());
     let all = || {
         std::iter::once(OK)
-            .chain(p.lines())
-            .chain([end, &p.body[..]])
+            .chain(statics())
+            .chain([extra, &p.shared[..], end, &p.body[..]])
             .filter(|s| !s.is_empty())
     };
     let total: usize = all().map(<[u8]>::len).sum();
     let mut done = 0;
     while done < total {
-        let mut slices = [IoSlice::new(&[]); PREPARED_PIECES + 4];
+        let mut slices = [IoSlice::new(&[]); PREPARED_PIECES + 5];
         let (mut skip, mut n) = (done, 0);
         for s in all() {
             if skip >= s.len() {
@@ -470,7 +511,7 @@ pub(crate) fn write_prepared_now(
             skip = 0;
             n += 1;
         }
-        match tcp.try_write_vectored(&slices[..n]) {
+        match write(&slices[..n]) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(written) => done += written,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -484,8 +525,14 @@ pub(crate) fn write_prepared_now(
     let mut rest = Vec::new();
     let mut skip = done;
     let pieces = std::iter::once(Bytes::from_static(OK))
-        .chain(p.pieces.iter().map(|l| Bytes::from_static(l)))
+        .chain(
+            p.pieces
+                .iter()
+                .take_while(|l| !l.is_empty())
+                .map(|l| Bytes::from_static(l)),
+        )
         .chain([
+            Bytes::from_static(extra),
             p.shared.clone(),
             Bytes::copy_from_slice(end),
             p.body.clone(),

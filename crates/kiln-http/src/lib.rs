@@ -11,12 +11,14 @@
 //! - [`server`]: the accept loop with a connection cap, header/idle timeouts, h2c/TLS, and a graceful drain.
 //! - [`h1`]: HTTP/1.1 of our own for the requests a service answers from their head alone (kilnd's playback GETs
 //!   on plain TCP); every other request, and the rest of its connection, is hyper's.
+//! - [`lend`]: a parked request's socket lent to the producer of its answer, which writes it itself.
 //!
 //! Nothing here knows about streams, jobs or nodes: handlers build their own error codes and call [`error::json_error`].
 
 pub mod auth;
 pub mod error;
 pub mod h1;
+pub mod lend;
 pub mod openapi;
 pub mod process;
 pub mod server;

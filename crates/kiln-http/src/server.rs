@@ -56,6 +56,12 @@ pub fn serving_busy() -> Duration {
     Duration::from_nanos(BUSY_NS.load(Ordering::Relaxed))
 }
 
+/// Adds `d` to [`serving_busy`]: serving work done outside the servers' polls (kilnd: a publish writing the
+/// answers of the requests that lent it their sockets, [`crate::lend`]).
+pub fn add_serving(d: Duration) {
+    BUSY_NS.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+}
+
 pin_project_lite::pin_project! {
     /// A future whose polls are timed into [`serving_busy`]. The future is held inline (not boxed): a spawned
     /// connection is one allocation, its task.
@@ -420,7 +426,9 @@ where
                 headers,
                 close,
             } = head;
-            let Some(answer) = self.direct.direct(&Method::GET, &uri, &headers) else {
+            // the socket the answer may lend; its answer closes the connection as this one's would
+            let lend = crate::lend::Lend::new(&tcp, close || *self.stopping.borrow());
+            let Some(answer) = self.direct.direct(&Method::GET, &uri, &headers, lend) else {
                 return self.handover(buf, tcp).await;
             };
             drop((uri, headers));
@@ -588,6 +596,8 @@ mod tests {
     #[derive(Clone)]
     struct Echo {
         chunks: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<axum::body::Bytes>>>>,
+        /// `/d/lent`'s loans, for the test to write on.
+        loans: Arc<std::sync::Mutex<Vec<crate::lend::Loan>>>,
         waiting: Arc<tokio::sync::Notify>,
         release: Arc<tokio::sync::Notify>,
         dropped: Arc<tokio::sync::Notify>,
@@ -597,6 +607,7 @@ mod tests {
         fn new() -> Self {
             Echo {
                 chunks: Arc::new(std::sync::Mutex::new(None)),
+                loans: Arc::new(std::sync::Mutex::new(Vec::new())),
                 waiting: Arc::new(tokio::sync::Notify::new()),
                 release: Arc::new(tokio::sync::Notify::new()),
                 dropped: Arc::new(tokio::sync::Notify::new()),
@@ -646,12 +657,27 @@ mod tests {
             _: &Method,
             uri: &axum::http::Uri,
             _: &axum::http::HeaderMap,
+            lend: crate::lend::Lend<'_>,
         ) -> Option<EchoFuture> {
             uri.path().strip_prefix("/d/")?;
             let path = uri.path()[1..].to_string();
             let (chunks, release) = (self.chunks.clone(), self.release.clone());
             let waiting = self.waiting.clone();
             let dropped = OnDrop(self.dropped.clone());
+            if path == "d/lent" {
+                let (mut lent, loan) = lend.with_lines(b"x-lent: yes\r\n").lend()?;
+                self.loans.lock().unwrap().push(loan);
+                return Some(Box::pin(async move {
+                    let _dropped = dropped;
+                    waiting.notify_one();
+                    Ok(match lent.woken().await {
+                        crate::lend::Woken::Written(w) => h1::Reply::Written(w),
+                        crate::lend::Woken::LookAgain => {
+                            Response::new(axum::body::Body::from("looked again")).into()
+                        }
+                    })
+                }));
+            }
             Some(Box::pin(async move {
                 let body = match path.as_str() {
                     "d/prepared" | "d/unprepared" => {
@@ -914,6 +940,133 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), echo.dropped.notified())
             .await
             .expect("the answer was kept after its client had gone");
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    /// Writes `p` on the one loan `/d/lent` made, waking its connection after.
+    fn write_on_loan(echo: &Echo, p: &h1::Prepared) -> bool {
+        let loan = echo.loans.lock().unwrap().pop().expect("a loan");
+        let mut wake = Vec::new();
+        let wrote = loan.write(p, &mut wake);
+        assert_eq!(
+            wake.len(),
+            usize::from(wrote),
+            "the connection is woken once written"
+        );
+        wake.into_iter().for_each(std::task::Waker::wake);
+        wrote
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lent_socket_gets_the_producer_s_answer_and_the_connection_goes_on() {
+        use tokio::io::AsyncWriteExt;
+        let (addr, _, echo, stop, server) = echo_server(Limits::default()).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /d/lent HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        echo.waiting.notified().await;
+        // written from a thread that is not the connection's, as a publish does
+        let p = prepared_echo();
+        let wrote = std::thread::scope(|t| t.spawn(|| write_on_loan(&echo, &p)).join().unwrap());
+        assert!(wrote);
+        let lent = read_until(&mut c, "the same body").await;
+        // the same bytes as the prepared answer with the service's line added (kiln's own writer's)
+        let expected = h1::write_prepared(
+            |s| Ok(s.iter().map(|s| s.len()).sum()),
+            &p.clone().with(b"x-lent: yes\r\n"),
+            b"",
+            false,
+        );
+        assert!(expected.unwrap().is_empty());
+        let (mut got, body) = head_lines(&lent);
+        got.retain(|l| !l.starts_with("date: "));
+        assert_eq!(body, "the same body");
+        assert_eq!(
+            got,
+            [
+                "HTTP/1.1 200 OK",
+                "cache-control: public, max-age=6",
+                "content-length: 13",
+                "content-type: text/plain",
+                "etag: \"e-1\"",
+                "vary: accept-encoding",
+                "x-lent: yes",
+            ]
+        );
+        // the connection goes on: the next request is read and answered, and closes it as asked
+        c.write_all(b"GET /d/next HTTP/1.1\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let next = read_until(&mut c, "never: the server closes").await;
+        assert!(
+            next.starts_with("HTTP/1.1 200 OK\r\n") && next.ends_with("d/next"),
+            "{next}"
+        );
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lent_answer_the_socket_does_not_take_at_once_is_finished_by_the_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (addr, _, echo, stop, server) = echo_server(Limits::default()).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /d/lent HTTP/1.1\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        echo.waiting.notified().await;
+        // far more than a socket's buffers hold while the client reads nothing
+        let body: Vec<u8> = (0..32 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let p = h1::Prepared::new(axum::body::Bytes::from(body.clone()));
+        assert!(write_on_loan(&echo, &p));
+        let mut all = Vec::new();
+        c.read_to_end(&mut all).await.unwrap();
+        let head_end = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = std::str::from_utf8(&all[..head_end]).unwrap();
+        assert!(
+            head.contains("content-length: 33554432\r\n") && head.contains("connection: close\r\n"),
+            "{head}"
+        );
+        assert!(
+            all[head_end..] == body[..],
+            "the body came whole and in order"
+        );
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lent_socket_is_taken_back_when_its_request_ends_and_is_not_written_after() {
+        use tokio::io::AsyncWriteExt;
+        let (addr, _, echo, stop, server) = echo_server(Limits::default()).await;
+        // asked to look again: the request answers by itself, and the loan is over
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /d/lent HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        echo.waiting.notified().await;
+        let loan = echo.loans.lock().unwrap().pop().unwrap();
+        assert!(loan.is_open());
+        let mut wake = Vec::new();
+        loan.look_again(&mut wake);
+        wake.drain(..).for_each(std::task::Waker::wake);
+        let answer = read_until(&mut c, "looked again").await;
+        assert!(answer.ends_with("looked again"), "{answer}");
+        echo.dropped.notified().await;
+        assert!(!loan.is_open());
+        assert!(!loan.write(&prepared_echo(), &mut wake) && wake.is_empty());
+        // a client that leaves: its answer is dropped, and with it the loan
+        c.write_all(b"GET /d/lent HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        echo.waiting.notified().await;
+        let loan = echo.loans.lock().unwrap().pop().unwrap();
+        drop(c);
+        echo.dropped.notified().await;
+        assert!(!loan.is_open());
+        assert!(!loan.write(&prepared_echo(), &mut wake) && wake.is_empty());
         let _ = stop.send(());
         server.await.unwrap().unwrap();
     }

@@ -13,6 +13,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use kiln_http::lend::Lend;
 use kiln_http::openapi::ErrorEnvelope;
 use kiln_llhls::packager::{parse_resource, PartPos, Resource, Skip};
 use kiln_llhls::{BlockRequest, Decision, Snapshot};
@@ -342,6 +343,24 @@ fn error(status: StatusCode, max_age: u64, msg: &str) -> Response {
 
 /// 503 past the parking limit (counted by [`Origin::park`]), with `Retry-After: 1`: the next part is due within a
 /// second, and a client (or CDN) that retries then finds it published and needs no place.
+/// The answer to a parked request its state did not answer in time. Cacheable for a second: a CDN's collapsed
+/// waiters share it instead of queueing one by one behind an uncacheable answer.
+fn parked_too_long() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        1,
+        "the requested part did not appear within 3 target durations",
+    )
+}
+
+/// What a playlist answer needs of its stream besides the rendition's state: TARGETDURATION, and whether it is
+/// final ([`StreamOrigin::timing`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    pub(crate) td: u64,
+    pub(crate) known: bool,
+}
+
 fn too_many_parked() -> Response {
     let mut r = error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -476,6 +495,7 @@ async fn media(
         (&stream, &rendition, &file),
         query.as_deref(),
         conditions,
+        None,
     )
     .await
     .into_response()
@@ -487,6 +507,7 @@ fn media_answer(
     (stream, rendition, file): (&str, &str, &str),
     query: Option<&str>,
     conditions: Conditions,
+    lend: Option<Lend<'_>>,
 ) -> LiveAnswer {
     let token = match check_token(origin, stream, query) {
         Ok(t) => t,
@@ -501,7 +522,7 @@ fn media_answer(
     let td = u64::from(s.target_duration_s());
     if file == "index.m3u8" {
         return match parse_query(query) {
-            Ok(q) => playlist(origin, s, r, q, token, conditions.gzip),
+            Ok(q) => playlist(origin, s, r, (q, token, conditions.gzip), lend),
             Err(AMBIGUOUS_QUERY) => {
                 let mut r = error(StatusCode::BAD_REQUEST, 0, AMBIGUOUS_QUERY);
                 r.headers_mut()
@@ -684,20 +705,20 @@ pub fn parse_range(spec: &str, len: u64) -> Option<(u64, u64)> {
 
 /// A media playlist: at once when the rendition's state answers the request, else parked until a publish does
 /// (a blocking reload, or a plain request while the stream starts).
+/// A request on kiln's HTTP/1.1 (`lend`) lends its socket while it waits, and the publish that satisfies it
+/// writes its answer ([`lent`]); others wait on the rendition's publishes.
 fn playlist(
     origin: &Origin,
     s: Arc<StreamOrigin>,
     r: Arc<Rendition>,
-    q: PlaylistQuery,
-    token: Option<String>,
-    gzip: bool,
+    (q, token, gzip): (PlaylistQuery, Option<String>, bool),
+    lend: Option<Lend<'_>>,
 ) -> LiveAnswer {
     let mut rx = r.subscribe();
     let snap = rx.borrow_and_update().clone();
-    if let Some(resp) = playlist_step(&s, &r, (q, &token, gzip), &snap, |body| body) {
+    if let Some(resp) = playlist_step(s.timing(), &r, (q, &token, gzip), &snap, |body| body) {
         return LiveAnswer::now(resp);
     }
-    drop(snap);
     let Some(place) = origin.park() else {
         return LiveAnswer::now(too_many_parked());
     };
@@ -708,7 +729,27 @@ fn playlist(
     } else {
         30
     };
-    let mut park = Park::new(rx, place, Duration::from_secs(wait_s));
+    let park = Park::new(rx, place, Duration::from_secs(wait_s));
+    let form = lent::Form { q, token, gzip };
+    let form = match lend.and_then(Lend::lend) {
+        Some(loan) => match lent::park(r.clone(), loan, form, &snap, &origin.fanout) {
+            Ok(wait) => return LiveAnswer::later(wait.answer(park, move || s.timing())),
+            Err(form) => form,
+        },
+        None => form,
+    };
+    drop(snap);
+    subscribed(origin, s, r, form, park)
+}
+
+/// A playlist request waiting on its rendition's publishes.
+fn subscribed(
+    origin: &Origin,
+    s: Arc<StreamOrigin>,
+    r: Arc<Rendition>,
+    lent::Form { q, token, gzip }: lent::Form,
+    mut park: Park<Arc<Published>>,
+) -> LiveAnswer {
     let fanout = origin.fanout.clone();
     LiveAnswer::later(async move {
         loop {
@@ -716,16 +757,7 @@ fn playlist(
             match park.next().await {
                 Woken::Published => {}
                 Woken::Closed => return error(StatusCode::NOT_FOUND, td, "stream ended").into(),
-                // cacheable for a second: a CDN's collapsed waiters share it instead of queueing one by one
-                // behind an uncacheable answer
-                Woken::TimedOut => {
-                    return error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        1,
-                        "the requested part did not appear within 3 target durations",
-                    )
-                    .into()
-                }
+                Woken::TimedOut => return parked_too_long().into(),
             }
             let snap = park.current();
             // a blocking reload woken by the publish of the part it asked for: its answer measures the fan-out
@@ -734,7 +766,7 @@ fn playlist(
                 Some((m, p)) => r.stamped(body, PartPos::new(m, p), &fanout),
                 None => body,
             };
-            if let Some(resp) = playlist_step(&s, &r, (q, &token, gzip), &snap, woken) {
+            if let Some(resp) = playlist_step(s.timing(), &r, (q, &token, gzip), &snap, woken) {
                 return resp;
             }
         }
@@ -744,19 +776,19 @@ fn playlist(
 /// A playlist request against the rendition's state `snap`: the playlist (its body passed through `ready`, which
 /// stamps a woken request's answer for the fan-out) or a refusal; `None`: wait.
 fn playlist_step(
-    s: &StreamOrigin,
+    t: Timing,
     r: &Rendition,
     (q, token, gzip): (PlaylistQuery, &Option<String>, bool),
     snap: &Arc<Published>,
     ready: impl FnOnce(Bytes) -> Bytes,
 ) -> Option<Reply> {
-    let td = u64::from(s.target_duration_s());
+    let td = t.td;
     let blocking = q.block.is_blocking();
     // Until the first segment is complete a playlist holds parts only, which players that read whole segments
     // (ffmpeg, non-LL clients) take for an empty stream: hold plain requests until then (≤ 1 segment + 1 part).
-    let decision = if (snap.closed.is_empty() || !s.target_known()) && !snap.ended && !blocking {
+    let decision = if (snap.closed.is_empty() || !t.known) && !snap.ended && !blocking {
         Decision::Wait
-    } else if !s.target_known() && !snap.ended {
+    } else if !t.known && !snap.ended {
         // TARGETDURATION is not final yet: nothing is served before it is (it never changes after)
         Decision::Wait
     } else {
@@ -882,6 +914,7 @@ impl MediaWait {
 }
 
 mod direct;
+pub(crate) mod lent;
 mod lines;
 mod park;
 pub use direct::LiveGet;

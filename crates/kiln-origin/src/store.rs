@@ -51,6 +51,8 @@ pub struct Rendition {
     /// The `ETag` header lines of its newest parts and segments ([`TAGS`]), each made once, when it was
     /// published: a media answer shares one instead of making its own.
     tags: Mutex<std::collections::VecDeque<(Resource, Bytes)>>,
+    /// Playlist requests parked on sockets lent to it, which its publishes answer ([`crate::routes::lent`]).
+    pub(crate) lent: Mutex<crate::routes::lent::Waiters>,
 }
 
 /// `ETag` lines kept per rendition: the parts and segments of the last ~20 s at three parts a second, more than
@@ -68,9 +70,15 @@ impl Rendition {
         self.snapshot.subscribe()
     }
 
-    /// Requests currently parked on this rendition (blocking playlist reloads and held part requests).
+    /// Requests currently parked on this rendition (blocking playlist reloads and held part requests; each holds
+    /// a receiver, whether it waits on it or on a lent socket).
     pub fn parked(&self) -> usize {
         self.snapshot.receiver_count()
+    }
+
+    /// Whether `snap` is the state published last.
+    pub(crate) fn is_current(&self, snap: &Arc<Published>) -> bool {
+        Arc::ptr_eq(&self.snapshot.borrow(), snap)
     }
 
     /// Test hook (LL-HLS conformance item 38: identical blocked requests share one publish): the snapshot the
@@ -83,11 +91,16 @@ impl Rendition {
 
     /// Records that a playlist answer was served from `snap` (see [`Rendition::served_from`]).
     pub(crate) fn note_served(&self, snap: &Arc<Published>) {
+        self.note_served_n(snap, 1);
+    }
+
+    /// [`Rendition::note_served`] for `n` answers.
+    pub(crate) fn note_served_n(&self, snap: &Arc<Published>, n: u64) {
         let mut s = self.served.lock();
         if s.0.as_ref().is_some_and(|p| Arc::ptr_eq(p, snap)) {
-            s.1 += 1;
+            s.1 += n;
         } else {
-            *s = (Some(snap.clone()), 1);
+            *s = (Some(snap.clone()), n);
         }
     }
 
@@ -212,7 +225,7 @@ impl Rendition {
     }
 
     /// When part `pos` was published, on [`clock_ns`]'s clock.
-    fn part_published_ns(&self, pos: PartPos) -> Option<u64> {
+    pub(crate) fn part_published_ns(&self, pos: PartPos) -> Option<u64> {
         let p = self.published.lock();
         Some(p.iter().rev().find(|(q, _)| *q == pos)?.1)
     }
@@ -315,6 +328,14 @@ impl StreamOrigin {
         self.learn_from.is_some()
     }
 
+    /// What a playlist answer needs of the stream besides its rendition's state.
+    pub(crate) fn timing(&self) -> crate::routes::Timing {
+        crate::routes::Timing {
+            td: u64::from(self.target_duration_s()),
+            known: self.target_known(),
+        }
+    }
+
     /// Whether TARGETDURATION is final (always, but for a stream still learning its source's GOP).
     pub fn target_known(&self) -> bool {
         self.target_known.load(Ordering::SeqCst)
@@ -354,6 +375,7 @@ impl StreamOrigin {
                 p.snapshot_with(&reports)
             };
             r.publish(snap);
+            crate::routes::lent::serve(self.timing(), r);
         }
         self.bump();
     }
@@ -375,6 +397,7 @@ impl StreamOrigin {
                     served: Mutex::new((None, 0)),
                     published: Mutex::new(Default::default()),
                     etag_prefix: etag_prefix.clone(),
+                    lent: Mutex::default(),
                     tags: Mutex::new(Default::default()),
                 })
             })
@@ -451,6 +474,7 @@ impl StreamOrigin {
         };
         r.publish(snap);
         self.bump();
+        crate::routes::lent::serve(self.timing(), r);
     }
 
     /// Adds a part and publishes the rendition's new playlist.
@@ -470,6 +494,7 @@ impl StreamOrigin {
         self.refresh_stale_reports(index, before);
         self.bump();
         self.learn_target(index);
+        crate::routes::lent::serve(self.timing(), r);
         Ok(pos)
     }
 
@@ -498,6 +523,7 @@ impl StreamOrigin {
                 let reports = self.reports_for(i);
                 let snap = other.packager().snapshot_with(&reports);
                 other.publish(snap);
+                crate::routes::lent::serve(self.timing(), other);
             }
         }
     }
@@ -512,6 +538,7 @@ impl StreamOrigin {
                 p.snapshot_with(&reports)
             };
             r.publish(snap);
+            crate::routes::lent::serve(self.timing(), r);
         }
         self.bump();
     }
@@ -651,7 +678,7 @@ impl StreamOrigin {
 const PUBLISH_STAMPS: usize = 16;
 
 /// Monotonic nanoseconds since the first call in this process.
-fn clock_ns() -> u64 {
+pub(crate) fn clock_ns() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     START
         .get_or_init(std::time::Instant::now)

@@ -225,6 +225,13 @@ impl Future for Answer {
                     let res = as_the_layer_would(res, *gzip);
                     Reply::Response(counted(res, *kind, start, metrics))
                 }
+                // a prepared answer written on the request's lent socket, with the CORS lines: only the metrics
+                Reply::Written(w) => {
+                    let bytes = Some(w.body_len());
+                    let status = axum::http::StatusCode::OK;
+                    metrics.http.observe(*kind, status, bytes, start.elapsed());
+                    Reply::Written(w)
+                }
             })),
         }
     }
@@ -261,7 +268,7 @@ impl hyper::service::Service<Request<Incoming>> for Front {
         };
         let (parts, _) = req.into_parts();
         ForHyper {
-            inner: self.answer(live, &parts.headers),
+            inner: self.answer(live, &parts.headers, None),
         }
     }
 }
@@ -271,17 +278,30 @@ impl kiln_http::h1::Direct for Front {
     type Body = Body;
     type Future = Answer;
 
-    fn direct(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<Answer> {
+    fn direct(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        lend: kiln_http::lend::Lend<'_>,
+    ) -> Option<Answer> {
         let live = LiveGet::of(method, uri, headers)?;
         self.0.metrics.own_http1_answers.inc();
-        Some(self.answer(live, headers))
+        Some(self.answer(live, headers, Some(lend)))
     }
 }
 
 impl Front {
     /// The origin's answer to `live`, through the compression layer or as it would give it, counted like the
-    /// router's.
-    fn answer(&self, live: LiveGet, headers: &HeaderMap) -> Answer {
+    /// router's. `lend`: the request's socket on kiln's HTTP/1.1, which the origin may lend to the publish that
+    /// answers it (with the CORS lines every prepared answer gets here); only where the layer has nothing to
+    /// negotiate.
+    fn answer(
+        &self,
+        live: LiveGet,
+        headers: &HeaderMap,
+        lend: Option<kiln_http::lend::Lend<'_>>,
+    ) -> Answer {
         let kind = request_kind_index(live.path(), live.query());
         self.0.metrics.direct_answers.inc();
         // taken before the call (the origin computes an answer it can give at once in the call itself): the
@@ -291,8 +311,9 @@ impl Front {
         if !asks || live.gzip() {
             // identity or gzip: no negotiation left for the layer (see `as_the_layer_would`)
             let gzip = asks;
+            let lend = lend.map(|l| l.with_lines(CORS_LINES));
             return Answer::Plain {
-                inner: live.answer(&self.0.direct.get_ref().0),
+                inner: live.answer_lending(&self.0.direct.get_ref().0, lend),
                 gzip,
                 kind,
                 start,

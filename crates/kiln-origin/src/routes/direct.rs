@@ -7,6 +7,7 @@
 //! per layer). Everything else (HEAD, OPTIONS, odd paths) goes to the router, which answers it the same way.
 
 use axum::http::{HeaderMap, Method, Uri};
+use kiln_http::lend::Lend;
 
 use super::{master_answer, media_answer, mpd_answer, Conditions, LiveAnswer};
 use crate::store::Origin;
@@ -145,6 +146,12 @@ impl LiveGet {
     /// The answer the playback routes give to this request (computed now: only a request that has to wait is
     /// left a future to poll).
     pub fn answer(self, origin: &Origin) -> LiveAnswer {
+        self.answer_lending(origin, None)
+    }
+
+    /// [`LiveGet::answer`] for a request on kiln's HTTP/1.1, whose socket a blocking playlist reload lends while
+    /// it waits (the publish that satisfies it writes its answer: [`super::lent`]).
+    pub fn answer_lending(self, origin: &Origin, lend: Option<Lend<'_>>) -> LiveAnswer {
         let LiveGet {
             target: uri,
             path_len,
@@ -156,7 +163,7 @@ impl LiveGet {
             Target::Master(stream) => master_answer(origin, stream, query, conditions.gzip),
             Target::Mpd(stream) => mpd_answer(origin, stream, query, conditions.gzip),
             Target::Media(stream, rendition, file) => {
-                media_answer(origin, (stream, rendition, file), query, conditions)
+                media_answer(origin, (stream, rendition, file), query, conditions, lend)
             }
         }
     }

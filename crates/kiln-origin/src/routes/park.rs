@@ -107,6 +107,11 @@ impl<T> Park<T> {
         }
     }
 
+    /// When it gives up.
+    pub(super) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
     /// The value published last.
     pub(super) fn current(&mut self) -> T
     where

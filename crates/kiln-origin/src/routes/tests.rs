@@ -3,6 +3,7 @@ use crate::store::RenditionInfo;
 use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
+use kiln_http::lend::Lend;
 use kiln_llhls::{PackagerConfig, PartIn};
 use tower::ServiceExt;
 
@@ -680,4 +681,163 @@ async fn the_fan_out_ends_when_the_woken_answer_is_written() {
     drop(bodies);
     assert_eq!(o.fanout.get_sample_count(), 2, "written: both measured");
     assert!(o.fanout.get_sample_sum() < 5.0);
+}
+
+/// A connected pair of sockets: the server's side (for a [`Lend`]) and the client's.
+async fn socket_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = tokio::net::TcpStream::connect(l.local_addr().unwrap());
+    let (client, server) = tokio::join!(client, l.accept());
+    (server.unwrap().0, client.unwrap())
+}
+
+/// What has arrived on `c` by now: read from the socket itself (not through tokio's readiness, which its I/O
+/// driver may not have seen yet), without waiting.
+fn arrived(c: &tokio::net::TcpStream) -> String {
+    use std::io::Read as _;
+    use std::os::fd::AsFd as _;
+    let mut s = std::net::TcpStream::from(c.as_fd().try_clone_to_owned().unwrap());
+    let mut all = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    String::from_utf8(all).unwrap()
+}
+
+/// Everything that arrives on `c` until `want` has (or 10 s).
+async fn arrives(c: &tokio::net::TcpStream, want: &str) -> String {
+    let mut all = String::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !all.contains(want) {
+            c.readable().await.unwrap();
+            all += &arrived(c);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{want:?} did not arrive: {all:?}"));
+    all
+}
+
+fn lending<'a>(o: &Origin, uri: &str, lend: Lend<'a>) -> LiveAnswer {
+    LiveGet::of(
+        &axum::http::Method::GET,
+        &uri.parse().unwrap(),
+        &HeaderMap::new(),
+    )
+    .unwrap()
+    .answer_lending(o, Some(lend.with_lines(b"x-lent: yes\r\n")))
+}
+
+/// A blocking reload on a lent socket is answered by the publish itself: its answer is on the socket, and the
+/// fan-out observed, when the publish returns, before its future has run; the future then gives the written
+/// answer to its connection.
+#[tokio::test]
+async fn a_lent_blocking_reload_is_written_by_the_publish() {
+    let (o, s) = origin();
+    part(&s, 0, 0);
+    let (server, client) = socket_pair().await;
+    let q = "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1";
+    let answer = lending(&o, q, Lend::new(&server, false));
+    assert!(
+        answer.waiting_size().is_some_and(|n| n <= 512),
+        "{:?}",
+        answer.waiting_size()
+    );
+    assert_eq!((o.parked(), s.renditions[0].parked()), (1, 1));
+    let task = tokio::spawn(answer);
+    tokio::task::yield_now().await;
+    assert_eq!(arrived(&client), "", "nothing before the publish");
+    part(&s, 0, 1);
+    assert_eq!(o.fanout.get_sample_count(), 1, "measured as it was written");
+    let got = arrived(&client);
+    let (head, body) = got.split_once("\r\n\r\n").expect("a whole answer");
+    let head = format!("{head}\r\n");
+    let snap = s.renditions[0].snapshot();
+    assert_eq!(body.as_bytes(), &snap.playlist[..]);
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    for line in [
+        "content-type: application/vnd.apple.mpegurl",
+        "cache-control: public, max-age=12",
+        "x-lent: yes",
+        &format!("content-length: {}", body.len()),
+    ] {
+        assert!(head.contains(&format!("{line}\r\n")), "{line}: {head}");
+    }
+    assert!(!head.contains("connection: close"), "{head}");
+    let Reply::Written(w) = task.await.unwrap() else {
+        panic!("not the written answer");
+    };
+    assert_eq!(w.body_len(), body.len() as u64);
+    assert_eq!(o.parked(), 0);
+    let (from, answers) = s.renditions[0].served_from();
+    assert!(Arc::ptr_eq(&from.unwrap(), &snap) && answers == 1);
+}
+
+/// Enough waiters for a chunk per worker: every socket gets its answer, each measured once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_lent_reloads_are_written_by_every_worker() {
+    let (o, s) = origin();
+    part(&s, 0, 0);
+    let mut pairs = Vec::new();
+    for _ in 0..300 {
+        pairs.push(socket_pair().await);
+    }
+    let tasks: Vec<_> = pairs
+        .iter()
+        .map(|(server, _)| {
+            let q = "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1&_HLS_skip=YES";
+            tokio::spawn(lending(&o, q, Lend::new(server, false)))
+        })
+        .collect();
+    assert_eq!(o.parked(), 300);
+    // published from a task of the runtime, as kilnd does
+    let s2 = s.clone();
+    tokio::spawn(async move { part(&s2, 0, 1) }).await.unwrap();
+    for t in tasks {
+        assert!(matches!(t.await.unwrap(), Reply::Written(_)));
+    }
+    let body = s.renditions[0]
+        .snapshot()
+        .playlist(Skip::Yes, None, false)
+        .body;
+    let body = std::str::from_utf8(&body).unwrap();
+    for (_, client) in &pairs {
+        let got = arrives(client, &body[body.len() - 24..]).await;
+        assert!(
+            got.starts_with("HTTP/1.1 200 OK\r\n") && got.ends_with(body),
+            "{got}"
+        );
+    }
+    assert_eq!(o.fanout.get_sample_count(), 300);
+    assert_eq!(o.parked(), 0);
+}
+
+/// A lent request that ends by itself (its deadline, or its client leaving) takes its socket back: the publish
+/// after it writes nothing there.
+#[tokio::test(start_paused = true)]
+async fn a_lent_reload_that_ends_by_itself_is_not_written_after() {
+    let (o, s) = origin();
+    part(&s, 0, 0);
+    let (server, client) = socket_pair().await;
+    let q = "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1";
+    // 3 × TD without the part: 503, from the request itself
+    let timed_out = lending(&o, q, Lend::new(&server, false)).await;
+    let Reply::Response(r) = timed_out else {
+        panic!("not a response")
+    };
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // a client that leaves: its answer is dropped
+    let left = lending(&o, q, Lend::new(&server, false));
+    assert_eq!(o.parked(), 1);
+    drop(left);
+    assert_eq!(o.parked(), 0);
+    part(&s, 0, 1);
+    assert_eq!(arrived(&client), "");
+    assert_eq!(o.fanout.get_sample_count(), 0);
 }

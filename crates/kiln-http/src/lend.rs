@@ -1,0 +1,260 @@
+//! A parked request's socket, lent to whoever produces its answer.
+//!
+//! A request on kiln's own HTTP/1.1 ([`crate::h1`]) whose answer waits for an event (kilnd: a blocking playlist
+//! reload waiting for a part) can lend its socket to that event's producer: the publish then writes the prepared
+//! answer itself, from the thread it runs on, and wakes the request's connection only afterwards. Thousands of
+//! requests parked for one part are answered by one loop over their sockets, with no task woken (and no future
+//! polled) before each answer is on its way: that wake, not the `writev`, is what a task per request adds to the
+//! time from publish to the last answer (benches/README.md, "Fan-out with a light client").
+//!
+//! The parts:
+//! - [`Lend`]: what the connection offers a [`crate::h1::Direct`] service with each request (the socket, whether
+//!   the answer closes the connection, header lines the service adds to every answer, such as CORS).
+//! - [`Lent`]: the request's side, held by its answer's future: it learns that its answer was written (or that it
+//!   should look again itself), and takes the socket back when it answers by itself, times out, or is dropped.
+//! - [`Loan`]: the producer's side: writes a [`Prepared`] answer if the socket is still lent, or asks the request
+//!   to look again.
+//!
+//! The producer writes on a duplicate of the socket's descriptor (`dup`), not on the connection's own: it can
+//! never write on a descriptor number that was closed and reused. The duplicate is closed as soon as the answer
+//! is written or the socket is taken back. Writes are non-blocking; what the socket does not take at once is
+//! handed to the connection, which writes it as it writes any answer. TLS and HTTP/2 connections lend nothing.
+
+use std::io::Write as _;
+use std::os::fd::AsFd as _;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+
+use crate::h1::{write_prepared, Prepared};
+
+/// What a request's connection offers its answer: its socket, to lend if the answer has to wait.
+#[derive(Debug)]
+pub struct Lend<'a> {
+    tcp: &'a TcpStream,
+    close: bool,
+    lines: &'static [u8],
+}
+
+impl<'a> Lend<'a> {
+    /// What `tcp` offers the answer of the request it carries; `close`: the answer closes the connection.
+    pub fn new(tcp: &'a TcpStream, close: bool) -> Self {
+        Lend {
+            tcp,
+            close,
+            lines: b"",
+        }
+    }
+
+    /// Adds `lines` (whole header lines, as [`Prepared::with`] takes them) to the answer written on the loan:
+    /// the lines the service adds to every prepared answer it gives.
+    pub fn with_lines(mut self, lines: &'static [u8]) -> Self {
+        self.lines = lines;
+        self
+    }
+
+    /// Lends the socket: [`Lent`] for the answer's future, [`Loan`] for the producer. `None` when its descriptor
+    /// cannot be duplicated (the process is out of descriptors): the answer then waits as any other does.
+    pub fn lend(self) -> Option<(Lent, Loan)> {
+        let fd = self.tcp.as_fd().try_clone_to_owned().ok()?;
+        let shared = Arc::new(Shared {
+            close: self.close,
+            lines: self.lines,
+            state: Mutex::new(State {
+                socket: Some(std::net::TcpStream::from(fd)),
+                outcome: Outcome::Waiting,
+                waker: None,
+            }),
+        });
+        Some((Lent(shared.clone()), Loan(shared)))
+    }
+}
+
+/// An answer a producer wrote on a lent socket: what the socket did not take at once (the connection writes it),
+/// and how the write went.
+#[derive(Debug)]
+pub struct Written {
+    rest: Vec<Bytes>,
+    body_len: u64,
+    error: Option<std::io::Error>,
+    close: bool,
+}
+
+impl Written {
+    /// The length of the answer's body.
+    pub fn body_len(&self) -> u64 {
+        self.body_len
+    }
+
+    /// What is left for the connection (taken): the bytes to write, or the write's error; and whether it closes
+    /// after.
+    pub(crate) fn take_rest(&mut self) -> (std::io::Result<Vec<Bytes>>, bool) {
+        match self.error.take() {
+            Some(e) => (Err(e), self.close),
+            None => (Ok(std::mem::take(&mut self.rest)), self.close),
+        }
+    }
+}
+
+/// How a lent request's wait ended, as its future sees it.
+#[derive(Debug)]
+pub enum Woken {
+    /// Its answer was written (wholly or in part) by the producer.
+    Written(Written),
+    /// The producer has an answer for it that it does not write (not a prepared one): the request looks at the
+    /// state itself. The socket stays lent.
+    LookAgain,
+}
+
+struct Shared {
+    close: bool,
+    lines: &'static [u8],
+    state: Mutex<State>,
+}
+
+struct State {
+    /// The duplicate descriptor, while the socket is lent.
+    socket: Option<std::net::TcpStream>,
+    outcome: Outcome,
+    /// The request's connection, to wake once something happened.
+    waker: Option<Waker>,
+}
+
+enum Outcome {
+    Waiting,
+    LookAgain,
+    Written(Written),
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // a panic while holding the lock leaves a consistent state (every field is set in one assignment)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The request's side of a lent socket. Dropping it takes the socket back.
+pub struct Lent(Arc<Shared>);
+
+impl std::fmt::Debug for Lent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lent")
+    }
+}
+
+impl Lent {
+    /// Another producer's side of the same loan (after [`Woken::LookAgain`], to wait again).
+    pub fn loan(&self) -> Loan {
+        Loan(self.0.clone())
+    }
+
+    /// Ready once the producer wrote the answer or asked the request to look again.
+    pub fn poll_woken(&mut self, cx: &mut Context<'_>) -> Poll<Woken> {
+        let mut s = self.0.state();
+        match std::mem::replace(&mut s.outcome, Outcome::Waiting) {
+            Outcome::Written(w) => Poll::Ready(Woken::Written(w)),
+            Outcome::LookAgain => Poll::Ready(Woken::LookAgain),
+            Outcome::Waiting => {
+                if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    s.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// [`Lent::poll_woken`] as a future.
+    pub async fn woken(&mut self) -> Woken {
+        std::future::poll_fn(|cx| self.poll_woken(cx)).await
+    }
+
+    /// Takes the socket back: from now on no producer writes on it. Returns the answer a producer wrote before
+    /// that, if one did (the request must then give that, not its own).
+    pub fn withdraw(&mut self) -> Option<Written> {
+        let (socket, outcome) = {
+            let mut s = self.0.state();
+            s.waker = None;
+            (
+                s.socket.take(),
+                std::mem::replace(&mut s.outcome, Outcome::Waiting),
+            )
+        };
+        drop(socket); // closed outside the lock
+        match outcome {
+            Outcome::Written(w) => Some(w),
+            Outcome::Waiting | Outcome::LookAgain => None,
+        }
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        self.withdraw();
+    }
+}
+
+/// The producer's side of a lent socket.
+#[derive(Clone)]
+pub struct Loan(Arc<Shared>);
+
+impl std::fmt::Debug for Loan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Loan")
+    }
+}
+
+impl Loan {
+    /// Whether the socket is still lent (the request has not taken it back).
+    pub fn is_open(&self) -> bool {
+        self.0.state().socket.is_some()
+    }
+
+    /// Writes `p` (with the lines the service adds, `Date` and `Content-Length`) on the socket, as much of it as
+    /// the socket takes now, if it is still lent; the rest is the connection's to write. Pushes the request's
+    /// waker onto `wake`, for the caller to wake when it has written the answers it has to (not before: the
+    /// woken connections would compete with those writes for the CPU). Returns whether it wrote.
+    pub fn write(&self, p: &Prepared, wake: &mut Vec<Waker>) -> bool {
+        let mut s = self.0.state();
+        let Some(socket) = s.socket.take() else {
+            return false;
+        };
+        let written = match write_prepared(
+            |slices| (&socket).write_vectored(slices),
+            p,
+            self.0.lines,
+            self.0.close,
+        ) {
+            Ok(rest) => Written {
+                rest,
+                body_len: p.body().len() as u64,
+                error: None,
+                close: self.0.close,
+            },
+            Err(e) => Written {
+                rest: Vec::new(),
+                body_len: p.body().len() as u64,
+                error: Some(e),
+                close: true,
+            },
+        };
+        s.outcome = Outcome::Written(written);
+        wake.extend(s.waker.take());
+        drop(s);
+        drop(socket); // closed outside the lock
+        true
+    }
+
+    /// Asks the request to look at the state itself (its answer is not a prepared one), if the socket is still
+    /// lent; pushes its waker onto `wake`.
+    pub fn look_again(&self, wake: &mut Vec<Waker>) {
+        let mut s = self.0.state();
+        if s.socket.is_some() {
+            s.outcome = Outcome::LookAgain;
+            wake.extend(s.waker.take());
+        }
+    }
+}

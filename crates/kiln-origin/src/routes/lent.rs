@@ -1,0 +1,263 @@
+//! Playlist requests parked on a socket lent to the rendition ([`kiln_http::lend`]): the publish that answers
+//! them writes their answers itself.
+//!
+//! A blocking playlist reload on kiln's own HTTP/1.1 lends its socket while it waits, and is registered with its
+//! rendition ([`Waiters`]) instead of subscribing to the rendition's publishes. After each publish the stream
+//! calls [`serve`]: it evaluates every registered request against the new state (requests with the same
+//! query, token and encoding share one evaluation), writes the prepared answer of each it satisfies on its socket,
+//! observes the fan-out (publish → written) there, and only then wakes their connections, which go on to their
+//! next request. The writes are split over the runtime's workers, one chunk each. A request the state refuses
+//! (not a prepared answer) is woken to answer by itself; one still waiting stays registered. Its deadline stays
+//! its own (a timer in its future), so a stalled stream times it out as before.
+//!
+//! Why: with a task woken per parked request, kilnd's fan-out on two cores stood 5–30 ms above a bare tokio
+//! program's, and only a loop that writes the answers itself ever came under 50 ms (benches/README.md, "Fan-out
+//! with a light client"). HTTP/2, TLS, hyper's connections and requests the compression layer negotiates keep
+//! the subscribed path ([`super::playlist`]).
+
+use std::sync::Arc;
+
+use kiln_http::lend::{Lent, Loan, Woken};
+use kiln_llhls::packager::PartPos;
+
+use super::park::Park;
+use super::{parked_too_long, playlist_step, PlaylistQuery, Reply, Timing};
+use crate::published::Published;
+use crate::store::{clock_ns, Rendition};
+
+/// Requests fewer than this many are written from one worker: a second one's wake-up is not worth it.
+const MIN_CHUNK: usize = 256;
+
+/// The smallest length at which a registration sweeps out requests that ended without a publish.
+const PRUNE_FROM: usize = 64;
+
+/// What a lent request asked for: its answer is a function of this and the published state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Form {
+    pub q: PlaylistQuery,
+    pub token: Option<String>,
+    pub gzip: bool,
+}
+
+/// A request parked on a lent socket.
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    loan: Loan,
+    form: Form,
+}
+
+/// A rendition's requests parked on lent sockets.
+#[derive(Debug)]
+pub(crate) struct Waiters {
+    list: Vec<Waiter>,
+    /// The length at which the next registration sweeps out ended requests (a stream that stalls publishes
+    /// nothing that would).
+    prune_at: usize,
+    /// The origin's fan-out histogram (the registry is the rendition's, the histogram the origin's).
+    fanout: Option<prometheus::Histogram>,
+}
+
+impl Default for Waiters {
+    fn default() -> Self {
+        Waiters {
+            list: Vec::new(),
+            prune_at: PRUNE_FROM,
+            fanout: None,
+        }
+    }
+}
+
+/// Registers a request that found `seen` not enough, unless `r` has published since (`Err`: look again). Under
+/// the registry's lock, so a publish either finds it there or came before and is seen.
+fn register(
+    r: &Rendition,
+    w: Waiter,
+    seen: &Arc<Published>,
+    fanout: &prometheus::Histogram,
+) -> Result<(), Waiter> {
+    let mut l = r.lent.lock();
+    if !r.is_current(seen) {
+        return Err(w);
+    }
+    if l.fanout.is_none() {
+        l.fanout = Some(fanout.clone());
+    }
+    if l.list.len() >= l.prune_at {
+        l.list.retain(|w| w.loan.is_open());
+        l.prune_at = (2 * l.list.len()).max(PRUNE_FROM);
+    }
+    l.list.push(w);
+    Ok(())
+}
+
+/// Parks a playlist request on its lent socket, its state `seen` not answering it; `Err` gives the pieces back
+/// when the rendition published meanwhile (the caller parks it the subscribed way, which then looks at once).
+pub(super) fn park(
+    r: Arc<Rendition>,
+    (lent, loan): (Lent, Loan),
+    form: Form,
+    seen: &Arc<Published>,
+    fanout: &prometheus::Histogram,
+) -> Result<LentWait, Form> {
+    let w = Waiter {
+        loan,
+        form: form.clone(),
+    };
+    match register(&r, w, seen, fanout) {
+        Ok(()) => Ok(LentWait {
+            r,
+            lent,
+            form,
+            fanout: fanout.clone(),
+        }),
+        Err(w) => Err(w.form), // `lent` is dropped: the socket is taken back
+    }
+}
+
+/// A registered request's side of the wait.
+pub(super) struct LentWait {
+    r: Arc<Rendition>,
+    lent: Lent,
+    form: Form,
+    fanout: prometheus::Histogram,
+}
+
+impl LentWait {
+    /// Waits for the publish that writes the answer, or answers by itself (a refusal, or the deadline).
+    pub(super) async fn answer(
+        mut self,
+        mut park: Park<Arc<Published>>,
+        timing: impl Fn() -> Timing,
+    ) -> Reply {
+        loop {
+            match tokio::time::timeout_at(park.deadline(), self.lent.woken()).await {
+                Ok(Woken::Written(w)) => return Reply::Written(w),
+                Ok(Woken::LookAgain) => {}
+                Err(_) => {
+                    return match self.lent.withdraw() {
+                        Some(w) => Reply::Written(w),
+                        None => parked_too_long().into(),
+                    }
+                }
+            }
+            loop {
+                let snap = park.current();
+                let f = &self.form;
+                if let Some(reply) =
+                    playlist_step(timing(), &self.r, (f.q, &f.token, f.gzip), &snap, |b| b)
+                {
+                    return match self.lent.withdraw() {
+                        Some(w) => Reply::Written(w),
+                        None => reply,
+                    };
+                }
+                let w = Waiter {
+                    loan: self.lent.loan(),
+                    form: self.form.clone(),
+                };
+                if register(&self.r, w, &snap, &self.fanout).is_ok() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Answers the requests parked on `r`'s lent sockets that its current state satisfies (see the module's doc).
+/// Called after each publish of `r`, on the publishing thread: inside a runtime with several workers, the writes
+/// go to one task per worker; elsewhere they are done here.
+pub(crate) fn serve(timing: Timing, r: &Arc<Rendition>) {
+    let (mut waiters, fanout) = {
+        let mut l = r.lent.lock();
+        if l.list.is_empty() {
+            return;
+        }
+        let Some(fanout) = l.fanout.clone() else {
+            return;
+        };
+        (std::mem::take(&mut l.list), fanout)
+    };
+    let snap = r.snapshot();
+    let workers = tokio::runtime::Handle::try_current()
+        .ok()
+        .filter(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        .map_or(1, |h| h.metrics().num_workers());
+    let chunks = workers.min(waiters.len().div_ceil(MIN_CHUNK)).max(1);
+    if chunks == 1 {
+        serve_chunk(timing, r, &snap, waiters, &fanout);
+        return;
+    }
+    // every chunk a task: the one spawned last waits in this worker's LIFO slot (not stealable) and runs when the
+    // publishing task yields, the others go to its queue, where idle workers steal them
+    let per = waiters.len().div_ceil(chunks);
+    while !waiters.is_empty() {
+        let chunk = waiters.split_off(waiters.len().saturating_sub(per));
+        let (r, snap, fanout) = (r.clone(), snap.clone(), fanout.clone());
+        tokio::spawn(async move { serve_chunk(timing, &r, &snap, chunk, &fanout) });
+    }
+}
+
+/// [`serve`] for `waiters`, against `snap`.
+fn serve_chunk(
+    timing: Timing,
+    r: &Arc<Rendition>,
+    snap: &Arc<Published>,
+    waiters: Vec<Waiter>,
+    fanout: &prometheus::Histogram,
+) {
+    let start = std::time::Instant::now();
+    let mut keep = Vec::new();
+    let mut wake = Vec::with_capacity(waiters.len());
+    let local = fanout.local();
+    // the answer to the last form evaluated, and when the last part asked for was published
+    let mut last: Option<(Form, Option<Reply>)> = None;
+    let mut published: Option<(PartPos, Option<u64>)> = None;
+    let mut served_again = 0;
+    for w in waiters {
+        let reused = last.as_ref().is_some_and(|(f, _)| *f == w.form);
+        if !reused {
+            let f = &w.form;
+            let reply = playlist_step(timing, r, (f.q, &f.token, f.gzip), snap, |b| b);
+            last = Some((w.form.clone(), reply));
+        }
+        match last.as_ref().and_then(|(_, reply)| reply.as_ref()) {
+            None => keep.push(w),
+            Some(Reply::Prepared(p)) => {
+                if !w.loan.write(p, &mut wake) {
+                    continue;
+                }
+                served_again += u64::from(reused);
+                // a blocking reload answered by the publish of the part it asked for: the fan-out
+                let Some(pos) = w.form.q.block.msn.zip(w.form.q.block.part) else {
+                    continue;
+                };
+                let pos = PartPos::new(pos.0, pos.1);
+                let at = match published {
+                    Some((p, at)) if p == pos => at,
+                    _ => {
+                        let at = r.part_published_ns(pos);
+                        published = Some((pos, at));
+                        at
+                    }
+                };
+                if let Some(at) = at {
+                    local.observe(clock_ns().saturating_sub(at) as f64 / 1e9);
+                }
+            }
+            Some(_) => w.loan.look_again(&mut wake),
+        }
+    }
+    local.flush();
+    if served_again > 0 {
+        r.note_served_n(snap, served_again);
+    }
+    wake.into_iter().for_each(std::task::Waker::wake);
+    if !keep.is_empty() {
+        r.lent.lock().list.extend(keep);
+        // a publish while this chunk ran took the registry without these: look at its state too
+        if !r.is_current(snap) {
+            serve(timing, r);
+        }
+    }
+    kiln_http::server::add_serving(start.elapsed());
+}
