@@ -74,12 +74,44 @@ impl<'a> Lend<'a> {
 
 /// An answer a producer wrote on a lent socket: what the socket did not take at once (the connection writes it),
 /// and how the write went.
-#[derive(Debug)]
 pub struct Written {
     rest: Vec<Bytes>,
     body_len: u64,
     error: Option<std::io::Error>,
     close: bool,
+    /// For an answer the socket did not take whole: called when it is dropped, i.e. once the connection has
+    /// written the rest (or given up).
+    finished: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for Written {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Written")
+            .field("rest", &self.rest.len())
+            .field("body_len", &self.body_len)
+            .field("error", &self.error)
+            .field("close", &self.close)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        if let Some(f) = self.finished.take() {
+            f();
+        }
+    }
+}
+
+/// What [`Loan::write`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wrote {
+    /// Nothing: the socket is no longer lent.
+    Not,
+    /// The whole answer: the socket took it.
+    Whole,
+    /// The start of it (or the write failed): the connection has the rest.
+    Part,
 }
 
 impl Written {
@@ -214,38 +246,45 @@ impl Loan {
     }
 
     /// Writes `p` (with the lines the service adds, `Date` and `Content-Length`) on the socket, as much of it as
-    /// the socket takes now, if it is still lent; the rest is the connection's to write. Pushes the request's
-    /// waker onto `wake`, for the caller to wake when it has written the answers it has to (not before: the
-    /// woken connections would compete with those writes for the CPU). Returns whether it wrote.
-    pub fn write(&self, p: &Prepared, wake: &mut Vec<Waker>) -> bool {
+    /// the socket takes now, if it is still lent; the rest is the connection's to write, and `finished()` is
+    /// called when it has (or has given up). Pushes the request's waker onto `wake`, for the caller to wake when
+    /// it has written the answers it has to (not before: the woken connections would compete with those writes
+    /// for the CPU).
+    pub fn write(
+        &self,
+        p: &Prepared,
+        wake: &mut Vec<Waker>,
+        finished: impl FnOnce() -> Box<dyn FnOnce() + Send>,
+    ) -> Wrote {
         let mut s = self.0.state();
         let Some(socket) = s.socket.take() else {
-            return false;
+            return Wrote::Not;
         };
-        let written = match write_prepared(
+        let (rest, error) = match write_prepared(
             |slices| (&socket).write_vectored(slices),
             p,
             self.0.lines,
             self.0.close,
         ) {
-            Ok(rest) => Written {
-                rest,
-                body_len: p.body().len() as u64,
-                error: None,
-                close: self.0.close,
-            },
-            Err(e) => Written {
-                rest: Vec::new(),
-                body_len: p.body().len() as u64,
-                error: Some(e),
-                close: true,
-            },
+            Ok(rest) => (rest, None),
+            Err(e) => (Vec::new(), Some(e)),
         };
-        s.outcome = Outcome::Written(written);
+        let whole = error.is_none() && rest.is_empty();
+        s.outcome = Outcome::Written(Written {
+            rest,
+            body_len: p.body().len() as u64,
+            close: self.0.close || error.is_some(),
+            error,
+            finished: (!whole).then(finished),
+        });
         wake.extend(s.waker.take());
         drop(s);
         drop(socket); // closed outside the lock
-        true
+        if whole {
+            Wrote::Whole
+        } else {
+            Wrote::Part
+        }
     }
 
     /// Asks the request to look at the state itself (its answer is not a prepared one), if the socket is still

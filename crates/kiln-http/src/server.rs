@@ -944,16 +944,18 @@ mod tests {
         server.await.unwrap().unwrap();
     }
 
-    /// Writes `p` on the one loan `/d/lent` made, waking its connection after.
-    fn write_on_loan(echo: &Echo, p: &h1::Prepared) -> bool {
+    /// Writes `p` on the one loan `/d/lent` made, waking its connection after; `finished` is notified once the
+    /// connection has written what the socket did not take at once.
+    fn write_on_loan(
+        echo: &Echo,
+        p: &h1::Prepared,
+        finished: Arc<tokio::sync::Notify>,
+    ) -> crate::lend::Wrote {
         let loan = echo.loans.lock().unwrap().pop().expect("a loan");
         let mut wake = Vec::new();
-        let wrote = loan.write(p, &mut wake);
-        assert_eq!(
-            wake.len(),
-            usize::from(wrote),
-            "the connection is woken once written"
-        );
+        let wrote = loan.write(p, &mut wake, || Box::new(move || finished.notify_one()));
+        let woken = usize::from(wrote != crate::lend::Wrote::Not);
+        assert_eq!(wake.len(), woken, "the connection is woken once written");
         wake.into_iter().for_each(std::task::Waker::wake);
         wrote
     }
@@ -969,8 +971,13 @@ mod tests {
         echo.waiting.notified().await;
         // written from a thread that is not the connection's, as a publish does
         let p = prepared_echo();
-        let wrote = std::thread::scope(|t| t.spawn(|| write_on_loan(&echo, &p)).join().unwrap());
-        assert!(wrote);
+        let finished = Arc::new(tokio::sync::Notify::new());
+        let wrote = std::thread::scope(|t| {
+            t.spawn(|| write_on_loan(&echo, &p, finished.clone()))
+                .join()
+                .unwrap()
+        });
+        assert_eq!(wrote, crate::lend::Wrote::Whole);
         let lent = read_until(&mut c, "the same body").await;
         // the same bytes as the prepared answer with the service's line added (kiln's own writer's)
         let expected = h1::write_prepared(
@@ -1020,9 +1027,20 @@ mod tests {
         // far more than a socket's buffers hold while the client reads nothing
         let body: Vec<u8> = (0..32 << 20).map(|i: u32| (i % 251) as u8).collect();
         let p = h1::Prepared::new(axum::body::Bytes::from(body.clone()));
-        assert!(write_on_loan(&echo, &p));
-        let mut all = Vec::new();
+        let finished = Arc::new(tokio::sync::Notify::new());
+        let wrote = write_on_loan(&echo, &p, finished.clone());
+        assert_eq!(wrote, crate::lend::Wrote::Part);
+        let mut all = vec![0u8; 1 << 20];
+        c.read_exact(&mut all).await.unwrap();
+        // the connection writes the rest only as the client reads it: not finished yet
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), finished.notified())
+                .await
+                .is_err(),
+            "finished before the client had read the answer"
+        );
         c.read_to_end(&mut all).await.unwrap();
+        finished.notified().await;
         let head_end = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
         let head = std::str::from_utf8(&all[..head_end]).unwrap();
         assert!(
@@ -1056,7 +1074,10 @@ mod tests {
         assert!(answer.ends_with("looked again"), "{answer}");
         echo.dropped.notified().await;
         assert!(!loan.is_open());
-        assert!(!loan.write(&prepared_echo(), &mut wake) && wake.is_empty());
+        let never = || -> Box<dyn FnOnce() + Send> { unreachable!("nothing was written") };
+        let wrote = loan.write(&prepared_echo(), &mut wake, never);
+        assert_eq!(wrote, crate::lend::Wrote::Not);
+        assert!(wake.is_empty());
         // a client that leaves: its answer is dropped, and with it the loan
         c.write_all(b"GET /d/lent HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
@@ -1066,7 +1087,9 @@ mod tests {
         drop(c);
         echo.dropped.notified().await;
         assert!(!loan.is_open());
-        assert!(!loan.write(&prepared_echo(), &mut wake) && wake.is_empty());
+        let wrote = loan.write(&prepared_echo(), &mut wake, never);
+        assert_eq!(wrote, crate::lend::Wrote::Not);
+        assert!(wake.is_empty());
         let _ = stop.send(());
         server.await.unwrap().unwrap();
     }

@@ -15,17 +15,20 @@
 //! with a light client"). HTTP/2, TLS, hyper's connections and requests the compression layer negotiates keep
 //! the subscribed path ([`super::playlist`]).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use kiln_http::lend::{Lent, Loan, Woken};
+use kiln_http::lend::{Lent, Loan, Woken, Wrote};
 use kiln_llhls::packager::PartPos;
+use parking_lot::Mutex;
 
 use super::park::Park;
 use super::{parked_too_long, playlist_step, PlaylistQuery, Reply, Timing};
 use crate::published::Published;
 use crate::store::{clock_ns, Rendition};
 
-/// Requests fewer than this many are written from one worker: a second one's wake-up is not worth it.
+/// Requests per worker below which the publishing thread writes them alone: another worker's wake-up is not
+/// worth it.
 const MIN_CHUNK: usize = 256;
 
 /// The smallest length at which a registration sweeps out requests that ended without a publish.
@@ -164,10 +167,11 @@ impl LentWait {
 }
 
 /// Answers the requests parked on `r`'s lent sockets that its current state satisfies (see the module's doc).
-/// Called after each publish of `r`, on the publishing thread: inside a runtime with several workers, the writes
-/// go to one task per worker; elsewhere they are done here.
+/// Called after each publish of `r`, on the publishing thread, which takes part: inside a runtime with several
+/// workers, a task per worker joins it, each taking the next [`BATCH`] requests until none are left (so all end
+/// together, however late one starts or often it is preempted).
 pub(crate) fn serve(timing: Timing, r: &Arc<Rendition>) {
-    let (mut waiters, fanout) = {
+    let (waiters, fanout) = {
         let mut l = r.lent.lock();
         if l.list.is_empty() {
             return;
@@ -177,87 +181,135 @@ pub(crate) fn serve(timing: Timing, r: &Arc<Rendition>) {
         };
         (std::mem::take(&mut l.list), fanout)
     };
-    let snap = r.snapshot();
-    let workers = tokio::runtime::Handle::try_current()
+    let helpers = tokio::runtime::Handle::try_current()
         .ok()
         .filter(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
-        .map_or(1, |h| h.metrics().num_workers());
-    let chunks = workers.min(waiters.len().div_ceil(MIN_CHUNK)).max(1);
-    if chunks == 1 {
-        serve_chunk(timing, r, &snap, waiters, &fanout);
-        return;
+        .map_or(0, |h| h.metrics().num_workers())
+        .min(waiters.len() / MIN_CHUNK);
+    let run = Arc::new(Run {
+        timing,
+        r: r.clone(),
+        snap: r.snapshot(),
+        fanout,
+        waiters: waiters.into_iter().map(|w| Mutex::new(Some(w))).collect(),
+        next: AtomicUsize::new(0),
+    });
+    // a task per other worker (the one spawned last waits in this worker's LIFO slot, where no other worker takes
+    // it, and finds nothing left when it runs; the others go to its queue, where idle workers steal them)
+    for _ in 0..helpers {
+        let run = run.clone();
+        tokio::spawn(async move { run.work() });
     }
-    // every chunk a task: the one spawned last waits in this worker's LIFO slot (not stealable) and runs when the
-    // publishing task yields, the others go to its queue, where idle workers steal them
-    let per = waiters.len().div_ceil(chunks);
-    while !waiters.is_empty() {
-        let chunk = waiters.split_off(waiters.len().saturating_sub(per));
-        let (r, snap, fanout) = (r.clone(), snap.clone(), fanout.clone());
-        tokio::spawn(async move { serve_chunk(timing, &r, &snap, chunk, &fanout) });
-    }
+    run.work();
 }
 
-/// [`serve`] for `waiters`, against `snap`.
-fn serve_chunk(
+/// Requests taken by one worker of a [`serve`] at a time.
+const BATCH: usize = 32;
+
+/// One [`serve`]: the registered requests, and the next one no worker has taken.
+struct Run {
     timing: Timing,
-    r: &Arc<Rendition>,
-    snap: &Arc<Published>,
-    waiters: Vec<Waiter>,
-    fanout: &prometheus::Histogram,
-) {
-    let start = std::time::Instant::now();
-    let mut keep = Vec::new();
-    let mut wake = Vec::with_capacity(waiters.len());
-    let local = fanout.local();
-    // the answer to the last form evaluated, and when the last part asked for was published
-    let mut last: Option<(Form, Option<Reply>)> = None;
-    let mut published: Option<(PartPos, Option<u64>)> = None;
-    let mut served_again = 0;
-    for w in waiters {
-        let reused = last.as_ref().is_some_and(|(f, _)| *f == w.form);
-        if !reused {
-            let f = &w.form;
-            let reply = playlist_step(timing, r, (f.q, &f.token, f.gzip), snap, |b| b);
-            last = Some((w.form.clone(), reply));
+    r: Arc<Rendition>,
+    snap: Arc<Published>,
+    fanout: prometheus::Histogram,
+    /// Each taken once (the lock is never contended: the cursor hands each index to one worker).
+    waiters: Vec<Mutex<Option<Waiter>>>,
+    next: AtomicUsize,
+}
+
+impl Run {
+    /// Answers batches of requests until none are left.
+    fn work(&self) {
+        if self.next.load(Ordering::Relaxed) >= self.waiters.len() {
+            return;
         }
-        match last.as_ref().and_then(|(_, reply)| reply.as_ref()) {
-            None => keep.push(w),
-            Some(Reply::Prepared(p)) => {
-                if !w.loan.write(p, &mut wake) {
-                    continue;
-                }
-                served_again += u64::from(reused);
-                // a blocking reload answered by the publish of the part it asked for: the fan-out
-                let Some(pos) = w.form.q.block.msn.zip(w.form.q.block.part) else {
+        let start = std::time::Instant::now();
+        let (r, snap) = (&self.r, &self.snap);
+        let mut keep = Vec::new();
+        let mut wake = Vec::new();
+        let local = self.fanout.local();
+        // the answer to the last form evaluated, and when the last part asked for was published
+        let mut last: Option<(Form, Option<Reply>)> = None;
+        let mut published: Option<(PartPos, Option<u64>)> = None;
+        let mut served_again = 0;
+        loop {
+            let from = self.next.fetch_add(BATCH, Ordering::Relaxed);
+            if from >= self.waiters.len() {
+                break;
+            }
+            let to = (from + BATCH).min(self.waiters.len());
+            for w in &self.waiters[from..to] {
+                let Some(w) = w.lock().take() else {
                     continue;
                 };
-                let pos = PartPos::new(pos.0, pos.1);
-                let at = match published {
-                    Some((p, at)) if p == pos => at,
-                    _ => {
-                        let at = r.part_published_ns(pos);
-                        published = Some((pos, at));
-                        at
+                let reused = last.as_ref().is_some_and(|(f, _)| *f == w.form);
+                if !reused {
+                    let f = &w.form;
+                    let reply = playlist_step(self.timing, r, (f.q, &f.token, f.gzip), snap, |b| b);
+                    last = Some((w.form.clone(), reply));
+                }
+                let p = match last.as_ref().and_then(|(_, reply)| reply.as_ref()) {
+                    None => {
+                        keep.push(w);
+                        continue;
+                    }
+                    Some(Reply::Prepared(p)) => p,
+                    Some(_) => {
+                        w.loan.look_again(&mut wake);
+                        continue;
                     }
                 };
-                if let Some(at) = at {
-                    local.observe(clock_ns().saturating_sub(at) as f64 / 1e9);
+                // a blocking reload answered by the publish of the part it asked for: the fan-out, observed once
+                // the whole answer is written (here, or by its connection)
+                let at = w
+                    .form
+                    .q
+                    .block
+                    .msn
+                    .zip(w.form.q.block.part)
+                    .and_then(|(m, p)| {
+                        let pos = PartPos::new(m, p);
+                        match published {
+                            Some((p, at)) if p == pos => at,
+                            _ => {
+                                let at = r.part_published_ns(pos);
+                                published = Some((pos, at));
+                                at
+                            }
+                        }
+                    });
+                let finish = || -> Box<dyn FnOnce() + Send> {
+                    let fanout = self.fanout.clone();
+                    Box::new(move || {
+                        if let Some(at) = at {
+                            fanout.observe(clock_ns().saturating_sub(at) as f64 / 1e9);
+                        }
+                    })
+                };
+                match w.loan.write(p, &mut wake, finish) {
+                    Wrote::Not => continue,
+                    Wrote::Whole => {
+                        if let Some(at) = at {
+                            local.observe(clock_ns().saturating_sub(at) as f64 / 1e9);
+                        }
+                    }
+                    Wrote::Part => {}
                 }
+                served_again += u64::from(reused);
             }
-            Some(_) => w.loan.look_again(&mut wake),
         }
-    }
-    local.flush();
-    if served_again > 0 {
-        r.note_served_n(snap, served_again);
-    }
-    wake.into_iter().for_each(std::task::Waker::wake);
-    if !keep.is_empty() {
-        r.lent.lock().list.extend(keep);
-        // a publish while this chunk ran took the registry without these: look at its state too
-        if !r.is_current(snap) {
-            serve(timing, r);
+        local.flush();
+        if served_again > 0 {
+            r.note_served_n(snap, served_again);
         }
+        wake.into_iter().for_each(std::task::Waker::wake);
+        if !keep.is_empty() {
+            r.lent.lock().list.extend(keep);
+            // a publish while this ran took the registry without these: look at its state too
+            if !r.is_current(snap) {
+                serve(self.timing, r);
+            }
+        }
+        kiln_http::server::add_serving(start.elapsed());
     }
-    kiln_http::server::add_serving(start.elapsed());
 }
