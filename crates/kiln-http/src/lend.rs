@@ -247,13 +247,12 @@ impl Loan {
 
     /// Writes `p` (with the lines the service adds, `Date` and `Content-Length`) on the socket, as much of it as
     /// the socket takes now, if it is still lent; the rest is the connection's to write, and `finished()` is
-    /// called when it has (or has given up). Pushes the request's waker onto `wake`, for the caller to wake when
-    /// it has written the answers it has to (not before: the woken connections would compete with those writes
-    /// for the CPU).
+    /// called when it has (or has given up). The request's connection is woken, and the duplicate descriptor
+    /// closed, by `after` (see [`After`]).
     pub fn write(
         &self,
         p: &Prepared,
-        wake: &mut Vec<Waker>,
+        after: &mut After,
         finished: impl FnOnce() -> Box<dyn FnOnce() + Send>,
     ) -> Wrote {
         let mut s = self.0.state();
@@ -277,9 +276,9 @@ impl Loan {
             error,
             finished: (!whole).then(finished),
         });
-        wake.extend(s.waker.take());
+        after.wake.extend(s.waker.take());
         drop(s);
-        drop(socket); // closed outside the lock
+        after.close.push(socket);
         if whole {
             Wrote::Whole
         } else {
@@ -288,12 +287,44 @@ impl Loan {
     }
 
     /// Asks the request to look at the state itself (its answer is not a prepared one), if the socket is still
-    /// lent; pushes its waker onto `wake`.
-    pub fn look_again(&self, wake: &mut Vec<Waker>) {
+    /// lent; its connection is woken by `after`.
+    pub fn look_again(&self, after: &mut After) {
         let mut s = self.0.state();
         if s.socket.is_some() {
             s.outcome = Outcome::LookAgain;
-            wake.extend(s.waker.take());
+            after.wake.extend(s.waker.take());
         }
+    }
+}
+
+/// What a producer leaves until it has written the answers it has to: waking their connections (which would
+/// compete with those writes for the CPU) and closing the duplicate descriptors (a system call each). Done by
+/// [`After::finish`], or when dropped.
+#[derive(Debug, Default)]
+pub struct After {
+    wake: Vec<Waker>,
+    close: Vec<std::net::TcpStream>,
+}
+
+impl After {
+    /// Whether it has nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.wake.is_empty() && self.close.is_empty()
+    }
+
+    /// Wakes the connections, then closes the descriptors.
+    pub fn finish(mut self) {
+        self.run();
+    }
+
+    fn run(&mut self) {
+        self.wake.drain(..).for_each(Waker::wake);
+        self.close.clear();
+    }
+}
+
+impl Drop for After {
+    fn drop(&mut self) {
+        self.run();
     }
 }

@@ -18,7 +18,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use kiln_http::lend::{Lent, Loan, Woken, Wrote};
+use kiln_http::lend::{After, Lent, Loan, Woken, Wrote};
 use kiln_llhls::packager::PartPos;
 use parking_lot::Mutex;
 
@@ -226,7 +226,7 @@ impl Run {
         let start = std::time::Instant::now();
         let (r, snap) = (&self.r, &self.snap);
         let mut keep = Vec::new();
-        let mut wake = Vec::new();
+        let mut after = After::default();
         let local = self.fanout.local();
         // the answer to the last form evaluated, and when the last part asked for was published
         let mut last: Option<(Form, Option<Reply>)> = None;
@@ -255,7 +255,7 @@ impl Run {
                     }
                     Some(Reply::Prepared(p)) => p,
                     Some(_) => {
-                        w.loan.look_again(&mut wake);
+                        w.loan.look_again(&mut after);
                         continue;
                     }
                 };
@@ -286,7 +286,7 @@ impl Run {
                         }
                     })
                 };
-                match w.loan.write(p, &mut wake, finish) {
+                match w.loan.write(p, &mut after, finish) {
                     Wrote::Not => continue,
                     Wrote::Whole => {
                         if let Some(at) = at {
@@ -302,7 +302,7 @@ impl Run {
         if served_again > 0 {
             r.note_served_n(snap, served_again);
         }
-        wake.into_iter().for_each(std::task::Waker::wake);
+        after.finish();
         if !keep.is_empty() {
             r.lent.lock().list.extend(keep);
             // a publish while this ran took the registry without these: look at its state too
