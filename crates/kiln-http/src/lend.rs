@@ -15,13 +15,18 @@
 //! - [`Loan`]: the producer's side: writes a [`Prepared`] answer if the socket is still lent, or asks the request
 //!   to look again.
 //!
-//! The producer writes on a duplicate of the socket's descriptor (`dup`), not on the connection's own: it can
-//! never write on a descriptor number that was closed and reused. The duplicate is closed as soon as the answer
-//! is written or the socket is taken back. Writes are non-blocking; what the socket does not take at once is
-//! handed to the connection, which writes it as it writes any answer. TLS and HTTP/2 connections lend nothing.
+//! The producer writes on the connection's own descriptor, under the loan's lock, and only while the loan is
+//! open: the connection keeps its socket in a [`Lender`], which closes every loan (under the same lock) before it
+//! lets the socket go, whether it is dropped or hands the socket to hyper. So a producer can never write on a
+//! descriptor that was closed (and maybe reused by another connection). This is the one `unsafe` block here
+//! ([`write_lent`]); a duplicate descriptor (`dup`) per parked request would avoid it, but takes a second
+//! descriptor per parked connection (10,000 parked connections then need 20,000: a limit of 20,000 refused the
+//! last few hundred in the origin bench) and a `close` per answer. Writes are non-blocking; what the socket does
+//! not take at once is handed to the connection, which writes it as it writes any answer. TLS and HTTP/2
+//! connections lend nothing.
 
-use std::io::Write as _;
-use std::os::fd::AsFd as _;
+use std::io::{IoSlice, Write as _};
+use std::os::fd::{AsRawFd as _, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -30,24 +35,70 @@ use tokio::net::TcpStream;
 
 use crate::h1::{write_prepared, Prepared};
 
-/// What a request's connection offers its answer: its socket, to lend if the answer has to wait.
+/// A connection's socket that its requests may lend: every loan is closed before the socket is closed or handed
+/// on (see the module's doc).
 #[derive(Debug)]
-pub struct Lend<'a> {
-    tcp: &'a TcpStream,
-    close: bool,
-    lines: &'static [u8],
+pub struct Lender {
+    /// `None` only once handed on.
+    tcp: Option<TcpStream>,
+    /// The loan of the request in progress, if it lent the socket.
+    lent: Option<Arc<Shared>>,
 }
 
-impl<'a> Lend<'a> {
-    /// What `tcp` offers the answer of the request it carries; `close`: the answer closes the connection.
-    pub fn new(tcp: &'a TcpStream, close: bool) -> Self {
+impl Lender {
+    pub fn new(tcp: TcpStream) -> Self {
+        Lender {
+            tcp: Some(tcp),
+            lent: None,
+        }
+    }
+
+    pub fn tcp(&self) -> &TcpStream {
+        self.tcp.as_ref().expect("a socket not handed on")
+    }
+
+    pub fn tcp_mut(&mut self) -> &mut TcpStream {
+        self.tcp.as_mut().expect("a socket not handed on")
+    }
+
+    /// What the socket offers the answer of its next request; `close`: the answer closes the connection.
+    pub fn lend(&mut self, close: bool) -> Lend<'_> {
         Lend {
-            tcp,
+            lender: self,
             close,
             lines: b"",
         }
     }
 
+    /// Closes the loan, if one is open, and hands the socket on.
+    pub fn into_tcp(mut self) -> TcpStream {
+        self.close_loan();
+        self.tcp.take().expect("a socket not handed on")
+    }
+
+    fn close_loan(&mut self) {
+        if let Some(shared) = self.lent.take() {
+            shared.state().fd = None;
+        }
+    }
+}
+
+impl Drop for Lender {
+    fn drop(&mut self) {
+        // before the socket (a field) is closed
+        self.close_loan();
+    }
+}
+
+/// What a request's connection offers its answer: its socket, to lend if the answer has to wait.
+#[derive(Debug)]
+pub struct Lend<'a> {
+    lender: &'a mut Lender,
+    close: bool,
+    lines: &'static [u8],
+}
+
+impl Lend<'_> {
     /// Adds `lines` (whole header lines, as [`Prepared::with`] takes them) to the answer written on the loan:
     /// the lines the service adds to every prepared answer it gives.
     pub fn with_lines(mut self, lines: &'static [u8]) -> Self {
@@ -55,20 +106,20 @@ impl<'a> Lend<'a> {
         self
     }
 
-    /// Lends the socket: [`Lent`] for the answer's future, [`Loan`] for the producer. `None` when its descriptor
-    /// cannot be duplicated (the process is out of descriptors): the answer then waits as any other does.
-    pub fn lend(self) -> Option<(Lent, Loan)> {
-        let fd = self.tcp.as_fd().try_clone_to_owned().ok()?;
+    /// Lends the socket: [`Lent`] for the answer's future, [`Loan`] for the producer.
+    pub fn lend(self) -> (Lent, Loan) {
+        self.lender.close_loan(); // a previous request's (its answer has ended, and closed it already)
         let shared = Arc::new(Shared {
             close: self.close,
             lines: self.lines,
             state: Mutex::new(State {
-                socket: Some(std::net::TcpStream::from(fd)),
+                fd: Some(self.lender.tcp().as_raw_fd()),
                 outcome: Outcome::Waiting,
                 waker: None,
             }),
         });
-        Some((Lent(shared.clone()), Loan(shared)))
+        self.lender.lent = Some(shared.clone());
+        (Lent(shared.clone()), Loan(shared))
     }
 }
 
@@ -147,8 +198,8 @@ struct Shared {
 }
 
 struct State {
-    /// The duplicate descriptor, while the socket is lent.
-    socket: Option<std::net::TcpStream>,
+    /// The connection's descriptor, while the socket is lent.
+    fd: Option<RawFd>,
     outcome: Outcome,
     /// The request's connection, to wake once something happened.
     waker: Option<Waker>,
@@ -158,6 +209,14 @@ enum Outcome {
     Waiting,
     LookAgain,
     Written(Written),
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("close", &self.close)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -207,15 +266,12 @@ impl Lent {
     /// Takes the socket back: from now on no producer writes on it. Returns the answer a producer wrote before
     /// that, if one did (the request must then give that, not its own).
     pub fn withdraw(&mut self) -> Option<Written> {
-        let (socket, outcome) = {
+        let outcome = {
             let mut s = self.0.state();
             s.waker = None;
-            (
-                s.socket.take(),
-                std::mem::replace(&mut s.outcome, Outcome::Waiting),
-            )
+            s.fd = None;
+            std::mem::replace(&mut s.outcome, Outcome::Waiting)
         };
-        drop(socket); // closed outside the lock
         match outcome {
             Outcome::Written(w) => Some(w),
             Outcome::Waiting | Outcome::LookAgain => None,
@@ -242,7 +298,7 @@ impl std::fmt::Debug for Loan {
 impl Loan {
     /// Whether the socket is still lent (the request has not taken it back).
     pub fn is_open(&self) -> bool {
-        self.0.state().socket.is_some()
+        self.0.state().fd.is_some()
     }
 
     /// Writes `p` (with the lines the service adds, `Date` and `Content-Length`) on the socket, as much of it as
@@ -256,11 +312,11 @@ impl Loan {
         finished: impl FnOnce() -> Box<dyn FnOnce() + Send>,
     ) -> Wrote {
         let mut s = self.0.state();
-        let Some(socket) = s.socket.take() else {
+        let Some(fd) = s.fd.take() else {
             return Wrote::Not;
         };
         let (rest, error) = match write_prepared(
-            |slices| (&socket).write_vectored(slices),
+            |slices| write_lent(fd, slices, &s),
             p,
             self.0.lines,
             self.0.close,
@@ -278,7 +334,6 @@ impl Loan {
         });
         after.wake.extend(s.waker.take());
         drop(s);
-        after.close.push(socket);
         if whole {
             Wrote::Whole
         } else {
@@ -290,7 +345,7 @@ impl Loan {
     /// lent; its connection is woken by `after`.
     pub fn look_again(&self, after: &mut After) {
         let mut s = self.0.state();
-        if s.socket.is_some() {
+        if s.fd.is_some() {
             s.outcome = Outcome::LookAgain;
             after.wake.extend(s.waker.take());
         }
@@ -298,28 +353,25 @@ impl Loan {
 }
 
 /// What a producer leaves until it has written the answers it has to: waking their connections (which would
-/// compete with those writes for the CPU) and closing the duplicate descriptors (a system call each). Done by
-/// [`After::finish`], or when dropped.
+/// compete with those writes for the CPU). Done by [`After::finish`], or when dropped.
 #[derive(Debug, Default)]
 pub struct After {
     wake: Vec<Waker>,
-    close: Vec<std::net::TcpStream>,
 }
 
 impl After {
     /// Whether it has nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.wake.is_empty() && self.close.is_empty()
+        self.wake.is_empty()
     }
 
-    /// Wakes the connections, then closes the descriptors.
+    /// Wakes the connections.
     pub fn finish(mut self) {
         self.run();
     }
 
     fn run(&mut self) {
         self.wake.drain(..).for_each(Waker::wake);
-        self.close.clear();
     }
 }
 
@@ -327,4 +379,21 @@ impl Drop for After {
     fn drop(&mut self) {
         self.run();
     }
+}
+
+/// Writes `slices` on the lent descriptor `fd` (non-blocking: it is tokio's). `_held`: the loan's state, locked
+/// by the caller, which proves the loan open while this runs.
+#[allow(unsafe_code)]
+fn write_lent(
+    fd: RawFd,
+    slices: &[IoSlice<'_>],
+    _held: &MutexGuard<'_, State>,
+) -> std::io::Result<usize> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: `fd` is the descriptor of a socket a `Lender` owns, taken from the loan's state while the loan was
+    // open, and the caller holds the lock of that state. A `Lender` closes its loans under this lock before its
+    // socket is closed or handed on (its `Drop`, `into_tcp`), so the descriptor stays open, and this
+    // connection's, for as long as this runs. `ManuallyDrop`: the stream borrows the descriptor, it never closes it.
+    let socket = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+    (&*socket).write_vectored(slices)
 }

@@ -377,7 +377,7 @@ where
     /// kiln's own HTTP/1.1 ([`crate::h1`]): requests `direct` answers, in order, until one it does not (hyper
     /// then takes the connection, with the bytes already read), the client closes, a head does not come within
     /// the header timeout, or the server stops (between requests).
-    async fn own_h1(self, mut tcp: TcpStream) -> Result<(), BoxError> {
+    async fn own_h1(self, tcp: TcpStream) -> Result<(), BoxError> {
         use tokio::io::AsyncReadExt as _;
         use tokio::time::Instant;
         // freed whenever it holds no unparsed bytes: a parked request or an idle connection holds none of it
@@ -389,20 +389,22 @@ where
             let _ = stopping.wait_for(|s| *s).await;
         });
         let mut timer = std::pin::pin!(tokio::time::sleep(self.limits.header_timeout));
+        // the socket, which a request that waits may lend to the producer of its answer
+        let mut conn = crate::lend::Lender::new(tcp);
         loop {
             // tokio's clock, as the timer's (it can be paused in tests)
             let deadline = Instant::now() + self.limits.header_timeout;
             let head = loop {
                 match h1::scan(&buf) {
                     h1::Scan::Head(head) => break head,
-                    h1::Scan::Hyper => return self.handover(buf, tcp).await,
+                    h1::Scan::Hyper => return self.handover(buf, conn.into_tcp()).await,
                     h1::Scan::Partial => {}
                 }
                 if buf.capacity() - buf.len() < 512 {
                     buf.reserve(if buf.is_empty() { 1024 } else { buf.len() });
                 }
                 let read = tokio::select! {
-                    r = tcp.read_buf(&mut buf) => r,
+                    r = conn.tcp_mut().read_buf(&mut buf) => r,
                     () = &mut stopped => return Ok(()),
                     () = &mut timer => {
                         if Instant::now() >= deadline {
@@ -426,10 +428,10 @@ where
                 headers,
                 close,
             } = head;
-            // the socket the answer may lend; its answer closes the connection as this one's would
-            let lend = crate::lend::Lend::new(&tcp, close || *self.stopping.borrow());
+            // an answer written on the lent socket closes the connection as this one's would
+            let lend = conn.lend(close || *self.stopping.borrow());
             let Some(answer) = self.direct.direct(&Method::GET, &uri, &headers, lend) else {
-                return self.handover(buf, tcp).await;
+                return self.handover(buf, conn.into_tcp()).await;
             };
             drop((uri, headers));
             buf.drain(..len);
@@ -439,13 +441,13 @@ where
             // the answer's future ends here: its place in the connection's future is free for the reply's
             let reply = {
                 let answer = std::pin::pin!(answer);
-                answer_unless_gone(answer, &tcp, buf.is_empty()).await
+                answer_unless_gone(answer, conn.tcp(), buf.is_empty()).await
             };
             let Some(mut reply) = reply else {
                 return Ok(());
             };
             let close = close || *self.stopping.borrow();
-            if h1::write_reply(&mut tcp, &mut reply, close).await? {
+            if h1::write_reply(conn.tcp_mut(), &mut reply, close).await? {
                 return Ok(());
             }
         }
@@ -665,7 +667,7 @@ mod tests {
             let waiting = self.waiting.clone();
             let dropped = OnDrop(self.dropped.clone());
             if path == "d/lent" {
-                let (lent, loan) = lend.with_lines(b"x-lent: yes\r\n").lend()?;
+                let (lent, loan) = lend.with_lines(b"x-lent: yes\r\n").lend();
                 self.loans.lock().unwrap().push(loan);
                 return Some(Box::pin(async move {
                     // `dropped` is notified after the loan is taken back (locals drop in reverse order)
@@ -1105,7 +1107,8 @@ mod tests {
     /// reference (release: 1,616; in kilnd, where the answer is held inline, that took the task back under a
     /// jemalloc size class: 3.2 → 2.8 KiB per parked request in the origin bench), 1,768 with a reply that is a
     /// response or a prepared answer (1,936 with the prepared one's write a wait of the connection's own, which
-    /// took kilnd to 3.2 KiB per parked request: the reply is now held across one wait only, `h1::write_reply`).
+    /// took kilnd to 3.2 KiB per parked request: the reply is now held across one wait only, `h1::write_reply`), 1,824
+    /// with the socket in a `lend::Lender` and a reply that may be one written on it.
     #[tokio::test]
     async fn a_plain_connection_s_task_is_small() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -731,7 +731,7 @@ fn playlist(
     };
     let park = Park::new(rx, place, Duration::from_secs(wait_s));
     let form = lent::Form { q, token, gzip };
-    let form = match lend.and_then(Lend::lend) {
+    let form = match lend.map(Lend::lend) {
         Some(loan) => match lent::park(r.clone(), loan, form, &snap, &origin.fanout) {
             Ok(wait) => return LiveAnswer::later(wait.answer(park, move || s.timing())),
             Err(form) => form,

@@ -3,7 +3,7 @@ use crate::store::RenditionInfo;
 use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
-use kiln_http::lend::Lend;
+use kiln_http::lend::{Lend, Lender};
 use kiln_llhls::{PackagerConfig, PartIn};
 use tower::ServiceExt;
 
@@ -683,12 +683,12 @@ async fn the_fan_out_ends_when_the_woken_answer_is_written() {
     assert!(o.fanout.get_sample_sum() < 5.0);
 }
 
-/// A connected pair of sockets: the server's side (for a [`Lend`]) and the client's.
-async fn socket_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+/// A connected pair of sockets: the server's side (which lends) and the client's.
+async fn socket_pair() -> (Lender, tokio::net::TcpStream) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let client = tokio::net::TcpStream::connect(l.local_addr().unwrap());
     let (client, server) = tokio::join!(client, l.accept());
-    (server.unwrap().0, client.unwrap())
+    (Lender::new(server.unwrap().0), client.unwrap())
 }
 
 /// What has arrived on `c` by now: read from the socket itself (not through tokio's readiness, which its I/O
@@ -741,9 +741,9 @@ fn lending<'a>(o: &Origin, uri: &str, lend: Lend<'a>) -> LiveAnswer {
 async fn a_lent_blocking_reload_is_written_by_the_publish() {
     let (o, s) = origin();
     part(&s, 0, 0);
-    let (server, client) = socket_pair().await;
+    let (mut server, client) = socket_pair().await;
     let q = "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1";
-    let answer = lending(&o, q, Lend::new(&server, false));
+    let answer = lending(&o, q, server.lend(false));
     assert!(
         answer.waiting_size().is_some_and(|n| n <= 512),
         "{:?}",
@@ -789,10 +789,10 @@ async fn many_lent_reloads_are_written_by_every_worker() {
         pairs.push(socket_pair().await);
     }
     let tasks: Vec<_> = pairs
-        .iter()
+        .iter_mut()
         .map(|(server, _)| {
             let q = "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1&_HLS_skip=YES";
-            tokio::spawn(lending(&o, q, Lend::new(server, false)))
+            tokio::spawn(lending(&o, q, server.lend(false)))
         })
         .collect();
     assert_eq!(o.parked(), 300);
@@ -824,20 +824,30 @@ async fn many_lent_reloads_are_written_by_every_worker() {
 async fn a_lent_reload_that_ends_by_itself_is_not_written_after() {
     let (o, s) = origin();
     part(&s, 0, 0);
-    let (server, client) = socket_pair().await;
+    let (mut server, client) = socket_pair().await;
     let q = "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1";
     // 3 × TD without the part: 503, from the request itself
-    let timed_out = lending(&o, q, Lend::new(&server, false)).await;
+    let timed_out = lending(&o, q, server.lend(false)).await;
     let Reply::Response(r) = timed_out else {
         panic!("not a response")
     };
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     // a client that leaves: its answer is dropped
-    let left = lending(&o, q, Lend::new(&server, false));
+    let left = lending(&o, q, server.lend(false));
     assert_eq!(o.parked(), 1);
     drop(left);
     assert_eq!(o.parked(), 0);
     part(&s, 0, 1);
     assert_eq!(arrived(&client), "");
     assert_eq!(o.fanout.get_sample_count(), 0);
+    // a connection that closes (or hands its socket on) closes the loan of a request still parked: the
+    // publish writes nothing on the descriptor it had
+    let q = "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=2";
+    let parked = lending(&o, q, server.lend(false));
+    assert!(parked.waiting_size().is_some());
+    let tcp = server.into_tcp();
+    part(&s, 0, 2);
+    assert_eq!(o.fanout.get_sample_count(), 0);
+    assert_eq!(arrived(&client), "");
+    drop((parked, tcp));
 }
