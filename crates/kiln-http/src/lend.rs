@@ -57,7 +57,8 @@ impl Lender {
         self.tcp.as_ref().expect("a socket not handed on")
     }
 
-    pub fn tcp_mut(&mut self) -> &mut TcpStream {
+    /// Not public: a caller could swap the socket out (and close it) while a loan is open.
+    pub(crate) fn tcp_mut(&mut self) -> &mut TcpStream {
         self.tcp.as_mut().expect("a socket not handed on")
     }
 

@@ -146,8 +146,16 @@ impl LentWait {
             loop {
                 let snap = park.current();
                 let f = &self.form;
+                // an answer the publish did not write (not a prepared one: a TARGETDURATION over 10 s, whose
+                // lifetime line is not prepared): its fan-out ends when its connection has written it, as for a
+                // subscribed request
+                let (r, fanout) = (&self.r, &self.fanout);
+                let stamp = |body| match f.q.block.msn.zip(f.q.block.part) {
+                    Some((m, p)) => r.stamped(body, PartPos::new(m, p), fanout),
+                    None => body,
+                };
                 if let Some(reply) =
-                    playlist_step(timing(), &self.r, (f.q, &f.token, f.gzip), &snap, |b| b)
+                    playlist_step(timing(), r, (f.q, &f.token, f.gzip), &snap, stamp)
                 {
                     return match self.lent.withdraw() {
                         Some(w) => Reply::Written(w),
@@ -181,10 +189,11 @@ pub(crate) fn serve(timing: Timing, r: &Arc<Rendition>) {
         };
         (std::mem::take(&mut l.list), fanout)
     };
+    // the other workers that join in
     let helpers = tokio::runtime::Handle::try_current()
         .ok()
         .filter(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
-        .map_or(0, |h| h.metrics().num_workers())
+        .map_or(0, |h| h.metrics().num_workers().saturating_sub(1))
         .min(waiters.len() / MIN_CHUNK);
     let run = Arc::new(Run {
         timing,
@@ -194,9 +203,11 @@ pub(crate) fn serve(timing: Timing, r: &Arc<Rendition>) {
         waiters: waiters.into_iter().map(|w| Mutex::new(Some(w))).collect(),
         next: AtomicUsize::new(0),
     });
-    // a task per other worker (the one spawned last waits in this worker's LIFO slot, where no other worker takes
-    // it, and finds nothing left when it runs; the others go to its queue, where idle workers steal them)
-    for _ in 0..helpers {
+    // a task per other worker, and one more: the task spawned last waits in this worker's LIFO slot, where no
+    // other worker takes it (it finds nothing left when it runs); the others go to this worker's queue, where
+    // idle workers steal them
+    let tasks = if helpers > 0 { helpers + 1 } else { 0 };
+    for _ in 0..tasks {
         let run = run.clone();
         tokio::spawn(async move { run.work() });
     }
@@ -242,6 +253,9 @@ impl Run {
                 let Some(w) = w.lock().take() else {
                     continue;
                 };
+                if !w.loan.is_open() {
+                    continue; // its request ended by itself (its deadline, or its client left)
+                }
                 let reused = last.as_ref().is_some_and(|(f, _)| *f == w.form);
                 if !reused {
                     let f = &w.form;
@@ -304,10 +318,18 @@ impl Run {
         }
         after.finish();
         if !keep.is_empty() {
-            r.lent.lock().list.extend(keep);
-            // a publish while this ran took the registry without these: look at its state too
-            if !r.is_current(snap) {
-                serve(self.timing, r);
+            let mut l = r.lent.lock();
+            if r.is_current(snap) {
+                l.list.extend(keep); // a later publish finds them (it publishes before it takes the registry)
+            } else {
+                // a publish while this ran took the registry without these: they look at its state themselves
+                // (and the stream's timing then, which may have changed with it), and register again to wait
+                drop(l);
+                let mut after = After::default();
+                for w in keep {
+                    w.loan.look_again(&mut after);
+                }
+                after.finish();
             }
         }
         kiln_http::server::add_serving(start.elapsed());

@@ -851,3 +851,125 @@ async fn a_lent_reload_that_ends_by_itself_is_not_written_after() {
     assert_eq!(arrived(&client), "");
     drop((parked, tcp));
 }
+
+/// A lent request a publish does not satisfy stays registered, and the publish that does writes its answer.
+#[tokio::test]
+async fn a_lent_reload_waits_through_publishes_that_do_not_satisfy_it() {
+    let (o, s) = origin();
+    part(&s, 0, 0);
+    let (mut server, client) = socket_pair().await;
+    let answer = lending(
+        &o,
+        "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=2",
+        server.lend(false),
+    );
+    let task = tokio::spawn(answer);
+    part(&s, 0, 1);
+    assert_eq!(arrived(&client), "", "part 1 is not what it asked for");
+    assert_eq!(o.parked(), 1);
+    part(&s, 0, 2);
+    let got = arrived(&client);
+    assert!(
+        got.starts_with("HTTP/1.1 200 OK\r\n") && got.contains("part-0-2.m4s"),
+        "{got}"
+    );
+    assert!(matches!(task.await.unwrap(), Reply::Written(_)));
+    assert_eq!(o.fanout.get_sample_count(), 1);
+}
+
+/// With a TARGETDURATION over 10 s a blocking reload's answer is not a prepared one (its lifetime line is not
+/// prepared): the publish leaves it to the request, whose answer is measured once its connection drops it.
+#[tokio::test]
+async fn a_lent_reload_whose_answer_is_not_prepared_answers_itself_and_is_measured() {
+    let o = Origin::new();
+    let s = StreamOrigin::new(
+        "s",
+        vec![RenditionInfo {
+            name: "v".into(),
+            kind: RenditionKind::Video {
+                width: 64,
+                height: 64,
+                fps: 30.0,
+            },
+            bitrate: 100_000,
+        }],
+        PackagerConfig {
+            segment_ns: 12_000_000_000,
+            target_duration_s: 12,
+            part_target_ms: 1000,
+            window_segments: 4,
+            retain_segments: 2,
+            wallclock_origin_unix_ms: 0,
+            can_skip_until_s: None,
+            first_msn: 0,
+        },
+    );
+    o.insert(s.clone());
+    let part = |i: u64| {
+        s.on_part(
+            0,
+            PartIn {
+                starts_segment: i == 0,
+                independent: i == 0,
+                start_ns: i * 1_000_000_000,
+                duration_ns: 1_000_000_000,
+                bytes: Bytes::from(format!("p{i}")),
+                discontinuity: false,
+            },
+        )
+        .unwrap();
+    };
+    part(0);
+    let (mut server, client) = socket_pair().await;
+    let answer = lending(
+        &o,
+        "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1",
+        server.lend(false),
+    );
+    assert!(answer.waiting_size().is_some());
+    let task = tokio::spawn(answer);
+    part(1);
+    assert_eq!(arrived(&client), "", "left to the request");
+    let Reply::Response(r) = task.await.unwrap() else {
+        panic!("not the request's own answer");
+    };
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(o.fanout.get_sample_count(), 0, "not written yet");
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    assert!(std::str::from_utf8(&body).unwrap().contains("part-0-1.m4s"));
+    drop(body); // (the collected bytes are the answer's own)
+    assert_eq!(o.fanout.get_sample_count(), 1, "measured once dropped");
+    assert_eq!(o.parked(), 0);
+}
+
+/// A request that evaluated a state the rendition has published past is not registered (no publish would come
+/// for it): it gets its pieces back, to wait the subscribed way, and its loan is closed.
+#[tokio::test]
+async fn a_lent_registration_that_missed_a_publish_is_refused() {
+    let (o, s) = origin();
+    part(&s, 0, 0);
+    let r = s.renditions[0].clone();
+    let seen = r.snapshot();
+    part(&s, 0, 1);
+    let (mut server, client) = socket_pair().await;
+    let form = lent::Form {
+        q: parse_query(Some("_HLS_msn=0&_HLS_part=2")).unwrap(),
+        token: None,
+        gzip: false,
+    };
+    let (lent, loan) = server.lend(false).lend();
+    let probe = lent.loan();
+    let Err(back) = lent::park(r.clone(), (lent, loan), form.clone(), &seen, &o.fanout) else {
+        panic!("registered against a state already replaced");
+    };
+    assert_eq!(back, form);
+    assert!(!probe.is_open(), "the loan is closed");
+    // registered against the current state, it is served by the next publish
+    let (lent, loan) = server.lend(false).lend();
+    let Ok(wait) = lent::park(r.clone(), (lent, loan), form, &r.snapshot(), &o.fanout) else {
+        panic!("refused against the current state");
+    };
+    part(&s, 0, 2);
+    assert!(arrived(&client).contains("part-0-2.m4s"));
+    drop(wait);
+}
