@@ -176,8 +176,9 @@ impl LentWait {
 
 /// Answers the requests parked on `r`'s lent sockets that its current state satisfies (see the module's doc).
 /// Called after each publish of `r`, on the publishing thread, which takes part: inside a runtime with several
-/// workers, a task per worker joins it, each taking the next [`BATCH`] requests until none are left (so all end
-/// together, however late one starts or often it is preempted).
+/// workers (and [`MIN_CHUNK`] requests for each), tasks that the other workers take join it, each taking the next
+/// [`BATCH`] requests until none are left (so all end together, however late one starts or often it is
+/// preempted).
 pub(crate) fn serve(timing: Timing, r: &Arc<Rendition>) {
     let (waiters, fanout) = {
         let mut l = r.lent.lock();
