@@ -27,6 +27,7 @@
 
 use std::io::{IoSlice, Write as _};
 use std::os::fd::{AsRawFd as _, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -43,14 +44,27 @@ pub struct Lender {
     tcp: Option<TcpStream>,
     /// The loan of the request in progress, if it lent the socket.
     lent: Option<Arc<Shared>>,
+    /// Set once the server began to stop: an answer written from then on closes the connection.
+    stopping: Option<Arc<AtomicBool>>,
 }
 
 impl Lender {
+    /// `tcp` must be non-blocking, as every socket tokio accepts is (one made with `TcpStream::from_std` is only
+    /// if its caller made it so): a producer's write must never wait on a client.
     pub fn new(tcp: TcpStream) -> Self {
         Lender {
             tcp: Some(tcp),
             lent: None,
+            stopping: None,
         }
+    }
+
+    /// The server's stop flag: once it is set, an answer a producer writes says `Connection: close` (and the
+    /// connection closes after it), as one the connection writes itself does. Without it only the `close` given
+    /// to [`Lender::lend`] counts.
+    pub fn with_stopping(mut self, stopping: Arc<AtomicBool>) -> Self {
+        self.stopping = Some(stopping);
+        self
     }
 
     pub fn tcp(&self) -> &TcpStream {
@@ -112,6 +126,7 @@ impl Lend<'_> {
         self.lender.close_loan(); // a previous request's (its answer has ended, and closed it already)
         let shared = Arc::new(Shared {
             close: self.close,
+            stopping: self.lender.stopping.clone(),
             lines: self.lines,
             state: Mutex::new(State {
                 fd: Some(self.lender.tcp().as_raw_fd()),
@@ -194,6 +209,8 @@ pub enum Woken {
 
 struct Shared {
     close: bool,
+    /// The server's stop flag ([`Lender::with_stopping`]).
+    stopping: Option<Arc<AtomicBool>>,
     lines: &'static [u8],
     state: Mutex<State>,
 }
@@ -304,8 +321,8 @@ impl Loan {
 
     /// Writes `p` (with the lines the service adds, `Date` and `Content-Length`) on the socket, as much of it as
     /// the socket takes now, if it is still lent; the rest is the connection's to write, and `finished()` is
-    /// called when it has (or has given up). The request's connection is woken, and the duplicate descriptor
-    /// closed, by `after` (see [`After`]).
+    /// called when it has (or has given up). The request's connection is woken by `after` (see [`After`]). The
+    /// answer closes the connection if the request's did, or if the server has begun to stop.
     pub fn write(
         &self,
         p: &Prepared,
@@ -316,20 +333,18 @@ impl Loan {
         let Some(fd) = s.fd.take() else {
             return Wrote::Not;
         };
-        let (rest, error) = match write_prepared(
-            |slices| write_lent(fd, slices, &s),
-            p,
-            self.0.lines,
-            self.0.close,
-        ) {
-            Ok(rest) => (rest, None),
-            Err(e) => (Vec::new(), Some(e)),
-        };
+        let close =
+            self.0.close || (self.0.stopping.as_ref()).is_some_and(|s| s.load(Ordering::Relaxed));
+        let (rest, error) =
+            match write_prepared(|slices| write_lent(fd, slices, &s), p, self.0.lines, close) {
+                Ok(rest) => (rest, None),
+                Err(e) => (Vec::new(), Some(e)),
+            };
         let whole = error.is_none() && rest.is_empty();
         s.outcome = Outcome::Written(Written {
             rest,
             body_len: p.body().len() as u64,
-            close: self.0.close || error.is_some(),
+            close: close || error.is_some(),
             error,
             finished: (!whole).then(finished),
         });
@@ -340,6 +355,12 @@ impl Loan {
         } else {
             Wrote::Part
         }
+    }
+
+    /// Whether an answer written now would close the connection.
+    #[cfg(test)]
+    pub(crate) fn closes(&self) -> bool {
+        self.0.close || (self.0.stopping.as_ref()).is_some_and(|s| s.load(Ordering::Relaxed))
     }
 
     /// Asks the request to look at the state itself (its answer is not a prepared one), if the socket is still

@@ -58,8 +58,12 @@ pub fn serving_busy() -> Duration {
 
 /// Adds `d` to [`serving_busy`]: serving work done outside the servers' polls (kilnd: a publish writing the
 /// answers of the requests that lent it their sockets, [`crate::lend`]).
+/// Not added inside such a poll (a request's handler that publishes, kilnd's `DELETE` of a stream ending it), whose
+/// own time already counts it.
 pub fn add_serving(d: Duration) {
-    BUSY_NS.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    if POLL_START.get().is_none() {
+        BUSY_NS.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -210,6 +214,8 @@ where
     let graceful = GracefulShutdown::new();
     // connections still choosing their protocol (no request yet) end at once when the stop begins
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    // the same, for a producer writing on a lent socket from another thread (`lend::Lender::with_stopping`)
+    let stopping_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -235,6 +241,7 @@ where
             limits,
             watcher: graceful.watcher(),
             stopping: stopping.clone(),
+            stopping_flag: stopping_flag.clone(),
         };
         let tls = tls.clone();
         tokio::spawn(Timed {
@@ -253,6 +260,7 @@ where
         });
     }
     drop(listener);
+    stopping_flag.store(true, Ordering::Relaxed);
     let _ = stopping_tx.send(true);
     drain(graceful, &permits, max, limits.drain).await;
     Ok(())
@@ -306,6 +314,8 @@ struct Conn<S, D> {
     limits: Limits,
     watcher: hyper_util::server::graceful::Watcher,
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// `stopping` as a flag, for answers written on a lent socket.
+    stopping_flag: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<S, B, D> Conn<S, D>
@@ -390,7 +400,7 @@ where
         });
         let mut timer = std::pin::pin!(tokio::time::sleep(self.limits.header_timeout));
         // the socket, which a request that waits may lend to the producer of its answer
-        let mut conn = crate::lend::Lender::new(tcp);
+        let mut conn = crate::lend::Lender::new(tcp).with_stopping(self.stopping_flag.clone());
         loop {
             // tokio's clock, as the timer's (it can be paused in tests)
             let deadline = Instant::now() + self.limits.header_timeout;
@@ -1112,6 +1122,59 @@ mod tests {
         server.await.unwrap().unwrap();
     }
 
+    /// Serving work added from inside a server's poll (a handler that publishes) is already in that poll's time:
+    /// not added twice. Outside one (a publishing thread), it is added.
+    #[tokio::test]
+    async fn serving_added_inside_a_timed_poll_is_counted_once() {
+        let before = serving_busy();
+        Timed {
+            inner: async { add_serving(Duration::from_secs(100)) },
+        }
+        .await;
+        assert!(serving_busy() - before < Duration::from_secs(100));
+        add_serving(Duration::from_secs(100));
+        assert!(serving_busy() - before >= Duration::from_secs(100));
+    }
+
+    /// An answer a producer writes after the server began to stop says `Connection: close`, as one the connection
+    /// writes itself would, and the connection closes after it: a client does not send its next request on a
+    /// connection about to close.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lent_answer_written_once_the_stop_began_says_the_connection_closes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (addr, _, echo, stop, server) = echo_server(Limits::default()).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /d/lent HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        echo.waiting.notified().await;
+        let loan = echo.loans.lock().unwrap().last().unwrap().clone();
+        assert!(!loan.closes(), "a keep-alive request, the server running");
+        let _ = stop.send(());
+        // the flag is set right after the listener closes, in the server's task
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !loan.closes() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the stop reaches the loan");
+        let finished = Arc::new(tokio::sync::Notify::new());
+        let wrote = write_on_loan(&echo, &prepared_echo(), finished);
+        assert_eq!(wrote, crate::lend::Wrote::Whole);
+        // the server closes the connection after the answer: read to its end
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut all))
+            .await
+            .expect("the connection closes after the answer")
+            .unwrap();
+        let all = String::from_utf8(all).unwrap();
+        let (lines, body) = head_lines(&all);
+        assert!(lines.contains(&"connection: close"), "{all}");
+        assert_eq!(body, "the same body");
+        server.await.unwrap().unwrap();
+    }
+
     /// A plain connection's task holds kiln's own HTTP/1.1 loop and its answer in progress, not hyper's state
     /// (boxed until a request needs hyper). In a debug build: 2,552 bytes with hyper's HTTP/1.1 connection inline,
     /// 1,616 with it boxed, 1,360 with the `writev` slices built in each poll instead of held in the future, 1,656
@@ -1137,6 +1200,7 @@ mod tests {
             limits: Limits::default(),
             watcher: graceful.watcher(),
             stopping: tokio::sync::watch::channel(false).1,
+            stopping_flag: Default::default(),
         };
         let task = conn.plain(tcp);
         let size = std::mem::size_of_val(&task);
