@@ -4,7 +4,7 @@
 //! A blocking playlist reload on kiln's own HTTP/1.1 lends its socket while it waits, and is registered with its
 //! rendition ([`Waiters`]) instead of subscribing to the rendition's publishes. After each publish the stream
 //! calls [`serve`]: it evaluates every registered request against the new state (requests with the same
-//! query, token and encoding share one evaluation), writes the prepared answer of each it satisfies on its socket,
+//! query, token and encoding share one evaluation; past [`FORMS`] distinct ones a request evaluates itself), writes the prepared answer of each it satisfies on its socket,
 //! observes the fan-out (publish → written) there, and only then wakes their connections, which go on to their
 //! next request. The writes are split over the runtime's workers, one chunk each. A request the state refuses
 //! (not a prepared answer) is woken to answer by itself; one still waiting stays registered. Its deadline stays
@@ -30,6 +30,11 @@ use crate::store::{clock_ns, Rendition};
 /// Requests per worker below which the publishing thread writes them alone: another worker's wake-up is not
 /// worth it.
 const MIN_CHUNK: usize = 256;
+
+/// Distinct forms one worker's share of a [`serve`] evaluates. A request of a further form is woken to look at the
+/// state itself, on its own worker: the publishing thread never does per-request work (signing a playlist for
+/// one viewer's token, gzipping it) for more than a few forms, however many viewers hold distinct tokens.
+pub(super) const FORMS: usize = 16;
 
 /// The smallest length at which a registration sweeps out requests that ended without a publish.
 const PRUNE_FROM: usize = 64;
@@ -240,8 +245,10 @@ impl Run {
         let mut keep = Vec::new();
         let mut after = After::default();
         let local = self.fanout.local();
-        // the answer to the last form evaluated, and when the last part asked for was published
-        let mut last: Option<(Form, Option<Reply>)> = None;
+        // the answers to the forms evaluated (the one used last first), and when the last part asked for was
+        // published
+        let mut forms: Vec<(Form, Option<Reply>)> = Vec::new();
+        let mut last = 0;
         let mut published: Option<(PartPos, Option<u64>)> = None;
         let mut served_again = 0;
         loop {
@@ -257,13 +264,27 @@ impl Run {
                 if !w.loan.is_open() {
                     continue; // its request ended by itself (its deadline, or its client left)
                 }
-                let reused = last.as_ref().is_some_and(|(f, _)| *f == w.form);
-                if !reused {
-                    let f = &w.form;
-                    let reply = playlist_step(self.timing, r, (f.q, &f.token, f.gzip), snap, |b| b);
-                    last = Some((w.form.clone(), reply));
-                }
-                let p = match last.as_ref().and_then(|(_, reply)| reply.as_ref()) {
+                let found = if forms.get(last).is_some_and(|(f, _)| *f == w.form) {
+                    Some(last)
+                } else {
+                    forms.iter().position(|(f, _)| *f == w.form)
+                };
+                let reused = found.is_some();
+                last = match found {
+                    Some(i) => i,
+                    None if forms.len() < FORMS => {
+                        let f = &w.form;
+                        let reply =
+                            playlist_step(self.timing, r, (f.q, &f.token, f.gzip), snap, |b| b);
+                        forms.push((w.form.clone(), reply));
+                        forms.len() - 1
+                    }
+                    None => {
+                        w.loan.look_again(&mut after);
+                        continue;
+                    }
+                };
+                let p = match forms[last].1.as_ref() {
                     None => {
                         keep.push(w);
                         continue;

@@ -818,6 +818,60 @@ async fn many_lent_reloads_are_written_by_every_worker() {
     assert_eq!(o.parked(), 0);
 }
 
+/// A run evaluates at most `lent::FORMS` distinct forms: the requests of further forms, here three that the
+/// publish satisfies, are woken to answer by themselves (their answer then not written by the publish), and
+/// those still waiting stay registered.
+#[tokio::test]
+async fn requests_of_forms_past_a_run_s_limit_answer_by_themselves() {
+    let (o, s) = origin();
+    part(&s, 0, 0);
+    let skips = ["", "&_HLS_skip=YES", "&_HLS_skip=v2"];
+    let mut waiting = Vec::new();
+    for (m, p) in [(0, 2), (0, 3), (0, 4), (0, 5), (1, 0)] {
+        for skip in skips {
+            waiting.push(format!(
+                "/live/s/v/index.m3u8?_HLS_msn={m}&_HLS_part={p}{skip}"
+            ));
+        }
+    }
+    waiting.push("/live/s/v/index.m3u8?_HLS_msn=1&_HLS_part=1".into());
+    assert_eq!(waiting.len(), super::lent::FORMS);
+    let satisfied: Vec<String> = skips
+        .iter()
+        .map(|skip| format!("/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1{skip}"))
+        .collect();
+    let mut pairs = Vec::new();
+    for _ in 0..waiting.len() + satisfied.len() {
+        pairs.push(socket_pair().await);
+    }
+    // registered in this order: the waiting forms take the run's places first
+    let mut tasks: Vec<_> = waiting
+        .iter()
+        .chain(&satisfied)
+        .zip(pairs.iter_mut())
+        .map(|(q, (server, _))| tokio::spawn(lending(&o, q, server.lend(false))))
+        .collect();
+    assert_eq!(o.parked(), waiting.len() + satisfied.len());
+    part(&s, 0, 1);
+    let snap = s.renditions[0].snapshot();
+    for (task, skip) in
+        tasks
+            .split_off(waiting.len())
+            .into_iter()
+            .zip([Skip::No, Skip::Yes, Skip::V2])
+    {
+        let Reply::Prepared(p) = task.await.unwrap() else {
+            panic!("answered by the publish, or not a prepared answer");
+        };
+        assert_eq!(p.body(), &snap.playlist(skip, None, false).body);
+    }
+    assert_eq!(o.parked(), waiting.len(), "the others still wait");
+    for (_, client) in &pairs {
+        assert_eq!(arrived(client), "", "nothing written by the publish");
+    }
+    drop(tasks);
+}
+
 /// A lent request that ends by itself (its deadline, or its client leaving) takes its socket back: the publish
 /// after it writes nothing there.
 #[tokio::test(start_paused = true)]
