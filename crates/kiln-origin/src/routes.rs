@@ -716,7 +716,11 @@ fn playlist(
 ) -> LiveAnswer {
     let mut rx = r.subscribe();
     let snap = rx.borrow_and_update().clone();
-    if let Some(resp) = playlist_step(s.timing(), &r, (q, &token, gzip), &snap, |body| body) {
+    let served = |body| {
+        r.note_served(&snap);
+        body
+    };
+    if let Some(resp) = playlist_step(s.timing(), &r, (q, &token, gzip), &snap, served) {
         return LiveAnswer::now(resp);
     }
     let Some(place) = origin.park() else {
@@ -762,9 +766,12 @@ fn subscribed(
             let snap = park.current();
             // a blocking reload woken by the publish of the part it asked for: its answer measures the fan-out
             // (publish → written) when the server is done with it
-            let woken = |body: Bytes| match q.block.msn.zip(q.block.part) {
-                Some((m, p)) => r.stamped(body, PartPos::new(m, p), &fanout),
-                None => body,
+            let woken = |body: Bytes| {
+                r.note_served(&snap);
+                match q.block.msn.zip(q.block.part) {
+                    Some((m, p)) => r.stamped(body, PartPos::new(m, p), &fanout),
+                    None => body,
+                }
             };
             if let Some(resp) = playlist_step(s.timing(), &r, (q, &token, gzip), &snap, woken) {
                 return resp;
@@ -774,7 +781,8 @@ fn subscribed(
 }
 
 /// A playlist request against the rendition's state `snap`: the playlist (its body passed through `ready`, which
-/// stamps a woken request's answer for the fan-out) or a refusal; `None`: wait.
+/// notes the answer as served from `snap` when it is given, [`Rendition::served_from`], and stamps a woken
+/// request's answer for the fan-out) or a refusal; `None`: wait.
 fn playlist_step(
     t: Timing,
     r: &Rendition,
@@ -796,7 +804,6 @@ fn playlist_step(
     };
     match decision {
         Decision::Ready => {
-            r.note_served(snap);
             let max_age = if blocking { 6 * td } else { (td / 2).max(1) };
             let mut doc = snap.playlist(q.skip, token.as_deref(), gzip);
             doc.body = ready(doc.body);

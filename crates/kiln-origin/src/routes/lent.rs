@@ -155,16 +155,25 @@ impl LentWait {
                 // lifetime line is not prepared): its fan-out ends when its connection has written it, as for a
                 // subscribed request
                 let (r, fanout) = (&self.r, &self.fanout);
-                let stamp = |body| match f.q.block.msn.zip(f.q.block.part) {
-                    Some((m, p)) => r.stamped(body, PartPos::new(m, p), fanout),
-                    None => body,
+                let ready = std::cell::Cell::new(false);
+                let stamp = |body| {
+                    ready.set(true);
+                    match f.q.block.msn.zip(f.q.block.part) {
+                        Some((m, p)) => r.stamped(body, PartPos::new(m, p), fanout),
+                        None => body,
+                    }
                 };
                 if let Some(reply) =
                     playlist_step(timing(), r, (f.q, &f.token, f.gzip), &snap, stamp)
                 {
                     return match self.lent.withdraw() {
-                        Some(w) => Reply::Written(w),
-                        None => reply,
+                        Some(w) => Reply::Written(w), // (the publish that wrote it noted it)
+                        None => {
+                            if ready.get() {
+                                r.note_served(&snap);
+                            }
+                            reply
+                        }
                     };
                 }
                 let w = Waiter {
@@ -250,7 +259,8 @@ impl Run {
         let mut forms: Vec<(Form, Option<Reply>)> = Vec::new();
         let mut last = 0;
         let mut published: Option<(PartPos, Option<u64>)> = None;
-        let mut served_again = 0;
+        // answers written from `snap` (what `Rendition::served_from` counts)
+        let mut served = 0;
         loop {
             let from = self.next.fetch_add(BATCH, Ordering::Relaxed);
             if from >= self.waiters.len() {
@@ -269,7 +279,6 @@ impl Run {
                 } else {
                     forms.iter().position(|(f, _)| *f == w.form)
                 };
-                let reused = found.is_some();
                 last = match found {
                     Some(i) => i,
                     None if forms.len() < FORMS => {
@@ -331,12 +340,12 @@ impl Run {
                     }
                     Wrote::Part => {}
                 }
-                served_again += u64::from(reused);
+                served += 1;
             }
         }
         local.flush();
-        if served_again > 0 {
-            r.note_served_n(snap, served_again);
+        if served > 0 {
+            r.note_served_n(snap, served);
         }
         after.finish();
         if !keep.is_empty() {

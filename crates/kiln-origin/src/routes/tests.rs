@@ -816,6 +816,9 @@ async fn many_lent_reloads_are_written_by_every_worker() {
     }
     assert_eq!(o.fanout.get_sample_count(), 300);
     assert_eq!(o.parked(), 0);
+    let (from, answers) = s.renditions[0].served_from();
+    assert!(Arc::ptr_eq(&from.unwrap(), &s.renditions[0].snapshot()));
+    assert_eq!(answers, 300, "each written answer counted once");
 }
 
 /// A run evaluates at most `lent::FORMS` distinct forms: the requests of further forms, here three that the
@@ -866,6 +869,9 @@ async fn requests_of_forms_past_a_run_s_limit_answer_by_themselves() {
         assert_eq!(p.body(), &snap.playlist(skip, None, false).body);
     }
     assert_eq!(o.parked(), waiting.len(), "the others still wait");
+    let (from, answers) = s.renditions[0].served_from();
+    assert!(Arc::ptr_eq(&from.unwrap(), &snap));
+    assert_eq!(answers, 3, "each answer counted once, by the request that gave it");
     for (_, client) in &pairs {
         assert_eq!(arrived(client), "", "nothing written by the publish");
     }
@@ -994,6 +1000,8 @@ async fn a_lent_reload_whose_answer_is_not_prepared_answers_itself_and_is_measur
     drop(body); // (the collected bytes are the answer's own)
     assert_eq!(o.fanout.get_sample_count(), 1, "measured once dropped");
     assert_eq!(o.parked(), 0);
+    // evaluated by the publish and again by the request: served once
+    assert_eq!(s.renditions[0].served_from().1, 1);
 }
 
 /// A request that evaluated a state the rendition has published past is not registered (no publish would come
