@@ -720,7 +720,7 @@ fn playlist(
         r.note_served(&snap);
         body
     };
-    if let Some(resp) = playlist_step(s.timing(), &r, (q, &token, gzip), &snap, served) {
+    if let Some(resp) = playlist_step(s.timing(), (q, &token, gzip), &snap, served) {
         return LiveAnswer::now(resp);
     }
     let Some(place) = origin.park() else {
@@ -773,7 +773,7 @@ fn subscribed(
                     None => body,
                 }
             };
-            if let Some(resp) = playlist_step(s.timing(), &r, (q, &token, gzip), &snap, woken) {
+            if let Some(resp) = playlist_step(s.timing(), (q, &token, gzip), &snap, woken) {
                 return resp;
             }
         }
@@ -785,7 +785,6 @@ fn subscribed(
 /// request's answer for the fan-out) or a refusal; `None`: wait.
 fn playlist_step(
     t: Timing,
-    r: &Rendition,
     (q, token, gzip): (PlaylistQuery, &Option<String>, bool),
     snap: &Arc<Published>,
     ready: impl FnOnce(Bytes) -> Bytes,

@@ -163,8 +163,7 @@ impl LentWait {
                         None => body,
                     }
                 };
-                if let Some(reply) =
-                    playlist_step(timing(), r, (f.q, &f.token, f.gzip), &snap, stamp)
+                if let Some(reply) = playlist_step(timing(), (f.q, &f.token, f.gzip), &snap, stamp)
                 {
                     return match self.lent.withdraw() {
                         Some(w) => Reply::Written(w), // (the publish that wrote it noted it)
@@ -284,7 +283,7 @@ impl Run {
                     None if forms.len() < FORMS => {
                         let f = &w.form;
                         let reply =
-                            playlist_step(self.timing, r, (f.q, &f.token, f.gzip), snap, |b| b);
+                            playlist_step(self.timing, (f.q, &f.token, f.gzip), snap, |b| b);
                         forms.push((w.form.clone(), reply));
                         forms.len() - 1
                     }

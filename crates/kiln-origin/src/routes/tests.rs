@@ -871,7 +871,10 @@ async fn requests_of_forms_past_a_run_s_limit_answer_by_themselves() {
     assert_eq!(o.parked(), waiting.len(), "the others still wait");
     let (from, answers) = s.renditions[0].served_from();
     assert!(Arc::ptr_eq(&from.unwrap(), &snap));
-    assert_eq!(answers, 3, "each answer counted once, by the request that gave it");
+    assert_eq!(
+        answers, 3,
+        "each answer counted once, by the request that gave it"
+    );
     for (_, client) in &pairs {
         assert_eq!(arrived(client), "", "nothing written by the publish");
     }
