@@ -27,6 +27,8 @@ use bytes::{Buf, Bytes};
 use http_body_util::BodyExt as _;
 use hyper::body::Body;
 use tokio::io::AsyncWrite as _;
+
+use crate::stall::Stall;
 use tokio::net::TcpStream;
 
 use crate::lend::Lend;
@@ -381,6 +383,7 @@ pub(crate) async fn write_reply<B>(
     tcp: &mut TcpStream,
     reply: &mut Reply<B>,
     close: bool,
+    stall: &mut Stall,
 ) -> std::io::Result<bool>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -390,16 +393,16 @@ where
         Reply::Prepared(p) => {
             let mut rest = write_prepared_now(tcp, p, close)?;
             if !rest.is_empty() {
-                write_all(tcp, &mut Vec::new(), &mut rest).await?;
+                write_all(tcp, &mut Vec::new(), &mut rest, stall).await?;
             }
             Ok(close)
         }
-        Reply::Response(res) => respond(tcp, res, close).await,
+        Reply::Response(res) => respond(tcp, res, close, stall).await,
         Reply::Written(w) => {
             let (rest, closes) = w.take_rest();
             let mut rest = rest?;
             if !rest.is_empty() {
-                write_all(tcp, &mut Vec::new(), &mut rest).await?;
+                write_all(tcp, &mut Vec::new(), &mut rest, stall).await?;
             }
             Ok(close || closes)
         }
@@ -412,6 +415,7 @@ pub(crate) async fn respond<B>(
     tcp: &mut TcpStream,
     res: &mut Response<B>,
     close: bool,
+    stall: &mut Stall,
 ) -> std::io::Result<bool>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -428,7 +432,7 @@ where
     let mut head = encode_head(status, res.headers(), len, close);
     let mut out = Vec::new();
     if !has_body(status) {
-        write_all(tcp, &mut head, &mut out).await?;
+        write_all(tcp, &mut head, &mut out, stall).await?;
         return Ok(close);
     }
     let mut body = std::pin::Pin::new(res.body_mut());
@@ -453,13 +457,13 @@ where
         }
         if !body.is_end_stream() {
             // what there is goes out before waiting for more (a segment in progress, part by part)
-            write_all(tcp, &mut head, &mut out).await?;
+            write_all(tcp, &mut head, &mut out, stall).await?;
         }
     }
     if chunked {
         out.push(Bytes::from_static(b"0\r\n\r\n"));
     }
-    write_all(tcp, &mut head, &mut out).await?;
+    write_all(tcp, &mut head, &mut out, stall).await?;
     Ok(close)
 }
 
@@ -568,11 +572,13 @@ fn prepared_end(buf: &mut [u8; 96], len: usize, close: bool) -> usize {
     at
 }
 
-/// Writes every byte of `head`, then of `bufs`, with `writev` (up to 16 buffers a call), then empties both.
+/// Writes every byte of `head`, then of `bufs`, with `writev` (up to 16 buffers a call), then empties both; fails
+/// with `TimedOut` when the client takes nothing for `stall`'s limit.
 async fn write_all(
     tcp: &mut TcpStream,
     head: &mut Vec<u8>,
     bufs: &mut Vec<Bytes>,
+    stall: &mut Stall,
 ) -> std::io::Result<()> {
     let mut first = 0;
     while !head.is_empty() || first < bufs.len() {
@@ -588,7 +594,8 @@ async fn write_all(
                 slices[n] = IoSlice::new(b);
                 n += 1;
             }
-            std::pin::Pin::new(&mut *tcp).poll_write_vectored(cx, &slices[..n])
+            let polled = std::pin::Pin::new(&mut *tcp).poll_write_vectored(cx, &slices[..n]);
+            stall.check(cx, polled)
         })
         .await?;
         if written == 0 {
@@ -797,7 +804,14 @@ mod tests {
             .header("x-long", &long)
             .body(http_body_util::Full::new(Bytes::from(body.clone())))
             .unwrap();
-        let close = respond(&mut tcp, &mut res, true).await.unwrap();
+        let close = respond(
+            &mut tcp,
+            &mut res,
+            true,
+            &mut Stall::new(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
         assert!(close);
         drop(tcp);
         let got = client.await.unwrap();
@@ -832,7 +846,14 @@ mod tests {
             .with(b"content-type: video/mp4\r\n")
             .with_shared(Bytes::from_static(b"etag: \"x\"\r\n"));
         let mut reply = Reply::<http_body_util::Full<Bytes>>::Prepared(p);
-        assert!(write_reply(&mut tcp, &mut reply, true).await.unwrap());
+        assert!(write_reply(
+            &mut tcp,
+            &mut reply,
+            true,
+            &mut Stall::new(Duration::from_secs(30))
+        )
+        .await
+        .unwrap());
         drop(tcp);
         let got = client.await.unwrap();
         let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;

@@ -23,6 +23,7 @@ pub mod openapi;
 pub mod process;
 pub mod server;
 pub mod shutdown;
+mod stall;
 
 pub use auth::{bearer_ok, require_bearer, token_from_env, TokenError};
 pub use error::{json_error, json_error_with, no_route};

@@ -134,6 +134,9 @@ pub struct Limits {
     pub h2_keepalive: Duration,
     /// How long open connections get to finish after shutdown starts.
     pub drain: Duration,
+    /// How long a write may wait with the client taking nothing before the connection is closed (a client that
+    /// stops reading, its TCP window at zero); time between writes does not count (as nginx's `send_timeout`).
+    pub write_stall: Duration,
 }
 
 impl Default for Limits {
@@ -143,6 +146,7 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             h2_keepalive: Duration::from_secs(20),
             drain: Duration::from_secs(10),
+            write_stall: Duration::from_secs(30),
         }
     }
 }
@@ -364,6 +368,7 @@ where
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let io = crate::stall::StallIo::new(io, self.limits.write_stall);
         if h2 {
             Box::pin(self.h2(TokioIo::new(io))).await
         } else {
@@ -457,7 +462,14 @@ where
                 return Ok(());
             };
             let close = close || *self.stopping.borrow();
-            if h1::write_reply(conn.tcp_mut(), &mut reply, close).await? {
+            if h1::write_reply(
+                conn.tcp_mut(),
+                &mut reply,
+                close,
+                &mut crate::stall::Stall::new(self.limits.write_stall),
+            )
+            .await?
+            {
                 return Ok(());
             }
         }
@@ -466,7 +478,7 @@ where
     /// Hands the connection to hyper: `read` (the bytes read from it and not answered) first. Boxed, so that the
     /// connection's task does not carry hyper's state until it needs it.
     async fn handover(self, read: Vec<u8>, tcp: TcpStream) -> Result<(), BoxError> {
-        Box::pin(self.h1(TokioIo::new(h1::Rewind::new(read, tcp)))).await
+        Box::pin(self.http(h1::Rewind::new(read, tcp), false)).await
     }
 
     async fn h2<I>(self, io: TokioIo<I>) -> Result<(), BoxError>
@@ -702,6 +714,7 @@ mod tests {
                             p.into_response::<axum::body::Body>().into()
                         });
                     }
+                    "d/big" => axum::body::Body::from(vec![b'x'; BIG]),
                     "d/stream" => {
                         let rx = chunks.lock().unwrap().take().expect("one stream");
                         axum::body::Body::new(Chunks(rx))
@@ -730,10 +743,12 @@ mod tests {
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<std::io::Result<()>>,
     ) {
-        let app = Router::new().route(
-            "/r",
-            axum::routing::get(|| async { "routed" }).put(|body: String| async move { body }),
-        );
+        let app = Router::new()
+            .route(
+                "/r",
+                axum::routing::get(|| async { "routed" }).put(|body: String| async move { body }),
+            )
+            .route("/r/big", axum::routing::get(|| async { vec![b'x'; BIG] }));
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let echo = Echo::new();
         *echo.chunks.lock().unwrap() = Some(rx);
@@ -746,6 +761,9 @@ mod tests {
         }));
         (addr, tx, echo, stop, server)
     }
+
+    /// The length of `/d/big` and `/r/big`: more than a loopback connection's buffers hold.
+    const BIG: usize = 64 << 20;
 
     /// A prepared answer with every kind of piece: static lines (one of them two lines), a shared one.
     fn prepared_echo() -> h1::Prepared {
@@ -1122,6 +1140,39 @@ mod tests {
         server.await.unwrap().unwrap();
     }
 
+    /// A client that stops reading (its TCP window at zero) is cut once a write has waited `write_stall`, on kiln's
+    /// own HTTP/1.1 (a direct answer) and on a connection hyper serves (a routed one): the connection ends before
+    /// the whole answer. Without the limit the server would wait for it forever, holding its place.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_stops_reading_is_cut_after_the_write_stall_limit() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limits = Limits {
+            write_stall: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (addr, _, _, stop, server) = echo_server(limits).await;
+        for path in ["/d/big", "/r/big"] {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            // the stalled client: nothing read for five times the limit (the stimulus, not a wait for the server)
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let mut all = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut all))
+                .await
+                .unwrap_or_else(|_| panic!("{path}: the server kept the connection"));
+            assert!(
+                read.is_err() || all.len() < BIG,
+                "{path}: the whole answer came ({} bytes)",
+                all.len()
+            );
+            assert!(all.starts_with(b"HTTP/1.1 200 OK\r\n"), "{path}");
+        }
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
     /// Serving work added from inside a server's poll (a handler that publishes) is already in that poll's time:
     /// not added twice. Outside one (a publishing thread), it is added.
     #[tokio::test]
@@ -1185,7 +1236,8 @@ mod tests {
     /// jemalloc size class: 3.2 → 2.8 KiB per parked request in the origin bench), 1,768 with a reply that is a
     /// response or a prepared answer (1,936 with the prepared one's write a wait of the connection's own, which
     /// took kilnd to 3.2 KiB per parked request: the reply is now held across one wait only, `h1::write_reply`), 1,824
-    /// with the socket in a `lend::Lender` and a reply that may be one written on it.
+    /// with the socket in a `lend::Lender` and a reply that may be one written on it, 1,872 with the server's stop
+    /// flag for answers written on the loan, 1,968 with a write stall timer passed to the writers (`stall`).
     #[tokio::test]
     async fn a_plain_connection_s_task_is_small() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
