@@ -376,14 +376,30 @@ fn has_body(status: StatusCode) -> bool {
         || status == StatusCode::NOT_MODIFIED)
 }
 
-/// Writes `reply` on `tcp` ([`write_prepared_now`], or [`respond`]). Returns whether the connection must close
+/// A connection's socket as its answers are written, with the timer that gives up on a client that takes nothing
+/// ([`Stall`]). One pointer for the writers to pass down (their futures nest in the connection's).
+pub(crate) struct Writer<'a> {
+    pub(crate) tcp: &'a mut TcpStream,
+    pub(crate) stall: Stall,
+}
+
+impl<'a> Writer<'a> {
+    /// Gives up a write that waited `stall` with the client taking nothing.
+    pub(crate) fn new(tcp: &'a mut TcpStream, stall: Duration) -> Self {
+        Writer {
+            tcp,
+            stall: Stall::new(stall),
+        }
+    }
+}
+
+/// Writes `reply` on `w` ([`write_prepared_now`], or [`respond`]). Returns whether the connection must close
 /// after it. Takes the reply by reference: the caller's future holds it across this one wait only, where its
 /// place is shared with the answer's (an async fn's arguments keep their own slot).
 pub(crate) async fn write_reply<B>(
-    tcp: &mut TcpStream,
+    w: &mut Writer<'_>,
     reply: &mut Reply<B>,
     close: bool,
-    stall: &mut Stall,
 ) -> std::io::Result<bool>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -391,31 +407,30 @@ where
 {
     match reply {
         Reply::Prepared(p) => {
-            let mut rest = write_prepared_now(tcp, p, close)?;
+            let mut rest = write_prepared_now(w.tcp, p, close)?;
             if !rest.is_empty() {
-                write_all(tcp, &mut Vec::new(), &mut rest, stall).await?;
+                write_all(w, &mut Vec::new(), &mut rest).await?;
             }
             Ok(close)
         }
-        Reply::Response(res) => respond(tcp, res, close, stall).await,
-        Reply::Written(w) => {
-            let (rest, closes) = w.take_rest();
+        Reply::Response(res) => respond(w, res, close).await,
+        Reply::Written(written) => {
+            let (rest, closes) = written.take_rest();
             let mut rest = rest?;
             if !rest.is_empty() {
-                write_all(tcp, &mut Vec::new(), &mut rest, stall).await?;
+                write_all(w, &mut Vec::new(), &mut rest).await?;
             }
             Ok(close || closes)
         }
     }
 }
 
-/// Writes a response on `tcp`: its head and, as the body yields them, its bytes, each batch in one `writev`.
+/// Writes a response on `w`: its head and, as the body yields them, its bytes, each batch in one `writev`.
 /// Returns whether the connection must close after it (`close`, or the answer said so).
 pub(crate) async fn respond<B>(
-    tcp: &mut TcpStream,
+    w: &mut Writer<'_>,
     res: &mut Response<B>,
     close: bool,
-    stall: &mut Stall,
 ) -> std::io::Result<bool>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -432,7 +447,7 @@ where
     let mut head = encode_head(status, res.headers(), len, close);
     let mut out = Vec::new();
     if !has_body(status) {
-        write_all(tcp, &mut head, &mut out, stall).await?;
+        write_all(w, &mut head, &mut out).await?;
         return Ok(close);
     }
     let mut body = std::pin::Pin::new(res.body_mut());
@@ -457,13 +472,13 @@ where
         }
         if !body.is_end_stream() {
             // what there is goes out before waiting for more (a segment in progress, part by part)
-            write_all(tcp, &mut head, &mut out, stall).await?;
+            write_all(w, &mut head, &mut out).await?;
         }
     }
     if chunked {
         out.push(Bytes::from_static(b"0\r\n\r\n"));
     }
-    write_all(tcp, &mut head, &mut out, stall).await?;
+    write_all(w, &mut head, &mut out).await?;
     Ok(close)
 }
 
@@ -573,12 +588,11 @@ fn prepared_end(buf: &mut [u8; 96], len: usize, close: bool) -> usize {
 }
 
 /// Writes every byte of `head`, then of `bufs`, with `writev` (up to 16 buffers a call), then empties both; fails
-/// with `TimedOut` when the client takes nothing for `stall`'s limit.
+/// with `TimedOut` when the client takes nothing for the writer's stall limit.
 async fn write_all(
-    tcp: &mut TcpStream,
+    w: &mut Writer<'_>,
     head: &mut Vec<u8>,
     bufs: &mut Vec<Bytes>,
-    stall: &mut Stall,
 ) -> std::io::Result<()> {
     let mut first = 0;
     while !head.is_empty() || first < bufs.len() {
@@ -594,8 +608,8 @@ async fn write_all(
                 slices[n] = IoSlice::new(b);
                 n += 1;
             }
-            let polled = std::pin::Pin::new(&mut *tcp).poll_write_vectored(cx, &slices[..n]);
-            stall.check(cx, polled)
+            let polled = std::pin::Pin::new(&mut *w.tcp).poll_write_vectored(cx, &slices[..n]);
+            w.stall.check(cx, polled)
         })
         .await?;
         if written == 0 {
@@ -804,14 +818,8 @@ mod tests {
             .header("x-long", &long)
             .body(http_body_util::Full::new(Bytes::from(body.clone())))
             .unwrap();
-        let close = respond(
-            &mut tcp,
-            &mut res,
-            true,
-            &mut Stall::new(Duration::from_secs(30)),
-        )
-        .await
-        .unwrap();
+        let mut w = Writer::new(&mut tcp, Duration::from_secs(30));
+        let close = respond(&mut w, &mut res, true).await.unwrap();
         assert!(close);
         drop(tcp);
         let got = client.await.unwrap();
@@ -846,14 +854,8 @@ mod tests {
             .with(b"content-type: video/mp4\r\n")
             .with_shared(Bytes::from_static(b"etag: \"x\"\r\n"));
         let mut reply = Reply::<http_body_util::Full<Bytes>>::Prepared(p);
-        assert!(write_reply(
-            &mut tcp,
-            &mut reply,
-            true,
-            &mut Stall::new(Duration::from_secs(30))
-        )
-        .await
-        .unwrap());
+        let mut w = Writer::new(&mut tcp, Duration::from_secs(30));
+        assert!(write_reply(&mut w, &mut reply, true).await.unwrap());
         drop(tcp);
         let got = client.await.unwrap();
         let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;

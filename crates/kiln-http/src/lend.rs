@@ -27,7 +27,6 @@
 
 use std::io::{IoSlice, Write as _};
 use std::os::fd::{AsRawFd as _, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -44,8 +43,6 @@ pub struct Lender {
     tcp: Option<TcpStream>,
     /// The loan of the request in progress, if it lent the socket.
     lent: Option<Arc<Shared>>,
-    /// Set once the server began to stop: an answer written from then on closes the connection.
-    stopping: Option<Arc<AtomicBool>>,
 }
 
 impl Lender {
@@ -55,16 +52,7 @@ impl Lender {
         Lender {
             tcp: Some(tcp),
             lent: None,
-            stopping: None,
         }
-    }
-
-    /// The server's stop flag: once it is set, an answer a producer writes says `Connection: close` (and the
-    /// connection closes after it), as one the connection writes itself does. Without it only the `close` given
-    /// to [`Lender::lend`] counts.
-    pub fn with_stopping(mut self, stopping: Arc<AtomicBool>) -> Self {
-        self.stopping = Some(stopping);
-        self
     }
 
     pub fn tcp(&self) -> &TcpStream {
@@ -82,6 +70,7 @@ impl Lender {
             lender: self,
             close,
             lines: b"",
+            stopping: None,
         }
     }
 
@@ -111,13 +100,22 @@ pub struct Lend<'a> {
     lender: &'a mut Lender,
     close: bool,
     lines: &'static [u8],
+    stopping: Option<&'a tokio::sync::watch::Receiver<bool>>,
 }
 
-impl Lend<'_> {
+impl<'a> Lend<'a> {
     /// Adds `lines` (whole header lines, as [`Prepared::with`] takes them) to the answer written on the loan:
     /// the lines the service adds to every prepared answer it gives.
     pub fn with_lines(mut self, lines: &'static [u8]) -> Self {
         self.lines = lines;
+        self
+    }
+
+    /// The server's stop (`true` once it began): an answer a producer writes from then on says `Connection:
+    /// close` (and the connection closes after it), as one the connection writes itself does. Without it only the
+    /// `close` given to [`Lender::lend`] counts. Taken by reference: cloned only if the socket is lent.
+    pub fn with_stopping(mut self, stopping: &'a tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopping = Some(stopping);
         self
     }
 
@@ -126,7 +124,7 @@ impl Lend<'_> {
         self.lender.close_loan(); // a previous request's (its answer has ended, and closed it already)
         let shared = Arc::new(Shared {
             close: self.close,
-            stopping: self.lender.stopping.clone(),
+            stopping: self.stopping.cloned(),
             lines: self.lines,
             state: Mutex::new(State {
                 fd: Some(self.lender.tcp().as_raw_fd()),
@@ -209,8 +207,8 @@ pub enum Woken {
 
 struct Shared {
     close: bool,
-    /// The server's stop flag ([`Lender::with_stopping`]).
-    stopping: Option<Arc<AtomicBool>>,
+    /// The server's stop ([`Lend::with_stopping`]).
+    stopping: Option<tokio::sync::watch::Receiver<bool>>,
     lines: &'static [u8],
     state: Mutex<State>,
 }
@@ -333,8 +331,7 @@ impl Loan {
         let Some(fd) = s.fd.take() else {
             return Wrote::Not;
         };
-        let close =
-            self.0.close || (self.0.stopping.as_ref()).is_some_and(|s| s.load(Ordering::Relaxed));
+        let close = self.0.close || (self.0.stopping.as_ref()).is_some_and(|s| *s.borrow());
         let (rest, error) =
             match write_prepared(|slices| write_lent(fd, slices, &s), p, self.0.lines, close) {
                 Ok(rest) => (rest, None),
@@ -360,7 +357,7 @@ impl Loan {
     /// Whether an answer written now would close the connection.
     #[cfg(test)]
     pub(crate) fn closes(&self) -> bool {
-        self.0.close || (self.0.stopping.as_ref()).is_some_and(|s| s.load(Ordering::Relaxed))
+        self.0.close || (self.0.stopping.as_ref()).is_some_and(|s| *s.borrow())
     }
 
     /// Asks the request to look at the state itself (its answer is not a prepared one), if the socket is still
