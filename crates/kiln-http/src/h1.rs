@@ -376,7 +376,7 @@ fn has_body(status: StatusCode) -> bool {
         || status == StatusCode::NOT_MODIFIED)
 }
 
-/// A connection's socket as its answers are written, with the timer that gives up on a client that takes nothing
+/// A connection's socket as its answers are written, with the timer that gives up on a write that waits too long
 /// ([`Stall`]). One pointer for the writers to pass down (their futures nest in the connection's).
 pub(crate) struct Writer<'a> {
     pub(crate) tcp: &'a mut TcpStream,
@@ -384,7 +384,7 @@ pub(crate) struct Writer<'a> {
 }
 
 impl<'a> Writer<'a> {
-    /// Gives up a write that waited `stall` with the client taking nothing.
+    /// Gives up a write that waited `stall`.
     pub(crate) fn new(tcp: &'a mut TcpStream, stall: Duration) -> Self {
         Writer {
             tcp,
@@ -588,7 +588,7 @@ fn prepared_end(buf: &mut [u8; 96], len: usize, close: bool) -> usize {
 }
 
 /// Writes every byte of `head`, then of `bufs`, with `writev` (up to 16 buffers a call), then empties both; fails
-/// with `TimedOut` when the client takes nothing for the writer's stall limit.
+/// with `TimedOut` when one waits the writer's stall limit.
 async fn write_all(
     w: &mut Writer<'_>,
     head: &mut Vec<u8>,

@@ -134,8 +134,8 @@ pub struct Limits {
     pub h2_keepalive: Duration,
     /// How long open connections get to finish after shutdown starts.
     pub drain: Duration,
-    /// How long a write may wait with the client taking nothing before the connection is closed (a client that
-    /// stops reading, its TCP window at zero); time between writes does not count (as nginx's `send_timeout`).
+    /// How long a write may wait before the connection is closed (a client that stops reading, its TCP window at
+    /// zero); time between writes does not count (as nginx's `send_timeout`). Zero: no limit.
     pub write_stall: Duration,
 }
 
@@ -1148,8 +1148,8 @@ mod tests {
             c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
                 .await
                 .unwrap();
-            // the stalled client: nothing read for five times the limit (the stimulus, not a wait for the server)
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+            // the stalled client: nothing read for ten times the limit (the stimulus, not a wait for the server)
+            tokio::time::sleep(Duration::from_millis(3000)).await;
             let mut all = Vec::new();
             let read = tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut all))
                 .await

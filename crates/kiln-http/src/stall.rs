@@ -1,9 +1,15 @@
-//! A write the peer takes nothing of for too long fails: a client that stops reading (its TCP window at zero)
-//! cannot hold its connection, and its place under the connection cap, forever. The timer runs only while a
-//! write waits, and starts again from each write the peer takes: a slow client that keeps reading is never cut,
-//! and time between writes (a parked request, an idle keep-alive connection) never counts. nginx's
-//! `send_timeout` works the same way.
-
+//! A write that waits too long fails: a client that stops reading (its TCP window at zero) cannot hold its
+//! connection, and its place under the connection cap, forever. The timer runs only while a write waits, and
+//! starts again from each write that goes through: time between writes (a parked request, an idle keep-alive
+//! connection) never counts. nginx's `send_timeout` works the same way, and has the same limit: Linux wakes a
+//! blocked writer only once about a third of the socket's send buffer is free again, so a client that reads, but
+//! slower than that third per limit (with a 4 MiB buffer and 30 s, about 46 KB/s, too slow for any video
+//! rendition), is cut too. It covers what blocks the socket: an HTTP/2 stream whose peer withholds flow-control
+//! credit while it keeps reading never blocks a write, and is not covered here.
+//!
+//! Callers retry a write that waited until it goes through or fails (hyper's connections and kiln's writer do):
+//! the timer restarts only when one does, so a caller that abandoned a waiting write and later wrote something
+//! else would inherit the old deadline.
 use std::future::Future as _;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -24,6 +30,7 @@ pub(crate) struct Stall {
 }
 
 impl Stall {
+    /// `limit` zero: no limit.
     pub(crate) fn new(limit: Duration) -> Self {
         Stall {
             limit_ms: u32::try_from(limit.as_millis()).unwrap_or(u32::MAX),
@@ -43,7 +50,7 @@ impl Stall {
         cx: &mut Context<'_>,
         polled: Poll<std::io::Result<T>>,
     ) -> Poll<std::io::Result<T>> {
-        if polled.is_ready() {
+        if polled.is_ready() || self.limit_ms == 0 {
             self.waiting = false;
             return polled;
         }
@@ -155,7 +162,10 @@ mod tests {
         let (a, _b) = tokio::io::duplex(1024);
         let mut a = StallIo::new(a, limit);
         let start = tokio::time::Instant::now();
-        let e = a.write_all(&big).await.unwrap_err();
+        let e = tokio::time::timeout(2 * limit, a.write_all(&big))
+            .await
+            .expect("cut at the limit")
+            .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
         assert!((limit..limit + Duration::from_secs(1)).contains(&start.elapsed()));
         // a slow reader: 1 KiB every 20 s, 64 times (21 minutes), never 30 s without progress
@@ -186,5 +196,10 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         a.write_all(&[1u8; 2048]).await.unwrap();
         reader.await.unwrap();
+        // a limit of zero is no limit: a day without the reader taking anything, and the write still waits
+        let (a, _b) = tokio::io::duplex(1024);
+        let mut a = StallIo::new(a, Duration::ZERO);
+        let day = Duration::from_secs(86_400);
+        assert!(tokio::time::timeout(day, a.write_all(&big)).await.is_err());
     }
 }

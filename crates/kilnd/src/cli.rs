@@ -51,8 +51,8 @@ struct Args {
     /// Seconds a client has to send a request head; also the idle time after which a keep-alive connection closes.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     header_timeout_secs: u64,
-    /// Seconds a write to a client may wait with the client taking nothing (a viewer that stopped reading) before
-    /// its connection closes; time between writes does not count.
+    /// Seconds a write to a client may wait (a viewer that stopped reading) before its connection closes; time
+    /// between writes does not count.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     write_stall_secs: u64,
     /// `/metrics` needs the same bearer token as the control API (its series name every stream).
