@@ -56,6 +56,26 @@ pub fn serving_busy() -> Duration {
     Duration::from_nanos(BUSY_NS.load(Ordering::Relaxed))
 }
 
+/// Connections closed because a write waited [`Limits::write_stall`], process-wide.
+static STALLED: AtomicU64 = AtomicU64::new(0);
+/// Connections closed at accept because the server was at its connection cap, process-wide.
+static REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// Connections closed because a write to the client waited [`Limits::write_stall`] (a client that stopped
+/// reading), since the process started; every server in the process adds to it.
+pub fn connections_stalled() -> u64 {
+    STALLED.load(Ordering::Relaxed)
+}
+
+/// Connections closed at accept because the server was at its connection cap, since the process started.
+pub fn connections_refused() -> u64 {
+    REFUSED.load(Ordering::Relaxed)
+}
+
+pub(crate) fn note_stalled() {
+    STALLED.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Adds `d` to [`serving_busy`]: serving work done outside the servers' polls (kilnd: a publish writing the
 /// answers of the requests that lent it their sockets, [`crate::lend`]).
 /// Not added inside such a poll (a request's handler that publishes, kilnd's `DELETE` of a stream ending it), whose
@@ -289,6 +309,7 @@ fn admit(
     max: usize,
 ) -> Option<tokio::sync::OwnedSemaphorePermit> {
     let Ok(permit) = permits.clone().try_acquire_owned() else {
+        REFUSED.fetch_add(1, Ordering::Relaxed);
         if refused.fetch_add(1, Ordering::Relaxed) == 0 {
             tracing::warn!(
                 max_connections = max,
@@ -1143,6 +1164,7 @@ mod tests {
             ..Limits::default()
         };
         let (addr, _, _, stop, server) = echo_server(limits).await;
+        let stalled = connections_stalled();
         for path in ["/d/big", "/r/big"] {
             let mut c = TcpStream::connect(addr).await.unwrap();
             c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
@@ -1161,6 +1183,39 @@ mod tests {
             );
             assert!(all.starts_with(b"HTTP/1.1 200 OK\r\n"), "{path}");
         }
+        // (a process-wide count: nextest runs each test in a process of its own)
+        assert_eq!(connections_stalled() - stalled, 2, "each cut counted once");
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    /// At the connection cap a new connection is closed at once, without an answer, and counted; the connection
+    /// that holds the place is not disturbed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_over_the_cap_is_closed_at_once_and_counted() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limits = Limits {
+            max_connections: 1,
+            ..Limits::default()
+        };
+        let (addr, _, echo, stop, server) = echo_server(limits).await;
+        let refused = connections_refused();
+        let mut held = TcpStream::connect(addr).await.unwrap();
+        held.write_all(b"GET /d/wait HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        echo.waiting.notified().await; // the one place is taken
+        let mut over = TcpStream::connect(addr).await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), over.read_to_end(&mut got))
+            .await
+            .expect("the connection over the cap is closed");
+        assert!(read.is_err() || got.is_empty(), "{got:?}");
+        // (a process-wide count: nextest runs each test in a process of its own)
+        assert_eq!(connections_refused() - refused, 1);
+        echo.release.notify_one();
+        let answer = read_until(&mut held, "d/wait").await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
         let _ = stop.send(());
         server.await.unwrap().unwrap();
     }

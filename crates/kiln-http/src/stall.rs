@@ -27,6 +27,8 @@ pub(crate) struct Stall {
     timer: Option<Pin<Box<Sleep>>>,
     /// The last write waited (the timer runs from its first wait).
     waiting: bool,
+    /// The limit ran out: every write from then on fails (the connection is closing), counted once.
+    cut: bool,
 }
 
 impl Stall {
@@ -36,6 +38,7 @@ impl Stall {
             limit_ms: u32::try_from(limit.as_millis()).unwrap_or(u32::MAX),
             timer: None,
             waiting: false,
+            cut: false,
         }
     }
 
@@ -50,6 +53,9 @@ impl Stall {
         cx: &mut Context<'_>,
         polled: Poll<std::io::Result<T>>,
     ) -> Poll<std::io::Result<T>> {
+        if self.cut {
+            return Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()));
+        }
         if polled.is_ready() || self.limit_ms == 0 {
             self.waiting = false;
             return polled;
@@ -71,10 +77,14 @@ impl Stall {
             }
         };
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("the client took nothing for {limit:?}"),
-            ))),
+            Poll::Ready(()) => Poll::Ready(Err({
+                self.cut = true;
+                crate::server::note_stalled();
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the client took nothing for {limit:?}"),
+                )
+            })),
             Poll::Pending => Poll::Pending,
         }
     }

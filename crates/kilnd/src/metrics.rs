@@ -344,6 +344,7 @@ impl Metrics {
         must(registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         )));
+        must(registry.register(Box::new(ConnectionsClosed::new())));
         // Known label values start at 0, so rate() and alerts work before the first event.
         for reason in REFUSAL_REASONS {
             refusals.with_label_values(&[reason]);
@@ -455,6 +456,48 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// `kiln_http_connections_closed_total{reason}`: connections the HTTP server closed on its own, from kiln-http's
+/// process-wide counts, read at each scrape.
+struct ConnectionsClosed {
+    counts: IntCounterVec,
+    /// Two scrapes at once would each add the same difference.
+    update: parking_lot::Mutex<()>,
+}
+
+impl ConnectionsClosed {
+    fn new() -> Self {
+        let counts = must(IntCounterVec::new(
+            Opts::new(
+                "kiln_http_connections_closed_total",
+                "Connections the HTTP server closed on its own: a write to the client waited --write-stall-secs (write_stall), or a new connection came at --max-connections (over_cap)",
+            ),
+            &["reason"],
+        ));
+        ConnectionsClosed {
+            counts,
+            update: parking_lot::Mutex::new(()),
+        }
+    }
+}
+
+impl prometheus::core::Collector for ConnectionsClosed {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.counts.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let _one = self.update.lock();
+        for (reason, n) in [
+            ("write_stall", kiln_http::server::connections_stalled()),
+            ("over_cap", kiln_http::server::connections_refused()),
+        ] {
+            let c = self.counts.with_label_values(&[reason]);
+            c.inc_by(n.saturating_sub(c.get()));
+        }
+        self.counts.collect()
     }
 }
 
@@ -643,6 +686,20 @@ mod tests {
         assert_eq!(request_kind("/live/a/master.m3u8", None), "master");
         assert_eq!(request_kind("/v1/streams/x", None), "api");
         assert_eq!(request_kind("/../../etc/passwd", None), "other");
+    }
+
+    /// The server's own closes are read from kiln-http at each scrape, both reasons present from the start.
+    #[test]
+    fn the_server_s_own_closes_are_exported() {
+        let m = Metrics::new();
+        let text = m.render();
+        for (reason, n) in [
+            ("write_stall", kiln_http::server::connections_stalled()),
+            ("over_cap", kiln_http::server::connections_refused()),
+        ] {
+            let line = format!("kiln_http_connections_closed_total{{reason=\"{reason}\"}} {n}\n");
+            assert!(text.contains(&line), "{line}: {text}");
+        }
     }
 
     #[test]
