@@ -9,6 +9,7 @@
 //!   signal exits at once).
 //! - [`process`]: the runtime and logging set-up both binaries start with.
 //! - [`server`]: the accept loop with a connection cap, header/idle timeouts, h2c/TLS, and a graceful drain.
+//! - `http2`: hyper's HTTP/2 connections with a send stall limit per stream and an idle limit per connection.
 //! - [`h1`]: HTTP/1.1 of our own for the requests a service answers from their head alone (kilnd's playback GETs
 //!   on plain TCP); every other request, and the rest of its connection, is hyper's.
 //! - [`lend`]: a parked request's socket lent to the producer of its answer, which writes it itself.
@@ -18,6 +19,7 @@
 pub mod auth;
 pub mod error;
 pub mod h1;
+mod http2;
 pub mod lend;
 pub mod openapi;
 pub mod process;

@@ -10,7 +10,9 @@
 //!   request parks for up to 3 target durations and then gets its answer.
 //! - **Protocol**: on plain TCP the first bytes decide (the HTTP/2 connection preface means h2c prior knowledge,
 //!   anything else HTTP/1.1), read within the header timeout; over TLS, ALPN decides. HTTP/2 connections are
-//!   pinged ([`Limits::h2_keepalive`]) and closed when the peer stops answering.
+//!   pinged ([`Limits::h2_keepalive`]) and closed when the peer stops answering, closed (GOAWAY) after the header
+//!   timeout without a stream in progress, and a stream whose client takes none of its answer for
+//!   [`Limits::write_stall`] is reset (`crate::http2`).
 //! - **Graceful stop**: when `shutdown` resolves, no new connection is accepted and open ones get
 //!   [`Limits::drain`] to finish.
 //!
@@ -76,6 +78,20 @@ pub(crate) fn note_stalled() {
     STALLED.fetch_add(1, Ordering::Relaxed);
 }
 
+/// HTTP/2 streams reset because their body waited [`Limits::write_stall`] for the client's flow-control window,
+/// process-wide.
+static STREAMS_STALLED: AtomicU64 = AtomicU64::new(0);
+
+/// HTTP/2 streams reset because the client took none of their body for [`Limits::write_stall`] (it withheld the
+/// stream's flow-control window while it kept its connection), since the process started.
+pub fn streams_stalled() -> u64 {
+    STREAMS_STALLED.load(Ordering::Relaxed)
+}
+
+pub(crate) fn note_stream_stalled() {
+    STREAMS_STALLED.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Adds `d` to [`serving_busy`]: serving work done outside the servers' polls (kilnd: a publish writing the
 /// answers of the requests that lent it their sockets, [`crate::lend`]).
 /// Not added inside such a poll (a request's handler that publishes, kilnd's `DELETE` of a stream ending it), whose
@@ -89,7 +105,7 @@ pub fn add_serving(d: Duration) {
 pin_project_lite::pin_project! {
     /// A future whose polls are timed into [`serving_busy`]. The future is held inline (not boxed): a spawned
     /// connection is one allocation, its task.
-    struct Timed<F> {
+    pub(crate) struct Timed<F> {
         #[pin]
         inner: F,
     }
@@ -107,6 +123,12 @@ thread_local! {
 /// this reading), kilnd the start of a request's timing.
 pub fn poll_started() -> std::time::Instant {
     POLL_START.get().unwrap_or_else(std::time::Instant::now)
+}
+
+impl<F> Timed<F> {
+    pub(crate) fn new(inner: F) -> Self {
+        Timed { inner }
+    }
 }
 
 impl<F: Future> Future for Timed<F> {
@@ -129,33 +151,21 @@ impl<F: Future> Future for Timed<F> {
     }
 }
 
-/// Spawns HTTP/2 request futures on tokio, timed like the connections.
-#[derive(Debug, Clone, Copy)]
-struct TimedExecutor;
-
-impl<F> hyper::rt::Executor<F> for TimedExecutor
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::spawn(Timed { inner: fut });
-    }
-}
-
 /// The server's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Open connections at most (also bounded by the file-descriptor limit, see [`raise_nofile_limit`]).
     pub max_connections: usize,
-    /// Time a client has to send a request head (and the keep-alive idle time between requests).
+    /// Time a client has to send a request head (and the keep-alive idle time between requests; over HTTP/2, the
+    /// time a connection may have no stream in progress).
     pub header_timeout: Duration,
     /// HTTP/2 ping interval; a peer that does not answer a ping within the same time is dropped.
     pub h2_keepalive: Duration,
     /// How long open connections get to finish after shutdown starts.
     pub drain: Duration,
     /// How long a write may wait before the connection is closed (a client that stops reading, its TCP window at
-    /// zero); time between writes does not count (as nginx's `send_timeout`). Zero: no limit.
+    /// zero); time between writes does not count (as nginx's `send_timeout`). Over HTTP/2 also how long a piece
+    /// of an answer may wait for the stream's flow-control window before the stream is reset. Zero: no limit.
     pub write_stall: Duration,
 }
 
@@ -327,7 +337,7 @@ fn admit(
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One accepted connection and what it is served with.
 struct Conn<S, D> {
@@ -491,20 +501,15 @@ where
     /// Hands the connection to hyper: `read` (the bytes read from it and not answered) first. Boxed, so that the
     /// connection's task does not carry hyper's state until it needs it.
     async fn handover(self, read: Vec<u8>, tcp: TcpStream) -> Result<(), BoxError> {
-        Box::pin(self.http(h1::Rewind::new(read, tcp), false)).await
+        let io = crate::stall::StallIo::new(h1::Rewind::new(read, tcp), self.limits.write_stall);
+        Box::pin(self.h1(TokioIo::new(io))).await
     }
 
     async fn h2<I>(self, io: TokioIo<I>) -> Result<(), BoxError>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let mut b = hyper::server::conn::http2::Builder::new(TimedExecutor);
-        b.timer(TokioTimer::new())
-            .keep_alive_interval(Some(self.limits.h2_keepalive))
-            .keep_alive_timeout(self.limits.h2_keepalive);
-        let conn = b.serve_connection(io, self.service);
-        self.watcher.watch(conn).await?;
-        Ok(())
+        crate::http2::serve(io, self.service, &self.limits, self.stopping, self.watcher).await
     }
 }
 

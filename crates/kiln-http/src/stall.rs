@@ -5,7 +5,7 @@
 //! blocked writer only once about a third of the socket's send buffer is free again, so a client that reads, but
 //! slower than that third per limit (with a 4 MiB buffer and 30 s, about 46 KB/s, too slow for any video
 //! rendition), is cut too. It covers what blocks the socket: an HTTP/2 stream whose peer withholds flow-control
-//! credit while it keeps reading never blocks a write, and is not covered here.
+//! credit while it keeps reading never blocks a write; `crate::http2` times those.
 //!
 //! Callers retry a write that waited until it goes through or fails (hyper's connections and kiln's writer do):
 //! the timer restarts only when one does, so a caller that abandoned a waiting write and later wrote something

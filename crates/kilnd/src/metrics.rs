@@ -459,10 +459,12 @@ impl Metrics {
     }
 }
 
-/// `kiln_http_connections_closed_total{reason}`: connections the HTTP server closed on its own, from kiln-http's
-/// process-wide counts, read at each scrape.
+/// `kiln_http_connections_closed_total{reason}`: connections the HTTP server closed on its own, and
+/// `kiln_http_streams_reset_total{reason}`: HTTP/2 streams it reset on its own, from kiln-http's process-wide
+/// counts, read at each scrape.
 struct ConnectionsClosed {
     counts: IntCounterVec,
+    streams: IntCounterVec,
     /// Two scrapes at once would each add the same difference.
     update: parking_lot::Mutex<()>,
 }
@@ -472,12 +474,20 @@ impl ConnectionsClosed {
         let counts = must(IntCounterVec::new(
             Opts::new(
                 "kiln_http_connections_closed_total",
-                "Connections the HTTP server closed on its own: a write to the client waited --write-stall-secs (write_stall), or a new connection came at --max-connections (over_cap)",
+                "Connections the HTTP server closed on its own: a write to the client waited --write-stall-secs, or an idle HTTP/2 connection did not close within it of its GOAWAY (write_stall); or a new connection came at --max-connections (over_cap)",
+            ),
+            &["reason"],
+        ));
+        let streams = must(IntCounterVec::new(
+            Opts::new(
+                "kiln_http_streams_reset_total",
+                "HTTP/2 streams the HTTP server reset on its own: the client took none of the answer for --write-stall-secs while it kept its connection (withheld flow-control window) (write_stall)",
             ),
             &["reason"],
         ));
         ConnectionsClosed {
             counts,
+            streams,
             update: parking_lot::Mutex::new(()),
         }
     }
@@ -485,7 +495,9 @@ impl ConnectionsClosed {
 
 impl prometheus::core::Collector for ConnectionsClosed {
     fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        self.counts.desc()
+        let mut d = self.counts.desc();
+        d.extend(self.streams.desc());
+        d
     }
 
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
@@ -497,7 +509,11 @@ impl prometheus::core::Collector for ConnectionsClosed {
             let c = self.counts.with_label_values(&[reason]);
             c.inc_by(n.saturating_sub(c.get()));
         }
-        self.counts.collect()
+        let c = self.streams.with_label_values(&["write_stall"]);
+        c.inc_by(kiln_http::server::streams_stalled().saturating_sub(c.get()));
+        let mut families = self.counts.collect();
+        families.extend(self.streams.collect());
+        families
     }
 }
 
@@ -700,6 +716,9 @@ mod tests {
             let line = format!("kiln_http_connections_closed_total{{reason=\"{reason}\"}} {n}\n");
             assert!(text.contains(&line), "{line}: {text}");
         }
+        let n = kiln_http::server::streams_stalled();
+        let line = format!("kiln_http_streams_reset_total{{reason=\"write_stall\"}} {n}\n");
+        assert!(text.contains(&line), "{line}: {text}");
     }
 
     #[test]

@@ -1,0 +1,592 @@
+//! HTTP/2 connections: hyper's, with the two limits its HTTP/2 server lacks and HTTP/1.1 gets elsewhere.
+//!
+//! - **A stream whose client takes nothing** ([`crate::server::Limits::write_stall`]). HTTP/2 flow control lets a
+//!   client that keeps reading the socket (and answering pings) withhold a stream's window: hyper then waits for
+//!   it forever, holding the stream's body and its buffered bytes, up to 200 streams a connection. Every
+//!   response body is handed to hyper in pieces of at most [`PIECE`] bytes ([`StallBody`], zero-copy for
+//!   `Bytes`), so a stream's task lives while its body is unsent, and the task is dropped when its body has
+//!   yielded a piece that hyper did not take within the limit (h2 then resets the stream with `CANCEL`). A body
+//!   that waits on itself (a live answer not produced yet) never counts; the time between pieces does not
+//!   either. Counted in [`crate::server::streams_stalled`].
+//! - **An idle connection** ([`crate::server::Limits::header_timeout`], HTTP/1.1's keep-alive idle time): a
+//!   connection with no stream's task for that long is closed gracefully (GOAWAY). If it has not closed a write
+//!   stall limit later (the last piece of a finished stream still held by a withheld window), it is dropped and
+//!   counted as a write stall.
+//!
+//! Why here and not in hyper: hyper's HTTP/2 server has neither an idle timeout nor a send timeout; its
+//! executor (every stream's task) and its service (every response body) are the two places a server can add them.
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::http::{Request, Response};
+use bytes::{Buf, Bytes};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::Service;
+use hyper_util::rt::TokioTimer;
+use tokio::time::{Instant, Sleep};
+
+use crate::server::{BoxError, Limits, Timed};
+
+/// The most of a response body hyper gets at a time: what a stream can leave buffered beyond a withheld window
+/// once its task has ended.
+pub(crate) const PIECE: usize = 64 << 10;
+
+/// Serves one HTTP/2 connection with `service`, within `limits`, until it ends; a graceful close when `stopping`
+/// turns true. `watcher` is held while the connection lives: the server's drain waits for it.
+pub(crate) async fn serve<I, S, B>(
+    io: I,
+    service: S,
+    limits: &Limits,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> Result<(), BoxError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let streams = Arc::new(Streams::new(limits.write_stall));
+    let mut b = hyper::server::conn::http2::Builder::new(StreamExecutor(streams.clone()));
+    b.timer(TokioTimer::new())
+        .keep_alive_interval(Some(limits.h2_keepalive))
+        .keep_alive_timeout(limits.h2_keepalive);
+    let conn = b.serve_connection(io, Pieces(service));
+    let mut conn = std::pin::pin!(conn);
+    let _watched = watcher;
+    let idle = limits.header_timeout;
+    let stall = limits.write_stall;
+    let mut stop = std::pin::pin!(async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    });
+    let mut timer = std::pin::pin!(tokio::time::sleep(idle));
+    // `Some(deadline)`: closing since it was idle, dropped at the deadline
+    let mut closing: Option<Option<Instant>> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return Poll::Ready(r.map_err(BoxError::from));
+        }
+        if closing.is_none() && stop.as_mut().poll(cx).is_ready() {
+            conn.as_mut().graceful_shutdown();
+            closing = Some(None);
+            // the graceful close writes its GOAWAY when the connection is polled again
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            match closing {
+                None => match streams.idle_since(now) {
+                    Some(since) if now >= since + idle => {
+                        conn.as_mut().graceful_shutdown();
+                        if stall.is_zero() {
+                            closing = Some(None);
+                            // no deadline: the timer is left as it fired
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
+                        }
+                        closing = Some(Some(now + stall));
+                        timer.as_mut().reset(now + stall);
+                        cx.waker().wake_by_ref();
+                    }
+                    Some(since) => timer.as_mut().reset(since + idle),
+                    None => timer.as_mut().reset(now + idle),
+                },
+                Some(Some(deadline)) if now >= deadline => {
+                    crate::server::note_stalled();
+                    return Poll::Ready(Err(BoxError::from(format!(
+                        "an idle HTTP/2 connection did not close within {stall:?} of its GOAWAY"
+                    ))));
+                }
+                // closing on the server's stop: the drain's limit applies
+                Some(_) => return Poll::Pending,
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// A connection's streams: how many have a task, and when the last one ended.
+#[derive(Debug)]
+struct Streams {
+    open: AtomicUsize,
+    /// Microseconds from `epoch` to the end of the latest stream's task (0: the connection's start).
+    last_end_us: AtomicU64,
+    epoch: Instant,
+    /// [`crate::stall::Stall`]'s limit, in milliseconds; zero: none.
+    stall_ms: u64,
+}
+
+impl Streams {
+    fn new(stall: Duration) -> Self {
+        Streams {
+            open: AtomicUsize::new(0),
+            last_end_us: AtomicU64::new(0),
+            epoch: Instant::now(),
+            stall_ms: u64::try_from(stall.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Since when the connection has had no stream's task, or `None` while one runs.
+    fn idle_since(&self, now: Instant) -> Option<Instant> {
+        // a task ending stores its end before it counts itself out, so an idle connection's end time is current
+        (self.open.load(Ordering::Acquire) == 0).then(|| {
+            let since =
+                self.epoch + Duration::from_micros(self.last_end_us.load(Ordering::Relaxed));
+            since.min(now)
+        })
+    }
+
+    fn ended(&self) {
+        let us = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last_end_us.fetch_max(us, Ordering::Relaxed);
+        self.open.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// Spawns hyper's stream tasks, timed into the serving time like the connections, each [`Watched`].
+#[derive(Debug, Clone)]
+struct StreamExecutor(Arc<Streams>);
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.open.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(Timed::new(Watched {
+            inner: fut,
+            progress: Arc::new(Progress::default()),
+            timer: None,
+            armed: 0,
+            open: Open(self.0.clone()),
+        }));
+    }
+}
+
+/// Counts a stream's task out of its connection's when it ends, however it ends.
+#[derive(Debug)]
+struct Open(Arc<Streams>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.ended();
+    }
+}
+
+/// Where a stream's body is: `pieces << 1 | 1` while the last piece it yielded is not taken, `pieces << 1`
+/// while it waits on itself (or has none yet, or ended).
+#[derive(Debug, Default)]
+struct Progress(AtomicU64);
+
+impl Progress {
+    fn yielded(&self) {
+        let s = self.0.load(Ordering::Relaxed);
+        self.0.store(((s >> 1) + 1) << 1 | 1, Ordering::Relaxed);
+    }
+
+    fn waits_on_itself(&self) {
+        self.0.fetch_and(!1, Ordering::Relaxed);
+    }
+
+    /// The state, when a yielded piece is waiting to be taken.
+    fn outstanding(&self) -> Option<u64> {
+        let s = self.0.load(Ordering::Relaxed);
+        (s & 1 == 1).then_some(s)
+    }
+}
+
+thread_local! {
+    /// The [`Progress`] of the stream whose task is being polled on this thread: where its body, made inside
+    /// that poll, reports.
+    static CURRENT: std::cell::RefCell<Option<Arc<Progress>>> = const { std::cell::RefCell::new(None) };
+}
+
+pin_project_lite::pin_project! {
+    /// A stream's task, dropped (the stream reset) when its body's last piece waited the write stall limit.
+    struct Watched<F> {
+        #[pin]
+        inner: F,
+        progress: Arc<Progress>,
+        // made on the first wait for a taken piece
+        timer: Option<Pin<Box<Sleep>>>,
+        // the progress state the timer was set for
+        armed: u64,
+        open: Open,
+    }
+}
+
+impl<F: Future> Future for Watched<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let outer = CURRENT.with(|c| c.replace(Some(this.progress.clone())));
+        let polled = this.inner.poll(cx);
+        CURRENT.with(|c| *c.borrow_mut() = outer);
+        if polled.is_ready() {
+            return Poll::Ready(());
+        }
+        let stall_ms = this.open.0.stall_ms;
+        let Some(state) = this.progress.outstanding().filter(|_| stall_ms > 0) else {
+            return Poll::Pending;
+        };
+        let timer = match this.timer {
+            Some(t) if *this.armed == state => t,
+            t => {
+                let at = Instant::now() + Duration::from_millis(stall_ms);
+                *this.armed = state;
+                match t {
+                    Some(t) => {
+                        t.as_mut().reset(at);
+                        t
+                    }
+                    None => t.insert(Box::pin(tokio::time::sleep_until(at))),
+                }
+            }
+        };
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                crate::server::note_stream_stalled();
+                tracing::debug!(
+                    stall_ms,
+                    "an HTTP/2 stream's client took nothing: stream reset"
+                );
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// The service, with every response body in [`StallBody`] pieces.
+#[derive(Debug, Clone)]
+struct Pieces<S>(S);
+
+impl<S, B> Service<Request<Incoming>> for Pieces<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+{
+    type Response = Response<StallBody<B>>;
+    type Error = S::Error;
+    type Future = PiecesFuture<S::Future>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        PiecesFuture {
+            inner: self.0.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct PiecesFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, B, E> Future for PiecesFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<StallBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx).map_ok(|res| {
+            let progress = CURRENT.with(|c| c.borrow().clone());
+            res.map(|inner| StallBody {
+                inner,
+                rest: Bytes::new(),
+                progress,
+            })
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body in pieces of at most [`PIECE`] bytes, reporting to its stream's [`Progress`].
+    pub(crate) struct StallBody<B> {
+        #[pin]
+        inner: B,
+        // what is left of the inner body's last data frame
+        rest: Bytes,
+        progress: Option<Arc<Progress>>,
+    }
+}
+
+impl<B: Body> Body for StallBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = if this.rest.is_empty() {
+            match this.inner.poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(mut data) => {
+                        // zero-copy for `Bytes`
+                        *this.rest = data.copy_to_bytes(data.remaining());
+                        let n = this.rest.len().min(PIECE);
+                        Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(n)))))
+                    }
+                    Err(frame) => Poll::Ready(Some(Ok(
+                        frame.map_data(|mut d| d.copy_to_bytes(d.remaining()))
+                    ))),
+                },
+                other => other.map(|f| {
+                    f.map(|r| r.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining()))))
+                }),
+            }
+        } else {
+            let n = this.rest.len().min(PIECE);
+            Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(n)))))
+        };
+        if let Some(p) = this.progress {
+            match &polled {
+                Poll::Ready(Some(Ok(f))) if f.is_data() => p.yielded(),
+                _ => p.waits_on_itself(),
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::{connections_stalled, serve, streams_stalled};
+    use axum::Router;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A server on port 0 with `/big` (8 MiB), `/small`
+    /// and `/wait` (answers after a second).
+    async fn server(
+        limits: Limits,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let app = Router::new()
+            .route("/big", axum::routing::get(|| async { vec![b'x'; 8 << 20] }))
+            .route("/small", axum::routing::get(|| async { "small" }))
+            .route(
+                "/wait",
+                axum::routing::get(|| async {
+                    // a parked request (a blocking reload) longer than the idle limit
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    "waited"
+                }),
+            );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, None, app, limits, async {
+            let _ = stopped.await;
+        }));
+        (addr, stop, server)
+    }
+
+    /// An h2c client whose streams' windows are the protocol's default (65,535 bytes) and are never widened
+    /// unless the test releases what it read; the connection's window is wide. Returns the client and its
+    /// connection's task.
+    async fn client(
+        addr: std::net::SocketAddr,
+    ) -> (
+        h2::client::SendRequest<Bytes>,
+        tokio::task::JoinHandle<Result<(), h2::Error>>,
+    ) {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(65_535)
+            .initial_connection_window_size(64 << 20)
+            .handshake(tcp)
+            .await
+            .unwrap();
+        (send, tokio::spawn(conn))
+    }
+
+    async fn get(send: &mut h2::client::SendRequest<Bytes>, path: &str) -> h2::RecvStream {
+        let req = Request::get(format!("http://x{path}")).body(()).unwrap();
+        let mut ready = send.clone().ready().await.unwrap();
+        let (answer, _) = ready.send_request(req, true).unwrap();
+        let answer = answer.await.unwrap();
+        assert_eq!(answer.status(), 200, "{path}");
+        answer.into_body()
+    }
+
+    /// Reads a body to its end, releasing what it reads (after `pause` each time): its bytes, or its error.
+    async fn read_all(body: &mut h2::RecvStream, pause: Duration) -> Result<usize, h2::Error> {
+        let mut n = 0;
+        while let Some(data) = body.data().await {
+            let data = data?;
+            n += data.len();
+            tokio::time::sleep(pause).await;
+            body.flow_control().release_capacity(data.len()).unwrap();
+        }
+        Ok(n)
+    }
+
+    fn limits(ms: u64) -> Limits {
+        Limits {
+            write_stall: Duration::from_millis(ms),
+            header_timeout: Duration::from_millis(ms),
+            ..Limits::default()
+        }
+    }
+
+    /// A client that keeps its connection (answers pings, reads the socket) but withholds a stream's window has
+    /// that stream reset (`CANCEL`) once the body waited the write stall limit, counted once; the connection goes
+    /// on and answers the next request. Without the limit hyper would hold the stream and its body forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_whose_window_is_withheld_is_reset_and_the_connection_goes_on() {
+        let (addr, stop, server) = server(limits(300)).await;
+        let before = streams_stalled();
+        let (mut send, conn) = client(addr).await;
+        let mut big = get(&mut send, "/big").await;
+        // read what the window lets through, release nothing
+        let mut got = 0;
+        let end = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match big.data().await {
+                    Some(Ok(d)) => got += d.len(),
+                    Some(Err(e)) => break Some(e),
+                    None => break None,
+                }
+            }
+        })
+        .await
+        .expect("the server kept the stream");
+        let e = end.expect("the stream was reset, not ended");
+        assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}");
+        assert_eq!(got, 65_535, "the window's worth came, no more");
+        // (a process-wide count: nextest runs each test in a process of its own)
+        assert_eq!(streams_stalled() - before, 1);
+        let mut small = get(&mut send, "/small").await;
+        assert_eq!(read_all(&mut small, Duration::ZERO).await.unwrap(), 5);
+        drop((send, big, small));
+        conn.await.unwrap().unwrap();
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    /// A slow client that keeps taking its stream (a frame every 20 ms against a 300 ms limit, the whole body over
+    /// several limits) is never cut: the limit counts from the last piece taken, not from the start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_client_that_keeps_taking_its_stream_is_not_cut() {
+        let (addr, stop, server) = server(limits(300)).await;
+        let before = streams_stalled();
+        let (mut send, conn) = client(addr).await;
+        let mut big = get(&mut send, "/big").await;
+        // 8 MiB in 16 KiB frames at 20 ms each would be 10 s: read the first 1.5 MiB slowly, then the rest at once;
+        // what is read is released 32 KiB at a time, as a player's buffer drains (releasing each frame's bytes
+        // at once collapses the window into one-byte frames, which the limit does cut)
+        let (mut n, mut unreleased) = (0, 0);
+        let started = Instant::now();
+        while let Some(data) = big.data().await {
+            let data = data.expect("a slow client's stream was cut");
+            n += data.len();
+            unreleased += data.len();
+            if n < 1536 << 10 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if unreleased >= 32 << 10 || n >= 1536 << 10 {
+                big.flow_control().release_capacity(unreleased).unwrap();
+                unreleased = 0;
+            }
+        }
+        assert_eq!(n, 8 << 20);
+        assert!(
+            started.elapsed() > Duration::from_millis(900),
+            "slower than the limit, several times"
+        );
+        assert_eq!(streams_stalled(), before);
+        drop((send, big));
+        conn.await.unwrap().unwrap();
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    /// A connection with no stream for the idle limit is closed gracefully (GOAWAY, then the client's connection
+    /// ends without error); a stream whose answer waits longer than that limit keeps it open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_connection_is_closed_and_a_waiting_stream_is_not_idle() {
+        let (addr, stop, server) = server(limits(300)).await;
+        let (mut send, conn) = client(addr).await;
+        let mut waited = get(&mut send, "/wait").await;
+        assert_eq!(read_all(&mut waited, Duration::ZERO).await.unwrap(), 6);
+        let answered = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the idle connection was kept")
+            .unwrap()
+            .expect("a graceful close");
+        // (the server's stream ended a little before the client had read its answer)
+        let idle = answered.elapsed();
+        assert!(
+            idle >= Duration::from_millis(290),
+            "closed before the idle limit: {idle:?}"
+        );
+        drop((send, waited));
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    /// A connection that stays idle after its GOAWAY (a peer that answers nothing: no settings or ping
+    /// acknowledgement) is dropped a write stall limit later and counted as a stalled connection, well before
+    /// the keep-alive (a minute here) would notice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_connection_that_does_not_close_after_its_goaway_is_dropped() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limits = Limits {
+            h2_keepalive: Duration::from_secs(60),
+            ..limits(300)
+        };
+        let (addr, stop, server) = server(limits).await;
+        let before = connections_stalled();
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        // the preface and an empty SETTINGS frame; then nothing, and nothing acknowledged
+        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let mut frames = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut frames))
+            .await
+            .expect("the connection was kept");
+        // the server's GOAWAY (frame type 7) came before the close
+        assert!(
+            frames.windows(4).any(|w| w[3] == 7 && w[0] == 0),
+            "{frames:?}"
+        );
+        assert_eq!(connections_stalled() - before, 1);
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+}
