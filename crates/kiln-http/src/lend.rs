@@ -175,8 +175,10 @@ pub enum Wrote {
     Not,
     /// The whole answer: the socket took it.
     Whole,
-    /// The start of it (or the write failed): the connection has the rest.
+    /// The start of it: the connection has the rest.
     Part,
+    /// The write failed (the client is gone): the connection closes.
+    Failed,
 }
 
 impl Written {
@@ -337,7 +339,8 @@ impl Loan {
                 Ok(rest) => (rest, None),
                 Err(e) => (Vec::new(), Some(e)),
             };
-        let whole = error.is_none() && rest.is_empty();
+        let failed = error.is_some();
+        let whole = !failed && rest.is_empty();
         s.outcome = Outcome::Written(Written {
             rest,
             body_len: p.body().len() as u64,
@@ -349,6 +352,8 @@ impl Loan {
         drop(s);
         if whole {
             Wrote::Whole
+        } else if failed {
+            Wrote::Failed
         } else {
             Wrote::Part
         }

@@ -1118,6 +1118,29 @@ mod tests {
         server.await.unwrap().unwrap();
     }
 
+    /// A write on the socket of a client that is gone (reset) fails, and says so (a producer does not count it as
+    /// an answer served); the connection gives the answer up and ends. On one thread: the connection does not run
+    /// between the client's reset and the write.
+    #[tokio::test]
+    async fn a_lent_write_to_a_client_that_is_gone_fails() {
+        use tokio::io::AsyncWriteExt;
+        let (addr, _, echo, stop, server) = echo_server(Limits::default()).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /d/lent HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        echo.waiting.notified().await;
+        c.set_zero_linger().unwrap();
+        drop(c); // a reset, not a close
+        let finished = Arc::new(tokio::sync::Notify::new());
+        let wrote = write_on_loan(&echo, &prepared_echo(), finished.clone());
+        assert_eq!(wrote, crate::lend::Wrote::Failed);
+        finished.notified().await;
+        echo.dropped.notified().await;
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lent_socket_is_taken_back_when_its_request_ends_and_is_not_written_after() {
         use tokio::io::AsyncWriteExt;

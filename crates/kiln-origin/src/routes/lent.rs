@@ -331,7 +331,8 @@ impl Run {
                     })
                 };
                 match w.loan.write(p, &mut after, finish) {
-                    Wrote::Not => continue,
+                    // not an answer served (its connection closes)
+                    Wrote::Not | Wrote::Failed => continue,
                     Wrote::Whole => {
                         if let Some(at) = at {
                             local.observe(clock_ns().saturating_sub(at) as f64 / 1e9);
