@@ -1,17 +1,24 @@
 //! HTTP/2 connections: hyper's, with the two limits its HTTP/2 server lacks and HTTP/1.1 gets elsewhere.
 //!
-//! - **A stream whose client takes nothing** ([`crate::server::Limits::write_stall`]). HTTP/2 flow control lets a
+//! - **A stream that gets no room to send** ([`crate::server::Limits::write_stall`]). HTTP/2 flow control lets a
 //!   client that keeps reading the socket (and answering pings) withhold a stream's window: hyper then waits for
 //!   it forever, holding the stream's body and its buffered bytes, up to 200 streams a connection. Every
 //!   response body is handed to hyper in pieces of at most [`PIECE`] bytes ([`StallBody`], zero-copy for
-//!   `Bytes`), so a stream's task lives while its body is unsent, and the task is dropped when its body has
-//!   yielded a piece that hyper did not take within the limit (h2 then resets the stream with `CANCEL`). A body
+//!   `Bytes`), its last byte a piece of its own, and a stream's task is dropped when its body has yielded a
+//!   piece that hyper did not take within the limit (h2 then resets the stream with `CANCEL` and frees what it
+//!   buffered). hyper takes a piece once there is room for one byte of it beyond what is buffered: in the
+//!   stream's and the connection's window, and in its per-stream send buffer (400 KiB, which fills while the
+//!   socket is slow). So what is cut is a client that withholds its window, one that widens it only in batches
+//!   while it reads slower than a batch per limit (as nginx's HTTP/2 `send_timeout` would), and the streams of a
+//!   connection whose socket stopped taking bytes (the connection is cut too, by its writes' own limit). A body
 //!   that waits on itself (a live answer not produced yet) never counts; the time between pieces does not
-//!   either. Counted in [`crate::server::streams_stalled`].
+//!   either. Counted in [`crate::server::streams_stalled`]. Left uncovered: a body produced as it goes whose end
+//!   comes only after its last bytes may end its stream's task with that last piece (up to [`PIECE`]) still
+//!   in h2's buffer, until the idle close below.
 //! - **An idle connection** ([`crate::server::Limits::header_timeout`], HTTP/1.1's keep-alive idle time): a
-//!   connection with no stream's task for that long is closed gracefully (GOAWAY). If it has not closed a write
-//!   stall limit later (the last piece of a finished stream still held by a withheld window), it is dropped and
-//!   counted as a write stall.
+//!   connection with no stream's task for that long is closed gracefully (GOAWAY). If it still has none and has
+//!   not closed a write stall limit later (a peer that answers nothing, or a finished stream's last bytes held
+//!   by a withheld window), it is dropped and counted as a write stall.
 //!
 //! Why here and not in hyper: hyper's HTTP/2 server has neither an idle timeout nor a send timeout; its
 //! executor (every stream's task) and its service (every response body) are the two places a server can add them.
@@ -67,51 +74,69 @@ where
         let _ = stopping.wait_for(|s| *s).await;
     });
     let mut timer = std::pin::pin!(tokio::time::sleep(idle));
-    // `Some(deadline)`: closing since it was idle, dropped at the deadline
-    let mut closing: Option<Option<Instant>> = None;
+    let mut phase = Phase::Open;
     std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = conn.as_mut().poll(cx) {
             return Poll::Ready(r.map_err(BoxError::from));
         }
-        if closing.is_none() && stop.as_mut().poll(cx).is_ready() {
-            conn.as_mut().graceful_shutdown();
-            closing = Some(None);
-            // the graceful close writes its GOAWAY when the connection is polled again
-            cx.waker().wake_by_ref();
+        if phase != Phase::Stopping && stop.as_mut().poll(cx).is_ready() {
+            if phase == Phase::Open {
+                conn.as_mut().graceful_shutdown();
+                // the graceful close writes its GOAWAY when the connection is polled again
+                cx.waker().wake_by_ref();
+            }
+            // the drain's limit applies from here
+            phase = Phase::Stopping;
+        }
+        if phase == Phase::Stopping {
             return Poll::Pending;
         }
         while timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
-            match closing {
-                None => match streams.idle_since(now) {
+            let since = streams.idle_since(now);
+            match phase {
+                Phase::Open => match since {
                     Some(since) if now >= since + idle => {
                         conn.as_mut().graceful_shutdown();
+                        cx.waker().wake_by_ref();
                         if stall.is_zero() {
-                            closing = Some(None);
-                            // no deadline: the timer is left as it fired
-                            cx.waker().wake_by_ref();
+                            phase = Phase::Stopping;
                             return Poll::Pending;
                         }
-                        closing = Some(Some(now + stall));
+                        phase = Phase::Idle(now);
                         timer.as_mut().reset(now + stall);
-                        cx.waker().wake_by_ref();
                     }
                     Some(since) => timer.as_mut().reset(since + idle),
                     None => timer.as_mut().reset(now + idle),
                 },
-                Some(Some(deadline)) if now >= deadline => {
-                    crate::server::note_stalled();
-                    return Poll::Ready(Err(BoxError::from(format!(
-                        "an idle HTTP/2 connection did not close within {stall:?} of its GOAWAY"
-                    ))));
-                }
-                // closing on the server's stop: the drain's limit applies
-                Some(_) => return Poll::Pending,
+                // dropped once it has had no stream's task for a write stall limit since its GOAWAY (a request
+                // that crossed the GOAWAY is answered first; its own stall limit bounds it)
+                Phase::Idle(goaway) => match since {
+                    Some(since) if now >= since.max(goaway) + stall => {
+                        crate::server::note_stalled();
+                        return Poll::Ready(Err(BoxError::from(format!(
+                            "an idle HTTP/2 connection did not close within {stall:?} of its GOAWAY"
+                        ))));
+                    }
+                    Some(since) => timer.as_mut().reset(since.max(goaway) + stall),
+                    None => timer.as_mut().reset(now + stall),
+                },
+                Phase::Stopping => unreachable!("returned above"),
             }
         }
         Poll::Pending
     })
     .await
+}
+
+/// Where an HTTP/2 connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Open,
+    /// Closing since it was idle: its GOAWAY went at this time.
+    Idle(Instant),
+    /// Closing on the server's stop (the drain's limit applies), or idle with no write stall limit.
+    Stopping,
 }
 
 /// A connection's streams: how many have a task, and when the last one ended.
@@ -121,8 +146,8 @@ struct Streams {
     /// Microseconds from `epoch` to the end of the latest stream's task (0: the connection's start).
     last_end_us: AtomicU64,
     epoch: Instant,
-    /// [`crate::stall::Stall`]'s limit, in milliseconds; zero: none.
-    stall_ms: u64,
+    /// The write stall limit; zero: none.
+    stall: Duration,
 }
 
 impl Streams {
@@ -131,7 +156,7 @@ impl Streams {
             open: AtomicUsize::new(0),
             last_end_us: AtomicU64::new(0),
             epoch: Instant::now(),
-            stall_ms: u64::try_from(stall.as_millis()).unwrap_or(u64::MAX),
+            stall,
         }
     }
 
@@ -229,21 +254,28 @@ impl<F: Future> Future for Watched<F> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        /// Puts back the outer stream's progress when the poll ends, also by a panic (tokio keeps the thread).
+        struct Restore(Option<Arc<Progress>>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CURRENT.with(|c| *c.borrow_mut() = self.0.take());
+            }
+        }
         let this = self.project();
-        let outer = CURRENT.with(|c| c.replace(Some(this.progress.clone())));
+        let restore = Restore(CURRENT.with(|c| c.replace(Some(this.progress.clone()))));
         let polled = this.inner.poll(cx);
-        CURRENT.with(|c| *c.borrow_mut() = outer);
+        drop(restore);
         if polled.is_ready() {
             return Poll::Ready(());
         }
-        let stall_ms = this.open.0.stall_ms;
-        let Some(state) = this.progress.outstanding().filter(|_| stall_ms > 0) else {
+        let stall = this.open.0.stall;
+        let Some(state) = this.progress.outstanding().filter(|_| !stall.is_zero()) else {
             return Poll::Pending;
         };
         let timer = match this.timer {
             Some(t) if *this.armed == state => t,
             t => {
-                let at = Instant::now() + Duration::from_millis(stall_ms);
+                let at = Instant::now() + stall;
                 *this.armed = state;
                 match t {
                     Some(t) => {
@@ -258,8 +290,8 @@ impl<F: Future> Future for Watched<F> {
             Poll::Ready(()) => {
                 crate::server::note_stream_stalled();
                 tracing::debug!(
-                    stall_ms,
-                    "an HTTP/2 stream's client took nothing: stream reset"
+                    ?stall,
+                    "an HTTP/2 stream's piece was not taken: stream reset"
                 );
                 Poll::Ready(())
             }
@@ -275,6 +307,8 @@ struct Pieces<S>(S);
 impl<S, B> Service<Request<Incoming>> for Pieces<S>
 where
     S: Service<Request<Incoming>, Response = Response<B>>,
+    B: Body,
+    B::Error: Into<BoxError>,
 {
     type Response = Response<StallBody<B>>;
     type Error = S::Error;
@@ -297,15 +331,24 @@ pin_project_lite::pin_project! {
 impl<F, B, E> Future for PiecesFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    B: Body,
+    B::Error: Into<BoxError>,
 {
     type Output = Result<Response<StallBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.project().inner.poll(cx).map_ok(|res| {
+            // set while hyper polls the stream's task, where this future runs (without it the body is not timed)
             let progress = CURRENT.with(|c| c.borrow().clone());
+            debug_assert!(
+                progress.is_some(),
+                "an HTTP/2 answer outside its stream's task"
+            );
             res.map(|inner| StallBody {
                 inner,
                 rest: Bytes::new(),
+                next: None,
+                done: false,
                 progress,
             })
         })
@@ -313,47 +356,114 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// A response body in pieces of at most [`PIECE`] bytes, reporting to its stream's [`Progress`].
-    pub(crate) struct StallBody<B> {
+    /// A response body in pieces of at most [`PIECE`] bytes, reporting to its stream's [`Progress`]. The body's
+    /// last byte is a piece of its own, copied: hyper hands a piece to h2 once the window has room for one byte of
+    /// it and then, for the last piece, ends the stream's task, so a last piece of any size would wait in h2 with
+    /// no timer; a one-byte last piece is taken only once the window has room for everything before it, and pins
+    /// no answer's buffer.
+    pub(crate) struct StallBody<B: Body> {
         #[pin]
         inner: B,
-        // what is left of the inner body's last data frame
+        // what is left of the inner body's current data frame
         rest: Bytes,
+        // a frame the inner body gave while the end of `rest` was looked for
+        next: Option<Result<Frame<Bytes>, BoxError>>,
+        // the inner body has ended
+        done: bool,
         progress: Option<Arc<Progress>>,
     }
 }
 
-impl<B: Body> Body for StallBody<B> {
+fn to_bytes<D: Buf>(mut d: D) -> Bytes {
+    // zero-copy for `Bytes`
+    d.copy_to_bytes(d.remaining())
+}
+
+impl<B: Body> StallBody<B>
+where
+    B::Error: Into<BoxError>,
+{
+    /// The next piece of `rest` (not empty).
+    fn piece(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Bytes {
+        let mut this = self.project();
+        let len = this.rest.len();
+        if len > PIECE {
+            return this.rest.split_to(PIECE);
+        }
+        // the frame's last piece: does the body end with it?
+        let ends = match this.next {
+            Some(Ok(f)) => f.is_trailers(),
+            Some(Err(_)) => false,
+            None if *this.done || this.inner.is_end_stream() => true,
+            None => match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(None) => {
+                    *this.done = true;
+                    true
+                }
+                Poll::Ready(Some(next)) => {
+                    let next = next.map(|f| f.map_data(to_bytes)).map_err(Into::into);
+                    let trailers = next.as_ref().is_ok_and(Frame::is_trailers);
+                    *this.next = Some(next);
+                    trailers
+                }
+                // not known yet (a body produced as it goes): this piece goes whole
+                Poll::Pending => false,
+            },
+        };
+        if !ends {
+            return std::mem::take(this.rest);
+        }
+        if len > 1 {
+            let last = Bytes::copy_from_slice(&this.rest[len - 1..]);
+            let piece = this.rest.split_to(len - 1);
+            *this.rest = last;
+            return piece;
+        }
+        Bytes::copy_from_slice(&std::mem::take(this.rest))
+    }
+}
+
+impl<B: Body> Body for StallBody<B>
+where
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let polled = if this.rest.is_empty() {
-            match this.inner.poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(mut data) => {
-                        // zero-copy for `Bytes`
-                        *this.rest = data.copy_to_bytes(data.remaining());
-                        let n = this.rest.len().min(PIECE);
-                        Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(n)))))
-                    }
-                    Err(frame) => Poll::Ready(Some(Ok(
-                        frame.map_data(|mut d| d.copy_to_bytes(d.remaining()))
-                    ))),
-                },
-                other => other.map(|f| {
-                    f.map(|r| r.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining()))))
-                }),
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = loop {
+            if !self.rest.is_empty() {
+                break Poll::Ready(Some(Ok(Frame::data(self.as_mut().piece(cx)))));
             }
-        } else {
-            let n = this.rest.len().min(PIECE);
-            Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(n)))))
+            let this = self.as_mut().project();
+            if let Some(next) = this.next.take() {
+                match next.map(Frame::into_data) {
+                    Ok(Ok(data)) => *this.rest = data,
+                    Ok(Err(frame)) => break Poll::Ready(Some(Ok(frame))),
+                    Err(e) => break Poll::Ready(Some(Err(e))),
+                }
+                continue;
+            }
+            if *this.done {
+                break Poll::Ready(None);
+            }
+            match this.inner.poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.map_data(to_bytes).into_data() {
+                    Ok(data) => *this.rest = data,
+                    Err(frame) => break Poll::Ready(Some(Ok(frame))),
+                },
+                Poll::Ready(Some(Err(e))) => break Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(None) => {
+                    *this.done = true;
+                    break Poll::Ready(None);
+                }
+                Poll::Pending => break Poll::Pending,
+            }
         };
-        if let Some(p) = this.progress {
+        if let Some(p) = &self.progress {
             match &polled {
                 Poll::Ready(Some(Ok(f))) if f.is_data() => p.yielded(),
                 _ => p.waits_on_itself(),
@@ -363,16 +473,23 @@ impl<B: Body> Body for StallBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.rest.is_empty() && self.inner.is_end_stream()
+        self.rest.is_empty() && self.next.is_none() && (self.done || self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         let inner = self.inner.size_hint();
-        let rest = self.rest.len() as u64;
+        let held = self.rest.len() as u64
+            + match &self.next {
+                Some(Ok(f)) => f.data_ref().map_or(0, |d| d.len() as u64),
+                _ => 0,
+            };
+        if self.done {
+            return SizeHint::with_exact(held);
+        }
         let mut hint = SizeHint::new();
-        hint.set_lower(inner.lower() + rest);
+        hint.set_lower(inner.lower() + held);
         if let Some(upper) = inner.upper() {
-            hint.set_upper(upper + rest);
+            hint.set_upper(upper + held);
         }
         hint
     }
@@ -414,18 +531,19 @@ mod tests {
         (addr, stop, server)
     }
 
-    /// An h2c client whose streams' windows are the protocol's default (65,535 bytes) and are never widened
-    /// unless the test releases what it read; the connection's window is wide. Returns the client and its
+    /// An h2c client whose streams' windows are `window` bytes and are never widened unless the test releases what
+    /// it read; the connection's window is wide. Returns the client and its
     /// connection's task.
     async fn client(
         addr: std::net::SocketAddr,
+        window: u32,
     ) -> (
         h2::client::SendRequest<Bytes>,
         tokio::task::JoinHandle<Result<(), h2::Error>>,
     ) {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let (send, conn) = h2::client::Builder::new()
-            .initial_window_size(65_535)
+            .initial_window_size(window)
             .initial_connection_window_size(64 << 20)
             .handshake(tcp)
             .await
@@ -467,9 +585,13 @@ mod tests {
     /// on and answers the next request. Without the limit hyper would hold the stream and its body forever.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stream_whose_window_is_withheld_is_reset_and_the_connection_goes_on() {
-        let (addr, stop, server) = server(limits(300)).await;
+        let limits = Limits {
+            write_stall: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (addr, stop, server) = server(limits).await;
         let before = streams_stalled();
-        let (mut send, conn) = client(addr).await;
+        let (mut send, conn) = client(addr, 65_535).await;
         let mut big = get(&mut send, "/big").await;
         // read what the window lets through, release nothing
         let mut got = 0;
@@ -497,27 +619,27 @@ mod tests {
         server.await.unwrap().unwrap();
     }
 
-    /// A slow client that keeps taking its stream (a frame every 20 ms against a 300 ms limit, the whole body over
-    /// several limits) is never cut: the limit counts from the last piece taken, not from the start.
+    /// A slow client that keeps taking its stream (a frame every 5 ms against a 300 ms limit, the body's first half
+    /// over four limits) is never cut: the limit counts from the last piece taken, not from the start.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slow_client_that_keeps_taking_its_stream_is_not_cut() {
         let (addr, stop, server) = server(limits(300)).await;
         let before = streams_stalled();
-        let (mut send, conn) = client(addr).await;
+        let (mut send, conn) = client(addr, 65_535).await;
         let mut big = get(&mut send, "/big").await;
-        // 8 MiB in 16 KiB frames at 20 ms each would be 10 s: read the first 1.5 MiB slowly, then the rest at once;
-        // what is read is released 32 KiB at a time, as a player's buffer drains (releasing each frame's bytes
-        // at once collapses the window into one-byte frames, which the limit does cut)
+        // 8 MiB in 16 KiB frames at 5 ms each would be 2.6 s: read the first 4 MiB slowly (over four limits), then
+        // the rest at once; what is read is released 32 KiB at a time, as a player's buffer drains (releasing each
+        // frame's bytes at once collapses the window into one-byte frames, which the limit does cut)
         let (mut n, mut unreleased) = (0, 0);
         let started = Instant::now();
         while let Some(data) = big.data().await {
             let data = data.expect("a slow client's stream was cut");
             n += data.len();
             unreleased += data.len();
-            if n < 1536 << 10 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            if n < 4 << 20 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            if unreleased >= 32 << 10 || n >= 1536 << 10 {
+            if unreleased >= 32 << 10 || n >= 4 << 20 {
                 big.flow_control().release_capacity(unreleased).unwrap();
                 unreleased = 0;
             }
@@ -539,7 +661,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_idle_connection_is_closed_and_a_waiting_stream_is_not_idle() {
         let (addr, stop, server) = server(limits(300)).await;
-        let (mut send, conn) = client(addr).await;
+        let (mut send, conn) = client(addr, 65_535).await;
         let mut waited = get(&mut send, "/wait").await;
         assert_eq!(read_all(&mut waited, Duration::ZERO).await.unwrap(), 6);
         let answered = Instant::now();
@@ -581,12 +703,65 @@ mod tests {
             .await
             .expect("the connection was kept");
         // the server's GOAWAY (frame type 7) came before the close
-        assert!(
-            frames.windows(4).any(|w| w[3] == 7 && w[0] == 0),
-            "{frames:?}"
-        );
+        assert!(frames.windows(4).any(|w| w == [0, 0, 8, 7]), "{frames:?}");
         assert_eq!(connections_stalled() - before, 1);
         let _ = stop.send(());
         server.await.unwrap().unwrap();
+    }
+
+    /// The last piece of an answer is timed too: a client whose window is one byte (and stays so) gets the first
+    /// byte of `/small`, and the stream is then reset, not left finished with its last bytes in h2's buffer
+    /// (hyper ends a stream's task once its last piece is handed over).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_last_piece_of_an_answer_is_timed_too() {
+        let limits = Limits {
+            write_stall: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (addr, stop, server) = server(limits).await;
+        let before = streams_stalled();
+        let (mut send, conn) = client(addr, 1).await;
+        let mut small = get(&mut send, "/small").await;
+        let first = small.data().await.unwrap().unwrap();
+        assert_eq!(&first[..], b"s");
+        let end = tokio::time::timeout(Duration::from_secs(20), small.data())
+            .await
+            .expect("the server kept the stream");
+        let e = end.expect("reset, not ended").expect_err("no more data");
+        assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}");
+        assert_eq!(streams_stalled() - before, 1);
+        drop((send, small));
+        conn.await.unwrap().unwrap();
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    /// The server's stop closes an HTTP/2 connection gracefully: the stream in progress is answered, the client
+    /// sees the GOAWAY and ends its connection, and the server returns without waiting out its drain limit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_lets_the_stream_in_progress_finish_and_closes_the_connection() {
+        let (addr, stop, server) = server(Limits::default()).await;
+        let (mut send, conn) = client(addr, 65_535).await;
+        // the connection is the server's HTTP/2 one (not still choosing its protocol, which a stop just ends)
+        let mut small = get(&mut send, "/small").await;
+        assert_eq!(read_all(&mut small, Duration::ZERO).await.unwrap(), 5);
+        let req = Request::get("http://x/wait").body(()).unwrap();
+        let (answer, _) = send.send_request(req, true).unwrap();
+        // sent before the stop: h2's graceful close (a GOAWAY, a ping, then the last stream) still takes it
+        let stopped = Instant::now();
+        let _ = stop.send(());
+        let answer = answer.await.unwrap();
+        assert_eq!(answer.status(), 200);
+        let mut body = answer.into_body();
+        assert_eq!(read_all(&mut body, Duration::ZERO).await.unwrap(), 6);
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server waited out its drain limit (10 s)")
+            .unwrap()
+            .unwrap();
+        assert!(stopped.elapsed() < Duration::from_secs(5));
+        // the client still holds its side: the connection ended because the server closed it
+        conn.await.unwrap().expect("a graceful close");
+        drop(send);
     }
 }

@@ -144,8 +144,8 @@ pub struct Written {
     body_len: u64,
     error: Option<std::io::Error>,
     close: bool,
-    /// For an answer the socket did not take whole: called when it is dropped, i.e. once the connection has
-    /// written the rest (or given up).
+    /// For an answer the socket took the start of: called when it is dropped, i.e. once the connection has
+    /// written the rest (or given up on it).
     finished: Option<Box<dyn FnOnce() + Send>>,
 }
 
@@ -321,7 +321,7 @@ impl Loan {
 
     /// Writes `p` (with the lines the service adds, `Date` and `Content-Length`) on the socket, as much of it as
     /// the socket takes now, if it is still lent; the rest is the connection's to write, and `finished()` is
-    /// called when it has (or has given up). The request's connection is woken by `after` (see [`After`]). The
+    /// called when it has (or has given up on it; never when this write failed). The request's connection is woken by `after` (see [`After`]). The
     /// answer closes the connection if the request's did, or if the server has begun to stop.
     pub fn write(
         &self,
@@ -346,7 +346,8 @@ impl Loan {
             body_len: p.body().len() as u64,
             close: close || error.is_some(),
             error,
-            finished: (!whole).then(finished),
+            // a failed write is no answer: nothing to observe
+            finished: (!whole && !failed).then(finished),
         });
         after.wake.extend(s.waker.take());
         drop(s);

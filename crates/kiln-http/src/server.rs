@@ -82,8 +82,9 @@ pub(crate) fn note_stalled() {
 /// process-wide.
 static STREAMS_STALLED: AtomicU64 = AtomicU64::new(0);
 
-/// HTTP/2 streams reset because the client took none of their body for [`Limits::write_stall`] (it withheld the
-/// stream's flow-control window while it kept its connection), since the process started.
+/// HTTP/2 streams reset because a piece of their answer got no room to send (the client's flow-control window, or
+/// the send buffer of a connection whose socket stopped taking bytes) for [`Limits::write_stall`], since the
+/// process started.
 pub fn streams_stalled() -> u64 {
     STREAMS_STALLED.load(Ordering::Relaxed)
 }
@@ -157,7 +158,7 @@ pub struct Limits {
     /// Open connections at most (also bounded by the file-descriptor limit, see [`raise_nofile_limit`]).
     pub max_connections: usize,
     /// Time a client has to send a request head (and the keep-alive idle time between requests; over HTTP/2, the
-    /// time a connection may have no stream in progress).
+    /// time a connection may have no stream in progress). Above zero: zero closes every connection at once.
     pub header_timeout: Duration,
     /// HTTP/2 ping interval; a peer that does not answer a ping within the same time is dropped.
     pub h2_keepalive: Duration,
@@ -1119,10 +1120,11 @@ mod tests {
     }
 
     /// A write on the socket of a client that is gone (reset) fails, and says so (a producer does not count it as
-    /// an answer served); the connection gives the answer up and ends. On one thread: the connection does not run
-    /// between the client's reset and the write.
+    /// an answer served, and its `finished` is not called: no fan-out is observed); the connection ends. On one
+    /// thread: the connection does not run between the client's reset and the write.
     #[tokio::test]
     async fn a_lent_write_to_a_client_that_is_gone_fails() {
+        use std::sync::atomic::AtomicBool;
         use tokio::io::AsyncWriteExt;
         let (addr, _, echo, stop, server) = echo_server(Limits::default()).await;
         let mut c = TcpStream::connect(addr).await.unwrap();
@@ -1132,11 +1134,23 @@ mod tests {
         echo.waiting.notified().await;
         c.set_zero_linger().unwrap();
         drop(c); // a reset, not a close
-        let finished = Arc::new(tokio::sync::Notify::new());
-        let wrote = write_on_loan(&echo, &prepared_echo(), finished.clone());
+                 // (blocks the runtime's one thread, so the connection still cannot run: time for the kernel to take the
+                 // reset in, should it defer it)
+        std::thread::sleep(Duration::from_millis(20));
+        let loan = echo.loans.lock().unwrap().pop().expect("a loan");
+        let called = Arc::new(AtomicBool::new(false));
+        let mut after = crate::lend::After::default();
+        let wrote = loan.write(&prepared_echo(), &mut after, || {
+            let called = called.clone();
+            Box::new(move || called.store(true, Ordering::Relaxed))
+        });
+        after.finish();
         assert_eq!(wrote, crate::lend::Wrote::Failed);
-        finished.notified().await;
         echo.dropped.notified().await;
+        assert!(
+            !called.load(Ordering::Relaxed),
+            "a failed write observed as an answer"
+        );
         let _ = stop.send(());
         server.await.unwrap().unwrap();
     }

@@ -481,7 +481,7 @@ impl ConnectionsClosed {
         let streams = must(IntCounterVec::new(
             Opts::new(
                 "kiln_http_streams_reset_total",
-                "HTTP/2 streams the HTTP server reset on its own: the client took none of the answer for --write-stall-secs while it kept its connection (withheld flow-control window) (write_stall)",
+                "HTTP/2 streams the HTTP server reset on its own: a piece of the answer got no room to send (flow-control window or send buffer) for --write-stall-secs (write_stall)",
             ),
             &["reason"],
         ));
