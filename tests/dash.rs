@@ -72,6 +72,8 @@ async fn mpd_is_dynamic_low_latency_and_addresses_the_hls_segments() -> Result<(
     d.shutdown().await
 }
 
+/// Over HTTP/1.1 (chunked) and HTTP/2 (h2c, where the origin times every piece of an answer, its end included:
+/// kiln_http::http2), at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_segment_is_streamed_part_by_part() -> Result<()> {
     let d = start().await?;
@@ -79,32 +81,47 @@ async fn open_segment_is_streamed_part_by_part() -> Result<()> {
     let (m, _) = pl.last_part().context("parts")?;
     // the next segment: requested before it exists, as an LL-DASH client does with availabilityTimeOffset
     let url = d.url(&format!("/live/d/hi/seg-{}.m4s", m + 1));
-    let mut res = d.http.get(&url).send().await?;
-    ensure!(res.status() == 200, "{}", res.status());
-    ensure!(
-        res.headers().get("content-length").is_none(),
-        "an open segment has no length yet"
-    );
-    let t0 = Instant::now();
-    let mut chunks = Vec::new();
-    let mut body = Vec::new();
-    while let Some(c) = res.chunk().await? {
-        chunks.push(t0.elapsed());
-        body.extend_from_slice(&c);
-    }
-    ensure!(chunks.len() >= 4, "{} chunks", chunks.len());
-    let span = *chunks.last().unwrap() - chunks[0];
-    ensure!(
-        span >= Duration::from_millis(1000),
-        "chunks arrived within {span:?}: not progressive"
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build()?;
+    let read = |client: reqwest::Client, version: reqwest::Version| {
+        let url = url.clone();
+        async move {
+            let mut res = client.get(&url).send().await?;
+            ensure!(res.status() == 200, "{}", res.status());
+            ensure!(res.version() == version, "{:?}", res.version());
+            ensure!(
+                res.headers().get("content-length").is_none(),
+                "an open segment has no length yet"
+            );
+            let t0 = Instant::now();
+            let mut chunks = Vec::new();
+            let mut body = Vec::new();
+            while let Some(c) = res.chunk().await? {
+                chunks.push(t0.elapsed());
+                body.extend_from_slice(&c);
+            }
+            anyhow::Ok((chunks, body))
+        }
+    };
+    let (h1, h2) = tokio::join!(
+        read(d.http.clone(), reqwest::Version::HTTP_11),
+        read(h2, reqwest::Version::HTTP_2)
     );
     let whole = d
         .get_bytes(&format!("/live/d/hi/seg-{}.m4s", m + 1))
         .await?;
-    ensure!(
-        whole.as_ref() == body.as_slice(),
-        "streamed bytes differ from the complete segment"
-    );
+    for (how, got) in [("HTTP/1.1", h1), ("HTTP/2", h2)] {
+        let (chunks, body) = got.with_context(|| how)?;
+        ensure!(chunks.len() >= 4, "{how}: {} chunks", chunks.len());
+        let span = *chunks.last().unwrap() - chunks[0];
+        ensure!(
+            span >= Duration::from_millis(1000),
+            "{how}: chunks arrived within {span:?}: not progressive"
+        );
+        ensure!(
+            whole.as_ref() == body.as_slice(),
+            "{how}: streamed bytes differ from the complete segment"
+        );
+    }
     d.shutdown().await
 }
 

@@ -4,21 +4,21 @@
 //!   client that keeps reading the socket (and answering pings) withhold a stream's window: hyper then waits for
 //!   it forever, holding the stream's body and its buffered bytes, up to 200 streams a connection. Every
 //!   response body is handed to hyper in pieces of at most [`PIECE`] bytes ([`StallBody`], zero-copy for
-//!   `Bytes`), its last byte a piece of its own, and a stream's task is dropped when its body has yielded a
-//!   piece that hyper did not take within the limit (h2 then resets the stream with `CANCEL` and frees what it
-//!   buffered). hyper takes a piece once there is room for one byte of it beyond what is buffered: in the
-//!   stream's and the connection's window, and in its per-stream send buffer (400 KiB, which fills while the
-//!   socket is slow). So what is cut is a client that withholds its window, one that widens it only in batches
-//!   while it reads slower than a batch per limit (as nginx's HTTP/2 `send_timeout` would), and the streams of a
-//!   connection whose socket stopped taking bytes (the connection is cut too, by its writes' own limit). A body
-//!   that waits on itself (a live answer not produced yet) never counts; the time between pieces does not
-//!   either. Counted in [`crate::server::streams_stalled`]. Left uncovered: a body produced as it goes whose end
-//!   comes only after its last bytes may end its stream's task with that last piece (up to [`PIECE`]) still
-//!   in h2's buffer, until the idle close below.
+//!   `Bytes`), and a stream's task is dropped when its body has yielded a piece that hyper did not take within
+//!   the limit (h2 then resets the stream with `CANCEL` and frees what it buffered). hyper takes a piece once
+//!   there is room for one byte of it beyond what is buffered: in the stream's and the connection's window, and
+//!   in its per-stream send buffer (400 KiB, which fills while the socket is slow). So what is cut is a client
+//!   that withholds its window, one that widens it only in batches while it reads slower than a batch per limit
+//!   (as nginx's HTTP/2 `send_timeout` would), and the streams of a connection whose socket stopped taking bytes
+//!   (the connection is cut too, by its writes' own limit). A body that waits on itself (a live answer not
+//!   produced yet) never counts; the time between pieces does not either. The end of an answer is timed too
+//!   (hyper ends a stream's task once it has handed over the last piece): a body known to end sends its last
+//!   byte as a piece of its own, and a body produced as it goes that ends after its latest piece has the task
+//!   wait, timed, until h2 has sent that piece. Counted in [`crate::server::streams_stalled`].
 //! - **An idle connection** ([`crate::server::Limits::header_timeout`], HTTP/1.1's keep-alive idle time): a
-//!   connection with no stream's task for that long is closed gracefully (GOAWAY). If it still has none and has
-//!   not closed a write stall limit later (a peer that answers nothing, or a finished stream's last bytes held
-//!   by a withheld window), it is dropped and counted as a write stall.
+//!   connection with no stream's task for that long is closed gracefully (GOAWAY). If it has not closed once it
+//!   has had none for a write stall limit since the GOAWAY (a peer that answers nothing, or the last byte of a
+//!   finished stream held by a withheld window), it is dropped and counted as a write stall.
 //!
 //! Why here and not in hyper: hyper's HTTP/2 server has neither an idle timeout nor a send timeout; its
 //! executor (every stream's task) and its service (every response body) are the two places a server can add them.
@@ -38,8 +38,8 @@ use tokio::time::{Instant, Sleep};
 
 use crate::server::{BoxError, Limits, Timed};
 
-/// The most of a response body hyper gets at a time: what a stream can leave buffered beyond a withheld window
-/// once its task has ended.
+/// The most of a response body hyper gets at a time (and so what one piece can hold h2's buffer with beyond a
+/// withheld window before its stream is timed out).
 pub(crate) const PIECE: usize = 64 << 10;
 
 /// Serves one HTTP/2 connection with `service`, within `limits`, until it ends; a graceful close when `stopping`
@@ -349,6 +349,8 @@ where
                 rest: Bytes::new(),
                 next: None,
                 done: false,
+                unsent: None,
+                draining: false,
                 progress,
             })
         })
@@ -356,11 +358,13 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// A response body in pieces of at most [`PIECE`] bytes, reporting to its stream's [`Progress`]. The body's
-    /// last byte is a piece of its own, copied: hyper hands a piece to h2 once the window has room for one byte of
-    /// it and then, for the last piece, ends the stream's task, so a last piece of any size would wait in h2 with
-    /// no timer; a one-byte last piece is taken only once the window has room for everything before it, and pins
-    /// no answer's buffer.
+    /// A response body in pieces of at most [`PIECE`] bytes, reporting to its stream's [`Progress`]. hyper hands a
+    /// piece to h2 once the window has room for one byte of it, and ends the stream's task after the last one, so
+    /// a last piece would wait in h2 untimed, pinning its answer's buffer. So:
+    /// - a body that is known to end with a piece has its last byte sent as a piece of its own (a static byte,
+    ///   no allocation), which hyper takes only once the window has room for everything before it;
+    /// - a piece whose body might go on (it is produced as it goes, and its next part is not there yet) goes
+    ///   whole, tracked: if the body then ends, the task waits, timed, until h2 has sent that piece and dropped it.
     pub(crate) struct StallBody<B: Body> {
         #[pin]
         inner: B,
@@ -370,6 +374,10 @@ pin_project_lite::pin_project! {
         next: Option<Result<Frame<Bytes>, BoxError>>,
         // the inner body has ended
         done: bool,
+        // the last piece handed over while the body's end was not known, until another piece follows it
+        unsent: Option<Arc<Sent>>,
+        // waiting (timed) for `unsent` to be sent before the end
+        draining: bool,
         progress: Option<Arc<Progress>>,
     }
 }
@@ -377,6 +385,57 @@ pin_project_lite::pin_project! {
 fn to_bytes<D: Buf>(mut d: D) -> Bytes {
     // zero-copy for `Bytes`
     d.copy_to_bytes(d.remaining())
+}
+
+/// Every byte value, for one-byte pieces that need no allocation.
+static BYTE_VALUES: [u8; 256] = {
+    let mut all = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        all[i] = i as u8;
+        i += 1;
+    }
+    all
+};
+
+/// Whether a tracked piece has been sent (dropped by h2), and the task that waits for it.
+#[derive(Debug, Default)]
+struct Sent {
+    done: std::sync::atomic::AtomicBool,
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl Sent {
+    fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+}
+
+/// A tracked piece's bytes: dropped by h2 once it has written them (or reset the stream).
+struct Tracked {
+    bytes: Bytes,
+    sent: Arc<Sent>,
+}
+
+impl AsRef<[u8]> for Tracked {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.sent.done.store(true, Ordering::Release);
+        let waker = self
+            .sent
+            .waker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
 }
 
 impl<B: Body> StallBody<B>
@@ -391,35 +450,73 @@ where
             return this.rest.split_to(PIECE);
         }
         // the frame's last piece: does the body end with it?
-        let ends = match this.next {
-            Some(Ok(f)) => f.is_trailers(),
-            Some(Err(_)) => false,
-            None if *this.done || this.inner.is_end_stream() => true,
-            None => match this.inner.as_mut().poll_frame(cx) {
-                Poll::Ready(None) => {
-                    *this.done = true;
-                    true
-                }
-                Poll::Ready(Some(next)) => {
-                    let next = next.map(|f| f.map_data(to_bytes)).map_err(Into::into);
-                    let trailers = next.as_ref().is_ok_and(Frame::is_trailers);
-                    *this.next = Some(next);
-                    trailers
-                }
-                // not known yet (a body produced as it goes): this piece goes whole
-                Poll::Pending => false,
-            },
+        let ends = loop {
+            break match this.next {
+                Some(Ok(f)) => f.is_trailers(),
+                Some(Err(_)) => false,
+                None if *this.done || this.inner.is_end_stream() => true,
+                None => match this.inner.as_mut().poll_frame(cx) {
+                    Poll::Ready(None) => {
+                        *this.done = true;
+                        true
+                    }
+                    Poll::Ready(Some(next)) => {
+                        let next = next.map(|f| f.map_data(to_bytes)).map_err(Into::into);
+                        if next
+                            .as_ref()
+                            .is_ok_and(|f| f.data_ref().is_some_and(Bytes::is_empty))
+                        {
+                            continue; // carries nothing: look at what follows
+                        }
+                        let trailers = next.as_ref().is_ok_and(Frame::is_trailers);
+                        *this.next = Some(next);
+                        trailers
+                    }
+                    // not known yet (a body produced as it goes): the piece goes whole, tracked
+                    Poll::Pending => {
+                        let sent = Arc::new(Sent::default());
+                        *this.unsent = Some(sent.clone());
+                        let bytes = std::mem::take(this.rest);
+                        return Bytes::from_owner(Tracked { bytes, sent });
+                    }
+                },
+            };
         };
         if !ends {
             return std::mem::take(this.rest);
         }
-        if len > 1 {
-            let last = Bytes::copy_from_slice(&this.rest[len - 1..]);
-            let piece = this.rest.split_to(len - 1);
-            *this.rest = last;
-            return piece;
+        let last = usize::from(this.rest[len - 1]);
+        let last = Bytes::from_static(&BYTE_VALUES[last..=last]);
+        if len == 1 {
+            *this.rest = Bytes::new();
+            return last;
         }
-        Bytes::copy_from_slice(&std::mem::take(this.rest))
+        let piece = this.rest.split_to(len - 1);
+        *this.rest = last;
+        piece
+    }
+
+    /// At the body's end: `Pending` (timed) until the last piece handed over untracked-for-end has been sent.
+    fn drain(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let Some(sent) = this.unsent.as_ref() else {
+            return Poll::Ready(());
+        };
+        if !sent.is_done() {
+            *sent.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+            if !sent.is_done() {
+                if !*this.draining {
+                    *this.draining = true;
+                    // a piece waiting for the client: the stream's timer runs from here
+                    if let Some(p) = this.progress {
+                        p.yielded();
+                    }
+                }
+                return Poll::Pending;
+            }
+        }
+        *this.unsent = None;
+        Poll::Ready(())
     }
 }
 
@@ -448,18 +545,23 @@ where
                 continue;
             }
             if *this.done {
+                // (the progress is the drain's while it waits)
+                std::task::ready!(self.as_mut().drain(cx));
                 break Poll::Ready(None);
             }
             match this.inner.poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.map_data(to_bytes).into_data() {
-                    Ok(data) => *this.rest = data,
+                    Ok(data) => {
+                        if !data.is_empty() {
+                            // pieces follow the tracked one: they wait for room for it
+                            *this.unsent = None;
+                        }
+                        *this.rest = data;
+                    }
                     Err(frame) => break Poll::Ready(Some(Ok(frame))),
                 },
                 Poll::Ready(Some(Err(e))) => break Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(None) => {
-                    *this.done = true;
-                    break Poll::Ready(None);
-                }
+                Poll::Ready(None) => *this.done = true,
                 Poll::Pending => break Poll::Pending,
             }
         };
@@ -473,7 +575,10 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.rest.is_empty() && self.next.is_none() && (self.done || self.inner.is_end_stream())
+        self.rest.is_empty()
+            && self.next.is_none()
+            && self.unsent.is_none()
+            && (self.done || self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -510,16 +615,28 @@ mod tests {
         std::net::SocketAddr,
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<std::io::Result<()>>,
+        Arc<Hooks>,
     ) {
+        let hooks = Arc::new(Hooks::default());
+        let (waiting, streaming) = (hooks.clone(), hooks.clone());
         let app = Router::new()
             .route("/big", axum::routing::get(|| async { vec![b'x'; 8 << 20] }))
             .route("/small", axum::routing::get(|| async { "small" }))
             .route(
                 "/wait",
-                axum::routing::get(|| async {
+                axum::routing::get(move || async move {
+                    waiting.waiting.notify_one();
                     // a parked request (a blocking reload) longer than the idle limit
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     "waited"
+                }),
+            )
+            .route(
+                "/stream",
+                axum::routing::get(move || async move {
+                    let (tx, rx) = tokio::sync::mpsc::channel(4);
+                    streaming.senders.lock().unwrap().push(tx);
+                    axum::body::Body::new(Chunks(rx))
                 }),
             );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -528,7 +645,31 @@ mod tests {
         let server = tokio::spawn(serve(listener, None, app, limits, async {
             let _ = stopped.await;
         }));
-        (addr, stop, server)
+        (addr, stop, server, hooks)
+    }
+
+    /// What the test server's routes let a test see and drive.
+    #[derive(Default)]
+    struct Hooks {
+        /// `/wait` has begun to wait.
+        waiting: tokio::sync::Notify,
+        /// Each `/stream` answer's chunks: it ends when its sender is dropped.
+        senders: std::sync::Mutex<Vec<tokio::sync::mpsc::Sender<Bytes>>>,
+    }
+
+    /// A body produced as it goes (a segment streamed while its parts are made): the chunks sent, then its end.
+    struct Chunks(tokio::sync::mpsc::Receiver<Bytes>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx).map(|c| c.map(|c| Ok(Frame::data(c))))
+        }
     }
 
     /// An h2c client whose streams' windows are `window` bytes and are never widened unless the test releases what
@@ -589,7 +730,7 @@ mod tests {
             write_stall: Duration::from_millis(300),
             ..Limits::default()
         };
-        let (addr, stop, server) = server(limits).await;
+        let (addr, stop, server, _) = server(limits).await;
         let before = streams_stalled();
         let (mut send, conn) = client(addr, 65_535).await;
         let mut big = get(&mut send, "/big").await;
@@ -623,7 +764,7 @@ mod tests {
     /// over four limits) is never cut: the limit counts from the last piece taken, not from the start.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slow_client_that_keeps_taking_its_stream_is_not_cut() {
-        let (addr, stop, server) = server(limits(300)).await;
+        let (addr, stop, server, _) = server(limits(300)).await;
         let before = streams_stalled();
         let (mut send, conn) = client(addr, 65_535).await;
         let mut big = get(&mut send, "/big").await;
@@ -660,7 +801,7 @@ mod tests {
     /// ends without error); a stream whose answer waits longer than that limit keeps it open.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_idle_connection_is_closed_and_a_waiting_stream_is_not_idle() {
-        let (addr, stop, server) = server(limits(300)).await;
+        let (addr, stop, server, _) = server(limits(300)).await;
         let (mut send, conn) = client(addr, 65_535).await;
         let mut waited = get(&mut send, "/wait").await;
         assert_eq!(read_all(&mut waited, Duration::ZERO).await.unwrap(), 6);
@@ -691,7 +832,7 @@ mod tests {
             h2_keepalive: Duration::from_secs(60),
             ..limits(300)
         };
-        let (addr, stop, server) = server(limits).await;
+        let (addr, stop, server, _) = server(limits).await;
         let before = connections_stalled();
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         // the preface and an empty SETTINGS frame; then nothing, and nothing acknowledged
@@ -718,7 +859,7 @@ mod tests {
             write_stall: Duration::from_millis(300),
             ..Limits::default()
         };
-        let (addr, stop, server) = server(limits).await;
+        let (addr, stop, server, _) = server(limits).await;
         let before = streams_stalled();
         let (mut send, conn) = client(addr, 1).await;
         let mut small = get(&mut send, "/small").await;
@@ -740,14 +881,11 @@ mod tests {
     /// sees the GOAWAY and ends its connection, and the server returns without waiting out its drain limit.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stop_lets_the_stream_in_progress_finish_and_closes_the_connection() {
-        let (addr, stop, server) = server(Limits::default()).await;
+        let (addr, stop, server, hooks) = server(Limits::default()).await;
         let (mut send, conn) = client(addr, 65_535).await;
-        // the connection is the server's HTTP/2 one (not still choosing its protocol, which a stop just ends)
-        let mut small = get(&mut send, "/small").await;
-        assert_eq!(read_all(&mut small, Duration::ZERO).await.unwrap(), 5);
         let req = Request::get("http://x/wait").body(()).unwrap();
         let (answer, _) = send.send_request(req, true).unwrap();
-        // sent before the stop: h2's graceful close (a GOAWAY, a ping, then the last stream) still takes it
+        hooks.waiting.notified().await; // the stream is in progress
         let stopped = Instant::now();
         let _ = stop.send(());
         let answer = answer.await.unwrap();
@@ -763,5 +901,49 @@ mod tests {
         // the client still holds its side: the connection ended because the server closed it
         conn.await.unwrap().expect("a graceful close");
         drop(send);
+    }
+
+    /// A body produced as it goes cannot know its end when its latest piece is handed over: that piece goes
+    /// whole, and when the body then ends the stream's task waits, timed, until h2 has sent it. A client whose
+    /// window is one byte gets the first byte and then a reset, instead of a finished stream whose bytes sit in
+    /// h2's buffer; with an open window the same body arrives whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_streamed_answer_s_last_piece_is_timed_after_its_end() {
+        let limits = Limits {
+            write_stall: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (addr, stop, server, hooks) = server(limits).await;
+        let before = streams_stalled();
+        for window in [65_535, 1] {
+            let (mut send, conn) = client(addr, window).await;
+            let mut body = get(&mut send, "/stream").await;
+            let tx = hooks
+                .senders
+                .lock()
+                .unwrap()
+                .pop()
+                .expect("the answer's sender");
+            tx.send(Bytes::from(vec![b'x'; 1000])).await.unwrap();
+            if window == 1 {
+                let first = body.data().await.unwrap().unwrap();
+                assert_eq!(first.len(), 1);
+                drop(tx); // the end, while 999 bytes wait for the window
+                let end = tokio::time::timeout(Duration::from_secs(5), body.data())
+                    .await
+                    .expect("the server kept the stream");
+                let e = end.expect("reset, not ended").expect_err("no more data");
+                assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}");
+            } else {
+                tx.send(Bytes::from(vec![b'y'; 1000])).await.unwrap();
+                drop(tx);
+                assert_eq!(read_all(&mut body, Duration::ZERO).await.unwrap(), 2000);
+            }
+            drop((send, body));
+            conn.await.unwrap().unwrap();
+        }
+        assert_eq!(streams_stalled() - before, 1);
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
     }
 }

@@ -1134,8 +1134,8 @@ mod tests {
         echo.waiting.notified().await;
         c.set_zero_linger().unwrap();
         drop(c); // a reset, not a close
-                 // (blocks the runtime's one thread, so the connection still cannot run: time for the kernel to take the
-                 // reset in, should it defer it)
+                 // time for the kernel to take the reset in, should it defer it (blocking the runtime's one thread: the
+                 // connection still cannot run)
         std::thread::sleep(Duration::from_millis(20));
         let loan = echo.loans.lock().unwrap().pop().expect("a loan");
         let called = Arc::new(AtomicBool::new(false));

@@ -474,7 +474,7 @@ impl ConnectionsClosed {
         let counts = must(IntCounterVec::new(
             Opts::new(
                 "kiln_http_connections_closed_total",
-                "Connections the HTTP server closed on its own: a write to the client waited --write-stall-secs, or an idle HTTP/2 connection did not close within it of its GOAWAY (write_stall); or a new connection came at --max-connections (over_cap)",
+                "Connections the HTTP server closed on its own: a write to the client waited --write-stall-secs, or an idle HTTP/2 connection did not close after its GOAWAY with no stream in progress for that time (write_stall); or a new connection came at --max-connections (over_cap)",
             ),
             &["reason"],
         ));
