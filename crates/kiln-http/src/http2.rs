@@ -14,7 +14,10 @@
 //!   produced yet) never counts; the time between pieces does not either. The end of an answer is timed too
 //!   (hyper ends a stream's task once it has handed over the last piece): a body known to end sends its last
 //!   byte as a piece of its own, and a body produced as it goes that ends after its latest piece has the task
-//!   wait, timed, until h2 has sent that piece. Counted in [`crate::server::streams_stalled`].
+//!   wait, timed, until h2 has written that piece out (to the socket; one of a few hundred bytes, into its write
+//!   buffer). That wait is stricter than the rest: the piece is last in the stream's queue, so what the stream
+//!   has buffered before it (up to h2's 400 KiB send buffer and the piece) must go within the limit, about
+//!   15 KB/s at 30 s. Counted in [`crate::server::streams_stalled`].
 //! - **An idle connection** ([`crate::server::Limits::header_timeout`], HTTP/1.1's keep-alive idle time): a
 //!   connection with no stream's task for that long is closed gracefully (GOAWAY). If it has not closed once it
 //!   has had none for a write stall limit since the GOAWAY (a peer that answers nothing, or the last byte of a
@@ -364,7 +367,8 @@ pin_project_lite::pin_project! {
     /// - a body that is known to end with a piece has its last byte sent as a piece of its own (a static byte,
     ///   no allocation), which hyper takes only once the window has room for everything before it;
     /// - a piece whose body might go on (it is produced as it goes, and its next part is not there yet) goes
-    ///   whole, tracked: if the body then ends, the task waits, timed, until h2 has sent that piece and dropped it.
+    ///   whole, tracked: if the body then ends (or sends trailers), the task waits, timed, until h2 has written
+    ///   that piece out and dropped it.
     pub(crate) struct StallBody<B: Body> {
         #[pin]
         inner: B,
@@ -536,9 +540,20 @@ where
                 break Poll::Ready(Some(Ok(Frame::data(self.as_mut().piece(cx)))));
             }
             let this = self.as_mut().project();
+            let trailers_next = matches!(this.next, Some(Ok(f)) if f.is_trailers());
+            if trailers_next && this.unsent.is_some() {
+                // trailers end the stream too: what is still unsent is timed first
+                std::task::ready!(self.as_mut().drain(cx));
+                continue;
+            }
             if let Some(next) = this.next.take() {
                 match next.map(Frame::into_data) {
-                    Ok(Ok(data)) => *this.rest = data,
+                    Ok(Ok(data)) => {
+                        if !data.is_empty() {
+                            *this.unsent = None;
+                        }
+                        *this.rest = data;
+                    }
                     Ok(Err(frame)) => break Poll::Ready(Some(Ok(frame))),
                     Err(e) => break Poll::Ready(Some(Err(e))),
                 }
@@ -558,7 +573,8 @@ where
                         }
                         *this.rest = data;
                     }
-                    Err(frame) => break Poll::Ready(Some(Ok(frame))),
+                    // (trailers: through `next`, after the drain)
+                    Err(frame) => *this.next = Some(Ok(frame)),
                 },
                 Poll::Ready(Some(Err(e))) => break Poll::Ready(Some(Err(e.into()))),
                 Poll::Ready(None) => *this.done = true,
@@ -814,7 +830,7 @@ mod tests {
         // (the server's stream ended a little before the client had read its answer)
         let idle = answered.elapsed();
         assert!(
-            idle >= Duration::from_millis(290),
+            idle >= Duration::from_millis(200),
             "closed before the idle limit: {idle:?}"
         );
         drop((send, waited));
@@ -904,7 +920,7 @@ mod tests {
     }
 
     /// A body produced as it goes cannot know its end when its latest piece is handed over: that piece goes
-    /// whole, and when the body then ends the stream's task waits, timed, until h2 has sent it. A client whose
+    /// whole, and when the body then ends the stream's task waits, timed, until h2 has written it out. A client whose
     /// window is one byte gets the first byte and then a reset, instead of a finished stream whose bytes sit in
     /// h2's buffer; with an open window the same body arrives whole.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -945,5 +961,87 @@ mod tests {
         assert_eq!(streams_stalled() - before, 1);
         let _ = stop.send(());
         server.await.unwrap().unwrap();
+    }
+
+    /// A body that gives the frames and `Pending`s it is told to, in order, then ends.
+    struct Script(std::collections::VecDeque<Poll<Frame<Bytes>>>);
+
+    impl Body for Script {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            match self.0.pop_front() {
+                Some(p) => p.map(|f| Some(Ok(f))),
+                None => Poll::Ready(None),
+            }
+        }
+    }
+
+    fn stall_body(script: Vec<Poll<Frame<Bytes>>>) -> Pin<Box<StallBody<Script>>> {
+        Box::pin(StallBody {
+            inner: Script(script.into()),
+            rest: Bytes::new(),
+            next: None,
+            done: false,
+            unsent: None,
+            draining: false,
+            progress: Some(Arc::new(Progress::default())),
+        })
+    }
+
+    fn data(b: &'static [u8]) -> Poll<Frame<Bytes>> {
+        Poll::Ready(Frame::data(Bytes::from_static(b)))
+    }
+
+    fn next_piece(body: &mut Pin<Box<StallBody<Script>>>) -> Bytes {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match body.as_mut().poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(f))) => f.into_data().expect("a data frame"),
+            other => panic!("{:?}", other.map(|o| o.map(|r| r.map(|f| f.is_data())))),
+        }
+    }
+
+    /// A body known to end with a frame sends that frame's last byte as a piece of its own (also past an empty
+    /// frame); one whose end is not known when its piece goes sends it whole, and at its end (or before its
+    /// trailers) waits, timed, until that piece has been dropped.
+    #[test]
+    fn the_end_of_a_body_is_a_piece_that_waits_for_room() {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for script in [vec![data(b"abc")], vec![data(b"abc"), data(b"")]] {
+            let mut body = stall_body(script);
+            assert_eq!(&next_piece(&mut body)[..], b"ab");
+            assert!(!body.is_end_stream());
+            assert_eq!(&next_piece(&mut body)[..], b"c");
+            assert!(body.is_end_stream());
+        }
+        let trailers = Poll::Ready(Frame::trailers(axum::http::HeaderMap::new()));
+        for script in [
+            // (the first `Pending` is the look-ahead's, the second the body's own wait)
+            vec![data(b"abc"), Poll::Pending, Poll::Pending],
+            vec![data(b"abc"), Poll::Pending, Poll::Pending, trailers],
+        ] {
+            let mut body = stall_body(script);
+            let piece = next_piece(&mut body);
+            assert_eq!(&piece[..], b"abc", "the end was not known: whole");
+            assert!(!body.is_end_stream());
+            assert!(body.as_mut().poll_frame(&mut cx).is_pending()); // the body's own wait
+            assert!(body.progress.as_ref().unwrap().outstanding().is_none());
+            // the end (or the trailers) came: the piece is still with h2
+            assert!(body.as_mut().poll_frame(&mut cx).is_pending());
+            assert!(
+                body.progress.as_ref().unwrap().outstanding().is_some(),
+                "timed"
+            );
+            drop(piece);
+            match body.as_mut().poll_frame(&mut cx) {
+                Poll::Ready(None) => {}
+                Poll::Ready(Some(Ok(f))) => assert!(f.is_trailers()),
+                _ => panic!("not the end"),
+            }
+        }
     }
 }

@@ -1133,9 +1133,9 @@ mod tests {
             .unwrap();
         echo.waiting.notified().await;
         c.set_zero_linger().unwrap();
-        drop(c); // a reset, not a close
-                 // time for the kernel to take the reset in, should it defer it (blocking the runtime's one thread: the
-                 // connection still cannot run)
+        // a reset, not a close; then time for the kernel to take the reset in, should it defer it (blocking the
+        // runtime's one thread: the connection still cannot run)
+        drop(c);
         std::thread::sleep(Duration::from_millis(20));
         let loan = echo.loans.lock().unwrap().pop().expect("a loan");
         let called = Arc::new(AtomicBool::new(false));
