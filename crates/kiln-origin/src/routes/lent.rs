@@ -228,6 +228,39 @@ pub(crate) fn serve(timing: Timing, r: &Arc<Rendition>) {
     run.work();
 }
 
+/// What a worker of a [`Run`] holds that a panic in it (a bug) would otherwise leave waiting for its deadline: on
+/// unwinding, the requests it kept and every request of the run no worker has taken look at the state themselves.
+/// (The one being answered when it panicked is lost with it: it waits for its deadline.)
+struct Unwound<'a> {
+    run: &'a Run,
+    keep: Vec<Waiter>,
+}
+
+impl Drop for Unwound<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut after = After::default();
+        for w in self.keep.drain(..) {
+            w.loan.look_again(&mut after);
+        }
+        for slot in &self.run.waiters {
+            let untaken = slot.lock().take();
+            if let Some(w) = untaken {
+                w.loan.look_again(&mut after);
+            }
+        }
+        after.finish();
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: a run on this thread panics at the request after this many.
+    pub(crate) static PANIC_AT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
 /// Requests taken by one worker of a [`serve`] at a time.
 const BATCH: usize = 32;
 
@@ -250,7 +283,12 @@ impl Run {
         }
         let start = std::time::Instant::now();
         let (r, snap) = (&self.r, &self.snap);
-        let mut keep = Vec::new();
+        // the requests the publish does not satisfy (they register again), in a guard that lets them, and the
+        // run's untaken ones, look again should anything below panic
+        let mut left = Unwound {
+            run: self,
+            keep: Vec::new(),
+        };
         let mut after = After::default();
         let local = self.fanout.local();
         // the answers to the forms evaluated (the one used last first), and when the last part asked for was
@@ -273,6 +311,14 @@ impl Run {
                 if !w.loan.is_open() {
                     continue; // its request ended by itself (its deadline, or its client left)
                 }
+                #[cfg(test)]
+                PANIC_AT.with(|p| match p.get() {
+                    Some(0) => {
+                        p.set(None);
+                        panic!("a panic injected into a run");
+                    }
+                    n => p.set(n.map(|n| n - 1)),
+                });
                 let found = if forms.get(last).is_some_and(|(f, _)| *f == w.form) {
                     Some(last)
                 } else {
@@ -294,7 +340,7 @@ impl Run {
                 };
                 let p = match forms[last].1.as_ref() {
                     None => {
-                        keep.push(w);
+                        left.keep.push(w);
                         continue;
                     }
                     Some(Reply::Prepared(p)) => p,
@@ -348,6 +394,8 @@ impl Run {
             r.note_served_n(snap, served);
         }
         after.finish();
+        let keep = std::mem::take(&mut left.keep);
+        drop(left);
         if !keep.is_empty() {
             let mut l = r.lent.lock();
             if r.is_current(snap) {

@@ -779,6 +779,44 @@ async fn a_lent_blocking_reload_is_written_by_the_publish() {
     assert!(Arc::ptr_eq(&from.unwrap(), &snap) && answers == 1);
 }
 
+/// A panic inside a publish's run (a bug) does not leave the requests it had not answered to their deadline: they
+/// answer by themselves, with the playlist the publish made; those written before it keep their answers. (One
+/// thread: the run has no helpers.)
+#[tokio::test]
+async fn a_panic_in_a_run_lets_the_requests_it_had_not_answered_answer_by_themselves() {
+    let (o, s) = origin();
+    part(&s, 0, 0);
+    let mut pairs = Vec::new();
+    for _ in 0..5 {
+        pairs.push(socket_pair().await);
+    }
+    let mut tasks: Vec<_> = pairs
+        .iter_mut()
+        .map(|(server, _)| {
+            let q = "/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1";
+            tokio::spawn(lending(&o, q, server.lend(false)))
+        })
+        .collect();
+    assert_eq!(o.parked(), 5);
+    super::lent::PANIC_AT.set(Some(2));
+    let published = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| part(&s, 0, 1)));
+    assert!(published.is_err(), "the injected panic");
+    let snap = s.renditions[0].snapshot();
+    // the third was being answered when the run panicked: it waits for its deadline
+    tasks.remove(2).abort();
+    for (i, task) in tasks.into_iter().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .unwrap_or_else(|_| panic!("request {i} was left to its deadline"))
+            .unwrap()
+        {
+            Reply::Written(w) if i < 2 => assert_eq!(w.body_len(), snap.playlist.len() as u64),
+            Reply::Prepared(p) if i >= 2 => assert_eq!(p.body(), &snap.playlist[..]),
+            _ => panic!("request {i}: not the answer expected"),
+        }
+    }
+}
+
 /// Enough waiters for a chunk per worker: every socket gets its answer, each measured once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_lent_reloads_are_written_by_every_worker() {
