@@ -1187,26 +1187,29 @@ async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Re
         memory_mib: 10,
         ..Default::default()
     };
+    let gpu = Resources {
+        nvenc_fps: 100,
+        vram_mib: 1000,
+        ..Default::default()
+    };
+    // one GPU: the node is its host and that GPU
     let caps = BinCaps {
-        host: Resources {
+        node: Resources {
             memory_mib: 1000,
             ..cpu(1000)
-        },
-        gpu: Some(Resources {
-            nvenc_fps: 100,
-            vram_mib: 1000,
-            ..Default::default()
-        }),
+        }
+        .plus(&gpu),
+        gpu: Some(gpu),
     };
-    let rec = |id: &str, mc: u64, nvenc: u64| StreamRecord {
+    let rec_on = |id: &str, node: &str, gpu: usize, mc: u64, nvenc: u64| StreamRecord {
         id: id.into(),
         request: kiln_model::StreamRequest {
             source: "test:".into(),
             ..Default::default()
         },
         phase: Phase::Placed,
-        node: Some("n1".into()),
-        gpu: (nvenc > 0).then_some(0),
+        node: Some(node.into()),
+        gpu: (nvenc > 0).then_some(gpu),
         demand: Some(Demand {
             host: cpu(mc),
             gpu: (nvenc > 0).then_some(Resources {
@@ -1223,6 +1226,7 @@ async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Re
         moves: 0,
         handover_from: None,
     };
+    let rec = |id: &str, mc: u64, nvenc: u64| rec_on(id, "n1", 0, mc, nvenc);
     for (name, a, b) in [
         ("memory", Store::memory(7), None),
         (
@@ -1269,6 +1273,34 @@ async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Re
             a.booked("n1").await?.cpu_millicores == 600,
             "{name}: {:?}",
             a.booked("n1").await?
+        );
+        // a node with two GPUs: its counter adds up both, and is checked against both, so the second GPU
+        // takes a full GPU's worth of its own; each GPU is still checked on its own
+        let two = BinCaps {
+            node: caps.node.plus(&gpu),
+            gpu: Some(gpu),
+        };
+        a.save(e1, &rec_on("g0", "n2", 0, 10, 90), Some(two))
+            .await?;
+        a.save(e1, &rec_on("g1", "n2", 1, 10, 90), Some(two))
+            .await
+            .with_context(|| format!("{name}: the second GPU refused while it is empty"))?;
+        match a.save(e1, &rec_on("g2", "n2", 0, 10, 20), Some(two)).await {
+            Err(StoreError::Full(why)) => {
+                ensure!(why.contains("gpu nvenc_fps"), "{name}: {why}")
+            }
+            other => bail!("{name}: GPU 0 over-committed: {other:?}"),
+        }
+        ensure!(
+            a.booked("n2").await?.nvenc_fps == 180,
+            "{name}: {:?}",
+            a.booked("n2").await?
+        );
+        a.remove(e1, "g0").await?;
+        a.remove(e1, "g1").await?;
+        ensure!(
+            a.booked("n2").await? == Resources::default(),
+            "{name}: the two GPUs' bookings not given back"
         );
         // re-saving the same stream replaces its booking instead of adding to it
         a.save(e1, &rec("s1", 700, 60), Some(caps)).await?;

@@ -35,7 +35,8 @@ pub type Placement = Result<StreamRecord, (StreamRecord, Unplaced)>;
 pub(crate) fn caps(nodes: &[NodeEntry], node: &str, gpu: Option<usize>) -> Option<BinCaps> {
     let hb = nodes.iter().find(|n| n.id == node)?.heartbeat.as_ref()?;
     Some(BinCaps {
-        host: hb.capacity.host.capacity,
+        node: (hb.capacity.gpus.iter())
+            .fold(hb.capacity.host.capacity, |all, g| all.plus(&g.capacity)),
         gpu: gpu
             .and_then(|g| hb.capacity.gpus.get(g))
             .map(|g| g.capacity),

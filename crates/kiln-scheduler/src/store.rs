@@ -73,7 +73,10 @@ pub struct StreamRecord {
 /// Capacity a booking is checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BinCaps {
-    pub host: Resources,
+    /// The whole node: its host plus every one of its GPUs. The node's booking counter adds up the streams on
+    /// all its GPUs, so it is checked against all of them, not against the one this booking is on.
+    pub node: Resources,
+    /// The GPU this booking is on.
     pub gpu: Option<Resources>,
 }
 
@@ -348,8 +351,7 @@ if ARGV[4] ~= '' and new.phase == 'placed' and present(new.demand) then
   for _, d in ipairs(dims) do
     local want = (new.demand.host[d] or 0)
     if present(new.demand.gpu) then want = want + (new.demand.gpu[d] or 0) end
-    local cap = (caps.host[d] or 0)
-    if present(caps.gpu) then cap = cap + (caps.gpu[d] or 0) end
+    local cap = (caps.node[d] or 0)
     local used = tonumber(redis.call('HGET', hk, d) or '0')
     if want > 0 and used + want > cap then
       if old then book(cjson.decode(old), 1) end
@@ -719,7 +721,7 @@ impl Store {
                     (caps, &rec.node, &rec.demand, rec.phase)
                 {
                     let used = m.used.get(node).copied().unwrap_or_default();
-                    let cap = caps.host.plus(&caps.gpu.unwrap_or_default());
+                    let cap = caps.node;
                     let want = d.host.plus(&d.gpu.unwrap_or_default());
                     let mut short = cap
                         .minus(&used)
