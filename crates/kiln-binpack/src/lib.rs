@@ -569,8 +569,8 @@ pub fn consolidate(
             let n = &mut nodes[old.node];
             n.host_used = n.host_used.minus(&d.host);
             n.pixel_rate = n.pixel_rate.saturating_sub(d.pixel_rate);
-            if let (Some(g), Some(gd)) = (old.gpu, d.gpu) {
-                n.gpus[g].used = n.gpus[g].used.minus(&gd);
+            if let (Some(gpu), Some(gd)) = (old.gpu.and_then(|g| n.gpus.get_mut(g)), d.gpu) {
+                gpu.used = gpu.used.minus(&gd);
             }
             commit(nodes, s, &d);
             moved[i] = true;

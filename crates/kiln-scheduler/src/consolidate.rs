@@ -22,16 +22,30 @@ pub struct Move {
 }
 
 /// The moves that empty lightly loaded nodes, at most `max_moves`. Draining nodes are neither emptied nor filled;
-/// only placed records with a booking on a live node can move.
+/// only placed records with a booking on a live node can move. A node is not emptied while it holds a stream that
+/// cannot move: a pushed one (`publish:`, its publisher is connected to that node and would not follow), or one
+/// whose record names a GPU the node no longer reports. Such a node can still receive streams.
 pub fn moves(nodes: &[NodeEntry], records: &[StreamRecord], max_moves: usize) -> Vec<Move> {
     let mut view = fleet::view(nodes, records, &HashSet::new());
+    let placed = |r: &&StreamRecord| r.phase == Phase::Placed;
+    let node_of = |r: &StreamRecord| {
+        view.iter()
+            .position(|n| Some(n.id.as_str()) == r.node.as_deref())
+    };
+    let pinned: HashSet<usize> = records
+        .iter()
+        .filter(placed)
+        .filter_map(|r| {
+            let node = node_of(r)?;
+            let stale_gpu = r.gpu.is_some_and(|g| g >= view[node].gpus.len());
+            (r.request.source.starts_with("publish:") || stale_gpu).then_some(node)
+        })
+        .collect();
     let running: Vec<(&StreamRecord, Demand, Slot)> = records
         .iter()
-        .filter(|r| r.phase == Phase::Placed)
+        .filter(placed)
         .filter_map(|r| {
-            let node = view
-                .iter()
-                .position(|n| Some(n.id.as_str()) == r.node.as_deref())?;
+            let node = node_of(r).filter(|n| !pinned.contains(n))?;
             Some((r, r.demand?, Slot { node, gpu: r.gpu }))
         })
         .collect();
@@ -112,5 +126,106 @@ impl Scheduler {
             .with_label_values(&["consolidate"])
             .inc();
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_model::capacity::Resources;
+    use kiln_model::node::{CapacityReport, Heartbeat, HostReport};
+    use kiln_model::StreamRequest;
+
+    use super::*;
+
+    fn node(id: &str) -> NodeEntry {
+        NodeEntry {
+            id: id.into(),
+            heartbeat: Some(Heartbeat {
+                url: format!("http://{id}"),
+                capacity: CapacityReport {
+                    node_id: id.into(),
+                    epoch: 1,
+                    fence_epoch: 0,
+                    host: HostReport {
+                        capacity: Resources {
+                            cpu_millicores: 4000,
+                            memory_mib: 4000,
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    },
+                    gpus: vec![],
+                    gpu_inventory: Default::default(),
+                    streams: vec![],
+                    headroom: Default::default(),
+                    demands: Default::default(),
+                    vod: None,
+                    draining: false,
+                },
+            }),
+            draining: false,
+            evacuate: false,
+        }
+    }
+
+    fn on(id: &str, node: &str, source: &str, gpu: Option<usize>) -> StreamRecord {
+        StreamRecord {
+            id: id.into(),
+            request: StreamRequest {
+                source: source.into(),
+                ..Default::default()
+            },
+            phase: Phase::Placed,
+            node: Some(node.into()),
+            gpu,
+            demand: Some(Demand {
+                host: Resources {
+                    cpu_millicores: 1000,
+                    memory_mib: 100,
+                    ..Default::default()
+                },
+                gpu: gpu.map(|_| Resources::default()),
+                pixel_rate: 1,
+            }),
+            alternatives: vec![],
+            epoch: 1,
+            created_unix_ms: 0,
+            placed_unix_ms: 0,
+            moves: 0,
+            handover_from: None,
+        }
+    }
+
+    #[test]
+    fn a_pushed_stream_is_not_moved_and_its_node_can_take_others() {
+        let nodes = [node("a"), node("b"), node("c")];
+        let records = [
+            on("s1", "a", "test:", None),
+            on("pushed", "b", "publish:cam", None),
+            on("s3", "c", "test:", None),
+        ];
+        let moves = moves(&nodes, &records, 10);
+        assert!(
+            moves.iter().all(|m| m.rec.id != "pushed"),
+            "the publisher is connected to b: {moves:?}"
+        );
+        // the others still move (a plan that moved nothing would prove nothing), onto b too
+        assert!(!moves.is_empty(), "nothing moved");
+        assert!(moves.iter().all(|m| m.from != "b"), "{moves:?}");
+    }
+
+    #[test]
+    fn a_record_on_a_gpu_its_node_no_longer_reports_does_not_panic_and_pins_its_node() {
+        let nodes = [node("a"), node("b")];
+        // a's report lists no GPU now; its record still names GPU 1
+        let records = [
+            on("stale", "a", "test:", Some(1)),
+            on("s2", "b", "test:", None),
+        ];
+        let moves = moves(&nodes, &records, 10);
+        assert!(moves.iter().all(|m| m.from != "a"), "{moves:?}");
+        // b's stream can still move onto a
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert_eq!(moves[0].rec.id, "s2");
     }
 }
