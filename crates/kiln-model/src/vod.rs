@@ -23,7 +23,8 @@ pub struct JobRequest {
     /// A named ladder (default `vod-1080p-abr`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<String>,
-    /// Explicit video renditions; replace the preset's.
+    /// Explicit video renditions; replace the preset's. Checked as a live stream's are (kilnd prices a job as
+    /// one), so what a live stream refuses is refused here too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renditions: Option<Vec<VideoRendition>>,
     /// Higher runs first; equal priorities run oldest first.

@@ -181,8 +181,20 @@ impl Jobs {
         }
     }
 
-    /// What one job of this request books: its ladder's real-time CPU cost on this host.
+    /// What one job of this request books: its ladder's real-time CPU cost on this host. A request the cost
+    /// model cannot price (its preset gone after a restart with other presets; `submit` refuses the others) books
+    /// the whole host, never nothing: it runs alone.
     fn demand(&self, req: &JobRequest) -> Resources {
+        self.price(req).unwrap_or(Resources {
+            cpu_millicores: u64::MAX,
+            memory_mib: u64::MAX,
+            ..Resources::default()
+        })
+    }
+
+    /// A request's real-time CPU cost on this host, or why its ladder cannot be priced (`submit` answers 400 with
+    /// it: a job runs only what a live stream's checks accept too, so what it runs is what it books).
+    pub(super) fn price(&self, req: &JobRequest) -> Result<Resources, String> {
         let sreq = StreamRequest {
             source: "test:".into(),
             preset: Some(
@@ -199,7 +211,7 @@ impl Jobs {
         self.presets
             .resolve("job", &sreq)
             .map(|plan| self.cpu_model.demand(&plan))
-            .unwrap_or_default()
+            .map_err(|e| e.to_string())
     }
 
     /// Runs a claimed job on a blocking thread, inside its span, and settles it at the end.
@@ -448,6 +460,56 @@ mod tests {
         // two slots: the third waits
         assert!(j.start_next(&ledger).is_none());
         assert_eq!(j.get(&low).unwrap().state, JobState::Queued);
+    }
+
+    #[test]
+    fn a_ladder_the_cost_model_cannot_price_is_refused_at_submit_not_booked_as_nothing() {
+        use kiln_model::stream::{Fraction, VideoCodec, VideoRendition};
+        let dir = tempfile::tempdir().unwrap();
+        let j = jobs(dir.path(), 2);
+        let rung = |name: &str, width: u32, fps: Fraction| VideoRendition {
+            name: name.into(),
+            width,
+            height: 720,
+            fps,
+            bitrate_kbps: 2000,
+            codec: VideoCodec::default(),
+        };
+        let with = |r: Vec<VideoRendition>| JobRequest {
+            renditions: Some(r),
+            ..request(0)
+        };
+        let ok = with(vec![rung("hd", 1280, Fraction::new(30, 1))]);
+        assert!(j.price(&ok).unwrap().cpu_millicores > 0);
+        j.submit(ok).expect("a plain ladder is accepted");
+        for (why, bad) in [
+            ("odd width", vec![rung("hd", 1281, Fraction::new(30, 1))]),
+            ("0 fps", vec![rung("hd", 1280, Fraction::new(0, 1))]),
+            ("fps x/0", vec![rung("hd", 1280, Fraction::new(30, 0))]),
+            (
+                "fps over 120",
+                vec![rung("hd", 1280, Fraction::new(240, 1))],
+            ),
+            (
+                "a name twice",
+                vec![
+                    rung("hd", 1280, Fraction::new(30, 1)),
+                    rung("hd", 640, Fraction::new(30, 1)),
+                ],
+            ),
+        ] {
+            match j.submit(with(bad)) {
+                Err(super::super::JobError::Invalid(e)) => assert!(!e.is_empty(), "{why}"),
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+        // one that got in anyway (the presets changed under a queued job) books the whole host, not nothing
+        let unpriced = JobRequest {
+            preset: Some("gone".into()),
+            ..request(0)
+        };
+        assert!(j.price(&unpriced).is_err());
+        assert_eq!(j.demand(&unpriced).cpu_millicores, u64::MAX);
     }
 
     #[test]

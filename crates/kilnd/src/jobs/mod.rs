@@ -183,6 +183,7 @@ impl Jobs {
                 preset.chars().take(64).collect::<String>()
             )));
         }
+        self.price(&req).map_err(JobError::Invalid)?;
         let now = unix_ms();
         let status = JobStatus {
             id: new_id(),
