@@ -752,3 +752,74 @@ async fn srt_sources_built_from_the_typed_value_play_as_caller_and_listener() ->
     d.wait_for_segments("ffmpeg", "audio", 2).await?;
     d.shutdown().await
 }
+
+/// An encoder failure's CPU rebuild that a DELETE meets part way (the old pipeline being torn down, the new one
+/// starting, or after) gives back what the stream booked exactly once and leaves no pipeline booked behind: the
+/// node's booking comes back to the other stream's alone. (A release made twice would take the other stream's
+/// share; a rebuild installed on a deleted stream would keep its own.) The DELETE follows the fault after 0–60 ms,
+/// to meet the rebuild at different points; each order must end the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_during_an_encoder_rebuild_gives_its_bookings_back_once() -> Result<()> {
+    use kiln_integration::{poll_json, small_stream_spec};
+    let d = Daemon::start_default().await?;
+    let capacity = d.url("/v1/capacity");
+    let booked = |v: &serde_json::Value| v["host"]["allocated"]["cpu_millicores"].as_u64();
+    let running = |id: &str| {
+        let url = d.url(&format!("/v1/streams/{id}"));
+        let http = d.http.clone();
+        async move {
+            poll_json(&http, &url, "running", Duration::from_secs(30), |v| {
+                v["state"] == "running"
+            })
+            .await
+        }
+    };
+    let (code, v) = d.put_stream("keep", small_stream_spec()).await?;
+    ensure!(code == 201, "{code} {v}");
+    running("keep").await?;
+    let (_, text) = d.get_text("/v1/capacity").await?;
+    let base = booked(&serde_json::from_str(&text)?).context("allocated")?;
+    ensure!(base > 0, "the kept stream books CPU: {text}");
+    for (i, after_ms) in [0u64, 5, 20, 60].into_iter().enumerate() {
+        let id = format!("rebuilt{i}");
+        let (code, v) = d.put_stream(&id, small_stream_spec()).await?;
+        ensure!(code == 201, "{code} {v}");
+        running(&id).await?;
+        ensure!(d.state.supervisor.inject_encoder_error(&id), "no encoder");
+        // a stagger to meet the rebuild at another point, not a wait for an event
+        tokio::time::sleep(Duration::from_millis(after_ms)).await;
+        let res = d
+            .http
+            .delete(d.url(&format!("/v1/streams/{id}")))
+            .send()
+            .await?;
+        ensure!(res.status().is_success(), "DELETE {id}: {}", res.status());
+        poll_json(
+            &d.http,
+            &d.url(&format!("/v1/streams/{id}")),
+            "gone",
+            Duration::from_secs(30),
+            |v| v["error"]["code"] == "not_found",
+        )
+        .await?;
+        // the rebuild's own launch is bounded by the pipeline's start: back to the kept stream's booking, and it
+        // stays there (a rebuild that installed late would show up within these looks)
+        let steady = std::cell::Cell::new(0);
+        poll_json(
+            &d.http,
+            &capacity,
+            &format!("{id}'s booking given back once ({base} mc left)"),
+            Duration::from_secs(30),
+            |v| {
+                steady.set(if booked(v) == Some(base) {
+                    steady.get() + 1
+                } else {
+                    0
+                });
+                steady.get() >= 10
+            },
+        )
+        .await?;
+    }
+    d.shutdown().await
+}

@@ -108,7 +108,7 @@ impl Supervisor {
     }
 
     /// Takes what `h` has booked out of its placement (host and GPU; the placement still says where it ran).
-    fn take_bookings(h: &StreamHandle) -> Placement {
+    pub(super) fn take_bookings(h: &StreamHandle) -> Placement {
         let mut p = h.placement.lock();
         let booked = *p;
         p.host = Resources::default();

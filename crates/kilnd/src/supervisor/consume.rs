@@ -45,7 +45,6 @@ impl Supervisor {
         origin_ms: i64,
     ) -> Result<mpsc::Receiver<MediaEvent>, SupervisorError> {
         let now = unix_ms();
-        let old = h.placement();
         fallback_allowed(h, now)?;
         // a publish stream's new pipeline starts on the slate: its publishers are cut off first (see
         // `cut_off_for_rebuild`), together with taking the pipeline, so their sessions' ends find nothing to lose
@@ -55,6 +54,9 @@ impl Supervisor {
         } else {
             (h.pipeline.lock().take(), false)
         };
+        // the old pipeline's bookings leave the placement with it: a stop or a failure that comes while it is torn
+        // down finds neither, so nothing is released twice
+        let old = Self::take_bookings(h);
         let stuck = match p {
             Some(p) => tear_down(p).await,
             None => None,
@@ -85,10 +87,31 @@ impl Supervisor {
                 return Err(e);
             }
         };
-        *h.pipeline.lock() = Some(pipeline);
-        h.pipeline_epoch
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        *h.placement.lock() = new;
+        // installed only on a stream still live, under the publisher lock, which a stop (`begin_stop`), a failure
+        // (`fail`) and an end (`end_stream`) take to change the state: either they come after and take this
+        // pipeline and its bookings, or they came during the rebuild and the new pipeline goes with its bookings
+        let stopped = {
+            let _order = h.publisher.lock();
+            if matches!(h.state(), StreamState::Starting | StreamState::Running) {
+                *h.pipeline.lock() = Some(pipeline);
+                h.pipeline_epoch
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                *h.placement.lock() = new;
+                None
+            } else {
+                Some(pipeline)
+            }
+        };
+        if let Some(p) = stopped {
+            match tear_down(p).await {
+                Some(j) => self.hold_until_torn_down(j, new),
+                None => self.release_placement(&new),
+            }
+            return Err(SupervisorError::Media(format!(
+                "the stream left its live state ({:?}) while its pipeline was rebuilt",
+                h.state()
+            )));
+        }
         h.fallbacks.lock().push(Fallback {
             at_unix_ms: now,
             from: old.backend,
@@ -264,6 +287,15 @@ pub(super) async fn consume(
                                 discontinuity.iter_mut().for_each(|d| *d = true);
                                 continue;
                             }
+                            // stopped, failed or ended during the rebuild: that path has ended it
+                            Err(_)
+                                if !matches!(
+                                    h.state(),
+                                    StreamState::Starting | StreamState::Running
+                                ) =>
+                            {
+                                continue
+                            }
                             Err(e) => h.push_error(format!("no fallback: {e}")),
                         }
                         // no rebuild (refused, no CPU room, it failed to start): the stream fails, as any does
@@ -369,11 +401,15 @@ impl Supervisor {
     /// Fails stream `h` (its error is recorded already): `failed`, its pipeline dropped, ENDLIST, its bookings
     /// back to the node at once (a failed stream runs nothing).
     pub(super) async fn fail(&self, h: &Arc<StreamHandle>) {
-        if h.set_state(StreamState::Failed) {
+        // the state changes under the publisher lock, as a rebuild's install checks it (`fallback`)
+        let (failed, kicked) = {
+            let mut slot = h.publisher.lock();
+            (h.set_state(StreamState::Failed), slot.take())
+        };
+        if failed {
             self.event("stream.failed", h);
         }
         // a publish stream's publishers are told why, not left to find their bytes unread
-        let kicked = h.publisher.lock().take();
         if let Some(p) = kicked {
             p.kicked_for
                 .lock()
