@@ -31,6 +31,10 @@ pub const MAX_REDIRECTS: usize = 5;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// No byte for this long (headers or body) fails the fetch.
 const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The slowest a download may go: at least this many bytes in every [`STALL_TIMEOUT`] (32 KiB/s). A server
+/// that sends a byte a little more often than the stall limit would otherwise hold a job slot without end;
+/// with this floor a download of `--vod-max-input-bytes` ends within that size over 32 KiB/s.
+const SLOW_FLOOR_BYTES: u64 = 1 << 20;
 
 /// The hint every refusal carries.
 fn hint(ip: IpAddr) -> String {
@@ -169,6 +173,8 @@ pub struct Fetcher {
     client: reqwest::Client,
     policy: Arc<UrlPolicy>,
     max_bytes: u64,
+    /// A download must bring `.1` bytes in every `.0` (or finish): [`STALL_TIMEOUT`], [`SLOW_FLOOR_BYTES`].
+    floor: (Duration, u64),
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -226,11 +232,13 @@ impl Fetcher {
             client,
             policy,
             max_bytes,
+            floor: (STALL_TIMEOUT, SLOW_FLOOR_BYTES),
         })
     }
 
     /// Downloads `url` to `dest` (created or truncated), calling `progress(bytes, total)` as it goes. Fails on a
-    /// refused address, a non-2xx answer, more than the size limit, an empty body, a stall, or `cancel`.
+    /// refused address, a non-2xx answer, more than the size limit, an empty body, a stall, a transfer slower
+    /// than the floor (32 KiB/s over any 30 s), or `cancel`.
     pub async fn fetch(
         &self,
         url: &str,
@@ -265,6 +273,8 @@ impl Fetcher {
         }
         let mut file = std::fs::File::create(dest).map_err(|e| format!("input download: {e}"))?;
         let mut got: u64 = 0;
+        let (window, floor) = self.floor;
+        let mut window_start = (tokio::time::Instant::now(), 0u64);
         progress(0, total);
         loop {
             if cancel.load(Ordering::SeqCst) {
@@ -281,6 +291,16 @@ impl Fetcher {
                 .map_err(|e| format!("fetching the input: {}", chain(&e)))?;
             let Some(chunk) = chunk else { break };
             got += chunk.len() as u64;
+            if window_start.0.elapsed() >= window {
+                if got - window_start.1 < floor {
+                    return Err(format!(
+                        "fetching the input: {} bytes in the last {window:?}, slower than a download must go \
+                         (at least {floor} bytes every {window:?})",
+                        got - window_start.1,
+                    ));
+                }
+                window_start = (tokio::time::Instant::now(), got);
+            }
             if got > self.max_bytes {
                 return Err(format!(
                     "the input is more than the {} bytes this daemon accepts (--vod-max-input-bytes)",

@@ -16,6 +16,20 @@ async fn server() -> (String, tokio::task::JoinHandle<()>) {
             get(|| async { Redirect::temporary("http://169.254.169.254/latest/meta-data/") }),
         )
         .route(
+            "/drip",
+            get(|| async {
+                // 10 bytes every 20 ms, for ever: never a stall, always too slow
+                let drip = futures::stream::unfold((), |()| async {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Some((
+                        Ok::<_, std::io::Error>(bytes::Bytes::from_static(&[1; 10])),
+                        (),
+                    ))
+                });
+                axum::body::Body::from_stream(drip)
+            }),
+        )
+        .route(
             "/to-ok",
             get(|| async { Redirect::temporary("/ok").into_response() }),
         );
@@ -171,5 +185,28 @@ async fn allowed_fetches_check_status_size_redirects_and_bodies() {
         .0
         .unwrap_err();
     assert!(e.to_lowercase().contains("refused"), "{e}");
+    h.abort();
+}
+
+#[tokio::test]
+async fn a_download_slower_than_the_floor_fails_and_one_above_it_does_not() {
+    let (base, h) = server().await;
+    let policy = UrlPolicy::parse("127.0.0.1/32").unwrap();
+    let mut f = Fetcher::new(policy, 1 << 20).unwrap();
+    // 500 B/s against a floor of 2,000 bytes every 300 ms
+    f.floor = (Duration::from_millis(300), 2_000);
+    let (r, bytes, _) = get_to(&f, &format!("{base}/drip")).await;
+    let e = r.unwrap_err();
+    assert!(e.contains("slower than a download must go"), "{e}");
+    assert!(
+        bytes.len() < 1_000,
+        "it ended within a window or two: {}",
+        bytes.len()
+    );
+    // the same drip clears a floor below its rate (the size limit ends it instead)
+    f.floor = (Duration::from_millis(300), 50);
+    f.max_bytes = 400;
+    let e = get_to(&f, &format!("{base}/drip")).await.0.unwrap_err();
+    assert!(e.contains("more than the 400 bytes"), "{e}");
     h.abort();
 }
