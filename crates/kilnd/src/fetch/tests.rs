@@ -210,3 +210,56 @@ async fn a_download_slower_than_the_floor_fails_and_one_above_it_does_not() {
     assert!(e.contains("more than the 400 bytes"), "{e}");
     h.abort();
 }
+
+/// A pulled HLS playlist is reloaded within `MAX_RELOAD` whatever target duration it declares: a day-long
+/// `EXT-X-TARGETDURATION` would otherwise park the puller (and the pipeline's reader) for half a day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pulled_playlist_is_reloaded_within_seconds_whatever_its_target_duration() {
+    use std::sync::atomic::AtomicUsize;
+    let loads = Arc::new(AtomicUsize::new(0));
+    let seen = loads.clone();
+    let app = axum::Router::new()
+        .route(
+            "/live.m3u8",
+            get(move || {
+                let n = seen.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let mut text = String::from(
+                        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:86400\n#EXT-X-MEDIA-SEQUENCE:0\n\
+                         #EXTINF:2.0,\nseg0.ts\n",
+                    );
+                    if n > 0 {
+                        text.push_str("#EXTINF:2.0,\nseg1.ts\n");
+                    }
+                    text
+                }
+            }),
+        )
+        .route("/seg0.ts", get(|| async { "AAAA" }))
+        .route("/seg1.ts", get(|| async { "BBBB" }));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/live.m3u8", l.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let f = Fetcher::new(UrlPolicy::parse("127.0.0.1/32").unwrap(), 1 << 20).unwrap();
+    let mut body = f
+        .open_live(&tokio::runtime::Handle::current(), url)
+        .unwrap();
+    let read = tokio::task::spawn_blocking(move || {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while got.len() < 8 {
+            match std::io::Read::read(&mut body, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        got
+    });
+    let got = tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the second segment came within 10 s")
+        .unwrap();
+    assert_eq!(got, b"AAAABBBB");
+    assert!(loads.load(Ordering::SeqCst) >= 2);
+    server.abort();
+}
