@@ -404,9 +404,14 @@ pub fn parse_query(query: Option<&str>) -> Result<PlaylistQuery, &'static str> {
             }
             seen[i] = true;
         }
+        // one spelling per number, as for the resource names and tokens: `05`, `+5` and `5` would be three keys
+        // at every cache in front, each missing the others and parking here
         let num = || {
-            v.parse::<u64>()
-                .map_err(|_| "_HLS_msn and _HLS_part must be non-negative integers")
+            let digits = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+            (digits && (v.len() == 1 || !v.starts_with('0')))
+                .then(|| v.parse::<u64>().ok())
+                .flatten()
+                .ok_or("_HLS_msn and _HLS_part must be non-negative decimal integers without leading zeros")
         };
         match k {
             "_HLS_msn" => q.block.msn = Some(num()?),

@@ -42,8 +42,9 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Lowercase hex only: `u8::from_str_radix` would also take `+f` for `0f`, another spelling of the same token.
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if s.len() % 2 != 0 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
     (0..s.len())
@@ -189,6 +190,11 @@ mod tests {
                 Err(TokenError::Malformed),
                 "{respelt}"
             );
+        }
+        // a sign inside the hex (`+f` decodes as 0x0f where the signer wrote `0f`): refused the same way
+        assert_eq!(unhex("0f10"), Some(vec![15, 16]));
+        for respelt in ["+f10", "0f+1", "-f10", " f10"] {
+            assert_eq!(unhex(respelt), None, "{respelt}");
         }
         // a token given twice, or in another case: refused (a cache keys on one of them)
         for twice in [

@@ -114,6 +114,11 @@ async fn bad_blocking_requests_get_400() {
         "_HLS_msn=x",
         "_HLS_msn=9",
         "_HLS_msn=0&_HLS_part=99",
+        // another spelling of a number the origin answers (`0`): one spelling, one cache key
+        "_HLS_msn=00",
+        "_HLS_msn=+0",
+        "_HLS_msn=0&_HLS_part=+0",
+        "_HLS_msn=0&_HLS_part=00",
     ] {
         let (st, body, cc) = get(&o, &format!("/live/s/v/index.m3u8?{q}")).await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{q}");
