@@ -65,14 +65,25 @@ impl Snapshot {
         // Before the first part, the stream's first MSN stands in for the last one.
         let last = self.last.unwrap_or(PartPos::new(self.media_sequence, 0));
         let last_msn = last.msn;
-        if msn > last_msn + 2 {
+        if msn > last_msn.saturating_add(2) {
             return Decision::Reject("_HLS_msn is more than two segments ahead of the playlist");
         }
         let apl = advance_part_limit(self.part_target_ms);
+        // how many parts ahead of the last one the request is, at least: into a later segment, its own parts up to
+        // `part`, plus every segment in between at the fewest parts a retained closed segment had (the open
+        // segment's remaining parts are not known, so they count for none)
         let ahead = if msn == last.msn {
             part.saturating_sub(last.part)
         } else if msn > last.msn {
-            part + 1
+            let per_segment = self
+                .closed
+                .iter()
+                .map(|&(_, n)| n)
+                .min()
+                .unwrap_or(1)
+                .max(1);
+            part.saturating_add(1)
+                .saturating_add((msn - last.msn - 1).saturating_mul(per_segment))
         } else {
             0
         };
@@ -171,6 +182,26 @@ mod tests {
         assert_eq!(s.decide(req(Some(10), Some(11))), Decision::Wait);
         assert!(matches!(
             s.decide(req(Some(10), Some(12))),
+            Decision::Reject(_)
+        ));
+        // into a later segment: its parts up to the one asked plus a whole segment (6 parts here) for each one in
+        // between, so (12, 2) is 9 ahead and waits, (12, 3) is 10 and is refused at once
+        assert_eq!(s.decide(req(Some(12), Some(2))), Decision::Wait);
+        assert!(matches!(
+            s.decide(req(Some(12), Some(3))),
+            Decision::Reject(_)
+        ));
+        assert!(matches!(
+            s.decide(req(Some(11), Some(9))),
+            Decision::Reject(_)
+        ));
+        // absurd numbers are refused, not overflowed
+        assert!(matches!(
+            s.decide(req(Some(11), Some(u64::MAX))),
+            Decision::Reject(_)
+        ));
+        assert!(matches!(
+            s.decide(req(Some(u64::MAX), Some(u64::MAX))),
             Decision::Reject(_)
         ));
         // old MSN → full playlist now
