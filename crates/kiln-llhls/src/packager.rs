@@ -484,6 +484,13 @@ impl Packager {
             .map(|p| p.bytes.clone())
     }
 
+    /// Whether part `pos` is retained as a GAP (no bytes: the timeline skipped over it).
+    pub fn is_gap(&self, pos: PartPos) -> bool {
+        self.segment_entry(pos.msn)
+            .and_then(|seg| seg.parts.get(usize::try_from(pos.part).ok()?))
+            .is_some_and(|p| p.gap)
+    }
+
     /// The bytes of a closed segment, if retained.
     pub fn segment(&self, msn: u64) -> Option<Bytes> {
         self.segment_entry(msn)?.bytes.clone()

@@ -208,12 +208,17 @@ fn stream_segment(origin: &Origin, r: Arc<Rendition>, msn: u64, td: u64) -> Resp
     let rx = r.subscribe();
     // (rendition, its publishes, next part, the parking place: dropped once the body is cut short)
     let state = (r, rx, 0u64, Some(guard));
-    let body = stream::unfold(state, move |(r, mut rx, next, guard)| async move {
+    let body = stream::unfold(state, move |(r, mut rx, mut next, guard)| async move {
         guard.as_ref()?;
         loop {
             let snap = rx.borrow_and_update().clone();
             if let Some(b) = r.part(PartPos::new(msn, next)) {
                 return Some((Ok::<_, std::io::Error>(b), (r, rx, next + 1, guard)));
+            }
+            // a GAP part has no bytes (the segment's own bytes skip it too): the next part follows
+            if r.is_gap(PartPos::new(msn, next)) {
+                next += 1;
+                continue;
             }
             if snap.closed.iter().any(|(m, n)| *m == msn && next >= *n) {
                 return None;

@@ -125,6 +125,11 @@ impl Rendition {
         self.packager().part(pos)
     }
 
+    /// Whether part `pos` is a GAP: published without bytes.
+    pub fn is_gap(&self, pos: PartPos) -> bool {
+        self.packager().is_gap(pos)
+    }
+
     pub fn segment(&self, msn: u64) -> Option<Bytes> {
         self.packager().segment(msn)
     }

@@ -262,6 +262,32 @@ async fn open_segment_streams_part_by_part_until_it_closes() {
     );
 }
 
+/// A hole in the timeline (the source skipped two parts) is GAP parts in the open segment: the streamed segment
+/// goes on past them with the parts after, instead of waiting on a part that will never have bytes.
+#[tokio::test]
+async fn an_open_segment_streams_past_its_gap_parts() {
+    let (o, s) = origin();
+    s.on_init(0, Bytes::from_static(b"init"), Some("avc1.64001f".into()));
+    part(&s, 0, 0);
+    let o2 = o.clone();
+    let seg = tokio::spawn(async move { get(&o2, "/live/s/v/seg-0.m4s").await });
+    while s.renditions[0].parked() < 1 {
+        tokio::task::yield_now().await;
+    }
+    part(&s, 0, 1);
+    // parts 2 and 3 never come: part 4 starts 667 ms after part 1's end
+    part(&s, 0, 4);
+    part(&s, 0, 5);
+    assert!(s.renditions[0].is_gap(PartPos::new(0, 2)));
+    part(&s, 1, 0);
+    let (st, body, _) = tokio::time::timeout(Duration::from_secs(5), seg)
+        .await
+        .expect("the segment ends when it closes, not after a wait on its gap")
+        .unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(body, "p0.0p0.1p0.4p0.5");
+}
+
 #[tokio::test]
 async fn media_has_etags_and_ranges() {
     let (o, s) = origin();
