@@ -224,6 +224,8 @@ pub struct Packager {
     over_target: u64,
     /// Segments follow a source's GOP, not the grid (the PRELOAD-HINT's guess of the next segment's start).
     follow_gop: bool,
+    /// Snapshots taken so far: each one's [`Snapshot::version`].
+    snapshots: std::sync::atomic::AtomicU64,
 }
 
 /// Which playlist a request asked for (`_HLS_skip`).
@@ -270,6 +272,10 @@ pub struct Snapshot {
     pub target_duration_s: u32,
     /// Parts published so far.
     pub parts_published: u64,
+    /// The order it was taken in: a later snapshot of the same packager has a higher version. Publishing happens
+    /// after the packager's lock is let go, so two publishers may finish in the other order; the version is what
+    /// keeps the older one from replacing the newer (an ENDLIST overwritten by a part taken before it).
+    pub version: u64,
     /// The rendition reports the playlist carries (what the other renditions had published then).
     pub reports: Vec<RenditionReport>,
 }
@@ -283,6 +289,7 @@ impl Packager {
             segs: VecDeque::new(),
             ended: false,
             parts_published: 0,
+            snapshots: Default::default(),
             dropped_discontinuities: 0,
             over_target: 0,
             follow_gop: false,
@@ -700,6 +707,10 @@ impl Packager {
             target_duration_s: self.cfg.target_duration_s,
             parts_published: self.parts_published,
             reports: reports.to_vec(),
+            version: self
+                .snapshots
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1,
         }
     }
 }

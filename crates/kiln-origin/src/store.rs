@@ -108,7 +108,7 @@ impl Rendition {
         self.codec.lock().clone()
     }
 
-    fn packager(&self) -> parking_lot::MutexGuard<'_, Packager> {
+    pub(crate) fn packager(&self) -> parking_lot::MutexGuard<'_, Packager> {
         self.packager.lock()
     }
 
@@ -164,18 +164,26 @@ impl Rendition {
     }
 
     /// Publishes the packager's current state. Called with no lock held by callers.
-    fn publish(&self, snap: Snapshot) {
+    pub(crate) fn publish(&self, snap: Snapshot) {
         self.keep_tags(&snap);
         if let Some(last) = snap.last {
             let mut p = self.published.lock();
-            if p.back().is_none_or(|(pos, _)| *pos != last) {
+            if p.back().is_none_or(|(pos, _)| *pos < last) {
                 if p.len() == PUBLISH_STAMPS {
                     p.pop_front();
                 }
                 p.push_back((last, clock_ns()));
             }
         }
-        self.snapshot.send_replace(Arc::new(Published::from(snap)));
+        // never an older state over a newer one (see `Snapshot::version`)
+        let published = Arc::new(Published::from(snap));
+        self.snapshot.send_if_modified(|cur| {
+            let newer = published.version > cur.version;
+            if newer {
+                *cur = published;
+            }
+            newer
+        });
     }
 
     /// The `ETag` header line (`etag: "…"\r\n`) of media resource `res`: the stream instance (its wall-clock

@@ -451,6 +451,26 @@ async fn ending_releases_waiters_with_endlist() {
     assert!(body.ends_with("#EXT-X-ENDLIST\n"));
 }
 
+/// A part's publish that loses the race with the end (its snapshot taken first, published last) does not put
+/// the ended playlist back to a live one: players would wait on its hint for ever.
+#[tokio::test]
+async fn an_older_snapshot_published_late_does_not_replace_the_end() {
+    let (o, s) = origin();
+    part(&s, 0, 0);
+    let r = s.renditions[0].clone();
+    let taken_before_the_end = r.packager().snapshot_with(&[]);
+    s.end();
+    r.publish(taken_before_the_end);
+    assert!(r.snapshot().ended, "the end was replaced by an older state");
+    let (st, body, _) = get(&o, "/live/s/v/index.m3u8").await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(body.ends_with("#EXT-X-ENDLIST\n"), "{body}");
+    // a newer one still replaces an older one
+    let before = r.snapshot().version;
+    r.publish(r.packager().snapshot_with(&[]));
+    assert!(r.snapshot().version > before);
+}
+
 /// Two video renditions of a stream whose segments follow a 4 s source GOP ("v" learns it, index 1).
 fn gop_origin() -> (Origin, Arc<StreamOrigin>) {
     let o = Origin::new();
