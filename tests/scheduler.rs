@@ -1178,7 +1178,9 @@ async fn vod_jobs_are_routed_to_the_shortest_queue_and_followed() -> Result<()> 
 async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Result<()> {
     use kiln_binpack::Demand;
     use kiln_model::capacity::Resources;
-    use kiln_scheduler::store::{BinCaps, Phase, RedisTarget, Store, StoreError, StreamRecord};
+    use kiln_scheduler::store::{
+        BinCaps, LeaderInfo, Phase, RedisTarget, Store, StoreError, StreamRecord,
+    };
 
     let redis = redis_server().await?;
     let ttl = Duration::from_millis(600);
@@ -1252,6 +1254,24 @@ async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Re
             ensure!(
                 b.lead("b", "http://b", ttl, 0).await?.is_none(),
                 "{name}: two leaders"
+            );
+            // another process given the same id (two hosts on the default id, the advertise URL) is another
+            // holder: it neither renews a's lease nor shares its epoch
+            let same_id = Store::redis(&redis.url).await?;
+            ensure!(
+                same_id.lead("a", "http://a", ttl, 0).await?.is_none(),
+                "{name}: a second process with a's id took a's lease"
+            );
+            let shown = LeaderInfo {
+                id: "a".into(),
+                url: "http://a".into(),
+                epoch: 0,
+            };
+            ensure!(
+                b.leader(&shown)
+                    .await?
+                    .is_some_and(|l| l.id == "a" && l.epoch == e1),
+                "{name}: the leader is shown by its id"
             );
             ensure!(
                 a.lead("a", "http://a", ttl, 0).await? == Some(e1),

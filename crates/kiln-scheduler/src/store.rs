@@ -204,6 +204,11 @@ struct Link {
 #[derive(Clone)]
 pub struct RedisStore {
     link: Arc<Link>,
+    /// What this store's process holds the lease as: its instance id and a random suffix drawn at connection.
+    /// Two schedulers given the same id (the default id is the advertise URL, which two hosts bound to
+    /// 0.0.0.0:8090 share) would otherwise renew each other's lease under one epoch, and fencing would let both
+    /// through.
+    nonce: String,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -383,16 +388,16 @@ if old then book(cjson.decode(old), -1); redis.call('HDEL', KEYS[1], ARGV[2]) en
 return 'OK'
 "#;
 
-/// KEYS: leader, epoch, leader info. ARGV: my id, ttl ms, my url, floor (the highest epoch a daemon has seen),
-/// the least new epoch (above the floor, at least the wall clock in ms; a decimal string, so no Lua arithmetic
-/// touches it). Returns my epoch, or 0 when another leads. A renewed epoch below the floor is replaced by a new
+/// KEYS: leader, epoch, leader info. ARGV: my holder value (id and nonce), ttl ms, my url, floor (the highest
+/// epoch a daemon has seen), the least new epoch (above the floor, at least the wall clock in ms; a decimal
+/// string, so no Lua arithmetic touches it), my id as shown. Returns my epoch, or 0 when another leads. A renewed epoch below the floor is replaced by a new
 /// one (the holder lost it in a failover, and the daemons would refuse it).
 const LUA_LEAD: &str = r#"
 local floor = tonumber(ARGV[4])
 local function fresh()
   local e = redis.call('INCR', KEYS[2])
   if e < tonumber(ARGV[5]) then redis.call('SET', KEYS[2], ARGV[5]); e = tonumber(ARGV[5]) end
-  redis.call('SET', KEYS[3], cjson.encode({id = ARGV[1], url = ARGV[3], epoch = e}))
+  redis.call('SET', KEYS[3], cjson.encode({id = ARGV[6], holder = ARGV[1], url = ARGV[3], epoch = e}))
   return e
 end
 local cur = redis.call('GET', KEYS[1])
@@ -406,6 +411,19 @@ if cur then return 0 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return fresh() end
 return 0
 "#;
+
+/// 64 random bits, in hex: std's per-`RandomState` keys come from the OS's random source.
+fn lease_nonce() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
 
 fn add_signed(r: &Resources, o: &Resources, sign: i64) -> Resources {
     if sign > 0 {
@@ -466,6 +484,7 @@ impl Store {
         };
         let addr = client.get_connection_info().addr().to_string();
         Ok(Store::Redis(RedisStore {
+            nonce: lease_nonce(),
             link: Arc::new(Link {
                 reads: Mutex::new(manager(client.clone(), target.timeout).await?),
                 writes: Mutex::new(manager(client.clone(), target.timeout).await?),
@@ -825,11 +844,12 @@ impl Store {
                 // apart, well beyond clock skew); daemons accept epochs up to a day ahead of their clock
                 let fresh_min = (floor + 1).max(crate::unix_ms());
                 let args = [
-                    me.to_string(),
+                    format!("{me}#{}", r.nonce),
                     (ttl.as_millis() as u64).to_string(),
                     url.to_string(),
                     floor.to_string(),
                     fresh_min.to_string(),
+                    me.to_string(),
                 ];
                 let e: u64 = r
                     .eval_replicated(
@@ -870,10 +890,18 @@ impl Store {
                 let mut c = r.reads();
                 let holder: Option<String> = c.get(K_LEADER).await?;
                 let info: Option<String> = c.get(K_LEADER_INFO).await?;
-                let info: Option<LeaderInfo> =
-                    info.map(|s| serde_json::from_str(&s)).transpose()?;
+                #[derive(Deserialize)]
+                struct Held {
+                    #[serde(flatten)]
+                    info: LeaderInfo,
+                    /// Absent in what a scheduler of before the nonce wrote: its holder was its id.
+                    holder: Option<String>,
+                }
+                let info: Option<Held> = info.map(|s| serde_json::from_str(&s)).transpose()?;
                 Ok(match (holder, info) {
-                    (Some(h), Some(i)) if h == i.id => Some(i),
+                    (Some(h), Some(i)) if h == *i.holder.as_ref().unwrap_or(&i.info.id) => {
+                        Some(i.info)
+                    }
                     _ => None,
                 })
             }
