@@ -418,6 +418,33 @@ mod tests {
         assert_eq!(log.lock().len(), 1);
     }
 
+    /// A pass stuck on a daemon that takes the connection and never answers (its 5 s command timeout) does not
+    /// cost the lease: the loop renews it on its own task, so the leader keeps its epoch and is not warming again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pass_stuck_on_a_silent_daemon_keeps_the_lease() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", silent.local_addr().unwrap());
+        // a placed record the node does not run: the pass starts it there again, on the silent daemon
+        let s = Arc::new(leader(&url, vec![]).await);
+        s.role.lock().since = Instant::now() - Duration::from_secs(10);
+        let epoch = s.leading().expect("leads");
+        s.store
+            .save(epoch, &record("r1", Phase::Placed, Some("a")), None)
+            .await
+            .unwrap();
+        let looping = tokio::spawn(crate::run_loop(s.clone()));
+        // the pass has reached the daemon: it waits on it from now on
+        let (_held, _) = tokio::time::timeout(Duration::from_secs(10), silent.accept())
+            .await
+            .expect("the pass commands the silent daemon")
+            .unwrap();
+        // past the lease's acted-on span (ttl 3 s less one interval) from the pass's start
+        tokio::time::sleep(Duration::from_millis(2_600)).await;
+        assert_eq!(s.leading(), Some(epoch), "the lease lapsed behind the pass");
+        assert!(!s.warming(), "a new lease would be warming");
+        looping.abort();
+    }
+
     #[tokio::test]
     async fn a_tick_reconciles_the_store_with_the_daemons_report() {
         let copy = NodeStream {

@@ -167,6 +167,11 @@ impl Scheduler {
     /// reconciliation and retries.
     pub async fn tick(&self) {
         self.campaign().await;
+        self.pass().await;
+    }
+
+    /// [`Self::tick`] without the campaign: [`run_loop`] renews the lease on a task of its own.
+    async fn pass(&self) {
         self.remember_routes().await;
         let Some(epoch) = self.leading() else {
             return;
@@ -286,13 +291,37 @@ impl Scheduler {
     }
 }
 
-/// Runs the leader loop until the task is dropped.
+/// Runs the leader loop until the task is dropped: the lease on a task of its own, renewed every interval
+/// whatever a pass is doing, and the passes on this one. A pass can wait seconds on a daemon that does not answer
+/// (5 s per command) or on the decision lock; with the renewal behind it, such a pass outlived the lease (3
+/// intervals, acted on for 2), and the next campaign took a new epoch and a new warming period, in which no node
+/// is declared dead: a fleet with one wedged daemon never re-placed a dead node's streams.
 pub async fn run_loop(s: std::sync::Arc<Scheduler>) {
-    let mut every = tokio::time::interval(s.config.interval);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let every = |s: &Scheduler| {
+        let mut every = tokio::time::interval(s.config.interval);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every
+    };
+    let _lease = AbortOnDrop(tokio::spawn({
+        let s = s.clone();
+        let mut every = every(&s);
+        async move {
+            loop {
+                every.tick().await;
+                s.campaign().await;
+            }
+        }
+    }));
+    let mut passes = every(&s);
     loop {
-        every.tick().await;
-        s.tick().await;
+        passes.tick().await;
+        s.pass().await;
     }
 }
 
@@ -302,7 +331,8 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    s.tick().await;
+    // the lease first, and the first pass on the loop (not before the API listens: heartbeats wait for nothing)
+    s.campaign().await;
     let lp = tokio::spawn(run_loop(s.clone()));
     kiln_http::server::serve(
         listener,
