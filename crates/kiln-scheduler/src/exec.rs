@@ -23,8 +23,15 @@ impl Scheduler {
             warming: self.warming(),
             relieve: self.config.relieve,
         };
+        let removed = self.stored(self.store.removed().await)?;
         let known_dead = self.dead.lock().clone();
-        let actions = plan::plan(&records, &Fleet::from_nodes(&nodes), &known_dead, &ctx);
+        let fleet = Fleet::from_nodes(&nodes);
+        let mut actions = plan::plan(&records, &fleet, &known_dead, &ctx);
+        let (stop, forget) = plan::removed_copies(&removed, &records, &fleet, &ctx);
+        actions.extend(stop);
+        for id in forget {
+            self.stored(self.store.forget_removed(&id).await)?;
+        }
         self.execute(epoch, actions, &nodes).await
     }
 
@@ -416,6 +423,47 @@ mod tests {
             "nothing after it ran"
         );
         assert_eq!(log.lock().len(), 1);
+    }
+
+    /// A delete whose stop on the node failed forgets the record but not the stream: the next pass stops the
+    /// copy the node still reports, which no record names any more.
+    #[tokio::test]
+    async fn a_copy_a_delete_could_not_stop_is_stopped_by_the_next_pass() {
+        let copy = NodeStream {
+            id: "x".into(),
+            state: StreamState::Running,
+            backend: Backend::Cpu,
+            decode_gpu: None,
+            demand: Resources::default(),
+            gpu_demand: None,
+            behind_real_time: false,
+            has_segment: true,
+        };
+        let (url, log) = daemon(&["/v1/streams/x"], 500, "internal").await;
+        let s = leader(&url, vec![copy]).await;
+        s.role.lock().since = Instant::now() - Duration::from_secs(10);
+        let epoch = s.leading().unwrap();
+        s.store
+            .save(epoch, &record("x", Phase::Placed, Some("a")), None)
+            .await
+            .unwrap();
+        assert!(s.delete("x").await.unwrap());
+        assert_eq!(s.store.stream("x").await.unwrap(), None);
+        assert!(s.store.removed().await.unwrap().contains_key("x"));
+        s.tick().await;
+        assert_eq!(
+            *log.lock(),
+            ["DELETE /v1/streams/x", "DELETE /v1/streams/x"],
+            "the pass stops the copy the delete missed"
+        );
+        // placed again under the same id: no longer removed, and its copy is not a stray
+        s.store
+            .save(epoch, &record("x", Phase::Placed, Some("a")), None)
+            .await
+            .unwrap();
+        assert!(!s.store.removed().await.unwrap().contains_key("x"));
+        s.tick().await;
+        assert_eq!(log.lock().len(), 2, "{:?}", log.lock());
     }
 
     /// A pass stuck on a daemon that takes the connection and never answers (its 5 s command timeout) does not

@@ -338,7 +338,9 @@ impl Scheduler {
         }
     }
 
-    /// `DELETE /v1/streams/{id}`: stops it on its node and forgets it. `false` when unknown.
+    /// `DELETE /v1/streams/{id}`: stops it on its node (and on the node a move is taking it from) and forgets
+    /// it. The store remembers the removal, so a copy this missed (a stop that failed, a node that was away) is
+    /// stopped by the leader loop when a node reports it ([`crate::plan::removed_copies`]). `false` when unknown.
     pub async fn delete(&self, id: &str) -> Result<bool, PlaceError> {
         let _g = self.decide.lock().await;
         let epoch = self.leading().ok_or(PlaceError::NotLeader)?;
@@ -346,7 +348,8 @@ impl Scheduler {
             return Ok(false);
         };
         let nodes = self.stored(self.store.nodes().await)?;
-        if let Some(url) = rec.node.as_deref().and_then(|n| url_of(&nodes, n)) {
+        let on = [rec.node.as_deref(), rec.handover_from.as_deref()];
+        for url in on.into_iter().flatten().filter_map(|n| url_of(&nodes, n)) {
             if let Err(e) = self.unfenced(self.daemons.delete(epoch, &url, id).await)? {
                 tracing::warn!(stream = id, error = %e, "stop on the node failed; the leader loop stops it as a stray");
             }

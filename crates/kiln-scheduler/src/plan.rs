@@ -195,6 +195,42 @@ pub fn plan(
     out
 }
 
+/// How long the removal of a stream is remembered once no live node reports a copy of it: long enough for a
+/// node that missed the stop (a DELETE that timed out, a create given up after its start went through) to
+/// report the copy and have it stopped.
+pub const REMOVED_KEEP_MS: u64 = 5 * 60 * 1000;
+
+/// The copies of removed streams (`removed`: id → when, [`crate::store::Store::removed`]) that live nodes
+/// still run: each is stopped ([`Action::StopStray`]), the copy a deleted stream's move left on its old node
+/// too. Returns those actions and the removals to forget: no copy reported, and older than [`REMOVED_KEEP_MS`].
+/// A stream placed again under the same id is not removed any more (its save forgets the removal).
+pub fn removed_copies(
+    removed: &HashMap<String, u64>,
+    records: &[StreamRecord],
+    fleet: &Fleet<'_>,
+    ctx: &Context,
+) -> (Vec<Action>, Vec<String>) {
+    let recorded: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+    let mut ids: Vec<(&String, &u64)> = removed.iter().collect();
+    ids.sort();
+    let (mut stop, mut forget) = (Vec::new(), Vec::new());
+    for (id, &at) in ids {
+        if recorded.contains(id.as_str()) {
+            continue;
+        }
+        match fleet.copies.get(id.as_str()).filter(|c| !c.is_empty()) {
+            Some(copies) => stop.extend(copies.iter().map(|c| Action::StopStray {
+                stream: id.clone(),
+                node: c.node.to_string(),
+                url: c.url.to_string(),
+            })),
+            None if ctx.now_ms.saturating_sub(at) > REMOVED_KEEP_MS => forget.push(id.clone()),
+            None => {}
+        }
+    }
+    (stop, forget)
+}
+
 fn deaths(fleet: &Fleet<'_>, known_dead: &HashSet<String>) -> Vec<Action> {
     let died = fleet
         .silent

@@ -154,6 +154,8 @@ pub struct Mem {
     epoch: u64,
     /// VOD job id → the node it was submitted to.
     jobs: HashMap<String, String>,
+    /// Removed stream id → when (unix ms): [`Store::removed`].
+    removed: HashMap<String, u64>,
 }
 
 /// How the scheduler reaches Redis.
@@ -312,6 +314,7 @@ const K_LEADER_INFO: &str = "kiln:leader:info";
 const K_NODES: &str = "kiln:nodes";
 const K_DRAINING: &str = "kiln:draining";
 const K_EVACUATING: &str = "kiln:evacuating";
+const K_REMOVED: &str = "kiln:removed";
 
 fn hb_key(node: &str) -> String {
     format!("kiln:hb:{node}")
@@ -344,7 +347,7 @@ local function fenced()
 end
 "#;
 
-/// KEYS: streams, epoch. ARGV: epoch, id, record JSON, caps JSON ('' = no check).
+/// KEYS: streams, epoch, removed. ARGV: epoch, id, record JSON, caps JSON ('' = no check).
 const LUA_SAVE: &str = r#"
 local f = fenced(); if f then return f end
 local old = redis.call('HGET', KEYS[1], ARGV[2])
@@ -376,22 +379,25 @@ if ARGV[4] ~= '' and new.phase == 'placed' and present(new.demand) then
   end
 end
 book(new, 1)
+redis.call('HDEL', KEYS[3], ARGV[2])
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
 return 'OK'
 "#;
 
-/// KEYS: streams, epoch. ARGV: epoch, id.
+/// KEYS: streams, epoch, removed. ARGV: epoch, id, now (unix ms).
 const LUA_REMOVE: &str = r#"
 local f = fenced(); if f then return f end
 local old = redis.call('HGET', KEYS[1], ARGV[2])
 if old then book(cjson.decode(old), -1); redis.call('HDEL', KEYS[1], ARGV[2]) end
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
 return 'OK'
 "#;
 
 /// KEYS: leader, epoch, leader info. ARGV: my holder value (id and nonce), ttl ms, my url, floor (the highest
 /// epoch a daemon has seen), the least new epoch (above the floor, at least the wall clock in ms; a decimal
-/// string, so no Lua arithmetic touches it), my id as shown. Returns my epoch, or 0 when another leads. A renewed epoch below the floor is replaced by a new
-/// one (the holder lost it in a failover, and the daemons would refuse it).
+/// string, so no Lua arithmetic touches it), my id as shown. Returns my epoch, or 0 when another leads. A
+/// renewed epoch below the floor is replaced by a new one (the holder lost it in a failover, and the daemons
+/// would refuse it).
 const LUA_LEAD: &str = r#"
 local floor = tonumber(ARGV[4])
 local function fresh()
@@ -766,6 +772,7 @@ impl Store {
                     }
                 }
                 m.book(rec, 1);
+                m.removed.remove(&rec.id);
                 m.streams.insert(rec.id.clone(), rec.clone());
                 Ok(())
             }
@@ -784,7 +791,7 @@ impl Store {
                     .eval_replicated(
                         &r.link.writes,
                         &format!("{LUA_BOOK}{LUA_SAVE}"),
-                        &[K_STREAMS, K_EPOCH],
+                        &[K_STREAMS, K_EPOCH, K_REMOVED],
                         &args,
                         |e| script_error(e, epoch),
                     )
@@ -805,21 +812,47 @@ impl Store {
                 if let Some(o) = m.streams.remove(id) {
                     m.book(&o, -1);
                 }
+                m.removed.insert(id.to_string(), crate::unix_ms());
                 Ok(())
             }
             Store::Redis(r) => {
-                let args = [epoch.to_string(), id.to_string()];
+                let args = [
+                    epoch.to_string(),
+                    id.to_string(),
+                    crate::unix_ms().to_string(),
+                ];
                 let _: String = r
                     .eval_replicated(
                         &r.link.writes,
                         &format!("{LUA_BOOK}{LUA_REMOVE}"),
-                        &[K_STREAMS, K_EPOCH],
+                        &[K_STREAMS, K_EPOCH, K_REMOVED],
                         &args,
                         |e| script_error(e, epoch),
                     )
                     .await?;
                 Ok(())
             }
+        }
+    }
+
+    /// Streams removed (deleted, or given up by a create whose start may have happened after all) and not
+    /// placed again since: id → when (unix ms). The leader stops any copy a daemon still reports of them, and
+    /// forgets one once no live node does ([`Self::forget_removed`]).
+    pub async fn removed(&self) -> Result<HashMap<String, u64>, StoreError> {
+        match self {
+            Store::Memory(_) => Ok(self.mem().expect("memory").removed.clone()),
+            Store::Redis(r) => Ok(r.reads().hgetall(K_REMOVED).await?),
+        }
+    }
+
+    /// Forgets the removal of `id` (no copy of it runs any more).
+    pub async fn forget_removed(&self, id: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => {
+                self.mem().expect("memory").removed.remove(id);
+                Ok(())
+            }
+            Store::Redis(r) => Ok(r.reads().hdel::<_, _, ()>(K_REMOVED, id).await?),
         }
     }
 

@@ -644,3 +644,27 @@ fn a_stream_behind_real_time_is_moved_one_per_node_and_not_bounced() {
     )
     .is_empty());
 }
+
+#[test]
+fn copies_of_removed_streams_are_stopped_and_the_removal_is_forgotten_once_none_is_left() {
+    let nodes = [
+        live("a", &[], vec![running("gone"), running("again")]),
+        live("b", &[], vec![running("gone")]),
+    ];
+    let fleet = Fleet::from_nodes(&nodes);
+    let removed: HashMap<String, u64> = [
+        // deleted: its copy on a (the move's old node) and on b are both stopped
+        ("gone".to_string(), NOW - 1),
+        // placed again under the same id since: not a removed stream
+        ("again".to_string(), NOW - 1),
+        // no copy anywhere: remembered for a while, then forgotten
+        ("quiet".to_string(), NOW - 1),
+        ("old".to_string(), NOW - REMOVED_KEEP_MS - 1),
+    ]
+    .into_iter()
+    .collect();
+    let records = [placed("again", "a")];
+    let (stop, forget) = removed_copies(&removed, &records, &fleet, &ctx(false));
+    assert_eq!(stop, vec![stray("gone", "a"), stray("gone", "b")]);
+    assert_eq!(forget, vec!["old".to_string()]);
+}
