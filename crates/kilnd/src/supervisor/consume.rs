@@ -259,6 +259,13 @@ pub(super) async fn consume(
                     Some(e) => format!("{e}: {message}"),
                     None => message.clone(),
                 });
+                // a stop in progress (sources often post an error as they are shut): nothing more drains out of
+                // a pipeline in error, so the stop's wait for the drain ends now, and the stop ends the stream
+                // as it would have (`ended`, not `failed`: an operator's DELETE is not a failure)
+                if h.state() == StreamState::Stopping {
+                    h.eos.send_replace(true);
+                    continue;
+                }
                 let live = matches!(h.state(), StreamState::Starting | StreamState::Running);
                 // the backup's troubles are its own: it is started again (or, on air, replaced)
                 if element
