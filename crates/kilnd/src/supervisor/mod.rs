@@ -873,7 +873,7 @@ impl Supervisor {
     }
 
     /// Marks the stream stopping and sends EOS into its pipeline.
-    fn begin_stop(h: &StreamHandle) -> Option<LivePipeline> {
+    fn begin_stop(h: &StreamHandle) -> Option<(LivePipeline, bool)> {
         let p = {
             // under the publisher lock, so a publisher being attached sees the stop (see `attach`)
             let publisher = h.publisher.lock();
@@ -885,15 +885,20 @@ impl Supervisor {
             h.kick_backup_publisher(Refusal::Stopping, "the stream was stopped");
             h.pipeline.lock().take()
         }?;
-        p.send_eos().then_some(p)
+        // a pipeline that refused the EOS (a source in error) is still torn down by `complete_stop`, off the
+        // runtime's threads and bounded: dropped here, its state change would run on this task, unbounded
+        let eos = p.send_eos();
+        Some((p, eos))
     }
 
     /// Waits (bounded by the grace period) for the drained EOS, tears the pipeline down, ends the playlists and
     /// schedules the stream's removal from the origin.
-    async fn complete_stop(&self, h: Arc<StreamHandle>, pipeline: Option<LivePipeline>) {
-        if let Some(p) = pipeline {
-            let mut eos = h.eos.subscribe();
-            let _ = tokio::time::timeout(self.config.grace, eos.wait_for(|e| *e)).await;
+    async fn complete_stop(&self, h: Arc<StreamHandle>, pipeline: Option<(LivePipeline, bool)>) {
+        if let Some((p, eos_sent)) = pipeline {
+            if eos_sent {
+                let mut eos = h.eos.subscribe();
+                let _ = tokio::time::timeout(self.config.grace, eos.wait_for(|e| *e)).await;
+            }
             self.tear_down_booked(&h, p).await;
         }
         h.origin.end();
