@@ -243,6 +243,11 @@ pub struct JobStatus {
     pub finished_unix_ms: Option<u64>,
     /// Times the job was started (more than 1: a restart resumed it).
     pub attempts: u32,
+    /// Times the daemon died while running it (killed, crashed, out of memory). At 3 the job fails instead of
+    /// running again: an input that crashes the daemon would otherwise take every live stream down with it at
+    /// each start.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub interrupted: u32,
     /// Bytes of an `http(s)` input downloaded so far (the transcode starts once it is whole).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_bytes: Option<u64>,
@@ -318,6 +323,10 @@ pub fn thumbnail_count(duration_s: f64, interval_s: u32) -> u32 {
         return 0;
     }
     (duration_s / f64::from(interval_s)).ceil().max(1.0) as u32
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[cfg(test)]

@@ -198,6 +198,7 @@ impl Jobs {
             started_unix_ms: None,
             finished_unix_ms: None,
             attempts: 0,
+            interrupted: 0,
             input_bytes: None,
             input_total_bytes: None,
             duration_s: None,

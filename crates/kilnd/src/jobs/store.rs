@@ -78,14 +78,33 @@ impl Store {
                     continue;
                 }
             };
+            // a stop puts its running jobs back in the queue first: one still running here was running when the
+            // daemon died
             if status.state == JobState::Running {
-                job_span(&status.id).in_scope(|| {
-                    tracing::info!("was running when the daemon stopped: queued again")
-                });
-                status.state = JobState::Queued;
+                status.interrupted += 1;
                 status.progress = 0.0;
                 status.speed = None;
                 status.eta_s = None;
+                if status.interrupted >= MAX_INTERRUPTED {
+                    let n = status.interrupted;
+                    job_span(&status.id).in_scope(|| {
+                        tracing::error!(
+                            times = n,
+                            "the daemon died while running this job again: failed, not run again"
+                        )
+                    });
+                    status.state = JobState::Failed;
+                    status.error = Some(format!(
+                        "the daemon stopped {n} times while running this job (killed, crashed or out of \
+                         memory): it is not run again"
+                    ));
+                    status.finished_unix_ms = Some(super::unix_ms());
+                } else {
+                    job_span(&status.id).in_scope(|| {
+                        tracing::info!("was running when the daemon stopped: queued again")
+                    });
+                    status.state = JobState::Queued;
+                }
                 let _ = std::fs::remove_dir_all(self.partial_dir(&status.id));
                 write_atomic(&path, &to_json(&status))?;
             }
@@ -135,10 +154,48 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Deaths of the daemon while a job runs after which the job fails instead of running again.
+pub(super) const MAX_INTERRUPTED: u32 = 3;
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::jobs::testing::request;
+
+    #[test]
+    fn a_job_the_daemon_died_under_three_times_fails_instead_of_running_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_path_buf()).unwrap();
+        store.save(&status("j1", JobState::Running)).unwrap();
+        for n in 1..MAX_INTERRUPTED {
+            let loaded = store.load_all().unwrap();
+            assert_eq!(
+                (loaded[0].state, loaded[0].interrupted),
+                (JobState::Queued, n)
+            );
+            // it runs again, and the daemon dies again
+            store
+                .save(&JobStatus {
+                    state: JobState::Running,
+                    ..loaded[0].clone()
+                })
+                .unwrap();
+        }
+        let loaded = store.load_all().unwrap();
+        assert_eq!(loaded[0].state, JobState::Failed);
+        assert!(loaded[0].error.as_deref().unwrap().contains("3 times"));
+        // failed for good: the next start leaves it as it is
+        assert_eq!(store.load_all().unwrap()[0].state, JobState::Failed);
+        // a queued job (a clean stop queues its running jobs) is not counted
+        store.save(&status("j2", JobState::Queued)).unwrap();
+        let j2 = store
+            .load_all()
+            .unwrap()
+            .into_iter()
+            .find(|j| j.id == "j2")
+            .unwrap();
+        assert_eq!((j2.state, j2.interrupted), (JobState::Queued, 0));
+    }
 
     fn status(id: &str, state: JobState) -> JobStatus {
         JobStatus {
@@ -154,6 +211,7 @@ mod tests {
             started_unix_ms: Some(2),
             finished_unix_ms: None,
             attempts: 1,
+            interrupted: 0,
             input_bytes: None,
             input_total_bytes: None,
             duration_s: Some(10.0),
