@@ -151,6 +151,8 @@ struct Streams {
     epoch: Instant,
     /// The write stall limit; zero: none.
     stall: Duration,
+    /// Requests of this connection a server has parked ([`connection_waiting`]).
+    waiting: Arc<AtomicUsize>,
 }
 
 impl Streams {
@@ -160,6 +162,7 @@ impl Streams {
             last_end_us: AtomicU64::new(0),
             epoch: Instant::now(),
             stall,
+            waiting: Arc::default(),
         }
     }
 
@@ -237,6 +240,16 @@ thread_local! {
     /// The [`Progress`] of the stream whose task is being polled on this thread: where its body, made inside
     /// that poll, reports.
     static CURRENT: std::cell::RefCell<Option<Arc<Progress>>> = const { std::cell::RefCell::new(None) };
+    /// The waiting count of that stream's connection ([`connection_waiting`]).
+    static WAITING: std::cell::RefCell<Option<Arc<AtomicUsize>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The count of requests a server keeps waiting (parked) on the HTTP/2 connection whose stream is being polled
+/// on this thread; `None` outside one (an HTTP/1.1 connection has at most one request waiting). A server that
+/// parks requests counts them here to bound what one connection can take of a shared limit: a connection may
+/// multiplex 200 streams, so a few hundred connections could otherwise hold every place.
+pub fn connection_waiting() -> Option<Arc<AtomicUsize>> {
+    WAITING.with(|w| w.borrow().clone())
 }
 
 pin_project_lite::pin_project! {
@@ -257,15 +270,20 @@ impl<F: Future> Future for Watched<F> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        /// Puts back the outer stream's progress when the poll ends, also by a panic (tokio keeps the thread).
-        struct Restore(Option<Arc<Progress>>);
+        /// Puts back the outer stream's progress and waiting count when the poll ends, also by a panic (tokio
+        /// keeps the thread).
+        struct Restore(Option<Arc<Progress>>, Option<Arc<AtomicUsize>>);
         impl Drop for Restore {
             fn drop(&mut self) {
                 CURRENT.with(|c| *c.borrow_mut() = self.0.take());
+                WAITING.with(|w| *w.borrow_mut() = self.1.take());
             }
         }
         let this = self.project();
-        let restore = Restore(CURRENT.with(|c| c.replace(Some(this.progress.clone()))));
+        let restore = Restore(
+            CURRENT.with(|c| c.replace(Some(this.progress.clone()))),
+            WAITING.with(|w| w.replace(Some(this.open.0.waiting.clone()))),
+        );
         let polled = this.inner.poll(cx);
         drop(restore);
         if polled.is_ready() {
@@ -634,8 +652,31 @@ mod tests {
         Arc<Hooks>,
     ) {
         let hooks = Arc::new(Hooks::default());
-        let (waiting, streaming) = (hooks.clone(), hooks.clone());
+        let (waiting, streaming, parking) = (hooks.clone(), hooks.clone(), hooks.clone());
         let app = Router::new()
+            .route(
+                "/park",
+                axum::routing::get(move || async move {
+                    // what a server that parks requests does: counts itself into its connection's share
+                    let share = connection_waiting();
+                    if let Some(s) = &share {
+                        s.fetch_add(1, Ordering::SeqCst);
+                    }
+                    parking.parked.notify_one();
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    if let Some(s) = &share {
+                        s.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    "parked"
+                }),
+            )
+            .route(
+                "/count",
+                axum::routing::get(|| async {
+                    connection_waiting()
+                        .map_or("none".to_string(), |c| c.load(Ordering::SeqCst).to_string())
+                }),
+            )
             .route("/big", axum::routing::get(|| async { vec![b'x'; 8 << 20] }))
             .route("/small", axum::routing::get(|| async { "small" }))
             .route(
@@ -669,6 +710,8 @@ mod tests {
     struct Hooks {
         /// `/wait` has begun to wait.
         waiting: tokio::sync::Notify,
+        /// `/park` has counted itself in.
+        parked: tokio::sync::Notify,
         /// Each `/stream` answer's chunks: it ends when its sender is dropped.
         senders: std::sync::Mutex<Vec<tokio::sync::mpsc::Sender<Bytes>>>,
     }
@@ -727,6 +770,58 @@ mod tests {
             body.flow_control().release_capacity(data.len()).unwrap();
         }
         Ok(n)
+    }
+
+    async fn text(send: &mut h2::client::SendRequest<Bytes>, path: &str) -> String {
+        let mut body = get(send, path).await;
+        let mut out = Vec::new();
+        while let Some(d) = body.data().await {
+            let d = d.unwrap();
+            body.flow_control().release_capacity(d.len()).unwrap();
+            out.extend_from_slice(&d);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    /// Each HTTP/2 connection has a count of its own for the requests a handler parks, seen by every stream of
+    /// that connection and by no other connection; an HTTP/1.1 request has none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parked_requests_are_counted_per_connection() {
+        let (addr, stop, server, hooks) = server(Limits::default()).await;
+        let (mut a, a_conn) = client(addr, 1 << 20).await;
+        let (mut b, b_conn) = client(addr, 1 << 20).await;
+        let parked = hooks.parked.notified();
+        let req = Request::get("http://x/park").body(()).unwrap();
+        let (held, _) = a
+            .clone()
+            .ready()
+            .await
+            .unwrap()
+            .send_request(req, true)
+            .unwrap();
+        parked.await;
+        assert_eq!(text(&mut a, "/count").await, "1", "the same connection");
+        assert_eq!(text(&mut b, "/count").await, "0", "another connection");
+        let mut h1 = TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut h1,
+            b"GET /count HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut h1, &mut answer)
+            .await
+            .unwrap();
+        assert!(answer.ends_with("none"), "HTTP/1.1: {answer}");
+        let mut held = held.await.unwrap().into_body();
+        assert_eq!(read_all(&mut held, Duration::ZERO).await.unwrap(), 6);
+        assert_eq!(text(&mut a, "/count").await, "0", "counted out");
+        drop((a, b, held));
+        a_conn.await.unwrap().unwrap();
+        b_conn.await.unwrap().unwrap();
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
     }
 
     fn limits(ms: u64) -> Limits {

@@ -9,7 +9,8 @@
 //!   signal exits at once).
 //! - [`process`]: the runtime and logging set-up both binaries start with.
 //! - [`server`]: the accept loop with a connection cap, header/idle timeouts, h2c/TLS, and a graceful drain.
-//! - `http2`: hyper's HTTP/2 connections with a send stall limit per stream and an idle limit per connection.
+//! - `http2`: hyper's HTTP/2 connections with a send stall limit per stream and an idle limit per connection;
+//!   [`connection_waiting`] counts a connection's parked requests.
 //! - [`h1`]: HTTP/1.1 of our own for the requests a service answers from their head alone (kilnd's playback GETs
 //!   on plain TCP); every other request, and the rest of its connection, is hyper's.
 //! - [`lend`]: a parked request's socket lent to the producer of its answer, which writes it itself.
@@ -29,4 +30,5 @@ mod stall;
 
 pub use auth::{bearer_ok, require_bearer, token_from_env, TokenError};
 pub use error::{json_error, json_error_with, no_route};
+pub use http2::connection_waiting;
 pub use shutdown::shutdown_signal;

@@ -721,13 +721,22 @@ impl Default for Origin {
 
 /// A parked request's place; dropping it frees the place.
 #[derive(Debug)]
-pub struct ParkGuard(Arc<AtomicUsize>);
+pub struct ParkGuard(Arc<AtomicUsize>, Option<Arc<AtomicUsize>>);
 
 impl Drop for ParkGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+        if let Some(c) = &self.1 {
+            c.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
+
+/// Requests one HTTP/2 connection may have waiting at once. It multiplexes up to 200 streams: without a share
+/// of its own, a few hundred connections would take every place of [`DEFAULT_MAX_PARKED`] and every other
+/// viewer's blocking reload would get 503. A player parks a playlist and a hinted part per rendition it follows;
+/// a shield keeps one request per key, over HTTP/1.1 connections of its own.
+pub const MAX_PARKED_PER_CONNECTION: usize = 64;
 
 impl Origin {
     /// Requests that may wait for a publish at once, over all streams. Each costs a few KiB; past this a request
@@ -768,10 +777,14 @@ impl Origin {
     }
 
     /// Takes a place for a request about to wait, if one is free (a refusal is counted).
+    /// On an HTTP/2 connection, at most [`MAX_PARKED_PER_CONNECTION`] of them are its own.
     pub fn park(&self) -> Option<ParkGuard> {
+        let conn = kiln_http::connection_waiting();
+        let conn_prev = conn.as_ref().map(|c| c.fetch_add(1, Ordering::SeqCst));
         let prev = self.parked.fetch_add(1, Ordering::SeqCst);
-        let guard = ParkGuard(self.parked.clone());
-        let free = prev < self.max_parked;
+        let guard = ParkGuard(self.parked.clone(), conn);
+        let free =
+            prev < self.max_parked && conn_prev.is_none_or(|n| n < MAX_PARKED_PER_CONNECTION);
         if !free {
             self.park_refusals.inc();
         }

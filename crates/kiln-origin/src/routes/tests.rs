@@ -1127,3 +1127,90 @@ async fn a_lent_registration_that_missed_a_publish_is_refused() {
     assert!(arrived(&client).contains("part-0-2.m4s"));
     drop(wait);
 }
+
+/// One HTTP/2 connection parks at most its share of requests: its next one gets 503 at once, while another
+/// connection still parks (a few hundred connections of 200 streams each would otherwise hold every place).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_parks_only_its_share() {
+    let (o, s) = origin();
+    part(&s, 0, 0);
+    let app = axum::Router::from(router().with_state(o.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(kiln_http::server::serve(
+        listener,
+        None,
+        app,
+        kiln_http::server::Limits::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+        (send, tokio::spawn(conn))
+    };
+    // sends the next part's blocking reload (it parks until that part is published, 3 x TD at most) and hands
+    // back its answer to come
+    let request = |send: &h2::client::SendRequest<Bytes>| {
+        let req = Request::get("http://x/live/s/v/index.m3u8?_HLS_msn=0&_HLS_part=1")
+            .body(())
+            .unwrap();
+        let send = send.clone();
+        async move {
+            let answer = send
+                .ready()
+                .await
+                .unwrap()
+                .send_request(req, true)
+                .unwrap()
+                .0;
+            [answer]
+        }
+    };
+    let (a, a_conn) = connect().await;
+    let mut held = Vec::new();
+    for _ in 0..crate::store::MAX_PARKED_PER_CONNECTION {
+        let [answer] = request(&a).await;
+        held.push(answer);
+    }
+    let parked_all = async {
+        while o.parked() < crate::store::MAX_PARKED_PER_CONNECTION {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), parked_all)
+        .await
+        .expect("the connection's share parks");
+    // at once, not after the 3 x TD (6 s) a parked request would wait
+    let [over] = request(&a).await;
+    let over = tokio::time::timeout(Duration::from_secs(2), over)
+        .await
+        .expect("refused at once")
+        .unwrap();
+    assert_eq!(over.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(over.headers().contains_key(header::RETRY_AFTER));
+    // another connection still parks, and is answered by the publish like the first one's
+    let (b, b_conn) = connect().await;
+    let [other] = request(&b).await;
+    let one_more = async {
+        while o.parked() < crate::store::MAX_PARKED_PER_CONNECTION + 1 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), one_more)
+        .await
+        .expect("another connection parks");
+    part(&s, 0, 1);
+    assert_eq!(other.await.unwrap().status(), StatusCode::OK);
+    for h in held {
+        assert_eq!(h.await.unwrap().status(), StatusCode::OK);
+    }
+    drop((a, b));
+    a_conn.abort();
+    b_conn.abort();
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
