@@ -548,6 +548,7 @@ where
 /// else, `None` when the peer closed without sending. Peeks, so the bytes stay for the HTTP parser.
 async fn sniff_h2(tcp: &TcpStream) -> std::io::Result<Option<bool>> {
     let mut buf = [0u8; 24];
+    let mut pause = Duration::from_millis(10);
     loop {
         let n = tcp.peek(&mut buf).await?;
         if n == 0 {
@@ -556,8 +557,12 @@ async fn sniff_h2(tcp: &TcpStream) -> std::io::Result<Option<bool>> {
         match preface_decision(&buf[..n]) {
             Some(h2) => return Ok(Some(h2)),
             // a strict prefix of the preface: more bytes are on their way (peek returns at once while bytes wait,
-            // so pause instead of spinning)
-            None => tokio::time::sleep(Duration::from_millis(10)).await,
+            // so pause instead of spinning), each pause twice the last up to a second: a client that sends a
+            // prefix and stops costs a dozen looks until the header timeout, not a hundred a second
+            None => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
         }
     }
 }
