@@ -641,9 +641,14 @@ fn media_response(
     let mut resp = if matches {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
-        match conditions.range.as_ref().and_then(|v| v.to_str().ok()) {
+        let range = conditions.range.as_ref().and_then(|v| v.to_str().ok());
+        match range.map(|r| (r, parse_range(r, body.len() as u64))) {
+            // no Range, or one this answer ignores (RFC 9110 §14.2: several ranges, another unit, bad syntax)
             None => reply(StatusCode::OK, content_type, max_age, body),
-            Some(range) => match parse_range(range, body.len() as u64) {
+            Some((r, None)) if !unsatisfiable(r) => {
+                reply(StatusCode::OK, content_type, max_age, body)
+            }
+            Some((_, range)) => match range {
                 Some((start, end)) => {
                     let mut r = reply(
                         StatusCode::PARTIAL_CONTENT,
@@ -683,6 +688,27 @@ fn media_response(
         h.insert(header::CACHE_CONTROL, cache_control(max_age));
     }
     resp
+}
+
+/// Whether `spec` is one well-formed `bytes=` range that no byte of the resource satisfies (416), as opposed to a
+/// Range header an answer ignores (200): several ranges (kiln sends no multipart answers), another unit, or
+/// bad syntax. Asked only of a header [`parse_range`] did not take.
+fn unsatisfiable(spec: &str) -> bool {
+    let Some(one) = spec.trim().strip_prefix("bytes=") else {
+        return false;
+    };
+    let Some((a, b)) = one.split_once('-') else {
+        return false;
+    };
+    let number = |s: &str| s.trim().parse::<u64>().ok();
+    match (a.trim().is_empty(), b.trim().is_empty()) {
+        // `-n`: unsatisfiable only as `-0` (or on an empty resource)
+        (true, false) => number(b).is_some(),
+        // `a-` and `a-b` with a <= b: past the end
+        (false, true) => number(a).is_some(),
+        (false, false) => matches!((number(a), number(b)), (Some(a), Some(b)) if a <= b),
+        (true, true) => false,
+    }
 }
 
 /// Parses a single `bytes=` range against a resource of `len` bytes: `a-b`, `a-` (to the end; an end past the

@@ -321,6 +321,23 @@ async fn media_has_etags_and_ranges() {
     assert_eq!(parse_range("bytes=-2", 4), Some((2, 3)));
     assert_eq!(parse_range("bytes=0-1,2-3", 4), None);
     assert_eq!(parse_range("items=0-1", 4), None);
+    // a Range this answer does not take (several ranges, another unit, bad syntax) is ignored: the whole part,
+    // 200 (RFC 9110 §14.2); only a well-formed range past the end is 416
+    for ignored in [
+        "bytes=0-1,2-3",
+        "items=0-1",
+        "bytes=x-1",
+        "bytes=3-1",
+        "bytes=-",
+    ] {
+        let r = get_with(&o, "/live/s/v/part-0-1.m4s", ("range", ignored)).await;
+        assert_eq!(r.status(), StatusCode::OK, "{ignored}");
+        assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "p0.1");
+    }
+    for past in ["bytes=4-", "bytes=9-12", "bytes=-0"] {
+        let r = get_with(&o, "/live/s/v/part-0-1.m4s", ("range", past)).await;
+        assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE, "{past}");
+    }
 }
 
 #[tokio::test]
