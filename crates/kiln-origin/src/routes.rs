@@ -832,8 +832,13 @@ fn playlist_step(
     let decision = if (snap.closed.is_empty() || !t.known) && !snap.ended && !blocking {
         Decision::Wait
     } else if !t.known && !snap.ended {
-        // TARGETDURATION is not final yet: nothing is served before it is (it never changes after)
-        Decision::Wait
+        // TARGETDURATION is not final yet: nothing is served before it is (it never changes after); a request
+        // the rules refuse whatever the state (`_HLS_part` alone, an MSN too far ahead) is refused now, not
+        // after the wait
+        match snap.decide(q.block) {
+            refused @ Decision::Reject(_) => refused,
+            _ => Decision::Wait,
+        }
     } else {
         snap.decide(q.block)
     };

@@ -545,6 +545,16 @@ async fn a_stream_on_its_source_gop_serves_playlists_once_targetduration_is_know
         gop_part(&s, 1, 0, i, 4);
     }
     assert!(!s.target_known());
+    // a request the rules refuse is refused now, not after the wait for TARGETDURATION
+    for bad in ["_HLS_part=0", "_HLS_msn=9", "_HLS_msn=0&_HLS_part=99"] {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(2),
+            get(&o, &format!("/live/g/lo/index.m3u8?{bad}")),
+        )
+        .await
+        .expect("refused at once");
+        assert_eq!(answer.0, StatusCode::BAD_REQUEST, "{bad}");
+    }
     // a request made now waits for the first complete segment
     let early = tokio::spawn({
         let o = o.clone();
