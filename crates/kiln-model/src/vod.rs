@@ -128,7 +128,7 @@ pub enum JobRequestError {
     BadInput(String),
     #[error("thumbnail_interval_s must be 1–3600")]
     BadInterval,
-    #[error("renditions must not be empty, and each must be 16–8192 pixels a side with a bitrate of 50–100000 kb/s")]
+    #[error("renditions must not be empty, and each must be 16–8192 pixels a side with a bitrate of 50–100000 kb/s and a name other than `audio` and `thumbs`")]
     BadRenditions,
 }
 
@@ -175,6 +175,8 @@ impl JobRequest {
                         && (16..=MAX_SOURCE_SIDE).contains(&v.height)
                         && (50..=100_000).contains(&v.bitrate_kbps)
                         && crate::stream::valid_stream_id(&v.name)
+                        // the job's own tracks: its audio and its thumbnails
+                        && !["audio", "thumbs"].contains(&v.name.as_str())
                 });
             if !ok {
                 return Err(JobRequestError::BadRenditions);

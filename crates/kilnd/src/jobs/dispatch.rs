@@ -491,6 +491,14 @@ mod tests {
                 vec![rung("hd", 1280, Fraction::new(240, 1))],
             ),
             (
+                "the thumbnails' name",
+                vec![rung("thumbs", 1280, Fraction::new(30, 1))],
+            ),
+            (
+                "the audio's name",
+                vec![rung("audio", 1280, Fraction::new(30, 1))],
+            ),
+            (
                 "a name twice",
                 vec![
                     rung("hd", 1280, Fraction::new(30, 1)),
