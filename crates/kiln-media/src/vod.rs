@@ -268,7 +268,8 @@ impl VodPipeline {
                                     pts_ns: b.pts().map_or(0, |p| p.nseconds()),
                                     width: tw,
                                     height: th,
-                                    rgb: map.as_slice().to_vec(),
+                                    rgb: packed_rgb(map.as_slice(), tw, th)
+                                        .ok_or(gst::FlowError::Error)?,
                                 });
                             }
                             Ok(gst::FlowSuccess::Ok)
@@ -459,4 +460,45 @@ fn mux_sink(
             .build(),
     );
     Ok((mux, appsink.upcast()))
+}
+
+/// The rows of a raw `RGB` frame without their padding: GStreamer's default layout pads each row to a multiple of
+/// 4 bytes (a 426-pixel row is 1,278 bytes of pixels in 1,280), which read as packed pixels shears the picture.
+/// `None` when the buffer is shorter than the frame.
+fn packed_rgb(data: &[u8], width: u32, height: u32) -> Option<Vec<u8>> {
+    let row = width as usize * 3;
+    let stride = row.div_ceil(4) * 4;
+    let rows = height as usize;
+    if data.len() < stride * (rows.max(1) - 1) + row {
+        return None;
+    }
+    if stride == row {
+        return Some(data[..row * rows].to_vec());
+    }
+    let mut out = Vec::with_capacity(row * rows);
+    for r in 0..rows {
+        out.extend_from_slice(&data[r * stride..r * stride + row]);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::packed_rgb;
+
+    #[test]
+    fn rgb_rows_lose_their_padding() {
+        // 2 x 2 pixels: 6 bytes a row, padded to 8
+        let padded = [1, 2, 3, 4, 5, 6, 0, 0, 7, 8, 9, 10, 11, 12, 0, 0];
+        assert_eq!(
+            packed_rgb(&padded, 2, 2).unwrap(),
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+        );
+        // the last row's padding may be absent
+        assert_eq!(packed_rgb(&padded[..14], 2, 2).unwrap().len(), 12);
+        // 4 pixels a row: 12 bytes, no padding
+        let packed: Vec<u8> = (0..24).collect();
+        assert_eq!(packed_rgb(&packed, 4, 2).unwrap(), packed);
+        assert_eq!(packed_rgb(&padded[..13], 2, 2), None);
+    }
 }
