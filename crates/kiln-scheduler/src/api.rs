@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use bytes::Bytes;
@@ -26,6 +26,8 @@ mod views;
 pub use views::*;
 
 const MAX_BODY: usize = 256 * 1024;
+/// How long a heartbeat's body may take to arrive once its token is checked (a node sends it in one go).
+const HEARTBEAT_BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 type S = State<Arc<Scheduler>>;
 
@@ -434,17 +436,16 @@ fn join_error(s: &Scheduler, id: &str, e: JoinError) -> Response {
         (status = 400, description = "Malformed report, id, or advertised URL", body = ErrorEnvelope),
         (status = 401, description = "The join token (or the fleet token) is required and was missing or wrong", body = ErrorEnvelope),
         (status = 403, description = "The fleet is closed, or the node is not in `--nodes`", body = ErrorEnvelope),
+        (status = 408, description = "The body did not arrive within 10 s of the head", body = ErrorEnvelope),
         (status = 409, description = "Open fleet: a live node of this id reports another URL", body = ErrorEnvelope),
         (status = 422, description = "The advertised URL is refused (`--allow-networks`, name resolution)", body = ErrorEnvelope),
         (status = 503, description = "The store does not answer (`store_unavailable`, `Retry-After`), or nobody leads (`no_leader`)", body = ErrorEnvelope),
     ))]
-async fn heartbeat(
-    State(s): S,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Result<Json<Heartbeat>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let authorization = headers
+async fn heartbeat(State(s): S, Path(id): Path<String>, req: axum::extract::Request) -> Response {
+    // the token before the body: a request without one is answered without reading (a client that trickles a
+    // 256 KiB body holds no handler), and the body has a deadline of its own
+    let authorization = req
+        .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let joined = match s
@@ -455,9 +456,33 @@ async fn heartbeat(
         Ok(j) => j,
         Err(e) => return join_error(&s, &id, e),
     };
-    let hb = match body {
-        Ok(Json(hb)) => hb,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    let read = axum::body::to_bytes(req.into_body(), MAX_BODY);
+    let bytes = match tokio::time::timeout(HEARTBEAT_BODY_DEADLINE, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("the heartbeat body: {e}"),
+            )
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the heartbeat body did not arrive in time",
+            )
+        }
+    };
+    let hb: Heartbeat = match serde_json::from_slice(&bytes) {
+        Ok(hb) => hb,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("Failed to deserialize the JSON body into the target type: {e}"),
+            )
+        }
     };
     if !valid_stream_id(&id) || hb.capacity.node_id != id {
         return error(

@@ -167,6 +167,20 @@ async fn heartbeats_need_the_join_token_which_opens_nothing_else() {
         StatusCode::UNAUTHORIZED,
         "a malformed body does not get past the token"
     );
+    // a body that never comes: answered from the token, without waiting for it
+    let never = Body::from_stream(futures_util::stream::pending::<
+        Result<bytes::Bytes, std::io::Error>,
+    >());
+    let req = Request::post("/v1/nodes/evil/heartbeat")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, "262144")
+        .body(never)
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(2), router(s.clone()).oneshot(req))
+        .await
+        .expect("answered before the body")
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     assert!(node_urls(&s).await.is_empty());
     // the join token and the fleet token both admit
     let (st, _, v) = beat(&s, "n1", "http://10.0.0.1:8080", Some(JOIN)).await;
@@ -200,7 +214,8 @@ async fn heartbeats_need_the_join_token_which_opens_nothing_else() {
         play_location(&s, "s1").await,
         "http://10.0.0.9:8080/live/s1/master.m3u8"
     );
-    assert_eq!(s.metrics.refusals.with_label_values(&["join"]).get(), 4);
+    // the three tokens, the malformed body and the body that never came
+    assert_eq!(s.metrics.refusals.with_label_values(&["join"]).get(), 5);
 }
 
 #[tokio::test]
