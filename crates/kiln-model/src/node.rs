@@ -57,7 +57,7 @@ pub struct VodLoad {
 impl VodLoad {
     /// Jobs waiting or running per slot: the lower, the sooner a new job starts there.
     pub fn backlog(&self) -> f64 {
-        f64::from(self.queued + self.running) / f64::from(self.slots.max(1))
+        (f64::from(self.queued) + f64::from(self.running)) / f64::from(self.slots.max(1))
     }
 }
 
@@ -215,5 +215,15 @@ mod tests {
         let back: CapacityReport = serde_json::from_value(v2).unwrap();
         assert_eq!(back.fence_epoch, 0);
         assert_eq!(serde_json::from_value::<CapacityReport>(v).unwrap(), r);
+    }
+
+    #[test]
+    fn a_reported_backlog_never_overflows() {
+        let absurd = VodLoad {
+            queued: u32::MAX,
+            running: u32::MAX,
+            slots: 0,
+        };
+        assert_eq!(absurd.backlog(), 2.0 * f64::from(u32::MAX));
     }
 }

@@ -118,12 +118,13 @@ fn ranked(s: &Scheduler, nodes: &[NodeEntry]) -> Vec<(String, String)> {
             let hb = n.heartbeat.as_ref()?;
             let load = hb.capacity.vod?;
             let load = VodLoad {
-                queued: load.queued + s.routed.recent(&n.id, window),
+                queued: load.queued.saturating_add(s.routed.recent(&n.id, window)),
                 ..load
             };
             Some((
                 load.backlog(),
-                -(hb.capacity.host.free.cpu_millicores as i64),
+                // a node reports its own numbers: none of them may overflow here (a wrap would rank it first)
+                -i64::try_from(hb.capacity.host.free.cpu_millicores).unwrap_or(i64::MAX),
                 n.id.clone(),
                 hb.url.clone(),
             ))
