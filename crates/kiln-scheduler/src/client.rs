@@ -169,8 +169,8 @@ impl DaemonClient {
         if r.status().is_success() {
             return Ok(());
         }
-        let body = r.text().await.unwrap_or_default();
-        let out = classify(status, &body);
+        let body = capped(r, ERROR_BODY_CAP).await.unwrap_or_default();
+        let out = classify(status, &String::from_utf8_lossy(&body));
         if matches!(&out, Err(e) if e.is_fenced()) {
             self.fenced.inc();
         }
@@ -178,10 +178,67 @@ impl DaemonClient {
     }
 }
 
+/// The most of a daemon's error answer read (its JSON envelope is a few hundred bytes).
+const ERROR_BODY_CAP: usize = 64 << 10;
+
+/// A daemon's answer body, at most `cap` bytes: `None` past that, or when it fails. A node is trusted like a
+/// node, but one (buggy, compromised) must not be able to stream gigabytes into the control plane's memory
+/// within the command timeout.
+pub(crate) async fn capped(mut r: reqwest::Response, cap: usize) -> Option<bytes::Bytes> {
+    if r.content_length().is_some_and(|n| n > cap as u64) {
+        return None;
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = r.chunk().await.ok()? {
+        if body.len() + chunk.len() > cap {
+            return None;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Some(body.freeze())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// An answer past the cap is not read into memory, with or without a Content-Length.
+    #[tokio::test]
+    async fn answers_are_read_up_to_a_cap() {
+        let app = axum::Router::new()
+            .route("/small", axum::routing::get(|| async { "{}" }))
+            .route("/big", axum::routing::get(|| async { vec![b'x'; 1 << 20] }))
+            .route(
+                "/streamed",
+                axum::routing::get(|| async {
+                    let chunks = futures_util::stream::iter((0..64).map(|_| {
+                        Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'y'; 16 << 10]))
+                    }));
+                    axum::body::Body::from_stream(chunks)
+                }),
+            );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", l.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(l, app).await });
+        let get = |path: &str| reqwest::get(format!("{base}{path}"));
+        assert_eq!(
+            capped(get("/small").await.unwrap(), 1024).await.unwrap(),
+            "{}"
+        );
+        assert_eq!(capped(get("/big").await.unwrap(), 64 << 10).await, None);
+        assert_eq!(
+            capped(get("/streamed").await.unwrap(), 64 << 10).await,
+            None
+        );
+        assert_eq!(
+            capped(get("/streamed").await.unwrap(), 1 << 20)
+                .await
+                .map(|b| b.len()),
+            Some(1 << 20)
+        );
+        server.abort();
+    }
 
     fn envelope(code: &str, message: &str) -> String {
         json!({"error": {"code": code, "message": message}}).to_string()

@@ -82,6 +82,9 @@ struct RoutedJob {
     node: String,
 }
 
+/// The most of a node's job answer read (a job's status, or a list of them, is a few KiB to a few hundred).
+const NODE_ANSWER_CAP: usize = 4 << 20;
+
 /// A node's answer, passed on (JSON bodies get `"node"` added). A node's server error other than 503 (which says
 /// it cannot take jobs now) is a bad gateway here: the scheduler answered, the node failed.
 async fn pass_on(node: &str, r: reqwest::Response) -> Response {
@@ -96,7 +99,13 @@ async fn pass_on(node: &str, r: reqwest::Response) -> Response {
         Ok(s) => s,
         Err(_) => StatusCode::BAD_GATEWAY,
     };
-    let bytes = r.bytes().await.unwrap_or_default();
+    let Some(bytes) = crate::client::capped(r, NODE_ANSWER_CAP).await else {
+        return error(
+            StatusCode::BAD_GATEWAY,
+            "bad_node_answer",
+            format!("{node}'s answer was cut off or over {NODE_ANSWER_CAP} bytes"),
+        );
+    };
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(mut m)) => {
             m.insert("node".into(), json!(node));
@@ -182,7 +191,9 @@ pub async fn submit(State(s): S, body: Bytes) -> Response {
             Ok(r) if r.status().is_success() => {
                 s.routed.note(&node);
                 let status = r.status().as_u16();
-                let bytes = r.bytes().await.unwrap_or_default();
+                let bytes = crate::client::capped(r, NODE_ANSWER_CAP)
+                    .await
+                    .unwrap_or_default();
                 let mut v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
                 let Some(id) = v["id"].as_str().map(str::to_string) else {
                     return error(
