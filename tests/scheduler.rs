@@ -1273,6 +1273,27 @@ async fn store_leases_fences_and_books_atomically_in_memory_and_in_redis() -> Re
                     .is_some_and(|l| l.id == "a" && l.epoch == e1),
                 "{name}: the leader is shown by its id"
             );
+            // a record this binary cannot read (a newer scheduler's, in a rolling upgrade) is left out of the
+            // reads, not a failure of every one of them
+            let mut raw = redis::Client::open(redis.url.as_str())?
+                .get_multiplexed_async_connection()
+                .await?;
+            redis::cmd("HSET")
+                .arg("kiln:streams")
+                .arg("unreadable")
+                .arg(r#"{"id": "unreadable", "from_the_future": true"#)
+                .query_async::<()>(&mut raw)
+                .await?;
+            let listed = b
+                .streams()
+                .await
+                .context("one unreadable record fails every read")?;
+            ensure!(listed.iter().all(|r| r.id != "unreadable"), "{listed:?}");
+            redis::cmd("HDEL")
+                .arg("kiln:streams")
+                .arg("unreadable")
+                .query_async::<()>(&mut raw)
+                .await?;
             ensure!(
                 a.lead("a", "http://a", ttl, 0).await? == Some(e1),
                 "{name}: renewal changed the epoch"

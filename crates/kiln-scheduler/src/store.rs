@@ -706,9 +706,19 @@ impl Store {
             Store::Redis(r) => {
                 let mut c = r.reads();
                 let all: BTreeMap<String, String> = c.hgetall(K_STREAMS).await?;
-                all.values()
-                    .map(|s| serde_json::from_str(s).map_err(StoreError::from))
-                    .collect()
+                // one record this binary cannot read (written by a newer scheduler during a rolling upgrade) is
+                // left alone, not a failure of every read: reconciliation, placement and the API go on for the
+                // rest of the fleet
+                Ok(all
+                    .iter()
+                    .filter_map(|(id, s)| match serde_json::from_str(s) {
+                        Ok(r) => Some(r),
+                        Err(e) => {
+                            tracing::warn!(stream = %id, error = %e, "a stream record this scheduler cannot read: left alone");
+                            None
+                        }
+                    })
+                    .collect())
             }
         }
     }
