@@ -718,6 +718,8 @@ enum PlayError {
 
 /// The URL of the node serving `stream` now: `Ok(None)` when the stream does not exist.
 async fn play_url(s: &Scheduler, stream: &str) -> Result<Option<String>, PlayError> {
+    // the record and the heartbeats of its (at most two) nodes: a viewer's join must not cost the whole fleet's
+    // heartbeats (anyone may ask); not the last pass's routes either, which can be an interval behind a move
     let rec = match s.store.stream(stream).await {
         Ok(Some(r)) => r,
         Ok(None) => return Ok(None),
@@ -726,21 +728,21 @@ async fn play_url(s: &Scheduler, stream: &str) -> Result<Option<String>, PlayErr
     let (Phase::Placed, Some(node)) = (rec.phase, &rec.node) else {
         return Err(PlayError::NotPlaced);
     };
-    let nodes = s.store.nodes().await.map_err(PlayError::Store)?;
-    let url = |id: &str| {
-        nodes
-            .iter()
-            .find(|n| n.id == id)
-            .and_then(|n| n.heartbeat.as_ref())
-            .map(|h| h.url.clone())
-    };
     // during a move, viewers stay on the old copy (it has parts) until the handover, while it still plays
-    let old = rec
-        .handover_from
-        .as_deref()
-        .filter(|from| fleet::runs(&nodes, from, stream));
-    old.and_then(url)
-        .or_else(|| url(node))
+    if let Some(from) = rec.handover_from.as_deref() {
+        let old = s
+            .store
+            .live_heartbeat(from)
+            .await
+            .map_err(PlayError::Store)?;
+        if let Some(hb) = old.filter(|hb| fleet::reports_running(hb, stream)) {
+            return Ok(Some(hb.url));
+        }
+    }
+    s.store
+        .live_url(node)
+        .await
+        .map_err(PlayError::Store)?
         .map(Some)
         .ok_or(PlayError::NotPlaced)
 }

@@ -30,17 +30,20 @@ pub fn runs(nodes: &[NodeEntry], node: &str, stream: &str) -> bool {
         .iter()
         .find(|n| n.id == node)
         .and_then(|n| n.heartbeat.as_ref())
-        .is_some_and(|h| {
-            h.capacity.streams.iter().any(|s| {
-                s.id == stream
-                    && !matches!(
-                        s.state,
-                        kiln_model::StreamState::Ended
-                            | kiln_model::StreamState::Failed
-                            | kiln_model::StreamState::Stopping
-                    )
-            })
-        })
+        .is_some_and(|h| reports_running(h, stream))
+}
+
+/// Whether heartbeat `h` reports a copy of `stream` that still plays (neither ended, failed nor stopping).
+pub fn reports_running(h: &kiln_model::node::Heartbeat, stream: &str) -> bool {
+    h.capacity.streams.iter().any(|s| {
+        s.id == stream
+            && !matches!(
+                s.state,
+                kiln_model::StreamState::Ended
+                    | kiln_model::StreamState::Failed
+                    | kiln_model::StreamState::Stopping
+            )
+    })
 }
 
 /// Node state as `GET /v1/nodes` shows it.

@@ -546,6 +546,11 @@ impl Store {
 
     /// The URL a node's live (unexpired) heartbeat advertises.
     pub async fn live_url(&self, node: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.live_heartbeat(node).await?.map(|hb| hb.url))
+    }
+
+    /// One node's live heartbeat (one key read, where [`Self::nodes`] reads the whole fleet's).
+    pub async fn live_heartbeat(&self, node: &str) -> Result<Option<Heartbeat>, StoreError> {
         match self {
             Store::Memory(_) => Ok(self
                 .mem()
@@ -553,13 +558,10 @@ impl Store {
                 .heartbeats
                 .get(node)
                 .filter(|(at, ttl, _)| at.elapsed() < *ttl)
-                .map(|(_, _, hb)| hb.url.clone())),
+                .map(|(_, _, hb)| hb.clone())),
             Store::Redis(r) => {
                 let hb: Option<String> = r.reads().get(hb_key(node)).await?;
-                Ok(hb
-                    .map(|s| serde_json::from_str::<Heartbeat>(&s))
-                    .transpose()?
-                    .map(|hb| hb.url))
+                Ok(hb.map(|s| serde_json::from_str(&s)).transpose()?)
             }
         }
     }

@@ -60,16 +60,11 @@ fn valid_job_id(id: &str) -> bool {
 
 /// The base URL of a live node.
 async fn node_url(s: &Scheduler, node: &str) -> Result<Option<String>, Response> {
-    let nodes = s
-        .store
-        .nodes()
+    // that node's heartbeat alone: a job lookup must not cost the whole fleet's
+    s.store
+        .live_url(node)
         .await
-        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()))?;
-    Ok(nodes
-        .into_iter()
-        .find(|n| n.id == node)
-        .and_then(|n| n.heartbeat)
-        .map(|h| h.url))
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()))
 }
 
 /// A job as its node answers it, with the node's id added (documentation: the answer is the node's JSON).
