@@ -3070,3 +3070,54 @@ async fn a_passthrough_rendition_forwards_the_publishers_h264_on_its_gop() -> Re
     }
     d.shutdown().await
 }
+
+/// Two PUTs of one `publish:` stream at once (both start a pipeline before either is in the map): with the same
+/// body one is created and the other answered with it (200); with different ingest keys the second gets 409,
+/// not 200 with the first one's key, which its caller would then publish with and be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_puts_of_one_stream_agree_only_when_they_ask_the_same() -> Result<()> {
+    let d = daemon(None).await?;
+    let body =
+        |key: &str| format!(r#"{{"source": "publish:", "ingest": {{"key": "{key}"}}, {LADDER}}}"#);
+    for (id, keys, want) in [
+        (
+            "same",
+            ["aaaaaaaaaaaaaaaaaaaaaaaa", "aaaaaaaaaaaaaaaaaaaaaaaa"],
+            [200, 201],
+        ),
+        (
+            "other",
+            ["aaaaaaaaaaaaaaaaaaaaaaaa", "cccccccccccccccccccccccc"],
+            [201, 409],
+        ),
+    ] {
+        let (first, second) = (body(keys[0]), body(keys[1]));
+        let (a, b) = tokio::join!(d.put_stream(id, &first), d.put_stream(id, &second));
+        let (a, b) = (a?, b?);
+        let mut codes = [a.0, b.0];
+        codes.sort();
+        ensure!(codes == want, "{id}: {a:?} {b:?}");
+        let res = d
+            .http
+            .delete(d.url(&format!("/v1/streams/{id}")))
+            .send()
+            .await?;
+        ensure!(res.status().is_success(), "DELETE {id}: {}", res.status());
+        // the keys are free again once the stream is gone
+        poll_until(
+            &format!("{id} removed"),
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || async {
+                let (st, _) = d.get_text(&format!("/v1/streams/{id}")).await?;
+                Ok(if st == 404 {
+                    Polled::Done(())
+                } else {
+                    Polled::NotYet(st.to_string())
+                })
+            },
+        )
+        .await?;
+    }
+    d.shutdown().await
+}

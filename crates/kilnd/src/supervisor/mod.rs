@@ -259,6 +259,23 @@ impl StreamHandle {
         self.backup_publisher.lock().clone()
     }
 
+    /// Whether a PUT of `request` (planned as `plan`) asks for this very stream, so it answers with it (200)
+    /// rather than 409: the same plan, no ingest secret other than this stream's, the same source-loss policy.
+    fn answers(&self, plan: &StreamPlan, request: &StreamRequest) -> bool {
+        let asked = request.ingest.clone().unwrap_or_default();
+        let same_secrets = self.secrets.as_ref().is_none_or(|s| {
+            asked.key.as_ref().is_none_or(|k| *k == s.key)
+                && asked.passphrase.as_ref().is_none_or(|p| *p == s.passphrase)
+                && asked
+                    .backup_key
+                    .as_ref()
+                    .is_none_or(|b| Some(b) == s.backup_key.as_ref())
+        });
+        let same_loss = self.request.on_source_loss.unwrap_or_default()
+            == request.on_source_loss.unwrap_or_default();
+        self.plan == *plan && same_secrets && same_loss
+    }
+
     /// Whether this is a `publish:` stream.
     pub fn is_publish(&self) -> bool {
         self.secrets.is_some()
@@ -618,18 +635,7 @@ impl Supervisor {
             return Err(SupervisorError::Draining);
         }
         if let Some(h) = existing {
-            let asked = request.ingest.clone().unwrap_or_default();
-            let same_secrets = h.secrets.as_ref().is_none_or(|s| {
-                asked.key.as_ref().is_none_or(|k| *k == s.key)
-                    && asked.passphrase.as_ref().is_none_or(|p| *p == s.passphrase)
-                    && asked
-                        .backup_key
-                        .as_ref()
-                        .is_none_or(|b| Some(b) == s.backup_key.as_ref())
-            });
-            let same_loss = h.request.on_source_loss.unwrap_or_default()
-                == request.on_source_loss.unwrap_or_default();
-            return if h.plan == plan && same_secrets && same_loss {
+            return if h.answers(&plan, &request) {
                 Ok((h, false))
             } else {
                 Err(SupervisorError::Conflict(id.to_string()))
@@ -784,32 +790,49 @@ impl Supervisor {
                 crate::load::REALTIME_WINDOW_S,
             )),
         });
-        {
+        // `Ok(None)`: inserted; `Ok(Some(first))`: lost a race with an identical PUT, the first one is kept
+        let inserted = {
             let mut map = self.map();
-            if let Some(h) = map.get(id) {
-                // Lost a race with an identical PUT: keep the first one (ours drops, stops and is released).
-                return if h.plan == handle.plan {
-                    self.release_placement(&handle.placement());
-                    Ok((h.clone(), false))
-                } else {
-                    Err(SupervisorError::Conflict(id.to_string()))
-                };
+            match map.get(id) {
+                Some(h) if h.answers(&handle.plan, &handle.request) => Ok(Some(h.clone())),
+                Some(_) => Err(SupervisorError::Conflict(id.to_string())),
+                None => {
+                    let taken = handle.secrets.as_ref().is_some_and(|s| {
+                        let keys = self.ingest_keys.lock();
+                        keys.contains_key(&s.key)
+                            || s.backup_key.as_ref().is_some_and(|b| keys.contains_key(b))
+                    });
+                    if taken {
+                        Err(SupervisorError::Conflict(id.to_string()))
+                    } else {
+                        if let Some(s) = &handle.secrets {
+                            let mut keys = self.ingest_keys.lock();
+                            keys.insert(s.key.clone(), id.to_string());
+                            if let Some(b) = &s.backup_key {
+                                keys.insert(b.clone(), id.to_string());
+                            }
+                        }
+                        map.insert(id.to_string(), handle.clone());
+                        Ok(None)
+                    }
+                }
             }
-            if let Some(s) = &handle.secrets {
-                let mut keys = self.ingest_keys.lock();
-                if keys.contains_key(&s.key) {
-                    // the caller (create_inner) releases the booking on this error
-                    return Err(SupervisorError::Conflict(id.to_string()));
-                }
-                if s.backup_key.as_ref().is_some_and(|b| keys.contains_key(b)) {
-                    return Err(SupervisorError::Conflict(id.to_string()));
-                }
-                keys.insert(s.key.clone(), id.to_string());
-                if let Some(b) = &s.backup_key {
-                    keys.insert(b.clone(), id.to_string());
-                }
+        };
+        if !matches!(inserted, Ok(None)) {
+            // ours is not kept: its pipeline is torn down off the runtime's threads, bounded, not dropped here
+            let p = handle.pipeline.lock().take();
+            if let Some(p) = p {
+                let _ = tear_down(p).await;
             }
-            map.insert(id.to_string(), handle.clone());
+        }
+        match inserted {
+            Ok(None) => {}
+            Ok(Some(first)) => {
+                self.release_placement(&handle.placement());
+                return Ok((first, false));
+            }
+            // the caller (create_inner) releases the booking on this error
+            Err(e) => return Err(e),
         }
         self.origin.insert(stream_origin);
         self.event("stream.created", &handle);
