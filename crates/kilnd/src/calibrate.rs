@@ -69,6 +69,10 @@ pub async fn run(
         "unknown preset `{preset}`"
     );
     let base_model = config.cpu_model.clone();
+    // the CPU's profile is measured on the CPU alone: with a GPU booked first, the ramp's first streams would be
+    // NVENC's (and every decode NVDEC's), and the x264 model scaled from that count would promise the GPU's
+    // share on an empty node
+    config.gpus = Some(Vec::new());
     let node = config.capacity;
     // the ramp itself must not be stopped by admission
     config.capacity = Resources {
@@ -91,6 +95,7 @@ pub async fn run(
             let req = StreamRequest {
                 source: source.into(),
                 preset: Some(preset.to_string()),
+                policy: Some(kiln_model::Policy::CpuOnly),
                 ..Default::default()
             };
             let (h, _) = sup
