@@ -579,6 +579,15 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
         H264,
     )
     .await?;
+    // longer than this daemon's limit (5 s here, 12 h by default): refused from the probe, before decoding
+    make_clip(
+        &inp.join("long.mp4"),
+        6.0,
+        Some("color=c=gray:size=160x90:rate=10"),
+        &[],
+        H264,
+    )
+    .await?;
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
@@ -589,11 +598,13 @@ async fn bad_inputs_fail_with_a_reason_and_other_jobs_finish() -> Result<()> {
     let d = vod_daemon(&dir, "data", |j| {
         j.max_concurrent = 2;
         j.url_policy = loopback;
+        j.max_duration_s = 5;
     })
     .await?;
     let f = |n: &str| format!("file://{}", inp.join(n).display());
     let bad = [
         (f("empty.mp4"), "empty"),
+        (f("long.mp4"), "longer than the 5 s one job may transcode"),
         (f("truncated.mp4"), ""),
         (f("garbage.mp4"), ""),
         (f("list.m3u8"), "is a playlist (application/x-hls)"),

@@ -107,6 +107,9 @@ struct Args {
     /// probed size); a job over it fails with the numbers. 8K inputs need about 1,500.
     #[arg(long, default_value_t = crate::config::DEFAULT_MAX_JOB_MEMORY_MIB)]
     vod_max_job_memory_mib: u64,
+    /// Longest VOD input transcoded, in hours of media (its probed duration); a longer one fails before decoding.
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_DURATION_S / 3600)]
+    vod_max_duration_hours: u64,
     /// Delete finished VOD jobs (record and outputs) this many hours after they end (0: keep them).
     #[arg(long, default_value_t = 0)]
     vod_retention_hours: u64,
@@ -376,6 +379,7 @@ async fn run() -> anyhow::Result<()> {
             url_policy: args.allow_networks.clone(),
             max_input_bytes: args.vod_max_input_bytes,
             max_job_memory_mib: args.vod_max_job_memory_mib,
+            max_duration_s: args.vod_max_duration_hours.saturating_mul(3600),
             retention: (args.vod_retention_hours > 0)
                 .then(|| std::time::Duration::from_secs(args.vod_retention_hours * 3600)),
         }),

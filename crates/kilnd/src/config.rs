@@ -209,7 +209,14 @@ pub struct JobsConfig {
     /// The most memory one job may need ([`kiln_model::vod::JobPlan::memory_mib`] of its probed input), MiB; a
     /// job over it fails with the numbers.
     pub max_job_memory_mib: u64,
+    /// The longest input a job transcodes, in seconds of media (its probed duration); a longer one fails before
+    /// it is decoded. A small file can declare (and be) hours of video whose ladder fills the data disk.
+    pub max_duration_s: u64,
 }
+
+/// Default `--vod-max-duration-hours`: 12 h of media (a film, a day's long event); about 50 GB of the default
+/// ladder's output.
+pub const DEFAULT_MAX_DURATION_S: u64 = 12 * 3600;
 
 /// Default `--vod-max-job-memory-mib`: a 4K source's ladder (about 0.9 GiB) fits, an 8K one (about 1.5 GiB) needs
 /// the flag raised.
@@ -220,7 +227,7 @@ pub const DEFAULT_MAX_INPUT_BYTES: u64 = 64 << 30;
 
 impl JobsConfig {
     /// State in `data_dir`, no file inputs, 2 jobs at once, public URLs only, [`DEFAULT_MAX_INPUT_BYTES`],
-    /// [`DEFAULT_MAX_JOB_MEMORY_MIB`].
+    /// [`DEFAULT_MAX_JOB_MEMORY_MIB`], [`DEFAULT_MAX_DURATION_S`].
     pub fn new(data_dir: PathBuf) -> JobsConfig {
         JobsConfig {
             data_dir,
@@ -230,6 +237,7 @@ impl JobsConfig {
             max_input_bytes: DEFAULT_MAX_INPUT_BYTES,
             retention: None,
             max_job_memory_mib: DEFAULT_MAX_JOB_MEMORY_MIB,
+            max_duration_s: DEFAULT_MAX_DURATION_S,
         }
     }
 }

@@ -94,6 +94,8 @@ pub enum RunError {
     EmptyRendition(String),
     #[error("{0}")]
     Thumbnails(#[from] ThumbnailError),
+    #[error("the input is {duration_s:.0} s of media, longer than the {max_s} s one job may transcode (--vod-max-duration-hours)")]
+    TooLong { duration_s: f64, max_s: u64 },
     #[error("the job needs about {need} MiB to decode and encode its {width}x{height} input, more than the {budget} MiB one job may use (--vod-max-job-memory-mib)")]
     OverMemoryBudget {
         need: u64,
@@ -194,6 +196,12 @@ impl Jobs {
         };
         let uri = self.input_uri(id, &req, &cancel)?;
         let probe = kiln_media::vod::probe(&uri, PROBE_TIMEOUT).map_err(RunError::Probe)?;
+        if probe.duration_s > self.cfg.max_duration_s as f64 {
+            return Err(RunError::TooLong {
+                duration_s: probe.duration_s,
+                max_s: self.cfg.max_duration_s,
+            });
+        }
         let preset = self
             .presets
             .get(req.preset.as_deref().unwrap_or(DEFAULT_VOD_PRESET))
