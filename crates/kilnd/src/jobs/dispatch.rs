@@ -247,6 +247,9 @@ impl Jobs {
                 let cancelled = e.cancel.load(Ordering::SeqCst);
                 let stopping = self.stopping.load(Ordering::SeqCst);
                 settle(&mut e.status, &outcome, cancelled, stopping, unix_ms());
+                // stored under the lock: once the job is final a purge (or the retention sweep) may remove its
+                // record, and a save after that would bring the record back, without its outputs, at the next start
+                let _ = self.store.save(&e.status);
                 e.status.clone()
             })
         };
@@ -267,7 +270,6 @@ impl Jobs {
                     .vod_busy_seconds
                     .inc_by(b.saturating_sub(a) as f64 / 1000.0);
             }
-            let _ = self.store.save(&s);
             // after the record: a crash in between runs the job again, and its event keeps the same id
             let kind = match s.state {
                 JobState::Done => Some("job.done"),
