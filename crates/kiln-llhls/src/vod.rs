@@ -274,15 +274,16 @@ fn fps_attr(fps: f64) -> String {
     }
 }
 
-/// The WebVTT index of a thumbnail sprite: cue `i` covers `[i·interval, min((i+1)·interval, duration))` and points
-/// at its tile (`sprite.jpg#xywh=x,y,w,h`), tiles left to right, `columns` per row.
+/// The WebVTT index of thumbnail sprite sheets: cue `i` covers `[i·interval, min((i+1)·interval, duration))` and
+/// points at its tile (`sprite.jpg#xywh=x,y,w,h`), tiles left to right, `columns` per row, `per_sheet` tiles a
+/// sheet, sheet `k` named `sheet(k)` (one JPEG cannot be taller than 65,535 pixels).
 pub fn thumbnails_vtt(
     count: u32,
     interval_s: u32,
     duration_s: f64,
     tile: (u32, u32),
-    columns: u32,
-    sprite: &str,
+    (columns, per_sheet): (u32, u32),
+    sheet: &dyn Fn(u32) -> String,
 ) -> String {
     let ts = |s: f64| {
         let ms = (s * 1000.0).round() as u64;
@@ -298,12 +299,15 @@ pub fn thumbnails_vtt(
     for i in 0..count {
         let start = f64::from(i * interval_s);
         let end = (f64::from((i + 1) * interval_s)).min(duration_s.max(start + 0.001));
-        let (x, y) = ((i % columns.max(1)) * tile.0, (i / columns.max(1)) * tile.1);
+        let per_sheet = per_sheet.max(1);
+        let (k, j) = (i / per_sheet, i % per_sheet);
+        let (x, y) = ((j % columns.max(1)) * tile.0, (j / columns.max(1)) * tile.1);
         let _ = write!(
             out,
-            "\n{} --> {}\n{sprite}#xywh={x},{y},{},{}\n",
+            "\n{} --> {}\n{}#xywh={x},{y},{},{}\n",
             ts(start),
             ts(end),
+            sheet(k),
             tile.0,
             tile.1
         );
@@ -410,10 +414,15 @@ mod tests {
 
     #[test]
     fn vtt_points_each_interval_at_its_tile() {
-        let v = thumbnails_vtt(3, 5, 12.0, (160, 90), 2, "sprite.jpg");
+        let name = |k: u32| format!("s{k}.jpg");
+        let v = thumbnails_vtt(3, 5, 12.0, (160, 90), (2, 4), &name);
         assert!(v.starts_with("WEBVTT\n"));
-        assert!(v.contains("00:00:00.000 --> 00:00:05.000\nsprite.jpg#xywh=0,0,160,90"));
-        assert!(v.contains("00:00:05.000 --> 00:00:10.000\nsprite.jpg#xywh=160,0,160,90"));
-        assert!(v.contains("00:00:10.000 --> 00:00:12.000\nsprite.jpg#xywh=0,90,160,90"));
+        assert!(v.contains("00:00:00.000 --> 00:00:05.000\ns0.jpg#xywh=0,0,160,90"));
+        assert!(v.contains("00:00:05.000 --> 00:00:10.000\ns0.jpg#xywh=160,0,160,90"));
+        assert!(v.contains("00:00:10.000 --> 00:00:12.000\ns0.jpg#xywh=0,90,160,90"));
+        // past a sheet's tiles (2 here), the next sheet from its top
+        let v = thumbnails_vtt(5, 5, 25.0, (160, 90), (2, 2), &name);
+        assert!(v.contains("00:00:10.000 --> 00:00:15.000\ns1.jpg#xywh=0,0,160,90"));
+        assert!(v.contains("00:00:20.000 --> 00:00:25.000\ns2.jpg#xywh=0,0,160,90"));
     }
 }

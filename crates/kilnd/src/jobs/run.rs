@@ -20,7 +20,7 @@ use kiln_model::vod::{
 use parking_lot::Mutex;
 
 use super::dispatch::Ledger;
-use super::thumbnails::{self, Frame, ThumbnailError};
+use super::thumbnails::{self, Collected, Frame, ThumbnailError};
 use super::{plan, Jobs, PROGRESS_POLL};
 
 /// How long the probe of an input may take.
@@ -115,7 +115,7 @@ pub enum RunError {
 #[derive(Debug)]
 struct Encoded {
     tracks: Vec<VodTrack>,
-    thumbnails: Vec<Frame>,
+    thumbnails: Collected,
     started: Instant,
 }
 
@@ -177,7 +177,7 @@ impl Encoded {
                     width,
                     height,
                     rgb,
-                });
+                })?;
                 Ok(Step::More)
             }
             VodEvent::Error(e) => Err(RunError::Transcode(e)),
@@ -309,7 +309,7 @@ impl Jobs {
         pipeline.start()?;
         let mut enc = Encoded {
             tracks,
-            thumbnails: Vec::new(),
+            thumbnails: Collected::new(duration_s),
             started: Instant::now(),
         };
         let mut last_event = Instant::now();
@@ -368,7 +368,7 @@ impl Jobs {
     ) -> Result<(), RunError> {
         let Encoded {
             tracks,
-            thumbnails: mut frames,
+            thumbnails: mut thumbs,
             started,
         } = enc;
         // the output must cover the input: a truncated file decodes to an early end
@@ -383,10 +383,10 @@ impl Jobs {
         let mut count = 0;
         if let Some(t) = job.thumbnails {
             // one thumbnail per interval inside the video (a frame repeated at the very end does not count)
-            thumbnails::select(&mut frames, t.interval_s, encoded_s);
-            if !frames.is_empty() {
+            thumbs.select(t.interval_s, encoded_s);
+            if !thumbs.is_empty() {
                 let shown_s = encoded_s.max(duration_s.min(encoded_s + 1.0));
-                count = thumbnails::write(out, &frames, t.interval_s, shown_s)?;
+                count = thumbnails::write(out, &thumbs, t.interval_s, shown_s)?;
                 links.poster = Some(format!("/vod/{id}/poster.jpg"));
                 links.sprite = Some(format!("/vod/{id}/sprite.jpg"));
                 links.thumbnails_vtt = Some(format!("/vod/{id}/thumbnails.vtt"));
@@ -469,7 +469,7 @@ mod tests {
         }
         let mut enc = Encoded {
             tracks: vec![video_track("360p"), video_track("audio")],
-            thumbnails: Vec::new(),
+            thumbnails: Collected::default(),
             started: Instant::now(),
         };
         let init = VodEvent::Init {
