@@ -65,12 +65,13 @@ impl Scheduler {
                 Action::Adopt { record } => self.adopt(epoch, &record).await?,
                 Action::Restart { record, url, spec } => {
                     if let Some(r) = self.restart(epoch, record, &url, &spec).await? {
-                        batch.push(plan::released(r));
+                        batch.push((plan::released(r), true));
                     }
                 }
+                // a pending record is stored as it is already: only a released placed one is written first
                 Action::Replace { record, moved: m } => {
                     moved += usize::from(m);
-                    batch.push(record);
+                    batch.push((record, m));
                 }
                 Action::Evacuate { record } => evacuate.push(record),
                 Action::Relieve { record } => relieve.push(record),
@@ -186,10 +187,14 @@ impl Scheduler {
     }
 
     /// Releases the batch's bookings, then places it as one decision.
+    /// Places `batch` as one decision; the records marked `true` (placed ones given up: their node died, or it
+    /// refused a restart) are stored released first, so their bookings are given back even when nothing fits.
+    /// A pending record is not written again: every pass would otherwise rewrite every pending record (a script
+    /// and, with Sentinel, a WAIT each) for nothing.
     async fn replace(
         &self,
         epoch: u64,
-        batch: Vec<StreamRecord>,
+        batch: Vec<(StreamRecord, bool)>,
         moved: usize,
         nodes: &[NodeEntry],
     ) -> Result<(), PlaceError> {
@@ -199,9 +204,10 @@ impl Scheduler {
         if moved > 0 {
             tracing::warn!(streams = moved, "re-placing the streams of dead nodes");
         }
-        for r in &batch {
+        for (r, _) in batch.iter().filter(|(_, write)| *write) {
             self.stored(self.store.save(epoch, r, None).await)?;
         }
+        let batch = batch.into_iter().map(|(r, _)| r).collect();
         for res in self.place(epoch, batch, nodes, "failover").await? {
             if let Err((r, why)) = res {
                 self.metrics.refusals.with_label_values(&["capacity"]).inc();
