@@ -3121,3 +3121,92 @@ async fn concurrent_puts_of_one_stream_agree_only_when_they_ask_the_same() -> Re
     }
     d.shutdown().await
 }
+
+/// An RTSP server the daemon may reach (127.0.0.1 here) that redirects the DESCRIBE (302) to one it may not
+/// (127.0.0.2): rtspsrc follows it by itself, past the address policy, and would ingest what that server sends.
+/// No request reaches the other server (not a byte: GStreamer 1.22's rtspsrc connects before any hook runs, so
+/// the TCP connection itself is made), and the stream fails with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rtsp_redirect_cannot_take_the_source_past_the_address_policy() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let forbidden = tokio::net::TcpListener::bind("127.0.0.2:0").await?;
+    let forbidden_port = forbidden.local_addr()?.port();
+    let reached = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = reached.clone();
+    let trap = tokio::spawn(async move {
+        while let Ok((mut c, _)) = forbidden.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = c.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    counted.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    // answers OPTIONS, and redirects every other request
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = server.local_addr()?.port();
+    let redirector = tokio::spawn(async move {
+        while let Ok((mut c, _)) = server.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = c.read(&mut chunk).await {
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let req = String::from_utf8_lossy(&buf[..end]).to_string();
+                        buf.drain(..end + 4);
+                        let cseq = req
+                            .lines()
+                            .find_map(|l| l.strip_prefix("CSeq:").map(str::trim))
+                            .unwrap_or("1")
+                            .to_string();
+                        let answer = if req.starts_with("OPTIONS") {
+                            format!("RTSP/1.0 200 OK\r\nCSeq: {cseq}\r\nPublic: OPTIONS, DESCRIBE, SETUP, PLAY\r\n\r\n")
+                        } else {
+                            format!(
+                                "RTSP/1.0 302 Found\r\nCSeq: {cseq}\r\nLocation: rtsp://127.0.0.2:{forbidden_port}/internal-camera\r\n\r\n"
+                            )
+                        };
+                        if c.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let d = daemon_pulling(None).await?;
+    let body = format!(r#"{{"source": "rtsp://127.0.0.1:{port}/cam", {LADDER}}}"#);
+    let (code, v) = d.put_stream("redirected", &body).await?;
+    ensure!(code == 201, "{code} {v}");
+    let seen = poll_until(
+        "the stream says why its source went nowhere",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            let (_, text) = d.get_text("/v1/streams/redirected").await?;
+            Ok(if text.contains("sent the source elsewhere") {
+                Polled::Done(text)
+            } else {
+                Polled::NotYet(text)
+            })
+        },
+    )
+    .await?;
+    ensure!(seen.contains("127.0.0.2"), "{seen}");
+    ensure!(
+        reached.load(std::sync::atomic::Ordering::SeqCst) == 0,
+        "the daemon sent a request to the address the policy forbids"
+    );
+    redirector.abort();
+    trap.abort();
+    d.shutdown().await
+}

@@ -149,6 +149,7 @@ fn source_element(
                 "location",
                 format!("{scheme}://{host}:{}{}", r.port, r.path),
             );
+            confine_rtsp(&e, &host, r.port);
             if let Some(u) = &r.user {
                 e.set_property("user-id", u);
             }
@@ -1335,4 +1336,115 @@ fn link_audio(
     pad.link(&q.static_pad("sink").expect("queue has a sink pad"))
         .map_err(|e| MediaError::Build(format!("linking the parsed audio: {e:?}")))?;
     Ok(())
+}
+
+/// Keeps `rtspsrc` on the server the daemon checked (`host:port`, the address it pinned): rtspsrc follows an
+/// RTSP 301/302 and absolute control URLs by itself, to any host, past the daemon's address policy (a public
+/// server could redirect the DESCRIBE to 127.0.0.1 or 10.0.0.5 and have the daemon ingest an internal camera). A
+/// request for any other server is not sent, and the source fails with the reason.
+fn confine_rtsp(e: &gst::Element, host: &str, port: u16) {
+    let allowed = (host.trim_matches(['[', ']']).to_ascii_lowercase(), port);
+    e.connect("before-send", false, move |args| {
+        let element = args[0].get::<gst::Element>().ok()?;
+        let uri = args[1]
+            .get::<gst_rtsp::rtsp_message::RTSPMessage>()
+            .ok()
+            .and_then(|m| request_uri(&m));
+        let target = uri.as_deref().and_then(rtsp_server);
+        if target.as_ref() == Some(&allowed) {
+            return Some(true.to_value());
+        }
+        element.post_error_message(gst::error_msg!(
+            gst::ResourceError::NotAuthorized,
+            (
+                "the RTSP server sent the source elsewhere ({}): only {}:{} was checked against the daemon's \
+                 address policy (--allow-networks), so the request was not sent",
+                uri.as_deref().unwrap_or("a request without a URI"),
+                allowed.0,
+                allowed.1
+            )
+        ));
+        Some(false.to_value())
+    });
+}
+
+/// The URI of an RTSP request message.
+#[allow(unsafe_code)] // gstreamer-rtsp has no safe binding for it; the message outlives the call
+fn request_uri(m: &gst_rtsp::rtsp_message::RTSPMessage) -> Option<String> {
+    use gst::glib::translate::ToGlibPtr;
+    let mut uri: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: `m` is a valid message for the call; the out-pointers for method and version may be NULL (they
+    // are optional in gst_rtsp_message_parse_request); `uri` points into the message, copied before it is freed
+    let res = unsafe {
+        gst_rtsp::ffi::gst_rtsp_message_parse_request(
+            ToGlibPtr::<*const gst_rtsp::ffi::GstRTSPMessage>::to_glib_none(m).0 as *mut _,
+            std::ptr::null_mut(),
+            &mut uri,
+            std::ptr::null_mut(),
+        )
+    };
+    if res != gst_rtsp::ffi::GST_RTSP_OK || uri.is_null() {
+        return None;
+    }
+    // SAFETY: a NUL-terminated string owned by the message, alive for this borrow
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(uri) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+/// `(host, port)` of an `rtsp(s)://` request URI (host lower-case, without IPv6 brackets; port 554, or 322 for
+/// rtsps, when absent); `None` for anything else (`*`, another scheme).
+fn rtsp_server(uri: &str) -> Option<(String, u16)> {
+    let (scheme, rest) = uri.split_once("://")?;
+    let default = match scheme.to_ascii_lowercase().as_str() {
+        "rtsp" | "rtspt" | "rtspu" => 554,
+        "rtsps" | "rtspst" => 322,
+        _ => return None,
+    };
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (h, after) = v6.split_once(']')?;
+            (h, after.strip_prefix(':'))
+        }
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => default,
+    };
+    Some((host.to_ascii_lowercase(), port))
+}
+
+#[cfg(test)]
+mod rtsp_tests {
+    use super::rtsp_server;
+
+    #[test]
+    fn rtsp_request_uris_name_their_server() {
+        let s = |h: &str, p| Some((h.to_string(), p));
+        assert_eq!(
+            rtsp_server("rtsp://203.0.113.5:8554/cam"),
+            s("203.0.113.5", 8554)
+        );
+        assert_eq!(
+            rtsp_server("rtsp://203.0.113.5/cam/trackID=1"),
+            s("203.0.113.5", 554)
+        );
+        assert_eq!(
+            rtsp_server("RTSP://User:pw@Cam.Example/x"),
+            s("cam.example", 554)
+        );
+        assert_eq!(rtsp_server("rtsps://cam.example/x"), s("cam.example", 322));
+        assert_eq!(rtsp_server("rtsp://[2001:db8::1]:9/x"), s("2001:db8::1", 9));
+        assert_eq!(rtsp_server("*"), None);
+        assert_eq!(rtsp_server("http://203.0.113.5/"), None);
+        assert_eq!(rtsp_server("rtsp://h:notaport/"), None);
+    }
 }
