@@ -32,6 +32,18 @@ impl Scheduler {
         for id in forget {
             self.stored(self.store.forget_removed(&id).await)?;
         }
+        if !ctx.warming {
+            let seen = self.stored(self.store.last_seen().await)?;
+            let (gone, unclocked) = plan::forgotten(&fleet, &records, &seen, ctx.now_ms);
+            for n in gone {
+                tracing::info!(node = %n, "forgetting a node silent for a day with nothing placed on it");
+                self.stored(self.store.forget_node(&n).await)?;
+                self.dead.lock().remove(&n);
+            }
+            for n in unclocked {
+                self.stored(self.store.mark_seen(&n, ctx.now_ms).await)?;
+            }
+        }
         self.execute(epoch, actions, &nodes).await
     }
 
@@ -429,6 +441,23 @@ mod tests {
             "nothing after it ran"
         );
         assert_eq!(log.lock().len(), 1);
+    }
+
+    /// A forgotten node leaves the fleet's list, and comes back with its next heartbeat.
+    #[tokio::test]
+    async fn a_forgotten_node_leaves_the_list_until_it_reports_again() {
+        let (url, _) = daemon(&[], 200, "").await;
+        let s = leader(&url, vec![]).await;
+        let hb = s.store.nodes().await.unwrap()[0].heartbeat.clone().unwrap();
+        assert!(s.store.last_seen().await.unwrap().contains_key("a"));
+        s.store.forget_node("a").await.unwrap();
+        assert!(s.store.nodes().await.unwrap().is_empty());
+        assert!(!s.store.last_seen().await.unwrap().contains_key("a"));
+        s.store
+            .heartbeat("a", &hb, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(s.store.nodes().await.unwrap().len(), 1);
     }
 
     /// A delete whose stop on the node failed forgets the record but not the stream: the next pass stops the

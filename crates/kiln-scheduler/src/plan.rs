@@ -231,6 +231,36 @@ pub fn removed_copies(
     (stop, forget)
 }
 
+/// How long a node with nothing placed on it is remembered after its last heartbeat.
+pub const FORGET_NODE_AFTER_MS: u64 = 24 * 3600 * 1000;
+
+/// Silent nodes the fleet forgets ([`crate::store::Store::forget_node`]): no heartbeat for
+/// [`FORGET_NODE_AFTER_MS`] and no record placed on them or moving off them. Returns those, and the silent nodes
+/// with no last-seen time (known from before it was kept), whose clock starts now.
+pub fn forgotten(
+    fleet: &Fleet<'_>,
+    records: &[StreamRecord],
+    seen: &HashMap<String, u64>,
+    now_ms: u64,
+) -> (Vec<String>, Vec<String>) {
+    let used: HashSet<&str> = records
+        .iter()
+        .flat_map(|r| [r.node.as_deref(), r.handover_from.as_deref()])
+        .flatten()
+        .collect();
+    let (mut forget, mut unclocked) = (Vec::new(), Vec::new());
+    for &n in fleet.silent.iter().filter(|n| !used.contains(*n)) {
+        match seen.get(n) {
+            Some(&at) if now_ms.saturating_sub(at) > FORGET_NODE_AFTER_MS => {
+                forget.push(n.to_string())
+            }
+            Some(_) => {}
+            None => unclocked.push(n.to_string()),
+        }
+    }
+    (forget, unclocked)
+}
+
 fn deaths(fleet: &Fleet<'_>, known_dead: &HashSet<String>) -> Vec<Action> {
     let died = fleet
         .silent

@@ -315,6 +315,7 @@ const K_NODES: &str = "kiln:nodes";
 const K_DRAINING: &str = "kiln:draining";
 const K_EVACUATING: &str = "kiln:evacuating";
 const K_REMOVED: &str = "kiln:removed";
+const K_SEEN: &str = "kiln:seen";
 
 fn hb_key(node: &str) -> String {
     format!("kiln:hb:{node}")
@@ -417,6 +418,9 @@ if cur then return 0 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return fresh() end
 return 0
 "#;
+
+/// GPU booking counters a forgotten node's are deleted for (`kiln:used:{node}:gpu0` …): more GPUs than a host has.
+const MAX_GPUS_FORGOTTEN: usize = 64;
 
 /// 64 random bits, in hex: std's per-`RandomState` keys come from the OS's random source.
 fn lease_nonce() -> String {
@@ -536,6 +540,8 @@ impl Store {
                     .arg(ttl.as_millis() as u64)
                     .ignore()
                     .sadd(K_NODES, node)
+                    .ignore()
+                    .hset(K_SEEN, node, crate::unix_ms())
                     .ignore()
                     .query_async::<()>(&mut c)
                     .await?;
@@ -843,6 +849,69 @@ impl Store {
                     )
                     .await?;
                 Ok(())
+            }
+        }
+    }
+
+    /// When each known node last sent a heartbeat (unix ms); a node missing here (known before this was kept) is
+    /// missing from the answer.
+    pub async fn last_seen(&self) -> Result<HashMap<String, u64>, StoreError> {
+        match self {
+            Store::Memory(_) => {
+                let m = self.mem().expect("memory");
+                let now = crate::unix_ms();
+                Ok(m.heartbeats
+                    .iter()
+                    .map(|(id, (at, _, _))| {
+                        let ago = u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX);
+                        (id.clone(), now.saturating_sub(ago))
+                    })
+                    .collect())
+            }
+            Store::Redis(r) => Ok(r.reads().hgetall(K_SEEN).await?),
+        }
+    }
+
+    /// Starts the clock of a node known from before [`Self::last_seen`] was kept: as if seen at `at`.
+    pub async fn mark_seen(&self, node: &str, at: u64) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Redis(r) => Ok(r.reads().hset_nx::<_, _, _, ()>(K_SEEN, node, at).await?),
+        }
+    }
+
+    /// Forgets a node: its place in the known set, its drain marks, its last heartbeat and its booking counters.
+    /// For a node long dead with nothing placed on it (an autoscaled node's id is not seen again), so the fleet's
+    /// lists and every read of them do not grow without end. A node that reports again is known again.
+    pub async fn forget_node(&self, node: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => {
+                let mut m = self.mem().expect("memory");
+                m.known.remove(node);
+                m.heartbeats.remove(node);
+                m.draining.remove(node);
+                m.evacuating.remove(node);
+                let prefix = format!("{node}:gpu");
+                m.used.retain(|k, _| k != node && !k.starts_with(&prefix));
+                Ok(())
+            }
+            Store::Redis(r) => {
+                let mut p = redis::pipe();
+                p.atomic()
+                    .srem(K_NODES, node)
+                    .ignore()
+                    .srem(K_DRAINING, node)
+                    .ignore()
+                    .srem(K_EVACUATING, node)
+                    .ignore()
+                    .hdel(K_SEEN, node)
+                    .ignore()
+                    .del(format!("kiln:used:{node}"))
+                    .ignore();
+                for g in 0..MAX_GPUS_FORGOTTEN {
+                    p.del(format!("kiln:used:{node}:gpu{g}")).ignore();
+                }
+                Ok(p.query_async::<()>(&mut r.reads()).await?)
             }
         }
     }

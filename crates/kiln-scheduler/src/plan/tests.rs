@@ -668,3 +668,36 @@ fn copies_of_removed_streams_are_stopped_and_the_removal_is_forgotten_once_none_
     assert_eq!(stop, vec![stray("gone", "a"), stray("gone", "b")]);
     assert_eq!(forget, vec!["old".to_string()]);
 }
+
+#[test]
+fn a_node_silent_for_a_day_with_nothing_on_it_is_forgotten() {
+    let nodes = [
+        dead("old"),
+        dead("old-with-stream"),
+        dead("old-moved-from"),
+        dead("recent"),
+        dead("unclocked"),
+        live("alive", &[], vec![]),
+    ];
+    let fleet = Fleet::from_nodes(&nodes);
+    let day = FORGET_NODE_AFTER_MS;
+    let now = 3 * day;
+    let seen: HashMap<String, u64> = [
+        ("old", now - day - 1),
+        ("old-with-stream", now - day - 1),
+        ("old-moved-from", now - day - 1),
+        ("recent", now - day + 1),
+        ("alive", now - day - 1),
+    ]
+    .into_iter()
+    .map(|(n, t)| (n.to_string(), t))
+    .collect();
+    let moving = StreamRecord {
+        handover_from: Some("old-moved-from".into()),
+        ..placed("m", "alive")
+    };
+    let records = [pending("p"), placed("s", "old-with-stream"), moving];
+    let (forget, unclocked) = forgotten(&fleet, &records, &seen, now);
+    assert_eq!(forget, ["old"]);
+    assert_eq!(unclocked, ["unclocked"]);
+}
