@@ -27,24 +27,47 @@ impl Scheduler {
         let known_dead = self.dead.lock().clone();
         let fleet = Fleet::from_nodes(&nodes);
         let mut actions = plan::plan(&records, &fleet, &known_dead, &ctx);
-        let (stop, forget) = plan::removed_copies(&removed, &records, &fleet, &ctx);
-        actions.extend(stop);
-        for id in forget {
-            self.stored(self.store.forget_removed(&id).await)?;
+        let copies = plan::removed_copies(&removed, &records, &fleet, &ctx);
+        actions.extend(copies.stop);
+        // bookkeeping: a failure here is logged, and never holds up the pass (failover, restarts)
+        for id in &copies.seen {
+            if let Err(e) = self.store.mark_removed(id, ctx.now_ms).await {
+                tracing::warn!(stream = %id, error = %e, "could not refresh a removed stream's time");
+            }
+        }
+        for id in &copies.forget {
+            if let Err(e) = self.store.forget_removed(id).await {
+                tracing::warn!(stream = %id, error = %e, "could not forget a removed stream");
+            }
         }
         if !ctx.warming {
-            let seen = self.stored(self.store.last_seen().await)?;
-            let (gone, unclocked) = plan::forgotten(&fleet, &records, &seen, ctx.now_ms);
-            for n in gone {
-                tracing::info!(node = %n, "forgetting a node silent for a day with nothing placed on it");
-                self.stored(self.store.forget_node(&n).await)?;
-                self.dead.lock().remove(&n);
-            }
-            for n in unclocked {
-                self.stored(self.store.mark_seen(&n, ctx.now_ms).await)?;
-            }
+            self.forget_nodes(&fleet, &records, ctx.now_ms).await;
         }
         self.execute(epoch, actions, &nodes).await
+    }
+
+    /// Forgets the nodes silent for a day with nothing on them ([`plan::forgotten`]); bookkeeping whose failure
+    /// is logged and never holds up the pass.
+    async fn forget_nodes(&self, fleet: &Fleet<'_>, records: &[StreamRecord], now_ms: u64) {
+        let seen = match self.store.last_seen().await {
+            Ok(s) => s,
+            Err(e) => return tracing::warn!(error = %e, "could not read when nodes were last seen"),
+        };
+        let (gone, unclocked) = plan::forgotten(fleet, records, &seen, now_ms);
+        for n in gone {
+            tracing::info!(node = %n, "forgetting a node silent for a day with nothing placed on it");
+            match self.store.forget_node(&n).await {
+                Ok(()) => {
+                    self.dead.lock().remove(&n);
+                }
+                Err(e) => tracing::warn!(node = %n, error = %e, "could not forget a node"),
+            }
+        }
+        for n in unclocked {
+            if let Err(e) = self.store.mark_seen(&n, now_ms).await {
+                tracing::warn!(node = %n, error = %e, "could not start a node's silence clock");
+            }
+        }
     }
 
     /// Performs `actions` in order, then places the re-placement batch (the `Replace` actions and the restarts
@@ -485,12 +508,23 @@ mod tests {
         assert!(s.delete("x").await.unwrap());
         assert_eq!(s.store.stream("x").await.unwrap(), None);
         assert!(s.store.removed().await.unwrap().contains_key("x"));
+        // within the grace period the copy is left alone: a report from before the delete may still list it
+        s.tick().await;
+        assert_eq!(log.lock().len(), 1, "{:?}", log.lock());
+        // past it (the removal a minute ago), the copy still reported is stopped
+        s.store
+            .mark_removed("x", crate::unix_ms() - 60_000)
+            .await
+            .unwrap();
         s.tick().await;
         assert_eq!(
             *log.lock(),
             ["DELETE /v1/streams/x", "DELETE /v1/streams/x"],
             "the pass stops the copy the delete missed"
         );
+        // and the removal is kept from that report on
+        let at = s.store.removed().await.unwrap()["x"];
+        assert!(crate::unix_ms() - at < 10_000, "{at}");
         // placed again under the same id: no longer removed, and its copy is not a stray
         s.store
             .save(epoch, &record("x", Phase::Placed, Some("a")), None)

@@ -200,35 +200,53 @@ pub fn plan(
 /// report the copy and have it stopped.
 pub const REMOVED_KEEP_MS: u64 = 5 * 60 * 1000;
 
-/// The copies of removed streams (`removed`: id → when, [`crate::store::Store::removed`]) that live nodes
-/// still run: each is stopped ([`Action::StopStray`]), the copy a deleted stream's move left on its old node
-/// too. Returns those actions and the removals to forget: no copy reported, and older than [`REMOVED_KEEP_MS`].
-/// A stream placed again under the same id is not removed any more (its save forgets the removal).
+/// What to do about removed streams' copies ([`removed_copies`]).
+#[derive(Debug, Default, PartialEq)]
+pub struct RemovedCopies {
+    /// Copies live nodes still run, to stop.
+    pub stop: Vec<Action>,
+    /// Removals whose copies were reported now: their time moves to now, so they are kept
+    /// [`REMOVED_KEEP_MS`] from the last report, not from the removal.
+    pub seen: Vec<String>,
+    /// Removals no node has reported a copy of for [`REMOVED_KEEP_MS`]: forgotten.
+    pub forget: Vec<String>,
+}
+
+/// The copies of removed streams (`removed`: id → when last known to run, [`crate::store::Store::removed`])
+/// that live nodes still run: each is stopped ([`Action::StopStray`]), the copy a deleted stream's move left on
+/// its old node too. Within the grace period of the removal a copy is left alone: a report sent before a delete
+/// that went through still lists it. A stream placed again under the same id is not removed any more (its save
+/// forgets the removal).
 pub fn removed_copies(
     removed: &HashMap<String, u64>,
     records: &[StreamRecord],
     fleet: &Fleet<'_>,
     ctx: &Context,
-) -> (Vec<Action>, Vec<String>) {
+) -> RemovedCopies {
     let recorded: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
     let mut ids: Vec<(&String, &u64)> = removed.iter().collect();
     ids.sort();
-    let (mut stop, mut forget) = (Vec::new(), Vec::new());
+    let mut out = RemovedCopies::default();
     for (id, &at) in ids {
         if recorded.contains(id.as_str()) {
             continue;
         }
+        let age = ctx.now_ms.saturating_sub(at);
         match fleet.copies.get(id.as_str()).filter(|c| !c.is_empty()) {
-            Some(copies) => stop.extend(copies.iter().map(|c| Action::StopStray {
-                stream: id.clone(),
-                node: c.node.to_string(),
-                url: c.url.to_string(),
-            })),
-            None if ctx.now_ms.saturating_sub(at) > REMOVED_KEEP_MS => forget.push(id.clone()),
+            Some(_) if age <= ctx.grace_ms => {}
+            Some(copies) => {
+                out.seen.push(id.clone());
+                out.stop.extend(copies.iter().map(|c| Action::StopStray {
+                    stream: id.clone(),
+                    node: c.node.to_string(),
+                    url: c.url.to_string(),
+                }));
+            }
+            None if age > REMOVED_KEEP_MS => out.forget.push(id.clone()),
             None => {}
         }
     }
-    (stop, forget)
+    out
 }
 
 /// How long a node with nothing placed on it is remembered after its last heartbeat.

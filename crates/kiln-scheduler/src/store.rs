@@ -926,6 +926,27 @@ impl Store {
         }
     }
 
+    /// Moves the removal of `id` to `at` (unix ms): a copy of it was reported then.
+    pub async fn mark_removed(&self, id: &str, at: u64) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => {
+                if let Some(t) = self.mem().expect("memory").removed.get_mut(id) {
+                    *t = at;
+                }
+                Ok(())
+            }
+            // only an entry still there (HSET would bring back one a save just cleared)
+            Store::Redis(r) => Ok(redis::cmd("EVAL")
+                .arg("if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 0")
+                .arg(1)
+                .arg(K_REMOVED)
+                .arg(id)
+                .arg(at)
+                .query_async::<()>(&mut r.reads())
+                .await?),
+        }
+    }
+
     /// Forgets the removal of `id` (no copy of it runs any more).
     pub async fn forget_removed(&self, id: &str) -> Result<(), StoreError> {
         match self {
