@@ -82,6 +82,13 @@ impl Jobs {
                 return None;
             }
             let next = self.select_next()?;
+            // a job the cost model cannot price (queued before its checks were these, or its preset gone after a
+            // restart with other presets) fails with the reason: it would otherwise book the whole host or
+            // nothing
+            if let Err(why) = self.price(&next.request) {
+                self.fail_queued(&next.id, &format!("the job cannot be priced: {why}"));
+                continue;
+            }
             let booked = self.book(&next, ledger)?;
             if let Some(status) = self.claim(&next.id, booked, ledger) {
                 job_span(&status.id).in_scope(|| {
@@ -181,15 +188,39 @@ impl Jobs {
         }
     }
 
-    /// What one job of this request books: its ladder's real-time CPU cost on this host. A request the cost
-    /// model cannot price (its preset gone after a restart with other presets; `submit` refuses the others) books
-    /// the whole host, never nothing: it runs alone.
+    /// What one job of this request books: its ladder's real-time CPU cost on this host (`start_next` fails
+    /// the jobs it cannot price before this is asked).
     fn demand(&self, req: &JobRequest) -> Resources {
-        self.price(req).unwrap_or(Resources {
-            cpu_millicores: u64::MAX,
-            memory_mib: u64::MAX,
-            ..Resources::default()
-        })
+        self.price(req).unwrap_or_default()
+    }
+
+    /// Queued → failed with `why` for job `id` (if it is still queued), stored.
+    fn fail_queued(&self, id: &str, why: &str) {
+        let failed = {
+            let mut map = self.entries.lock();
+            map.get_mut(id)
+                .filter(|e| e.status.state == JobState::Queued)
+                .map(|e| {
+                    e.status.state = JobState::Failed;
+                    e.status.error = Some(why.to_string());
+                    e.status.finished_unix_ms = Some(unix_ms());
+                    e.status.clone()
+                })
+        };
+        if let Some(s) = failed {
+            job_span(id).in_scope(|| tracing::warn!(error = why, "job failed before it started"));
+            self.save_final(&s);
+        }
+    }
+
+    /// Stores a final status outside the lock (a write and an fsync must not hold every reader of the jobs), then
+    /// undoes it if the job was purged meanwhile: a purge removes the entry under the lock before its files, so
+    /// either it removes this record too, or the entry is gone by the time this looks and the record goes.
+    pub(super) fn save_final(&self, s: &JobStatus) {
+        let _ = self.store.save(s);
+        if !self.entries.lock().contains_key(&s.id) {
+            let _ = self.store.remove(&s.id);
+        }
     }
 
     /// A request's real-time CPU cost on this host, or why its ladder cannot be priced (`submit` answers 400 with
@@ -247,12 +278,14 @@ impl Jobs {
                 let cancelled = e.cancel.load(Ordering::SeqCst);
                 let stopping = self.stopping.load(Ordering::SeqCst);
                 settle(&mut e.status, &outcome, cancelled, stopping, unix_ms());
-                // stored under the lock: once the job is final a purge (or the retention sweep) may remove its
-                // record, and a save after that would bring the record back, without its outputs, at the next start
-                let _ = self.store.save(&e.status);
                 e.status.clone()
             })
         };
+        // once the job is final a purge (or the retention sweep) may remove its record: `save_final` keeps a late
+        // save from bringing the record back, without its outputs, at the next start
+        if let Some(s) = &status {
+            self.save_final(s);
+        }
         let _ = std::fs::remove_file(self.store.download_path(id));
         if let Some(s) = status {
             if s.state != JobState::Done {
@@ -513,13 +546,32 @@ mod tests {
                 other => panic!("{why}: {other:?}"),
             }
         }
-        // one that got in anyway (the presets changed under a queued job) books the whole host, not nothing
+        // one that got in anyway (the presets changed under a queued job) fails when its turn comes, with the
+        // reason, and books nothing; the next job starts
         let unpriced = JobRequest {
             preset: Some("gone".into()),
             ..request(0)
         };
         assert!(j.price(&unpriced).is_err());
-        assert_eq!(j.demand(&unpriced).cpu_millicores, u64::MAX);
+        let mut queued = j.submit(request(0)).unwrap();
+        queued.request = unpriced;
+        queued.id = "unpriced".into();
+        // first in line
+        queued.priority = 100;
+        j.store.save(&queued).unwrap();
+        let reopened = jobs(dir.path(), 2);
+        let ledger = FakeLedger::with_cpu(1_000_000);
+        let started = reopened.start_next(&ledger).expect("the next job starts");
+        assert_ne!(started.id, "unpriced");
+        let failed = reopened.get("unpriced").unwrap();
+        assert_eq!(failed.state, JobState::Failed);
+        assert!(failed.error.unwrap().contains("cannot be priced"));
+        assert_eq!(on_disk(dir.path(), "unpriced").state, JobState::Failed);
+        assert_eq!(ledger.booked_cpu(), started_cpu(&reopened, &started));
+    }
+
+    fn started_cpu(j: &Jobs, s: &JobStatus) -> u64 {
+        j.demand(&s.request).cpu_millicores
     }
 
     #[test]

@@ -293,7 +293,7 @@ impl Jobs {
                 e.status.finished_unix_ms = Some(unix_ms());
                 let s = e.status.clone();
                 drop(map);
-                self.store.save(&s)?;
+                self.save_final(&s);
                 Ok(s)
             }
             JobState::Running => {
@@ -314,10 +314,27 @@ impl Jobs {
     /// start); nothing new starts.
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        for e in self.entries.lock().values() {
-            if e.status.state == JobState::Running {
+        let running: Vec<JobStatus> = self
+            .entries
+            .lock()
+            .values()
+            .filter(|e| e.status.state == JobState::Running)
+            .map(|e| {
                 e.cancel.store(true, Ordering::SeqCst);
-            }
+                e.status.clone()
+            })
+            .collect();
+        // stored as queued now, not when their threads return: one that outlasts the runtime's stop (a probe, a
+        // download chunk, writing outputs) would otherwise stay `running` on disk and count as a death of the
+        // daemon at the next start (`interrupted`)
+        for s in running {
+            let _ = self.store.save(&JobStatus {
+                state: JobState::Queued,
+                progress: 0.0,
+                speed: None,
+                eta_s: None,
+                ..s
+            });
         }
         self.wake.notify_one();
     }
