@@ -54,13 +54,16 @@ impl Supervisor {
         } else {
             (h.pipeline.lock().take(), false)
         };
+        // a stop took the pipeline first: it tears it down and releases what it booked
+        let Some(p) = p else {
+            return Err(SupervisorError::Media(
+                "the stream's pipeline was taken by a stop before its rebuild".into(),
+            ));
+        };
         // the old pipeline's bookings leave the placement with it: a stop or a failure that comes while it is torn
         // down finds neither, so nothing is released twice
         let old = Self::take_bookings(h);
-        let stuck = match p {
-            Some(p) => tear_down(p).await,
-            None => None,
-        };
+        let stuck = tear_down(p).await;
         // a stuck teardown may still hold the old NVENC session: its bookings wait for it
         match stuck {
             Some(j) => self.hold_until_torn_down(j, old),
@@ -262,7 +265,10 @@ pub(super) async fn consume(
                 // a stop in progress (sources often post an error as they are shut): nothing more drains out of
                 // a pipeline in error, so the stop's wait for the drain ends now, and the stop ends the stream
                 // as it would have (`ended`, not `failed`: an operator's DELETE is not a failure)
-                if h.state() == StreamState::Stopping {
+                let backup = element
+                    .as_deref()
+                    .is_some_and(|e| kiln_media::is_backup(e, &h.plan.id));
+                if h.state() == StreamState::Stopping && !backup {
                     h.eos.send_replace(true);
                     continue;
                 }

@@ -818,20 +818,29 @@ impl Supervisor {
                 }
             }
         };
-        if !matches!(inserted, Ok(None)) {
-            // ours is not kept: its pipeline is torn down off the runtime's threads, bounded, not dropped here
-            let p = handle.pipeline.lock().take();
-            if let Some(p) = p {
-                let _ = tear_down(p).await;
+        // ours is not kept: its pipeline is torn down off the runtime's threads, bounded, not dropped here
+        let stuck = match &inserted {
+            Ok(None) => None,
+            _ => {
+                let p = handle.pipeline.lock().take();
+                match p {
+                    Some(p) => tear_down(p).await,
+                    None => None,
+                }
             }
-        }
+        };
         match inserted {
             Ok(None) => {}
             Ok(Some(first)) => {
-                self.release_placement(&handle.placement());
+                // a teardown stuck past its limit keeps what it booked until its thread returns
+                match stuck {
+                    Some(j) => self.hold_until_torn_down(j, handle.placement()),
+                    None => self.release_placement(&handle.placement()),
+                }
                 return Ok((first, false));
             }
-            // the caller (create_inner) releases the booking on this error
+            // the caller (create_inner) releases the booking on this error (a stuck teardown's too: the one path
+            // that gives it back early, as the refusals before a launch always have)
             Err(e) => return Err(e),
         }
         self.origin.insert(stream_origin);
