@@ -128,7 +128,7 @@ pub enum JobRequestError {
     BadInput(String),
     #[error("thumbnail_interval_s must be 1–3600")]
     BadInterval,
-    #[error("renditions must not be empty, and each must be 16–8192 pixels a side with a bitrate of 50–100000 kb/s and a name other than `audio` and `thumbs`")]
+    #[error("renditions must be 1–8, each 16–8192 pixels a side (even), 1–120 fps, 50–100000 kb/s, with a name of its own other than `audio` and `thumbs`")]
     BadRenditions,
 }
 
@@ -168,11 +168,18 @@ impl JobRequest {
             }
         }
         if let Some(r) = &self.renditions {
+            let names: std::collections::HashSet<&str> =
+                r.iter().map(|v| v.name.as_str()).collect();
             let ok = !r.is_empty()
-                && r.len() <= 10
+                && r.len() <= 8
+                && names.len() == r.len()
                 && r.iter().all(|v| {
                     (16..=MAX_SOURCE_SIDE).contains(&v.width)
                         && (16..=MAX_SOURCE_SIDE).contains(&v.height)
+                        && v.width % 2 == 0
+                        && v.height % 2 == 0
+                        && v.fps.den > 0
+                        && (1.0..=120.0).contains(&v.fps.as_f64())
                         && (50..=100_000).contains(&v.bitrate_kbps)
                         && crate::stream::valid_stream_id(&v.name)
                         // the job's own tracks: its audio and its thumbnails

@@ -35,8 +35,9 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// that sends a byte a little more often than the stall limit would otherwise hold a job slot without end;
 /// with this floor a download of `--vod-max-input-bytes` ends within that size over 32 KiB/s.
 const SLOW_FLOOR_BYTES: u64 = 1 << 20;
-/// The longest wait between two reloads of a pulled HLS playlist, whatever its target duration says.
-const MAX_RELOAD: Duration = Duration::from_secs(3);
+/// The longest wait between two reloads of a pulled HLS playlist, whatever its target duration says: half of
+/// any target up to 20 s (RFC 8216 §6.3.4's wait), and no longer than that for a larger one.
+const MAX_RELOAD: Duration = Duration::from_secs(10);
 
 /// The hint every refusal carries.
 fn hint(ip: IpAddr) -> String {
@@ -522,7 +523,7 @@ impl Live {
                     STALL_TIMEOUT.as_secs()
                 ));
             }
-            // half a target duration (RFC 8216 §6.3.4), but never longer than a few seconds: the target comes
+            // half a target duration (RFC 8216 §6.3.4), but never longer than `MAX_RELOAD`: the target comes
             // from the remote playlist (`#EXT-X-TARGETDURATION:86400` would park this task, and the pipeline's
             // reader with it, for half a day), and the stall check above must come round
             let reload =

@@ -10,10 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_model::capacity::Resources;
+use kiln_model::stream::{RenditionSpec, VideoRendition};
 use kiln_model::vod::{JobRequest, JobState, JobStatus, DEFAULT_VOD_PRESET};
 use kiln_model::StreamRequest;
 
 use super::{job_span, unix_ms, Jobs, RunError};
+
+/// Video renditions a live stream may have beside its audio (its 8 tracks at most): how a job's ladder is cut to
+/// be priced ([`Jobs::price`]).
+const LIVE_VIDEO_TRACKS: usize = kiln_model::StreamPlan::MAX_RENDITIONS - 1;
 use crate::metrics::Metrics;
 use crate::supervisor::Supervisor;
 
@@ -225,24 +230,63 @@ impl Jobs {
 
     /// A request's real-time CPU cost on this host, or why its ladder cannot be priced (`submit` answers 400 with
     /// it: a job runs only what a live stream's checks accept too, so what it runs is what it books).
+    ///
+    /// What is priced is the ladder's cost, not a live stream's shape: an upright rung is priced lying down (the
+    /// same pixels; a live stream may be at most 7680x4320), names are not what costs (a live name is at most
+    /// 32 characters), and a rate below 5 fps is priced as 5 (fewer frames than that do not fill a live part).
+    /// The job's own checks ([`JobRequest::validate`]) are what it must pass besides.
     pub(super) fn price(&self, req: &JobRequest) -> Result<Resources, String> {
-        let sreq = StreamRequest {
-            source: "test:".into(),
-            preset: Some(
-                req.preset
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_VOD_PRESET.into()),
-            ),
-            renditions: req
-                .renditions
+        let preset = Some(
+            req.preset
                 .clone()
-                .map(|r| r.into_iter().map(Into::into).collect()),
-            ..Default::default()
+                .unwrap_or_else(|| DEFAULT_VOD_PRESET.into()),
+        );
+        let priced = |renditions: Option<Vec<RenditionSpec>>| {
+            let sreq = StreamRequest {
+                source: "test:".into(),
+                preset: preset.clone(),
+                renditions,
+                ..Default::default()
+            };
+            self.presets
+                .resolve("job", &sreq)
+                .map(|plan| self.cpu_model.demand(&plan))
+                .map_err(|e| e.to_string())
         };
-        self.presets
-            .resolve("job", &sreq)
-            .map(|plan| self.cpu_model.demand(&plan))
-            .map_err(|e| e.to_string())
+        let Some(ladder) = &req.renditions else {
+            return priced(None);
+        };
+        let rungs: Vec<RenditionSpec> = ladder
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let (width, height) = if v.height > v.width {
+                    (v.height, v.width)
+                } else {
+                    (v.width, v.height)
+                };
+                let fps = if v.fps.den > 0 && v.fps.as_f64() < 5.0 {
+                    kiln_model::stream::Fraction::new(5, 1)
+                } else {
+                    v.fps
+                };
+                VideoRendition {
+                    name: format!("r{i}"),
+                    width,
+                    height,
+                    fps,
+                    ..v.clone()
+                }
+                .into()
+            })
+            .collect();
+        // a live stream has at most 8 tracks, its audio among them: a longer ladder is priced in parts and
+        // summed (each part counts the decode and the audio again: more, never less, than the job costs)
+        let mut total = Resources::default();
+        for part in rungs.chunks(LIVE_VIDEO_TRACKS) {
+            total = total.plus(&priced(Some(part.to_vec()))?);
+        }
+        Ok(total)
     }
 
     /// Runs a claimed job on a blocking thread, inside its span, and settles it at the end.
@@ -517,6 +561,35 @@ mod tests {
         let ok = with(vec![rung("hd", 1280, Fraction::new(30, 1))]);
         assert!(j.price(&ok).unwrap().cpu_millicores > 0);
         j.submit(ok).expect("a plain ladder is accepted");
+        // a job's ladder is priced as what it costs: an upright rung taller than a live stream may be, a long
+        // name, a slow rate
+        let upright = with(vec![VideoRendition {
+            height: 5120,
+            ..rung(
+                "a-name-longer-than-a-live-stream-allows",
+                2160,
+                Fraction::new(2, 1),
+            )
+        }]);
+        j.submit(upright)
+            .expect("an upright 2160x5120 rung at 2 fps is a job's to run");
+        // eight rungs (a live stream has seven beside its audio): priced in parts, dearer than one rung
+        let eight = with(
+            (0..8)
+                .map(|i| rung(&format!("v{i}"), 640, Fraction::new(30, 1)))
+                .collect(),
+        );
+        let one = with(vec![rung("v0", 640, Fraction::new(30, 1))]);
+        assert!(
+            j.price(&eight).unwrap().cpu_millicores > 4 * j.price(&one).unwrap().cpu_millicores
+        );
+        j.submit(eight).expect("eight rungs");
+        let nine = with(
+            (0..9)
+                .map(|i| rung(&format!("v{i}"), 640, Fraction::new(30, 1)))
+                .collect(),
+        );
+        assert!(j.submit(nine).is_err(), "nine rungs");
         for (why, bad) in [
             ("odd width", vec![rung("hd", 1281, Fraction::new(30, 1))]),
             ("0 fps", vec![rung("hd", 1280, Fraction::new(0, 1))]),
