@@ -131,7 +131,9 @@ async fn not_leader(s: &Scheduler, path: &str) -> Response {
     }
     s.metrics.refusals.with_label_values(&["not_leader"]).inc();
     match s.leader().await {
-        Some(l) if l.id != s.config.instance_id => {
+        // by address, not id: another process given this one's id (the lease tells them apart) still leads
+        // somewhere else
+        Some(l) if l.url != s.config.advertise_url => {
             let mut r = kiln_http::json_error_with(
                 StatusCode::TEMPORARY_REDIRECT,
                 "not_leader",
