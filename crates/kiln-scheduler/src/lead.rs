@@ -19,6 +19,10 @@ pub(crate) struct Role {
     pub(crate) valid_until: Instant,
     /// When this process last took the lease.
     pub(crate) since: Instant,
+    /// The epoch it last held, kept when it steps down: a pass still on an older epoch, fenced after the lease
+    /// task took a newer one, steps the process down from a lease that is still its own; finding that epoch
+    /// again is not a new lease (no new warming period, in which no node may be declared dead).
+    pub(crate) held: Option<u64>,
 }
 
 impl Role {
@@ -27,6 +31,7 @@ impl Role {
             epoch: None,
             valid_until: Instant::now(),
             since: Instant::now(),
+            held: None,
         }
     }
 }
@@ -175,11 +180,12 @@ impl Scheduler {
         match res {
             Ok(Some(epoch)) => {
                 let mut r = self.role.lock();
-                if r.epoch != Some(epoch) {
+                if r.epoch != Some(epoch) && r.held != Some(epoch) {
                     tracing::info!(epoch, instance = %self.config.instance_id, "leading");
                     r.since = started;
                 }
                 r.epoch = Some(epoch);
+                r.held = Some(epoch);
                 // the lease runs from before the call; keep one interval of margin
                 r.valid_until = started + ttl.saturating_sub(self.config.interval);
                 self.metrics.leader.set(1);
@@ -253,9 +259,13 @@ mod tests {
         assert!(matches!(s.unfenced(fenced), Err(PlaceError::NotLeader)));
         assert_eq!(s.leading(), None);
         assert_eq!(s.metrics.leader.get(), 0);
-        // so does a fenced store write
+        // finding the same epoch again (a pass on an older one stepped the process down from its own lease) is
+        // not a new lease: no new warming period
+        s.role.lock().since = Instant::now() - std::time::Duration::from_secs(10);
         s.campaign().await;
         assert_eq!(s.leading(), Some(5));
+        assert!(!s.warming(), "the same epoch again warmed up anew");
+        // so does a fenced store write
         assert!(matches!(
             s.stored::<()>(Err(StoreError::Fenced(4))),
             Err(PlaceError::NotLeader)
