@@ -439,8 +439,9 @@ fn join_error(s: &Scheduler, id: &str, e: JoinError) -> Response {
         (status = 401, description = "The join token (or the fleet token) is required and was missing or wrong", body = ErrorEnvelope),
         (status = 403, description = "The fleet is closed, or the node is not in `--nodes`", body = ErrorEnvelope),
         (status = 408, description = "The body did not arrive within 10 s of the head", body = ErrorEnvelope),
+        (status = 413, description = "The body is over 256 KiB", body = ErrorEnvelope),
         (status = 409, description = "Open fleet: a live node of this id reports another URL", body = ErrorEnvelope),
-        (status = 422, description = "The advertised URL is refused (`--allow-networks`, name resolution)", body = ErrorEnvelope),
+        (status = 422, description = "The advertised URL is refused (`--allow-networks`, name resolution), or the report is JSON of another shape", body = ErrorEnvelope),
         (status = 503, description = "The store does not answer (`store_unavailable`, `Retry-After`), or nobody leads (`no_leader`)", body = ErrorEnvelope),
     ))]
 async fn heartbeat(State(s): S, Path(id): Path<String>, req: axum::extract::Request) -> Response {
@@ -458,9 +459,25 @@ async fn heartbeat(State(s): S, Path(id): Path<String>, req: axum::extract::Requ
         Ok(j) => j,
         Err(e) => return join_error(&s, &id, e),
     };
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("a heartbeat is at most {MAX_BODY} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return too_large();
+    }
     let read = axum::body::to_bytes(req.into_body(), MAX_BODY);
     let bytes = match tokio::time::timeout(HEARTBEAT_BODY_DEADLINE, read).await {
         Ok(Ok(b)) => b,
+        // a body without a length that runs past the limit (axum's LengthLimitError)
+        Ok(Err(e)) if e.to_string().contains("length limit") => return too_large(),
         Ok(Err(e)) => {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -476,13 +493,21 @@ async fn heartbeat(State(s): S, Path(id): Path<String>, req: axum::extract::Requ
             )
         }
     };
+    // as axum's Json extractor answers: 400 for JSON that does not parse, 422 for JSON of another shape
     let hb: Heartbeat = match serde_json::from_slice(&bytes) {
         Ok(hb) => hb,
+        Err(e) if e.classify() == serde_json::error::Category::Data => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unprocessable",
+                format!("Failed to deserialize the JSON body into the target type: {e}"),
+            )
+        }
         Err(e) => {
             return error(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
-                format!("Failed to deserialize the JSON body into the target type: {e}"),
+                format!("Failed to parse the request body as JSON: {e}"),
             )
         }
     };

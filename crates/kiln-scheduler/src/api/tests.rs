@@ -181,6 +181,41 @@ async fn heartbeats_need_the_join_token_which_opens_nothing_else() {
         .expect("answered before the body")
         .unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    // with the token: a body over the limit is 413 (declared, or counted as it comes), JSON of another shape 422,
+    // and what is not JSON 400
+    let post = |body: Body, length: Option<&str>| {
+        let mut rb = Request::post("/v1/nodes/n9/heartbeat")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::AUTHORIZATION, format!("Bearer {JOIN}"));
+        if let Some(n) = length {
+            rb = rb.header(header::CONTENT_LENGTH, n);
+        }
+        router(s.clone()).oneshot(rb.body(body).unwrap())
+    };
+    let big = || vec![b' '; 300 << 10];
+    let declared = post(Body::from(big()), Some("307200")).await.unwrap();
+    assert_eq!(declared.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let streamed = Body::from_stream(futures_util::stream::iter(
+        big()
+            .chunks(64 << 10)
+            .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c)))
+            .collect::<Vec<_>>(),
+    ));
+    assert_eq!(
+        post(streamed, None).await.unwrap().status(),
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert_eq!(
+        post(Body::from("{\"capacity\": 7}"), None)
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert_eq!(
+        post(Body::from("{not json"), None).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
     assert!(node_urls(&s).await.is_empty());
     // the join token and the fleet token both admit
     let (st, _, v) = beat(&s, "n1", "http://10.0.0.1:8080", Some(JOIN)).await;
